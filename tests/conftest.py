@@ -1,0 +1,44 @@
+import importlib.util
+import os
+
+import jax
+import jax.random as jr
+import pytest
+from hypothesis import settings
+
+
+# JAX compiles on the first example of each shape, so per-example deadlines would
+# measure compilation; a fixed seed keeps CI reproducible.
+settings.register_profile(
+    "eqx_models", deadline=None, max_examples=20, derandomize=True
+)
+settings.load_profile("eqx_models")
+
+
+@pytest.fixture
+def getkey():
+    """A function returning a fresh PRNG key each call, deterministic per test."""
+    key = jr.key(0)
+
+    def _getkey():
+        nonlocal key
+        key, subkey = jr.split(key)
+        return subkey
+
+    return _getkey
+
+
+@pytest.fixture
+def x64():
+    """Run the test with 64-bit floats; the setting is restored afterwards."""
+    with jax.enable_x64(True):
+        yield
+
+
+def pytest_runtest_setup(item):
+    # CI sets EQX_MODELS_REQUIRE_OPTIONAL=1 so that a missing optional dependency is
+    # a failure there, never a silent skip.
+    if item.get_closest_marker("torch") and importlib.util.find_spec("torch") is None:
+        if os.environ.get("EQX_MODELS_REQUIRE_OPTIONAL") == "1":
+            pytest.fail("this test needs torch, and EQX_MODELS_REQUIRE_OPTIONAL=1")
+        pytest.skip("needs the optional torch extra (pip install torch)")

@@ -1,0 +1,24 @@
+import equinox as eqx
+import jax
+import numpy as np
+
+
+def tree_allclose(x, y, *, rtol=1e-5, atol=1e-8) -> bool:
+    """Whether two pytrees have the same structure and allclose array leaves."""
+    return bool(eqx.tree_equal(x, y, typematch=True, rtol=rtol, atol=atol))
+
+
+def assert_tree_allclose(x, y, *, rtol=1e-5, atol=1e-8):
+    """Like `tree_allclose`, but names the first differing leaf and by how much."""
+    x_leaves, x_def = jax.tree_util.tree_flatten_with_path(x)
+    y_leaves, y_def = jax.tree_util.tree_flatten_with_path(y)
+    assert x_def == y_def, f"tree structures differ:\n{x_def}\n{y_def}"
+    for (path, a), (_, b) in zip(x_leaves, y_leaves):
+        if eqx.is_array_like(a) and eqx.is_array_like(b):
+            a, b = np.asarray(a), np.asarray(b)
+            assert a.shape == b.shape, f"{jax.tree_util.keystr(path)}: shapes differ"
+            np.testing.assert_allclose(
+                a, b, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path)
+            )
+        else:
+            assert a == b, f"{jax.tree_util.keystr(path)}: {a!r} != {b!r}"

@@ -1,0 +1,53 @@
+import subprocess
+import sys
+
+import pytest
+
+
+def _run(code: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_import_loads_no_torch():
+    _run(
+        "import sys, eqx_models, transforms\n"
+        "assert 'torch' not in sys.modules, 'importing the library loaded torch'\n"
+    )
+
+
+def test_transforms_does_not_import_eqx_models():
+    _run(
+        "import sys, transforms\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] == 'eqx_models']\n"
+        "assert not bad, bad\n"
+    )
+
+
+def test_every_module_imports_without_torch():
+    # Walks both packages so a new subpackage is covered as soon as it exists; the
+    # optional torch adapters are the only modules allowed to need torch.
+    _run(
+        "import importlib, pkgutil, sys, eqx_models, transforms\n"
+        "for pkg in (eqx_models, transforms):\n"
+        "    for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
+        "        if '.interop' in info.name:\n"
+        "            continue\n"
+        "        importlib.import_module(info.name)\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+
+
+def test_version_is_set():
+    import eqx_models
+
+    assert isinstance(eqx_models.__version__, str) and eqx_models.__version__
+
+
+@pytest.mark.parametrize("package", ["eqx_models", "transforms"])
+def test_packages_are_typed(package):
+    import importlib.resources
+
+    assert importlib.resources.files(package).joinpath("py.typed").is_file()

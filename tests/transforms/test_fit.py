@@ -1,0 +1,238 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import optax
+import pytest
+
+from tests.helpers import assert_tree_allclose
+
+
+def _dropout_mlp(key):
+    k1, k2 = jr.split(key)
+    return eqx.nn.Sequential(
+        [
+            eqx.nn.Linear(3, 16, key=k1),
+            eqx.nn.Lambda(jax.nn.relu),
+            eqx.nn.Dropout(0.3),
+            eqx.nn.Linear(16, 1, key=k2),
+        ]
+    )
+
+
+def _loss(model, batch, key):
+    x, y = batch
+    keys = jr.split(key, x.shape[0])
+    pred = jax.vmap(lambda xi, k: model(xi, key=k))(x, keys)
+    return jnp.mean((pred - y) ** 2)
+
+
+def _data(i):
+    # A deterministic function of the step index, as fit recommends.
+    x = jr.normal(jr.fold_in(jr.key(123), i), (8, 3))
+    return x, jnp.sin(x.sum(axis=1, keepdims=True))
+
+
+def _setup(schedule_steps=40):
+    model = _dropout_mlp(jr.key(0))
+    schedule = optax.cosine_decay_schedule(3e-2, schedule_steps)
+    optimizer = optax.adamw(schedule)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    return model, optimizer, opt_state, schedule
+
+
+def test_history_eval_and_loss_decrease():
+    from transforms import fit, make_train_step
+
+    model, optimizer, opt_state, schedule = _setup()
+    step = make_train_step(_loss, optimizer, learning_rate=schedule)
+    evaluated = []
+
+    def eval_fn(model):
+        evaluated.append(True)
+        x, y = _data(10_000)
+        pred = jax.vmap(eqx.nn.inference_mode(model))(x)
+        return {"mse": jnp.mean((pred - y) ** 2)}
+
+    result = fit(
+        step,
+        model,
+        opt_state,
+        _data,
+        n_steps=40,
+        key=jr.key(1),
+        eval_fn=eval_fn,
+        eval_every=10,
+        progress=False,
+    )
+    assert result.step == 40 and len(result.history) == 40
+    assert [r["step"] for r in result.history] == list(range(40))
+    assert all(r["step_time"] > 0 for r in result.history)
+    assert len(evaluated) == 4
+    assert ["eval_mse" in r for r in result.history] == [
+        (i + 1) % 10 == 0 for i in range(40)
+    ]
+    evals = [r["eval_mse"] for r in result.history if "eval_mse" in r]
+    assert evals[-1] < 0.8 * evals[0]
+    assert result.history[3]["learning_rate"] == pytest.approx(float(schedule(3)))
+
+
+def test_resume_is_bit_identical(tmp_path):
+    from transforms import fit, load_checkpoint, make_train_step
+
+    model, optimizer, opt_state, schedule = _setup()
+    step = make_train_step(_loss, optimizer, learning_rate=schedule)
+    full = fit(step, model, opt_state, _data, n_steps=12, key=jr.key(5), progress=False)
+
+    path = tmp_path / "run.ckpt"
+    model, _, opt_state, _ = _setup()
+    first = fit(
+        step,
+        model,
+        opt_state,
+        _data,
+        n_steps=5,
+        key=jr.key(5),
+        checkpoint_path=path,
+        progress=False,
+    )
+    assert first.step == 5
+    # A fresh process would rebuild its templates; so does this.
+    model, _, opt_state, _ = _setup()
+    resumed = fit(
+        step,
+        model,
+        opt_state,
+        _data,
+        n_steps=12,
+        key=jr.key(999),  # the stored key wins
+        checkpoint_path=path,
+        resume=True,
+        progress=False,
+    )
+    assert [r["step"] for r in resumed.history] == list(range(5, 12))
+    assert_tree_allclose(resumed.model, full.model, rtol=0, atol=0)
+    assert_tree_allclose(resumed.opt_state, full.opt_state, rtol=0, atol=0)
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history[5:]]
+    model, _, opt_state, _ = _setup()
+    assert (
+        load_checkpoint(path, model=model, opt_state=opt_state, key=jr.key(0)).step
+        == 12
+    )
+
+
+def test_resume_with_an_iterable_skips_consumed_batches(tmp_path):
+    from transforms import fit, make_train_step
+
+    model, optimizer, opt_state, _ = _setup()
+    step = make_train_step(_loss, optimizer)
+    full = fit(
+        step,
+        model,
+        opt_state,
+        (_data(i) for i in range(8)),
+        n_steps=8,
+        key=jr.key(2),
+        progress=False,
+    )
+    model, _, opt_state, _ = _setup()
+    path = tmp_path / "it.ckpt"
+    fit(
+        step,
+        model,
+        opt_state,
+        (_data(i) for i in range(3)),
+        n_steps=3,
+        key=jr.key(2),
+        checkpoint_path=path,
+        progress=False,
+    )
+    model, _, opt_state, _ = _setup()
+    resumed = fit(
+        step,
+        model,
+        opt_state,
+        (_data(i) for i in range(8)),
+        n_steps=8,
+        key=jr.key(2),
+        checkpoint_path=path,
+        resume=True,
+        progress=False,
+    )
+    assert_tree_allclose(resumed.model, full.model, rtol=0, atol=0)
+    model, _, opt_state, _ = _setup()
+    with pytest.raises(ValueError, match="ran out of batches at step 2"):
+        fit(
+            step,
+            model,
+            opt_state,
+            [_data(0), _data(1)],
+            n_steps=3,
+            key=jr.key(2),
+            progress=False,
+        )
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    from transforms import fit, load_checkpoint, make_train_step, NonFiniteLossError
+
+    def poisoned(i):
+        x, y = _data(i)
+        return (x, y * jnp.nan) if i == 5 else (x, y)
+
+    model, optimizer, opt_state, _ = _setup()
+    step = make_train_step(_loss, optimizer)
+    path = tmp_path / "nan.ckpt"
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"non-finite loss at step 5.*last good checkpoint \(step 4\)",
+    ) as info:
+        fit(
+            step,
+            model,
+            opt_state,
+            poisoned,
+            n_steps=10,
+            key=jr.key(3),
+            checkpoint_path=path,
+            checkpoint_every=2,
+            progress=False,
+        )
+    assert info.value.step == 5 and info.value.checkpoint_step == 4
+    model, _, opt_state, _ = _setup()
+    ckpt = load_checkpoint(path, model=model, opt_state=opt_state, key=jr.key(0))
+    assert ckpt.step == 4
+    assert all(
+        bool(jnp.all(jnp.isfinite(x)))
+        for x in jax.tree.leaves(eqx.filter(ckpt.model, eqx.is_array))
+    )
+
+
+def test_watched_metric_and_argument_errors():
+    from transforms import fit, make_train_step, NonFiniteLossError
+
+    def loss_with_diag(model, batch, key):
+        loss = _loss(model, batch, key)
+        return loss, {"diverged": jnp.where(loss > 0, jnp.inf, 0.0)}
+
+    model, optimizer, opt_state, _ = _setup()
+    step = make_train_step(loss_with_diag, optimizer, has_aux=True)
+    with pytest.raises(NonFiniteLossError, match="diverged at step 0.*no checkpoint"):
+        fit(
+            step,
+            model,
+            opt_state,
+            _data,
+            n_steps=3,
+            key=jr.key(0),
+            finite_metrics=("loss", "diverged"),
+            progress=False,
+        )
+    with pytest.raises(ValueError, match="n_steps"):
+        fit(step, model, opt_state, _data, n_steps=-1, progress=False)
+    with pytest.raises(ValueError, match="eval_fn"):
+        fit(step, model, opt_state, _data, n_steps=1, eval_every=2, progress=False)
+    with pytest.raises(ValueError, match="checkpoint_path"):
+        fit(
+            step, model, opt_state, _data, n_steps=1, checkpoint_every=2, progress=False
+        )

@@ -1,0 +1,208 @@
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+from tqdm.auto import tqdm
+
+from ._checkpoint import load_checkpoint, save_checkpoint
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training met a non-finite loss (or another watched metric).
+
+    Attributes: `step` (the 0-based index of the failing step), `metrics` (its values)
+    and `checkpoint_step` (the step of the last good checkpoint kept on disk, or
+    `None`).
+    """
+
+    def __init__(self, message: str, step: int, metrics: dict, checkpoint_step):
+        super().__init__(message)
+        self.step = step
+        self.metrics = metrics
+        self.checkpoint_step = checkpoint_step
+
+
+class FitResult(NamedTuple):
+    """What [`transforms.fit`][] returns."""
+
+    model: Any
+    opt_state: Any
+    step: int
+    key: Any
+    history: list[dict[str, float]]
+
+
+def _batches(data, start: int) -> Callable[[int], Any]:
+    if callable(data):
+        return data
+    iterator = iter(data)
+    for skipped in range(start):
+        try:
+            next(iterator)
+        except StopIteration:
+            raise ValueError(
+                f"fit: `data` ran out after {skipped} batches while skipping to the "
+                f"resumed step {start}."
+            ) from None
+
+    def next_batch(i):
+        try:
+            return next(iterator)
+        except StopIteration:
+            raise ValueError(f"fit: `data` ran out of batches at step {i}.") from None
+
+    return next_batch
+
+
+def fit(
+    step: Callable,
+    model,
+    opt_state,
+    data: Callable[[int], Any] | Iterable,
+    *,
+    n_steps: int,
+    key=None,
+    eval_fn: Callable[[Any], Mapping[str, Any]] | None = None,
+    eval_every: int = 0,
+    checkpoint_path: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    metadata: Mapping[str, Any] | None = None,
+    finite_metrics: Sequence[str] = ("loss",),
+    progress: bool = True,
+) -> FitResult:
+    """Run a training step over a stream of batches, with evaluation and checkpoints.
+
+    Step `i` (0-based) receives the batch `data(i)` (or the next item of an iterable)
+    and the key `jax.random.fold_in(key, i)`, so a run resumed from a checkpoint at
+    step `k` sees exactly the batches and keys of an uninterrupted run and ends with
+    bit-identical parameters on CPU.
+
+    **Arguments:**
+
+    - `step`: `step(model, opt_state, batch, key) -> (model, opt_state, metrics)`, e.g.
+        from [`transforms.make_train_step`][].
+    - `model`, `opt_state`: the starting model and optimiser state (also the templates
+        when resuming).
+    - `data`: a function `data(i) -> batch` of the step index (preferred: resuming
+        costs nothing), or an iterable of batches (on resume its first `k` items are
+        skipped).
+    - `n_steps`: total number of steps of the run, counting those before a resume.
+    - `key`: the run's PRNG key, or `None` if the step needs none.
+    - `eval_fn`: `eval_fn(model) -> dict` of scalars, run every `eval_every` steps;
+        the values enter the history with an `eval_` prefix.
+    - `eval_every`: evaluation period in steps (0: never).
+    - `checkpoint_path`: where to write checkpoints ([`transforms.save_checkpoint`][]).
+    - `checkpoint_every`: checkpoint period in steps (0: only at the end); needs
+        `checkpoint_path`.
+    - `resume`: continue from `checkpoint_path` if the file exists.
+    - `metadata`: JSON-serialisable data stored with every checkpoint.
+    - `finite_metrics`: metrics that must stay finite; the first non-finite one stops
+        the run.
+    - `progress`: show a tqdm progress bar.
+
+    **Returns:**
+
+    A [`transforms.FitResult`][] `(model, opt_state, step, key, history)`; `history`
+    holds one dict per step with the step's metrics as floats, `step` and `step_time`
+    (wall-clock seconds measured outside the compiled step, after
+    `block_until_ready`; the first step includes compilation).
+
+    **Raises:**
+
+    [`transforms.NonFiniteLossError`][] naming the step at the first non-finite watched
+    metric; the last checkpoint written before it stays on disk untouched.
+    `ValueError` for inconsistent arguments or a data iterable that runs out.
+    """
+    if n_steps < 0:
+        raise ValueError(f"fit: `n_steps` must be >= 0, got {n_steps}.")
+    if eval_every < 0 or checkpoint_every < 0:
+        raise ValueError(
+            f"fit: `eval_every` and `checkpoint_every` must be >= 0, got "
+            f"{eval_every} and {checkpoint_every}."
+        )
+    if eval_every and eval_fn is None:
+        raise ValueError("fit: `eval_every` > 0 needs an `eval_fn`.")
+    if (checkpoint_every or resume) and checkpoint_path is None:
+        raise ValueError(
+            "fit: `checkpoint_every` and `resume` need a `checkpoint_path`."
+        )
+
+    start = 0
+    if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
+        restored = load_checkpoint(
+            checkpoint_path, model=model, opt_state=opt_state, key=key
+        )
+        model, opt_state, start, key = (
+            restored.model,
+            restored.opt_state,
+            restored.step,
+            restored.key,
+        )
+    if start > n_steps:
+        raise ValueError(
+            f"fit: the checkpoint is at step {start}, beyond `n_steps`={n_steps}."
+        )
+    next_batch = _batches(data, start)
+    checkpoint_step = start if resume and start > 0 else None
+
+    def checkpoint(done):
+        nonlocal checkpoint_step
+        save_checkpoint(
+            checkpoint_path,  # pyright: ignore[reportArgumentType]
+            model=model,
+            opt_state=opt_state,
+            step=done,
+            key=key,
+            metadata=metadata,
+        )
+        checkpoint_step = done
+
+    history = []
+    bar = tqdm(total=n_steps, initial=start, disable=not progress, desc="fit")
+    try:
+        for i in range(start, n_steps):
+            batch = next_batch(i)
+            step_key = None if key is None else jax.random.fold_in(key, i)
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(step(model, opt_state, batch, step_key))
+            elapsed = time.perf_counter() - t0
+            new_model, new_opt_state, metrics = out
+            record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            bad = [m for m in finite_metrics if not math.isfinite(record.get(m, 0.0))]
+            if bad:
+                where = (
+                    f"the last good checkpoint (step {checkpoint_step}) is kept at "
+                    f"{os.fspath(checkpoint_path)!r}"
+                    if checkpoint_step is not None and checkpoint_path is not None
+                    else "no checkpoint was written"
+                )
+                raise NonFiniteLossError(
+                    f"fit: non-finite {', '.join(bad)} at step {i} "
+                    f"({', '.join(f'{m}={record[m]}' for m in bad)}); {where}.",
+                    step=i,
+                    metrics=record,
+                    checkpoint_step=checkpoint_step,
+                )
+            model, opt_state = new_model, new_opt_state
+            record["step"] = i
+            record["step_time"] = elapsed
+            if eval_every and (i + 1) % eval_every == 0:
+                assert eval_fn is not None
+                evaluated = jax.device_get(dict(eval_fn(model)))
+                record.update({f"eval_{k}": float(v) for k, v in evaluated.items()})
+            history.append(record)
+            if checkpoint_every and (i + 1) % checkpoint_every == 0:
+                checkpoint(i + 1)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4g}" if "loss" in record else "")
+    finally:
+        bar.close()
+    if checkpoint_path is not None and checkpoint_step != n_steps:
+        checkpoint(n_steps)
+    return FitResult(
+        model=model, opt_state=opt_state, step=n_steps, key=key, history=history
+    )

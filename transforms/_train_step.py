@@ -1,0 +1,187 @@
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from ._sharding import replicate, shard_batch
+
+
+_RESERVED_METRICS = ("loss", "grad_norm", "learning_rate")
+
+
+def _learning_rate(
+    schedule: float | Callable | None, opt_state_before: Any, opt_state_after: Any
+) -> jax.Array | None:
+    """The learning rate the update just applied, if it can be known."""
+    # `optax.inject_hyperparams` records the value it used in its (new) state.
+    for _, value in optax.tree_utils.tree_get_all_with_path(
+        opt_state_after, "learning_rate"
+    ):
+        if eqx.is_array(value):
+            return jnp.asarray(value, jnp.float32)
+    if schedule is None:
+        return None
+    if not callable(schedule):
+        return jnp.asarray(schedule, jnp.float32)
+    counts = optax.tree_utils.tree_get_all_with_path(opt_state_before, "count")
+    if not counts:
+        raise ValueError(
+            "make_train_step: a `learning_rate` schedule was given but the "
+            "optimiser state holds no step `count` to evaluate it at; pass the "
+            "optimiser through `optax.inject_hyperparams` instead."
+        )
+    return jnp.asarray(schedule(counts[0][1]), jnp.float32)
+
+
+def _step(static, model, opt_state):
+    step, batch, key = static
+    params, rest = eqx.partition(model, eqx.is_inexact_array)
+
+    def loss_of_params(params):
+        return step.loss_fn(eqx.combine(params, rest), batch, key)
+
+    out, grads = jax.value_and_grad(loss_of_params, has_aux=step.has_aux)(params)
+    loss, aux = out if step.has_aux else (out, {})
+    if not isinstance(aux, dict):
+        raise TypeError(
+            "make_train_step: with `has_aux=True` the loss function must return "
+            f"`(loss, aux)` with `aux` a dict of scalars, got aux of type {type(aux)}."
+        )
+    clash = sorted(set(aux) & set(_RESERVED_METRICS))
+    if clash:
+        raise ValueError(
+            f"make_train_step: the aux dict may not use the reserved metric names "
+            f"{clash}."
+        )
+    updates, new_opt_state = step.optimizer.update(grads, opt_state, params)
+    model = eqx.apply_updates(model, updates)
+    metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads)}
+    lr = _learning_rate(step.learning_rate, opt_state, new_opt_state)
+    if lr is not None:
+        metrics["learning_rate"] = lr
+    if step.mesh is not None:
+        model, new_opt_state = replicate((model, new_opt_state), step.mesh)
+    return model, new_opt_state, metrics
+
+
+# Donating the model and the optimiser state lets XLA update the parameters in place;
+# the batch and key (first argument) are never donated since callers often reuse them.
+_step_donating = eqx.filter_jit(_step, donate="all-except-first")
+_step_plain = eqx.filter_jit(_step)
+
+
+class TrainStep(eqx.Module):
+    """A compiled optimisation step; build it with [`transforms.make_train_step`][].
+
+    Call it as `step(model, opt_state, batch, key)`; it returns
+    `(model, opt_state, metrics)`.
+    """
+
+    loss_fn: Callable
+    optimizer: optax.GradientTransformation
+    has_aux: bool = eqx.field(static=True)
+    learning_rate: float | Callable | None
+    mesh: Mesh | None = eqx.field(static=True)
+    data_axis: str = eqx.field(static=True)
+    donate: bool = eqx.field(static=True)
+
+    def __call__(self, model, opt_state, batch, key=None):
+        """One optimisation step.
+
+        **Arguments:**
+
+        - `model`: the model (any pytree; its inexact arrays are trained). With
+            donation on, its buffers are reused for the result: do not use it again.
+        - `opt_state`: the optimiser state from `optimizer.init(eqx.filter(model,
+            eqx.is_inexact_array))`.
+        - `batch`: any pytree passed through to the loss function.
+        - `key`: a PRNG key passed through to the loss function (or `None`).
+
+        **Returns:**
+
+        `(model, opt_state, metrics)` with `metrics` a dict of scalar device arrays:
+        `loss`, the aux losses, `grad_norm` (global L2 norm of the gradient) and
+        `learning_rate` where it can be known.
+        """
+        if self.mesh is not None:
+            batch = shard_batch(batch, self.mesh, self.data_axis)
+            model, opt_state, key = replicate((model, opt_state, key), self.mesh)
+        compiled = _step_donating if self.donate else _step_plain
+        return compiled((self, batch, key), model, opt_state)
+
+
+def make_train_step(
+    loss_fn: Callable,
+    optimizer: optax.GradientTransformation,
+    *,
+    has_aux: bool = False,
+    learning_rate: float | Callable | None = None,
+    mesh: Mesh | None = None,
+    data_axis: str = "data",
+    donate: bool = True,
+) -> TrainStep:
+    """Build a compiled training step from a loss and an optax optimiser.
+
+    **Arguments:**
+
+    - `loss_fn`: `loss_fn(model, batch, key) -> loss`, a scalar (the loss of the whole
+        batch, typically a mean), or `(loss, aux)` with `has_aux=True` where `aux` is
+        a dict of scalar arrays reported among the metrics.
+    - `optimizer`: an `optax.GradientTransformation`; the optimiser state must come
+        from `optimizer.init(eqx.filter(model, eqx.is_inexact_array))`.
+    - `has_aux`: whether `loss_fn` returns `(loss, aux)`.
+    - `learning_rate`: the float or optax schedule given to the optimiser, so that the
+        metrics can report it (the schedule is evaluated at the optimiser's step
+        count). Not needed when the optimiser is wrapped in
+        `optax.inject_hyperparams`, whose recorded value is reported.
+    - `mesh`: a `jax.sharding.Mesh` for data parallelism: the batch is split over its
+        `data_axis` along the leading dimension, the model and optimiser state are
+        replicated; gradients are reduced by XLA. `None` runs on the default device.
+    - `data_axis`: the mesh axis the batch is split over.
+    - `donate`: donate the model and optimiser state buffers to the update.
+
+    **Returns:**
+
+    A [`transforms.TrainStep`][], called as `step(model, opt_state, batch, key)`. It
+    compiles once per input shape and dtype.
+
+    !!! example
+
+        ```python
+        def loss_fn(model, batch, key):
+            x, y = batch
+            return jnp.mean((jax.vmap(model)(x) - y) ** 2)
+
+        optimizer = optax.adam(1e-3)
+        opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+        step = make_train_step(loss_fn, optimizer, learning_rate=1e-3)
+        model, opt_state, metrics = step(model, opt_state, (x, y), key)
+        ```
+    """
+    if not callable(loss_fn):
+        raise TypeError(
+            f"make_train_step: `loss_fn` must be callable, got {loss_fn!r}."
+        )
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            "make_train_step: `optimizer` must be an optax.GradientTransformation, "
+            f"got {type(optimizer).__name__}."
+        )
+    if mesh is not None and data_axis not in mesh.axis_names:
+        raise ValueError(
+            f"make_train_step: `data_axis` {data_axis!r} is not an axis of the mesh "
+            f"{tuple(mesh.axis_names)}."
+        )
+    return TrainStep(
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        has_aux=has_aux,
+        learning_rate=learning_rate,
+        mesh=mesh,
+        data_axis=data_axis,
+        donate=donate,
+    )
