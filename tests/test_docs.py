@@ -32,11 +32,11 @@ def _documented() -> set[str]:
 def test_every_public_name_has_an_api_entry_and_a_docstring(package):
     module = importlib.import_module(package)
     public = [n for n in vars(module) if not n.startswith("_")]
-    public = [
-        n for n in public if not inspect.ismodule(getattr(module, n))
-    ]
+    public = [n for n in public if not inspect.ismodule(getattr(module, n))]
     documented = _documented()
-    missing = sorted(f"{package}.{n}" for n in public if f"{package}.{n}" not in documented)
+    missing = sorted(
+        f"{package}.{n}" for n in public if f"{package}.{n}" not in documented
+    )
     assert not missing, f"public names without a `:::` API entry: {missing}"
     undocumented = sorted(n for n in public if not inspect.getdoc(getattr(module, n)))
     assert not undocumented, f"public names without a docstring: {undocumented}"
