@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Run benchmark scripts on a lent GPU machine (a bare image with JAX and PyTorch).
+#
+# Usage: bash benchmarks/on_device.sh "chmm.py" "ghost.py --size gpu" ...
+# Pure-Python packages missing there (beartype, peers such as dynamax) travel as
+# wheels in .whl/; results are copied to $OUT (when set) for fetching.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site:$PWD"
+else
+  export PYTHONPATH="$PWD"
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
+status=0
+for job in "$@"; do
+  echo "== benchmarks/$job"
+  start=$SECONDS
+  # shellcheck disable=SC2086
+  (cd benchmarks && python3 $job) || { echo "!! $job failed"; status=1; }
+  echo "== $job took $((SECONDS - start)) s"
+done
+if [ -n "${OUT:-}" ]; then
+  cp benchmarks/results/*-gpu.json "$OUT"/ 2>/dev/null || true
+fi
+exit $status
