@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 import textwrap
@@ -55,8 +56,14 @@ _SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_data_parallel_step_equals_single_device():
+    # Fake CPU devices, also on a machine with a GPU (which JAX would pick first).
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
-        [sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", _SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("OK")
