@@ -1,5 +1,5 @@
 import math
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -18,7 +18,6 @@ from ._parallel import (
 from ._scan import backward_scan, forward_scan, scan_log_likelihood
 
 
-Method = Literal["scan", "parallel"]
 Observations = Int[Array, " T"] | Float[Array, "T n_obs"]
 Actions = Int[Array, " T_actions"]
 Emissions = Float[Array, "n_states n_obs"] | None
@@ -44,7 +43,7 @@ def log_likelihood(
     x: Observations,
     a: Actions,
     *,
-    method: Method = "scan",
+    method: str = "scan",
     emissions: Emissions = None,
 ) -> Float[Array, ""]:
     """Log-likelihood of an observation sequence given its actions.
@@ -105,7 +104,7 @@ def forward(
     x: Observations,
     a: Actions,
     *,
-    method: Method = "scan",
+    method: str = "scan",
     emissions: Emissions = None,
 ) -> tuple[Float[Array, " T"], Float[Array, "T n_states"]]:
     """Forward pass: per-step log normalisers and filtered state distributions.
@@ -142,7 +141,7 @@ def backward(
     x: Observations,
     a: Actions,
     *,
-    method: Method = "scan",
+    method: str = "scan",
     emissions: Emissions = None,
 ) -> Float[Array, "T n_states"]:
     """Backward pass: normalised backward messages.
@@ -183,7 +182,7 @@ def posteriors(
     x: Observations,
     a: Actions,
     *,
-    method: Method = "scan",
+    method: str = "scan",
     emissions: Emissions = None,
 ) -> Posteriors:
     """Filtered and smoothed state marginals (forward-backward).

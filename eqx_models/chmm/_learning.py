@@ -1,5 +1,4 @@
 from collections.abc import Sequence
-from typing import Literal
 
 import equinox as eqx
 import jax
@@ -23,7 +22,6 @@ from ._parallel import parallel_backward, parallel_forward, tree_log_likelihood
 from ._scan import backward_scan, forward_scan, scan_log_likelihood
 
 
-Method = Literal["scan", "parallel"]
 Sequences = Int[Array, " T"] | Int[Array, "batch T"] | Sequence[Int[Array, " _"]]
 
 
@@ -160,7 +158,7 @@ def expected_counts(
     x: Sequences,
     a: Sequences,
     *,
-    method: Method = "scan",
+    method: str = "scan",
 ) -> tuple[Float[Array, "n_actions n_states n_states"], Float[Array, ""]]:
     """Expected transition counts (the E-step of Baum-Welch).
 
@@ -203,7 +201,7 @@ def em(
     *,
     n_iter: int,
     pseudocount: float = 0.0,
-    method: Method = "scan",
+    method: str = "scan",
 ) -> tuple[CHMM, Float[Array, " n_iter_plus_1"]]:
     """Baum-Welch (soft EM) training of the transition tensor.
 
@@ -361,7 +359,7 @@ def learn_emissions(
     n_iter: int,
     pseudocount: float = 1e-20,
     emissions: Float[Array, "n_states n_obs"] | None = None,
-    method: Method = "scan",
+    method: str = "scan",
 ) -> tuple[Float[Array, "n_states n_obs"], Float[Array, " n_iter_plus_1"]]:
     """Learn a clone-to-symbol emission matrix by EM with the transitions fixed.
 
