@@ -190,6 +190,30 @@ def slot_states(chain: Chain, index: Int[Array, " T"]) -> Int[Array, " T"]:
     return jnp.take_along_axis(chain.slots, index[:, None], axis=1)[:, 0]
 
 
+class Checks:
+    """Run-time (value) checks collected while tracing, attached to the outputs.
+
+    Guarding the outputs, rather than the inputs, makes sure the check runs before
+    any result can be used.
+    """
+
+    def __init__(self):
+        self.predicates: list[Array] = []
+        self.messages: list[str] = []
+
+    def add(self, predicate: Array, message: str) -> None:
+        self.predicates.append(jnp.any(predicate))
+        self.messages.append(message)
+
+    def guard(self, out):
+        if not self.predicates:
+            return out
+        failed = jnp.stack(self.predicates)
+        return eqx.branched_error_if(
+            out, jnp.any(failed), jnp.argmax(failed), self.messages
+        )
+
+
 def check_inputs(
     fn: str,
     model: CHMM,
@@ -197,12 +221,13 @@ def check_inputs(
     a,
     emissions=None,
     *,
+    checks: Checks,
     allow_evidence: bool = True,
 ) -> tuple[Array, Array, Array | None]:
-    """Trace-time shape/dtype checks and run-time range checks of `(x, a, emissions)`.
+    """Trace-time shape/dtype checks of `(x, a, emissions)`; their value checks
+    (ids and actions in range, finite evidence) are added to `checks`.
 
-    Returns `x`, `a` and `emissions` as JAX arrays (with `eqx.error_if` checks
-    attached).
+    Returns `x`, `a` and `emissions` as JAX arrays.
     """
     if not isinstance(model, CHMM):
         raise TypeError(f"{fn}: `model` must be a CHMM, got {type(model).__name__}.")
@@ -238,6 +263,21 @@ def check_inputs(
         )
     if x.shape[0] < 1:
         raise ValueError(f"{fn}: the sequence is empty.")
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        checks.add(
+            (x < 0) | (x >= model.n_obs),
+            f"{fn}: observation ids `x` must lie in [0, n_obs) = [0, {model.n_obs}).",
+        )
+    else:
+        checks.add(
+            jnp.isnan(x) | (x == jnp.inf),
+            f"{fn}: log-evidence `x` must not contain NaN or +inf.",
+        )
+    actions = a[:-1]
+    checks.add(
+        (actions < 0) | (actions >= model.n_actions),
+        f"{fn}: actions `a[:-1]` must lie in [0, n_actions) = [0, {model.n_actions}).",
+    )
     if emissions is not None:
         emissions = jnp.asarray(emissions)
         if emissions.shape != (model.n_states, model.n_obs):
@@ -249,30 +289,10 @@ def check_inputs(
             raise TypeError(
                 f"{fn}: `emissions` must be floating, got {emissions.dtype}."
             )
-        emissions = eqx.error_if(
-            emissions,
-            jnp.any(emissions < 0) | ~jnp.all(jnp.isfinite(emissions)),
+        checks.add(
+            (emissions < 0) | ~jnp.isfinite(emissions),
             f"{fn}: `emissions` must be finite and non-negative.",
         )
-    actions = a[:-1]
-    bad_a = jnp.any((actions < 0) | (actions >= model.n_actions))
-    if jnp.issubdtype(x.dtype, jnp.integer):
-        bad_x = jnp.any((x < 0) | (x >= model.n_obs))
-        x_message = (
-            f"{fn}: observation ids `x` must lie in [0, n_obs) = [0, {model.n_obs})."
-        )
-    else:
-        bad_x = jnp.any(jnp.isnan(x) | (x == jnp.inf))
-        x_message = f"{fn}: log-evidence `x` must not contain NaN or +inf."
-    a_message = (
-        f"{fn}: actions `a[:-1]` must lie in [0, n_actions) = [0, {model.n_actions})."
-    )
-    x, a = eqx.branched_error_if(
-        (x, a),
-        bad_x | bad_a,
-        jnp.where(bad_x, 0, 1),
-        [x_message, a_message],
-    )
     return x, a, emissions
 
 

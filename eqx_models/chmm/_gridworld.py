@@ -83,14 +83,12 @@ def room_walk(
         start_cell = jnp.stack([flat // width, flat % width]).astype(jnp.int32)
     else:
         start_cell = jnp.asarray(start, jnp.int32)
-    start_cell = eqx.error_if(
-        start_cell,
+    bad_start = (
         (start_cell[0] < 0)
         | (start_cell[0] >= height)
         | (start_cell[1] < 0)
         | (start_cell[1] >= width)
-        | (room[start_cell[0], start_cell[1]] < 0),
-        "room_walk: `start` must be an enterable cell of the room.",
+        | (room[start_cell[0], start_cell[1]] < 0)
     )
     actions = jr.randint(action_key, (length,), 0, 4, dtype=jnp.int32)
     moves = jnp.asarray(MOVES, jnp.int32)
@@ -111,13 +109,17 @@ def room_walk(
     _, rest = lax.scan(step, start_cell, actions[:-1])
     positions = jnp.concatenate([start_cell[None], rest])
     x = room[positions[:, 0], positions[:, 1]]
-    return x, actions, positions
+    return eqx.error_if(
+        (x, actions, positions),
+        bad_start,
+        "room_walk: `start` must be an enterable cell of the room.",
+    )
 
 
 @jaxtyped(typechecker=beartype)
 def place_fields(
     states: Int[Array, " T"],
-    positions: Int[Array, "T 2"],
+    positions: Int[Array, "T_positions 2"],
     *,
     n_states: int,
     shape: tuple[int, int],

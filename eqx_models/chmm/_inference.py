@@ -7,7 +7,14 @@ from beartype import beartype
 from jaxtyping import Array, ArrayLike, Float, Int, jaxtyped
 
 from .._misc import pairwise_sum
-from ._chain import check_inputs, check_method, make_chain, slot_states, to_states
+from ._chain import (
+    check_inputs,
+    check_method,
+    Checks,
+    make_chain,
+    slot_states,
+    to_states,
+)
 from ._decode import viterbi_scan
 from ._model import CHMM
 from ._parallel import (
@@ -90,11 +97,12 @@ def log_likelihood(
     """
     fn = "log_likelihood"
     check_method(fn, method)
-    x, a, emissions = check_inputs(fn, model, x, a, emissions)
+    checks = Checks()
+    x, a, emissions = check_inputs(fn, model, x, a, emissions, checks=checks)
     chain = make_chain(model, x, a, emissions)
     if method == "scan":
-        return scan_log_likelihood(chain)
-    return tree_log_likelihood(chain)
+        return checks.guard(scan_log_likelihood(chain))
+    return checks.guard(tree_log_likelihood(chain))
 
 
 @eqx.filter_jit
@@ -127,11 +135,12 @@ def forward(
     """
     fn = "forward"
     check_method(fn, method)
-    x, a, emissions = check_inputs(fn, model, x, a, emissions)
+    checks = Checks()
+    x, a, emissions = check_inputs(fn, model, x, a, emissions, checks=checks)
     chain = make_chain(model, x, a, emissions)
     run = forward_scan if method == "scan" else parallel_forward
     alphas, log_norms = run(chain)
-    return log_norms, to_states(chain, alphas, model.n_states)
+    return checks.guard((log_norms, to_states(chain, alphas, model.n_states)))
 
 
 @eqx.filter_jit
@@ -164,7 +173,8 @@ def backward(
     """
     fn = "backward"
     check_method(fn, method)
-    x, a, emissions = check_inputs(fn, model, x, a, emissions)
+    checks = Checks()
+    x, a, emissions = check_inputs(fn, model, x, a, emissions, checks=checks)
     chain = make_chain(model, x, a, emissions)
     if method == "scan":
         alphas, _ = forward_scan(chain)
@@ -172,7 +182,7 @@ def backward(
     else:
         alphas, _ = parallel_forward(chain)
         us, _ = parallel_backward(chain, alphas)
-    return to_states(chain, us, model.n_states)
+    return checks.guard(to_states(chain, us, model.n_states))
 
 
 @eqx.filter_jit
@@ -213,7 +223,8 @@ def posteriors(
     """
     fn = "posteriors"
     check_method(fn, method)
-    x, a, emissions = check_inputs(fn, model, x, a, emissions)
+    checks = Checks()
+    x, a, emissions = check_inputs(fn, model, x, a, emissions, checks=checks)
     chain = make_chain(model, x, a, emissions)
     if method == "scan":
         alphas, log_norms = forward_scan(chain)
@@ -221,11 +232,13 @@ def posteriors(
     else:
         alphas, log_norms = parallel_forward(chain)
         _, gammas = parallel_backward(chain, alphas)
-    return Posteriors(
-        log_likelihood=pairwise_sum(log_norms),
-        log_normalizers=log_norms,
-        filtered=to_states(chain, alphas, model.n_states),
-        smoothed=to_states(chain, gammas, model.n_states),
+    return checks.guard(
+        Posteriors(
+            log_likelihood=pairwise_sum(log_norms),
+            log_normalizers=log_norms,
+            filtered=to_states(chain, alphas, model.n_states),
+            smoothed=to_states(chain, gammas, model.n_states),
+        )
     )
 
 
@@ -268,10 +281,11 @@ def viterbi(
     ```
     """
     fn = "viterbi"
-    x, a, emissions = check_inputs(fn, model, x, a, emissions)
+    checks = Checks()
+    x, a, emissions = check_inputs(fn, model, x, a, emissions, checks=checks)
     chain = make_chain(model, x, a, emissions)
     path, log_prob = viterbi_scan(chain)
-    return slot_states(chain, path), log_prob
+    return checks.guard((slot_states(chain, path), log_prob))
 
 
 def bits_per_step(

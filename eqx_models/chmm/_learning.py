@@ -11,6 +11,7 @@ from .._misc import pairwise_sum
 from ._chain import (
     check_inputs,
     check_method,
+    Checks,
     dense_chain,
     hard_chain,
     slot_states,
@@ -32,7 +33,7 @@ class _Batch(eqx.Module):
     lengths: Int[Array, " batch"] | None
 
 
-def _as_batch(fn: str, model: CHMM, x, a) -> _Batch:
+def _as_batch(fn: str, model: CHMM, x, a, checks: Checks) -> _Batch:
     """One sequence, an equal-length batch, or lists of sequences, as a padded batch.
 
     A shorter sequence is padded by repeating its last observation with identity
@@ -51,7 +52,12 @@ def _as_batch(fn: str, model: CHMM, x, a) -> _Batch:
         xs, acts = [], []
         for i, (xi, ai) in enumerate(zip(x, a)):
             xi, ai, _ = check_inputs(
-                f"{fn} (sequence {i})", model, xi, ai, allow_evidence=False
+                f"{fn} (sequence {i})",
+                model,
+                xi,
+                ai,
+                checks=checks,
+                allow_evidence=False,
             )
             xs.append(xi)
             acts.append(ai)
@@ -74,7 +80,7 @@ def _as_batch(fn: str, model: CHMM, x, a) -> _Batch:
         )
     x, a = jnp.asarray(x), jnp.asarray(a)
     if x.ndim == 1:
-        x, a, _ = check_inputs(fn, model, x, a, allow_evidence=False)
+        x, a, _ = check_inputs(fn, model, x, a, checks=checks, allow_evidence=False)
         return _Batch(x[None], a[None], None)
     if x.ndim != 2 or a.shape != x.shape:
         raise ValueError(
@@ -86,17 +92,14 @@ def _as_batch(fn: str, model: CHMM, x, a) -> _Batch:
             raise TypeError(f"{fn}: `{name}` must be integer ids, got dtype {v.dtype}.")
     if x.shape[1] < 1:
         raise ValueError(f"{fn}: the sequences are empty.")
-    bad_x = jnp.any((x < 0) | (x >= model.n_obs))
-    bad_a = jnp.any((a[:, :-1] < 0) | (a[:, :-1] >= model.n_actions))
-    x, a = eqx.branched_error_if(
-        (x, a),
-        bad_x | bad_a,
-        jnp.where(bad_x, 0, 1),
-        [
-            f"{fn}: observation ids `x` must lie in [0, n_obs) = [0, {model.n_obs}).",
-            f"{fn}: actions `a[:, :-1]` must lie in [0, n_actions) = "
-            f"[0, {model.n_actions}).",
-        ],
+    checks.add(
+        (x < 0) | (x >= model.n_obs),
+        f"{fn}: observation ids `x` must lie in [0, n_obs) = [0, {model.n_obs}).",
+    )
+    checks.add(
+        (a[:, :-1] < 0) | (a[:, :-1] >= model.n_actions),
+        f"{fn}: actions `a[:, :-1]` must lie in [0, n_actions) = "
+        f"[0, {model.n_actions}).",
     )
     return _Batch(x, a, None)
 
@@ -126,7 +129,7 @@ def _counts(model: CHMM, batch: _Batch, method: str):
     return model.T * grad, lnl
 
 
-def _check_emissions(fn: str, model: CHMM, emissions: Array) -> Array:
+def _check_emissions(fn: str, model: CHMM, emissions: Array, checks: Checks) -> Array:
     if emissions.shape != (model.n_states, model.n_obs):
         raise ValueError(
             f"{fn}: `emissions` must have shape (N, n_obs) = ({model.n_states}, "
@@ -135,11 +138,10 @@ def _check_emissions(fn: str, model: CHMM, emissions: Array) -> Array:
     sums = emissions.sum(-1)
     tol = float(jnp.finfo(emissions.dtype).eps) ** 0.5
     bad = jnp.any(emissions < 0) | jnp.any(jnp.abs(sums - 1) > tol)
-    return eqx.error_if(
-        emissions,
-        bad,
-        f"{fn}: every row of `emissions` must be non-negative and sum to 1.",
+    checks.add(
+        bad, f"{fn}: every row of `emissions` must be non-negative and sum to 1."
     )
+    return emissions
 
 
 def _check_iterations(fn: str, n_iter: int, pseudocount: float) -> None:
@@ -189,7 +191,8 @@ def expected_counts(
     """
     fn = "expected_counts"
     check_method(fn, method)
-    return _counts(model, _as_batch(fn, model, x, a), method)
+    checks = Checks()
+    return checks.guard(_counts(model, _as_batch(fn, model, x, a, checks), method))
 
 
 @eqx.filter_jit
@@ -246,7 +249,8 @@ def em(
     fn = "em"
     check_method(fn, method)
     _check_iterations(fn, n_iter, pseudocount)
-    batch = _as_batch(fn, model, x, a)
+    checks = Checks()
+    batch = _as_batch(fn, model, x, a, checks)
 
     def iteration(T, _):
         counts, lnl = _counts(eqx.tree_at(lambda m: m.T, model, T), batch, method)
@@ -255,7 +259,7 @@ def em(
     T, curve = lax.scan(iteration, model.T, None, length=n_iter)
     final = _total_log_likelihood(T, model, batch, method)
     model = eqx.tree_at(lambda m: m.T, model, T)
-    return model, jnp.concatenate([curve, final[None]])
+    return checks.guard((model, jnp.concatenate([curve, final[None]])))
 
 
 def _viterbi_paths(model: CHMM, batch: _Batch):
@@ -305,7 +309,8 @@ def viterbi_em(
     """
     fn = "viterbi_em"
     _check_iterations(fn, n_iter, pseudocount)
-    batch = _as_batch(fn, model, x, a)
+    checks = Checks()
+    batch = _as_batch(fn, model, x, a, checks)
     n_actions, n_states = model.n_actions, model.n_states
     steps = batch.x.shape[1]
     if batch.lengths is None:
@@ -325,7 +330,7 @@ def viterbi_em(
     T, curve = lax.scan(iteration, model.T, None, length=n_iter)
     model = eqx.tree_at(lambda m: m.T, model, T)
     _, final = _viterbi_paths(model, batch)
-    return model, jnp.concatenate([curve, pairwise_sum(final)[None]])
+    return checks.guard((model, jnp.concatenate([curve, pairwise_sum(final)[None]])))
 
 
 def _posteriors_over(model, batch, emissions, method):
@@ -396,14 +401,15 @@ def learn_emissions(
     fn = "learn_emissions"
     check_method(fn, method)
     _check_iterations(fn, n_iter, pseudocount)
-    batch = _as_batch(fn, model, x, a)
+    checks = Checks()
+    batch = _as_batch(fn, model, x, a, checks)
     dtype = model.T.dtype
     if emissions is None:
         emissions = jax.nn.one_hot(
             jnp.asarray(model.state_symbol), model.n_obs, dtype=dtype
         )
     else:
-        emissions = _check_emissions(fn, model, emissions)
+        emissions = _check_emissions(fn, model, emissions, checks)
     symbols = jax.nn.one_hot(batch.x, model.n_obs, dtype=dtype)
 
     def iteration(E, _):
@@ -414,4 +420,4 @@ def learn_emissions(
     emissions = emissions.astype(dtype)
     E, curve = lax.scan(iteration, emissions, None, length=n_iter)
     _, final = _posteriors_over(model, batch, E, method)
-    return E, jnp.concatenate([curve, final[None]])
+    return checks.guard((E, jnp.concatenate([curve, final[None]])))

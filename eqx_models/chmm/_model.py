@@ -142,9 +142,9 @@ class CHMM(eqx.Module):
 
     def __init__(
         self,
-        n_clones: Sequence[int] | np.ndarray,
+        n_clones: Sequence[int] | np.ndarray | Array,
         T: Float[ArrayLike, "n_actions n_states n_states"],
-        Pi: Float[ArrayLike, " n_states"] | None = None,
+        Pi: Float[ArrayLike, " n_states_pi"] | None = None,
     ):
         """**Arguments:**
 
@@ -215,7 +215,7 @@ class CHMM(eqx.Module):
     @jaxtyped(typechecker=beartype)
     def random(
         cls,
-        n_clones: Sequence[int] | np.ndarray,
+        n_clones: Sequence[int] | np.ndarray | Array,
         n_actions: int,
         *,
         key: PRNGKeyArray,
@@ -256,9 +256,9 @@ class CHMM(eqx.Module):
     @classmethod
     def from_logits(
         cls,
-        n_clones: Sequence[int] | np.ndarray,
+        n_clones: Sequence[int] | np.ndarray | Array,
         logits: Float[ArrayLike, "n_actions n_states n_states"],
-        Pi: Float[ArrayLike, " n_states"] | None = None,
+        Pi: Float[ArrayLike, " n_states_pi"] | None = None,
     ) -> "CHMM":
         """A model whose transition rows are `softmax(logits)`: the parameterisation
         for gradient-based training (every `T` it gives is row-stochastic, and

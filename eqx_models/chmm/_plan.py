@@ -1,4 +1,4 @@
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int, jaxtyped
 
 from .._misc import pairwise_sum
-from ._chain import safe_log
+from ._chain import Checks, safe_log
 from ._model import CHMM
 
 
@@ -33,7 +33,7 @@ def plan(
     goal: int | Int[Array, ""],
     *,
     max_steps: int,
-    start_is: Literal["state", "observation"] = "state",
+    start_is: str = "state",
 ) -> Plan:
     """The shortest action sequence that reaches `goal` with positive probability,
     the most probable among those.
@@ -81,13 +81,12 @@ def plan(
     n_states, n_actions = model.n_states, model.n_actions
     start, goal = jnp.asarray(start, jnp.int32), jnp.asarray(goal, jnp.int32)
     upper = model.n_obs if start_is == "observation" else n_states
-    start = eqx.error_if(
-        start,
+    checks = Checks()
+    checks.add(
         (start < 0) | (start >= upper),
         f"{fn}: `start` must lie in [0, {upper}) for start_is={start_is!r}.",
     )
-    goal = eqx.error_if(
-        goal,
+    checks.add(
         (goal < 0) | (goal >= n_states),
         f"{fn}: `goal` must be a state in [0, N) = [0, {n_states}).",
     )
@@ -111,8 +110,7 @@ def plan(
     _, (pointers, tops, at_goal) = lax.scan(step, score0, None, length=max_steps)
     reached = jnp.isfinite(jnp.concatenate([score0[goal][None], at_goal]))
     length = jnp.argmax(reached).astype(jnp.int32)
-    length = eqx.error_if(
-        length,
+    checks.add(
         ~jnp.any(reached),
         f"{fn}: the goal cannot be reached from the start within max_steps="
         f"{max_steps} steps (no path of positive probability).",
@@ -134,4 +132,6 @@ def plan(
     steps = jnp.arange(1, max_steps + 1)
     first, (actions, states) = lax.scan(back, goal, (steps, pointers), reverse=True)
     states = jnp.concatenate([jnp.reshape(first, (1,)), states])
-    return Plan(actions=actions, states=states, length=length, log_prob=log_prob)
+    return checks.guard(
+        Plan(actions=actions, states=states, length=length, log_prob=log_prob)
+    )

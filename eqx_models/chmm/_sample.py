@@ -43,11 +43,8 @@ def sample(
     fn = "sample"
     if a.shape[0] < 1:
         raise ValueError(f"{fn}: `a` is empty.")
-    actions = eqx.error_if(
-        a[:-1],
-        jnp.any((a[:-1] < 0) | (a[:-1] >= model.n_actions)),
-        f"{fn}: actions `a[:-1]` must lie in [0, n_actions) = [0, {model.n_actions}).",
-    )
+    actions = a[:-1]
+    bad_actions = jnp.any((actions < 0) | (actions >= model.n_actions))
     keys = jr.split(key, a.shape[0])
     first = jr.categorical(keys[0], safe_log(model.Pi)).astype(jnp.int32)
 
@@ -59,11 +56,16 @@ def sample(
 
     _, (rest, stuck) = lax.scan(step, first, (keys[1:], actions))
     states = jnp.concatenate([first[None], rest])
-    states = eqx.error_if(
-        states,
-        jnp.any(stuck),
-        f"{fn}: the path reached a state with no transition under the given action "
-        "(a row of zeros in T).",
-    )
     symbol = jnp.asarray(model.state_symbol, jnp.int32)
-    return symbol[states], states
+    # The checks guard the outputs, so they run whenever the results are used.
+    return eqx.branched_error_if(
+        (symbol[states], states),
+        bad_actions | jnp.any(stuck),
+        jnp.where(bad_actions, 0, 1),
+        [
+            f"{fn}: actions `a[:-1]` must lie in [0, n_actions) = [0, "
+            f"{model.n_actions}).",
+            f"{fn}: the path reached a state with no transition under the given "
+            "action (a row of zeros in T).",
+        ],
+    )
