@@ -97,7 +97,10 @@ def flops_bytes(workload, method, M, n_steps, itemsize=4):
 def dynamax_functions(budget, n_states, length):
     """dynamax's filter / smoother on the dense time-varying chain, or None."""
     try:
-        from dynamax.hidden_markov_model import hmm_filter, hmm_smoother
+        from dynamax.hidden_markov_model import (  # pyright: ignore[reportMissingImports]
+            hmm_filter,
+            hmm_smoother,
+        )
     except ImportError:
         return None, "not installed"
     materialise = (length - 1) * n_states * n_states * 4 * 2 <= budget

@@ -23,6 +23,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from _common import out_path, parse_args, save_summary  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
 
 from eqx_models.chmm import (  # noqa: E402
     bits_per_step,
@@ -207,7 +208,7 @@ def _plot_graph(model, states, fields, room, active):
 def _plot_fields(fields, active, purity, room):
     order = active[np.argsort(-fields[active].sum((1, 2)))][:12]
     fig, axes = plt.subplots(3, 5, figsize=(9, 4.6))
-    cmap = matplotlib.colors.ListedColormap(COLOURS[: room.max() + 1])
+    cmap = ListedColormap(COLOURS[: room.max() + 1])
     axes[0, 0].imshow(room, cmap=cmap)
     axes[0, 0].set_title("room colours", fontsize=8)
     axes[1, 0].hist(purity, bins=10, range=(0, 1), color="0.4")

@@ -159,7 +159,10 @@ def state_log_weights(
     evidence = x.astype(dtype)
     top = lax.stop_gradient(jnp.max(evidence, axis=-1, keepdims=True))
     top = jnp.where(jnp.isfinite(top), top, 0)
-    return jnp.log(jnp.exp(evidence - top) @ emissions.T) + top
+    weights = jnp.matmul(
+        jnp.exp(evidence - top), emissions.T, precision=lax.Precision.HIGHEST
+    )
+    return jnp.log(weights) + top
 
 
 def make_chain(

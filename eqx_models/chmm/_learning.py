@@ -414,7 +414,9 @@ def learn_emissions(
 
     def iteration(E, _):
         gammas, lnl = _posteriors_over(model, batch, E, method)
-        counts = jnp.einsum("bti,btk->ik", gammas, symbols)
+        counts = jnp.einsum(
+            "bti,btk->ik", gammas, symbols, precision=lax.Precision.HIGHEST
+        )
         return _normalise_rows(counts + pseudocount), lnl
 
     emissions = emissions.astype(dtype)
