@@ -1,0 +1,26 @@
+"""Action-conditioned cloned HMMs (clone-structured cognitive graphs)."""
+
+from ._gridworld import (
+    clone_graph as clone_graph,
+    place_fields as place_fields,
+    random_room as random_room,
+    room_walk as room_walk,
+)
+from ._inference import (
+    backward as backward,
+    bits_per_step as bits_per_step,
+    forward as forward,
+    log_likelihood as log_likelihood,
+    Posteriors as Posteriors,
+    posteriors as posteriors,
+    viterbi as viterbi,
+)
+from ._learning import (
+    em as em,
+    expected_counts as expected_counts,
+    learn_emissions as learn_emissions,
+    viterbi_em as viterbi_em,
+)
+from ._model import CHMM as CHMM
+from ._plan import Plan as Plan, plan as plan
+from ._sample import sample as sample

@@ -1,0 +1,176 @@
+import equinox as eqx
+import jax.numpy as jnp
+import jax.random as jr
+from beartype import beartype
+from jax import lax
+from jaxtyping import Array, Bool, Float, Int, jaxtyped, PRNGKeyArray
+
+from ._model import _normalise_rows, CHMM
+
+
+# Row and column offsets of the four actions: left, right, up, down.
+MOVES = ((0, -1), (0, 1), (-1, 0), (1, 0))
+
+
+@jaxtyped(typechecker=beartype)
+def random_room(
+    height: int, width: int, n_colours: int, *, key: PRNGKeyArray
+) -> Int[Array, "height width"]:
+    """A rectangular room whose cells have random colours (observation ids).
+
+    **Arguments:**
+
+    - `height`, `width`: the size of the room in cells.
+    - `n_colours`: the number of colours; each cell gets one uniformly at random,
+        so with fewer colours than cells many cells look alike (aliasing).
+    - `key`: a JAX PRNG key.
+
+    **Returns:**
+
+    An int32 array of shape `(height, width)` with values in `[0, n_colours)`.
+    """
+    if height < 1 or width < 1 or n_colours < 1:
+        raise ValueError(
+            "random_room: `height`, `width` and `n_colours` must be positive, got "
+            f"{height}, {width}, {n_colours}."
+        )
+    return jr.randint(key, (height, width), 0, n_colours, dtype=jnp.int32)
+
+
+@eqx.filter_jit
+@jaxtyped(typechecker=beartype)
+def room_walk(
+    room: Int[Array, "height width"],
+    length: int,
+    *,
+    key: PRNGKeyArray,
+    start: tuple[int, int] | Int[Array, " 2"] | None = None,
+) -> tuple[Int[Array, " length"], Int[Array, " length"], Int[Array, "length 2"]]:
+    """A uniformly random walk in a gridworld room, observing cell colours.
+
+    Four actions: `0` left, `1` right, `2` up, `3` down. A move that would leave the
+    room, or enter a cell marked `-1` (an obstacle), leaves the agent in place. The
+    walk is deterministic given `key`.
+
+    **Arguments:**
+
+    - `room`: cell colours, an int array of shape `(height, width)`; `-1` marks
+        cells that cannot be entered.
+    - `length`: the number of steps `T`.
+    - `key`: a JAX PRNG key.
+    - `start`: the `(row, column)` of the first cell; random (among enterable
+        cells) if omitted.
+
+    **Returns:**
+
+    A tuple `(x, a, positions)`: observations `x[t] = room[positions[t]]` and
+    actions `a`, both of shape `(T,)` (with the convention of this subpackage:
+    `a[t]` moves from `positions[t]` to `positions[t + 1]`; `a[-1]` is drawn but
+    unused), and the `(T, 2)` cell positions.
+
+    **Raises:**
+
+    `ValueError` for a non-positive `length`; `EquinoxRuntimeError` if the start
+    cell cannot be entered.
+    """
+    if length < 1:
+        raise ValueError(f"room_walk: `length` must be positive, got {length}.")
+    height, width = room.shape
+    start_key, action_key = jr.split(key)
+    if start is None:
+        open_cells = (room >= 0).reshape(-1)
+        flat = jr.categorical(start_key, jnp.where(open_cells, 0.0, -jnp.inf))
+        start_cell = jnp.stack([flat // width, flat % width]).astype(jnp.int32)
+    else:
+        start_cell = jnp.asarray(start, jnp.int32)
+    bad_start = (
+        (start_cell[0] < 0)
+        | (start_cell[0] >= height)
+        | (start_cell[1] < 0)
+        | (start_cell[1] >= width)
+        | (room[start_cell[0], start_cell[1]] < 0)
+    )
+    actions = jr.randint(action_key, (length,), 0, 4, dtype=jnp.int32)
+    moves = jnp.asarray(MOVES, jnp.int32)
+
+    def step(cell, action):
+        target = cell + moves[action]
+        inside = (
+            (target[0] >= 0)
+            & (target[0] < height)
+            & (target[1] >= 0)
+            & (target[1] < width)
+        )
+        clipped = jnp.clip(target, 0, jnp.asarray([height - 1, width - 1]))
+        allowed = inside & (room[clipped[0], clipped[1]] >= 0)
+        following = jnp.where(allowed, target, cell)
+        return following, following
+
+    _, rest = lax.scan(step, start_cell, actions[:-1])
+    positions = jnp.concatenate([start_cell[None], rest])
+    x = room[positions[:, 0], positions[:, 1]]
+    return eqx.error_if(
+        (x, actions, positions),
+        bad_start,
+        "room_walk: `start` must be an enterable cell of the room.",
+    )
+
+
+@jaxtyped(typechecker=beartype)
+def place_fields(
+    states: Int[Array, " T"],
+    positions: Int[Array, "T_positions 2"],
+    *,
+    n_states: int,
+    shape: tuple[int, int],
+) -> Float[Array, "n_states height width"]:
+    """How often each clone was occupied at each cell of a gridworld.
+
+    **Arguments:**
+
+    - `states`: a decoded state path, e.g. from [`eqx_models.chmm.viterbi`][],
+        shape `(T,)`.
+    - `positions`: the true `(row, column)` at each step, shape `(T, 2)` (e.g. from
+        [`eqx_models.chmm.room_walk`][]).
+    - `n_states`: `N`, the number of states of the model.
+    - `shape`: the `(height, width)` of the room.
+
+    **Returns:**
+
+    A float array of shape `(N, height, width)` of visit counts; a clone that is a
+    good "place cell" has its counts concentrated on one cell.
+    """
+    if states.shape[0] != positions.shape[0]:
+        raise ValueError(
+            "place_fields: `states` and `positions` must have the same length, got "
+            f"{states.shape[0]} and {positions.shape[0]}."
+        )
+    fields = jnp.zeros((n_states,) + tuple(shape), jnp.zeros(()).dtype)
+    return fields.at[states, positions[:, 0], positions[:, 1]].add(1)
+
+
+@jaxtyped(typechecker=beartype)
+def clone_graph(
+    model: CHMM, states: Int[Array, " T"], *, threshold: float = 0.0
+) -> tuple[Float[Array, "n_states n_states"], Bool[Array, " n_states"]]:
+    """The learned transition graph between the clones a decoding actually uses.
+
+    **Arguments:**
+
+    - `model`: the `CHMM`.
+    - `states`: a decoded state path (e.g. from [`eqx_models.chmm.viterbi`][]);
+        the clones it visits are the *active* ones.
+    - `threshold`: edges with a weight at most this are dropped.
+
+    **Returns:**
+
+    A tuple `(adjacency, active)`: `adjacency[i, j]` is the probability of moving
+    from clone `i` to clone `j` under a uniformly random action, `sum_u T[u, i, j] /
+    n_actions`, restricted to active clones and renormalised over them (rows and
+    columns of inactive clones are zero), and `active`, a boolean mask of shape
+    `(N,)`.
+    """
+    active = jnp.zeros((model.n_states,), bool).at[states].set(True)
+    mask = active[:, None] & active[None, :]
+    adjacency = _normalise_rows(jnp.where(mask, model.T.mean(0), 0))
+    return jnp.where(adjacency > threshold, adjacency, 0), active

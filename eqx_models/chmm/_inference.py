@@ -1,0 +1,309 @@
+import math
+from typing import NamedTuple
+
+import equinox as eqx
+import jax.numpy as jnp
+from beartype import beartype
+from jaxtyping import Array, ArrayLike, Float, Int, jaxtyped
+
+from .._misc import pairwise_sum
+from ._chain import (
+    check_inputs,
+    check_method,
+    Checks,
+    make_chain,
+    slot_states,
+    to_states,
+)
+from ._decode import viterbi_scan
+from ._model import CHMM
+from ._parallel import (
+    parallel_backward,
+    parallel_forward,
+    tree_log_likelihood,
+)
+from ._scan import backward_scan, forward_scan, scan_log_likelihood
+
+
+Observations = Int[Array, " T"] | Float[Array, "T n_obs"]
+Actions = Int[Array, " T_actions"]
+Emissions = Float[Array, "n_states n_obs"] | None
+
+
+class Posteriors(NamedTuple):
+    """What [`eqx_models.chmm.posteriors`][] returns (all arrays of one sequence)."""
+
+    log_likelihood: Float[Array, ""]
+    """The natural-log likelihood `ln p(x | a)`."""
+    log_normalizers: Float[Array, " T"]
+    """`ln p(x[t] | x[:t], a)` per step; they sum to `log_likelihood`."""
+    filtered: Float[Array, "T n_states"]
+    """`p(z[t] | x[:t+1], a)`, shape `(T, N)`."""
+    smoothed: Float[Array, "T n_states"]
+    """`p(z[t] | x, a)`, shape `(T, N)`."""
+
+
+@eqx.filter_jit
+@jaxtyped(typechecker=beartype)
+def log_likelihood(
+    model: CHMM,
+    x: Observations,
+    a: Actions,
+    *,
+    method: str = "scan",
+    emissions: Emissions = None,
+) -> Float[Array, ""]:
+    """Log-likelihood of an observation sequence given its actions.
+
+    `ln p(x[0], ..., x[T-1] | a)` in natural log, computed block-sparsely: with hard
+    observation ids only `T[a[t], clones(x[t]), clones(x[t+1])]` is read at each step.
+    The per-step log normalisers (see [`eqx_models.chmm.forward`][]) are summed
+    pairwise, so float32 stays accurate over long sequences. Differentiable with
+    respect to `model.T`, `model.Pi`, soft evidence `x` and `emissions`.
+
+    **Arguments:**
+
+    - `model`: the `CHMM`.
+    - `x`: the observations: integer ids of shape `(T,)` in `[0, n_obs)`, or soft
+        evidence, a float array of shape `(T, n_obs)` of log-evidence per symbol
+        (e.g. the log-softmax output of an encoder). With evidence, every clone of
+        symbol `k` is weighted by `exp(x[t, k])` and the forward pass is dense over
+        all `N` states; one-hot evidence (`log` of a one-hot, with `-inf`) gives
+        exactly the result for ids.
+    - `a`: actions, integer array of shape `(T,)`; `a[t]` is taken after observing
+        `x[t]` and drives `x[t] -> x[t+1]`; `a[-1]` is unused.
+    - `method`: `"scan"` (sequential `lax.scan`; best on CPU) or `"parallel"` (a
+        pairwise tree of step-matrix products, depth `O(log T)`; best on GPU for
+        long sequences). Both give the same numbers up to rounding.
+    - `emissions`: optional `(N, n_obs)` emission matrix replacing the
+        deterministic clone-to-symbol emission (see
+        [`eqx_models.chmm.learn_emissions`][]); the pass is then dense.
+
+    **Returns:**
+
+    A scalar, `-inf` if the sequence is impossible under the model.
+
+    **Raises:**
+
+    `ValueError`/`TypeError` at trace time for wrong shapes, dtypes or `method`;
+    `EquinoxRuntimeError` (from `eqx.error_if`) for ids or actions out of range.
+
+    **Example:**
+
+    ```python
+    lnL = log_likelihood(model, x, a)
+    bits = bits_per_step(lnL, x.shape[0])
+    ```
+    """
+    fn = "log_likelihood"
+    check_method(fn, method)
+    checks = Checks()
+    x, a, emissions = check_inputs(fn, model, x, a, emissions, checks=checks)
+    chain = make_chain(model, x, a, emissions)
+    if method == "scan":
+        return checks.guard(scan_log_likelihood(chain))
+    return checks.guard(tree_log_likelihood(chain))
+
+
+@eqx.filter_jit
+@jaxtyped(typechecker=beartype)
+def forward(
+    model: CHMM,
+    x: Observations,
+    a: Actions,
+    *,
+    method: str = "scan",
+    emissions: Emissions = None,
+) -> tuple[Float[Array, " T"], Float[Array, "T n_states"]]:
+    """Forward pass: per-step log normalisers and filtered state distributions.
+
+    **Arguments:**
+
+    As for [`eqx_models.chmm.log_likelihood`][].
+
+    **Returns:**
+
+    A tuple `(log_normalizers, filtered)`: `log_normalizers[t] = ln p(x[t] | x[:t],
+    a)` of shape `(T,)` (its pairwise sum is the log-likelihood; `log_normalizers[0]`
+    is `ln(n_clones[x[0]] / N)` for ids and a uniform `Pi`), and `filtered[t, i] =
+    p(z[t] = i | x[:t+1], a)` of shape `(T, N)`, zero outside the clones of `x[t]`
+    for ids.
+
+    **Raises:**
+
+    As for [`eqx_models.chmm.log_likelihood`][].
+    """
+    fn = "forward"
+    check_method(fn, method)
+    checks = Checks()
+    x, a, emissions = check_inputs(fn, model, x, a, emissions, checks=checks)
+    chain = make_chain(model, x, a, emissions)
+    run = forward_scan if method == "scan" else parallel_forward
+    alphas, log_norms = run(chain)
+    return checks.guard((log_norms, to_states(chain, alphas, model.n_states)))
+
+
+@eqx.filter_jit
+@jaxtyped(typechecker=beartype)
+def backward(
+    model: CHMM,
+    x: Observations,
+    a: Actions,
+    *,
+    method: str = "scan",
+    emissions: Emissions = None,
+) -> Float[Array, "T n_states"]:
+    """Backward pass: normalised backward messages.
+
+    `backward[t, i] ∝ p(x[t:] | z[t] = i, a)` (the evidence of step `t` included),
+    normalised to sum to one at each step; for ids it is zero outside the clones of
+    `x[t]` (the convention of the original CSCG code).
+
+    **Arguments:**
+
+    As for [`eqx_models.chmm.log_likelihood`][].
+
+    **Returns:**
+
+    An array of shape `(T, N)`.
+
+    **Raises:**
+
+    As for [`eqx_models.chmm.log_likelihood`][].
+    """
+    fn = "backward"
+    check_method(fn, method)
+    checks = Checks()
+    x, a, emissions = check_inputs(fn, model, x, a, emissions, checks=checks)
+    chain = make_chain(model, x, a, emissions)
+    if method == "scan":
+        alphas, _ = forward_scan(chain)
+        us, _, _ = backward_scan(chain, alphas, accumulate=False)
+    else:
+        alphas, _ = parallel_forward(chain)
+        us, _ = parallel_backward(chain, alphas)
+    return checks.guard(to_states(chain, us, model.n_states))
+
+
+@eqx.filter_jit
+@jaxtyped(typechecker=beartype)
+def posteriors(
+    model: CHMM,
+    x: Observations,
+    a: Actions,
+    *,
+    method: str = "scan",
+    emissions: Emissions = None,
+) -> Posteriors:
+    """Filtered and smoothed state marginals (forward-backward).
+
+    Differentiable (by autodiff through both passes) with respect to `model.T`,
+    `model.Pi`, soft evidence `x` and `emissions`.
+
+    **Arguments:**
+
+    As for [`eqx_models.chmm.log_likelihood`][].
+
+    **Returns:**
+
+    A [`eqx_models.chmm.Posteriors`][]: the log-likelihood, the per-step log
+    normalisers, `filtered[t] = p(z[t] | x[:t+1], a)` and `smoothed[t] = p(z[t] | x,
+    a)`, both of shape `(T, N)`.
+
+    **Raises:**
+
+    As for [`eqx_models.chmm.log_likelihood`][].
+
+    **Example:**
+
+    ```python
+    post = posteriors(model, x, a, method="parallel")
+    post.smoothed.sum(-1)  # all ones
+    ```
+    """
+    fn = "posteriors"
+    check_method(fn, method)
+    checks = Checks()
+    x, a, emissions = check_inputs(fn, model, x, a, emissions, checks=checks)
+    chain = make_chain(model, x, a, emissions)
+    if method == "scan":
+        alphas, log_norms = forward_scan(chain)
+        _, gammas, _ = backward_scan(chain, alphas, accumulate=False)
+    else:
+        alphas, log_norms = parallel_forward(chain)
+        _, gammas = parallel_backward(chain, alphas)
+    return checks.guard(
+        Posteriors(
+            log_likelihood=pairwise_sum(log_norms),
+            log_normalizers=log_norms,
+            filtered=to_states(chain, alphas, model.n_states),
+            smoothed=to_states(chain, gammas, model.n_states),
+        )
+    )
+
+
+@eqx.filter_jit
+@jaxtyped(typechecker=beartype)
+def viterbi(
+    model: CHMM,
+    x: Observations,
+    a: Actions,
+    *,
+    emissions: Emissions = None,
+) -> tuple[Int[Array, " T"], Float[Array, ""]]:
+    """The most probable state path (max-product decoding with backtracking).
+
+    Ties are broken deterministically towards the lowest state index, both for the
+    final state and at every back-pointer.
+
+    **Arguments:**
+
+    - `model`, `x`, `a`, `emissions`: as for [`eqx_models.chmm.log_likelihood`][]
+        (soft evidence is allowed: each clone is then weighted by its symbol's
+        evidence).
+
+    **Returns:**
+
+    A tuple `(states, log_prob)`: the global state ids of the path, an int32 array
+    of shape `(T,)`, and `ln p(x, z* | a)` of that path (for soft evidence, the
+    path's log-probability weighted by the evidence). For an impossible sequence
+    `log_prob` is `-inf` and the path is meaningless.
+
+    **Raises:**
+
+    As for [`eqx_models.chmm.log_likelihood`][].
+
+    **Example:**
+
+    ```python
+    states, log_prob = viterbi(model, x, a)
+    # states[t] is a clone of x[t]: model.state_symbol[states] == x
+    ```
+    """
+    fn = "viterbi"
+    checks = Checks()
+    x, a, emissions = check_inputs(fn, model, x, a, emissions, checks=checks)
+    chain = make_chain(model, x, a, emissions)
+    path, log_prob = viterbi_scan(chain)
+    return checks.guard((slot_states(chain, path), log_prob))
+
+
+def bits_per_step(
+    log_likelihood: Float[ArrayLike, "*batch"], length: int | Int[ArrayLike, "*batch"]
+) -> Float[Array, "*batch"]:
+    """Negative log-likelihood per step in bits, `-lnL / (length ln 2)`.
+
+    The figure the original CSCG code reports (it accumulates log2 probabilities);
+    0 means the sequence is perfectly predicted.
+
+    **Arguments:**
+
+    - `log_likelihood`: natural-log likelihood(s), e.g. from
+        [`eqx_models.chmm.log_likelihood`][].
+    - `length`: the number of steps `T` (or an array of lengths).
+
+    **Returns:**
+
+    An array of the shape of `log_likelihood`.
+    """
+    return -jnp.asarray(log_likelihood) / (jnp.asarray(length) * math.log(2))

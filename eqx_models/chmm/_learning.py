@@ -1,0 +1,425 @@
+from collections.abc import Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from beartype import beartype
+from jax import lax
+from jaxtyping import Array, Float, Int, jaxtyped
+
+from .._misc import pairwise_sum
+from ._chain import (
+    check_inputs,
+    check_method,
+    Checks,
+    dense_chain,
+    hard_chain,
+    slot_states,
+    to_states,
+)
+from ._decode import viterbi_scan
+from ._model import _normalise_rows, CHMM
+from ._parallel import parallel_backward, parallel_forward, tree_log_likelihood
+from ._scan import backward_scan, forward_scan, scan_log_likelihood
+
+
+Sequences = Int[Array, " T"] | Int[Array, "batch T"] | Sequence[Int[Array, " _"]]
+
+
+class _Batch(eqx.Module):
+    x: Int[Array, "batch T"]
+    a: Int[Array, "batch T"]
+    # None when every sequence has the full length T.
+    lengths: Int[Array, " batch"] | None
+
+
+def _as_batch(fn: str, model: CHMM, x, a, checks: Checks) -> _Batch:
+    """One sequence, an equal-length batch, or lists of sequences, as a padded batch.
+
+    A shorter sequence is padded by repeating its last observation with identity
+    steps (see `Chain`), so it contributes nothing beyond its length.
+    """
+    if isinstance(x, (list, tuple)) or isinstance(a, (list, tuple)):
+        if not isinstance(x, (list, tuple)) or not isinstance(a, (list, tuple)):
+            raise TypeError(
+                f"{fn}: give `x` and `a` both as lists of sequences, or both as arrays."
+            )
+        if len(x) != len(a) or len(x) == 0:
+            raise ValueError(
+                f"{fn}: `x` and `a` must be non-empty lists of the same number of "
+                f"sequences, got {len(x)} and {len(a)}."
+            )
+        xs, acts = [], []
+        for i, (xi, ai) in enumerate(zip(x, a)):
+            xi, ai, _ = check_inputs(
+                f"{fn} (sequence {i})",
+                model,
+                xi,
+                ai,
+                checks=checks,
+                allow_evidence=False,
+            )
+            xs.append(xi)
+            acts.append(ai)
+        lengths = [xi.shape[0] for xi in xs]
+        width = max(lengths)
+        padded_x = [
+            jnp.concatenate([xi, jnp.full((width - n,), xi[-1], xi.dtype)])
+            for xi, n in zip(xs, lengths)
+        ]
+        # a[n-1] of each sequence is unused; zero it with the padding so that a
+        # placeholder there cannot trip the range check of the batch.
+        padded_a = [
+            jnp.concatenate([ai[: n - 1], jnp.zeros((width - n + 1,), ai.dtype)])
+            for ai, n in zip(acts, lengths)
+        ]
+        return _Batch(
+            jnp.stack(padded_x),
+            jnp.stack(padded_a),
+            jnp.asarray(lengths, jnp.int32),
+        )
+    x, a = jnp.asarray(x), jnp.asarray(a)
+    if x.ndim == 1:
+        x, a, _ = check_inputs(fn, model, x, a, checks=checks, allow_evidence=False)
+        return _Batch(x[None], a[None], None)
+    if x.ndim != 2 or a.shape != x.shape:
+        raise ValueError(
+            f"{fn}: `x` and `a` must both have shape (T,) or (batch, T), or be lists "
+            f"of sequences; got shapes {x.shape} and {a.shape}."
+        )
+    for name, v in (("x", x), ("a", a)):
+        if not jnp.issubdtype(v.dtype, jnp.integer):
+            raise TypeError(f"{fn}: `{name}` must be integer ids, got dtype {v.dtype}.")
+    if x.shape[1] < 1:
+        raise ValueError(f"{fn}: the sequences are empty.")
+    checks.add(
+        (x < 0) | (x >= model.n_obs),
+        f"{fn}: observation ids `x` must lie in [0, n_obs) = [0, {model.n_obs}).",
+    )
+    checks.add(
+        (a[:, :-1] < 0) | (a[:, :-1] >= model.n_actions),
+        f"{fn}: actions `a[:, :-1]` must lie in [0, n_actions) = "
+        f"[0, {model.n_actions}).",
+    )
+    return _Batch(x, a, None)
+
+
+def _map(f, batch: _Batch):
+    if batch.lengths is None:
+        return jax.vmap(lambda x, a: f(x, a, None))(batch.x, batch.a)
+    return jax.vmap(f)(batch.x, batch.a, batch.lengths)
+
+
+def _total_log_likelihood(T, model: CHMM, batch: _Batch, method: str):
+    model = eqx.tree_at(lambda m: m.T, model, T)
+
+    def one(x, a, length):
+        chain = hard_chain(model, x, a, length)
+        if method == "scan":
+            return scan_log_likelihood(chain)
+        return tree_log_likelihood(chain)
+
+    return pairwise_sum(_map(one, batch))
+
+
+def _counts(model: CHMM, batch: _Batch, method: str):
+    # The E-step by autodiff: lnL is multilinear in the entries of T, so
+    # T * dlnL/dT sums, over the steps, the posterior probability of each transition.
+    lnl, grad = jax.value_and_grad(_total_log_likelihood)(model.T, model, batch, method)
+    return model.T * grad, lnl
+
+
+def _check_emissions(fn: str, model: CHMM, emissions: Array, checks: Checks) -> Array:
+    if emissions.shape != (model.n_states, model.n_obs):
+        raise ValueError(
+            f"{fn}: `emissions` must have shape (N, n_obs) = ({model.n_states}, "
+            f"{model.n_obs}), got {emissions.shape}."
+        )
+    sums = emissions.sum(-1)
+    tol = float(jnp.finfo(emissions.dtype).eps) ** 0.5
+    bad = jnp.any(emissions < 0) | jnp.any(jnp.abs(sums - 1) > tol)
+    checks.add(
+        bad, f"{fn}: every row of `emissions` must be non-negative and sum to 1."
+    )
+    return emissions
+
+
+def _check_iterations(fn: str, n_iter: int, pseudocount: float) -> None:
+    if n_iter < 0:
+        raise ValueError(f"{fn}: `n_iter` must be non-negative, got {n_iter}.")
+    if pseudocount < 0:
+        raise ValueError(
+            f"{fn}: `pseudocount` must be non-negative, got {pseudocount}."
+        )
+
+
+@eqx.filter_jit
+@jaxtyped(typechecker=beartype)
+def expected_counts(
+    model: CHMM,
+    x: Sequences,
+    a: Sequences,
+    *,
+    method: str = "scan",
+) -> tuple[Float[Array, "n_actions n_states n_states"], Float[Array, ""]]:
+    """Expected transition counts (the E-step of Baum-Welch).
+
+    `counts[u, i, j] = sum_t p(z[t] = i, z[t+1] = j | x, a)` over the steps with
+    `a[t] = u`, summed over all sequences. Computed as `T * dlnL/dT` (the
+    likelihood is multilinear in the entries of `T`), where the gradient comes from
+    a forward-backward pass (`method="scan"`) or from differentiating the
+    parallel tree of products (`method="parallel"`). The counts of a sequence of
+    length `T` sum to `T - 1`.
+
+    **Arguments:**
+
+    - `model`: the `CHMM`.
+    - `x`: observation ids: one sequence of shape `(T,)`, a batch of equal-length
+        sequences `(batch, T)`, or a list of 1-D sequences of different lengths.
+    - `a`: actions, in the same form as `x`.
+    - `method`: `"scan"` or `"parallel"`.
+
+    **Returns:**
+
+    A tuple `(counts, log_likelihood)`: counts of shape `(n_actions, N, N)` and the
+    total log-likelihood of the sequences.
+
+    **Raises:**
+
+    As for [`eqx_models.chmm.log_likelihood`][]; `ValueError` for lists of
+    different numbers of sequences.
+    """
+    fn = "expected_counts"
+    check_method(fn, method)
+    checks = Checks()
+    return checks.guard(_counts(model, _as_batch(fn, model, x, a, checks), method))
+
+
+@eqx.filter_jit
+@jaxtyped(typechecker=beartype)
+def em(
+    model: CHMM,
+    x: Sequences,
+    a: Sequences,
+    *,
+    n_iter: int,
+    pseudocount: float = 0.0,
+    method: str = "scan",
+) -> tuple[CHMM, Float[Array, " n_iter_plus_1"]]:
+    """Baum-Welch (soft EM) training of the transition tensor.
+
+    Each iteration computes the expected counts `C` of all sequences (summed before
+    normalising) and sets `T = (C + pseudocount) / sum_j (C + pseudocount)`; with
+    `pseudocount=0` a row without counts stays zero. `Pi` is kept fixed (uniform by
+    default), as in the original. The iterations run in one compiled `lax.scan`.
+
+    With `pseudocount=0` the log-likelihood never decreases; with a pseudocount the
+    update maximises `lnL + pseudocount * sum(log T)` (a Dirichlet prior), which
+    never decreases.
+
+    **Arguments:**
+
+    - `model`: the initial `CHMM` (e.g. `CHMM.random(...)`).
+    - `x`, `a`: the training sequences, as for
+        [`eqx_models.chmm.expected_counts`][].
+    - `n_iter`: the number of EM iterations.
+    - `pseudocount`: a non-negative count added to every transition.
+    - `method`: `"scan"` or `"parallel"` for the E-step.
+
+    **Returns:**
+
+    A tuple `(model, curve)`: the trained model and the log-likelihood (summed
+    over sequences, natural log) before each update followed by the final one,
+    shape `(n_iter + 1,)`. Divide by the number of steps and `-ln 2` (see
+    [`eqx_models.chmm.bits_per_step`][]) for the original's convergence figure.
+
+    **Raises:**
+
+    As for [`eqx_models.chmm.expected_counts`][]; `ValueError` for a negative
+    `n_iter` or `pseudocount`.
+
+    **Example:**
+
+    ```python
+    model = CHMM.random(n_clones, n_actions=4, key=jr.key(0))
+    model, curve = em(model, x, a, n_iter=100, pseudocount=1e-3)
+    bits_per_step(curve[-1], x.shape[0])
+    ```
+    """
+    fn = "em"
+    check_method(fn, method)
+    _check_iterations(fn, n_iter, pseudocount)
+    checks = Checks()
+    batch = _as_batch(fn, model, x, a, checks)
+
+    def iteration(T, _):
+        counts, lnl = _counts(eqx.tree_at(lambda m: m.T, model, T), batch, method)
+        return _normalise_rows(counts + pseudocount), lnl
+
+    T, curve = lax.scan(iteration, model.T, None, length=n_iter)
+    final = _total_log_likelihood(T, model, batch, method)
+    model = eqx.tree_at(lambda m: m.T, model, T)
+    return checks.guard((model, jnp.concatenate([curve, final[None]])))
+
+
+def _viterbi_paths(model: CHMM, batch: _Batch):
+    def one(x, a, length):
+        chain = hard_chain(model, x, a, length)
+        path, log_prob = viterbi_scan(chain)
+        return slot_states(chain, path), log_prob
+
+    return _map(one, batch)
+
+
+@eqx.filter_jit
+@jaxtyped(typechecker=beartype)
+def viterbi_em(
+    model: CHMM,
+    x: Sequences,
+    a: Sequences,
+    *,
+    n_iter: int,
+    pseudocount: float = 0.0,
+) -> tuple[CHMM, Float[Array, " n_iter_plus_1"]]:
+    """Hard (Viterbi) EM training of the transition tensor.
+
+    Each iteration decodes every sequence with [`eqx_models.chmm.viterbi`][],
+    counts the transitions of the decoded paths and normalises them as in
+    [`eqx_models.chmm.em`][] (the original's `learn_viterbi_T`). Typically run after
+    soft EM, with `pseudocount=0`, to prune the transition graph to the transitions
+    that are used. With `pseudocount=0` the objective never decreases.
+
+    **Arguments:**
+
+    - `model`: the initial `CHMM`.
+    - `x`, `a`: the training sequences, as for
+        [`eqx_models.chmm.expected_counts`][].
+    - `n_iter`: the number of iterations.
+    - `pseudocount`: a non-negative count added to every transition.
+
+    **Returns:**
+
+    A tuple `(model, curve)`: the trained model and the summed log-probability of
+    the Viterbi paths (natural log) before each update followed by the final one,
+    shape `(n_iter + 1,)`.
+
+    **Raises:**
+
+    As for [`eqx_models.chmm.em`][].
+    """
+    fn = "viterbi_em"
+    _check_iterations(fn, n_iter, pseudocount)
+    checks = Checks()
+    batch = _as_batch(fn, model, x, a, checks)
+    n_actions, n_states = model.n_actions, model.n_states
+    steps = batch.x.shape[1]
+    if batch.lengths is None:
+        in_use = jnp.ones((batch.x.shape[0], steps - 1), bool)
+    else:
+        in_use = jnp.arange(1, steps)[None, :] < batch.lengths[:, None]
+    actions = jnp.where(in_use, batch.a[:, :-1], n_actions)
+
+    def iteration(T, _):
+        paths, log_probs = _viterbi_paths(eqx.tree_at(lambda m: m.T, model, T), batch)
+        counts = jnp.zeros((n_actions + 1, n_states, n_states), T.dtype)
+        counts = counts.at[actions, paths[:, :-1], paths[:, 1:]].add(1)
+        return _normalise_rows(counts[:n_actions] + pseudocount), pairwise_sum(
+            log_probs
+        )
+
+    T, curve = lax.scan(iteration, model.T, None, length=n_iter)
+    model = eqx.tree_at(lambda m: m.T, model, T)
+    _, final = _viterbi_paths(model, batch)
+    return checks.guard((model, jnp.concatenate([curve, pairwise_sum(final)[None]])))
+
+
+def _posteriors_over(model, batch, emissions, method):
+    """Smoothed marginals `[batch, T, N]` (zero on padding) and the total lnL."""
+    log_emissions = jnp.log(emissions)
+
+    def one(x, a, length):
+        chain = dense_chain(model, log_emissions.T[x], a, length)
+        if method == "scan":
+            alphas, log_norms = forward_scan(chain)
+            _, gammas, _ = backward_scan(chain, alphas, accumulate=False)
+        else:
+            alphas, log_norms = parallel_forward(chain)
+            _, gammas = parallel_backward(chain, alphas)
+        if length is not None:
+            in_use = jnp.arange(x.shape[0]) < length
+            gammas = gammas * in_use[:, None]
+        return to_states(chain, gammas, model.n_states), pairwise_sum(log_norms)
+
+    gammas, lnls = _map(one, batch)
+    return gammas, pairwise_sum(lnls)
+
+
+@eqx.filter_jit
+@jaxtyped(typechecker=beartype)
+def learn_emissions(
+    model: CHMM,
+    x: Sequences,
+    a: Sequences,
+    *,
+    n_iter: int,
+    pseudocount: float = 1e-20,
+    emissions: Float[Array, "n_states n_obs"] | None = None,
+    method: str = "scan",
+) -> tuple[Float[Array, "n_states n_obs"], Float[Array, " n_iter_plus_1"]]:
+    """Learn a clone-to-symbol emission matrix by EM with the transitions fixed.
+
+    The original's `learn_em_E`: starting from the deterministic emission (each
+    clone emits its own symbol) or from `emissions`, each iteration computes the
+    smoothed marginals under the emission matrix `E` (a dense forward-backward over
+    all `N` states) and sets `E[i, k] ∝ sum_{t: x[t] = k} p(z[t] = i | x, a) +
+    pseudocount`. Clones may so re-map to other symbols, e.g. after the environment
+    changed. Decode with the result by passing `emissions=E` to
+    [`eqx_models.chmm.viterbi`][], [`eqx_models.chmm.posteriors`][] or
+    [`eqx_models.chmm.log_likelihood`][].
+
+    **Arguments:**
+
+    - `model`: a trained `CHMM` (its `T` and `Pi` are kept).
+    - `x`, `a`: the sequences, as for [`eqx_models.chmm.expected_counts`][].
+    - `n_iter`: the number of EM iterations.
+    - `pseudocount`: added to every emission count; the default, a tiny positive
+        value, lets a clone take up a symbol it never emitted.
+    - `emissions`: an initial `(N, n_obs)` emission matrix (rows summing to one);
+        the deterministic one if omitted.
+    - `method`: `"scan"` or `"parallel"` for the forward-backward passes.
+
+    **Returns:**
+
+    A tuple `(emissions, curve)`: the `(N, n_obs)` emission matrix and the total
+    log-likelihood before each update followed by the final one, shape
+    `(n_iter + 1,)`.
+
+    **Raises:**
+
+    As for [`eqx_models.chmm.em`][].
+    """
+    fn = "learn_emissions"
+    check_method(fn, method)
+    _check_iterations(fn, n_iter, pseudocount)
+    checks = Checks()
+    batch = _as_batch(fn, model, x, a, checks)
+    dtype = model.T.dtype
+    if emissions is None:
+        emissions = jax.nn.one_hot(
+            jnp.asarray(model.state_symbol), model.n_obs, dtype=dtype
+        )
+    else:
+        emissions = _check_emissions(fn, model, emissions, checks)
+    symbols = jax.nn.one_hot(batch.x, model.n_obs, dtype=dtype)
+
+    def iteration(E, _):
+        gammas, lnl = _posteriors_over(model, batch, E, method)
+        counts = jnp.einsum(
+            "bti,btk->ik", gammas, symbols, precision=lax.Precision.HIGHEST
+        )
+        return _normalise_rows(counts + pseudocount), lnl
+
+    emissions = emissions.astype(dtype)
+    E, curve = lax.scan(iteration, emissions, None, length=n_iter)
+    _, final = _posteriors_over(model, batch, E, method)
+    return checks.guard((E, jnp.concatenate([curve, final[None]])))

@@ -1,0 +1,137 @@
+from typing import NamedTuple
+
+import equinox as eqx
+import jax.numpy as jnp
+from beartype import beartype
+from jax import lax
+from jaxtyping import Array, Float, Int, jaxtyped
+
+from .._misc import pairwise_sum
+from ._chain import Checks, safe_log
+from ._model import CHMM
+
+
+class Plan(NamedTuple):
+    """What [`eqx_models.chmm.plan`][] returns; arrays have a fixed size so that `plan`
+    can be compiled and vmapped, with `-1` after the plan's end."""
+
+    actions: Int[Array, " max_steps"]
+    """The actions to take, `actions[:length]`."""
+    states: Int[Array, " max_steps_plus_1"]
+    """The states visited, `states[:length + 1]`, from the start to the goal."""
+    length: Int[Array, ""]
+    """The number of actions."""
+    log_prob: Float[Array, ""]
+    """`ln` of the product of the transition probabilities along the plan."""
+
+
+@eqx.filter_jit
+@jaxtyped(typechecker=beartype)
+def plan(
+    model: CHMM,
+    start: int | Int[Array, ""],
+    goal: int | Int[Array, ""],
+    *,
+    max_steps: int,
+    start_is: str = "state",
+) -> Plan:
+    """The shortest action sequence that reaches `goal` with positive probability,
+    the most probable among those.
+
+    A max-product search over actions and states (in log space, so that no path is
+    lost to underflow): `score[s, j]` is the best log-probability of reaching state
+    `j` in exactly `s` steps; the plan length is the first `s` with a finite
+    `score[s, goal]`, and backtracking gives the actions and states. Ties go to the
+    lowest action, then the lowest state, so planning is deterministic. The
+    probability is that of the transitions only (no prior over actions).
+
+    **Arguments:**
+
+    - `model`: the `CHMM`.
+    - `start`: the start state (a clone id in `[0, N)`), or a symbol id if
+        `start_is="observation"` (then the plan may start from any clone of it).
+    - `goal`: the goal state, a clone id in `[0, N)`.
+    - `max_steps`: the largest plan length searched.
+    - `start_is`: `"state"` or `"observation"`.
+
+    **Returns:**
+
+    A [`eqx_models.chmm.Plan`][]; `length` is 0 when the start is the goal.
+
+    **Raises:**
+
+    `EquinoxRuntimeError` (from `eqx.error_if`) if the goal is not reachable within
+    `max_steps` steps or an id is out of range; `ValueError` for a negative
+    `max_steps` or an unknown `start_is`.
+
+    **Example:**
+
+    ```python
+    route = plan(model, start=12, goal=40, max_steps=50)
+    route.actions[: route.length]
+    ```
+    """
+    fn = "plan"
+    if max_steps < 0:
+        raise ValueError(f"{fn}: `max_steps` must be non-negative, got {max_steps}.")
+    if start_is not in ("state", "observation"):
+        raise ValueError(
+            f"{fn}: `start_is` must be 'state' or 'observation', got {start_is!r}."
+        )
+    n_states, n_actions = model.n_states, model.n_actions
+    start, goal = jnp.asarray(start, jnp.int32), jnp.asarray(goal, jnp.int32)
+    upper = model.n_obs if start_is == "observation" else n_states
+    checks = Checks()
+    checks.add(
+        (start < 0) | (start >= upper),
+        f"{fn}: `start` must lie in [0, {upper}) for start_is={start_is!r}.",
+    )
+    checks.add(
+        (goal < 0) | (goal >= n_states),
+        f"{fn}: `goal` must be a state in [0, N) = [0, {n_states}).",
+    )
+    if start_is == "state":
+        begin = jnp.arange(n_states) == start
+    else:
+        begin = jnp.asarray(model.state_symbol) == start
+    score0 = jnp.where(begin, jnp.zeros((), model.T.dtype), -jnp.inf)
+    # Rows (action, state), flattened so that argmax breaks ties by action first.
+    log_T = safe_log(model.T).reshape(n_actions * n_states, n_states)
+
+    def step(score, _):
+        candidates = jnp.tile(score, n_actions)[:, None] + log_T
+        pointer = jnp.argmax(candidates, axis=0).astype(jnp.int32)
+        score = candidates.max(axis=0)
+        top = jnp.max(score)
+        top = jnp.where(jnp.isfinite(top), top, 0)
+        score = score - top
+        return score, (pointer, top, score[goal])
+
+    _, (pointers, tops, at_goal) = lax.scan(step, score0, None, length=max_steps)
+    reached = jnp.isfinite(jnp.concatenate([score0[goal][None], at_goal]))
+    length = jnp.argmax(reached).astype(jnp.int32)
+    checks.add(
+        ~jnp.any(reached),
+        f"{fn}: the goal cannot be reached from the start within max_steps="
+        f"{max_steps} steps (no path of positive probability).",
+    )
+    counted = jnp.arange(1, max_steps + 1) <= length
+    log_prob = (
+        pairwise_sum(jnp.where(counted, tops, 0))
+        + jnp.concatenate([jnp.zeros((1,), tops.dtype), at_goal])[length]
+    )
+
+    def back(state, inputs):
+        s, pointer = inputs
+        row = pointer[state]
+        active = s <= length
+        action = jnp.where(active, row // n_states, -1)
+        previous = jnp.where(active, row % n_states, state)
+        return previous, (action, jnp.where(s <= length, state, -1))
+
+    steps = jnp.arange(1, max_steps + 1)
+    first, (actions, states) = lax.scan(back, goal, (steps, pointers), reverse=True)
+    states = jnp.concatenate([jnp.reshape(first, (1,)), states])
+    return checks.guard(
+        Plan(actions=actions, states=states, length=length, log_prob=log_prob)
+    )

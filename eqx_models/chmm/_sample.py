@@ -1,0 +1,71 @@
+import equinox as eqx
+import jax.numpy as jnp
+import jax.random as jr
+from beartype import beartype
+from jax import lax
+from jaxtyping import Array, Int, jaxtyped, PRNGKeyArray
+
+from ._chain import safe_log
+from ._model import CHMM
+
+
+@eqx.filter_jit
+@jaxtyped(typechecker=beartype)
+def sample(
+    model: CHMM, a: Int[Array, " T"], *, key: PRNGKeyArray
+) -> tuple[Int[Array, " T"], Int[Array, " T"]]:
+    """Sample a state path and its observations given a sequence of actions.
+
+    `z[0] ~ Pi`, `z[t+1] ~ T[a[t], z[t], :]`, and `x[t]` is the symbol of clone
+    `z[t]`.
+
+    **Arguments:**
+
+    - `model`: the `CHMM`.
+    - `a`: actions, integer array of shape `(T,)`; `a[-1]` is unused.
+    - `key`: a JAX PRNG key.
+
+    **Returns:**
+
+    A tuple `(x, states)`, two int32 arrays of shape `(T,)`.
+
+    **Raises:**
+
+    `EquinoxRuntimeError` (from `eqx.error_if`) if an action is out of range or the
+    path reaches a state whose row `T[a[t], z[t], :]` is all zeros.
+
+    **Example:**
+
+    ```python
+    x, states = sample(model, a, key=jr.key(0))
+    ```
+    """
+    fn = "sample"
+    if a.shape[0] < 1:
+        raise ValueError(f"{fn}: `a` is empty.")
+    actions = a[:-1]
+    bad_actions = jnp.any((actions < 0) | (actions >= model.n_actions))
+    keys = jr.split(key, a.shape[0])
+    first = jr.categorical(keys[0], safe_log(model.Pi)).astype(jnp.int32)
+
+    def step(state, inputs):
+        k, action = inputs
+        row = model.T[action, state]
+        following = jr.categorical(k, safe_log(row)).astype(jnp.int32)
+        return following, (following, row.sum() <= 0)
+
+    _, (rest, stuck) = lax.scan(step, first, (keys[1:], actions))
+    states = jnp.concatenate([first[None], rest])
+    symbol = jnp.asarray(model.state_symbol, jnp.int32)
+    # The checks guard the outputs, so they run whenever the results are used.
+    return eqx.branched_error_if(
+        (symbol[states], states),
+        bad_actions | jnp.any(stuck),
+        jnp.where(bad_actions, 0, 1),
+        [
+            f"{fn}: actions `a[:-1]` must lie in [0, n_actions) = [0, "
+            f"{model.n_actions}).",
+            f"{fn}: the path reached a state with no transition under the given "
+            "action (a row of zeros in T).",
+        ],
+    )

@@ -1,0 +1,130 @@
+"""Sequential (`lax.scan`) forward-backward over a `Chain`.
+
+Messages are normalised at every step: the forward message `alpha[t]` is the
+filtered distribution and its normaliser `n[t]` the predictive probability of step
+`t`, so `lnL = sum(log n)` (summed pairwise). The backward pass carries
+`u[t] ∝ w[t] * beta[t]` (the evidence-weighted backward message, normalised), from
+which the smoothed marginals and the gradient of `lnL` follow:
+
+- `d[t] = alpha[t-1] @ B[t] @ u[t]`, so `xi[t] = alpha[t-1][:, None] * B[t] *
+  u[t][None, :] / d[t]` (the two-slice posterior) and `dlnL/dB[t] = xi[t] / B[t]
+  = outer(alpha[t-1], u[t]) / d[t]`;
+- `gamma[t-1] = alpha[t-1] * (B[t] @ u[t]) / d[t]`;
+- `dlnL/dpsi[t] = gamma[t]` and `dlnL/dpi0 = u[0] / (pi0 @ u[0])`.
+
+`log_likelihood` is a `jax.custom_vjp` whose backward pass is that scan: autodiff
+through a scan that slices `T` would add a full-size cotangent of `T` at every step.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float
+
+from .._misc import pairwise_sum
+from ._chain import Chain, evidence_weights, safe_divide, safe_log, window
+
+
+HIGHEST = lax.Precision.HIGHEST
+_matmul = functools.partial(jnp.matmul, precision=HIGHEST)
+
+
+def _weights(chain: Chain):
+    if chain.psi is None:
+        return None, jnp.zeros((chain.length,), chain.pi0.dtype)
+    return evidence_weights(chain.psi)
+
+
+def forward_scan(chain: Chain) -> tuple[Float[Array, "T S"], Float[Array, " T"]]:
+    """Filtered messages `[T, S]` and per-step log normalisers `[T]`."""
+    size = chain.size
+    weights, offset = _weights(chain)
+    v0 = chain.pi0 if weights is None else chain.pi0 * weights[0]
+    n0 = v0.sum()
+    alpha0 = safe_divide(v0, n0)
+
+    def step(alpha, inputs):
+        p, w = inputs
+        v = _matmul(alpha, window(chain.src, p, size))
+        if w is not None:
+            v = v * w
+        n = v.sum()
+        alpha = safe_divide(v, n)
+        return alpha, (alpha, n)
+
+    xs = (chain.pos, None if weights is None else weights[1:])
+    _, (alphas, norms) = lax.scan(step, alpha0, xs)
+    alphas = jnp.concatenate([alpha0[None], alphas])
+    norms = jnp.concatenate([n0[None], norms])
+    return alphas, safe_log(norms) + offset
+
+
+def backward_scan(
+    chain: Chain, alphas: Float[Array, "T S"], *, accumulate: bool
+) -> tuple[Float[Array, "T S"], Float[Array, "T S"], Array | None]:
+    """Backward messages `u` and smoothed marginals `gamma` (both `[T, S]`), and, if
+    `accumulate`, `dlnL/dsrc` summed over steps with compensated (Kahan) summation.
+    """
+    size = chain.size
+    weights, _ = _weights(chain)
+    u_last = chain.last if weights is None else weights[-1]
+    u_last = safe_divide(u_last, u_last.sum())
+
+    def step(carry, inputs):
+        u, sums = carry
+        p, alpha_prev, w_prev = inputs
+        block = window(chain.src, p, size)
+        beta_prev = _matmul(block, u)
+        d = jnp.sum(alpha_prev * beta_prev)
+        gamma_prev = safe_divide(alpha_prev * beta_prev, d)
+        u_prev = beta_prev if w_prev is None else beta_prev * w_prev
+        u_prev = safe_divide(u_prev, u_prev.sum())
+        if sums is not None:
+            # The running total and its compensation share one buffer, so that
+            # XLA updates the window in place (two carried buffers get copied).
+            grad = safe_divide(alpha_prev[:, None] * u[None, :], d)
+            start = (jnp.zeros((), p.dtype), p[0], p[1], p[2])
+            both = lax.dynamic_slice(sums, start, (2, 1, size, size))[:, 0]
+            old, compensation = both[0], both[1]
+            y = grad - compensation
+            new = old + y
+            update = jnp.stack([new, (new - old) - y])[:, None]
+            sums = lax.dynamic_update_slice(sums, update, start)
+        return (u_prev, sums), (u_prev, gamma_prev)
+
+    sums = jnp.zeros((2,) + chain.src.shape, chain.src.dtype) if accumulate else None
+    xs = (chain.pos, alphas[:-1], None if weights is None else weights[:-1])
+    (_, sums), (us, gammas) = lax.scan(step, (u_last, sums), xs, reverse=True)
+    us = jnp.concatenate([us, u_last[None]])
+    gammas = jnp.concatenate([gammas, alphas[-1:]])
+    return us, gammas, None if sums is None else sums[0]
+
+
+@jax.custom_vjp
+def _log_likelihood(src, pi0, psi, pos, last):
+    _, log_norms = forward_scan(Chain(src, pos, pi0, psi, last, None))
+    return pairwise_sum(log_norms)
+
+
+def _log_likelihood_fwd(src, pi0, psi, pos, last):
+    chain = Chain(src, pos, pi0, psi, last, None)
+    alphas, log_norms = forward_scan(chain)
+    return pairwise_sum(log_norms), (chain, alphas)
+
+
+def _log_likelihood_bwd(residuals, g):
+    chain, alphas = residuals
+    us, gammas, d_src = backward_scan(chain, alphas, accumulate=True)
+    d_pi0 = safe_divide(us[0], jnp.sum(chain.pi0 * us[0]))
+    d_psi = None if chain.psi is None else g * gammas
+    return g * d_src, g * d_pi0, d_psi, None, None
+
+
+_log_likelihood.defvjp(_log_likelihood_fwd, _log_likelihood_bwd)
+
+
+def scan_log_likelihood(chain: Chain) -> Float[Array, ""]:
+    """`lnL` of a chain, with a forward-backward gradient."""
+    return _log_likelihood(chain.src, chain.pi0, chain.psi, chain.pos, chain.last)

@@ -1,0 +1,247 @@
+import equinox as eqx
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+
+from eqx_models.chmm import (
+    CHMM,
+    em,
+    expected_counts,
+    learn_emissions,
+    log_likelihood,
+    viterbi_em,
+)
+
+from . import reference as ref
+from .test_inference import ACTIONS, as_model, BLOCKS, case, close, METHODS, UNEVEN
+
+
+def _reference_counts(layout, T, Pi, xs, as_):
+    return sum(
+        ref.expected_counts(T, Pi, ref.emission_weights(layout, x), a)
+        for x, a in zip(xs, as_)
+    )
+
+
+@pytest.mark.parametrize("layout", [BLOCKS, UNEVEN])
+@pytest.mark.parametrize("method", METHODS)
+def test_expected_counts_match_brute_force(x64, layout, method):
+    T, Pi, x, a = case(layout)
+    truth = ref.brute_force(T, Pi, ref.emission_weights(layout, x), a)
+    counts, lnl = expected_counts(as_model(layout, T, Pi), x, a, method=method)
+    close(counts, truth["counts"])
+    close(counts, _reference_counts(layout, T, Pi, [x], [a]))
+    close(lnl, truth["log_likelihood"])
+    close(counts.sum(), len(x) - 1)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_counts_of_batches_and_lists_are_sums(x64, method):
+    rng = np.random.default_rng(1)
+    T, Pi, _, _ = case(BLOCKS)
+    model = as_model(BLOCKS, T, Pi)
+    lengths = [5, 2, 4]
+    xs = [rng.integers(0, 3, n) for n in lengths]
+    as_ = [rng.integers(0, ACTIONS, n) for n in lengths]
+    # A placeholder in the unused last action of a sequence is accepted.
+    as_[1][-1] = -1
+    counts, lnl = expected_counts(
+        model,
+        [jnp.asarray(v) for v in xs],
+        [jnp.asarray(v) for v in as_],
+        method=method,
+    )
+    close(counts, _reference_counts(BLOCKS, T, Pi, xs, as_))
+    close(counts.sum(), sum(lengths) - len(lengths))
+    singles = [
+        ref.forward(T, Pi, ref.emission_weights(BLOCKS, x), a)[0].sum()
+        for x, a in zip(xs, as_)
+    ]
+    close(lnl, sum(singles))
+    x2 = rng.integers(0, 3, (2, 5))
+    a2 = rng.integers(0, ACTIONS, (2, 5))
+    counts2, _ = expected_counts(model, jnp.asarray(x2), jnp.asarray(a2), method=method)
+    close(counts2, _reference_counts(BLOCKS, T, Pi, x2, a2))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_em_matches_reference(x64, method):
+    rng = np.random.default_rng(2)
+    T, Pi, _, _ = case(BLOCKS)
+    xs = rng.integers(0, 3, (2, 5))
+    as_ = rng.integers(0, ACTIONS, (2, 5))
+    model, curve = em(
+        as_model(BLOCKS, T, Pi),
+        jnp.asarray(xs),
+        jnp.asarray(as_),
+        n_iter=3,
+        pseudocount=0.1,
+        method=method,
+    )
+    T_ref, expected_curve = T, []
+    for _ in range(3):
+        expected_curve.append(
+            sum(
+                ref.forward(T_ref, Pi, ref.emission_weights(BLOCKS, x), a)[0].sum()
+                for x, a in zip(xs, as_)
+            )
+        )
+        C = _reference_counts(BLOCKS, T_ref, Pi, xs, as_) + 0.1
+        T_ref = C / C.sum(-1, keepdims=True)
+    close(model.T, T_ref, 1e-10)
+    close(model.Pi, Pi)
+    close(curve[:-1], expected_curve, 1e-10)
+    close(
+        curve[-1],
+        log_likelihood(model, xs[0], as_[0]) + log_likelihood(model, xs[1], as_[1]),
+    )
+
+
+def test_em_with_zero_rows_and_no_pseudocount(x64):
+    # Clones that are never visited keep rows of zeros; no NaN appears.
+    rng = np.random.default_rng(3)
+    layout = (3, 2, 1)
+    model = CHMM.random(layout, 2, key=jax.random.key(0))
+    x = jnp.asarray(rng.integers(0, 2, 30))
+    a = jnp.asarray(rng.integers(0, 2, 30))
+    model, curve = em(model, x, a, n_iter=4)
+    assert np.all(np.isfinite(curve))
+    assert np.all(np.diff(curve) >= -1e-9)
+    sums = np.asarray(model.T.sum(-1))
+    assert np.all(np.isclose(sums, 1) | (sums == 0))
+    np.testing.assert_array_equal(model.T[:, -1], 0)
+
+
+@pytest.mark.parametrize("pseudocount", [0.0, 0.5])
+@given(seed=st.integers(0, 2**16))
+def test_em_never_decreases_its_objective(pseudocount, seed):
+    with jax.enable_x64(True):
+        T, Pi, x, a = case(BLOCKS, seed=seed)
+
+        # With a pseudocount the update is a MAP step under a Dirichlet prior:
+        # lnL + pseudocount * sum(log T) is what never decreases.
+        def prior(T):
+            return pseudocount * np.sum(np.log(T)) if pseudocount else 0.0
+
+        model = as_model(BLOCKS, T, Pi)
+        objective = []
+        for _ in range(3):
+            model, c = em(model, x, a, n_iter=1, pseudocount=pseudocount)
+            if not objective:
+                objective.append(c[0] + prior(T))
+            objective.append(c[-1] + prior(model.T))
+        assert np.all(np.diff(objective) >= -1e-9 * np.abs(objective[0]))
+
+
+def test_viterbi_em_matches_reference(x64):
+    rng = np.random.default_rng(4)
+    T, Pi, _, _ = case(BLOCKS)
+    xs = rng.integers(0, 3, (2, 5))
+    as_ = rng.integers(0, ACTIONS, (2, 5))
+    model, curve = viterbi_em(
+        as_model(BLOCKS, T, Pi),
+        jnp.asarray(xs),
+        jnp.asarray(as_),
+        n_iter=2,
+        pseudocount=0.1,
+    )
+    T_ref, expected = _hard_em_reference(T, Pi, xs, as_, 2, 0.1)
+    close(model.T, T_ref, 1e-10)
+    close(curve, expected, 1e-10)
+
+
+def _hard_em_reference(T, Pi, xs, as_, n_iter, pseudocount):
+    T_ref, curve = T, []
+    for i in range(n_iter + 1):
+        C = np.zeros_like(T)
+        total = 0.0
+        for x, a in zip(xs, as_):
+            path, best = ref.viterbi(T_ref, Pi, ref.emission_weights(BLOCKS, x), a)
+            total += best
+            for t in range(1, len(x)):
+                C[a[t - 1], path[t - 1], path[t]] += 1
+        curve.append(total)
+        if i < n_iter:
+            C = C + pseudocount
+            s = C.sum(-1, keepdims=True)
+            T_ref = np.where(s > 0, C / np.where(s > 0, s, 1), 0)
+    return T_ref, np.array(curve)
+
+
+def test_viterbi_em_on_lists_matches_reference_and_never_decreases(x64):
+    rng = np.random.default_rng(5)
+    T, Pi, _, _ = case(BLOCKS)
+    lengths = [5, 3]
+    xs = [rng.integers(0, 3, n) for n in lengths]
+    as_ = [rng.integers(0, ACTIONS, n) for n in lengths]
+    trained, curve = viterbi_em(
+        as_model(BLOCKS, T, Pi),
+        [jnp.asarray(v) for v in xs],
+        [jnp.asarray(v) for v in as_],
+        n_iter=3,
+    )
+    T_ref, expected = _hard_em_reference(T, Pi, xs, as_, 3, 0.0)
+    close(trained.T, T_ref, 1e-10)
+    close(curve, expected, 1e-10)
+    assert np.all(np.diff(curve) >= -1e-9)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_learn_emissions_matches_reference(x64, method):
+    T, Pi, x, a = case(BLOCKS, n_steps=8)
+    model = as_model(BLOCKS, T, Pi)
+    E, curve = learn_emissions(model, x, a, n_iter=2, pseudocount=0.05, method=method)
+    sym = ref.symbols(BLOCKS)
+    E_ref = (sym[:, None] == np.arange(3)[None, :]).astype(float)
+    expected = []
+    for _ in range(3):
+        e = E_ref[:, x].T
+        lnl, _, smoothed, _ = ref.posteriors(T, Pi, e, a)
+        expected.append(lnl)
+        if len(expected) < 3:
+            CE = smoothed.T @ (x[:, None] == np.arange(3)[None, :]) + 0.05
+            E_ref = CE / CE.sum(-1, keepdims=True)
+    close(E, E_ref, 1e-10)
+    close(curve, expected, 1e-10)
+    # The deterministic emission reproduces the model's own likelihood.
+    close(curve[0], log_likelihood(model, x, a))
+
+
+class TestErrors:
+    def setup_method(self):
+        self.model = CHMM((2, 1), jnp.full((2, 3, 3), 1 / 3))
+        self.ids = jnp.zeros(4, jnp.int32)
+
+    def test_arguments(self):
+        with pytest.raises(ValueError, match="em: `n_iter` must be non-negative"):
+            em(self.model, self.ids, self.ids, n_iter=-1)
+        with pytest.raises(ValueError, match="viterbi_em: `pseudocount` must be"):
+            viterbi_em(self.model, self.ids, self.ids, n_iter=1, pseudocount=-1.0)
+        with pytest.raises(ValueError, match="`method` must be 'scan' or 'parallel'"):
+            expected_counts(self.model, self.ids, self.ids, method="fast")
+
+    def test_sequences(self):
+        with pytest.raises(ValueError, match="same number of sequences"):
+            em(self.model, [self.ids, self.ids], [self.ids], n_iter=1)
+        with pytest.raises(TypeError, match="both as lists"):
+            em(self.model, [self.ids], self.ids, n_iter=1)
+        with pytest.raises(ValueError, match=r"`x` and `a` must have the same length"):
+            em(self.model, [self.ids], [self.ids[:3]], n_iter=1)
+        with pytest.raises(ValueError, match=r"shape \(T,\) or \(batch, T\)"):
+            em(
+                self.model,
+                jnp.zeros((2, 4), jnp.int32),
+                jnp.zeros((4,), jnp.int32),
+                n_iter=1,
+            )
+        with pytest.raises(eqx.EquinoxRuntimeError, match=r"lie in \[0, n_obs\)"):
+            em(self.model, jnp.full((2, 4), 5), jnp.zeros((2, 4), jnp.int32), n_iter=1)
+
+    def test_emissions(self):
+        with pytest.raises(eqx.EquinoxRuntimeError, match="every row of `emissions`"):
+            learn_emissions(
+                self.model, self.ids, self.ids, n_iter=1, emissions=jnp.ones((3, 2))
+            )
