@@ -4,6 +4,7 @@ from typing import Any, Literal, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from beartype import beartype
 from jax.core import Tracer
@@ -24,7 +25,8 @@ def soft_threshold(x: Float[Array, "*shape"], threshold: ArrayLike) -> Array:
 
     **Returns:**
 
-    An array of the shape and dtype of `x`.
+    An array of the shape and dtype of `x`. Its derivative is 1 where
+    `|x| > threshold` and 0 elsewhere.
 
     **Raises:**
 
@@ -38,12 +40,14 @@ def soft_threshold(x: Float[Array, "*shape"], threshold: ArrayLike) -> Array:
         ```
     """
     if not isinstance(threshold, Tracer):
-        if bool(jnp.any(jnp.asarray(threshold) < 0)):
+        if bool(np.any(np.asarray(threshold) < 0)):
             raise ValueError(
                 f"soft_threshold: `threshold` must be >= 0, got {threshold!r}."
             )
     threshold = jnp.asarray(threshold, x.dtype)
-    return jnp.sign(x) * jnp.maximum(jnp.abs(x) - threshold, 0)
+    # `where` rather than `maximum`: the derivative at |x| = threshold is 0 (as for a
+    # ReLU), not the 1/2 that `maximum` gives at a tie.
+    return jnp.where(jnp.abs(x) > threshold, x - jnp.sign(x) * threshold, 0)
 
 
 class OptimizeStats(NamedTuple):
