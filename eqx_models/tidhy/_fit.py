@@ -15,8 +15,41 @@ import transforms
 
 from ._inference import check_features, check_finite, InferenceConfig
 from ._model import TiDHy
-from ._optimizer import epoch_schedule, make_optimizer
-from ._training import init_learner, TrainConfig, training_loss
+from ._optimizer import epoch_schedule, optimizer_for_structure
+from ._training import init_learner, Learner, TrainConfig, training_loss
+
+
+class _Loss(eqx.Module):
+    """`training_loss` with its configurations bound; equal configurations compare
+    equal, so the compiled step is reused."""
+
+    inference: InferenceConfig
+    train: TrainConfig
+
+    def __call__(self, learner: Learner, windows, key):
+        return training_loss(
+            learner, windows, key, inference=self.inference, train=self.train
+        )
+
+
+@functools.lru_cache(maxsize=16)
+def _train_step(
+    inference: InferenceConfig,
+    train: TrainConfig,
+    structure,
+    steps_per_epoch: int,
+    n_epochs: int,
+):
+    optimizer = optimizer_for_structure(structure, train, steps_per_epoch, n_epochs)
+    step = transforms.make_train_step(
+        _Loss(inference=inference, train=train),
+        optimizer,
+        has_aux=True,
+        learning_rate=epoch_schedule(
+            train.lr_decoder, train, steps_per_epoch=steps_per_epoch, n_epochs=n_epochs
+        ),
+    )
+    return optimizer, step
 
 
 def _config_dict(config) -> dict[str, Any]:
@@ -111,18 +144,11 @@ def fit(
         lambda a: jnp.array(a, copy=True) if eqx.is_array(a) else a, model
     )
     learner = init_learner(model, data(0), inference=inference, train=train)
-    optimizer = make_optimizer(
-        learner, train, steps_per_epoch=steps_per_epoch, n_epochs=n_epochs
+    params = eqx.filter(learner, eqx.is_inexact_array)
+    optimizer, step = _train_step(
+        inference, train, jax.tree.structure(params), steps_per_epoch, n_epochs
     )
-    opt_state = optimizer.init(eqx.filter(learner, eqx.is_inexact_array))
-    step = transforms.make_train_step(
-        functools.partial(training_loss, inference=inference, train=train),
-        optimizer,
-        has_aux=True,
-        learning_rate=epoch_schedule(
-            train.lr_decoder, train, steps_per_epoch=steps_per_epoch, n_epochs=n_epochs
-        ),
-    )
+    opt_state = optimizer.init(params)
     result = transforms.fit(
         step,
         learner,

@@ -1,3 +1,4 @@
+import functools
 from collections.abc import Callable, Hashable
 
 import equinox as eqx
@@ -117,7 +118,22 @@ def make_optimizer(
             f"{steps_per_epoch} and {n_epochs}."
         )
     params = eqx.filter(learner, eqx.is_inexact_array)
-    labels = _labels(params, train)
+    return optimizer_for_structure(
+        jax.tree.structure(params), train, steps_per_epoch, n_epochs
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def optimizer_for_structure(
+    structure, train: TrainConfig, steps_per_epoch: int, n_epochs: int
+) -> optax.GradientTransformation:
+    """`make_optimizer` from the tree structure of the learner's parameters.
+
+    Cached, so that equal configurations give the same optimiser object and a
+    training step built from it is compiled once.
+    """
+    placeholder = jax.tree_util.tree_unflatten(structure, range(structure.num_leaves))
+    labels = _labels(placeholder, train)
 
     def adamw(lr):
         schedule = epoch_schedule(

@@ -226,9 +226,7 @@ def test_unrolled_gradient_matches_the_closed_form(x64):
     rng = np.random.default_rng(6)
     A = _spd(rng, 3, 4.0)
     K, lr = 25, 0.1
-    solver = scan_optimize(
-        _quadratic, optax.sgd(lr), max_steps=K, gradient="unroll"
-    )
+    solver = scan_optimize(_quadratic, optax.sgd(lr), max_steps=K, gradient="unroll")
     c = rng.normal(size=3)
 
     def loss(b):
