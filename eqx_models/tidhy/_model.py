@@ -218,20 +218,6 @@ class TiDHy(eqx.Module):
             raise ValueError(
                 f"TiDHy: `temp_weight` must be >= 0, got {self.temp_weight!r}."
             )
-        expected = (
-            (self.mix_dim, self.r_dim, 2)
-            if self.low_rank_temporal
-            else (self.mix_dim, self.r_dim * self.r_dim)
-        )
-        if self.temporal.shape != expected:
-            raise ValueError(
-                f"TiDHy: `temporal` must have shape {expected}, got "
-                f"{self.temporal.shape}."
-            )
-        if (self.temporal_bias is not None) != self.dyn_bias:
-            raise ValueError(
-                "TiDHy: `temporal_bias` must be present exactly when `dyn_bias=True`."
-            )
 
     def decode(self, r: Float[Array, " r"]) -> Float[Array, " D"]:
         """The predicted observation (mean) for one latent `r`: `W r + b` for MSE,
