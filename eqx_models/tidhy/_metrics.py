@@ -26,13 +26,8 @@ def r2_score(
 
     **Raises:**
 
-    `ValueError` if the shapes differ.
+    A `TypeError` (from the shape annotations) if the shapes differ.
     """
-    if y_true.shape != y_pred.shape:
-        raise ValueError(
-            f"r2_score: `y_true` and `y_pred` must have the same shape, got "
-            f"{y_true.shape} and {y_pred.shape}."
-        )
     y = y_true.reshape(-1, y_true.shape[-1])
     p = y_pred.reshape(-1, y_pred.shape[-1])
     residual = jnp.sum((y - p) ** 2, axis=0)
@@ -60,7 +55,8 @@ def fit_linear_dynamics(
 
     **Raises:**
 
-    `ValueError` if `mask` does not match `z` or `T < 2`.
+    `ValueError` if `T < 2`; a `TypeError` (from the shape annotations) if `mask`
+    does not match `z`.
     """
     if z.shape[-2] < 2:
         raise ValueError(
@@ -69,11 +65,6 @@ def fit_linear_dynamics(
         )
     if mask is None:
         mask = jnp.ones(z.shape[:-1], bool)
-    if mask.shape != z.shape[:-1]:
-        raise ValueError(
-            f"fit_linear_dynamics: `mask` must have shape {z.shape[:-1]}, got "
-            f"{mask.shape}."
-        )
     d = z.shape[-1]
     current = z[..., :-1, :].reshape(-1, d)
     following = z[..., 1:, :].reshape(-1, d)
@@ -84,6 +75,7 @@ def fit_linear_dynamics(
     return solution[:d].T, solution[d]
 
 
+@jaxtyped(typechecker=beartype)
 def timescales(A: Float[Array, "d d"]) -> Float[Array, " d"]:
     """The timescales `τ = 1 / |ln|λ||` of a linear map's eigenvalues, in steps,
     sorted from slowest to fastest.
@@ -98,12 +90,8 @@ def timescales(A: Float[Array, "d d"]) -> Float[Array, " d"]:
 
     **Raises:**
 
-    `ValueError` if `A` is not square.
+    A `TypeError` (from the shape annotations) if `A` is not square.
     """
-    if A.ndim != 2 or A.shape[0] != A.shape[1]:
-        raise ValueError(
-            f"timescales: `A` must be a square matrix, got shape {A.shape}."
-        )
     modulus = jnp.abs(jnp.linalg.eigvals(A))
     tau = 1.0 / jnp.abs(jnp.log(modulus))
     return -jnp.sort(-tau)
@@ -139,16 +127,12 @@ def knn_classify(
 
     **Raises:**
 
-    `ValueError` for `k` outside `[1, N]` or a feature mismatch.
+    `ValueError` for `k` outside `[1, N]`; a `TypeError` (from the shape
+    annotations) for inconsistent shapes.
     """
     if not 1 <= k <= train_x.shape[0]:
         raise ValueError(
             f"knn_classify: `k` must be in [1, {train_x.shape[0]}], got {k}."
-        )
-    if train_x.shape[1] != test_x.shape[1]:
-        raise ValueError(
-            f"knn_classify: `train_x` and `test_x` must have the same number of "
-            f"features, got {train_x.shape[1]} and {test_x.shape[1]}."
         )
     return _knn(train_x, train_y, test_x, n_classes, k, chunk)
 
