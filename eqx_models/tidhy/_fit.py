@@ -15,7 +15,7 @@ import transforms
 
 from ._inference import check_features, check_finite, InferenceConfig
 from ._model import TiDHy
-from ._optimizer import epoch_schedule, optimizer_for_structure
+from ._optimizer import epoch_schedule, optimizer_for_structure, resolved_milestones
 from ._training import init_learner, Learner, TrainConfig, training_loss
 
 
@@ -145,8 +145,11 @@ def fit(
     )
     learner = init_learner(model, data(0), inference=inference, train=train)
     params = eqx.filter(learner, eqx.is_inexact_array)
+    # With the milestones made explicit the step no longer depends on `n_epochs`, so
+    # runs of different lengths (a resumed run, say) share one compiled step.
+    train = dataclasses.replace(train, milestones=resolved_milestones(train, n_epochs))
     optimizer, step = _train_step(
-        inference, train, jax.tree.structure(params), steps_per_epoch, n_epochs
+        inference, train, jax.tree.structure(params), steps_per_epoch, 1
     )
     opt_state = optimizer.init(params)
     result = transforms.fit(

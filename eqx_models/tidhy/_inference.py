@@ -22,6 +22,11 @@ class InferenceConfig(eqx.Module):
     """Hyperparameters of the per-time-step latent inference (all static).
 
     - `lr_r`, `lr_r2`: SGD learning rates of `r` and `r2` (Nesterov momentum).
+        `None` (default) picks the mode's default: 0.2 in the reference mode (the
+        original's value, applied to the batch-mean energy, i.e. a per-window step
+        of 0.2 / B) and 0.05 in the per-window mode, where the step applies to one
+        window's energy undivided (0.2 makes the inner loop diverge for typical
+        decoders with `D = 20`; a diverging loop is reported, never silent).
     - `max_iter`: the iteration cap of every inner loop.
     - `tol`: stop when the relative changes of `r` and `r2` are both `< tol`.
     - `momentum`: the SGD momentum (0.9).
@@ -42,8 +47,8 @@ class InferenceConfig(eqx.Module):
         ([`eqx_models.tidhy.infer_first_step`][]), 0.01 as PyTorch's default.
     """
 
-    lr_r: float = eqx.field(default=0.2, static=True)
-    lr_r2: float = eqx.field(default=0.2, static=True)
+    lr_r: float | None = eqx.field(default=None, static=True)
+    lr_r2: float | None = eqx.field(default=None, static=True)
     max_iter: int = eqx.field(default=2000, static=True)
     tol: float = eqx.field(default=0.01, static=True)
     momentum: float = eqx.field(default=0.9, static=True)
@@ -59,7 +64,7 @@ class InferenceConfig(eqx.Module):
     def __check_init__(self):
         for name in ("lr_r", "lr_r2"):
             value = getattr(self, name)
-            if not value > 0:
+            if value is not None and not value > 0:
                 raise ValueError(
                     f"InferenceConfig: `{name}` must be > 0, got {value!r}."
                 )
@@ -101,15 +106,23 @@ class InferenceConfig(eqx.Module):
                 f"{self.batch_mode!r}."
             )
 
+    @property
+    def learning_rates(self) -> tuple[float, float]:
+        """The learning rates `(lr_r, lr_r2)` in use (the mode's defaults for
+        `None`)."""
+        default = 0.2 if self.batch_mode == "reference" else 0.05
+        lr_r = default if self.lr_r is None else self.lr_r
+        lr_r2 = default if self.lr_r2 is None else self.lr_r2
+        return lr_r, lr_r2
+
     def lr_r_schedule(self) -> optax.Schedule:
         """The per-iteration learning rate of `r` (an optax schedule)."""
+        lr_r = self.learning_rates[0]
         if not self.halve_lr_r:
-            return optax.constant_schedule(self.lr_r)
+            return optax.constant_schedule(lr_r)
         every = self.max_iter // 10
         milestones = range(every, self.max_iter, every)
-        return optax.piecewise_constant_schedule(
-            self.lr_r, {m: 0.5 for m in milestones}
-        )
+        return optax.piecewise_constant_schedule(lr_r, {m: 0.5 for m in milestones})
 
 
 class InferenceStats(NamedTuple):
@@ -172,7 +185,7 @@ def _step_solver(config: InferenceConfig, objective):
     optimizer = optax.multi_transform(
         {
             "r": _sgd(config.lr_r_schedule(), config.momentum),
-            "r2": _sgd(config.lr_r2, config.momentum),
+            "r2": _sgd(config.learning_rates[1], config.momentum),
         },
         ("r", "r2"),
     )
@@ -243,7 +256,7 @@ def _row_relative_change(new, old):
 def infer_first_step_impl(model: TiDHy, x, config: InferenceConfig):
     """`infer_first_step` without checks."""
     optimizer = optax.adamw(
-        config.lr_r,
+        config.learning_rates[0],
         b1=0.9,
         b2=0.999,
         eps=1e-8,

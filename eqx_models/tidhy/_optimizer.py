@@ -63,14 +63,20 @@ def _labels(params, train: TrainConfig):
     return jax.tree_util.tree_map_with_path(label, params)
 
 
+def resolved_milestones(train: TrainConfig, n_epochs: int) -> tuple[int, ...]:
+    """The milestone epochs: `train.milestones`, or the original's rule
+    `n_epochs // 5 * k` (k = 1..4) when it is `None`."""
+    if train.milestones is not None:
+        return tuple(train.milestones)
+    return tuple(n_epochs // 5 * k for k in range(1, 5) if n_epochs // 5)
+
+
 def epoch_schedule(
     learning_rate: float, train: TrainConfig, *, steps_per_epoch: int, n_epochs: int
 ) -> optax.Schedule:
     """A step-indexed schedule multiplying `learning_rate` by `gamma` at each
     milestone epoch."""
-    milestones = train.milestones
-    if milestones is None:
-        milestones = tuple(n_epochs // 5 * k for k in range(1, 5) if n_epochs // 5)
+    milestones = resolved_milestones(train, n_epochs)
     if not milestones:
         return optax.constant_schedule(learning_rate)
     return optax.piecewise_constant_schedule(
