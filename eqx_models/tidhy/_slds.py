@@ -212,45 +212,56 @@ class SwitchingLDS(eqx.Module):
         return _sample(self, n_steps, key, min_occupancy, max_attempts)
 
 
-def _switching(P, n_systems, n_steps, key):
-    k0, kt = jr.split(key)
-    s0 = jr.bernoulli(k0, 0.5, (n_systems,)).astype(jnp.int32)
+def _switching(P, uniforms):
+    """A two-state Markov chain per system from uniforms of shape (T, n_systems)."""
+    s0 = (uniforms[0] < 0.5).astype(jnp.int32)
 
-    def step(s, k):
-        stay = jr.uniform(k, (n_systems,)) < P[s, s]
-        s = jnp.where(stay, s, 1 - s)
+    def step(s, u):
+        s = jnp.where(u < P[s, s], s, 1 - s)
         return s, s
 
-    _, rest = jax.lax.scan(step, s0, jr.split(kt, n_steps - 1))
+    _, rest = jax.lax.scan(step, s0, uniforms[1:])
     return jnp.concatenate([s0[None], rest], axis=0)
 
 
 @eqx.filter_jit
 def _sample(system: SwitchingLDS, n_steps, key, min_occupancy, max_attempts):
     n_systems = system.dynamics.shape[0]
-    skey, zkey, nkey, ekey = jr.split(key, 4)
+    n_emitted = system.emissions.shape[1]
+    skey, gkey = jr.split(key)
 
     def occupancy_ok(states):
         fraction = jnp.mean(states.astype(system.dynamics.dtype), axis=0)
         return jnp.all((fraction >= min_occupancy) & (1 - fraction >= min_occupancy))
 
     def draw(attempt):
-        return _switching(
-            system.transition_matrix, n_systems, n_steps, jr.fold_in(skey, attempt)
-        )
+        uniforms = jr.uniform(jr.fold_in(skey, attempt), (n_steps, n_systems))
+        return _switching(system.transition_matrix, uniforms)
 
     def cond(carry):
         attempt, states = carry
-        return (attempt < max_attempts) & ~occupancy_ok(states)
+        return (attempt < max_attempts) & ((attempt == 0) | ~occupancy_ok(states))
 
     def body(carry):
         attempt, _ = carry
-        return attempt + 1, draw(attempt + 1)
+        return attempt + 1, draw(attempt)
 
-    _, states = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), draw(0)))
+    # Attempt 0 is drawn inside the loop too, so the chain is compiled once.
+    empty = jnp.zeros((n_steps, n_systems), jnp.int32)
+    _, states = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), empty))
 
-    z0 = jr.normal(zkey, (n_systems, 2))
-    noise = system.dynamics_noise * jr.normal(nkey, (n_steps - 1, n_systems, 2))
+    # Every Gaussian draw comes from one call (random-bit generation dominates the
+    # size of the compiled function): initial states, dynamics and emission noise.
+    sizes = (
+        n_systems * 2,
+        (n_steps - 1) * n_systems * 2,
+        n_steps * n_systems * n_emitted,
+    )
+    gauss = jr.normal(gkey, (sum(sizes),))
+    z0 = gauss[: sizes[0]].reshape(n_systems, 2)
+    noise = gauss[sizes[0] : sizes[0] + sizes[1]].reshape(n_steps - 1, n_systems, 2)
+    noise = system.dynamics_noise * noise
+    emission_noise = gauss[sizes[0] + sizes[1] :].reshape(n_steps, n_systems, n_emitted)
     systems = jnp.arange(n_systems)
 
     def step(z, inputs):
@@ -265,7 +276,7 @@ def _sample(system: SwitchingLDS, n_steps, key, min_occupancy, max_attempts):
 
     emitted = jnp.einsum("nej,tnj->tne", system.emissions, latents)
     emitted = emitted + system.emission_offsets
-    emitted = emitted + system.emission_noise * jr.normal(ekey, emitted.shape)
+    emitted = emitted + system.emission_noise * emission_noise
     shared = emitted[:, :, : system.overlap].sum(axis=1)
     private = emitted[:, :, system.overlap :].reshape(n_steps, -1)
     channels = jnp.concatenate([shared, private], axis=1)
