@@ -82,7 +82,9 @@ class TorchTiDHy(nn.Module):
             opt_r2.zero_grad()
             schedule.step()
             with torch.no_grad():
-                rho_r = torch.linalg.norm(r - old_r) / (torch.linalg.norm(old_r) + 1e-16)
+                rho_r = torch.linalg.norm(r - old_r) / (
+                    torch.linalg.norm(old_r) + 1e-16
+                )
                 rho_r2 = torch.linalg.norm(r2 - old_r2) / (
                     torch.linalg.norm(old_r2) + 1e-16
                 )
@@ -123,7 +125,9 @@ class TorchTiDHy(nn.Module):
 
 def make_optimizer(model: TorchTiDHy, lr_s=0.01, lr_t=0.01, lr_h=0.001, wd=1e-5):
     """AdamW with the original's three parameter groups."""
-    hyper = [p for m in (model.L1, model.norm, model.L3, model.L4) for p in m.parameters()]
+    hyper = [
+        p for m in (model.L1, model.norm, model.L3, model.L4) for p in m.parameters()
+    ]
     return torch.optim.AdamW(
         [
             {"params": [model.W, model.b], "lr": lr_s},

@@ -86,26 +86,35 @@ def main(argv=None):
 
     # The state at t = 1 of the training forward with first-step inference, so that
     # the timed call has a non-zero r_prev (r2 then has a gradient).
-    r_prev, _ = jax.jit(
-        lambda m, x: infer_first_step_impl(frozen(m), x, REFERENCE)
-    )(model, windows[:, 0])
+    r_prev, _ = jax.jit(lambda m, x: infer_first_step_impl(frozen(m), x, REFERENCE))(
+        model, windows[:, 0]
+    )
     r2_prev = jnp.zeros((B, model.r2_dim))
     x1 = windows[:, 1]
 
+    import _tidhy_torch as peer
     import torch
 
-    import _tidhy_torch as peer
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sync = (lambda _: torch.cuda.synchronize()) if device.type == "cuda" else (lambda _: None)
+    if device.type == "cpu":
+        # Tiny tensors: one thread is PyTorch's fastest setting (no pool overhead).
+        torch.set_num_threads(1)
+    sync = (
+        (lambda _: torch.cuda.synchronize())
+        if device.type == "cuda"
+        else (lambda _: None)
+    )
     to_torch = lambda a: torch.tensor(np.asarray(a), device=device)
     torch_model = peer.TorchTiDHy(model, device)
 
-    for name, config in (("paper stopping (tol 0.01)", REFERENCE), ("200 fixed iterations", FIXED)):
+    for name, config in (
+        ("paper stopping (tol 0.01)", REFERENCE),
+        ("200 fixed iterations", FIXED),
+    ):
         step = jax.jit(lambda m, x, a, b, c=config: infer_impl(frozen(m), x, a, b, c))
+        timing = time_jax(step, model, x1, r_prev, r2_prev, repeats=5)
         _, _, stats = step(model, x1, r_prev, r2_prev)
         n_jax = int(stats.n_iter[0])
-        timing = time_jax(step, model, x1, r_prev, r2_prev, repeats=5)
         results.add(
             workload=f"inference step, {name}",
             impl="eqx_models (while_loop)",
@@ -118,7 +127,9 @@ def main(argv=None):
 
         def run_torch(config=config):
             holder["out"] = torch_model.infer(
-                to_torch(x1), to_torch(r_prev), to_torch(r2_prev),
+                to_torch(x1),
+                to_torch(r_prev),
+                to_torch(r2_prev),
                 **_torch_inference_kwargs(config),
             )
             return holder["out"]
@@ -197,9 +208,10 @@ def main(argv=None):
         measured_s=timing["median_s"],
     )
     results.note(
-        f"PyTorch epoch: {k_torch} of {T - 1} time steps timed ({timing['median_s']:.3g} "
-        f"s) and extrapolated linearly; its mean inner iterations were "
-        f"{np.mean(holder['iters']):.1f} against {iters:.1f} for the whole JAX epoch, "
+        f"PyTorch epoch: {k_torch} of {T - 1} time steps timed "
+        f"({timing['median_s']:.3g} s) and extrapolated linearly; its mean inner "
+        f"iterations were {np.mean(holder['iters']):.1f} against {iters:.1f} for the "
+        "whole JAX epoch, "
         "so the per-iteration costs are the fairer comparison (rows above)."
     )
     results.note(
@@ -209,8 +221,8 @@ def main(argv=None):
 
     # evaluate_record over the whole test set.
     evaluate = jax.jit(lambda m, X: _evaluate(m, X, PER_WINDOW))
-    record = evaluate(model, test)
     timing = time_jax(evaluate, model, test, repeats=3)
+    record = evaluate(model, test)
     results.add(
         workload="evaluate_record, test set",
         impl="eqx_models (per-window batching)",

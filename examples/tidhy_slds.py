@@ -35,7 +35,7 @@ from eqx_models import tidhy  # noqa: E402
 
 SIZES = {
     "smoke": dict(train=1200, test=600, length=40, stride=20, epochs=2, batch=None),
-    "small": dict(train=8000, test=3000, length=60, stride=20, epochs=60, batch=64),
+    "small": dict(train=6000, test=3000, length=60, stride=20, epochs=40, batch=64),
     "paper": dict(
         train=200_000, test=50_000, length=200, stride=20, epochs=1000, batch=None
     ),
@@ -150,8 +150,10 @@ def main(argv=None):
             "state_accuracy_from_r2": round(accuracy, 3),
             "state_accuracy_from_x": None if raw is None else round(raw, 3),
             "chance": round(chance, 3),
-            "timescales_true": np.round(true, 1).tolist(),
-            "timescales_recovered": np.round(recovered, 1).tolist(),
+            "timescales_true": [[round(float(v), 1) for v in row] for row in true],
+            "timescales_recovered": [
+                [round(float(v), 1) for v in row] for row in recovered
+            ],
             "epochs": cfg["epochs"],
             "train_time_s": round(train_time, 1),
             "final_loss_hat": round(history[-1]["loss_hat"], 3),
