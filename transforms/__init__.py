@@ -13,5 +13,11 @@ from ._fit import (
     FitResult as FitResult,
     NonFiniteLossError as NonFiniteLossError,
 )
+from ._scan import (
+    OptimizeStats as OptimizeStats,
+    scan_optimize as scan_optimize,
+    ScanOptimizer as ScanOptimizer,
+    soft_threshold as soft_threshold,
+)
 from ._sharding import replicate as replicate, shard_batch as shard_batch
 from ._train_step import make_train_step as make_train_step, TrainStep as TrainStep

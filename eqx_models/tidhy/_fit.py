@@ -1,0 +1,176 @@
+import dataclasses
+import functools
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from beartype import beartype
+from jaxtyping import Array, Float, jaxtyped
+
+import transforms
+
+from ._inference import check_features, check_finite, InferenceConfig
+from ._model import TiDHy
+from ._optimizer import epoch_schedule, optimizer_for_structure, resolved_milestones
+from ._training import init_learner, Learner, TrainConfig, training_loss
+
+
+class _Loss(eqx.Module):
+    """`training_loss` with its configurations bound; equal configurations compare
+    equal, so the compiled step is reused."""
+
+    inference: InferenceConfig
+    train: TrainConfig
+
+    def __call__(self, learner: Learner, windows, key):
+        return training_loss(
+            learner, windows, key, inference=self.inference, train=self.train
+        )
+
+
+@functools.lru_cache(maxsize=16)
+def _train_step(
+    inference: InferenceConfig,
+    train: TrainConfig,
+    structure,
+    steps_per_epoch: int,
+    n_epochs: int,
+):
+    optimizer = optimizer_for_structure(structure, train, steps_per_epoch, n_epochs)
+    step = transforms.make_train_step(
+        _Loss(inference=inference, train=train),
+        optimizer,
+        has_aux=True,
+        learning_rate=epoch_schedule(
+            train.lr_decoder, train, steps_per_epoch=steps_per_epoch, n_epochs=n_epochs
+        ),
+    )
+    return optimizer, step
+
+
+def _config_dict(config) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+@jaxtyped(typechecker=beartype)
+def fit(
+    model: TiDHy,
+    windows: Float[Array, "N T D"],
+    *,
+    n_epochs: int,
+    inference: InferenceConfig = InferenceConfig(),
+    train: TrainConfig = TrainConfig(),
+    batch_size: int | None = None,
+    key=None,
+    eval_fn: Callable[[TiDHy], Mapping[str, Any]] | None = None,
+    eval_every: int = 0,
+    checkpoint_path: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    progress: bool = True,
+) -> transforms.FitResult:
+    """Train a TiDHy model with the library's training step, loop and checkpoints.
+
+    Builds a [`eqx_models.tidhy.Learner`][] (recording GradNorm's initial losses on
+    the first batch), the optimiser of [`eqx_models.tidhy.make_optimizer`][], a step
+    from [`transforms.make_train_step`][] on [`eqx_models.tidhy.training_loss`][], and
+    runs [`transforms.fit`][]. An epoch is one pass over the windows: one full-batch
+    step when `batch_size` is `None` (the original's setting for the synthetic
+    data), else `N // batch_size` steps over a permutation drawn per epoch from
+    `key` (a function of the step index, so a resumed run sees the same batches).
+
+    Training stops with [`transforms.NonFiniteLossError`][], naming the step and
+    keeping the last good checkpoint, as soon as the loss or `latent_max_abs` is not
+    finite: a diverging inner loop is never trained on.
+
+    **Arguments:**
+
+    - `model`: the initial [`eqx_models.tidhy.TiDHy`][] (not modified; its arrays
+        are copied before the step donates them).
+    - `windows`: training windows, shape `(N, T, D)`, e.g. from
+        [`eqx_models.tidhy.stack_windows`][].
+    - `n_epochs`: the number of epochs.
+    - `inference`, `train`: the configurations.
+    - `batch_size`: windows per step, or `None` for full-batch epochs.
+    - `key`: PRNG key for the batch permutations (default `jr.key(0)`).
+    - `eval_fn`: `eval_fn(model) -> dict` of scalars, every `eval_every` steps.
+    - `checkpoint_path`, `checkpoint_every`, `resume`: as in [`transforms.fit`][];
+        the checkpoint holds the learner (model and GradNorm state), the optimiser
+        state and the configurations as metadata.
+    - `progress`: show a progress bar.
+
+    **Returns:**
+
+    A [`transforms.FitResult`][] whose `model` is the trained TiDHy (the optimiser
+    state is that of the learner) and whose `history` holds the metrics of every
+    step (see [`eqx_models.tidhy.training_loss`][]).
+
+    **Raises:**
+
+    `ValueError` for windows that do not match the model, are shorter than 2 steps
+    or not finite, or a `batch_size` outside `[1, N]`;
+    [`transforms.NonFiniteLossError`][] as above.
+    """
+    check_features("fit", "windows", windows, model)
+    n, length, _ = windows.shape
+    if length < 2:
+        raise ValueError(
+            "fit: `windows` must hold at least 2 time steps, got shape "
+            f"{windows.shape}."
+        )
+    if isinstance(n_epochs, bool) or n_epochs < 1:
+        raise ValueError(f"fit: `n_epochs` must be >= 1, got {n_epochs!r}.")
+    if batch_size is not None and not 1 <= batch_size <= n:
+        raise ValueError(
+            f"fit: `batch_size` must be in [1, {n}] (the number of windows) or None, "
+            f"got {batch_size!r}."
+        )
+    windows = check_finite("fit", "windows", windows)
+    key = jr.key(0) if key is None else key
+    steps_per_epoch = 1 if batch_size is None else n // batch_size
+
+    def data(i: int):
+        if batch_size is None:
+            return windows
+        epoch, position = divmod(i, steps_per_epoch)
+        order = jr.permutation(jr.fold_in(key, epoch), n)
+        return windows[order[position * batch_size : (position + 1) * batch_size]]
+
+    model = jax.tree.map(
+        lambda a: jnp.array(a, copy=True) if eqx.is_array(a) else a, model
+    )
+    learner = init_learner(model, data(0), inference=inference, train=train)
+    params = eqx.filter(learner, eqx.is_inexact_array)
+    # With the milestones made explicit the step no longer depends on `n_epochs`, so
+    # runs of different lengths (a resumed run, say) share one compiled step.
+    train = dataclasses.replace(train, milestones=resolved_milestones(train, n_epochs))
+    optimizer, step = _train_step(
+        inference, train, jax.tree.structure(params), steps_per_epoch, 1
+    )
+    opt_state = optimizer.init(params)
+    result = transforms.fit(
+        step,
+        learner,
+        opt_state,
+        data,
+        n_steps=n_epochs * steps_per_epoch,
+        key=key,
+        eval_fn=None if eval_fn is None else (lambda learner: eval_fn(learner.model)),
+        eval_every=eval_every,
+        checkpoint_path=checkpoint_path,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        metadata={
+            "model": "TiDHy",
+            "inference": _config_dict(inference),
+            "train": _config_dict(train),
+            "batch_size": batch_size,
+        },
+        finite_metrics=("loss", "latent_max_abs"),
+        progress=progress,
+    )
+    return result._replace(model=result.model.model)

@@ -1,0 +1,416 @@
+from typing import Literal, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from beartype import beartype
+from jax.core import Tracer
+from jaxtyping import Array, Bool, Float, Int, jaxtyped
+
+from transforms import scan_optimize, soft_threshold
+
+from ._functional import l1
+from ._model import TiDHy
+
+
+BatchMode = Literal["per_window", "reference"]
+_BATCH_MODES = ("per_window", "reference")
+
+
+class InferenceConfig(eqx.Module):
+    """Hyperparameters of the per-time-step latent inference (all static).
+
+    - `lr_r`, `lr_r2`: SGD learning rates of `r` and `r2` (Nesterov momentum).
+        `None` (default) picks the mode's default: 0.2 in the reference mode (the
+        original's value, applied to the batch-mean energy, i.e. a per-window step
+        of 0.2 / B) and 0.05 in the per-window mode, where the step applies to one
+        window's energy undivided (0.2 makes the inner loop diverge for typical
+        decoders with `D = 20`; a diverging loop is reported, never silent).
+    - `max_iter`: the iteration cap of every inner loop.
+    - `tol`: stop when the relative changes of `r` and `r2` are both `< tol`.
+    - `momentum`: the SGD momentum (0.9).
+    - `halve_lr_r`: halve the learning rate of `r` at every tenth of `max_iter`
+        (iterations `max_iter // 10`, `2 * (max_iter // 10)`, ... below `max_iter`),
+        as the original does; needs `max_iter >= 10`. `r2` keeps `lr_r2`.
+    - `lmda_r`, `lmda_r2`: soft thresholds applied after every update (fixed, not
+        scaled by the learning rate).
+    - `l1_r`, `l1_r2`, `l1_w`: L1 penalties on `r`, `r2` and the mixture weights in
+        the inference energy (summed over windows in the reference mode).
+    - `batch_mode`: `"per_window"` (default): every window minimises its own energy
+        with step `lr` and stops on its own (the computation is a `vmap` over
+        windows). `"reference"`: the original's semantics: one energy, the **mean**
+        over the batch, so each window's effective step is `lr / B`, and the loop
+        stops when the relative changes measured over the whole batch (Frobenius
+        norms) are below `tol`. With one window both modes are identical.
+    - `first_step_weight_decay`: AdamW weight decay of the first-step inference
+        ([`eqx_models.tidhy.infer_first_step`][]), 0.01 as PyTorch's default.
+    """
+
+    lr_r: float | None = eqx.field(default=None, static=True)
+    lr_r2: float | None = eqx.field(default=None, static=True)
+    max_iter: int = eqx.field(default=2000, static=True)
+    tol: float = eqx.field(default=0.01, static=True)
+    momentum: float = eqx.field(default=0.9, static=True)
+    halve_lr_r: bool = eqx.field(default=True, static=True)
+    lmda_r: float = eqx.field(default=0.0, static=True)
+    lmda_r2: float = eqx.field(default=0.0, static=True)
+    l1_r: float = eqx.field(default=0.0, static=True)
+    l1_r2: float = eqx.field(default=0.0, static=True)
+    l1_w: float = eqx.field(default=0.0, static=True)
+    batch_mode: str = eqx.field(default="per_window", static=True)
+    first_step_weight_decay: float = eqx.field(default=0.01, static=True)
+
+    def __check_init__(self):
+        for name in ("lr_r", "lr_r2"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(
+                    f"InferenceConfig: `{name}` must be > 0, got {value!r}."
+                )
+        for name in (
+            "tol",
+            "lmda_r",
+            "lmda_r2",
+            "l1_r",
+            "l1_r2",
+            "l1_w",
+            "first_step_weight_decay",
+        ):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(
+                    f"InferenceConfig: `{name}` must be >= 0, got {value!r}."
+                )
+        if not 0 <= self.momentum < 1:
+            raise ValueError(
+                f"InferenceConfig: `momentum` must be in [0, 1), got {self.momentum!r}."
+            )
+        if (
+            isinstance(self.max_iter, bool)
+            or not isinstance(self.max_iter, int)
+            or self.max_iter < 1
+        ):
+            raise ValueError(
+                "InferenceConfig: `max_iter` must be a positive integer, got "
+                f"{self.max_iter!r}."
+            )
+        if self.halve_lr_r and self.max_iter < 10:
+            raise ValueError(
+                "InferenceConfig: `max_iter` must be >= 10 with the halving schedule "
+                f"on `lr_r` (`halve_lr_r=True`), got {self.max_iter}."
+            )
+        if self.batch_mode not in _BATCH_MODES:
+            raise ValueError(
+                f"InferenceConfig: `batch_mode` must be one of {_BATCH_MODES}, got "
+                f"{self.batch_mode!r}."
+            )
+
+    @property
+    def learning_rates(self) -> tuple[float, float]:
+        """The learning rates `(lr_r, lr_r2)` in use (the mode's defaults for
+        `None`)."""
+        default = 0.2 if self.batch_mode == "reference" else 0.05
+        lr_r = default if self.lr_r is None else self.lr_r
+        lr_r2 = default if self.lr_r2 is None else self.lr_r2
+        return lr_r, lr_r2
+
+    def lr_r_schedule(self) -> optax.Schedule:
+        """The per-iteration learning rate of `r` (an optax schedule)."""
+        lr_r = self.learning_rates[0]
+        if not self.halve_lr_r:
+            return optax.constant_schedule(lr_r)
+        every = self.max_iter // 10
+        milestones = range(every, self.max_iter, every)
+        return optax.piecewise_constant_schedule(lr_r, {m: 0.5 for m in milestones})
+
+
+class InferenceStats(NamedTuple):
+    """Diagnostics of one inference call, one entry per window.
+
+    - `n_iter`: iterations used (in the reference mode the same for every window).
+    - `converged`: whether the tolerance test passed before `max_iter`.
+    - `rel_change`: the last iteration's relative change (the larger of `r`'s and
+        `r2`'s).
+    - `energy`: the energy the loop minimised, at the solution (in the reference
+        mode the batch energy, repeated for every window).
+    - `finite`: whether the latents are finite. A diverging loop stops at the first
+        non-finite iterate with `finite=False`.
+    """
+
+    n_iter: Int[Array, " B"]
+    converged: Bool[Array, " B"]
+    rel_change: Float[Array, " B"]
+    energy: Float[Array, " B"]
+    finite: Bool[Array, " B"]
+
+
+def _sgd(learning_rate, momentum: float) -> optax.GradientTransformation:
+    return optax.sgd(learning_rate, momentum=momentum or None, nesterov=momentum > 0)
+
+
+def _window_energy(latents, model: TiDHy, x, basis, config: InferenceConfig):
+    """The energy of one window split into its smooth part and its L1 part."""
+    r, r2 = latents
+    spatial = jnp.sum(model.spatial_loss(r, x))
+    r_bar = model.predict_from_basis(basis, r2)
+    temporal = jnp.sum((r - r_bar) ** 2)
+    smooth = spatial + model.temp_weight * temporal
+    penalty = jnp.zeros((), smooth.dtype)
+    if config.l1_w:
+        w, _ = model.mixture(r2)
+        penalty = penalty + config.l1_w * l1(w)
+    if config.l1_r2:
+        penalty = penalty + config.l1_r2 * l1(r2)
+    if config.l1_r:
+        penalty = penalty + config.l1_r * l1(r)
+    return smooth, penalty
+
+
+def _per_window_energy(latents, model, x, basis, config):
+    smooth, penalty = _window_energy(latents, model, x, basis, config)
+    return smooth + penalty
+
+
+def _batch_energy(latents, model, x, basis, config):
+    # The original's objective: smooth terms averaged over the batch, L1 terms
+    # summed over it.
+    smooth, penalty = jax.vmap(
+        lambda r, r2, x, b: _window_energy((r, r2), model, x, b, config)
+    )(latents[0], latents[1], x, basis)
+    return jnp.mean(smooth) + jnp.sum(penalty)
+
+
+def _step_solver(config: InferenceConfig, objective):
+    optimizer = optax.multi_transform(
+        {
+            "r": _sgd(config.lr_r_schedule(), config.momentum),
+            "r2": _sgd(config.learning_rates[1], config.momentum),
+        },
+        ("r", "r2"),
+    )
+
+    def shrink(latents):
+        r, r2 = latents
+        return soft_threshold(r, config.lmda_r), soft_threshold(r2, config.lmda_r2)
+
+    # A zero threshold is the identity: skip it rather than compute it.
+    prox = shrink if config.lmda_r or config.lmda_r2 else None
+    return scan_optimize(
+        objective,
+        optimizer,
+        max_steps=config.max_iter,
+        tol=config.tol,
+        prox=prox,
+        eps=1e-16,
+    )
+
+
+def _broadcast_stats(stats, n: int) -> InferenceStats:
+    return InferenceStats(
+        n_iter=jnp.broadcast_to(stats.n_steps, (n,)),
+        converged=jnp.broadcast_to(stats.converged, (n,)),
+        rel_change=jnp.broadcast_to(stats.rel_change, (n,)),
+        energy=jnp.broadcast_to(stats.objective, (n,)),
+        finite=jnp.broadcast_to(stats.finite, (n,)),
+    )
+
+
+def infer_impl(model: TiDHy, x, r_prev, r2_prev, config: InferenceConfig):
+    """`infer` without checks, on stopped-gradient inputs; used inside scans."""
+    basis = jax.vmap(model.basis_predictions)(r_prev)
+    r0 = jnp.zeros_like(r_prev)
+    if config.batch_mode == "reference":
+        solver = _step_solver(config, _batch_energy)
+        (r, r2), stats = solver((r0, r2_prev), model, x, basis, config)
+        return r, r2, _broadcast_stats(stats, x.shape[0])
+    solver = _step_solver(config, _per_window_energy)
+    (r, r2), stats = jax.vmap(
+        lambda r0, r2_0, x, b: solver((r0, r2_0), model, x, b, config)
+    )(r0, r2_prev, x, basis)
+    return (
+        r,
+        r2,
+        InferenceStats(
+            n_iter=stats.n_steps,
+            converged=stats.converged,
+            rel_change=stats.rel_change,
+            energy=stats.objective,
+            finite=stats.finite,
+        ),
+    )
+
+
+def _first_window_energy(r, model: TiDHy, x):
+    return jnp.sum(model.spatial_loss(r, x))
+
+
+def _first_batch_energy(r, model: TiDHy, x):
+    return jnp.mean(jax.vmap(lambda r, x: _first_window_energy(r, model, x))(r, x))
+
+
+def _row_relative_change(new, old):
+    return jnp.linalg.norm(new - old, axis=-1) / (jnp.linalg.norm(old, axis=-1) + 1e-16)
+
+
+def infer_first_step_impl(model: TiDHy, x, config: InferenceConfig):
+    """`infer_first_step` without checks."""
+    optimizer = optax.adamw(
+        config.learning_rates[0],
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=config.first_step_weight_decay,
+    )
+    r0 = jnp.zeros((x.shape[0], model.r_dim), x.dtype)
+    if config.batch_mode == "reference":
+        solver = scan_optimize(
+            _first_batch_energy,
+            optimizer,
+            max_steps=config.max_iter,
+            tol=config.tol,
+            relative_change=_row_relative_change,
+        )
+        r, stats = solver(r0, model, x)
+        return r, _broadcast_stats(stats, x.shape[0])
+    solver = scan_optimize(
+        _first_window_energy, optimizer, max_steps=config.max_iter, tol=config.tol
+    )
+    r, stats = jax.vmap(lambda r0, x: solver(r0, model, x))(r0, x)
+    return r, InferenceStats(
+        n_iter=stats.n_steps,
+        converged=stats.converged,
+        rel_change=stats.rel_change,
+        energy=stats.objective,
+        finite=stats.finite,
+    )
+
+
+def frozen(model: TiDHy) -> TiDHy:
+    """The model with gradients stopped on every parameter (θ is fixed in inference)."""
+    return jax.tree.map(
+        lambda a: jax.lax.stop_gradient(a) if eqx.is_inexact_array(a) else a, model
+    )
+
+
+def check_finite(name: str, argument: str, x: Array) -> Array:
+    """Raise on non-finite entries: a `ValueError` for concrete arrays, a runtime
+    error (`eqx.error_if`) inside `jit`."""
+    if isinstance(x, Tracer):
+        return eqx.error_if(
+            x,
+            ~jnp.all(jnp.isfinite(x)),
+            f"{name}: `{argument}` contains non-finite values (NaN or inf).",
+        )
+    if not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError(
+            f"{name}: `{argument}` contains non-finite values (NaN or inf)."
+        )
+    return x
+
+
+def check_features(name: str, argument: str, x: Array, model: TiDHy) -> None:
+    """Raise a `ValueError` unless the last axis of `x` is the model's `input_dim`."""
+    if x.shape[-1] != model.input_dim:
+        raise ValueError(
+            f"{name}: `{argument}` must have feature dimension {model.input_dim} "
+            f"(the model's input_dim), got shape {x.shape}."
+        )
+
+
+@eqx.filter_jit
+def _infer_jit(model, x, r_prev, r2_prev, config):
+    return infer_impl(frozen(model), x, r_prev, r2_prev, config)
+
+
+@eqx.filter_jit
+def _infer_first_step_jit(model, x, config):
+    return infer_first_step_impl(frozen(model), x, config)
+
+
+@jaxtyped(typechecker=beartype)
+def infer(
+    model: TiDHy,
+    x: Float[Array, "B D"],
+    r_prev: Float[Array, "B r"],
+    r2_prev: Float[Array, "B r2"],
+    config: InferenceConfig = InferenceConfig(),
+) -> tuple[Float[Array, "B r"], Float[Array, "B r2"], InferenceStats]:
+    """Infer the latents of one time step `t >= 1` for a batch of windows.
+
+    Minimises over `(r, r2)`, with θ fixed, the energy
+
+    `E = ℓ(W r + b, x_t) + temp_weight ||r - V(w(r2)) r_prev||² + l1_w |w|₁ +
+    l1_r2 |r2|₁ + l1_r |r|₁`
+
+    by SGD with Nesterov momentum on both latents (`r` restarts at 0, `r2` starts
+    from `r2_prev`), the halving schedule on `lr_r`, the soft thresholds after every
+    update, and the relative-change stopping rule of `config` (see
+    [`eqx_models.tidhy.InferenceConfig`][] for the two batching semantics). The loop
+    is compiled (`lax.while_loop`; a `vmap` of it in the per-window mode). The
+    outputs carry no gradient.
+
+    **Arguments:**
+
+    - `model`: the [`eqx_models.tidhy.TiDHy`][] model.
+    - `x`: the observations at time `t`, shape `(B, D)`.
+    - `r_prev`: the latents at `t - 1`, shape `(B, r_dim)`.
+    - `r2_prev`: the slow latents at `t - 1` (the warm start), shape `(B, r2_dim)`.
+    - `config`: an [`eqx_models.tidhy.InferenceConfig`][].
+
+    **Returns:**
+
+    `(r, r2, stats)`: the latents, shapes `(B, r_dim)` and `(B, r2_dim)`, and an
+    [`eqx_models.tidhy.InferenceStats`][].
+
+    **Raises:**
+
+    `ValueError` if a dimension does not match the model or `x` is not finite.
+    """
+    check_features("infer", "x", x, model)
+    if r_prev.shape != (x.shape[0], model.r_dim):
+        raise ValueError(
+            f"infer: `r_prev` must have shape {(x.shape[0], model.r_dim)}, got "
+            f"{r_prev.shape}."
+        )
+    if r2_prev.shape != (x.shape[0], model.r2_dim):
+        raise ValueError(
+            f"infer: `r2_prev` must have shape {(x.shape[0], model.r2_dim)}, got "
+            f"{r2_prev.shape}."
+        )
+    x = check_finite("infer", "x", x)
+    return _infer_jit(model, x, r_prev, r2_prev, config)
+
+
+@jaxtyped(typechecker=beartype)
+def infer_first_step(
+    model: TiDHy,
+    x: Float[Array, "B D"],
+    config: InferenceConfig = InferenceConfig(),
+) -> tuple[Float[Array, "B r"], InferenceStats]:
+    """Infer the latent `r_0` of the first time step (no temporal prior).
+
+    Minimises the spatial loss `ℓ(W r + b, x_0)` over `r` alone, from `r = 0`, with
+    AdamW (learning rate `lr_r`, betas 0.9/0.999, eps 1e-8, weight decay
+    `first_step_weight_decay`), stopping when every window's relative change is
+    below `tol` (per-window norms; in the reference mode the objective is the batch
+    mean and all windows stop together) or at `max_iter`.
+
+    **Arguments:**
+
+    - `model`: the [`eqx_models.tidhy.TiDHy`][] model.
+    - `x`: the first observations, shape `(B, D)`.
+    - `config`: an [`eqx_models.tidhy.InferenceConfig`][].
+
+    **Returns:**
+
+    `(r, stats)`: `r` of shape `(B, r_dim)` and an
+    [`eqx_models.tidhy.InferenceStats`][].
+
+    **Raises:**
+
+    `ValueError` if `x` does not match the model or is not finite.
+    """
+    check_features("infer_first_step", "x", x, model)
+    x = check_finite("infer_first_step", "x", x)
+    return _infer_first_step_jit(model, x, config)

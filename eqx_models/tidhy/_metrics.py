@@ -1,0 +1,197 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from beartype import beartype
+from jaxtyping import Array, Bool, Float, Int, jaxtyped, PRNGKeyArray
+
+
+@jaxtyped(typechecker=beartype)
+def r2_score(
+    y_true: Float[Array, "*batch D"], y_pred: Float[Array, "*batch D"]
+) -> Float[Array, ""]:
+    """The coefficient of determination, averaged uniformly over features.
+
+    All leading axes are samples: per feature `1 - Σ(y - ŷ)² / Σ(y - ȳ)²`, then the
+    mean over the `D` features (scikit-learn's `uniform_average`).
+
+    **Arguments:**
+
+    - `y_true`, `y_pred`: arrays of the same shape `(..., D)`.
+
+    **Returns:**
+
+    A scalar (1 is perfect; 0 is the per-feature mean; it can be negative).
+
+    **Raises:**
+
+    A `TypeError` (from the shape annotations) if the shapes differ.
+    """
+    y = y_true.reshape(-1, y_true.shape[-1])
+    p = y_pred.reshape(-1, y_pred.shape[-1])
+    residual = jnp.sum((y - p) ** 2, axis=0)
+    total = jnp.sum((y - jnp.mean(y, axis=0)) ** 2, axis=0)
+    return jnp.mean(1 - residual / total)
+
+
+@jaxtyped(typechecker=beartype)
+def fit_linear_dynamics(
+    z: Float[Array, "*seq T d"], mask: Bool[Array, "*seq T"] | None = None
+) -> tuple[Float[Array, "d d"], Float[Array, " d"]]:
+    """Least-squares linear dynamics `z_{t+1} ≈ A z_t + c`.
+
+    Uses every transition `t -> t + 1` inside each sequence (leading axes are
+    independent sequences, e.g. windows) with both ends selected by `mask`.
+
+    **Arguments:**
+
+    - `z`: states, shape `(..., T, d)`.
+    - `mask`: which steps to use, shape `(..., T)`; all by default.
+
+    **Returns:**
+
+    `(A, c)` of shapes `(d, d)` and `(d,)`.
+
+    **Raises:**
+
+    `ValueError` if `T < 2`; a `TypeError` (from the shape annotations) if `mask`
+    does not match `z`.
+    """
+    if z.shape[-2] < 2:
+        raise ValueError(
+            "fit_linear_dynamics: `z` needs at least 2 time steps, got shape "
+            f"{z.shape}."
+        )
+    if mask is None:
+        mask = jnp.ones(z.shape[:-1], bool)
+    d = z.shape[-1]
+    current = z[..., :-1, :].reshape(-1, d)
+    following = z[..., 1:, :].reshape(-1, d)
+    weight = (mask[..., :-1] & mask[..., 1:]).reshape(-1).astype(z.dtype)
+    design = jnp.concatenate([current, jnp.ones_like(current[:, :1])], axis=1)
+    root = jnp.sqrt(weight)[:, None]
+    solution, *_ = jnp.linalg.lstsq(root * design, root * following)
+    return solution[:d].T, solution[d]
+
+
+@jaxtyped(typechecker=beartype)
+def timescales(A: Float[Array, "d d"]) -> Float[Array, " d"]:
+    """The timescales `τ = 1 / |ln|λ||` of a linear map's eigenvalues, in steps,
+    sorted from slowest to fastest.
+
+    **Arguments:**
+
+    - `A`: a square matrix (e.g. from [`eqx_models.tidhy.fit_linear_dynamics`][]).
+
+    **Returns:**
+
+    The `d` timescales, descending (`inf` for `|λ| = 1`).
+
+    **Raises:**
+
+    A `TypeError` (from the shape annotations) if `A` is not square.
+    """
+    modulus = jnp.abs(jnp.linalg.eigvals(A))
+    tau = 1.0 / jnp.abs(jnp.log(modulus))
+    return -jnp.sort(-tau)
+
+
+@jaxtyped(typechecker=beartype)
+def knn_classify(
+    train_x: Float[Array, "N F"],
+    train_y: Int[Array, " N"],
+    test_x: Float[Array, "M F"],
+    *,
+    n_classes: int,
+    k: int = 3,
+    chunk: int = 1024,
+) -> Int[Array, " M"]:
+    """k-nearest-neighbour classification (Euclidean, majority vote).
+
+    Ties in the vote go to the smallest label (as scikit-learn's
+    `KNeighborsClassifier`). Test points are processed `chunk` at a time so memory
+    stays `O(chunk N)`.
+
+    **Arguments:**
+
+    - `train_x`, `train_y`: reference points and their labels in `[0, n_classes)`.
+    - `test_x`: points to classify.
+    - `n_classes`: the number of labels.
+    - `k`: the number of neighbours (at most `N`).
+    - `chunk`: test points per batch of distance computations.
+
+    **Returns:**
+
+    The predicted labels, shape `(M,)`.
+
+    **Raises:**
+
+    `ValueError` for `k` outside `[1, N]`; a `TypeError` (from the shape
+    annotations) for inconsistent shapes.
+    """
+    if not 1 <= k <= train_x.shape[0]:
+        raise ValueError(
+            f"knn_classify: `k` must be in [1, {train_x.shape[0]}], got {k}."
+        )
+    return _knn(train_x, train_y, test_x, n_classes, k, chunk)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _knn(train_x, train_y, test_x, n_classes, k, chunk):
+    train_sq = jnp.sum(train_x**2, axis=1)
+
+    def classify(point):
+        distance = train_sq - 2 * train_x @ point
+        _, index = jax.lax.top_k(-distance, k)
+        votes = jnp.sum(jax.nn.one_hot(train_y[index], n_classes), axis=0)
+        return jnp.argmax(votes)
+
+    return jax.lax.map(classify, test_x, batch_size=chunk).astype(jnp.int32)
+
+
+@jaxtyped(typechecker=beartype)
+def state_decoding_accuracy(
+    features: Float[Array, "N F"],
+    labels: Int[Array, " N"],
+    *,
+    key: PRNGKeyArray,
+    n_classes: int,
+    k: int = 3,
+    train_fraction: float = 0.75,
+) -> Float[Array, ""]:
+    """Accuracy of decoding discrete states from features with a k-NN classifier.
+
+    Splits the samples at random (`train_fraction` to fit, the rest to test, as the
+    paper's 75/25 split) and returns the test accuracy of
+    [`eqx_models.tidhy.knn_classify`][].
+
+    **Arguments:**
+
+    - `features`: one feature vector per sample (e.g. `r2` per time step).
+    - `labels`: the true discrete state of every sample, in `[0, n_classes)`.
+    - `key`: PRNG key for the split.
+    - `n_classes`, `k`: as in `knn_classify`.
+    - `train_fraction`: the fraction used as reference points.
+
+    **Returns:**
+
+    The accuracy on the held-out samples, a scalar in [0, 1].
+
+    **Raises:**
+
+    `ValueError` if the split leaves either side empty.
+    """
+    n = features.shape[0]
+    n_train = int(round(train_fraction * n))
+    if not 1 <= n_train < n:
+        raise ValueError(
+            f"state_decoding_accuracy: `train_fraction`={train_fraction} of {n} "
+            "samples leaves an empty training or test set."
+        )
+    order = jr.permutation(key, n)
+    train, test = order[:n_train], order[n_train:]
+    predicted = knn_classify(
+        features[train], labels[train], features[test], n_classes=n_classes, k=k
+    )
+    return jnp.mean((predicted == labels[test]).astype(features.dtype))

@@ -1,0 +1,287 @@
+from typing import Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Float, PRNGKeyArray
+
+
+LossType = Literal["mse", "poisson", "bce"]
+_LOSS_TYPES = ("mse", "poisson", "bce")
+
+
+def _xavier_normal(key: PRNGKeyArray, shape: tuple[int, int]) -> Array:
+    """Normal with variance `2 / (fan_in + fan_out)` (PyTorch's `xavier_normal_`)."""
+    std = (2.0 / (shape[0] + shape[1])) ** 0.5
+    return std * jr.normal(key, shape)
+
+
+def _orthogonal(key: PRNGKeyArray, rows: int, cols: int) -> Array:
+    """A `rows x cols` matrix with orthonormal rows (or columns, if taller)."""
+    big, small = max(rows, cols), min(rows, cols)
+    q, r = jnp.linalg.qr(jr.normal(key, (big, small)))
+    q = q * jnp.sign(jnp.diagonal(r))[None, :]
+    return q.T if rows < cols else q
+
+
+def _linear(in_size: int, out_size: int, *, use_bias: bool, key) -> eqx.nn.Linear:
+    """A linear layer with a Xavier-normal weight; the bias keeps PyTorch's default
+    `U(-1/sqrt(in), 1/sqrt(in))` initialisation (which `eqx.nn.Linear` also uses)."""
+    wkey, lkey = jr.split(key)
+    layer = eqx.nn.Linear(in_size, out_size, use_bias=use_bias, key=lkey)
+    weight = _xavier_normal(wkey, (out_size, in_size))
+    return eqx.tree_at(lambda l: l.weight, layer, weight)
+
+
+def _check_dim(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"TiDHy: `{name}` must be a positive integer, got {value!r}.")
+
+
+class SpatialDecoder(eqx.Module):
+    """The map from the latent `r` to the observation's natural parameter.
+
+    Linear (`W r + b`, the default) or nonlinear: `Linear(r -> H)`, `LayerNorm(H)`,
+    ELU, `Linear(H -> H)`, `Linear(H -> D)`. `linear_in` is the first layer in both
+    cases (its weight is the `W` that renormalisation and the decoder regularisers
+    act on).
+    """
+
+    linear_in: eqx.nn.Linear
+    norm: eqx.nn.LayerNorm | None
+    linear_hidden: eqx.nn.Linear | None
+    linear_out: eqx.nn.Linear | None
+
+    def __call__(self, r: Float[Array, " r"]) -> Float[Array, " D"]:
+        """The decoder output (before the observation link) for one latent `r`."""
+        z = self.linear_in(r)
+        if (
+            self.norm is not None
+            and self.linear_hidden is not None
+            and self.linear_out is not None
+        ):
+            z = self.linear_out(self.linear_hidden(jax.nn.elu(self.norm(z))))
+        return z
+
+
+class HyperNetwork(eqx.Module):
+    """The map from the slow latent `r2` to the non-negative mixture weights.
+
+    `w = ReLU(linear_out(linear_hidden(ELU(LayerNorm(linear_in(r2))))))`. The two
+    last layers follow each other without a nonlinearity (as in the original), and the
+    final ReLU lets weights be exactly 0: when all of them are, the dynamics are dead
+    (the training metrics report it).
+    """
+
+    linear_in: eqx.nn.Linear
+    norm: eqx.nn.LayerNorm
+    linear_hidden: eqx.nn.Linear
+    linear_out: eqx.nn.Linear
+
+    def __call__(self, r2: Float[Array, " r2"]) -> Float[Array, " out"]:
+        """The ReLU output for one `r2`: `mix_dim` weights (then `r_dim` bias gains
+        with `dyn_bias`)."""
+        h = jax.nn.elu(self.norm(self.linear_in(r2)))
+        return jax.nn.relu(self.linear_out(self.linear_hidden(h)))
+
+
+class TiDHy(eqx.Module):
+    """Timescale demixing via hypernetworks: a sparse-coding dynamical model.
+
+    The observation `x_t` (dimension `D`) is explained by a latent `r_t` (dimension
+    `r_dim`) through the spatial decoder, `x_t ≈ W r_t + b`, and `r_t` evolves by a
+    mixture of `mix_dim` linear dynamics whose weights come from a slower latent
+    `r2_t` (dimension `r2_dim`) through the hypernetwork:
+
+    `r̄_t = (Σ_k w_k(r2_t) V_k) r_{t-1}`, with `V_k` the `r_dim x r_dim` matrix held in
+    row `k` of `temporal` (row-major), or `V_k = U_k U_kᵀ` with `U_k` of shape
+    `(r_dim, 2)` when `low_rank_temporal=True`. With `dyn_bias=True` the hypernetwork
+    also outputs `r_dim` non-negative gains `g` and `r̄_t` gains `g ⊙ temporal_bias`.
+
+    The latents are not parameters: they are inferred at every time step by an inner
+    optimisation ([`eqx_models.tidhy.infer`][]). This module holds the parameters θ
+    and acts on one time step of one window; batch with `jax.vmap`.
+
+    Observation losses (summed over features), on the decoder output `z`:
+    `"mse"`: `(z - x)²`; `"poisson"`: `exp(z) - x z` (`z` is the log rate); `"bce"`:
+    `softplus(z) - x z` (`z` is the logit, `x` in [0, 1]).
+    """
+
+    decoder: SpatialDecoder
+    temporal: Float[Array, "mix rr"] | Float[Array, "mix r 2"]
+    hypernet: HyperNetwork
+    temporal_bias: Float[Array, " r"] | None
+    input_dim: int = eqx.field(static=True)
+    r_dim: int = eqx.field(static=True)
+    r2_dim: int = eqx.field(static=True)
+    mix_dim: int = eqx.field(static=True)
+    hyper_hid_dim: int = eqx.field(static=True)
+    loss_type: str = eqx.field(static=True)
+    temp_weight: float = eqx.field(static=True)
+    low_rank_temporal: bool = eqx.field(static=True)
+    dyn_bias: bool = eqx.field(static=True)
+    nonlinear_decoder: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        input_dim: int,
+        *,
+        r_dim: int = 10,
+        r2_dim: int = 5,
+        mix_dim: int = 15,
+        hyper_hid_dim: int = 50,
+        loss_type: LossType = "mse",
+        temp_weight: float = 2.0,
+        low_rank_temporal: bool = False,
+        dyn_bias: bool = False,
+        nonlinear_decoder: bool = False,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `input_dim`: the observation dimension `D`.
+        - `r_dim`, `r2_dim`, `mix_dim`, `hyper_hid_dim`: the sizes of `r`, `r2`, the
+            number of dynamics matrices, and the hypernetwork's (and nonlinear
+            decoder's) hidden width.
+        - `loss_type`: `"mse"` (default), `"poisson"` or `"bce"`.
+        - `temp_weight`: the weight of the temporal term `||r_t - r̄_t||²`, both in
+            the inference energy and in the training loss.
+        - `low_rank_temporal`: use `V_k = U_k U_kᵀ` with `U_k` of shape `(r_dim, 2)`.
+        - `dyn_bias`: add the hypernetwork-gated bias `g ⊙ temporal_bias` to `r̄`.
+        - `nonlinear_decoder`: use the MLP decoder instead of `W r + b`.
+        - `key`: a PRNG key for the initialisation (Xavier-normal weight matrices,
+            orthonormal rows for `temporal`, PyTorch's default uniform biases).
+
+        **Raises:**
+
+        `ValueError` for a non-positive size, an unknown `loss_type` or a negative
+        `temp_weight`.
+        """
+        for name, value in (
+            ("input_dim", input_dim),
+            ("r_dim", r_dim),
+            ("r2_dim", r2_dim),
+            ("mix_dim", mix_dim),
+            ("hyper_hid_dim", hyper_hid_dim),
+        ):
+            _check_dim(name, value)
+        dkey, tkey, hkey, bkey = jr.split(key, 4)
+        d1, d2, d3 = jr.split(dkey, 3)
+        if nonlinear_decoder:
+            self.decoder = SpatialDecoder(
+                linear_in=_linear(r_dim, hyper_hid_dim, use_bias=True, key=d1),
+                norm=eqx.nn.LayerNorm(hyper_hid_dim, eps=1e-5),
+                linear_hidden=eqx.nn.Linear(hyper_hid_dim, hyper_hid_dim, key=d2),
+                linear_out=eqx.nn.Linear(hyper_hid_dim, input_dim, key=d3),
+            )
+        else:
+            self.decoder = SpatialDecoder(
+                linear_in=_linear(r_dim, input_dim, use_bias=True, key=d1),
+                norm=None,
+                linear_hidden=None,
+                linear_out=None,
+            )
+        if low_rank_temporal:
+            self.temporal = _orthogonal(tkey, mix_dim, 2 * r_dim).reshape(
+                mix_dim, r_dim, 2
+            )
+        else:
+            self.temporal = _orthogonal(tkey, mix_dim, r_dim * r_dim)
+        h1, h2, h3 = jr.split(hkey, 3)
+        out = mix_dim + r_dim if dyn_bias else mix_dim
+        self.hypernet = HyperNetwork(
+            linear_in=_linear(r2_dim, hyper_hid_dim, use_bias=True, key=h1),
+            norm=eqx.nn.LayerNorm(hyper_hid_dim, eps=1e-5),
+            linear_hidden=_linear(hyper_hid_dim, hyper_hid_dim, use_bias=True, key=h2),
+            linear_out=_linear(hyper_hid_dim, out, use_bias=not dyn_bias, key=h3),
+        )
+        self.temporal_bias = _xavier_normal(bkey, (1, r_dim))[0] if dyn_bias else None
+        self.input_dim = input_dim
+        self.r_dim = r_dim
+        self.r2_dim = r2_dim
+        self.mix_dim = mix_dim
+        self.hyper_hid_dim = hyper_hid_dim
+        self.loss_type = loss_type
+        self.temp_weight = float(temp_weight)
+        self.low_rank_temporal = low_rank_temporal
+        self.dyn_bias = dyn_bias
+        self.nonlinear_decoder = nonlinear_decoder
+
+    def __check_init__(self):
+        if self.loss_type not in _LOSS_TYPES:
+            raise ValueError(
+                f"TiDHy: `loss_type` must be one of {_LOSS_TYPES}, got "
+                f"{self.loss_type!r}."
+            )
+        if not self.temp_weight >= 0:
+            raise ValueError(
+                f"TiDHy: `temp_weight` must be >= 0, got {self.temp_weight!r}."
+            )
+
+    def decode(self, r: Float[Array, " r"]) -> Float[Array, " D"]:
+        """The predicted observation (mean) for one latent `r`: `W r + b` for MSE,
+        `exp(W r + b)` for Poisson, `sigmoid(W r + b)` for BCE."""
+        z = self.decoder(r)
+        if self.loss_type == "poisson":
+            return jnp.exp(z)
+        if self.loss_type == "bce":
+            return jax.nn.sigmoid(z)
+        return z
+
+    def spatial_loss(
+        self, r: Float[Array, " r"], x: Float[Array, " D"]
+    ) -> Float[Array, " D"]:
+        """The per-feature observation loss of `x` given the latent `r`."""
+        z = self.decoder(r)
+        if self.loss_type == "poisson":
+            return jnp.exp(z) - x * z
+        if self.loss_type == "bce":
+            return jax.nn.softplus(z) - x * z
+        return (z - x) ** 2
+
+    def mixture(
+        self, r2: Float[Array, " r2"]
+    ) -> tuple[Float[Array, " mix"], Float[Array, " r"] | None]:
+        """The mixture weights `w(r2)` (non-negative), and the bias gains `g(r2)`
+        with `dyn_bias` (else `None`)."""
+        out = self.hypernet(r2)
+        if self.dyn_bias:
+            return out[: self.mix_dim], out[self.mix_dim :]
+        return out, None
+
+    def transition_matrices(self) -> Float[Array, "mix r r"]:
+        """The `mix_dim` dynamics matrices `V_k`, stacked."""
+        if self.low_rank_temporal:
+            return jnp.einsum("kia,kja->kij", self.temporal, self.temporal)
+        return self.temporal.reshape(self.mix_dim, self.r_dim, self.r_dim)
+
+    def transition(self, r2: Float[Array, " r2"]) -> Float[Array, "r r"]:
+        """The mixed dynamics matrix `V(r2) = Σ_k w_k(r2) V_k`."""
+        w, _ = self.mixture(r2)
+        return jnp.tensordot(w, self.transition_matrices(), axes=1)
+
+    def basis_predictions(self, r_prev: Float[Array, " r"]) -> Float[Array, "mix r"]:
+        """`V_k r_prev` for every `k`: the prediction is their `w`-weighted sum, so
+        this is computed once per time step, outside the inner loop."""
+        if self.low_rank_temporal:
+            coefficients = jnp.einsum("kja,j->ka", self.temporal, r_prev)
+            return jnp.einsum("kia,ka->ki", self.temporal, coefficients)
+        return self.transition_matrices() @ r_prev
+
+    def predict_from_basis(
+        self, basis: Float[Array, "mix r"], r2: Float[Array, " r2"]
+    ) -> Float[Array, " r"]:
+        """`r̄ = Σ_k w_k(r2) basis_k (+ g(r2) ⊙ temporal_bias)`, with `basis` from
+        [`eqx_models.tidhy.TiDHy.basis_predictions`][]."""
+        w, gains = self.mixture(r2)
+        r_bar = w @ basis
+        if gains is not None and self.temporal_bias is not None:
+            r_bar = r_bar + gains * self.temporal_bias
+        return r_bar
+
+    def predict(
+        self, r_prev: Float[Array, " r"], r2: Float[Array, " r2"]
+    ) -> Float[Array, " r"]:
+        """The dynamics prediction `r̄ = V(r2) r_prev` (plus the gated bias)."""
+        return self.predict_from_basis(self.basis_predictions(r_prev), r2)

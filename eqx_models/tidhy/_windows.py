@@ -1,0 +1,56 @@
+import jax.numpy as jnp
+from beartype import beartype
+from jaxtyping import Array, Float, jaxtyped
+
+
+@jaxtyped(typechecker=beartype)
+def stack_windows(
+    x: Float[Array, "T D"] | Float[Array, "S T D"], length: int, stride: int
+) -> Float[Array, "N length D"]:
+    """Cut a record into windows of `length` steps whose starts are `stride` apart.
+
+    Windows start at `0, stride, 2 stride, ...` and every window that fits entirely
+    is kept, the last exactly-fitting one included (the original's 2-D branch
+    dropped it). A stride below `length` makes windows overlap (the paper used
+    `stride = length // 10` for the synthetic data).
+
+    **Arguments:**
+
+    - `x`: one record of shape `(T, D)`, or several of shape `(S, T, D)` (windows of
+        each record, record by record).
+    - `length`: steps per window, at least 2.
+    - `stride`: steps between window starts, at least 1.
+
+    **Returns:**
+
+    An array of shape `(N, length, D)` with `N = S (T - length) // stride + S`.
+
+    **Raises:**
+
+    `ValueError` if `length < 2`, `stride < 1` or `T < length`.
+
+    !!! example
+
+        ```python
+        windows = stack_windows(x, length=200, stride=20)  # x: (T, D)
+        ```
+    """
+    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+        raise ValueError(
+            f"stack_windows: `length` must be an integer >= 2, got {length!r}."
+        )
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(
+            f"stack_windows: `stride` must be an integer >= 1, got {stride!r}."
+        )
+    records = x[None] if x.ndim == 2 else x
+    n_steps = records.shape[1]
+    if n_steps < length:
+        raise ValueError(
+            f"stack_windows: the record has {n_steps} steps, fewer than `length`="
+            f"{length}."
+        )
+    starts = jnp.arange(0, n_steps - length + 1, stride)
+    index = starts[:, None] + jnp.arange(length)[None, :]
+    windows = records[:, index]
+    return windows.reshape(-1, length, records.shape[-1])

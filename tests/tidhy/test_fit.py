@@ -1,0 +1,143 @@
+import dataclasses
+
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+import pytest
+
+import transforms
+from eqx_models import tidhy
+
+
+# One system with a slow and a fast regime, observed in 6 dimensions; a TiDHy with a
+# 2-D latent. The temporal weight is low so that the inferred latent follows the
+# data closely (the least-squares timescales are read from it).
+SYSTEM = dict(
+    n_systems=1, log_decay=(-0.02, -0.4), frequency=(0.01, 0.06), obs_dim=6, overlap=0
+)
+INFERENCE = tidhy.InferenceConfig(lr_r=0.05, lr_r2=0.05, max_iter=100, tol=0.002)
+TRAIN = tidhy.TrainConfig(grad_norm=True, milestones=(60,))
+EPOCHS = 100
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    system = tidhy.SwitchingLDS(key=jr.key(0), **SYSTEM)
+    windows = tidhy.stack_windows(
+        system.sample(1500, key=jr.key(1)).observations, 30, 15
+    )
+    model = tidhy.TiDHy(
+        6,
+        r_dim=2,
+        r2_dim=2,
+        mix_dim=4,
+        hyper_hid_dim=8,
+        temp_weight=0.1,
+        key=jr.key(3),
+    )
+    path = tmp_path_factory.mktemp("tidhy") / "run.ckpt"
+    result = tidhy.fit(
+        model,
+        windows,
+        n_epochs=EPOCHS,
+        inference=INFERENCE,
+        train=TRAIN,
+        checkpoint_path=path,
+        checkpoint_every=25,
+        progress=False,
+    )
+    return system, windows, model, result, path
+
+
+@pytest.mark.slow
+def test_training_reduces_the_loss_and_recovers_the_timescales(trained):
+    system, _, model, result, _ = trained
+    history = result.history
+    assert len(history) == EPOCHS
+    for name in ("loss", "loss_hat", "loss_bar"):
+        assert history[-1][name] < 0.7 * history[0][name], name
+    for name in ("gradnorm_w_hat", "inference_iters_mean", "inference_converged"):
+        assert name in history[-1]
+    assert history[-1]["dead_hypernet"] < 0.05
+    assert sum(history[-1][f"gradnorm_w_{n}"] for n in ("hat", "bar", "temp")) == (
+        pytest.approx(3.0, rel=1e-5)
+    )
+    test = system.sample(600, key=jr.key(2))
+    windows = tidhy.stack_windows(test.observations, 30, 30)
+    states = tidhy.stack_windows(test.states.astype(jnp.float32), 30, 30)[..., 0]
+    record = tidhy.evaluate_record(result.model, windows, INFERENCE)
+    before = tidhy.evaluate_record(model, windows, INFERENCE)
+    fitted = float(tidhy.r2_score(windows, record.x_hat))
+    assert fitted > 0.8 and fitted > float(tidhy.r2_score(windows, before.x_hat)) + 0.3
+    # The one-step-ahead prediction (made with r2 of the previous step) explains
+    # most of the variance too.
+    assert float(tidhy.r2_score(windows[:, 1:], record.x_bar[:, 1:])) > 0.5
+    # Least-squares dynamics of the inferred latent in each true regime recover the
+    # generating eigenvalue modulus |λ| = exp(-1/τ) within 0.03 (τ itself is
+    # ill-conditioned for the slow regime: |λ| = 0.982 gives τ = 56 and 0.97 gives
+    # 33), and the slow regime stays more than 5 times slower than the fast one.
+    true = np.asarray(system.timescales[0])
+    recovered = []
+    for k in range(2):
+        A, _ = tidhy.fit_linear_dynamics(record.r, states == k)
+        recovered.append(float(tidhy.timescales(A)[0]))
+    np.testing.assert_allclose(
+        np.exp(-1 / np.array(recovered)), np.exp(-1 / true), atol=0.03
+    )
+    assert recovered[0] > 5 * recovered[1]
+
+
+@pytest.mark.slow
+def test_gradnorm_state_and_checkpoints(trained):
+    _, _, _, result, path = trained
+    # Every part of the optimiser, the GradNorm weights' AdamW included, kept its
+    # state through the run: its step count is the number of steps.
+    counts = optax.tree_utils.tree_get_all_with_path(result.opt_state, "count")
+    assert counts and all(int(c) == EPOCHS for _, c in counts)
+    header = transforms.read_checkpoint_metadata(path)
+    assert header["step"] == EPOCHS
+    assert header["metadata"]["inference"]["tol"] == INFERENCE.tol
+    assert header["metadata"]["train"]["grad_norm"] is True
+
+
+@pytest.mark.slow
+def test_a_diverging_inner_loop_stops_training_and_keeps_the_checkpoint(trained):
+    _, windows, model, _, path = trained
+    before = path.read_bytes()
+    # Resume the run with an unstable inner-loop step size (the checkpoint holds the
+    # parameters and optimiser state, not the inference configuration): its first
+    # step diverges inside the inner loop.
+    unstable = dataclasses.replace(INFERENCE, lr_r=50.0, lr_r2=50.0)
+    with pytest.raises(
+        transforms.NonFiniteLossError, match=f"at step {EPOCHS}"
+    ) as info:
+        tidhy.fit(
+            model,
+            windows,
+            n_epochs=EPOCHS + 5,
+            inference=unstable,
+            train=TRAIN,
+            checkpoint_path=path,
+            checkpoint_every=25,
+            resume=True,
+            progress=False,
+        )
+    assert not np.isfinite(info.value.metrics["latent_max_abs"])
+    assert info.value.checkpoint_step == EPOCHS
+    assert path.read_bytes() == before
+
+
+def test_fit_rejects_bad_arguments():
+    model = tidhy.TiDHy(4, r_dim=2, r2_dim=2, mix_dim=2, hyper_hid_dim=4, key=jr.key(0))
+    windows = jnp.ones((6, 5, 4))
+    with pytest.raises(ValueError, match="fit: `windows` must have feature dimension"):
+        tidhy.fit(model, jnp.ones((6, 5, 3)), n_epochs=1)
+    with pytest.raises(ValueError, match="fit: `windows` must hold at least 2"):
+        tidhy.fit(model, jnp.ones((6, 1, 4)), n_epochs=1)
+    with pytest.raises(ValueError, match="fit: `n_epochs` must be >= 1"):
+        tidhy.fit(model, windows, n_epochs=0)
+    with pytest.raises(ValueError, match="fit: `batch_size` must be in"):
+        tidhy.fit(model, windows, n_epochs=1, batch_size=7)
+    with pytest.raises(ValueError, match="fit: `windows` contains non-finite"):
+        tidhy.fit(model, windows.at[0, 0, 0].set(jnp.nan), n_epochs=1)
