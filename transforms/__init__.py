@@ -13,5 +13,19 @@ from ._fit import (
     FitResult as FitResult,
     NonFiniteLossError as NonFiniteLossError,
 )
+from ._ghost_plan import GhostLeaf as GhostLeaf, GhostPlan as GhostPlan
+from ._grad_dot import (
+    grad_dot_products as grad_dot_products,
+    GradDotProducts as GradDotProducts,
+)
+from ._grad_norms import (
+    per_sample_grad_norms as per_sample_grad_norms,
+    PerSampleGradNorms as PerSampleGradNorms,
+)
+from ._per_sample import (
+    GhostFallbackWarning as GhostFallbackWarning,
+    per_sample_grads as per_sample_grads,
+    PerSampleGrads as PerSampleGrads,
+)
 from ._sharding import replicate as replicate, shard_batch as shard_batch
 from ._train_step import make_train_step as make_train_step, TrainStep as TrainStep
