@@ -1,5 +1,14 @@
 """Higher-order functions for Equinox models: training steps, loops, checkpoints."""
 
+from ._attribution import (
+    AttributionStep as AttributionStep,
+    in_run_shapley as in_run_shapley,
+    InRunShapley as InRunShapley,
+    make_attribution_step as make_attribution_step,
+    shapley_values as shapley_values,
+    ShapleyState as ShapleyState,
+    to_original_scaling as to_original_scaling,
+)
 from ._checkpoint import (
     Checkpoint as Checkpoint,
     CheckpointError as CheckpointError,

@@ -32,7 +32,7 @@ def check_choice(name: str, arg: str, value: Any, choices: tuple[str, ...]) -> N
         raise ValueError(f"{name}: `{arg}` must be one of {choices}, got {value!r}.")
 
 
-def _as_batch(name: str, arg: str, batch: Any) -> tuple:
+def as_batch(name: str, arg: str, batch: Any) -> tuple:
     if not isinstance(batch, (tuple, list)):
         raise TypeError(
             f"{name}: `{arg}` must be a tuple of arrays with a leading batch axis "
@@ -112,7 +112,7 @@ class Setup:
         )
 
     def check_val(self, arg: str, val) -> tuple:
-        val = _as_batch(self.name, arg, val)
+        val = as_batch(self.name, arg, val)
         if len(val) != len(self.batch) or any(
             v.shape[1:] != t.shape[1:] or v.dtype != t.dtype
             for v, t in zip(val, self.batch)
@@ -137,7 +137,7 @@ def setup(name: str, loss_fn: Callable, model: Any, batch: Any, arg="batch") -> 
         )
     paths = [jax.tree_util.keystr(path) for path, _ in flat]
     leaves = [leaf for _, leaf in flat]
-    batch = _as_batch(name, arg, batch)
+    batch = as_batch(name, arg, batch)
 
     def per_example(leaves, *example):
         model = eqx.combine(jax.tree.unflatten(treedef, leaves), static)
