@@ -138,11 +138,11 @@ class GPT(eqx.Module):
     def __init__(
         self,
         key,
-        vocab=11,
-        dim=8,
+        vocab=7,
+        dim=4,
         n_heads=2,
-        n_layers=2,
-        length=6,
+        n_layers=1,
+        length=5,
         tied=False,
         scan=False,
         dtype=None,
@@ -185,7 +185,7 @@ def lm_loss(model, tokens):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, tokens[1:]))
 
 
-def lm_batch(key, n, length=7, vocab=11):
+def lm_batch(key, n, length=5, vocab=7):
     return (jr.randint(key, (n, length), 0, vocab),)
 
 
@@ -207,3 +207,39 @@ class ElementwiseScale(eqx.Module):
 def elementwise_batch(key, n, dtype=jnp.float32):
     kx, ky = jr.split(key)
     return jr.normal(kx, (n, 2, 3), dtype), jr.normal(ky, (n, 2), dtype)
+
+
+# name -> (model, loss, batch maker); every case is exact under all methods.
+def make_case(name: str, dtype=jnp.float64, n_train=3, n_val=2):
+    """`(model, loss_fn, train_batch, val_batch)` for one of the shared test models."""
+    key = jr.key(0)
+    if name == "mlp":
+        model, loss = mlp(key, dtype), regression_loss
+        make = lambda k, n: regression_batch(k, n, dtype)
+    elif name == "conv":
+        model, loss = ConvNet(key, dtype), classification_loss
+        make = lambda k, n: conv_batch(k, n, dtype)
+    elif name == "embedding_layernorm":
+        model, loss = BagOfWords(key, dtype=dtype), classification_loss
+        make = token_batch
+    elif name == "gpt":
+        model, loss = GPT(key, dtype=dtype), lm_loss
+        make = lm_batch
+    elif name == "gpt_scan":
+        model, loss = GPT(key, scan=True, n_layers=2, dtype=dtype), lm_loss
+        make = lm_batch
+    elif name == "gpt_tied_scan":
+        model, loss = GPT(key, tied=True, scan=True, n_layers=2, dtype=dtype), lm_loss
+        make = lm_batch
+    elif name == "gpt_tied":
+        model, loss = GPT(key, tied=True, dtype=dtype), lm_loss
+        make = lm_batch
+    elif name == "elementwise":
+        model, loss = ElementwiseScale(key, dtype), regression_loss
+        make = lambda k, n: elementwise_batch(k, n, dtype)
+    else:
+        raise KeyError(name)
+    return model, loss, make(jr.key(1), n_train), make(jr.key(2), n_val)
+
+
+CASES = ["mlp", "conv", "embedding_layernorm", "gpt_scan", "gpt_tied"]
