@@ -161,8 +161,16 @@ class GPT(eqx.Module):
         self.scan = scan
 
     def __call__(self, tokens):
-        T = tokens.shape[0]
-        h = jax.vmap(self.embed)(tokens) + jax.vmap(self.pos)(jnp.arange(T))
+        h = self.hidden(jax.vmap(self.embed)(tokens))
+        if self.tied:
+            return h @ self.embed.weight.T
+        assert self.head is not None
+        return jax.vmap(self.head)(h)
+
+    def hidden(self, embedded):
+        """Final hidden states from the token embeddings `embedded` (`[T, dim]`)."""
+        T = embedded.shape[0]
+        h = embedded + jax.vmap(self.pos)(jnp.arange(T))
         if self.scan:
             params, static = eqx.partition(self.blocks, eqx.is_array)
 
@@ -173,11 +181,7 @@ class GPT(eqx.Module):
         else:
             for block in self.blocks:
                 h = block(h)
-        h = jax.vmap(self.ln_f)(h)
-        if self.tied:
-            return h @ self.embed.weight.T
-        assert self.head is not None
-        return jax.vmap(self.head)(h)
+        return jax.vmap(self.ln_f)(h)
 
 
 def lm_loss(model, tokens):
