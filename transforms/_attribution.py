@@ -269,9 +269,9 @@ def in_run_shapley(n_train: int, dtype: Any = jnp.float32) -> InRunShapley:
 
     def update(
         state: ShapleyState,
-        indices: Int[ArrayLike, " batch"],
-        dots: Float[ArrayLike, " batch"],
-        learning_rate: Float[ArrayLike, ""] | float,
+        indices: ArrayLike,
+        dots: ArrayLike,
+        learning_rate: ArrayLike,
     ) -> ShapleyState:
         indices = jnp.asarray(indices)
         dots = jnp.asarray(dots)

@@ -83,9 +83,9 @@ class Setup:
     def size(self) -> int:
         return self.batch[0].shape[0]
 
-    def example(self, batch=None) -> tuple:
-        batch = self.batch if batch is None else batch
-        return tuple(x[0] for x in batch)
+    def example(self) -> tuple:
+        """Shapes and dtypes of one example (no slicing: the batch may be sharded)."""
+        return tuple(jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for x in self.batch)
 
     def unflatten(self, leaves: list) -> PyTree:
         return jax.tree.unflatten(self.treedef, leaves)
@@ -143,7 +143,8 @@ def setup(name: str, loss_fn: Callable, model: Any, batch: Any, arg="batch") -> 
         model = eqx.combine(jax.tree.unflatten(treedef, leaves), static)
         return loss_fn(model, *example)
 
-    out = jax.eval_shape(per_example, leaves, *(x[0] for x in batch))
+    example = [jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for x in batch]
+    out = jax.eval_shape(per_example, leaves, *example)
     if (
         not isinstance(out, jax.ShapeDtypeStruct)
         or out.shape != ()
