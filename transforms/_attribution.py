@@ -235,12 +235,14 @@ class InRunShapley(NamedTuple):
 def in_run_shapley(n_train: int, dtype: Any = jnp.float32) -> InRunShapley:
     """Accumulate first-order In-Run Data Shapley values over a training run.
 
-    Example `i`'s value is `Σ_t -η_t · dot_t[i]` over the steps `t` whose training
+    Example `i`'s value is `Σ_t η_t · dot_t[i]` over the steps `t` whose training
     batch contained it, with `η_t` the learning rate and `dot_t[i] = <∇θ l_i, ḡ_val>`
-    from an [`transforms.AttributionStep`][]: the first-order change of the validation
-    loss due to example `i`'s share of the update `-η_t/B Σ_i ∇θ l_i`, up to the
-    factor `1/B` (use the same batch size throughout, or divide by it yourself). A
-    negative value means the example increased the validation loss.
+    from an [`transforms.AttributionStep`][]. To first order, the step
+    `-η_t/B Σ_i ∇θ l_i` lowers the validation loss by `η_t/B Σ_i dot_t[i]`: the value
+    is example `i`'s share of that decrease (times the batch size `B`, the same for
+    every example when `B` is fixed). Helpful examples get positive values; examples
+    whose gradients pull against the validation loss (mislabelled ones) get negative
+    values. The change of the validation loss itself is `-value / B`.
 
     **Arguments:**
 
@@ -252,7 +254,7 @@ def in_run_shapley(n_train: int, dtype: Any = jnp.float32) -> InRunShapley:
 
     An [`transforms.InRunShapley`][] `(init, update)`: `init()` returns a
     [`transforms.ShapleyState`][]; `update(state, indices, dots, learning_rate)`
-    adds `-learning_rate * dots[j]` to example `indices[j]` (an index appearing twice
+    adds `learning_rate * dots[j]` to example `indices[j]` (an index appearing twice
     in one batch gets both contributions) and counts the visits.
 
     **Raises:**
@@ -287,7 +289,7 @@ def in_run_shapley(n_train: int, dtype: Any = jnp.float32) -> InRunShapley:
         step = (
             jnp.zeros(n_train, dtype)
             .at[indices]
-            .add((-jnp.asarray(learning_rate) * dots).astype(dtype))
+            .add((jnp.asarray(learning_rate) * dots).astype(dtype))
         )
         # Neumaier's compensated sum, elementwise over the examples.
         total = state.values + step

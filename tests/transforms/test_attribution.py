@@ -120,7 +120,7 @@ def test_in_run_shapley_matches_a_loop():
         lr = float(rng.uniform(0.01, 0.1))
         state = update(state, idx, dots, lr)
         for i, d in zip(idx, dots):
-            expected[i] -= lr * d
+            expected[i] += lr * d
             counts[i] += 1
     np.testing.assert_allclose(shapley_values(state), expected, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(state.counts, counts)
@@ -131,9 +131,9 @@ def test_in_run_shapley_sums_are_compensated():
     shapley = in_run_shapley(1)
 
     def body(state, _):
-        return shapley.update(state, jnp.zeros(1, int), jnp.full(1, -1e-4), 1.0), None
+        return shapley.update(state, jnp.zeros(1, int), jnp.full(1, 1e-4), 1.0), None
 
-    start = shapley.update(shapley.init(), jnp.zeros(1, int), jnp.full(1, -1.0), 1.0)
+    start = shapley.update(shapley.init(), jnp.zeros(1, int), jnp.full(1, 1.0), 1.0)
     state, _ = jax.lax.scan(body, start, None, length=10_000)
     np.testing.assert_allclose(float(shapley_values(state)[0]), 2.0, rtol=1e-6)
     plain = jax.lax.scan(
