@@ -63,7 +63,7 @@ def load_from_equinox(model: GPT, eqx_model) -> None:
 
     def put(param, array):
         with torch.no_grad():
-            param.copy_(torch.from_numpy(np.asarray(array, dtype=np.float32)))
+            param.copy_(torch.from_numpy(np.array(array, dtype=np.float32)))
 
     put(model.wte.weight, eqx_model.wte.weight)
     put(model.wpe.weight, eqx_model.wpe.weight)
@@ -92,7 +92,7 @@ def per_sample_norms(model: GPT, compute_dtype: torch.dtype):
 
     def norms(tokens):
         grads = per_example(params, tokens)
-        squares = sum(g.float().pow(2).flatten(1).sum(1) for g in grads.values())
-        return squares.sqrt()
+        squares = [g.float().pow(2).flatten(1).sum(1) for g in grads.values()]
+        return torch.stack(squares).sum(0).sqrt()
 
     return norms

@@ -1,7 +1,7 @@
-"""Ghost engines on a GPT: cost of attribution and per-sample norms against a plain step.
+"""Ghost engines on a GPT: attribution and per-sample norms against a plain step.
 
-Usage: `python benchmarks/ghost.py [--size tiny|gpt2] [--no-torch]`. The default size is
-`gpt2` on a GPU (GPT-2 small: 124M parameters with the head tied to the token
+Usage: `python benchmarks/ghost.py [--size tiny|gpt2] [--no-torch]`. The default size
+is `gpt2` on a GPU (GPT-2 small: 124M parameters with the head tied to the token
 embedding, d 768, 12 layers, 12 heads, T = 1024, batch 16, bfloat16 compute with float32
 master weights) and `tiny` on the CPU (float32). Rows, all on the same model and
 device, in one process:
@@ -12,18 +12,20 @@ device, in one process:
   training gradient plus `<∇l_i, ḡ_val>` for every training example, validation batch B;
 - (c) per-sample gradient norms by the ghost path (B examples);
 - (d) the same quantities by `vmap(grad)`: the attribution step with `method="vmap"`
-  and per-sample norms with `method="vmap"`; also the attribution step with
-  `method="jvp"` for reference;
+  and per-sample norms with `method="vmap"` (with `--jvp`, also the attribution step
+  with `method="jvp"`);
 - (e) per-sample gradient norms by `torch.func` (`vmap(grad)`) on the same model in
   PyTorch (CUDA when available), weights copied from the JAX model.
 
 Memory for the JAX rows is the compiled executable's footprint from XLA's memory
-analysis (arguments + outputs + temporaries − aliased), for the torch row the allocator's
-peak during the call minus the memory held before it. FLOPs are XLA's cost analysis.
+analysis (arguments + outputs + temporaries − aliased), for the torch row the
+allocator's peak during the call minus the memory held before it. FLOPs are XLA's
+cost analysis.
 """
 
 import argparse
 import time
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -37,11 +39,10 @@ from transforms import make_attribution_step, per_sample_grad_norms
 
 
 SIZES = {
-    "tiny": dict(vocab=512, dim=64, heads=2, layers=2, length=64, batch=8, dtype="f32"),
-    "gpt2": dict(
-        vocab=50257, dim=768, heads=12, layers=12, length=1024, batch=16, dtype="bf16"
-    ),
+    "tiny": dict(vocab=512, dim=64, heads=2, layers=2, length=64, batch=8),
+    "gpt2": dict(vocab=50257, dim=768, heads=12, layers=12, length=1024, batch=16),
 }
+COMPUTE = {"tiny": "f32", "gpt2": "bf16"}
 
 
 class Block(eqx.Module):
@@ -53,8 +54,11 @@ class Block(eqx.Module):
     proj: eqx.nn.Linear
     heads: int = eqx.field(static=True)
 
-    def __init__(self, dim, heads, key):
+    attention: Any = eqx.field(static=True)
+
+    def __init__(self, dim, heads, key, attention=None):
         k1, k2, k3, k4 = jr.split(key, 4)
+        self.attention = attention
         self.ln1 = eqx.nn.LayerNorm(dim)
         self.qkv = eqx.nn.Linear(dim, 3 * dim, key=k1)
         self.attn_proj = eqx.nn.Linear(dim, dim, key=k2)
@@ -67,7 +71,9 @@ class Block(eqx.Module):
         T, D = h.shape
         qkv = jax.vmap(self.qkv)(jax.vmap(self.ln1)(h)).reshape(T, 3, self.heads, -1)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        a = jax.nn.dot_product_attention(q[None], k[None], v[None], is_causal=True)[0]
+        a = jax.nn.dot_product_attention(
+            q[None], k[None], v[None], is_causal=True, implementation=self.attention
+        )[0]
         h = h + jax.vmap(self.attn_proj)(a.reshape(T, D))
         up = jax.nn.gelu(jax.vmap(self.fc)(jax.vmap(self.ln2)(h)), approximate=True)
         return h + jax.vmap(self.proj)(up)
@@ -81,11 +87,11 @@ class GPT(eqx.Module):
     blocks: Block
     ln_f: eqx.nn.LayerNorm
 
-    def __init__(self, vocab, dim, heads, layers, length, key):
+    def __init__(self, vocab, dim, heads, layers, length, key, attention=None):
         k1, k2, k3 = jr.split(key, 3)
         self.wte = eqx.nn.Embedding(vocab, dim, key=k1)
         self.wpe = eqx.nn.Embedding(length, dim, key=k2)
-        self.blocks = eqx.filter_vmap(lambda k: Block(dim, heads, k))(
+        self.blocks = eqx.filter_vmap(lambda k: Block(dim, heads, k, attention))(
             jr.split(k3, layers)
         )
         self.ln_f = eqx.nn.LayerNorm(dim)
@@ -147,27 +153,44 @@ def main(argv=None):
     parser.add_argument("--size", choices=list(SIZES), default=None)
     parser.add_argument("--no-torch", action="store_true", help="skip the torch row")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--attention",
+        choices=["auto", "xla", "cudnn"],
+        default="auto",
+        help="implementation of jax.nn.dot_product_attention (auto: cuDNN on a GPU)",
+    )
+    parser.add_argument(
+        "--jvp", action="store_true", help="also time the jvp attribution step"
+    )
     args = parser.parse_args(argv)
     platform = jax.devices()[0].platform
     size = args.size or ("tiny" if platform == "cpu" else "gpt2")
     cfg = SIZES[size]
     repeats = args.repeats or (5 if size == "gpt2" else 10)
-    compute = jnp.bfloat16 if cfg["dtype"] == "bf16" else jnp.float32
+    compute = jnp.bfloat16 if COMPUTE[size] == "bf16" else jnp.float32
     B = cfg["batch"]
     results = Results(
         "ghost",
         "Ghost engines: attribution step and per-sample norms on a GPT",
-        "A GPT-2-layout model (tied head, scan over layers) with float32 master weights "
-        f"and {cfg['dtype']} compute. (a) plain AdamW step on B and on 2B examples, "
-        "(b) attribution step (ghost) with a validation batch of B, (c) ghost per-sample "
-        "gradient norms, (d) the same by vmap(grad) (and the jvp attribution step), (e) "
-        "torch.func vmap(grad) per-sample norms on the same model.",
+        "A GPT-2-layout model (tied head, scan over layers) with float32 master "
+        f"weights and {COMPUTE[size]} compute. (a) plain AdamW step on B and on 2B "
+        "examples, (b) attribution step (ghost) with a validation batch of B, (c) "
+        "ghost per-sample gradient norms, (d) the same by vmap(grad) (and the jvp "
+        "attribution step), (e) torch.func vmap(grad) per-sample norms on the same "
+        "model.",
     )
+    attention = None if args.attention == "auto" else args.attention
     model = GPT(
-        cfg["vocab"], cfg["dim"], cfg["heads"], cfg["layers"], cfg["length"], jr.key(0)
+        cfg["vocab"],
+        cfg["dim"],
+        cfg["heads"],
+        cfg["layers"],
+        cfg["length"],
+        jr.key(0),
+        attention,
     )
     n_params = sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
-    sizes = {k: v for k, v in cfg.items()} | {"params": n_params}
+    sizes = dict(cfg, compute=COMPUTE[size], params=n_params)
     tokens = jr.randint(jr.key(1), (2 * B, cfg["length"] + 1), 0, cfg["vocab"])
     train, val = (tokens[:B],), (tokens[B:],)
     loss_fn = make_loss(compute)
@@ -229,18 +252,21 @@ def main(argv=None):
         "train step + dots",
         measure(attribution("vmap"), params, opt_state, train, val, repeats=repeats),
     )
-    rows["jvp_step"] = add(
-        "attribution step, jvp",
-        "train step + dots",
-        measure(attribution("jvp"), params, opt_state, train, val, repeats=repeats),
-    )
+    if args.jvp:
+        add(
+            "attribution step, jvp",
+            "train step + dots",
+            measure(attribution("jvp"), params, opt_state, train, val, repeats=repeats),
+        )
     rows["d_norms"] = add(
         "(d) per-sample norms, vmap(grad)",
         "per-sample norms",
         measure(norms("vmap"), params, train, repeats=repeats),
     )
     if not args.no_torch:
-        rows["e"] = _torch_row(results, model, cfg, sizes, tokens[:B], loss_fn, repeats)
+        rows["e"] = _torch_row(
+            results, model, cfg, COMPUTE[size], sizes, tokens[:B], loss_fn, repeats
+        )
 
     def ratio(x, y, key="median_s"):
         if x is None or y is None or key not in x or key not in y:
@@ -271,7 +297,7 @@ def main(argv=None):
     results.save()
 
 
-def _torch_row(results, model, cfg, sizes, tokens, loss_fn, repeats):
+def _torch_row(results, model, cfg, compute, sizes, tokens, loss_fn, repeats):
     import torch
     from _ghost_torch import GPT as TorchGPT, load_from_equinox, per_sample_norms
 
@@ -281,7 +307,7 @@ def _torch_row(results, model, cfg, sizes, tokens, loss_fn, repeats):
     )
     load_from_equinox(torch_model, model)
     torch_model = torch_model.to(device)
-    dtype = torch.bfloat16 if cfg["dtype"] == "bf16" else torch.float32
+    dtype = torch.bfloat16 if compute == "bf16" else torch.float32
     x = torch.from_numpy(np.asarray(tokens)).to(device)
     sync = (
         (lambda _: torch.cuda.synchronize()) if device == "cuda" else (lambda _: None)
