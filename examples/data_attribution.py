@@ -137,8 +137,10 @@ def main(argv=None):
     values = np.asarray(shapley_values(state))
     bad = np.asarray(is_bad)
     k = int(bad.sum())
-    lowest = np.argsort(values)[:k]
-    precision = float(bad[lowest].mean())
+    ranks = np.argsort(values)
+    precision = float(bad[ranks[:k]].mean())
+    # How many of the lowest-valued examples are corrupted before the first clean one.
+    all_bad = int(np.argmin(bad[ranks])) if not bad.all() else n_train
     accuracy = float(
         eqx.filter_jit(lambda m, x, y: jnp.mean(jax.vmap(m)(x).argmax(axis=1) == y))(
             model, x_val, y_val
@@ -152,7 +154,6 @@ def main(argv=None):
     ax0.set_xlabel("In-Run Data Shapley value")
     ax0.set_ylabel("examples")
     ax0.legend()
-    ranks = np.argsort(values)
     ks = np.arange(1, n_train + 1)
     ax1.plot(ks, np.cumsum(bad[ranks]) / ks, label="lowest values first")
     ax1.axhline(bad.mean(), color="grey", ls="--", label="chance")
@@ -170,6 +171,7 @@ def main(argv=None):
             "precision_at_k": f"{precision:.2f}",
             "chance": f"{bad.mean():.2f}",
             "k": k,
+            "lowest_all_corrupted": all_bad,
             "val_accuracy": f"{accuracy:.2f}",
             "steps": n_steps,
             "n_train": n_train,
