@@ -1,5 +1,14 @@
 """Higher-order functions for Equinox models: training steps, loops, checkpoints."""
 
+from ._attribution import (
+    AttributionStep as AttributionStep,
+    in_run_shapley as in_run_shapley,
+    InRunShapley as InRunShapley,
+    make_attribution_step as make_attribution_step,
+    shapley_values as shapley_values,
+    ShapleyState as ShapleyState,
+    to_original_scaling as to_original_scaling,
+)
 from ._checkpoint import (
     Checkpoint as Checkpoint,
     CheckpointError as CheckpointError,
@@ -12,6 +21,20 @@ from ._fit import (
     fit as fit,
     FitResult as FitResult,
     NonFiniteLossError as NonFiniteLossError,
+)
+from ._ghost_plan import GhostLeaf as GhostLeaf, GhostPlan as GhostPlan
+from ._grad_dot import (
+    grad_dot_products as grad_dot_products,
+    GradDotProducts as GradDotProducts,
+)
+from ._grad_norms import (
+    per_sample_grad_norms as per_sample_grad_norms,
+    PerSampleGradNorms as PerSampleGradNorms,
+)
+from ._per_sample import (
+    GhostFallbackWarning as GhostFallbackWarning,
+    per_sample_grads as per_sample_grads,
+    PerSampleGrads as PerSampleGrads,
 )
 from ._scan import (
     OptimizeStats as OptimizeStats,

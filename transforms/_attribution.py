@@ -1,0 +1,348 @@
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from beartype import beartype
+from jax.sharding import Mesh
+from jaxtyping import Array, ArrayLike, Float, Int, jaxtyped
+
+from ._ghost_plan import GhostPlan
+from ._grad_dot import ghost_dots, jvp_dots
+from ._per_sample import (
+    as_batch,
+    check_callable,
+    check_choice,
+    per_example_dot,
+    setup,
+)
+from ._sharding import replicate, shard_batch
+from ._train_step import _learning_rate
+
+
+_NAME = "make_attribution_step"
+_METHODS = ("auto", "ghost", "jvp", "vmap")
+
+
+def _step(static, model, opt_state):
+    step, train, val = static
+    s = setup(_NAME, step.loss_fn, model, train, arg="train_batch")
+    val = s.check_val("val_batch", val)
+    leaves, n = s.leaves, len(s.leaves)
+
+    def validation(leaves):
+        losses = s.losses(leaves, val)
+        reduced = jnp.mean(losses) if step.val_reduction == "mean" else jnp.sum(losses)
+        return reduced, jnp.mean(losses)
+
+    (_, val_loss), g = jax.value_and_grad(validation, has_aux=True)(leaves)
+    method = "ghost" if step.method == "auto" else step.method
+    if method == "ghost":
+        parts, out = ghost_dots(
+            s,
+            leaves,
+            s.batch,
+            g,
+            method=method,
+            fallback=step.fallback,
+            per_leaf=False,
+            param_grads=True,
+        )
+        dots = sum(parts.values())
+        losses = out["losses"]
+        grads = [out["grads"][i] / s.size for i in range(n)]
+    elif method == "jvp":
+        losses, vjp = jax.vjp(lambda p: s.losses(p, s.batch), leaves)
+        (grads,) = vjp(jnp.full_like(losses, 1 / s.size))
+        dots = jvp_dots(s, leaves, s.batch, dict(enumerate(g)))
+    else:
+        losses = s.losses(leaves, s.batch)
+        per_example = s.per_example_grads(leaves, s.batch)
+        grads = [jnp.mean(pe, axis=0) for pe in per_example]
+        dots = sum(per_example_dot(pe, gv, s.acc) for pe, gv in zip(per_example, g))
+    params = s.unflatten(leaves)
+    grads = s.unflatten(list(grads))
+    updates, new_opt_state = step.optimizer.update(grads, opt_state, params)
+    model = eqx.apply_updates(model, updates)
+    metrics = {
+        "loss": jnp.mean(losses),
+        "val_loss": val_loss,
+        "grad_norm": optax.tree.norm(grads),
+    }
+    lr = _learning_rate(step.learning_rate, opt_state, new_opt_state)
+    if lr is not None:
+        metrics["learning_rate"] = lr
+    if step.mesh is not None:
+        model, new_opt_state = replicate((model, new_opt_state), step.mesh)
+    return model, new_opt_state, metrics, dots
+
+
+_step_donating = eqx.filter_jit(_step, donate="all-except-first")
+_step_plain = eqx.filter_jit(_step)
+
+
+class AttributionStep(eqx.Module):
+    """A training step that also returns training×validation gradient dot products.
+
+    Build it with [`transforms.make_attribution_step`][]; call it as
+    `step(model, opt_state, train_batch, val_batch)`.
+    """
+
+    loss_fn: Callable
+    optimizer: optax.GradientTransformation
+    method: str = eqx.field(static=True)
+    val_reduction: str = eqx.field(static=True)
+    learning_rate: float | Callable | None
+    mesh: Mesh | None = eqx.field(static=True)
+    data_axis: str = eqx.field(static=True)
+    donate: bool = eqx.field(static=True)
+    fallback: bool = eqx.field(static=True)
+
+    def __call__(
+        self, model: Any, opt_state: Any, train_batch: tuple, val_batch: tuple
+    ):
+        """One optimisation step on the training batch, with attribution.
+
+        **Arguments:**
+
+        - `model`: the model; donated (do not reuse it) unless `donate=False`.
+        - `opt_state`: from `optimizer.init(eqx.filter(model, eqx.is_inexact_array))`.
+        - `train_batch`: tuple of arrays with a leading axis of size `B`.
+        - `val_batch`: tuple of arrays with a leading axis of size `V`, with the
+            per-example structure of `train_batch`.
+
+        **Returns:**
+
+        `(model, opt_state, metrics, dots)`: the model after the optimiser update with
+        the MEAN training gradient (the validation batch does not enter the update);
+        `metrics` with `loss` (mean training loss), `val_loss` (mean validation loss),
+        `grad_norm` and `learning_rate` where known; `dots` of shape `[B]`,
+        `dots[i] = <∇θ l_i, ḡ_val>` at the parameters before the update (float32).
+        """
+        train = as_batch(_NAME, "train_batch", train_batch)
+        val = as_batch(_NAME, "val_batch", val_batch)
+        if self.mesh is not None:
+            train = shard_batch(train, self.mesh, self.data_axis)
+            val = shard_batch(val, self.mesh, self.data_axis)
+            model, opt_state = replicate((model, opt_state), self.mesh)
+        compiled = _step_donating if self.donate else _step_plain
+        return compiled((self, train, val), model, opt_state)
+
+    def plan(self, model: Any, train_batch: tuple) -> GhostPlan:
+        """How the ghost path treats each parameter; see [`transforms.GhostPlan`][]."""
+        s = setup(_NAME, self.loss_fn, model, train_batch, arg="train_batch")
+        return s.analyse("dots").plan
+
+
+@jaxtyped(typechecker=beartype)
+def make_attribution_step(
+    loss_fn: Callable,
+    optimizer: optax.GradientTransformation,
+    *,
+    method: str = "auto",
+    val_reduction: str = "mean",
+    learning_rate: float | Callable | None = None,
+    mesh: Mesh | None = None,
+    data_axis: str = "data",
+    donate: bool = True,
+    fallback: bool = True,
+) -> AttributionStep:
+    """A compiled training step that logs per-example gradient dot products with the
+    validation gradient: the engine of first-order In-Run Data Shapley.
+
+    The step evaluates the validation gradient `ḡ_val` (one forward and backward pass
+    over the validation batch), then one forward and backward pass over the training
+    batch gives both the mean training gradient, which the optimiser applies, and
+    `dot[i] = <∇θ l_i, ḡ_val>` at the pre-update parameters, formed inside that
+    backward pass by the ghost layer rules (see [`transforms.grad_dot_products`][]).
+
+    **Arguments:**
+
+    - `loss_fn`: `loss_fn(model, *example) -> scalar`, the loss of ONE example.
+    - `optimizer`: an optax `GradientTransformation`.
+    - `method`: `"ghost"` (the default for `"auto"`), `"jvp"` (an extra forward-mode
+        pass over the training batch) or `"vmap"` (per-example gradients).
+    - `val_reduction`: `"mean"` (default) or `"sum"` of the validation losses.
+    - `learning_rate`: the float or schedule given to the optimiser, for the metrics
+        (as in [`transforms.make_train_step`][]).
+    - `mesh`: a `jax.sharding.Mesh` for data parallelism: both batches are split over
+        `data_axis` (their sizes must divide by its size); model and optimiser state
+        are replicated. The dot products come back split like the training batch.
+    - `data_axis`: the mesh axis the batches are split over.
+    - `donate`: donate the model and optimiser state buffers to the update.
+    - `fallback`: with `False`, raise if a parameter is outside the ghost layer rules
+        (instead of computing its share by the jvp path).
+
+    **Returns:**
+
+    An [`transforms.AttributionStep`][], called as
+    `step(model, opt_state, train_batch, val_batch)` and returning
+    `(model, opt_state, metrics, dots)`. It compiles once per input shape.
+
+    !!! example
+
+        ```python
+        step = make_attribution_step(loss_fn, optax.sgd(0.1), learning_rate=0.1)
+        shapley = in_run_shapley(n_train)
+        state = shapley.init()
+        for idx in batches:
+            model, opt_state, metrics, dots = step(
+                model, opt_state, (x[idx], y[idx]), (x_val, y_val)
+            )
+            state = shapley.update(state, idx, dots, metrics["learning_rate"])
+        ```
+    """
+    check_callable(_NAME, loss_fn)
+    check_choice(_NAME, "method", method, _METHODS)
+    check_choice(_NAME, "val_reduction", val_reduction, ("mean", "sum"))
+    if mesh is not None and data_axis not in mesh.axis_names:
+        raise ValueError(
+            f"{_NAME}: `data_axis` {data_axis!r} is not an axis of the mesh "
+            f"{tuple(mesh.axis_names)}."
+        )
+    return AttributionStep(
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        method=method,
+        val_reduction=val_reduction,
+        learning_rate=learning_rate,
+        mesh=mesh,
+        data_axis=data_axis,
+        donate=donate,
+        fallback=fallback,
+    )
+
+
+class ShapleyState(NamedTuple):
+    """Running first-order In-Run Data Shapley values (compensated sums)."""
+
+    values: Float[Array, " n"]
+    compensation: Float[Array, " n"]
+    counts: Int[Array, " n"]
+
+
+class InRunShapley(NamedTuple):
+    """An `(init, update)` pair in the style of optax; see
+    [`transforms.in_run_shapley`][]."""
+
+    init: Callable[[], ShapleyState]
+    update: Callable[..., ShapleyState]
+
+
+@jaxtyped(typechecker=beartype)
+def in_run_shapley(n_train: int, dtype: Any = jnp.float32) -> InRunShapley:
+    """Accumulate first-order In-Run Data Shapley values over a training run.
+
+    Example `i`'s value is `Σ_t η_t · dot_t[i]` over the steps `t` whose training
+    batch contained it, with `η_t` the learning rate and `dot_t[i] = <∇θ l_i, ḡ_val>`
+    from an [`transforms.AttributionStep`][]. To first order, the step
+    `-η_t/B Σ_i ∇θ l_i` lowers the validation loss by `η_t/B Σ_i dot_t[i]`: the value
+    is example `i`'s share of that decrease (times the batch size `B`, the same for
+    every example when `B` is fixed). Helpful examples get positive values; examples
+    whose gradients pull against the validation loss (mislabelled ones) get negative
+    values. The change of the validation loss itself is `-value / B`.
+
+    **Arguments:**
+
+    - `n_train`: the number of training examples (their indices are `0..n_train-1`).
+    - `dtype`: dtype of the values; the running sums are compensated (Kahan–Neumaier)
+        so that float32 does not drift over long runs.
+
+    **Returns:**
+
+    An [`transforms.InRunShapley`][] `(init, update)`: `init()` returns a
+    [`transforms.ShapleyState`][]; `update(state, indices, dots, learning_rate)`
+    adds `learning_rate * dots[j]` to example `indices[j]` (an index appearing twice
+    in one batch gets both contributions) and counts the visits.
+
+    **Raises:**
+
+    `ValueError` from `update` if `indices` and `dots` differ in shape; an
+    `equinox` runtime error if an index is outside `[0, n_train)`.
+    """
+    if n_train < 1:
+        raise ValueError(f"in_run_shapley: `n_train` must be positive, got {n_train}.")
+
+    def init() -> ShapleyState:
+        zeros = jnp.zeros(n_train, dtype)
+        return ShapleyState(zeros, zeros, jnp.zeros(n_train, jnp.int32))
+
+    def update(
+        state: ShapleyState,
+        indices: ArrayLike,
+        dots: ArrayLike,
+        learning_rate: ArrayLike,
+    ) -> ShapleyState:
+        indices = jnp.asarray(indices)
+        dots = jnp.asarray(dots)
+        if indices.shape != dots.shape:
+            raise ValueError(
+                "in_run_shapley.update: `indices` and `dots` must have the same shape, "
+                f"got {indices.shape} and {dots.shape}."
+            )
+        bad = jnp.any((indices < 0) | (indices >= n_train))
+        indices = eqx.error_if(
+            indices, bad, "in_run_shapley.update: an index is outside [0, n_train)."
+        )
+        step = (
+            jnp.zeros(n_train, dtype)
+            .at[indices]
+            .add((jnp.asarray(learning_rate) * dots).astype(dtype))
+        )
+        # Neumaier's compensated sum, elementwise over the examples.
+        total = state.values + step
+        big = jnp.abs(state.values) >= jnp.abs(step)
+        lost = jnp.where(
+            big, (state.values - total) + step, (step - total) + state.values
+        )
+        counts = state.counts.at[indices].add(1)
+        return ShapleyState(total, state.compensation + lost, counts)
+
+    return InRunShapley(init, update)
+
+
+@jaxtyped(typechecker=beartype)
+def shapley_values(state: ShapleyState) -> Float[Array, " n"]:
+    """The accumulated values of a [`transforms.ShapleyState`][] (with the
+    compensation added back)."""
+    return state.values + state.compensation
+
+
+@jaxtyped(typechecker=beartype)
+def to_original_scaling(
+    dots: Float[ArrayLike, "*shape"],
+    *,
+    n_train: int,
+    n_val: int,
+    val_reduction: str = "mean",
+) -> Float[Array, "*shape"]:
+    """Convert dot products to the scaling the original GhostEngines logged.
+
+    The original concatenated the training and validation batches into one batch of
+    `N = n_train + n_val` examples with a mean loss, and logged
+    `<∇θ(l_i/N), Σ_v ∇θ(l_v/N)>`. This library reports `<∇θ l_i, ḡ_val>` with
+    `ḡ_val` the mean (default) or sum of the validation gradients, so the original's
+    number is `dots · n_val / N²` (mean) or `dots / N²` (sum).
+
+    **Arguments:**
+
+    - `dots`: dot products from [`transforms.grad_dot_products`][] or an
+        [`transforms.AttributionStep`][].
+    - `n_train`, `n_val`: the training and validation batch sizes of the step.
+    - `val_reduction`: the reduction `dots` were computed with.
+
+    **Returns:**
+
+    The dot products in the original's scaling, same shape.
+    """
+    check_choice("to_original_scaling", "val_reduction", val_reduction, ("mean", "sum"))
+    if n_train < 1 or n_val < 1:
+        raise ValueError(
+            "to_original_scaling: `n_train` and `n_val` must be positive, got "
+            f"{n_train} and {n_val}."
+        )
+    total = n_train + n_val
+    factor = (n_val if val_reduction == "mean" else 1) / total**2
+    return jnp.asarray(dots) * factor

@@ -1,0 +1,374 @@
+"""Evaluation of a traced per-example loss with ghost taps at the supported uses.
+
+The loss is traced once to a jaxpr (see `_ghost_plan.analyse`), then re-evaluated
+equation by equation. Each supported use of a ghost leaf is evaluated as usual and its
+output passed through a *tap*: an identity in the forward pass whose backward pass
+receives the output gradient and, from it and the forward factor saved for it, writes
+the use's contribution (squared norm, or dot product with the validation gradient) into
+the cotangent of a zero "slot" input. Nothing per-example and parameter-sized is kept:
+contributions are formed inside the backward pass, layer by layer.
+
+For the squared norm of a leaf with several uses, the cross terms `2<g_i, g_j>` are
+formed by message passing: the earlier use i outputs a zero array `z_i` that the later
+use j takes as an input; j's backward pass returns, as the cotangent of `z_i`, its own
+gradient applied to i's forward factor, and i's backward pass (which runs after j's)
+contracts it with its output gradient.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend import core as jex
+
+from ._ghost_plan import _INLINE_CALLS, _REMAT, _VALUE_KEEPING, Analysis, inner_jaxpr
+from ._ghost_rules import (
+    cross_message,
+    cross_value,
+    one_sided,
+    Rule,
+    rule_for,
+    self_norm,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TapStatic:
+    rule: Rule
+    mode: str
+    partner_rules: tuple[Rule, ...]
+    has_later: bool
+    acc: Any
+
+
+def _z_shape(static: _TapStatic) -> tuple[int, ...]:
+    return (static.rule.T, static.rule.Pk) if static.has_later else (0,)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tap(static, y, fwd, g, slot, partners):
+    del fwd, g, partners
+    # Adding the (zero) slot makes the outputs batched like the slot: an output that
+    # did not depend on the example (a position embedding) would otherwise get the
+    # cotangent summed over the batch.
+    zero = jnp.reshape(slot, (-1,))[0]
+    return y + zero.astype(y.dtype), jnp.zeros(_z_shape(static), static.acc) + zero
+
+
+def _tap_fwd(static, y, fwd, g, slot, partners):
+    out = _tap(static, y, fwd, g, slot, partners)
+    return out, (fwd, g, tuple(p[1] for p in partners))
+
+
+def _tap_bwd(static, residuals, cotangents):
+    fwd, g, partner_fwds = residuals
+    ct_y, ct_z = cotangents
+    rule = static.rule
+    K = rule.K(ct_y)
+    F = rule.F(fwd)
+    partner_cts = ()
+    if static.mode == "norms":
+        value = self_norm(rule, K, F)
+        if static.has_later:
+            value = value + 2 * cross_value(K, ct_z)
+        partner_cts = tuple(
+            (cross_message(r, r.F(f), rule, K, F).astype(static.acc), None)
+            for r, f in zip(static.partner_rules, partner_fwds)
+        )
+    elif static.mode == "dots":
+        value = one_sided(rule, K, F, g)
+    else:
+        value = jax.vmap(lambda gv: one_sided(rule, K, F, gv))(g)
+    return ct_y, None, None, value.astype(static.acc), partner_cts
+
+
+_tap.defvjp(_tap_fwd, _tap_bwd)
+
+
+def bind(eqn, invals: Sequence[Any]) -> list:
+    """Apply one jaxpr equation to concrete (or traced) inputs."""
+    params = eqn.primitive.get_bind_params(eqn.params)
+    subfuns: Sequence[Any] = ()
+    if isinstance(params, tuple):
+        subfuns, params = params
+    ctx = getattr(getattr(eqn, "ctx", None), "manager", None)
+    if ctx is None:
+        out = eqn.primitive.bind(*subfuns, *invals, **params)
+    else:
+        with ctx:
+            out = eqn.primitive.bind(*subfuns, *invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+@dataclasses.dataclass
+class _Run:
+    analysis: Analysis
+    mode: str
+    slots: dict[int, Any]
+    acc: Any
+    lead: int
+    rules: dict[int, Rule]
+
+
+class _Scope:
+    """Messages between uses of one leaf within one traced body."""
+
+    def __init__(self):
+        self.z: dict[int, tuple[Any, Any]] = {}
+
+
+def _is_var(v) -> bool:
+    return isinstance(v, jex.Var) and not isinstance(v, jex.DropVar)
+
+
+def _relabel(eqn, s, lead: int):
+    if eqn.primitive.name in _VALUE_KEEPING:
+        return s
+    if lead:
+        return jax.vmap(lambda x: bind(eqn, [x])[0])(s)
+    return bind(eqn, [s])[0]
+
+
+def _evaluate(run: _Run, jaxpr, consts, args, shadows, scope: _Scope) -> list:
+    env: dict[Any, Any] = {}
+    shadow: dict[Any, Any] = {}
+
+    def read(v):
+        return v.val if isinstance(v, jex.Literal) else env[v]
+
+    for v, x in zip(jaxpr.constvars, consts):
+        env[v] = x
+    for v, x, s in zip(jaxpr.invars, args, shadows):
+        env[v] = x
+        if s is not None:
+            shadow[v] = s
+    sites = run.analysis.sites
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        key = id(eqn)
+        site = sites.get(key)
+        if site is not None:
+            g = None
+            if run.mode != "norms":
+                g = shadow[eqn.invars[site.operand]]
+            outs = [_apply_site(run, site, eqn, invals, g, scope)]
+        elif key in run.analysis.live_containers:
+            in_shadows = [shadow.get(v) if _is_var(v) else None for v in eqn.invars]
+            outs = _container(run, eqn, invals, in_shadows, scope)
+        else:
+            outs = bind(eqn, invals)
+            if run.mode != "norms" and key in run.analysis.relabel_eqns:
+                s = shadow.get(eqn.invars[0]) if _is_var(eqn.invars[0]) else None
+                if s is not None:
+                    shadow[eqn.outvars[0]] = _relabel(eqn, s, run.lead)
+        for v, x in zip(eqn.outvars, outs):
+            if _is_var(v):
+                env[v] = x
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _apply_site(run: _Run, site, eqn, invals, g, scope: _Scope):
+    (y,) = bind(eqn, invals)
+    rule = run.rules[site.uid]
+    fwd = rule.fwd_inputs(invals)
+    partners = ()
+    partner_rules = ()
+    if run.mode == "norms":
+        partners = tuple(scope.z[p.uid] for p in site.partners)
+        partner_rules = tuple(run.rules[p.uid] for p in site.partners)
+    static = _TapStatic(
+        rule=rule,
+        mode=run.mode,
+        partner_rules=partner_rules,
+        has_later=run.mode == "norms" and site.has_later,
+        acc=run.acc,
+    )
+    y, z = _tap(static, y, fwd, g, run.slots[site.uid], partners)  # pyright: ignore
+    if static.has_later:
+        scope.z[site.uid] = (z, fwd)
+    return y
+
+
+def _container(run: _Run, eqn, invals, in_shadows, scope: _Scope) -> list:
+    name = eqn.primitive.name
+    if name in _INLINE_CALLS:
+        inner, consts = inner_jaxpr(eqn)
+        return _evaluate(run, inner, consts, invals, in_shadows, scope)
+    if name in _REMAT:
+        inner, consts = inner_jaxpr(eqn)
+
+        def body(*args):
+            return _evaluate(run, inner, consts, args, in_shadows, _Scope())
+
+        p = eqn.params
+        return list(
+            jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(
+                *invals
+            )
+        )
+    return _scan(run, eqn, invals, in_shadows)
+
+
+def _scan(run: _Run, eqn, invals, in_shadows) -> list:
+    p = eqn.params
+    n_consts, n_carry = p["num_consts"], p["num_carry"]
+    body = p["jaxpr"]
+    consts = invals[:n_consts]
+    init = invals[n_consts : n_consts + n_carry]
+    xs = invals[n_consts + n_carry :]
+    const_shadows = in_shadows[:n_consts]
+    xs_shadows = in_shadows[n_consts + n_carry :]
+    # A validation-gradient view with a leading per-validation-example axis is scanned
+    # over its second axis, like the parameter it shadows.
+    scanned = [jnp.moveaxis(s, run.lead, 0) for s in xs_shadows if s is not None]
+
+    def step(carry, x):
+        x_vals, x_shadows = x
+        it = iter(x_shadows)
+        shadows = (
+            list(const_shadows)
+            + [None] * n_carry
+            + [next(it) if s is not None else None for s in xs_shadows]
+        )
+        outs = _evaluate(
+            run, body.jaxpr, body.consts, [*consts, *carry, *x_vals], shadows, _Scope()
+        )
+        return outs[:n_carry], outs[n_carry:]
+
+    carry, ys = lax.scan(
+        step,
+        list(init),
+        (list(xs), scanned),
+        length=p["length"],
+        reverse=p["reverse"],
+        unroll=p["unroll"],
+    )
+    return [*carry, *ys]
+
+
+def ghost_pass(
+    analysis: Analysis,
+    leaves: Sequence[Any],
+    batch: Sequence[Any],
+    *,
+    mode: str,
+    acc: Any,
+    views: Sequence[Any] | None = None,
+    n_val: int = 0,
+    param_grads: bool = False,
+) -> dict[str, Any]:
+    """One forward and backward pass over the batch with taps at the ghost uses.
+
+    **Arguments:**
+
+    - `analysis`: from `_ghost_plan.analyse` on one example of `batch`.
+    - `leaves`: the model's inexact leaves.
+    - `batch`: tuple of arrays with a leading batch axis.
+    - `mode`: `"norms"` (squared norms), `"dots"` (dot products with `views`, one
+      validation gradient per leaf) or `"matrix"` (dot products with `n_val`
+      gradients per leaf, stacked on a leading axis of `views`).
+    - `acc`: dtype of the contributions.
+    - `param_grads`: also return the gradient of the summed loss for every leaf.
+
+    **Returns:**
+
+    A dict with `losses` `[B]`; `sites` (uid -> `[B]` or `[B, n_val]` contribution);
+    `per_example` (leaf index -> `[B, ...]` per-example gradient) for the leaves whose
+    per-example gradients are formed directly; and `grads` (leaf index -> summed
+    gradient) if `param_grads`.
+    """
+    n = analysis.n_leaves
+    B = jnp.shape(batch[0])[0]
+    treatment = analysis.treatment
+    plan_mode = "norms" if mode == "norms" else "dots"
+    direct = [
+        i
+        for i in range(n)
+        if treatment[i] == "materialised"
+        or (treatment[i] == "fallback" and mode in ("norms", "matrix"))
+    ]
+    shared = [i for i in range(n) if i not in direct]
+    slot_shape = (B, n_val) if mode == "matrix" else (B,)
+    sites = sorted(analysis.sites.values(), key=lambda s: s.uid)
+    slots = {s.uid: jnp.zeros(slot_shape, acc) for s in sites}
+    rules = {s.uid: rule_for(s) for s in sites}
+    shadows = [None] * n
+    if plan_mode == "dots":
+        assert views is not None
+        for i in range(n):
+            if treatment[i] == "ghost":
+                shadows[i] = views[i]
+    closed = analysis.closed
+
+    def per_example(shared_vals, direct_vals, slot_vals, example):
+        vals: list[Any] = [None] * n
+        for i, x in zip(shared, shared_vals):
+            vals[i] = x
+        for i, x in zip(direct, direct_vals):
+            vals[i] = x
+        run = _Run(
+            analysis=analysis,
+            mode=mode,
+            slots=slot_vals,
+            acc=acc,
+            lead=1 if mode == "matrix" else 0,
+            rules=rules,
+        )
+        (loss,) = _evaluate(
+            run,
+            closed.jaxpr,
+            closed.consts,
+            [*vals, *example],
+            shadows + [None] * len(example),
+            _Scope(),
+        )
+        return loss
+
+    def total(shared_vals, direct_vals, slot_vals):
+        losses = jax.vmap(per_example, in_axes=(None, 0, 0, 0))(
+            shared_vals, direct_vals, slot_vals, tuple(batch)
+        )
+        return jnp.sum(losses), losses
+
+    shared_vals = [leaves[i] for i in shared]
+    direct_vals = [
+        jnp.broadcast_to(leaves[i], (B,) + jnp.shape(leaves[i])) for i in direct
+    ]
+    argnums = (0, 1, 2) if param_grads else (1, 2)
+    grads, losses = jax.grad(total, argnums=argnums, has_aux=True)(
+        shared_vals, direct_vals, slots
+    )
+    if param_grads:
+        g_shared, g_direct, g_slots = grads
+    else:
+        g_direct, g_slots = grads
+        g_shared = None
+    out: dict[str, Any] = {
+        "losses": losses,
+        "sites": g_slots,
+        "per_example": dict(zip(direct, g_direct)),
+    }
+    if param_grads:
+        assert g_shared is not None
+        summed = dict(zip(shared, g_shared))
+        for i, g in zip(direct, g_direct):
+            summed[i] = jnp.sum(g, axis=0)
+        out["grads"] = summed
+    return out
+
+
+def leaf_contributions(
+    analysis: Analysis, site_values: dict[int, Any], zero: Callable[[], Any]
+) -> list[Any]:
+    """Sum the per-use contributions of each leaf (`zero()` for leaves without uses)."""
+    per_leaf: list[Any] = [None] * analysis.n_leaves
+    for site in analysis.sites.values():
+        value = site_values[site.uid]
+        per_leaf[site.leaf] = (
+            value if per_leaf[site.leaf] is None else per_leaf[site.leaf] + value
+        )
+    return [zero() if v is None else v for v in per_leaf]

@@ -1,0 +1,134 @@
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax.numpy as jnp
+from beartype import beartype
+from jaxtyping import Array, Float, jaxtyped, PyTree
+
+from ._ghost_eval import ghost_pass, leaf_contributions
+from ._ghost_plan import GhostPlan
+from ._per_sample import (
+    check_callable,
+    check_choice,
+    report_fallback,
+    setup,
+    sum_squares,
+)
+
+
+_NAME = "per_sample_grad_norms"
+_METHODS = ("auto", "ghost", "vmap")
+
+
+class PerSampleGradNorms(eqx.Module):
+    """Per-example gradient norms; build with [`transforms.per_sample_grad_norms`][]."""
+
+    loss_fn: Callable
+    method: str = eqx.field(static=True)
+    per_leaf: bool = eqx.field(static=True)
+    fallback: bool = eqx.field(static=True)
+
+    @jaxtyped(typechecker=beartype)
+    def __call__(
+        self, model: Any, batch: tuple
+    ) -> Float[Array, " batch"] | tuple[Float[Array, " batch"], PyTree]:
+        """L2 norms of the per-example gradients.
+
+        **Arguments:**
+
+        - `model`: any pytree; its inexact arrays are the parameters.
+        - `batch`: a tuple of arrays sharing a leading batch axis of size `B`.
+
+        **Returns:**
+
+        The `[B]` norms `‖∇θ l_i‖` (float32, or float64 for float64 parameters); with
+        `per_leaf=True` the pair `(norms, per_leaf)` where `per_leaf` has the structure
+        of `eqx.filter(model, eqx.is_inexact_array)` and holds each leaf's `[B]` norms
+        (`norms² = Σ_leaves per_leaf²`).
+
+        **Raises:**
+
+        `ValueError`/`TypeError` for bad inputs (see [`transforms.per_sample_grads`][]);
+        `ValueError` if `fallback=False` and a parameter is outside the layer rules.
+        """
+        s = setup(_NAME, self.loss_fn, model, batch)
+        acc = s.acc
+        if self.method == "vmap":
+            grads = s.per_example_grads(s.leaves, s.batch)
+            squares = [sum_squares(g, acc) for g in grads]
+        else:
+            analysis = s.analyse("norms")
+            report_fallback(_NAME, analysis.plan, self.method, self.fallback)
+            out = ghost_pass(analysis, s.leaves, s.batch, mode="norms", acc=acc)
+            squares = leaf_contributions(
+                analysis, out["sites"], lambda: jnp.zeros(s.size, acc)
+            )
+            for i, g in out["per_example"].items():
+                squares[i] = squares[i] + sum_squares(g, acc)
+            # Cross terms can leave a tiny negative total for a zero gradient.
+            squares = [jnp.maximum(q, 0) for q in squares]
+        total = jnp.sqrt(sum(squares[1:], squares[0]))
+        if self.per_leaf:
+            return total, s.unflatten([jnp.sqrt(q) for q in squares])
+        return total
+
+    def plan(self, model: Any, batch: tuple) -> GhostPlan:
+        """How the ghost path would treat each parameter for this model and batch.
+
+        **Returns:**
+
+        A [`transforms.GhostPlan`][]; only the shapes of `batch` matter.
+        """
+        s = setup(_NAME, self.loss_fn, model, batch)
+        return s.analyse("norms").plan
+
+
+@jaxtyped(typechecker=beartype)
+def per_sample_grad_norms(
+    loss_fn: Callable,
+    *,
+    method: str = "auto",
+    per_leaf: bool = False,
+    fallback: bool = True,
+) -> PerSampleGradNorms:
+    """Per-example gradient L2 norms without materialising per-example gradients.
+
+    **Arguments:**
+
+    - `loss_fn`: `loss_fn(model, *example) -> scalar`, the loss of ONE example.
+    - `method`:
+        - `"ghost"`: one forward and backward pass over the batch; each matrix product,
+          embedding lookup and convolution that uses a parameter gets its
+          contribution `‖Σ_t b_t a_tᵀ‖²` from its input activations `a` and output
+          gradients `b`, as `Σ_{t,s} (a_t·a_s)(b_t·b_s)` when `2T² ≤ p·q` and by
+          forming that layer's `p×q` per-example gradient otherwise. Several uses of
+          one parameter (a head tied to the embedding) add their cross terms.
+          Vector-like parameters (biases, LayerNorm) get their per-example gradients
+          directly; any other parameter falls back to per-example gradients of that
+          parameter only, with a [`transforms.GhostFallbackWarning`][].
+        - `"vmap"`: `vmap(grad)`, materialising every per-example gradient.
+        - `"auto"` (default): `"ghost"`, without the warning.
+    - `per_leaf`: also return the norm of each parameter leaf.
+    - `fallback`: with `False`, raise instead of falling back.
+
+    **Returns:**
+
+    A [`transforms.PerSampleGradNorms`][], called as `fn(model, batch)`. Squares are
+    accumulated in float32 (float64 under float64 parameters) whatever the compute
+    dtype.
+
+    !!! example
+
+        ```python
+        def loss_fn(model, x, y):
+            return optax.softmax_cross_entropy_with_integer_labels(model(x), y)
+
+        norms = per_sample_grad_norms(loss_fn)(model, (xs, ys))  # shape (B,)
+        ```
+    """
+    check_callable(_NAME, loss_fn)
+    check_choice(_NAME, "method", method, _METHODS)
+    return PerSampleGradNorms(
+        loss_fn=loss_fn, method=method, per_leaf=per_leaf, fallback=fallback
+    )

@@ -1,0 +1,264 @@
+import dataclasses
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from beartype import beartype
+from jaxtyping import jaxtyped, PyTree
+
+from ._ghost_plan import analyse, Analysis, GhostPlan, Mode
+from ._ghost_rules import acc_dtype
+
+
+class GhostFallbackWarning(UserWarning):
+    """Warned when `method="ghost"` computes some parameters by another exact path.
+
+    The message names each such parameter and the use the layer rules do not cover;
+    [`transforms.GhostPlan`][] gives the same information as data. Pass
+    `fallback=False` to make it an error instead.
+    """
+
+
+def check_callable(name: str, loss_fn: Any) -> None:
+    if not callable(loss_fn):
+        raise TypeError(f"{name}: `loss_fn` must be callable, got {loss_fn!r}.")
+
+
+def check_choice(name: str, arg: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: `{arg}` must be one of {choices}, got {value!r}.")
+
+
+def as_batch(name: str, arg: str, batch: Any) -> tuple:
+    if not isinstance(batch, (tuple, list)):
+        raise TypeError(
+            f"{name}: `{arg}` must be a tuple of arrays with a leading batch axis "
+            f"(the arguments of `loss_fn` after the model), got {type(batch).__name__}."
+        )
+    if len(batch) == 0:
+        raise ValueError(
+            f"{name}: `{arg}` is an empty tuple; it needs at least one array."
+        )
+    arrays = []
+    for n, x in enumerate(batch):
+        if not eqx.is_array_like(x) or isinstance(x, (bool, int, float, complex)):
+            raise TypeError(
+                f"{name}: `{arg}[{n}]` must be an array with a leading batch axis, got "
+                f"{type(x).__name__}."
+            )
+        x = jnp.asarray(x)
+        if x.ndim == 0:
+            raise ValueError(
+                f"{name}: `{arg}[{n}]` is a scalar; every array in `{arg}` needs a "
+                "leading batch axis."
+            )
+        arrays.append(x)
+    sizes = [x.shape[0] for x in arrays]
+    if len(set(sizes)) > 1:
+        raise ValueError(
+            f"{name}: the arrays of `{arg}` must share their leading (batch) axis; got "
+            f"leading sizes {sizes}."
+        )
+    if sizes[0] == 0:
+        raise ValueError(f"{name}: `{arg}` is empty (batch size 0).")
+    return tuple(arrays)
+
+
+@dataclasses.dataclass
+class Setup:
+    """A loss function, a model and a batch, checked and flattened."""
+
+    name: str
+    leaves: list
+    treedef: Any
+    paths: list[str]
+    per_example: Callable
+    batch: tuple
+    acc: Any
+
+    @property
+    def size(self) -> int:
+        return self.batch[0].shape[0]
+
+    def example(self) -> tuple:
+        """Shapes and dtypes of one example (no slicing: the batch may be sharded)."""
+        return tuple(jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for x in self.batch)
+
+    def unflatten(self, leaves: list) -> PyTree:
+        return jax.tree.unflatten(self.treedef, leaves)
+
+    def losses(self, leaves, batch) -> jax.Array:
+        return jax.vmap(self.per_example, in_axes=(None,) + (0,) * len(batch))(
+            leaves, *batch
+        )
+
+    def per_example_grads(self, leaves, batch) -> list:
+        grad = jax.grad(self.per_example)
+        return jax.vmap(grad, in_axes=(None,) + (0,) * len(batch))(leaves, *batch)
+
+    def reduced_grad(self, leaves, batch, reduction: str) -> list:
+        def reduced(leaves):
+            losses = self.losses(leaves, batch)
+            return jnp.mean(losses) if reduction == "mean" else jnp.sum(losses)
+
+        return jax.grad(reduced)(leaves)
+
+    def analyse(self, mode: Mode) -> Analysis:
+        return analyse(
+            self.per_example, self.leaves, self.example(), mode=mode, paths=self.paths
+        )
+
+    def check_val(self, arg: str, val) -> tuple:
+        val = as_batch(self.name, arg, val)
+        if len(val) != len(self.batch) or any(
+            v.shape[1:] != t.shape[1:] or v.dtype != t.dtype
+            for v, t in zip(val, self.batch)
+        ):
+            got = [(v.shape[1:], str(v.dtype)) for v in val]
+            want = [(t.shape[1:], str(t.dtype)) for t in self.batch]
+            raise ValueError(
+                f"{self.name}: the examples of `{arg}` must have the structure of the "
+                f"training examples (per-example shapes and dtypes {want}), got {got}."
+            )
+        return val
+
+
+def setup(name: str, loss_fn: Callable, model: Any, batch: Any, arg="batch") -> Setup:
+    """Check the inputs of a per-example transform and flatten the model."""
+    check_callable(name, loss_fn)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if not flat:
+        raise ValueError(
+            f"{name}: `model` has no inexact (floating-point) arrays to differentiate."
+        )
+    paths = [jax.tree_util.keystr(path) for path, _ in flat]
+    leaves = [leaf for _, leaf in flat]
+    batch = as_batch(name, arg, batch)
+
+    def per_example(leaves, *example):
+        model = eqx.combine(jax.tree.unflatten(treedef, leaves), static)
+        return loss_fn(model, *example)
+
+    example = [jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for x in batch]
+    out = jax.eval_shape(per_example, leaves, *example)
+    if (
+        not isinstance(out, jax.ShapeDtypeStruct)
+        or out.shape != ()
+        or not jnp.issubdtype(out.dtype, jnp.inexact)
+    ):
+        got = (
+            f"shape {out.shape} and dtype {out.dtype}"
+            if isinstance(out, jax.ShapeDtypeStruct)
+            else f"{type(out).__name__}"
+        )
+        raise ValueError(
+            f"{name}: `loss_fn(model, *example)` must return a floating-point scalar "
+            f"for ONE example (the batch is vmapped over by {name}); got {got}."
+        )
+    acc = acc_dtype(*[jnp.result_type(x) for x in leaves])
+    return Setup(
+        name=name,
+        leaves=leaves,
+        treedef=treedef,
+        paths=paths,
+        per_example=per_example,
+        batch=batch,
+        acc=acc,
+    )
+
+
+def report_fallback(name: str, plan: GhostPlan, method: str, fallback: bool) -> None:
+    """Warn (forced ghost) or raise (`fallback=False`) about fallback leaves."""
+    leaves = [leaf for leaf in plan.leaves if leaf.treatment == "fallback"]
+    if not leaves:
+        return
+    detail = "; ".join(f"{leaf.path} {leaf.shape}: {leaf.reason}" for leaf in leaves)
+    if not fallback:
+        raise ValueError(
+            f"{name}: method={method!r} cannot handle these parameters with its layer "
+            f"rules and `fallback=False`: {detail}."
+        )
+    if method == "ghost":
+        warnings.warn(
+            f"{name}: the ghost layer rules do not cover these parameters, computed "
+            f"exactly by the fallback path instead: {detail}.",
+            GhostFallbackWarning,
+            stacklevel=3,
+        )
+
+
+def sum_squares(g: jax.Array, acc) -> jax.Array:
+    """Per-example `Σ g²` over all but the leading axis, accumulated in `acc`."""
+    g = g.astype(acc)
+    return jnp.sum(g * g, axis=tuple(range(1, g.ndim)))
+
+
+def per_example_dot(g: jax.Array, v: jax.Array, acc) -> jax.Array:
+    """Per-example `<g_i, v>` for `g` with a leading batch axis."""
+    axes = tuple(range(1, g.ndim))
+    return jnp.tensordot(
+        g.astype(acc), v.astype(acc), axes=(axes, tuple(range(v.ndim)))
+    )
+
+
+class PerSampleGrads(eqx.Module):
+    """Per-example gradients; build it with [`transforms.per_sample_grads`][]."""
+
+    loss_fn: Callable
+
+    @jaxtyped(typechecker=beartype)
+    def __call__(self, model: Any, batch: tuple) -> PyTree:
+        """Gradients of `loss_fn(model, *example)` for every example of `batch`.
+
+        **Arguments:**
+
+        - `model`: any pytree; its inexact arrays are differentiated.
+        - `batch`: a tuple of arrays sharing a leading batch axis of size `B`; example
+            `i` is `tuple(x[i] for x in batch)`.
+
+        **Returns:**
+
+        A pytree with the structure of `eqx.filter(model, eqx.is_inexact_array)` whose
+        leaves have a leading axis of size `B`: leaf `[i]` is the gradient of example
+        `i`'s loss.
+
+        **Raises:**
+
+        `ValueError`/`TypeError` for a model without inexact arrays, a loss that is
+        not a scalar for one example, or an empty or ragged batch.
+        """
+        s = setup("per_sample_grads", self.loss_fn, model, batch)
+        return s.unflatten(s.per_example_grads(s.leaves, s.batch))
+
+
+@jaxtyped(typechecker=beartype)
+def per_sample_grads(loss_fn: Callable) -> PerSampleGrads:
+    """Per-example gradients by `vmap` of `grad`: the reference for the other methods.
+
+    **Arguments:**
+
+    - `loss_fn`: `loss_fn(model, *example) -> scalar`, the loss of ONE example, e.g.
+        `loss_fn(model, x_i, y_i)`.
+
+    **Returns:**
+
+    A [`transforms.PerSampleGrads`][], called as `fn(model, batch)` with `batch` a
+    tuple of arrays with a leading batch axis. It materialises one gradient per
+    example: memory grows as batch size times parameter count.
+
+    !!! example
+
+        ```python
+        def loss_fn(model, x, y):
+            return jnp.sum((model(x) - y) ** 2)
+
+        grads = per_sample_grads(loss_fn)(model, (xs, ys))
+        grads.layers[0].weight.shape  # (B, out, in)
+        ```
+    """
+    check_callable("per_sample_grads", loss_fn)
+    return PerSampleGrads(loss_fn)
