@@ -26,9 +26,11 @@ from ._training import (
     BehaviouralCloningLoss as BehaviouralCloningLoss,
     Curriculum as Curriculum,
     sample_training_batch as sample_training_batch,
+    set_run_length as set_run_length,
     surrogate_optimizer as surrogate_optimizer,
     TaskStream as TaskStream,
     train_surrogate as train_surrogate,
     TrainingBatch as TrainingBatch,
+    WarmupCosineState as WarmupCosineState,
     weight_decay_mask as weight_decay_mask,
 )

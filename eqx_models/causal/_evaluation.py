@@ -13,8 +13,8 @@ from ._tasks import Task
 
 
 def _set_mask(table, index, target, d):
-    members = relative_to_variables(table.members[index], target)
-    members = jnp.where(table.mask[index], members, d)
+    members = relative_to_variables(jnp.asarray(table.members)[index], target)
+    members = jnp.where(jnp.asarray(table.mask)[index], members, d)
     return jnp.zeros((d,), bool).at[members].set(True, mode="drop")
 
 

@@ -113,20 +113,28 @@ class ParentSetPredictionModel(eqx.Module):
     Architecture:
 
     1. each value column is standardised over the (unmasked) rows, then every cell's
-        three channels are embedded by one linear map to `width` features;
+        three channels (value, intervened, target) are embedded by one linear map to
+        `width` features, together (with `target_context=True`, the default) with
+        the target's cell of the same row: its value, its intervention indicator
+        and the product of the two values when the target was not intervened on.
+        Every cell of a row thus sees the pairing with the target that the
+        regression of the target on its parents is built from;
     2. `n_layers` pre-LayerNorm blocks, each: multi-head attention over the sample
         axis (within each variable), an MLP, attention over the variable axis
         (within each row), an MLP; no positional encodings, so the network is
         invariant to the order of the rows and equivariant to the order of the
         variables; the blocks are stacked and run with `lax.scan`;
     3. a final LayerNorm and a max-pool over the rows give one embedding `h_i` per
-        variable;
+        variable; with `pair_statistics=True` (the default) the final row-level
+        features also give pooled second-order statistics
+        `c_ij = mean_r(A x_ri ⊙ B x_rj)` (symmetrised), a learned analogue of the
+        correlations the expert's regressions are built from;
     4. each candidate set `S` gets `z_S = T h_t + e_{|S|} + Σ_{i∈S} u_i +
         Σ_{i<j∈S} v_ij` with `h_t` the target's embedding, `e_k` a learned size
-        embedding, `u_i = MLP([h_i, h_t])` and `v_ij = MLP([h_i ⊙ h_j, h_i + h_j,
-        h_t])` (pair terms let the score see redundancy between members, e.g. a
-        parent and its own child), and the logit `MLP(z_S)`. All sets are scored
-        with static gathers: no loop over sets, no model-chosen top-k.
+        embedding, `u_i = MLP([h_i, h_t, c_it])` and `v_ij = MLP([c_ij, h_i ⊙ h_j,
+        h_i + h_j, h_t])` (pair terms let the score see redundancy between members,
+        e.g. a parent and its own child), and the logit `MLP(z_S)`. All sets are
+        scored with static gathers: no loop over sets, no model-chosen top-k.
 
     The output is invariant to permutations of the rows and equivariant to
     permutations of the non-target variables (permuting the variables permutes the
@@ -143,11 +151,13 @@ class ParentSetPredictionModel(eqx.Module):
         ```
     """
 
-    w_embed: Float[Array, "3 width"]
+    w_embed: Float[Array, "features width"]
     b_embed: Float[Array, " width"]
     blocks: _Block
     final_gain: Float[Array, " width"]
     final_bias: Float[Array, " width"]
+    w_stat_a: Float[Array, "width stats"]
+    w_stat_b: Float[Array, "width stats"]
     member: _MLP
     pair: _MLP
     w_target: Float[Array, "width width"]
@@ -158,6 +168,8 @@ class ParentSetPredictionModel(eqx.Module):
     n_layers: int = eqx.field(static=True)
     n_heads: int = eqx.field(static=True)
     pair_features: bool = eqx.field(static=True)
+    target_context: bool = eqx.field(static=True)
+    pair_statistics: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -168,6 +180,8 @@ class ParentSetPredictionModel(eqx.Module):
         n_heads: int = 4,
         mlp_ratio: int = 2,
         pair_features: bool = True,
+        target_context: bool = True,
+        pair_statistics: bool = True,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -179,6 +193,12 @@ class ParentSetPredictionModel(eqx.Module):
         - `n_heads`: attention heads.
         - `mlp_ratio`: hidden width of the block MLPs, in multiples of `width`.
         - `pair_features`: include the pairwise terms `v_ij` in the set scores.
+        - `target_context`: embed each cell together with the target's cell of the
+            same row (its value, its intervention indicator, and the product of the
+            cell's value with the target's when the target was not intervened on).
+        - `pair_statistics`: give the member and pair terms second-order statistics
+            pooled over the rows, `c_ij = mean_r(a(x_ri) ⊙ b(x_rj))` of two linear
+            maps of the final row-level features (symmetrised).
         - `key`: a PRNG key for the initialisation.
         """
         self.max_parents = max_parents
@@ -186,8 +206,11 @@ class ParentSetPredictionModel(eqx.Module):
         self.n_layers = n_layers
         self.n_heads = n_heads
         self.pair_features = pair_features
-        keys = jr.split(key, 7)
-        self.w_embed = _normal(keys[0], (3, width), 3)
+        self.target_context = target_context
+        self.pair_statistics = pair_statistics
+        keys = jr.split(key, 9)
+        n_features = 6 if target_context else 3
+        self.w_embed = _normal(keys[0], (n_features, width), n_features)
         self.b_embed = jnp.zeros((width,))
         # Residual branches start small (GPT-2 style) so the deep stack starts near
         # the identity.
@@ -196,8 +219,11 @@ class ParentSetPredictionModel(eqx.Module):
         self.blocks = eqx.filter_vmap(make)(jr.split(keys[1], max(n_layers, 1)))
         self.final_gain = jnp.ones((width,))
         self.final_bias = jnp.zeros((width,))
-        self.member = _MLP(2 * width, 2 * width, width, key=keys[2])
-        self.pair = _MLP(3 * width, 2 * width, width, key=keys[3])
+        stats = width // 2 if pair_statistics else 0
+        self.w_stat_a = _normal(keys[7], (width, stats), width)
+        self.w_stat_b = _normal(keys[8], (width, stats), width)
+        self.member = _MLP(2 * width + stats, 2 * width, width, key=keys[2])
+        self.pair = _MLP(3 * width + stats, 2 * width, width, key=keys[3])
         self.w_target = _normal(keys[4], (width, width), width)
         self.size_embedding = 0.1 * jr.normal(keys[5], (max_parents + 1, width))
         self.score = _MLP(width, 2 * width, 1, key=keys[6])
@@ -222,10 +248,12 @@ class ParentSetPredictionModel(eqx.Module):
     def embed_variables(
         self,
         data: Float[Array, "N d 3"],
+        target,
         sample_mask: Bool[Array, " N"],
         variable_mask: Bool[Array, " d"],
-    ) -> Float[Array, "d width"]:
-        """The pooled per-variable embeddings `h_i` (no input checks)."""
+    ) -> tuple[Float[Array, "N d width"], Float[Array, "d width"]]:
+        """The final row-level features and the pooled per-variable embeddings
+        `h_i` (no input checks)."""
         rows = sample_mask[:, None]
         count = jnp.maximum(jnp.sum(sample_mask), 1)
         values = data[..., Channel.VALUE]
@@ -233,9 +261,21 @@ class ParentSetPredictionModel(eqx.Module):
         centred = jnp.where(rows, values - mean, 0.0)
         std = jnp.sqrt(jnp.sum(centred**2, axis=0) / count)
         scaled = centred / jnp.where(std > 0, std, 1.0)
-        cells = jnp.stack(
-            [scaled, data[..., Channel.INTERVENED], data[..., Channel.TARGET]], -1
-        )
+        features = [scaled, data[..., Channel.INTERVENED], data[..., Channel.TARGET]]
+        if self.target_context:
+            is_target = jnp.arange(data.shape[1]) == target
+            y = jnp.sum(jnp.where(is_target, scaled, 0.0), axis=1, keepdims=True)
+            y_intervened = jnp.sum(
+                jnp.where(is_target, data[..., Channel.INTERVENED], 0.0),
+                axis=1,
+                keepdims=True,
+            )
+            features += [
+                jnp.broadcast_to(y, scaled.shape),
+                jnp.broadcast_to(y_intervened, scaled.shape),
+                scaled * y * (1.0 - y_intervened),
+            ]
+        cells = jnp.stack(features, -1)
         x = cells @ self.w_embed + self.b_embed
         params, static = eqx.partition(self.blocks, eqx.is_array)
 
@@ -246,20 +286,30 @@ class ParentSetPredictionModel(eqx.Module):
         if self.n_layers > 0:
             x, _ = jax.lax.scan(layer, x, params)
         x = _layer_norm(x, self.final_gain, self.final_bias)
-        return jnp.max(jnp.where(rows[..., None], x, -jnp.inf), axis=0)
+        return x, jnp.max(jnp.where(rows[..., None], x, -jnp.inf), axis=0)
 
     def score_sets(
         self,
+        tokens: Float[Array, "N d width"],
         embeddings: Float[Array, "d width"],
         target,
+        sample_mask: Bool[Array, " N"],
         variable_mask: Bool[Array, " d"],
     ) -> Float[Array, " C"]:
-        """Logits of every canonical candidate set from the pooled embeddings."""
+        """Logits of every canonical candidate set from the row-level features and
+        the pooled embeddings."""
         d = embeddings.shape[0]
         table = candidate_parent_sets(d, self.max_parents)
         h_t = embeddings[target]
+        count = jnp.maximum(jnp.sum(sample_mask), 1).astype(tokens.dtype)
+        rows = sample_mask[:, None, None]
+        a = jnp.where(rows, tokens @ self.w_stat_a, 0.0)
+        b = tokens @ self.w_stat_b
+        stats = jnp.einsum("nip,njp->ijp", a, b) / count
+        stats = 0.5 * (stats + jnp.swapaxes(stats, 0, 1))
         both = jnp.concatenate(
-            [embeddings, jnp.broadcast_to(h_t, embeddings.shape)], axis=-1
+            [embeddings, jnp.broadcast_to(h_t, embeddings.shape), stats[:, target]],
+            axis=-1,
         )
         member = jax.vmap(self.member)(both)
         members = relative_to_variables(table.members, target)
@@ -271,7 +321,8 @@ class ParentSetPredictionModel(eqx.Module):
             second = members[:, table.pairs[:, 1]]
             a, b = embeddings[:, None, :], embeddings[None, :, :]
             features = jnp.concatenate(
-                [a * b, a + b, jnp.broadcast_to(h_t, (d, d, self.width))], axis=-1
+                [stats, a * b, a + b, jnp.broadcast_to(h_t, (d, d, self.width))],
+                axis=-1,
             )
             pair = jax.vmap(jax.vmap(self.pair))(features)
             pair_mask = jnp.asarray(table.pair_mask)[..., None]
@@ -325,5 +376,5 @@ def _forward(model, data, sample_mask, variable_mask):
     data, target = check_values(
         "ParentSetPredictionModel", data, sample_mask, variable_mask
     )
-    embeddings = model.embed_variables(data, sample_mask, variable_mask)
-    return model.score_sets(embeddings, target, variable_mask)
+    tokens, embeddings = model.embed_variables(data, target, sample_mask, variable_mask)
+    return model.score_sets(tokens, embeddings, target, sample_mask, variable_mask)

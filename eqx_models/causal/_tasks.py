@@ -151,11 +151,18 @@ def sample_task(
             f"sample_task: `family_weights` must have shape ({n_families},) (one "
             f"weight per entry of GRAPH_FAMILIES), got {family_weights.shape}."
         )
+    return _sample_task(key, config, family_weights)
+
+
+# Compiled as one program even when called eagerly; inlined under an outer `jit`.
+@eqx.filter_jit
+def _sample_task(key, config, family_weights) -> Task:
+    n_families = len(GRAPH_FAMILIES)
     d, n = config.n_vars, config.n_samples
-    k_graph, k_scm, k_task, k_data = jr.split(key, 4)
+    k_graph, k_scm, k_task, k_value, k_data = jr.split(key, 5)
     # Few random draws (each is a sizeable piece of compiled code), sliced below.
     u = jr.uniform(k_task, (3 + n,))
-    z = jr.normal(k_task, (n,))
+    z = jr.normal(k_value, (n,))
     cumulative = jnp.cumsum(family_weights) / jnp.sum(family_weights)
     family = jnp.minimum(jnp.sum(u[0] >= cumulative), n_families - 1).astype(jnp.int32)
     adjacency = sample_dag(

@@ -1,5 +1,6 @@
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -8,7 +9,7 @@ import jax.random as jr
 import numpy as np
 import optax
 from beartype import beartype
-from jaxtyping import Array, Bool, Float, jaxtyped, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, jaxtyped, PRNGKeyArray
 
 from transforms import (
     entropy,
@@ -232,6 +233,47 @@ class BehaviouralCloningLoss(eqx.Module):
         return loss, aux
 
 
+class WarmupCosineState(NamedTuple):
+    """State of the learning-rate stage of [`eqx_models.causal.surrogate_optimizer`][].
+
+    `count` is the number of updates so far, `total_steps` the run length the cosine
+    is laid out over (an array, so it can be changed without recompiling; see
+    [`eqx_models.causal.set_run_length`][]) and `learning_rate` the rate of the last
+    update (what `make_train_step` reports).
+    """
+
+    count: Int[Array, ""]
+    total_steps: Int[Array, ""]
+    learning_rate: Float[Array, ""]
+
+
+def _warmup_cosine(count, total, peak, warmup, end):
+    count = count.astype(jnp.float32)
+    total = jnp.maximum(total.astype(jnp.float32), warmup + 1.0)
+    rising = peak * count / max(warmup, 1)
+    progress = jnp.clip((count - warmup) / (total - warmup), 0.0, 1.0)
+    falling = end + 0.5 * (peak - end) * (1.0 + jnp.cos(jnp.pi * progress))
+    return jnp.where(count < warmup, rising, falling)
+
+
+def _scale_by_warmup_cosine(peak, warmup, end, total):
+    def init(params):
+        del params
+        return WarmupCosineState(
+            jnp.zeros((), jnp.int32),
+            jnp.asarray(total, jnp.int32),
+            jnp.zeros((), jnp.float32),
+        )
+
+    def update(updates, state, params=None):
+        del params
+        lr = _warmup_cosine(state.count, state.total_steps, peak, warmup, end)
+        updates = jax.tree.map(lambda u: -lr.astype(u.dtype) * u, updates)
+        return updates, WarmupCosineState(state.count + 1, state.total_steps, lr)
+
+    return optax.GradientTransformation(init, update)
+
+
 def surrogate_optimizer(
     n_steps: int,
     *,
@@ -240,23 +282,31 @@ def surrogate_optimizer(
     end_learning_rate: float | None = None,
     weight_decay: float = 1e-4,
     clip_norm: float = 1.0,
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
+) -> optax.GradientTransformation:
     """AdamW with linear warmup and cosine decay, weight decay on weight matrices only.
+
+    The chain is `clip_by_global_norm → scale_by_adam → add_decayed_weights (w_*
+    matrices only, see [`eqx_models.causal.weight_decay_mask`][]) → learning rate`,
+    i.e. optax's AdamW. The learning rate rises linearly from 0 over `warmup_steps`
+    and then follows a cosine from the peak to `end_learning_rate` at `n_steps`.
+    The run length lives in the optimiser state, so a run on a wall-clock budget can
+    measure its speed first and then fix the length with
+    [`eqx_models.causal.set_run_length`][], without recompiling the step. The rate
+    used by the last update is in the state as `learning_rate`, which
+    [`transforms.make_train_step`][] reports.
 
     **Arguments:**
 
-    - `n_steps`: the total number of optimiser steps of the run (the cosine reaches
-        its end value there).
+    - `n_steps`: the run length (the cosine reaches its end value there).
     - `peak_learning_rate`: the learning rate after warmup.
     - `warmup_steps`: linear warmup from 0; default 5% of `n_steps` (at least 1).
     - `end_learning_rate`: the final value; default 1% of the peak.
     - `weight_decay`: AdamW's decoupled decay, applied to the `w_*` matrices only.
-    - `clip_norm`: global-norm gradient clipping before AdamW.
+    - `clip_norm`: global-norm gradient clipping before Adam.
 
     **Returns:**
 
-    `(optimizer, schedule)`: an `optax.GradientTransformation` and the learning-rate
-    schedule (pass it to `make_train_step(..., learning_rate=schedule)` to log it).
+    An `optax.GradientTransformation`.
 
     **Raises:**
 
@@ -273,18 +323,50 @@ def surrogate_optimizer(
         )
     if end_learning_rate is None:
         end_learning_rate = 0.01 * peak_learning_rate
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0,
-        peak_learning_rate,
-        warmup_steps,
-        max(n_steps, warmup_steps + 1),
-        end_learning_rate,
-    )
-    optimizer = optax.chain(
+    return optax.chain(
         optax.clip_by_global_norm(clip_norm),
-        optax.adamw(schedule, weight_decay=weight_decay, mask=weight_decay_mask),
+        optax.scale_by_adam(),
+        optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
+        _scale_by_warmup_cosine(
+            peak_learning_rate, warmup_steps, end_learning_rate, n_steps
+        ),
     )
-    return optimizer, schedule
+
+
+def set_run_length(opt_state, n_steps: int):
+    """Change the run length of a [`eqx_models.causal.surrogate_optimizer`][] state.
+
+    **Arguments:**
+
+    - `opt_state`: the optimiser state.
+    - `n_steps`: the new total number of steps of the run.
+
+    **Returns:**
+
+    The state with its `total_steps` replaced (same shapes and dtypes, so a compiled
+    step is reused).
+
+    **Raises:**
+
+    `ValueError` if the state has no [`eqx_models.causal.WarmupCosineState`][].
+    """
+    found = [False]
+
+    def replace(node):
+        if isinstance(node, WarmupCosineState):
+            found[0] = True
+            return node._replace(total_steps=jnp.asarray(n_steps, jnp.int32))
+        return node
+
+    new = jax.tree.map(
+        replace, opt_state, is_leaf=lambda x: isinstance(x, WarmupCosineState)
+    )
+    if not found[0]:
+        raise ValueError(
+            "set_run_length: `opt_state` holds no WarmupCosineState (it does not come "
+            "from surrogate_optimizer)."
+        )
+    return new
 
 
 class Curriculum(eqx.Module):
@@ -412,7 +494,6 @@ def train_surrogate(
     curriculum: Curriculum | None = None,
     loss: Callable | None = None,
     optimizer: optax.GradientTransformation | None = None,
-    schedule: optax.Schedule | None = None,
     opt_state=None,
     stop_after: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
@@ -444,7 +525,9 @@ def train_surrogate(
     - `curriculum`: default [`eqx_models.causal.Curriculum.easy_to_hard`][] with
         `d·N` as the cost.
     - `loss`: default `BehaviouralCloningLoss(weight_decay=1e-4)`.
-    - `optimizer`, `schedule`: default `surrogate_optimizer(n_steps)`.
+    - `optimizer`: default `surrogate_optimizer(n_steps)`; a custom optimiser's
+        learning rate is reported if it records it in its state as
+        `learning_rate` (e.g. `optax.inject_hyperparams`).
     - `opt_state`: the optimiser state (default: a fresh `optimizer.init`).
     - `stop_after`: stop after this many steps (default `n_steps`); with a
         checkpoint, a later call with `resume=True` continues the same run, so a
@@ -479,14 +562,17 @@ def train_surrogate(
             f"buckets, `buckets` has {len(buckets)}."
         )
     if optimizer is None:
-        optimizer, schedule = surrogate_optimizer(n_steps)
+        optimizer = surrogate_optimizer(n_steps)
     if loss is None:
         loss = BehaviouralCloningLoss(weight_decay=1e-4)
     if opt_state is None:
         opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
-    step = make_train_step(
-        loss, optimizer, has_aux=True, learning_rate=schedule, mesh=mesh
+    # The step donates its inputs' buffers; copies keep the caller's model and
+    # optimiser state usable.
+    model, opt_state = jax.tree.map(
+        lambda x: jnp.copy(x) if eqx.is_array(x) else x, (model, opt_state)
     )
+    step = make_train_step(loss, optimizer, has_aux=True, mesh=mesh)
     if fallback:
         step = with_fallback(step)
     data_key, step_key = jr.split(key)
