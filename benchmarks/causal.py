@@ -34,6 +34,7 @@ import argparse
 import json
 import math
 import os
+import tempfile
 import time
 
 import equinox as eqx
@@ -69,7 +70,7 @@ SIZES = {
         layers=2,
         heads=4,
         minutes=10.0,
-        peak_lr=2e-3,
+        peak_lr=5e-3,
         warmup=30,
         eval_tasks=64,
         timing=((20, 100, 8), (50, 100, 2)),
@@ -99,8 +100,11 @@ def _copy(tree):
     return jax.tree.map(lambda x: x.copy() if eqx.is_array(x) else x, tree)
 
 
-def _expected_step_time(curriculum: Curriculum, times: list[float]) -> float:
-    grid = np.linspace(0.0, 1.0, 201)
+def _expected_step_time(
+    curriculum: Curriculum, times: list[float], start: float = 0.0
+) -> float:
+    """Mean step time over the progress interval [start, 1] of the curriculum."""
+    grid = np.linspace(start, 1.0, 201)
     return float(np.mean([curriculum.weights(s)[0] @ np.asarray(times) for s in grid]))
 
 
@@ -156,7 +160,8 @@ def train(cfg, args, key):
                 compile_s = elapsed
             else:
                 times.append(elapsed)
-            history.append({k: float(v) for k, v in metrics.items()})
+            record = {k: float(v) for k, v in metrics.items()}
+            history.append(record | {"step": len(history), "step_time": elapsed})
         calibration.append(
             {
                 "d": config.n_vars,
@@ -187,6 +192,7 @@ def train(cfg, args, key):
     while done < n_steps:
         this = min(chunk, n_steps - done)
         offset = done
+        t_chunk = time.perf_counter()
         result = fit(
             step,
             model,
@@ -209,15 +215,31 @@ def train(cfg, args, key):
             record["step"] += n_calibration + offset
         history.extend(result.history)
         done += this
-        elapsed = time.perf_counter() - t_start
+        now = time.perf_counter()
         last = result.history[-1]
         print(
             f"step {n_calibration + done}: kl={last['kl']:.3f} "
             f"top1={last['top1_agreement']:.2f} lr={last['learning_rate']:.2e} "
-            f"({elapsed:.0f} s)",
+            f"({now - t_start:.0f} s)",
             flush=True,
         )
-        if elapsed > budget:
+        # Re-plan from the measured pace (another process on the machine, or a
+        # biased estimate): shorten or lengthen the rest of the cosine so that it
+        # still ends at the budget.
+        predicted = sum(
+            step_times[stream.bucket_and_families(offset + i)[0]] + 0.002
+            for i in range(this)
+        )
+        slowdown = (now - t_chunk) / predicted
+        left = budget - (now - t_start)
+        if done < n_steps:
+            per_step = slowdown * (
+                _expected_step_time(curriculum, step_times, done / n_steps) + 0.002
+            )
+            n_steps = done + max(0, int(0.97 * left / per_step))
+            stream.n_steps = n_steps
+            opt_state = set_run_length(opt_state, n_calibration + n_steps)
+        if left <= 0:
             break
     train_s = time.perf_counter() - t_start
     main = history[n_calibration:]
@@ -318,7 +340,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", choices=list(SIZES), default=None)
     parser.add_argument("--minutes", type=float, default=None)
-    parser.add_argument("--checkpoint", default=None, help="where to write the model")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="where to write the trained model (default: the temp directory); the "
+        "learning curve goes next to it as PATH.history.json",
+    )
     parser.add_argument("--results-dir", default=RESULTS_DIR)
     parser.add_argument("--data-parallel", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
@@ -328,7 +355,7 @@ def main(argv=None):
     if args.minutes is None:
         args.minutes = cfg["minutes"]
     if args.checkpoint is None:
-        args.checkpoint = os.path.join(args.results_dir, f"causal-{size}.ckpt")
+        args.checkpoint = os.path.join(tempfile.gettempdir(), f"causal-{size}.ckpt")
     results = Results(
         "causal",
         "Amortised causal surrogate",

@@ -424,7 +424,9 @@ class Curriculum(eqx.Module):
             raise ValueError(f"Curriculum: `ramp` must be in [0, 1], got {self.ramp}.")
 
     @classmethod
-    def easy_to_hard(cls, costs: Sequence[float], ramp: float = 0.3) -> "Curriculum":
+    def easy_to_hard(
+        cls, costs: Sequence[int | float], ramp: float = 0.3
+    ) -> "Curriculum":
         """Start on the cheapest bucket(s) and chain/fork/collider graphs; end uniform.
 
         **Arguments:**

@@ -150,7 +150,7 @@ def test_schedule_and_run_length():
     )
     state = optimizer.init(params)
     expected = [
-        0.25 * i if i < 4 else 0.1 + 0.45 * (1 + np.cos(np.pi * (i - 4) / 8))
+        0.25 * i if i < 4 else 0.1 + 0.45 * (1 + np.cos(np.pi * min((i - 4) / 8, 1)))
         for i in range(14)
     ]
     np.testing.assert_allclose(
@@ -158,7 +158,7 @@ def test_schedule_and_run_length():
     )
     longer = set_run_length(state, 20)
     expected = [
-        0.25 * i if i < 4 else 0.1 + 0.45 * (1 + np.cos(np.pi * (i - 4) / 16))
+        0.25 * i if i < 4 else 0.1 + 0.45 * (1 + np.cos(np.pi * min((i - 4) / 16, 1)))
         for i in range(14)
     ]
     np.testing.assert_allclose(
