@@ -16,6 +16,13 @@ from ._checkpoint import (
     read_checkpoint_metadata as read_checkpoint_metadata,
     save_checkpoint as save_checkpoint,
 )
+from ._divergences import (
+    entropy as entropy,
+    kl_divergence as kl_divergence,
+    total_variation as total_variation,
+    uncertainty_weighted as uncertainty_weighted,
+    UncertaintyWeighted as UncertaintyWeighted,
+)
 from ._fallback import FallbackStep as FallbackStep, with_fallback as with_fallback
 from ._fit import (
     fit as fit,

@@ -1,0 +1,206 @@
+import equinox as eqx
+import jax.numpy as jnp
+import jax.random as jr
+from beartype import beartype
+from jaxtyping import Array, Bool, Float, Int, jaxtyped, PRNGKeyArray
+
+from ._data import Channel
+from ._graphs import GRAPH_FAMILIES, sample_dag
+from ._scm import LinearGaussianSCM, sample_linear_gaussian_scm, simulate
+
+
+class TaskConfig(eqx.Module):
+    """What a random task looks like: sizes and the distribution of everything else.
+
+    All fields are static (they set shapes or select code paths); the distribution
+    over graph families is passed to [`eqx_models.causal.sample_task`][] separately,
+    as an array, so that a curriculum can change it without recompiling.
+
+    **Fields:**
+
+    - `n_vars`: the number of variables `d ≥ 2`.
+    - `n_samples`: the number of rows `N`.
+    - `target`: `"sink"` (a uniformly chosen variable without children: the
+        causal-BO setting, where the local parent posterior is consistent) or `"any"`
+        (uniform over all variables).
+    - `interventional_fraction`: `(low, high)`; each task draws a fraction `ρ`
+        uniformly from it and makes `round(ρN)` of its rows interventional.
+    - `intervention_scale`: intervention values are `N(0, scale²)` (in the units of
+        the standardised model).
+    - `max_parents`: the in-degree cap of the random graphs.
+    - `edges_per_node`: the Erdős–Rényi density.
+    - `standardise`: standardise the SCM to unit observational variance.
+    - `weight_range`, `explained_variance`, `noise_range`: the mechanisms' ranges
+        (see [`eqx_models.causal.sample_linear_gaussian_scm`][]).
+    """
+
+    n_vars: int = eqx.field(static=True)
+    n_samples: int = eqx.field(static=True)
+    target: str = eqx.field(static=True, default="sink")
+    interventional_fraction: tuple[float, float] = eqx.field(
+        static=True, default=(0.1, 0.4)
+    )
+    intervention_scale: float = eqx.field(static=True, default=2.0)
+    max_parents: int = eqx.field(static=True, default=3)
+    edges_per_node: float = eqx.field(static=True, default=1.5)
+    standardise: bool = eqx.field(static=True, default=True)
+    weight_range: tuple[float, float] = eqx.field(static=True, default=(0.5, 2.0))
+    explained_variance: tuple[float, float] | None = eqx.field(
+        static=True, default=(0.3, 0.9)
+    )
+    noise_range: tuple[float, float] = eqx.field(static=True, default=(0.5, 1.5))
+
+    def __check_init__(self):
+        if self.n_vars < 2:
+            raise ValueError(f"TaskConfig: `n_vars` must be >= 2, got {self.n_vars}.")
+        if self.n_samples < 1:
+            raise ValueError(
+                f"TaskConfig: `n_samples` must be >= 1, got {self.n_samples}."
+            )
+        if self.target not in ("sink", "any"):
+            raise ValueError(
+                f"TaskConfig: `target` must be 'sink' or 'any', got {self.target!r}."
+            )
+        low, high = self.interventional_fraction
+        if not 0 <= low <= high <= 1:
+            raise ValueError(
+                "TaskConfig: `interventional_fraction` must be (low, high) with "
+                f"0 <= low <= high <= 1, got {self.interventional_fraction}."
+            )
+
+
+class Task(eqx.Module):
+    """One causal-discovery task: AVICI data plus the ground truth that made it.
+
+    **Fields:**
+
+    - `data`: AVICI data of shape `(N, d, 3)` (see
+        [`eqx_models.causal.Channel`][]).
+    - `adjacency`: the true DAG, boolean `(d, d)`, `A[i, j]` iff `i → j`.
+    - `target`: the target variable (integer scalar).
+    - `family`: the graph family's code in `GRAPH_FAMILIES` (integer scalar).
+    - `scm`: the [`eqx_models.causal.LinearGaussianSCM`][] that generated the data.
+
+    Tasks drawn with `jax.vmap(sample_task, ...)` carry a leading batch axis on
+    every field.
+    """
+
+    data: Float[Array, "N d 3"]
+    adjacency: Bool[Array, "d d"]
+    target: Int[Array, ""]
+    family: Int[Array, ""]
+    scm: LinearGaussianSCM
+
+    @property
+    def true_parents(self) -> Bool[Array, "*batch d"]:
+        """Boolean mask of the target's true parents, shape `(d,)`."""
+        column = jnp.take_along_axis(
+            self.adjacency, self.target[..., None, None], axis=-1
+        )
+        return column[..., 0]
+
+
+@jaxtyped(typechecker=beartype)
+def sample_task(
+    key: PRNGKeyArray,
+    config: TaskConfig,
+    family_weights: Float[Array, " families"] | None = None,
+) -> Task:
+    """Draw a task: a graph, mechanisms, data and a target, all from one key.
+
+    The family is drawn from `family_weights` (uniform if `None`), the DAG from
+    [`eqx_models.causal.sample_dag`][], the mechanisms from
+    [`eqx_models.causal.sample_linear_gaussian_scm`][]; then `round(ρN)` rows
+    (`ρ` uniform in `config.interventional_fraction`) are interventional, each on a
+    uniformly chosen variable (possibly the target) with a value drawn from
+    `N(0, config.intervention_scale²)`, and the other rows observational. The
+    interventional rows come first (the row order carries no information for a
+    model that is invariant to it). The target is a uniformly chosen sink (a
+    variable without children; a DAG always has one) or a uniformly chosen variable,
+    as `config.target` says.
+
+    Deterministic given `key`; jittable and vmappable (`config` is static).
+
+    **Arguments:**
+
+    - `key`: a PRNG key.
+    - `config`: a [`eqx_models.causal.TaskConfig`][].
+    - `family_weights`: non-negative weights over `GRAPH_FAMILIES`, shape `(5,)`.
+
+    **Returns:**
+
+    A [`eqx_models.causal.Task`][].
+
+    **Raises:**
+
+    `ValueError` if `family_weights` has the wrong length.
+
+    !!! example
+
+        ```python
+        config = TaskConfig(n_vars=10, n_samples=200)
+        tasks = jax.vmap(lambda k: sample_task(k, config))(jr.split(jr.key(0), 64))
+        tasks.data.shape  # (64, 200, 10, 3)
+        ```
+    """
+    n_families = len(GRAPH_FAMILIES)
+    if family_weights is None:
+        family_weights = jnp.ones((n_families,))
+    if family_weights.shape != (n_families,):
+        raise ValueError(
+            f"sample_task: `family_weights` must have shape ({n_families},) (one "
+            f"weight per entry of GRAPH_FAMILIES), got {family_weights.shape}."
+        )
+    return _sample_task(key, config, family_weights)
+
+
+# Compiled as one program even when called eagerly; inlined under an outer `jit`.
+@eqx.filter_jit
+def _sample_task(key, config, family_weights) -> Task:
+    n_families = len(GRAPH_FAMILIES)
+    d, n = config.n_vars, config.n_samples
+    k_graph, k_scm, k_task, k_value, k_data = jr.split(key, 5)
+    # Few random draws (each is a sizeable piece of compiled code), sliced below.
+    u = jr.uniform(k_task, (3 + n,))
+    z = jr.normal(k_value, (n,))
+    cumulative = jnp.cumsum(family_weights) / jnp.sum(family_weights)
+    family = jnp.minimum(jnp.sum(u[0] >= cumulative), n_families - 1).astype(jnp.int32)
+    adjacency = sample_dag(
+        k_graph,
+        d,
+        family,
+        max_parents=config.max_parents,
+        edges_per_node=config.edges_per_node,
+    )
+    scm = sample_linear_gaussian_scm(
+        k_scm,
+        adjacency,
+        weight_range=config.weight_range,
+        noise_range=config.noise_range,
+        explained_variance=config.explained_variance,
+        standardise=config.standardise,
+    )
+    if config.target == "sink":
+        candidates = ~jnp.any(adjacency, axis=1)
+    else:
+        candidates = jnp.ones((d,), bool)
+    # The k-th candidate with k uniform in [0, #candidates).
+    pick = jnp.floor(u[1] * jnp.sum(candidates)).astype(jnp.int32)
+    target = jnp.argmax(jnp.cumsum(candidates) > pick).astype(jnp.int32)
+    low, high = config.interventional_fraction
+    fraction = low + (high - low) * u[2]
+    n_interventional = jnp.round(fraction * n).astype(jnp.int32)
+    rows = jnp.arange(n)
+    chosen = jnp.minimum(jnp.floor(u[3:] * d), d - 1).astype(jnp.int32)
+    node = jnp.where(rows < n_interventional, chosen, -1)
+    value = config.intervention_scale * z
+    values = simulate(k_data, scm, node, value)
+    intervened = node[:, None] == jnp.arange(d)[None, :]
+    is_target = jnp.broadcast_to(jnp.arange(d) == target, (n, d))
+    channels = {
+        Channel.VALUE: values,
+        Channel.INTERVENED: intervened.astype(values.dtype),
+        Channel.TARGET: is_target.astype(values.dtype),
+    }
+    data = jnp.stack([channels[c] for c in Channel], axis=-1)
+    return Task(data, adjacency, target, family, scm)

@@ -1,0 +1,596 @@
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+from beartype import beartype
+from jaxtyping import Array, Bool, Float, Int, jaxtyped, PRNGKeyArray
+
+from transforms import (
+    entropy,
+    fit,
+    FitResult,
+    kl_divergence,
+    make_train_step,
+    uncertainty_weighted,
+    with_fallback,
+)
+
+from ._candidates import candidate_parent_sets
+from ._data import Channel
+from ._expert import posterior_core
+from ._graphs import GRAPH_FAMILIES
+from ._model import ParentSetPredictionModel
+from ._tasks import sample_task, TaskConfig
+
+
+class TrainingBatch(eqx.Module):
+    """A batch of tasks of one shape, labelled by the exact expert.
+
+    **Fields:**
+
+    - `data`: `(B, N, d, 3)` AVICI data.
+    - `expert_log_probs`: `(B, C)` the expert's log posterior over the canonical
+        candidate sets; NaN for tasks whose posterior is degenerate.
+    - `valid`: `(B,)` boolean, false for degenerate tasks, which the loss skips and
+        counts.
+    """
+
+    data: Float[Array, "B N d 3"]
+    expert_log_probs: Float[Array, "B C"]
+    valid: Bool[Array, " B"]
+
+
+@eqx.filter_jit
+def _sample_batch(key, config, batch_size, max_parents, family_weights):
+    tasks = jax.vmap(lambda k: sample_task(k, config, family_weights))(
+        jr.split(key, batch_size)
+    )
+    n, d = config.n_samples, config.n_vars
+
+    def label(task):
+        intervened_target = task.data[:, task.target, Channel.INTERVENED] == 1
+        log_probs, _, _, _, degenerate = posterior_core(
+            task.data[..., Channel.VALUE],
+            intervened_target,
+            task.target,
+            jnp.ones((n,), bool),
+            jnp.ones((d,), bool),
+            max_parents,
+        )
+        return log_probs, ~degenerate
+
+    log_probs, valid = jax.vmap(label)(tasks)
+    return TrainingBatch(tasks.data, log_probs, valid)
+
+
+@jaxtyped(typechecker=beartype)
+def sample_training_batch(
+    key: PRNGKeyArray,
+    config: TaskConfig,
+    batch_size: int,
+    max_parents: int,
+    family_weights: Float[Array, " families"] | None = None,
+) -> TrainingBatch:
+    """Draw `batch_size` tasks and label each with the exact expert posterior.
+
+    Runs compiled (once per `config`, `batch_size`, `max_parents`) on the default
+    device, so training tasks are made on the fly at accelerator speed. A task whose
+    expert posterior is degenerate (see
+    [`eqx_models.causal.exact_parent_posterior`][]) is kept in the batch with
+    `valid = False` and NaN labels, so the loss can skip it and count it.
+
+    **Arguments:**
+
+    - `key`: a PRNG key; the batch is a deterministic function of it.
+    - `config`: a [`eqx_models.causal.TaskConfig`][] (sizes and distributions).
+    - `batch_size`: the number of tasks `B`.
+    - `max_parents`: `K` of the candidate sets.
+    - `family_weights`: weights over `GRAPH_FAMILIES` (uniform if `None`); an array,
+        so changing it does not recompile.
+
+    **Returns:**
+
+    A [`eqx_models.causal.TrainingBatch`][].
+
+    **Raises:**
+
+    `ValueError` if `batch_size < 1`, `config.n_samples < K' + 2`, or `(d, K)`
+    exceeds the enumeration limit.
+    """
+    if batch_size < 1:
+        raise ValueError(
+            f"sample_training_batch: `batch_size` must be >= 1, got {batch_size}."
+        )
+    table = candidate_parent_sets(config.n_vars, max_parents)
+    if config.n_samples < table.max_parents + 2:
+        raise ValueError(
+            f"sample_training_batch: `config.n_samples` = {config.n_samples} is too "
+            f"few for parent sets of size {table.max_parents} (need >= "
+            f"{table.max_parents + 2})."
+        )
+    if family_weights is None:
+        family_weights = jnp.ones((len(GRAPH_FAMILIES),))
+    return _sample_batch(key, config, batch_size, max_parents, family_weights)
+
+
+def _decayed(model) -> list[Array]:
+    """The weight matrices (fields named `w_*`): what weight decay applies to."""
+    leaves = jax.tree_util.tree_flatten_with_path(
+        eqx.filter(model, eqx.is_inexact_array)
+    )[0]
+    return [leaf for path, leaf in leaves if _is_weight(path)]
+
+
+def _is_weight(path) -> bool:
+    last = path[-1] if path else None
+    return isinstance(last, jax.tree_util.GetAttrKey) and last.name.startswith("w_")
+
+
+def weight_decay_mask(params):
+    """`True` for the weight matrices of a model (fields named `w_*`), else `False`.
+
+    The mask optax's `adamw` takes: biases, LayerNorm gains and embeddings of set
+    sizes are not decayed.
+    """
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: _is_weight(path), params)
+
+
+class BehaviouralCloningLoss(eqx.Module):
+    """KL(expert ‖ model) over the canonical candidate index, for `make_train_step`.
+
+    Call it as `loss(model, batch, key)` with a
+    [`eqx_models.causal.TrainingBatch`][]; it returns `(loss, aux)`:
+
+    - `loss`: the mean over the valid tasks of `KL(p_expert ‖ q_model)`, or of its
+        uncertainty-weighted version `exp(-s·H(p_expert))·KL` when
+        `uncertainty_scale = s` is set (see [`transforms.uncertainty_weighted`][]);
+        this is what is differentiated.
+    - `aux` (all scalars): `kl` (the unweighted mean KL), `reg_loss`
+        (`½·weight_decay·Σ‖W‖²` over the decayed weight matrices: the penalty that
+        AdamW's decoupled decay applies; reported, not differentiated), `total_loss`
+        (`loss + reg_loss`), `pred_entropy` and `expert_entropy` (mean entropies of
+        the model's and the expert's posteriors, nats), `top1_agreement` (fraction
+        of valid tasks whose model argmax is the expert's argmax), `skipped` (the
+        number of degenerate tasks left out), `tasks` (the batch size) and
+        `n_vars`, `n_samples` (the batch's shape).
+
+    Degenerate tasks never enter the loss or the metrics: their labels are replaced
+    by a finite placeholder before any arithmetic (so no NaN reaches the gradient)
+    and their terms are masked out.
+    """
+
+    uncertainty_scale: Float[Array, ""] | None
+    weight_decay: float = eqx.field(static=True)
+
+    def __init__(
+        self, *, uncertainty_scale: float | None = None, weight_decay: float = 0.0
+    ):
+        """**Arguments:**
+
+        - `uncertainty_scale`: `None` for plain KL, or the scale `s ≥ 0` of the
+            uncertainty weighting.
+        - `weight_decay`: the optimiser's weight decay, to report `reg_loss`.
+        """
+        if uncertainty_scale is not None and uncertainty_scale < 0:
+            raise ValueError(
+                "BehaviouralCloningLoss: `uncertainty_scale` must be >= 0 or None, got "
+                f"{uncertainty_scale}."
+            )
+        self.uncertainty_scale = (
+            None if uncertainty_scale is None else jnp.asarray(uncertainty_scale)
+        )
+        self.weight_decay = weight_decay
+
+    def __call__(self, model, batch: TrainingBatch, key=None):
+        """`(loss, aux)` for a batch; see the class description."""
+        logits = jax.vmap(model)(batch.data)
+        log_q = jax.nn.log_softmax(logits, axis=-1)
+        valid = batch.valid
+        placeholder = jnp.full_like(log_q, -math.log(log_q.shape[-1]))
+        log_p = jnp.where(valid[:, None], batch.expert_log_probs, placeholder)
+        kl = kl_divergence(log_p, log_q)
+        if self.uncertainty_scale is None:
+            objective = kl
+        else:
+            objective = uncertainty_weighted(kl_divergence, self.uncertainty_scale)(
+                log_p, log_q
+            )
+        n_valid = jnp.sum(valid)
+        denominator = jnp.maximum(n_valid, 1).astype(log_q.dtype)
+
+        def mean(x):
+            return jnp.sum(jnp.where(valid, x, 0.0)) / denominator
+
+        loss = mean(objective)
+        reg = (
+            0.5
+            * self.weight_decay
+            * sum(
+                (jnp.sum(w**2) for w in _decayed(jax.lax.stop_gradient(model))),
+                jnp.zeros((), log_q.dtype),
+            )
+        )
+        agree = jnp.argmax(log_q, axis=-1) == jnp.argmax(log_p, axis=-1)
+        _, n, d, _ = batch.data.shape
+        aux = {
+            "kl": jax.lax.stop_gradient(mean(kl)),
+            "reg_loss": reg,
+            "total_loss": jax.lax.stop_gradient(loss) + reg,
+            "pred_entropy": jax.lax.stop_gradient(mean(entropy(log_q))),
+            "expert_entropy": mean(entropy(log_p)),
+            "top1_agreement": mean(agree.astype(log_q.dtype)),
+            "skipped": jnp.sum(~valid).astype(log_q.dtype),
+            "tasks": jnp.asarray(valid.shape[0], log_q.dtype),
+            "n_vars": jnp.asarray(d, log_q.dtype),
+            "n_samples": jnp.asarray(n, log_q.dtype),
+        }
+        return loss, aux
+
+
+class WarmupCosineState(NamedTuple):
+    """State of the learning-rate stage of [`eqx_models.causal.surrogate_optimizer`][].
+
+    `count` is the number of updates so far, `total_steps` the run length the cosine
+    is laid out over (an array, so it can be changed without recompiling; see
+    [`eqx_models.causal.set_run_length`][]) and `learning_rate` the rate of the last
+    update (what `make_train_step` reports).
+    """
+
+    count: Int[Array, ""]
+    total_steps: Int[Array, ""]
+    learning_rate: Float[Array, ""]
+
+
+def _warmup_cosine(count, total, peak, warmup, end):
+    count = count.astype(jnp.float32)
+    total = jnp.maximum(total.astype(jnp.float32), warmup + 1.0)
+    rising = peak * count / max(warmup, 1)
+    progress = jnp.clip((count - warmup) / (total - warmup), 0.0, 1.0)
+    falling = end + 0.5 * (peak - end) * (1.0 + jnp.cos(jnp.pi * progress))
+    return jnp.where(count < warmup, rising, falling)
+
+
+def _scale_by_warmup_cosine(peak, warmup, end, total):
+    def init(params):
+        del params
+        return WarmupCosineState(
+            jnp.zeros((), jnp.int32),
+            jnp.asarray(total, jnp.int32),
+            jnp.zeros((), jnp.float32),
+        )
+
+    def update(updates, state, params=None):
+        del params
+        lr = _warmup_cosine(state.count, state.total_steps, peak, warmup, end)
+        updates = jax.tree.map(lambda u: -lr.astype(u.dtype) * u, updates)
+        return updates, WarmupCosineState(state.count + 1, state.total_steps, lr)
+
+    return optax.GradientTransformation(init, update)
+
+
+def surrogate_optimizer(
+    n_steps: int,
+    *,
+    peak_learning_rate: float = 1e-3,
+    warmup_steps: int | None = None,
+    end_learning_rate: float | None = None,
+    weight_decay: float = 1e-4,
+    clip_norm: float = 1.0,
+) -> optax.GradientTransformation:
+    """AdamW with linear warmup and cosine decay, weight decay on weight matrices only.
+
+    The chain is `clip_by_global_norm → scale_by_adam → add_decayed_weights (w_*
+    matrices only, see [`eqx_models.causal.weight_decay_mask`][]) → learning rate`,
+    i.e. optax's AdamW. The learning rate rises linearly from 0 over `warmup_steps`
+    and then follows a cosine from the peak to `end_learning_rate` at `n_steps`.
+    The run length lives in the optimiser state, so a run on a wall-clock budget can
+    measure its speed first and then fix the length with
+    [`eqx_models.causal.set_run_length`][], without recompiling the step. The rate
+    used by the last update is in the state as `learning_rate`, which
+    [`transforms.make_train_step`][] reports.
+
+    **Arguments:**
+
+    - `n_steps`: the run length (the cosine reaches its end value there).
+    - `peak_learning_rate`: the learning rate after warmup.
+    - `warmup_steps`: linear warmup from 0; default 5% of `n_steps` (at least 1).
+    - `end_learning_rate`: the final value; default 1% of the peak.
+    - `weight_decay`: AdamW's decoupled decay, applied to the `w_*` matrices only.
+    - `clip_norm`: global-norm gradient clipping before Adam.
+
+    **Returns:**
+
+    An `optax.GradientTransformation`.
+
+    **Raises:**
+
+    `ValueError` if `n_steps < 1` or the warmup is not shorter than the run.
+    """
+    if n_steps < 1:
+        raise ValueError(f"surrogate_optimizer: `n_steps` must be >= 1, got {n_steps}.")
+    if warmup_steps is None:
+        warmup_steps = max(1, n_steps // 20)
+    if not 0 <= warmup_steps < max(n_steps, 2):
+        raise ValueError(
+            f"surrogate_optimizer: `warmup_steps` must be in [0, n_steps), got "
+            f"{warmup_steps} with n_steps={n_steps}."
+        )
+    if end_learning_rate is None:
+        end_learning_rate = 0.01 * peak_learning_rate
+    return optax.chain(
+        optax.clip_by_global_norm(clip_norm),
+        optax.scale_by_adam(),
+        optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
+        _scale_by_warmup_cosine(
+            peak_learning_rate, warmup_steps, end_learning_rate, n_steps
+        ),
+    )
+
+
+def set_run_length(opt_state, n_steps: int):
+    """Change the run length of a [`eqx_models.causal.surrogate_optimizer`][] state.
+
+    **Arguments:**
+
+    - `opt_state`: the optimiser state.
+    - `n_steps`: the new total number of steps of the run.
+
+    **Returns:**
+
+    The state with its `total_steps` replaced (same shapes and dtypes, so a compiled
+    step is reused).
+
+    **Raises:**
+
+    `ValueError` if the state has no [`eqx_models.causal.WarmupCosineState`][].
+    """
+    found = [False]
+
+    def replace(node):
+        if isinstance(node, WarmupCosineState):
+            found[0] = True
+            return node._replace(total_steps=jnp.asarray(n_steps, jnp.int32))
+        return node
+
+    new = jax.tree.map(
+        replace, opt_state, is_leaf=lambda x: isinstance(x, WarmupCosineState)
+    )
+    if not found[0]:
+        raise ValueError(
+            "set_run_length: `opt_state` holds no WarmupCosineState (it does not come "
+            "from surrogate_optimizer)."
+        )
+    return new
+
+
+class Curriculum(eqx.Module):
+    """An easy-to-hard schedule over task buckets and graph families.
+
+    At training progress `s = step / n_steps` the probability of each bucket (a task
+    shape, e.g. `(d, N)`) and the weights of the graph families are interpolated
+    linearly from their start to their end values over `s ∈ [0, ramp]`, then stay
+    at the end values. The sampler draws each step's bucket from these
+    probabilities and passes the family weights to
+    [`eqx_models.causal.sample_training_batch`][], so what is sampled really
+    changes over the run.
+
+    **Fields:**
+
+    - `start_buckets`, `end_buckets`: bucket weights (one per bucket).
+    - `start_families`, `end_families`: weights over `GRAPH_FAMILIES`.
+    - `ramp`: the fraction of the run over which the weights move.
+    """
+
+    start_buckets: tuple[float, ...] = eqx.field(static=True)
+    end_buckets: tuple[float, ...] = eqx.field(static=True)
+    start_families: tuple[float, ...] = eqx.field(
+        static=True, default=(1.0, 1.0, 1.0, 0.0, 0.0)
+    )
+    end_families: tuple[float, ...] = eqx.field(
+        static=True, default=(1.0, 1.0, 1.0, 1.0, 1.0)
+    )
+    ramp: float = eqx.field(static=True, default=0.3)
+
+    def __check_init__(self):
+        if len(self.start_buckets) != len(self.end_buckets):
+            raise ValueError(
+                "Curriculum: `start_buckets` and `end_buckets` must have the same "
+                f"length, got {len(self.start_buckets)} and {len(self.end_buckets)}."
+            )
+        n = len(GRAPH_FAMILIES)
+        for name, weights in (
+            ("start_buckets", self.start_buckets),
+            ("end_buckets", self.end_buckets),
+            ("start_families", self.start_families),
+            ("end_families", self.end_families),
+        ):
+            if min(weights, default=-1.0) < 0 or sum(weights) <= 0:
+                raise ValueError(
+                    f"Curriculum: `{name}` must be non-negative with a positive sum, "
+                    f"got {weights}."
+                )
+            if "families" in name and len(weights) != n:
+                raise ValueError(
+                    f"Curriculum: `{name}` needs one weight per family ({n}), got "
+                    f"{len(weights)}."
+                )
+        if not 0 <= self.ramp <= 1:
+            raise ValueError(f"Curriculum: `ramp` must be in [0, 1], got {self.ramp}.")
+
+    @classmethod
+    def easy_to_hard(
+        cls, costs: Sequence[int | float], ramp: float = 0.3
+    ) -> "Curriculum":
+        """Start on the cheapest bucket(s) and chain/fork/collider graphs; end uniform.
+
+        **Arguments:**
+
+        - `costs`: a difficulty per bucket (e.g. `d·N`); the buckets of the smallest
+            cost get all the weight at the start.
+        - `ramp`: the fraction of the run over which the weights move.
+        """
+        low = min(costs)
+        start = tuple(1.0 if c == low else 0.0 for c in costs)
+        return cls(start, tuple(1.0 for _ in costs), ramp=ramp)
+
+    def weights(self, progress: float) -> tuple[np.ndarray, np.ndarray]:
+        """Bucket probabilities and family weights at `progress ∈ [0, 1]`."""
+        t = 1.0 if self.ramp == 0 else min(max(progress / self.ramp, 0.0), 1.0)
+
+        def mix(a, b):
+            w = (1 - t) * np.asarray(a, float) + t * np.asarray(b, float)
+            return w / w.sum()
+
+        return mix(self.start_buckets, self.end_buckets), mix(
+            self.start_families, self.end_families
+        )
+
+
+class TaskStream:
+    """Deterministic training batches as a function of the step index.
+
+    `stream(i)` is the batch of step `i` of an `n_steps` run: the bucket is drawn
+    with NumPy from a generator seeded by `(seed, i)` with the curriculum's
+    probabilities at `i / n_steps`, and the tasks from `fold_in(key, i)`. Batches
+    are a pure function of `i`, so a resumed run sees the same data.
+    """
+
+    def __init__(self, buckets, max_parents, n_steps, curriculum, key):
+        self.buckets = list(buckets)
+        self.max_parents = max_parents
+        self.n_steps = n_steps
+        self.curriculum = curriculum
+        self.key = key
+        self.seed = int(jr.randint(key, (), 0, 2**31 - 1))
+
+    def bucket_and_families(self, i: int) -> tuple[int, np.ndarray]:
+        """The bucket index and family weights of step `i`."""
+        bucket_p, family_w = self.curriculum.weights(i / max(self.n_steps, 1))
+        rng = np.random.default_rng([self.seed, i])
+        return int(rng.choice(len(self.buckets), p=bucket_p)), family_w
+
+    def __call__(self, i: int) -> TrainingBatch:
+        b, family_w = self.bucket_and_families(i)
+        config, batch_size = self.buckets[b]
+        return sample_training_batch(
+            jr.fold_in(self.key, i),
+            config,
+            batch_size,
+            self.max_parents,
+            jnp.asarray(family_w, jnp.float32),
+        )
+
+
+def train_surrogate(
+    model: ParentSetPredictionModel,
+    buckets: Sequence[tuple[TaskConfig, int]],
+    *,
+    n_steps: int,
+    key: PRNGKeyArray,
+    curriculum: Curriculum | None = None,
+    loss: Callable | None = None,
+    optimizer: optax.GradientTransformation | None = None,
+    opt_state=None,
+    stop_after: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    fallback: bool = True,
+    eval_fn: Callable | None = None,
+    eval_every: int = 0,
+    checkpoint_path: str | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    progress: bool = True,
+) -> FitResult:
+    """Train a parent-set model by behavioural cloning of the exact expert.
+
+    Tasks are drawn on the fly (never reused) from `buckets` — one
+    `(TaskConfig, batch_size)` per task shape; every batch has a single shape, so
+    each bucket compiles once — following `curriculum`, labelled by the exact expert
+    and fed to a step from [`transforms.make_train_step`][] (wrapped in
+    [`transforms.with_fallback`][] so that a custom loss that cannot be compiled
+    still runs), looped by [`transforms.fit`][] with its checkpoints and resume.
+
+    **Arguments:**
+
+    - `model`: the [`eqx_models.causal.ParentSetPredictionModel`][] to train.
+    - `buckets`: `(config, batch_size)` pairs; `config.max_parents` need not equal
+        the model's `K` (it caps the true graphs' in-degrees).
+    - `n_steps`: the length of the run: the learning-rate schedule and the
+        curriculum are laid out over it.
+    - `key`: the run's PRNG key (data and steps derive from it).
+    - `curriculum`: default [`eqx_models.causal.Curriculum.easy_to_hard`][] with
+        `d·N` as the cost.
+    - `loss`: default `BehaviouralCloningLoss(weight_decay=1e-4)`.
+    - `optimizer`: default `surrogate_optimizer(n_steps)`; a custom optimiser's
+        learning rate is reported if it records it in its state as
+        `learning_rate` (e.g. `optax.inject_hyperparams`).
+    - `opt_state`: the optimiser state (default: a fresh `optimizer.init`).
+    - `stop_after`: stop after this many steps (default `n_steps`); with a
+        checkpoint, a later call with `resume=True` continues the same run, so a
+        wall-clock budget can be met in chunks.
+    - `mesh`: a `jax.sharding.Mesh` for data parallelism over its `data` axis
+        (batch sizes must divide by its size).
+    - `fallback`: wrap the step in `with_fallback`.
+    - `eval_fn`, `eval_every`, `checkpoint_path`, `checkpoint_every`, `resume`,
+        `progress`: as in [`transforms.fit`][].
+
+    **Returns:**
+
+    The [`transforms.FitResult`][] of the run; its history has, per step, the
+    metrics of [`eqx_models.causal.BehaviouralCloningLoss`][] plus `grad_norm`,
+    `learning_rate` and `step_time`.
+
+    **Raises:**
+
+    `ValueError` for an empty `buckets` or a curriculum with another number of
+    buckets; [`transforms.NonFiniteLossError`][] if the loss becomes non-finite.
+    """
+    buckets = list(buckets)
+    if not buckets:
+        raise ValueError("train_surrogate: `buckets` is empty.")
+    if curriculum is None:
+        curriculum = Curriculum.easy_to_hard(
+            [c.n_vars * c.n_samples for c, _ in buckets]
+        )
+    if len(curriculum.start_buckets) != len(buckets):
+        raise ValueError(
+            f"train_surrogate: the curriculum has {len(curriculum.start_buckets)} "
+            f"buckets, `buckets` has {len(buckets)}."
+        )
+    if optimizer is None:
+        optimizer = surrogate_optimizer(n_steps)
+    if loss is None:
+        loss = BehaviouralCloningLoss(weight_decay=1e-4)
+    if opt_state is None:
+        opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    # The step donates its inputs' buffers; copies keep the caller's model and
+    # optimiser state usable.
+    model, opt_state = jax.tree.map(
+        lambda x: jnp.copy(x) if eqx.is_array(x) else x, (model, opt_state)
+    )
+    step = make_train_step(loss, optimizer, has_aux=True, mesh=mesh)
+    if fallback:
+        step = with_fallback(step)
+    data_key, step_key = jr.split(key)
+    stream = TaskStream(buckets, model.max_parents, n_steps, curriculum, data_key)
+    return fit(
+        step,
+        model,
+        opt_state,
+        stream,
+        n_steps=n_steps if stop_after is None else min(stop_after, n_steps),
+        key=step_key,
+        eval_fn=eval_fn,
+        eval_every=eval_every,
+        checkpoint_path=checkpoint_path,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        metadata={"n_steps": n_steps},
+        progress=progress,
+    )

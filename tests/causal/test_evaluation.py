@@ -1,0 +1,84 @@
+import itertools
+
+import jax
+import jax.random as jr
+import numpy as np
+import pytest
+
+from eqx_models.causal import (
+    candidate_variables,
+    evaluate_surrogate,
+    exact_parent_posterior,
+    ParentSetPredictionModel,
+    sample_task,
+    TaskConfig,
+)
+from eqx_models.causal._evaluation import _auroc
+
+
+def _brute_auroc(scores, labels):
+    pos, neg = scores[labels], scores[~labels]
+    wins = sum((p > n) + 0.5 * (p == n) for p, n in itertools.product(pos, neg))
+    return wins / (len(pos) * len(neg))
+
+
+def test_auroc_with_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        scores = rng.integers(0, 4, size=30).astype(float)
+        labels = rng.random(30) < 0.4
+        assert _auroc(scores, labels) == pytest.approx(_brute_auroc(scores, labels))
+    assert np.isnan(_auroc(np.ones(3), np.zeros(3, bool)))
+
+
+def _f1(predicted, truth):
+    hits = len(predicted & truth)
+    total = len(predicted) + len(truth)
+    return 1.0 if total == 0 else 2 * hits / total
+
+
+def test_metrics_against_direct_computation():
+    d, k = 5, 2
+    model = ParentSetPredictionModel(k, width=8, n_layers=1, n_heads=2, key=jr.key(0))
+    config = TaskConfig(n_vars=d, n_samples=30, target="any")
+    tasks = jax.vmap(lambda key: sample_task(key, config))(jr.split(jr.key(1), 10))
+    got = evaluate_surrogate(model, tasks, batch_size=4)
+    kls, tvs, top1, f1, exact_f1, scores, exact_scores, labels = ([] for _ in range(8))
+    for i in range(10):
+        data, target = tasks.data[i], int(tasks.target[i])
+        log_p = np.asarray(exact_parent_posterior(data, k).log_probs, np.float64)
+        log_q = np.asarray(jax.nn.log_softmax(model(data)), np.float64)
+        p, q = np.exp(log_p), np.exp(log_q)
+        kls.append(np.sum(p * (log_p - log_q)))
+        tvs.append(0.5 * np.abs(p - q).sum())
+        top1.append(np.argmax(p) == np.argmax(q))
+        sets = [
+            set(int(v) for v in row if v >= 0)
+            for row in candidate_variables(target, d, k)
+        ]
+        truth = set(np.flatnonzero(np.asarray(tasks.adjacency[i])[:, target]).tolist())
+        f1.append(_f1(sets[int(np.argmax(q))], truth))
+        exact_f1.append(_f1(sets[int(np.argmax(p))], truth))
+        for v in range(d):
+            if v != target:
+                scores.append(sum(qq for qq, s in zip(q, sets) if v in s))
+                exact_scores.append(sum(pp for pp, s in zip(p, sets) if v in s))
+                labels.append(v in truth)
+    labels = np.array(labels)
+    assert got["tasks"] == 10 and got["degenerate"] == 0
+    assert got["kl"] == pytest.approx(np.mean(kls), rel=1e-4)
+    assert got["kl_median"] == pytest.approx(np.median(kls), rel=1e-4)
+    assert got["tv"] == pytest.approx(np.mean(tvs), rel=1e-4)
+    assert got["top1_agreement"] == pytest.approx(np.mean(top1))
+    assert got["map_f1"] == pytest.approx(np.mean(f1))
+    assert got["exact_map_f1"] == pytest.approx(np.mean(exact_f1))
+    assert got["auroc"] == pytest.approx(
+        _brute_auroc(np.array(scores), labels), abs=0.02
+    )
+    assert got["exact_auroc"] == pytest.approx(
+        _brute_auroc(np.array(exact_scores), labels), abs=0.02
+    )
+    with pytest.raises(ValueError, match="evaluate_surrogate: `tasks` must be a batch"):
+        evaluate_surrogate(model, jax.tree.map(lambda x: x[0], tasks))
+    with pytest.raises(ValueError, match="evaluate_surrogate: `max_parents`=3 differs"):
+        evaluate_surrogate(model, tasks, max_parents=3)

@@ -1,0 +1,159 @@
+import equinox as eqx
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+from hypothesis import given
+
+from eqx_models.causal import (
+    candidate_variables,
+    ParentSetPredictionModel,
+    sample_task,
+    TaskConfig,
+)
+
+
+N, D, K = 12, 5, 2
+
+
+def _model(**kwargs):
+    options = dict(width=8, n_layers=2, n_heads=2, key=jr.key(0))
+    options.update(kwargs)
+    return ParentSetPredictionModel(K, **options)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _model()
+
+
+@pytest.fixture(scope="module")
+def task():
+    return sample_task(jr.key(1), TaskConfig(n_vars=D, n_samples=N, target="any"))
+
+
+@eqx.filter_jit
+def _logits(model, data):
+    return model(data)
+
+
+def _by_set(logits, target, d):
+    sets = [
+        tuple(int(v) for v in row if v >= 0)
+        for row in candidate_variables(target, d, K)
+    ]
+    return dict(zip(sets, np.asarray(logits)))
+
+
+def test_one_logit_per_candidate_set(model, task):
+    logits = _logits(model, task.data)
+    assert logits.shape == (1 + 4 + 6,)
+    assert bool(jnp.all(jnp.isfinite(logits)))
+    np.testing.assert_allclose(jnp.sum(jax.nn.softmax(logits)), 1.0, rtol=1e-6)
+
+
+def test_invariant_to_row_order(model, task):
+    perm = np.random.default_rng(0).permutation(N)
+    np.testing.assert_allclose(
+        _logits(model, task.data[perm]), _logits(model, task.data), atol=2e-5
+    )
+
+
+def _check_equivariance(model, data, perm):
+    """Relabel variable i as perm[i]; a set S of old labels becomes perm[S]."""
+    inverse = np.argsort(perm)
+    permuted = data[:, inverse]
+    target = int(jnp.argmax(data[0, :, 2]))
+    before = _by_set(_logits(model, data), target, D)
+    after = _by_set(_logits(model, permuted), int(perm[target]), D)
+    for S, value in before.items():
+        image = tuple(sorted(int(perm[i]) for i in S))
+        np.testing.assert_allclose(after[image], value, atol=5e-5)
+
+
+def test_equivariant_to_variable_order(model, task):
+    _check_equivariance(model, task.data, np.random.default_rng(1).permutation(D))
+
+
+@given(st.permutations(list(range(D))), st.integers(0, 10_000))
+def test_equivariance_property(model, perm, seed):
+    data = sample_task(
+        jr.key(seed), TaskConfig(n_vars=D, n_samples=N, target="any")
+    ).data
+    _check_equivariance(model, data, np.asarray(perm))
+
+
+def test_padding_with_masks(model, task):
+    rng = np.random.default_rng(2)
+    extra_rows = jnp.asarray(rng.normal(size=(3, D, 3)), jnp.float32) * 50
+    padded = jnp.concatenate([task.data, extra_rows], axis=0)
+    extra_vars = jnp.zeros((N + 3, 2, 3)).at[..., 0].set(rng.normal(size=(N + 3, 2)))
+    padded = jnp.concatenate([padded, extra_vars], axis=1)
+    sample_mask = jnp.arange(N + 3) < N
+    variable_mask = jnp.arange(D + 2) < D
+    big = eqx.filter_jit(lambda m, x, s, v: m(x, sample_mask=s, variable_mask=v))(
+        model, padded, sample_mask, variable_mask
+    )
+    small = _by_set(_logits(model, task.data), int(task.target), D)
+    for S, value in _by_set(big, int(task.target), D + 2).items():
+        if any(i >= D for i in S):
+            assert value == -np.inf
+        else:
+            np.testing.assert_allclose(value, small[S], atol=2e-5)
+
+
+def test_vmap_grad_and_single_trace(model):
+    config = TaskConfig(n_vars=D, n_samples=N)
+    tasks = jax.vmap(lambda k: sample_task(k, config))(jr.split(jr.key(3), 3))
+
+    @eqx.filter_jit
+    @eqx.debug.assert_max_traces(max_traces=1)
+    def batched(model, data):
+        return jax.vmap(model)(data)
+
+    out = batched(model, tasks.data)
+    for i in range(3):
+        np.testing.assert_allclose(out[i], _logits(model, tasks.data[i]), atol=1e-5)
+    batched(model, tasks.data.at[..., 0].mul(2.0))
+    grads = eqx.filter_grad(
+        lambda m: jnp.sum(jax.nn.log_softmax(batched(m, tasks.data))[:, 1])
+    )(model)
+    leaves = jax.tree.leaves(eqx.filter(grads, eqx.is_array))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    assert sum(float(jnp.sum(jnp.abs(g))) > 0 for g in leaves) == len(leaves)
+
+
+def test_runs_in_float64(x64):
+    model = _model()
+    assert model.w_embed.dtype == jnp.float64
+    data = sample_task(jr.key(4), TaskConfig(n_vars=D, n_samples=N)).data
+    assert data.dtype == jnp.float64
+    assert _logits(model, data).dtype == jnp.float64
+
+
+def test_without_pairs_and_without_layers(task):
+    for model in (_model(pair_features=False), _model(n_layers=0)):
+        assert bool(jnp.all(jnp.isfinite(_logits(model, task.data))))
+
+
+def test_errors(model, task):
+    name = "ParentSetPredictionModel"
+    with pytest.raises(
+        ValueError, match=f"{name}: `width` must be a positive multiple"
+    ):
+        _model(width=6, n_heads=4)
+    with pytest.raises(ValueError, match=f"{name}: `max_parents` must be >= 0"):
+        ParentSetPredictionModel(-1, key=jr.key(0))
+    wide = jnp.zeros((4, 60, 3)).at[:, 0, 2].set(1.0)
+    with pytest.raises(ValueError, match=rf"{name}: \(d, K\) = \(60, 4\) has"):
+        ParentSetPredictionModel(4, width=8, n_heads=2, key=jr.key(0))(wide)
+    data = task.data
+    for bad, message in [
+        (data.at[0, 1, 0].set(jnp.inf), "non-finite values"),
+        (data.at[2, 0, 1].set(2.0), "must be 0 or 1"),
+        (data.at[:, :, 2].set(0.0), "exactly one variable in every row"),
+    ]:
+        with pytest.raises(Exception, match=message):
+            _logits(model, bad)
