@@ -37,7 +37,8 @@ def expected_value(
 
     **Raises:**
 
-    `ValueError` if the last axis of `logits` and the first of `values` differ.
+    `TypeError` (from the shape annotations) if the last axis of `logits` and the
+    first of `values` differ.
 
     !!! example
 
@@ -46,12 +47,6 @@ def expected_value(
         expected_value(jnp.array([0.0, 0.0]), codebook)  # [0.5, 1.0]
         ```
     """
-    if logits.shape[-1] != values.shape[0]:
-        raise ValueError(
-            "expected_value: `logits` has "
-            f"{logits.shape[-1]} outcomes on its last axis but `values` has "
-            f"{values.shape[0]} rows; expected equal."
-        )
     dtype = _float_dtype(logits, values)
     probs = jax.nn.softmax(logits.astype(dtype), axis=-1)
     return jnp.tensordot(
@@ -98,24 +93,15 @@ def expected_value_loss(
 
     **Raises:**
 
-    `ValueError` for inconsistent shapes; at run time (`eqx.error_if`) if a selected
-    target index lies outside `[0, v)`.
+    `TypeError` (from the shape annotations) for inconsistent shapes; `ValueError`
+    if `loss_fn` does not return a scalar; at run time (`eqx.error_if`) if a
+    selected target index lies outside `[0, v)`.
     """
     n, v = logits.shape
-    if values.shape[0] != v:
-        raise ValueError(
-            f"expected_value_loss: `logits` has {v} outcomes but `values` has "
-            f"{values.shape[0]} rows; expected equal."
-        )
     if where is None:
         where = jnp.ones((n,), bool)
     dtype = _float_dtype(logits, values)
     if jnp.issubdtype(targets.dtype, jnp.integer):
-        if targets.shape != (n,):
-            raise ValueError(
-                f"expected_value_loss: integer `targets` must have shape ({n},), "
-                f"got {targets.shape}."
-            )
         outside = where & ((targets < 0) | (targets >= v))
         targets = eqx.error_if(
             targets,
@@ -124,12 +110,6 @@ def expected_value_loss(
         )
         target_values = values.astype(dtype)[jnp.clip(targets, 0, v - 1)]
     else:
-        if targets.shape != (n,) + values.shape[1:]:
-            raise ValueError(
-                "expected_value_loss: float `targets` must have shape "
-                f"{(n,) + values.shape[1:]} (positions, then the value shape), got "
-                f"{targets.shape}."
-            )
         target_values = targets.astype(dtype)
     predictions = expected_value(logits, values)
     per_position = jax.vmap(loss_fn or _squared_error)(predictions, target_values)
