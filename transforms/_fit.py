@@ -71,7 +71,6 @@ def fit(
     checkpoint_every: int = 0,
     resume: bool = False,
     metadata: Mapping[str, Any] | None = None,
-    expected_metadata: Mapping[str, Any] | None = None,
     finite_metrics: Sequence[str] = ("loss",),
     progress: bool = True,
 ) -> FitResult:
@@ -101,9 +100,6 @@ def fit(
         `checkpoint_path`.
     - `resume`: continue from `checkpoint_path` if the file exists.
     - `metadata`: JSON-serialisable data stored with every checkpoint.
-    - `expected_metadata`: on resume, entries the checkpoint's metadata must equal
-        (e.g. the model configuration); a mismatch raises
-        [`transforms.CheckpointError`][] listing every differing field.
     - `finite_metrics`: metrics that must stay finite; the first non-finite one stops
         the run.
     - `progress`: show a tqdm progress bar.
@@ -119,9 +115,7 @@ def fit(
 
     [`transforms.NonFiniteLossError`][] naming the step at the first non-finite watched
     metric; the last checkpoint written before it stays on disk untouched.
-    `ValueError` for inconsistent arguments or a data iterable that runs out;
-    [`transforms.CheckpointError`][] when resuming from a checkpoint that does not
-    match the templates or `expected_metadata`.
+    `ValueError` for inconsistent arguments or a data iterable that runs out.
     """
     if n_steps < 0:
         raise ValueError(f"fit: `n_steps` must be >= 0, got {n_steps}.")
@@ -140,11 +134,7 @@ def fit(
     start = 0
     if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
         restored = load_checkpoint(
-            checkpoint_path,
-            model=model,
-            opt_state=opt_state,
-            key=key,
-            expected_metadata=expected_metadata,
+            checkpoint_path, model=model, opt_state=opt_state, key=key
         )
         model, opt_state, start, key = (
             restored.model,

@@ -236,36 +236,3 @@ def test_watched_metric_and_argument_errors():
         fit(
             step, model, opt_state, _data, n_steps=1, checkpoint_every=2, progress=False
         )
-
-
-def test_resume_checks_expected_metadata(tmp_path):
-    from transforms import CheckpointError, fit, make_train_step
-
-    model, optimizer, opt_state, _ = _setup()
-    step = make_train_step(_loss, optimizer)
-    path = tmp_path / "meta.ckpt"
-    common = dict(key=jr.key(0), checkpoint_path=path, progress=False)
-    fit(step, model, opt_state, _data, n_steps=2, metadata={"width": 16}, **common)
-    model, _, opt_state, _ = _setup()
-    with pytest.raises(CheckpointError, match="width: expected 32, checkpoint has 16"):
-        fit(
-            step,
-            model,
-            opt_state,
-            _data,
-            n_steps=4,
-            resume=True,
-            expected_metadata={"width": 32},
-            **common,
-        )
-    resumed = fit(
-        step,
-        model,
-        opt_state,
-        _data,
-        n_steps=4,
-        resume=True,
-        expected_metadata={"width": 16},
-        **common,
-    )
-    assert [r["step"] for r in resumed.history] == [2, 3]
