@@ -140,11 +140,14 @@ class MultimodalLoss(eqx.Module):
                 f"{self.ce_chunk_size}."
             )
 
-    def _rows(self, key, valid, k):
-        """Positions (and validity) for one modality: sampled, or all of them."""
-        if key is None or k is None or k >= valid.shape[0]:
-            return jnp.arange(valid.shape[0]), valid
-        return sample_positions(key, valid, k)
+    def _rows(self, keys, valid, k):
+        """Rows (and validity) per modality: `valid` is `(modalities, n)`, `keys` one
+        key per modality (or `None`), the same `k` for all. Sampled with one
+        vmapped draw, or every position."""
+        n = valid.shape[1]
+        if keys is None or k is None or k >= n:
+            return jnp.broadcast_to(jnp.arange(n), valid.shape), valid
+        return jax.vmap(sample_positions, in_axes=(0, 0, None))(keys, valid, k)
 
     def __call__(
         self,
@@ -184,10 +187,14 @@ class MultimodalLoss(eqx.Module):
                 "MultimodalLoss: `batch.tokens` must have shape (batch, length), got "
                 f"{tokens.shape}."
             )
-        if model.dropout > 0.0 and key is not None:
-            dropout_key, sample_key = jr.split(key)
+        # One split for everything: each split is a threefry kernel to compile.
+        n_groups = layout.n_groups
+        if key is None:
+            dropout_key, main_keys, group_keys = None, None, None
         else:
-            dropout_key, sample_key = None, key
+            keys = jr.split(key, 3 + n_groups)
+            dropout_key = keys[0] if model.dropout > 0.0 else None
+            main_keys, group_keys = keys[1:3], keys[3:]
         compute = _DTYPES[self.compute_dtype]
         # The head stays out of the cast: it is applied below, only where needed,
         # with its float32 weight.
@@ -210,13 +217,17 @@ class MultimodalLoss(eqx.Module):
             check_targets=False,
         )
         slices = layout.slices()
-        n_groups = layout.n_groups
-        keys = (
-            [None] * (2 + n_groups)
-            if sample_key is None
-            else list(jr.split(sample_key, 2 + n_groups))
-        )
         accumulate = jnp.promote_types(hidden.dtype, jnp.float32)
+
+        def in_range(name):
+            start, stop = slices[name]
+            return (targets >= start) & (targets < stop)
+
+        # Image and scalar positions are sampled in one draw, spectrum groups (with
+        # their smaller per-group count) in another.
+        main_rows, main_ok = self._rows(
+            main_keys, jnp.stack([in_range("image"), in_range("scalar")]), self.sample_k
+        )
 
         def slice_logits(start, stop, rows):
             h = hidden[rows]
@@ -224,12 +235,8 @@ class MultimodalLoss(eqx.Module):
             logits = jnp.dot(h, w.T, preferred_element_type=accumulate)
             return logits + head_bias[start:stop].astype(accumulate)
 
-        def in_range(start, stop):
-            return (targets >= start) & (targets < stop)
-
-        def vector_loss(name, codebook, key, k):
+        def vector_loss(name, codebook, rows, ok):
             start, stop = slices[name]
-            rows, ok = self._rows(key, in_range(start, stop), k)
             logits = slice_logits(start, stop, rows)
             codebook = codebook.astype(accumulate)
             predicted = expected_value(logits, codebook)
@@ -237,10 +244,10 @@ class MultimodalLoss(eqx.Module):
             error = jnp.mean(jnp.square(predicted - target), axis=-1)
             return masked_mean(error, ok), jnp.any(ok)
 
-        image, _ = vector_loss("image", self.codebooks.image, keys[0], self.sample_k)
+        image, _ = vector_loss("image", self.codebooks.image, main_rows[0], main_ok[0])
 
         start, stop = slices["scalar"]
-        rows, ok = self._rows(keys[1], in_range(start, stop), self.sample_k)
+        rows, ok = main_rows[1], main_ok[1]
         centres_table = self.codebooks.scalar.astype(accumulate)
         n_columns = centres_table.shape[0]
         row_columns = columns[rows]
@@ -279,16 +286,19 @@ class MultimodalLoss(eqx.Module):
             per_group_k = (
                 None if self.sample_k is None else max(1, self.sample_k // n_groups)
             )
+            names = [f"spectrum:{name}" for name in layout.spectrum_groups]
+            group_rows, group_ok = self._rows(
+                group_keys, jnp.stack([in_range(name) for name in names]), per_group_k
+            )
             losses, present = zip(
                 *(
-                    vector_loss(f"spectrum:{name}", cb, keys[2 + g], per_group_k)
-                    for g, (name, cb) in enumerate(
-                        zip(layout.spectrum_groups, self.codebooks.spectrum)
+                    vector_loss(name, codebook, group_rows[g], group_ok[g])
+                    for g, (name, codebook) in enumerate(
+                        zip(names, self.codebooks.spectrum)
                     )
                 )
             )
-            present = jnp.stack(present)
-            spectrum = masked_mean(jnp.stack(losses), present)
+            spectrum = masked_mean(jnp.stack(losses), jnp.stack(present))
         else:
             spectrum = jnp.zeros((), accumulate)
 

@@ -1,3 +1,5 @@
+import dataclasses
+import functools
 import math
 from typing import Any, Literal
 
@@ -15,65 +17,134 @@ _LN_EPS = 1e-5
 
 
 class _Block(eqx.Module):
-    # Weights are stored (in, out) so that activations multiply from the left.
-    ln1_weight: Float[Array, " d_model"]
-    ln1_bias: Float[Array, " d_model"]
-    qkv_weight: Float[Array, "d_model qkv"]
-    qkv_bias: Float[Array, " qkv"]
-    out_weight: Float[Array, "d_model d_model"]
-    out_bias: Float[Array, " d_model"]
-    ln2_weight: Float[Array, " d_model"]
-    ln2_bias: Float[Array, " d_model"]
-    fc_weight: Float[Array, "d_model d_ff"]
-    fc_bias: Float[Array, " d_ff"]
-    proj_weight: Float[Array, "d_ff d_model"]
-    proj_bias: Float[Array, " d_model"]
+    # One transformer block; the model holds all blocks stacked along a leading
+    # `layers` axis (scan over layers). Weights are (in, out): activations
+    # multiply from the left.
+    ln1_weight: Float[Array, "*layers d_model"]
+    ln1_bias: Float[Array, "*layers d_model"]
+    qkv_weight: Float[Array, "*layers d_model qkv"]
+    qkv_bias: Float[Array, "*layers qkv"]
+    out_weight: Float[Array, "*layers d_model d_model"]
+    out_bias: Float[Array, "*layers d_model"]
+    ln2_weight: Float[Array, "*layers d_model"]
+    ln2_bias: Float[Array, "*layers d_model"]
+    fc_weight: Float[Array, "*layers d_model d_ff"]
+    fc_bias: Float[Array, "*layers d_ff"]
+    proj_weight: Float[Array, "*layers d_ff d_model"]
+    proj_bias: Float[Array, "*layers d_model"]
 
 
-def _uniform(key, shape, bound):
-    return jr.uniform(key, shape, minval=-bound, maxval=bound)
+def _draw(key, specs):
+    """Arrays from `(name, shape, "normal" | "uniform" | "zeros" | "ones", scale)`.
+
+    All normal entries come from one `jr.normal` call and all uniform ones
+    (`U(-scale, scale)`) from one `jr.uniform` call: each random-number call is a
+    threefry kernel that is slow to compile on a CPU.
+    """
+    sizes = {"normal": 0, "uniform": 0}
+    for _, shape, dist, _ in specs:
+        if dist in sizes:
+            sizes[dist] += math.prod(shape)
+    k_normal, k_uniform = jr.split(key)
+    pools = {
+        "normal": jr.normal(k_normal, (sizes["normal"],)),
+        "uniform": jr.uniform(k_uniform, (sizes["uniform"],), minval=-1, maxval=1),
+    }
+    offsets = {"normal": 0, "uniform": 0}
+    out = {}
+    for name, shape, dist, scale in specs:
+        if dist == "zeros":
+            out[name] = jnp.zeros(shape)
+        elif dist == "ones":
+            out[name] = jnp.ones(shape)
+        else:
+            size = math.prod(shape)
+            start = offsets[dist]
+            offsets[dist] = start + size
+            out[name] = scale * pools[dist][start : start + size].reshape(shape)
+    return out
 
 
-def _make_block(d_model: int, d_ff: int, n_layers: int, init: str, key) -> _Block:
-    k = jr.split(key, 8)
+def _block_specs(d_model, d_ff, n_layers, init):
+    n = (n_layers,)
     if init == "torch":
         # torch defaults: MultiheadAttention's in-projection is Xavier-uniform with
         # zero bias and its out-projection zero-biased; Linear layers are
         # U(+-1/sqrt(fan_in)) for weight and bias.
-        qkv = _uniform(k[0], (d_model, 3 * d_model), math.sqrt(6 / (4 * d_model)))
-        qkv_b = jnp.zeros(3 * d_model)
-        out = _uniform(k[1], (d_model, d_model), 1 / math.sqrt(d_model))
-        out_b = jnp.zeros(d_model)
-        fc = _uniform(k[2], (d_model, d_ff), 1 / math.sqrt(d_model))
-        fc_b = _uniform(k[3], (d_ff,), 1 / math.sqrt(d_model))
-        proj = _uniform(k[4], (d_ff, d_model), 1 / math.sqrt(d_ff))
-        proj_b = _uniform(k[5], (d_model,), 1 / math.sqrt(d_ff))
-    else:
-        # GPT-2: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layers).
-        residual = 0.02 / math.sqrt(2 * n_layers)
-        qkv = 0.02 * jr.normal(k[0], (d_model, 3 * d_model))
-        qkv_b = jnp.zeros(3 * d_model)
-        out = residual * jr.normal(k[1], (d_model, d_model))
-        out_b = jnp.zeros(d_model)
-        fc = 0.02 * jr.normal(k[2], (d_model, d_ff))
-        fc_b = jnp.zeros(d_ff)
-        proj = residual * jr.normal(k[4], (d_ff, d_model))
-        proj_b = jnp.zeros(d_model)
-    ones, zeros = jnp.ones(d_model), jnp.zeros(d_model)
-    return _Block(
-        ln1_weight=ones,
-        ln1_bias=zeros,
-        qkv_weight=qkv,
-        qkv_bias=qkv_b,
-        out_weight=out,
-        out_bias=out_b,
-        ln2_weight=ones,
-        ln2_bias=zeros,
-        fc_weight=fc,
-        fc_bias=fc_b,
-        proj_weight=proj,
-        proj_bias=proj_b,
+        in_bound, ff_bound = 1 / math.sqrt(d_model), 1 / math.sqrt(d_ff)
+        return [
+            ("qkv_weight", n + (d_model, 3 * d_model), "uniform",
+             math.sqrt(6 / (4 * d_model))),
+            ("qkv_bias", n + (3 * d_model,), "zeros", 0.0),
+            ("out_weight", n + (d_model, d_model), "uniform", in_bound),
+            ("out_bias", n + (d_model,), "zeros", 0.0),
+            ("fc_weight", n + (d_model, d_ff), "uniform", in_bound),
+            ("fc_bias", n + (d_ff,), "uniform", in_bound),
+            ("proj_weight", n + (d_ff, d_model), "uniform", ff_bound),
+            ("proj_bias", n + (d_model,), "uniform", ff_bound),
+        ]  # fmt: skip
+    # GPT-2: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layers).
+    residual = 0.02 / math.sqrt(2 * n_layers)
+    return [
+        ("qkv_weight", n + (d_model, 3 * d_model), "normal", 0.02),
+        ("qkv_bias", n + (3 * d_model,), "zeros", 0.0),
+        ("out_weight", n + (d_model, d_model), "normal", residual),
+        ("out_bias", n + (d_model,), "zeros", 0.0),
+        ("fc_weight", n + (d_model, d_ff), "normal", 0.02),
+        ("fc_bias", n + (d_ff,), "zeros", 0.0),
+        ("proj_weight", n + (d_ff, d_model), "normal", residual),
+        ("proj_bias", n + (d_model,), "zeros", 0.0),
+    ]
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "vocab",
+        "n_types",
+        "max_len",
+        "d_model",
+        "d_ff",
+        "n_layers",
+        "init",
+    ),
+)
+def _initial_weights(key, *, vocab, n_types, max_len, d_model, d_ff, n_layers, init):
+    dist, scale = ("normal", 1.0) if init == "torch" else ("normal", 0.02)
+    head = (
+        [
+            ("head_weight", (vocab, d_model), "uniform", 1 / math.sqrt(d_model)),
+            ("head_bias", (vocab,), "uniform", 1 / math.sqrt(d_model)),
+        ]
+        if init == "torch"
+        else [
+            ("head_weight", (vocab, d_model), "normal", 0.02),
+            ("head_bias", (vocab,), "zeros", 0.0),
+        ]
     )
+    norms = [
+        (name, (n_layers, d_model), kind, 0.0)
+        for name, kind in (
+            ("ln1_weight", "ones"),
+            ("ln1_bias", "zeros"),
+            ("ln2_weight", "ones"),
+            ("ln2_bias", "zeros"),
+        )
+    ]
+    w = _draw(
+        key,
+        [
+            ("token_embedding", (vocab, d_model), dist, scale),
+            ("type_embedding", (n_types, d_model), dist, scale),
+            ("position_embedding", (max_len, d_model), dist, scale),
+        ]
+        + head
+        + norms
+        + _block_specs(d_model, d_ff, n_layers, init),
+    )
+    block_fields = [f.name for f in dataclasses.fields(_Block)]
+    w["blocks"] = _Block(**{name: w.pop(name) for name in block_fields})
+    return w
 
 
 def _layer_norm(x, weight, bias):
@@ -85,11 +156,17 @@ def _layer_norm(x, weight, bias):
     return (y * weight.astype(y.dtype) + bias.astype(y.dtype)).astype(x.dtype)
 
 
-def _dropout(x, rate: float, key):
-    if key is None or rate == 0.0:
+def _dropout(x, rate: float, keep):
+    if keep is None:
         return x
-    keep = jr.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
+
+
+def _keep_masks(key, rate: float, count: int, shape):
+    """`count` dropout masks from one random draw (one threefry kernel)."""
+    if key is None or rate == 0.0:
+        return [None] * count
+    return list(jr.bernoulli(key, 1.0 - rate, (count,) + shape))
 
 
 def _attention_implementation(
@@ -225,25 +302,22 @@ class CausalTransformerLM(eqx.Module):
                 f"got {unroll}."
             )
         d_ff = 4 * d_model if d_ff is None else d_ff
-        vocab = layout.vocab_size
-        k_tok, k_type, k_pos, k_blocks, k_head, k_head_b = jr.split(key, 6)
-        block_keys = jr.split(k_blocks, n_layers)
-        self.blocks = eqx.filter_vmap(
-            lambda k: _make_block(d_model, d_ff, n_layers, init, k)
-        )(block_keys)
-        if init == "torch":
-            self.token_embedding = jr.normal(k_tok, (vocab, d_model))
-            self.type_embedding = jr.normal(k_type, (layout.n_types, d_model))
-            self.position_embedding = jr.normal(k_pos, (max_len, d_model))
-            bound = 1 / math.sqrt(d_model)
-            self.head_weight = _uniform(k_head, (vocab, d_model), bound)
-            self.head_bias = _uniform(k_head_b, (vocab,), bound)
-        else:
-            self.token_embedding = 0.02 * jr.normal(k_tok, (vocab, d_model))
-            self.type_embedding = 0.02 * jr.normal(k_type, (layout.n_types, d_model))
-            self.position_embedding = 0.02 * jr.normal(k_pos, (max_len, d_model))
-            self.head_weight = 0.02 * jr.normal(k_head, (vocab, d_model))
-            self.head_bias = jnp.zeros(vocab)
+        weights = _initial_weights(
+            key,
+            vocab=layout.vocab_size,
+            n_types=layout.n_types,
+            max_len=max_len,
+            d_model=d_model,
+            d_ff=d_ff,
+            n_layers=n_layers,
+            init=init,
+        )
+        self.blocks = weights["blocks"]
+        self.token_embedding = weights["token_embedding"]
+        self.type_embedding = weights["type_embedding"]
+        self.position_embedding = weights["position_embedding"]
+        self.head_weight = weights["head_weight"]
+        self.head_bias = weights["head_bias"]
         self.final_norm_weight = jnp.ones(d_model)
         self.final_norm_bias = jnp.zeros(d_model)
         self.layout = layout
@@ -331,15 +405,17 @@ class CausalTransformerLM(eqx.Module):
         if key is None or self.dropout == 0.0:
             embed_key, layer_keys = None, None
         else:
-            embed_key, k = jr.split(key)
-            layer_keys = jr.split(k, self.n_layers)
-        x = _dropout(x, self.dropout, embed_key)
+            keys = jr.split(key, self.n_layers + 1)
+            embed_key, layer_keys = keys[0], keys[1:]
+        x = _dropout(
+            x, self.dropout, _keep_masks(embed_key, self.dropout, 1, x.shape)[0]
+        )
         head_dim = self.d_model // self.n_heads
         implementation = _attention_implementation(self.attention, dtype, head_dim)
 
         def block(x, inputs):
             p, k = inputs
-            k_attn, k_mlp = (None, None) if k is None else jr.split(k)
+            keep_attn, keep_mlp = _keep_masks(k, self.dropout, 2, x.shape)
 
             def attention(h):
                 qkv = h @ p.qkv_weight + p.qkv_bias
@@ -354,11 +430,11 @@ class CausalTransformerLM(eqx.Module):
                     implementation=implementation,
                 )
                 o = o.reshape(batch, length, self.d_model) @ p.out_weight + p.out_bias
-                return _dropout(o, self.dropout, k_attn)
+                return _dropout(o, self.dropout, keep_attn)
 
             def mlp(h):
                 h = jax.nn.gelu(h @ p.fc_weight + p.fc_bias, approximate=False)
-                return _dropout(h @ p.proj_weight + p.proj_bias, self.dropout, k_mlp)
+                return _dropout(h @ p.proj_weight + p.proj_bias, self.dropout, keep_mlp)
 
             if self.pre_ln:
                 x = x + attention(_layer_norm(x, p.ln1_weight, p.ln1_bias))

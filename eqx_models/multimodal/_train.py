@@ -10,7 +10,14 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import PRNGKeyArray
 
-from transforms import fit, FitResult, make_train_step, shard_batch
+from transforms import (
+    CheckpointError,
+    fit,
+    FitResult,
+    make_train_step,
+    read_checkpoint_metadata,
+    shard_batch,
+)
 
 from ._loss import MultimodalLoss
 from ._model import CausalTransformerLM
@@ -198,6 +205,32 @@ def make_optimizer(
     return _optimizers[cache_key]
 
 
+def _flatten(config: dict, prefix: str) -> dict:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`, so that differences name single fields."""
+    out = {}
+    for name, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _check_compatible(path, expected: dict) -> None:
+    stored = read_checkpoint_metadata(path)["metadata"]
+    differing = [
+        f"{name}: this run has {value!r}, the checkpoint "
+        f"{stored.get(name, '<absent>')!r}"
+        for name, value in expected.items()
+        if stored.get(name, object()) != value
+    ]
+    if differing:
+        raise CheckpointError(
+            f"train: {os.fspath(path)!r} was written for another model configuration "
+            "or vocabulary layout:\n  " + "\n  ".join(differing)
+        )
+
+
 _evaluate_batch = eqx.filter_jit(lambda model, loss, batch: loss(model, batch, None))
 
 
@@ -324,7 +357,9 @@ def train(
         held_out = eval_batches
         eval_fn = lambda model: evaluate(model, loss, held_out, mesh=mesh)
 
-    config_metadata = {"model": model.config()}
+    config_metadata = _flatten(model.config(), "model.")
+    if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
+        _check_compatible(checkpoint_path, config_metadata)
     result = fit(
         counted_step,
         model,
@@ -337,8 +372,7 @@ def train(
         checkpoint_path=checkpoint_path,
         checkpoint_every=config.checkpoint_every * k,
         resume=resume,
-        metadata={**config_metadata, "train": dataclasses.asdict(config)},
-        expected_metadata=config_metadata,
+        metadata={**config_metadata, **_flatten(dataclasses.asdict(config), "train.")},
         progress=progress,
     )
     for record in result.history:
