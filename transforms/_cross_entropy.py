@@ -175,8 +175,9 @@ def chunked_cross_entropy(
         bias = jnp.zeros((v,), weight.dtype)
     if check_targets:
         outside = where & ((targets < 0) | (targets >= v))
-        targets = eqx.error_if(
-            targets,
+        # The check rides on a scalar so that `targets` keeps its sharding.
+        targets = targets + eqx.error_if(
+            jnp.zeros((), targets.dtype),
             jnp.any(outside),
             "chunked_cross_entropy: a selected target lies outside [0, v).",
         )

@@ -58,7 +58,8 @@ def hl_gauss(
     The probability of bin `i` is the mass of a normal `N(x, sigma^2)` between the
     bin's edges `edges[i]` and `edges[i + 1]`, renormalised by the mass inside
     `[edges[0], edges[-1]]` (Imani & White 2018; Farebrother et al. 2024 recommend
-    `sigma` of about 0.75 bin widths).
+    `sigma` of about 0.75 bin widths). Values outside the edges are clipped to
+    them first.
 
     **Arguments:**
 
@@ -79,11 +80,12 @@ def hl_gauss(
             f"hl_gauss: `edges` needs at least 2 entries (1 bin), got {edges.shape[0]}."
         )
     dtype = jnp.result_type(x.dtype, edges.dtype, jnp.float32)
-    x = x.astype(dtype)
+    edges = edges.astype(dtype)
+    # Far outside the support all bins would get ~0 mass and the renormalisation
+    # would be 0/0: clip to the support as the two-hot target does.
+    x = jnp.clip(x.astype(dtype), edges[0], edges[-1])
     sigma = jnp.asarray(sigma, dtype)
-    z = (edges.astype(dtype) - x[..., None]) / (
-        jnp.sqrt(2.0).astype(dtype) * sigma[..., None]
-    )
+    z = (edges - x[..., None]) / (jnp.sqrt(2.0).astype(dtype) * sigma[..., None])
     cdf = 0.5 * jax.scipy.special.erf(z)
     mass = cdf[..., 1:] - cdf[..., :-1]
     return mass / (cdf[..., -1:] - cdf[..., :1])

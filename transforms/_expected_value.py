@@ -103,8 +103,9 @@ def expected_value_loss(
     dtype = _float_dtype(logits, values)
     if jnp.issubdtype(targets.dtype, jnp.integer):
         outside = where & ((targets < 0) | (targets >= v))
-        targets = eqx.error_if(
-            targets,
+        # The check rides on a scalar so that `targets` keeps its sharding.
+        targets = targets + eqx.error_if(
+            jnp.zeros((), targets.dtype),
             jnp.any(outside),
             "expected_value_loss: a target index lies outside [0, number of values).",
         )

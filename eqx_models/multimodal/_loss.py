@@ -101,7 +101,7 @@ class MultimodalLoss(eqx.Module):
     - `scalar_loss`: `"mse"` (expected bin centre), or the distributional
         alternatives `"two_hot"` / `"hl_gauss"`: cross-entropy of the scalar slice
         against a two-hot or HL-Gauss target built from the raw value in
-        `batch.values` (the target's bin centre where unknown).
+        `batch.values` (the target's bin centre where it is NaN or infinite).
     - `hl_gauss_sigma`: HL-Gauss width in units of the target bin's width.
     - `compute_dtype`: `"float32"`, `"bfloat16"` or `"float16"`.
     - `ce_chunk_size`: rows per chunk of the cross-entropy.
@@ -253,8 +253,8 @@ class MultimodalLoss(eqx.Module):
         row_columns = columns[rows]
         if n_columns > 1:
             beyond = ok & ((row_columns < 0) | (row_columns >= n_columns))
-            row_columns = eqx.error_if(
-                row_columns,
+            row_columns = row_columns + eqx.error_if(
+                jnp.zeros((), row_columns.dtype),
                 jnp.any(beyond),
                 "MultimodalLoss: a scalar target's column (batch.columns) is "
                 f"outside [0, {n_columns}), the rows of the scalar bin centres.",
@@ -270,7 +270,7 @@ class MultimodalLoss(eqx.Module):
             scalar = masked_mean(jnp.square(predicted - target_centres), ok)
         else:
             raw = values[rows].astype(accumulate)
-            raw = jnp.where(jnp.isnan(raw), target_centres, raw)
+            raw = jnp.where(jnp.isfinite(raw), raw, target_centres)
             if self.scalar_loss == "two_hot":
                 probs = jax.vmap(two_hot)(raw, centres)
             else:

@@ -549,7 +549,7 @@ def check_tokens(
 ) -> Int[Array, "*batch length"]:
     """Check token ids (and type ids) against the layout at run time.
 
-    Returns `tokens` unchanged, wrapped in one `eqx.branched_error_if` that raises
+    Returns `tokens` unchanged, guarded by one `eqx.branched_error_if` that raises
     (inside `jit` too) if a token id lies outside `[0, vocab_size)`, if a `PAD`
     precedes a non-`PAD` token in a sequence, or if a type id disagrees with the
     layout (a non-special token must have the type its id implies; a special token
@@ -589,4 +589,9 @@ def check_tokens(
         "token's type must be the one its id implies; specials need a type in "
         f"[0, {layout.n_types})).",
     )
-    return eqx.branched_error_if(tokens, jnp.any(preds), jnp.argmax(preds), messages)
+    # The check rides on a scalar added to `tokens`, not on `tokens` itself: an
+    # array passed through the check's conditional loses its sharding (XLA
+    # replicates it), which would gather a data-parallel batch on every step.
+    zero = jnp.zeros((), tokens.dtype)
+    zero = eqx.branched_error_if(zero, jnp.any(preds), jnp.argmax(preds), messages)
+    return tokens + zero

@@ -19,7 +19,6 @@ from transforms import (
     shard_batch,
 )
 
-from ._loss import MultimodalLoss
 from ._model import CausalTransformerLM
 from ._sequence import TokenBatch
 
@@ -46,7 +45,8 @@ class TrainConfig:
     - `accumulation_steps`: micro-batches averaged per optimiser step
         (`optax.MultiSteps`).
     - `eval_every`: evaluation period in optimiser steps (0: never).
-    - `checkpoint_every`: checkpoint period in optimiser steps (0: at the end only).
+    - `checkpoint_every`: checkpoint period in optimiser steps (0: at the end only;
+        ignored when training without a checkpoint path).
 
     **Raises:**
 
@@ -205,6 +205,19 @@ def make_optimizer(
     return _optimizers[cache_key]
 
 
+def _auto_axes(mesh: Mesh) -> Mesh:
+    """The same mesh with every axis of type `Auto`.
+
+    `jax.make_mesh` makes `Explicit` axes, under which every gather (the
+    embedding lookups, the sampled rows of the loss) would need its output
+    sharding spelled out; with `Auto` axes XLA propagates the batch sharding.
+    """
+    auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
+    if tuple(mesh.axis_types) == auto:
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
+
+
 def _flatten(config: dict, prefix: str) -> dict:
     """`{"a": {"b": 1}}` -> `{"a.b": 1}`, so that differences name single fields."""
     out = {}
@@ -236,7 +249,7 @@ _evaluate_batch = eqx.filter_jit(lambda model, loss, batch: loss(model, batch, N
 
 def evaluate(
     model: CausalTransformerLM,
-    loss: MultimodalLoss,
+    loss: Callable,
     batches: TokenBatch | Sequence[TokenBatch],
     *,
     mesh: Mesh | None = None,
@@ -260,6 +273,8 @@ def evaluate(
     """
     if isinstance(batches, TokenBatch):
         batches = [batches]
+    if mesh is not None:
+        mesh = _auto_axes(mesh)
     totals: dict[str, float] = {}
     for batch in batches:
         if mesh is not None:
@@ -273,7 +288,7 @@ def evaluate(
 
 def train(
     model: CausalTransformerLM,
-    loss: MultimodalLoss,
+    loss: Callable,
     data: Callable[[int], TokenBatch],
     config: TrainConfig,
     *,
@@ -302,8 +317,10 @@ def train(
 
     **Arguments:**
 
-    - `model`: the [`eqx_models.multimodal.CausalTransformerLM`][] (float32).
-    - `loss`: the [`eqx_models.multimodal.MultimodalLoss`][].
+    - `model`: the [`eqx_models.multimodal.CausalTransformerLM`][] (float32); it is
+        copied, not consumed (the copy's buffers are donated to the updates).
+    - `loss`: the [`eqx_models.multimodal.MultimodalLoss`][] (or any callable
+        with its signature and return value).
     - `data`: `data(i) -> TokenBatch`, the micro-batch of micro-step `i`
         (a function of the index, so a resumed run sees the same data).
     - `config`: the [`eqx_models.multimodal.TrainConfig`][].
@@ -313,7 +330,9 @@ def train(
         optimiser steps (metrics prefixed `eval_`).
     - `checkpoint_path`: where checkpoints go; `resume`: continue from it.
     - `mesh`: a `jax.sharding.Mesh` with a `"data"` axis: data-parallel training
-        (each micro-batch split over the devices).
+        (each micro-batch split over the devices, whose number must divide the
+        micro-batch size). Its axes are used as `Auto` axes (sharding propagated
+        by XLA).
     - `peak_flops`: the device's peak (or measured) FLOP/s; when given, each record
         gets `mfu`, the model FLOPs utilisation.
     - `progress`: show a progress bar.
@@ -335,7 +354,12 @@ def train(
         raise ValueError("train: `config.eval_every` > 0 needs `eval_batches`.")
     if resume and checkpoint_path is None:
         raise ValueError("train: `resume=True` needs a `checkpoint_path`.")
+    if mesh is not None:
+        mesh = _auto_axes(mesh)
     k = config.accumulation_steps
+    # The compiled step donates its inputs' buffers; train on a copy so the
+    # caller's model stays usable.
+    model = jax.tree.map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, model)
     optimizer = make_optimizer(config, model)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     step = make_train_step(
@@ -370,7 +394,7 @@ def train(
         eval_fn=eval_fn,
         eval_every=config.eval_every * k,
         checkpoint_path=checkpoint_path,
-        checkpoint_every=config.checkpoint_every * k,
+        checkpoint_every=config.checkpoint_every * k if checkpoint_path else 0,
         resume=resume,
         metadata={**config_metadata, **_flatten(dataclasses.asdict(config), "train.")},
         progress=progress,

@@ -34,14 +34,14 @@ def make_codebooks(seed=0, n_columns=3):
     )
 
 
-def make_sequences(seed=0, n=4, *, image=True, group_b=True):
+def make_sequences(seed=0, n=4, *, image=True, group_b=True, missing=0.3):
     """Objects with 3 image cells, 3 scalar columns (some missing), two spectrum
     groups (group "b" optional)."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
         scalars = rng.integers(0, 5, 3)
-        scalars[rng.random(3) < 0.3] = -1
+        scalars[rng.random(3) < missing] = -1
         spectra = {"a": rng.integers(0, 4, 2)}
         if group_b:
             spectra["b"] = rng.integers(0, 4, 2)

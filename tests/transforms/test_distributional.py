@@ -27,6 +27,7 @@ def _two_hot_reference(x, centres):
 
 
 def _hl_gauss_reference(x, edges, sigma):
+    x = min(max(x, edges[0]), edges[-1])
     cdf = np.array(
         [0.5 * (1 + math.erf((e - x) / (sigma * math.sqrt(2)))) for e in edges]
     )
@@ -89,10 +90,12 @@ def test_hl_gauss_matches_the_definition(x64):
         hl_gauss(jnp.array([0.5]), jnp.array([1.0]), 0.1)
 
 
-def test_hl_gauss_concentrates_for_small_sigma():
+def test_hl_gauss_concentrates_for_small_sigma_and_clips():
     edges = jnp.linspace(0.0, 1.0, 11)
-    probs = hl_gauss(jnp.array(0.55), edges, 1e-3)
-    assert int(jnp.argmax(probs)) == 5 and float(probs[5]) > 0.999
+    probs = hl_gauss(jnp.array([0.55, 40.0, -jnp.inf]), edges, 1e-3)
+    assert np.all(np.isfinite(np.asarray(probs)))
+    assert np.argmax(probs, axis=1).tolist() == [5, 9, 0]
+    assert float(probs[0, 5]) > 0.999
 
 
 def test_soft_cross_entropy_matches_numpy_and_its_gradient():
