@@ -6,6 +6,7 @@ from ._model import (
     CausalTransformerLM as CausalTransformerLM,
     check_tokens as check_tokens,
 )
+from ._predict import expected_values as expected_values
 from ._sequence import (
     bucket_length as bucket_length,
     build_sequence as build_sequence,

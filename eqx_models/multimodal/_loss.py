@@ -22,7 +22,12 @@ from ._sequence import TokenBatch
 from ._vocab import PAD
 
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_DTYPES = {
+    "float64": jnp.float64,
+    "float32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "float16": jnp.float16,
+}
 
 
 def cast_floating(tree, dtype):
@@ -103,7 +108,8 @@ class MultimodalLoss(eqx.Module):
         against a two-hot or HL-Gauss target built from the raw value in
         `batch.values` (the target's bin centre where it is NaN or infinite).
     - `hl_gauss_sigma`: HL-Gauss width in units of the target bin's width.
-    - `compute_dtype`: `"float32"`, `"bfloat16"` or `"float16"`.
+    - `compute_dtype`: `"float32"`, `"bfloat16"`, `"float16"`, or `"float64"`
+        (with `jax_enable_x64`).
     - `ce_chunk_size`: rows per chunk of the cross-entropy.
     """
 
@@ -196,10 +202,17 @@ class MultimodalLoss(eqx.Module):
             dropout_key = keys[0] if model.dropout > 0.0 else None
             main_keys, group_keys = keys[1:3], keys[3:]
         compute = _DTYPES[self.compute_dtype]
-        # The head stays out of the cast: it is applied below, only where needed,
-        # with its float32 weight.
+        # Only the blocks and the final norm are cast: the head is applied below,
+        # only where needed, with its float32 weight, and the embedding tables
+        # are gathered in float32 (a float32 scatter-add in the backward pass).
         head_weight, head_bias = model.head_weight, model.head_bias
-        body = cast_floating(model, compute)
+        body = eqx.tree_at(
+            lambda m: (m.blocks, m.final_norm_weight, m.final_norm_bias),
+            model,
+            cast_floating(
+                (model.blocks, model.final_norm_weight, model.final_norm_bias), compute
+            ),
+        )
         hidden = body.features_batch(tokens, type_ids=batch.type_ids, key=dropout_key)
         d = hidden.shape[-1]
         hidden = hidden.reshape(-1, d)

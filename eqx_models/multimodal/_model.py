@@ -204,8 +204,10 @@ class CausalTransformerLM(eqx.Module):
     - Dropout (rate `dropout`) acts on the embedding sum, the attention output and
         the MLP output when a `key` is given; without a key the model is
         deterministic (evaluation).
-    - The compute dtype is the dtype of the weights: cast the model (e.g. with
-        `jax.tree.map`) to run in bfloat16; LayerNorm statistics stay float32.
+    - The compute dtype is the dtype of the blocks' weights: cast them (e.g. with
+        [`eqx_models.multimodal.cast_floating`][]) to run in bfloat16; embedding
+        tables may stay float32 (their sum is cast), LayerNorm statistics are
+        float32.
 
     The model acts on one sequence (`__call__`, `features`); `features_batch` is
     the batched equivalent used for training (one fused computation, equal to
@@ -395,12 +397,14 @@ class CausalTransformerLM(eqx.Module):
         if type_ids is None:
             type_ids = self.layout.type_ids(tokens)
         batch, length = tokens.shape
-        dtype = self.token_embedding.dtype
+        dtype = self.blocks.qkv_weight.dtype
+        # Embeddings are summed in their own dtype and then cast, so that float32
+        # tables keep a float32 gradient (a scatter-add) under bfloat16 compute.
         x = (
             self.token_embedding[tokens]
             + self.type_embedding[type_ids]
             + self.position_embedding[:length]
-        )
+        ).astype(dtype)
         lengths = jnp.sum(tokens != PAD, axis=-1, dtype=jnp.int32)
         if key is None or self.dropout == 0.0:
             embed_key, layer_keys = None, None

@@ -164,7 +164,8 @@ def make_optimizer(
     config: TrainConfig, model: CausalTransformerLM
 ) -> optax.GradientTransformation:
     """The trainer's optimiser: clipping, AdamW with a decay mask, warmup-cosine
-    schedule, wrapped in `optax.MultiSteps` for gradient accumulation.
+    schedule, wrapped in `optax.MultiSteps` for gradient accumulation (when
+    `accumulation_steps > 1`).
 
     Equal configurations and model structures get the same optimiser object, so a
     step compiled for one run is reused by the next (e.g. a resumed run in the same
@@ -197,11 +198,14 @@ def make_optimizer(
             if config.clip_norm is None
             else optax.chain(optax.clip_by_global_norm(config.clip_norm), adamw)
         )
-        _optimizers[cache_key] = optax.MultiSteps(
-            chain,
-            every_k_schedule=config.accumulation_steps,
-            accumulator_dtype=accumulator,
-        ).gradient_transformation()
+        if config.accumulation_steps == 1:
+            _optimizers[cache_key] = chain
+        else:
+            _optimizers[cache_key] = optax.MultiSteps(
+                chain,
+                every_k_schedule=config.accumulation_steps,
+                accumulator_dtype=accumulator,
+            ).gradient_transformation()
     return _optimizers[cache_key]
 
 

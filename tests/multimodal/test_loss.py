@@ -266,3 +266,46 @@ def test_loss_errors():
         MultimodalLoss(codebooks, scalar_loss="l1")  # pyright: ignore[reportArgumentType]
     with pytest.raises(ValueError, match="`compute_dtype` must be one of"):
         MultimodalLoss(codebooks, compute_dtype="int8")
+
+
+def test_loss_in_float64(x64):
+    model, codebooks = make_model(), make_codebooks()
+    assert model.blocks.qkv_weight.dtype == jnp.float64
+    batch = make_batch(8)
+    loss = MultimodalLoss(codebooks, compute_dtype="float64")
+    total, parts = deterministic(loss, model, batch)
+    assert total.dtype == jnp.float64
+    _check((total, parts), reference(model, batch, codebooks), rtol=1e-10, atol=1e-12)
+
+
+def test_expected_values_are_the_losses_predictions():
+    from eqx_models.multimodal import expected_values
+
+    model, codebooks = make_model(), make_codebooks()
+    batch = make_batch(9)
+    predicted = eqx.filter_jit(expected_values)(
+        model, codebooks, batch.tokens, type_ids=batch.type_ids, columns=batch.columns
+    )
+    hidden = np.asarray(features(model, batch), np.float64)
+    z = hidden @ np.asarray(model.head_weight, np.float64).T + np.asarray(
+        model.head_bias
+    )
+    tokens = np.asarray(batch.tokens)
+    columns = np.asarray(batch.columns)
+    start, stop = LAYOUT.slices()["scalar"]
+    table = np.asarray(codebooks.scalar, np.float64)
+    checked = 0
+    for row, t in zip(*np.nonzero((tokens >= start) & (tokens < stop))):
+        want = _softmax(z[row, t - 1, start:stop]) @ table[columns[row, t]]
+        np.testing.assert_allclose(predicted["scalar"][row, t], want, rtol=1e-5)
+        checked += 1
+    start, stop = LAYOUT.slices()["spectrum:b"]
+    for row, t in zip(*np.nonzero((tokens >= start) & (tokens < stop))):
+        want = _softmax(z[row, t - 1, start:stop]) @ np.asarray(codebooks.spectrum[1])
+        np.testing.assert_allclose(predicted["spectrum:b"][row, t], want, rtol=1e-5)
+        checked += 1
+    assert checked > 10
+    assert predicted["image"].shape == (4, 16, 3)
+    assert np.all(np.isnan(np.asarray(predicted["image"][:, 0])))
+    with pytest.raises(ValueError, match="pass `columns`"):
+        expected_values(model, codebooks, batch.tokens)
