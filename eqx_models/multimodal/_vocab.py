@@ -7,10 +7,15 @@ from jaxtyping import Array, Int, jaxtyped
 
 
 PAD = 0
+"""Padding token id (0): ignored by every loss; only as a suffix of a sequence."""
 BOS = 1
+"""Beginning-of-sequence token id (1)."""
 EOS = 2
+"""End-of-sequence token id (2)."""
 SEP = 3
+"""Separator token id (3), between the modality segments of a sequence."""
 MISS = 4
+"""Missing-value token id (4): a scalar or spectrum entry without a value."""
 N_SPECIAL = 5
 
 SPECIAL_TYPE = 0
