@@ -54,7 +54,7 @@ def main(argv=None):
     if args.smoke:
         n_objects, n_steps, batch_size, d_model, eval_every = 240, 30, 16, 32, 10
     else:
-        n_objects, n_steps, batch_size, d_model, eval_every = 3000, 2500, 64, 64, 100
+        n_objects, n_steps, batch_size, d_model, eval_every = 3000, 1000, 48, 64, 50
     n_train = int(0.85 * n_objects)
     t0 = time.perf_counter()
     data = make_synthetic_data(jr.key(0), n_objects, fit_on=n_train)

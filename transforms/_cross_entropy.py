@@ -14,9 +14,10 @@ def _chunks(x, n_chunks: int):
 
 
 def _chunk_logits(h, weight, bias, accumulate):
-    # The matmul runs in the dtype of the hidden states (bf16 on a GPU) and
-    # accumulates in float32 or wider; only this chunk's logits exist at once.
-    logits = jnp.dot(h, weight.astype(h.dtype).T, preferred_element_type=accumulate)
+    # The matmul runs in the dtype of the hidden states (bf16 on a GPU; `weight`
+    # is already cast) and accumulates in float32 or wider; only this chunk's
+    # logits exist at once.
+    logits = jnp.dot(h, weight.T, preferred_element_type=accumulate)
     return logits + bias.astype(accumulate)
 
 
@@ -56,6 +57,7 @@ def _chunk_loss(h, t, w, weight, bias, accumulate):
 
 def _loss(chunk_size, hidden, weight, bias, targets, where):
     accumulate = _accumulate_dtype(hidden, weight)
+    weight = weight.astype(hidden.dtype)  # once, outside the loop over chunks
 
     def body(_, xs):
         h, t, w = xs
@@ -70,6 +72,8 @@ def _loss_and_grads(chunk_size, hidden, weight, bias, targets, where):
     accumulate = _accumulate_dtype(hidden, weight)
     scale = _scale(where, accumulate)
     v = weight.shape[0]
+    primal_weight, primal_bias = weight, bias
+    weight = weight.astype(hidden.dtype)  # once, outside the loop over chunks
 
     def body(carry, xs):
         h, t, w = xs
@@ -79,9 +83,9 @@ def _loss_and_grads(chunk_size, hidden, weight, bias, targets, where):
         onehot = jnp.arange(v) == t[:, None]
         d_logits = (probs - onehot) * jnp.where(w, scale, 0)[:, None]
         d_logits_c = d_logits.astype(h.dtype)
-        d_h = jnp.dot(
-            d_logits_c, weight.astype(h.dtype), preferred_element_type=accumulate
-        ).astype(hidden.dtype)
+        d_h = jnp.dot(d_logits_c, weight, preferred_element_type=accumulate).astype(
+            hidden.dtype
+        )
         d_weight = d_weight + jnp.dot(
             d_logits_c.T, h, preferred_element_type=accumulate
         )
@@ -94,7 +98,11 @@ def _loss_and_grads(chunk_size, hidden, weight, bias, targets, where):
     d_hidden = d_h.reshape((-1,) + hidden.shape[1:])[: hidden.shape[0]]
     # Gradients in the primal dtypes: a float32 master weight keeps a float32
     # gradient even when the matmuls ran in bfloat16.
-    grads = (d_hidden, d_weight.astype(weight.dtype), d_bias.astype(bias.dtype))
+    grads = (
+        d_hidden,
+        d_weight.astype(primal_weight.dtype),
+        d_bias.astype(primal_bias.dtype),
+    )
     return pairwise_sum(sums) * scale, grads
 
 

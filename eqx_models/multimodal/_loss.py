@@ -4,7 +4,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from jaxtyping import Array, Float, PRNGKeyArray
+from beartype import beartype
+from jaxtyping import Array, Float, jaxtyped, PRNGKeyArray
 
 from transforms import (
     chunked_cross_entropy,
@@ -155,6 +156,7 @@ class MultimodalLoss(eqx.Module):
             return jnp.broadcast_to(jnp.arange(n), valid.shape), valid
         return jax.vmap(sample_positions, in_axes=(0, 0, None))(keys, valid, k)
 
+    @jaxtyped(typechecker=beartype)
     def __call__(
         self,
         model: CausalTransformerLM,

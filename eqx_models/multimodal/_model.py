@@ -544,6 +544,7 @@ class CausalTransformerLM(eqx.Module):
         return 3.0 * forward
 
 
+@jaxtyped(typechecker=beartype)
 def check_tokens(
     layout: VocabLayout,
     tokens: Int[Array, "*batch length"],

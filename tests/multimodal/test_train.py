@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from eqx_models.multimodal import (
+    CausalTransformerLM,
     evaluate,
     learning_rate_schedule,
     make_optimizer,
@@ -18,6 +19,7 @@ from eqx_models.multimodal import (
     pad_batch,
     train,
     TrainConfig,
+    VocabLayout,
     weight_decay_mask,
 )
 from transforms import CheckpointError, NonFiniteLossError
@@ -186,8 +188,18 @@ def test_resume_is_bit_identical_and_checks_the_configuration(tmp_path):
         assert np.array_equal(a, b)
     for a, b in zip(_leaves(full.opt_state), _leaves(resumed.opt_state)):
         assert np.array_equal(a, b)
-    other = make_model(dropout=0.1, n_heads=4)
-    with pytest.raises(CheckpointError, match=r"model\.n_heads: this run has 4.*2"):
+    # Another vocabulary layout and another head count: both are listed.
+    layout = VocabLayout(
+        n_image=7, n_scalar=5, n_spectrum=4, spectrum_groups=("a", "b")
+    )
+    other = CausalTransformerLM(
+        layout, d_model=8, n_layers=2, n_heads=4, max_len=LENGTH, key=jr.key(0)
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"(?s)model\.n_heads: this run has 4.*model\.vocabulary\.n_image: "
+        r"this run has 7, the checkpoint 6",
+    ):
         train(
             other,
             LOSS,
