@@ -261,7 +261,9 @@ def evaluate(
     """Deterministic evaluation: the loss and its parts, averaged over batches.
 
     Runs the loss with `key=None`: no dropout, every valid position counted (no
-    sampling), so the result depends only on the model and the data.
+    sampling), so the result depends only on the model and the data. Without
+    sampling each modality's head is applied to every position of the batch (a
+    `(batch * length, slice)` array), so keep evaluation batches moderate.
 
     **Arguments:**
 
