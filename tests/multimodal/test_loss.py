@@ -102,6 +102,7 @@ def _check(got, want, rtol=1e-5, atol=1e-6):
         )
 
 
+@pytest.mark.slow
 def test_loss_matches_numpy_reference():
     model, codebooks = make_model(), make_codebooks()
     loss = MultimodalLoss(codebooks)  # sample_k=1024: more than any count here
@@ -125,6 +126,7 @@ def test_loss_matches_numpy_reference():
     )
 
 
+@pytest.mark.slow
 def test_absent_modality_has_no_gradient():
     model, codebooks = make_model(), make_codebooks()
     loss = MultimodalLoss(codebooks)
@@ -135,6 +137,7 @@ def test_absent_modality_has_no_gradient():
     assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grads))
 
 
+@pytest.mark.slow
 def test_sampling_picks_one_valid_position_uniformly():
     # sample_k=1: each image loss is the error of exactly one image position, chosen
     # uniformly; two spectrum groups get max(1, 1 // 2) = 1 position each.
@@ -159,6 +162,7 @@ def test_sampling_picks_one_valid_position_uniformly():
     assert len(rows) == 12 and counts.min() > 8 and counts.max() < 50
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scalar_loss", ["two_hot", "hl_gauss"])
 def test_distributional_scalar_losses(scalar_loss):
     model, codebooks = make_model(), make_codebooks()
@@ -174,6 +178,7 @@ def test_distributional_scalar_losses(scalar_loss):
         assert abs(float(parts["scalar"]) - two_hot) < 0.5 * two_hot
 
 
+@pytest.mark.slow
 def test_shared_scalar_table_and_bfloat16_compute():
     model = make_model()
     shared = make_codebooks(n_columns=1)
@@ -187,6 +192,7 @@ def test_shared_scalar_table_and_bfloat16_compute():
     np.testing.assert_allclose(total, want, rtol=3e-2)
 
 
+@pytest.mark.slow
 def test_no_full_float32_logits_at_a_large_vocabulary():
     layout = VocabLayout(n_image=8000, n_scalar=8, n_spectrum=8, spectrum_groups=("a",))
     rng = np.random.default_rng(0)
@@ -268,6 +274,7 @@ def test_loss_errors():
         MultimodalLoss(codebooks, compute_dtype="int8")
 
 
+@pytest.mark.slow
 def test_loss_in_float64(x64):
     model, codebooks = make_model(), make_codebooks()
     assert model.blocks.qkv_weight.dtype == jnp.float64

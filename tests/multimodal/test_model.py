@@ -83,6 +83,7 @@ def test_forward_matches_numpy_reference(pre_ln):
     _assert_matches_reference(model, batch, logits)
 
 
+@pytest.mark.slow
 def test_single_sequence_call_and_vmap():
     model = make_model(init="gpt")
     batch = make_batch(2)
@@ -113,6 +114,7 @@ def test_causality_and_padding():
     assert not np.allclose(first[:, 6:10], second[:, 6:10])
 
 
+@pytest.mark.slow
 def test_dropout_uses_keys_and_is_off_without_a_key():
     model = make_model(dropout=0.3)
     batch = make_batch(4)
@@ -180,6 +182,7 @@ def test_trace_time_errors():
         CausalTransformerLM(LAYOUT, d_model=8, n_heads=2, n_layers=2, unroll=3, key=key)
 
 
+@pytest.mark.slow
 def test_initialisations_and_flop_count():
     torch_like = make_model(d_model=64, n_heads=4, init="torch")
     gpt = make_model(d_model=64, n_heads=4, init="gpt", n_layers=8)

@@ -103,6 +103,7 @@ def test_weight_decay_reaches_matrices_and_embeddings_only():
     assert np.all(np.asarray(updates.head_bias) == 0)
 
 
+@pytest.mark.slow
 def test_accumulating_four_micro_batches_equals_one_big_batch(tmp_path):
     model = make_model()
     accumulated = train(model, LOSS, micro_batch, CONFIG, key=jr.key(0), progress=False)
@@ -211,6 +212,7 @@ def test_resume_is_bit_identical_and_checks_the_configuration(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     from transforms import load_checkpoint
 

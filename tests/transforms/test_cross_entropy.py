@@ -85,6 +85,7 @@ def test_chunked_cross_entropy_float32_no_bias_and_vmap():
     )
 
 
+@pytest.mark.slow
 def test_bfloat16_hidden_with_float32_master_weight():
     hidden, weight, bias, targets, where = _problem(2, n=64, d=16, v=32)
     f = jax.jit(

@@ -83,6 +83,7 @@ def _mse_reference(logits, values, target_values, where):
     return per[where].mean() if where.any() else 0.0
 
 
+@pytest.mark.slow
 def test_expected_value_loss_matches_numpy():
     rng = np.random.default_rng(4)
     logits, values = _problem(4, batch=(9,), v=5, d=(3,))
