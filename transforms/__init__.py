@@ -16,12 +16,22 @@ from ._checkpoint import (
     read_checkpoint_metadata as read_checkpoint_metadata,
     save_checkpoint as save_checkpoint,
 )
+from ._cross_entropy import chunked_cross_entropy as chunked_cross_entropy
+from ._distributional import (
+    hl_gauss as hl_gauss,
+    soft_cross_entropy as soft_cross_entropy,
+    two_hot as two_hot,
+)
 from ._divergences import (
     entropy as entropy,
     kl_divergence as kl_divergence,
     total_variation as total_variation,
     uncertainty_weighted as uncertainty_weighted,
     UncertaintyWeighted as UncertaintyWeighted,
+)
+from ._expected_value import (
+    expected_value as expected_value,
+    expected_value_loss as expected_value_loss,
 )
 from ._fallback import FallbackStep as FallbackStep, with_fallback as with_fallback
 from ._fit import (
@@ -38,11 +48,13 @@ from ._grad_norms import (
     per_sample_grad_norms as per_sample_grad_norms,
     PerSampleGradNorms as PerSampleGradNorms,
 )
+from ._masked import masked_mean as masked_mean
 from ._per_sample import (
     GhostFallbackWarning as GhostFallbackWarning,
     per_sample_grads as per_sample_grads,
     PerSampleGrads as PerSampleGrads,
 )
+from ._sampling import sample_positions as sample_positions
 from ._scan import (
     OptimizeStats as OptimizeStats,
     scan_optimize as scan_optimize,

@@ -1,0 +1,469 @@
+"""Training throughput of the multimodal LM against a PyTorch implementation.
+
+Usage:
+
+    python benchmarks/multimodal.py [--size small|gpt2] [--seq 1024 2048]
+        [--batch B] [--devices N] [--variants scan unrolled remat] [--no-torch]
+        [--tag NAME]
+
+One training step of `eqx_models.multimodal` (`make_train_step` with
+`MultimodalLoss`: chunked cross-entropy plus expected-value losses on sampled rows,
+AdamW with a decay mask and clipping) against the same model and loss in PyTorch
+(`benchmarks/multimodal_torch.py`: `torch.compile`, bfloat16 autocast,
+`scaled_dot_product_attention`, fused AdamW), on the same token batch. On a GPU the
+JAX step computes in bfloat16 with float32 master weights and cuDNN fused attention.
+
+`gpt2` (the default on a GPU) is the GPT-2-small shape: d_model 768, 12 layers, 12
+heads, vocabulary 13 317 (8 192 image, 1 024 scalar and 4 x 1 024 spectrum tokens;
+with the untied head about 107M parameters), sequences of 1 024 and 2 048 tokens,
+131 072 tokens per step and device. `--variants` compares the layer stack as a
+`lax.scan` (default), fully unrolled, or rematerialised.
+`small` (the default on a CPU) is a tiny model for a quick check.
+
+Each measurement runs in its own subprocess (clean peak-memory figures, a failure
+does not stop the others). Reported: median step time, tokens per second, peak
+device memory, and MFU = model FLOPs per step (matmuls of the forward and backward
+passes, `CausalTransformerLM.flops_per_token`) / step time / the bf16 matmul ceiling
+measured here (`mfu`; `mfu_causal` counts only the causal half of attention, and
+`mfu_spec` uses the datasheet peak instead). `--devices N` runs the JAX step
+data-parallel over the first N devices (a `jax.sharding.Mesh`; the batch is per
+device); the PyTorch peer always uses one device.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+SIZES = {
+    "small": dict(
+        n_image=256,
+        n_scalar=64,
+        n_spectrum=64,
+        groups=("bp", "rp"),
+        d_model=128,
+        n_layers=2,
+        n_heads=4,
+        seqs=(128,),
+        tokens_per_step=2048,
+        n_columns=16,
+    ),
+    "gpt2": dict(
+        n_image=8192,
+        n_scalar=1024,
+        n_spectrum=1024,
+        groups=("bp", "rp", "b", "r"),
+        d_model=768,
+        n_layers=12,
+        n_heads=12,
+        seqs=(1024, 2048),
+        tokens_per_step=131072,
+        n_columns=64,
+    ),
+}
+# Datasheet dense bf16 peak (H100/H200 SXM); the measured ceiling is the reference.
+SPEC_PEAK = {"H100": 989.4e12, "H200": 989.4e12}
+
+
+def _layout(size):
+    from eqx_models.multimodal import VocabLayout
+
+    return VocabLayout(
+        n_image=size["n_image"],
+        n_scalar=size["n_scalar"],
+        n_spectrum=size["n_spectrum"],
+        spectrum_groups=size["groups"],
+    )
+
+
+def make_data(size, batch: int, length: int, path: str, seed: int = 0) -> None:
+    """A batch of full-length sequences with the modality structure of a catalogue
+    object (BOS, image, SEP, scalars, SEP, spectrum groups with separators, EOS) and
+    random codebook indices, plus random codebooks; saved as .npz for both peers."""
+    import numpy as np
+
+    from eqx_models.multimodal import BOS, EOS, SEP
+
+    layout = _layout(size)
+    rng = np.random.default_rng(seed)
+    n_groups = layout.n_groups
+    n_image = length * 9 // 16
+    n_scalar = size["n_columns"]
+    per_group = (length - n_image - n_scalar - 3 - n_groups - 1) // n_groups
+    tokens, types, columns = [BOS], [0], [-1]
+
+    def segment(ids, type_id, cols=None):
+        tokens.extend(ids)
+        types.extend([type_id] * len(ids))
+        columns.extend(cols if cols is not None else [-1] * len(ids))
+
+    template = [("image", n_image, 1), ("scalar", n_scalar, 2)]
+    template += [
+        (f"spectrum:{g}", per_group, 3 + i) for i, g in enumerate(size["groups"])
+    ]
+    for i, (name, count, type_id) in enumerate(template):
+        start, stop = layout.slices()[name]
+        segment(
+            [start] * count, type_id, list(range(count)) if name == "scalar" else None
+        )
+        if i < len(template) - 1:
+            segment([SEP], 0)
+    segment([EOS] * (length - len(tokens)), 0)
+    base = np.array(tokens)
+    kinds = np.array(types)
+    cols = np.array(columns)
+    width = np.zeros(length, int)
+    for name, (start, stop) in layout.slices().items():
+        width[base == start] = stop - start
+    offsets = rng.integers(0, 1 << 30, (batch, length)) % np.maximum(width, 1)
+    batch_tokens = (base + np.where(width > 0, offsets, 0)).astype(np.int32)
+    tables = {
+        "table:image": rng.normal(size=(layout.n_image, 16)),
+        "table:scalar": np.sort(rng.normal(size=(n_scalar, layout.n_scalar)), axis=1),
+    }
+    for g in layout.spectrum_groups:
+        tables[f"table:spectrum:{g}"] = rng.normal(size=(layout.n_spectrum, 32))
+    arrays: dict[str, np.ndarray] = {k: v.astype(np.float32) for k, v in tables.items()}
+    arrays["tokens"] = batch_tokens
+    arrays["type_ids"] = np.broadcast_to(kinds, (batch, length)).astype(np.int32)
+    arrays["columns"] = np.broadcast_to(cols, (batch, length)).astype(np.int32)
+    np.savez(path, **arrays)  # pyright: ignore[reportArgumentType]
+
+
+def worker_ceiling(args) -> dict:
+    """The best bf16 (f32 on a CPU) matmul throughput over a few square sizes."""
+    import jax
+    import jax.numpy as jnp
+
+    gpu = jax.devices()[0].platform == "gpu"
+    dtype = jnp.bfloat16 if gpu else jnp.float32
+    best = {}
+    for n in (4096, 8192, 16384) if gpu else (512, 1024):
+        a = jnp.ones((n, n), dtype)
+        matmul = jax.jit(lambda x, y: x @ y)
+        jax.block_until_ready(matmul(a, a))
+        times = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            jax.block_until_ready(matmul(a, a))
+            times.append(time.perf_counter() - t0)
+        flops = 2 * n**3 / sorted(times)[len(times) // 2]
+        if flops > best.get("flops_per_sec", 0):
+            best = {"flops_per_sec": flops, "n": n, "dtype": str(jnp.dtype(dtype))}
+    return best
+
+
+def worker_jax(args) -> dict:
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import jax.random as jr
+    import numpy as np
+    from _harness import time_callable
+
+    from eqx_models.multimodal import (
+        CausalTransformerLM,
+        Codebooks,
+        make_optimizer,
+        MultimodalLoss,
+        TokenBatch,
+        TrainConfig,
+    )
+    from transforms import make_train_step
+
+    size = SIZES[args.size]
+    layout = _layout(size)
+    gpu = jax.devices()[0].platform == "gpu"
+    data = np.load(args.data)
+    model = CausalTransformerLM(
+        layout,
+        d_model=size["d_model"],
+        n_layers=size["n_layers"],
+        n_heads=size["n_heads"],
+        max_len=args.seq,
+        dropout=0.0,
+        init="gpt",
+        attention=args.attention,
+        unroll=size["n_layers"] if args.variant == "unrolled" else 1,
+        remat=args.variant == "remat",
+        key=jr.key(0),
+    )
+    codebooks = Codebooks(
+        layout,
+        image=data["table:image"],
+        scalar=data["table:scalar"],
+        spectrum={g: data[f"table:spectrum:{g}"] for g in layout.spectrum_groups},
+    )
+    loss = MultimodalLoss(
+        codebooks,
+        sample_k=1024,
+        compute_dtype="bfloat16" if gpu else "float32",
+        ce_chunk_size=8192,
+    )
+    config = TrainConfig(n_steps=10_000, learning_rate=3e-4, warmup_steps=100)
+    optimizer = make_optimizer(config, model)
+    mesh = None
+    if args.devices > 1:
+        devices = jax.devices()[: args.devices]
+        mesh = jax.make_mesh(
+            (args.devices,),
+            ("data",),
+            axis_types=(jax.sharding.AxisType.Auto,),
+            devices=devices,
+        )
+    step = make_train_step(loss, optimizer, has_aux=True, mesh=mesh)
+    reps = max(args.devices, 1)
+    batch = TokenBatch(
+        tokens=jnp.asarray(np.tile(data["tokens"], (reps, 1))),
+        type_ids=jnp.asarray(np.tile(data["type_ids"], (reps, 1))),
+        columns=jnp.asarray(np.tile(data["columns"], (reps, 1))),
+        values=jnp.full((reps * data["tokens"].shape[0], args.seq), jnp.nan),
+    )
+    state = {
+        "model": model,
+        "opt": optimizer.init(eqx.filter(model, eqx.is_inexact_array)),
+        "i": 0,
+    }
+
+    def run():
+        state["i"] += 1
+        state["model"], state["opt"], metrics = step(
+            state["model"], state["opt"], batch, jr.fold_in(jr.key(1), state["i"])
+        )
+        return metrics
+
+    timing = time_callable(run, warmup=args.warmup + 1, repeats=args.repeats)
+    metrics = jax.block_until_ready(run())
+    stats = jax.devices()[0].memory_stats() or {}
+    n_params = sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+    return {
+        **timing,
+        "loss": float(metrics["loss"]),
+        "device": jax.devices()[0].device_kind,
+        "peak_bytes": stats.get("peak_bytes_in_use"),
+        "flops_per_token": model.flops_per_token(args.seq),
+        "flops_per_token_causal": model.flops_per_token(args.seq, causal=True),
+        "parameters": int(n_params),
+        "attention": args.attention,
+    }
+
+
+def _spawn(argv: list[str], timeout: float) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (ROOT, HERE, env.get("PYTHONPATH", "")) if p
+    )
+    # One worker at a time has the GPU; the parent holds none of its memory.
+    env.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+    try:
+        result = subprocess.run(
+            [sys.executable] + argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            cwd=ROOT,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in result.stdout.splitlines() if ln.startswith("{")]
+    if result.returncode != 0 or not lines:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-6:]
+        return {"error": f"exit {result.returncode}: " + " | ".join(tail)}
+    return json.loads(lines[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size", choices=list(SIZES), default=None)
+    parser.add_argument("--seq", type=int, nargs="+", default=None)
+    parser.add_argument("--batch", type=int, default=None, help="sequences per device")
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        choices=["scan", "unrolled", "remat"],
+        help="layer-stack variants (default: scan)",
+    )
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument(
+        "--tag",
+        default=None,
+        help="suffix of the results file (default: the device count when > 1)",
+    )
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--worker", choices=["jax", "ceiling"], help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default="scan", help=argparse.SUPPRESS)
+    parser.add_argument("--attention", default="auto", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker is not None:
+        if args.size is None or args.seq is None:
+            parser.error("workers need --size and --seq")
+        args.seq = args.seq[0]
+        work = worker_jax if args.worker == "jax" else worker_ceiling
+        print(json.dumps(work(args)), flush=True)
+        return
+
+    # The parent only reads the platform and versions: keep it off GPU memory.
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    import jax
+    from _harness import Results
+
+    platform = jax.devices()[0].platform
+    size_name = args.size or ("small" if platform == "cpu" else "gpt2")
+    size = SIZES[size_name]
+    seqs = args.seq or list(size["seqs"])
+    tag = args.tag or (f"{args.devices}dev" if args.devices > 1 else None)
+    results = Results(
+        "multimodal" + (f"_{tag}" if tag else ""),
+        "Multimodal LM training step",
+        "One training step (forward, backward, AdamW) of "
+        "`eqx_models.multimodal.CausalTransformerLM` with `MultimodalLoss` "
+        "(chunked cross-entropy + expected-value losses on sampled rows), against "
+        "the same model and loss in PyTorch (`torch.compile`, bf16 autocast, SDPA, "
+        "fused AdamW) on the same batch. MFU uses the bf16 matmul ceiling measured "
+        "in the same run.",
+    )
+    common = ["--size", size_name, "--warmup", str(args.warmup)]
+    common += ["--repeats", str(args.repeats)]
+    ceiling = _spawn(
+        [__file__, "--worker", "ceiling", "--size", size_name, "--seq", "0"],
+        args.timeout,
+    )
+    peak = ceiling.pop("flops_per_sec", None)
+    if peak is not None:
+        ceiling["tflops_per_sec"] = peak / 1e12
+    device = jax.devices()[0].device_kind
+    spec = next((v for k, v in SPEC_PEAK.items() if k in device), None)
+    results.add(workload="matmul ceiling", impl="jax", **ceiling)
+    with tempfile.TemporaryDirectory() as tmp:
+        for seq in seqs:
+            batch = args.batch or max(1, size["tokens_per_step"] // seq)
+            path = os.path.join(tmp, f"data-{seq}.npz")
+            make_data(size, batch, seq, path)
+            sizes = {
+                "seq": seq,
+                "batch_per_device": batch,
+                "devices": args.devices,
+                "d_model": size["d_model"],
+                "n_layers": size["n_layers"],
+                "vocab": _layout(size).vocab_size,
+            }
+            tokens = batch * seq * args.devices
+            variants = args.variants or ["scan"]
+            for variant in variants:
+                argv = [__file__, "--worker", "jax", "--seq", str(seq), "--data", path]
+                argv += common + ["--variant", variant, "--devices", str(args.devices)]
+                out = _spawn(argv, args.timeout)
+                if "error" in out and platform == "gpu":
+                    results.note(
+                        f"jax {variant} L={seq} with cuDNN attention failed "
+                        f"({out['error'][:300]}); retried with XLA attention."
+                    )
+                    out = _spawn(argv + ["--attention", "xla"], args.timeout)
+                _add(results, f"jax {variant}", sizes, tokens, out, peak, spec, args)
+            if args.no_torch:
+                continue
+            config = {
+                "data": path,
+                "vocab": _layout(size).vocab_size,
+                "n_types": _layout(size).n_types,
+                "d_model": size["d_model"],
+                "n_layers": size["n_layers"],
+                "n_heads": size["n_heads"],
+                "pre_ln": False,
+                "sample_k": 1024,
+                "compile": True,
+                "warmup": args.warmup,
+                "repeats": args.repeats,
+                "slices": _layout(size).slices(),
+            }
+            torch_argv = [os.path.join(HERE, "multimodal_torch.py"), "--config"]
+            out = _spawn(torch_argv + [json.dumps(config)], args.timeout)
+            if args.devices > 1:
+                results.note("The PyTorch peer ran on one device.")
+            single = dict(sizes, devices=1)
+            _add(results, "torch.compile", single, batch * seq, out, peak, spec, args)
+    _compare(results)
+    results.save()
+
+
+def _add(results, impl, sizes, tokens, out, peak, spec, args):
+    from _harness import _summary
+
+    if "error" in out:
+        results.add(workload="train step", impl=impl, sizes=sizes, error=out["error"])
+        return
+    if "times" in out:  # the PyTorch worker reports raw times
+        out.update(_summary(out.pop("times")))
+    timing = {k: out.pop(k) for k in ("median_s", "min_s", "max_s", "iqr_s", "repeats")}
+    row = {
+        "workload": "train step",
+        "impl": impl,
+        "sizes": sizes,
+        "first_call_s": out.pop("first_call_s"),
+        **timing,
+        "tokens_per_sec": tokens / timing["median_s"],
+        "peak_bytes": out.pop("peak_bytes", None),
+    }
+    devices = sizes["devices"]
+    flops = out.pop("flops_per_token", None)
+    causal = out.pop("flops_per_token_causal", None)
+    if flops is None:
+        # The PyTorch peer computes the same model: the same FLOPs.
+        flops = results.rows[-1].get("flops_per_token") if results.rows else None
+        causal = (
+            results.rows[-1].get("flops_per_token_causal") if results.rows else None
+        )
+    if flops is not None:
+        row["flops_per_token"] = flops
+        row["flops_per_token_causal"] = causal
+        achieved = flops * tokens / timing["median_s"]
+        if peak:
+            row["mfu"] = achieved / (peak * devices)
+            row["mfu_causal"] = causal * tokens / timing["median_s"] / (peak * devices)
+        if spec:
+            row["mfu_spec"] = achieved / (spec * devices)
+    row.update(out)
+    results.add(**row)
+
+
+def _compare(results):
+    rows = [
+        r
+        for r in results.rows
+        if r.get("workload") == "train step" and "error" not in r
+    ]
+    for seq in sorted({r["sizes"]["seq"] for r in rows}):
+        at = [r for r in rows if r["sizes"]["seq"] == seq]
+        peer = [r for r in at if r["impl"] == "torch.compile"]
+        ours = [r for r in at if r["impl"].startswith("jax")]
+        if not ours:
+            continue
+        best = max(ours, key=lambda r: r["tokens_per_sec"])
+        line = (
+            f"L={seq}: best JAX ({best['impl']}) {best['tokens_per_sec']:.4g} tokens/s"
+        )
+        if "mfu" in best:
+            line += f", MFU {100 * best['mfu']:.1f}% of the measured ceiling"
+        if peer and best["sizes"]["devices"] == 1:
+            ratio = best["tokens_per_sec"] / peer[0]["tokens_per_sec"]
+            line += f"; {ratio:.2f}x the PyTorch tokens/s"
+        results.note(line + ".")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""A causal transformer over multimodal codebook tokens with expected-value losses."""
+
+from ._codebooks import Codebooks as Codebooks, load_codebooks as load_codebooks
+from ._loss import cast_floating as cast_floating, MultimodalLoss as MultimodalLoss
+from ._model import (
+    CausalTransformerLM as CausalTransformerLM,
+    check_tokens as check_tokens,
+)
+from ._predict import expected_values as expected_values
+from ._sequence import (
+    bucket_length as bucket_length,
+    build_sequence as build_sequence,
+    pad_batch as pad_batch,
+    TokenBatch as TokenBatch,
+    TokenSequence as TokenSequence,
+)
+from ._synthetic import (
+    make_synthetic_data as make_synthetic_data,
+    SyntheticData as SyntheticData,
+)
+from ._train import (
+    evaluate as evaluate,
+    learning_rate_schedule as learning_rate_schedule,
+    make_optimizer as make_optimizer,
+    train as train,
+    TrainConfig as TrainConfig,
+    weight_decay_mask as weight_decay_mask,
+)
+from ._vocab import (
+    BOS as BOS,
+    EOS as EOS,
+    MISS as MISS,
+    PAD as PAD,
+    SEP as SEP,
+    VocabLayout as VocabLayout,
+)

@@ -1,0 +1,327 @@
+from typing import Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from beartype import beartype
+from jaxtyping import Array, Float, jaxtyped, PRNGKeyArray
+
+from transforms import (
+    chunked_cross_entropy,
+    expected_value,
+    hl_gauss,
+    masked_mean,
+    sample_positions,
+    soft_cross_entropy,
+    two_hot,
+)
+
+from ._codebooks import Codebooks
+from ._model import CausalTransformerLM
+from ._sequence import TokenBatch
+from ._vocab import PAD
+
+
+_DTYPES = {
+    "float64": jnp.float64,
+    "float32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "float16": jnp.float16,
+}
+
+
+def cast_floating(tree, dtype):
+    """Cast every floating-point array of a pytree to `dtype` (for mixed precision).
+
+    **Arguments:**
+
+    - `tree`: any pytree, e.g. a model.
+    - `dtype`: the target floating dtype.
+
+    **Returns:**
+
+    The same pytree; gradients taken through the cast flow back to the original
+    (e.g. float32 master) arrays.
+    """
+    return jax.tree.map(
+        lambda x: (
+            x.astype(dtype)
+            if eqx.is_array(x) and jnp.issubdtype(x.dtype, jnp.floating)
+            else x
+        ),
+        tree,
+    )
+
+
+def _shift(x, fill):
+    """Targets: position t predicts the entry at t + 1; the last predicts nothing."""
+    return jnp.concatenate([x[:, 1:], jnp.full_like(x[:, :1], fill)], axis=1)
+
+
+def _edges_from_centres(centres):
+    mid = 0.5 * (centres[..., 1:] + centres[..., :-1])
+    first = centres[..., :1] - (mid[..., :1] - centres[..., :1])
+    last = centres[..., -1:] + (centres[..., -1:] - mid[..., -1:])
+    return jnp.concatenate([first, mid, last], axis=-1)
+
+
+class MultimodalLoss(eqx.Module):
+    """Cross-entropy plus expected-value reconstruction losses, as one loss function.
+
+    Called as `loss(model, batch, key) -> (total, aux)`, the signature
+    [`transforms.make_train_step`][] takes (with `has_aux=True`). Position `t`
+    predicts token `t + 1`:
+
+    - `ce`: cross-entropy over the full vocabulary, mean over non-`PAD` targets,
+        with the head applied chunk by chunk
+        ([`transforms.chunked_cross_entropy`][]), so no `(batch, length, vocab)`
+        float32 logits exist.
+    - per modality (image, scalar, each spectrum group), the valid positions are
+        targets inside the modality's id range (never specials); at most
+        `sample_k` of them are sampled uniformly without replacement over the
+        whole batch (all when fewer; spectrum groups get `max(1, sample_k //
+        n_groups)` each); the head is applied to those rows only and restricted to
+        the modality's slice of the vocabulary; the softmax over that slice (in
+        float32) gives the expected codebook vector (image, spectrum) or bin centre
+        (scalar, gathered from the target's column's centres), and the loss is the
+        squared error to the target token's codebook vector or centre, averaged
+        over positions x dimensions.
+    - `image`, `scalar`: those losses; `spectrum`: the mean of the groups' losses
+        over the groups present in the batch. A modality with no valid position
+        contributes exactly 0 with no gradient.
+    - total `= ce + image_weight * image + scalar_weight * scalar +
+        spectrum_weight * spectrum`.
+
+    With `key=None` the loss is deterministic: no dropout and every valid position
+    counted (use it for evaluation). The model runs in `compute_dtype` (its float32
+    weights cast inside the loss, so gradients reach the float32 master weights);
+    the head's weight is used in float32 with bfloat16 matmuls.
+
+    **Arguments:**
+
+    - `codebooks`: the [`eqx_models.multimodal.Codebooks`][] (their layout must be
+        the model's).
+    - `image_weight`, `scalar_weight`, `spectrum_weight`: loss weights, default 0.1.
+    - `sample_k`: positions sampled per modality per batch; `None` uses all.
+    - `scalar_loss`: `"mse"` (expected bin centre), or the distributional
+        alternatives `"two_hot"` / `"hl_gauss"`: cross-entropy of the scalar slice
+        against a two-hot or HL-Gauss target built from the raw value in
+        `batch.values` (the target's bin centre where it is NaN or infinite).
+    - `hl_gauss_sigma`: HL-Gauss width in units of the target bin's width.
+    - `compute_dtype`: `"float32"`, `"bfloat16"`, `"float16"`, or `"float64"`
+        (with `jax_enable_x64`).
+    - `ce_chunk_size`: rows per chunk of the cross-entropy.
+    """
+
+    codebooks: Codebooks
+    image_weight: float = eqx.field(static=True, default=0.1)
+    scalar_weight: float = eqx.field(static=True, default=0.1)
+    spectrum_weight: float = eqx.field(static=True, default=0.1)
+    sample_k: int | None = eqx.field(static=True, default=1024)
+    scalar_loss: Literal["mse", "two_hot", "hl_gauss"] = eqx.field(
+        static=True, default="mse"
+    )
+    hl_gauss_sigma: float = eqx.field(static=True, default=0.75)
+    compute_dtype: str = eqx.field(static=True, default="float32")
+    ce_chunk_size: int = eqx.field(static=True, default=8192)
+
+    def __check_init__(self):
+        if self.sample_k is not None and self.sample_k < 1:
+            raise ValueError(
+                f"MultimodalLoss: `sample_k` must be >= 1 or None, got {self.sample_k}."
+            )
+        if self.scalar_loss not in ("mse", "two_hot", "hl_gauss"):
+            raise ValueError(
+                "MultimodalLoss: `scalar_loss` must be 'mse', 'two_hot' or "
+                f"'hl_gauss', got {self.scalar_loss!r}."
+            )
+        if self.compute_dtype not in _DTYPES:
+            raise ValueError(
+                f"MultimodalLoss: `compute_dtype` must be one of {sorted(_DTYPES)}, "
+                f"got {self.compute_dtype!r}."
+            )
+        if self.ce_chunk_size < 1:
+            raise ValueError(
+                "MultimodalLoss: `ce_chunk_size` must be >= 1, got "
+                f"{self.ce_chunk_size}."
+            )
+
+    def _rows(self, keys, valid, k):
+        """Rows (and validity) per modality: `valid` is `(modalities, n)`, `keys` one
+        key per modality (or `None`), the same `k` for all. Sampled with one
+        vmapped draw, or every position."""
+        n = valid.shape[1]
+        if keys is None or k is None or k >= n:
+            return jnp.broadcast_to(jnp.arange(n), valid.shape), valid
+        return jax.vmap(sample_positions, in_axes=(0, 0, None))(keys, valid, k)
+
+    @jaxtyped(typechecker=beartype)
+    def __call__(
+        self,
+        model: CausalTransformerLM,
+        batch: TokenBatch,
+        key: PRNGKeyArray | None = None,
+    ) -> tuple[Float[Array, ""], dict[str, Array]]:
+        """The total loss and its parts.
+
+        **Arguments:**
+
+        - `model`: the [`eqx_models.multimodal.CausalTransformerLM`][].
+        - `batch`: a [`eqx_models.multimodal.TokenBatch`][] of shape
+            `(batch, length)`.
+        - `key`: PRNG key for dropout and position sampling; `None` for a
+            deterministic evaluation.
+
+        **Returns:**
+
+        `(total, {"ce", "image", "scalar", "spectrum"})`, float32 scalars.
+
+        **Raises:**
+
+        `ValueError` if the codebooks' layout is not the model's or the batch is not
+        2-D; at run time for token ids outside the vocabulary, inconsistent type
+        ids, or scalar columns beyond the codebooks' rows.
+        """
+        layout = model.layout
+        if self.codebooks.layout != layout:
+            raise ValueError(
+                "MultimodalLoss: the codebooks were built for another vocabulary "
+                f"layout ({self.codebooks.layout}) than the model's ({layout})."
+            )
+        tokens = batch.tokens
+        if tokens.ndim != 2:
+            raise ValueError(
+                "MultimodalLoss: `batch.tokens` must have shape (batch, length), got "
+                f"{tokens.shape}."
+            )
+        # One split for everything: each split is a threefry kernel to compile.
+        n_groups = layout.n_groups
+        if key is None:
+            dropout_key, main_keys, group_keys = None, None, None
+        else:
+            keys = jr.split(key, 3 + n_groups)
+            dropout_key = keys[0] if model.dropout > 0.0 else None
+            main_keys, group_keys = keys[1:3], keys[3:]
+        compute = _DTYPES[self.compute_dtype]
+        # Only the blocks and the final norm are cast: the head is applied below,
+        # only where needed, with its float32 weight, and the embedding tables
+        # are gathered in float32 (a float32 scatter-add in the backward pass).
+        head_weight, head_bias = model.head_weight, model.head_bias
+        body = eqx.tree_at(
+            lambda m: (m.blocks, m.final_norm_weight, m.final_norm_bias),
+            model,
+            cast_floating(
+                (model.blocks, model.final_norm_weight, model.final_norm_bias), compute
+            ),
+        )
+        hidden = body.features_batch(tokens, type_ids=batch.type_ids, key=dropout_key)
+        d = hidden.shape[-1]
+        hidden = hidden.reshape(-1, d)
+        targets = _shift(tokens, PAD).reshape(-1)
+        columns = _shift(batch.columns, -1).reshape(-1)
+        values = _shift(batch.values, jnp.nan).reshape(-1)
+
+        ce = chunked_cross_entropy(
+            hidden,
+            head_weight,
+            head_bias,
+            targets,
+            where=targets != PAD,
+            chunk_size=self.ce_chunk_size,
+            check_targets=False,
+        )
+        slices = layout.slices()
+        accumulate = jnp.promote_types(hidden.dtype, jnp.float32)
+
+        def in_range(name):
+            start, stop = slices[name]
+            return (targets >= start) & (targets < stop)
+
+        # Image and scalar positions are sampled in one draw, spectrum groups (with
+        # their smaller per-group count) in another.
+        main_rows, main_ok = self._rows(
+            main_keys, jnp.stack([in_range("image"), in_range("scalar")]), self.sample_k
+        )
+
+        def slice_logits(start, stop, rows):
+            h = hidden[rows]
+            w = head_weight[start:stop].astype(h.dtype)
+            logits = jnp.dot(h, w.T, preferred_element_type=accumulate)
+            return logits + head_bias[start:stop].astype(accumulate)
+
+        def vector_loss(name, codebook, rows, ok):
+            start, stop = slices[name]
+            logits = slice_logits(start, stop, rows)
+            codebook = codebook.astype(accumulate)
+            predicted = expected_value(logits, codebook)
+            target = codebook[jnp.clip(targets[rows] - start, 0, stop - start - 1)]
+            error = jnp.mean(jnp.square(predicted - target), axis=-1)
+            return masked_mean(error, ok), jnp.any(ok)
+
+        image, _ = vector_loss("image", self.codebooks.image, main_rows[0], main_ok[0])
+
+        start, stop = slices["scalar"]
+        rows, ok = main_rows[1], main_ok[1]
+        centres_table = self.codebooks.scalar.astype(accumulate)
+        n_columns = centres_table.shape[0]
+        row_columns = columns[rows]
+        if n_columns > 1:
+            beyond = ok & ((row_columns < 0) | (row_columns >= n_columns))
+            row_columns = row_columns + eqx.error_if(
+                jnp.zeros((), row_columns.dtype),
+                jnp.any(beyond),
+                "MultimodalLoss: a scalar target's column (batch.columns) is "
+                f"outside [0, {n_columns}), the rows of the scalar bin centres.",
+            )
+            centres = centres_table[jnp.clip(row_columns, 0, n_columns - 1)]
+        else:
+            centres = jnp.broadcast_to(centres_table, (rows.shape[0], stop - start))
+        logits = slice_logits(start, stop, rows)
+        target_bins = jnp.clip(targets[rows] - start, 0, stop - start - 1)
+        target_centres = jnp.take_along_axis(centres, target_bins[:, None], 1)[:, 0]
+        if self.scalar_loss == "mse":
+            predicted = jax.vmap(expected_value)(logits, centres)
+            scalar = masked_mean(jnp.square(predicted - target_centres), ok)
+        else:
+            raw = values[rows].astype(accumulate)
+            raw = jnp.where(jnp.isfinite(raw), raw, target_centres)
+            if self.scalar_loss == "two_hot":
+                probs = jax.vmap(two_hot)(raw, centres)
+            else:
+                edges = _edges_from_centres(centres)
+                widths = jnp.take_along_axis(
+                    edges[:, 1:] - edges[:, :-1], target_bins[:, None], 1
+                )[:, 0]
+                sigma = self.hl_gauss_sigma * jnp.where(widths > 0, widths, 1.0)
+                probs = jax.vmap(hl_gauss)(raw, edges, sigma)
+            scalar = soft_cross_entropy(logits, jax.lax.stop_gradient(probs), where=ok)
+
+        if n_groups:
+            per_group_k = (
+                None if self.sample_k is None else max(1, self.sample_k // n_groups)
+            )
+            names = [f"spectrum:{name}" for name in layout.spectrum_groups]
+            group_rows, group_ok = self._rows(
+                group_keys, jnp.stack([in_range(name) for name in names]), per_group_k
+            )
+            losses, present = zip(
+                *(
+                    vector_loss(name, codebook, group_rows[g], group_ok[g])
+                    for g, (name, codebook) in enumerate(
+                        zip(names, self.codebooks.spectrum)
+                    )
+                )
+            )
+            spectrum = masked_mean(jnp.stack(losses), jnp.stack(present))
+        else:
+            spectrum = jnp.zeros((), accumulate)
+
+        total = (
+            ce
+            + self.image_weight * image
+            + self.scalar_weight * scalar
+            + self.spectrum_weight * spectrum
+        )
+        aux = {"ce": ce, "image": image, "scalar": scalar, "spectrum": spectrum}
+        return total, aux

@@ -1,0 +1,602 @@
+import dataclasses
+import functools
+import math
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from beartype import beartype
+from jaxtyping import Array, Float, Int, jaxtyped, PRNGKeyArray
+
+from ._vocab import N_SPECIAL, PAD, SPECIAL_TYPE, VocabLayout
+
+
+_LN_EPS = 1e-5
+
+
+class _Block(eqx.Module):
+    # One transformer block; the model holds all blocks stacked along a leading
+    # `layers` axis (scan over layers). Weights are (in, out): activations
+    # multiply from the left.
+    ln1_weight: Float[Array, "*layers d_model"]
+    ln1_bias: Float[Array, "*layers d_model"]
+    qkv_weight: Float[Array, "*layers d_model qkv"]
+    qkv_bias: Float[Array, "*layers qkv"]
+    out_weight: Float[Array, "*layers d_model d_model"]
+    out_bias: Float[Array, "*layers d_model"]
+    ln2_weight: Float[Array, "*layers d_model"]
+    ln2_bias: Float[Array, "*layers d_model"]
+    fc_weight: Float[Array, "*layers d_model d_ff"]
+    fc_bias: Float[Array, "*layers d_ff"]
+    proj_weight: Float[Array, "*layers d_ff d_model"]
+    proj_bias: Float[Array, "*layers d_model"]
+
+
+def _draw(key, specs):
+    """Arrays from `(name, shape, "normal" | "uniform" | "zeros" | "ones", scale)`.
+
+    All normal entries come from one `jr.normal` call and all uniform ones
+    (`U(-scale, scale)`) from one `jr.uniform` call: each random-number call is a
+    threefry kernel that is slow to compile on a CPU.
+    """
+    sizes = {"normal": 0, "uniform": 0}
+    for _, shape, dist, _ in specs:
+        if dist in sizes:
+            sizes[dist] += math.prod(shape)
+    k_normal, k_uniform = jr.split(key)
+    pools = {
+        "normal": jr.normal(k_normal, (sizes["normal"],)),
+        "uniform": jr.uniform(k_uniform, (sizes["uniform"],), minval=-1, maxval=1),
+    }
+    offsets = {"normal": 0, "uniform": 0}
+    out = {}
+    for name, shape, dist, scale in specs:
+        if dist == "zeros":
+            out[name] = jnp.zeros(shape)
+        elif dist == "ones":
+            out[name] = jnp.ones(shape)
+        else:
+            size = math.prod(shape)
+            start = offsets[dist]
+            offsets[dist] = start + size
+            out[name] = scale * pools[dist][start : start + size].reshape(shape)
+    return out
+
+
+def _block_specs(d_model, d_ff, n_layers, init):
+    n = (n_layers,)
+    if init == "torch":
+        # torch defaults: MultiheadAttention's in-projection is Xavier-uniform with
+        # zero bias and its out-projection zero-biased; Linear layers are
+        # U(+-1/sqrt(fan_in)) for weight and bias.
+        in_bound, ff_bound = 1 / math.sqrt(d_model), 1 / math.sqrt(d_ff)
+        return [
+            ("qkv_weight", n + (d_model, 3 * d_model), "uniform",
+             math.sqrt(6 / (4 * d_model))),
+            ("qkv_bias", n + (3 * d_model,), "zeros", 0.0),
+            ("out_weight", n + (d_model, d_model), "uniform", in_bound),
+            ("out_bias", n + (d_model,), "zeros", 0.0),
+            ("fc_weight", n + (d_model, d_ff), "uniform", in_bound),
+            ("fc_bias", n + (d_ff,), "uniform", in_bound),
+            ("proj_weight", n + (d_ff, d_model), "uniform", ff_bound),
+            ("proj_bias", n + (d_model,), "uniform", ff_bound),
+        ]  # fmt: skip
+    # GPT-2: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layers).
+    residual = 0.02 / math.sqrt(2 * n_layers)
+    return [
+        ("qkv_weight", n + (d_model, 3 * d_model), "normal", 0.02),
+        ("qkv_bias", n + (3 * d_model,), "zeros", 0.0),
+        ("out_weight", n + (d_model, d_model), "normal", residual),
+        ("out_bias", n + (d_model,), "zeros", 0.0),
+        ("fc_weight", n + (d_model, d_ff), "normal", 0.02),
+        ("fc_bias", n + (d_ff,), "zeros", 0.0),
+        ("proj_weight", n + (d_ff, d_model), "normal", residual),
+        ("proj_bias", n + (d_model,), "zeros", 0.0),
+    ]
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "vocab",
+        "n_types",
+        "max_len",
+        "d_model",
+        "d_ff",
+        "n_layers",
+        "init",
+    ),
+)
+def _initial_weights(key, *, vocab, n_types, max_len, d_model, d_ff, n_layers, init):
+    dist, scale = ("normal", 1.0) if init == "torch" else ("normal", 0.02)
+    head = (
+        [
+            ("head_weight", (vocab, d_model), "uniform", 1 / math.sqrt(d_model)),
+            ("head_bias", (vocab,), "uniform", 1 / math.sqrt(d_model)),
+        ]
+        if init == "torch"
+        else [
+            ("head_weight", (vocab, d_model), "normal", 0.02),
+            ("head_bias", (vocab,), "zeros", 0.0),
+        ]
+    )
+    norms = [
+        (name, (n_layers, d_model), kind, 0.0)
+        for name, kind in (
+            ("ln1_weight", "ones"),
+            ("ln1_bias", "zeros"),
+            ("ln2_weight", "ones"),
+            ("ln2_bias", "zeros"),
+        )
+    ]
+    w = _draw(
+        key,
+        [
+            ("token_embedding", (vocab, d_model), dist, scale),
+            ("type_embedding", (n_types, d_model), dist, scale),
+            ("position_embedding", (max_len, d_model), dist, scale),
+        ]
+        + head
+        + norms
+        + _block_specs(d_model, d_ff, n_layers, init),
+    )
+    block_fields = [f.name for f in dataclasses.fields(_Block)]
+    w["blocks"] = _Block(**{name: w.pop(name) for name in block_fields})
+    return w
+
+
+def _layer_norm(x, weight, bias):
+    # Statistics in float32 even for bfloat16 activations.
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + _LN_EPS)
+    return (y * weight.astype(y.dtype) + bias.astype(y.dtype)).astype(x.dtype)
+
+
+def _dropout(x, rate: float, keep):
+    if keep is None:
+        return x
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
+
+
+def _keep_masks(key, rate: float, count: int, shape):
+    """`count` dropout masks from one random draw (one threefry kernel)."""
+    if key is None or rate == 0.0:
+        return [None] * count
+    return list(jr.bernoulli(key, 1.0 - rate, (count,) + shape))
+
+
+def _attention_implementation(
+    choice: str, dtype, head_dim: int
+) -> Literal["xla", "cudnn"]:
+    if choice in ("xla", "cudnn"):
+        return choice
+    # cuDNN's fused flash attention: GPU, half precision, head dims it supports.
+    if (
+        jax.default_backend() == "gpu"
+        and dtype in (jnp.bfloat16, jnp.float16)
+        and head_dim % 8 == 0
+        and head_dim <= 128
+    ):
+        return "cudnn"
+    return "xla"
+
+
+class CausalTransformerLM(eqx.Module):
+    """A causal transformer language model over multimodal codebook tokens.
+
+    Token, type and learned absolute position embeddings are summed; a stack of
+    `n_layers` identical blocks (multi-head causal self-attention, then a GELU MLP,
+    each with a residual connection and LayerNorm) is applied with `lax.scan` over
+    stacked weights; a final LayerNorm and an untied linear head give logits over
+    the whole vocabulary.
+
+    - `pre_ln=False` (default) is the original's post-LN block,
+        `x = LN(x + Attn(x)); x = LN(x + MLP(x))`; `pre_ln=True` is
+        `x = x + Attn(LN(x)); x = x + MLP(LN(x))`. Both end with the final LayerNorm.
+    - Attention is `jax.nn.dot_product_attention` with a causal mask and the
+        sequence's length (the number of non-`PAD` tokens; `PAD` may only appear as
+        a suffix): cuDNN's fused kernel on a GPU in bfloat16/float16 when
+        `attention="auto"`, XLA otherwise.
+    - Dropout (rate `dropout`) acts on the embedding sum, the attention output and
+        the MLP output when a `key` is given; without a key the model is
+        deterministic (evaluation).
+    - The compute dtype is the dtype of the blocks' weights: cast them (e.g. with
+        [`eqx_models.multimodal.cast_floating`][]) to run in bfloat16; embedding
+        tables may stay float32 (their sum is cast), LayerNorm statistics are
+        float32.
+
+    The model acts on one sequence (`__call__`, `features`); `features_batch` is
+    the batched equivalent used for training (one fused computation, equal to
+    `jax.vmap` of `features` when there is no dropout).
+
+    **Arguments:**
+
+    - `layout`: the [`eqx_models.multimodal.VocabLayout`][] (sets the vocabulary and
+        type-embedding sizes).
+    - `d_model`: width.
+    - `n_layers`: number of blocks.
+    - `n_heads`: attention heads; must divide `d_model`.
+    - `d_ff`: MLP hidden width (default `4 * d_model`).
+    - `max_len`: size of the position table, the longest sequence accepted.
+    - `dropout`: dropout rate in `[0, 1)`.
+    - `pre_ln`: pre-LN blocks instead of the original's post-LN.
+    - `init`: `"torch"` (PyTorch's default initialisers, as the original) or
+        `"gpt"` (normal 0.02, residual projections scaled by `1/sqrt(2 n_layers)`).
+    - `attention`: `"auto"`, `"xla"` or `"cudnn"`.
+    - `unroll`: how many layers `lax.scan` unrolls per iteration (`n_layers`
+        unrolls fully: longer compilation, sometimes faster on a GPU).
+    - `remat`: recompute each block's activations in the backward pass
+        (`jax.checkpoint`), trading compute for memory.
+    - `key`: PRNG key for the initialisation.
+
+    **Raises:**
+
+    `ValueError` for inconsistent sizes or unknown options.
+    """
+
+    token_embedding: Float[Array, "vocab d_model"]
+    type_embedding: Float[Array, "n_types d_model"]
+    position_embedding: Float[Array, "max_len d_model"]
+    blocks: _Block
+    final_norm_weight: Float[Array, " d_model"]
+    final_norm_bias: Float[Array, " d_model"]
+    head_weight: Float[Array, "vocab d_model"]
+    head_bias: Float[Array, " vocab"]
+    layout: VocabLayout = eqx.field(static=True)
+    d_model: int = eqx.field(static=True)
+    n_layers: int = eqx.field(static=True)
+    n_heads: int = eqx.field(static=True)
+    d_ff: int = eqx.field(static=True)
+    max_len: int = eqx.field(static=True)
+    dropout: float = eqx.field(static=True)
+    pre_ln: bool = eqx.field(static=True)
+    attention: str = eqx.field(static=True)
+    unroll: int = eqx.field(static=True)
+    remat: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        layout: VocabLayout,
+        *,
+        d_model: int = 256,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        d_ff: int | None = None,
+        max_len: int = 1024,
+        dropout: float = 0.1,
+        pre_ln: bool = False,
+        init: Literal["torch", "gpt"] = "torch",
+        attention: Literal["auto", "xla", "cudnn"] = "auto",
+        unroll: int = 1,
+        remat: bool = False,
+        key: PRNGKeyArray,
+    ):
+        if d_model < 1 or n_layers < 1 or n_heads < 1 or max_len < 1:
+            raise ValueError(
+                "CausalTransformerLM: `d_model`, `n_layers`, `n_heads` and `max_len` "
+                f"must be positive, got {d_model}, {n_layers}, {n_heads}, {max_len}."
+            )
+        if d_model % n_heads:
+            raise ValueError(
+                f"CausalTransformerLM: `n_heads`={n_heads} must divide "
+                f"`d_model`={d_model}."
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(
+                f"CausalTransformerLM: `dropout` must be in [0, 1), got {dropout}."
+            )
+        if init not in ("torch", "gpt"):
+            raise ValueError(
+                f"CausalTransformerLM: `init` must be 'torch' or 'gpt', got {init!r}."
+            )
+        if attention not in ("auto", "xla", "cudnn"):
+            raise ValueError(
+                "CausalTransformerLM: `attention` must be 'auto', 'xla' or 'cudnn', "
+                f"got {attention!r}."
+            )
+        if not 1 <= unroll <= n_layers:
+            raise ValueError(
+                f"CausalTransformerLM: `unroll` must be in [1, n_layers={n_layers}], "
+                f"got {unroll}."
+            )
+        d_ff = 4 * d_model if d_ff is None else d_ff
+        weights = _initial_weights(
+            key,
+            vocab=layout.vocab_size,
+            n_types=layout.n_types,
+            max_len=max_len,
+            d_model=d_model,
+            d_ff=d_ff,
+            n_layers=n_layers,
+            init=init,
+        )
+        self.blocks = weights["blocks"]
+        self.token_embedding = weights["token_embedding"]
+        self.type_embedding = weights["type_embedding"]
+        self.position_embedding = weights["position_embedding"]
+        self.head_weight = weights["head_weight"]
+        self.head_bias = weights["head_bias"]
+        self.final_norm_weight = jnp.ones(d_model)
+        self.final_norm_bias = jnp.zeros(d_model)
+        self.layout = layout
+        self.d_model = d_model
+        self.n_layers = n_layers
+        self.n_heads = n_heads
+        self.d_ff = d_ff
+        self.max_len = max_len
+        self.dropout = float(dropout)
+        self.pre_ln = pre_ln
+        self.attention = attention
+        self.unroll = unroll
+        self.remat = remat
+
+    def config(self) -> dict[str, Any]:
+        """The hyperparameters and vocabulary layout, JSON-serialisable.
+
+        Checkpoints store this and refuse to load into a model whose configuration
+        differs.
+        """
+        return {
+            "d_model": self.d_model,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "d_ff": self.d_ff,
+            "max_len": self.max_len,
+            "dropout": self.dropout,
+            "pre_ln": self.pre_ln,
+            "vocabulary": self.layout.to_dict(),
+        }
+
+    def _check_inputs(self, tokens, type_ids, where: str):
+        if tokens.shape[-1] > self.max_len:
+            raise ValueError(
+                f"CausalTransformerLM.{where}: `tokens` has length {tokens.shape[-1]}, "
+                f"longer than the position table (`max_len`={self.max_len})."
+            )
+        if tokens.shape[-1] < 1:
+            raise ValueError(f"CausalTransformerLM.{where}: `tokens` is empty.")
+        if type_ids is not None and type_ids.shape != tokens.shape:
+            raise ValueError(
+                f"CausalTransformerLM.{where}: `type_ids` must have the shape of "
+                f"`tokens` {tokens.shape}, got {type_ids.shape}."
+            )
+        return check_tokens(self.layout, tokens, type_ids, where=where)
+
+    @jaxtyped(typechecker=beartype)
+    def features_batch(
+        self,
+        tokens: Int[Array, "batch length"],
+        *,
+        type_ids: Int[Array, "batch length"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "batch length d_model"]:
+        """Final hidden states (after the last LayerNorm) of a batch of sequences.
+
+        **Arguments:**
+
+        - `tokens`: token ids, shape `(batch, length)`, `PAD` only as a suffix.
+        - `type_ids`: type ids, same shape; default: derived from the token ids by
+            the layout. Given ids must agree with the layout on non-special tokens.
+        - `key`: PRNG key for dropout; `None` for a deterministic pass.
+
+        **Returns:**
+
+        Hidden states of shape `(batch, length, d_model)` in the weights' dtype.
+
+        **Raises:**
+
+        `ValueError` if the sequence is longer than `max_len` or shapes disagree; at
+        run time (`eqx.error_if`) for token ids outside the vocabulary, type ids
+        inconsistent with the layout, or `PAD` before a non-`PAD` token.
+        """
+        tokens = self._check_inputs(tokens, type_ids, "features_batch")
+        if type_ids is None:
+            type_ids = self.layout.type_ids(tokens)
+        batch, length = tokens.shape
+        dtype = self.blocks.qkv_weight.dtype
+        # Embeddings are summed in their own dtype and then cast, so that float32
+        # tables keep a float32 gradient (a scatter-add) under bfloat16 compute.
+        x = (
+            self.token_embedding[tokens]
+            + self.type_embedding[type_ids]
+            + self.position_embedding[:length]
+        ).astype(dtype)
+        lengths = jnp.sum(tokens != PAD, axis=-1, dtype=jnp.int32)
+        if key is None or self.dropout == 0.0:
+            embed_key, layer_keys = None, None
+        else:
+            keys = jr.split(key, self.n_layers + 1)
+            embed_key, layer_keys = keys[0], keys[1:]
+        x = _dropout(
+            x, self.dropout, _keep_masks(embed_key, self.dropout, 1, x.shape)[0]
+        )
+        head_dim = self.d_model // self.n_heads
+        implementation = _attention_implementation(self.attention, dtype, head_dim)
+
+        def block(x, inputs):
+            p, k = inputs
+            keep_attn, keep_mlp = _keep_masks(k, self.dropout, 2, x.shape)
+
+            def attention(h):
+                qkv = h @ p.qkv_weight + p.qkv_bias
+                q, kk, v = jnp.split(qkv, 3, axis=-1)
+                shape = (batch, length, self.n_heads, head_dim)
+                o = jax.nn.dot_product_attention(
+                    q.reshape(shape),
+                    kk.reshape(shape),
+                    v.reshape(shape),
+                    is_causal=True,
+                    key_value_seq_lengths=lengths,
+                    implementation=implementation,
+                )
+                o = o.reshape(batch, length, self.d_model) @ p.out_weight + p.out_bias
+                return _dropout(o, self.dropout, keep_attn)
+
+            def mlp(h):
+                h = jax.nn.gelu(h @ p.fc_weight + p.fc_bias, approximate=False)
+                return _dropout(h @ p.proj_weight + p.proj_bias, self.dropout, keep_mlp)
+
+            if self.pre_ln:
+                x = x + attention(_layer_norm(x, p.ln1_weight, p.ln1_bias))
+                x = x + mlp(_layer_norm(x, p.ln2_weight, p.ln2_bias))
+            else:
+                x = _layer_norm(x + attention(x), p.ln1_weight, p.ln1_bias)
+                x = _layer_norm(x + mlp(x), p.ln2_weight, p.ln2_bias)
+            return x, None
+
+        if self.remat:
+            block = jax.checkpoint(block)
+        params, static = eqx.partition(self.blocks, eqx.is_array)
+
+        def scanned(x, inputs):
+            p, k = inputs
+            return block(x, (eqx.combine(p, static), k))
+
+        x, _ = jax.lax.scan(scanned, x, (params, layer_keys), unroll=self.unroll)
+        return _layer_norm(x, self.final_norm_weight, self.final_norm_bias)
+
+    @jaxtyped(typechecker=beartype)
+    def features(
+        self,
+        tokens: Int[Array, " length"],
+        *,
+        type_ids: Int[Array, " length"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "length d_model"]:
+        """Final hidden states of one sequence.
+
+        **Arguments:**
+
+        - `tokens`: token ids, shape `(length,)`, `PAD` only as a suffix.
+        - `type_ids`: optional type ids, shape `(length,)`.
+        - `key`: PRNG key for dropout, or `None`.
+
+        **Returns:**
+
+        Hidden states of shape `(length, d_model)`.
+
+        **Raises:**
+
+        As [`eqx_models.multimodal.CausalTransformerLM.features_batch`][].
+        """
+        return self.features_batch(
+            tokens[None], type_ids=None if type_ids is None else type_ids[None], key=key
+        )[0]
+
+    @jaxtyped(typechecker=beartype)
+    def __call__(
+        self,
+        tokens: Int[Array, " length"],
+        *,
+        type_ids: Int[Array, " length"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "length vocab"]:
+        """Next-token logits of one sequence: position `t` predicts token `t + 1`.
+
+        **Arguments:**
+
+        - `tokens`: token ids, shape `(length,)`, `PAD` only as a suffix.
+        - `type_ids`: optional type ids, shape `(length,)`.
+        - `key`: PRNG key for dropout, or `None` (deterministic).
+
+        **Returns:**
+
+        Logits of shape `(length, vocab_size)`, in float32 or wider.
+
+        **Raises:**
+
+        As [`eqx_models.multimodal.CausalTransformerLM.features_batch`][].
+        """
+        h = self.features(tokens, type_ids=type_ids, key=key)
+        accumulate = jnp.promote_types(h.dtype, jnp.float32)
+        logits = jnp.dot(
+            h, self.head_weight.astype(h.dtype).T, preferred_element_type=accumulate
+        )
+        return logits + self.head_bias.astype(accumulate)
+
+    def flops_per_token(self, length: int, *, causal: bool = False) -> float:
+        """Matmul FLOPs of one training step (forward and backward) per token.
+
+        Counts `2 * m * n * k` per matmul of the forward pass: per layer the QKV,
+        output, and two MLP projections `2 (4 d^2 + 2 d d_ff)` plus attention scores
+        and values `4 length d` (halved with `causal=True`, the work a causal kernel
+        does), and the head `2 d V`; the backward pass costs twice the forward.
+        Embeddings, LayerNorms and the softmax are not counted (the usual MFU
+        convention; with `causal=False` this matches `6 N + 12 L d T`).
+
+        **Arguments:**
+
+        - `length`: the sequence length.
+        - `causal`: count only the causal half of the attention matmuls.
+
+        **Returns:**
+
+        FLOPs per token, a float.
+        """
+        d, n_layers = self.d_model, self.n_layers
+        attention = 4 * length * d * (0.5 if causal else 1.0)
+        per_layer = 2 * (4 * d * d + 2 * d * self.d_ff) + attention
+        forward = n_layers * per_layer + 2 * d * self.layout.vocab_size
+        return 3.0 * forward
+
+
+@jaxtyped(typechecker=beartype)
+def check_tokens(
+    layout: VocabLayout,
+    tokens: Int[Array, "*batch length"],
+    type_ids: Int[Array, "*batch length"] | None = None,
+    *,
+    where: str = "check_tokens",
+) -> Int[Array, "*batch length"]:
+    """Check token ids (and type ids) against the layout at run time.
+
+    Returns `tokens` unchanged, guarded by one `eqx.branched_error_if` that raises
+    (inside `jit` too) if a token id lies outside `[0, vocab_size)`, if a `PAD`
+    precedes a non-`PAD` token in a sequence, or if a type id disagrees with the
+    layout (a non-special token must have the type its id implies; a special token
+    any type in `[0, n_types)`).
+
+    **Arguments:**
+
+    - `layout`: the vocabulary layout.
+    - `tokens`: token ids, shape `(..., length)`.
+    - `type_ids`: optional type ids, same shape.
+    - `where`: the caller's name, used in the error messages.
+
+    **Returns:**
+
+    `tokens`.
+    """
+    outside = jnp.any((tokens < 0) | (tokens >= layout.vocab_size))
+    pad = tokens == PAD
+    pad_before_token = jnp.any(pad[..., :-1] & ~pad[..., 1:])
+    if type_ids is None:
+        bad_types = jnp.zeros((), bool)
+    else:
+        implied = layout.type_ids(tokens)
+        special = tokens < N_SPECIAL
+        wrong = jnp.where(
+            special,
+            (type_ids < SPECIAL_TYPE) | (type_ids >= layout.n_types),
+            type_ids != implied,
+        )
+        bad_types = jnp.any(wrong & ~outside)
+    preds = jnp.stack([outside, pad_before_token, bad_types])
+    messages = (
+        f"{where}: `tokens` holds ids outside [0, vocab_size={layout.vocab_size}).",
+        f"{where}: `tokens` has PAD ({PAD}) before a non-PAD token; pad only at "
+        "the end.",
+        f"{where}: `type_ids` disagree with the vocabulary layout (a non-special "
+        "token's type must be the one its id implies; specials need a type in "
+        f"[0, {layout.n_types})).",
+    )
+    # The check rides on a scalar added to `tokens`, not on `tokens` itself: an
+    # array passed through the check's conditional loses its sharding (XLA
+    # replicates it), which would gather a data-parallel batch on every step.
+    zero = jnp.zeros((), tokens.dtype)
+    zero = eqx.branched_error_if(zero, jnp.any(preds), jnp.argmax(preds), messages)
+    return tokens + zero

@@ -1,0 +1,105 @@
+import jax
+import jax.numpy as jnp
+from beartype import beartype
+from jaxtyping import Array, Float, Int, jaxtyped
+
+from ._codebooks import Codebooks
+from ._model import CausalTransformerLM
+
+
+@jaxtyped(typechecker=beartype)
+def expected_values(
+    model: CausalTransformerLM,
+    codebooks: Codebooks,
+    tokens: Int[Array, "batch length"],
+    *,
+    type_ids: Int[Array, "batch length"] | None = None,
+    columns: Int[Array, "batch length"] | None = None,
+) -> dict[str, Float[Array, "..."]]:
+    """Teacher-forced expected-value reconstructions of every position.
+
+    For each position `t >= 1` and each modality, the softmax of the model's logits
+    at `t - 1` restricted to the modality's slice gives an expected codebook vector
+    (image, each spectrum group) or bin centre (scalar, with the centres of the
+    column in `columns`): the model's reconstruction of the value at `t` from the
+    tokens before it. Position 0 has no prediction (NaN). No sampling, no dropout.
+
+    **Arguments:**
+
+    - `model`: the [`eqx_models.multimodal.CausalTransformerLM`][].
+    - `codebooks`: the [`eqx_models.multimodal.Codebooks`][] of its layout.
+    - `tokens`: token ids, shape `(batch, length)`.
+    - `type_ids`: optional type ids, same shape.
+    - `columns`: the scalar column of each position (as in
+        [`eqx_models.multimodal.TokenBatch`][]); needed with per-column centres.
+
+    **Returns:**
+
+    A dict with `"image"` `(batch, length, D_img)`, `"scalar"` `(batch, length)` and
+    `"spectrum:<group>"` `(batch, length, D_group)` for each group: the expected
+    value of the token at each position, whatever its actual modality (mask with
+    the layout's slices to keep the relevant ones).
+
+    **Raises:**
+
+    `ValueError` if the codebooks' layout is not the model's, or per-column centres
+    are given without `columns`.
+    """
+    layout = model.layout
+    if codebooks.layout != layout:
+        raise ValueError(
+            "expected_values: the codebooks were built for another vocabulary layout "
+            "than the model's."
+        )
+    if codebooks.n_columns > 1 and columns is None:
+        raise ValueError(
+            f"expected_values: the codebooks have {codebooks.n_columns} rows of "
+            "scalar centres (one per column); pass `columns`."
+        )
+    hidden = model.features_batch(tokens, type_ids=type_ids)
+    accumulate = jnp.promote_types(hidden.dtype, jnp.float32)
+    slices = layout.slices()
+
+    def slice_probs(name):
+        start, stop = slices[name]
+        w = model.head_weight[start:stop].astype(hidden.dtype)
+        logits = jnp.einsum(
+            "bld,vd->blv", hidden, w, preferred_element_type=accumulate
+        ) + model.head_bias[start:stop].astype(accumulate)
+        return jax.nn.softmax(logits, axis=-1)
+
+    def shifted(x):
+        # Logits at t - 1 predict the token at t.
+        pad = jnp.full((x.shape[0], 1) + x.shape[2:], jnp.nan, x.dtype)
+        return jnp.concatenate([pad, x[:, :-1]], axis=1)
+
+    precision = jax.lax.Precision.HIGHEST
+    out = {
+        "image": shifted(
+            jnp.einsum(
+                "blv,vd->bld",
+                slice_probs("image"),
+                codebooks.image.astype(accumulate),
+                precision=precision,
+            )
+        )
+    }
+    table = codebooks.scalar.astype(accumulate)
+    if codebooks.n_columns > 1:
+        assert columns is not None
+        rows = table[jnp.clip(columns, 0, codebooks.n_columns - 1)]
+        # Position t's centres are those of the column at t, applied to logits t-1.
+        probs = shifted(slice_probs("scalar"))
+        out["scalar"] = jnp.sum(probs * rows, axis=-1)
+    else:
+        out["scalar"] = shifted(slice_probs("scalar") @ table[0])
+    for name, codebook in zip(layout.spectrum_groups, codebooks.spectrum):
+        out[f"spectrum:{name}"] = shifted(
+            jnp.einsum(
+                "blv,vd->bld",
+                slice_probs(f"spectrum:{name}"),
+                codebook.astype(accumulate),
+                precision=precision,
+            )
+        )
+    return out

@@ -1,0 +1,412 @@
+import dataclasses
+import functools
+import os
+from collections.abc import Callable, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+from jaxtyping import PRNGKeyArray
+
+from transforms import (
+    CheckpointError,
+    fit,
+    FitResult,
+    make_train_step,
+    read_checkpoint_metadata,
+    shard_batch,
+)
+
+from ._model import CausalTransformerLM
+from ._sequence import TokenBatch
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of [`eqx_models.multimodal.train`][].
+
+    Steps are **optimiser steps**: with `accumulation_steps = k`, each consumes `k`
+    micro-batches, and the schedule, evaluation and checkpoint periods count
+    optimiser steps, so the cosine decay ends exactly at the end of the run
+    whatever its length.
+
+    **Arguments:**
+
+    - `n_steps`: optimiser steps of the whole run.
+    - `learning_rate`: peak learning rate.
+    - `min_lr_ratio`: the cosine decays to `learning_rate * min_lr_ratio`.
+    - `warmup_steps`: linear warmup from 0, in optimiser steps (`< n_steps`).
+    - `weight_decay`: AdamW decoupled weight decay, applied to matrices and
+        embeddings only (see [`eqx_models.multimodal.weight_decay_mask`][]).
+    - `b1`, `b2`: AdamW moment decay rates.
+    - `clip_norm`: global gradient-norm clipping threshold, or `None`.
+    - `accumulation_steps`: micro-batches averaged per optimiser step
+        (`optax.MultiSteps`).
+    - `eval_every`: evaluation period in optimiser steps (0: never).
+    - `checkpoint_every`: checkpoint period in optimiser steps (0: at the end only;
+        ignored when training without a checkpoint path).
+
+    **Raises:**
+
+    `ValueError` for inconsistent values.
+    """
+
+    n_steps: int
+    learning_rate: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    clip_norm: float | None = 1.0
+    accumulation_steps: int = 1
+    eval_every: int = 0
+    checkpoint_every: int = 0
+
+    def __post_init__(self):
+        if self.n_steps < 1:
+            raise ValueError(
+                f"TrainConfig: `n_steps` must be >= 1, got {self.n_steps}."
+            )
+        if not 0 <= self.warmup_steps < self.n_steps:
+            raise ValueError(
+                "TrainConfig: `warmup_steps` must be in [0, n_steps), got "
+                f"{self.warmup_steps} with n_steps={self.n_steps}."
+            )
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(
+                "TrainConfig: `min_lr_ratio` must be in [0, 1], got "
+                f"{self.min_lr_ratio}."
+            )
+        if self.accumulation_steps < 1:
+            raise ValueError(
+                "TrainConfig: `accumulation_steps` must be >= 1, got "
+                f"{self.accumulation_steps}."
+            )
+        if self.eval_every < 0 or self.checkpoint_every < 0:
+            raise ValueError(
+                "TrainConfig: `eval_every` and `checkpoint_every` must be >= 0, got "
+                f"{self.eval_every} and {self.checkpoint_every}."
+            )
+        if self.clip_norm is not None and self.clip_norm <= 0:
+            raise ValueError(
+                "TrainConfig: `clip_norm` must be positive or None, got "
+                f"{self.clip_norm}."
+            )
+
+
+@functools.cache
+def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0, then cosine decay to a floor over the optimiser steps.
+
+    `lr(s) = peak * s / warmup` for `s < warmup`, then
+    `floor + (peak - floor) * (1 + cos(pi * (s - warmup) / (n_steps - warmup))) / 2`
+    with `floor = peak * min_lr_ratio`, constant at the floor after `n_steps`.
+
+    **Arguments:**
+
+    - `config`: the [`eqx_models.multimodal.TrainConfig`][].
+
+    **Returns:**
+
+    An optax schedule of the optimiser step count (the same object for equal
+    configurations, so compiled steps are reused).
+    """
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        decay_steps=config.n_steps,
+        end_value=config.learning_rate * config.min_lr_ratio,
+    )
+
+
+def weight_decay_mask(model: CausalTransformerLM) -> CausalTransformerLM:
+    """Which parameters get weight decay: matmul weights and embeddings, not biases
+    or LayerNorm parameters.
+
+    **Arguments:**
+
+    - `model`: a [`eqx_models.multimodal.CausalTransformerLM`][].
+
+    **Returns:**
+
+    A pytree of the model's structure with a bool per array (the `mask` of
+    `optax.adamw`).
+    """
+    decayed = {
+        "token_embedding",
+        "type_embedding",
+        "position_embedding",
+        "head_weight",
+        "qkv_weight",
+        "out_weight",
+        "fc_weight",
+        "proj_weight",
+    }
+
+    def mark(path, leaf):
+        if not eqx.is_array(leaf):
+            return leaf
+        names = [p.name for p in path if isinstance(p, jax.tree_util.GetAttrKey)]
+        return bool(names) and names[-1] in decayed
+
+    mask = jax.tree_util.tree_map_with_path(mark, model)
+    return eqx.filter(mask, lambda x: isinstance(x, bool))
+
+
+_optimizers: dict = {}
+
+
+def make_optimizer(
+    config: TrainConfig, model: CausalTransformerLM
+) -> optax.GradientTransformation:
+    """The trainer's optimiser: clipping, AdamW with a decay mask, warmup-cosine
+    schedule, wrapped in `optax.MultiSteps` for gradient accumulation (when
+    `accumulation_steps > 1`).
+
+    Equal configurations and model structures get the same optimiser object, so a
+    step compiled for one run is reused by the next (e.g. a resumed run in the same
+    process).
+
+    **Arguments:**
+
+    - `config`: the [`eqx_models.multimodal.TrainConfig`][].
+    - `model`: the model (for the weight-decay mask).
+
+    **Returns:**
+
+    An `optax.GradientTransformation`; initialise it with
+    `opt.init(eqx.filter(model, eqx.is_inexact_array))`.
+    """
+    params = eqx.filter(model, eqx.is_inexact_array)
+    # The accumulator follows the parameters' dtype (float64 under x64).
+    accumulator = jnp.zeros((), float).dtype
+    cache_key = (config, jax.tree.structure(params), accumulator)
+    if cache_key not in _optimizers:
+        adamw = optax.adamw(
+            learning_rate_schedule(config),
+            b1=config.b1,
+            b2=config.b2,
+            weight_decay=config.weight_decay,
+            mask=weight_decay_mask(params),
+        )
+        chain = (
+            adamw
+            if config.clip_norm is None
+            else optax.chain(optax.clip_by_global_norm(config.clip_norm), adamw)
+        )
+        if config.accumulation_steps == 1:
+            _optimizers[cache_key] = chain
+        else:
+            _optimizers[cache_key] = optax.MultiSteps(
+                chain,
+                every_k_schedule=config.accumulation_steps,
+                accumulator_dtype=accumulator,
+            ).gradient_transformation()
+    return _optimizers[cache_key]
+
+
+def _auto_axes(mesh: Mesh) -> Mesh:
+    """The same mesh with every axis of type `Auto`.
+
+    `jax.make_mesh` makes `Explicit` axes, under which every gather (the
+    embedding lookups, the sampled rows of the loss) would need its output
+    sharding spelled out; with `Auto` axes XLA propagates the batch sharding.
+    """
+    auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
+    if tuple(mesh.axis_types) == auto:
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
+
+
+def _flatten(config: dict, prefix: str) -> dict:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`, so that differences name single fields."""
+    out = {}
+    for name, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _check_compatible(path, expected: dict) -> None:
+    stored = read_checkpoint_metadata(path)["metadata"]
+    differing = [
+        f"{name}: this run has {value!r}, the checkpoint "
+        f"{stored.get(name, '<absent>')!r}"
+        for name, value in expected.items()
+        if stored.get(name, object()) != value
+    ]
+    if differing:
+        raise CheckpointError(
+            f"train: {os.fspath(path)!r} was written for another model configuration "
+            "or vocabulary layout:\n  " + "\n  ".join(differing)
+        )
+
+
+_evaluate_batch = eqx.filter_jit(lambda model, loss, batch: loss(model, batch, None))
+
+
+def evaluate(
+    model: CausalTransformerLM,
+    loss: Callable,
+    batches: TokenBatch | Sequence[TokenBatch],
+    *,
+    mesh: Mesh | None = None,
+) -> dict[str, float]:
+    """Deterministic evaluation: the loss and its parts, averaged over batches.
+
+    Runs the loss with `key=None`: no dropout, every valid position counted (no
+    sampling), so the result depends only on the model and the data. Without
+    sampling each modality's head is applied to every position of the batch (a
+    `(batch * length, slice)` array), so keep evaluation batches moderate.
+
+    **Arguments:**
+
+    - `model`: the model.
+    - `loss`: the [`eqx_models.multimodal.MultimodalLoss`][].
+    - `batches`: one [`eqx_models.multimodal.TokenBatch`][] or a sequence of them.
+    - `mesh`: split each batch over this mesh's `"data"` axis.
+
+    **Returns:**
+
+    `{"loss", "ce", "image", "scalar", "spectrum"}` as floats (means over the
+    batches).
+    """
+    if isinstance(batches, TokenBatch):
+        batches = [batches]
+    if mesh is not None:
+        mesh = _auto_axes(mesh)
+    totals: dict[str, float] = {}
+    for batch in batches:
+        if mesh is not None:
+            batch = shard_batch(batch, mesh)
+        total, aux = _evaluate_batch(model, loss, batch)
+        values = {"loss": total, **aux}
+        for name, value in jax.device_get(values).items():
+            totals[name] = totals.get(name, 0.0) + float(value)
+    return {name: value / len(batches) for name, value in totals.items()}
+
+
+def train(
+    model: CausalTransformerLM,
+    loss: Callable,
+    data: Callable[[int], TokenBatch],
+    config: TrainConfig,
+    *,
+    key: PRNGKeyArray,
+    eval_batches: TokenBatch | Sequence[TokenBatch] | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    resume: bool = False,
+    mesh: Mesh | None = None,
+    peak_flops: float | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Train the multimodal LM: AdamW, warmup-cosine, clipping, accumulation,
+    evaluation, checkpoints and data parallelism, on the shared training loop.
+
+    Builds [`eqx_models.multimodal.make_optimizer`][], a step with
+    [`transforms.make_train_step`][] (compute in the loss's `compute_dtype`,
+    float32 master weights and optimiser state) and runs it with
+    [`transforms.fit`][]: a progress bar, a history of metrics, periodic
+    deterministic evaluation ([`eqx_models.multimodal.evaluate`][]), atomic
+    checkpoints whose metadata records the model configuration and vocabulary
+    layout. With `resume=True` a run continues from `checkpoint_path`
+    bit-identically on the CPU, and refuses a checkpoint written for another
+    configuration or layout (listing the differing fields). A non-finite loss stops
+    the run with [`transforms.NonFiniteLossError`][]; the last good checkpoint stays
+    on disk.
+
+    **Arguments:**
+
+    - `model`: the [`eqx_models.multimodal.CausalTransformerLM`][] (float32); it is
+        copied, not consumed (the copy's buffers are donated to the updates).
+    - `loss`: the [`eqx_models.multimodal.MultimodalLoss`][] (or any callable
+        with its signature and return value).
+    - `data`: `data(i) -> TokenBatch`, the micro-batch of micro-step `i`
+        (a function of the index, so a resumed run sees the same data).
+    - `config`: the [`eqx_models.multimodal.TrainConfig`][].
+    - `key`: the run's PRNG key (dropout and position sampling; step `i` uses
+        `fold_in(key, i)`).
+    - `eval_batches`: held-out batches evaluated every `config.eval_every`
+        optimiser steps (metrics prefixed `eval_`).
+    - `checkpoint_path`: where checkpoints go; `resume`: continue from it.
+    - `mesh`: a `jax.sharding.Mesh` with a `"data"` axis: data-parallel training
+        (each micro-batch split over the devices, whose number must divide the
+        micro-batch size). Its axes are used as `Auto` axes (sharding propagated
+        by XLA).
+    - `peak_flops`: the device's peak (or measured) FLOP/s; when given, each record
+        gets `mfu`, the model FLOPs utilisation.
+    - `progress`: show a progress bar.
+
+    **Returns:**
+
+    The [`transforms.FitResult`][] of [`transforms.fit`][]; `step` counts
+    micro-steps. Each history record has the step's `loss`, `ce`, `image`,
+    `scalar`, `spectrum`, `grad_norm`, `learning_rate`, `step_time`, `tokens`
+    (positions in the micro-batch), `tokens_per_s`, `flops` and `mfu` (if
+    `peak_flops`).
+
+    **Raises:**
+
+    [`transforms.NonFiniteLossError`][]; [`transforms.CheckpointError`][] when
+    resuming from an incompatible checkpoint; `ValueError` for bad arguments.
+    """
+    if config.eval_every and eval_batches is None:
+        raise ValueError("train: `config.eval_every` > 0 needs `eval_batches`.")
+    if resume and checkpoint_path is None:
+        raise ValueError("train: `resume=True` needs a `checkpoint_path`.")
+    if mesh is not None:
+        mesh = _auto_axes(mesh)
+    k = config.accumulation_steps
+    # The compiled step donates its inputs' buffers; train on a copy so the
+    # caller's model stays usable.
+    model = jax.tree.map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, model)
+    optimizer = make_optimizer(config, model)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    step = make_train_step(
+        loss,
+        optimizer,
+        has_aux=True,
+        learning_rate=learning_rate_schedule(config),
+        mesh=mesh,
+    )
+
+    def counted_step(model, opt_state, batch, key):
+        model, opt_state, metrics = step(model, opt_state, batch, key)
+        n_tokens = int(batch.tokens.size)
+        flops = n_tokens * model.flops_per_token(batch.tokens.shape[-1])
+        return model, opt_state, {**metrics, "tokens": n_tokens, "flops": flops}
+
+    eval_fn: Callable | None = None
+    if eval_batches is not None:
+        held_out = eval_batches
+        eval_fn = lambda model: evaluate(model, loss, held_out, mesh=mesh)
+
+    config_metadata = _flatten(model.config(), "model.")
+    if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
+        _check_compatible(checkpoint_path, config_metadata)
+    result = fit(
+        counted_step,
+        model,
+        opt_state,
+        data,
+        n_steps=config.n_steps * k,
+        key=key,
+        eval_fn=eval_fn,
+        eval_every=config.eval_every * k,
+        checkpoint_path=checkpoint_path,
+        checkpoint_every=config.checkpoint_every * k if checkpoint_path else 0,
+        resume=resume,
+        metadata={**config_metadata, **_flatten(dataclasses.asdict(config), "train.")},
+        progress=progress,
+    )
+    for record in result.history:
+        record["tokens_per_s"] = record["tokens"] / record["step_time"]
+        if peak_flops is not None:
+            record["mfu"] = record["flops"] / record["step_time"] / peak_flops
+    return result

@@ -1,0 +1,194 @@
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from beartype import beartype
+from jaxtyping import Array, Bool, Float, Int, jaxtyped
+
+from ._masked import pairwise_sum
+
+
+def _chunks(x, n_chunks: int):
+    return x.reshape((n_chunks, x.shape[0] // n_chunks) + x.shape[1:])
+
+
+def _chunk_logits(h, weight, bias, accumulate):
+    # The matmul runs in the dtype of the hidden states (bf16 on a GPU; `weight`
+    # is already cast) and accumulates in float32 or wider; only this chunk's
+    # logits exist at once.
+    logits = jnp.dot(h, weight.T, preferred_element_type=accumulate)
+    return logits + bias.astype(accumulate)
+
+
+def _prepare(hidden, targets, where, chunk_size):
+    """Pad to whole chunks (padding rows are unselected) and split into chunks."""
+    n = hidden.shape[0]
+    size = max(1, min(chunk_size, n))
+    n_chunks = -(-n // size)
+    pad = n_chunks * size - n
+    if pad:
+        hidden = jnp.concatenate(
+            [hidden, jnp.zeros((pad,) + hidden.shape[1:], hidden.dtype)]
+        )
+        targets = jnp.concatenate([targets, jnp.zeros((pad,), targets.dtype)])
+        where = jnp.concatenate([where, jnp.zeros((pad,), bool)])
+    return (
+        _chunks(hidden, n_chunks),
+        _chunks(targets, n_chunks),
+        _chunks(where, n_chunks),
+    )
+
+
+def _accumulate_dtype(hidden, weight):
+    return jnp.result_type(hidden.dtype, weight.dtype, jnp.float32)
+
+
+def _scale(where, accumulate):
+    return 1 / jnp.maximum(jnp.sum(where, dtype=jnp.int32), 1).astype(accumulate)
+
+
+def _chunk_loss(h, t, w, weight, bias, accumulate):
+    logits = _chunk_logits(h, weight, bias, accumulate)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+    return logits, lse, jnp.sum(jnp.where(w, lse - target_logit, 0))
+
+
+def _loss(chunk_size, hidden, weight, bias, targets, where):
+    accumulate = _accumulate_dtype(hidden, weight)
+    weight = weight.astype(hidden.dtype)  # once, outside the loop over chunks
+
+    def body(_, xs):
+        h, t, w = xs
+        return None, _chunk_loss(h, t, w, weight, bias, accumulate)[2]
+
+    xs = _prepare(hidden, targets, where, chunk_size)
+    _, sums = jax.lax.scan(body, None, xs)
+    return pairwise_sum(sums) * _scale(where, accumulate)
+
+
+def _loss_and_grads(chunk_size, hidden, weight, bias, targets, where):
+    accumulate = _accumulate_dtype(hidden, weight)
+    scale = _scale(where, accumulate)
+    v = weight.shape[0]
+    primal_weight, primal_bias = weight, bias
+    weight = weight.astype(hidden.dtype)  # once, outside the loop over chunks
+
+    def body(carry, xs):
+        h, t, w = xs
+        d_weight, d_bias = carry
+        logits, lse, chunk_sum = _chunk_loss(h, t, w, weight, bias, accumulate)
+        probs = jnp.exp(logits - lse[:, None])
+        onehot = jnp.arange(v) == t[:, None]
+        d_logits = (probs - onehot) * jnp.where(w, scale, 0)[:, None]
+        d_logits_c = d_logits.astype(h.dtype)
+        d_h = jnp.dot(d_logits_c, weight, preferred_element_type=accumulate).astype(
+            hidden.dtype
+        )
+        d_weight = d_weight + jnp.dot(
+            d_logits_c.T, h, preferred_element_type=accumulate
+        )
+        d_bias = d_bias + jnp.sum(d_logits, axis=0)
+        return (d_weight, d_bias), (chunk_sum, d_h)
+
+    init = (jnp.zeros(weight.shape, accumulate), jnp.zeros((v,), accumulate))
+    xs = _prepare(hidden, targets, where, chunk_size)
+    (d_weight, d_bias), (sums, d_h) = jax.lax.scan(body, init, xs)
+    d_hidden = d_h.reshape((-1,) + hidden.shape[1:])[: hidden.shape[0]]
+    # Gradients in the primal dtypes: a float32 master weight keeps a float32
+    # gradient even when the matmuls ran in bfloat16.
+    grads = (
+        d_hidden,
+        d_weight.astype(primal_weight.dtype),
+        d_bias.astype(primal_bias.dtype),
+    )
+    return pairwise_sum(sums) * scale, grads
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_cross_entropy(chunk_size, hidden, weight, bias, targets, where):
+    return _loss(chunk_size, hidden, weight, bias, targets, where)
+
+
+def _fused_fwd(chunk_size, hidden, weight, bias, targets, where):
+    return _loss_and_grads(chunk_size, hidden, weight, bias, targets, where)
+
+
+def _fused_bwd(chunk_size, grads, g):
+    return tuple((g * r).astype(r.dtype) for r in grads) + (None, None)
+
+
+_fused_cross_entropy.defvjp(_fused_fwd, _fused_bwd)
+
+
+@jaxtyped(typechecker=beartype)
+def chunked_cross_entropy(
+    hidden: Float[Array, "n d"],
+    weight: Float[Array, "v d"],
+    bias: Float[Array, " v"] | None,
+    targets: Int[Array, " n"],
+    *,
+    where: Bool[Array, " n"] | None = None,
+    chunk_size: int = 4096,
+    check_targets: bool = True,
+) -> Float[Array, ""]:
+    """Mean cross-entropy of a linear output head, without the full logits array.
+
+    Computes `mean_i [logsumexp(z_i) - z_i[targets_i]]` over the positions selected
+    by `where`, with `z_i = weight @ hidden_i + bias`, by scanning over chunks of
+    `chunk_size` rows: only one chunk's `(chunk_size, v)` logits exist at a time, in
+    float32 (or wider). The gradient is computed chunk by chunk in the same pass
+    (a `jax.custom_vjp`: softmax minus one-hot, then two matmuls), so
+    differentiating costs no recomputation of the logits and never builds an
+    `(n, v)` array either.
+
+    The matmuls run in the dtype of `hidden` (pass bfloat16 hidden states and the
+    float32 master `weight` for mixed precision: the weight is cast per chunk and
+    its gradient is accumulated in float32) with float32 accumulation.
+
+    **Arguments:**
+
+    - `hidden`: the inputs of the head, shape `(n, d)`.
+    - `weight`: the head's weight, shape `(v, d)` (as `eqx.nn.Linear.weight`).
+    - `bias`: the head's bias, shape `(v,)`, or `None`.
+    - `targets`: target classes, integers in `[0, v)`, shape `(n,)`.
+    - `where`: boolean mask of shape `(n,)`; `None` counts every position. The
+        result is 0 (with zero gradient) when no position is selected.
+    - `chunk_size`: rows per chunk; larger is faster until memory runs short.
+    - `check_targets`: check at run time that selected targets lie in `[0, v)`.
+        Pass `False` only when the caller has already checked them (each check is
+        a device-to-host synchronisation on a GPU).
+
+    **Returns:**
+
+    The mean cross-entropy, a scalar in float32 (float64 under x64 with float64
+    inputs).
+
+    **Raises:**
+
+    `ValueError` for inconsistent shapes or `chunk_size < 1`; at run time
+    (`eqx.error_if`, with `check_targets`) if a selected target lies outside
+    `[0, v)`.
+    """
+    n, d = hidden.shape
+    v = weight.shape[0]
+    if chunk_size < 1:
+        raise ValueError(
+            f"chunked_cross_entropy: `chunk_size` must be >= 1, got {chunk_size}."
+        )
+    if where is None:
+        where = jnp.ones((n,), bool)
+    if bias is None:
+        bias = jnp.zeros((v,), weight.dtype)
+    if check_targets:
+        outside = where & ((targets < 0) | (targets >= v))
+        # The check rides on a scalar so that `targets` keeps its sharding.
+        targets = targets + eqx.error_if(
+            jnp.zeros((), targets.dtype),
+            jnp.any(outside),
+            "chunked_cross_entropy: a selected target lies outside [0, v).",
+        )
+    return _fused_cross_entropy(
+        chunk_size, hidden, weight, bias, jnp.clip(targets, 0, v - 1), where
+    )

@@ -1,0 +1,122 @@
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from beartype import beartype
+from jaxtyping import Array, Bool, Float, Int, jaxtyped
+
+from ._masked import masked_mean
+
+
+def _float_dtype(*arrays) -> jnp.dtype:
+    # At least float32 (bf16 logits are upcast), float64 under x64 with f64 inputs.
+    return jnp.result_type(jnp.float32, *(a.dtype for a in arrays))
+
+
+@jaxtyped(typechecker=beartype)
+def expected_value(
+    logits: Float[Array, "*batch n"], values: Float[Array, " n *dims"]
+) -> Float[Array, "..."]:
+    """The expected value of `values` under `softmax(logits)`.
+
+    The softmax and the weighted sum are computed in at least float32 (bfloat16
+    logits are upcast first), and the contraction uses the highest matmul
+    precision, so the result does not depend on TF32 settings.
+
+    **Arguments:**
+
+    - `logits`: unnormalised log-probabilities over `n` outcomes, shape
+        `(*batch, n)`: for a vocabulary slice, the logits of that slice only.
+    - `values`: the value of each outcome, shape `(n, *dims)`: a codebook
+        `(n, D)`, bin centres `(n,)`, ...
+
+    **Returns:**
+
+    `sum_i softmax(logits)_i * values[i]`, shape `(*batch, *dims)`.
+
+    **Raises:**
+
+    `TypeError` (from the shape annotations) if the last axis of `logits` and the
+    first of `values` differ.
+
+    !!! example
+
+        ```python
+        codebook = jnp.array([[0.0, 0.0], [1.0, 2.0]])
+        expected_value(jnp.array([0.0, 0.0]), codebook)  # [0.5, 1.0]
+        ```
+    """
+    dtype = _float_dtype(logits, values)
+    probs = jax.nn.softmax(logits.astype(dtype), axis=-1)
+    return jnp.tensordot(
+        probs, values.astype(dtype), axes=1, precision=jax.lax.Precision.HIGHEST
+    )
+
+
+def _squared_error(prediction, target):
+    return jnp.mean((prediction - target) ** 2)
+
+
+@jaxtyped(typechecker=beartype)
+def expected_value_loss(
+    logits: Float[Array, "n v"],
+    values: Float[Array, " v *dims"],
+    targets: Int[Array, " n"] | Float[Array, " n *dims"],
+    *,
+    where: Bool[Array, " n"] | None = None,
+    loss_fn: Callable[[Array, Array], Array] | None = None,
+) -> Float[Array, ""]:
+    """A regression loss between expected values and targets, averaged over positions.
+
+    For each position `i`, the prediction is `expected_value(logits[i], values)`;
+    the per-position loss is `loss_fn(prediction, target)` (default: the squared
+    error averaged over the value dimensions, so the result is the MSE over
+    positions x dimensions); the result is the mean over the positions selected by
+    `where`, exactly `0.0` with a zero gradient when none is selected.
+
+    **Arguments:**
+
+    - `logits`: the logits of `n` positions over the `v` outcomes, shape `(n, v)`.
+    - `values`: the value of each outcome, shape `(v, *dims)`.
+    - `targets`: either integer indices into `values`, shape `(n,)` (the target is
+        `values[targets[i]]`, e.g. the codebook vector of the target token), or
+        target values of shape `(n, *dims)`.
+    - `where`: boolean mask of shape `(n,)` selecting the positions that count;
+        `None` selects all. Target indices at unselected positions are ignored.
+    - `loss_fn`: `loss_fn(prediction, target) -> scalar` for one position, both of
+        shape `dims`; default mean squared error.
+
+    **Returns:**
+
+    A scalar in at least float32.
+
+    **Raises:**
+
+    `TypeError` (from the shape annotations) for inconsistent shapes; `ValueError`
+    if `loss_fn` does not return a scalar; at run time (`eqx.error_if`) if a
+    selected target index lies outside `[0, v)`.
+    """
+    n, v = logits.shape
+    if where is None:
+        where = jnp.ones((n,), bool)
+    dtype = _float_dtype(logits, values)
+    if jnp.issubdtype(targets.dtype, jnp.integer):
+        outside = where & ((targets < 0) | (targets >= v))
+        # The check rides on a scalar so that `targets` keeps its sharding.
+        targets = targets + eqx.error_if(
+            jnp.zeros((), targets.dtype),
+            jnp.any(outside),
+            "expected_value_loss: a target index lies outside [0, number of values).",
+        )
+        target_values = values.astype(dtype)[jnp.clip(targets, 0, v - 1)]
+    else:
+        target_values = targets.astype(dtype)
+    predictions = expected_value(logits, values)
+    per_position = jax.vmap(loss_fn or _squared_error)(predictions, target_values)
+    if per_position.shape != (n,):
+        raise ValueError(
+            "expected_value_loss: `loss_fn` must return a scalar per position, got "
+            f"shape {per_position.shape[1:]}."
+        )
+    return masked_mean(per_position.astype(dtype), where)
