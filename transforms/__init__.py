@@ -1,4 +1,6 @@
-"""Higher-order functions for Equinox models: training steps, loops, checkpoints."""
+"""Higher-order functions for Equinox models: training steps, loops, checkpoints,
+sharding, scanned inference, per-sample gradients and attribution, divergences and
+expected-value losses."""
 
 from ._attribution import (
     AttributionStep as AttributionStep,
