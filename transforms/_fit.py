@@ -71,6 +71,7 @@ def fit(
     checkpoint_every: int = 0,
     resume: bool = False,
     metadata: Mapping[str, Any] | None = None,
+    expected_metadata: Mapping[str, Any] | None = None,
     finite_metrics: Sequence[str] = ("loss",),
     progress: bool = True,
 ) -> FitResult:
@@ -100,6 +101,8 @@ def fit(
         `checkpoint_path`.
     - `resume`: continue from `checkpoint_path` if the file exists.
     - `metadata`: JSON-serialisable data stored with every checkpoint.
+    - `expected_metadata`: when resuming, values the checkpoint's metadata must hold
+        (e.g. the model configuration), checked by [`transforms.load_checkpoint`][].
     - `finite_metrics`: metrics that must stay finite; the first non-finite one stops
         the run.
     - `progress`: show a tqdm progress bar.
@@ -115,6 +118,8 @@ def fit(
 
     [`transforms.NonFiniteLossError`][] naming the step at the first non-finite watched
     metric; the last checkpoint written before it stays on disk untouched.
+    [`transforms.CheckpointError`][] when resuming from a checkpoint whose metadata
+    differs from `expected_metadata`.
     `ValueError` for inconsistent arguments or a data iterable that runs out.
     """
     if n_steps < 0:
@@ -134,7 +139,11 @@ def fit(
     start = 0
     if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
         restored = load_checkpoint(
-            checkpoint_path, model=model, opt_state=opt_state, key=key
+            checkpoint_path,
+            model=model,
+            opt_state=opt_state,
+            key=key,
+            expected_metadata=expected_metadata,
         )
         model, opt_state, start, key = (
             restored.model,

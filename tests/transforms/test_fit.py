@@ -236,3 +236,36 @@ def test_watched_metric_and_argument_errors():
         fit(
             step, model, opt_state, _data, n_steps=1, checkpoint_every=2, progress=False
         )
+
+
+def test_resume_checks_expected_metadata(tmp_path):
+    from transforms import CheckpointError, fit, make_train_step
+
+    model, optimizer, opt_state, _ = _setup()
+    step = make_train_step(_loss, optimizer)
+    path = tmp_path / "meta.ckpt"
+    kwargs = dict(key=jr.key(2), checkpoint_path=path, progress=False)
+    fit(step, model, opt_state, _data, n_steps=2, metadata={"width": 16}, **kwargs)
+    with pytest.raises(CheckpointError, match="width: expected 32, checkpoint has 16"):
+        fit(
+            step,
+            model,
+            opt_state,
+            _data,
+            n_steps=4,
+            resume=True,
+            expected_metadata={"width": 32},
+            **kwargs,
+        )
+    resumed = fit(
+        step,
+        model,
+        opt_state,
+        _data,
+        n_steps=4,
+        resume=True,
+        expected_metadata={"width": 16},
+        **kwargs,
+    )
+    assert resumed.step == 4
+    assert [record["step"] for record in resumed.history] == [2, 3]
