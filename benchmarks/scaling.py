@@ -1,0 +1,228 @@
+"""Data-parallel scaling over the devices present (weak scaling: a fixed batch per
+device).
+
+Usage:
+
+    python benchmarks/scaling.py [--size small|full] [--counts 1 2 4 8]
+        [--workloads lm ghost causal]
+
+For every device count n in `--counts` that the machine has, each workload runs with
+a `jax.sharding.Mesh` over the first n devices (the library's own sharding:
+`make_train_step(mesh=...)`, `make_attribution_step(mesh=...)`; no hand-written
+communication):
+
+- `lm`: one training step of the multimodal LM (`benchmarks/multimodal.py`'s
+  worker, in its own subprocess; `full` is the GPT-2-small shape of about 107M
+  parameters with 131 072 tokens per device and step). Reported: tokens per second
+  and the scaling efficiency `tps(n) / (n · tps(1))`.
+- `ghost`: the attribution step (ghost dot products) on the GPT of
+  `benchmarks/ghost.py`; the dot products of the sharded step are compared with the
+  single-device step on the same global batch (largest relative difference).
+- `causal`: one behavioural-cloning step of the parent-set model on expert-labelled
+  tasks; the loss of the sharded step is compared with the single-device one.
+
+`small` (the default on a CPU) runs tiny shapes; on a CPU, set
+`XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu` to exercise
+the sharded paths on eight fake devices (times are then meaningless, the
+comparisons are not).
+"""
+
+import argparse
+import os
+import tempfile
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+from _harness import Results, time_callable
+
+
+def _mesh(n: int) -> jax.sharding.Mesh:
+    return jax.make_mesh(
+        (n,),
+        ("data",),
+        axis_types=(jax.sharding.AxisType.Auto,),
+        devices=jax.devices()[:n],
+    )
+
+
+def _copy(tree):
+    # The steps donate their inputs; every run starts from its own copy.
+    return jax.tree.map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, tree)
+
+
+def lm(results: Results, counts: list[int], size_name: str, args) -> None:
+    import multimodal
+
+    size = multimodal.SIZES["gpt2" if size_name == "full" else "small"]
+    seq = size["seqs"][0]
+    batch = max(1, size["tokens_per_step"] // seq)
+    base = None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "data.npz")
+        multimodal.make_data(size, batch, seq, path)
+        for n in counts:
+            argv = [multimodal.__file__, "--worker", "jax", "--seq", str(seq)]
+            argv += ["--data", path, "--devices", str(n), "--repeats", "10"]
+            argv += ["--size", "gpt2" if size_name == "full" else "small"]
+            out = multimodal._spawn(argv, args.timeout)
+            sizes = {"devices": n, "seq": seq, "batch_per_device": batch}
+            if "error" in out:
+                results.add(workload="lm", impl="jax", sizes=sizes, error=out["error"])
+                continue
+            tokens_per_sec = n * batch * seq / out["median_s"]
+            base = tokens_per_sec if n == 1 else base
+            results.add(
+                workload="lm train step",
+                impl="jax",
+                sizes=dict(sizes, parameters=out["parameters"]),
+                median_s=out["median_s"],
+                iqr_s=out["iqr_s"],
+                tokens_per_sec=tokens_per_sec,
+                scaling_efficiency=None if base is None else tokens_per_sec / (n * base),
+            )
+
+
+def ghost(results: Results, counts: list[int], size_name: str, args) -> None:
+    from ghost import GPT, make_loss, SIZES
+
+    from transforms import make_attribution_step
+
+    cfg = SIZES["gpt2" if size_name == "full" else "tiny"]
+    gpu = jax.devices()[0].platform == "gpu"
+    loss_fn = make_loss(jnp.bfloat16 if gpu else jnp.float32)
+    model = GPT(
+        cfg["vocab"], cfg["dim"], cfg["heads"], cfg["layers"], cfg["length"], jr.key(0)
+    )
+    optimizer = optax.adamw(3e-4)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    reference = None
+    for n in counts:
+        B = cfg["batch"] * n
+        tokens = jr.randint(jr.key(1), (2 * B, cfg["length"] + 1), 0, cfg["vocab"])
+        train, val = (tokens[:B],), (tokens[B:],)
+        single = make_attribution_step(loss_fn, optimizer)
+        sharded = make_attribution_step(loss_fn, optimizer, mesh=_mesh(n))
+        _, _, _, expected = single(_copy(model), _copy(opt_state), train, val)
+        _, _, _, dots = sharded(_copy(model), _copy(opt_state), train, val)
+        expected, dots = np.asarray(expected), np.asarray(dots)
+        scale = np.max(np.abs(expected))
+        state = {"model": _copy(model), "opt": _copy(opt_state)}
+
+        def run():
+            state["model"], state["opt"], _, out = sharded(
+                state["model"], state["opt"], train, val
+            )
+            return out
+
+        timing = time_callable(run, warmup=2, repeats=args.repeats)
+        examples_per_sec = B / timing["median_s"]
+        reference = examples_per_sec if n == 1 else reference
+        results.add(
+            workload="ghost attribution step",
+            impl="jax",
+            sizes={"devices": n, "batch_per_device": cfg["batch"], **cfg},
+            median_s=timing["median_s"],
+            iqr_s=timing["iqr_s"],
+            examples_per_sec=examples_per_sec,
+            scaling_efficiency=None
+            if reference is None
+            else examples_per_sec / (n * reference),
+            max_rel_diff_vs_one_device=float(np.max(np.abs(dots - expected)) / scale),
+        )
+
+
+def causal(results: Results, counts: list[int], size_name: str, args) -> None:
+    from eqx_models.causal import (
+        BehaviouralCloningLoss,
+        ParentSetPredictionModel,
+        sample_training_batch,
+        surrogate_optimizer,
+        TaskConfig,
+    )
+    from transforms import make_train_step
+
+    full = size_name == "full"
+    config = TaskConfig(n_vars=20 if full else 5, n_samples=200 if full else 40)
+    per_device = 32 if full else 4
+    model = ParentSetPredictionModel(
+        3, width=64 if full else 16, n_layers=4 if full else 1, key=jr.key(0)
+    )
+    loss = BehaviouralCloningLoss(weight_decay=1e-4)
+    optimizer = surrogate_optimizer(1000)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    reference = None
+    for n in counts:
+        batch = sample_training_batch(jr.key(2), config, per_device * n, 3)
+        single = make_train_step(loss, optimizer, has_aux=True)
+        sharded = make_train_step(loss, optimizer, has_aux=True, mesh=_mesh(n))
+        _, _, expected = single(_copy(model), _copy(opt_state), batch, jr.key(3))
+        _, _, metrics = sharded(_copy(model), _copy(opt_state), batch, jr.key(3))
+        state = {"model": _copy(model), "opt": _copy(opt_state)}
+
+        def run():
+            state["model"], state["opt"], out = sharded(
+                state["model"], state["opt"], batch, jr.key(3)
+            )
+            return out
+
+        timing = time_callable(run, warmup=2, repeats=args.repeats)
+        tasks_per_sec = per_device * n / timing["median_s"]
+        reference = tasks_per_sec if n == 1 else reference
+        results.add(
+            workload="causal train step",
+            impl="jax",
+            sizes={
+                "devices": n,
+                "tasks_per_device": per_device,
+                "n_vars": config.n_vars,
+                "n_samples": config.n_samples,
+            },
+            median_s=timing["median_s"],
+            iqr_s=timing["iqr_s"],
+            tasks_per_sec=tasks_per_sec,
+            scaling_efficiency=None
+            if reference is None
+            else tasks_per_sec / (n * reference),
+            loss_rel_diff_vs_one_device=abs(
+                float(metrics["loss"]) - float(expected["loss"])
+            )
+            / abs(float(expected["loss"])),
+        )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size", choices=["small", "full"], default=None)
+    parser.add_argument("--counts", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument(
+        "--workloads",
+        nargs="+",
+        choices=["lm", "ghost", "causal"],
+        default=["lm", "ghost", "causal"],
+    )
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--timeout", type=float, default=600)
+    args = parser.parse_args(argv)
+    platform = jax.devices()[0].platform
+    size = args.size or ("small" if platform == "cpu" else "full")
+    counts = [n for n in args.counts if n <= jax.device_count()]
+    results = Results(
+        "scaling",
+        "Data-parallel scaling",
+        f"Weak scaling over {counts} devices of this machine with the library's "
+        "sharding (a `jax.sharding.Mesh` over the batch axis): the multimodal LM "
+        "training step, the ghost attribution step and the causal surrogate "
+        "training step; efficiency is throughput on n devices / (n x one device). "
+        "The sharded results are checked against the single-device step.",
+    )
+    for name in args.workloads:
+        {"lm": lm, "ghost": ghost, "causal": causal}[name](results, counts, size, args)
+    results.save()
+
+
+if __name__ == "__main__":
+    main()
