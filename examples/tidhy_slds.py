@@ -140,7 +140,7 @@ def main(argv=None):
         np.max(np.bincount(np.asarray(combined), minlength=8)) / combined.size
     )
 
-    _plot(test_windows, record, states, combined, true, recovered, length)
+    _plot(test_windows, record, states, true, recovered, length)
     history = result.history
     save_summary(
         "tidhy_slds",
@@ -163,7 +163,7 @@ def main(argv=None):
     )
 
 
-def _plot(X, record, states, combined, true, recovered, length):
+def _plot(X, record, states, true, recovered, length):
     window = 0
     t = np.arange(length)
     fig, axes = plt.subplots(3, 1, figsize=(7, 5), sharex=True)
@@ -226,7 +226,6 @@ def _plot(X, record, states, combined, true, recovered, length):
     fig.tight_layout()
     fig.savefig(out_path("tidhy_timescales.png"), dpi=120)
     plt.close(fig)
-    del combined
 
 
 if __name__ == "__main__":

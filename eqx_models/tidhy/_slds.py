@@ -1,3 +1,4 @@
+import functools
 import math
 from typing import NamedTuple
 
@@ -37,6 +38,31 @@ class SLDSSample(NamedTuple):
 def _rotation(theta):
     c, s = jnp.cos(theta), jnp.sin(theta)
     return jnp.array([[c, -s], [s, c]])
+
+
+# One compiled function for every random parameter: run op by op, each random draw
+# would be compiled on its own (seconds on a CPU); the values are the same.
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def _parameters(key, a, f, stickiness, emission_dim, obs_dim, channels):
+    n_systems = a.shape[0]
+    skey, ckey, bkey, ekey, dkey, pkey = jr.split(key, 6)
+    angles = jr.uniform(skey, (n_systems, 2), minval=0, maxval=2 * math.pi)
+    stretch = jr.uniform(ckey, (n_systems, 2), minval=0.5, maxval=1.5)
+
+    def regime(a, f, angle, stretch):
+        S = _rotation(angle) @ jnp.diag(jnp.array([1.0, stretch]))
+        nu = 2 * math.pi * f
+        R = jnp.array([[jnp.exp(a), -nu], [nu, jnp.exp(a)]])
+        return S @ R @ jnp.linalg.inv(S)
+
+    dynamics = jax.vmap(jax.vmap(regime))(a, f, angles, stretch)
+    biases = jr.uniform(bkey, (n_systems, 2, 2), minval=-1, maxval=1)
+    emissions = jr.normal(ekey, (n_systems, emission_dim, 2))
+    emission_offsets = jr.normal(dkey, (n_systems, emission_dim))
+    projection = jr.normal(pkey, (obs_dim, channels))
+    P = stickiness * jnp.eye(2) + (1 - stickiness)
+    transition_matrix = P / P.sum(axis=1, keepdims=True)
+    return dynamics, biases, emissions, emission_offsets, projection, transition_matrix
 
 
 class SwitchingLDS(eqx.Module):
@@ -137,24 +163,15 @@ class SwitchingLDS(eqx.Module):
             )
         a = jnp.asarray(log_decay, float).reshape(n_systems, 2)
         f = jnp.asarray(frequency, float).reshape(n_systems, 2)
-        skey, ckey, bkey, ekey, dkey, pkey = jr.split(key, 6)
-        angles = jr.uniform(skey, (n_systems, 2), minval=0, maxval=2 * math.pi)
-        stretch = jr.uniform(ckey, (n_systems, 2), minval=0.5, maxval=1.5)
-
-        def regime(a, f, angle, stretch):
-            S = _rotation(angle) @ jnp.diag(jnp.array([1.0, stretch]))
-            nu = 2 * math.pi * f
-            R = jnp.array([[jnp.exp(a), -nu], [nu, jnp.exp(a)]])
-            return S @ R @ jnp.linalg.inv(S)
-
-        self.dynamics = jax.vmap(jax.vmap(regime))(a, f, angles, stretch)
-        self.biases = jr.uniform(bkey, (n_systems, 2, 2), minval=-1, maxval=1)
-        self.emissions = jr.normal(ekey, (n_systems, emission_dim, 2))
-        self.emission_offsets = jr.normal(dkey, (n_systems, emission_dim))
         channels = overlap + n_systems * (emission_dim - overlap)
-        self.projection = jr.normal(pkey, (obs_dim, channels))
-        P = stickiness * jnp.eye(2) + (1 - stickiness)
-        self.transition_matrix = P / P.sum(axis=1, keepdims=True)
+        (
+            self.dynamics,
+            self.biases,
+            self.emissions,
+            self.emission_offsets,
+            self.projection,
+            self.transition_matrix,
+        ) = _parameters(key, a, f, stickiness, emission_dim, obs_dim, channels)
         self.log_decay = a
         self.frequency = f
         self.dynamics_noise = float(dynamics_noise)
