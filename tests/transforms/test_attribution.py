@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 import textwrap
@@ -189,12 +190,14 @@ _SHARDED = textwrap.dedent(
     import sys
     sys.path.insert(0, ".")
     import equinox as eqx, jax.numpy as jnp, numpy as np, optax
-    from transforms import make_attribution_step
+    from transforms import (make_attribution_step, per_sample_grad_norms, replicate,
+                            shard_batch)
     from tests.transforms._ghost_models import make_case
 
     assert jax.device_count() == 8
-    model, loss, train, val = make_case("gpt_tied", dtype=jnp.float32, n_train=16,
-                                        n_val=8)
+    # Token inputs: the embedding gathers see sharded indices.
+    model, loss, train, val = make_case("embedding_layernorm", dtype=jnp.float32,
+                                        n_train=16, n_val=8)
     optimizer = optax.adam(1e-2, eps=1e-3)
     init = lambda: optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     single = make_attribution_step(loss, optimizer, donate=False)
@@ -211,6 +214,12 @@ _SHARDED = textwrap.dedent(
                     jax.tree.leaves(eqx.filter(m8, eqx.is_array))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
         assert b.sharding.is_fully_replicated
+    # Per-example norms of a batch split over the devices, as in a data-parallel step.
+    norms = eqx.filter_jit(per_sample_grad_norms(loss))
+    sharded = shard_batch(train, mesh)
+    n8 = norms(replicate(model, mesh), sharded)
+    np.testing.assert_allclose(norms(model, train), n8, rtol=1e-5)
+    assert len(n8.sharding.device_set) == 8
     try:
         parallel(model, init(), train, tuple(v[:6] for v in val))
     except ValueError as e:
@@ -233,6 +242,11 @@ def test_data_parallel_attribution_equals_single_device():
         text=True,
         timeout=600,
         cwd=root,
+        env={
+            **os.environ,
+            "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        },
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("OK")

@@ -56,6 +56,12 @@ def test_per_sample_grads_under_jit_and_vmap():
     stacked = jax.vmap(lambda a, b: fn(model, (a, b)))(xs, ys)
     halves = jax.tree.map(lambda g: g.reshape((2, 3) + g.shape[1:]), plain)
     assert_tree_allclose(stacked, halves, rtol=1e-5, atol=1e-6)
+    # Under grad: d/dθ Σ_i ‖∇l_i‖², against the same through the vmap-method norms.
+    squares = lambda g: sum(jnp.sum(x**2) for x in jax.tree.leaves(g))
+    got = eqx.filter_grad(lambda m: squares(fn(m, (x, y))))(model)
+    norms = per_sample_grad_norms(regression_loss, method="vmap")
+    expected = eqx.filter_grad(lambda m: jnp.sum(norms(m, (x, y)) ** 2))(model)
+    assert_tree_allclose(got, expected, rtol=1e-4, atol=1e-6)
 
 
 def _bad(name):
