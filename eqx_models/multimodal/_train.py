@@ -339,8 +339,10 @@ def train(
         (each micro-batch split over the devices, whose number must divide the
         micro-batch size). Its axes are used as `Auto` axes (sharding propagated
         by XLA).
-    - `peak_flops`: the device's peak (or measured) FLOP/s; when given, each record
-        gets `mfu`, the model FLOPs utilisation.
+    - `peak_flops`: the peak (or measured) FLOP/s of the devices used, together;
+        when given, each record gets `mfu`, the model FLOPs utilisation (matmul
+        FLOPs of the step, `CausalTransformerLM.flops_per_token`, over step time
+        and `peak_flops`).
     - `progress`: show a progress bar.
 
     **Returns:**
@@ -360,6 +362,9 @@ def train(
         raise ValueError("train: `config.eval_every` > 0 needs `eval_batches`.")
     if resume and checkpoint_path is None:
         raise ValueError("train: `resume=True` needs a `checkpoint_path`.")
+    config_metadata = _flatten(model.config(), "model.")
+    if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
+        _check_compatible(checkpoint_path, config_metadata)
     if mesh is not None:
         mesh = _auto_axes(mesh)
     k = config.accumulation_steps
@@ -387,9 +392,6 @@ def train(
         held_out = eval_batches
         eval_fn = lambda model: evaluate(model, loss, held_out, mesh=mesh)
 
-    config_metadata = _flatten(model.config(), "model.")
-    if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
-        _check_compatible(checkpoint_path, config_metadata)
     result = fit(
         counted_step,
         model,

@@ -1,4 +1,5 @@
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -278,8 +279,13 @@ _SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 def test_data_parallel_on_eight_devices_equals_one_device():
     # Dropout and position sampling are on: their keys do not depend on sharding.
+    # CPU only, so that the eight devices are the fake CPU ones on any machine.
     result = subprocess.run(
-        [sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=900
+        [sys.executable, "-c", _SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("OK")
