@@ -98,6 +98,7 @@ def dynamax_functions(budget, n_states, length):
     """dynamax's filter / smoother on the dense time-varying chain, or None."""
     try:
         from dynamax.hidden_markov_model import (  # pyright: ignore[reportMissingImports]
+            hmm_backward_filter,
             hmm_filter,
             hmm_smoother,
         )
@@ -119,11 +120,15 @@ def dynamax_functions(budget, n_states, length):
         return hmm_filter(model.Pi, log_likelihoods=log_lik, **kwargs).marginal_loglik
 
     def smoothed(model, x, a):
+        # dynamax's two-filter smoother without the transition probabilities (its
+        # `compute_trans_probs` flag cannot be made static from outside).
         kwargs, log_lik = chain(model, x, a)
-        post = hmm_smoother(
-            model.Pi, log_likelihoods=log_lik, compute_trans_probs=False, **kwargs
-        )
-        return post.smoothed_probs
+        filtered = hmm_filter(
+            model.Pi, log_likelihoods=log_lik, **kwargs
+        ).filtered_probs
+        _, backward = hmm_backward_filter(log_likelihoods=log_lik, **kwargs)
+        smoothed = filtered * backward
+        return smoothed / smoothed.sum(-1, keepdims=True)
 
     def em_step(model, x, a):
         kwargs, log_lik = chain(model, x, a)
@@ -240,7 +245,7 @@ def _notes(results, size, peer_note):
         "(large: 9.8 kFLOP, 19.6 kB per step; the A*K^2 blocks, 1.25 MB, stay in "
         "cache, so the scan is latency-bound, not bandwidth-bound); posteriors add a "
         "backward pass (about 6M^2 FLOPs); an EM iteration about 10M^2 (forward, "
-        "backward, and the compensated accumulation of the counts). The parallel "
+        "backward, and the chunked accumulation of the counts). The parallel "
         "strategy multiplies M x M matrices: 2M^3 FLOPs and 3M^2 x 4 bytes per "
         "combine, T - 1 combines for the log-likelihood (large: 34 GFLOP, 2.9 GB in "
         "all), about 4x for the posteriors (two associative scans) and 3x for an EM "

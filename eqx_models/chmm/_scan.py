@@ -61,11 +61,18 @@ def forward_scan(chain: Chain) -> tuple[Float[Array, "T S"], Float[Array, " T"]]
     return alphas, safe_log(norms) + offset
 
 
+_CHUNK = 128
+
+
 def backward_scan(
     chain: Chain, alphas: Float[Array, "T S"], *, accumulate: bool
 ) -> tuple[Float[Array, "T S"], Float[Array, "T S"], Array | None]:
     """Backward messages `u` and smoothed marginals `gamma` (both `[T, S]`), and, if
-    `accumulate`, `dlnL/dsrc` summed over steps with compensated (Kahan) summation.
+    `accumulate`, `dlnL/dsrc` summed over the steps.
+
+    The sum is two-level: each chunk of `_CHUNK` steps accumulates into a zeroed
+    buffer (updated in place), and the chunk sums are added to the total, so the
+    float error grows like `_CHUNK + T / _CHUNK` ulps instead of `T`.
     """
     size = chain.size
     weights, _ = _weights(chain)
@@ -82,24 +89,53 @@ def backward_scan(
         u_prev = beta_prev if w_prev is None else beta_prev * w_prev
         u_prev = safe_divide(u_prev, u_prev.sum())
         if sums is not None:
-            # The running total and its compensation share one buffer, so that
-            # XLA updates the window in place (two carried buffers get copied).
             grad = safe_divide(alpha_prev[:, None] * u[None, :], d)
-            start = (jnp.zeros((), p.dtype), p[0], p[1], p[2])
-            both = lax.dynamic_slice(sums, start, (2, 1, size, size))[:, 0]
-            old, compensation = both[0], both[1]
-            y = grad - compensation
-            new = old + y
-            update = jnp.stack([new, (new - old) - y])[:, None]
-            sums = lax.dynamic_update_slice(sums, update, start)
+            start = (p[0], p[1], p[2])
+            sums = lax.dynamic_update_slice(
+                sums, window(sums, p, size)[None] + grad[None], start
+            )
         return (u_prev, sums), (u_prev, gamma_prev)
 
-    sums = jnp.zeros((2,) + chain.src.shape, chain.src.dtype) if accumulate else None
     xs = (chain.pos, alphas[:-1], None if weights is None else weights[:-1])
-    (_, sums), (us, gammas) = lax.scan(step, (u_last, sums), xs, reverse=True)
+    if not accumulate:
+        (_, _), (us, gammas) = lax.scan(step, (u_last, None), xs, reverse=True)
+        total = None
+    else:
+        n = chain.pos.shape[0]
+        length = max(min(_CHUNK, n), 1)
+        chunks = -(-n // length)
+        pad = chunks * length - n
+        # Padding steps are identities (the last slab) with no forward mass: they
+        # leave `u` unchanged and add nothing.
+        identity = (
+            jnp.zeros((pad, 3), chain.pos.dtype).at[:, 0].set(chain.src.shape[0] - 1)
+        )
+        padded = (
+            jnp.concatenate([chain.pos, identity]),
+            jnp.concatenate([alphas[:-1], jnp.zeros((pad, size), alphas.dtype)]),
+            None
+            if weights is None
+            else jnp.concatenate([weights[:-1], jnp.ones((pad, size), alphas.dtype)]),
+        )
+        padded = jax.tree.map(
+            lambda v: v.reshape((chunks, length) + v.shape[1:]), padded
+        )
+
+        def chunk(carry, inputs):
+            u, total = carry
+            (u, sums), outputs = lax.scan(
+                step, (u, jnp.zeros_like(chain.src)), inputs, reverse=True
+            )
+            return (u, total + sums), outputs
+
+        (_, total), (us, gammas) = lax.scan(
+            chunk, (u_last, jnp.zeros_like(chain.src)), padded, reverse=True
+        )
+        us = us.reshape(chunks * length, size)[:n]
+        gammas = gammas.reshape(chunks * length, size)[:n]
     us = jnp.concatenate([us, u_last[None]])
     gammas = jnp.concatenate([gammas, alphas[-1:]])
-    return us, gammas, None if sums is None else sums[0]
+    return us, gammas, total
 
 
 @jax.custom_vjp

@@ -207,6 +207,9 @@ def test_sample_follows_the_model(x64):
         jr.split(jr.key(1), 3)
     )
     assert batch[0].shape == (3, 10)
+    counted = eqx.filter_jit(eqx.debug.assert_max_traces(sample, max_traces=1))
+    for seed in range(2):
+        counted(model, jnp.asarray(a[:10]), key=jr.key(seed))
 
 
 def test_sample_errors_on_a_dead_end(x64):

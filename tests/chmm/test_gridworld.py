@@ -61,6 +61,8 @@ def test_place_fields_count_visits():
     for s, (r, c) in zip(np.asarray(states), np.asarray(positions)):
         expected[s, r, c] += 1
     np.testing.assert_array_equal(fields, expected)
+    jitted = eqx.filter_jit(place_fields)(states, positions, n_states=4, shape=(2, 2))
+    np.testing.assert_array_equal(jitted, expected)
     with pytest.raises(ValueError, match="same length"):
         place_fields(states[:3], positions, n_states=4, shape=(2, 2))
 
@@ -76,6 +78,8 @@ def test_clone_graph_restricts_to_active_clones():
     np.testing.assert_allclose(adjacency[:2, :2], mean / mean.sum(-1, keepdims=True))
     np.testing.assert_array_equal(adjacency[2], 0)
     np.testing.assert_array_equal(adjacency[:, 2], 0)
+    jitted, _ = eqx.filter_jit(clone_graph)(model, jnp.array([0, 1, 0, 1]))
+    np.testing.assert_allclose(jitted, adjacency)
     pruned, _ = clone_graph(model, jnp.array([0, 1, 2]), threshold=0.3)
     assert np.all((pruned == 0) | (pruned > 0.3))
 

@@ -245,3 +245,57 @@ class TestErrors:
             learn_emissions(
                 self.model, self.ids, self.ids, n_iter=1, emissions=jnp.ones((3, 2))
             )
+
+
+@pytest.mark.slow
+def test_float32_counts_of_a_long_sequence_are_accurate():
+    # One symbol: every count entry collects thousands of contributions, the worst
+    # case for a float32 running sum; the scan accumulates in chunks.
+    layout = (3,)
+    rng = np.random.default_rng(6)
+    T, Pi = ref.random_model(rng, layout, 2)
+    n_steps = 20_000
+    x = np.zeros(n_steps, int)
+    a = rng.integers(0, 2, n_steps)
+    expected = ref.expected_counts(T, Pi, ref.emission_weights(layout, x), a)
+    model = as_model(layout, T, Pi, jnp.float32)
+    counts, _ = expected_counts(model, x, a)
+    np.testing.assert_allclose(counts, expected, rtol=1e-5)
+    np.testing.assert_allclose(counts.sum(), n_steps - 1, rtol=1e-6)
+
+
+def test_em_vmaps_over_initial_models():
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.integers(0, 3, 20))
+    a = jnp.asarray(rng.integers(0, ACTIONS, 20))
+    keys = jax.random.split(jax.random.key(0), 2)
+    models = eqx.filter_vmap(lambda k: CHMM.random(BLOCKS, ACTIONS, key=k))(keys)
+    trained, curves = eqx.filter_vmap(
+        lambda m: em(m, x, a, n_iter=1, pseudocount=0.1), in_axes=(eqx.if_array(0),)
+    )(models)
+    for i in range(2):
+        single = CHMM(BLOCKS, models.T[i])
+        expected, curve = em(single, x, a, n_iter=1, pseudocount=0.1)
+        np.testing.assert_allclose(trained.T[i], expected.T, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(curves[i], curve, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "train",
+    [
+        lambda m, x, a: expected_counts(m, x, a),
+        lambda m, x, a: em(m, x, a, n_iter=1),
+        lambda m, x, a: viterbi_em(m, x, a, n_iter=1),
+        lambda m, x, a: learn_emissions(m, x, a, n_iter=1),
+    ],
+    ids=["expected_counts", "em", "viterbi_em", "learn_emissions"],
+)
+def test_learning_compiles_once_per_shape(train):
+    T, _, _, _ = case(BLOCKS)
+    model = as_model(BLOCKS, T, None, jnp.float32)
+    counted = eqx.filter_jit(eqx.debug.assert_max_traces(train, max_traces=1))
+    rng = np.random.default_rng(12)
+    for _ in range(2):
+        x = jnp.asarray(rng.integers(0, 3, (2, 5)))
+        a = jnp.asarray(rng.integers(0, ACTIONS, (2, 5)))
+        counted(model, x, a)
