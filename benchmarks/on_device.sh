@@ -22,8 +22,9 @@ for job in "$@"; do
   # shellcheck disable=SC2086
   (cd benchmarks && python3 $job) || { echo "!! $job failed"; status=1; }
   echo "== $job took $((SECONDS - start)) s"
+  # After every job, so a later job that runs out of time loses only its own.
+  if [ -n "${OUT:-}" ]; then
+    cp benchmarks/results/*-gpu.json "$OUT"/ 2>/dev/null || true
+  fi
 done
-if [ -n "${OUT:-}" ]; then
-  cp benchmarks/results/*-gpu.json "$OUT"/ 2>/dev/null || true
-fi
 exit $status
