@@ -127,7 +127,8 @@ def multimodal_from_state_dict(
     `model` supplies the configuration: build it with the original's vocabulary
     layout (vocabulary size and number of types), `d_model`, `n_layers`,
     `n_heads`, `d_ff`, `max_len` and `pre_ln` matching the original's `norm_first`
-    (the state dict cannot tell them apart). Names are listed in
+    (the state dict cannot tell them apart). An abstract model from
+    `eqx.filter_eval_shape` serves as well (nothing is initialised). Names are listed in
     [`eqx_models.interop.torch.multimodal_to_state_dict`][]. A `_orig_mod.` prefix
     (the state dict of a `torch.compile`d model) is removed first. `head.bias` is
     optional: without it the head bias is zero, as in the original. Values keep
@@ -155,7 +156,7 @@ def multimodal_from_state_dict(
     leaves = [as_leaf(arrays[name], getattr(model, field)) for name, field in _TOP]
     head_bias = arrays.get("head.bias")
     leaves.append(
-        jnp.zeros_like(model.head_bias)
+        jnp.zeros(model.head_bias.shape, model.head_bias.dtype)
         if head_bias is None
         else as_leaf(head_bias, model.head_bias)
     )

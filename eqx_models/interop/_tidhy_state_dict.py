@@ -16,7 +16,11 @@ from ._state_dict import as_leaf, check_state_dict, ordered
 # decoder and hypernetwork as `nn.Sequential`s, so their names are positional:
 # index 2 is the parameter-free ELU.
 def _entries(model: TiDHy) -> list[tuple[str, str]]:
-    entries = [
+    # Torch lists a module's own parameters before its submodules'.
+    entries = [("temporal", "temporal")]
+    if model.dyn_bias:
+        entries.append(("temporal_bias", "temporal_bias"))
+    entries += [
         ("spatial_decoder.0.weight", "decoder.linear_in.weight"),
         ("spatial_decoder.0.bias", "decoder.linear_in.bias"),
     ]
@@ -29,9 +33,6 @@ def _entries(model: TiDHy) -> list[tuple[str, str]]:
             ("spatial_decoder.4.weight", "decoder.linear_out.weight"),
             ("spatial_decoder.4.bias", "decoder.linear_out.bias"),
         ]
-    entries.append(("temporal", "temporal"))
-    if model.dyn_bias:
-        entries.append(("temporal_bias", "temporal_bias"))
     entries += [
         ("hypernet.0.weight", "hypernet.linear_in.weight"),
         ("hypernet.0.bias", "hypernet.linear_in.bias"),
@@ -99,6 +100,8 @@ def tidhy_from_state_dict(state_dict: Mapping, model: TiDHy) -> TiDHy:
     `model` supplies the configuration (sizes and options: build it with the
     original's `input_dim`, `r_dim`, `r2_dim`, `mix_dim`, `hyper_hid_dim`,
     `low_rank_temporal`, `dyn_bias`, `nonlinear_decoder`); its weights are replaced.
+    An abstract model from `eqx.filter_eval_shape` serves as well (nothing is
+    initialised).
     The names are listed in [`eqx_models.interop.torch.tidhy_to_state_dict`][]; a
     `_orig_mod.` prefix (a `torch.compile`d module) is removed first. Values keep
     their numbers and take the dtype of the leaf they replace.
