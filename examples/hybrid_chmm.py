@@ -41,7 +41,9 @@ MOVES = np.array([(0, -1), (0, 1), (-1, 0), (1, 0)])
 
 def sizes(smoke: bool) -> dict:
     if smoke:
-        return dict(height=3, width=4, colours=3, clones=2, length=30, batch=3, steps=15)
+        return dict(
+            height=3, width=4, colours=3, clones=2, length=30, batch=3, steps=15
+        )
     return dict(height=4, width=5, colours=4, clones=5, length=100, batch=8, steps=200)
 
 
@@ -60,7 +62,9 @@ def make_data(s: dict, features: int, noise: float, seed: int = 0):
         cells[:, t] = np.where(inside[:, None], target, cells[:, t - 1])
     colours = room[cells[..., 0], cells[..., 1]]
     prototypes = rng.normal(size=(s["colours"], features))
-    observed = prototypes[colours] + noise * rng.normal(size=colours.shape + (features,))
+    observed = prototypes[colours] + noise * rng.normal(
+        size=colours.shape + (features,)
+    )
     return (
         torch.tensor(observed, dtype=torch.float32),
         torch.tensor(actions),
@@ -122,7 +126,9 @@ def train(s: dict, *, features: int = 6, noise: float = 0.6, lr: float = 0.03):
         loss, nll, mse, _ = model(observed, actions)
         loss.backward()
         history["encoder_grad_norm"].append(
-            float(torch.cat([p.grad.ravel() for p in model.encoder.parameters()]).norm())
+            float(
+                torch.cat([p.grad.ravel() for p in model.encoder.parameters()]).norm()
+            )
         )
         optimizer.step()
         history["loss"].append(loss.item())
