@@ -10,9 +10,12 @@ transition logits are a torch parameter and whose forward-backward pass runs in 
 reconstructs the features from the HMM's smoothed posteriors over clones. Encoder,
 transition logits and decoder train together with `torch.optim.Adam` on
 
-    loss = -lnL / T + mean squared reconstruction error,
+    loss = -lnL / T + mean squared reconstruction error + KL(usage || uniform),
 
-so the HMM's likelihood gradients reach the encoder through the evidence. The script
+so the HMM's likelihood gradients reach the encoder through the evidence. The last
+term (the encoder's average output distribution against the uniform one) stops the
+encoder from collapsing onto one symbol, which would make every sequence trivially
+likely. The script
 reports the loss, the likelihood per step and the encoder's colour accuracy (after
 matching its outputs to colours), and saves `examples/out/hybrid_chmm.png`.
 
@@ -93,7 +96,9 @@ class Hybrid(nn.Module):
         length = observed.shape[1]
         nll = -log_likelihood.mean() / length
         mse = torch.mean((reconstruction - observed) ** 2)
-        return nll + mse, nll, mse, evidence
+        usage = evidence.exp().mean(dim=(0, 1))
+        collapse = torch.sum(usage * torch.log(usage * usage.numel()))
+        return nll + mse + collapse, nll, mse, evidence
 
 
 def colour_accuracy(evidence: torch.Tensor, colours: np.ndarray) -> float:
