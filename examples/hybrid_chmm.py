@@ -125,15 +125,14 @@ def train(s: dict, *, features: int = 6, noise: float = 0.6, lr: float = 0.03):
     observed, actions, colours = make_data(s, features, noise)
     model = Hybrid(features, s["colours"], s["clones"])
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    history = {"loss": [], "nll": [], "mse": [], "encoder_grad_norm": []}
+    history: dict = {"loss": [], "nll": [], "mse": [], "encoder_grad_norm": []}
     for _ in range(s["steps"]):
         optimizer.zero_grad()
         loss, nll, mse, _ = model(observed, actions)
         loss.backward()
+        grads = [p.grad for p in model.encoder.parameters() if p.grad is not None]
         history["encoder_grad_norm"].append(
-            float(
-                torch.cat([p.grad.ravel() for p in model.encoder.parameters()]).norm()
-            )
+            float(torch.cat([g.ravel() for g in grads]).norm())
         )
         optimizer.step()
         history["loss"].append(loss.item())
@@ -146,7 +145,7 @@ def train(s: dict, *, features: int = 6, noise: float = 0.6, lr: float = 0.03):
 
 
 def main(argv=None) -> None:
-    args = parse_args(__doc__.splitlines()[0], argv)
+    args = parse_args((__doc__ or "").splitlines()[0], argv)
     s = sizes(args.smoke)
     t0 = time.perf_counter()
     history, model, (observed, actions, _) = train(s)
