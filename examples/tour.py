@@ -23,6 +23,7 @@ EXAMPLES = [
     ("ghost engines", "data_attribution.py"),
     ("causal surrogate", "causal_surrogate.py"),
     ("multimodal LM", "multimodal_lm.py"),
+    ("torch interop (hybrid CHMM)", "hybrid_chmm.py"),
 ]
 
 
