@@ -548,8 +548,9 @@ def train_surrogate(
 
     **Raises:**
 
-    `ValueError` for an empty `buckets` or a curriculum with another number of
-    buckets; [`transforms.NonFiniteLossError`][] if the loss becomes non-finite.
+    `ValueError` for an empty `buckets`, a curriculum with another number of
+    buckets, or a `mesh` without a `data` axis or whose size does not divide a
+    batch size; [`transforms.NonFiniteLossError`][] if the loss becomes non-finite.
     """
     buckets = list(buckets)
     if not buckets:
@@ -563,6 +564,18 @@ def train_surrogate(
             f"train_surrogate: the curriculum has {len(curriculum.start_buckets)} "
             f"buckets, `buckets` has {len(buckets)}."
         )
+    if mesh is not None:
+        n_devices = dict(mesh.shape).get("data")
+        if n_devices is None:
+            raise ValueError(
+                f"train_surrogate: `mesh` has no `data` axis (axes {mesh.axis_names})."
+            )
+        sizes = [size for _, size in buckets]
+        if any(size % n_devices for size in sizes):
+            raise ValueError(
+                f"train_surrogate: every bucket's batch size must divide by the "
+                f"{n_devices} devices of the mesh, got {sizes}."
+            )
     if optimizer is None:
         optimizer = surrogate_optimizer(n_steps)
     if loss is None:
