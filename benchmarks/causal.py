@@ -158,7 +158,7 @@ def train(cfg, args, key):
         jax.block_until_ready(step(_copy(model), _copy(opt_state), batch, None))
         return time.perf_counter() - t0
 
-    compile_s = [None] * len(buckets)
+    compile_s: list[float | None] = [None] * len(buckets)
     if args.parallel_compile:
         with concurrent.futures.ThreadPoolExecutor(len(buckets)) as pool:
             compile_s = list(pool.map(warm_up, range(len(buckets))))

@@ -128,7 +128,9 @@ def _decayed(model) -> list[Array]:
 
 
 def _is_weight(path) -> bool:
-    last = path[-1] if path else None
+    if not path:
+        return False
+    last = path[-1]
     return isinstance(last, jax.tree_util.GetAttrKey) and last.name.startswith("w_")
 
 
@@ -242,7 +244,8 @@ class WarmupCosineState(NamedTuple):
     update (what `make_train_step` reports).
     """
 
-    count: Int[Array, ""]
+    # The field name follows optax's states; it shadows `tuple.count` on purpose.
+    count: Int[Array, ""]  # pyright: ignore[reportIncompatibleMethodOverride]
     total_steps: Int[Array, ""]
     learning_rate: Float[Array, ""]
 
