@@ -447,8 +447,9 @@ class Curriculum(eqx.Module):
         t = 1.0 if self.ramp == 0 else min(max(progress / self.ramp, 0.0), 1.0)
 
         def mix(a, b):
-            w = (1 - t) * np.asarray(a, float) + t * np.asarray(b, float)
-            return w / w.sum()
+            # A mixture of the two normalised distributions.
+            a, b = np.asarray(a, float), np.asarray(b, float)
+            return (1 - t) * a / a.sum() + t * b / b.sum()
 
         return mix(self.start_buckets, self.end_buckets), mix(
             self.start_families, self.end_families

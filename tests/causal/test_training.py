@@ -327,8 +327,13 @@ _SHARDED = textwrap.dedent(
             np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=1e-6)
     for x, y in zip(jax.tree.leaves(eqx.filter(m1, eqx.is_array)),
                     jax.tree.leaves(eqx.filter(m8, eqx.is_array))):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+        # The final bias shifts every logit alike, so its gradient is rounding
+        # noise that Adam normalises: compared through the outputs below.
+        if x.size > 1:
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
         assert y.sharding.is_fully_replicated and len(y.sharding.device_set) == 8
+    out = lambda m: jax.nn.log_softmax(jax.vmap(m)(batch.data))
+    np.testing.assert_allclose(out(m1), out(m8), rtol=1e-4, atol=1e-4)
     from eqx_models.causal import train_surrogate
     try:
         train_surrogate(model, [(TaskConfig(n_vars=4, n_samples=16), 12)], n_steps=1,
