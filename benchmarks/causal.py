@@ -5,15 +5,18 @@ Usage:
 
     python benchmarks/causal.py [--size small|full] [--minutes M]
         [--checkpoint PATH] [--results-dir DIR] [--data-parallel]
+        [--[no-]parallel-compile] [--seed S]
 
 `--size full` (the default on a GPU) trains one `ParentSetPredictionModel` on tasks
 with d ∈ {5, 10, 20}, N ∈ {100, 500}, 10–40 % interventional rows and all five
 graph families, for `--minutes` of wall-clock time counted from the start of
-training (compilation included); `--size small` (the default on a CPU) trains on
-d = 5, N = 50 only. Each task shape is its own bucket with its own batch size (about
-the same number of cells per batch) and compiles once; the curriculum moves from the
-cheapest bucket and chain/fork/collider graphs to all buckets (weighted towards
-large d) and all families over the first quarter of the run.
+training (compilation included; default 6.5, within the issue's limit of 8 and
+leaving room for the evaluation in a 10-minute device call); `--size small` (the
+default on a CPU) trains on d = 5, N = 50 only. Each task shape is its own bucket
+with its own batch size (about the same number of cells per batch) and compiles
+once; the curriculum moves from the cheapest bucket and chain/fork/collider graphs
+to all buckets (weighted towards large d) and all families over the first quarter
+of the run.
 
 The first steps visit every bucket to compile it and measure its step time; the run
 length is then fixed so that the expected time of the remaining steps (under the
@@ -28,9 +31,14 @@ top-1 agreement with the exact MAP set, F1 of the model's MAP set against the tr
 parents (and of the exact MAP set, the ceiling), edge AUROC. Finally the per-task
 inference time of the model and of the exact expert at d = 20 and d = 50 (K = 3),
 batched, and the training throughput in tasks per second.
+
+`--data-parallel` shards every training batch over all devices along a `data` mesh
+axis (`make_train_step(..., mesh=...)`); the "train bucket" rows then give the step
+time and tasks per second of each task shape at the global batch size.
 """
 
 import argparse
+import concurrent.futures
 import json
 import math
 import os
@@ -69,7 +77,7 @@ SIZES = {
         width=32,
         layers=2,
         heads=4,
-        minutes=10.0,
+        minutes=4.0,
         peak_lr=5e-3,
         warmup=30,
         eval_tasks=64,
@@ -82,7 +90,7 @@ SIZES = {
         width=64,
         layers=4,
         heads=4,
-        minutes=8.0,
+        minutes=6.5,
         peak_lr=1e-3,
         warmup=300,
         eval_tasks=128,
@@ -141,12 +149,28 @@ def train(cfg, args, key):
     budget = 60.0 * args.minutes
     t_start = time.perf_counter()
 
-    # Calibration: three real (warm-up) steps per bucket; the first compiles.
+    # Compile every bucket's sampler and step at once, from threads (XLA compiles
+    # without holding the GIL), each on a throw-away copy of the model.
+    def warm_up(b):
+        config, batch_size = buckets[b]
+        t0 = time.perf_counter()
+        batch = sample_training_batch(jr.key(0), config, batch_size, K)
+        jax.block_until_ready(step(_copy(model), _copy(opt_state), batch, None))
+        return time.perf_counter() - t0
+
+    compile_s: list[float | None] = [None] * len(buckets)
+    if args.parallel_compile:
+        with concurrent.futures.ThreadPoolExecutor(len(buckets)) as pool:
+            compile_s = list(pool.map(warm_up, range(len(buckets))))
+    warm_up_s = time.perf_counter() - t_start
+    print(f"compiled {len(buckets)} buckets in {warm_up_s:.1f} s", flush=True)
+
+    # Calibration: three real (warm-up) steps per bucket; without the parallel
+    # compilation above, the first compiles.
     calibration = []
     history = []
     for b, (config, batch_size) in enumerate(buckets):
         times = []
-        compile_s = None
         for j in range(3):
             t0 = time.perf_counter()
             batch = sample_training_batch(
@@ -156,8 +180,8 @@ def train(cfg, args, key):
                 step(model, opt_state, batch, None)
             )
             elapsed = time.perf_counter() - t0
-            if j == 0:
-                compile_s = elapsed
+            if j == 0 and compile_s[b] is None:
+                compile_s[b] = elapsed
             else:
                 times.append(elapsed)
             record = {k: float(v) for k, v in metrics.items()}
@@ -167,7 +191,7 @@ def train(cfg, args, key):
                 "d": config.n_vars,
                 "N": config.n_samples,
                 "batch": batch_size,
-                "first_step_s": compile_s,
+                "first_step_s": compile_s[b],
                 "step_s": float(np.median(times)),
                 "tasks_per_s": batch_size / float(np.median(times)),
             }
@@ -247,6 +271,7 @@ def train(cfg, args, key):
     step_s = sum(r["step_time"] for r in main)
     summary = {
         "train_wall_s": train_s,
+        "warm_up_s": warm_up_s,
         "steps": len(history),
         "planned_steps": n_calibration + n_steps,
         "tasks_seen": int(sum(r["tasks"] for r in history)),
@@ -265,18 +290,32 @@ def train(cfg, args, key):
     return model, calibration, summary
 
 
-def evaluate(model, cfg, key, results):
+def evaluate(model, cfg, key, results, parallel):
+    combos = [
+        (d, target, n)
+        for d in cfg["dims"]
+        for target in ("sink", "any")
+        for n in cfg["samples"]
+    ]
+
+    def run(combo):
+        d, target, n = combo
+        config = TaskConfig(n_vars=d, n_samples=n, target=target)
+        keys = jr.split(jr.fold_in(key, 1000 * d + n), cfg["eval_tasks"])
+        tasks = jax.jit(jax.vmap(lambda k: sample_task(k, config)))(keys)
+        return evaluate_surrogate(model, tasks)
+
+    if parallel:
+        with concurrent.futures.ThreadPoolExecutor(len(combos)) as pool:
+            metrics = dict(zip(combos, pool.map(run, combos)))
+    else:
+        metrics = {combo: run(combo) for combo in combos}
     by_d = {}
     for d in cfg["dims"]:
         for target in ("sink", "any"):
-            parts = []
-            for n in cfg["samples"]:
-                config = TaskConfig(n_vars=d, n_samples=n, target=target)
-                keys = jr.split(jr.fold_in(key, 1000 * d + n), cfg["eval_tasks"])
-                tasks = jax.jit(jax.vmap(lambda k, c=config: sample_task(k, c)))(keys)
-                metrics = evaluate_surrogate(model, tasks)
-                parts.append(metrics)
-                results.add(workload="eval", d=d, N=n, target=target, **metrics)
+            parts = [metrics[(d, target, n)] for n in cfg["samples"]]
+            for n, part in zip(cfg["samples"], parts):
+                results.add(workload="eval", d=d, N=n, target=target, **part)
             pooled = {
                 k: float(np.mean([p[k] for p in parts]))
                 for k in (
@@ -348,12 +387,21 @@ def main(argv=None):
     )
     parser.add_argument("--results-dir", default=RESULTS_DIR)
     parser.add_argument("--data-parallel", action="store_true")
+    parser.add_argument(
+        "--parallel-compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the buckets and the evaluations from threads (default: on "
+        "for the full size)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     size = args.size or ("small" if jax.devices()[0].platform == "cpu" else "full")
     cfg = dict(SIZES[size])
     if args.minutes is None:
         args.minutes = cfg["minutes"]
+    if args.parallel_compile is None:
+        args.parallel_compile = size == "full"
     if args.checkpoint is None:
         args.checkpoint = os.path.join(tempfile.gettempdir(), f"causal-{size}.ckpt")
     results = Results(
@@ -376,7 +424,9 @@ def main(argv=None):
         layers=cfg["layers"],
         **summary,
     )
-    by_d = evaluate(model, cfg, jr.fold_in(key, 1), results)
+    t0 = time.perf_counter()
+    by_d = evaluate(model, cfg, jr.fold_in(key, 1), results, args.parallel_compile)
+    print(f"evaluated in {time.perf_counter() - t0:.0f} s", flush=True)
     time_inference(model, cfg, jr.fold_in(key, 2), results)
     sink = {d: by_d[(d, "sink")] for d in cfg["dims"]}
     results.note(

@@ -221,10 +221,13 @@ def uncertainty_weighted(
             f"uncertainty_weighted: `scale` must be a scalar, got shape "
             f"{scale_array.shape}."
         )
-    if not isinstance(scale_array, jax.core.Tracer) and float(scale_array) < 0:
-        raise ValueError(
-            f"uncertainty_weighted: `scale` must be >= 0, got {float(scale_array)}."
-        )
+    try:
+        concrete = float(scale_array)
+    except jax.errors.ConcretizationTypeError:
+        # A traced scale (inside jit or grad) is not checked here.
+        concrete = None
+    if concrete is not None and concrete < 0:
+        raise ValueError(f"uncertainty_weighted: `scale` must be >= 0, got {concrete}.")
     if not jnp.issubdtype(scale_array.dtype, jnp.floating):
         scale_array = scale_array.astype(jnp.result_type(float))
     return UncertaintyWeighted(divergence=divergence, scale=scale_array, axis=axis)

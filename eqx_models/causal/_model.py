@@ -328,7 +328,13 @@ class ParentSetPredictionModel(eqx.Module):
             pair_mask = jnp.asarray(table.pair_mask)[..., None]
             z = z + jnp.sum(jnp.where(pair_mask, pair[first, second], 0.0), axis=1)
         logits = jax.vmap(self.score)(z)[:, 0]
-        set_valid = jnp.all(~mask | variable_mask[members], axis=1)
+        # A comparison instead of the gather `variable_mask[members]`: with a batch
+        # sharded over a mesh, that gather of an unbatched mask by batched indices
+        # has no unambiguous output sharding.
+        member_valid = jnp.any(
+            (members[..., None] == jnp.arange(d)) & variable_mask, axis=-1
+        )
+        set_valid = jnp.all(~mask | member_valid, axis=1)
         return jnp.where(set_valid, logits, -jnp.inf)
 
     @jaxtyped(typechecker=beartype)

@@ -128,7 +128,9 @@ def _decayed(model) -> list[Array]:
 
 
 def _is_weight(path) -> bool:
-    last = path[-1] if path else None
+    if not path:
+        return False
+    last = path[-1]
     return isinstance(last, jax.tree_util.GetAttrKey) and last.name.startswith("w_")
 
 
@@ -242,7 +244,8 @@ class WarmupCosineState(NamedTuple):
     update (what `make_train_step` reports).
     """
 
-    count: Int[Array, ""]
+    # The field name follows optax's states; it shadows `tuple.count` on purpose.
+    count: Int[Array, ""]  # pyright: ignore[reportIncompatibleMethodOverride]
     total_steps: Int[Array, ""]
     learning_rate: Float[Array, ""]
 
@@ -444,8 +447,9 @@ class Curriculum(eqx.Module):
         t = 1.0 if self.ramp == 0 else min(max(progress / self.ramp, 0.0), 1.0)
 
         def mix(a, b):
-            w = (1 - t) * np.asarray(a, float) + t * np.asarray(b, float)
-            return w / w.sum()
+            # A mixture of the two normalised distributions.
+            a, b = np.asarray(a, float), np.asarray(b, float)
+            return (1 - t) * a / a.sum() + t * b / b.sum()
 
         return mix(self.start_buckets, self.end_buckets), mix(
             self.start_families, self.end_families
@@ -548,8 +552,9 @@ def train_surrogate(
 
     **Raises:**
 
-    `ValueError` for an empty `buckets` or a curriculum with another number of
-    buckets; [`transforms.NonFiniteLossError`][] if the loss becomes non-finite.
+    `ValueError` for an empty `buckets`, a curriculum with another number of
+    buckets, or a `mesh` without a `data` axis or whose size does not divide a
+    batch size; [`transforms.NonFiniteLossError`][] if the loss becomes non-finite.
     """
     buckets = list(buckets)
     if not buckets:
@@ -563,6 +568,18 @@ def train_surrogate(
             f"train_surrogate: the curriculum has {len(curriculum.start_buckets)} "
             f"buckets, `buckets` has {len(buckets)}."
         )
+    if mesh is not None:
+        n_devices = dict(mesh.shape).get("data")
+        if n_devices is None:
+            raise ValueError(
+                f"train_surrogate: `mesh` has no `data` axis (axes {mesh.axis_names})."
+            )
+        sizes = [size for _, size in buckets]
+        if any(size % n_devices for size in sizes):
+            raise ValueError(
+                f"train_surrogate: every bucket's batch size must divide by the "
+                f"{n_devices} devices of the mesh, got {sizes}."
+            )
     if optimizer is None:
         optimizer = surrogate_optimizer(n_steps)
     if loss is None:

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 import textwrap
@@ -288,6 +289,14 @@ def test_train_surrogate_errors():
         sample_training_batch(jr.key(0), CONFIG, 0, K)
     with pytest.raises(ValueError, match="too few for parent sets of size 3"):
         sample_training_batch(jr.key(0), TaskConfig(n_vars=4, n_samples=4), 2, 3)
+    with pytest.raises(ValueError, match="train_surrogate: `mesh` has no `data` axis"):
+        train_surrogate(
+            _model(),
+            [(CONFIG, 2)],
+            n_steps=1,
+            key=jr.key(0),
+            mesh=jax.make_mesh((1,), ("model",)),
+        )
     with pytest.raises(ValueError, match="BehaviouralCloningLoss: `uncertainty_scale`"):
         BehaviouralCloningLoss(uncertainty_scale=-1.0)
 
@@ -318,8 +327,21 @@ _SHARDED = textwrap.dedent(
             np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=1e-6)
     for x, y in zip(jax.tree.leaves(eqx.filter(m1, eqx.is_array)),
                     jax.tree.leaves(eqx.filter(m8, eqx.is_array))):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+        # The final bias shifts every logit alike, so its gradient is rounding
+        # noise that Adam normalises: compared through the outputs below.
+        if x.size > 1:
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
         assert y.sharding.is_fully_replicated and len(y.sharding.device_set) == 8
+    out = lambda m: jax.nn.log_softmax(jax.vmap(m)(batch.data))
+    np.testing.assert_allclose(out(m1), out(m8), rtol=1e-4, atol=1e-4)
+    from eqx_models.causal import train_surrogate
+    try:
+        train_surrogate(model, [(TaskConfig(n_vars=4, n_samples=16), 12)], n_steps=1,
+                        key=jr.key(2), mesh=mesh)
+    except ValueError as e:
+        assert "must divide by the 8 devices" in str(e), e
+    else:
+        raise AssertionError("no error for a batch of 12 on 8 devices")
     print("OK")
     """
 )
@@ -327,8 +349,17 @@ _SHARDED = textwrap.dedent(
 
 @pytest.mark.slow
 def test_data_parallel_training_step_matches_single_device():
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    }
     result = subprocess.run(
-        [sys.executable, "-c", _SHARDED], capture_output=True, text=True, timeout=900
+        [sys.executable, "-c", _SHARDED],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("OK")
