@@ -264,9 +264,16 @@ def main(argv=None):
         measure(norms("vmap"), params, train, repeats=repeats),
     )
     if not args.no_torch:
-        rows["e"] = _torch_row(
-            results, model, cfg, COMPUTE[size], sizes, tokens[:B], loss_fn, repeats
-        )
+        try:
+            rows["e"] = _torch_row(
+                results, model, cfg, COMPUTE[size], sizes, tokens[:B], loss_fn, repeats
+            )
+        except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError
+            # The peer shares the device with this process's JAX memory pool.
+            message = str(error).splitlines()[0][:200]
+            results.add(
+                workload="per-sample norms", impl="(e) torch.func", error=message
+            )
 
     def ratio(x, y, key="median_s"):
         if x is None or y is None or key not in x or key not in y:

@@ -25,7 +25,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jex
 
-from ._ghost_plan import _INLINE_CALLS, _REMAT, _VALUE_KEEPING, Analysis, inner_jaxpr
+from ._ghost_plan import (
+    _INLINE_CALLS,
+    _REMAT,
+    _VALUE_KEEPING,
+    Analysis,
+    inner_jaxpr,
+    scan_operands,
+)
 from ._ghost_rules import (
     cross_message,
     cross_value,
@@ -215,8 +222,7 @@ def _container(run: _Run, eqn, invals, in_shadows, scope: _Scope) -> list:
 
 def _scan(run: _Run, eqn, invals, in_shadows) -> list:
     p = eqn.params
-    n_consts, n_carry = p["num_consts"], p["num_carry"]
-    body = p["jaxpr"]
+    body, body_consts, n_consts, n_carry = scan_operands(eqn)
     consts = invals[:n_consts]
     init = invals[n_consts : n_consts + n_carry]
     xs = invals[n_consts + n_carry :]
@@ -235,7 +241,7 @@ def _scan(run: _Run, eqn, invals, in_shadows) -> list:
             + [next(it) if s is not None else None for s in xs_shadows]
         )
         outs = _evaluate(
-            run, body.jaxpr, body.consts, [*consts, *carry, *x_vals], shadows, _Scope()
+            run, body, body_consts, [*consts, *carry, *x_vals], shadows, _Scope()
         )
         return outs[:n_carry], outs[n_carry:]
 

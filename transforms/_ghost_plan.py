@@ -43,6 +43,32 @@ def inner_jaxpr(eqn) -> tuple[Any, list]:
     return sub, []
 
 
+def scan_operands(eqn) -> tuple[Any, list, int, int]:
+    """A `scan` equation's body jaxpr and constants, and how many of its operands are
+    loop constants and carries (the remaining ones are scanned over).
+
+    JAX 0.10 records the counts as `num_consts` and `num_carry`; later versions
+    record the three operand groups as a flat tree in `ft_in`.
+    """
+    body, consts = inner_jaxpr(eqn)
+    params = eqn.params
+    if "num_consts" in params:
+        return body, consts, params["num_consts"], params["num_carry"]
+    groups = params.get("ft_in")
+    try:
+        children = groups.unpack() if hasattr(groups, "unpack") else tuple(groups)
+        sizes = [len(child) for child in children]
+    except TypeError:
+        sizes = []
+    if len(sizes) != 3 or sum(sizes) != len(eqn.invars):
+        raise NotImplementedError(
+            "ghost engines: cannot read the operand layout of `lax.scan` in JAX "
+            f"{jax.__version__} (parameters {sorted(params)}); use method='vmap' or "
+            "'jvp'."
+        )
+    return body, consts, sizes[0], sizes[1]
+
+
 @dataclasses.dataclass(frozen=True)
 class _Alias:
     """A variable that is a relabelling of (a slice of) one parameter leaf.
@@ -211,9 +237,7 @@ class _Walker:
             self._opaque(alias, f"used by `{name}`")
 
     def _scan(self, eqn, found) -> None:
-        params = eqn.params
-        n_consts, n_carry = params["num_consts"], params["num_carry"]
-        body = params["jaxpr"].jaxpr
+        body, _, n_consts, n_carry = scan_operands(eqn)
         inner_aliases = {}
         for i, alias in found:
             context = alias.context + (id(eqn),)
