@@ -82,7 +82,9 @@ def lm(results: Results, counts: list[int], size_name: str, args) -> None:
                 median_s=out["median_s"],
                 iqr_s=out["iqr_s"],
                 tokens_per_sec=tokens_per_sec,
-                scaling_efficiency=None if base is None else tokens_per_sec / (n * base),
+                scaling_efficiency=None
+                if base is None
+                else tokens_per_sec / (n * base),
             )
 
 
