@@ -9,6 +9,9 @@ from jaxtyping import Array, Bool, Float, Int, jaxtyped
 from ._masked import pairwise_sum
 
 
+_VOCAB_TILE = 128
+
+
 def _chunks(x, n_chunks: int):
     return x.reshape((n_chunks, x.shape[0] // n_chunks) + x.shape[1:])
 
@@ -55,9 +58,26 @@ def _chunk_loss(h, t, w, weight, bias, accumulate):
     return logits, lse, jnp.sum(jnp.where(w, lse - target_logit, 0))
 
 
+def _pad_vocabulary(weight, bias):
+    """Pad the vocabulary to a multiple of `_VOCAB_TILE` rows.
+
+    Matmul kernels tile the vocabulary axis; an odd size (13 317, say) leaves a
+    ragged last tile that GPU kernels handle slowly. Padding rows have zero weight
+    and a bias of `-inf`, so their probability and gradient are exactly 0.
+    """
+    v = weight.shape[0]
+    pad = -v % _VOCAB_TILE
+    if pad == 0:
+        return weight, bias
+    weight = jnp.concatenate([weight, jnp.zeros((pad, weight.shape[1]), weight.dtype)])
+    bias = jnp.concatenate([bias, jnp.full((pad,), -jnp.inf, bias.dtype)])
+    return weight, bias
+
+
 def _loss(chunk_size, hidden, weight, bias, targets, where):
     accumulate = _accumulate_dtype(hidden, weight)
     weight = weight.astype(hidden.dtype)  # once, outside the loop over chunks
+    weight, bias = _pad_vocabulary(weight, bias)
 
     def body(_, xs):
         h, t, w = xs
@@ -71,9 +91,10 @@ def _loss(chunk_size, hidden, weight, bias, targets, where):
 def _loss_and_grads(chunk_size, hidden, weight, bias, targets, where):
     accumulate = _accumulate_dtype(hidden, weight)
     scale = _scale(where, accumulate)
-    v = weight.shape[0]
     primal_weight, primal_bias = weight, bias
     weight = weight.astype(hidden.dtype)  # once, outside the loop over chunks
+    weight, bias = _pad_vocabulary(weight, bias)
+    v = weight.shape[0]
 
     def body(carry, xs):
         h, t, w = xs
@@ -98,10 +119,11 @@ def _loss_and_grads(chunk_size, hidden, weight, bias, targets, where):
     d_hidden = d_h.reshape((-1,) + hidden.shape[1:])[: hidden.shape[0]]
     # Gradients in the primal dtypes: a float32 master weight keeps a float32
     # gradient even when the matmuls ran in bfloat16.
+    v = primal_weight.shape[0]
     grads = (
         d_hidden,
-        d_weight.astype(primal_weight.dtype),
-        d_bias.astype(primal_bias.dtype),
+        d_weight[:v].astype(primal_weight.dtype),
+        d_bias[:v].astype(primal_bias.dtype),
     )
     return pairwise_sum(sums) * scale, grads
 

@@ -10,10 +10,8 @@ import jax.random as jr
 from beartype import beartype
 from jaxtyping import Array, Float, Int, jaxtyped, PRNGKeyArray
 
+from .._layer_ops import gelu, layer_norm
 from ._vocab import N_SPECIAL, PAD, SPECIAL_TYPE, VocabLayout
-
-
-_LN_EPS = 1e-5
 
 
 class _Block(eqx.Module):
@@ -145,15 +143,6 @@ def _initial_weights(key, *, vocab, n_types, max_len, d_model, d_ff, n_layers, i
     block_fields = [f.name for f in dataclasses.fields(_Block)]
     w["blocks"] = _Block(**{name: w.pop(name) for name in block_fields})
     return w
-
-
-def _layer_norm(x, weight, bias):
-    # Statistics in float32 even for bfloat16 activations.
-    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + _LN_EPS)
-    return (y * weight.astype(y.dtype) + bias.astype(y.dtype)).astype(x.dtype)
 
 
 def _dropout(x, rate: float, keep):
@@ -414,6 +403,10 @@ class CausalTransformerLM(eqx.Module):
         x = _dropout(
             x, self.dropout, _keep_masks(embed_key, self.dropout, 1, x.shape)[0]
         )
+        # The blocks work on `(batch * length, d_model)` rows: with a 2-D operand the
+        # weight gradients contract a single axis and XLA keeps the activations in
+        # their natural layout instead of adding transposes around each matmul.
+        x = x.reshape(batch * length, self.d_model)
         head_dim = self.d_model // self.n_heads
         implementation = _attention_implementation(self.attention, dtype, head_dim)
 
@@ -422,9 +415,16 @@ class CausalTransformerLM(eqx.Module):
             keep_attn, keep_mlp = _keep_masks(k, self.dropout, 2, x.shape)
 
             def attention(h):
-                qkv = h @ p.qkv_weight + p.qkv_bias
-                q, kk, v = jnp.split(qkv, 3, axis=-1)
                 shape = (batch, length, self.n_heads, head_dim)
+                # One matmul per column block of the fused weight: each result
+                # feeds the attention as it is, where slicing one (rows, 3 d)
+                # product would copy it (and concatenate its gradient).
+                d = self.d_model
+                q, kk, v = (
+                    h @ p.qkv_weight[:, i * d : (i + 1) * d]
+                    + p.qkv_bias[i * d : (i + 1) * d]
+                    for i in range(3)
+                )
                 o = jax.nn.dot_product_attention(
                     q.reshape(shape),
                     kk.reshape(shape),
@@ -433,19 +433,19 @@ class CausalTransformerLM(eqx.Module):
                     key_value_seq_lengths=lengths,
                     implementation=implementation,
                 )
-                o = o.reshape(batch, length, self.d_model) @ p.out_weight + p.out_bias
+                o = o.reshape(batch * length, self.d_model) @ p.out_weight + p.out_bias
                 return _dropout(o, self.dropout, keep_attn)
 
             def mlp(h):
-                h = jax.nn.gelu(h @ p.fc_weight + p.fc_bias, approximate=False)
+                h = gelu(h @ p.fc_weight + p.fc_bias)
                 return _dropout(h @ p.proj_weight + p.proj_bias, self.dropout, keep_mlp)
 
             if self.pre_ln:
-                x = x + attention(_layer_norm(x, p.ln1_weight, p.ln1_bias))
-                x = x + mlp(_layer_norm(x, p.ln2_weight, p.ln2_bias))
+                x = x + attention(layer_norm(x, p.ln1_weight, p.ln1_bias))
+                x = x + mlp(layer_norm(x, p.ln2_weight, p.ln2_bias))
             else:
-                x = _layer_norm(x + attention(x), p.ln1_weight, p.ln1_bias)
-                x = _layer_norm(x + mlp(x), p.ln2_weight, p.ln2_bias)
+                x = layer_norm(x + attention(x), p.ln1_weight, p.ln1_bias)
+                x = layer_norm(x + mlp(x), p.ln2_weight, p.ln2_bias)
             return x, None
 
         if self.remat:
@@ -457,7 +457,8 @@ class CausalTransformerLM(eqx.Module):
             return block(x, (eqx.combine(p, static), k))
 
         x, _ = jax.lax.scan(scanned, x, (params, layer_keys), unroll=self.unroll)
-        return _layer_norm(x, self.final_norm_weight, self.final_norm_bias)
+        x = layer_norm(x, self.final_norm_weight, self.final_norm_bias)
+        return x.reshape(batch, length, self.d_model)
 
     @jaxtyped(typechecker=beartype)
     def features(

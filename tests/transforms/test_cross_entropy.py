@@ -46,9 +46,10 @@ def _full_ce(hidden, weight, bias, targets, where):
     return jnp.sum(jnp.where(where, per, 0)) / jnp.sum(where)
 
 
-@pytest.mark.parametrize("chunk_size", [5, 64])
-def test_chunked_equals_full_cross_entropy_value_and_gradient(x64, chunk_size):
-    hidden, weight, bias, targets, where = _problem(0, dtype=jnp.float64)
+# v = 11 is padded internally to a whole tile of the vocabulary axis, 128 is not.
+@pytest.mark.parametrize("chunk_size,v", [(5, 11), (64, 11), (16, 128)])
+def test_chunked_equals_full_cross_entropy_value_and_gradient(x64, chunk_size, v):
+    hidden, weight, bias, targets, where = _problem(0, v=v, dtype=jnp.float64)
     f = jax.jit(
         jax.value_and_grad(
             lambda h, w, b: chunked_cross_entropy(
