@@ -12,6 +12,7 @@ from ._attribution import (
     to_original_scaling as to_original_scaling,
 )
 from ._checkpoint import (
+    check_checkpoint_metadata as check_checkpoint_metadata,
     Checkpoint as Checkpoint,
     CheckpointError as CheckpointError,
     load_checkpoint as load_checkpoint,

@@ -130,37 +130,45 @@ def save_checkpoint(
         raise
 
 
-def _read(path) -> tuple[dict, bytes]:
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"load_checkpoint: no checkpoint at {path!r}.")
-    with open(path, "rb") as f:
-        data = f.read()
-    prefix = len(_MAGIC) + 8
-    if len(data) < prefix or data[: len(_MAGIC)] != _MAGIC:
+def _read_header(f, path: str, caller: str) -> dict:
+    """The JSON header of an open checkpoint file, leaving `f` at the arrays."""
+    prefix = f.read(len(_MAGIC) + 8)
+    if len(prefix) < len(_MAGIC) + 8 or prefix[: len(_MAGIC)] != _MAGIC:
         raise CheckpointError(
-            f"load_checkpoint: {path!r} is not an eqx-models checkpoint (bad header)."
+            f"{caller}: {path!r} is not an eqx-models checkpoint (bad header)."
         )
-    (header_len,) = struct.unpack("<Q", data[len(_MAGIC) : prefix])
-    if len(data) < prefix + header_len:
-        raise CheckpointError(
-            f"load_checkpoint: {path!r} is truncated inside its header."
-        )
+    (header_len,) = struct.unpack("<Q", prefix[len(_MAGIC) :])
+    header_bytes = f.read(header_len)
+    if len(header_bytes) < header_len:
+        raise CheckpointError(f"{caller}: {path!r} is truncated inside its header.")
     try:
-        header = json.loads(data[prefix : prefix + header_len])
+        return json.loads(header_bytes)
     except ValueError as error:
         raise CheckpointError(
-            f"load_checkpoint: the header of {path!r} is not valid JSON ({error})."
+            f"{caller}: the header of {path!r} is not valid JSON ({error})."
         ) from None
-    payload = data[prefix + header_len :]
+
+
+def _existing(path, caller: str) -> str:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{caller}: no checkpoint at {path!r}.")
+    return path
+
+
+def _read(path, caller: str) -> tuple[dict, bytes]:
+    path = _existing(path, caller)
+    with open(path, "rb") as f:
+        header = _read_header(f, path, caller)
+        payload = f.read()
     if len(payload) != header["payload_bytes"]:
         raise CheckpointError(
-            f"load_checkpoint: {path!r} is truncated or padded: expected "
+            f"{caller}: {path!r} is truncated or padded: expected "
             f"{header['payload_bytes']} bytes of arrays, found {len(payload)}."
         )
     if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
         raise CheckpointError(
-            f"load_checkpoint: {path!r} is corrupted (SHA-256 of the arrays differs "
+            f"{caller}: {path!r} is corrupted (SHA-256 of the arrays differs "
             f"from the one recorded when it was written)."
         )
     return header, payload
@@ -183,7 +191,7 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict:
     `FileNotFoundError` if there is no file; [`transforms.CheckpointError`][] if it is
     not a checkpoint, truncated or corrupted.
     """
-    header, _ = _read(path)
+    header, _ = _read(path, "read_checkpoint_metadata")
     return {
         k: header[k] for k in ("step", "metadata", "library_version", "key_impl")
     } | {"leaves": header["leaves"]}
@@ -205,6 +213,73 @@ def _compare(stored: list[dict], expected: list[dict]) -> list[str]:
                 f"{got['dtype']}{got['shape']}"
             )
     return sorted(problems)
+
+
+def _check_metadata(path, stored: dict, expected_metadata, caller: str) -> None:
+    """The one metadata comparison behind `expected_metadata` everywhere."""
+    try:
+        # Compare as JSON would store them (tuples become lists, keys strings).
+        expected = json.loads(json.dumps(dict(expected_metadata)))
+    except TypeError as error:
+        raise TypeError(
+            f"{caller}: `expected_metadata` must be JSON-serialisable ({error})."
+        ) from None
+    differing = [
+        f"{name}: expected {value!r}, checkpoint has {stored.get(name, '<absent>')!r}"
+        for name, value in expected.items()
+        if stored.get(name, object()) != value
+    ]
+    if differing:
+        raise CheckpointError(
+            f"{caller}: {os.fspath(path)!r} was written for another configuration:"
+            "\n  " + "\n  ".join(differing)
+        )
+
+
+def check_checkpoint_metadata(
+    path: str | os.PathLike,
+    expected_metadata: Mapping[str, Any],
+    *,
+    caller: str = "check_checkpoint_metadata",
+) -> None:
+    """Check that a checkpoint was written for the expected configuration.
+
+    Reads only the file's header, not its arrays, so a trainer can refuse an
+    incompatible checkpoint before building or compiling anything. Each entry of
+    `expected_metadata` must equal the stored metadata entry of the same name, as
+    JSON stores it (tuples compare equal to lists); stored entries not named are
+    ignored. [`transforms.load_checkpoint`][] and [`transforms.fit`][] make the same
+    check through their `expected_metadata` argument.
+
+    **Arguments:**
+
+    - `path`: the checkpoint file.
+    - `expected_metadata`: the values the stored metadata must hold, e.g. the model
+        configuration.
+    - `caller`: the function name the error messages begin with (the function the
+        user called).
+
+    **Returns:**
+
+    `None`.
+
+    **Raises:**
+
+    `FileNotFoundError` if there is no file; [`transforms.CheckpointError`][] if its
+    header is unreadable, or if the metadata differs (the message lists every
+    differing field with the expected and the stored value, `'<absent>'` for a
+    missing one); `TypeError` if `expected_metadata` is not JSON-serialisable.
+
+    !!! example
+
+        ```python
+        check_checkpoint_metadata("run.ckpt", {"width": 64, "layers": 4})
+        ```
+    """
+    path = _existing(path, caller)
+    with open(path, "rb") as f:
+        header = _read_header(f, path, caller)
+    _check_metadata(path, header["metadata"], expected_metadata, caller)
 
 
 def load_checkpoint(
@@ -240,7 +315,9 @@ def load_checkpoint(
     disagrees with the templates or `expected_metadata` (the message lists the
     differences).
     """
-    header, payload = _read(path)
+    header, payload = _read(path, "load_checkpoint")
+    if expected_metadata is not None:
+        _check_metadata(path, header["metadata"], expected_metadata, "load_checkpoint")
     key_template, _ = _key_payload(key)
     template = (model, opt_state, key_template)
     problems = _compare(header["leaves"], _describe(template))
@@ -249,21 +326,6 @@ def load_checkpoint(
             f"load_checkpoint: {os.fspath(path)!r} does not match the template:\n  "
             + "\n  ".join(problems)
         )
-    if expected_metadata is not None:
-        stored = header["metadata"]
-        # Compare as JSON would store them (tuples become lists, keys strings).
-        expected = json.loads(json.dumps(dict(expected_metadata)))
-        differing = [
-            f"{name}: expected {value!r}, checkpoint has "
-            f"{stored.get(name, '<absent>')!r}"
-            for name, value in expected.items()
-            if stored.get(name, object()) != value
-        ]
-        if differing:
-            raise CheckpointError(
-                f"load_checkpoint: {os.fspath(path)!r} was written for another "
-                "configuration:\n  " + "\n  ".join(differing)
-            )
     try:
         model, opt_state, key_data = eqx.tree_deserialise_leaves(
             io.BytesIO(payload), template

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 from tqdm.auto import tqdm
 
-from ._checkpoint import load_checkpoint, save_checkpoint
+from ._checkpoint import check_checkpoint_metadata, load_checkpoint, save_checkpoint
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -102,7 +102,8 @@ def fit(
     - `resume`: continue from `checkpoint_path` if the file exists.
     - `metadata`: JSON-serialisable data stored with every checkpoint.
     - `expected_metadata`: when resuming, values the checkpoint's metadata must hold
-        (e.g. the model configuration), checked by [`transforms.load_checkpoint`][].
+        (e.g. the model configuration), checked by
+        [`transforms.check_checkpoint_metadata`][] before anything else is read.
     - `finite_metrics`: metrics that must stay finite; the first non-finite one stops
         the run.
     - `progress`: show a tqdm progress bar.
@@ -138,12 +139,10 @@ def fit(
 
     start = 0
     if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
+        if expected_metadata is not None:
+            check_checkpoint_metadata(checkpoint_path, expected_metadata, caller="fit")
         restored = load_checkpoint(
-            checkpoint_path,
-            model=model,
-            opt_state=opt_state,
-            key=key,
-            expected_metadata=expected_metadata,
+            checkpoint_path, model=model, opt_state=opt_state, key=key
         )
         model, opt_state, start, key = (
             restored.model,

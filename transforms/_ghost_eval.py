@@ -34,10 +34,10 @@ from ._ghost_plan import (
     scan_operands,
 )
 from ._ghost_rules import (
+    AbstractRule,
     cross_message,
     cross_value,
     one_sided,
-    Rule,
     rule_for,
     self_norm,
 )
@@ -45,15 +45,15 @@ from ._ghost_rules import (
 
 @dataclasses.dataclass(frozen=True)
 class _TapStatic:
-    rule: Rule
+    rule: AbstractRule
     mode: str
-    partner_rules: tuple[Rule, ...]
+    partner_rules: tuple[AbstractRule, ...]
     has_later: bool
     acc: Any
 
 
 def _z_shape(static: _TapStatic) -> tuple[int, ...]:
-    return (static.rule.T, static.rule.Pk) if static.has_later else (0,)
+    return (static.rule.layout.T, static.rule.layout.Pk) if static.has_later else (0,)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -79,11 +79,14 @@ def _tap_bwd(static, residuals, cotangents):
     F = rule.F(fwd)
     partner_cts = ()
     if static.mode == "norms":
-        value = self_norm(rule, K, F)
+        value = self_norm(rule.layout, K, F)
         if static.has_later:
             value = value + 2 * cross_value(K, ct_z)
         partner_cts = tuple(
-            (cross_message(r, r.F(f), rule, K, F).astype(static.acc), None)
+            (
+                cross_message(r.layout, r.F(f), rule.layout, K, F).astype(static.acc),
+                None,
+            )
             for r, f in zip(static.partner_rules, partner_fwds)
         )
     elif static.mode == "dots":
@@ -118,7 +121,7 @@ class _Run:
     slots: dict[int, Any]
     acc: Any
     lead: int
-    rules: dict[int, Rule]
+    rules: dict[int, AbstractRule]
 
 
 class _Scope:

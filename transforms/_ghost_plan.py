@@ -435,4 +435,4 @@ def _norm_cross_problem(uses: list[Site]) -> str:
 
 def leaf_side(site: Site) -> set[int]:
     """The leaf axes on the output-gradient side of a use."""
-    return set(rule_for(site).k_leaf_dims)
+    return set(rule_for(site).layout.k_leaf_dims)

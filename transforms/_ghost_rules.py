@@ -14,6 +14,7 @@ leaf's axes (when known), so that uses of one leaf can be paired for cross terms
 Every rule works on one example; the callers vmap over the batch.
 """
 
+import abc
 import dataclasses
 import math
 from typing import Any, NamedTuple
@@ -53,33 +54,47 @@ def _leaf(dims, axes):
 
 
 @dataclasses.dataclass(frozen=True)
-class Rule:
-    """Static description of one use: how to read its factors and view `G`."""
+class Layout:
+    """The sizes of one use's factors: `K` is `[T, Pk]`, `F` is `[T, Pf]` (or an
+    `Index` into an axis of size `Pf`), and the leaf axes behind the K side and the
+    F side, in order (empty when the view's axes are not traced to the leaf)."""
 
-    kind: str
     T: int
     Pk: int
     Pf: int
     k_leaf_dims: tuple[int, ...]
     f_leaf_dims: tuple[int, ...]
-    index: bool
 
+
+class AbstractRule(abc.ABC):
+    """How to read one use's factors and view its gradient.
+
+    Concrete rules are frozen dataclasses (hashable: they are static arguments of a
+    `custom_vjp`) holding their `layout` and what their methods need.
+    """
+
+    layout: Layout
+
+    @abc.abstractmethod
     def fwd_inputs(self, invals: list) -> Any:
-        raise NotImplementedError
+        """What the F side needs from the use's inputs in the forward pass."""
 
+    @abc.abstractmethod
     def K(self, ct: jax.Array) -> jax.Array:
-        raise NotImplementedError
+        """The K side, `[T, Pk]`, from the cotangent of the use's output."""
 
+    @abc.abstractmethod
     def F(self, fwd: Any) -> Any:
-        raise NotImplementedError
+        """The F side, `[T, Pf]` or an `Index`, from `fwd_inputs`' result."""
 
+    @abc.abstractmethod
     def G(self, g: jax.Array) -> jax.Array:
         """The view's gradient as a `[Pk, Pf]` matrix matching `K` and `F`."""
-        raise NotImplementedError
 
 
 @dataclasses.dataclass(frozen=True)
-class _Matmul(Rule):
+class _Matmul(AbstractRule):
+    layout: Layout
     param: int
     act_shape: tuple[int, ...]
     ct_perm: tuple[int, ...]
@@ -90,16 +105,16 @@ class _Matmul(Rule):
         return invals[1 - self.param]
 
     def K(self, ct):
-        return jnp.transpose(ct, self.ct_perm).reshape(self.T, self.Pk)
+        return jnp.transpose(ct, self.ct_perm).reshape(self.layout.T, self.layout.Pk)
 
     def F(self, fwd):
-        return jnp.transpose(fwd, self.act_perm).reshape(self.T, self.Pf)
+        return jnp.transpose(fwd, self.act_perm).reshape(self.layout.T, self.layout.Pf)
 
     def G(self, g):
-        return jnp.transpose(g, self.g_perm).reshape(self.Pk, self.Pf)
+        return jnp.transpose(g, self.g_perm).reshape(self.layout.Pk, self.layout.Pf)
 
 
-def _matmul(eqn, param: int, dims) -> Rule:
+def _matmul(eqn, param: int, dims) -> AbstractRule:
     (lc, rc), _ = eqn.params["dimension_numbers"]
     w_shape = eqn.invars[param].aval.shape
     act_shape = eqn.invars[1 - param].aval.shape
@@ -117,13 +132,13 @@ def _matmul(eqn, param: int, dims) -> Rule:
     cw_c = tuple(int(p[0]) for p in pairs)
     ca_c = tuple(int(p[1]) for p in pairs)
     return _Matmul(
-        kind="matmul",
-        T=_prod(act_shape[d] for d in fa),
-        Pk=_prod(w_shape[d] for d in fw),
-        Pf=_prod(w_shape[d] for d in cw_c),
-        k_leaf_dims=_leaf(dims, fw_c),
-        f_leaf_dims=_leaf(dims, cw_c),
-        index=False,
+        layout=Layout(
+            T=_prod(act_shape[d] for d in fa),
+            Pk=_prod(w_shape[d] for d in fw),
+            Pf=_prod(w_shape[d] for d in cw_c),
+            k_leaf_dims=_leaf(dims, fw_c),
+            f_leaf_dims=_leaf(dims, cw_c),
+        ),
         param=param,
         act_shape=tuple(act_shape),
         ct_perm=tuple(out_a[d] for d in fa) + tuple(out_w[d] for d in fw_c),
@@ -133,9 +148,11 @@ def _matmul(eqn, param: int, dims) -> Rule:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Rows(Rule):
+class _Rows(AbstractRule):
     """Embedding-like uses: each row t of the output is row `rows[t]` of axis `k`."""
 
+    layout: Layout
+    kind: str  # "gather", "dynamic_slice" or "slice"
     k: int
     n: int
     rest_shape: tuple[int, ...]
@@ -156,43 +173,44 @@ class _Rows(Rule):
         return ()
 
     def K(self, ct):
-        ct = jnp.transpose(ct, self.ct_perm).reshape((self.T,) + self.rest_shape)
+        ct = jnp.transpose(ct, self.ct_perm).reshape((self.layout.T,) + self.rest_shape)
         ct = jnp.transpose(ct, (0,) + tuple(1 + p for p in self.rest_perm))
-        return ct.reshape(self.T, self.Pk)
+        return ct.reshape(self.layout.T, self.layout.Pk)
 
     def F(self, fwd):
         if self.kind == "slice":
             rows = jnp.asarray(np.asarray(self.static_rows, dtype=np.int32))
-            return Index(rows, jnp.ones(self.T, bool), self.n)
+            return Index(rows, jnp.ones(self.layout.T, bool), self.n)
         if self.kind == "dynamic_slice":
             rows = jnp.clip(jnp.asarray(fwd, jnp.int32), 0, self.n - 1).reshape(1)
             return Index(rows, jnp.ones(1, bool), self.n)
-        idx = jnp.asarray(fwd).reshape(self.T, -1)
+        idx = jnp.asarray(fwd).reshape(self.layout.T, -1)
         if self.column is None:
-            rows = jnp.zeros(self.T, jnp.int32)
+            rows = jnp.zeros(self.layout.T, jnp.int32)
         else:
             rows = idx[:, self.column].astype(jnp.int32)
         if self.fill:
             valid = jnp.all((idx >= 0) & (idx <= jnp.asarray(self.bounds)), axis=1)
         else:
-            valid = jnp.ones(self.T, bool)
+            valid = jnp.ones(self.layout.T, bool)
         return Index(jnp.clip(rows, 0, self.n - 1), valid, self.n)
 
     def G(self, g):
-        return jnp.transpose(g, self.g_perm).reshape(self.Pk, self.n)
+        return jnp.transpose(g, self.g_perm).reshape(self.layout.Pk, self.n)
 
 
-def _rows_common(kind, shape, k, dims, T, ct_perm, **extra) -> Rule:
+def _rows_common(kind, shape, k, dims, T, ct_perm, **extra) -> AbstractRule:
     rest = [d for d in range(len(shape)) if d != k]
     rest_c = _order(dims, rest)
     return _Rows(
+        layout=Layout(
+            T=T,
+            Pk=_prod(shape[d] for d in rest),
+            Pf=shape[k],
+            k_leaf_dims=_leaf(dims, rest_c),
+            f_leaf_dims=_leaf(dims, (k,)),
+        ),
         kind=kind,
-        T=T,
-        Pk=_prod(shape[d] for d in rest),
-        Pf=shape[k],
-        k_leaf_dims=_leaf(dims, rest_c),
-        f_leaf_dims=_leaf(dims, (k,)),
-        index=True,
         k=k,
         n=shape[k],
         rest_shape=tuple(shape[d] for d in rest),
@@ -203,7 +221,7 @@ def _rows_common(kind, shape, k, dims, T, ct_perm, **extra) -> Rule:
     )
 
 
-def _gather(eqn, dims) -> Rule:
+def _gather(eqn, dims) -> AbstractRule:
     p = eqn.params
     dn = p["dimension_numbers"]
     shape = eqn.invars[0].aval.shape
@@ -228,7 +246,7 @@ def _gather(eqn, dims) -> Rule:
     )
 
 
-def _dynamic_slice(eqn, dims) -> Rule:
+def _dynamic_slice(eqn, dims) -> AbstractRule:
     shape = eqn.invars[0].aval.shape
     sizes = eqn.params["slice_sizes"]
     (k,) = [d for d, (n, s) in enumerate(zip(shape, sizes)) if s < n]
@@ -237,7 +255,7 @@ def _dynamic_slice(eqn, dims) -> Rule:
     )
 
 
-def _slice(eqn, dims) -> Rule:
+def _slice(eqn, dims) -> AbstractRule:
     p = eqn.params
     shape = eqn.invars[0].aval.shape
     strides = p["strides"] or (1,) * len(shape)
@@ -255,7 +273,8 @@ def _slice(eqn, dims) -> Rule:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Conv(Rule):
+class _Conv(AbstractRule):
+    layout: Layout
     lhs_perm: tuple[int, ...]
     filter_shape: tuple[int, ...]
     strides: tuple[int, ...]
@@ -271,7 +290,7 @@ class _Conv(Rule):
         return invals[0]
 
     def K(self, ct):
-        return jnp.transpose(ct, self.ct_perm).reshape(self.T, self.Pk)
+        return jnp.transpose(ct, self.ct_perm).reshape(self.layout.T, self.layout.Pk)
 
     def F(self, fwd):
         lhs = jnp.transpose(fwd, self.lhs_perm)
@@ -285,15 +304,15 @@ class _Conv(Rule):
             precision=lax.Precision.HIGHEST,
         )
         patches = jnp.moveaxis(patches, 1, -1)
-        patches = patches.reshape((self.T,) + self.patch_shape)
+        patches = patches.reshape((self.layout.T,) + self.patch_shape)
         patches = jnp.transpose(patches, (0,) + tuple(1 + p for p in self.patch_perm))
-        return patches.reshape(self.T, self.Pf)
+        return patches.reshape(self.layout.T, self.layout.Pf)
 
     def G(self, g):
-        return jnp.transpose(g, self.g_perm).reshape(self.Pk, self.Pf)
+        return jnp.transpose(g, self.g_perm).reshape(self.layout.Pk, self.layout.Pf)
 
 
-def _conv(eqn, dims) -> Rule:
+def _conv(eqn, dims) -> AbstractRule:
     p = eqn.params
     lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
     rhs_shape = eqn.invars[1].aval.shape
@@ -304,13 +323,13 @@ def _conv(eqn, dims) -> Rule:
     filter_shape = tuple(rhs_shape[d] for d in rhs_spec[2:])
     T = lhs_shape[lhs_spec[0]] * _prod(out_shape[d] for d in out_spec[2:])
     return _Conv(
-        kind="conv",
-        T=T,
-        Pk=rhs_shape[rhs_spec[0]],
-        Pf=_prod(rhs_shape[d] for d in f_axes),
-        k_leaf_dims=_leaf(dims, (rhs_spec[0],)),
-        f_leaf_dims=_leaf(dims, f_c),
-        index=False,
+        layout=Layout(
+            T=T,
+            Pk=rhs_shape[rhs_spec[0]],
+            Pf=_prod(rhs_shape[d] for d in f_axes),
+            k_leaf_dims=_leaf(dims, (rhs_spec[0],)),
+            f_leaf_dims=_leaf(dims, f_c),
+        ),
         lhs_perm=tuple(lhs_spec),
         filter_shape=filter_shape,
         strides=tuple(p["window_strides"]),
@@ -333,7 +352,7 @@ _BUILDERS = {
 }
 
 
-def rule_for(site) -> Rule:
+def rule_for(site) -> AbstractRule:
     """The rule of a use site (see `transforms._ghost_plan.Site`)."""
     return _BUILDERS[site.kind](site)
 
@@ -346,7 +365,7 @@ def _einsum(spec, *xs, acc):
     return jnp.einsum(spec, *xs, preferred_element_type=acc)
 
 
-def self_norm(rule: Rule, K: jax.Array, F) -> jax.Array:
+def self_norm(layout: Layout, K: jax.Array, F) -> jax.Array:
     """`‖Σ_t K_t ⊗ F_t‖²` of one use, accumulated in float32 or wider."""
     acc = acc_dtype(K.dtype)
     if isinstance(F, Index):
@@ -360,10 +379,10 @@ def self_norm(rule: Rule, K: jax.Array, F) -> jax.Array:
                 jnp.cumsum(rows[1:] != rows[:-1], dtype=jnp.int32),
             ]
         )
-        sums = jax.ops.segment_sum(K[order].astype(acc), segment, num_segments=rule.T)
+        sums = jax.ops.segment_sum(K[order].astype(acc), segment, num_segments=layout.T)
         return jnp.sum(sums * sums)
     acc = acc_dtype(K.dtype, F.dtype)
-    if 2 * rule.T * rule.T <= rule.Pk * rule.Pf:
+    if 2 * layout.T * layout.T <= layout.Pk * layout.Pf:
         kk = _einsum("tk,sk->ts", K, K, acc=acc)
         ff = _einsum("tf,sf->ts", F, F, acc=acc)
         return jnp.sum(kk * ff)
@@ -371,7 +390,7 @@ def self_norm(rule: Rule, K: jax.Array, F) -> jax.Array:
     return jnp.sum(m * m)
 
 
-def one_sided(rule: Rule, K: jax.Array, F, g: jax.Array) -> jax.Array:
+def one_sided(rule: AbstractRule, K: jax.Array, F, g: jax.Array) -> jax.Array:
     """`<Σ_t K_t ⊗ F_t, G> = Σ_t K_tᵀ G F_t` for the view's gradient `g`."""
     gm = rule.G(g)
     if isinstance(F, Index):
@@ -398,14 +417,16 @@ def _fdot(a, b) -> jax.Array:
     return _einsum("tf,sf->ts", a, b, acc=acc_dtype(a.dtype, b.dtype))
 
 
-def cross_message(rule_i: Rule, F_i, rule_j: Rule, K_j: jax.Array, F_j) -> jax.Array:
+def cross_message(
+    layout_i: Layout, F_i, layout_j: Layout, K_j: jax.Array, F_j
+) -> jax.Array:
     """What a later use j sends back to an earlier use i of the same leaf.
 
     Returns `R` of shape `[T_i, Pk_i]` with `R_t = g_j · F_i,t` (g_j oriented so that
     its rows are i's K side); i then forms `<g_i, g_j> = Σ_t K_i,t · R_t`.
     """
     acc = acc_dtype(K_j.dtype)
-    if set(rule_i.k_leaf_dims) == set(rule_j.k_leaf_dims):
+    if set(layout_i.k_leaf_dims) == set(layout_j.k_leaf_dims):
         m = _fdot(F_i, F_j)
         return _einsum("ts,sk->tk", m.astype(acc), K_j.astype(acc), acc=acc)
     m = _fdot(F_i, K_j).astype(acc)

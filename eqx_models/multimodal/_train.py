@@ -11,11 +11,10 @@ from jax.sharding import Mesh
 from jaxtyping import PRNGKeyArray
 
 from transforms import (
-    CheckpointError,
+    check_checkpoint_metadata,
     fit,
     FitResult,
     make_train_step,
-    read_checkpoint_metadata,
     shard_batch,
 )
 
@@ -229,23 +228,8 @@ def _flatten(config: dict, prefix: str) -> dict:
         if isinstance(value, dict):
             out.update(_flatten(value, f"{prefix}{name}."))
         else:
-            out[f"{prefix}{name}"] = list(value) if isinstance(value, tuple) else value
+            out[f"{prefix}{name}"] = value
     return out
-
-
-def _check_compatible(path, expected: dict) -> None:
-    stored = read_checkpoint_metadata(path)["metadata"]
-    differing = [
-        f"{name}: this run has {value!r}, the checkpoint "
-        f"{stored.get(name, '<absent>')!r}"
-        for name, value in expected.items()
-        if stored.get(name, object()) != value
-    ]
-    if differing:
-        raise CheckpointError(
-            f"train: {os.fspath(path)!r} was written for another model configuration "
-            "or vocabulary layout:\n  " + "\n  ".join(differing)
-        )
 
 
 _evaluate_batch = eqx.filter_jit(lambda model, loss, batch: loss(model, batch, None))
@@ -364,7 +348,8 @@ def train(
         raise ValueError("train: `resume=True` needs a `checkpoint_path`.")
     config_metadata = _flatten(model.config(), "model.")
     if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
-        _check_compatible(checkpoint_path, config_metadata)
+        # Before anything is built or compiled.
+        check_checkpoint_metadata(checkpoint_path, config_metadata, caller="train")
     if mesh is not None:
         mesh = _auto_axes(mesh)
     k = config.accumulation_steps

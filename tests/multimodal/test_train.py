@@ -199,8 +199,8 @@ def test_resume_is_bit_identical_and_checks_the_configuration(tmp_path):
     )
     with pytest.raises(
         CheckpointError,
-        match=r"(?s)model\.n_heads: this run has 4.*model\.vocabulary\.n_image: "
-        r"this run has 7, the checkpoint 6",
+        match=r"(?s)^train: .*model\.n_heads: expected 4, checkpoint has 2.*"
+        r"model\.vocabulary\.n_image: expected 7, checkpoint has 6",
     ):
         train(
             other,

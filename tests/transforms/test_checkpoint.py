@@ -125,6 +125,57 @@ def test_expected_metadata_lists_differing_fields(tmp_path, getkey):
     assert "layers" not in message
 
 
+def test_metadata_check_reads_only_the_header(tmp_path, getkey):
+    from transforms import (
+        check_checkpoint_metadata,
+        CheckpointError,
+        load_checkpoint,
+        save_checkpoint,
+    )
+
+    model = eqx.nn.Linear(2, 2, key=getkey())
+    path = tmp_path / "m.ckpt"
+    metadata = {"vocab": 100, "layers": 2, "groups": ["a", "b"]}
+    save_checkpoint(path, model=model, metadata=metadata)
+    # Cut into the arrays: the header is intact, the arrays are not.
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(path, model=model)
+    check_checkpoint_metadata(path, {"vocab": 100, "groups": ("a", "b")})
+    check_checkpoint_metadata(path, {})
+    with pytest.raises(CheckpointError) as info:
+        check_checkpoint_metadata(
+            path, {"vocab": 200, "layers": 2, "groups": ("a",), "heads": 4}
+        )
+    message = str(info.value)
+    assert message.startswith(f"check_checkpoint_metadata: {str(path)!r} was written")
+    assert "vocab: expected 200, checkpoint has 100" in message
+    assert "groups: expected ['a'], checkpoint has ['a', 'b']" in message
+    assert "heads: expected 4, checkpoint has '<absent>'" in message
+    assert "layers" not in message
+    with pytest.raises(CheckpointError, match=r"(?s)^train: .*vocab: expected 1,"):
+        check_checkpoint_metadata(path, {"vocab": 1}, caller="train")
+    with pytest.raises(TypeError, match="expected_metadata.*JSON-serialisable"):
+        check_checkpoint_metadata(path, {"vocab": object()})
+    with pytest.raises(FileNotFoundError, match="^train: no checkpoint"):
+        check_checkpoint_metadata(tmp_path / "absent", {}, caller="train")
+    path.write_bytes(b"EQXCKPT1")
+    with pytest.raises(CheckpointError, match="not an eqx-models checkpoint"):
+        check_checkpoint_metadata(path, {})
+
+
+def test_another_configuration_is_named_before_the_shapes(tmp_path, getkey):
+    from transforms import CheckpointError, load_checkpoint, save_checkpoint
+
+    path = tmp_path / "m.ckpt"
+    save_checkpoint(path, model=eqx.nn.Linear(2, 2, key=getkey()), metadata={"n": 2})
+    wider = eqx.nn.Linear(2, 3, key=getkey())
+    with pytest.raises(CheckpointError, match="another configuration"):
+        load_checkpoint(path, model=wider, expected_metadata={"n": 3})
+    with pytest.raises(CheckpointError, match="does not match the template"):
+        load_checkpoint(path, model=wider, expected_metadata={"n": 2})
+
+
 def test_write_is_atomic(tmp_path, getkey, monkeypatch):
     from transforms import load_checkpoint, save_checkpoint
 
