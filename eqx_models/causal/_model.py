@@ -7,6 +7,7 @@ import jax.random as jr
 from beartype import beartype
 from jaxtyping import Array, Bool, Float, jaxtyped, PRNGKeyArray
 
+from .._layer_ops import layer_norm
 from ._candidates import candidate_parent_sets, checked_table
 from ._data import Channel, check_shapes, check_values
 from ._expert import relative_to_variables
@@ -14,12 +15,6 @@ from ._expert import relative_to_variables
 
 def _normal(key, shape, fan_in, gain=1.0):
     return gain * jr.normal(key, shape) / math.sqrt(fan_in)
-
-
-def _layer_norm(x, gain, bias):
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + 1e-5) * gain + bias
 
 
 class _Block(eqx.Module):
@@ -55,7 +50,7 @@ class _Block(eqx.Module):
     def _attention(self, x, key_mask, i, axis):
         # Attention along `axis` (0: over samples, within each variable; 1: over
         # variables, within each row), heads batched, softmax in float32.
-        h = _layer_norm(x, self.ln_gain[2 * i], self.ln_bias[2 * i])
+        h = layer_norm(x, self.ln_gain[2 * i], self.ln_bias[2 * i])
         n, d, width = x.shape
         head = width // self.n_heads
         qkv = (h @ self.w_qkv[i]).reshape(n, d, 3, self.n_heads, head)
@@ -74,7 +69,7 @@ class _Block(eqx.Module):
         return x + out.reshape(n, d, width) @ self.w_out[i] + self.b_out[i]
 
     def _mlp(self, x, i):
-        h = _layer_norm(x, self.ln_gain[2 * i + 1], self.ln_bias[2 * i + 1])
+        h = layer_norm(x, self.ln_gain[2 * i + 1], self.ln_bias[2 * i + 1])
         h = jax.nn.gelu(h @ self.w_up[i] + self.b_up[i])
         return x + h @ self.w_down[i] + self.b_down[i]
 
@@ -285,7 +280,7 @@ class ParentSetPredictionModel(eqx.Module):
 
         if self.n_layers > 0:
             x, _ = jax.lax.scan(layer, x, params)
-        x = _layer_norm(x, self.final_gain, self.final_bias)
+        x = layer_norm(x, self.final_gain, self.final_bias)
         return x, jnp.max(jnp.where(rows[..., None], x, -jnp.inf), axis=0)
 
     def score_sets(
