@@ -1,9 +1,12 @@
+import math
 from typing import Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
+from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 
@@ -11,27 +14,52 @@ LossType = Literal["mse", "poisson", "bce"]
 _LOSS_TYPES = ("mse", "poisson", "bce")
 
 
-def _xavier_normal(key: PRNGKeyArray, shape: tuple[int, int]) -> Array:
-    """Normal with variance `2 / (fan_in + fan_out)` (PyTorch's `xavier_normal_`)."""
-    std = (2.0 / (shape[0] + shape[1])) ** 0.5
-    return std * jr.normal(key, shape)
+def _xavier_std(fan_out: int, fan_in: int) -> float:
+    """PyTorch's `xavier_normal_` standard deviation, `sqrt(2 / (fan_in + fan_out))`."""
+    return (2.0 / (fan_in + fan_out)) ** 0.5
 
 
-def _orthogonal(key: PRNGKeyArray, rows: int, cols: int) -> Array:
-    """A `rows x cols` matrix with orthonormal rows (or columns, if taller)."""
-    big, small = max(rows, cols), min(rows, cols)
-    q, r = jnp.linalg.qr(jr.normal(key, (big, small)))
+def _draw(key: PRNGKeyArray, specs: dict) -> dict[str, Array]:
+    """Independent draws for the `(shape, distribution, scale)` entries of `specs`:
+    `"normal"` is N(0, scale²), `"uniform"` is U(-scale, scale).
+
+    All come from one uniform draw on (-1, 1), cut into pieces; the normal pieces go
+    through `sqrt(2) erfinv(u)`, as in `jax.random.normal`.
+    """
+    sizes = [math.prod(shape) for shape, _, _ in specs.values()]
+    dtype = jnp.result_type(float)  # float32, or float64 under x64
+    low = np.nextafter(np.array(-1.0, dtype), np.array(0.0, dtype))
+    flat = jr.uniform(key, (sum(sizes),), dtype, minval=low, maxval=1.0)
+    out = {}
+    start = 0
+    for (name, (shape, distribution, scale)), size in zip(specs.items(), sizes):
+        u = flat[start : start + size].reshape(shape)
+        out[name] = scale * (
+            2.0**0.5 * lax.erf_inv(u) if distribution == "normal" else u
+        )
+        start += size
+    return out
+
+
+def _orthonormalise(gaussian: Array, rows: int, cols: int) -> Array:
+    """A `rows x cols` matrix with orthonormal rows (or columns, if taller) from a
+    `(max, min)` Gaussian matrix: the sign-corrected Q of its QR decomposition."""
+    q, r = jnp.linalg.qr(gaussian)
     q = q * jnp.sign(jnp.diagonal(r))[None, :]
     return q.T if rows < cols else q
 
 
-def _linear(in_size: int, out_size: int, *, use_bias: bool, key) -> eqx.nn.Linear:
-    """A linear layer with a Xavier-normal weight; the bias keeps PyTorch's default
-    `U(-1/sqrt(in), 1/sqrt(in))` initialisation (which `eqx.nn.Linear` also uses)."""
-    wkey, lkey = jr.split(key)
-    layer = eqx.nn.Linear(in_size, out_size, use_bias=use_bias, key=lkey)
-    weight = _xavier_normal(wkey, (out_size, in_size))
-    return eqx.tree_at(lambda l: l.weight, layer, weight)
+def _linear_from(weight: Array, bias: Array | None) -> eqx.nn.Linear:
+    """An `eqx.nn.Linear` holding the given weight and bias; its own initialisation
+    is only traced for shapes, never drawn."""
+    out_size, in_size = weight.shape
+    layer = eqx.filter_eval_shape(
+        eqx.nn.Linear, in_size, out_size, use_bias=bias is not None, key=jr.key(0)
+    )
+    layer = eqx.tree_at(lambda l: l.weight, layer, weight)
+    if bias is not None:
+        layer = eqx.tree_at(lambda l: l.bias, layer, bias)
+    return layer
 
 
 def _check_dim(name: str, value) -> None:
@@ -84,6 +112,79 @@ class HyperNetwork(eqx.Module):
         with `dyn_bias`)."""
         h = jax.nn.elu(self.norm(self.linear_in(r2)))
         return jax.nn.relu(self.linear_out(self.linear_hidden(h)))
+
+
+# All random draws happen in one compiled function, as one uniform draw cut into
+# pieces: on the CPU, XLA takes about a second to compile each separate draw, and
+# run eagerly, every new shape is a new compilation.
+@eqx.filter_jit
+def _init_parameters(
+    key: PRNGKeyArray,
+    input_dim: int,
+    r_dim: int,
+    r2_dim: int,
+    mix_dim: int,
+    hyper_hid_dim: int,
+    low_rank_temporal: bool,
+    dyn_bias: bool,
+    nonlinear_decoder: bool,
+) -> tuple[SpatialDecoder, Array, HyperNetwork, Array | None]:
+    """The decoder, `temporal`, the hypernetwork and `temporal_bias` of a new TiDHy
+    (the distributions are listed in `TiDHy.__init__`)."""
+    H = hyper_hid_dim
+    decoder_out = H if nonlinear_decoder else input_dim
+    hyper_out = mix_dim + r_dim if dyn_bias else mix_dim
+    temporal_cols = 2 * r_dim if low_rank_temporal else r_dim * r_dim
+    # A bias (and a default `eqx.nn.Linear` weight) is U(-1/sqrt(fan_in), ...).
+    specs = {
+        "decoder_in": ((decoder_out, r_dim), "normal", _xavier_std(decoder_out, r_dim)),
+        "decoder_in_bias": ((decoder_out,), "uniform", r_dim**-0.5),
+        "temporal": (
+            (max(mix_dim, temporal_cols), min(mix_dim, temporal_cols)),
+            "normal",
+            1.0,
+        ),
+        "hyper_in": ((H, r2_dim), "normal", _xavier_std(H, r2_dim)),
+        "hyper_in_bias": ((H,), "uniform", r2_dim**-0.5),
+        "hyper_hidden": ((H, H), "normal", _xavier_std(H, H)),
+        "hyper_hidden_bias": ((H,), "uniform", H**-0.5),
+        "hyper_out": ((hyper_out, H), "normal", _xavier_std(hyper_out, H)),
+    }
+    if dyn_bias:
+        specs["temporal_bias"] = ((r_dim,), "normal", _xavier_std(1, r_dim))
+    else:
+        specs["hyper_out_bias"] = ((hyper_out,), "uniform", H**-0.5)
+    if nonlinear_decoder:
+        specs["decoder_hidden"] = ((H, H), "uniform", H**-0.5)
+        specs["decoder_hidden_bias"] = ((H,), "uniform", H**-0.5)
+        specs["decoder_out"] = ((input_dim, H), "uniform", H**-0.5)
+        specs["decoder_out_bias"] = ((input_dim,), "uniform", H**-0.5)
+    p = _draw(key, specs)
+
+    if nonlinear_decoder:
+        decoder = SpatialDecoder(
+            linear_in=_linear_from(p["decoder_in"], p["decoder_in_bias"]),
+            norm=eqx.nn.LayerNorm(H, eps=1e-5),
+            linear_hidden=_linear_from(p["decoder_hidden"], p["decoder_hidden_bias"]),
+            linear_out=_linear_from(p["decoder_out"], p["decoder_out_bias"]),
+        )
+    else:
+        decoder = SpatialDecoder(
+            linear_in=_linear_from(p["decoder_in"], p["decoder_in_bias"]),
+            norm=None,
+            linear_hidden=None,
+            linear_out=None,
+        )
+    temporal = _orthonormalise(p["temporal"], mix_dim, temporal_cols)
+    if low_rank_temporal:
+        temporal = temporal.reshape(mix_dim, r_dim, 2)
+    hypernet = HyperNetwork(
+        linear_in=_linear_from(p["hyper_in"], p["hyper_in_bias"]),
+        norm=eqx.nn.LayerNorm(H, eps=1e-5),
+        linear_hidden=_linear_from(p["hyper_hidden"], p["hyper_hidden_bias"]),
+        linear_out=_linear_from(p["hyper_out"], p.get("hyper_out_bias")),
+    )
+    return decoder, temporal, hypernet, p.get("temporal_bias")
 
 
 class TiDHy(eqx.Module):
@@ -166,37 +267,22 @@ class TiDHy(eqx.Module):
             ("hyper_hid_dim", hyper_hid_dim),
         ):
             _check_dim(name, value)
-        dkey, tkey, hkey, bkey = jr.split(key, 4)
-        d1, d2, d3 = jr.split(dkey, 3)
-        if nonlinear_decoder:
-            self.decoder = SpatialDecoder(
-                linear_in=_linear(r_dim, hyper_hid_dim, use_bias=True, key=d1),
-                norm=eqx.nn.LayerNorm(hyper_hid_dim, eps=1e-5),
-                linear_hidden=eqx.nn.Linear(hyper_hid_dim, hyper_hid_dim, key=d2),
-                linear_out=eqx.nn.Linear(hyper_hid_dim, input_dim, key=d3),
-            )
-        else:
-            self.decoder = SpatialDecoder(
-                linear_in=_linear(r_dim, input_dim, use_bias=True, key=d1),
-                norm=None,
-                linear_hidden=None,
-                linear_out=None,
-            )
-        if low_rank_temporal:
-            self.temporal = _orthogonal(tkey, mix_dim, 2 * r_dim).reshape(
-                mix_dim, r_dim, 2
-            )
-        else:
-            self.temporal = _orthogonal(tkey, mix_dim, r_dim * r_dim)
-        h1, h2, h3 = jr.split(hkey, 3)
-        out = mix_dim + r_dim if dyn_bias else mix_dim
-        self.hypernet = HyperNetwork(
-            linear_in=_linear(r2_dim, hyper_hid_dim, use_bias=True, key=h1),
-            norm=eqx.nn.LayerNorm(hyper_hid_dim, eps=1e-5),
-            linear_hidden=_linear(hyper_hid_dim, hyper_hid_dim, use_bias=True, key=h2),
-            linear_out=_linear(hyper_hid_dim, out, use_bias=not dyn_bias, key=h3),
+        (
+            self.decoder,
+            self.temporal,
+            self.hypernet,
+            self.temporal_bias,
+        ) = _init_parameters(
+            key,
+            input_dim,
+            r_dim,
+            r2_dim,
+            mix_dim,
+            hyper_hid_dim,
+            low_rank_temporal,
+            dyn_bias,
+            nonlinear_decoder,
         )
-        self.temporal_bias = _xavier_normal(bkey, (1, r_dim))[0] if dyn_bias else None
         self.input_dim = input_dim
         self.r_dim = r_dim
         self.r2_dim = r2_dim
