@@ -5,8 +5,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-import numpy as np
-from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 
@@ -19,26 +17,32 @@ def _xavier_std(fan_out: int, fan_in: int) -> float:
     return (2.0 / (fan_in + fan_out)) ** 0.5
 
 
-def _draw(key: PRNGKeyArray, specs: dict) -> dict[str, Array]:
-    """Independent draws for the `(shape, distribution, scale)` entries of `specs`:
-    `"normal"` is N(0, scale²), `"uniform"` is U(-scale, scale).
+def _normals(draws: list[tuple[PRNGKeyArray, tuple[int, ...]]]) -> list[Array]:
+    """`jr.normal(key, shape)` for every `(key, shape)`, as one vmapped draw: the
+    values of a draw of `n` numbers are the first `n` of a longer one (JAX's
+    partitionable Threefry counts from 0 in row-major order)."""
+    sizes = [math.prod(shape) for _, shape in draws]
+    keys = jnp.stack([key for key, _ in draws])
+    flat = jax.vmap(lambda k: jr.normal(k, (max(sizes),)))(keys)
+    return [
+        flat[i, :size].reshape(shape)
+        for i, (size, (_, shape)) in enumerate(zip(sizes, draws))
+    ]
 
-    All come from one uniform draw on (-1, 1), cut into pieces; the normal pieces go
-    through `sqrt(2) erfinv(u)`, as in `jax.random.normal`.
-    """
-    sizes = [math.prod(shape) for shape, _, _ in specs.values()]
-    dtype = jnp.result_type(float)  # float32, or float64 under x64
-    low = np.nextafter(np.array(-1.0, dtype), np.array(0.0, dtype))
-    flat = jr.uniform(key, (sum(sizes),), dtype, minval=low, maxval=1.0)
-    out = {}
-    start = 0
-    for (name, (shape, distribution, scale)), size in zip(specs.items(), sizes):
-        u = flat[start : start + size].reshape(shape)
-        out[name] = scale * (
-            2.0**0.5 * lax.erf_inv(u) if distribution == "normal" else u
-        )
-        start += size
-    return out
+
+def _uniforms(draws: list[tuple[PRNGKeyArray, tuple[int, ...], float]]) -> list[Array]:
+    """`jr.uniform(key, shape, minval=-lim, maxval=lim)` for every
+    `(key, shape, lim)`, as one vmapped draw (see `_normals`)."""
+    sizes = [math.prod(shape) for _, shape, _ in draws]
+    keys = jnp.stack([key for key, _, _ in draws])
+    lims = jnp.asarray([lim for _, _, lim in draws], jnp.result_type(float))
+    flat = jax.vmap(
+        lambda k, lim: jr.uniform(k, (max(sizes),), minval=-lim, maxval=lim)
+    )(keys, lims)
+    return [
+        flat[i, :size].reshape(shape)
+        for i, (size, (_, shape, _)) in enumerate(zip(sizes, draws))
+    ]
 
 
 def _orthonormalise(gaussian: Array, rows: int, cols: int) -> Array:
@@ -114,9 +118,12 @@ class HyperNetwork(eqx.Module):
         return jax.nn.relu(self.linear_out(self.linear_hidden(h)))
 
 
-# All random draws happen in one compiled function, as one uniform draw cut into
-# pieces: on the CPU, XLA takes about a second to compile each separate draw, and
-# run eagerly, every new shape is a new compilation.
+# All random draws happen in one compiled function, as one vmapped normal and one
+# vmapped uniform draw: run eagerly, every draw of a new shape was compiled on its
+# own, and compiled separately, each draw adds about a second of XLA's CPU compile
+# time. Each parameter keeps its own key and its own values (those of layer-by-layer
+# construction: a Xavier-normal weight from the first half of its layer's key; the
+# bias as `eqx.nn.Linear` draws it from the second half).
 @eqx.filter_jit
 def _init_parameters(
     key: PRNGKeyArray,
@@ -135,56 +142,61 @@ def _init_parameters(
     decoder_out = H if nonlinear_decoder else input_dim
     hyper_out = mix_dim + r_dim if dyn_bias else mix_dim
     temporal_cols = 2 * r_dim if low_rank_temporal else r_dim * r_dim
-    # A bias (and a default `eqx.nn.Linear` weight) is U(-1/sqrt(fan_in), ...).
-    specs = {
-        "decoder_in": ((decoder_out, r_dim), "normal", _xavier_std(decoder_out, r_dim)),
-        "decoder_in_bias": ((decoder_out,), "uniform", r_dim**-0.5),
-        "temporal": (
-            (max(mix_dim, temporal_cols), min(mix_dim, temporal_cols)),
-            "normal",
-            1.0,
-        ),
-        "hyper_in": ((H, r2_dim), "normal", _xavier_std(H, r2_dim)),
-        "hyper_in_bias": ((H,), "uniform", r2_dim**-0.5),
-        "hyper_hidden": ((H, H), "normal", _xavier_std(H, H)),
-        "hyper_hidden_bias": ((H,), "uniform", H**-0.5),
-        "hyper_out": ((hyper_out, H), "normal", _xavier_std(hyper_out, H)),
-    }
+    dkey, tkey, hkey, bkey = jr.split(key, 4)
+    d1, d2, d3 = jr.split(dkey, 3)
+    h1, h2, h3 = jr.split(hkey, 3)
+
+    # (key, in, out, bias): Xavier-normal weight, U(-1/sqrt(in), 1/sqrt(in)) bias.
+    xavier = [(d1, r_dim, decoder_out, True), (h1, r2_dim, H, True)]
+    xavier += [(h2, H, H, True), (h3, H, hyper_out, not dyn_bias)]
+    weight_keys = [jr.split(k) for k, _, _, _ in xavier]
+    normal = [
+        (w, (out, n_in)) for (w, _), (_, n_in, out, _) in zip(weight_keys, xavier)
+    ]
+    normal.append((tkey, (max(mix_dim, temporal_cols), min(mix_dim, temporal_cols))))
     if dyn_bias:
-        specs["temporal_bias"] = ((r_dim,), "normal", _xavier_std(1, r_dim))
-    else:
-        specs["hyper_out_bias"] = ((hyper_out,), "uniform", H**-0.5)
+        normal.append((bkey, (1, r_dim)))
+    uniform = [
+        (jr.split(layer_key)[1], (out,), n_in**-0.5)
+        for (_, layer_key), (_, n_in, out, bias) in zip(weight_keys, xavier)
+        if bias
+    ]
     if nonlinear_decoder:
-        specs["decoder_hidden"] = ((H, H), "uniform", H**-0.5)
-        specs["decoder_hidden_bias"] = ((H,), "uniform", H**-0.5)
-        specs["decoder_out"] = ((input_dim, H), "uniform", H**-0.5)
-        specs["decoder_out_bias"] = ((input_dim,), "uniform", H**-0.5)
-    p = _draw(key, specs)
+        # `eqx.nn.Linear`'s default initialisation: uniform weight and bias.
+        for k, out in ((d2, H), (d3, input_dim)):
+            wkey, bias_key = jr.split(k)
+            uniform += [(wkey, (out, H), H**-0.5), (bias_key, (out,), H**-0.5)]
+    gaussians = _normals(normal)
+    uniforms = iter(_uniforms(uniform))
+    linears = []
+    for g, (_, n_in, out, bias) in zip(gaussians, xavier):
+        linears.append(
+            _linear_from(_xavier_std(out, n_in) * g, next(uniforms) if bias else None)
+        )
+    decoder_in, hyper_in, hyper_hidden, hyper_out_layer = linears
 
     if nonlinear_decoder:
         decoder = SpatialDecoder(
-            linear_in=_linear_from(p["decoder_in"], p["decoder_in_bias"]),
+            linear_in=decoder_in,
             norm=eqx.nn.LayerNorm(H, eps=1e-5),
-            linear_hidden=_linear_from(p["decoder_hidden"], p["decoder_hidden_bias"]),
-            linear_out=_linear_from(p["decoder_out"], p["decoder_out_bias"]),
+            linear_hidden=_linear_from(next(uniforms), next(uniforms)),
+            linear_out=_linear_from(next(uniforms), next(uniforms)),
         )
     else:
         decoder = SpatialDecoder(
-            linear_in=_linear_from(p["decoder_in"], p["decoder_in_bias"]),
-            norm=None,
-            linear_hidden=None,
-            linear_out=None,
+            linear_in=decoder_in, norm=None, linear_hidden=None, linear_out=None
         )
-    temporal = _orthonormalise(p["temporal"], mix_dim, temporal_cols)
+    temporal = _orthonormalise(gaussians[4], mix_dim, temporal_cols)
     if low_rank_temporal:
         temporal = temporal.reshape(mix_dim, r_dim, 2)
     hypernet = HyperNetwork(
-        linear_in=_linear_from(p["hyper_in"], p["hyper_in_bias"]),
+        linear_in=hyper_in,
         norm=eqx.nn.LayerNorm(H, eps=1e-5),
-        linear_hidden=_linear_from(p["hyper_hidden"], p["hyper_hidden_bias"]),
-        linear_out=_linear_from(p["hyper_out"], p.get("hyper_out_bias")),
+        linear_hidden=hyper_hidden,
+        linear_out=hyper_out_layer,
     )
-    return decoder, temporal, hypernet, p.get("temporal_bias")
+    temporal_bias = _xavier_std(1, r_dim) * gaussians[5][0] if dyn_bias else None
+    return decoder, temporal, hypernet, temporal_bias
 
 
 class TiDHy(eqx.Module):
