@@ -118,12 +118,12 @@ class HyperNetwork(eqx.Module):
         return jax.nn.relu(self.linear_out(self.linear_hidden(h)))
 
 
-# All random draws happen in one compiled function, as one vmapped normal and one
-# vmapped uniform draw: run eagerly, every draw of a new shape was compiled on its
-# own, and compiled separately, each draw adds about a second of XLA's CPU compile
-# time. Each parameter keeps its own key and its own values (those of layer-by-layer
-# construction: a Xavier-normal weight from the first half of its layer's key; the
-# bias as `eqx.nn.Linear` draws it from the second half).
+# One compiled function with two random draws, one vmapped normal and one vmapped
+# uniform. Op by op, every draw of a new shape was compiled on its own, and XLA
+# takes about a second per separate draw on a CPU. Every parameter keeps its own key
+# and, with JAX's default (partitionable) Threefry, the values that layer-by-layer
+# construction gives: a Xavier-normal weight from the first half of its layer's key
+# and the bias that `eqx.nn.Linear` draws from the second half.
 @eqx.filter_jit
 def _init_parameters(
     key: PRNGKeyArray,
