@@ -1,3 +1,4 @@
+import math
 from typing import Literal
 
 import equinox as eqx
@@ -11,27 +12,58 @@ LossType = Literal["mse", "poisson", "bce"]
 _LOSS_TYPES = ("mse", "poisson", "bce")
 
 
-def _xavier_normal(key: PRNGKeyArray, shape: tuple[int, int]) -> Array:
-    """Normal with variance `2 / (fan_in + fan_out)` (PyTorch's `xavier_normal_`)."""
-    std = (2.0 / (shape[0] + shape[1])) ** 0.5
-    return std * jr.normal(key, shape)
+def _xavier_std(fan_out: int, fan_in: int) -> float:
+    """PyTorch's `xavier_normal_` standard deviation, `sqrt(2 / (fan_in + fan_out))`."""
+    return (2.0 / (fan_in + fan_out)) ** 0.5
 
 
-def _orthogonal(key: PRNGKeyArray, rows: int, cols: int) -> Array:
-    """A `rows x cols` matrix with orthonormal rows (or columns, if taller)."""
-    big, small = max(rows, cols), min(rows, cols)
-    q, r = jnp.linalg.qr(jr.normal(key, (big, small)))
+def _normals(draws: list[tuple[PRNGKeyArray, tuple[int, ...]]]) -> list[Array]:
+    """`jr.normal(key, shape)` for every `(key, shape)`, as one vmapped draw: the
+    values of a draw of `n` numbers are the first `n` of a longer one (JAX's
+    partitionable Threefry counts from 0 in row-major order)."""
+    sizes = [math.prod(shape) for _, shape in draws]
+    keys = jnp.stack([key for key, _ in draws])
+    flat = jax.vmap(lambda k: jr.normal(k, (max(sizes),)))(keys)
+    return [
+        flat[i, :size].reshape(shape)
+        for i, (size, (_, shape)) in enumerate(zip(sizes, draws))
+    ]
+
+
+def _uniforms(draws: list[tuple[PRNGKeyArray, tuple[int, ...], float]]) -> list[Array]:
+    """`jr.uniform(key, shape, minval=-lim, maxval=lim)` for every
+    `(key, shape, lim)`, as one vmapped draw (see `_normals`)."""
+    sizes = [math.prod(shape) for _, shape, _ in draws]
+    keys = jnp.stack([key for key, _, _ in draws])
+    lims = jnp.asarray([lim for _, _, lim in draws], jnp.result_type(float))
+    flat = jax.vmap(
+        lambda k, lim: jr.uniform(k, (max(sizes),), minval=-lim, maxval=lim)
+    )(keys, lims)
+    return [
+        flat[i, :size].reshape(shape)
+        for i, (size, (_, shape, _)) in enumerate(zip(sizes, draws))
+    ]
+
+
+def _orthonormalise(gaussian: Array, rows: int, cols: int) -> Array:
+    """A `rows x cols` matrix with orthonormal rows (or columns, if taller) from a
+    `(max, min)` Gaussian matrix: the sign-corrected Q of its QR decomposition."""
+    q, r = jnp.linalg.qr(gaussian)
     q = q * jnp.sign(jnp.diagonal(r))[None, :]
     return q.T if rows < cols else q
 
 
-def _linear(in_size: int, out_size: int, *, use_bias: bool, key) -> eqx.nn.Linear:
-    """A linear layer with a Xavier-normal weight; the bias keeps PyTorch's default
-    `U(-1/sqrt(in), 1/sqrt(in))` initialisation (which `eqx.nn.Linear` also uses)."""
-    wkey, lkey = jr.split(key)
-    layer = eqx.nn.Linear(in_size, out_size, use_bias=use_bias, key=lkey)
-    weight = _xavier_normal(wkey, (out_size, in_size))
-    return eqx.tree_at(lambda l: l.weight, layer, weight)
+def _linear_from(weight: Array, bias: Array | None) -> eqx.nn.Linear:
+    """An `eqx.nn.Linear` holding the given weight and bias; its own initialisation
+    is only traced for shapes, never drawn."""
+    out_size, in_size = weight.shape
+    layer = eqx.filter_eval_shape(
+        eqx.nn.Linear, in_size, out_size, use_bias=bias is not None, key=jr.key(0)
+    )
+    layer = eqx.tree_at(lambda l: l.weight, layer, weight)
+    if bias is not None:
+        layer = eqx.tree_at(lambda l: l.bias, layer, bias)
+    return layer
 
 
 def _check_dim(name: str, value) -> None:
@@ -84,6 +116,87 @@ class HyperNetwork(eqx.Module):
         with `dyn_bias`)."""
         h = jax.nn.elu(self.norm(self.linear_in(r2)))
         return jax.nn.relu(self.linear_out(self.linear_hidden(h)))
+
+
+# One compiled function with two random draws, one vmapped normal and one vmapped
+# uniform. Op by op, every draw of a new shape was compiled on its own, and XLA
+# takes about a second per separate draw on a CPU. Every parameter keeps its own key
+# and, with JAX's default (partitionable) Threefry, the values that layer-by-layer
+# construction gives: a Xavier-normal weight from the first half of its layer's key
+# and the bias that `eqx.nn.Linear` draws from the second half.
+@eqx.filter_jit
+def _init_parameters(
+    key: PRNGKeyArray,
+    input_dim: int,
+    r_dim: int,
+    r2_dim: int,
+    mix_dim: int,
+    hyper_hid_dim: int,
+    low_rank_temporal: bool,
+    dyn_bias: bool,
+    nonlinear_decoder: bool,
+) -> tuple[SpatialDecoder, Array, HyperNetwork, Array | None]:
+    """The decoder, `temporal`, the hypernetwork and `temporal_bias` of a new TiDHy
+    (the distributions are listed in `TiDHy.__init__`)."""
+    H = hyper_hid_dim
+    decoder_out = H if nonlinear_decoder else input_dim
+    hyper_out = mix_dim + r_dim if dyn_bias else mix_dim
+    temporal_cols = 2 * r_dim if low_rank_temporal else r_dim * r_dim
+    dkey, tkey, hkey, bkey = jr.split(key, 4)
+    d1, d2, d3 = jr.split(dkey, 3)
+    h1, h2, h3 = jr.split(hkey, 3)
+
+    # (key, in, out, bias): Xavier-normal weight, U(-1/sqrt(in), 1/sqrt(in)) bias.
+    xavier = [(d1, r_dim, decoder_out, True), (h1, r2_dim, H, True)]
+    xavier += [(h2, H, H, True), (h3, H, hyper_out, not dyn_bias)]
+    weight_keys = [jr.split(k) for k, _, _, _ in xavier]
+    normal = [
+        (w, (out, n_in)) for (w, _), (_, n_in, out, _) in zip(weight_keys, xavier)
+    ]
+    normal.append((tkey, (max(mix_dim, temporal_cols), min(mix_dim, temporal_cols))))
+    if dyn_bias:
+        normal.append((bkey, (1, r_dim)))
+    uniform = [
+        (jr.split(layer_key)[1], (out,), n_in**-0.5)
+        for (_, layer_key), (_, n_in, out, bias) in zip(weight_keys, xavier)
+        if bias
+    ]
+    if nonlinear_decoder:
+        # `eqx.nn.Linear`'s default initialisation: uniform weight and bias.
+        for k, out in ((d2, H), (d3, input_dim)):
+            wkey, bias_key = jr.split(k)
+            uniform += [(wkey, (out, H), H**-0.5), (bias_key, (out,), H**-0.5)]
+    gaussians = _normals(normal)
+    uniforms = iter(_uniforms(uniform))
+    linears = []
+    for g, (_, n_in, out, bias) in zip(gaussians, xavier):
+        linears.append(
+            _linear_from(_xavier_std(out, n_in) * g, next(uniforms) if bias else None)
+        )
+    decoder_in, hyper_in, hyper_hidden, hyper_out_layer = linears
+
+    if nonlinear_decoder:
+        decoder = SpatialDecoder(
+            linear_in=decoder_in,
+            norm=eqx.nn.LayerNorm(H, eps=1e-5),
+            linear_hidden=_linear_from(next(uniforms), next(uniforms)),
+            linear_out=_linear_from(next(uniforms), next(uniforms)),
+        )
+    else:
+        decoder = SpatialDecoder(
+            linear_in=decoder_in, norm=None, linear_hidden=None, linear_out=None
+        )
+    temporal = _orthonormalise(gaussians[4], mix_dim, temporal_cols)
+    if low_rank_temporal:
+        temporal = temporal.reshape(mix_dim, r_dim, 2)
+    hypernet = HyperNetwork(
+        linear_in=hyper_in,
+        norm=eqx.nn.LayerNorm(H, eps=1e-5),
+        linear_hidden=hyper_hidden,
+        linear_out=hyper_out_layer,
+    )
+    temporal_bias = _xavier_std(1, r_dim) * gaussians[5][0] if dyn_bias else None
+    return decoder, temporal, hypernet, temporal_bias
 
 
 class TiDHy(eqx.Module):
@@ -166,37 +279,22 @@ class TiDHy(eqx.Module):
             ("hyper_hid_dim", hyper_hid_dim),
         ):
             _check_dim(name, value)
-        dkey, tkey, hkey, bkey = jr.split(key, 4)
-        d1, d2, d3 = jr.split(dkey, 3)
-        if nonlinear_decoder:
-            self.decoder = SpatialDecoder(
-                linear_in=_linear(r_dim, hyper_hid_dim, use_bias=True, key=d1),
-                norm=eqx.nn.LayerNorm(hyper_hid_dim, eps=1e-5),
-                linear_hidden=eqx.nn.Linear(hyper_hid_dim, hyper_hid_dim, key=d2),
-                linear_out=eqx.nn.Linear(hyper_hid_dim, input_dim, key=d3),
-            )
-        else:
-            self.decoder = SpatialDecoder(
-                linear_in=_linear(r_dim, input_dim, use_bias=True, key=d1),
-                norm=None,
-                linear_hidden=None,
-                linear_out=None,
-            )
-        if low_rank_temporal:
-            self.temporal = _orthogonal(tkey, mix_dim, 2 * r_dim).reshape(
-                mix_dim, r_dim, 2
-            )
-        else:
-            self.temporal = _orthogonal(tkey, mix_dim, r_dim * r_dim)
-        h1, h2, h3 = jr.split(hkey, 3)
-        out = mix_dim + r_dim if dyn_bias else mix_dim
-        self.hypernet = HyperNetwork(
-            linear_in=_linear(r2_dim, hyper_hid_dim, use_bias=True, key=h1),
-            norm=eqx.nn.LayerNorm(hyper_hid_dim, eps=1e-5),
-            linear_hidden=_linear(hyper_hid_dim, hyper_hid_dim, use_bias=True, key=h2),
-            linear_out=_linear(hyper_hid_dim, out, use_bias=not dyn_bias, key=h3),
+        (
+            self.decoder,
+            self.temporal,
+            self.hypernet,
+            self.temporal_bias,
+        ) = _init_parameters(
+            key,
+            input_dim,
+            r_dim,
+            r2_dim,
+            mix_dim,
+            hyper_hid_dim,
+            low_rank_temporal,
+            dyn_bias,
+            nonlinear_decoder,
         )
-        self.temporal_bias = _xavier_normal(bkey, (1, r_dim))[0] if dyn_bias else None
         self.input_dim = input_dim
         self.r_dim = r_dim
         self.r2_dim = r2_dim

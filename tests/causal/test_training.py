@@ -33,8 +33,10 @@ K = 2
 CONFIG = TaskConfig(n_vars=4, n_samples=16)
 
 
-def _model(key=0):
-    return ParentSetPredictionModel(K, width=8, n_layers=1, n_heads=2, key=jr.key(key))
+def _model(key=0, n_layers=1):
+    return ParentSetPredictionModel(
+        K, width=8, n_layers=n_layers, n_heads=2, key=jr.key(key)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -263,19 +265,29 @@ def test_with_fallback_runs_an_uncompilable_loss(batch):
             loss = loss * 0.0
         return loss, aux
 
-    optimizer = surrogate_optimizer(2)
+    # No blocks and plain SGD: the eager step dispatches (and compiles) every
+    # operation of the forward pass, the backward pass and the update on its own.
+    model = _model(n_layers=0)
     with pytest.warns(RuntimeWarning, match="with_fallback"):
         result = train_surrogate(
-            _model(),
+            model,
             [(CONFIG, 2)],
             n_steps=1,
             key=jr.key(6),
             loss=python_branching,
-            optimizer=optimizer,
+            optimizer=optax.sgd(1e-3),
             curriculum=Curriculum((1.0,), (1.0,)),
             progress=False,
         )
     assert np.isfinite(result.history[0]["kl"])
+    # The eager step did update the parameters.
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(
+            jax.tree.leaves(eqx.filter(model, eqx.is_array)),
+            jax.tree.leaves(eqx.filter(result.model, eqx.is_array)),
+        )
+    )
 
 
 def test_train_surrogate_errors():

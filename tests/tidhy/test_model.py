@@ -29,6 +29,103 @@ def test_defaults_shapes_and_initialisation(getkey):
     assert model.hypernet.linear_out.bias is not None
 
 
+def _kurtosis(z):
+    return np.mean(z**4) / np.mean(z**2) ** 2
+
+
+def test_initial_distributions_of_every_parameter():
+    H, D, q, M = 40, 30, 5, 15
+    # M > r²: the temporal matrix is taller than wide (orthonormal columns).
+    model = tidhy.TiDHy(
+        D,
+        r_dim=3,
+        r2_dim=q,
+        mix_dim=M,
+        hyper_hid_dim=H,
+        nonlinear_decoder=True,
+        key=jr.key(7),
+    )
+    r = 100  # enough draws of the dyn_bias row
+    low_rank = tidhy.TiDHy(
+        D,
+        r_dim=r,
+        r2_dim=q,
+        mix_dim=M,
+        hyper_hid_dim=H,
+        low_rank_temporal=True,
+        dyn_bias=True,
+        key=jr.key(8),
+    )
+    linear = tidhy.TiDHy(20, key=jr.key(9))
+    for leaf in jax.tree.leaves((model, low_rank, linear)):
+        assert leaf.dtype == np.float32
+    d, h = model.decoder, model.hypernet
+    assert d.linear_hidden is not None and d.linear_out is not None
+    assert linear.decoder.norm is None and linear.decoder.linear_out is None
+    assert linear.decoder.linear_in.weight.shape == (20, 10)
+    assert low_rank.temporal_bias is not None
+    assert low_rank.temporal_bias.shape == (r,)
+    assert low_rank.hypernet.linear_out.bias is None
+    assert low_rank.hypernet.linear_out.weight.shape == (M + r, H)
+
+    # (values, scale): Xavier-normal weights, N(0, 2 / (fan_in + fan_out)), and
+    # the dyn_bias row, N(0, 2 / (1 + r)).
+    normal = [
+        (layer.weight, np.sqrt(2 / sum(layer.weight.shape)))
+        for layer in (
+            d.linear_in,
+            h.linear_in,
+            h.linear_hidden,
+            h.linear_out,
+            linear.decoder.linear_in,
+            low_rank.hypernet.linear_out,
+        )
+    ]
+    normal.append((low_rank.temporal_bias, np.sqrt(2 / (1 + r))))
+    # PyTorch-default U(-1/sqrt(fan_in), 1/sqrt(fan_in)) biases, and the weights of
+    # the nonlinear decoder's hidden and output layers.
+    uniform = [
+        (layer.bias, 1 / np.sqrt(layer.weight.shape[1]))
+        for layer in (d.linear_in, d.linear_hidden, d.linear_out, h.linear_in)
+        + (h.linear_hidden, h.linear_out, linear.decoder.linear_in)
+    ]
+    uniform += [
+        (layer.weight, 1 / np.sqrt(H)) for layer in (d.linear_hidden, d.linear_out)
+    ]
+    for values, std in normal:
+        values = np.asarray(values, np.float64).ravel()
+        assert values.size >= 100
+        assert np.std(values) == pytest.approx(std, rel=0.3)
+    for values, limit in uniform:
+        values = np.asarray(values, np.float64).ravel()
+        assert np.all(np.abs(values) <= limit)
+        assert np.max(np.abs(values)) > 0.5 * limit
+    # Standardised and pooled, the moments are sharp: N(0, 1) and U(-1, 1).
+    z = np.concatenate([np.asarray(v, np.float64).ravel() / s for v, s in normal])
+    assert abs(np.mean(z)) < 4 / np.sqrt(z.size)
+    assert np.std(z) == pytest.approx(1.0, rel=0.03)
+    assert _kurtosis(z) == pytest.approx(3.0, abs=0.3)
+    u = np.concatenate([np.asarray(v, np.float64).ravel() / s for v, s in uniform])
+    assert abs(np.mean(u)) < 4 / np.sqrt(3 * u.size)
+    assert np.var(u) == pytest.approx(1 / 3, rel=0.06)
+    assert _kurtosis(u) == pytest.approx(1.8, abs=0.15)
+
+    # Orthonormal columns (M > r²) and orthonormal rows (M < r², M < 2r).
+    T = np.asarray(model.temporal, np.float64)
+    assert T.shape == (M, 9)
+    np.testing.assert_allclose(T.T @ T, np.eye(9), atol=1e-5)
+    for T in (linear.temporal, low_rank.temporal.reshape(M, 2 * r)):
+        T = np.asarray(T, np.float64)
+        np.testing.assert_allclose(T @ T.T, np.eye(M), atol=1e-5)
+    # No two parameters share a draw (the LayerNorms are ones and zeros).
+    drawn = eqx.tree_at(
+        lambda m: (m.decoder.norm, m.hypernet.norm), model, replace=(None, None)
+    )
+    firsts = [float(leaf.ravel()[0]) for leaf in jax.tree.leaves(drawn)]
+    assert len(firsts) == 13
+    assert len(set(firsts)) == len(firsts)
+
+
 def test_decoder_losses_match_their_formulas(getkey):
     r = jr.normal(getkey(), (3,))
     x = jr.uniform(getkey(), (4,))
