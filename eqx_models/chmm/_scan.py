@@ -16,6 +16,8 @@ which the smoothed marginals and the gradient of `lnL` follow:
 through a scan that slices `T` would add a full-size cotangent of `T` at every step.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -149,8 +151,59 @@ def backward_scan(
     return us, gammas, total
 
 
+# On a CPU, the log-likelihood of a chain whose windows are whole slabs of `src`
+# (equal clone counts: `hard_chain`'s pre-gathered blocks) runs `lax.switch` over the
+# slabs: each branch multiplies by its slab where it lies, and a CPU runs a branch
+# without synchronising. Measured on the large workload (4 x 70 clones, T = 50 000),
+# 0.09 s instead of 0.13 s with the sliced product on a 2-core CPU. Under `vmap` a switch on a batched index
+# would run every branch, so batched calls keep the sliced product; on a GPU a
+# branch costs a device-to-host transfer of the index, so it is CPU-only; and
+# the number of branches (slabs) is capped to bound compilation.
+_MAX_SWITCH_SLABS = 256
+
+
+def _slab_log_norms_sliced(src, pos, pi0, last):
+    return forward_scan(Chain(src, pos, pi0, None, last, None))[1]
+
+
+@jax.custom_batching.custom_vmap
+def _slab_log_norms(src, pos, pi0, last):
+    del last
+    n0 = pi0.sum()
+    branches = [functools.partial(_times_slab, i) for i in range(src.shape[0])]
+
+    def step(alpha, slab):
+        v = lax.switch(slab, branches, alpha, src)
+        n = v.sum()
+        # One fused select, where `safe_divide`'s guarded scalar adds a kernel per
+        # step (a quarter of the step here). Nothing differentiates this function
+        # (it is the primal of a custom VJP), so the unselected NaN is harmless.
+        return jnp.where(n > 0, v / n, 0), n
+
+    _, norms = lax.scan(step, safe_divide(pi0, n0), pos[:, 0])
+    return safe_log(jnp.concatenate([n0[None], norms]))
+
+
+@_slab_log_norms.def_vmap
+def _slab_log_norms_vmap(axis_size, in_batched, src, pos, pi0, last):
+    in_axes = tuple(0 if batched else None for batched in in_batched)
+    run = jax.vmap(_slab_log_norms_sliced, in_axes=in_axes, axis_size=axis_size)
+    return run(src, pos, pi0, last), True
+
+
+def _times_slab(i, alpha, src):
+    return jnp.dot(alpha, src[i], precision=lax.Precision.HIGHEST)
+
+
 @jax.custom_vjp
 def _log_likelihood(src, pi0, psi, pos, last):
+    whole_slabs = psi is None and src.shape[1] == pi0.shape[0]
+    if (
+        whole_slabs
+        and src.shape[0] <= _MAX_SWITCH_SLABS
+        and jax.default_backend() == "cpu"
+    ):
+        return pairwise_sum(_slab_log_norms(src, pos, pi0, last))
     _, log_norms = forward_scan(Chain(src, pos, pi0, psi, last, None))
     return pairwise_sum(log_norms)
 
