@@ -12,9 +12,11 @@ fuses it into the gradient's elementwise kernels.
 
 import functools
 import math
+from typing import cast
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array
 
 
 def _statistics(x, eps):
@@ -67,14 +69,14 @@ def _layer_norm_bwd(eps, residuals, g):
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
-def layer_norm(x, weight, bias, eps: float = 1e-5):
+def layer_norm(x: Array, weight: Array, bias: Array, eps: float = 1e-5) -> Array:
     """Layer norm over the last axis, statistics in float32 (or wider).
 
     `(x - mean) / sqrt(var + eps) * weight + bias`, returned in the dtype of `x`;
     `weight` and `bias` have the shape of the last axis. The backward pass keeps
     only `x` and the per-row statistics.
     """
-    return _layer_norm(x, weight, bias, eps)
+    return cast(Array, _layer_norm(x, weight, bias, eps))
 
 
 def _gelu_terms(x):
@@ -84,16 +86,13 @@ def _gelu_terms(x):
 
 
 @jax.custom_vjp
-def gelu(x):
-    """Exact GELU, `x * Phi(x)` with `Phi` the standard normal CDF, evaluated in
-    float32 (or wider) and returned in the dtype of `x`. The backward pass keeps
-    only `x`."""
+def _gelu(x):
     xf, cdf = _gelu_terms(x)
     return (xf * cdf).astype(x.dtype)
 
 
 def _gelu_fwd(x):
-    return gelu(x), x
+    return _gelu(x), x
 
 
 def _gelu_bwd(x, g):
@@ -102,4 +101,11 @@ def _gelu_bwd(x, g):
     return ((g.astype(xf.dtype) * (cdf + xf * pdf)).astype(x.dtype),)
 
 
-gelu.defvjp(_gelu_fwd, _gelu_bwd)
+_gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+def gelu(x: Array) -> Array:
+    """Exact GELU, `x * Phi(x)` with `Phi` the standard normal CDF, evaluated in
+    float32 (or wider) and returned in the dtype of `x`. The backward pass keeps
+    only `x`."""
+    return cast(Array, _gelu(x))
