@@ -29,17 +29,17 @@ def _statistics(x, eps):
 def _normalise(x, weight, bias, eps):
     xf, mean, rstd = _statistics(x, eps)
     y = (xf - mean) * rstd
-    return (y * weight.astype(y.dtype) + bias.astype(y.dtype)).astype(x.dtype)
+    y = (y * weight.astype(y.dtype) + bias.astype(y.dtype)).astype(x.dtype)
+    return y, mean, rstd
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _layer_norm(x, weight, bias, eps):
-    return _normalise(x, weight, bias, eps)
+    return _normalise(x, weight, bias, eps)[0]
 
 
 def _layer_norm_fwd(x, weight, bias, eps):
-    _, mean, rstd = _statistics(x, eps)
-    y = _normalise(x, weight, bias, eps)
+    y, mean, rstd = _normalise(x, weight, bias, eps)
     # Left to itself XLA recomputes the mean from `x` inside the backward pass;
     # that row reduction then shares a fusion with the weight gradient's product,
     # which it writes out in float32 for a second, column, reduction (on the

@@ -10,6 +10,8 @@ from ._masked import pairwise_sum
 
 
 _VOCAB_TILE = 128
+# Pad only while the padding adds at most 1/16 of the vocabulary's rows.
+_MAX_PADDING_RATIO = 16
 
 
 def _chunks(x, n_chunks: int):
@@ -59,15 +61,16 @@ def _chunk_loss(h, t, w, weight, bias, accumulate):
 
 
 def _pad_vocabulary(weight, bias):
-    """Pad the vocabulary to a multiple of `_VOCAB_TILE` rows.
+    """Pad a large vocabulary to a multiple of `_VOCAB_TILE` rows.
 
     Matmul kernels tile the vocabulary axis; an odd size (13 317, say) leaves a
     ragged last tile that GPU kernels handle slowly. Padding rows have zero weight
-    and a bias of `-inf`, so their probability and gradient are exactly 0.
+    and a bias of `-inf`, so their probability and gradient are exactly 0. A small
+    vocabulary is left as it is: padding it would add more work than it saves.
     """
     v = weight.shape[0]
     pad = -v % _VOCAB_TILE
-    if pad == 0:
+    if pad == 0 or pad * _MAX_PADDING_RATIO > v:
         return weight, bias
     weight = jnp.concatenate([weight, jnp.zeros((pad, weight.shape[1]), weight.dtype)])
     bias = jnp.concatenate([bias, jnp.full((pad,), -jnp.inf, bias.dtype)])
@@ -94,14 +97,14 @@ def _loss_and_grads(chunk_size, hidden, weight, bias, targets, where):
     primal_weight, primal_bias = weight, bias
     weight = weight.astype(hidden.dtype)  # once, outside the loop over chunks
     weight, bias = _pad_vocabulary(weight, bias)
-    v = weight.shape[0]
+    padded = weight.shape[0]
 
     def body(carry, xs):
         h, t, w = xs
         d_weight, d_bias = carry
         logits, lse, chunk_sum = _chunk_loss(h, t, w, weight, bias, accumulate)
         probs = jnp.exp(logits - lse[:, None])
-        onehot = jnp.arange(v) == t[:, None]
+        onehot = jnp.arange(padded) == t[:, None]
         d_logits = (probs - onehot) * jnp.where(w, scale, 0)[:, None]
         d_logits_c = d_logits.astype(h.dtype)
         d_h = jnp.dot(d_logits_c, weight, preferred_element_type=accumulate).astype(
@@ -113,17 +116,17 @@ def _loss_and_grads(chunk_size, hidden, weight, bias, targets, where):
         d_bias = d_bias + jnp.sum(d_logits, axis=0)
         return (d_weight, d_bias), (chunk_sum, d_h)
 
-    init = (jnp.zeros(weight.shape, accumulate), jnp.zeros((v,), accumulate))
+    init = (jnp.zeros(weight.shape, accumulate), jnp.zeros((padded,), accumulate))
     xs = _prepare(hidden, targets, where, chunk_size)
     (d_weight, d_bias), (sums, d_h) = jax.lax.scan(body, init, xs)
     d_hidden = d_h.reshape((-1,) + hidden.shape[1:])[: hidden.shape[0]]
     # Gradients in the primal dtypes: a float32 master weight keeps a float32
     # gradient even when the matmuls ran in bfloat16.
-    v = primal_weight.shape[0]
+    n_vocab = primal_weight.shape[0]
     grads = (
         d_hidden,
-        d_weight[:v].astype(primal_weight.dtype),
-        d_bias[:v].astype(primal_bias.dtype),
+        d_weight[:n_vocab].astype(primal_weight.dtype),
+        d_bias[:n_vocab].astype(primal_bias.dtype),
     )
     return pairwise_sum(sums) * scale, grads
 

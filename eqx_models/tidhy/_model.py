@@ -17,32 +17,36 @@ def _xavier_std(fan_out: int, fan_in: int) -> float:
     return (2.0 / (fan_in + fan_out)) ** 0.5
 
 
-def _normals(draws: list[tuple[PRNGKeyArray, tuple[int, ...]]]) -> list[Array]:
-    """`jr.normal(key, shape)` for every `(key, shape)`, as one vmapped draw: the
-    values of a draw of `n` numbers are the first `n` of a longer one (JAX's
-    partitionable Threefry counts from 0 in row-major order)."""
-    sizes = [math.prod(shape) for _, shape in draws]
-    keys = jnp.stack([key for key, _ in draws])
-    flat = jax.vmap(lambda k: jr.normal(k, (max(sizes),)))(keys)
+def _pooled(sample, keys, shapes, *params) -> list[Array]:
+    """`sample(key, n, *param)` for every key (with its row of each `params`), as
+    one vmapped draw reshaped to `shapes`: the values of a draw of `n` numbers are
+    the first `n` of a longer one (JAX's partitionable Threefry counts from 0 in
+    row-major order)."""
+    sizes = [math.prod(shape) for shape in shapes]
+    flat = jax.vmap(lambda k, *p: sample(k, max(sizes), *p))(jnp.stack(keys), *params)
     return [
         flat[i, :size].reshape(shape)
-        for i, (size, (_, shape)) in enumerate(zip(sizes, draws))
+        for i, (size, shape) in enumerate(zip(sizes, shapes))
     ]
+
+
+def _normals(draws: list[tuple[PRNGKeyArray, tuple[int, ...]]]) -> list[Array]:
+    """`jr.normal(key, shape)` for every `(key, shape)`, as one draw."""
+    keys, shapes = zip(*draws)
+    return _pooled(lambda k, n: jr.normal(k, (n,)), keys, shapes)
 
 
 def _uniforms(draws: list[tuple[PRNGKeyArray, tuple[int, ...], float]]) -> list[Array]:
     """`jr.uniform(key, shape, minval=-lim, maxval=lim)` for every
-    `(key, shape, lim)`, as one vmapped draw (see `_normals`)."""
-    sizes = [math.prod(shape) for _, shape, _ in draws]
-    keys = jnp.stack([key for key, _, _ in draws])
-    lims = jnp.asarray([lim for _, _, lim in draws], jnp.result_type(float))
-    flat = jax.vmap(
-        lambda k, lim: jr.uniform(k, (max(sizes),), minval=-lim, maxval=lim)
-    )(keys, lims)
-    return [
-        flat[i, :size].reshape(shape)
-        for i, (size, (_, shape, _)) in enumerate(zip(sizes, draws))
-    ]
+    `(key, shape, lim)`, as one draw."""
+    keys, shapes, lims = zip(*draws)
+    lims = jnp.asarray(lims, jnp.result_type(float))
+    return _pooled(
+        lambda k, n, lim: jr.uniform(k, (n,), minval=-lim, maxval=lim),
+        keys,
+        shapes,
+        lims,
+    )
 
 
 def _orthonormalise(gaussian: Array, rows: int, cols: int) -> Array:

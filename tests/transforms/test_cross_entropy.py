@@ -46,8 +46,9 @@ def _full_ce(hidden, weight, bias, targets, where):
     return jnp.sum(jnp.where(where, per, 0)) / jnp.sum(where)
 
 
-# v = 11 is padded internally to a whole tile of the vocabulary axis, 128 is not.
-@pytest.mark.parametrize("chunk_size,v", [(5, 11), (64, 11), (16, 128)])
+# v = 2050 is padded internally to a whole tile of the vocabulary axis (17 x 128
+# rows); 128 is a whole tile, and 11 is too small to be worth padding.
+@pytest.mark.parametrize("chunk_size,v", [(5, 11), (64, 11), (16, 128), (16, 2050)])
 def test_chunked_equals_full_cross_entropy_value_and_gradient(x64, chunk_size, v):
     hidden, weight, bias, targets, where = _problem(0, v=v, dtype=jnp.float64)
     f = jax.jit(
