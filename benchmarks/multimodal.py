@@ -218,7 +218,13 @@ def worker_jax(args) -> dict:
             axis_types=(jax.sharding.AxisType.Auto,),
             devices=devices,
         )
-    step = make_train_step(loss, optimizer, has_aux=True, mesh=mesh)
+    step = make_train_step(
+        loss,
+        optimizer,
+        has_aux=True,
+        mesh=mesh,
+        deterministic=getattr(args, "deterministic", False),
+    )
     reps = max(args.devices, 1)
     batch = TokenBatch(
         tokens=jnp.asarray(np.tile(data["tokens"], (reps, 1))),

@@ -35,6 +35,20 @@ def x64():
         yield
 
 
+@pytest.fixture
+def highest_precision():
+    """Run float32 matrix products in full float32 for the test.
+
+    On a GPU, JAX's default matmul precision for float32 is TF32 (inputs rounded to
+    10 mantissa bits, relative error about 5e-4 per product); a CPU computes in full
+    float32. Tests that compare float32 code with a float64 reference at float32
+    tolerances claim exactness, so they state the precision they need;
+    tests/test_precision.py checks the default GPU path against TF32-derived bounds.
+    """
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def pytest_runtest_setup(item):
     # CI sets EQX_MODELS_REQUIRE_OPTIONAL=1 so that a missing optional dependency is
     # a failure there, never a silent skip.

@@ -9,6 +9,7 @@ from beartype import beartype
 from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, Float, Int, jaxtyped
 
+from ._determinism import compile_variants
 from ._ghost_plan import GhostPlan
 from ._grad_dot import ghost_dots, jvp_dots
 from ._per_sample import (
@@ -79,8 +80,7 @@ def _step(static, model, opt_state):
     return model, new_opt_state, metrics, dots
 
 
-_step_donating = eqx.filter_jit(_step, donate="all-except-first")
-_step_plain = eqx.filter_jit(_step)
+_compiled = compile_variants(_step)
 
 
 class AttributionStep(eqx.Module):
@@ -99,6 +99,7 @@ class AttributionStep(eqx.Module):
     data_axis: str = eqx.field(static=True)
     donate: bool = eqx.field(static=True)
     fallback: bool = eqx.field(static=True)
+    deterministic: bool = eqx.field(static=True, default=False)
 
     def __call__(
         self, model: Any, opt_state: Any, train_batch: tuple, val_batch: tuple
@@ -127,7 +128,7 @@ class AttributionStep(eqx.Module):
             train = shard_batch(train, self.mesh, self.data_axis)
             val = shard_batch(val, self.mesh, self.data_axis)
             model, opt_state = replicate((model, opt_state), self.mesh)
-        compiled = _step_donating if self.donate else _step_plain
+        compiled = _compiled[self.donate, self.deterministic]
         return compiled((self, train, val), model, opt_state)
 
     def plan(self, model: Any, train_batch: tuple) -> GhostPlan:
@@ -148,6 +149,7 @@ def make_attribution_step(
     data_axis: str = "data",
     donate: bool = True,
     fallback: bool = True,
+    deterministic: bool = False,
 ) -> AttributionStep:
     """A compiled training step that logs per-example gradient dot products with the
     validation gradient: the engine of first-order In-Run Data Shapley.
@@ -174,6 +176,8 @@ def make_attribution_step(
     - `donate`: donate the model and optimiser state buffers to the update.
     - `fallback`: with `False`, raise if a parameter is outside the ghost layer rules
         (instead of computing its share by the jvp path).
+    - `deterministic`: compile for run-to-run determinism on a GPU, as in
+        [`transforms.make_train_step`][].
 
     **Returns:**
 
@@ -212,6 +216,7 @@ def make_attribution_step(
         data_axis=data_axis,
         donate=donate,
         fallback=fallback,
+        deterministic=deterministic,
     )
 
 

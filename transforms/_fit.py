@@ -1,13 +1,16 @@
+import dataclasses
 import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import equinox as eqx
 import jax
 from tqdm.auto import tqdm
 
 from ._checkpoint import check_checkpoint_metadata, load_checkpoint, save_checkpoint
+from ._fallback import FallbackStep
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -57,6 +60,22 @@ def _batches(data, start: int) -> Callable[[int], Any]:
     return next_batch
 
 
+def _deterministic(step: Callable, explicit: bool) -> Callable:
+    """`step` compiled for run-to-run determinism, where it has that option."""
+    inner = step.step if isinstance(step, FallbackStep) else step
+    if isinstance(inner, eqx.Module) and hasattr(inner, "deterministic"):
+        inner = dataclasses.replace(inner, deterministic=True)  # pyright: ignore
+        return FallbackStep(inner) if isinstance(step, FallbackStep) else inner
+    if explicit:
+        raise TypeError(
+            "fit: `deterministic=True` needs a step with a `deterministic` option, "
+            "such as one from `make_train_step`; got "
+            f"{type(step).__name__}. Build your step with "
+            "`make_train_step(..., deterministic=True)` and pass `deterministic=None`."
+        )
+    return step
+
+
 def fit(
     step: Callable,
     model,
@@ -73,6 +92,7 @@ def fit(
     metadata: Mapping[str, Any] | None = None,
     expected_metadata: Mapping[str, Any] | None = None,
     finite_metrics: Sequence[str] = ("loss",),
+    deterministic: bool | None = None,
     progress: bool = True,
 ) -> FitResult:
     """Run a training step over a stream of batches, with evaluation and checkpoints.
@@ -80,7 +100,8 @@ def fit(
     Step `i` (0-based) receives the batch `data(i)` (or the next item of an iterable)
     and the key `jax.random.fold_in(key, i)`, so a run resumed from a checkpoint at
     step `k` sees exactly the batches and keys of an uninterrupted run and ends with
-    bit-identical parameters on CPU.
+    bit-identical parameters, on a CPU and (with `deterministic`, the default when
+    checkpoints are written) on a GPU.
 
     **Arguments:**
 
@@ -106,6 +127,13 @@ def fit(
         [`transforms.check_checkpoint_metadata`][] before anything else is read.
     - `finite_metrics`: metrics that must stay finite; the first non-finite one stops
         the run.
+    - `deterministic`: run the step compiled for run-to-run determinism on a GPU
+        (see `deterministic` in [`transforms.make_train_step`][]), so that a resumed
+        run is bit-identical to an uninterrupted one there too. `None` (default): on
+        when `checkpoint_path` is given. It applies to steps with a `deterministic`
+        option (from `make_train_step`, possibly inside `with_fallback`); a step of
+        your own is used as it is, and `True` with such a step raises `TypeError`.
+        `False` leaves the step as it was built.
     - `progress`: show a tqdm progress bar.
 
     **Returns:**
@@ -122,6 +150,7 @@ def fit(
     [`transforms.CheckpointError`][] when resuming from a checkpoint whose metadata
     differs from `expected_metadata`.
     `ValueError` for inconsistent arguments or a data iterable that runs out.
+    `TypeError` for `deterministic=True` with a step that has no such option.
     """
     if n_steps < 0:
         raise ValueError(f"fit: `n_steps` must be >= 0, got {n_steps}.")
@@ -136,6 +165,9 @@ def fit(
         raise ValueError(
             "fit: `checkpoint_every` and `resume` need a `checkpoint_path`."
         )
+
+    if deterministic or (deterministic is None and checkpoint_path is not None):
+        step = _deterministic(step, explicit=bool(deterministic))
 
     start = 0
     if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from ._determinism import compile_variants
 from ._sharding import replicate, shard_batch
 
 
@@ -68,10 +69,8 @@ def _step(static, model, opt_state):
     return model, new_opt_state, metrics
 
 
-# Donating the model and the optimiser state lets XLA update the parameters in place;
-# the batch and key (first argument) are never donated since callers often reuse them.
-_step_donating = eqx.filter_jit(_step, donate="all-except-first")
-_step_plain = eqx.filter_jit(_step)
+# Donating the model and the optimiser state lets XLA update the parameters in place.
+_compiled = compile_variants(_step)
 
 
 class TrainStep(eqx.Module):
@@ -88,6 +87,7 @@ class TrainStep(eqx.Module):
     mesh: Mesh | None = eqx.field(static=True)
     data_axis: str = eqx.field(static=True)
     donate: bool = eqx.field(static=True)
+    deterministic: bool = eqx.field(static=True, default=False)
 
     def __call__(self, model, opt_state, batch, key=None):
         """One optimisation step.
@@ -110,7 +110,7 @@ class TrainStep(eqx.Module):
         if self.mesh is not None:
             batch = shard_batch(batch, self.mesh, self.data_axis)
             model, opt_state, key = replicate((model, opt_state, key), self.mesh)
-        compiled = _step_donating if self.donate else _step_plain
+        compiled = _compiled[self.donate, self.deterministic]
         return compiled((self, batch, key), model, opt_state)
 
 
@@ -123,6 +123,7 @@ def make_train_step(
     mesh: Mesh | None = None,
     data_axis: str = "data",
     donate: bool = True,
+    deterministic: bool = False,
 ) -> TrainStep:
     """Build a compiled training step from a loss and an optax optimiser.
 
@@ -143,6 +144,12 @@ def make_train_step(
         replicated; gradients are reduced by XLA. `None` runs on the default device.
     - `data_axis`: the mesh axis the batch is split over.
     - `donate`: donate the model and optimiser state buffers to the update.
+    - `deterministic`: compile for run-to-run determinism on a GPU (XLA's
+        `xla_gpu_deterministic_ops`: deterministic scatter-adds and reductions instead
+        of atomics), so that a resumed run gives bit-identical parameters there too.
+        It costs some speed on a GPU (the training page of the docs gives the
+        measured cost) and nothing on a CPU, which is deterministic anyway.
+        [`transforms.fit`][] turns it on when it writes checkpoints.
 
     **Returns:**
 
@@ -184,4 +191,5 @@ def make_train_step(
         mesh=mesh,
         data_axis=data_axis,
         donate=donate,
+        deterministic=deterministic,
     )

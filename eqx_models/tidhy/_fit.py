@@ -71,6 +71,7 @@ def fit(
     checkpoint_path: str | os.PathLike | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
+    deterministic: bool | None = None,
     progress: bool = True,
 ) -> transforms.FitResult:
     """Train a TiDHy model with the library's training step, loop and checkpoints.
@@ -101,6 +102,9 @@ def fit(
     - `checkpoint_path`, `checkpoint_every`, `resume`: as in [`transforms.fit`][];
         the checkpoint holds the learner (model and GradNorm state), the optimiser
         state and the configurations as metadata.
+    - `deterministic`: compile the step for run-to-run determinism on a GPU, so that
+        a resumed run is bit-identical there too (see [`transforms.fit`][]); `None`
+        (default): on when `checkpoint_path` is given.
     - `progress`: show a progress bar.
 
     **Returns:**
@@ -171,6 +175,7 @@ def fit(
             "batch_size": batch_size,
         },
         finite_metrics=("loss", "latent_max_abs"),
+        deterministic=deterministic,
         progress=progress,
     )
     return result._replace(model=result.model.model)

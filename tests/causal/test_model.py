@@ -86,6 +86,7 @@ def test_equivariance_property(model, perm, seed):
     _check_equivariance(model, data, np.asarray(perm))
 
 
+@pytest.mark.usefixtures("highest_precision")
 def test_padding_with_masks(model, task):
     rng = np.random.default_rng(2)
     extra_rows = jnp.asarray(rng.normal(size=(3, D, 3)), jnp.float32) * 50

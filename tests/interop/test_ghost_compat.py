@@ -24,6 +24,7 @@ def _data(key):
     return (x, jnp.arange(6) % 2), (xv, jnp.arange(3) % 2)
 
 
+@pytest.mark.usefixtures("highest_precision")
 @pytest.mark.slow
 def test_engine_matches_the_functional_api(getkey):
     from eqx_models.interop.torch import DotProductEngine

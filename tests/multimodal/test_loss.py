@@ -102,6 +102,7 @@ def _check(got, want, rtol=1e-5, atol=1e-6):
         )
 
 
+@pytest.mark.usefixtures("highest_precision")
 @pytest.mark.slow
 def test_loss_matches_numpy_reference():
     model, codebooks = make_model(), make_codebooks()
@@ -137,6 +138,7 @@ def test_absent_modality_has_no_gradient():
     assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grads))
 
 
+@pytest.mark.usefixtures("highest_precision")
 @pytest.mark.slow
 def test_sampling_picks_one_valid_position_uniformly():
     # sample_k=1: each image loss is the error of exactly one image position, chosen
@@ -162,6 +164,7 @@ def test_sampling_picks_one_valid_position_uniformly():
     assert len(rows) == 12 and counts.min() > 8 and counts.max() < 50
 
 
+@pytest.mark.usefixtures("highest_precision")
 @pytest.mark.slow
 @pytest.mark.parametrize("scalar_loss", ["two_hot", "hl_gauss"])
 def test_distributional_scalar_losses(scalar_loss):
@@ -178,6 +181,7 @@ def test_distributional_scalar_losses(scalar_loss):
         assert abs(float(parts["scalar"]) - two_hot) < 0.5 * two_hot
 
 
+@pytest.mark.usefixtures("highest_precision")
 @pytest.mark.slow
 def test_shared_scalar_table_and_bfloat16_compute():
     model = make_model()
@@ -236,12 +240,20 @@ def test_no_full_float32_logits_at_a_large_vocabulary():
         compiled = grad.lower(params, batch, jr.key(0)).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
+    def features_only(model, batch, key):
+        return jnp.mean(
+            model.features_batch(batch.tokens, type_ids=batch.type_ids) ** 2
+        )
+
     ours = MultimodalLoss(codebooks, sample_k=64, ce_chunk_size=128)
     ours_bytes = temp_bytes(lambda m, b, k: ours(m, b, k)[0])
     naive_bytes = temp_bytes(naive)
-    assert naive_bytes >= logits_bytes
+    # Counted beyond the gradient of the transformer body alone, which holds its
+    # activations and the backend's matmul workspace (tens of MB on a GPU).
+    baseline = temp_bytes(features_only)
+    assert naive_bytes - baseline >= logits_bytes
     # What remains is a few (chunk, vocab) buffers of the cross-entropy scan.
-    assert ours_bytes < logits_bytes / 2, (ours_bytes, naive_bytes)
+    assert ours_bytes - baseline < logits_bytes / 2, (ours_bytes, baseline, naive_bytes)
 
 
 def test_loss_errors():
@@ -285,6 +297,7 @@ def test_loss_in_float64(x64):
     _check((total, parts), reference(model, batch, codebooks), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.usefixtures("highest_precision")
 def test_expected_values_are_the_losses_predictions():
     from eqx_models.multimodal import expected_values
 

@@ -73,6 +73,7 @@ def _assert_matches_reference(model, batch, logits, rtol=2e-4, atol=2e-4):
         np.testing.assert_allclose(logits[row], want, rtol=rtol, atol=atol)
 
 
+@pytest.mark.usefixtures("highest_precision")
 @pytest.mark.parametrize("pre_ln", [False, True])
 def test_forward_matches_numpy_reference(pre_ln):
     model = make_model(pre_ln=pre_ln)
@@ -83,6 +84,7 @@ def test_forward_matches_numpy_reference(pre_ln):
     _assert_matches_reference(model, batch, logits)
 
 
+@pytest.mark.usefixtures("highest_precision")
 @pytest.mark.slow
 def test_single_sequence_call_and_vmap():
     model = make_model(init="gpt")
@@ -114,6 +116,7 @@ def test_causality_and_padding():
     assert not np.allclose(first[:, 6:10], second[:, 6:10])
 
 
+@pytest.mark.usefixtures("highest_precision")
 @pytest.mark.slow
 def test_dropout_uses_keys_and_is_off_without_a_key():
     model = make_model(dropout=0.3)
@@ -127,6 +130,7 @@ def test_dropout_uses_keys_and_is_off_without_a_key():
     _assert_matches_reference(model, batch, deterministic)
 
 
+@pytest.mark.usefixtures("highest_precision")
 def test_remat_and_unrolled_scan_give_the_same_model():
     model = make_model(remat=True, unroll=2)
     batch = make_batch(5)

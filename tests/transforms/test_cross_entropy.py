@@ -68,6 +68,7 @@ def test_chunked_equals_full_cross_entropy_value_and_gradient(x64, chunk_size, v
         np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.usefixtures("highest_precision")
 def test_chunked_cross_entropy_float32_no_bias_and_vmap():
     hidden, weight, _, targets, where = _problem(1)
     got = chunked_cross_entropy(
@@ -154,3 +155,46 @@ def test_target_errors():
         chunked_cross_entropy(hidden, weight, bias, targets, chunk_size=0)
     with pytest.raises(TypeError, match="weight"):
         chunked_cross_entropy(hidden, weight[:, :3], bias, targets)
+
+
+def test_default_precision_within_tf32_bounds():
+    """What a float32 user gets by default, on any backend: on a GPU JAX runs the
+    float32 matmuls in TF32 (inputs rounded to 10 mantissa bits, float32
+    accumulation); a CPU computes in full float32, well inside the same bounds.
+
+    Bounds from the rounding model, elementwise and in float64: each logit
+    `z = h·w + b` is off by at most `e·(|h|·|w|)` with `e = 2u + u² + d·2⁻²⁴`
+    (`u = 2⁻¹¹` per rounded input, float32 summation of `d` products); the loss of a
+    row, `lse(z) − z_t`, moves by at most twice its largest logit error; a
+    probability by at most `2p·max|Δz|`, and `∂ℓ/∂h = Δ·w` gets a further TF32
+    product error.
+    """
+    hidden, weight, bias, targets, where = _problem(3, n=64, d=64, v=300)
+    value, (d_hidden,) = jax.jit(
+        jax.value_and_grad(
+            lambda h: chunked_cross_entropy(h, weight, bias, targets, where=where),
+            argnums=(0,),
+        )
+    )(hidden)
+    u, d = 2.0**-11, hidden.shape[1]
+    e = 2 * u + u**2 + d * 2.0**-24
+    h, w = np.asarray(hidden, np.float64), np.asarray(weight, np.float64)
+    mask = np.asarray(where)
+    dz_max = e * (np.abs(h) @ np.abs(w).T).max(1) + 2.0**-24 * np.abs(bias).max()
+    want = _numpy_ce(hidden, weight, bias, targets, where)
+    bound = np.mean(2 * dz_max[mask]) + 16 * 2.0**-24 * abs(want)
+    assert abs(float(value) - want) <= bound, (float(value) - want, bound)
+
+    want_dh = _numpy_grads(hidden, weight, bias, targets, where)[0]
+    z = h @ w.T + np.asarray(bias, np.float64)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    dz = p.copy()
+    dz[np.arange(len(z)), np.asarray(targets)] -= 1
+    dz *= mask[:, None] / mask.sum()
+    d_dz = 2 * p * dz_max[:, None] * mask[:, None] / mask.sum()
+    bound_dh = d_dz @ np.abs(w) + (e + 2.0**-20) * (np.abs(dz) @ np.abs(w))
+    error = np.abs(np.asarray(d_hidden, np.float64) - want_dh)
+    assert np.all(error <= bound_dh), np.max(error / bound_dh)
+    # Not a vacuous check: the worst case allowed is under 0.5 % of the loss.
+    assert bound < 5e-3 * abs(want)

@@ -90,7 +90,9 @@ def test_a_rule_must_implement_the_whole_interface():
             return ct
 
     layout = Layout(T=1, Pk=1, Pf=1, k_leaf_dims=(), f_leaf_dims=())
-    with pytest.raises(TypeError, match="abstract methods F, G, fwd_inputs"):
+    # CPython's wording differs between versions (3.12 quotes the names), so the
+    # pattern checks only that the three missing methods are named, in order.
+    with pytest.raises(TypeError, match="abstract methods? .*F.*G.*fwd_inputs"):
         KOnly(layout=layout)
     # Rules are static arguments of a custom_vjp: equal rules hash equal.
     assert _dense_rule(2, 3, 4) == _dense_rule(2, 3, 4)
@@ -222,8 +224,19 @@ def test_ghost_and_jvp_allocate_no_per_example_parameter_copies():
         grad_dot_products(loss, method="ghost"), model, (x, y), val
     )
     jvp_dots = _temp_bytes(grad_dot_products(loss, method="jvp"), model, (x, y), val)
+
+    def batch_gradient(model, batch):
+        return eqx.filter_grad(
+            lambda m: jnp.mean(jax.vmap(loss, in_axes=(None, 0, 0))(m, *batch))
+        )(model)
+
+    # Measured beyond an ordinary batch gradient, which already holds the
+    # activations and whatever workspace the backend reserves (a GPU's matmul
+    # workspace is several MB): the claim is about per-example copies only.
+    baseline = _temp_bytes(batch_gradient, model, (x, y))
     for temp in (ghost_norms, ghost_dots, jvp_dots):
-        assert temp < 0.1 * per_example_bytes, (temp, per_example_bytes)
+        extra = temp - baseline
+        assert extra < 0.1 * per_example_bytes, (temp, baseline, per_example_bytes)
 
 
 def test_fallback_is_reported_exact_and_can_be_refused():
