@@ -60,20 +60,18 @@ def _batches(data, start: int) -> Callable[[int], Any]:
     return next_batch
 
 
-def _deterministic(step: Callable, explicit: bool) -> Callable:
+def _deterministic(step: Callable) -> Callable:
     """`step` compiled for run-to-run determinism, where it has that option."""
     inner = step.step if isinstance(step, FallbackStep) else step
     if isinstance(inner, eqx.Module) and hasattr(inner, "deterministic"):
         inner = dataclasses.replace(inner, deterministic=True)  # pyright: ignore
         return FallbackStep(inner) if isinstance(step, FallbackStep) else inner
-    if explicit:
-        raise TypeError(
-            "fit: `deterministic=True` needs a step with a `deterministic` option, "
-            "such as one from `make_train_step`; got "
-            f"{type(step).__name__}. Build your step with "
-            "`make_train_step(..., deterministic=True)` and pass `deterministic=None`."
-        )
-    return step
+    raise TypeError(
+        "fit: `deterministic=True` needs a step with a `deterministic` option, such "
+        f"as one from `make_train_step`; got {type(step).__name__}. Build your own "
+        "step's compiled function with XLA's `xla_gpu_deterministic_ops` option "
+        "instead, and leave `deterministic=False` here."
+    )
 
 
 def fit(
@@ -92,7 +90,7 @@ def fit(
     metadata: Mapping[str, Any] | None = None,
     expected_metadata: Mapping[str, Any] | None = None,
     finite_metrics: Sequence[str] = ("loss",),
-    deterministic: bool | None = None,
+    deterministic: bool = False,
     progress: bool = True,
 ) -> FitResult:
     """Run a training step over a stream of batches, with evaluation and checkpoints.
@@ -100,8 +98,7 @@ def fit(
     Step `i` (0-based) receives the batch `data(i)` (or the next item of an iterable)
     and the key `jax.random.fold_in(key, i)`, so a run resumed from a checkpoint at
     step `k` sees exactly the batches and keys of an uninterrupted run and ends with
-    bit-identical parameters, on a CPU and (with `deterministic`, the default when
-    checkpoints are written) on a GPU.
+    bit-identical parameters: on a CPU always, on a GPU with `deterministic=True`.
 
     **Arguments:**
 
@@ -129,11 +126,11 @@ def fit(
         the run.
     - `deterministic`: run the step compiled for run-to-run determinism on a GPU
         (see `deterministic` in [`transforms.make_train_step`][]), so that a resumed
-        run is bit-identical to an uninterrupted one there too. `None` (default): on
-        when `checkpoint_path` is given. It applies to steps with a `deterministic`
-        option (from `make_train_step`, possibly inside `with_fallback`); a step of
-        your own is used as it is, and `True` with such a step raises `TypeError`.
-        `False` leaves the step as it was built.
+        run is bit-identical to an uninterrupted one there too, at a cost in speed
+        (the "On a GPU" page of the docs gives it). It applies to steps with a
+        `deterministic` option (from `make_train_step`, possibly inside
+        `with_fallback`); `True` with another step raises `TypeError`. `False`
+        (default) runs the step as it was built.
     - `progress`: show a tqdm progress bar.
 
     **Returns:**
@@ -166,8 +163,8 @@ def fit(
             "fit: `checkpoint_every` and `resume` need a `checkpoint_path`."
         )
 
-    if deterministic or (deterministic is None and checkpoint_path is not None):
-        step = _deterministic(step, explicit=bool(deterministic))
+    if deterministic:
+        step = _deterministic(step)
 
     start = 0
     if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):

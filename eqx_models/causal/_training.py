@@ -509,7 +509,7 @@ def train_surrogate(
     checkpoint_path: str | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
-    deterministic: bool | None = None,
+    deterministic: bool = False,
     progress: bool = True,
 ) -> FitResult:
     """Train a parent-set model by behavioural cloning of the exact expert.
@@ -543,8 +543,8 @@ def train_surrogate(
         (batch sizes must divide by its size).
     - `fallback`: wrap the step in `with_fallback`.
     - `eval_fn`, `eval_every`, `checkpoint_path`, `checkpoint_every`, `resume`,
-        `deterministic`, `progress`: as in [`transforms.fit`][] (`deterministic`,
-        on by default with checkpoints, makes a resumed run bit-identical on a GPU).
+        `deterministic`, `progress`: as in [`transforms.fit`][] (`deterministic=True`
+        makes a resumed run bit-identical on a GPU, at a cost in speed).
 
     **Returns:**
 

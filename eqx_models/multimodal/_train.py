@@ -288,7 +288,7 @@ def train(
     resume: bool = False,
     mesh: Mesh | None = None,
     peak_flops: float | None = None,
-    deterministic: bool | None = None,
+    deterministic: bool = False,
     progress: bool = True,
 ) -> FitResult:
     """Train the multimodal LM: AdamW, warmup-cosine, clipping, accumulation,
@@ -301,8 +301,8 @@ def train(
     deterministic evaluation ([`eqx_models.multimodal.evaluate`][]), atomic
     checkpoints whose metadata records the model configuration and vocabulary
     layout. With `resume=True` a run continues from `checkpoint_path`
-    bit-identically (on a GPU too, with `deterministic`), and refuses a checkpoint written for another
-    configuration or layout (listing the differing fields). A non-finite loss stops
+    bit-identically (on a GPU with `deterministic=True`), and refuses a checkpoint
+    written for another configuration or layout (listing the differing fields). A non-finite loss stops
     the run with [`transforms.NonFiniteLossError`][]; the last good checkpoint stays
     on disk.
 
@@ -329,8 +329,8 @@ def train(
         FLOPs of the step, `CausalTransformerLM.flops_per_token`, over step time
         and `peak_flops`).
     - `deterministic`: compile the step for run-to-run determinism on a GPU, so that
-        a resumed run is bit-identical there too (see [`transforms.fit`][]); `None`
-        (default): on when `checkpoint_path` is given.
+        a resumed run is bit-identical there too, at a cost in speed (see
+        [`transforms.fit`][]).
     - `progress`: show a progress bar.
 
     **Returns:**
@@ -368,9 +368,7 @@ def train(
         has_aux=True,
         learning_rate=learning_rate_schedule(config),
         mesh=mesh,
-        deterministic=(
-            checkpoint_path is not None if deterministic is None else deterministic
-        ),
+        deterministic=deterministic,
     )
 
     def counted_step(model, opt_state, batch, key):

@@ -71,7 +71,7 @@ def fit(
     checkpoint_path: str | os.PathLike | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
-    deterministic: bool | None = None,
+    deterministic: bool = False,
     progress: bool = True,
 ) -> transforms.FitResult:
     """Train a TiDHy model with the library's training step, loop and checkpoints.
@@ -103,8 +103,8 @@ def fit(
         the checkpoint holds the learner (model and GradNorm state), the optimiser
         state and the configurations as metadata.
     - `deterministic`: compile the step for run-to-run determinism on a GPU, so that
-        a resumed run is bit-identical there too (see [`transforms.fit`][]); `None`
-        (default): on when `checkpoint_path` is given.
+        a resumed run is bit-identical there too, at a cost in speed (see
+        [`transforms.fit`][]).
     - `progress`: show a progress bar.
 
     **Returns:**

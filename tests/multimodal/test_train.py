@@ -160,8 +160,15 @@ def test_accumulating_four_micro_batches_equals_one_big_batch(tmp_path):
 def test_resume_is_bit_identical_and_checks_the_configuration(tmp_path):
     model = make_model()
     traces = len(TRACES)
+    # Deterministic compilation: bit-identical resumes on a GPU too.
     full = train(
-        model, LOSS, micro_batch, CONFIG, key=jr.key(1), checkpoint_path=tmp_path / "a"
+        model,
+        LOSS,
+        micro_batch,
+        CONFIG,
+        key=jr.key(1),
+        checkpoint_path=tmp_path / "a",
+        deterministic=True,
     )
 
     def crashing(i):
@@ -171,7 +178,15 @@ def test_resume_is_bit_identical_and_checks_the_configuration(tmp_path):
 
     path = tmp_path / "b"
     with pytest.raises(KeyboardInterrupt):
-        train(model, LOSS, crashing, CONFIG, key=jr.key(1), checkpoint_path=path)
+        train(
+            model,
+            LOSS,
+            crashing,
+            CONFIG,
+            key=jr.key(1),
+            checkpoint_path=path,
+            deterministic=True,
+        )
     resumed = train(
         make_model(key=7),  # a template; the checkpoint's weights win
         LOSS,
@@ -180,6 +195,7 @@ def test_resume_is_bit_identical_and_checks_the_configuration(tmp_path):
         key=jr.key(1),
         checkpoint_path=path,
         resume=True,
+        deterministic=True,
         progress=False,
     )
     assert [r["step"] for r in resumed.history] == list(range(4, 12))

@@ -121,6 +121,40 @@ def test_resume_is_bit_identical(tmp_path):
     )
 
 
+def test_deterministic_resume_and_steps_without_the_option(tmp_path):
+    from transforms import fit, make_train_step, with_fallback
+
+    model, optimizer, opt_state, _ = _setup()
+    # The option reaches a step inside `with_fallback` too; a resumed deterministic
+    # run is bit-identical on every backend (on a GPU the default may not be).
+    step = with_fallback(make_train_step(_loss, optimizer))
+    common = dict(key=jr.key(5), deterministic=True, progress=False)
+    full = fit(step, model, opt_state, _data, n_steps=6, **common)
+    path = tmp_path / "det.ckpt"
+    model, _, opt_state, _ = _setup()
+    fit(step, model, opt_state, _data, n_steps=3, checkpoint_path=path, **common)
+    model, _, opt_state, _ = _setup()
+    resumed = fit(
+        step,
+        model,
+        opt_state,
+        _data,
+        n_steps=6,
+        checkpoint_path=path,
+        resume=True,
+        **common,
+    )
+    assert_tree_allclose(resumed.model, full.model, rtol=0, atol=0)
+
+    def own_step(model, opt_state, batch, key):
+        return model, opt_state, {"loss": jnp.zeros(())}
+
+    with pytest.raises(TypeError, match="`deterministic=True` needs a step with"):
+        fit(own_step, model, opt_state, _data, n_steps=1, **common)
+    # Without the option, a step of one's own runs as it is.
+    fit(own_step, model, opt_state, _data, n_steps=1, key=jr.key(5), progress=False)
+
+
 def test_resume_with_an_iterable_skips_consumed_batches(tmp_path):
     from transforms import fit, make_train_step
 
