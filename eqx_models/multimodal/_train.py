@@ -302,9 +302,9 @@ def train(
     checkpoints whose metadata records the model configuration and vocabulary
     layout. With `resume=True` a run continues from `checkpoint_path`
     bit-identically (on a GPU with `deterministic=True`), and refuses a checkpoint
-    written for another configuration or layout (listing the differing fields). A non-finite loss stops
-    the run with [`transforms.NonFiniteLossError`][]; the last good checkpoint stays
-    on disk.
+    written for another configuration or layout (listing the differing fields). A
+    non-finite loss stops the run with [`transforms.NonFiniteLossError`][]; the last
+    good checkpoint stays on disk.
 
     **Arguments:**
 
