@@ -7,7 +7,12 @@ from typing import Any, NamedTuple
 import jax
 from tqdm.auto import tqdm
 
-from ._checkpoint import check_checkpoint_metadata, load_checkpoint, save_checkpoint
+from ._checkpoint import (
+    _json_mapping,
+    check_checkpoint_metadata,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -120,8 +125,9 @@ def fit(
     [`transforms.NonFiniteLossError`][] naming the step at the first non-finite watched
     metric; the last checkpoint written before it stays on disk untouched.
     [`transforms.CheckpointError`][] when resuming from a checkpoint whose metadata
-    differs from `expected_metadata`.
+    differs from `expected_metadata`, or that is corrupted, truncated or malformed.
     `ValueError` for inconsistent arguments or a data iterable that runs out.
+    `TypeError` if `metadata` is not a JSON-serialisable mapping (before any step).
     """
     if n_steps < 0:
         raise ValueError(f"fit: `n_steps` must be >= 0, got {n_steps}.")
@@ -136,6 +142,9 @@ def fit(
         raise ValueError(
             "fit: `checkpoint_every` and `resume` need a `checkpoint_path`."
         )
+    if metadata is not None:
+        # Refused now rather than at the first checkpoint, after the training it took.
+        _json_mapping(metadata, "metadata", "fit")
 
     start = 0
     if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
