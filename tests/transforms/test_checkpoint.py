@@ -1,5 +1,6 @@
 import hashlib
 import inspect
+import io
 import json
 import os
 import pathlib
@@ -264,6 +265,10 @@ def test_file_layout_is_as_documented(tmp_path, getkey):
     assert data[:8] == b"EQXCKPT2"
     assert data[16:48] == hashlib.sha256(data[:16] + data[48 : 48 + length]).digest()
     version, _, header, payload = _split(data)
+    assert version == b"2"
+    buffer = io.BytesIO()
+    eqx.tree_serialise_leaves(buffer, (model, None, jr.key_data(jr.key(3))))
+    assert payload == buffer.getvalue()
     assert header["step"] == 7
     assert header["metadata"] == {"lr": 1e-3, "t": [1, 2]}
     assert header["key_impl"] == "threefry2x32"
@@ -320,7 +325,7 @@ def test_an_edited_payload_is_refused(tmp_path, getkey):
 
     path, _ = _saved(tmp_path, getkey, key=jr.key(3))
     data = path.read_bytes()
-    version, _, header, payload = _split(data)
+    _, _, header, payload = _split(data)
     flipped = bytearray(payload)
     flipped[len(flipped) // 2] ^= 0x01
     path.write_bytes(data[: len(data) - len(payload)] + bytes(flipped))
