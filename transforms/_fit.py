@@ -9,8 +9,17 @@ import equinox as eqx
 import jax
 from tqdm.auto import tqdm
 
+<<<<<<< HEAD
 from ._checkpoint import check_checkpoint_metadata, load_checkpoint, save_checkpoint
 from ._fallback import FallbackStep
+=======
+from ._checkpoint import (
+    _json_mapping,
+    check_checkpoint_metadata,
+    load_checkpoint,
+    save_checkpoint,
+)
+>>>>>>> ckpt-integrity
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -145,9 +154,13 @@ def fit(
     [`transforms.NonFiniteLossError`][] naming the step at the first non-finite watched
     metric; the last checkpoint written before it stays on disk untouched.
     [`transforms.CheckpointError`][] when resuming from a checkpoint whose metadata
-    differs from `expected_metadata`.
+    differs from `expected_metadata`, or that is corrupted, truncated or malformed.
     `ValueError` for inconsistent arguments or a data iterable that runs out.
+<<<<<<< HEAD
     `TypeError` for `deterministic=True` with a step that has no such option.
+=======
+    `TypeError` if `metadata` is not a JSON-serialisable mapping (before any step).
+>>>>>>> ckpt-integrity
     """
     if n_steps < 0:
         raise ValueError(f"fit: `n_steps` must be >= 0, got {n_steps}.")
@@ -162,6 +175,9 @@ def fit(
         raise ValueError(
             "fit: `checkpoint_every` and `resume` need a `checkpoint_path`."
         )
+    if metadata is not None:
+        # Refused now rather than at the first checkpoint, after the training it took.
+        _json_mapping(metadata, "metadata", "fit")
 
     if deterministic:
         step = _deterministic(step)

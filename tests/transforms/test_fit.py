@@ -305,3 +305,27 @@ def test_resume_checks_expected_metadata(tmp_path):
     )
     assert resumed.step == 4
     assert [record["step"] for record in resumed.history] == [2, 3]
+
+
+def test_metadata_json_cannot_hold_is_refused_before_any_step(tmp_path):
+    from transforms import fit
+
+    model, _, opt_state, _ = _setup()
+    steps = []
+
+    def step(model, opt_state, batch, key):
+        steps.append(key)
+        return model, opt_state, {"loss": jnp.zeros(())}
+
+    with pytest.raises(TypeError, match=r"^fit: `metadata` .*\['lr'\] is of type"):
+        fit(
+            step,
+            model,
+            opt_state,
+            _data,
+            n_steps=3,
+            checkpoint_path=tmp_path / "m.ckpt",
+            metadata={"lr": jnp.float32(0.1)},
+            progress=False,
+        )
+    assert steps == [] and not (tmp_path / "m.ckpt").exists()
