@@ -9,17 +9,13 @@ import equinox as eqx
 import jax
 from tqdm.auto import tqdm
 
-<<<<<<< HEAD
-from ._checkpoint import check_checkpoint_metadata, load_checkpoint, save_checkpoint
-from ._fallback import FallbackStep
-=======
 from ._checkpoint import (
     _json_mapping,
     check_checkpoint_metadata,
     load_checkpoint,
     save_checkpoint,
 )
->>>>>>> ckpt-integrity
+from ._fallback import FallbackStep
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -156,11 +152,8 @@ def fit(
     [`transforms.CheckpointError`][] when resuming from a checkpoint whose metadata
     differs from `expected_metadata`, or that is corrupted, truncated or malformed.
     `ValueError` for inconsistent arguments or a data iterable that runs out.
-<<<<<<< HEAD
-    `TypeError` for `deterministic=True` with a step that has no such option.
-=======
-    `TypeError` if `metadata` is not a JSON-serialisable mapping (before any step).
->>>>>>> ckpt-integrity
+    `TypeError` for `deterministic=True` with a step that has no such option, or if
+    `metadata` is not a JSON-serialisable mapping (before any step).
     """
     if n_steps < 0:
         raise ValueError(f"fit: `n_steps` must be >= 0, got {n_steps}.")
