@@ -48,13 +48,15 @@ def import_optional(name: str) -> types.ModuleType:
     """
     try:
         return importlib.import_module(name)
-    except ImportError:
-        if os.environ.get("EQX_MODELS_REQUIRE_OPTIONAL") == "1":
-            pytest.fail(
-                f"this test needs {name}, and EQX_MODELS_REQUIRE_OPTIONAL=1",
-                pytrace=False,
-            )
-        pytest.skip(
-            f'needs the optional {name} extra (pip install -e ".[{name}]")',
-            allow_module_level=True,
+    except ImportError as e:
+        error = e
+    # Out of the `except` block, so the report is one message, not a chained traceback.
+    if os.environ.get("EQX_MODELS_REQUIRE_OPTIONAL") == "1":
+        pytest.fail(
+            f"this test needs {name} ({error}), and EQX_MODELS_REQUIRE_OPTIONAL=1",
+            pytrace=False,
         )
+    pytest.skip(
+        f'needs the optional {name} extra (pip install -e ".[{name}]")',
+        allow_module_level=True,
+    )
