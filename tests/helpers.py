@@ -1,6 +1,11 @@
+import importlib
+import os
+import types
+
 import equinox as eqx
 import jax
 import numpy as np
+import pytest
 
 
 def tree_allclose(x, y, *, rtol=1e-5, atol=1e-8) -> bool:
@@ -22,3 +27,36 @@ def assert_tree_allclose(x, y, *, rtol=1e-5, atol=1e-8):
             )
         else:
             assert a == b, f"{jax.tree_util.keystr(path)}: {a!r} != {b!r}"
+
+
+def import_optional(name: str) -> types.ModuleType:
+    """Import an optional dependency (an extra of `pyproject.toml`) for a test.
+
+    Without it the test is skipped, or the whole module when called at module level.
+    CI installs every extra and sets `EQX_MODELS_REQUIRE_OPTIONAL=1`, where a missing
+    dependency fails instead, so that a broken install never passes as a skip. Every
+    test that needs an extra goes through here (directly or through a marker that
+    `conftest.py` maps to it), so the two behaviours cannot drift apart.
+
+    **Arguments:**
+
+    - `name`: the module to import; also the name of the extra that installs it.
+
+    **Returns:**
+
+    The imported module.
+    """
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        error = e
+    # Out of the `except` block, so the report is one message, not a chained traceback.
+    if os.environ.get("EQX_MODELS_REQUIRE_OPTIONAL") == "1":
+        pytest.fail(
+            f"this test needs {name} ({error}), and EQX_MODELS_REQUIRE_OPTIONAL=1",
+            pytrace=False,
+        )
+    pytest.skip(
+        f'needs the optional {name} extra (pip install -e ".[{name}]")',
+        allow_module_level=True,
+    )

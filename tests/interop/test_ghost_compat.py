@@ -8,9 +8,11 @@ import pytest
 
 from transforms import grad_dot_products, make_attribution_step
 
+from ..helpers import import_optional
+
 
 pytestmark = pytest.mark.torch
-torch = pytest.importorskip("torch")
+torch = import_optional("torch")
 
 
 def _loss(model, x, y):

@@ -5,9 +5,11 @@ import sys
 import numpy as np
 import pytest
 
+from ..helpers import import_optional
+
 
 pytestmark = pytest.mark.torch
-torch = pytest.importorskip("torch")
+torch = import_optional("torch")
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 

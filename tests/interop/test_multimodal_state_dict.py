@@ -7,9 +7,11 @@ import pytest
 
 from eqx_models.multimodal import CausalTransformerLM, PAD, VocabLayout
 
+from ..helpers import import_optional
+
 
 pytestmark = pytest.mark.torch
-torch = pytest.importorskip("torch")
+torch = import_optional("torch")
 nn = torch.nn
 
 LAYOUT = VocabLayout(n_image=6, n_scalar=5, n_spectrum=4, spectrum_groups=("a", "b"))

@@ -7,9 +7,11 @@ import pytest
 
 from eqx_models.tidhy import TiDHy
 
+from ..helpers import import_optional
+
 
 pytestmark = pytest.mark.torch
-torch = pytest.importorskip("torch")
+torch = import_optional("torch")
 nn = torch.nn
 
 CONFIGS = [

@@ -7,9 +7,11 @@ import pytest
 
 from eqx_models.chmm import CHMM, log_likelihood, posteriors
 
+from ..helpers import import_optional
+
 
 pytestmark = pytest.mark.torch
-torch = pytest.importorskip("torch")
+torch = import_optional("torch")
 
 N_CLONES = (2, 1, 3)
 N_ACTIONS = 2

@@ -3,9 +3,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ..helpers import import_optional
+
 
 pytestmark = pytest.mark.torch
-torch = pytest.importorskip("torch")
+torch = import_optional("torch")
 
 
 def _energy(params, x, scale):
