@@ -41,8 +41,9 @@ def highest_precision():
     On a GPU, JAX's default matmul precision for float32 is TF32 (inputs rounded to
     10 mantissa bits, relative error about 5e-4 per product); a CPU computes in full
     float32. Tests that compare float32 code with a float64 reference at float32
-    tolerances claim exactness, so they state the precision they need;
-    tests/test_precision.py checks the default GPU path against TF32-derived bounds.
+    tolerances claim exactness, so they state the precision they need; the default
+    path is checked against TF32-derived bounds (e.g. `test_cross_entropy.py`'s
+    `test_default_precision_within_tf32_bounds`).
     """
     with jax.default_matmul_precision("highest"):
         yield

@@ -500,7 +500,15 @@ def test_a_save_killed_midway_keeps_the_last_checkpoint_and_its_temp_is_removed(
     with subprocess.Popen(
         [sys.executable, "-c", _CHILD, str(path)],
         stdout=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"},
+        env={
+            **os.environ,
+            # Kept: the caller's path may hold dependencies installed outside
+            # site-packages (as on the GPU machine).
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(root), os.environ.get("PYTHONPATH")) if p
+            ),
+            "JAX_PLATFORMS": "cpu",
+        },
     ) as child:
         try:
             assert child.stdout is not None
