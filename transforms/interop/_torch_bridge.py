@@ -1,3 +1,4 @@
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -120,6 +121,29 @@ def _zero_cotangent(aval: jax.ShapeDtypeStruct):
     return np.zeros(aval.shape, dtype=jax.dtypes.float0)
 
 
+# How Equinox marks the message of a failed `eqx.error_if` inside XLA's error text.
+_CHECK_MARKER = "_EquinoxRuntimeError: "
+
+
+@contextlib.contextmanager
+def _check_messages_first():
+    """Re-raise a failed run-time check (`eqx.error_if`) of the bridged function
+    with the check's own message.
+
+    The bridge compiles with `jax.jit`, under which XLA reports such a failure as a
+    long `INTERNAL: CpuCallback error` trace with the message buried inside; a torch
+    user should read the library's message first.
+    """
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as error:
+        text = str(error)
+        if _CHECK_MARKER not in text:
+            raise
+        message = text.split(_CHECK_MARKER, 1)[1].split("\n\n", 1)[0].strip()
+        raise RuntimeError(message) from None
+
+
 class _Compiled:
     """The jitted forward, forward-with-VJP and VJP application of one function."""
 
@@ -146,18 +170,21 @@ class _Bridge(torch.autograd.Function):
             need and diff
             for need, diff in zip(ctx.needs_input_grad[3:], signature.differentiable)
         )
-        if wants_grad:
-            diff, rest = _split(signature, arrays)
-            out, vjp_fn = compiled.forward_with_vjp(signature, diff, rest)
-            ctx.vjp_fn = vjp_fn
-            ctx.compiled = compiled
-            ctx.signature = signature
-            # Saved so that torch's version counters reject in-place changes to the
-            # inputs, whose memory the JAX residuals may share.
-            ctx.save_for_backward(*tensors)
-        else:
-            out = compiled.forward(signature, arrays)
-        leaves, ctx.out_treedef = jax.tree_util.tree_flatten(out)
+        with _check_messages_first():
+            if wants_grad:
+                diff, rest = _split(signature, arrays)
+                out, vjp_fn = compiled.forward_with_vjp(signature, diff, rest)
+                ctx.vjp_fn = vjp_fn
+                ctx.compiled = compiled
+                ctx.signature = signature
+                # Saved so that torch's version counters reject in-place changes to
+                # the inputs, whose memory the JAX residuals may share.
+                ctx.save_for_backward(*tensors)
+            else:
+                out = compiled.forward(signature, arrays)
+            leaves, ctx.out_treedef = jax.tree_util.tree_flatten(out)
+            # Waits for the result, so a failed check is raised here, on any backend.
+            leaves = jax.block_until_ready(leaves)
         holder["treedef"] = ctx.out_treedef
         ctx.out_avals = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
         outputs = tuple(to_torch(x) for x in leaves)
@@ -177,7 +204,12 @@ class _Bridge(torch.autograd.Function):
             for g, aval in zip(grad_outputs, ctx.out_avals)
         ]
         cotangent_tree = jax.tree_util.tree_unflatten(ctx.out_treedef, cotangent)
-        grads = list(ctx.compiled.apply_vjp(ctx.vjp_fn, cotangent_tree))
+        with _check_messages_first():
+            grads = list(
+                jax.block_until_ready(
+                    ctx.compiled.apply_vjp(ctx.vjp_fn, cotangent_tree)
+                )
+            )
         result: list[Any] = [None, None, None]
         for diff, need in zip(ctx.signature.differentiable, ctx.needs_input_grad[3:]):
             grad = grads.pop(0) if diff else None
