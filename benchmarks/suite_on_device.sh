@@ -7,14 +7,9 @@
 # and a one-line JSON summary are copied to $OUT (when set) for fetching.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH="/tmp/site:$PWD"
-else
-  export PYTHONPATH="$PWD"
-fi
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+# shellcheck source=benchmarks/_device_env.sh
+. benchmarks/_device_env.sh
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 # Optional extras are installed there too: a skip is a failure, as in CI.
 export EQX_MODELS_REQUIRE_OPTIONAL=1 MPLBACKEND=Agg
 log="${OUT:-/tmp}/suite.log"
