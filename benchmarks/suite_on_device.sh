@@ -12,10 +12,14 @@ cd "$(dirname "$0")/.."
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 # Optional extras are installed there too: a skip is a failure, as in CI.
 export EQX_MODELS_REQUIRE_OPTIONAL=1 MPLBACKEND=Agg
+# pytest-benchmark is installed there and warns under xdist (an error with the
+# suite's filterwarnings); through the environment, pytest runs that tests start in
+# subprocesses leave it out too.
+export PYTEST_ADDOPTS="-p no:benchmark ${PYTEST_ADDOPTS:-}"
 log="${OUT:-/tmp}/suite.log"
 device="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
 start=$SECONDS
-python3 -m pytest -p no:benchmark -n "${SUITE_WORKERS:-16}" -rfEs "$@" 2>&1 | tee "$log"
+python3 -m pytest -n "${SUITE_WORKERS:-16}" -rfEs "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 summary="$(grep -E '(passed|failed|error).* in [0-9.]+s' "$log" | tail -1)"
 python3 - "$device" "$((SECONDS - start))" "$summary" "$status" <<'PY' | tee "${OUT:-/tmp}/suite.json"
