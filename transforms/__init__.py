@@ -66,3 +66,4 @@ from ._scan import (
 )
 from ._sharding import replicate as replicate, shard_batch as shard_batch
 from ._train_step import make_train_step as make_train_step, TrainStep as TrainStep
+from ._version import __version__ as __version__

@@ -57,6 +57,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._version import __version__
+
 
 if sys.platform == "win32":
     fcntl = None
@@ -88,15 +90,6 @@ class Checkpoint(NamedTuple):
     step: int
     key: Any
     metadata: dict
-
-
-def _library_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("eqx-models")
-    except Exception:  # not installed as a distribution (e.g. run from a checkout)
-        return "unknown"
 
 
 def _as_path(path, caller: str) -> str:
@@ -358,7 +351,7 @@ def save_checkpoint(
         {
             "step": step,
             "metadata": metadata,
-            "library_version": _library_version(),
+            "library_version": __version__,
             "key_impl": key_impl,
             "leaves": _describe(tree),
             "payload_bytes": len(payload),
