@@ -1,3 +1,7 @@
+import dataclasses
+from typing import Any
+
+import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -14,3 +18,13 @@ def pairwise_sum(x: Float[Array, " n"]) -> Float[Array, ""]:
             x = jnp.concatenate([x, jnp.zeros((1,), x.dtype)])
         x = x[0::2] + x[1::2]
     return x.sum()
+
+
+def static_fields(module: eqx.Module) -> dict[str, Any]:
+    """The static fields of a module by name: the hyperparameters that a trainer
+    records with its checkpoints and compares on resume."""
+    return {
+        field.name: getattr(module, field.name)
+        for field in dataclasses.fields(module)
+        if field.metadata.get("static", False)
+    }
