@@ -1,9 +1,12 @@
 import dataclasses
+import os
 from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
+
+import transforms
 
 
 def pairwise_sum(x: Float[Array, " n"]) -> Float[Array, ""]:
@@ -28,3 +31,24 @@ def static_fields(module: eqx.Module) -> dict[str, Any]:
         for field in dataclasses.fields(module)
         if field.metadata.get("static", False)
     }
+
+
+def check_resumed_config(
+    caller: str,
+    checkpoint_path: str | os.PathLike | None,
+    config: dict[str, Any],
+    *,
+    resume: bool,
+    allow_config_change: bool,
+) -> None:
+    """A trainer's resume check: refuse a checkpoint written for another
+    configuration, before anything is built or compiled, unless the caller allows
+    the change. The comparison is [`transforms.check_checkpoint_metadata`][]'s.
+    """
+    if (
+        resume
+        and not allow_config_change
+        and checkpoint_path is not None
+        and os.path.exists(checkpoint_path)
+    ):
+        transforms.check_checkpoint_metadata(checkpoint_path, config, caller=caller)

@@ -21,7 +21,7 @@ from transforms import (
     with_fallback,
 )
 
-from .._misc import static_fields
+from .._misc import check_resumed_config, static_fields
 from ._candidates import candidate_parent_sets
 from ._data import Channel
 from ._expert import posterior_core
@@ -625,11 +625,30 @@ def train_surrogate(
                 f"train_surrogate: every bucket's batch size must divide by the "
                 f"{n_devices} devices of the mesh, got {sizes}."
             )
-    default_optimizer = optimizer is None
-    if optimizer is None:
-        optimizer = surrogate_optimizer(n_steps)
     if loss is None:
         loss = BehaviouralCloningLoss(weight_decay=1e-4)
+    data_key, step_key = jr.split(key)
+    stream = TaskStream(buckets, model.max_parents, n_steps, curriculum, data_key)
+    config = {
+        "model": static_fields(model),
+        "buckets": [
+            {**static_fields(task), "batch_size": int(size)} for task, size in buckets
+        ],
+        "curriculum": static_fields(curriculum),
+        "loss": _loss_config(loss),
+        "optimizer": "surrogate_optimizer" if optimizer is None else "custom",
+        "n_steps": n_steps,
+        "data_seed": stream.seed,
+    }
+    check_resumed_config(
+        "train_surrogate",
+        checkpoint_path,
+        config,
+        resume=resume,
+        allow_config_change=allow_config_change,
+    )
+    if optimizer is None:
+        optimizer = surrogate_optimizer(n_steps)
     if opt_state is None:
         opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     opt_state, _ = _with_run_length(opt_state, n_steps)
@@ -641,19 +660,6 @@ def train_surrogate(
     step = make_train_step(loss, optimizer, has_aux=True, mesh=mesh)
     if fallback:
         step = with_fallback(step)
-    data_key, step_key = jr.split(key)
-    stream = TaskStream(buckets, model.max_parents, n_steps, curriculum, data_key)
-    config = {
-        "model": static_fields(model),
-        "buckets": [
-            {**static_fields(task), "batch_size": int(size)} for task, size in buckets
-        ],
-        "curriculum": static_fields(curriculum),
-        "loss": _loss_config(loss),
-        "optimizer": "surrogate_optimizer" if default_optimizer else "custom",
-        "n_steps": n_steps,
-        "data_seed": stream.seed,
-    }
     return fit(
         step,
         model,
@@ -667,8 +673,6 @@ def train_surrogate(
         checkpoint_every=checkpoint_every,
         resume=resume,
         metadata=config,
-        expected_metadata=config,
-        allow_config_change=allow_config_change,
         # A restored schedule follows this run's length (changed only when allowed).
         on_resume=lambda model, opt_state: (
             model,

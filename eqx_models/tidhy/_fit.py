@@ -13,7 +13,7 @@ from jaxtyping import Array, Float, jaxtyped
 
 import transforms
 
-from .._misc import static_fields
+from .._misc import check_resumed_config, static_fields
 from ._inference import check_features, check_finite, InferenceConfig
 from ._model import TiDHy
 from ._optimizer import epoch_schedule, optimizer_for_structure, resolved_milestones
@@ -169,14 +169,13 @@ def fit(
         "batch_size": batch_size,
         "n_epochs": n_epochs,
     }
-    if (
-        resume
-        and not allow_config_change
-        and checkpoint_path is not None
-        and os.path.exists(checkpoint_path)
-    ):
-        # Refused before the inner loop is compiled for the first batch.
-        transforms.check_checkpoint_metadata(checkpoint_path, config, caller="fit")
+    check_resumed_config(
+        "fit",
+        checkpoint_path,
+        config,
+        resume=resume,
+        allow_config_change=allow_config_change,
+    )
     model = jax.tree.map(
         lambda a: jnp.array(a, copy=True) if eqx.is_array(a) else a, model
     )
@@ -199,8 +198,6 @@ def fit(
         checkpoint_every=checkpoint_every,
         resume=resume,
         metadata=config,
-        expected_metadata=config,
-        allow_config_change=allow_config_change,
         finite_metrics=("loss", "latent_max_abs"),
         deterministic=deterministic,
         progress=progress,

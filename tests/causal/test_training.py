@@ -410,7 +410,7 @@ def test_resume_refuses_another_configuration(stopped_run):
     before = path.read_bytes()
     with pytest.raises(
         CheckpointError,
-        match=r"(?s)^fit: .*another configuration:\n  "
+        match=r"(?s)^train_surrogate: .*another configuration:\n  "
         r"buckets\[0\]\.batch_size: expected 4, checkpoint has 2\n  "
         r"n_steps: expected 10, checkpoint has 6$",
     ):
