@@ -52,8 +52,9 @@ def keep_if_finite(mask, new, old):
     Selected inside the compiled step, so that the previous state survives even
     when its buffers were donated.
     """
+    finite = mask == 0
     return jax.tree.map(
-        lambda n, o: jnp.where(mask == 0, n, o) if eqx.is_array(n) else n, new, old
+        lambda n, o: jnp.where(finite, n, o) if eqx.is_array(n) else n, new, old
     )
 
 
@@ -187,8 +188,10 @@ def make_train_step(
     (selected on the device, so they survive donation), and [`transforms.fit`][]
     stops with [`transforms.NonFiniteLossError`][] naming the parts. In a loop of
     your own, check `metrics["nonfinite"]`: a skipped update shows only there. The
-    check costs a pass over the parameters and the optimiser state, small next to
-    the forward and backward passes.
+    check reads the new parameters and optimiser state once more: on a CPU it
+    added about a quarter to the step time of a 3-layer MLP of width 512 at batch
+    128 (Adam), less with larger batches, whose forward and backward passes cost
+    more while the check does not.
 
     **Arguments:**
 
