@@ -20,7 +20,7 @@ from ._per_sample import (
     setup,
 )
 from ._sharding import replicate, shard_batch
-from ._train_step import _learning_rate
+from ._train_step import _learning_rate, keep_if_finite, nonfinite_mask
 
 
 _NAME = "make_attribution_step"
@@ -66,15 +66,21 @@ def _step(static, model, opt_state):
     params = s.unflatten(leaves)
     grads = s.unflatten(list(grads))
     updates, new_opt_state = step.optimizer.update(grads, opt_state, params)
-    model = eqx.apply_updates(model, updates)
+    new_model = eqx.apply_updates(model, updates)
+    loss, grad_norm = jnp.mean(losses), optax.tree.norm(grads)
+    mask = nonfinite_mask(loss, grad_norm, new_model, new_opt_state)
     metrics = {
-        "loss": jnp.mean(losses),
+        "loss": loss,
         "val_loss": val_loss,
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
+        "nonfinite": mask,
     }
     lr = _learning_rate(step.learning_rate, opt_state, new_opt_state)
     if lr is not None:
         metrics["learning_rate"] = lr
+    model, new_opt_state = keep_if_finite(
+        mask, (new_model, new_opt_state), (model, opt_state)
+    )
     if step.mesh is not None:
         model, new_opt_state = replicate((model, new_opt_state), step.mesh)
     return model, new_opt_state, metrics, dots
@@ -119,8 +125,13 @@ class AttributionStep(eqx.Module):
         `(model, opt_state, metrics, dots)`: the model after the optimiser update with
         the MEAN training gradient (the validation batch does not enter the update);
         `metrics` with `loss` (mean training loss), `val_loss` (mean validation loss),
-        `grad_norm` and `learning_rate` where known; `dots` of shape `[B]`,
-        `dots[i] = <∇θ l_i, ḡ_val>` at the parameters before the update (float32).
+        `grad_norm`, `nonfinite` and `learning_rate` where known; `dots` of shape
+        `[B]`, `dots[i] = <∇θ l_i, ḡ_val>` at the parameters before the update
+        (float32). As in [`transforms.make_train_step`][], `nonfinite` flags a
+        non-finite loss (1), gradient norm (2), updated parameter (4) or optimiser
+        state (8), and a non-finite update is not applied: the model and optimiser
+        state given are returned. Check it before using `dots` (they may be
+        non-finite too).
         """
         train = as_batch(_NAME, "train_batch", train_batch)
         val = as_batch(_NAME, "val_batch", val_batch)

@@ -543,13 +543,44 @@ def _compare(stored: list[dict], expected: list[dict]) -> list[str]:
     return sorted(problems)
 
 
+def _differences(name: str, stored: Any, expected: Any) -> list[str]:
+    """Where `stored` differs from `expected`, one line per field. Mappings (and
+    lists of mappings of the same length) are compared entry by entry, so that a
+    difference deep in a nested configuration names that one field."""
+    if isinstance(expected, dict) and isinstance(stored, dict):
+        return [
+            line
+            for key, value in expected.items()
+            for line in _differences(f"{name}.{key}", stored.get(key, _ABSENT), value)
+        ]
+    if (
+        isinstance(expected, list)
+        and isinstance(stored, list)
+        and len(expected) == len(stored)
+        and any(isinstance(e, dict) for e in expected)
+    ):
+        return [
+            line
+            for i, (s, e) in enumerate(zip(stored, expected))
+            for line in _differences(f"{name}[{i}]", s, e)
+        ]
+    if stored is _ABSENT:
+        return [f"{name}: expected {expected!r}, checkpoint has '<absent>'"]
+    if stored != expected:
+        return [f"{name}: expected {expected!r}, checkpoint has {stored!r}"]
+    return []
+
+
+_ABSENT = object()
+
+
 def _check_metadata(path: str, stored: dict, expected: dict, caller: str) -> None:
     """The one metadata comparison behind `expected_metadata` everywhere; `expected`
     comes from `_json_mapping`, so that tuples compare equal to the stored lists."""
     differing = [
-        f"{name}: expected {value!r}, checkpoint has {stored.get(name, '<absent>')!r}"
+        line
         for name, value in expected.items()
-        if stored.get(name, object()) != value
+        for line in _differences(name, stored.get(name, _ABSENT), value)
     ]
     if differing:
         raise CheckpointError(
@@ -593,8 +624,10 @@ def check_checkpoint_metadata(
     file, not a checkpoint, unsupported format version, truncated, malformed or
     edited, as for [`transforms.read_checkpoint_metadata`][]), or if the metadata
     differs (the message lists every differing field with the expected and the
-    stored value, `'<absent>'` for a missing one); `TypeError` if `path` is not a
-    `str`/`os.PathLike`, or `expected_metadata` is not a JSON-serialisable mapping.
+    stored value, `'<absent>'` for a missing one; a field inside nested mappings is
+    named by its path, e.g. `train.learning_rate` or `buckets[0].batch_size`);
+    `TypeError` if `path` is not a `str`/`os.PathLike`, or `expected_metadata` is
+    not a JSON-serialisable mapping.
 
     !!! example
 

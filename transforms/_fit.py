@@ -16,21 +16,71 @@ from ._checkpoint import (
     save_checkpoint,
 )
 from ._fallback import FallbackStep
+from ._train_step import nonfinite_mask, nonfinite_parts
+
+
+# The guard for steps that report no `nonfinite` metric: the parameters and the
+# optimiser state they return, checked on the device (one scalar comes back).
+_state_mask = eqx.filter_jit(
+    lambda model, opt_state: nonfinite_mask(0.0, 0.0, model, opt_state)
+)
+
+
+def _watched(finite_metrics: Sequence[str] | None, record: dict) -> tuple[str, ...]:
+    """The metrics to keep finite, checked against those the step reports."""
+    if finite_metrics is None:
+        return ("loss",) if "loss" in record else ()
+    unknown = [m for m in finite_metrics if m not in record]
+    if unknown:
+        raise ValueError(
+            f"fit: `finite_metrics` names {unknown}, which the step does not "
+            f"report; its metrics are {sorted(record)}."
+        )
+    return tuple(finite_metrics)
+
+
+def _alive(tree) -> bool:
+    """Whether no array of `tree` was donated (deleted) by a step."""
+    return not any(
+        isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(tree)
+    )
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Training met a non-finite loss (or another watched metric).
+    """Training met a non-finite step: its loss, gradient, updated parameters or
+    optimiser state, or a watched metric, was NaN or infinite.
 
-    Attributes: `step` (the 0-based index of the failing step), `metrics` (its values)
-    and `checkpoint_step` (the step of the last good checkpoint kept on disk, or
-    `None`).
+    **Attributes:**
+
+    - `step`: the 0-based index of the failing step.
+    - `nonfinite`: what was not finite, a tuple of names among `"loss"`,
+        `"gradient"`, `"parameters"`, `"optimiser state"` and the watched metrics.
+    - `metrics`: the failing step's metrics, as floats.
+    - `checkpoint_step`: the step of the last good checkpoint kept on disk, or `None`
+        if none was written.
+    - `model`, `opt_state`: the last good model and optimiser state, from before
+        the failing step (never the non-finite ones); `None` if a step of your own
+        donated their buffers.
     """
 
-    def __init__(self, message: str, step: int, metrics: dict, checkpoint_step):
+    def __init__(
+        self,
+        message: str,
+        step: int,
+        metrics: dict,
+        checkpoint_step,
+        *,
+        nonfinite: tuple[str, ...] = (),
+        model=None,
+        opt_state=None,
+    ):
         super().__init__(message)
         self.step = step
+        self.nonfinite = nonfinite
         self.metrics = metrics
         self.checkpoint_step = checkpoint_step
+        self.model = model
+        self.opt_state = opt_state
 
 
 class FitResult(NamedTuple):
@@ -94,7 +144,9 @@ def fit(
     resume: bool = False,
     metadata: Mapping[str, Any] | None = None,
     expected_metadata: Mapping[str, Any] | None = None,
-    finite_metrics: Sequence[str] = ("loss",),
+    allow_config_change: bool = False,
+    on_resume: Callable[[Any, Any], tuple[Any, Any]] | None = None,
+    finite_metrics: Sequence[str] | None = None,
     deterministic: bool = False,
     progress: bool = True,
 ) -> FitResult:
@@ -104,6 +156,19 @@ def fit(
     and the key `jax.random.fold_in(key, i)`, so a run resumed from a checkpoint at
     step `k` sees exactly the batches and keys of an uninterrupted run and ends with
     bit-identical parameters: on a CPU always, on a GPU with `deterministic=True`.
+
+    Every step is checked before its result is adopted. A step from
+    [`transforms.make_train_step`][] reports a `nonfinite` metric, computed inside
+    the compiled step, that flags a non-finite loss, gradient (global norm),
+    updated parameters or new optimiser state, and it hands back its inputs
+    unchanged when one is set. For a step of your own that reports no `nonfinite`
+    the returned parameters and optimiser state are checked here, on the device
+    (one more small compiled reduction per step); a step of your own that does
+    report `nonfinite` must follow the same contract (return its inputs on a
+    non-zero value). The metrics in `finite_metrics` must stay finite too. The
+    first failure raises [`transforms.NonFiniteLossError`][]: the failing state is
+    never adopted, evaluated or written, and the checkpoint on disk stays the last
+    good one.
 
     **Arguments:**
 
@@ -123,12 +188,23 @@ def fit(
     - `checkpoint_every`: checkpoint period in steps (0: only at the end); needs
         `checkpoint_path`.
     - `resume`: continue from `checkpoint_path` if the file exists.
-    - `metadata`: JSON-serialisable data stored with every checkpoint.
+    - `metadata`: JSON-serialisable data stored with every checkpoint, typically the
+        run's whole configuration.
     - `expected_metadata`: when resuming, values the checkpoint's metadata must hold
-        (e.g. the model configuration), checked by
+        (typically the same configuration as `metadata`), checked by
         [`transforms.check_checkpoint_metadata`][] before anything else is read.
-    - `finite_metrics`: metrics that must stay finite; the first non-finite one stops
-        the run.
+    - `allow_config_change`: resume even if the checkpoint's metadata differs from
+        `expected_metadata`: the run continues from the stored arrays (which must
+        still fit the templates) with the configuration given now, and its next
+        checkpoint records the new `metadata`. `False` (default) refuses the
+        checkpoint, naming every differing field.
+    - `on_resume`: `on_resume(model, opt_state) -> (model, opt_state)`, applied to
+        the state restored from a checkpoint before the first step, e.g. to lay a
+        schedule kept in the optimiser state out over a new run length. Not called
+        on a fresh start.
+    - `finite_metrics`: names of metrics that must stay finite, besides the guard
+        above; each must be among the step's metrics. `None` (default) watches
+        `loss` if the step reports one.
     - `deterministic`: run the step compiled for run-to-run determinism on a GPU
         (see `deterministic` in [`transforms.make_train_step`][]), so that a resumed
         run is bit-identical to an uninterrupted one there too, at a cost in speed
@@ -141,19 +217,26 @@ def fit(
     **Returns:**
 
     A [`transforms.FitResult`][] `(model, opt_state, step, key, history)`; `history`
-    holds one dict per step with the step's metrics as floats, `step` and `step_time`
-    (wall-clock seconds measured outside the compiled step, after
+    holds one dict per step with the step's metrics as floats (`nonfinite` among
+    them, 0 on every recorded step, for steps that report it), `step` and
+    `step_time` (wall-clock seconds measured outside the compiled step, after
     `block_until_ready`; the first step includes compilation).
 
     **Raises:**
 
-    [`transforms.NonFiniteLossError`][] naming the step at the first non-finite watched
-    metric; the last checkpoint written before it stays on disk untouched.
+    [`transforms.NonFiniteLossError`][] at the first non-finite step, naming the step
+    and what was not finite (loss, gradient, parameters, optimiser state or a
+    watched metric), holding the last good model and optimiser state; the last
+    checkpoint written before it stays on disk untouched, and the message mentions
+    it only if there is one.
     [`transforms.CheckpointError`][] when resuming from a checkpoint whose metadata
-    differs from `expected_metadata`, or that is corrupted, truncated or malformed.
-    `ValueError` for inconsistent arguments or a data iterable that runs out.
-    `TypeError` for `deterministic=True` with a step that has no such option, or if
-    `metadata` is not a JSON-serialisable mapping (before any step).
+    differs from `expected_metadata` (unless `allow_config_change`), or that is
+    corrupted, truncated, malformed or does not fit the templates.
+    `ValueError` for inconsistent arguments, a data iterable that runs out, or
+    `finite_metrics` naming a metric the step does not report (at the first step).
+    `TypeError` for `deterministic=True` with a step that has no such option, a
+    string as `finite_metrics`, or if `metadata` is not a JSON-serialisable mapping
+    (before any step).
     """
     if n_steps < 0:
         raise ValueError(f"fit: `n_steps` must be >= 0, got {n_steps}.")
@@ -168,6 +251,11 @@ def fit(
         raise ValueError(
             "fit: `checkpoint_every` and `resume` need a `checkpoint_path`."
         )
+    if isinstance(finite_metrics, str):
+        raise TypeError(
+            "fit: `finite_metrics` must be a sequence of metric names, got the "
+            f"string {finite_metrics!r}; write ({finite_metrics!r},)."
+        )
     if metadata is not None:
         # Refused now rather than at the first checkpoint, after the training it took.
         _json_mapping(metadata, "metadata", "fit")
@@ -177,7 +265,7 @@ def fit(
 
     start = 0
     if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
-        if expected_metadata is not None:
+        if expected_metadata is not None and not allow_config_change:
             check_checkpoint_metadata(checkpoint_path, expected_metadata, caller="fit")
         restored = load_checkpoint(
             checkpoint_path, model=model, opt_state=opt_state, key=key
@@ -188,6 +276,8 @@ def fit(
             restored.step,
             restored.key,
         )
+        if on_resume is not None:
+            model, opt_state = on_resume(model, opt_state)
     if start > n_steps:
         raise ValueError(
             f"fit: the checkpoint is at step {start}, beyond `n_steps`={n_steps}."
@@ -208,6 +298,7 @@ def fit(
         checkpoint_step = done
 
     history = []
+    watched = None
     bar = tqdm(total=n_steps, initial=start, disable=not progress, desc="fit")
     try:
         for i in range(start, n_steps):
@@ -218,7 +309,19 @@ def fit(
             elapsed = time.perf_counter() - t0
             new_model, new_opt_state, metrics = out
             record = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            bad = [m for m in finite_metrics if not math.isfinite(record.get(m, 0.0))]
+            if watched is None:
+                watched = _watched(finite_metrics, record)
+            if "nonfinite" in record:
+                mask = int(record["nonfinite"])
+                # On a non-finite step the step handed its inputs back.
+                last_good = (new_model, new_opt_state)
+            else:
+                mask = int(_state_mask(new_model, new_opt_state))
+                last_good = (model, opt_state)
+            parts = nonfinite_parts(mask)
+            bad = parts + tuple(
+                m for m in watched if not math.isfinite(record[m]) and m not in parts
+            )
             if bad:
                 where = (
                     f"the last good checkpoint (step {checkpoint_step}) is kept at "
@@ -226,12 +329,20 @@ def fit(
                     if checkpoint_step is not None and checkpoint_path is not None
                     else "no checkpoint was written"
                 )
+                shown = dict.fromkeys(("loss", "grad_norm", *watched))
+                values = ", ".join(f"{m}={record[m]}" for m in shown if m in record)
+                values = f" ({values})" if values else ""
+                good_model, good_opt_state = (
+                    last_good if _alive(last_good) else (None, None)
+                )
                 raise NonFiniteLossError(
-                    f"fit: non-finite {', '.join(bad)} at step {i} "
-                    f"({', '.join(f'{m}={record[m]}' for m in bad)}); {where}.",
+                    f"fit: non-finite {', '.join(bad)} at step {i}{values}; {where}.",
                     step=i,
                     metrics=record,
                     checkpoint_step=checkpoint_step,
+                    nonfinite=bad,
+                    model=good_model,
+                    opt_state=good_opt_state,
                 )
             model, opt_state = new_model, new_opt_state
             record["step"] = i

@@ -11,7 +11,51 @@ from ._determinism import compile_variants
 from ._sharding import replicate, shard_batch
 
 
-_RESERVED_METRICS = ("loss", "grad_norm", "learning_rate")
+_RESERVED_METRICS = ("loss", "grad_norm", "learning_rate", "nonfinite")
+
+# What bit `i` of the `nonfinite` metric stands for.
+NONFINITE_PARTS = ("loss", "gradient", "parameters", "optimiser state")
+
+
+def _all_finite(tree) -> jax.Array:
+    """Whether every inexact array leaf of `tree` is finite (a scalar bool)."""
+    leaves = [x for x in jax.tree.leaves(tree) if eqx.is_inexact_array(x)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
+
+
+def nonfinite_mask(loss, grad_norm, model, opt_state) -> jax.Array:
+    """The `nonfinite` metric: an int32 with bit `i` set where
+    `NONFINITE_PARTS[i]` is not finite (0 for a finite step).
+
+    The gradient is judged by its global norm, which is finite exactly when every
+    entry is (short of a norm that overflows, which no update survives either).
+    """
+    finite = (
+        jnp.all(jnp.isfinite(loss)),
+        jnp.isfinite(grad_norm),
+        _all_finite(model),
+        _all_finite(opt_state),
+    )
+    return sum(
+        jnp.where(ok, 0, 1 << bit).astype(jnp.int32) for bit, ok in enumerate(finite)
+    )
+
+
+def nonfinite_parts(mask: int) -> tuple[str, ...]:
+    """The names of the parts a `nonfinite` mask flags."""
+    return tuple(name for bit, name in enumerate(NONFINITE_PARTS) if mask >> bit & 1)
+
+
+def keep_if_finite(mask, new, old):
+    """`new` where `mask` is 0, else `old`: a non-finite update is not applied.
+
+    Selected inside the compiled step, so that the previous state survives even
+    when its buffers were donated.
+    """
+    finite = mask == 0
+    return jax.tree.map(
+        lambda n, o: jnp.where(finite, n, o) if eqx.is_array(n) else n, new, old
+    )
 
 
 def _learning_rate(
@@ -59,11 +103,16 @@ def _step(static, model, opt_state):
             f"{clash}."
         )
     updates, new_opt_state = step.optimizer.update(grads, opt_state, params)
-    model = eqx.apply_updates(model, updates)
-    metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads)}
+    new_model = eqx.apply_updates(model, updates)
+    grad_norm = optax.tree.norm(grads)
+    mask = nonfinite_mask(loss, grad_norm, new_model, new_opt_state)
+    metrics = {"loss": loss, **aux, "grad_norm": grad_norm, "nonfinite": mask}
     lr = _learning_rate(step.learning_rate, opt_state, new_opt_state)
     if lr is not None:
         metrics["learning_rate"] = lr
+    model, new_opt_state = keep_if_finite(
+        mask, (new_model, new_opt_state), (model, opt_state)
+    )
     if step.mesh is not None:
         model, new_opt_state = replicate((model, new_opt_state), step.mesh)
     return model, new_opt_state, metrics
@@ -77,7 +126,8 @@ class TrainStep(eqx.Module):
     """A compiled optimisation step; build it with [`transforms.make_train_step`][].
 
     Call it as `step(model, opt_state, batch, key)`; it returns
-    `(model, opt_state, metrics)`.
+    `(model, opt_state, metrics)`, and skips an update that is not finite (see the
+    `nonfinite` metric).
     """
 
     loss_fn: Callable
@@ -104,8 +154,10 @@ class TrainStep(eqx.Module):
         **Returns:**
 
         `(model, opt_state, metrics)` with `metrics` a dict of scalar device arrays:
-        `loss`, the aux losses, `grad_norm` (global L2 norm of the gradient) and
-        `learning_rate` where it can be known.
+        `loss`, the aux losses, `grad_norm` (global L2 norm of the gradient),
+        `nonfinite` (see [`transforms.make_train_step`][]) and `learning_rate` where
+        it can be known. When `nonfinite` is not 0 the returned model and optimiser
+        state are the ones given (the update is not applied).
         """
         if self.mesh is not None:
             batch = shard_batch(batch, self.mesh, self.data_axis)
@@ -126,6 +178,20 @@ def make_train_step(
     deterministic: bool = False,
 ) -> TrainStep:
     """Build a compiled training step from a loss and an optax optimiser.
+
+    The step guards against non-finite values. Among its metrics, `nonfinite` is an
+    int32 computed inside the compiled step: 0 when the step is finite, else the sum
+    of 1 (the loss is not finite), 2 (the gradient's global norm is not), 4 (an
+    updated parameter, i.e. an inexact array of the new model, is not) and 8 (a
+    floating-point leaf of the new optimiser state is not). A non-finite update is
+    not applied: the step returns the model and optimiser state it was given
+    (selected on the device, so they survive donation), and [`transforms.fit`][]
+    stops with [`transforms.NonFiniteLossError`][] naming the parts. In a loop of
+    your own, check `metrics["nonfinite"]`: a skipped update shows only there. The
+    check reads the new parameters and optimiser state once more: on a CPU it
+    added about a quarter to the step time of a 3-layer MLP of width 512 at batch
+    128 (Adam), less with larger batches, whose forward and backward passes cost
+    more while the check does not.
 
     **Arguments:**
 
@@ -156,6 +222,14 @@ def make_train_step(
 
     A [`transforms.TrainStep`][], called as `step(model, opt_state, batch, key)`. It
     compiles once per input shape and dtype.
+
+    **Raises:**
+
+    `TypeError` if `loss_fn` is not callable or `optimizer` not an
+    `optax.GradientTransformation`; `ValueError` if `data_axis` is not an axis of
+    `mesh`. When the step is called: `TypeError` if `has_aux=True` and the aux is
+    not a dict, `ValueError` if the aux uses a reserved metric name (`loss`,
+    `grad_norm`, `learning_rate`, `nonfinite`).
 
     !!! example
 

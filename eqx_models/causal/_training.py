@@ -21,6 +21,7 @@ from transforms import (
     with_fallback,
 )
 
+from .._misc import check_resumed_config, static_fields
 from ._candidates import candidate_parent_sets
 from ._data import Channel
 from ._expert import posterior_core
@@ -235,6 +236,18 @@ class BehaviouralCloningLoss(eqx.Module):
         return loss, aux
 
 
+def _loss_config(loss) -> dict | str:
+    """What a checkpoint records of the loss: the settings of the library's, or
+    `"custom"`."""
+    if not isinstance(loss, BehaviouralCloningLoss):
+        return "custom"
+    scale = loss.uncertainty_scale
+    return {
+        "uncertainty_scale": None if scale is None else float(scale),
+        "weight_decay": loss.weight_decay,
+    }
+
+
 class WarmupCosineState(NamedTuple):
     """State of the learning-rate stage of [`eqx_models.causal.surrogate_optimizer`][].
 
@@ -336,6 +349,24 @@ def surrogate_optimizer(
     )
 
 
+def _with_run_length(opt_state, n_steps: int) -> tuple[object, bool]:
+    """`opt_state` with the `total_steps` of its `WarmupCosineState`s replaced, and
+    whether it held one."""
+    found = False
+
+    def replace(node):
+        nonlocal found
+        if isinstance(node, WarmupCosineState):
+            found = True
+            return node._replace(total_steps=jnp.asarray(n_steps, jnp.int32))
+        return node
+
+    new = jax.tree.map(
+        replace, opt_state, is_leaf=lambda x: isinstance(x, WarmupCosineState)
+    )
+    return new, found
+
+
 def set_run_length(opt_state, n_steps: int):
     """Change the run length of a [`eqx_models.causal.surrogate_optimizer`][] state.
 
@@ -353,18 +384,8 @@ def set_run_length(opt_state, n_steps: int):
 
     `ValueError` if the state has no [`eqx_models.causal.WarmupCosineState`][].
     """
-    found = [False]
-
-    def replace(node):
-        if isinstance(node, WarmupCosineState):
-            found[0] = True
-            return node._replace(total_steps=jnp.asarray(n_steps, jnp.int32))
-        return node
-
-    new = jax.tree.map(
-        replace, opt_state, is_leaf=lambda x: isinstance(x, WarmupCosineState)
-    )
-    if not found[0]:
+    new, found = _with_run_length(opt_state, n_steps)
+    if not found:
         raise ValueError(
             "set_run_length: `opt_state` holds no WarmupCosineState (it does not come "
             "from surrogate_optimizer)."
@@ -509,6 +530,7 @@ def train_surrogate(
     checkpoint_path: str | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
+    allow_config_change: bool = False,
     deterministic: bool = False,
     progress: bool = True,
 ) -> FitResult:
@@ -521,13 +543,22 @@ def train_surrogate(
     [`transforms.with_fallback`][] so that a custom loss that cannot be compiled
     still runs), looped by [`transforms.fit`][] with its checkpoints and resume.
 
+    The checkpoints record the run's configuration: the model's hyperparameters,
+    the buckets (every task setting and batch size), the curriculum, the loss's
+    settings, the optimiser (`"surrogate_optimizer"` for the default, `"custom"`
+    for one of yours, whose settings you answer for), `n_steps` and the data seed
+    (drawn from `key`). A resumed run must match it field by field, unless
+    `allow_config_change=True`.
+
     **Arguments:**
 
     - `model`: the [`eqx_models.causal.ParentSetPredictionModel`][] to train.
     - `buckets`: `(config, batch_size)` pairs; `config.max_parents` need not equal
         the model's `K` (it caps the true graphs' in-degrees).
     - `n_steps`: the length of the run: the learning-rate schedule and the
-        curriculum are laid out over it.
+        curriculum are laid out over it (the run length of a
+        `surrogate_optimizer` state, fresh or restored, is set to `n_steps`; see
+        [`eqx_models.causal.set_run_length`][]).
     - `key`: the run's PRNG key (data and steps derive from it).
     - `curriculum`: default [`eqx_models.causal.Curriculum.easy_to_hard`][] with
         `d·N` as the cost.
@@ -545,6 +576,12 @@ def train_surrogate(
     - `eval_fn`, `eval_every`, `checkpoint_path`, `checkpoint_every`, `resume`,
         `deterministic`, `progress`: as in [`transforms.fit`][] (`deterministic=True`
         makes a resumed run bit-identical on a GPU, at a cost in speed).
+    - `allow_config_change`: resume from a checkpoint written with another
+        configuration, e.g. a longer `n_steps`: the run continues from the stored
+        parameters and optimiser state with the configuration given now, the
+        learning-rate schedule and the curriculum laid out over the new `n_steps`.
+        The optimiser state must still fit the optimiser (same structure). `False`
+        (default) refuses such a checkpoint.
 
     **Returns:**
 
@@ -556,7 +593,13 @@ def train_surrogate(
 
     `ValueError` for an empty `buckets`, a curriculum with another number of
     buckets, or a `mesh` without a `data` axis or whose size does not divide a
-    batch size; [`transforms.NonFiniteLossError`][] if the loss becomes non-finite.
+    batch size; [`transforms.NonFiniteLossError`][] if the loss, the gradient, the
+    updated parameters or the optimiser state become non-finite (the last good
+    checkpoint is kept); [`transforms.CheckpointError`][] when resuming from a
+    checkpoint written for another configuration (the message names every
+    differing field, e.g. `n_steps` or `buckets[0].batch_size`, with both values)
+    unless `allow_config_change`, or from one that is corrupted or does not fit the
+    model and optimiser state.
     """
     buckets = list(buckets)
     if not buckets:
@@ -582,12 +625,33 @@ def train_surrogate(
                 f"train_surrogate: every bucket's batch size must divide by the "
                 f"{n_devices} devices of the mesh, got {sizes}."
             )
-    if optimizer is None:
-        optimizer = surrogate_optimizer(n_steps)
     if loss is None:
         loss = BehaviouralCloningLoss(weight_decay=1e-4)
+    data_key, step_key = jr.split(key)
+    stream = TaskStream(buckets, model.max_parents, n_steps, curriculum, data_key)
+    config = {
+        "model": static_fields(model),
+        "buckets": [
+            {**static_fields(task), "batch_size": int(size)} for task, size in buckets
+        ],
+        "curriculum": static_fields(curriculum),
+        "loss": _loss_config(loss),
+        "optimizer": "surrogate_optimizer" if optimizer is None else "custom",
+        "n_steps": n_steps,
+        "data_seed": stream.seed,
+    }
+    check_resumed_config(
+        "train_surrogate",
+        checkpoint_path,
+        config,
+        resume=resume,
+        allow_config_change=allow_config_change,
+    )
+    if optimizer is None:
+        optimizer = surrogate_optimizer(n_steps)
     if opt_state is None:
         opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    opt_state, _ = _with_run_length(opt_state, n_steps)
     # The step donates its inputs' buffers; copies keep the caller's model and
     # optimiser state usable.
     model, opt_state = jax.tree.map(
@@ -596,8 +660,6 @@ def train_surrogate(
     step = make_train_step(loss, optimizer, has_aux=True, mesh=mesh)
     if fallback:
         step = with_fallback(step)
-    data_key, step_key = jr.split(key)
-    stream = TaskStream(buckets, model.max_parents, n_steps, curriculum, data_key)
     return fit(
         step,
         model,
@@ -610,7 +672,12 @@ def train_surrogate(
         checkpoint_path=checkpoint_path,
         checkpoint_every=checkpoint_every,
         resume=resume,
-        metadata={"n_steps": n_steps},
+        metadata=config,
+        # A restored schedule follows this run's length (changed only when allowed).
+        on_resume=lambda model, opt_state: (
+            model,
+            _with_run_length(opt_state, n_steps)[0],
+        ),
         deterministic=deterministic,
         progress=progress,
     )

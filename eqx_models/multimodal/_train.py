@@ -10,14 +10,9 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import PRNGKeyArray
 
-from transforms import (
-    check_checkpoint_metadata,
-    fit,
-    FitResult,
-    make_train_step,
-    shard_batch,
-)
+from transforms import fit, FitResult, make_train_step, shard_batch
 
+from .._misc import check_resumed_config
 from ._model import CausalTransformerLM
 from ._sequence import TokenBatch
 
@@ -286,6 +281,7 @@ def train(
     eval_batches: TokenBatch | Sequence[TokenBatch] | None = None,
     checkpoint_path: str | os.PathLike | None = None,
     resume: bool = False,
+    allow_config_change: bool = False,
     mesh: Mesh | None = None,
     peak_flops: float | None = None,
     deterministic: bool = False,
@@ -299,12 +295,15 @@ def train(
     float32 master weights and optimiser state) and runs it with
     [`transforms.fit`][]: a progress bar, a history of metrics, periodic
     deterministic evaluation ([`eqx_models.multimodal.evaluate`][]), atomic
-    checkpoints whose metadata records the model configuration and vocabulary
-    layout. With `resume=True` a run continues from `checkpoint_path`
-    bit-identically (on a GPU with `deterministic=True`), and refuses a checkpoint
-    written for another configuration or layout (listing the differing fields). A
-    non-finite loss stops the run with [`transforms.NonFiniteLossError`][]; the last
-    good checkpoint stays on disk.
+    checkpoints whose metadata records the whole configuration: the model's
+    (`model.*`, the vocabulary layout included), the `TrainConfig` (`train.*`)
+    and the micro-batch shape (`data.tokens_shape`, from `data(0)`). With
+    `resume=True` a run continues from `checkpoint_path` bit-identically (on a GPU
+    with `deterministic=True`), and refuses a checkpoint written for another
+    configuration (listing the differing fields; only `train.eval_every` and
+    `train.checkpoint_every` may change freely) unless `allow_config_change=True`.
+    A non-finite loss, gradient, parameter or optimiser state stops the run with
+    [`transforms.NonFiniteLossError`][]; the last good checkpoint stays on disk.
 
     **Arguments:**
 
@@ -320,6 +319,13 @@ def train(
     - `eval_batches`: held-out batches evaluated every `config.eval_every`
         optimiser steps (metrics prefixed `eval_`).
     - `checkpoint_path`: where checkpoints go; `resume`: continue from it.
+    - `allow_config_change`: resume from a checkpoint written with another
+        configuration, e.g. a longer `config.n_steps` or another learning rate:
+        the run continues from the stored parameters and optimiser state with the
+        configuration given now, its schedule laid out over the new `n_steps`. The
+        model's shapes and the optimiser state's structure (e.g. the same
+        `accumulation_steps > 1` or not) must still match. `False` (default)
+        refuses such a checkpoint.
     - `mesh`: a `jax.sharding.Mesh` with a `"data"` axis: data-parallel training
         (each micro-batch split over the devices, whose number must divide the
         micro-batch size). Its axes are used as `Auto` axes (sharding propagated
@@ -344,16 +350,32 @@ def train(
     **Raises:**
 
     [`transforms.NonFiniteLossError`][]; [`transforms.CheckpointError`][] when
-    resuming from an incompatible checkpoint; `ValueError` for bad arguments.
+    resuming from a checkpoint written for another configuration (the message
+    names every differing field, e.g. `train.learning_rate`, with both values)
+    unless `allow_config_change`, or from one that is corrupted or incompatible;
+    `ValueError` for bad arguments.
     """
     if config.eval_every and eval_batches is None:
         raise ValueError("train: `config.eval_every` > 0 needs `eval_batches`.")
     if resume and checkpoint_path is None:
         raise ValueError("train: `resume=True` needs a `checkpoint_path`.")
-    config_metadata = _flatten(model.config(), "model.")
-    if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
-        # Before anything is built or compiled.
-        check_checkpoint_metadata(checkpoint_path, config_metadata, caller="train")
+    metadata = {
+        **_flatten(model.config(), "model."),
+        **_flatten(dataclasses.asdict(config), "train."),
+        "data.tokens_shape": list(data(0).tokens.shape),
+    }
+    # How often the run evaluates and saves does not change what it trains.
+    check_resumed_config(
+        "train",
+        checkpoint_path,
+        {
+            k: v
+            for k, v in metadata.items()
+            if k not in ("train.eval_every", "train.checkpoint_every")
+        },
+        resume=resume,
+        allow_config_change=allow_config_change,
+    )
     if mesh is not None:
         mesh = _auto_axes(mesh)
     k = config.accumulation_steps
@@ -394,7 +416,7 @@ def train(
         checkpoint_path=checkpoint_path,
         checkpoint_every=config.checkpoint_every * k if checkpoint_path else 0,
         resume=resume,
-        metadata={**config_metadata, **_flatten(dataclasses.asdict(config), "train.")},
+        metadata=metadata,
         progress=progress,
     )
     for record in result.history:

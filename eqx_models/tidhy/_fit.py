@@ -13,6 +13,7 @@ from jaxtyping import Array, Float, jaxtyped
 
 import transforms
 
+from .._misc import check_resumed_config, static_fields
 from ._inference import check_features, check_finite, InferenceConfig
 from ._model import TiDHy
 from ._optimizer import epoch_schedule, optimizer_for_structure, resolved_milestones
@@ -52,10 +53,6 @@ def _train_step(
     return optimizer, step
 
 
-def _config_dict(config) -> dict[str, Any]:
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-
-
 @jaxtyped(typechecker=beartype)
 def fit(
     model: TiDHy,
@@ -71,6 +68,7 @@ def fit(
     checkpoint_path: str | os.PathLike | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
+    allow_config_change: bool = False,
     deterministic: bool = False,
     progress: bool = True,
 ) -> transforms.FitResult:
@@ -85,8 +83,14 @@ def fit(
     `key` (a function of the step index, so a resumed run sees the same batches).
 
     Training stops with [`transforms.NonFiniteLossError`][], naming the step and
-    keeping the last good checkpoint, as soon as the loss or `latent_max_abs` is not
-    finite: a diverging inner loop is never trained on.
+    keeping the last good checkpoint, as soon as the loss, the gradient, the updated
+    parameters or optimiser state, or `latent_max_abs` is not finite: a diverging
+    inner loop is never trained on.
+
+    The checkpoints record the whole configuration: the model's hyperparameters
+    (`model`), `inference`, `train` (with the milestones resolved, so the schedule
+    itself), the windows' shape, `batch_size` and `n_epochs`. A resumed run must
+    match it field by field, unless `allow_config_change=True`.
 
     **Arguments:**
 
@@ -101,7 +105,13 @@ def fit(
     - `eval_fn`: `eval_fn(model) -> dict` of scalars, every `eval_every` steps.
     - `checkpoint_path`, `checkpoint_every`, `resume`: as in [`transforms.fit`][];
         the checkpoint holds the learner (model and GradNorm state), the optimiser
-        state and the configurations as metadata.
+        state and the configuration as metadata.
+    - `allow_config_change`: resume from a checkpoint written with another
+        configuration (a longer run, new learning rates, another inference
+        setting): training continues from the stored parameters and optimiser
+        state with the configuration given now, and the learning-rate milestones
+        are laid out over the new `n_epochs` (with `train.milestones=None`). The
+        parameter shapes must still match. `False` (default) refuses it.
     - `deterministic`: compile the step for run-to-run determinism on a GPU, so that
         a resumed run is bit-identical there too, at a cost in speed (see
         [`transforms.fit`][]).
@@ -117,7 +127,11 @@ def fit(
 
     `ValueError` for windows that do not match the model, are shorter than 2 steps
     or not finite, or a `batch_size` outside `[1, N]`;
-    [`transforms.NonFiniteLossError`][] as above.
+    [`transforms.NonFiniteLossError`][] as above;
+    [`transforms.CheckpointError`][] when resuming from a checkpoint written for
+    another configuration (the message names every differing field, e.g.
+    `train.lr_decoder`, with both values) unless `allow_config_change`, or from one
+    that is corrupted or does not fit the model.
     """
     check_features("fit", "windows", windows, model)
     n, length, _ = windows.shape
@@ -144,14 +158,29 @@ def fit(
         order = jr.permutation(jr.fold_in(key, epoch), n)
         return windows[order[position * batch_size : (position + 1) * batch_size]]
 
+    # With the milestones made explicit the step no longer depends on `n_epochs`, so
+    # runs of different lengths (a resumed run, say) share one compiled step.
+    train = dataclasses.replace(train, milestones=resolved_milestones(train, n_epochs))
+    config = {
+        "model": static_fields(model),
+        "inference": static_fields(inference),
+        "train": static_fields(train),
+        "windows": list(windows.shape),
+        "batch_size": batch_size,
+        "n_epochs": n_epochs,
+    }
+    check_resumed_config(
+        "fit",
+        checkpoint_path,
+        config,
+        resume=resume,
+        allow_config_change=allow_config_change,
+    )
     model = jax.tree.map(
         lambda a: jnp.array(a, copy=True) if eqx.is_array(a) else a, model
     )
     learner = init_learner(model, data(0), inference=inference, train=train)
     params = eqx.filter(learner, eqx.is_inexact_array)
-    # With the milestones made explicit the step no longer depends on `n_epochs`, so
-    # runs of different lengths (a resumed run, say) share one compiled step.
-    train = dataclasses.replace(train, milestones=resolved_milestones(train, n_epochs))
     optimizer, step = _train_step(
         inference, train, jax.tree.structure(params), steps_per_epoch, 1
     )
@@ -168,12 +197,7 @@ def fit(
         checkpoint_path=checkpoint_path,
         checkpoint_every=checkpoint_every,
         resume=resume,
-        metadata={
-            "model": "TiDHy",
-            "inference": _config_dict(inference),
-            "train": _config_dict(train),
-            "batch_size": batch_size,
-        },
+        metadata=config,
         finite_metrics=("loss", "latent_max_abs"),
         deterministic=deterministic,
         progress=progress,

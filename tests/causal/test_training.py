@@ -383,3 +383,83 @@ def test_data_parallel_training_step_matches_single_device():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("OK")
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """Three steps of a six-step run, checkpointed: a run to resume."""
+    path = tmp_path_factory.mktemp("causal") / "run.ckpt"
+    common = dict(key=jr.key(7), curriculum=Curriculum((1.0,), (1.0,)), progress=False)
+    first = train_surrogate(
+        _model(),
+        [(CONFIG, 2)],
+        n_steps=6,
+        stop_after=3,
+        checkpoint_path=str(path),
+        **common,
+    )
+    return path, first, common
+
+
+@pytest.mark.slow
+def test_resume_refuses_another_configuration(stopped_run):
+    from transforms import CheckpointError
+
+    path, first, common = stopped_run
+    assert [r["step"] for r in first.history] == [0, 1, 2]
+    before = path.read_bytes()
+    with pytest.raises(
+        CheckpointError,
+        match=r"(?s)^train_surrogate: .*another configuration:\n  "
+        r"buckets\[0\]\.batch_size: expected 4, checkpoint has 2\n  "
+        r"n_steps: expected 10, checkpoint has 6$",
+    ):
+        train_surrogate(
+            _model(),
+            [(CONFIG, 4)],
+            n_steps=10,
+            checkpoint_path=str(path),
+            resume=True,
+            **common,
+        )
+    with pytest.raises(
+        CheckpointError,
+        match=r"(?s)model\.width: expected 16, checkpoint has 8.*"
+        r"loss\.weight_decay: expected 0\.001, checkpoint has 0\.0001",
+    ):
+        train_surrogate(
+            ParentSetPredictionModel(K, width=16, n_layers=1, n_heads=2, key=jr.key(0)),
+            [(CONFIG, 2)],
+            n_steps=6,
+            loss=BehaviouralCloningLoss(weight_decay=1e-3),
+            checkpoint_path=str(path),
+            resume=True,
+            **common,
+        )
+    assert path.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_a_longer_run_when_allowed_follows_the_new_schedule(stopped_run, tmp_path):
+    path, _, common = stopped_run
+    copy = tmp_path / "run.ckpt"
+    copy.write_bytes(path.read_bytes())
+    longer = train_surrogate(
+        _model(),
+        [(CONFIG, 2)],
+        n_steps=10,
+        checkpoint_path=str(copy),
+        resume=True,
+        allow_config_change=True,
+        **common,
+    )
+    assert [r["step"] for r in longer.history] == list(range(3, 10))
+    # The schedule of a ten-step run from its start, step by step; over the old
+    # six-step layout the last four steps would sit at the floor.
+    params = {"w_x": jnp.ones((2, 2))}
+    optimizer = surrogate_optimizer(10)
+    reference = _learning_rates(optimizer, optimizer.init(params), params, 10)
+    np.testing.assert_allclose(
+        [r["learning_rate"] for r in longer.history], reference[3:], rtol=1e-6
+    )
+    assert int(longer.opt_state[-1].total_steps) == 10

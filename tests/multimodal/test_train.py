@@ -1,3 +1,4 @@
+import dataclasses
 import math
 import os
 import subprocess
@@ -230,6 +231,64 @@ def test_resume_is_bit_identical_and_checks_the_configuration(tmp_path):
 
 
 @pytest.mark.slow
+def test_resume_checks_the_training_configuration_unless_allowed(tmp_path):
+    path = tmp_path / "run"
+    train(
+        make_model(),
+        LOSS,
+        micro_batch,
+        CONFIG,
+        key=jr.key(1),
+        checkpoint_path=path,
+        progress=False,
+    )
+    before = path.read_bytes()
+    common = dict(key=jr.key(1), checkpoint_path=path, resume=True, progress=False)
+    longer = dataclasses.replace(CONFIG, n_steps=4)
+    with pytest.raises(
+        CheckpointError,
+        match=r"(?s)^train: .*another configuration:\n  "
+        r"train\.n_steps: expected 4, checkpoint has 3\n  "
+        r"train\.learning_rate: expected 0\.02, checkpoint has 0\.01$",
+    ):
+        train(
+            make_model(),
+            LOSS,
+            micro_batch,
+            dataclasses.replace(longer, learning_rate=2e-2),
+            **common,
+        )
+    with pytest.raises(
+        CheckpointError,
+        match=r"data\.tokens_shape: expected \[3, 16\], checkpoint has \[2, 16\]",
+    ):
+        three = lambda i: pad_batch(POOL[3 * i : 3 * i + 3], length=LENGTH)
+        train(make_model(), LOSS, three, CONFIG, **common)
+    assert path.read_bytes() == before
+    # The evaluation and checkpoint periods may change (the run is complete: no
+    # step runs).
+    done = train(
+        make_model(),
+        LOSS,
+        micro_batch,
+        dataclasses.replace(CONFIG, checkpoint_every=2),
+        **common,
+    )
+    assert done.history == [] and path.read_bytes() == before
+    # Allowed: one more optimiser step, on the schedule of a four-step run (over the
+    # old three-step layout it would sit at the floor).
+    resumed = train(
+        make_model(), LOSS, micro_batch, longer, allow_config_change=True, **common
+    )
+    assert [r["step"] for r in resumed.history] == [12, 13, 14, 15]
+    schedule = learning_rate_schedule(longer)
+    assert float(schedule(3)) > 1.5 * float(learning_rate_schedule(CONFIG)(3))
+    assert [r["learning_rate"] for r in resumed.history] == pytest.approx(
+        [float(schedule(3))] * 4
+    )
+
+
+@pytest.mark.slow
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     from transforms import load_checkpoint
 
@@ -238,7 +297,10 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     config = TrainConfig(n_steps=4, learning_rate=1e30, checkpoint_every=1)
     model = make_model()
     path = tmp_path / "run"
-    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 1") as info:
+    with pytest.raises(
+        NonFiniteLossError,
+        match="non-finite loss, gradient, parameters, optimiser state at step 1",
+    ) as info:
         train(
             model,
             LOSS,

@@ -121,6 +121,7 @@ def test_a_diverging_inner_loop_stops_training_and_keeps_the_checkpoint(trained)
             checkpoint_path=path,
             checkpoint_every=25,
             resume=True,
+            allow_config_change=True,
             progress=False,
         )
     assert not np.isfinite(info.value.metrics["latent_max_abs"])
@@ -141,3 +142,91 @@ def test_fit_rejects_bad_arguments():
         tidhy.fit(model, windows, n_epochs=1, batch_size=7)
     with pytest.raises(ValueError, match="fit: `windows` contains non-finite"):
         tidhy.fit(model, windows.at[0, 0, 0].set(jnp.nan), n_epochs=1)
+
+
+# A run small enough to compile in seconds: 6 windows of 5 steps, 10 inner iterations.
+TINY_INFERENCE = tidhy.InferenceConfig(lr_r=0.05, lr_r2=0.05, max_iter=10)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    model = tidhy.TiDHy(4, r_dim=2, r2_dim=2, mix_dim=2, hyper_hid_dim=4, key=jr.key(0))
+    windows = jr.normal(jr.key(1), (6, 5, 4))
+    path = tmp_path_factory.mktemp("tiny") / "run.ckpt"
+    first = tidhy.fit(
+        model,
+        windows,
+        n_epochs=5,
+        inference=TINY_INFERENCE,
+        checkpoint_path=path,
+        progress=False,
+    )
+    return model, windows, path, first
+
+
+@pytest.mark.slow
+def test_resume_refuses_another_configuration(tiny_run):
+    model, windows, path, first = tiny_run
+    assert len(first.history) == 5 and first.history[-1]["nonfinite"] == 0
+    before = path.read_bytes()
+    common = dict(checkpoint_path=path, resume=True, progress=False)
+    with pytest.raises(
+        transforms.CheckpointError,
+        match=r"(?s)^fit: .*another configuration:\n  "
+        r"inference\.max_iter: expected 20, checkpoint has 10\n  "
+        r"train\.lr_decoder: expected 0\.02, checkpoint has 0\.01$",
+    ):
+        tidhy.fit(
+            model,
+            windows,
+            n_epochs=5,
+            inference=dataclasses.replace(TINY_INFERENCE, max_iter=20),
+            train=tidhy.TrainConfig(lr_decoder=0.02),
+            **common,
+        )
+    # A longer run moves the default milestones (n_epochs // 5 * k) with it.
+    with pytest.raises(
+        transforms.CheckpointError,
+        match=r"(?s)train\.milestones: expected \[2, 4, 6, 8\], checkpoint has "
+        r"\[1, 2, 3, 4\].*n_epochs: expected 10, checkpoint has 5",
+    ):
+        tidhy.fit(model, windows, n_epochs=10, inference=TINY_INFERENCE, **common)
+    with pytest.raises(
+        transforms.CheckpointError,
+        match=r"(?s)windows: expected \[5, 5, 4\], checkpoint has \[6, 5, 4\].*"
+        r"batch_size: expected 5, checkpoint has None",
+    ):
+        tidhy.fit(
+            model,
+            windows[:5],
+            n_epochs=5,
+            inference=TINY_INFERENCE,
+            batch_size=5,
+            **common,
+        )
+    assert path.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_allowed_config_change_continues_on_the_new_schedule(tiny_run, tmp_path):
+    model, windows, path, _ = tiny_run
+    copy = tmp_path / "run.ckpt"
+    copy.write_bytes(path.read_bytes())
+    longer = tidhy.fit(
+        model,
+        windows,
+        n_epochs=10,
+        inference=TINY_INFERENCE,
+        checkpoint_path=copy,
+        resume=True,
+        allow_config_change=True,
+        progress=False,
+    )
+    assert [r["step"] for r in longer.history] == list(range(5, 10))
+    # The original's rule for 10 epochs: halve at epochs 2, 4, 6 and 8 (over the
+    # old 5-epoch layout every rate from epoch 4 on would be 0.01 / 16).
+    expected = [0.01 * 0.5 ** sum(m <= e for m in (2, 4, 6, 8)) for e in range(5, 10)]
+    assert [r["learning_rate"] for r in longer.history] == pytest.approx(expected)
+    header = transforms.read_checkpoint_metadata(copy)
+    assert header["step"] == 10 and header["metadata"]["n_epochs"] == 10
+    assert header["metadata"]["train"]["milestones"] == [2, 4, 6, 8]

@@ -97,6 +97,31 @@ def test_every_method_takes_the_same_step():
         assert "learning_rate" not in metrics
 
 
+def test_a_non_finite_update_is_flagged_and_not_applied():
+    model = mlp(jr.key(0))
+    train, val = regression_batch(jr.key(1), 4), regression_batch(jr.key(2), 2)
+    before = jax.tree.map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, model)
+    for optimizer, expected in (
+        (optax.sgd(1e-2), 0),
+        # NaN updates from finite gradients: only the parameters are flagged (4).
+        (optax.chain(optax.sgd(1e-2), optax.scale(jnp.nan)), 4),
+    ):
+        step = make_attribution_step(regression_loss, optimizer)
+        new_model, _, metrics, _ = step(
+            model, optimizer.init(_inexact(model)), train, val
+        )
+        assert int(metrics["nonfinite"]) == expected
+        leaves = jax.tree.leaves(_inexact(new_model))
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
+        # The donated model comes back unchanged when the update is skipped.
+        changed = [
+            not np.array_equal(a, b)
+            for a, b in zip(leaves, jax.tree.leaves(_inexact(before)))
+        ]
+        assert any(changed) == (expected == 0)
+        model = jax.tree.map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, before)
+
+
 def test_step_options_are_checked():
     with pytest.raises(ValueError, match="`method` must be one of"):
         make_attribution_step(regression_loss, optax.sgd(0.1), method="exact")

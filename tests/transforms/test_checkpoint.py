@@ -137,6 +137,39 @@ def test_expected_metadata_lists_differing_fields(tmp_path, getkey):
     assert "layers" not in message
 
 
+def test_nested_metadata_differences_name_the_field(tmp_path, getkey):
+    from transforms import check_checkpoint_metadata, CheckpointError, save_checkpoint
+
+    path = tmp_path / "nested.ckpt"
+    stored = {
+        "train": {"lr": 0.1, "milestones": [2, 4]},
+        "buckets": [{"d": 4, "batch": 8}, {"d": 5, "batch": 8}],
+        "shape": [6, 5, 4],
+    }
+    save_checkpoint(path, model=eqx.nn.Linear(2, 2, key=getkey()), metadata=stored)
+    check_checkpoint_metadata(path, stored)
+    with pytest.raises(CheckpointError) as info:
+        check_checkpoint_metadata(
+            path,
+            {
+                "train": {"lr": 0.2, "milestones": (2, 4), "gamma": 0.5},
+                "buckets": [{"d": 4, "batch": 8}, {"d": 5, "batch": 16}],
+                "shape": (8, 5, 4),
+            },
+        )
+    lines = str(info.value).splitlines()[1:]
+    assert [line.strip() for line in lines] == [
+        "train.lr: expected 0.2, checkpoint has 0.1",
+        "train.gamma: expected 0.5, checkpoint has '<absent>'",
+        "buckets[1].batch: expected 16, checkpoint has 8",
+        # Lists of plain values (shapes) are shown whole, as are lists of another
+        # length.
+        "shape: expected [8, 5, 4], checkpoint has [6, 5, 4]",
+    ]
+    with pytest.raises(CheckpointError, match=r"buckets: expected \[\{'d': 4"):
+        check_checkpoint_metadata(path, {"buckets": [{"d": 4, "batch": 8}]})
+
+
 def test_metadata_check_reads_only_the_header(tmp_path, getkey):
     from transforms import (
         check_checkpoint_metadata,

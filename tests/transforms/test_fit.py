@@ -2,6 +2,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 import optax
 import pytest
 
@@ -207,6 +208,13 @@ def test_resume_with_an_iterable_skips_consumed_batches(tmp_path):
         )
 
 
+def _finite(tree) -> bool:
+    return all(
+        bool(jnp.all(jnp.isfinite(x)))
+        for x in jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))
+    )
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     from transforms import fit, load_checkpoint, make_train_step, NonFiniteLossError
 
@@ -219,7 +227,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     path = tmp_path / "nan.ckpt"
     with pytest.raises(
         NonFiniteLossError,
-        match=r"non-finite loss at step 5.*last good checkpoint \(step 4\)",
+        match=r"^fit: non-finite loss, gradient, parameters, optimiser state at step 5 "
+        r"\(loss=nan, grad_norm=nan\); the last good checkpoint \(step 4\)",
     ) as info:
         fit(
             step,
@@ -236,10 +245,172 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     model, _, opt_state, _ = _setup()
     ckpt = load_checkpoint(path, model=model, opt_state=opt_state, key=jr.key(0))
     assert ckpt.step == 4
-    assert all(
-        bool(jnp.all(jnp.isfinite(x)))
-        for x in jax.tree.leaves(eqx.filter(ckpt.model, eqx.is_array))
+    assert _finite(ckpt.model) and _finite(ckpt.opt_state)
+
+
+def _gated_loss(model, batch, key):
+    x, y, gate = batch
+    # sqrt has an infinite derivative at 0 and 0 * inf is NaN: with gate 0 the loss
+    # is the finite MSE and every entry of the gradient is NaN.
+    squares = sum(
+        jnp.sum(p**2) for p in jax.tree.leaves(eqx.filter(model, eqx.is_array))
     )
+    return _loss(model, (x, y), key) + 0.0 * jnp.sqrt(gate * squares)
+
+
+def test_a_finite_loss_with_a_nan_gradient_stops_at_that_step(tmp_path):
+    from transforms import fit, load_checkpoint, make_train_step, NonFiniteLossError
+
+    def gated(i, bad=5):
+        return (*_data(i), jnp.asarray(0.0 if i == bad else 1.0))
+
+    model, optimizer, opt_state, _ = _setup()
+    step = make_train_step(_gated_loss, optimizer)
+    path = tmp_path / "grad.ckpt"
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"^fit: non-finite gradient, parameters, optimiser state at step 5 "
+        r"\(loss=[0-9.e-]+, grad_norm=nan\); the last good checkpoint \(step 4\) is "
+        r"kept at .*grad\.ckpt",
+    ) as info:
+        fit(
+            step,
+            model,
+            opt_state,
+            gated,
+            n_steps=10,
+            key=jr.key(3),
+            checkpoint_path=path,
+            checkpoint_every=2,
+            progress=False,
+        )
+    error = info.value
+    assert error.step == 5 and error.checkpoint_step == 4
+    assert error.nonfinite == ("gradient", "parameters", "optimiser state")
+    assert np.isfinite(error.metrics["loss"])
+
+    # References: uninterrupted runs of 4 and 5 steps that never meet the bad batch.
+    def clean(n):
+        model, _, opt_state, _ = _setup()
+        return fit(
+            step,
+            model,
+            opt_state,
+            lambda i: gated(i, bad=-1),
+            n_steps=n,
+            key=jr.key(3),
+            progress=False,
+        )
+
+    model, _, opt_state, _ = _setup()
+    kept = load_checkpoint(path, model=model, opt_state=opt_state, key=jr.key(0))
+    assert kept.step == 4
+    four, five = clean(4), clean(5)
+    assert_tree_allclose(kept.model, four.model, rtol=0, atol=0)
+    assert_tree_allclose(kept.opt_state, four.opt_state, rtol=0, atol=0)
+    # The error holds the state before the failing step, though the step donated it.
+    assert_tree_allclose(error.model, five.model, rtol=0, atol=0)
+    assert_tree_allclose(error.opt_state, five.opt_state, rtol=0, atol=0)
+    assert _finite(kept.model) and _finite(error.model)
+
+
+def test_nan_updates_of_the_optimiser_are_caught_as_parameters(tmp_path):
+    from transforms import fit, make_train_step, NonFiniteLossError
+
+    model, _, _, _ = _setup()
+    optimizer = optax.chain(optax.sgd(1e-2), optax.scale(jnp.nan))
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    path = tmp_path / "never.ckpt"
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"^fit: non-finite parameters at step 0 \(loss=[0-9.e-]+, "
+        r"grad_norm=[0-9.e-]+\); no checkpoint was written\.$",
+    ) as info:
+        fit(
+            make_train_step(_loss, optimizer),
+            model,
+            opt_state,
+            _data,
+            n_steps=3,
+            key=jr.key(0),
+            checkpoint_path=path,
+            checkpoint_every=1,
+            progress=False,
+        )
+    assert info.value.nonfinite == ("parameters",)
+    assert info.value.checkpoint_step is None and not path.exists()
+    assert_tree_allclose(info.value.model, _setup()[0], rtol=0, atol=0)
+
+
+def test_a_step_of_ones_own_is_guarded_too(tmp_path):
+    from transforms import fit, NonFiniteLossError
+
+    # No `nonfinite` and no `loss` among its metrics: fit checks the returned
+    # parameters and optimiser state itself.
+    def own_step(model, opt_state, scale, key):
+        model = jax.tree.map(lambda p: p * scale, model)
+        return model, {"s": opt_state["s"] * scale}, {"scale": scale}
+
+    model = eqx.nn.Linear(2, 2, key=jr.key(0))
+    path = tmp_path / "own.ckpt"
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"^fit: non-finite parameters, optimiser state at step 2; the last "
+        r"good checkpoint \(step 2\)",
+    ) as info:
+        fit(
+            own_step,
+            model,
+            {"s": jnp.ones(())},
+            lambda i: jnp.asarray(jnp.inf if i == 2 else 2.0),
+            n_steps=4,
+            checkpoint_path=path,
+            checkpoint_every=1,
+            progress=False,
+        )
+    assert info.value.nonfinite == ("parameters", "optimiser state")
+    expected = jax.tree.map(lambda p: 4 * p, model)
+    assert_tree_allclose(info.value.model, expected, rtol=0, atol=0)
+    assert_tree_allclose(info.value.opt_state, {"s": jnp.asarray(4.0)}, rtol=0, atol=0)
+    # A metric it reports can be watched by name.
+    with pytest.raises(NonFiniteLossError, match=r"^fit: non-finite scale at step 1"):
+        fit(
+            lambda m, s, scale, key: (m, s, {"scale": scale}),
+            model,
+            {"s": jnp.ones(())},
+            lambda i: jnp.asarray(jnp.nan if i == 1 else 2.0),
+            n_steps=4,
+            finite_metrics=("scale",),
+            progress=False,
+        )
+
+
+def test_unknown_finite_metrics_are_refused_at_the_first_step(tmp_path):
+    from transforms import fit, make_train_step
+
+    model, optimizer, opt_state, _ = _setup()
+    step = make_train_step(_loss, optimizer)
+    path = tmp_path / "m.ckpt"
+    with pytest.raises(
+        ValueError,
+        match=r"^fit: `finite_metrics` names \['los'\], which the step does not "
+        r"report; its metrics are \['grad_norm', 'loss', 'nonfinite'\]\.$",
+    ):
+        fit(
+            step,
+            model,
+            opt_state,
+            _data,
+            n_steps=2,
+            key=jr.key(0),
+            checkpoint_path=path,
+            checkpoint_every=1,
+            finite_metrics=("loss", "los"),
+            progress=False,
+        )
+    assert not path.exists()
+    with pytest.raises(TypeError, match=r"write \('loss',\)"):
+        fit(step, model, opt_state, _data, n_steps=1, finite_metrics="loss")
 
 
 def test_watched_metric_and_argument_errors():
@@ -273,38 +444,68 @@ def test_watched_metric_and_argument_errors():
 
 
 def test_resume_checks_expected_metadata(tmp_path):
-    from transforms import CheckpointError, fit, make_train_step
+    from transforms import (
+        CheckpointError,
+        fit,
+        make_train_step,
+        read_checkpoint_metadata,
+    )
 
     model, optimizer, opt_state, _ = _setup()
     step = make_train_step(_loss, optimizer)
     path = tmp_path / "meta.ckpt"
     kwargs = dict(key=jr.key(2), checkpoint_path=path, progress=False)
-    fit(step, model, opt_state, _data, n_steps=2, metadata={"width": 16}, **kwargs)
+    stored = {"width": 16, "train": {"lr": 0.1, "steps": 2}}
+    fit(step, model, opt_state, _data, n_steps=2, metadata=stored, **kwargs)
+    changed = {"width": 32, "train": {"lr": 0.1, "steps": 4}}
     with pytest.raises(
-        CheckpointError, match="(?s)^fit: .*width: expected 32, checkpoint has 16"
+        CheckpointError,
+        match="(?s)^fit: .*width: expected 32, checkpoint has 16"
+        r"\n  train\.steps: expected 4, checkpoint has 2$",
     ):
         fit(
-            step,
-            model,
-            opt_state,
-            _data,
+            *(step, model, opt_state, _data),
             n_steps=4,
             resume=True,
-            expected_metadata={"width": 32},
+            expected_metadata=changed,
             **kwargs,
         )
+    model, _, opt_state, _ = _setup()
     resumed = fit(
-        step,
-        model,
-        opt_state,
-        _data,
+        *(step, model, opt_state, _data),
         n_steps=4,
         resume=True,
-        expected_metadata={"width": 16},
+        expected_metadata=stored,
         **kwargs,
     )
     assert resumed.step == 4
     assert [record["step"] for record in resumed.history] == [2, 3]
+
+    # With the override the run goes on with the new configuration and records it;
+    # `on_resume` sees the restored state (the checkpoint's, not the templates).
+    restored = []
+
+    def on_resume(model, opt_state):
+        restored.append(
+            jax.tree.map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, model)
+        )
+        return model, opt_state
+
+    model, _, opt_state, _ = _setup()
+    longer = fit(
+        *(step, model, opt_state, _data),
+        n_steps=6,
+        resume=True,
+        metadata=changed,
+        expected_metadata=changed,
+        allow_config_change=True,
+        on_resume=on_resume,
+        **kwargs,
+    )
+    assert [record["step"] for record in longer.history] == [4, 5]
+    assert len(restored) == 1
+    assert_tree_allclose(restored[0], resumed.model, rtol=0, atol=0)
+    assert read_checkpoint_metadata(path)["metadata"] == changed
 
 
 def test_metadata_json_cannot_hold_is_refused_before_any_step(tmp_path):

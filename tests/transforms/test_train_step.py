@@ -2,6 +2,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 import optax
 import pytest
 
@@ -70,7 +71,7 @@ def test_aux_metrics_and_reserved_names(getkey):
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     step = make_train_step(loss_with_aux, optimizer, has_aux=True, donate=False)
     _, _, metrics = step(model, opt_state, batch, None)
-    assert set(metrics) == {"loss", "mse", "l2", "grad_norm"}
+    assert set(metrics) == {"loss", "mse", "l2", "grad_norm", "nonfinite"}
     assert_tree_allclose(metrics["loss"], metrics["mse"] + 0.1 * metrics["l2"])
     assert_tree_allclose(metrics["l2"], jnp.sum(model.weight**2))
 
@@ -183,6 +184,81 @@ def test_donation_consumes_inputs(getkey):
     donating(model, opt_state, batch, None)
     assert model.weight.is_deleted()
     assert not batch[0].is_deleted()
+
+
+def _sqrt_at_zero(model, batch, key):
+    # sqrt has an infinite derivative at 0, and 0 * inf is NaN: the value is the
+    # finite MSE but every entry of the gradient is NaN.
+    squares = sum(jnp.sum(p**2) for p in jax.tree.leaves(model))
+    return _mse(model, batch, key) + 0.0 * jnp.sqrt(0.0 * squares)
+
+
+def _nan_state() -> optax.GradientTransformation:
+    """Passes updates through but keeps a NaN in its state."""
+    return optax.GradientTransformation(
+        lambda params: {"s": jnp.zeros(())},
+        lambda updates, state, params=None: (updates, {"s": state["s"] * jnp.nan}),
+    )
+
+
+def _reference_mask(loss, grads, model, opt_state) -> int:
+    """The `nonfinite` bits from the definition, in NumPy: 1 loss, 2 gradient
+    (any entry), 4 parameters, 8 optimiser state."""
+
+    def finite(tree):
+        return all(
+            np.all(np.isfinite(np.asarray(x)))
+            for x in jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))
+        )
+
+    parts = (np.isfinite(np.asarray(loss)), finite(grads), finite(model))
+    return sum(
+        0 if ok else 1 << bit for bit, ok in enumerate(parts + (finite(opt_state),))
+    )
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("finite", 0),
+        ("nan_loss", 1 | 2 | 4 | 8),
+        ("nan_gradient", 2 | 4 | 8),
+        ("nan_update", 4),
+        ("nan_state", 8),
+    ],
+)
+def test_nonfinite_flags_and_the_update_is_not_applied(getkey, case, expected):
+    from transforms import make_train_step
+
+    model = eqx.nn.Linear(3, 1, key=getkey())
+    x, y = _data(getkey())
+    batch = (x, y.at[0].set(jnp.nan)) if case == "nan_loss" else (x, y)
+    loss_fn = _sqrt_at_zero if case == "nan_gradient" else _mse
+    optimizer = {
+        "nan_update": optax.chain(optax.adam(1e-2), optax.scale(jnp.nan)),
+        "nan_state": optax.chain(optax.adam(1e-2), _nan_state()),
+    }.get(case, optax.adam(1e-2))
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    ref_loss, ref_grads = jax.value_and_grad(
+        lambda p: loss_fn(eqx.combine(p, static), batch, None)
+    )(params)
+    updates, ref_state = optimizer.update(ref_grads, opt_state, params)
+    ref_model = eqx.apply_updates(model, updates)
+    assert _reference_mask(ref_loss, ref_grads, ref_model, ref_state) == expected
+
+    before = jax.tree.map(jnp.copy, (model, opt_state))
+    # Donated inputs: the state handed back on a skipped update must survive that.
+    new_model, new_state, metrics = make_train_step(loss_fn, optimizer)(
+        model, opt_state, batch, None
+    )
+    assert int(metrics["nonfinite"]) == expected
+    assert metrics["nonfinite"].dtype == jnp.int32
+    if expected:
+        assert_tree_allclose((new_model, new_state), before, rtol=0, atol=0)
+    else:
+        assert_tree_allclose(new_model, ref_model, rtol=1e-6, atol=1e-7)
+        assert_tree_allclose(new_state, ref_state, rtol=1e-6, atol=1e-7)
 
 
 def test_bad_arguments():
