@@ -191,7 +191,7 @@ def main(argv=None):
         ("model: expected value", image_pred[obj]),
     ]
     scale = np.abs(true_image[obj][:, channel]).max()
-    picture = None
+    pictures = []
     for j, (title, values) in enumerate(maps):
         ax = fig.add_subplot(grid[1, j])
         picture = ax.imshow(
@@ -203,7 +203,8 @@ def main(argv=None):
         ax.set_title(f"image, held-out object {obj}:\n{title}", fontsize=9)
         ax.set_xlabel("grid column")
         ax.set_ylabel("grid row")
-    bar = fig.colorbar(picture, ax=fig.axes[-3:], shrink=0.85, pad=0.02)
+        pictures.append(picture)
+    bar = fig.colorbar(pictures[0], ax=fig.axes[-3:], shrink=0.85, pad=0.02)
     bar.set_label(f"latent channel {channel} (a.u.)")
     ax = fig.add_subplot(grid[1, 3])
     ax.scatter(true_image.reshape(-1), image_pred.reshape(-1), s=2, alpha=0.15)
