@@ -465,7 +465,7 @@ def _compare(results):
             continue
         best = max(ours, key=lambda r: r["tokens_per_sec"])
         line = (
-            f"L={seq}: best JAX ({best['impl']}) {best['tokens_per_sec']:.4g} tokens/s"
+            f"L={seq}: best JAX ({best['impl']}) {best['tokens_per_sec']:,.0f} tokens/s"
         )
         if "mfu" in best:
             line += f", MFU {100 * best['mfu']:.1f}% of the measured ceiling"

@@ -1,59 +1,1312 @@
-"""Render `docs/benchmarks.md` from the JSON files in `benchmarks/results/`.
+"""Render `docs/benchmarks.md` and its plots from `benchmarks/results/*.json`.
 
-Usage: `python benchmarks/render.py` (after running one or more benchmarks).
+Usage: `python benchmarks/render.py` (after running one or more benchmarks). Needs
+matplotlib for the plots (`pip install -e ".[examples]"`).
+
+The page answers one question per benchmark first: how this library compares with
+each peer measured on the same device in the same run, and with the target the
+benchmark was written for. That summary is one short table per benchmark, built by a
+function of `SUMMARIES` that knows which rows are this library's and which are peers'.
+Everything else a result file holds follows in compact detail tables: rows of one kind
+together, empty columns dropped, columns equal in every row stated once above the
+table, and a table that would still be too wide split into several that repeat the
+identifying columns. Minimum, maximum, interquartile range and repeat counts stay in
+the JSON files.
 """
 
+import dataclasses
 import glob
 import json
+import math
 import os
+import re
+import statistics
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DOCS = os.path.join(os.path.dirname(HERE), "docs", "benchmarks.md")
+IMAGES = os.path.join(os.path.dirname(HERE), "docs", "img", "benchmarks")
 
-HEADER = """# Benchmarks
+# A detail table holds at most this many columns and this many characters per line
+# (the widest cell of each column, plus three for the separators). Measured on the
+# built site (the page hides navigation and table of contents): a 150-character
+# table is about 1110 px wide, and the content column of a 1400 px window 1220 px.
+MAX_COLUMNS = 9
+MAX_CHARACTERS = 150
+
+# Left in the JSON files: the spread of the timings and bookkeeping.
+HIDDEN = frozenset({"min_s", "max_s", "iqr_s", "repeats", "device", "torch"})
+# Columns that say which run a row is (rather than what it measured): repeated in
+# every table when a wide table is split.
+IDENTITY = frozenset(
+    {"workload", "impl", "target", "size", "d", "N", "T", "sequences", "batch", "seq"}
+)
+
+ORDER = [
+    "multimodal",
+    "ghost",
+    "chmm",
+    "tidhy",
+    "causal",
+    "interop",
+    "train_step",
+    "determinism",
+    "scaling",
+]
+
+HEADER = """\
+---
+hide:
+  - navigation
+  - toc
+---
+
+# Benchmarks
 
 Every number on this page comes from a script in `benchmarks/` and its JSON file in
-`benchmarks/results/`; this page is generated from those files by
-`python benchmarks/render.py`. Timings are the median of repeated calls after warm-up,
+`benchmarks/results/`; the page and its plots are generated from those files by
+`python benchmarks/render.py`. Timings are medians of repeated calls after warm-up,
 with compilation timed separately and every call ended by `block_until_ready` (or
 `torch.cuda.synchronize` for PyTorch peers). Peers run in the same process on the same
-device. CPU numbers come from the 2-core development machine and are meaningful only
-as ratios to the peer measured beside them; absolute figures are from the GPU runs.
+device. CPU numbers come from a 2-core development machine and mean something only as
+ratios to the peer measured beside them; absolute figures are from the GPU runs.
 
-Columns ending in (ms) are times in milliseconds, (MiB) are memory in mebibytes
-(`temp` is the compiled executable's scratch memory from XLA's memory analysis,
-`peak` the device allocator's high-water mark where the backend reports it).
+How to read the summaries: **eqx-models** is this library's figure, **peer** the figure
+of the implementation it is compared with in the same run, and **ratio** says how many
+times faster (or slower, or lighter on memory) this library is. **Target** is the goal
+the benchmark was written for, and whether this run met it. Detail tables below each
+summary use the units in their headers: times in µs, ms or s, memory in MB or GB
+(10⁶ and 10⁹ bytes: `temp` is the compiled executable's scratch memory from XLA's memory
+analysis, `peak` the allocator's high-water mark), rates per second. The spread of the
+timings (minimum, maximum, interquartile range) is in the JSON files.
 """
 
 
-def _format(key: str, value) -> tuple[str, str]:
+# ---------------------------------------------------------------------------------
+# Numbers and units
+
+
+def _digits(x: float, significant: int = 3) -> str:
+    """`x` to `significant` digits, without an exponent from 10⁻⁶ up; numbers
+    from 1000 up as integers grouped by thin spaces."""
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if x == 0:
+        return "0"
+    if isinstance(x, int) and abs(x) < 1000:
+        return str(x)
+    if not math.isfinite(x):
+        return str(x)
+    magnitude = abs(x)
+    if magnitude >= 10 ** (significant - 1) and magnitude >= 1000:
+        return f"{round(x):,}".replace(",", "\u202f")
+    if magnitude < 1e-6:
+        return f"{x:.{significant - 1}e}"
+    decimals = max(0, significant - 1 - math.floor(math.log10(magnitude)))
+    return f"{x:.{decimals}f}"
+
+
+_TIME_UNITS = (("µs", 1e-6), ("ms", 1e-3), ("s", 1.0), ("min", 60.0))
+_BYTE_UNITS = (("B", 1.0), ("kB", 1e3), ("MB", 1e6), ("GB", 1e9))
+_FLOP_UNITS = (("MFLOP", 1e6), ("GFLOP", 1e9), ("TFLOP", 1e12))
+
+
+def _time_unit(seconds: float) -> tuple[str, float]:
+    magnitude = abs(seconds)
+    if magnitude < 1e-3:
+        return _TIME_UNITS[0]
+    if magnitude < 1.0:
+        return _TIME_UNITS[1]
+    if magnitude < 120.0:
+        return _TIME_UNITS[2]
+    return _TIME_UNITS[3]
+
+
+def _scaled_unit(value: float, units) -> tuple[str, float]:
+    chosen = units[0]
+    for unit in units:
+        if abs(value) >= unit[1]:
+            chosen = unit
+    return chosen
+
+
+def time_text(seconds: float) -> str:
+    """A duration with its unit chosen for it: `4.83 ms`, `1.58 µs`, `3.2 min`."""
+    unit, scale = _time_unit(seconds)
+    return f"{_digits(seconds / scale)} {unit}"
+
+
+def bytes_text(n: float) -> str:
+    """A size in bytes with its unit chosen for it: `4 B`, `31.9 GB`."""
+    unit, scale = _scaled_unit(n, _BYTE_UNITS)
+    if unit == "B":
+        return f"{round(n)} B"
+    return f"{_digits(n / scale)} {unit}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantity:
+    """How one JSON key is shown: its column header and the unit of its values."""
+
+    label: str
+    kind: str  # time | bytes | flops | percent | rate | ratio | plain
+    unit: str = ""
+    scale: float = 1.0  # multiplies the stored value into the kind's base unit
+
+
+_FRACTIONS = frozenset({"scaling_efficiency"})
+_RATE_UNITS = {
+    "tasks": "tasks/s",
+    "tokens": "tokens/s",
+    "examples": "examples/s",
+    "iterations": "iterations/s",
+    "gflop": "GFLOP/s",
+    "gbyte": "GB/s",
+    "tflops": "TFLOP/s",
+}
+_LABELS = {
+    "median": "median",
+    "compile": "compile",
+    "first_call": "first call",
+    "first_step": "first step",
+    "first_step_with_compile": "first step + compile",
+    "per_task": "per task",
+    "step": "step",
+    "train_wall": "training wall time",
+    "warm_up": "warm-up",
+    "measured": "measured part",
+    "temp": "temp memory",
+    "argument": "arguments",
+    "output": "outputs",
+    "peak": "peak memory",
+}
+
+
+def quantity(key: str) -> Quantity:
+    """The column header and unit of a result key.
+
+    Keys follow the benchmark scripts' conventions: `*_s` seconds, `*_per_s` and
+    `*_per_sec` rates (not times), `us_per_step` microseconds, `*_bytes` bytes,
+    `*_fraction`, `mfu*` and `scaling_efficiency` fractions of one.
+    """
+    for suffix in ("_per_sec", "_per_s"):
+        if key.endswith(suffix):
+            what = key[: -len(suffix)]
+            unit = _RATE_UNITS.get(what, f"{what.replace('_', ' ')}/s")
+            return Quantity(unit, "rate", unit)
+    if key == "us_per_step":
+        return Quantity("per step", "time", scale=1e-6)
+    if key.endswith("_s"):
+        stem = key[:-2]
+        return Quantity(_LABELS.get(stem, stem.replace("_", " ")), "time")
+    if key.endswith("_bytes"):
+        stem = key[:-6]
+        return Quantity(_LABELS.get(stem, stem.replace("_", " ")), "bytes")
+    if key == "flops":
+        return Quantity("work", "flops")
+    if key.startswith("flops_per_token"):
+        rest = key[len("flops_per_token") :].replace("_", " ").strip()
+        return Quantity(f"GFLOP/token {rest}".strip(), "plain", scale=1e-9)
+    if key.endswith("_fraction") or key.startswith("mfu") or key in _FRACTIONS:
+        label = key.replace("_fraction", "").replace("_", " ")
+        label = "MFU" + label[3:] if label.startswith("mfu") else label
+        return Quantity(f"{label} (%)", "percent", scale=100.0)
+    if key == "time_ratio":
+        return Quantity("time ratio (×)", "ratio")
+    return Quantity(key.replace("_", " "), "plain")
+
+
+def _numbers(values) -> list[float]:
+    return [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+
+
+def _column(q: Quantity, values: Sequence[Any]) -> tuple[str, Callable[[Any], str]]:
+    """The header of a column of `values` and how to write each of its cells.
+
+    One unit for the column, chosen from the median of its values, unless the values
+    span more than a factor of 1000: then every time or size carries its own unit.
+    """
+    numbers = [abs(v) * q.scale for v in _numbers(values)]
+    if not numbers:
+        return q.label, lambda v: _cell(v, limit=60)
+    if q.kind in ("time", "bytes") and min(numbers) * 1000 < max(numbers):
+        own = time_text if q.kind == "time" else bytes_text
+        return (
+            q.label,
+            lambda v: own(v * q.scale) if _numbers([v]) else _cell(v, limit=60),
+        )
+    typical = statistics.median(numbers)
+    divisor = 1.0 / q.scale
+    header = q.label
+    if q.kind == "time":
+        unit, scale = _time_unit(typical)
+        header, divisor = f"{q.label} ({unit})", scale / q.scale
+    elif q.kind in ("bytes", "flops"):
+        units = _BYTE_UNITS[1:] if q.kind == "bytes" else _FLOP_UNITS
+        unit, scale = _scaled_unit(typical, units)
+        header, divisor = f"{q.label} ({unit})", scale
+    return header, lambda v: _cell(v, divisor if _numbers([v]) else 1.0, limit=60)
+
+
+def _value(key: str, value: Any) -> Any:
+    """A count stored as a float (`tasks: 64.0`) as the integer it is."""
+    integral = isinstance(value, float) and value.is_integer()
+    return int(value) if integral and quantity(key).kind == "plain" else value
+
+
+def _cell(value: Any, divisor: float = 1.0, limit: int | None = None) -> str:
+    if value is None or value == "":
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int | float):
+        return _digits(value if divisor == 1 else value / divisor)
     if isinstance(value, dict):
-        return key, ", ".join(f"{k}={v}" for k, v in value.items())
-    if value is None:
-        return key, "–"
-    if key.endswith("_s") and isinstance(value, (int, float)):
-        return f"{key[:-2]} (ms)", f"{1e3 * value:.4g}"
-    if key.endswith("_bytes") and isinstance(value, (int, float)):
-        return f"{key[:-6]} (MiB)", f"{value / 2**20:.4g}"
-    if isinstance(value, float):
-        return key, f"{value:.4g}"
-    return key, str(value)
+        return ", ".join(f"{k} = {_cell(v)}" for k, v in value.items())
+    text = str(value).replace("|", "\\|").replace("\n", " ")
+    if limit is None or len(text) <= limit:
+        return text
+    # A long message (an error): its start is enough here; the JSON keeps the rest.
+    return text[: limit - 1].rstrip() + "…"
 
 
-def _table(rows: list[dict]) -> str:
-    columns: list[str] = []
-    cells = []
+# ---------------------------------------------------------------------------------
+# Tables
+
+
+@dataclasses.dataclass
+class Table:
+    """A Markdown table: header cells, rows of cells and a line stated above it."""
+
+    columns: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+
+    def width(self) -> int:
+        """Characters of the widest line of the rendered table, as a reader sees it."""
+        widths = [
+            max([len(c)] + [len(r[i]) for r in self.rows])
+            for i, c in enumerate(self.columns)
+        ]
+        return sum(widths) + 3 * len(widths) + 1
+
+    def markdown(self) -> str:
+        lines = []
+        if self.caption:
+            lines += [self.caption, ""]
+        lines.append("| " + " | ".join(self.columns) + " |")
+        lines.append("|" + " --- |" * len(self.columns))
+        for row in self.rows:
+            lines.append("| " + " | ".join(row) + " |")
+        return "\n".join(lines)
+
+
+def _flatten(row: dict) -> dict:
+    """A row with its `sizes` dict spread into columns and hidden keys removed."""
+    flat = {}
+    for key, value in row.items():
+        if key in HIDDEN:
+            continue
+        if key == "sizes" and isinstance(value, dict):
+            for k, v in value.items():
+                flat.setdefault(k, _value(k, v))
+        else:
+            flat[key] = _value(key, value)
+    return flat
+
+
+def _kind(row: dict) -> str:
+    return str(row.get("workload", "")).split("/")[0]
+
+
+def _build(rows: list[dict], *, hoist: bool = True) -> Table:
+    """One table from flattened rows: empty columns dropped, constants hoisted."""
+    keys: list[str] = []
     for row in rows:
-        formatted = dict(_format(k, v) for k, v in row.items())
-        for column in formatted:
-            if column not in columns:
-                columns.append(column)
-        cells.append(formatted)
-    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    for formatted in cells:
-        lines.append("| " + " | ".join(formatted.get(c, "") for c in columns) + " |")
-    return "\n".join(lines)
+        keys += [k for k in row if k not in keys]
+    keys = [k for k in keys if any(row.get(k) not in (None, "") for row in rows)]
+    constant = []
+    if hoist and len(rows) > 1:
+        for k in keys:
+            values = {json.dumps(row.get(k), sort_keys=True) for row in rows}
+            if len(values) == 1:
+                constant.append(k)
+    keys = [k for k in keys if k not in constant]
+    if "workload" in keys and all("/" in str(r.get("workload", "")) for r in rows):
+        # `large/forward` in a table of `large` rows: the prefix is the caption's.
+        rows = [{**r, "workload": str(r["workload"]).split("/", 1)[1]} for r in rows]
+    columns, cells = [], [[] for _ in rows]
+    for k in keys:
+        header, write = _column(quantity(k), [r.get(k) for r in rows])
+        columns.append(header)
+        for r, out in zip(rows, cells):
+            out.append(write(r.get(k)))
+    caption = ""
+    if constant:
+        parts = []
+        for k in constant:
+            header, write = _column(quantity(k), [rows[0][k]])
+            parts.append(f"{header} = {write(rows[0][k])}")
+        caption = "Every row: " + "; ".join(parts) + "."
+    return Table(columns, cells, caption)
+
+
+def _fits(table: Table) -> bool:
+    return len(table.columns) <= MAX_COLUMNS and table.width() <= MAX_CHARACTERS
+
+
+def _split_wide(rows: list[dict]) -> list[Table]:
+    """Tables of at most `MAX_COLUMNS` columns and `MAX_CHARACTERS` characters that
+    together show every column of `rows`, each repeating the identifying columns."""
+    table = _build(rows)
+    if _fits(table):
+        return [table]
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    identity = [k for k in keys if k in IDENTITY or isinstance(rows[0].get(k), str)]
+    measured = [k for k in keys if k not in identity]
+    # Measurements of one kind stay together: times, memory, rates, the rest.
+    order = {"time": 0, "bytes": 1, "flops": 2, "rate": 3, "percent": 3}
+    measured.sort(key=lambda k: order.get(quantity(k).kind, 4))
+    tables, chunk = [], []
+    for k in measured:
+        trial = _build([{i: r.get(i) for i in identity + chunk + [k]} for r in rows])
+        if chunk and not _fits(trial):
+            tables.append(
+                _build([{i: r.get(i) for i in identity + chunk} for r in rows])
+            )
+            chunk = []
+        chunk.append(k)
+    if chunk:
+        tables.append(_build([{i: r.get(i) for i in identity + chunk} for r in rows]))
+    # Constant columns were stated once above the first table of the group.
+    for t in tables[1:]:
+        t.caption = ""
+    return tables
+
+
+def detail_tables(rows: list[dict]) -> list[Table]:
+    """The detail tables of one result file's measured rows.
+
+    Rows are grouped by the kind of workload (the part of `workload` before a `/`), in
+    order of first appearance; groups share a table when the merged table still fits.
+    Rows that record a failure (an `error`) are left to `failures`.
+    """
+    groups: dict[str, list[dict]] = {}
+    for row in map(_flatten, rows):
+        if "error" not in row:
+            groups.setdefault(_kind(row), []).append(row)
+    merged: list[list[dict]] = []
+    for group in groups.values():
+        if merged and _fits(_build(merged[-1] + group)):
+            merged[-1] = merged[-1] + group
+        else:
+            merged.append(group)
+    tables, singles = [], []
+    for group in merged:
+        if len(group) == 1 and not _fits(_build(group)):
+            # One wide row reads better as a column: neighbours of this kind share
+            # a table with one column each.
+            singles.append(group[0])
+            continue
+        if singles:
+            tables += _transposed(singles)
+            singles = []
+        tables += _split_wide(group)
+    if singles:
+        tables += _transposed(singles)
+    return tables
+
+
+def _transposed(rows: list[dict]) -> list[Table]:
+    """Rows as columns: one line per key, one column per row (named by workload)."""
+    names = [str(r.get("workload", "")) for r in rows]
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys and k != "workload"]
+    lines = []
+    for k in keys:
+        values = [r.get(k) for r in rows]
+        if all(v in (None, "") for v in values):
+            continue
+        header, write = _column(quantity(k), values)
+        cells = [write(v) for v in values]
+        lines.append([header] + cells)
+    return [Table(["quantity"] + names, lines)]
+
+
+def failures(rows: list[dict]) -> list[str]:
+    """One line per row that records a failed run instead of a measurement."""
+    return [
+        f"Failed: {row.get('impl', '')} ({row.get('workload', '')}): "
+        f"{_cell(row['error'], limit=160)}"
+        for row in rows
+        if "error" in row
+    ]
+
+
+# ---------------------------------------------------------------------------------
+# Summaries: this library against each peer
+
+
+@dataclasses.dataclass
+class Comparison:
+    """One line of a summary table."""
+
+    device: str
+    workload: str
+    ours: str
+    peer: str
+    ratio: str
+    target: str = "–"
+
+
+SUMMARY_COLUMNS = ["device", "workload", "eqx-models", "peer (same run)", "ratio"]
+
+
+def faster(ours_time: float, peer_time: float) -> str:
+    """`2.5× faster` when this library takes 1/2.5 of the peer's time."""
+    r = peer_time / ours_time
+    return f"{_digits(r)}× faster" if r >= 1 else f"{_digits(1 / r)}× slower"
+
+
+def higher_rate(ours_rate: float, peer_rate: float) -> str:
+    return faster(1.0 / ours_rate, 1.0 / peer_rate)
+
+
+def lighter(ours_bytes: float, peer_bytes: float) -> str:
+    r = peer_bytes / ours_bytes
+    if r >= 1:
+        return f"{_digits(r)}× less memory"
+    return f"{_digits(1 / r)}× more memory"
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def _device(result: dict) -> str:
+    env = result["environment"]
+    if env["platform"] == "cpu":
+        return f"CPU ({env['cpu_count']} cores)"
+    return env["device"]
+
+
+def _failed(row: dict) -> str:
+    first = str(row["error"]).split(".")[0]
+    return f"failed: {first}"
+
+
+def _summary_chmm(result: dict) -> list[Comparison]:
+    rows, out = result["rows"], []
+    gpu = result["environment"]["platform"] != "cpu"
+    # Targets of the issue that commissioned the benchmark (also in the notes).
+    targets = (
+        {
+            "large/forward": ("parallel", 5e-3),
+            "large/em_iteration": ("parallel", 50e-3),
+        }
+        if gpu
+        else {"large/forward": ("scan", 0.1)}
+    )
+    for peer in (r for r in rows if r["impl"].startswith("dynamax")):
+        ours = [
+            r
+            for r in rows
+            if r["workload"] == peer["workload"]
+            and r["impl"].startswith("eqx_models")
+            and r["N"] == peer["N"]
+            and r["sequences"] == peer["sequences"]
+        ]
+        if not ours:
+            continue
+        best = min(ours, key=lambda r: r["us_per_step"])
+        strategy = best["impl"].removeprefix("eqx_models ")
+        if best["T"] == peer["T"]:
+            ours_text = f"{time_text(best['median_s'])} ({strategy})"
+            peer_text = f"{peer['impl']}: {time_text(peer['median_s'])}"
+            ratio = faster(best["median_s"], peer["median_s"])
+        else:
+            # Both are linear in T: compare the time per step, and say so.
+            ours_text = (
+                f"{time_text(best['us_per_step'] * 1e-6)}/step ({strategy}, "
+                f"T = {_digits(best['T'])})"
+            )
+            peer_text = (
+                f"{peer['impl']}: {time_text(peer['us_per_step'] * 1e-6)}/step "
+                f"(T = {_digits(peer['T'])})"
+            )
+            ratio = faster(best["us_per_step"], peer["us_per_step"]) + " per step"
+        target = "–"
+        if peer["workload"] in targets:
+            name, limit = targets[peer["workload"]]
+            row = next(
+                (r for r in ours if r["impl"] == f"eqx_models {name}"),
+                None,
+            )
+            if row is not None:
+                at = "" if row is best else f" ({time_text(row['median_s'])})"
+                target = (
+                    f"{name} ≤ {time_text(limit)}"
+                    f"{', T = ' + _digits(row['T']) if row['T'] != peer['T'] else ''}"
+                    f": {_met(row['median_s'] <= limit)}{at}"
+                )
+        out.append(
+            Comparison(
+                _device(result), peer["workload"], ours_text, peer_text, ratio, target
+            )
+        )
+    return out
+
+
+def _ghost_size(row: dict) -> str:
+    s = row.get("sizes", {})
+    params = s.get("params")
+    size = f"{_digits(params / 1e6)} M params, " if params else ""
+    return f"{size}B = {s.get('batch')}, T = {s.get('length')}"
+
+
+def _summary_ghost(result: dict) -> list[Comparison]:
+    by = {r["impl"]: r for r in result["rows"]}
+    device = _device(result)
+    plain, plain_2b = by.get("(a) plain step, B"), by.get("(a) plain step, 2B")
+    norms = by.get("(c) per-sample norms, ghost")
+    step = by.get("(b) attribution step, ghost")
+    torch_row = next((r for r in result["rows"] if r["impl"].startswith("(e)")), None)
+    out = []
+    if norms is not None:
+        workload = f"per-sample norms, time ({_ghost_size(norms)})"
+        ours = f"{time_text(norms['median_s'])} (ghost)"
+        if plain is not None:
+            ratio = norms["median_s"] / plain["median_s"]
+            out.append(
+                Comparison(
+                    device,
+                    workload,
+                    ours,
+                    f"plain training step, same batch: {time_text(plain['median_s'])}",
+                    faster(norms["median_s"], plain["median_s"]),
+                    f"≤ 1.3× the plain step: {_met(ratio <= 1.3)}",
+                )
+            )
+        vmap = by.get("(d) per-sample norms, vmap(grad)")
+        if vmap is not None:
+            out.append(
+                Comparison(
+                    device,
+                    workload,
+                    ours,
+                    f"vmap(grad) (this library): {time_text(vmap['median_s'])}",
+                    faster(norms["median_s"], vmap["median_s"]),
+                )
+            )
+        if torch_row is not None:
+            if "error" in torch_row:
+                peer, ratio = f"torch.func vmap(grad): {_failed(torch_row)}", "–"
+            else:
+                peer = f"torch.func vmap(grad): {time_text(torch_row['median_s'])}"
+                ratio = faster(norms["median_s"], torch_row["median_s"])
+            out.append(Comparison(device, workload, ours, peer, ratio))
+        if norms.get("peak_bytes") and plain is not None and plain.get("peak_bytes"):
+            workload = f"per-sample norms, peak memory ({_ghost_size(norms)})"
+            ours = bytes_text(norms["peak_bytes"])
+            ratio = norms["peak_bytes"] / plain["peak_bytes"]
+            out.append(
+                Comparison(
+                    device,
+                    workload,
+                    ours,
+                    f"plain training step: {bytes_text(plain['peak_bytes'])}",
+                    lighter(norms["peak_bytes"], plain["peak_bytes"]),
+                    f"≤ 1.2× the plain step: {_met(ratio <= 1.2)}",
+                )
+            )
+            if vmap is not None and vmap.get("peak_bytes"):
+                out.append(
+                    Comparison(
+                        device,
+                        workload,
+                        ours,
+                        f"vmap(grad) (this library): {bytes_text(vmap['peak_bytes'])}",
+                        lighter(norms["peak_bytes"], vmap["peak_bytes"]),
+                    )
+                )
+    if step is not None:
+        workload = f"attribution step ({_ghost_size(step)}, validation B)"
+        ours = f"{time_text(step['median_s'])} (ghost)"
+        if plain_2b is not None:
+            ratio = step["median_s"] / plain_2b["median_s"]
+            out.append(
+                Comparison(
+                    device,
+                    workload,
+                    ours,
+                    f"plain step on 2B examples: {time_text(plain_2b['median_s'])}",
+                    faster(step["median_s"], plain_2b["median_s"]),
+                    f"≤ 1.15× the plain 2B step: {_met(ratio <= 1.15)}",
+                )
+            )
+        for impl, name in (
+            ("(d) attribution step, vmap(grad)", "vmap(grad) (this library)"),
+            ("attribution step, jvp", "jvp (this library)"),
+        ):
+            if impl in by:
+                out.append(
+                    Comparison(
+                        device,
+                        workload,
+                        ours,
+                        f"{name}: {time_text(by[impl]['median_s'])}",
+                        faster(step["median_s"], by[impl]["median_s"]),
+                    )
+                )
+    return out
+
+
+def _summary_tidhy(result: dict) -> list[Comparison]:
+    rows, out = result["rows"], []
+    for peer in (r for r in rows if r["impl"].startswith("torch")):
+        ours = next(
+            (
+                r
+                for r in rows
+                if r["workload"] == peer["workload"]
+                and r["impl"].startswith("eqx_models")
+            ),
+            None,
+        )
+        if ours is None:
+            continue
+        s = ours.get("sizes", {})
+        workload = f"{peer['workload']} ({s.get('windows')} windows × {s.get('steps')})"
+        name = "PyTorch loop"
+        if "extrapolated" in peer["impl"]:
+            name += f" (extrapolated from {peer.get('timed_time_steps')} time steps)"
+        if "iterations_per_s" in ours and "iterations_per_s" in peer:
+            unit = "iterations/s"
+            ours_text = f"{_digits(ours['iterations_per_s'])} {unit}"
+            peer_text = f"{name}: {_digits(peer['iterations_per_s'])} {unit}"
+            ratio = higher_rate(ours["iterations_per_s"], peer["iterations_per_s"])
+        else:
+            ours_text = time_text(ours["median_s"])
+            peer_text = f"{name}: {time_text(peer['median_s'])}"
+            ratio = faster(ours["median_s"], peer["median_s"])
+        out.append(Comparison(_device(result), workload, ours_text, peer_text, ratio))
+    return out
+
+
+def _summary_multimodal(result: dict) -> list[Comparison]:
+    rows, out = result["rows"], []
+    peers = [r for r in rows if r["impl"].startswith("torch")]
+    ours_rows = [
+        r for r in rows if r["impl"].startswith("jax") and "tokens_per_sec" in r
+    ]
+    for peer in peers:
+        s = peer.get("sizes", {})
+        params = peer.get("parameters")
+        workload = (
+            f"training step (L = {s.get('seq')}, B = {s.get('batch_per_device')}"
+            + (f", {_digits(params / 1e6)} M params" if params else "")
+            + ")"
+        )
+        for ours in ours_rows:
+            if ours.get("sizes") != peer.get("sizes"):
+                continue
+            mfu = f", MFU {_digits(100 * ours['mfu'])} %" if ours.get("mfu") else ""
+            variant = ours["impl"].removeprefix("jax ")
+            out.append(
+                Comparison(
+                    _device(result),
+                    workload,
+                    f"{_digits(ours['tokens_per_sec'])} tokens/s ({variant}{mfu})",
+                    f"{peer['impl']}: {_digits(peer['tokens_per_sec'])} tokens/s",
+                    higher_rate(ours["tokens_per_sec"], peer["tokens_per_sec"]),
+                )
+            )
+    return out
+
+
+def _pairs(
+    result: dict, ours_prefix: str, name: str, label: Callable[[dict], str]
+) -> list[Comparison]:
+    """Each row whose impl starts with `ours_prefix` against the other rows of its
+    workload, by median time."""
+    rows, out = result["rows"], []
+    for ours in (r for r in rows if r["impl"].startswith(ours_prefix)):
+        for peer in rows:
+            if peer is ours or peer["workload"] != ours["workload"]:
+                continue
+            if peer["impl"].startswith(ours_prefix):
+                continue
+            out.append(
+                Comparison(
+                    _device(result),
+                    label(ours),
+                    f"{time_text(ours['median_s'])} ({name})",
+                    f"{peer['impl']}: {time_text(peer['median_s'])}",
+                    faster(ours["median_s"], peer["median_s"]),
+                )
+            )
+    return out
+
+
+def _summary_interop(result: dict) -> list[Comparison]:
+    def label(row: dict) -> str:
+        s = row.get("sizes", {})
+        return (
+            f"CHMM log-likelihood + posteriors, forward and backward (B = "
+            f"{s.get('batch')}, T = {s.get('length')}, N = {s.get('n_states')}, "
+            f"{s.get('method')})"
+        )
+
+    return _pairs(result, "TorchCHMM", "TorchCHMM, called from torch", label)
+
+
+def _summary_train_step(result: dict) -> list[Comparison]:
+    def label(row: dict) -> str:
+        s = row.get("sizes", {})
+        return (
+            f"MLP regression step (width {s.get('width')}, depth {s.get('depth')}, "
+            f"batch {s.get('batch')})"
+        )
+
+    return _pairs(result, "make_train_step", "make_train_step", label)
+
+
+def _summary_determinism(result: dict) -> list[Comparison]:
+    rows, out = result["rows"], []
+    for ours in rows:
+        if ours["impl"] == "jax, default":
+            continue
+        base = next(
+            (
+                r
+                for r in rows
+                if r["workload"] == ours["workload"] and r["impl"] == "jax, default"
+            ),
+            None,
+        )
+        if base is None:
+            continue
+        same = "bit-identical" if ours.get("bit_identical") else "**not** identical"
+        out.append(
+            Comparison(
+                _device(result),
+                f"{ours['workload']} ("
+                + ", ".join(f"{k} = {v}" for k, v in ours.get("sizes", {}).items())
+                + ")",
+                f"{time_text(ours['median_s'])} "
+                f"({ours['impl'].removeprefix('jax, ')}; reruns {same})",
+                f"default compilation: {time_text(base['median_s'])}",
+                faster(ours["median_s"], base["median_s"]),
+            )
+        )
+    return out
+
+
+_CAUSAL_TARGETS = {"kl": 0.25, "top1_agreement": 0.85, "map_f1": 0.90}
+
+
+def _summary_causal(result: dict) -> list[Comparison]:
+    rows, out = result["rows"], []
+    device = _device(result)
+    for row in rows:
+        if row["workload"] != "eval (pooled over N)" or row.get("target") != "sink":
+            continue
+        ok = (
+            row["kl"] <= _CAUSAL_TARGETS["kl"]
+            and row["top1_agreement"] >= _CAUSAL_TARGETS["top1_agreement"]
+            and row["map_f1"] >= _CAUSAL_TARGETS["map_f1"]
+        )
+        out.append(
+            Comparison(
+                device,
+                f"held-out sink targets, d = {row['d']}",
+                f"KL {_digits(row['kl'], 2)}, "
+                f"top-1 {_digits(row['top1_agreement'], 2)}, "
+                f"parent F1 {_digits(row['map_f1'], 2)}",
+                "exact posterior's MAP set: "
+                f"parent F1 {_digits(row['exact_map_f1'], 2)}",
+                "–",
+                f"KL ≤ 0.25, top-1 ≥ 0.85, F1 ≥ 0.9: {_met(ok)}",
+            )
+        )
+    models = [r for r in rows if r["workload"] == "inference" and r["impl"] == "model"]
+    for model in models:
+        expert = next(
+            (
+                r
+                for r in rows
+                if r["workload"] == "inference"
+                and r["impl"] != "model"
+                and r.get("sizes") == model.get("sizes")
+            ),
+            None,
+        )
+        if expert is None:
+            continue
+        s = model.get("sizes", {})
+        out.append(
+            Comparison(
+                device,
+                f"inference per task (d = {s.get('d')}, N = {s.get('N')}, "
+                f"K = {s.get('K')})",
+                f"{time_text(model['per_task_s'])} (surrogate)",
+                f"{expert['impl']} (its teacher): {time_text(expert['per_task_s'])}",
+                faster(model["per_task_s"], expert["per_task_s"]),
+            )
+        )
+    return out
+
+
+SUMMARIES: dict[str, Callable[[dict], list[Comparison]]] = {
+    "chmm": _summary_chmm,
+    "ghost": _summary_ghost,
+    "tidhy": _summary_tidhy,
+    "multimodal": _summary_multimodal,
+    "multimodal_L2048": _summary_multimodal,
+    "interop": _summary_interop,
+    "train_step": _summary_train_step,
+    "determinism": _summary_determinism,
+    "causal": _summary_causal,
+}
+
+
+def summary_table(comparisons: Sequence[Comparison]) -> Table:
+    with_target = any(c.target != "–" for c in comparisons)
+    columns = SUMMARY_COLUMNS + (["target"] if with_target else [])
+    rows, previous = [], ("", "")
+    for c in comparisons:
+        # The device and workload of a run of rows are written once, at its top.
+        same = (c.device, c.workload) == previous
+        row = ["", ""] if same else [c.device, c.workload]
+        row += [c.ours, c.peer, c.ratio] + ([c.target] if with_target else [])
+        rows.append([_cell(x) for x in row])
+        previous = (c.device, c.workload)
+    return Table(columns, rows)
+
+
+# ---------------------------------------------------------------------------------
+# Plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+COLOURS = {
+    "eqx": "#3b5ba5",
+    "eqx2": "#7fa2e0",
+    "eqx3": "#a9c3ef",
+    "peer": "#d1603d",
+    "peer2": "#e8a33d",
+    "plain": "#8c8c8c",
+}
+
+
+_LABEL_BOX = dict(facecolor="white", edgecolor="none", alpha=0.8, pad=0.5)
+
+
+@dataclasses.dataclass
+class Plot:
+    """A written figure and its caption."""
+
+    path: str
+    caption: str
+
+
+def _results_of(groups: dict[str, list[dict]], *names: str) -> list[dict]:
+    return [r for rs in groups.values() for r in rs if r["benchmark"] in names]
+
+
+def _save(fig, path: str) -> None:
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def plot_ghost(groups, img_dir: str) -> Plot | None:
+    """Per-sample norms: time and peak memory relative to a plain training step."""
+    points = []
+    for result in _results_of(groups, "ghost"):
+        by = {r["impl"]: r for r in result["rows"]}
+        plain = by.get("(a) plain step, B")
+        if plain is None or "median_s" not in plain:
+            continue
+        torch_row = next(
+            (r for r in result["rows"] if r["impl"].startswith("(e)")), None
+        )
+        entries = {
+            "ghost (this library)": by.get("(c) per-sample norms, ghost"),
+            "vmap(grad) (this library)": by.get("(d) per-sample norms, vmap(grad)"),
+            "torch.func vmap(grad)": torch_row,
+        }
+        sizes = plain.get("sizes", {})
+        label = (
+            f"{_device(result)}\nB = {sizes.get('batch')}, T = {sizes.get('length')}"
+        )
+        if sizes.get("params"):
+            label += f"\n{_digits(sizes['params'] / 1e6)} M params"
+        gpu = result["environment"]["platform"] != "cpu"
+        points.append((not gpu, sizes.get("batch", 0), label, plain, entries))
+    if not points:
+        return None
+    points.sort(key=lambda p: p[:2])
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    names = list(points[0][4])
+    colours = [COLOURS["eqx"], COLOURS["eqx2"], COLOURS["peer"]]
+    width = 0.8 / len(names)
+    for ax, key, title, limit in (
+        (axes[0], "median_s", "time", 1.3),
+        (axes[1], "peak_bytes", "peak memory", 1.2),
+    ):
+        top = 2.0
+        for i, (_, _, _, plain, entries) in enumerate(points):
+            for j, (name, colour) in enumerate(zip(names, colours)):
+                row = entries[name]
+                x = i + (j - (len(names) - 1) / 2) * width
+                if row is None:
+                    continue
+                if "error" in row:
+                    ax.text(
+                        x,
+                        0.05,
+                        f"{name}:\n{_failed(row)}",
+                        ha="center",
+                        va="bottom",
+                        fontsize=7,
+                        color=colour,
+                        rotation=90,
+                    )
+                    continue
+                if not row.get(key) or not plain.get(key):
+                    continue
+                value = row[key] / plain[key]
+                ax.bar(x, min(value, top), width, color=colour, label=name)
+                absolute = (
+                    time_text(row[key]) if key == "median_s" else bytes_text(row[key])
+                )
+                text = f"{_digits(value)}×, {absolute}"
+                if value > top:
+                    text = f"↑ {text}"
+                ax.text(
+                    x,
+                    min(value, top) + 0.03,
+                    text,
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    rotation=90,
+                    bbox=_LABEL_BOX,
+                )
+        ax.axhline(1.0, color=COLOURS["plain"], lw=1, label="plain step (1×)")
+        ax.axhline(limit, color="black", ls="--", lw=1, label=f"target ≤ {limit}×")
+        ax.set_xticks(range(len(points)), [p[2] for p in points], fontsize=8)
+        ax.set_ylim(0, top + 1.0)
+        ax.set_ylabel(f"{title} / plain training step on the same batch")
+        ax.set_title(f"Per-sample gradient norms: {title}")
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper left")
+    fig.tight_layout()
+    path = os.path.join(img_dir, "ghost_norms.png")
+    _save(fig, path)
+    devices = {p[0] for p in points}
+    caption = (
+        "Per-sample gradient norms of a GPT (tied head) by the ghost path, by "
+        "vmap(grad) and by torch.func, as multiples of a plain training step on the "
+        "same batch (grey line: 1×; dashed: the targets); labels give the multiple "
+        "and the absolute figure, ↑ marks a bar cut at 2×. torch.func's memory is not "
+        "measured on the CPU. "
+    )
+    if len(points) == len(devices):
+        caption += (
+            "No batch-size sweep has been measured yet: the groups are the sizes in "
+            "the result files, one batch size per device."
+        )
+    return Plot(path, caption)
+
+
+def plot_chmm(groups, img_dir: str) -> Plot | None:
+    """CHMM forward (log-likelihood) time against sequence length."""
+    results = _results_of(groups, "chmm")
+    if not results:
+        return None
+    results.sort(key=lambda r: r["environment"]["platform"] == "cpu")
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+
+    fig, axes = plt.subplots(
+        1, len(results), figsize=(5.6 * len(results), 4.4), squeeze=False
+    )
+    colours = {
+        "scan": COLOURS["eqx"],
+        "parallel": COLOURS["eqx2"],
+        "dynamax (dense HMM)": COLOURS["peer"],
+    }
+    marker_of: dict[int, str] = {}
+    sweep = False
+    for ax, result in zip(axes[0], results):
+        series: dict[tuple[str, int], list[tuple[int, float]]] = {}
+        for row in result["rows"]:
+            if not row["workload"].endswith("/forward") or row.get("sequences") != 1:
+                continue
+            impl = row["impl"]
+            if impl.startswith("dynamax"):
+                name = "dynamax (dense HMM)"
+            elif impl in ("eqx_models scan", "eqx_models parallel"):
+                name = impl.removeprefix("eqx_models ")
+            else:
+                continue
+            series.setdefault((name, row["N"]), []).append((row["T"], row["median_s"]))
+        lengths = set()
+        for (name, n), points in sorted(series.items()):
+            points.sort()
+            sweep |= len(points) > 1
+            marker = marker_of.setdefault(n, "os^dv"[len(marker_of) % 5])
+            ts, times = zip(*points)
+            lengths |= set(ts)
+            ax.plot(
+                ts,
+                [1e3 * t for t in times],
+                marker=marker,
+                color=colours[name],
+                ls="-" if len(points) > 1 else "none",
+                ms=8,
+            )
+            for t, time in points:
+                ax.annotate(
+                    time_text(time),
+                    (t, 1e3 * time),
+                    xytext=(7, -3),
+                    textcoords="offset points",
+                    fontsize=7,
+                )
+        if result["environment"]["platform"] != "cpu":
+            ax.axhline(5.0, color="black", ls="--", lw=1)
+            ax.text(
+                0.01,
+                5.0,
+                " target: parallel, N = 280, T = 50 000: ≤ 5 ms",
+                transform=ax.get_yaxis_transform(),
+                va="bottom",
+                fontsize=7,
+            )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(sorted(lengths), [_digits(t) for t in sorted(lengths)])
+        ax.minorticks_off()
+        ax.set_xlim(min(lengths) / 1.6, max(lengths) * 1.9)
+        ax.set_xlabel("sequence length T (steps)")
+        ax.set_ylabel("log-likelihood (forward pass) time (ms)")
+        ax.set_title(f"Cloned HMM forward pass on {_device(result)}")
+        ax.grid(True, which="major", alpha=0.3)
+        handles = [
+            Line2D([], [], color=c, marker="o", ls="none", label=name)
+            for name, c in colours.items()
+        ] + [
+            Line2D([], [], color="grey", marker=m, ls="none", label=f"N = {n} states")
+            for n, m in sorted(marker_of.items())
+        ]
+        ax.legend(handles=handles, fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = os.path.join(img_dir, "chmm_time_vs_length.png")
+    _save(fig, path)
+    caption = (
+        "Cloned-HMM log-likelihood time against sequence length: the sequential "
+        "scan, the parallel-in-time strategy, and dynamax's HMM filter on the "
+        "equivalent dense chain (one sequence; colour: implementation, marker shape: "
+        "number of hidden states N). "
+    )
+    if not sweep:
+        caption += (
+            "No sweep over T at a fixed model has been measured yet: the points are "
+            "the workloads in the result files, which differ in N as well as in T "
+            "(on the CPU the parallel strategy and dynamax ran the large model at "
+            "T = 5 000 only)."
+        )
+    return Plot(path, caption)
+
+
+def plot_lm(groups, img_dir: str) -> Plot | None:
+    """Multimodal LM training throughput against the PyTorch peer."""
+    panels: dict[str, list[tuple[str, dict]]] = {}
+    for result in _results_of(groups, "multimodal", "multimodal_L2048"):
+        for row in result["rows"]:
+            if "tokens_per_sec" not in row:
+                continue
+            seq = row.get("sizes", {}).get("seq")
+            panels.setdefault(_device(result), []).append((f"L = {seq}", row))
+    if not panels:
+        return None
+    plt = _pyplot()
+    devices = sorted(panels, key=lambda d: d.startswith("CPU"))
+    fig, axes = plt.subplots(
+        1, len(devices), figsize=(5.2 * len(devices), 4.2), squeeze=False
+    )
+    impls = ["jax scan", "jax unrolled", "torch.compile"]
+    colours = [COLOURS["eqx"], COLOURS["eqx2"], COLOURS["peer"]]
+    names = [
+        "eqx-models, scan over layers",
+        "eqx-models, unrolled layers",
+        "PyTorch, torch.compile",
+    ]
+    for ax, device in zip(axes[0], devices):
+        lengths = sorted(
+            {label for label, _ in panels[device]}, key=lambda s: int(s.split("= ")[1])
+        )
+        width = 0.8 / len(impls)
+        for j, (impl, colour, name) in enumerate(zip(impls, colours, names)):
+            for i, length in enumerate(lengths):
+                row = next(
+                    (
+                        r
+                        for lab, r in panels[device]
+                        if lab == length and r["impl"] == impl
+                    ),
+                    None,
+                )
+                if row is None:
+                    continue
+                x = i + (j - 1) * width
+                value = row["tokens_per_sec"] / 1e3
+                ax.bar(x, value, width, color=colour, label=name)
+                text = _digits(value)
+                if row.get("mfu"):
+                    text += f" · MFU {100 * row['mfu']:.0f} %"
+                ax.text(
+                    x,
+                    value,
+                    text,
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    rotation=90,
+                    bbox=_LABEL_BOX,
+                )
+        ax.set_xticks(range(len(lengths)), lengths)
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("training throughput (thousand tokens/s)")
+        ax.set_title(f"Multimodal LM training step on {device}")
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.4)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    fig.legend(
+        unique.values(),
+        unique.keys(),
+        loc="lower center",
+        ncol=3,
+        fontsize=8,
+        bbox_to_anchor=(0.5, -0.04),
+    )
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    path = os.path.join(img_dir, "lm_tokens_per_s.png")
+    _save(fig, path)
+    caption = (
+        "Training throughput of the multimodal LM (forward, backward and AdamW) "
+        "against the same model and loss in PyTorch with torch.compile, on the same "
+        "batch in the same run; MFU against the matmul ceiling measured in that run."
+    )
+    return Plot(path, caption)
+
+
+def plot_tidhy(groups, img_dir: str) -> Plot | None:
+    """TiDHy training epoch time and inference speed against the PyTorch loop."""
+    results = _results_of(groups, "tidhy")
+    if not results:
+        return None
+    results.sort(key=lambda r: r["environment"]["platform"] == "cpu")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.2))
+    extrapolated = False
+    labels = []
+    for i, result in enumerate(results):
+        rows = result["rows"]
+        labels.append(_device(result))
+        for key, ax in (("training epoch", axes[0]), ("inference step", axes[1])):
+            picked = [r for r in rows if r["workload"].startswith(key)]
+            ours = [r for r in picked if r["impl"].startswith("eqx_models")]
+            peers = [r for r in picked if r["impl"].startswith("torch")]
+            for j, (row, colour, name) in enumerate(
+                [(r, COLOURS["eqx"], "eqx-models (compiled)") for r in ours[:1]]
+                + [(r, COLOURS["peer"], "PyTorch, Python loop") for r in peers[:1]]
+            ):
+                x = i + (j - 0.5) * 0.35
+                if key == "training epoch":
+                    value = row["median_s"]
+                else:
+                    value = row["iterations_per_s"]
+                hatch = "//" if "extrapolated" in row["impl"] else None
+                extrapolated |= hatch is not None
+                ax.bar(
+                    x,
+                    value,
+                    0.35,
+                    color=colour,
+                    hatch=hatch,
+                    edgecolor="white" if hatch else None,
+                    label=name if i == 0 else None,
+                )
+                text = time_text(value) if key == "training epoch" else _digits(value)
+                ax.text(x, value, text, ha="center", va="bottom", fontsize=8)
+    for ax, ylabel, title in (
+        (
+            axes[0],
+            "time per training epoch (s, log scale)",
+            "TiDHy training epoch (full batch)",
+        ),
+        (
+            axes[1],
+            "inference iterations per second (log scale)",
+            "TiDHy latent inference (paper stopping rule)",
+        ),
+    ):
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        if not ax.get_legend_handles_labels()[0]:
+            ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
+            continue
+        ax.set_yscale("log")
+        ax.margins(y=0.2)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(img_dir, "tidhy_epoch.png")
+    _save(fig, path)
+    caption = (
+        "TiDHy: one full-batch training epoch (left, lower is better) and latent "
+        "inference speed (right, higher is better), eqx-models against a PyTorch "
+        "implementation of the same equations with the original's Python inner loop, "
+        "on the same device in the same run (the sizes differ between devices; see "
+        "the tables)."
+    )
+    if extrapolated:
+        caption += (
+            " Hatched: the PyTorch epoch is extrapolated from the time steps it ran."
+        )
+    return Plot(path, caption)
+
+
+PLOTS: dict[str, Callable[[dict, str], Plot | None]] = {
+    "ghost": plot_ghost,
+    "chmm": plot_chmm,
+    "multimodal": plot_lm,
+    "tidhy": plot_tidhy,
+}
+
+
+# ---------------------------------------------------------------------------------
+# The page
 
 
 def _environment(env: dict) -> str:
@@ -65,29 +1318,94 @@ def _environment(env: dict) -> str:
     )
 
 
-def render(results_dir: str = os.path.join(HERE, "results"), out: str = DOCS) -> str:
+def load(results_dir: str) -> dict[str, list[dict]]:
+    """Result files grouped by title (one section per title), GPU runs first."""
     groups: dict[str, list[dict]] = {}
     for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
         with open(path) as f:
             result = json.load(f)
-        groups.setdefault(result["benchmark"], []).append(result)
+        result["file"] = os.path.basename(path)
+        groups.setdefault(result["title"], []).append(result)
+    for results in groups.values():
+        results.sort(key=lambda r: (r["environment"]["platform"] == "cpu", r["file"]))
+
+    def rank(title: str) -> int:
+        name = groups[title][0]["benchmark"]
+        return ORDER.index(name) if name in ORDER else len(ORDER)
+
+    return {title: groups[title] for title in sorted(groups, key=rank)}
+
+
+def _plain_numbers(text: str) -> str:
+    """`6.292e+05` in a note written by a script as `629 200`."""
+    return re.sub(
+        r"\d+(?:\.\d+)?e[+-]\d+", lambda m: _digits(float(m.group(0)), 4), text
+    )
+
+
+def _section(title: str, results: list[dict], plots: list[Plot], page_dir: str) -> str:
+    parts = [f"## {title}\n"]
+    description = next((r["description"] for r in results if r.get("description")), "")
+    if description:
+        parts.append(description.strip() + "\n")
+    comparisons = []
+    for result in results:
+        summarise = SUMMARIES.get(result["benchmark"])
+        if summarise is not None:
+            comparisons += summarise(result)
+    if comparisons:
+        parts.append(summary_table(comparisons).markdown() + "\n")
+    else:
+        parts.append("No peer is measured in this benchmark; the figures follow.\n")
+    for plot in plots:
+        rel = os.path.relpath(plot.path, page_dir).replace(os.sep, "/")
+        name = os.path.splitext(os.path.basename(plot.path))[0]
+        parts.append(f"![{name}]({rel})\n")
+        parts.append(f"*{plot.caption}*\n")
+    for result in results:
+        env = result["environment"]
+        where = "CPU" if env["platform"] == "cpu" else env["device"]
+        parts.append(f"### Details: {where}, `{result['file']}`\n")
+        parts.append(_environment(env) + "\n")
+        for table in detail_tables(result["rows"]):
+            parts.append(table.markdown() + "\n")
+        for line in failures(result["rows"]):
+            parts.append(line + "\n")
+        for note in result.get("notes", []):
+            parts.append(f"- {_plain_numbers(note)}")
+        if result.get("notes"):
+            parts.append("")
+    return "\n".join(parts)
+
+
+def render(
+    results_dir: str = os.path.join(HERE, "results"),
+    out: str = DOCS,
+    img_dir: str = IMAGES,
+) -> str:
+    """Write the benchmarks page to `out` and its plots to `img_dir`.
+
+    **Returns:**
+
+    The path of the page.
+    """
+    groups = load(results_dir)
+    os.makedirs(img_dir, exist_ok=True)
+    plots: dict[str, list[Plot]] = {}
+    for benchmark, draw in PLOTS.items():
+        plot = draw(groups, img_dir)
+        if plot is None:
+            continue
+        for title, results in groups.items():
+            if any(r["benchmark"] == benchmark for r in results):
+                plots.setdefault(title, []).append(plot)
+                break
     parts = [HEADER]
     if not groups:
         parts.append("No benchmark has been run yet.\n")
-    for results in groups.values():
-        # GPU results first: they carry the absolute numbers.
-        results.sort(key=lambda r: r["environment"]["platform"] == "cpu")
-        parts.append(f"## {results[0]['title']}\n")
-        if results[0].get("description"):
-            parts.append(results[0]["description"].strip() + "\n")
-        for result in results:
-            parts.append(f"### {result['environment']['platform'].upper()}\n")
-            parts.append(_environment(result["environment"]) + "\n")
-            parts.append(_table(result["rows"]) + "\n")
-            for note in result.get("notes", []):
-                parts.append(f"- {note}")
-            if result.get("notes"):
-                parts.append("")
+    page_dir = os.path.dirname(os.path.abspath(out))
+    for title, results in groups.items():
+        parts.append(_section(title, results, plots.get(title, []), page_dir))
     text = "\n".join(parts).rstrip() + "\n"
     with open(out, "w") as f:
         f.write(text)

@@ -24,6 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from _common import out_path, parse_args, save_summary  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from eqx_models.chmm import (  # noqa: E402
     bits_per_step,
@@ -152,19 +153,23 @@ def main(argv=None):
 
 
 def _plot_curve(curve, hard_curve, n_steps):
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    # Two quantities, two panels: soft EM raises the likelihood of the walk (all
+    # paths), Viterbi EM the probability of its single best path.
     em_bits = np.asarray(bits_per_step(jnp.asarray(curve), n_steps))
     hard_bits = np.asarray(bits_per_step(hard_curve, n_steps))
-    ax.plot(np.arange(len(em_bits)), em_bits, label="EM (likelihood)")
-    ax.plot(
-        len(em_bits) - 1 + np.arange(len(hard_bits)),
-        hard_bits,
-        label="Viterbi EM (best path)",
-    )
-    ax.set_yscale("log")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("bits per step")
-    ax.legend()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    left.plot(np.arange(len(em_bits)), em_bits, color="C0")
+    left.set_yscale("log")
+    left.set_xlabel("EM iteration")
+    left.set_ylabel("−log₂ likelihood per step (bits)")
+    left.set_title("1. soft EM: likelihood of the walk", fontsize=10)
+    right.plot(np.arange(len(hard_bits)), hard_bits, "o-", color="C1", ms=3)
+    right.set_xlabel("Viterbi EM iteration (after soft EM)")
+    right.set_ylabel("−log₂ P(best path) per step (bits)")
+    right.set_title("2. Viterbi EM: probability of the best path", fontsize=10)
+    for ax in (left, right):
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(f"Cloned HMM learning a room from a walk of {n_steps} steps")
     fig.tight_layout()
     fig.savefig(out_path("chmm_learning_curve.png"), dpi=120)
     plt.close(fig)
@@ -181,7 +186,7 @@ def _plot_graph(model, states, fields, room, active):
     centre = np.stack([(weight * cols).sum((1, 2)), (weight * rows).sum((1, 2))], -1)
     centre += np.random.default_rng(0).normal(scale=0.08, size=centre.shape)
     where = {s: c for s, c in zip(active, centre)}
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
     for i in active:
         for j in active:
             if i != j and adjacency[i, j] > 0:
@@ -196,10 +201,22 @@ def _plot_graph(model, states, fields, room, active):
         linewidths=0.5,
         zorder=2,
     )
+    handles = [
+        Line2D([], [], marker="o", ls="none", color=COLOURS[k], mec="k", mew=0.5)
+        for k in range(int(room.max()) + 1)
+    ]
+    labels = [f"clone of colour {k}" for k in range(len(handles))]
+    handles.append(Line2D([], [], color="0.75", lw=1))
+    labels.append("learned transition\n(P > 0.05, any action)")
+    ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.set_xlim(-0.7, room.shape[1] - 0.3)
     ax.set_ylim(room.shape[0] - 0.3, -0.7)
     ax.set_aspect("equal")
-    ax.set_title("learned graph: active clones at their place-field centres")
+    ax.set_xlabel("room column (cell)")
+    ax.set_ylabel("room row (cell)")
+    ax.set_title(
+        "Learned graph: each active clone at the centre of its place field", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(out_path("chmm_graph.png"), dpi=120)
     plt.close(fig)
@@ -207,23 +224,31 @@ def _plot_graph(model, states, fields, room, active):
 
 def _plot_fields(fields, active, purity, room):
     order = active[np.argsort(-fields[active].sum((1, 2)))][:12]
-    fig, axes = plt.subplots(3, 5, figsize=(9, 4.6))
+    fig, axes = plt.subplots(3, 5, figsize=(9.6, 5.2), gridspec_kw={"hspace": 0.6})
     cmap = ListedColormap(COLOURS[: room.max() + 1])
     axes[0, 0].imshow(room, cmap=cmap)
     axes[0, 0].set_title("room colours", fontsize=8)
     axes[1, 0].hist(purity, bins=10, range=(0, 1), color="0.4")
-    axes[1, 0].set_title("share of visits at\nthe top cell", fontsize=8)
+    axes[1, 0].set_title("share of a clone's visits\nat its top cell", fontsize=8)
+    axes[1, 0].set_ylabel("clones", fontsize=7)
+    axes[1, 0].tick_params(labelsize=7)
     axes[2, 0].axis("off")
+    image = None
     for ax, clone in zip(axes[:, 1:].ravel(), order):
-        ax.imshow(fields[clone], cmap="viridis")
+        share = fields[clone] / fields[clone].sum()
+        image = ax.imshow(share, cmap="viridis", vmin=0, vmax=1)
         ax.set_title(f"clone {clone}", fontsize=8)
     for ax in axes.ravel():
         if ax is not axes[1, 0]:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle("place fields of the most visited clones", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out_path("chmm_place_fields.png"), dpi=120)
+    if image is not None:
+        bar = fig.colorbar(image, ax=axes[:, 1:].ravel().tolist(), shrink=0.8)
+        bar.set_label("share of the clone's visits per cell")
+    fig.suptitle(
+        "Place fields of the 12 most visited clones (decoded by Viterbi)", fontsize=10
+    )
+    fig.savefig(out_path("chmm_place_fields.png"), dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

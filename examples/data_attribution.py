@@ -147,21 +147,36 @@ def main(argv=None):
         )
     )
 
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 3.8))
     bins = np.linspace(values.min(), values.max(), 40)
-    ax0.hist(values[~bad], bins=bins, alpha=0.7, label="clean")
-    ax0.hist(values[bad], bins=bins, alpha=0.7, label="corrupted label")
-    ax0.set_xlabel("In-Run Data Shapley value")
-    ax0.set_ylabel("examples")
-    ax0.legend()
+    ax0.hist(values[~bad], bins=bins, alpha=0.7, label=f"clean ({(~bad).sum()})")
+    ax0.hist(values[bad], bins=bins, alpha=0.7, label=f"corrupted label ({k})")
+    ax0.set_xlabel("In-Run Data Shapley value Σ_t η_t <∇l_i, ḡ_val>")
+    ax0.set_ylabel("training examples")
+    ax0.set_title("Values of clean and corrupted examples", fontsize=10)
+    ax0.legend(fontsize=8)
     ks = np.arange(1, n_train + 1)
     ax1.plot(ks, np.cumsum(bad[ranks]) / ks, label="lowest values first")
-    ax1.axhline(bad.mean(), color="grey", ls="--", label="chance")
-    ax1.axvline(k, color="k", lw=0.8)
+    ax1.axhline(bad.mean(), color="grey", ls="--", label=f"chance ({bad.mean():.0%})")
+    ax1.axvline(
+        k,
+        color="k",
+        lw=0.8,
+        label=f"k = {k} = number corrupted",
+    )
     ax1.set_xscale("log")
-    ax1.set_xlabel("k")
-    ax1.set_ylabel("precision@k (corrupted)")
-    ax1.legend()
+    ax1.set_xlabel("k (lowest-valued examples inspected)")
+    ax1.set_ylabel("precision@k (share corrupted)")
+    ax1.set_ylim(0, 1.05)
+    ax1.set_title(
+        f"Finding the corrupted labels: precision@{k} = {precision:.2f}", fontsize=10
+    )
+    ax1.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 0.15))
+    fig.suptitle(
+        f"In-Run Data Shapley over {n_steps} attribution steps, {n_train} training "
+        f"examples, 10 % of labels corrupted" + (" (smoke run)" if args.smoke else ""),
+        fontsize=11,
+    )
     fig.tight_layout()
     fig.savefig(out_path("data_attribution.png"), dpi=120)
 

@@ -159,12 +159,16 @@ def main(argv=None) -> None:
     ax0.plot(history["nll"], label="-lnL / T")
     ax0.plot(history["mse"], label="reconstruction MSE")
     ax0.set_xlabel("Adam step")
-    ax0.set_title("training the hybrid model")
+    ax0.set_ylabel("loss (nats per step; MSE)")
+    ax0.set_title("Training the hybrid model" + (" (smoke run)" if args.smoke else ""))
     ax0.legend()
-    ax1.imshow(post[0].numpy().T, aspect="auto", cmap="viridis", interpolation="none")
+    image = ax1.imshow(
+        post[0].numpy().T, aspect="auto", cmap="viridis", interpolation="none"
+    )
     ax1.set_xlabel("time step")
-    ax1.set_ylabel("clone")
-    ax1.set_title("smoothed posteriors (first walk)")
+    ax1.set_ylabel("clone (hidden state)")
+    ax1.set_title("Smoothed posteriors p(z_t | x, a), first walk")
+    fig.colorbar(image, ax=ax1, label="posterior probability")
     fig.tight_layout()
     fig.savefig(out_path("hybrid_chmm.png"), dpi=120)
     save_summary(

@@ -94,20 +94,26 @@ def main(argv=None):
     history = result.history
     evals = [r for r in history if "eval_loss" in r]
 
-    fig, axes = plt.subplots(1, 4, figsize=(13, 3))
+    note = " (smoke run)" if args.smoke else ""
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.4))
     for ax, name in zip(axes, ["ce", "image", "scalar", "spectrum"]):
         steps = [r["step"] + 1 for r in history]
-        ax.plot(steps, [r[name] for r in history], alpha=0.35, label="train batch")
+        ax.plot(steps, [r[name] for r in history], alpha=0.35, label="training batch")
         ax.plot(
             [r["step"] + 1 for r in evals],
             [r[f"eval_{name}"] for r in evals],
             "o-",
             label="held out",
         )
-        ax.set_title({"ce": "cross-entropy"}.get(name, f"{name} expected-value MSE"))
-        ax.set_xlabel("step")
+        ax.set_title(
+            {"ce": "cross-entropy"}.get(name, f"{name}: expected-value MSE"),
+            fontsize=10,
+        )
+        ax.set_xlabel("training step")
+        ax.set_ylabel("nats per token" if name == "ce" else "MSE (codebook units²)")
         ax.set_yscale("log")
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Multimodal LM: training and held-out losses{note}", fontsize=11)
     fig.tight_layout()
     fig.savefig(out_path("multimodal_lm_losses.png"), dpi=110)
 
@@ -145,24 +151,77 @@ def main(argv=None):
     image_pred = np.asarray(predicted["image"])[(tokens >= start) & (tokens < stop)]
     image_r2 = r_squared(image_pred.reshape(-1), data.image[test].reshape(-1))
 
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.4))
-    for c, ax in enumerate(axes[:2]):
+    fig = plt.figure(figsize=(14, 7.4))
+    grid = fig.add_gridspec(2, 4, hspace=0.45, wspace=0.3)
+    for c in range(2):
+        ax = fig.add_subplot(grid[0, c])
         cols = scalar_cols == c
         ax.scatter(scalar_true[cols], scalar_pred[cols], s=5, alpha=0.5)
         low, high = np.nanpercentile(scalar_true[cols], [1, 99])
-        ax.plot([low, high], [low, high], "k--", lw=1)
-        ax.set_title(f"scalar column {c}: R² = {scalar_r2[c]:.2f}")
+        ax.plot([low, high], [low, high], "k--", lw=1, label="prediction = truth")
+        ax.set_title(f"scalar column {c}: R² = {scalar_r2[c]:.2f}", fontsize=10)
         ax.set_xlabel("true value")
         ax.set_ylabel("expected bin centre")
-    for ax, i in zip(axes[2:], np.flatnonzero(present)[:2]):
+        ax.legend(fontsize=7, loc="upper left")
+    for j, i in enumerate(np.flatnonzero(present)[:2]):
+        ax = fig.add_subplot(grid[0, 2 + j])
         ax.plot(spectra_true[i].reshape(-1), "k", lw=1, label="true spectrum")
         ax.plot(spectrum_tok[i].reshape(-1), color="0.6", lw=1, label="its tokens")
         ax.plot(spectrum_pred[i].reshape(-1), "C3", lw=1.5, label="expected value")
-        ax.set_title(f"held-out object {i}, group {group!r}")
+        ax.set_title(
+            f"spectrum {group!r}, held-out object {i}\nR² (all objects) = "
+            f"{spectrum_r2:.2f}",
+            fontsize=9,
+        )
         ax.set_xlabel("wavelength sample")
-    axes[2].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_path("multimodal_lm_reconstructions.png"), dpi=110)
+        ax.set_ylabel("flux (a.u.)")
+        if j == 0:
+            ax.legend(fontsize=7)
+
+    # The image: one held-out object's latent map, channel 0, as generated, as its
+    # tokens quantise it, and as the model's expected value; then every cell.
+    side = int(round(np.sqrt(data.image.shape[1])))
+    true_image = data.image[test]
+    image_pred = image_pred.reshape(true_image.shape)
+    token_image = np.asarray(codebooks.image)[data.image_tokens[test]]
+    obj, channel = 0, 0
+    maps = [
+        ("true latent map", true_image[obj]),
+        ("its tokens (codebook)", token_image[obj]),
+        ("model: expected value", image_pred[obj]),
+    ]
+    scale = np.abs(true_image[obj][:, channel]).max()
+    pictures = []
+    for j, (title, values) in enumerate(maps):
+        ax = fig.add_subplot(grid[1, j])
+        picture = ax.imshow(
+            values[:, channel].reshape(side, side),
+            cmap="RdBu_r",
+            vmin=-scale,
+            vmax=scale,
+        )
+        ax.set_title(f"image, held-out object {obj}:\n{title}", fontsize=9)
+        ax.set_xlabel("grid column")
+        ax.set_ylabel("grid row")
+        pictures.append(picture)
+    bar = fig.colorbar(pictures[0], ax=fig.axes[-3:], shrink=0.85, pad=0.02)
+    bar.set_label(f"latent channel {channel} (a.u.)")
+    ax = fig.add_subplot(grid[1, 3])
+    ax.scatter(true_image.reshape(-1), image_pred.reshape(-1), s=2, alpha=0.15)
+    low, high = np.percentile(true_image, [1, 99])
+    ax.plot([low, high], [low, high], "k--", lw=1, label="prediction = truth")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title(f"image, every held-out cell: R² = {image_r2:.2f}", fontsize=9)
+    ax.set_xlabel("true latent value")
+    ax.set_ylabel("expected codebook value")
+    fig.suptitle(
+        "Teacher-forced reconstructions of held-out objects from the model's "
+        f"expected values{note}",
+        fontsize=11,
+    )
+    fig.savefig(
+        out_path("multimodal_lm_reconstructions.png"), dpi=110, bbox_inches="tight"
+    )
 
     first, last = evals[0], evals[-1]
     times = sorted(r["step_time"] for r in history[1:])

@@ -29,6 +29,8 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from _common import out_path, parse_args, save_summary  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 from eqx_models import tidhy  # noqa: E402
 
@@ -140,7 +142,20 @@ def main(argv=None):
         np.max(np.bincount(np.asarray(combined), minlength=8)) / combined.size
     )
 
-    _plot(test_windows, record, states, true, recovered, length)
+    # The mixture weights over one long held-out stretch, inferred as one window so
+    # that r2 carries over from step to step (no restarts at window boundaries).
+    stretch = min(2000, cfg["test"])
+    long = tidhy.evaluate_record(model, test.observations[None, :stretch], inference)
+    smoke_note = " (smoke run)" if args.smoke else ""
+    _plot(test_windows, record, true, recovered, length, (r2_hat, r2_bar), smoke_note)
+    _plot_mixture(
+        np.asarray(long.w[0]),
+        np.asarray(test.states[:stretch]),
+        true,
+        accuracy,
+        chance,
+        smoke=args.smoke,
+    )
     history = result.history
     save_summary(
         "tidhy_slds",
@@ -163,7 +178,7 @@ def main(argv=None):
     )
 
 
-def _plot(X, record, states, true, recovered, length):
+def _plot(X, record, true, recovered, length, r2, note):
     window = 0
     t = np.arange(length)
     fig, axes = plt.subplots(3, 1, figsize=(7, 5), sharex=True)
@@ -175,40 +190,18 @@ def _plot(X, record, states, true, recovered, length):
             record.x_bar[window, 1:, channel],
             "C3--",
             lw=1,
-            label="x̄ (predicted)",
+            label="x̄ (predicted one step ahead)",
         )
-        ax.set_ylabel(f"channel {channel}")
+        ax.set_ylabel(f"channel {channel}\n(a.u.)")
     axes[0].legend(loc="upper right", fontsize=7, ncol=3)
     axes[-1].set_xlabel("time step")
-    fig.suptitle("Held-out observations, reconstructions and one-step predictions")
+    fig.suptitle(
+        "Held-out window: observations, reconstructions and one-step predictions"
+        f"{note}\nR² over the test set: x̂ {r2[0]:.2f}, x̄ {r2[1]:.2f}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(out_path("tidhy_reconstruction.png"), dpi=120)
-    plt.close(fig)
-
-    n = min(4, X.shape[0])
-    w = np.concatenate([np.asarray(record.w[i]) for i in range(n)])
-    labels = np.concatenate(
-        [np.asarray(states[i]) @ np.array([1, 2, 4]) for i in range(n)]
-    )
-    fig, (top, bottom) = plt.subplots(
-        2, 1, figsize=(7, 4), sharex=True, gridspec_kw={"height_ratios": [4, 1]}
-    )
-    top.imshow(w.T, aspect="auto", interpolation="nearest", cmap="viridis")
-    top.set_ylabel("mixture weight k")
-    top.set_title("Mixture weights w(r2_t) over held-out windows")
-    bottom.imshow(
-        labels[None],
-        aspect="auto",
-        interpolation="nearest",
-        cmap="tab10",
-        vmin=0,
-        vmax=9,
-    )
-    bottom.set_yticks([])
-    bottom.set_ylabel("true state", rotation=0, ha="right", va="center")
-    bottom.set_xlabel("time step (4 consecutive windows)")
-    fig.tight_layout()
-    fig.savefig(out_path("tidhy_mixture_weights.png"), dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(4, 4))
@@ -216,15 +209,110 @@ def _plot(X, record, states, true, recovered, length):
         ax.scatter(true[:, k], recovered[:, k], marker=marker, label=f"regime {k}")
     lo = min(true.min(), recovered.min()) * 0.7
     hi = max(true.max(), recovered.max()) * 1.4
-    ax.plot([lo, hi], [lo, hi], "k:", lw=1)
+    ax.plot([lo, hi], [lo, hi], "k:", lw=1, label="recovered = true")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("true timescale (steps)")
     ax.set_ylabel("recovered timescale (steps)")
-    ax.set_title("Timescales per system and regime")
+    ax.set_title(f"Timescales per system and regime{note}", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_path("tidhy_timescales.png"), dpi=120)
+    plt.close(fig)
+
+
+def _plot_mixture(w, states, true, accuracy, chance, *, smoke):
+    """Mixture weights against the true regimes of the three systems over time."""
+    steps = np.arange(1, w.shape[0])  # step 0 has no r2 history yet
+    w = w[1:]
+    states = states[1:]
+    n_systems = states.shape[1]
+    spread = w.std(axis=0)
+    active = np.flatnonzero(spread > 1e-6 * max(spread.max(), 1e-30))
+    fig = plt.figure(figsize=(10, 6.6))
+    grid = fig.add_gridspec(
+        3 + n_systems,
+        2,
+        height_ratios=[3, 2.2, 0.12] + [0.45] * n_systems,
+        width_ratios=[60, 1],
+        hspace=0.35,
+        wspace=0.03,
+    )
+    heat = fig.add_subplot(grid[0, 0])
+    image = heat.imshow(
+        w.T,
+        aspect="auto",
+        interpolation="nearest",
+        cmap="viridis",
+        extent=(steps[0] - 0.5, steps[-1] + 0.5, w.shape[1] - 0.5, -0.5),
+    )
+    bar = fig.colorbar(image, cax=fig.add_subplot(grid[0, 1]))
+    bar.set_label("w_k", fontsize=8)
+    heat.set_ylabel("mixture weight k")
+    heat.set_yticks(range(0, w.shape[1], 2))
+    heat.set_title("Mixture weights w(r2_t)", fontsize=10, loc="left")
+    heat.tick_params(labelbottom=False)
+
+    # Each weight's deviation from its own mean, in its own standard deviations:
+    # switching shows as steps here even where the heat map looks flat.
+    lines = fig.add_subplot(grid[1, 0], sharex=heat)
+    top = active[np.argsort(-spread[active])][:4]
+    for k in top:
+        z = (w[:, k] - w[:, k].mean()) / spread[k]
+        lines.plot(steps, z, lw=0.8, label=f"w_{k} (sd {spread[k]:.2g})")
+    lines.set_ylabel("standardised w_k")
+    lines.set_title(
+        "The most variable weights, each minus its mean, in standard deviations",
+        fontsize=9,
+        loc="left",
+    )
+    lines.legend(fontsize=7, ncol=4, loc="upper right")
+    lines.tick_params(labelbottom=False)
+
+    colours = ("#cfd8e8", "#d1603d")  # slow regime, fast regime
+    for i in range(n_systems):
+        ax = fig.add_subplot(grid[3 + i, 0], sharex=heat)
+        slow = int(np.argmax(true[i]))
+        fast_steps = (states[:, i] != slow).astype(float)
+        ax.imshow(
+            fast_steps[None],
+            aspect="auto",
+            interpolation="nearest",
+            cmap=ListedColormap(colours),
+            vmin=0,
+            vmax=1,
+            extent=(steps[0] - 0.5, steps[-1] + 0.5, 0, 1),
+        )
+        ax.set_yticks([])
+        if i == 0:
+            ax.set_title("True regimes of the three systems", fontsize=9, loc="left")
+        ax.set_ylabel(
+            f"system {i + 1}: τ slow {true[i, slow]:.0f},\n"
+            f"fast {true[i, 1 - slow]:.0f}",
+            rotation=0,
+            ha="right",
+            va="center",
+            fontsize=7,
+        )
+        if i < n_systems - 1:
+            ax.tick_params(labelbottom=False)
+        else:
+            ax.set_xlabel("held-out time step")
+    fig.legend(
+        [Patch(color=colours[0]), Patch(color=colours[1])],
+        ["slow regime", "fast regime (τ: timescale in steps)"],
+        loc="lower right",
+        ncol=2,
+        fontsize=8,
+        bbox_to_anchor=(0.9, 0.0),
+    )
+    fig.suptitle(
+        f"TiDHy mixture weights over {len(steps)} held-out steps against the true "
+        f"regimes{' (smoke run)' if smoke else ''}\n3-NN decoding of the combined "
+        f"state from r2: accuracy {accuracy:.2f} (chance {chance:.2f})",
+        fontsize=10,
+    )
+    fig.savefig(out_path("tidhy_mixture_weights.png"), dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

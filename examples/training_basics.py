@@ -109,9 +109,13 @@ def main(argv=None):
     )
     evals = [(r["step"], r["eval_mse"]) for r in history if "eval_mse" in r]
     ax.semilogy(*zip(*evals), "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("MSE")
-    ax.legend()
+    ax.set_xlabel("training step")
+    ax.set_ylabel("mean squared error")
+    ax.set_title(
+        "MLP regression trained with fit()" + (" (smoke run)" if args.smoke else ""),
+        fontsize=9,
+    )
+    ax.legend(["training batch", "validation set"])
     fig.tight_layout()
     fig.savefig(out_path("training_basics.png"), dpi=120)
 

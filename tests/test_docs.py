@@ -72,3 +72,16 @@ def test_api_entries_name_existing_objects(module_name):
     for name in entries:
         attr = name.rpartition(".")[2]
         assert hasattr(module, attr), f"docs/api names {name}, which does not exist"
+
+
+def test_site_assets_are_served_locally():
+    # Equations must render without a network connection: MathJax comes from the
+    # site (docs/_hooks/mathjax.py), fonts from the system, nothing from a CDN.
+    yaml = pytest.importorskip("yaml")  # installed with mkdocs (the docs extra)
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    assets = config.get("extra_javascript", []) + config.get("extra_css", [])
+    remote = [a for a in assets if re.match(r"(https?:)?//", str(a))]
+    assert not remote, f"assets loaded from the network: {remote}"
+    assert config["theme"].get("font") is False, "the theme would load Google Fonts"
+    assert "docs/_hooks/mathjax.py" in config.get("hooks", [])
+    assert "javascripts/mathjax/tex-mml-chtml.js" in assets

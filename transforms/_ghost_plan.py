@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex
 
-from ._ghost_rules import rule_for
+from ._ghost_rules import norm_route, rule_for
 
 
 # Ops that only relabel a parameter (dtype, axis order, shape) before it is used: the
@@ -104,7 +104,15 @@ class Site:
 
 @dataclasses.dataclass(frozen=True)
 class GhostLeaf:
-    """How one parameter leaf is treated; an entry of [`transforms.GhostPlan`][]."""
+    """How one parameter leaf is treated; an entry of [`transforms.GhostPlan`][].
+
+    `uses` names the kind of each use of the leaf (`"matmul"`, `"conv"`, `"gather"`,
+    `"dynamic_slice"`, `"slice"`). For a `"ghost"` leaf of a norms plan, `routes`
+    says how the squared norm of each use is computed, in the same order: `"Gram, T
+    = ..."` (two `T × T` Gram matrices of the use's `T` rows), `"formed, p × q"` (the
+    use's `p × q` per-example gradient is formed, when `2T² > p·q`) or `"row sums"`
+    (an embedding-like use). Empty otherwise.
+    """
 
     path: str
     shape: tuple[int, ...]
@@ -112,6 +120,7 @@ class GhostLeaf:
     treatment: str
     uses: tuple[str, ...]
     reason: str
+    routes: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +133,11 @@ class GhostPlan:
 
     - `"ghost"`: every use is a matrix product, an embedding lookup (gather, dynamic or
       static slice of rows) or a convolution, handled from activations and output
-      gradients without a per-example copy of the leaf;
+      gradients without a per-example copy of the whole leaf. For norms, each use
+      states its route: `Gram, T = ...` (cost `~T²(p + q)` per example, for the `T`
+      rows of the use) or `formed, p × q` (the use's `p × q` gradient is formed per
+      example and squared, cost `~T·p·q`, chosen when `2T² > p·q`), or `row sums`
+      for a lookup;
     - `"materialised"`: a vector-like leaf (at most one axis longer than 1: biases,
       LayerNorm scales) whose per-example gradients are formed directly; cheap;
     - `"fallback"`: a larger leaf with some other use (named in `reason`); its
@@ -144,7 +157,10 @@ class GhostPlan:
     def __str__(self) -> str:
         lines = [f"GhostPlan ({self.mode}):"]
         for leaf in self.leaves:
-            uses = ", ".join(leaf.uses) or "-"
+            if leaf.routes:
+                uses = "; ".join(f"{u}: {r}" for u, r in zip(leaf.uses, leaf.routes))
+            else:
+                uses = ", ".join(leaf.uses) or "-"
             extra = f"  [{leaf.reason}]" if leaf.reason else ""
             lines.append(
                 f"  {leaf.path or '<root>'} {leaf.shape} {leaf.dtype}: "
@@ -399,6 +415,9 @@ def analyse(
                 treatment=treatment[n],
                 uses=tuple(s.kind for s in by_leaf.get(n, [])),
                 reason=reasons[n],
+                routes=tuple(norm_route(rule_for(s)) for s in by_leaf.get(n, []))
+                if mode == "norms" and treatment[n] == "ghost"
+                else (),
             )
             for n in range(len(avals))
         ),

@@ -365,6 +365,28 @@ def _einsum(spec, *xs, acc):
     return jnp.einsum(spec, *xs, preferred_element_type=acc)
 
 
+def uses_gram(layout: Layout) -> bool:
+    """Whether a use's squared norm goes through two `T × T` Gram matrices (cost
+    about `T²(Pk + Pf)`) rather than its `Pk × Pf` gradient formed per example (cost
+    about `T·Pk·Pf`): the Gram route when `2T² ≤ Pk·Pf`."""
+    return 2 * layout.T * layout.T <= layout.Pk * layout.Pf
+
+
+def norm_route(rule: AbstractRule) -> str:
+    """How `self_norm` computes the squared norm of one use, in words.
+
+    `"row sums"` for an embedding-like use (output gradients summed per index),
+    `"Gram, T = ..."` for the Gram-matrix route, `"formed, Pk × Pf"` when the use's
+    per-example gradient is formed.
+    """
+    if isinstance(rule, _Rows):
+        return "row sums"
+    layout = rule.layout
+    if uses_gram(layout):
+        return f"Gram, T = {layout.T}"
+    return f"formed, {layout.Pk} × {layout.Pf}"
+
+
 def self_norm(layout: Layout, K: jax.Array, F) -> jax.Array:
     """`‖Σ_t K_t ⊗ F_t‖²` of one use, accumulated in float32 or wider."""
     acc = acc_dtype(K.dtype)
@@ -382,7 +404,7 @@ def self_norm(layout: Layout, K: jax.Array, F) -> jax.Array:
         sums = jax.ops.segment_sum(K[order].astype(acc), segment, num_segments=layout.T)
         return jnp.sum(sums * sums)
     acc = acc_dtype(K.dtype, F.dtype)
-    if 2 * layout.T * layout.T <= layout.Pk * layout.Pf:
+    if uses_gram(layout):
         kk = _einsum("tk,sk->ts", K, K, acc=acc)
         ff = _einsum("tf,sf->ts", F, F, acc=acc)
         return jnp.sum(kk * ff)

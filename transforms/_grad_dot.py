@@ -257,7 +257,9 @@ def grad_dot_products(
 
     A [`transforms.GradDotProducts`][], called as `fn(model, train_batch,
     val_batch)`. Products are accumulated in float32 (float64 under float64
-    parameters).
+    parameters). Call it under `eqx.filter_jit`: un-jitted, every call traces the
+    loss, plans the ghost path again and runs op by op (milliseconds of overhead a
+    call).
 
     !!! example
 
@@ -265,7 +267,8 @@ def grad_dot_products(
         def loss_fn(model, x, y):
             return optax.softmax_cross_entropy_with_integer_labels(model(x), y)
 
-        dots = grad_dot_products(loss_fn)(model, (xs, ys), (xs_val, ys_val))
+        dots_fn = eqx.filter_jit(grad_dot_products(loss_fn))
+        dots = dots_fn(model, (xs, ys), (xs_val, ys_val))
         ```
     """
     check_callable(_NAME, loss_fn)

@@ -114,10 +114,13 @@ class DotProductEngine:
             learning_rate=learning_rate,
             donate=False,
         )
-        self._dots = grad_dot_products(
-            loss_fn,
-            method="jvp" if method == "auto" else method,
-            val_reduction=val_reduction,
+        # Compiled: un-jitted, each call would trace the loss and plan again.
+        self._dots = eqx.filter_jit(
+            grad_dot_products(
+                loss_fn,
+                method="jvp" if method == "auto" else method,
+                val_reduction=val_reduction,
+            )
         )
         self._shapley = None if n_train is None else in_run_shapley(n_train)
         self._shapley_state = None if self._shapley is None else self._shapley.init()

@@ -366,3 +366,46 @@ def test_norm_properties(seed, perm, scale):
     # Scaling a loss by s² scales every gradient norm by s².
     scaled = _scaled_norms(_small, (x, y, jnp.full(4, scale)))
     np.testing.assert_allclose(scaled, scale**2 * np.asarray(norms), rtol=1e-4)
+
+
+class _Sequence(eqx.Module):
+    """An embedding, a wide and a narrow layer applied to every position."""
+
+    embed: eqx.nn.Embedding
+    wide: eqx.nn.Linear
+    narrow: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2, k3 = jr.split(key, 3)
+        self.embed = eqx.nn.Embedding(11, 8, key=k1)
+        self.wide = eqx.nn.Linear(8, 32, key=k2)
+        self.narrow = eqx.nn.Linear(32, 2, key=k3)
+
+    def __call__(self, tokens):
+        h = jax.vmap(self.embed)(tokens)
+        h = jax.vmap(self.wide)(h)
+        return jnp.mean(jax.vmap(self.narrow)(jnp.tanh(h)), axis=0)
+
+
+def test_plan_states_each_norm_route():
+    # T = 6 positions: the wide layer (32 x 8 = 256 >= 2T² = 72) takes the Gram
+    # route, the narrow one (2 x 32 = 64 < 72) forms its per-example gradient.
+    model = _Sequence(jr.key(0))
+    tokens = jr.randint(jr.key(1), (3, 6), 0, 11)
+    batch = (tokens, jnp.zeros((3, 2)))
+    plan = per_sample_grad_norms(regression_loss).plan(model, batch)
+    routes = {leaf.path: leaf.routes for leaf in plan.leaves}
+    assert routes[".embed.weight"] == ("row sums",)
+    assert routes[".wide.weight"] == ("Gram, T = 6",)
+    assert routes[".narrow.weight"] == ("formed, 2 × 32",)
+    assert routes[".wide.bias"] == ()
+    text = str(plan)
+    assert "ghost (matmul: Gram, T = 6)" in text
+    assert "ghost (matmul: formed, 2 × 32)" in text
+    # Dot products have one route, so their plan names only the uses.
+    dots = grad_dot_products(regression_loss).plan(model, batch)
+    assert all(leaf.routes == () for leaf in dots.leaves)
+    # Both routes give the reference norms.
+    expected = per_sample_grad_norms(regression_loss, method="vmap")(model, batch)
+    got = per_sample_grad_norms(regression_loss, method="ghost")(model, batch)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)

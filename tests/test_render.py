@@ -1,0 +1,316 @@
+"""`benchmarks/render.py` on a small set of result files written here."""
+
+import importlib.util
+import json
+import pathlib
+import re
+
+import pytest
+
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+NNBSP = "\u202f"  # the thin space that groups digits
+
+
+@pytest.fixture(scope="module")
+def render():
+    spec = importlib.util.spec_from_file_location(
+        "render", ROOT / "benchmarks" / "render.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _environment(platform):
+    return {
+        "date": "2026-01-01",
+        "platform": platform,
+        "device": "NVIDIA H200" if platform == "gpu" else "cpu",
+        "device_count": 1,
+        "cpu_count": 2,
+        "python": "3.11.0",
+        "versions": {"jax": "0.10.2"},
+    }
+
+
+def _result(benchmark, title, platform, rows, notes=()):
+    return {
+        "benchmark": benchmark,
+        "title": title,
+        "description": f"What {benchmark} measures.",
+        "environment": _environment(platform),
+        "rows": rows,
+        "notes": list(notes),
+    }
+
+
+def _timing(median, **extra):
+    return {"median_s": median, "min_s": median, "max_s": median, "repeats": 3, **extra}
+
+
+def _chmm_row(workload, impl, median, T=1000, **extra):
+    return {
+        "workload": workload,
+        "impl": impl,
+        "N": 20,
+        "T": T,
+        "sequences": 1,
+        "compile_s": 1.5,
+        "us_per_step": 1e6 * median / T,
+        **_timing(median),
+        "temp_bytes": 3_000_000,
+        **extra,
+    }
+
+
+FILES = {
+    "chmm-gpu.json": _result(
+        "chmm",
+        "Cloned HMM",
+        "gpu",
+        [
+            _chmm_row("large/forward", "eqx_models scan", 0.02, gflop_per_s=3.5),
+            _chmm_row("large/forward", "eqx_models parallel", 0.005),
+            _chmm_row("large/forward", "dynamax (dense)", 0.4),
+        ],
+    ),
+    "chmm-cpu.json": _result(
+        "chmm",
+        "Cloned HMM",
+        "cpu",
+        [
+            _chmm_row("large/forward", "eqx_models scan", 0.05, T=10_000),
+            _chmm_row("large/forward", "dynamax (dense)", 0.1, T=1000),
+        ],
+    ),
+    "causal-gpu.json": _result(
+        "causal",
+        "Causal surrogate",
+        "gpu",
+        [
+            {
+                "workload": "train bucket",
+                "d": 5,
+                "N": 100,
+                "batch": 524,
+                "first_step_s": 76.09,
+                "step_s": 0.0557,
+                "tasks_per_s": 9404.97,
+            },
+            {
+                "workload": "train bucket",
+                "d": 10,
+                "N": 100,
+                "batch": 262,
+                "first_step_s": 68.7,
+                "step_s": 0.0544,
+                "tasks_per_s": 4813.3,
+            },
+            {
+                "workload": "eval (pooled over N)",
+                "d": 5,
+                "target": "sink",
+                "kl": 0.03,
+                "top1_agreement": 0.95,
+                "map_f1": 0.97,
+                "exact_map_f1": 0.96,
+            },
+        ],
+    ),
+    "lm-gpu.json": _result(
+        "multimodal",
+        "LM training step",
+        "gpu",
+        [
+            {
+                "workload": "train step",
+                "impl": "jax scan",
+                "sizes": {"seq": 1024, "batch_per_device": 8},
+                "tokens_per_sec": 500.0,
+                "mfu": 0.4,
+                "peak_bytes": 40e9,
+                **_timing(16.4),
+            },
+            {
+                "workload": "train step",
+                "impl": "torch.compile",
+                "sizes": {"seq": 1024, "batch_per_device": 8},
+                "tokens_per_sec": 1000.0,
+                "peak_bytes": 50e9,
+                **_timing(8.2),
+            },
+        ],
+    ),
+    # A second file with the same title: one section, not two.
+    "lm_L2048-gpu.json": _result(
+        "multimodal_L2048",
+        "LM training step",
+        "gpu",
+        [
+            {
+                "workload": "train step",
+                "impl": "jax unrolled",
+                "sizes": {"seq": 2048, "batch_per_device": 4},
+                "tokens_per_sec": 900.0,
+                **_timing(9.1),
+            },
+            {
+                "workload": "train step",
+                "impl": "torch.compile",
+                "sizes": {"seq": 2048, "batch_per_device": 4},
+                "tokens_per_sec": 600.0,
+                **_timing(13.6),
+            },
+        ],
+    ),
+    "ghost-gpu.json": _result(
+        "ghost",
+        "Ghost engines",
+        "gpu",
+        [
+            {
+                "workload": "train step",
+                "impl": "(a) plain step, B",
+                "sizes": {"batch": 16, "length": 64, "params": 1_000_000},
+                "peak_bytes": 2e9,
+                **_timing(0.1),
+            },
+            {
+                "workload": "per-sample norms",
+                "impl": "(c) per-sample norms, ghost",
+                "sizes": {"batch": 16, "length": 64, "params": 1_000_000},
+                "peak_bytes": 1.8e9,
+                **_timing(0.12),
+            },
+            {
+                "workload": "per-sample norms",
+                "impl": "(e) torch.func",
+                "error": "CUDA out of memory. Tried to allocate 2 GiB.",
+            },
+        ],
+    ),
+    "tidhy-gpu.json": _result(
+        "tidhy",
+        "TiDHy",
+        "gpu",
+        [
+            {
+                "workload": "training epoch (full batch)",
+                "impl": "eqx_models (make_train_step)",
+                "sizes": {"windows": 10, "steps": 20},
+                "iterations_per_s": 12_000.0,
+                **_timing(2.0),
+            },
+            {
+                "workload": "training epoch (full batch)",
+                "impl": "torch (Python loop), extrapolated",
+                "sizes": {"windows": 10, "steps": 20},
+                "timed_time_steps": 4,
+                "median_s": 50.0,
+            },
+        ],
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def page(render, tmp_path_factory):
+    root = tmp_path_factory.mktemp("render")
+    results = root / "results"
+    results.mkdir()
+    for name, result in FILES.items():
+        (results / name).write_text(json.dumps(result))
+    out = root / "docs" / "benchmarks.md"
+    out.parent.mkdir()
+    render.render(str(results), str(out), str(root / "docs" / "img" / "benchmarks"))
+    return out
+
+
+def _tables(text: str) -> list[list[list[str]]]:
+    """Every Markdown table of `text` as rows of cells (header first, no rule)."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+            if not all(re.fullmatch(r"-+", c) for c in cells):
+                current.append(cells)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def test_units_of_rates_times_and_memory(render, page):
+    text = page.read_text()
+    # `tasks_per_s` is a rate, not a time: 9404.97 tasks/s, not 9.405e+06 ms.
+    assert "tasks/s" in text and f"9{NNBSP}405" in text
+    assert "tasks_per" not in text and "tasks per (ms)" not in text
+    assert "step (ms)" in text and "55.7" in text
+    assert not re.search(r"\d\.\d+e[+-]\d", text), "a number in exponent notation"
+    q = render.quantity
+    assert q("gflop_per_s").label == "GFLOP/s"
+    assert q("gbyte_per_s").label == "GB/s"
+    assert q("iterations_per_s").label == "iterations/s"
+    assert q("tokens_per_sec").label == "tokens/s"
+    assert q("median_s").kind == "time" and q("peak_bytes").kind == "bytes"
+    assert render.time_text(0.00483) == "4.83 ms"
+    assert render.time_text(2.5e-6) == "2.50 µs"
+    assert render.bytes_text(31.9e9) == "31.9 GB"
+
+
+def test_summary_gives_the_ratio_to_each_peer(page):
+    text = page.read_text()
+    summaries = [t for t in _tables(text) if t[0][:2] == ["device", "workload"]]
+    ratios = {(row[2], row[3]): row[4] for t in summaries for row in t[1:]}
+    # Times: dynamax 0.4 s against the parallel strategy's 0.005 s.
+    assert ratios[("5.00 ms (parallel)", "dynamax (dense): 400 ms")] == "80.0× faster"
+    # Different T on the CPU: compared per step (50 000 / 10 000 µs per step ... )
+    per_step = [r for (ours, _), r in ratios.items() if "/step" in ours]
+    assert per_step == ["20.0× faster per step"]
+    # Throughput: 500 against 1000 tokens/s is half the speed.
+    assert "2.00× slower" in ratios.values()
+    assert "1.50× faster" in ratios.values()
+    # Targets are stated and judged: the parallel strategy's 5 ms meets <= 5 ms.
+    assert any(t[0][-1] == "target" for t in summaries)
+    assert "parallel ≤ 5.00 ms: met" in text
+    # A peer that failed is reported, without a ratio.
+    assert "torch.func vmap(grad): failed: CUDA out of memory" in text
+
+
+def test_tables_have_no_empty_columns_and_fit(render, page):
+    tables = _tables(page.read_text())
+    assert tables
+    for table in tables:
+        header, rows = table[0], table[1:]
+        assert rows, f"a table without rows: {header}"
+        for i, column in enumerate(header):
+            assert any(row[i] for row in rows), f"empty column {column!r} in {header}"
+        if header[:2] == ["device", "workload"]:
+            assert len(header) <= 6
+            continue
+        width = sum(max(len(r[i]) for r in table) for i in range(len(header)))
+        assert len(header) <= render.MAX_COLUMNS
+        assert width + 3 * len(header) + 1 <= render.MAX_CHARACTERS, header
+
+
+def test_one_section_per_title(page):
+    headings = re.findall(r"^## (.+)$", page.read_text(), re.MULTILINE)
+    assert len(headings) == len(set(headings))
+    assert headings.count("LM training step") == 1
+    assert set(headings) == {r["title"] for r in FILES.values()}
+
+
+def test_plots_are_written_and_linked(page):
+    text = page.read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    expected = {"ghost_norms", "chmm_time_vs_length", "lm_tokens_per_s", "tidhy_epoch"}
+    assert {pathlib.Path(link).stem for link in links} == expected
+    for link in links:
+        png = page.parent / link
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", link
+        assert png.stat().st_size > 10_000
+    # Each plot says what it shows, and what it lacks.
+    assert "No batch-size sweep has been measured yet" in text
+    assert "No sweep over T at a fixed model" in text
