@@ -21,6 +21,7 @@ import argparse
 import os
 import sys
 import tempfile
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -62,7 +63,8 @@ def _compiled(train_step, options):
     """`train_step` (a `TrainStep` with `donate=False`) compiled with `options`."""
     from transforms._train_step import _step
 
-    compiled = eqx.filter_jit(_step, compiler_options=options)
+    jit_options: dict[str, Any] = {"compiler_options": options}
+    compiled = eqx.filter_jit(_step, **jit_options)
     return lambda model, opt_state, batch, key: compiled(
         (train_step, batch, key), model, opt_state
     )

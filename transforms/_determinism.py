@@ -13,6 +13,7 @@ segmented scatters instead of atomics); it is ignored on a CPU.
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 
@@ -28,14 +29,14 @@ def compile_variants(fn: Callable) -> dict[tuple[bool, bool], Callable]:
     optimiser state) are reused for the result; the first argument (the step's
     static parts, batch and key) is never donated since callers often reuse it.
     """
-    return {
-        (donate, deterministic): eqx.filter_jit(
-            fn,
-            donate="all-except-first" if donate else "none",
-            compiler_options=(
-                dict(DETERMINISTIC_COMPILER_OPTIONS) if deterministic else None
-            ),
-        )
-        for donate in (False, True)
-        for deterministic in (False, True)
-    }
+    variants = {}
+    for donate in (False, True):
+        for deterministic in (False, True):
+            options: dict[str, Any] = {
+                "donate": "all-except-first" if donate else "none",
+                "compiler_options": (
+                    dict(DETERMINISTIC_COMPILER_OPTIONS) if deterministic else None
+                ),
+            }
+            variants[donate, deterministic] = eqx.filter_jit(fn, **options)
+    return variants

@@ -117,7 +117,7 @@ def _batches(data, start: int) -> Callable[[int], Any]:
 
 def _deterministic(step: Callable) -> Callable:
     """`step` compiled for run-to-run determinism, where it has that option."""
-    inner = step.step if isinstance(step, FallbackStep) else step
+    inner: Any = step.step if isinstance(step, FallbackStep) else step
     if isinstance(inner, eqx.Module) and hasattr(inner, "deterministic"):
         inner = dataclasses.replace(inner, deterministic=True)  # pyright: ignore
         return FallbackStep(inner) if isinstance(step, FallbackStep) else inner

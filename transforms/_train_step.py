@@ -36,9 +36,8 @@ def nonfinite_mask(loss, grad_norm, model, opt_state) -> jax.Array:
         _all_finite(model),
         _all_finite(opt_state),
     )
-    return sum(
-        jnp.where(ok, 0, 1 << bit).astype(jnp.int32) for bit, ok in enumerate(finite)
-    )
+    bits = [jnp.where(ok, 0, 1 << bit) for bit, ok in enumerate(finite)]
+    return jnp.sum(jnp.stack(bits).astype(jnp.int32))
 
 
 def nonfinite_parts(mask: int) -> tuple[str, ...]:
