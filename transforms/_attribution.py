@@ -5,22 +5,20 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from beartype import beartype
 from jax.sharding import Mesh
-from jaxtyping import Array, ArrayLike, Float, Int, jaxtyped
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from ._determinism import compile_variants
 from ._ghost_plan import GhostPlan
 from ._grad_dot import ghost_dots, jvp_dots
 from ._per_sample import (
     as_batch,
-    check_callable,
-    check_choice,
     per_example_dot,
     setup,
 )
 from ._sharding import replicate, shard_batch
 from ._train_step import _learning_rate
+from ._validation import check_callable, check_choice, typechecked
 
 
 _NAME = "make_attribution_step"
@@ -101,9 +99,7 @@ class AttributionStep(eqx.Module):
     fallback: bool = eqx.field(static=True)
     deterministic: bool = eqx.field(static=True, default=False)
 
-    def __call__(
-        self, model: Any, opt_state: Any, train_batch: tuple, val_batch: tuple
-    ):
+    def __call__(self, model: Any, opt_state: Any, train_batch: Any, val_batch: Any):
         """One optimisation step on the training batch, with attribution.
 
         **Arguments:**
@@ -131,13 +127,13 @@ class AttributionStep(eqx.Module):
         compiled = _compiled[self.donate, self.deterministic]
         return compiled((self, train, val), model, opt_state)
 
-    def plan(self, model: Any, train_batch: tuple) -> GhostPlan:
+    def plan(self, model: Any, train_batch: Any) -> GhostPlan:
         """How the ghost path treats each parameter; see [`transforms.GhostPlan`][]."""
         s = setup(_NAME, self.loss_fn, model, train_batch, arg="train_batch")
         return s.analyse("dots").plan
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def make_attribution_step(
     loss_fn: Callable,
     optimizer: optax.GradientTransformation,
@@ -198,7 +194,7 @@ def make_attribution_step(
             state = shapley.update(state, idx, dots, metrics["learning_rate"])
         ```
     """
-    check_callable(_NAME, loss_fn)
+    check_callable(_NAME, "loss_fn", loss_fn)
     check_choice(_NAME, "method", method, _METHODS)
     check_choice(_NAME, "val_reduction", val_reduction, ("mean", "sum"))
     if mesh is not None and data_axis not in mesh.axis_names:
@@ -236,7 +232,7 @@ class InRunShapley(NamedTuple):
     update: Callable[..., ShapleyState]
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def in_run_shapley(n_train: int, dtype: Any = jnp.float32) -> InRunShapley:
     """Accumulate first-order In-Run Data Shapley values over a training run.
 
@@ -308,14 +304,14 @@ def in_run_shapley(n_train: int, dtype: Any = jnp.float32) -> InRunShapley:
     return InRunShapley(init, update)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def shapley_values(state: ShapleyState) -> Float[Array, " n"]:
     """The accumulated values of a [`transforms.ShapleyState`][] (with the
     compensation added back)."""
     return state.values + state.compensation
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def to_original_scaling(
     dots: Float[ArrayLike, "*shape"],
     *,

@@ -3,10 +3,10 @@ import functools
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, Bool, Float, Int, jaxtyped
+from jaxtyping import Array, Bool, Float, Int
 
 from ._masked import pairwise_sum
+from ._validation import typechecked
 
 
 _VOCAB_TILE = 128
@@ -147,7 +147,7 @@ def _fused_bwd(chunk_size, grads, g):
 _fused_cross_entropy.defvjp(_fused_fwd, _fused_bwd)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def chunked_cross_entropy(
     hidden: Float[Array, "n d"],
     weight: Float[Array, "v d"],

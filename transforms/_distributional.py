@@ -1,12 +1,12 @@
 import jax
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, Bool, Float, jaxtyped
+from jaxtyping import Array, Bool, Float
 
 from ._masked import masked_mean
+from ._validation import typechecked
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def two_hot(
     x: Float[Array, "*batch"], centres: Float[Array, " n"]
 ) -> Float[Array, "*batch n"]:
@@ -47,7 +47,7 @@ def two_hot(
     ) * weight_upper[..., None]
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def hl_gauss(
     x: Float[Array, "*batch"],
     edges: Float[Array, " n_edges"],
@@ -91,7 +91,7 @@ def hl_gauss(
     return mass / (cdf[..., -1:] - cdf[..., :1])
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def soft_cross_entropy(
     logits: Float[Array, "n k"],
     target_probs: Float[Array, "n k"],

@@ -3,8 +3,9 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, ArrayLike, Float, jaxtyped
+from jaxtyping import Array, ArrayLike, Float
+
+from ._validation import typechecked
 
 
 def _check_pair(name: str, log_p, log_q, axis: int) -> tuple[Array, Array]:
@@ -40,7 +41,7 @@ def _where_positive(p: Array, x: Array) -> Array:
     return jnp.where(p > 0, x, 0.0)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def entropy(log_p: Float[ArrayLike, "..."], *, axis: int = -1) -> Float[Array, "..."]:
     """Shannon entropy `H(p) = -Σ_i p_i log p_i` in nats.
 
@@ -71,7 +72,7 @@ def entropy(log_p: Float[ArrayLike, "..."], *, axis: int = -1) -> Float[Array, "
     return -jnp.sum(_where_positive(p, p * safe), axis=axis)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def kl_divergence(
     log_p: Float[ArrayLike, "..."],
     log_q: Float[ArrayLike, "..."],
@@ -117,7 +118,7 @@ def kl_divergence(
     return jnp.sum(_where_positive(p, p * (safe_p - safe_q)), axis=axis)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def total_variation(
     log_p: Float[ArrayLike, "..."],
     log_q: Float[ArrayLike, "..."],

@@ -3,10 +3,10 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, Bool, Float, Int, jaxtyped
+from jaxtyping import Array, Bool, Float, Int
 
 from ._masked import masked_mean
+from ._validation import typechecked
 
 
 def _float_dtype(*arrays) -> jnp.dtype:
@@ -14,7 +14,7 @@ def _float_dtype(*arrays) -> jnp.dtype:
     return jnp.result_type(jnp.float32, *(a.dtype for a in arrays))
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def expected_value(
     logits: Float[Array, "*batch n"], values: Float[Array, " n *dims"]
 ) -> Float[Array, "..."]:
@@ -58,7 +58,7 @@ def _squared_error(prediction, target):
     return jnp.mean((prediction - target) ** 2)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def expected_value_loss(
     logits: Float[Array, "n v"],
     values: Float[Array, " v *dims"],

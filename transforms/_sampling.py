@@ -1,10 +1,11 @@
 import jax
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, Bool, Int, jaxtyped, PRNGKeyArray
+from jaxtyping import Array, Bool, Int, PRNGKeyArray
+
+from ._validation import typechecked
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def sample_positions(
     key: PRNGKeyArray, where: Bool[Array, " n"], k: int
 ) -> tuple[Int[Array, " m"], Bool[Array, " m"]]:

@@ -6,12 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from beartype import beartype
 from jax.core import Tracer
-from jaxtyping import Array, ArrayLike, Bool, Float, Int, jaxtyped
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
+
+from ._validation import typechecked
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def soft_threshold(x: Float[Array, "*shape"], threshold: ArrayLike) -> Array:
     """The proximal operator of `threshold * ||x||_1`: shrink towards zero.
 

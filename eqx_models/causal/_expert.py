@@ -1,8 +1,9 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, ArrayLike, Bool, Float, Int, jaxtyped
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
+
+from transforms._validation import typechecked
 
 from ._candidates import candidate_parent_sets, CandidateSets, checked_table
 from ._data import Channel, check_shapes, check_values
@@ -40,7 +41,7 @@ def relative_to_variables(members: Int[ArrayLike, "..."], target) -> Int[Array, 
     return members + (members >= target)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def candidate_variables(
     target: int | Int[Array, ""], n_vars: int, max_parents: int
 ) -> Int[Array, "C k"]:
@@ -82,7 +83,7 @@ def marginals_from_sets(
     return jnp.where(i == target, 0.0, gathered)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def edge_marginals(
     log_probs: Float[Array, " C"],
     target: int | Int[Array, ""],
@@ -221,7 +222,7 @@ def posterior_core(
     return log_probs, log_bf, edge_probs, n, degenerate
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def exact_parent_posterior(
     data: Float[Array, "N d 3"],
     max_parents: int,

@@ -1,8 +1,9 @@
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from beartype import beartype
-from jaxtyping import Array, Bool, Float, Int, jaxtyped, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from transforms._validation import typechecked
 
 
 GRAPH_FAMILIES = ("chain", "fork", "collider", "erdos_renyi", "scale_free")
@@ -100,7 +101,7 @@ def _scale_free(u, d, max_parents, edges_per_node):
 _BUILDERS = (_chain, _fork, _collider, _erdos_renyi, _scale_free)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def sample_dag(
     key: PRNGKeyArray,
     n_vars: int,

@@ -4,8 +4,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from beartype import beartype
-from jaxtyping import Array, Bool, Float, jaxtyped, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
+
+from transforms._validation import typechecked
 
 from .._layer_ops import layer_norm
 from ._candidates import candidate_parent_sets, checked_table
@@ -332,7 +333,7 @@ class ParentSetPredictionModel(eqx.Module):
         set_valid = jnp.all(~mask | member_valid, axis=1)
         return jnp.where(set_valid, logits, -jnp.inf)
 
-    @jaxtyped(typechecker=beartype)
+    @typechecked
     def __call__(
         self,
         data: Float[Array, "N d 3"],

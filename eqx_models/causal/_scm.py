@@ -2,8 +2,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from beartype import beartype
-from jaxtyping import Array, Bool, Float, Int, jaxtyped, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from transforms._validation import typechecked
 
 
 class LinearGaussianSCM(eqx.Module):
@@ -97,7 +98,7 @@ def _explained_variance_mechanisms(adjacency, raw_weights, explained):
     return weights, noise
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def sample_linear_gaussian_scm(
     key: PRNGKeyArray,
     adjacency: Bool[Array, "d d"],
@@ -196,7 +197,7 @@ def sample_linear_gaussian_scm(
     )
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def simulate(
     key: PRNGKeyArray,
     scm: LinearGaussianSCM,

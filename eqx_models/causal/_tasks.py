@@ -1,8 +1,9 @@
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
-from beartype import beartype
-from jaxtyping import Array, Bool, Float, Int, jaxtyped, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from transforms._validation import typechecked
 
 from ._data import Channel
 from ._graphs import GRAPH_FAMILIES, sample_dag
@@ -100,7 +101,7 @@ class Task(eqx.Module):
         return column[..., 0]
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def sample_task(
     key: PRNGKeyArray,
     config: TaskConfig,

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
-from beartype import beartype
-from jaxtyping import Array, Bool, Float, Int, jaxtyped, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from transforms import (
     entropy,
@@ -20,6 +19,7 @@ from transforms import (
     uncertainty_weighted,
     with_fallback,
 )
+from transforms._validation import typechecked
 
 from ._candidates import candidate_parent_sets
 from ._data import Channel
@@ -69,7 +69,7 @@ def _sample_batch(key, config, batch_size, max_parents, family_weights):
     return TrainingBatch(tasks.data, log_probs, valid)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def sample_training_batch(
     key: PRNGKeyArray,
     config: TaskConfig,

@@ -1,9 +1,10 @@
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
-from beartype import beartype
 from jax import lax
-from jaxtyping import Array, Bool, Float, Int, jaxtyped, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from transforms._validation import typechecked
 
 from ._model import _normalise_rows, CHMM
 
@@ -12,7 +13,7 @@ from ._model import _normalise_rows, CHMM
 MOVES = ((0, -1), (0, 1), (-1, 0), (1, 0))
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def random_room(
     height: int, width: int, n_colours: int, *, key: PRNGKeyArray
 ) -> Int[Array, "height width"]:
@@ -38,7 +39,7 @@ def random_room(
 
 
 @eqx.filter_jit
-@jaxtyped(typechecker=beartype)
+@typechecked
 def room_walk(
     room: Int[Array, "height width"],
     length: int,
@@ -116,7 +117,7 @@ def room_walk(
     )
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def place_fields(
     states: Int[Array, " T"],
     positions: Int[Array, "T_positions 2"],
@@ -149,7 +150,7 @@ def place_fields(
     return fields.at[states, positions[:, 0], positions[:, 1]].add(1)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def clone_graph(
     model: CHMM, states: Int[Array, " T"], *, threshold: float = 0.0
 ) -> tuple[Float[Array, "n_states n_states"], Bool[Array, " n_states"]]:

@@ -3,8 +3,9 @@ from typing import NamedTuple
 
 import equinox as eqx
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, ArrayLike, Float, Int, jaxtyped
+from jaxtyping import Array, ArrayLike, Float, Int
+
+from transforms._validation import typechecked
 
 from .._misc import pairwise_sum
 from ._chain import (
@@ -44,7 +45,7 @@ class Posteriors(NamedTuple):
 
 
 @eqx.filter_jit
-@jaxtyped(typechecker=beartype)
+@typechecked
 def log_likelihood(
     model: CHMM,
     x: Observations,
@@ -106,7 +107,7 @@ def log_likelihood(
 
 
 @eqx.filter_jit
-@jaxtyped(typechecker=beartype)
+@typechecked
 def forward(
     model: CHMM,
     x: Observations,
@@ -144,7 +145,7 @@ def forward(
 
 
 @eqx.filter_jit
-@jaxtyped(typechecker=beartype)
+@typechecked
 def backward(
     model: CHMM,
     x: Observations,
@@ -186,7 +187,7 @@ def backward(
 
 
 @eqx.filter_jit
-@jaxtyped(typechecker=beartype)
+@typechecked
 def posteriors(
     model: CHMM,
     x: Observations,
@@ -243,7 +244,7 @@ def posteriors(
 
 
 @eqx.filter_jit
-@jaxtyped(typechecker=beartype)
+@typechecked
 def viterbi(
     model: CHMM,
     x: Observations,

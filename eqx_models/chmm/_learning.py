@@ -3,9 +3,10 @@ from collections.abc import Sequence
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from beartype import beartype
 from jax import lax
-from jaxtyping import Array, Float, Int, jaxtyped
+from jaxtyping import Array, Float, Int
+
+from transforms._validation import typechecked
 
 from .._misc import pairwise_sum
 from ._chain import (
@@ -154,7 +155,7 @@ def _check_iterations(fn: str, n_iter: int, pseudocount: float) -> None:
 
 
 @eqx.filter_jit
-@jaxtyped(typechecker=beartype)
+@typechecked
 def expected_counts(
     model: CHMM,
     x: Sequences,
@@ -196,7 +197,7 @@ def expected_counts(
 
 
 @eqx.filter_jit
-@jaxtyped(typechecker=beartype)
+@typechecked
 def em(
     model: CHMM,
     x: Sequences,
@@ -272,7 +273,7 @@ def _viterbi_paths(model: CHMM, batch: _Batch):
 
 
 @eqx.filter_jit
-@jaxtyped(typechecker=beartype)
+@typechecked
 def viterbi_em(
     model: CHMM,
     x: Sequences,
@@ -355,7 +356,7 @@ def _posteriors_over(model, batch, emissions, method):
 
 
 @eqx.filter_jit
-@jaxtyped(typechecker=beartype)
+@typechecked
 def learn_emissions(
     model: CHMM,
     x: Sequences,

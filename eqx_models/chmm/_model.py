@@ -5,8 +5,9 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from beartype import beartype
-from jaxtyping import Array, ArrayLike, Float, jaxtyped, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+
+from transforms._validation import typechecked
 
 
 def _as_clone_counts(fn: str, n_clones) -> tuple[int, ...]:
@@ -212,7 +213,7 @@ class CHMM(eqx.Module):
         return np.repeat(np.arange(self.n_obs), self.n_clones)
 
     @classmethod
-    @jaxtyped(typechecker=beartype)
+    @typechecked
     def random(
         cls,
         n_clones: Sequence[int] | np.ndarray | Array,

@@ -2,9 +2,10 @@ from typing import NamedTuple
 
 import equinox as eqx
 import jax.numpy as jnp
-from beartype import beartype
 from jax import lax
-from jaxtyping import Array, Float, Int, jaxtyped
+from jaxtyping import Array, Float, Int
+
+from transforms._validation import typechecked
 
 from .._misc import pairwise_sum
 from ._chain import Checks, safe_log
@@ -26,7 +27,7 @@ class Plan(NamedTuple):
 
 
 @eqx.filter_jit
-@jaxtyped(typechecker=beartype)
+@typechecked
 def plan(
     model: CHMM,
     start: int | Int[Array, ""],

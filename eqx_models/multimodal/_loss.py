@@ -4,8 +4,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from beartype import beartype
-from jaxtyping import Array, Float, jaxtyped, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray
 
 from transforms import (
     chunked_cross_entropy,
@@ -16,6 +15,7 @@ from transforms import (
     soft_cross_entropy,
     two_hot,
 )
+from transforms._validation import typechecked
 
 from ._codebooks import Codebooks
 from ._model import CausalTransformerLM
@@ -156,7 +156,7 @@ class MultimodalLoss(eqx.Module):
             return jnp.broadcast_to(jnp.arange(n), valid.shape), valid
         return jax.vmap(sample_positions, in_axes=(0, 0, None))(keys, valid, k)
 
-    @jaxtyped(typechecker=beartype)
+    @typechecked
     def __call__(
         self,
         model: CausalTransformerLM,

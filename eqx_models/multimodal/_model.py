@@ -7,8 +7,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from beartype import beartype
-from jaxtyping import Array, Float, Int, jaxtyped, PRNGKeyArray
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from transforms._validation import typechecked
 
 from .._layer_ops import gelu, layer_norm
 from ._vocab import N_SPECIAL, PAD, SPECIAL_TYPE, VocabLayout
@@ -357,7 +358,7 @@ class CausalTransformerLM(eqx.Module):
             )
         return check_tokens(self.layout, tokens, type_ids, where=where)
 
-    @jaxtyped(typechecker=beartype)
+    @typechecked
     def features_batch(
         self,
         tokens: Int[Array, "batch length"],
@@ -462,7 +463,7 @@ class CausalTransformerLM(eqx.Module):
         x = layer_norm(x, self.final_norm_weight, self.final_norm_bias)
         return x.reshape(batch, length, self.d_model)
 
-    @jaxtyped(typechecker=beartype)
+    @typechecked
     def features(
         self,
         tokens: Int[Array, " length"],
@@ -490,7 +491,7 @@ class CausalTransformerLM(eqx.Module):
             tokens[None], type_ids=None if type_ids is None else type_ids[None], key=key
         )[0]
 
-    @jaxtyped(typechecker=beartype)
+    @typechecked
     def __call__(
         self,
         tokens: Int[Array, " length"],
@@ -547,7 +548,7 @@ class CausalTransformerLM(eqx.Module):
         return 3.0 * forward
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def check_tokens(
     layout: VocabLayout,
     tokens: Int[Array, "*batch length"],

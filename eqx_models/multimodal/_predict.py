@@ -1,13 +1,14 @@
 import jax
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, Float, Int, jaxtyped
+from jaxtyping import Array, Float, Int
+
+from transforms._validation import typechecked
 
 from ._codebooks import Codebooks
 from ._model import CausalTransformerLM
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def expected_values(
     model: CausalTransformerLM,
     codebooks: Codebooks,

@@ -2,8 +2,9 @@ from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, Int, jaxtyped
+from jaxtyping import Array, Int
+
+from transforms._validation import typechecked
 
 
 PAD = 0
@@ -150,7 +151,7 @@ class VocabLayout(eqx.Module):
         }
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def _type_ids(
     layout: VocabLayout, tokens: Int[Array, "*shape"]
 ) -> Int[Array, "*shape"]:

@@ -4,11 +4,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from beartype import beartype
-from jax.core import Tracer
-from jaxtyping import Array, Bool, Float, Int, jaxtyped
+from jaxtyping import Array, Bool, Float, Int
 
 from transforms import scan_optimize, soft_threshold
+
+# `check_finite` is imported from here by `._fit`.
+from transforms._validation import check_finite as check_finite, typechecked
 
 from ._functional import l1
 from ._model import TiDHy
@@ -293,22 +294,6 @@ def frozen(model: TiDHy) -> TiDHy:
     )
 
 
-def check_finite(name: str, argument: str, x: Array) -> Array:
-    """Raise on non-finite entries: a `ValueError` for concrete arrays, a runtime
-    error (`eqx.error_if`) inside `jit`."""
-    if isinstance(x, Tracer):
-        return eqx.error_if(
-            x,
-            ~jnp.all(jnp.isfinite(x)),
-            f"{name}: `{argument}` contains non-finite values (NaN or inf).",
-        )
-    if not bool(jnp.all(jnp.isfinite(x))):
-        raise ValueError(
-            f"{name}: `{argument}` contains non-finite values (NaN or inf)."
-        )
-    return x
-
-
 def check_features(name: str, argument: str, x: Array, model: TiDHy) -> None:
     """Raise a `ValueError` unless the last axis of `x` is the model's `input_dim`."""
     if x.shape[-1] != model.input_dim:
@@ -328,7 +313,7 @@ def _infer_first_step_jit(model, x, config):
     return infer_first_step_impl(frozen(model), x, config)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def infer(
     model: TiDHy,
     x: Float[Array, "B D"],
@@ -382,7 +367,7 @@ def infer(
     return _infer_jit(model, x, r_prev, r2_prev, config)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def infer_first_step(
     model: TiDHy,
     x: Float[Array, "B D"],

@@ -3,11 +3,12 @@ import functools
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from beartype import beartype
-from jaxtyping import Array, Bool, Float, Int, jaxtyped, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from transforms._validation import typechecked
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def r2_score(
     y_true: Float[Array, "*batch D"], y_pred: Float[Array, "*batch D"]
 ) -> Float[Array, ""]:
@@ -35,7 +36,7 @@ def r2_score(
     return jnp.mean(1 - residual / total)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def fit_linear_dynamics(
     z: Float[Array, "*seq T d"], mask: Bool[Array, "*seq T"] | None = None
 ) -> tuple[Float[Array, "d d"], Float[Array, " d"]]:
@@ -75,7 +76,7 @@ def fit_linear_dynamics(
     return solution[:d].T, solution[d]
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def timescales(A: Float[Array, "d d"]) -> Float[Array, " d"]:
     """The timescales `τ = 1 / |ln|λ||` of a linear map's eigenvalues, in steps,
     sorted from slowest to fastest.
@@ -97,7 +98,7 @@ def timescales(A: Float[Array, "d d"]) -> Float[Array, " d"]:
     return -jnp.sort(-tau)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def knn_classify(
     train_x: Float[Array, "N F"],
     train_y: Int[Array, " N"],
@@ -150,7 +151,7 @@ def _knn(train_x, train_y, test_x, n_classes, k, chunk):
     return jax.lax.map(classify, test_x, batch_size=chunk).astype(jnp.int32)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def state_decoding_accuracy(
     features: Float[Array, "N F"],
     labels: Int[Array, " N"],

@@ -3,12 +3,13 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, Float, jaxtyped
+from jaxtyping import Array, Float
+
+from transforms._validation import check_finite, typechecked
 
 from .._misc import pairwise_sum
 from ._functional import l1, mean_pairwise_abs_cosine, torch_abs
-from ._inference import check_features, check_finite, frozen, InferenceConfig
+from ._inference import check_features, frozen, InferenceConfig
 from ._model import TiDHy
 from ._sequence import infer_sequence
 
@@ -304,7 +305,7 @@ def training_loss(
     return loss, aux
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def init_learner(
     model: TiDHy,
     windows: Float[Array, "B T D"],

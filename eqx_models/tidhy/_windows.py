@@ -1,9 +1,10 @@
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, Float, jaxtyped
+from jaxtyping import Array, Float
+
+from transforms._validation import typechecked
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def stack_windows(
     x: Float[Array, "T D"] | Float[Array, "S T D"], length: int, stride: int
 ) -> Float[Array, "N length D"]:

@@ -334,11 +334,11 @@ class TestErrors:
     def test_method_ranks_and_dtypes(self):
         with pytest.raises(ValueError, match="`method` must be 'scan' or 'parallel'"):
             log_likelihood(self.model, self.ids, self.ids, method="fast")
-        with pytest.raises(TypeCheckError, match="parameter 'x'"):
+        with pytest.raises(TypeCheckError, match="log_likelihood: `x` must be"):
             log_likelihood(self.model, jnp.zeros((2, 3), jnp.int32), self.ids)
         with pytest.raises(ValueError, match="empty"):
             log_likelihood(self.model, self.ids[:0], self.ids[:0])
-        with pytest.raises(TypeCheckError, match="parameter 'a'"):
+        with pytest.raises(TypeCheckError, match="log_likelihood: `a` must be"):
             log_likelihood(self.model, self.ids, jnp.zeros(3))
 
     def test_emissions(self):

@@ -201,13 +201,13 @@ def test_bad_inputs_raise(getkey):
         tidhy.infer(model, x, jnp.ones((2, 4)), r2_prev)
     with pytest.raises(ValueError, match="infer: `r2_prev` must have shape"):
         tidhy.infer(model, x, r_prev, jnp.ones((2, 3)))
-    with pytest.raises(ValueError, match="infer: `x` contains non-finite"):
+    with pytest.raises(ValueError, match="infer: `x` must be all finite"):
         tidhy.infer(model, x.at[0, 0].set(jnp.nan), r_prev, r2_prev)
     with pytest.raises(ValueError, match="infer_first_step: `x` must have feature"):
         tidhy.infer_first_step(model, jnp.ones((2, 3)))
     # Under the caller's own `jax.jit` the check is an `eqx.error_if`: on a GPU it
     # surfaces when the result is awaited, so the test blocks on it.
-    with pytest.raises(Exception, match="infer: `x` contains non-finite"):
+    with pytest.raises(Exception, match="infer: `x` must be all finite"):
         jax.block_until_ready(
             jax.jit(lambda x: tidhy.infer(model, x, r_prev, r2_prev)[0])(
                 x.at[0, 0].set(jnp.inf)
