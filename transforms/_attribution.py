@@ -18,7 +18,15 @@ from ._per_sample import (
 )
 from ._sharding import replicate, shard_batch
 from ._train_step import _learning_rate
-from ._validation import check_callable, check_choice, typechecked
+from ._validation import (
+    check_callable,
+    check_choice,
+    check_finite,
+    check_ids,
+    check_size,
+    fail,
+    typechecked,
+)
 
 
 _NAME = "make_attribution_step"
@@ -260,11 +268,12 @@ def in_run_shapley(n_train: int, dtype: Any = jnp.float32) -> InRunShapley:
 
     **Raises:**
 
-    `ValueError` from `update` if `indices` and `dots` differ in shape; an
-    `equinox` runtime error if an index is outside `[0, n_train)`.
+    `TypeError` if `n_train` is not a positive integer (a bool included). From
+    `update`: `ValueError` if `indices` and `dots` differ in shape, if an index is
+    outside `[0, n_train)`, or if `dots` or `learning_rate` is not finite (at once
+    for concrete arrays, by `eqx.error_if` under `jit`).
     """
-    if n_train < 1:
-        raise ValueError(f"in_run_shapley: `n_train` must be positive, got {n_train}.")
+    n_train = check_size("in_run_shapley", "n_train", n_train)
 
     def init() -> ShapleyState:
         zeros = jnp.zeros(n_train, dtype)
@@ -276,17 +285,19 @@ def in_run_shapley(n_train: int, dtype: Any = jnp.float32) -> InRunShapley:
         dots: ArrayLike,
         learning_rate: ArrayLike,
     ) -> ShapleyState:
+        name = "in_run_shapley.update"
         indices = jnp.asarray(indices)
         dots = jnp.asarray(dots)
         if indices.shape != dots.shape:
-            raise ValueError(
-                "in_run_shapley.update: `indices` and `dots` must have the same shape, "
-                f"got {indices.shape} and {dots.shape}."
+            raise fail(
+                name,
+                "dots",
+                f"of the shape of `indices` {indices.shape}",
+                f"shape {dots.shape}",
             )
-        bad = jnp.any((indices < 0) | (indices >= n_train))
-        indices = eqx.error_if(
-            indices, bad, "in_run_shapley.update: an index is outside [0, n_train)."
-        )
+        indices = check_ids(name, "indices", indices, n_train)
+        dots = check_finite(name, "dots", dots)
+        learning_rate = check_finite(name, "learning_rate", learning_rate)
         step = (
             jnp.zeros(n_train, dtype)
             .at[indices]
@@ -337,13 +348,16 @@ def to_original_scaling(
     **Returns:**
 
     The dot products in the original's scaling, same shape.
+
+    **Raises:**
+
+    `TypeError`/`ValueError` if `n_train` or `n_val` is not a positive integer or
+    `val_reduction` is unknown.
     """
-    check_choice("to_original_scaling", "val_reduction", val_reduction, ("mean", "sum"))
-    if n_train < 1 or n_val < 1:
-        raise ValueError(
-            "to_original_scaling: `n_train` and `n_val` must be positive, got "
-            f"{n_train} and {n_val}."
-        )
+    name = "to_original_scaling"
+    check_choice(name, "val_reduction", val_reduction, ("mean", "sum"))
+    n_train = check_size(name, "n_train", n_train)
+    n_val = check_size(name, "n_val", n_val)
     total = n_train + n_val
     factor = (n_val if val_reduction == "mean" else 1) / total**2
     return jnp.asarray(dots) * factor

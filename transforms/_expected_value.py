@@ -1,12 +1,11 @@
 from collections.abc import Callable
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from ._masked import masked_mean
-from ._validation import typechecked
+from ._validation import check_ids, typechecked
 
 
 def _float_dtype(*arrays) -> jnp.dtype:
@@ -93,22 +92,18 @@ def expected_value_loss(
 
     **Raises:**
 
-    `TypeError` (from the shape annotations) for inconsistent shapes; `ValueError`
-    if `loss_fn` does not return a scalar; at run time (`eqx.error_if`) if a
-    selected target index lies outside `[0, v)`.
+    `TypeError` (from the shape annotations) for inconsistent shapes, or if
+    `loss_fn` is not callable; `ValueError` if `loss_fn` does not return a scalar,
+    or if a selected target index lies outside `[0, v)` (at once for concrete
+    indices, by `eqx.error_if` under `jit`).
     """
+    name = "expected_value_loss"
     n, v = logits.shape
     if where is None:
         where = jnp.ones((n,), bool)
     dtype = _float_dtype(logits, values)
     if jnp.issubdtype(targets.dtype, jnp.integer):
-        outside = where & ((targets < 0) | (targets >= v))
-        # The check rides on a scalar so that `targets` keeps its sharding.
-        targets = targets + eqx.error_if(
-            jnp.zeros((), targets.dtype),
-            jnp.any(outside),
-            "expected_value_loss: a target index lies outside [0, number of values).",
-        )
+        targets = check_ids(name, "targets", targets, v, where=where)
         target_values = values.astype(dtype)[jnp.clip(targets, 0, v - 1)]
     else:
         target_values = targets.astype(dtype)

@@ -179,8 +179,8 @@ def check_in_range(
     arg: str,
     value: Any,
     *,
-    low: float | None = None,
-    high: float | None = None,
+    low: float | int | None = None,
+    high: float | int | None = None,
     inclusive: tuple[bool, bool] = (True, True),
     finite: bool = True,
 ) -> Any:
@@ -335,6 +335,7 @@ def check_probabilities(
     log: bool = False,
     allow_zero: bool = False,
     tol: float | None = None,
+    where: Any = None,
 ) -> Any:
     """Distributions along `axis`: a probability vector, a stochastic matrix (rows
     along the last axis), or any stack of them.
@@ -352,6 +353,8 @@ def check_probabilities(
     - `allow_zero`: a distribution of all zeros is allowed (a row of a transition
         matrix for a state never left).
     - `tol`: the tolerance on the sums.
+    - `where`: a boolean mask over the distributions (the shape of `p` without
+        `axis`); unselected ones are not checked.
 
     **Returns:**
 
@@ -375,9 +378,10 @@ def check_probabilities(
     )
 
     def entry_bad(xp, v):
-        if log:
-            return xp.isnan(v) | (v == xp.inf)
-        return ~xp.isfinite(v) | (v < 0)
+        bad = (xp.isnan(v) | (v == xp.inf)) if log else (~xp.isfinite(v) | (v < 0))
+        if where is None:
+            return bad
+        return bad & xp.expand_dims(xp.asarray(where), axis)
 
     def sums(xp, v):
         probs = xp.exp(v) if log else v
@@ -387,9 +391,11 @@ def check_probabilities(
 
     def sum_bad(xp, total):
         bad = xp.abs(total - 1) > tol
-        return bad & (total != 0) if allow_zero else bad
+        if allow_zero:
+            bad = bad & (total != 0)
+        return bad if where is None else bad & xp.asarray(where)
 
-    if is_traced(p):
+    if is_traced(p) or is_traced(where):
         return eqx.error_if(
             p,
             jnp.any(entry_bad(jnp, p)) | jnp.any(sum_bad(jnp, sums(jnp, p))),
