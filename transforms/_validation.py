@@ -142,21 +142,66 @@ def _numeric(fn: str, arg: str, value: Any, expected: str) -> Any:
     return value
 
 
+class Checks:
+    """Run-time checks collected while tracing, raised by one
+    `eqx.branched_error_if` on the outputs.
+
+    Pass it as `checks=` to the checks of this module: inside compiled code they
+    add their predicate here instead of guarding their input with an `eqx.error_if`
+    of their own, so that a function with many checks pays for one device-to-host
+    synchronisation, not one per check. Guarding the outputs makes sure the checks
+    run before any result can be used. Concrete inputs are still checked at once.
+    """
+
+    def __init__(self):
+        self.predicates: list = []
+        self.messages: list[str] = []
+
+    def add(self, predicate, message: str) -> None:
+        """Fail with `message` at run time where `predicate` holds anywhere."""
+        self.predicates.append(jnp.any(predicate))
+        self.messages.append(message)
+
+    def guard(self, out):
+        """`out`, threaded through the collected checks."""
+        if not self.predicates:
+            return out
+        failed = jnp.stack(self.predicates)
+        return eqx.branched_error_if(
+            out, jnp.any(failed), jnp.argmax(failed), self.messages
+        )
+
+
+def _run_time(x, predicate, message: str, checks: Checks | None):
+    """`x` guarded by `predicate`, or the check deferred to `checks`."""
+    if checks is not None:
+        checks.add(predicate, message)
+        return x
+    return eqx.error_if(x, predicate, message)
+
+
 def _check_values(
-    fn: str, arg: str, x: Any, bad: Callable, expected: str, got: Callable
+    fn: str,
+    arg: str,
+    x: Any,
+    bad: Callable,
+    expected: str,
+    got: Callable,
+    checks: Checks | None = None,
 ) -> Any:
     """Apply `bad(xp, values) -> bool mask` eagerly (NumPy) or in the trace (jnp).
 
     Concrete input: raise `ValueError` with `got(values, mask)` naming an offending
     value, else return `x` untouched. Traced input: return `x` threaded through an
-    `eqx.error_if` on the same mask.
+    `eqx.error_if` on the same mask (or deferred to `checks`).
     """
     if is_traced(x):
-        return eqx.error_if(
+        return _run_time(
             x,
             jnp.any(bad(jnp, x)),
             f"{fn}: `{arg}` must be {expected}, got an entry that is not (checked at "
             "run time).",
+            checks,
         )
     values = np.asarray(x)
     mask = np.asarray(bad(np, values))
@@ -183,6 +228,7 @@ def check_in_range(
     high: float | int | None = None,
     inclusive: tuple[bool, bool] = (True, True),
     finite: bool = True,
+    checks: Checks | None = None,
 ) -> Any:
     """A real number (or every entry of a real array) within bounds, never NaN.
 
@@ -193,6 +239,7 @@ def check_in_range(
     - `low`, `high`: the bounds, `None` for none.
     - `inclusive`: whether each bound is allowed.
     - `finite`: also reject `±inf` (on by default).
+    - `checks`: a [`Checks`][] to defer the run-time check to, inside compiled code.
 
     **Returns:**
 
@@ -228,12 +275,12 @@ def check_in_range(
         if bool(bad(np, np.float64(value))):
             raise fail(fn, arg, expected, repr(value))
         return value
-    return _check_values(fn, arg, value, bad, expected, _first_bad)
+    return _check_values(fn, arg, value, bad, expected, _first_bad, checks)
 
 
-def check_finite(fn: str, arg: str, x: Any) -> Any:
+def check_finite(fn: str, arg: str, x: Any, *, checks: Checks | None = None) -> Any:
     """Every entry of `x` finite (no NaN, no `±inf`); see `check_in_range`."""
-    return check_in_range(fn, arg, x)
+    return check_in_range(fn, arg, x, checks=checks)
 
 
 def check_ids(
@@ -244,12 +291,16 @@ def check_ids(
     *,
     low: int = 0,
     where: Any = None,
+    checks: Checks | None = None,
+    upper_name: str | None = None,
 ) -> Any:
     """Integer ids within `[low, upper)` (at the positions selected by `where`).
 
     Eager for concrete arrays (the message names the first offending id and its
     position); inside compiled code an `eqx.error_if` rides on a zero added to the
-    ids, so that the ids keep their sharding.
+    ids, so that the ids keep their sharding (or the check is deferred to
+    `checks`, a [`Checks`][]). `upper_name` names the bound in the message
+    (`"n_obs"`).
 
     **Returns:**
 
@@ -261,6 +312,8 @@ def check_ids(
     """
     dtype = ids.dtype if hasattr(ids, "dtype") else np.asarray(ids).dtype
     expected = f"integer ids in [{low}, {upper})"
+    if upper_name is not None:
+        expected = f"integer ids in [{low}, {upper_name}) = [{low}, {upper})"
     if not jnp.issubdtype(dtype, jnp.integer) or isinstance(ids, (bool, np.bool_)):
         raise fail(fn, arg, expected, describe(ids), TypeError)
 
@@ -270,12 +323,15 @@ def check_ids(
 
     if is_traced(ids) or is_traced(where):
         ids = jnp.asarray(ids)
-        return ids + eqx.error_if(
-            jnp.zeros((), ids.dtype),
-            jnp.any(bad(jnp, ids)),
+        message = (
             f"{fn}: `{arg}` must be {expected}, got an id that is not (checked at run "
-            "time).",
+            "time)."
         )
+        if checks is not None:
+            checks.add(bad(jnp, ids), message)
+            return ids
+        zero = jnp.zeros((), ids.dtype)
+        return ids + eqx.error_if(zero, jnp.any(bad(jnp, ids)), message)
     values = np.asarray(ids)
     mask = np.asarray(bad(np, values))
     if np.any(mask):
@@ -284,7 +340,13 @@ def check_ids(
 
 
 def check_sorted(
-    fn: str, arg: str, x: Any, *, strict: bool = False, axis: int = -1
+    fn: str,
+    arg: str,
+    x: Any,
+    *,
+    strict: bool = False,
+    axis: int = -1,
+    checks: Checks | None = None,
 ) -> Any:
     """Entries non-decreasing (or, with `strict`, increasing) along `axis`, and
     finite.
@@ -297,7 +359,7 @@ def check_sorted(
 
     `ValueError` for an unsorted or non-finite grid.
     """
-    x = check_finite(fn, arg, x)
+    x = check_finite(fn, arg, x, checks=checks)
     expected = ("increasing" if strict else "non-decreasing") + f" along axis {axis}"
 
     def bad(xp, v):
@@ -313,7 +375,7 @@ def check_sorted(
             f"{values[tuple(following)].item()!r} at index {index}"
         )
 
-    return _check_values(fn, arg, x, bad, expected, got)
+    return _check_values(fn, arg, x, bad, expected, got, checks)
 
 
 def stochastic_tolerance(dtype) -> float:
@@ -336,6 +398,7 @@ def check_probabilities(
     allow_zero: bool = False,
     tol: float | None = None,
     where: Any = None,
+    checks: Checks | None = None,
 ) -> Any:
     """Distributions along `axis`: a probability vector, a stochastic matrix (rows
     along the last axis), or any stack of them.
@@ -355,6 +418,7 @@ def check_probabilities(
     - `tol`: the tolerance on the sums.
     - `where`: a boolean mask over the distributions (the shape of `p` without
         `axis`); unselected ones are not checked.
+    - `checks`: a [`Checks`][] to defer the run-time check to, inside compiled code.
 
     **Returns:**
 
@@ -396,11 +460,12 @@ def check_probabilities(
         return bad if where is None else bad & xp.asarray(where)
 
     if is_traced(p) or is_traced(where):
-        return eqx.error_if(
+        return _run_time(
             p,
             jnp.any(entry_bad(jnp, p)) | jnp.any(sum_bad(jnp, sums(jnp, p))),
             f"{fn}: `{arg}` must be {expected}, got some that are not (checked at "
             "run time).",
+            checks,
         )
     values = np.asarray(p)
     if values.ndim == 0 or not -values.ndim <= axis < values.ndim:

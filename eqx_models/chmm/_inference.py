@@ -5,13 +5,12 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from transforms._validation import typechecked
+from transforms._validation import check_in_range, Checks, typechecked
 
 from .._misc import pairwise_sum
 from ._chain import (
     check_inputs,
     check_method,
-    Checks,
     make_chain,
     slot_states,
     to_states,
@@ -87,7 +86,10 @@ def log_likelihood(
     **Raises:**
 
     `ValueError`/`TypeError` at trace time for wrong shapes, dtypes or `method`;
-    `EquinoxRuntimeError` (from `eqx.error_if`) for ids or actions out of range.
+    `EquinoxRuntimeError` (from `eqx.error_if`) for ids or actions out of range,
+    log-evidence holding NaN or `+inf`, or `emissions` whose rows are not
+    distributions (non-negative, summing to 1 within the square root of the dtype's
+    epsilon).
 
     **Example:**
 
@@ -306,5 +308,11 @@ def bits_per_step(
     **Returns:**
 
     An array of the shape of `log_likelihood`.
+
+    **Raises:**
+
+    `ValueError` if a length is below 1 or NaN (a count of steps), at once when
+    concrete, by `eqx.error_if` under `jit`.
     """
+    length = check_in_range("bits_per_step", "length", length, low=1)
     return -jnp.asarray(log_likelihood) / (jnp.asarray(length) * math.log(2))
