@@ -278,6 +278,37 @@ def check_in_range(
     return _check_values(fn, arg, value, bad, expected, _first_bad, checks)
 
 
+def check_interval(
+    fn: str,
+    arg: str,
+    value: Any,
+    *,
+    low: float | int | None = None,
+    high: float | int | None = None,
+    inclusive: tuple[bool, bool] = (True, True),
+) -> tuple:
+    """A `(low, high)` pair of finite numbers within bounds, with `low <= high`.
+
+    **Returns:**
+
+    `value` as a tuple.
+
+    **Raises:**
+
+    `TypeError` unless `value` is a pair of real numbers; `ValueError` for an entry
+    out of bounds or NaN, or `low > high`.
+    """
+    bounds = _interval(low, high, inclusive)
+    expected = f"a (low, high) pair with low <= high, both finite {bounds}".strip()
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise fail(fn, arg, expected, describe(value), TypeError)
+    for i, end in enumerate(value):
+        check_in_range(fn, f"{arg}[{i}]", end, low=low, high=high, inclusive=inclusive)
+    if not value[0] <= value[1]:
+        raise fail(fn, arg, expected, repr(tuple(value)))
+    return tuple(value)
+
+
 def check_finite(fn: str, arg: str, x: Any, *, checks: Checks | None = None) -> Any:
     """Every entry of `x` finite (no NaN, no `±inf`); see `check_in_range`."""
     return check_in_range(fn, arg, x, checks=checks)
