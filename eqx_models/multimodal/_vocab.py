@@ -4,7 +4,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Int
 
-from transforms._validation import typechecked
+from transforms._validation import check_size, typechecked
 
 
 PAD = 0
@@ -61,11 +61,7 @@ class VocabLayout(eqx.Module):
 
     def __check_init__(self):
         for name in ("n_image", "n_scalar", "n_spectrum"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"VocabLayout: `{name}` must be a positive int, got {value!r}."
-                )
+            check_size("VocabLayout", name, getattr(self, name))
         if len(set(self.spectrum_groups)) != len(self.spectrum_groups):
             raise ValueError(
                 "VocabLayout: `spectrum_groups` has duplicate names: "
