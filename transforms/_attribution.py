@@ -5,22 +5,28 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from beartype import beartype
 from jax.sharding import Mesh
-from jaxtyping import Array, ArrayLike, Float, Int, jaxtyped
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from ._determinism import compile_variants
 from ._ghost_plan import GhostPlan
 from ._grad_dot import ghost_dots, jvp_dots
 from ._per_sample import (
     as_batch,
-    check_callable,
-    check_choice,
     per_example_dot,
     setup,
 )
 from ._sharding import replicate, shard_batch
 from ._train_step import _learning_rate, keep_if_finite, nonfinite_mask
+from ._validation import (
+    check_callable,
+    check_choice,
+    check_finite,
+    check_ids,
+    check_size,
+    fail,
+    typechecked,
+)
 
 
 _NAME = "make_attribution_step"
@@ -107,9 +113,7 @@ class AttributionStep(eqx.Module):
     fallback: bool = eqx.field(static=True)
     deterministic: bool = eqx.field(static=True, default=False)
 
-    def __call__(
-        self, model: Any, opt_state: Any, train_batch: tuple, val_batch: tuple
-    ):
+    def __call__(self, model: Any, opt_state: Any, train_batch: Any, val_batch: Any):
         """One optimisation step on the training batch, with attribution.
 
         **Arguments:**
@@ -142,13 +146,13 @@ class AttributionStep(eqx.Module):
         compiled = _compiled[self.donate, self.deterministic]
         return compiled((self, train, val), model, opt_state)
 
-    def plan(self, model: Any, train_batch: tuple) -> GhostPlan:
+    def plan(self, model: Any, train_batch: Any) -> GhostPlan:
         """How the ghost path treats each parameter; see [`transforms.GhostPlan`][]."""
         s = setup(_NAME, self.loss_fn, model, train_batch, arg="train_batch")
         return s.analyse("dots").plan
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def make_attribution_step(
     loss_fn: Callable,
     optimizer: optax.GradientTransformation,
@@ -209,7 +213,7 @@ def make_attribution_step(
             state = shapley.update(state, idx, dots, metrics["learning_rate"])
         ```
     """
-    check_callable(_NAME, loss_fn)
+    check_callable(_NAME, "loss_fn", loss_fn)
     check_choice(_NAME, "method", method, _METHODS)
     check_choice(_NAME, "val_reduction", val_reduction, ("mean", "sum"))
     if mesh is not None and data_axis not in mesh.axis_names:
@@ -247,7 +251,7 @@ class InRunShapley(NamedTuple):
     update: Callable[..., ShapleyState]
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def in_run_shapley(n_train: int, dtype: Any = jnp.float32) -> InRunShapley:
     """Accumulate first-order In-Run Data Shapley values over a training run.
 
@@ -275,11 +279,12 @@ def in_run_shapley(n_train: int, dtype: Any = jnp.float32) -> InRunShapley:
 
     **Raises:**
 
-    `ValueError` from `update` if `indices` and `dots` differ in shape; an
-    `equinox` runtime error if an index is outside `[0, n_train)`.
+    `TypeError` if `n_train` is not a positive integer (a bool included). From
+    `update`: `ValueError` if `indices` and `dots` differ in shape, if an index is
+    outside `[0, n_train)`, or if `dots` or `learning_rate` is not finite (at once
+    for concrete arrays, by `eqx.error_if` under `jit`).
     """
-    if n_train < 1:
-        raise ValueError(f"in_run_shapley: `n_train` must be positive, got {n_train}.")
+    n_train = check_size("in_run_shapley", "n_train", n_train)
 
     def init() -> ShapleyState:
         zeros = jnp.zeros(n_train, dtype)
@@ -291,17 +296,19 @@ def in_run_shapley(n_train: int, dtype: Any = jnp.float32) -> InRunShapley:
         dots: ArrayLike,
         learning_rate: ArrayLike,
     ) -> ShapleyState:
+        name = "in_run_shapley.update"
         indices = jnp.asarray(indices)
         dots = jnp.asarray(dots)
         if indices.shape != dots.shape:
-            raise ValueError(
-                "in_run_shapley.update: `indices` and `dots` must have the same shape, "
-                f"got {indices.shape} and {dots.shape}."
+            raise fail(
+                name,
+                "dots",
+                f"of the shape of `indices` {indices.shape}",
+                f"shape {dots.shape}",
             )
-        bad = jnp.any((indices < 0) | (indices >= n_train))
-        indices = eqx.error_if(
-            indices, bad, "in_run_shapley.update: an index is outside [0, n_train)."
-        )
+        indices = check_ids(name, "indices", indices, n_train)
+        dots = check_finite(name, "dots", dots)
+        learning_rate = check_finite(name, "learning_rate", learning_rate)
         step = (
             jnp.zeros(n_train, dtype)
             .at[indices]
@@ -319,14 +326,14 @@ def in_run_shapley(n_train: int, dtype: Any = jnp.float32) -> InRunShapley:
     return InRunShapley(init, update)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def shapley_values(state: ShapleyState) -> Float[Array, " n"]:
     """The accumulated values of a [`transforms.ShapleyState`][] (with the
     compensation added back)."""
     return state.values + state.compensation
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def to_original_scaling(
     dots: Float[ArrayLike, "*shape"],
     *,
@@ -352,13 +359,16 @@ def to_original_scaling(
     **Returns:**
 
     The dot products in the original's scaling, same shape.
+
+    **Raises:**
+
+    `TypeError`/`ValueError` if `n_train` or `n_val` is not a positive integer or
+    `val_reduction` is unknown.
     """
-    check_choice("to_original_scaling", "val_reduction", val_reduction, ("mean", "sum"))
-    if n_train < 1 or n_val < 1:
-        raise ValueError(
-            "to_original_scaling: `n_train` and `n_val` must be positive, got "
-            f"{n_train} and {n_val}."
-        )
+    name = "to_original_scaling"
+    check_choice(name, "val_reduction", val_reduction, ("mean", "sum"))
+    n_train = check_size(name, "n_train", n_train)
+    n_val = check_size(name, "n_val", n_val)
     total = n_train + n_val
     factor = (n_val if val_reduction == "mean" else 1) / total**2
     return jnp.asarray(dots) * factor

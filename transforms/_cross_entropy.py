@@ -1,12 +1,11 @@
 import functools
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, Bool, Float, Int, jaxtyped
+from jaxtyping import Array, Bool, Float, Int
 
 from ._masked import pairwise_sum
+from ._validation import check_ids, check_size, typechecked
 
 
 _VOCAB_TILE = 128
@@ -30,7 +29,8 @@ def _prepare(hidden, targets, where, chunk_size):
     """Pad to whole chunks (padding rows are unselected) and split into chunks."""
     n = hidden.shape[0]
     size = max(1, min(chunk_size, n))
-    n_chunks = -(-n // size)
+    # At least one chunk: with no rows at all, one padding row gives the promised 0.
+    n_chunks = max(1, -(-n // size))
     pad = n_chunks * size - n
     if pad:
         hidden = jnp.concatenate(
@@ -147,7 +147,7 @@ def _fused_bwd(chunk_size, grads, g):
 _fused_cross_entropy.defvjp(_fused_fwd, _fused_bwd)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def chunked_cross_entropy(
     hidden: Float[Array, "n d"],
     weight: Float[Array, "v d"],
@@ -192,28 +192,21 @@ def chunked_cross_entropy(
 
     **Raises:**
 
-    `ValueError` for inconsistent shapes or `chunk_size < 1`; at run time
-    (`eqx.error_if`, with `check_targets`) if a selected target lies outside
-    `[0, v)`.
+    `TypeError` (from the annotations) for inconsistent shapes or dtypes, and for a
+    `chunk_size` that is not a positive integer; `ValueError` for `chunk_size < 1`;
+    with `check_targets`, `ValueError` if a selected target lies outside `[0, v)`
+    (at once for concrete targets, at run time by `eqx.error_if` under `jit`).
     """
+    name = "chunked_cross_entropy"
     n, d = hidden.shape
     v = weight.shape[0]
-    if chunk_size < 1:
-        raise ValueError(
-            f"chunked_cross_entropy: `chunk_size` must be >= 1, got {chunk_size}."
-        )
+    check_size(name, "chunk_size", chunk_size)
     if where is None:
         where = jnp.ones((n,), bool)
     if bias is None:
         bias = jnp.zeros((v,), weight.dtype)
     if check_targets:
-        outside = where & ((targets < 0) | (targets >= v))
-        # The check rides on a scalar so that `targets` keeps its sharding.
-        targets = targets + eqx.error_if(
-            jnp.zeros((), targets.dtype),
-            jnp.any(outside),
-            "chunked_cross_entropy: a selected target lies outside [0, v).",
-        )
+        targets = check_ids(name, "targets", targets, v, where=where)
     return _fused_cross_entropy(
         chunk_size, hidden, weight, bias, jnp.clip(targets, 0, v - 1), where
     )

@@ -1,12 +1,19 @@
 import jax
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, Bool, Float, jaxtyped
+from jaxtyping import Array, Bool, Float
 
 from ._masked import masked_mean
+from ._validation import (
+    check_in_range,
+    check_probabilities,
+    check_sorted,
+    fail,
+    is_traced,
+    typechecked,
+)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def two_hot(
     x: Float[Array, "*batch"], centres: Float[Array, " n"]
 ) -> Float[Array, "*batch n"]:
@@ -19,8 +26,8 @@ def two_hot(
 
     **Arguments:**
 
-    - `x`: the values, any shape `*batch`.
-    - `centres`: the bin centres, shape `(n,)`, non-decreasing, `n >= 2`.
+    - `x`: the values, any shape `*batch`; `±inf` is clipped, NaN is rejected.
+    - `centres`: the bin centres, shape `(n,)`, finite and non-decreasing, `n >= 2`.
 
     **Returns:**
 
@@ -28,11 +35,15 @@ def two_hot(
 
     **Raises:**
 
-    `ValueError` if there are fewer than two centres.
+    `ValueError` if there are fewer than two centres, if they are unsorted or not
+    finite, or if `x` holds NaN (at once for concrete arrays, by `eqx.error_if`
+    under `jit`).
     """
     n = centres.shape[0]
     if n < 2:
-        raise ValueError(f"two_hot: `centres` needs at least 2 bins, got {n}.")
+        raise fail("two_hot", "centres", "at least 2 bins", f"{n}")
+    centres = check_sorted("two_hot", "centres", centres)
+    x = check_in_range("two_hot", "x", x, finite=False)
     dtype = jnp.result_type(x.dtype, centres.dtype)
     x = jnp.clip(x.astype(dtype), centres[0], centres[-1])
     upper = jnp.clip(jnp.searchsorted(centres, x, side="right"), 1, n - 1)
@@ -47,7 +58,7 @@ def two_hot(
     ) * weight_upper[..., None]
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def hl_gauss(
     x: Float[Array, "*batch"],
     edges: Float[Array, " n_edges"],
@@ -63,9 +74,11 @@ def hl_gauss(
 
     **Arguments:**
 
-    - `x`: the values, any shape `*batch`.
-    - `edges`: the bin edges, shape `(n + 1,)`, strictly increasing.
-    - `sigma`: the smoothing scale, a positive float or an array shaped like `x`.
+    - `x`: the values, any shape `*batch`; `±inf` is clipped, NaN is rejected.
+    - `edges`: the bin edges, shape `(n + 1,)`, finite and non-decreasing, with
+        `edges[-1] > edges[0]`.
+    - `sigma`: the smoothing scale, a positive finite float or an array shaped like
+        `x`.
 
     **Returns:**
 
@@ -73,12 +86,22 @@ def hl_gauss(
 
     **Raises:**
 
-    `ValueError` if there are fewer than two edges.
+    `ValueError` if there are fewer than two edges, if they are unsorted, not
+    finite or span nothing, if `sigma` is not positive and finite, or if `x` holds
+    NaN (at once for concrete arrays, by `eqx.error_if` under `jit`).
     """
+    name = "hl_gauss"
     if edges.shape[0] < 2:
-        raise ValueError(
-            f"hl_gauss: `edges` needs at least 2 entries (1 bin), got {edges.shape[0]}."
+        raise fail(name, "edges", "at least 2 entries (1 bin)", f"{edges.shape[0]}")
+    # Repeated edges (a degenerate quantile bin) are allowed: that bin gets no mass.
+    edges = check_sorted(name, "edges", edges)
+    if not is_traced(edges):
+        span = edges[-1] - edges[0]
+        check_in_range(
+            name, "edges[-1] - edges[0]", span, low=0, inclusive=(False, True)
         )
+    x = check_in_range(name, "x", x, finite=False)
+    sigma = check_in_range(name, "sigma", sigma, low=0, inclusive=(False, True))
     dtype = jnp.result_type(x.dtype, edges.dtype, jnp.float32)
     edges = edges.astype(dtype)
     # Far outside the support all bins would get ~0 mass and the renormalisation
@@ -91,7 +114,7 @@ def hl_gauss(
     return mass / (cdf[..., -1:] - cdf[..., :1])
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def soft_cross_entropy(
     logits: Float[Array, "n k"],
     target_probs: Float[Array, "n k"],
@@ -109,13 +132,23 @@ def soft_cross_entropy(
     **Arguments:**
 
     - `logits`: shape `(n, k)`.
-    - `target_probs`: target distributions, shape `(n, k)`.
+    - `target_probs`: target distributions, shape `(n, k)`: non-negative rows that
+        sum to 1 (within the square root of the dtype's epsilon) at the selected
+        positions.
     - `where`: boolean mask of shape `(n,)`, or `None` for all positions.
 
     **Returns:**
 
     A scalar.
+
+    **Raises:**
+
+    `ValueError` if a selected row of `target_probs` is not a distribution (at once
+    for concrete arrays, by `eqx.error_if` under `jit`).
     """
+    target_probs = check_probabilities(
+        "soft_cross_entropy", "target_probs", target_probs, where=where
+    )
     dtype = jnp.result_type(logits.dtype, target_probs.dtype, jnp.float32)
     log_probs = jax.nn.log_softmax(logits.astype(dtype), axis=-1)
     per_position = -jnp.sum(target_probs.astype(dtype) * log_probs, axis=-1)

@@ -1,37 +1,37 @@
 from collections.abc import Callable
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, ArrayLike, Float, jaxtyped
+from jaxtyping import Array, ArrayLike, Float
+
+from ._validation import (
+    check_callable,
+    check_in_range,
+    check_probabilities,
+    check_type,
+    fail,
+    typechecked,
+)
 
 
 def _check_pair(name: str, log_p, log_q, axis: int) -> tuple[Array, Array]:
     log_p = jnp.asarray(log_p)
     log_q = jnp.asarray(log_q)
     if log_p.shape != log_q.shape:
-        raise ValueError(
-            f"{name}: `log_p` and `log_q` must have the same shape (aligned "
-            f"distributions), got {log_p.shape} and {log_q.shape}."
+        raise fail(
+            name,
+            "log_q",
+            f"of the shape of `log_p` {log_p.shape} (aligned distributions)",
+            f"shape {log_q.shape}",
         )
-    _check_axis(name, log_p, axis)
-    if not (
-        jnp.issubdtype(log_p.dtype, jnp.floating)
-        and jnp.issubdtype(log_q.dtype, jnp.floating)
-    ):
-        raise TypeError(
-            f"{name}: `log_p` and `log_q` must be floating point, got "
-            f"{log_p.dtype} and {log_q.dtype}."
-        )
-    return log_p, log_q
+    log_p = _check_log_probabilities(name, "log_p", log_p, axis)
+    return log_p, _check_log_probabilities(name, "log_q", log_q, axis)
 
 
-def _check_axis(name: str, x: Array, axis: int) -> None:
+def _check_log_probabilities(name: str, arg: str, x: Array, axis: int) -> Array:
     if x.ndim == 0 or not -x.ndim <= axis < x.ndim:
-        raise ValueError(
-            f"{name}: `axis`={axis} is not an axis of an array of shape {x.shape}."
-        )
+        raise fail(name, "axis", f"an axis of `{arg}` (shape {x.shape})", f"{axis}")
+    return check_probabilities(name, arg, x, axis=axis, log=True)
 
 
 def _where_positive(p: Array, x: Array) -> Array:
@@ -40,7 +40,7 @@ def _where_positive(p: Array, x: Array) -> Array:
     return jnp.where(p > 0, x, 0.0)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def entropy(log_p: Float[ArrayLike, "..."], *, axis: int = -1) -> Float[Array, "..."]:
     """Shannon entropy `H(p) = -Σ_i p_i log p_i` in nats.
 
@@ -56,7 +56,10 @@ def entropy(log_p: Float[ArrayLike, "..."], *, axis: int = -1) -> Float[Array, "
 
     **Raises:**
 
-    `ValueError` if `axis` is not an axis of `log_p`.
+    `ValueError` if `axis` is not an axis of `log_p`, or if `log_p` is not
+    normalised (its exponentials must sum to 1 within the square root of the
+    dtype's epsilon; no NaN or `+inf`), at once for concrete arrays and by
+    `eqx.error_if` under `jit`.
 
     !!! example
 
@@ -64,14 +67,13 @@ def entropy(log_p: Float[ArrayLike, "..."], *, axis: int = -1) -> Float[Array, "
         entropy(jnp.log(jnp.array([0.5, 0.5])))  # log 2
         ```
     """
-    log_p = jnp.asarray(log_p)
-    _check_axis("entropy", log_p, axis)
+    log_p = _check_log_probabilities("entropy", "log_p", jnp.asarray(log_p), axis)
     p = jnp.exp(log_p)
     safe = _where_positive(p, log_p)
     return -jnp.sum(_where_positive(p, p * safe), axis=axis)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def kl_divergence(
     log_p: Float[ArrayLike, "..."],
     log_q: Float[ArrayLike, "..."],
@@ -100,7 +102,8 @@ def kl_divergence(
 
     **Raises:**
 
-    `ValueError` if the shapes differ or `axis` is not an axis; `TypeError` for
+    `ValueError` if the shapes differ, `axis` is not an axis, or either input is not
+    normalised along `axis` (as for [`transforms.entropy`][]); `TypeError` for
     non-floating inputs.
 
     !!! example
@@ -117,7 +120,7 @@ def kl_divergence(
     return jnp.sum(_where_positive(p, p * (safe_p - safe_q)), axis=axis)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def total_variation(
     log_p: Float[ArrayLike, "..."],
     log_q: Float[ArrayLike, "..."],
@@ -138,7 +141,8 @@ def total_variation(
 
     **Raises:**
 
-    `ValueError` if the shapes differ or `axis` is not an axis; `TypeError` for
+    `ValueError` if the shapes differ, `axis` is not an axis, or either input is not
+    normalised along `axis` (as for [`transforms.entropy`][]); `TypeError` for
     non-floating inputs.
     """
     log_p, log_q = _check_pair("total_variation", log_p, log_q, axis)
@@ -201,8 +205,9 @@ def uncertainty_weighted(
 
     **Raises:**
 
-    `TypeError` if `divergence` is not callable; `ValueError` if `scale` is not a
-    scalar or is negative (checked when it is a concrete number).
+    `TypeError` if `divergence` is not callable or `axis` not an int; `ValueError`
+    if `scale` is not a scalar, or is negative, NaN or infinite (at once for a
+    concrete number, by `eqx.error_if` when traced).
 
     !!! example
 
@@ -211,23 +216,12 @@ def uncertainty_weighted(
         loss = jnp.mean(weighted_kl(expert_log_probs, jax.nn.log_softmax(logits)))
         ```
     """
-    if not callable(divergence):
-        raise TypeError(
-            f"uncertainty_weighted: `divergence` must be callable, got {divergence!r}."
-        )
-    scale_array = jnp.asarray(scale)
+    name = "uncertainty_weighted"
+    check_callable(name, "divergence", divergence)
+    check_type(name, "axis", axis, int, "an int")
+    scale_array = jnp.asarray(check_in_range(name, "scale", scale, low=0))
     if scale_array.ndim != 0:
-        raise ValueError(
-            f"uncertainty_weighted: `scale` must be a scalar, got shape "
-            f"{scale_array.shape}."
-        )
-    try:
-        concrete = float(scale_array)
-    except jax.errors.ConcretizationTypeError:
-        # A traced scale (inside jit or grad) is not checked here.
-        concrete = None
-    if concrete is not None and concrete < 0:
-        raise ValueError(f"uncertainty_weighted: `scale` must be >= 0, got {concrete}.")
+        raise fail(name, "scale", "a scalar", f"shape {scale_array.shape}")
     if not jnp.issubdtype(scale_array.dtype, jnp.floating):
         scale_array = scale_array.astype(jnp.result_type(float))
     return UncertaintyWeighted(divergence=divergence, scale=scale_array, axis=axis)

@@ -1,12 +1,11 @@
 from collections.abc import Callable
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, Bool, Float, Int, jaxtyped
+from jaxtyping import Array, Bool, Float, Int
 
 from ._masked import masked_mean
+from ._validation import check_ids, typechecked
 
 
 def _float_dtype(*arrays) -> jnp.dtype:
@@ -14,7 +13,7 @@ def _float_dtype(*arrays) -> jnp.dtype:
     return jnp.result_type(jnp.float32, *(a.dtype for a in arrays))
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def expected_value(
     logits: Float[Array, "*batch n"], values: Float[Array, " n *dims"]
 ) -> Float[Array, "..."]:
@@ -58,7 +57,7 @@ def _squared_error(prediction, target):
     return jnp.mean((prediction - target) ** 2)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def expected_value_loss(
     logits: Float[Array, "n v"],
     values: Float[Array, " v *dims"],
@@ -93,22 +92,18 @@ def expected_value_loss(
 
     **Raises:**
 
-    `TypeError` (from the shape annotations) for inconsistent shapes; `ValueError`
-    if `loss_fn` does not return a scalar; at run time (`eqx.error_if`) if a
-    selected target index lies outside `[0, v)`.
+    `TypeError` (from the shape annotations) for inconsistent shapes, or if
+    `loss_fn` is not callable; `ValueError` if `loss_fn` does not return a scalar,
+    or if a selected target index lies outside `[0, v)` (at once for concrete
+    indices, by `eqx.error_if` under `jit`).
     """
+    name = "expected_value_loss"
     n, v = logits.shape
     if where is None:
         where = jnp.ones((n,), bool)
     dtype = _float_dtype(logits, values)
     if jnp.issubdtype(targets.dtype, jnp.integer):
-        outside = where & ((targets < 0) | (targets >= v))
-        # The check rides on a scalar so that `targets` keeps its sharding.
-        targets = targets + eqx.error_if(
-            jnp.zeros((), targets.dtype),
-            jnp.any(outside),
-            "expected_value_loss: a target index lies outside [0, number of values).",
-        )
+        targets = check_ids(name, "targets", targets, v, where=where)
         target_values = values.astype(dtype)[jnp.clip(targets, 0, v - 1)]
     else:
         target_values = targets.astype(dtype)

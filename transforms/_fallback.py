@@ -3,6 +3,8 @@ from collections.abc import Callable
 
 import jax
 
+from ._validation import check_callable
+
 
 # Errors raised while tracing code that needs concrete values (a Python `if` on an
 # array, `int(x)`, `np.asarray(x)`, boolean indexing): running eagerly avoids them.
@@ -65,6 +67,10 @@ def with_fallback(step: Callable) -> FallbackStep:
 
     A [`transforms.FallbackStep`][] with the same call signature as `step`.
 
+    **Raises:**
+
+    `TypeError` if `step` is not callable.
+
     !!! example
 
         ```python
@@ -78,6 +84,5 @@ def with_fallback(step: Callable) -> FallbackStep:
         model, opt_state, metrics = step(model, opt_state, batch, key)  # warns once
         ```
     """
-    if not callable(step):
-        raise TypeError(f"with_fallback: `step` must be callable, got {step!r}.")
+    check_callable("with_fallback", "step", step)
     return FallbackStep(step)

@@ -4,19 +4,17 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, Float, jaxtyped, PyTree
+from jaxtyping import Array, Float, PyTree
 
 from ._ghost_eval import ghost_pass, leaf_contributions
 from ._ghost_plan import GhostPlan
 from ._per_sample import (
-    check_callable,
-    check_choice,
     per_example_dot,
     report_fallback,
     Setup,
     setup,
 )
+from ._validation import check_callable, check_choice, typechecked
 
 
 _NAME = "grad_dot_products"
@@ -143,9 +141,9 @@ class GradDotProducts(eqx.Module):
     full_matrix: bool = eqx.field(static=True)
     fallback: bool = eqx.field(static=True)
 
-    @jaxtyped(typechecker=beartype)
+    @typechecked
     def __call__(
-        self, model: Any, train_batch: tuple, val_batch: tuple
+        self, model: Any, train_batch: Any, val_batch: Any
     ) -> Float[Array, "batch ..."] | tuple[Float[Array, "batch ..."], PyTree]:
         """Dot products of per-example training gradients with validation gradients.
 
@@ -205,7 +203,7 @@ class GradDotProducts(eqx.Module):
             )
         return [parts.get(i, jnp.zeros(s.size, acc)) for i in range(n)]
 
-    def plan(self, model: Any, train_batch: tuple) -> GhostPlan:
+    def plan(self, model: Any, train_batch: Any) -> GhostPlan:
         """How the ghost path would treat each parameter for this model and batch.
 
         **Returns:**
@@ -216,7 +214,7 @@ class GradDotProducts(eqx.Module):
         return s.analyse("dots").plan
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def grad_dot_products(
     loss_fn: Callable,
     *,
@@ -271,7 +269,7 @@ def grad_dot_products(
         dots = dots_fn(model, (xs, ys), (xs_val, ys_val))
         ```
     """
-    check_callable(_NAME, loss_fn)
+    check_callable(_NAME, "loss_fn", loss_fn)
     check_choice(_NAME, "method", method, _METHODS)
     check_choice(_NAME, "val_reduction", val_reduction, _REDUCTIONS)
     return GradDotProducts(

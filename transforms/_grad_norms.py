@@ -3,18 +3,16 @@ from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, Float, jaxtyped, PyTree
+from jaxtyping import Array, Float, PyTree
 
 from ._ghost_eval import ghost_pass, leaf_contributions
 from ._ghost_plan import GhostPlan
 from ._per_sample import (
-    check_callable,
-    check_choice,
     report_fallback,
     setup,
     sum_squares,
 )
+from ._validation import check_callable, check_choice, typechecked
 
 
 _NAME = "per_sample_grad_norms"
@@ -29,9 +27,9 @@ class PerSampleGradNorms(eqx.Module):
     per_leaf: bool = eqx.field(static=True)
     fallback: bool = eqx.field(static=True)
 
-    @jaxtyped(typechecker=beartype)
+    @typechecked
     def __call__(
-        self, model: Any, batch: tuple
+        self, model: Any, batch: Any
     ) -> Float[Array, " batch"] | tuple[Float[Array, " batch"], PyTree]:
         """L2 norms of the per-example gradients.
 
@@ -73,7 +71,7 @@ class PerSampleGradNorms(eqx.Module):
             return total, s.unflatten([jnp.sqrt(q) for q in squares])
         return total
 
-    def plan(self, model: Any, batch: tuple) -> GhostPlan:
+    def plan(self, model: Any, batch: Any) -> GhostPlan:
         """How the ghost path would treat each parameter for this model and batch.
 
         **Returns:**
@@ -84,7 +82,7 @@ class PerSampleGradNorms(eqx.Module):
         return s.analyse("norms").plan
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def per_sample_grad_norms(
     loss_fn: Callable,
     *,
@@ -129,7 +127,7 @@ def per_sample_grad_norms(
         norms = norms_fn(model, (xs, ys))  # shape (B,)
         ```
     """
-    check_callable(_NAME, loss_fn)
+    check_callable(_NAME, "loss_fn", loss_fn)
     check_choice(_NAME, "method", method, _METHODS)
     return PerSampleGradNorms(
         loss_fn=loss_fn, method=method, per_leaf=per_leaf, fallback=fallback

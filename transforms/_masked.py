@@ -1,6 +1,7 @@
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, Bool, Float, jaxtyped
+from jaxtyping import Array, Bool, Float
+
+from ._validation import typechecked
 
 
 def pairwise_sum(x: Float[Array, " n"]) -> Float[Array, ""]:
@@ -12,7 +13,7 @@ def pairwise_sum(x: Float[Array, " n"]) -> Float[Array, ""]:
     return jnp.sum(x)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def masked_mean(
     x: Float[Array, "*shape"], where: Bool[Array, "*shape"] | None = None
 ) -> Float[Array, ""]:

@@ -6,11 +6,11 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import jaxtyped, PyTree
+from jaxtyping import PyTree
 
 from ._ghost_plan import analyse, Analysis, GhostPlan, Mode
 from ._ghost_rules import acc_dtype
+from ._validation import check_callable, describe, fail, typechecked
 
 
 class GhostFallbackWarning(UserWarning):
@@ -22,48 +22,50 @@ class GhostFallbackWarning(UserWarning):
     """
 
 
-def check_callable(name: str, loss_fn: Any) -> None:
-    if not callable(loss_fn):
-        raise TypeError(f"{name}: `loss_fn` must be callable, got {loss_fn!r}.")
-
-
-def check_choice(name: str, arg: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}: `{arg}` must be one of {choices}, got {value!r}.")
+# How `loss_fn` is called, appended to every message about the batch or the loss.
+_ONE_EXAMPLE = (
+    " `loss_fn(model, *example)` is called on ONE example at a time: the arrays of "
+    "the batch without their leading axis (the transform vmaps over the batch)."
+)
 
 
 def as_batch(name: str, arg: str, batch: Any) -> tuple:
+    """The arrays of a batch, checked: a non-empty tuple (or list) of arrays sharing
+    a non-empty leading axis.
+
+    The public methods annotate their batches as `Any`, so that a dict or a single
+    array reaches this message rather than the annotation's.
+    """
+    expected = "a tuple of arrays with a leading batch axis, one per argument of "
+    expected += "`loss_fn` after the model"
     if not isinstance(batch, (tuple, list)):
-        raise TypeError(
-            f"{name}: `{arg}` must be a tuple of arrays with a leading batch axis "
-            f"(the arguments of `loss_fn` after the model), got {type(batch).__name__}."
-        )
+        error = fail(name, arg, expected, describe(batch), TypeError)
+        raise TypeError(str(error) + _ONE_EXAMPLE)
     if len(batch) == 0:
-        raise ValueError(
-            f"{name}: `{arg}` is an empty tuple; it needs at least one array."
-        )
+        raise fail(name, arg, expected, "an empty tuple")
     arrays = []
     for n, x in enumerate(batch):
         if not eqx.is_array_like(x) or isinstance(x, (bool, int, float, complex)):
-            raise TypeError(
-                f"{name}: `{arg}[{n}]` must be an array with a leading batch axis, got "
-                f"{type(x).__name__}."
+            raise fail(
+                name,
+                f"{arg}[{n}]",
+                "an array with a leading batch axis",
+                describe(x),
+                TypeError,
             )
         x = jnp.asarray(x)
         if x.ndim == 0:
-            raise ValueError(
-                f"{name}: `{arg}[{n}]` is a scalar; every array in `{arg}` needs a "
-                "leading batch axis."
+            raise fail(
+                name, f"{arg}[{n}]", "an array with a leading batch axis", describe(x)
             )
         arrays.append(x)
     sizes = [x.shape[0] for x in arrays]
     if len(set(sizes)) > 1:
-        raise ValueError(
-            f"{name}: the arrays of `{arg}` must share their leading (batch) axis; got "
-            f"leading sizes {sizes}."
+        raise fail(
+            name, arg, "arrays sharing their leading (batch) axis", f"sizes {sizes}"
         )
     if sizes[0] == 0:
-        raise ValueError(f"{name}: `{arg}` is empty (batch size 0).")
+        raise fail(name, arg, "a non-empty batch", "batch size 0")
     return tuple(arrays)
 
 
@@ -128,7 +130,7 @@ class Setup:
 
 def setup(name: str, loss_fn: Callable, model: Any, batch: Any, arg="batch") -> Setup:
     """Check the inputs of a per-example transform and flatten the model."""
-    check_callable(name, loss_fn)
+    check_callable(name, "loss_fn", loss_fn)
     params, static = eqx.partition(model, eqx.is_inexact_array)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     if not flat:
@@ -144,7 +146,18 @@ def setup(name: str, loss_fn: Callable, model: Any, batch: Any, arg="batch") -> 
         return loss_fn(model, *example)
 
     example = [jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for x in batch]
-    out = jax.eval_shape(per_example, leaves, *example)
+    shapes = ", ".join(f"{x.dtype}{list(x.shape)}" for x in example)
+    try:
+        out = jax.eval_shape(per_example, leaves, *example)
+    except Exception as error:
+        # A loss written for a batch (as for Opacus or a plain training step) fails
+        # deep inside the model; say how it is called before the model's error.
+        first_line = (str(error).strip().splitlines() or [""])[0].rstrip(".")
+        raise ValueError(
+            f"{name}: `loss_fn` failed on ONE example (arrays {shapes}) with "
+            f"{type(error).__name__}: {first_line}.{_ONE_EXAMPLE} Write it for a "
+            "single unbatched example."
+        ) from error
     if (
         not isinstance(out, jax.ShapeDtypeStruct)
         or out.shape != ()
@@ -153,12 +166,15 @@ def setup(name: str, loss_fn: Callable, model: Any, batch: Any, arg="batch") -> 
         got = (
             f"shape {out.shape} and dtype {out.dtype}"
             if isinstance(out, jax.ShapeDtypeStruct)
-            else f"{type(out).__name__}"
+            else describe(out)
         )
-        raise ValueError(
-            f"{name}: `loss_fn(model, *example)` must return a floating-point scalar "
-            f"for ONE example (the batch is vmapped over by {name}); got {got}."
+        error = fail(
+            name,
+            "loss_fn",
+            "a function returning a floating-point scalar for one example",
+            f"{got} from one example's arrays ({shapes})",
         )
+        raise ValueError(str(error) + _ONE_EXAMPLE)
     acc = acc_dtype(*[jnp.result_type(x) for x in leaves])
     return Setup(
         name=name,
@@ -210,8 +226,8 @@ class PerSampleGrads(eqx.Module):
 
     loss_fn: Callable
 
-    @jaxtyped(typechecker=beartype)
-    def __call__(self, model: Any, batch: tuple) -> PyTree:
+    @typechecked
+    def __call__(self, model: Any, batch: Any) -> PyTree:
         """Gradients of `loss_fn(model, *example)` for every example of `batch`.
 
         **Arguments:**
@@ -235,7 +251,7 @@ class PerSampleGrads(eqx.Module):
         return s.unflatten(s.per_example_grads(s.leaves, s.batch))
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def per_sample_grads(loss_fn: Callable) -> PerSampleGrads:
     """Per-example gradients by `vmap` of `grad`: the reference for the other methods.
 
@@ -260,5 +276,5 @@ def per_sample_grads(loss_fn: Callable) -> PerSampleGrads:
         grads.layers[0].weight.shape  # (B, out, in)
         ```
     """
-    check_callable("per_sample_grads", loss_fn)
+    check_callable("per_sample_grads", "loss_fn", loss_fn)
     return PerSampleGrads(loss_fn)

@@ -1,10 +1,11 @@
 import jax
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, Bool, Int, jaxtyped, PRNGKeyArray
+from jaxtyping import Array, Bool, Int, PRNGKeyArray
+
+from ._validation import check_size, typechecked
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def sample_positions(
     key: PRNGKeyArray, where: Bool[Array, " n"], k: int
 ) -> tuple[Int[Array, " m"], Bool[Array, " m"]]:
@@ -33,7 +34,8 @@ def sample_positions(
 
     **Raises:**
 
-    `ValueError` if `k < 1`.
+    `ValueError` if `k < 1`; `TypeError` if `k` is not an integer (a bool
+    included).
 
     !!! example
 
@@ -42,8 +44,7 @@ def sample_positions(
         rows = hidden[indices]  # (256, d); use `valid` as the loss mask
         ```
     """
-    if k < 1:
-        raise ValueError(f"sample_positions: `k` must be >= 1, got {k}.")
+    k = check_size("sample_positions", "k", k)
     (n,) = where.shape
     m = min(k, n)
     scores = jnp.where(where, jax.random.uniform(key, (n,)), -1.0)

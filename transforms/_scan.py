@@ -4,14 +4,21 @@ from typing import Any, Literal, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from beartype import beartype
-from jax.core import Tracer
-from jaxtyping import Array, ArrayLike, Bool, Float, Int, jaxtyped
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
+
+from ._validation import (
+    check_bool,
+    check_callable,
+    check_choice,
+    check_in_range,
+    check_size,
+    check_type,
+    typechecked,
+)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def soft_threshold(x: Float[Array, "*shape"], threshold: ArrayLike) -> Array:
     """The proximal operator of `threshold * ||x||_1`: shrink towards zero.
 
@@ -30,8 +37,8 @@ def soft_threshold(x: Float[Array, "*shape"], threshold: ArrayLike) -> Array:
 
     **Raises:**
 
-    `ValueError` if `threshold` is a concrete negative number (a negative threshold
-    would grow entries instead of shrinking them).
+    `ValueError` if `threshold` is negative (it would grow entries instead of
+    shrinking them) or NaN: at once when concrete, by `eqx.error_if` when traced.
 
     !!! example
 
@@ -39,11 +46,9 @@ def soft_threshold(x: Float[Array, "*shape"], threshold: ArrayLike) -> Array:
         soft_threshold(jnp.array([-2.0, 0.3, 1.5]), 0.5)  # [-1.5, 0.0, 1.0]
         ```
     """
-    if not isinstance(threshold, Tracer):
-        if bool(np.any(np.asarray(threshold) < 0)):
-            raise ValueError(
-                f"soft_threshold: `threshold` must be >= 0, got {threshold!r}."
-            )
+    threshold = check_in_range(
+        "soft_threshold", "threshold", threshold, low=0, finite=False
+    )
     threshold = jnp.asarray(threshold, x.dtype)
     # `where` rather than `maximum`: the derivative at |x| = threshold is 0 (as for a
     # ReLU), not the 1/2 that `maximum` gives at a tie.
@@ -312,9 +317,10 @@ def scan_optimize(
 
     **Raises:**
 
-    `ValueError` for `max_steps < 1`, a negative `tol` or `eps`, or an unknown
-    `gradient`; `TypeError` if `objective` or `prox` is not callable or `optimizer`
-    is not an optax transformation.
+    `ValueError` for `max_steps < 1`, a negative or NaN `tol`, a negative or
+    non-finite `eps`, or an unknown `gradient`; `TypeError` if `objective`, `prox`
+    or `relative_change` is not callable, `optimizer` is not an optax
+    transformation, `max_steps` is not an integer or `history` not a bool.
 
     !!! example
 
@@ -333,36 +339,24 @@ def scan_optimize(
         x, stats = solver(jnp.zeros(n), A, y)  # ISTA
         ```
     """
-    if not callable(objective):
-        raise TypeError(
-            f"scan_optimize: `objective` must be callable, got {objective!r}."
-        )
-    if not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(
-            "scan_optimize: `optimizer` must be an optax.GradientTransformation, got "
-            f"{type(optimizer).__name__}."
-        )
-    if prox is not None and not callable(prox):
-        raise TypeError(
-            f"scan_optimize: `prox` must be callable or None, got {prox!r}."
-        )
-    if relative_change is not None and not callable(relative_change):
-        raise TypeError(
-            "scan_optimize: `relative_change` must be callable or None, got "
-            f"{relative_change!r}."
-        )
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(
-            f"scan_optimize: `max_steps` must be an integer >= 1, got {max_steps!r}."
-        )
-    if tol is not None and not tol >= 0:
-        raise ValueError(f"scan_optimize: `tol` must be >= 0 or None, got {tol!r}.")
-    if not eps >= 0:
-        raise ValueError(f"scan_optimize: `eps` must be >= 0, got {eps!r}.")
-    if gradient not in ("stop", "unroll"):
-        raise ValueError(
-            f"scan_optimize: `gradient` must be 'stop' or 'unroll', got {gradient!r}."
-        )
+    name = "scan_optimize"
+    check_callable(name, "objective", objective)
+    check_type(
+        name,
+        "optimizer",
+        optimizer,
+        optax.GradientTransformation,
+        "an optax.GradientTransformation",
+    )
+    for arg, fn in (("prox", prox), ("relative_change", relative_change)):
+        if fn is not None:
+            check_callable(name, arg, fn)
+    check_size(name, "max_steps", max_steps)
+    if tol is not None:
+        check_in_range(name, "tol", tol, low=0, finite=False)
+    check_in_range(name, "eps", eps, low=0)
+    check_choice(name, "gradient", gradient, ("stop", "unroll"))
+    check_bool(name, "history", history)
     return ScanOptimizer(
         objective=objective,
         optimizer=optimizer,

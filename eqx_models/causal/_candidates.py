@@ -5,6 +5,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from transforms._validation import check_size
+
 
 MAX_CANDIDATE_SETS = 100_000
 """The most candidate parent sets a `(d, K)` may enumerate (`Σ_{k≤K} C(d-1, k)`)."""
@@ -66,7 +68,8 @@ def candidate_parent_sets(n_vars: int, max_parents: int) -> CandidateSets:
     **Raises:**
 
     `ValueError` if `d < 1`, `K < 0`, or the table would exceed
-    `MAX_CANDIDATE_SETS` (100 000) sets; the message gives the count.
+    `MAX_CANDIDATE_SETS` (100 000) sets; the message gives the count. `TypeError`
+    if `d` or `K` is not an integer (a bool included).
 
     !!! example
 
@@ -81,12 +84,8 @@ def candidate_parent_sets(n_vars: int, max_parents: int) -> CandidateSets:
 
 def checked_table(name: str, n_vars: int, max_parents: int) -> CandidateSets:
     """`candidate_parent_sets` with errors naming the public function `name`."""
-    if not isinstance(n_vars, int) or n_vars < 1:
-        raise ValueError(f"{name}: `n_vars` must be an integer >= 1, got {n_vars!r}.")
-    if not isinstance(max_parents, int) or max_parents < 0:
-        raise ValueError(
-            f"{name}: `max_parents` must be an integer >= 0, got {max_parents!r}."
-        )
+    n_vars = check_size(name, "n_vars", n_vars)
+    max_parents = check_size(name, "max_parents", max_parents, minimum=0)
     count = count_candidate_sets(n_vars, max_parents)
     if count > MAX_CANDIDATE_SETS:
         raise ValueError(

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transforms import kl_divergence, total_variation
+from transforms._validation import check_size, check_type
 
 from ._candidates import candidate_parent_sets
 from ._data import Channel
@@ -113,14 +114,20 @@ def evaluate_surrogate(
 
     **Raises:**
 
-    `ValueError` if `tasks` has no leading batch axis or `max_parents` differs from
-    the model's.
+    `ValueError` if `tasks` has no leading batch axis or no task, or if
+    `max_parents` differs from the model's; `TypeError`/`ValueError` if
+    `batch_size` is not a positive integer.
     """
-    if tasks.data.ndim != 4:
+    name = "evaluate_surrogate"
+    check_type(name, "tasks", tasks, Task, "a batch of Tasks")
+    if tasks.data.ndim != 4 or tasks.data.shape[0] == 0:
         raise ValueError(
-            "evaluate_surrogate: `tasks` must be a batch of tasks (data of shape "
-            f"[B, N, d, 3]), got data of shape {tasks.data.shape}."
+            "evaluate_surrogate: `tasks` must be a non-empty batch of tasks (data of "
+            f"shape [B, N, d, 3], B >= 1), got data of shape {tasks.data.shape}."
         )
+    batch_size = check_size(name, "batch_size", batch_size)
+    if max_parents is not None:
+        check_size(name, "max_parents", max_parents, minimum=0)
     k = model.max_parents if max_parents is None else max_parents
     if k != model.max_parents:
         raise ValueError(

@@ -1,8 +1,14 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, ArrayLike, Bool, Float, Int, jaxtyped
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
+
+from transforms._validation import (
+    check_choice,
+    check_ids,
+    check_probabilities,
+    typechecked,
+)
 
 from ._candidates import candidate_parent_sets, CandidateSets, checked_table
 from ._data import Channel, check_shapes, check_values
@@ -40,7 +46,7 @@ def relative_to_variables(members: Int[ArrayLike, "..."], target) -> Int[Array, 
     return members + (members >= target)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def candidate_variables(
     target: int | Int[Array, ""], n_vars: int, max_parents: int
 ) -> Int[Array, "C k"]:
@@ -59,7 +65,8 @@ def candidate_variables(
 
     **Raises:**
 
-    As [`eqx_models.causal.candidate_parent_sets`][].
+    As [`eqx_models.causal.candidate_parent_sets`][]; `ValueError` if `target` is
+    not a variable in `[0, d)` (at run time when traced).
 
     !!! example
 
@@ -69,6 +76,7 @@ def candidate_variables(
         ```
     """
     table = checked_table("candidate_variables", n_vars, max_parents)
+    target = check_ids("candidate_variables", "target", target, n_vars)
     return jnp.where(table.mask, relative_to_variables(table.members, target), -1)
 
 
@@ -82,7 +90,7 @@ def marginals_from_sets(
     return jnp.where(i == target, 0.0, gathered)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def edge_marginals(
     log_probs: Float[Array, " C"],
     target: int | Int[Array, ""],
@@ -108,14 +116,20 @@ def edge_marginals(
 
     **Raises:**
 
-    `ValueError` if `log_probs` does not have one entry per candidate set.
+    `ValueError` if `log_probs` does not have one entry per candidate set or is not
+    a normalised log-distribution (its exponentials must sum to 1 within the square
+    root of the dtype's epsilon), or if `target` is not in `[0, d)`: at once when
+    concrete, by `eqx.error_if` under `jit`.
     """
-    table = checked_table("edge_marginals", n_vars, max_parents)
+    name = "edge_marginals"
+    table = checked_table(name, n_vars, max_parents)
     if log_probs.shape != (table.n_sets,):
         raise ValueError(
             f"edge_marginals: `log_probs` must have shape ({table.n_sets},) for "
             f"(d, K) = ({n_vars}, {max_parents}), got {log_probs.shape}."
         )
+    log_probs = check_probabilities(name, "log_probs", log_probs, log=True)
+    target = check_ids(name, "target", target, n_vars)
     return marginals_from_sets(jnp.exp(log_probs), table, target, n_vars)
 
 
@@ -221,7 +235,7 @@ def posterior_core(
     return log_probs, log_bf, edge_probs, n, degenerate
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def exact_parent_posterior(
     data: Float[Array, "N d 3"],
     max_parents: int,
@@ -291,10 +305,7 @@ def exact_parent_posterior(
         ```
     """
     name = "exact_parent_posterior"
-    if on_degenerate not in ("raise", "flag"):
-        raise ValueError(
-            f"{name}: `on_degenerate` must be 'raise' or 'flag', got {on_degenerate!r}."
-        )
+    check_choice(name, "on_degenerate", on_degenerate, ("raise", "flag"))
     sample_mask, variable_mask = check_shapes(name, data, sample_mask, variable_mask)
     n_rows, d, _ = data.shape
     table = checked_table(name, d, max_parents)

@@ -1,8 +1,19 @@
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from beartype import beartype
-from jaxtyping import Array, Bool, Float, Int, jaxtyped, PRNGKeyArray
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from transforms._validation import (
+    check_choice,
+    check_ids,
+    check_in_range,
+    check_size,
+    fail,
+    is_traced,
+    typechecked,
+)
 
 
 GRAPH_FAMILIES = ("chain", "fork", "collider", "erdos_renyi", "scale_free")
@@ -10,19 +21,46 @@ GRAPH_FAMILIES = ("chain", "fork", "collider", "erdos_renyi", "scale_free")
 
 
 def family_index(family: str | int | Int[Array, ""]) -> int | Int[Array, ""]:
-    """The integer code of a family given by name or code (codes pass through)."""
+    """The integer code of a family given by name or code (codes pass through,
+    checked: `lax.switch` would clamp a traced code out of range)."""
     if isinstance(family, str):
-        if family not in GRAPH_FAMILIES:
-            raise ValueError(
-                f"sample_dag: `family` must be one of {GRAPH_FAMILIES}, got {family!r}."
-            )
+        check_choice("sample_dag", "family", family, GRAPH_FAMILIES)
         return GRAPH_FAMILIES.index(family)
-    if isinstance(family, int) and not 0 <= family < len(GRAPH_FAMILIES):
-        raise ValueError(
-            f"sample_dag: `family` code must be in [0, {len(GRAPH_FAMILIES)}), got "
-            f"{family}."
+    return check_ids("sample_dag", "family", family, len(GRAPH_FAMILIES))
+
+
+def _has_walk(xp, adjacency, length: int):
+    """Whether the graph has a walk of `length` edges: a boolean matrix power by
+    repeated squaring, clipped to {0, 1} so that counts never overflow."""
+    step = adjacency.astype(xp.float32)
+    walks = xp.eye(adjacency.shape[0], dtype=xp.float32)
+    while length:
+        if length & 1:
+            walks = xp.minimum(walks @ step, 1)
+        step = xp.minimum(step @ step, 1)
+        length >>= 1
+    return xp.any(walks > 0)
+
+
+def check_acyclic(fn: str, arg: str, adjacency: Bool[Array, "d d"], guard=None):
+    """Check that `adjacency` is a DAG: a linear SCM on a cycle has no solution, and
+    its sampler would return NaN or garbage without a word.
+
+    At once when concrete; when traced, by an `eqx.error_if` on `guard` (default
+    `adjacency`), returned: pass a value the result depends on."""
+    guard = adjacency if guard is None else guard
+    # A graph is acyclic iff it has no walk of d edges (its matrix is nilpotent).
+    d = adjacency.shape[0]
+    if is_traced(adjacency):
+        return eqx.error_if(
+            guard,
+            _has_walk(jnp, adjacency, d),
+            f"{fn}: `{arg}` must be a directed acyclic graph, got a graph with a "
+            "cycle (checked at run time).",
         )
-    return family
+    if _has_walk(np, np.asarray(adjacency), d):
+        raise fail(fn, arg, "a directed acyclic graph", "a graph with a cycle")
+    return guard
 
 
 def _choose(
@@ -100,7 +138,7 @@ def _scale_free(u, d, max_parents, edges_per_node):
 _BUILDERS = (_chain, _fork, _collider, _erdos_renyi, _scale_free)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def sample_dag(
     key: PRNGKeyArray,
     n_vars: int,
@@ -144,7 +182,9 @@ def sample_dag(
 
     **Raises:**
 
-    `ValueError` for an unknown family, `n_vars < 1` or `max_parents < 1`.
+    `ValueError` for an unknown family or code (a traced code at run time),
+    `n_vars < 1`, `max_parents < 1`, or a negative or non-finite `edges_per_node`;
+    `TypeError` for a size that is not an integer.
 
     !!! example
 
@@ -153,10 +193,11 @@ def sample_dag(
         parents_of_3 = jnp.flatnonzero(adjacency[:, 3])
         ```
     """
-    if n_vars < 1:
-        raise ValueError(f"sample_dag: `n_vars` must be >= 1, got {n_vars}.")
-    if max_parents < 1:
-        raise ValueError(f"sample_dag: `max_parents` must be >= 1, got {max_parents}.")
+    check_size("sample_dag", "n_vars", n_vars)
+    check_size("sample_dag", "max_parents", max_parents)
+    edges_per_node = check_in_range(
+        "sample_dag", "edges_per_node", edges_per_node, low=0
+    )
     code = family_index(family)
     u = jr.uniform(key, (4, n_vars, n_vars))
     branches = [

@@ -4,8 +4,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from beartype import beartype
-from jaxtyping import Array, Bool, Float, jaxtyped, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
+
+from transforms._validation import check_bool, check_size, fail, typechecked
 
 from .._layer_ops import layer_norm
 from ._candidates import candidate_parent_sets, checked_table
@@ -195,7 +196,27 @@ class ParentSetPredictionModel(eqx.Module):
             pooled over the rows, `c_ij = mean_r(a(x_ri) ⊙ b(x_rj))` of two linear
             maps of the final row-level features (symmetrised).
         - `key`: a PRNG key for the initialisation.
+
+        **Raises:**
+
+        `TypeError` for a size that is not an integer or a flag that is not a bool;
+        `ValueError` for a negative `max_parents` or `n_layers`, a non-positive
+        `width`, `n_heads` or `mlp_ratio`, or a `width` not divisible by `n_heads`.
         """
+        name = "ParentSetPredictionModel"
+        check_size(name, "max_parents", max_parents, minimum=0)
+        check_size(name, "width", width)
+        check_size(name, "n_layers", n_layers, minimum=0)
+        check_size(name, "n_heads", n_heads)
+        check_size(name, "mlp_ratio", mlp_ratio)
+        for arg, flag in (
+            ("pair_features", pair_features),
+            ("target_context", target_context),
+            ("pair_statistics", pair_statistics),
+        ):
+            check_bool(name, arg, flag)
+        if width % n_heads:
+            raise fail(name, "width", f"a multiple of `n_heads`={n_heads}", f"{width}")
         self.max_parents = max_parents
         self.width = width
         self.n_layers = n_layers
@@ -222,23 +243,6 @@ class ParentSetPredictionModel(eqx.Module):
         self.w_target = _normal(keys[4], (width, width), width)
         self.size_embedding = 0.1 * jr.normal(keys[5], (max_parents + 1, width))
         self.score = _MLP(width, 2 * width, 1, key=keys[6])
-
-    def __check_init__(self):
-        if self.max_parents < 0:
-            raise ValueError(
-                "ParentSetPredictionModel: `max_parents` must be >= 0, got "
-                f"{self.max_parents}."
-            )
-        if self.width < 1 or self.n_heads < 1 or self.width % self.n_heads:
-            raise ValueError(
-                "ParentSetPredictionModel: `width` must be a positive multiple of "
-                f"`n_heads`, got width={self.width}, n_heads={self.n_heads}."
-            )
-        if self.n_layers < 0:
-            raise ValueError(
-                "ParentSetPredictionModel: `n_layers` must be >= 0, got "
-                f"{self.n_layers}."
-            )
 
     def embed_variables(
         self,
@@ -332,7 +336,7 @@ class ParentSetPredictionModel(eqx.Module):
         set_valid = jnp.all(~mask | member_valid, axis=1)
         return jnp.where(set_valid, logits, -jnp.inf)
 
-    @jaxtyped(typechecker=beartype)
+    @typechecked
     def __call__(
         self,
         data: Float[Array, "N d 3"],

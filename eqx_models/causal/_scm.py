@@ -2,8 +2,11 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from beartype import beartype
-from jaxtyping import Array, Bool, Float, Int, jaxtyped, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from transforms._validation import check_interval, typechecked
+
+from ._graphs import check_acyclic
 
 
 class LinearGaussianSCM(eqx.Module):
@@ -97,7 +100,7 @@ def _explained_variance_mechanisms(adjacency, raw_weights, explained):
     return weights, noise
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def sample_linear_gaussian_scm(
     key: PRNGKeyArray,
     adjacency: Bool[Array, "d d"],
@@ -147,25 +150,24 @@ def sample_linear_gaussian_scm(
 
     **Raises:**
 
-    `ValueError` if a range is empty or out of its domain.
+    `ValueError` if a range is empty, not finite or out of its domain, or if
+    `adjacency` has a cycle (at once when concrete, by `eqx.error_if` under `jit`).
     """
-    for name, (low, high), positive in (
-        ("weight_range", weight_range, True),
-        ("noise_range", noise_range, True),
-        ("bias_range", bias_range, False),
-    ):
-        if not low <= high or (positive and low <= 0):
-            raise ValueError(
-                f"sample_linear_gaussian_scm: `{name}` must be (low, high) with "
-                f"{'0 < ' if positive else ''}low <= high, got {(low, high)}."
-            )
-    if explained_variance is not None and not (
-        0 < explained_variance[0] <= explained_variance[1] < 1
-    ):
-        raise ValueError(
-            "sample_linear_gaussian_scm: `explained_variance` must be (low, high) with "
-            f"0 < low <= high < 1, or None; got {explained_variance}."
+    name = "sample_linear_gaussian_scm"
+    positive = dict(low=0, inclusive=(False, True))
+    check_interval(name, "weight_range", weight_range, **positive)
+    check_interval(name, "noise_range", noise_range, **positive)
+    check_interval(name, "bias_range", bias_range)
+    if explained_variance is not None:
+        check_interval(
+            name,
+            "explained_variance",
+            explained_variance,
+            low=0,
+            high=1,
+            inclusive=(False, False),
         )
+    adjacency = check_acyclic(name, "adjacency", adjacency)
     d = adjacency.shape[0]
     dtype = jnp.result_type(float)
     # One random draw for everything keeps the compiled sampler small.
@@ -196,7 +198,7 @@ def sample_linear_gaussian_scm(
     )
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def simulate(
     key: PRNGKeyArray,
     scm: LinearGaussianSCM,
@@ -227,8 +229,9 @@ def simulate(
 
     **Raises:**
 
-    `ValueError` if the two arrays differ in length; an `eqx.error_if` runtime error
-    if a node index is `>= d`.
+    `ValueError` if the two arrays differ in length, or if the SCM's graph (its
+    adjacency and non-zero weights) has a cycle (at run time under `jit`); an
+    `eqx.error_if` runtime error if a node index is `>= d`.
     """
     n = intervened_node.shape[0]
     if intervention_value.shape != (n,):
@@ -237,6 +240,11 @@ def simulate(
             f"`intervened_node`, got {intervention_value.shape}."
         )
     d = scm.n_vars
+    # `d` sweeps solve the equations only on a DAG: that of the weights in use.
+    support = scm.adjacency | (scm.weights != 0)
+    intervened_node = check_acyclic(
+        "simulate", "scm.weights", support, guard=intervened_node
+    )
     intervened_node = eqx.error_if(
         intervened_node,
         jnp.any(intervened_node >= d),

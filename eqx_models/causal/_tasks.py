@@ -1,8 +1,18 @@
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
-from beartype import beartype
-from jaxtyping import Array, Bool, Float, Int, jaxtyped, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from transforms._validation import (
+    check_bool,
+    check_choice,
+    check_in_range,
+    check_interval,
+    check_size,
+    fail,
+    is_traced,
+    typechecked,
+)
 
 from ._data import Channel
 from ._graphs import GRAPH_FAMILIES, sample_dag
@@ -32,6 +42,11 @@ class TaskConfig(eqx.Module):
     - `standardise`: standardise the SCM to unit observational variance.
     - `weight_range`, `explained_variance`, `noise_range`: the mechanisms' ranges
         (see [`eqx_models.causal.sample_linear_gaussian_scm`][]).
+
+    **Raises:**
+
+    `TypeError` for a size that is not an integer or a flag that is not a bool;
+    `ValueError` for a value out of its range, NaN or infinite.
     """
 
     n_vars: int = eqx.field(static=True)
@@ -51,21 +66,28 @@ class TaskConfig(eqx.Module):
     noise_range: tuple[float, float] = eqx.field(static=True, default=(0.5, 1.5))
 
     def __check_init__(self):
-        if self.n_vars < 2:
-            raise ValueError(f"TaskConfig: `n_vars` must be >= 2, got {self.n_vars}.")
-        if self.n_samples < 1:
-            raise ValueError(
-                f"TaskConfig: `n_samples` must be >= 1, got {self.n_samples}."
-            )
-        if self.target not in ("sink", "any"):
-            raise ValueError(
-                f"TaskConfig: `target` must be 'sink' or 'any', got {self.target!r}."
-            )
-        low, high = self.interventional_fraction
-        if not 0 <= low <= high <= 1:
-            raise ValueError(
-                "TaskConfig: `interventional_fraction` must be (low, high) with "
-                f"0 <= low <= high <= 1, got {self.interventional_fraction}."
+        name = "TaskConfig"
+        check_size(name, "n_vars", self.n_vars, minimum=2)
+        check_size(name, "n_samples", self.n_samples)
+        check_choice(name, "target", self.target, ("sink", "any"))
+        check_interval(
+            name, "interventional_fraction", self.interventional_fraction, low=0, high=1
+        )
+        check_in_range(name, "intervention_scale", self.intervention_scale, low=0)
+        check_size(name, "max_parents", self.max_parents)
+        check_in_range(name, "edges_per_node", self.edges_per_node, low=0)
+        check_bool(name, "standardise", self.standardise)
+        positive = dict(low=0, inclusive=(False, True))
+        check_interval(name, "weight_range", self.weight_range, **positive)
+        check_interval(name, "noise_range", self.noise_range, **positive)
+        if self.explained_variance is not None:
+            check_interval(
+                name,
+                "explained_variance",
+                self.explained_variance,
+                low=0,
+                high=1,
+                inclusive=(False, False),
             )
 
 
@@ -100,7 +122,7 @@ class Task(eqx.Module):
         return column[..., 0]
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def sample_task(
     key: PRNGKeyArray,
     config: TaskConfig,
@@ -133,7 +155,8 @@ def sample_task(
 
     **Raises:**
 
-    `ValueError` if `family_weights` has the wrong length.
+    `ValueError` if `family_weights` has the wrong length, a negative or non-finite
+    entry, or sums to 0 (at once when concrete, by `eqx.error_if` under `jit`).
 
     !!! example
 
@@ -143,15 +166,34 @@ def sample_task(
         tasks.data.shape  # (64, 200, 10, 3)
         ```
     """
-    n_families = len(GRAPH_FAMILIES)
     if family_weights is None:
-        family_weights = jnp.ones((n_families,))
-    if family_weights.shape != (n_families,):
-        raise ValueError(
-            f"sample_task: `family_weights` must have shape ({n_families},) (one "
-            f"weight per entry of GRAPH_FAMILIES), got {family_weights.shape}."
-        )
+        family_weights = jnp.ones((len(GRAPH_FAMILIES),))
+    family_weights = check_family_weights("sample_task", family_weights)
     return _sample_task(key, config, family_weights)
+
+
+def check_family_weights(fn: str, weights: Array) -> Array:
+    """One finite, non-negative weight per graph family, with a positive sum (at
+    once when concrete, by `eqx.error_if` when traced)."""
+    n_families = len(GRAPH_FAMILIES)
+    if weights.shape != (n_families,):
+        raise ValueError(
+            f"{fn}: `family_weights` must have shape ({n_families},) (one "
+            f"weight per entry of GRAPH_FAMILIES), got {weights.shape}."
+        )
+    weights = check_in_range(fn, "family_weights", weights, low=0)
+    # All-zero weights would make the cumulative distribution NaN, and every draw
+    # the first family.
+    expected = "weights with a positive sum"
+    if is_traced(weights):
+        return eqx.error_if(
+            weights,
+            jnp.sum(weights) <= 0,
+            f"{fn}: `family_weights` must be {expected}, got all zeros.",
+        )
+    if not jnp.sum(weights) > 0:
+        raise fail(fn, "family_weights", expected, "all zeros")
+    return weights
 
 
 # Compiled as one program even when called eagerly; inlined under an outer `jit`.

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
-from beartype import beartype
-from jaxtyping import Array, Bool, Float, Int, jaxtyped, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from transforms import (
     entropy,
@@ -20,14 +19,15 @@ from transforms import (
     uncertainty_weighted,
     with_fallback,
 )
+from transforms._validation import check_in_range, check_size, fail, typechecked
 
 from .._misc import check_resumed_config, static_fields
-from ._candidates import candidate_parent_sets
+from ._candidates import checked_table
 from ._data import Channel
 from ._expert import posterior_core
 from ._graphs import GRAPH_FAMILIES
 from ._model import ParentSetPredictionModel
-from ._tasks import sample_task, TaskConfig
+from ._tasks import check_family_weights, sample_task, TaskConfig
 
 
 class TrainingBatch(eqx.Module):
@@ -70,7 +70,7 @@ def _sample_batch(key, config, batch_size, max_parents, family_weights):
     return TrainingBatch(tasks.data, log_probs, valid)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def sample_training_batch(
     key: PRNGKeyArray,
     config: TaskConfig,
@@ -101,14 +101,13 @@ def sample_training_batch(
 
     **Raises:**
 
-    `ValueError` if `batch_size < 1`, `config.n_samples < K' + 2`, or `(d, K)`
-    exceeds the enumeration limit.
+    `ValueError` if `batch_size < 1`, `config.n_samples < K' + 2`, `(d, K)`
+    exceeds the enumeration limit, or `family_weights` are not finite, non-negative
+    weights with a positive sum; `TypeError` for a size that is not an integer.
     """
-    if batch_size < 1:
-        raise ValueError(
-            f"sample_training_batch: `batch_size` must be >= 1, got {batch_size}."
-        )
-    table = candidate_parent_sets(config.n_vars, max_parents)
+    name = "sample_training_batch"
+    check_size(name, "batch_size", batch_size)
+    table = checked_table(name, config.n_vars, max_parents)
     if config.n_samples < table.max_parents + 2:
         raise ValueError(
             f"sample_training_batch: `config.n_samples` = {config.n_samples} is too "
@@ -117,6 +116,7 @@ def sample_training_batch(
         )
     if family_weights is None:
         family_weights = jnp.ones((len(GRAPH_FAMILIES),))
+    family_weights = check_family_weights(name, family_weights)
     return _sample_batch(key, config, batch_size, max_parents, family_weights)
 
 
@@ -179,12 +179,16 @@ class BehaviouralCloningLoss(eqx.Module):
         - `uncertainty_scale`: `None` for plain KL, or the scale `s ≥ 0` of the
             uncertainty weighting.
         - `weight_decay`: the optimiser's weight decay, to report `reg_loss`.
+
+        **Raises:**
+
+        `ValueError` if `uncertainty_scale` or `weight_decay` is negative, NaN or
+        infinite.
         """
-        if uncertainty_scale is not None and uncertainty_scale < 0:
-            raise ValueError(
-                "BehaviouralCloningLoss: `uncertainty_scale` must be >= 0 or None, got "
-                f"{uncertainty_scale}."
-            )
+        name = "BehaviouralCloningLoss"
+        if uncertainty_scale is not None:
+            check_in_range(name, "uncertainty_scale", uncertainty_scale, low=0)
+        check_in_range(name, "weight_decay", weight_decay, low=0)
         self.uncertainty_scale = (
             None if uncertainty_scale is None else jnp.asarray(uncertainty_scale)
         )
@@ -326,19 +330,28 @@ def surrogate_optimizer(
 
     **Raises:**
 
-    `ValueError` if `n_steps < 1` or the warmup is not shorter than the run.
+    `ValueError` if `n_steps < 1`, the warmup is not shorter than the run, a
+    learning rate is not positive (the end one: negative) and finite, or
+    `weight_decay` is negative or `clip_norm` not positive (or either is NaN);
+    `TypeError` for a step count that is not an integer.
     """
-    if n_steps < 1:
-        raise ValueError(f"surrogate_optimizer: `n_steps` must be >= 1, got {n_steps}.")
+    name = "surrogate_optimizer"
+    check_size(name, "n_steps", n_steps)
     if warmup_steps is None:
         warmup_steps = max(1, n_steps // 20)
-    if not 0 <= warmup_steps < max(n_steps, 2):
+    check_size(name, "warmup_steps", warmup_steps, minimum=0)
+    if not warmup_steps < max(n_steps, 2):
         raise ValueError(
             f"surrogate_optimizer: `warmup_steps` must be in [0, n_steps), got "
             f"{warmup_steps} with n_steps={n_steps}."
         )
+    positive = dict(low=0, inclusive=(False, True))
+    check_in_range(name, "peak_learning_rate", peak_learning_rate, **positive)
     if end_learning_rate is None:
         end_learning_rate = 0.01 * peak_learning_rate
+    check_in_range(name, "end_learning_rate", end_learning_rate, low=0)
+    check_in_range(name, "weight_decay", weight_decay, low=0)
+    check_in_range(name, "clip_norm", clip_norm, finite=False, **positive)
     return optax.chain(
         optax.clip_by_global_norm(clip_norm),
         optax.scale_by_adam(),
@@ -382,8 +395,10 @@ def set_run_length(opt_state, n_steps: int):
 
     **Raises:**
 
-    `ValueError` if the state has no [`eqx_models.causal.WarmupCosineState`][].
+    `ValueError` if the state has no [`eqx_models.causal.WarmupCosineState`][] or
+    `n_steps` is not positive; `TypeError` if it is not an integer.
     """
+    check_size("set_run_length", "n_steps", n_steps)
     new, found = _with_run_length(opt_state, n_steps)
     if not found:
         raise ValueError(
@@ -422,6 +437,7 @@ class Curriculum(eqx.Module):
     ramp: float = eqx.field(static=True, default=0.3)
 
     def __check_init__(self):
+        check_in_range("Curriculum", "ramp", self.ramp, low=0, high=1)
         if len(self.start_buckets) != len(self.end_buckets):
             raise ValueError(
                 "Curriculum: `start_buckets` and `end_buckets` must have the same "
@@ -434,7 +450,9 @@ class Curriculum(eqx.Module):
             ("start_families", self.start_families),
             ("end_families", self.end_families),
         ):
-            if min(weights, default=-1.0) < 0 or sum(weights) <= 0:
+            for i, weight in enumerate(weights):
+                check_in_range("Curriculum", f"{name}[{i}]", weight, low=0)
+            if not sum(weights) > 0:
                 raise ValueError(
                     f"Curriculum: `{name}` must be non-negative with a positive sum, "
                     f"got {weights}."
@@ -444,8 +462,6 @@ class Curriculum(eqx.Module):
                     f"Curriculum: `{name}` needs one weight per family ({n}), got "
                     f"{len(weights)}."
                 )
-        if not 0 <= self.ramp <= 1:
-            raise ValueError(f"Curriculum: `ramp` must be in [0, 1], got {self.ramp}.")
 
     @classmethod
     def easy_to_hard(
@@ -458,7 +474,15 @@ class Curriculum(eqx.Module):
         - `costs`: a difficulty per bucket (e.g. `d·N`); the buckets of the smallest
             cost get all the weight at the start.
         - `ramp`: the fraction of the run over which the weights move.
+
+        **Raises:**
+
+        `ValueError` if `costs` is empty or holds NaN; as `Curriculum` for `ramp`.
         """
+        if len(costs) == 0:
+            raise fail("Curriculum.easy_to_hard", "costs", "one cost per bucket", "[]")
+        for i, cost in enumerate(costs):
+            check_in_range("Curriculum.easy_to_hard", f"costs[{i}]", cost)
         low = min(costs)
         start = tuple(1.0 if c == low else 0.0 for c in costs)
         return cls(start, tuple(1.0 for _ in costs), ramp=ramp)

@@ -14,11 +14,18 @@ an identity, used for the padded tail of a sequence shorter than its batch.
 
 from typing import NamedTuple
 
-import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
+
+from transforms._validation import (
+    check_choice,
+    check_ids,
+    check_in_range,
+    check_probabilities,
+    Checks,
+)
 
 from ._model import CHMM
 
@@ -193,30 +200,6 @@ def slot_states(chain: Chain, index: Int[Array, " T"]) -> Int[Array, " T"]:
     return jnp.take_along_axis(chain.slots, index[:, None], axis=1)[:, 0]
 
 
-class Checks:
-    """Run-time (value) checks collected while tracing, attached to the outputs.
-
-    Guarding the outputs, rather than the inputs, makes sure the check runs before
-    any result can be used.
-    """
-
-    def __init__(self):
-        self.predicates: list[Array] = []
-        self.messages: list[str] = []
-
-    def add(self, predicate: Array, message: str) -> None:
-        self.predicates.append(jnp.any(predicate))
-        self.messages.append(message)
-
-    def guard(self, out):
-        if not self.predicates:
-            return out
-        failed = jnp.stack(self.predicates)
-        return eqx.branched_error_if(
-            out, jnp.any(failed), jnp.argmax(failed), self.messages
-        )
-
-
 def check_inputs(
     fn: str,
     model: CHMM,
@@ -267,43 +250,47 @@ def check_inputs(
     if x.shape[0] < 1:
         raise ValueError(f"{fn}: the sequence is empty.")
     if jnp.issubdtype(x.dtype, jnp.integer):
-        checks.add(
-            (x < 0) | (x >= model.n_obs),
-            f"{fn}: observation ids `x` must lie in [0, n_obs) = [0, {model.n_obs}).",
-        )
+        x = check_ids(fn, "x", x, model.n_obs, checks=checks, upper_name="n_obs")
     else:
-        checks.add(
-            jnp.isnan(x) | (x == jnp.inf),
-            f"{fn}: log-evidence `x` must not contain NaN or +inf.",
+        # -inf is a symbol ruled out; NaN and +inf have no meaning.
+        x = check_in_range(
+            fn,
+            "x",
+            x,
+            high=jnp.inf,
+            inclusive=(True, False),
+            finite=False,
+            checks=checks,
         )
-    actions = a[:-1]
-    checks.add(
-        (actions < 0) | (actions >= model.n_actions),
-        f"{fn}: actions `a[:-1]` must lie in [0, n_actions) = [0, {model.n_actions}).",
+    # a[-1] is unused: any placeholder is accepted there.
+    used = jnp.arange(a.shape[0]) < a.shape[0] - 1
+    a = check_ids(
+        fn,
+        "a[:-1]",
+        a,
+        model.n_actions,
+        where=used,
+        checks=checks,
+        upper_name="n_actions",
     )
     if emissions is not None:
-        emissions = jnp.asarray(emissions)
-        if emissions.shape != (model.n_states, model.n_obs):
-            raise ValueError(
-                f"{fn}: `emissions` must have shape (N, n_obs) = ({model.n_states}, "
-                f"{model.n_obs}), got {emissions.shape}."
-            )
-        if not jnp.issubdtype(emissions.dtype, jnp.floating):
-            raise TypeError(
-                f"{fn}: `emissions` must be floating, got {emissions.dtype}."
-            )
-        checks.add(
-            (emissions < 0) | ~jnp.isfinite(emissions),
-            f"{fn}: `emissions` must be finite and non-negative.",
-        )
+        emissions = check_emissions(fn, model, emissions, checks)
     return x, a, emissions
 
 
-def check_method(fn: str, method: str) -> None:
-    if method not in ("scan", "parallel"):
+def check_emissions(fn: str, model: CHMM, emissions, checks: Checks) -> Array:
+    """An `(N, n_obs)` emission matrix whose rows are distributions."""
+    emissions = jnp.asarray(emissions)
+    if emissions.shape != (model.n_states, model.n_obs):
         raise ValueError(
-            f"{fn}: `method` must be 'scan' or 'parallel', got {method!r}."
+            f"{fn}: `emissions` must have shape (N, n_obs) = ({model.n_states}, "
+            f"{model.n_obs}), got {emissions.shape}."
         )
+    return check_probabilities(fn, "emissions", emissions, checks=checks)
+
+
+def check_method(fn: str, method: str) -> None:
+    check_choice(fn, "method", method, ("scan", "parallel"))
 
 
 def window(src: Array, p: Int[Array, " 3"], size: int) -> Array:

@@ -1,9 +1,10 @@
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
-from beartype import beartype
 from jax import lax
-from jaxtyping import Array, Bool, Float, Int, jaxtyped, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from transforms._validation import check_ids, check_in_range, check_size, typechecked
 
 from ._model import _normalise_rows, CHMM
 
@@ -12,7 +13,7 @@ from ._model import _normalise_rows, CHMM
 MOVES = ((0, -1), (0, 1), (-1, 0), (1, 0))
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def random_room(
     height: int, width: int, n_colours: int, *, key: PRNGKeyArray
 ) -> Int[Array, "height width"]:
@@ -28,17 +29,18 @@ def random_room(
     **Returns:**
 
     An int32 array of shape `(height, width)` with values in `[0, n_colours)`.
+
+    **Raises:**
+
+    `TypeError`/`ValueError` if a size is not a positive integer.
     """
-    if height < 1 or width < 1 or n_colours < 1:
-        raise ValueError(
-            "random_room: `height`, `width` and `n_colours` must be positive, got "
-            f"{height}, {width}, {n_colours}."
-        )
+    for arg, value in (("height", height), ("width", width), ("n_colours", n_colours)):
+        check_size("random_room", arg, value)
     return jr.randint(key, (height, width), 0, n_colours, dtype=jnp.int32)
 
 
 @eqx.filter_jit
-@jaxtyped(typechecker=beartype)
+@typechecked
 def room_walk(
     room: Int[Array, "height width"],
     length: int,
@@ -70,11 +72,10 @@ def room_walk(
 
     **Raises:**
 
-    `ValueError` for a non-positive `length`; `EquinoxRuntimeError` if the start
-    cell cannot be entered.
+    `TypeError`/`ValueError` if `length` is not a positive integer;
+    `EquinoxRuntimeError` if the start cell cannot be entered.
     """
-    if length < 1:
-        raise ValueError(f"room_walk: `length` must be positive, got {length}.")
+    check_size("room_walk", "length", length)
     height, width = room.shape
     start_key, action_key = jr.split(key)
     if start is None:
@@ -116,7 +117,7 @@ def room_walk(
     )
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def place_fields(
     states: Int[Array, " T"],
     positions: Int[Array, "T_positions 2"],
@@ -139,17 +140,32 @@ def place_fields(
 
     A float array of shape `(N, height, width)` of visit counts; a clone that is a
     good "place cell" has its counts concentrated on one cell.
+
+    **Raises:**
+
+    `ValueError` if `states` and `positions` differ in length, if a state lies
+    outside `[0, n_states)` or a position outside the room (at once for concrete
+    arrays, by `eqx.error_if` under `jit`; a scatter would drop or wrap them
+    silently); `TypeError`/`ValueError` if `n_states` or a side of `shape` is not a
+    positive integer.
     """
+    fn = "place_fields"
     if states.shape[0] != positions.shape[0]:
         raise ValueError(
-            "place_fields: `states` and `positions` must have the same length, got "
+            f"{fn}: `states` and `positions` must have the same length, got "
             f"{states.shape[0]} and {positions.shape[0]}."
         )
-    fields = jnp.zeros((n_states,) + tuple(shape), jnp.zeros(()).dtype)
-    return fields.at[states, positions[:, 0], positions[:, 1]].add(1)
+    n_states = check_size(fn, "n_states", n_states)
+    height = check_size(fn, "shape[0]", shape[0])
+    width = check_size(fn, "shape[1]", shape[1])
+    states = check_ids(fn, "states", states, n_states)
+    rows = check_ids(fn, "positions[:, 0]", positions[:, 0], height)
+    columns = check_ids(fn, "positions[:, 1]", positions[:, 1], width)
+    fields = jnp.zeros((n_states, height, width), jnp.zeros(()).dtype)
+    return fields.at[states, rows, columns].add(1)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def clone_graph(
     model: CHMM, states: Int[Array, " T"], *, threshold: float = 0.0
 ) -> tuple[Float[Array, "n_states n_states"], Bool[Array, " n_states"]]:
@@ -169,7 +185,15 @@ def clone_graph(
     n_actions`, restricted to active clones and renormalised over them (rows and
     columns of inactive clones are zero), and `active`, a boolean mask of shape
     `(N,)`.
+
+    **Raises:**
+
+    `ValueError` if a state lies outside `[0, N)` (at once for concrete arrays, by
+    `eqx.error_if` under `jit`), or if `threshold` is NaN.
     """
+    fn = "clone_graph"
+    states = check_ids(fn, "states", states, model.n_states)
+    check_in_range(fn, "threshold", threshold, finite=False)
     active = jnp.zeros((model.n_states,), bool).at[states].set(True)
     mask = active[:, None] & active[None, :]
     adjacency = _normalise_rows(jnp.where(mask, model.T.mean(0), 0))

@@ -3,14 +3,14 @@ from typing import NamedTuple
 
 import equinox as eqx
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, ArrayLike, Float, Int, jaxtyped
+from jaxtyping import Array, ArrayLike, Float, Int
+
+from transforms._validation import check_in_range, Checks, typechecked
 
 from .._misc import pairwise_sum
 from ._chain import (
     check_inputs,
     check_method,
-    Checks,
     make_chain,
     slot_states,
     to_states,
@@ -44,7 +44,7 @@ class Posteriors(NamedTuple):
 
 
 @eqx.filter_jit
-@jaxtyped(typechecker=beartype)
+@typechecked
 def log_likelihood(
     model: CHMM,
     x: Observations,
@@ -86,7 +86,10 @@ def log_likelihood(
     **Raises:**
 
     `ValueError`/`TypeError` at trace time for wrong shapes, dtypes or `method`;
-    `EquinoxRuntimeError` (from `eqx.error_if`) for ids or actions out of range.
+    `EquinoxRuntimeError` (from `eqx.error_if`) for ids or actions out of range,
+    log-evidence holding NaN or `+inf`, or `emissions` whose rows are not
+    distributions (non-negative, summing to 1 within the square root of the dtype's
+    epsilon).
 
     **Example:**
 
@@ -106,7 +109,7 @@ def log_likelihood(
 
 
 @eqx.filter_jit
-@jaxtyped(typechecker=beartype)
+@typechecked
 def forward(
     model: CHMM,
     x: Observations,
@@ -144,7 +147,7 @@ def forward(
 
 
 @eqx.filter_jit
-@jaxtyped(typechecker=beartype)
+@typechecked
 def backward(
     model: CHMM,
     x: Observations,
@@ -186,7 +189,7 @@ def backward(
 
 
 @eqx.filter_jit
-@jaxtyped(typechecker=beartype)
+@typechecked
 def posteriors(
     model: CHMM,
     x: Observations,
@@ -243,7 +246,7 @@ def posteriors(
 
 
 @eqx.filter_jit
-@jaxtyped(typechecker=beartype)
+@typechecked
 def viterbi(
     model: CHMM,
     x: Observations,
@@ -305,5 +308,11 @@ def bits_per_step(
     **Returns:**
 
     An array of the shape of `log_likelihood`.
+
+    **Raises:**
+
+    `ValueError` if a length is below 1 or NaN (a count of steps), at once when
+    concrete, by `eqx.error_if` under `jit`.
     """
+    length = check_in_range("bits_per_step", "length", length, low=1)
     return -jnp.asarray(log_likelihood) / (jnp.asarray(length) * math.log(2))

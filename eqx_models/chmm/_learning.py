@@ -3,15 +3,22 @@ from collections.abc import Sequence
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from beartype import beartype
 from jax import lax
-from jaxtyping import Array, Float, Int, jaxtyped
+from jaxtyping import Array, Float, Int
+
+from transforms._validation import (
+    check_ids,
+    check_in_range,
+    check_size,
+    Checks,
+    typechecked,
+)
 
 from .._misc import pairwise_sum
 from ._chain import (
+    check_emissions,
     check_inputs,
     check_method,
-    Checks,
     dense_chain,
     hard_chain,
     slot_states,
@@ -92,14 +99,16 @@ def _as_batch(fn: str, model: CHMM, x, a, checks: Checks) -> _Batch:
             raise TypeError(f"{fn}: `{name}` must be integer ids, got dtype {v.dtype}.")
     if x.shape[1] < 1:
         raise ValueError(f"{fn}: the sequences are empty.")
-    checks.add(
-        (x < 0) | (x >= model.n_obs),
-        f"{fn}: observation ids `x` must lie in [0, n_obs) = [0, {model.n_obs}).",
-    )
-    checks.add(
-        (a[:, :-1] < 0) | (a[:, :-1] >= model.n_actions),
-        f"{fn}: actions `a[:, :-1]` must lie in [0, n_actions) = "
-        f"[0, {model.n_actions}).",
+    x = check_ids(fn, "x", x, model.n_obs, checks=checks, upper_name="n_obs")
+    used = jnp.arange(a.shape[1]) < a.shape[1] - 1
+    a = check_ids(
+        fn,
+        "a[:, :-1]",
+        a,
+        model.n_actions,
+        where=used,
+        checks=checks,
+        upper_name="n_actions",
     )
     return _Batch(x, a, None)
 
@@ -129,32 +138,13 @@ def _counts(model: CHMM, batch: _Batch, method: str):
     return model.T * grad, lnl
 
 
-def _check_emissions(fn: str, model: CHMM, emissions: Array, checks: Checks) -> Array:
-    if emissions.shape != (model.n_states, model.n_obs):
-        raise ValueError(
-            f"{fn}: `emissions` must have shape (N, n_obs) = ({model.n_states}, "
-            f"{model.n_obs}), got {emissions.shape}."
-        )
-    sums = emissions.sum(-1)
-    tol = float(jnp.finfo(emissions.dtype).eps) ** 0.5
-    bad = jnp.any(emissions < 0) | jnp.any(jnp.abs(sums - 1) > tol)
-    checks.add(
-        bad, f"{fn}: every row of `emissions` must be non-negative and sum to 1."
-    )
-    return emissions
-
-
 def _check_iterations(fn: str, n_iter: int, pseudocount: float) -> None:
-    if n_iter < 0:
-        raise ValueError(f"{fn}: `n_iter` must be non-negative, got {n_iter}.")
-    if pseudocount < 0:
-        raise ValueError(
-            f"{fn}: `pseudocount` must be non-negative, got {pseudocount}."
-        )
+    check_size(fn, "n_iter", n_iter, minimum=0)
+    check_in_range(fn, "pseudocount", pseudocount, low=0)
 
 
 @eqx.filter_jit
-@jaxtyped(typechecker=beartype)
+@typechecked
 def expected_counts(
     model: CHMM,
     x: Sequences,
@@ -196,7 +186,7 @@ def expected_counts(
 
 
 @eqx.filter_jit
-@jaxtyped(typechecker=beartype)
+@typechecked
 def em(
     model: CHMM,
     x: Sequences,
@@ -236,7 +226,8 @@ def em(
     **Raises:**
 
     As for [`eqx_models.chmm.expected_counts`][]; `ValueError` for a negative
-    `n_iter` or `pseudocount`.
+    `n_iter` or a negative, NaN or infinite `pseudocount`; `TypeError` for an
+    `n_iter` that is not an integer.
 
     **Example:**
 
@@ -272,7 +263,7 @@ def _viterbi_paths(model: CHMM, batch: _Batch):
 
 
 @eqx.filter_jit
-@jaxtyped(typechecker=beartype)
+@typechecked
 def viterbi_em(
     model: CHMM,
     x: Sequences,
@@ -355,7 +346,7 @@ def _posteriors_over(model, batch, emissions, method):
 
 
 @eqx.filter_jit
-@jaxtyped(typechecker=beartype)
+@typechecked
 def learn_emissions(
     model: CHMM,
     x: Sequences,
@@ -396,7 +387,8 @@ def learn_emissions(
 
     **Raises:**
 
-    As for [`eqx_models.chmm.em`][].
+    As for [`eqx_models.chmm.em`][]; at run time if the rows of `emissions` are not
+    distributions.
     """
     fn = "learn_emissions"
     check_method(fn, method)
@@ -409,7 +401,7 @@ def learn_emissions(
             jnp.asarray(model.state_symbol), model.n_obs, dtype=dtype
         )
     else:
-        emissions = _check_emissions(fn, model, emissions, checks)
+        emissions = check_emissions(fn, model, emissions, checks)
     symbols = jax.nn.one_hot(batch.x, model.n_obs, dtype=dtype)
 
     def iteration(E, _):

@@ -5,8 +5,14 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from beartype import beartype
-from jaxtyping import Array, ArrayLike, Float, jaxtyped, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+
+from transforms._validation import (
+    check_in_range,
+    check_probabilities,
+    check_size,
+    typechecked,
+)
 
 
 def _as_clone_counts(fn: str, n_clones) -> tuple[int, ...]:
@@ -33,71 +39,6 @@ def _as_clone_counts(fn: str, n_clones) -> tuple[int, ...]:
             f"{counts.tolist()}."
         )
     return tuple(int(k) for k in counts)
-
-
-def _is_concrete(x) -> bool:
-    try:
-        np.asarray(x)
-    except jax.errors.TracerArrayConversionError:
-        return False
-    return True
-
-
-def _stochastic_tolerance(dtype) -> float:
-    # Rows normalised in floating point sum to 1 within a few ulps times their length;
-    # the square root of the machine epsilon leaves room for that and still catches
-    # unnormalised input.
-    return float(np.sqrt(np.finfo(dtype).eps))
-
-
-def _check_transitions(fn: str, T: Array) -> Array:
-    """Checks that `T` is row-stochastic (rows of zeros allowed) and returns it."""
-    tol = _stochastic_tolerance(T.dtype)
-    if _is_concrete(T):
-        values = np.asarray(T)
-        if not np.all(np.isfinite(values)):
-            raise ValueError(f"{fn}: `T` has non-finite entries.")
-        if np.any(values < 0):
-            raise ValueError(
-                f"{fn}: `T` must be non-negative, got a minimum of {values.min()}."
-            )
-        sums = values.sum(-1)
-        bad = (np.abs(sums - 1) > tol) & (sums != 0)
-        if np.any(bad):
-            u, i = np.argwhere(bad)[0]
-            raise ValueError(
-                f"{fn}: every row `T[u, i, :]` must sum to 1 (or be all zeros); row "
-                f"T[{u}, {i}, :] sums to {sums[u, i]}."
-            )
-        return T
-    sums = T.sum(-1)
-    bad_row = (jnp.abs(sums - 1) > tol) & (sums != 0)
-    index = jnp.where(~jnp.all(jnp.isfinite(T)), 0, jnp.where(jnp.any(T < 0), 1, 2))
-    return eqx.branched_error_if(
-        T,
-        ~jnp.all(jnp.isfinite(T)) | jnp.any(T < 0) | jnp.any(bad_row),
-        index,
-        [
-            f"{fn}: `T` has non-finite entries.",
-            f"{fn}: `T` must be non-negative.",
-            f"{fn}: every row `T[u, i, :]` must sum to 1 (or be all zeros).",
-        ],
-    )
-
-
-def _check_initial(fn: str, Pi: Array) -> Array:
-    tol = _stochastic_tolerance(Pi.dtype)
-    if _is_concrete(Pi):
-        values = np.asarray(Pi)
-        if not np.all(np.isfinite(values)) or np.any(values < 0):
-            raise ValueError(f"{fn}: `Pi` must be finite and non-negative.")
-        if abs(values.sum() - 1) > tol:
-            raise ValueError(f"{fn}: `Pi` must sum to 1, got {values.sum()}.")
-        return Pi
-    bad = ~jnp.all(jnp.isfinite(Pi)) | jnp.any(Pi < 0) | (jnp.abs(Pi.sum() - 1) > tol)
-    return eqx.error_if(
-        Pi, bad, f"{fn}: `Pi` must be finite, non-negative and sum to 1."
-    )
 
 
 def _normalise_rows(counts: Float[Array, "... n"]) -> Float[Array, "... n"]:
@@ -183,8 +124,9 @@ class CHMM(eqx.Module):
             )
         if not jnp.issubdtype(Pi.dtype, jnp.floating):
             raise TypeError(f"{fn}: `Pi` must be a floating array, got {Pi.dtype}.")
-        self.T = _check_transitions(fn, T)
-        self.Pi = _check_initial(fn, Pi.astype(T.dtype))
+        # A row of zeros is a clone never left under that action.
+        self.T = check_probabilities(fn, "T", T, allow_zero=True)
+        self.Pi = check_probabilities(fn, "Pi", Pi.astype(T.dtype))
 
     @property
     def n_states(self) -> int:
@@ -212,7 +154,7 @@ class CHMM(eqx.Module):
         return np.repeat(np.arange(self.n_obs), self.n_clones)
 
     @classmethod
-    @jaxtyped(typechecker=beartype)
+    @typechecked
     def random(
         cls,
         n_clones: Sequence[int] | np.ndarray | Array,
@@ -238,15 +180,16 @@ class CHMM(eqx.Module):
         **Returns:**
 
         A `CHMM`.
+
+        **Raises:**
+
+        As for `CHMM`; `TypeError`/`ValueError` if `n_actions` is not a positive
+        integer or `pseudocount` is negative, NaN or infinite.
         """
         fn = "CHMM.random"
         counts = _as_clone_counts(fn, n_clones)
-        if n_actions < 1:
-            raise ValueError(f"{fn}: `n_actions` must be positive, got {n_actions}.")
-        if pseudocount < 0:
-            raise ValueError(
-                f"{fn}: `pseudocount` must be non-negative, got {pseudocount}."
-            )
+        check_size(fn, "n_actions", n_actions)
+        check_in_range(fn, "pseudocount", pseudocount, low=0)
         n_states = sum(counts)
         dtype = jnp.zeros((), dtype if dtype is not None else float).dtype
         C = jr.uniform(key, (n_actions, n_states, n_states), dtype)

@@ -2,12 +2,19 @@ from typing import NamedTuple
 
 import equinox as eqx
 import jax.numpy as jnp
-from beartype import beartype
 from jax import lax
-from jaxtyping import Array, Float, Int, jaxtyped
+from jaxtyping import Array, Float, Int
+
+from transforms._validation import (
+    check_choice,
+    check_ids,
+    check_size,
+    Checks,
+    typechecked,
+)
 
 from .._misc import pairwise_sum
-from ._chain import Checks, safe_log
+from ._chain import safe_log
 from ._model import CHMM
 
 
@@ -26,7 +33,7 @@ class Plan(NamedTuple):
 
 
 @eqx.filter_jit
-@jaxtyped(typechecker=beartype)
+@typechecked
 def plan(
     model: CHMM,
     start: int | Int[Array, ""],
@@ -72,24 +79,14 @@ def plan(
     ```
     """
     fn = "plan"
-    if max_steps < 0:
-        raise ValueError(f"{fn}: `max_steps` must be non-negative, got {max_steps}.")
-    if start_is not in ("state", "observation"):
-        raise ValueError(
-            f"{fn}: `start_is` must be 'state' or 'observation', got {start_is!r}."
-        )
+    check_size(fn, "max_steps", max_steps, minimum=0)
+    check_choice(fn, "start_is", start_is, ("state", "observation"))
     n_states, n_actions = model.n_states, model.n_actions
     start, goal = jnp.asarray(start, jnp.int32), jnp.asarray(goal, jnp.int32)
     upper = model.n_obs if start_is == "observation" else n_states
     checks = Checks()
-    checks.add(
-        (start < 0) | (start >= upper),
-        f"{fn}: `start` must lie in [0, {upper}) for start_is={start_is!r}.",
-    )
-    checks.add(
-        (goal < 0) | (goal >= n_states),
-        f"{fn}: `goal` must be a state in [0, N) = [0, {n_states}).",
-    )
+    start = check_ids(fn, "start", start, upper, checks=checks)
+    goal = check_ids(fn, "goal", goal, n_states, checks=checks, upper_name="N")
     if start_is == "state":
         begin = jnp.arange(n_states) == start
     else:

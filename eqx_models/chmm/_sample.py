@@ -1,16 +1,17 @@
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
-from beartype import beartype
 from jax import lax
-from jaxtyping import Array, Int, jaxtyped, PRNGKeyArray
+from jaxtyping import Array, Int, PRNGKeyArray
+
+from transforms._validation import typechecked
 
 from ._chain import safe_log
 from ._model import CHMM
 
 
 @eqx.filter_jit
-@jaxtyped(typechecker=beartype)
+@typechecked
 def sample(
     model: CHMM, a: Int[Array, " T"], *, key: PRNGKeyArray
 ) -> tuple[Int[Array, " T"], Int[Array, " T"]]:

@@ -3,10 +3,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
+
+from transforms._validation import check_finite, is_traced
 
 from ._vocab import VocabLayout
 
@@ -41,15 +42,6 @@ SPECTRUM_KEYS = (
 
 def _spectrum_group_keys(group: str) -> tuple[str, ...]:
     return (group, f"{group}_codebook", f"codebook_{group}", f"{group}_centroids")
-
-
-def _check_finite(name: str, x) -> None:
-    try:
-        concrete = np.asarray(x)
-    except jax.errors.TracerArrayConversionError:
-        return  # built inside a transformation: nothing concrete to check
-    if not np.all(np.isfinite(concrete)):
-        raise ValueError(f"Codebooks: `{name}` contains non-finite values.")
 
 
 def _as_float(name: str, x) -> Array:
@@ -146,10 +138,16 @@ class Codebooks(eqx.Module):
         self.spectrum = spectrum
 
     def __check_init__(self):
-        _check_finite("image", self.image)
-        _check_finite("scalar", self.scalar)
-        for name, s in zip(self.layout.spectrum_groups, self.spectrum):
-            _check_finite(f"spectrum[{name!r}]", s)
+        tables = [("image", self.image), ("scalar", self.scalar)]
+        tables += [
+            (f"spectrum[{name!r}]", s)
+            for name, s in zip(self.layout.spectrum_groups, self.spectrum)
+        ]
+        for name, table in tables:
+            # Built inside a transformation there is nothing concrete to check, and a
+            # check could not be threaded through the fields.
+            if not is_traced(table):
+                check_finite("Codebooks", name, table)
 
     @property
     def n_columns(self) -> int:

@@ -4,8 +4,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from beartype import beartype
-from jaxtyping import Array, Float, jaxtyped, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray
 
 from transforms import (
     chunked_cross_entropy,
@@ -15,6 +14,14 @@ from transforms import (
     sample_positions,
     soft_cross_entropy,
     two_hot,
+)
+from transforms._validation import (
+    check_choice,
+    check_ids,
+    check_in_range,
+    check_size,
+    check_type,
+    typechecked,
 )
 
 from ._codebooks import Codebooks
@@ -112,6 +119,13 @@ class MultimodalLoss(eqx.Module):
     - `compute_dtype`: `"float32"`, `"bfloat16"`, `"float16"`, or `"float64"`
         (with `jax_enable_x64`).
     - `ce_chunk_size`: rows per chunk of the cross-entropy.
+
+    **Raises:**
+
+    `ValueError` for a negative, NaN or infinite loss weight, a non-positive
+    `hl_gauss_sigma`, `sample_k` or `ce_chunk_size`, or an unknown `scalar_loss` or
+    `compute_dtype`; `TypeError` for codebooks that are not
+    [`eqx_models.multimodal.Codebooks`][] or a count that is not an integer.
     """
 
     codebooks: Codebooks
@@ -127,25 +141,20 @@ class MultimodalLoss(eqx.Module):
     ce_chunk_size: int = eqx.field(static=True, default=8192)
 
     def __check_init__(self):
-        if self.sample_k is not None and self.sample_k < 1:
-            raise ValueError(
-                f"MultimodalLoss: `sample_k` must be >= 1 or None, got {self.sample_k}."
-            )
-        if self.scalar_loss not in ("mse", "two_hot", "hl_gauss"):
-            raise ValueError(
-                "MultimodalLoss: `scalar_loss` must be 'mse', 'two_hot' or "
-                f"'hl_gauss', got {self.scalar_loss!r}."
-            )
-        if self.compute_dtype not in _DTYPES:
-            raise ValueError(
-                f"MultimodalLoss: `compute_dtype` must be one of {sorted(_DTYPES)}, "
-                f"got {self.compute_dtype!r}."
-            )
-        if self.ce_chunk_size < 1:
-            raise ValueError(
-                "MultimodalLoss: `ce_chunk_size` must be >= 1, got "
-                f"{self.ce_chunk_size}."
-            )
+        name = "MultimodalLoss"
+        check_type(name, "codebooks", self.codebooks, Codebooks, "a Codebooks")
+        for arg in ("image_weight", "scalar_weight", "spectrum_weight"):
+            check_in_range(name, arg, getattr(self, arg), low=0)
+        if self.sample_k is not None:
+            check_size(name, "sample_k", self.sample_k)
+        check_choice(
+            name, "scalar_loss", self.scalar_loss, ("mse", "two_hot", "hl_gauss")
+        )
+        check_in_range(
+            name, "hl_gauss_sigma", self.hl_gauss_sigma, low=0, inclusive=(False, True)
+        )
+        check_choice(name, "compute_dtype", self.compute_dtype, tuple(_DTYPES))
+        check_size(name, "ce_chunk_size", self.ce_chunk_size)
 
     def _rows(self, keys, valid, k):
         """Rows (and validity) per modality: `valid` is `(modalities, n)`, `keys` one
@@ -156,7 +165,7 @@ class MultimodalLoss(eqx.Module):
             return jnp.broadcast_to(jnp.arange(n), valid.shape), valid
         return jax.vmap(sample_positions, in_axes=(0, 0, None))(keys, valid, k)
 
-    @jaxtyped(typechecker=beartype)
+    @typechecked
     def __call__(
         self,
         model: CausalTransformerLM,
@@ -267,12 +276,13 @@ class MultimodalLoss(eqx.Module):
         n_columns = centres_table.shape[0]
         row_columns = columns[rows]
         if n_columns > 1:
-            beyond = ok & ((row_columns < 0) | (row_columns >= n_columns))
-            row_columns = row_columns + eqx.error_if(
-                jnp.zeros((), row_columns.dtype),
-                jnp.any(beyond),
-                "MultimodalLoss: a scalar target's column (batch.columns) is "
-                f"outside [0, {n_columns}), the rows of the scalar bin centres.",
+            row_columns = check_ids(
+                "MultimodalLoss",
+                "batch.columns",
+                row_columns,
+                n_columns,
+                where=ok,
+                upper_name="codebooks.n_columns",
             )
             centres = centres_table[jnp.clip(row_columns, 0, n_columns - 1)]
         else:

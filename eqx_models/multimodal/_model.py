@@ -7,8 +7,16 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from beartype import beartype
-from jaxtyping import Array, Float, Int, jaxtyped, PRNGKeyArray
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from transforms._validation import (
+    check_bool,
+    check_choice,
+    check_in_range,
+    check_size,
+    check_type,
+    typechecked,
+)
 
 from .._layer_ops import gelu, layer_norm
 from ._vocab import N_SPECIAL, PAD, SPECIAL_TYPE, VocabLayout
@@ -226,7 +234,9 @@ class CausalTransformerLM(eqx.Module):
 
     **Raises:**
 
-    `ValueError` for inconsistent sizes or unknown options.
+    `ValueError` for inconsistent sizes, unknown options or a `dropout` outside
+    `[0, 1)` (NaN included); `TypeError` for a size that is not an integer, a flag
+    that is not a bool or a `layout` that is not a `VocabLayout`.
     """
 
     token_embedding: Float[Array, "vocab d_model"]
@@ -266,29 +276,28 @@ class CausalTransformerLM(eqx.Module):
         remat: bool = False,
         key: PRNGKeyArray,
     ):
-        if d_model < 1 or n_layers < 1 or n_heads < 1 or max_len < 1:
-            raise ValueError(
-                "CausalTransformerLM: `d_model`, `n_layers`, `n_heads` and `max_len` "
-                f"must be positive, got {d_model}, {n_layers}, {n_heads}, {max_len}."
-            )
+        name = "CausalTransformerLM"
+        check_type(name, "layout", layout, VocabLayout, "a VocabLayout")
+        for arg, value in (
+            ("d_model", d_model),
+            ("n_layers", n_layers),
+            ("n_heads", n_heads),
+            ("max_len", max_len),
+            ("unroll", unroll),
+        ):
+            check_size(name, arg, value)
+        if d_ff is not None:
+            check_size(name, "d_ff", d_ff)
+        check_bool(name, "pre_ln", pre_ln)
+        check_bool(name, "remat", remat)
         if d_model % n_heads:
             raise ValueError(
                 f"CausalTransformerLM: `n_heads`={n_heads} must divide "
                 f"`d_model`={d_model}."
             )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(
-                f"CausalTransformerLM: `dropout` must be in [0, 1), got {dropout}."
-            )
-        if init not in ("torch", "gpt"):
-            raise ValueError(
-                f"CausalTransformerLM: `init` must be 'torch' or 'gpt', got {init!r}."
-            )
-        if attention not in ("auto", "xla", "cudnn"):
-            raise ValueError(
-                "CausalTransformerLM: `attention` must be 'auto', 'xla' or 'cudnn', "
-                f"got {attention!r}."
-            )
+        check_in_range(name, "dropout", dropout, low=0, high=1, inclusive=(True, False))
+        check_choice(name, "init", init, ("torch", "gpt"))
+        check_choice(name, "attention", attention, ("auto", "xla", "cudnn"))
         if not 1 <= unroll <= n_layers:
             raise ValueError(
                 f"CausalTransformerLM: `unroll` must be in [1, n_layers={n_layers}], "
@@ -357,7 +366,7 @@ class CausalTransformerLM(eqx.Module):
             )
         return check_tokens(self.layout, tokens, type_ids, where=where)
 
-    @jaxtyped(typechecker=beartype)
+    @typechecked
     def features_batch(
         self,
         tokens: Int[Array, "batch length"],
@@ -462,7 +471,7 @@ class CausalTransformerLM(eqx.Module):
         x = layer_norm(x, self.final_norm_weight, self.final_norm_bias)
         return x.reshape(batch, length, self.d_model)
 
-    @jaxtyped(typechecker=beartype)
+    @typechecked
     def features(
         self,
         tokens: Int[Array, " length"],
@@ -490,7 +499,7 @@ class CausalTransformerLM(eqx.Module):
             tokens[None], type_ids=None if type_ids is None else type_ids[None], key=key
         )[0]
 
-    @jaxtyped(typechecker=beartype)
+    @typechecked
     def __call__(
         self,
         tokens: Int[Array, " length"],
@@ -547,7 +556,7 @@ class CausalTransformerLM(eqx.Module):
         return 3.0 * forward
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def check_tokens(
     layout: VocabLayout,
     tokens: Int[Array, "*batch length"],

@@ -1,13 +1,14 @@
 import jax
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, Float, Int, jaxtyped
+from jaxtyping import Array, Float, Int
+
+from transforms._validation import check_ids, typechecked
 
 from ._codebooks import Codebooks
 from ._model import CausalTransformerLM
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def expected_values(
     model: CausalTransformerLM,
     codebooks: Codebooks,
@@ -42,8 +43,10 @@ def expected_values(
 
     **Raises:**
 
-    `ValueError` if the codebooks' layout is not the model's, or per-column centres
-    are given without `columns`.
+    `ValueError` if the codebooks' layout is not the model's, per-column centres
+    are given without `columns`, or a scalar token's column lies outside the rows
+    of centres (at once for concrete arrays, by `eqx.error_if` under `jit`; a gather
+    would clip it to the last row).
     """
     layout = model.layout
     if codebooks.layout != layout:
@@ -87,6 +90,15 @@ def expected_values(
     table = codebooks.scalar.astype(accumulate)
     if codebooks.n_columns > 1:
         assert columns is not None
+        start, stop = slices["scalar"]
+        columns = check_ids(
+            "expected_values",
+            "columns",
+            columns,
+            codebooks.n_columns,
+            where=(tokens >= start) & (tokens < stop),
+            upper_name="codebooks.n_columns",
+        )
         rows = table[jnp.clip(columns, 0, codebooks.n_columns - 1)]
         # Position t's centres are those of the column at t, applied to logits t-1.
         probs = shifted(slice_probs("scalar"))

@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from transforms._validation import check_size, check_type, fail
+
 from ._vocab import (
     BOS,
     EOS,
@@ -179,8 +181,15 @@ def bucket_length(length: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
 
     **Raises:**
 
-    `ValueError` if `length` exceeds the largest bucket.
+    `ValueError` if `length` exceeds the largest bucket, if `buckets` is empty, or
+    if a bucket or `length` is negative; `TypeError` if one is not an integer.
     """
+    name = "bucket_length"
+    length = check_size(name, "length", length, minimum=0)
+    if len(buckets) == 0:
+        raise fail(name, "buckets", "a non-empty sequence of lengths", "[]")
+    for i, bucket in enumerate(buckets):
+        check_size(name, f"buckets[{i}]", bucket)
     fitting = [b for b in sorted(buckets) if b >= length]
     if not fitting:
         raise ValueError(
@@ -215,10 +224,17 @@ def pad_batch(
     **Raises:**
 
     `ValueError` if there are no sequences, or one is longer than `length` or the
-    largest bucket.
+    largest bucket; `TypeError` if a sequence is not a
+    [`eqx_models.multimodal.TokenSequence`][] or `length` not an integer.
     """
     if len(sequences) == 0:
         raise ValueError("pad_batch: `sequences` is empty.")
+    for i, sequence in enumerate(sequences):
+        check_type(
+            "pad_batch", f"sequences[{i}]", sequence, TokenSequence, "a TokenSequence"
+        )
+    if length is not None:
+        length = check_size("pad_batch", "length", length)
     longest = max(len(s.tokens) for s in sequences)
     if length is None:
         length = bucket_length(longest, buckets)

@@ -4,6 +4,8 @@ import jax
 import numpy as np
 from jaxtyping import PRNGKeyArray
 
+from transforms._validation import check_in_range, check_size
+
 from ._codebooks import Codebooks
 from ._sequence import build_sequence, TokenSequence
 from ._vocab import VocabLayout
@@ -201,15 +203,30 @@ def make_synthetic_data(
     **Returns:**
 
     A [`eqx_models.multimodal.SyntheticData`][].
+
+    **Raises:**
+
+    `ValueError` for a non-positive size, a `missing` outside `[0, 1)`, a negative
+    `noise` (or either NaN), or a `fit_on` outside `[1, n_objects]`; `TypeError`
+    for a size that is not an integer.
     """
-    if n_objects < 1:
-        raise ValueError(
-            f"make_synthetic_data: `n_objects` must be >= 1, got {n_objects}."
-        )
-    if not 0.0 <= missing < 1.0:
-        raise ValueError(
-            f"make_synthetic_data: `missing` must be in [0, 1), got {missing}."
-        )
+    name = "make_synthetic_data"
+    for arg, value in (
+        ("n_objects", n_objects),
+        ("grid", grid),
+        ("d_image", d_image),
+        ("n_image", n_image),
+        ("n_columns", n_columns),
+        ("n_bins", n_bins),
+        ("n_segments", n_segments),
+        ("d_spectrum", d_spectrum),
+        ("n_spectrum", n_spectrum),
+    ):
+        check_size(name, arg, value)
+    check_in_range(name, "missing", missing, low=0, high=1, inclusive=(True, False))
+    check_in_range(name, "noise", noise, low=0)
+    if fit_on is not None:
+        check_size(name, "fit_on", fit_on, maximum=n_objects)
     seed = int(jax.random.randint(key, (), 0, np.iinfo(np.int32).max))
     rng = np.random.default_rng(seed)
     fit = slice(0, n_objects if fit_on is None else fit_on)

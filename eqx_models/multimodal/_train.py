@@ -44,7 +44,9 @@ class TrainConfig:
 
     **Raises:**
 
-    `ValueError` for inconsistent values.
+    `ValueError` for inconsistent values, or a value out of its range, NaN or
+    infinite (a negative learning rate, `b2` outside `[0, 1)`, ...); `TypeError`
+    for a count that is not an integer.
     """
 
     n_steps: int
@@ -60,35 +62,28 @@ class TrainConfig:
     checkpoint_every: int = 0
 
     def __post_init__(self):
-        if self.n_steps < 1:
-            raise ValueError(
-                f"TrainConfig: `n_steps` must be >= 1, got {self.n_steps}."
-            )
-        if not 0 <= self.warmup_steps < self.n_steps:
+        from transforms._validation import check_in_range, check_size
+
+        name = "TrainConfig"
+        check_size(name, "n_steps", self.n_steps)
+        check_size(name, "warmup_steps", self.warmup_steps, minimum=0)
+        if not self.warmup_steps < self.n_steps:
             raise ValueError(
                 "TrainConfig: `warmup_steps` must be in [0, n_steps), got "
                 f"{self.warmup_steps} with n_steps={self.n_steps}."
             )
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(
-                "TrainConfig: `min_lr_ratio` must be in [0, 1], got "
-                f"{self.min_lr_ratio}."
-            )
-        if self.accumulation_steps < 1:
-            raise ValueError(
-                "TrainConfig: `accumulation_steps` must be >= 1, got "
-                f"{self.accumulation_steps}."
-            )
-        if self.eval_every < 0 or self.checkpoint_every < 0:
-            raise ValueError(
-                "TrainConfig: `eval_every` and `checkpoint_every` must be >= 0, got "
-                f"{self.eval_every} and {self.checkpoint_every}."
-            )
-        if self.clip_norm is not None and self.clip_norm <= 0:
-            raise ValueError(
-                "TrainConfig: `clip_norm` must be positive or None, got "
-                f"{self.clip_norm}."
-            )
+        positive = dict(low=0, inclusive=(False, True))
+        check_in_range(name, "learning_rate", self.learning_rate, **positive)
+        check_in_range(name, "min_lr_ratio", self.min_lr_ratio, low=0, high=1)
+        check_in_range(name, "weight_decay", self.weight_decay, low=0)
+        for arg in ("b1", "b2"):
+            value = getattr(self, arg)
+            check_in_range(name, arg, value, low=0, high=1, inclusive=(True, False))
+        if self.clip_norm is not None:
+            check_in_range(name, "clip_norm", self.clip_norm, **positive)
+        check_size(name, "accumulation_steps", self.accumulation_steps)
+        check_size(name, "eval_every", self.eval_every, minimum=0)
+        check_size(name, "checkpoint_every", self.checkpoint_every, minimum=0)
 
 
 @functools.cache

@@ -2,8 +2,9 @@ from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, Int, jaxtyped
+from jaxtyping import Array, Int
+
+from transforms._validation import check_size, typechecked
 
 
 PAD = 0
@@ -60,11 +61,7 @@ class VocabLayout(eqx.Module):
 
     def __check_init__(self):
         for name in ("n_image", "n_scalar", "n_spectrum"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"VocabLayout: `{name}` must be a positive int, got {value!r}."
-                )
+            check_size("VocabLayout", name, getattr(self, name))
         if len(set(self.spectrum_groups)) != len(self.spectrum_groups):
             raise ValueError(
                 "VocabLayout: `spectrum_groups` has duplicate names: "
@@ -150,7 +147,7 @@ class VocabLayout(eqx.Module):
         }
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def _type_ids(
     layout: VocabLayout, tokens: Int[Array, "*shape"]
 ) -> Int[Array, "*shape"]:

@@ -3,11 +3,12 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, Bool, Float, Int, jaxtyped
+from jaxtyping import Array, Bool, Float, Int
+
+from transforms._validation import check_finite, typechecked
 
 from .._misc import pairwise_sum
-from ._inference import check_features, check_finite, frozen, InferenceConfig
+from ._inference import check_features, frozen, InferenceConfig
 from ._model import TiDHy
 from ._sequence import infer_sequence
 
@@ -87,7 +88,7 @@ def _evaluate(model: TiDHy, X, config: InferenceConfig) -> Record:
     )
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def evaluate_record(
     model: TiDHy,
     X: Float[Array, "B T D"],

@@ -4,11 +4,20 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from beartype import beartype
-from jax.core import Tracer
-from jaxtyping import Array, Bool, Float, Int, jaxtyped
+from jaxtyping import Array, Bool, Float, Int
 
 from transforms import scan_optimize, soft_threshold
+
+# `check_finite` is imported from here by `._fit`.
+from transforms._validation import (
+    check_bool,
+    check_choice,
+    check_finite as check_finite,
+    check_in_range,
+    check_size,
+    fail,
+    typechecked,
+)
 
 from ._functional import l1
 from ._model import TiDHy
@@ -62,13 +71,12 @@ class InferenceConfig(eqx.Module):
     first_step_weight_decay: float = eqx.field(default=0.01, static=True)
 
     def __check_init__(self):
-        for name in ("lr_r", "lr_r2"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(
-                    f"InferenceConfig: `{name}` must be > 0, got {value!r}."
-                )
-        for name in (
+        name = "InferenceConfig"
+        for arg in ("lr_r", "lr_r2"):
+            value = getattr(self, arg)
+            if value is not None:
+                check_in_range(name, arg, value, low=0, inclusive=(False, True))
+        for arg in (
             "tol",
             "lmda_r",
             "lmda_r2",
@@ -77,34 +85,18 @@ class InferenceConfig(eqx.Module):
             "l1_w",
             "first_step_weight_decay",
         ):
-            value = getattr(self, name)
-            if not value >= 0:
-                raise ValueError(
-                    f"InferenceConfig: `{name}` must be >= 0, got {value!r}."
-                )
-        if not 0 <= self.momentum < 1:
-            raise ValueError(
-                f"InferenceConfig: `momentum` must be in [0, 1), got {self.momentum!r}."
-            )
-        if (
-            isinstance(self.max_iter, bool)
-            or not isinstance(self.max_iter, int)
-            or self.max_iter < 1
-        ):
-            raise ValueError(
-                "InferenceConfig: `max_iter` must be a positive integer, got "
-                f"{self.max_iter!r}."
-            )
+            check_in_range(name, arg, getattr(self, arg), low=0)
+        check_in_range(
+            name, "momentum", self.momentum, low=0, high=1, inclusive=(True, False)
+        )
+        check_size(name, "max_iter", self.max_iter)
+        check_bool(name, "halve_lr_r", self.halve_lr_r)
         if self.halve_lr_r and self.max_iter < 10:
             raise ValueError(
                 "InferenceConfig: `max_iter` must be >= 10 with the halving schedule "
                 f"on `lr_r` (`halve_lr_r=True`), got {self.max_iter}."
             )
-        if self.batch_mode not in _BATCH_MODES:
-            raise ValueError(
-                f"InferenceConfig: `batch_mode` must be one of {_BATCH_MODES}, got "
-                f"{self.batch_mode!r}."
-            )
+        check_choice(name, "batch_mode", self.batch_mode, _BATCH_MODES)
 
     @property
     def learning_rates(self) -> tuple[float, float]:
@@ -293,29 +285,16 @@ def frozen(model: TiDHy) -> TiDHy:
     )
 
 
-def check_finite(name: str, argument: str, x: Array) -> Array:
-    """Raise on non-finite entries: a `ValueError` for concrete arrays, a runtime
-    error (`eqx.error_if`) inside `jit`."""
-    if isinstance(x, Tracer):
-        return eqx.error_if(
-            x,
-            ~jnp.all(jnp.isfinite(x)),
-            f"{name}: `{argument}` contains non-finite values (NaN or inf).",
-        )
-    if not bool(jnp.all(jnp.isfinite(x))):
-        raise ValueError(
-            f"{name}: `{argument}` contains non-finite values (NaN or inf)."
-        )
-    return x
-
-
 def check_features(name: str, argument: str, x: Array, model: TiDHy) -> None:
-    """Raise a `ValueError` unless the last axis of `x` is the model's `input_dim`."""
+    """Raise a `ValueError` unless the last axis of `x` is the model's `input_dim`
+    and `x` is not empty (no windows, no steps)."""
     if x.shape[-1] != model.input_dim:
         raise ValueError(
             f"{name}: `{argument}` must have feature dimension {model.input_dim} "
             f"(the model's input_dim), got shape {x.shape}."
         )
+    if x.size == 0:
+        raise fail(name, argument, "non-empty", f"shape {x.shape}")
 
 
 @eqx.filter_jit
@@ -328,7 +307,7 @@ def _infer_first_step_jit(model, x, config):
     return infer_first_step_impl(frozen(model), x, config)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def infer(
     model: TiDHy,
     x: Float[Array, "B D"],
@@ -365,7 +344,9 @@ def infer(
 
     **Raises:**
 
-    `ValueError` if a dimension does not match the model or `x` is not finite.
+    `ValueError` if a dimension does not match the model, or if `x`, `r_prev` or
+    `r2_prev` is not finite (at once for concrete arrays, by `eqx.error_if` under
+    `jit`).
     """
     check_features("infer", "x", x, model)
     if r_prev.shape != (x.shape[0], model.r_dim):
@@ -379,10 +360,12 @@ def infer(
             f"{r2_prev.shape}."
         )
     x = check_finite("infer", "x", x)
+    r_prev = check_finite("infer", "r_prev", r_prev)
+    r2_prev = check_finite("infer", "r2_prev", r2_prev)
     return _infer_jit(model, x, r_prev, r2_prev, config)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def infer_first_step(
     model: TiDHy,
     x: Float[Array, "B D"],

@@ -1,13 +1,23 @@
 import functools
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from beartype import beartype
-from jaxtyping import Array, Bool, Float, Int, jaxtyped, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from transforms._validation import (
+    check_finite,
+    check_ids,
+    check_in_range,
+    check_size,
+    fail,
+    is_traced,
+    typechecked,
+)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def r2_score(
     y_true: Float[Array, "*batch D"], y_pred: Float[Array, "*batch D"]
 ) -> Float[Array, ""]:
@@ -35,7 +45,7 @@ def r2_score(
     return jnp.mean(1 - residual / total)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def fit_linear_dynamics(
     z: Float[Array, "*seq T d"], mask: Bool[Array, "*seq T"] | None = None
 ) -> tuple[Float[Array, "d d"], Float[Array, " d"]]:
@@ -55,16 +65,24 @@ def fit_linear_dynamics(
 
     **Raises:**
 
-    `ValueError` if `T < 2`; a `TypeError` (from the shape annotations) if `mask`
-    does not match `z`.
+    `ValueError` if `T < 2`, if `z` is not finite, or if `mask` selects no
+    transition (least squares would return zeros without a word): at once for
+    concrete arrays, by `eqx.error_if` under `jit`. A `TypeError` (from the shape
+    annotations) if `mask` does not match `z`.
     """
+    name = "fit_linear_dynamics"
     if z.shape[-2] < 2:
-        raise ValueError(
-            "fit_linear_dynamics: `z` needs at least 2 time steps, got shape "
-            f"{z.shape}."
-        )
+        raise fail(name, "z", "an array of at least 2 time steps", f"shape {z.shape}")
+    z = check_finite(name, "z", z)
     if mask is None:
         mask = jnp.ones(z.shape[:-1], bool)
+    else:
+        expected = "a selection of at least one transition (two consecutive steps)"
+        none = ~jnp.any(mask[..., :-1] & mask[..., 1:])
+        if is_traced(none):
+            z = eqx.error_if(z, none, f"{name}: `mask` must be {expected}.")
+        elif none:
+            raise fail(name, "mask", expected, "none")
     d = z.shape[-1]
     current = z[..., :-1, :].reshape(-1, d)
     following = z[..., 1:, :].reshape(-1, d)
@@ -75,7 +93,7 @@ def fit_linear_dynamics(
     return solution[:d].T, solution[d]
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def timescales(A: Float[Array, "d d"]) -> Float[Array, " d"]:
     """The timescales `τ = 1 / |ln|λ||` of a linear map's eigenvalues, in steps,
     sorted from slowest to fastest.
@@ -90,14 +108,17 @@ def timescales(A: Float[Array, "d d"]) -> Float[Array, " d"]:
 
     **Raises:**
 
-    A `TypeError` (from the shape annotations) if `A` is not square.
+    A `TypeError` (from the shape annotations) if `A` is not square; a
+    `ValueError` if it is not finite (at once when concrete, by `eqx.error_if` under
+    `jit`).
     """
+    A = check_finite("timescales", "A", A)
     modulus = jnp.abs(jnp.linalg.eigvals(A))
     tau = 1.0 / jnp.abs(jnp.log(modulus))
     return -jnp.sort(-tau)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def knn_classify(
     train_x: Float[Array, "N F"],
     train_y: Int[Array, " N"],
@@ -127,13 +148,19 @@ def knn_classify(
 
     **Raises:**
 
-    `ValueError` for `k` outside `[1, N]`; a `TypeError` (from the shape
-    annotations) for inconsistent shapes.
+    `ValueError` for `k` outside `[1, N]`, a label outside `[0, n_classes)` (a
+    one-hot vote would drop it and predict 0), non-finite points, or a
+    non-positive `n_classes` or `chunk`: at once for concrete arrays, by
+    `eqx.error_if` under `jit`. A `TypeError` (from the shape annotations) for
+    inconsistent shapes, or for sizes that are not integers.
     """
-    if not 1 <= k <= train_x.shape[0]:
-        raise ValueError(
-            f"knn_classify: `k` must be in [1, {train_x.shape[0]}], got {k}."
-        )
+    name = "knn_classify"
+    n_classes = check_size(name, "n_classes", n_classes)
+    k = check_size(name, "k", k, maximum=train_x.shape[0])
+    chunk = check_size(name, "chunk", chunk)
+    train_y = check_ids(name, "train_y", train_y, n_classes, upper_name="n_classes")
+    train_x = check_finite(name, "train_x", train_x)
+    test_x = check_finite(name, "test_x", test_x)
     return _knn(train_x, train_y, test_x, n_classes, k, chunk)
 
 
@@ -150,7 +177,7 @@ def _knn(train_x, train_y, test_x, n_classes, k, chunk):
     return jax.lax.map(classify, test_x, batch_size=chunk).astype(jnp.int32)
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def state_decoding_accuracy(
     features: Float[Array, "N F"],
     labels: Int[Array, " N"],
@@ -180,8 +207,14 @@ def state_decoding_accuracy(
 
     **Raises:**
 
-    `ValueError` if the split leaves either side empty.
+    `ValueError` if `train_fraction` is not in `(0, 1)` or the split leaves either
+    side empty; as [`eqx_models.tidhy.knn_classify`][] for the labels and sizes.
     """
+    name = "state_decoding_accuracy"
+    check_in_range(
+        name, "train_fraction", train_fraction, low=0, high=1, inclusive=(False, False)
+    )
+    labels = check_ids(name, "labels", labels, n_classes, upper_name="n_classes")
     n = features.shape[0]
     n_train = int(round(train_fraction * n))
     if not 1 <= n_train < n:

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from transforms._validation import check_bool, check_choice, check_in_range, check_size
+
 
 LossType = Literal["mse", "poisson", "bce"]
 _LOSS_TYPES = ("mse", "poisson", "bce")
@@ -68,11 +70,6 @@ def _linear_from(weight: Array, bias: Array | None) -> eqx.nn.Linear:
     if bias is not None:
         layer = eqx.tree_at(lambda l: l.bias, layer, bias)
     return layer
-
-
-def _check_dim(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"TiDHy: `{name}` must be a positive integer, got {value!r}.")
 
 
 class SpatialDecoder(eqx.Module):
@@ -272,8 +269,9 @@ class TiDHy(eqx.Module):
 
         **Raises:**
 
-        `ValueError` for a non-positive size, an unknown `loss_type` or a negative
-        `temp_weight`.
+        `ValueError` for a non-positive size, an unknown `loss_type` or a negative or
+        non-finite `temp_weight`; `TypeError` for a size that is not an integer or a
+        flag that is not a bool.
         """
         for name, value in (
             ("input_dim", input_dim),
@@ -282,7 +280,14 @@ class TiDHy(eqx.Module):
             ("mix_dim", mix_dim),
             ("hyper_hid_dim", hyper_hid_dim),
         ):
-            _check_dim(name, value)
+            check_size("TiDHy", name, value)
+        for name, value in (
+            ("low_rank_temporal", low_rank_temporal),
+            ("dyn_bias", dyn_bias),
+            ("nonlinear_decoder", nonlinear_decoder),
+        ):
+            check_bool("TiDHy", name, value)
+        check_in_range("TiDHy", "temp_weight", temp_weight, low=0)
         (
             self.decoder,
             self.temporal,
@@ -311,15 +316,8 @@ class TiDHy(eqx.Module):
         self.nonlinear_decoder = nonlinear_decoder
 
     def __check_init__(self):
-        if self.loss_type not in _LOSS_TYPES:
-            raise ValueError(
-                f"TiDHy: `loss_type` must be one of {_LOSS_TYPES}, got "
-                f"{self.loss_type!r}."
-            )
-        if not self.temp_weight >= 0:
-            raise ValueError(
-                f"TiDHy: `temp_weight` must be >= 0, got {self.temp_weight!r}."
-            )
+        check_choice("TiDHy", "loss_type", self.loss_type, _LOSS_TYPES)
+        check_in_range("TiDHy", "temp_weight", self.temp_weight, low=0)
 
     def decode(self, r: Float[Array, " r"]) -> Float[Array, " D"]:
         """The predicted observation (mean) for one latent `r`: `W r + b` for MSE,

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from transforms._validation import check_size
+
 from ._training import Learner, N_TASKS, TrainConfig
 
 
@@ -116,13 +118,11 @@ def make_optimizer(
 
     **Raises:**
 
-    `ValueError` if `steps_per_epoch` or `n_epochs` is not positive.
+    `ValueError`/`TypeError` if `steps_per_epoch` or `n_epochs` is not a positive
+    integer.
     """
-    if steps_per_epoch < 1 or n_epochs < 1:
-        raise ValueError(
-            "make_optimizer: `steps_per_epoch` and `n_epochs` must be >= 1, got "
-            f"{steps_per_epoch} and {n_epochs}."
-        )
+    check_size("make_optimizer", "steps_per_epoch", steps_per_epoch)
+    check_size("make_optimizer", "n_epochs", n_epochs)
     params = eqx.filter(learner, eqx.is_inexact_array)
     return optimizer_for_structure(
         jax.tree.structure(params), train, steps_per_epoch, n_epochs

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from transforms._validation import check_in_range, check_size, fail
+
 
 class RosslerSample(NamedTuple):
     """A trajectory of the hierarchical Rössler system
@@ -126,25 +128,37 @@ def make_rossler(
 
     **Raises:**
 
-    `ValueError` for `n_steps < 2`, a negative `transient_steps`, non-positive `dt`
-    or `slow_rate`, or an `observed` index outside 0..5.
+    `ValueError` for `n_steps < 2`, a negative `transient_steps`, non-positive `dt`,
+    `slow_rate`, `rtol` or `atol`, a negative `noise`, a non-finite parameter, or an
+    `observed` index outside 0..5; `TypeError` for a count that is not an integer.
     """
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 2:
-        raise ValueError(
-            f"make_rossler: `n_steps` must be an integer >= 2, got {n_steps!r}."
-        )
-    if transient_steps < 0:
-        raise ValueError(
-            f"make_rossler: `transient_steps` must be >= 0, got {transient_steps}."
-        )
-    if not dt > 0 or not slow_rate > 0:
-        raise ValueError(
-            f"make_rossler: `dt` and `slow_rate` must be > 0, got {dt} and {slow_rate}."
-        )
-    if not observed or any(not 0 <= i < 6 for i in observed):
-        raise ValueError(
-            f"make_rossler: `observed` must be indices in 0..5, got {observed!r}."
-        )
+    name = "make_rossler"
+    n_steps = check_size(name, "n_steps", n_steps, minimum=2)
+    transient_steps = check_size(name, "transient_steps", transient_steps, minimum=0)
+    obs_dim = check_size(name, "obs_dim", obs_dim)
+    for arg, value in (
+        ("dt", dt),
+        ("slow_rate", slow_rate),
+        ("rtol", rtol),
+        ("atol", atol),
+    ):
+        check_in_range(name, arg, value, low=0, inclusive=(False, True))
+    check_in_range(name, "noise", noise, low=0)
+    for arg, value in (
+        ("a_slow", a_slow),
+        ("b_slow", b_slow),
+        ("c_slow", c_slow),
+        ("a_fast", a_fast),
+        ("b_base", b_base),
+        ("c_base", c_base),
+        ("coupling_b", coupling_b),
+        ("coupling_c", coupling_c),
+    ):
+        check_in_range(name, arg, value)
+    if len(observed) == 0:
+        raise fail(name, "observed", "a non-empty tuple of indices in 0..5", "()")
+    for i, index in enumerate(observed):
+        check_size(name, f"observed[{i}]", index, minimum=0, maximum=5)
     ikey, nkey, pkey = jr.split(key, 3)
     dtype = jnp.zeros(()).dtype
     y0 = 0.5 * jr.normal(ikey, (6,), dtype) + jnp.array([0, 0, 0, 1, 1, 1], dtype)

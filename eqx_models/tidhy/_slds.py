@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from transforms._validation import check_in_range, check_size
+
 
 # The paper's six (system, state) regimes: the dynamics' eigenvalues are
 # exp(a) ± 2πi f; system i uses entries 2i and 2i + 1.
@@ -127,12 +129,22 @@ class SwitchingLDS(eqx.Module):
 
         **Raises:**
 
-        `ValueError` for inconsistent sizes or an unstable regime (`|λ| >= 1`).
+        `ValueError` for inconsistent sizes, an unstable regime (`|λ| >= 1`), or a
+        non-finite parameter; `TypeError` for a size that is not an integer.
         """
-        if n_systems < 1:
-            raise ValueError(
-                f"SwitchingLDS: `n_systems` must be >= 1, got {n_systems}."
-            )
+        name = "SwitchingLDS"
+        check_size(name, "n_systems", n_systems)
+        check_size(name, "obs_dim", obs_dim)
+        check_size(name, "emission_dim", emission_dim)
+        check_size(name, "overlap", overlap, minimum=0, maximum=emission_dim)
+        for arg, values in (("log_decay", log_decay), ("frequency", frequency)):
+            for i, value in enumerate(values):
+                check_in_range(name, f"{arg}[{i}]", value)
+        check_in_range(
+            name, "stickiness", stickiness, low=0, high=1, inclusive=(False, True)
+        )
+        check_in_range(name, "dynamics_noise", dynamics_noise, low=0)
+        check_in_range(name, "emission_noise", emission_noise, low=0)
         if len(log_decay) != 2 * n_systems or len(frequency) != 2 * n_systems:
             raise ValueError(
                 f"SwitchingLDS: `log_decay` and `frequency` need 2 * n_systems = "
@@ -146,20 +158,6 @@ class SwitchingLDS(eqx.Module):
             raise ValueError(
                 "SwitchingLDS: every regime must be stable, |exp(a) ± 2πi f| < 1; got "
                 f"moduli {[round(m, 4) for m in moduli]}."
-            )
-        if not 0 <= overlap <= emission_dim:
-            raise ValueError(
-                f"SwitchingLDS: `overlap` must be in [0, emission_dim={emission_dim}], "
-                f"got {overlap}."
-            )
-        if not 0 < stickiness <= 1:
-            raise ValueError(
-                f"SwitchingLDS: `stickiness` must be in (0, 1], got {stickiness}."
-            )
-        if obs_dim < 1 or dynamics_noise < 0 or emission_noise < 0:
-            raise ValueError(
-                "SwitchingLDS: `obs_dim` must be >= 1 and the noises >= 0, got "
-                f"{obs_dim}, {dynamics_noise}, {emission_noise}."
             )
         a = jnp.asarray(log_decay, float).reshape(n_systems, 2)
         f = jnp.asarray(frequency, float).reshape(n_systems, 2)
@@ -209,23 +207,13 @@ class SwitchingLDS(eqx.Module):
 
         **Raises:**
 
-        `ValueError` if `n_steps < 2`, `min_occupancy` is outside `[0, 0.5]` or
-        `max_attempts < 1`.
+        `ValueError` if `n_steps < 2`, `min_occupancy` is outside `[0, 0.5]` (or
+        NaN) or `max_attempts < 1`; `TypeError` for a count that is not an integer.
         """
-        if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 2:
-            raise ValueError(
-                "SwitchingLDS.sample: `n_steps` must be an integer >= 2, got "
-                f"{n_steps!r}."
-            )
-        if not 0 <= min_occupancy <= 0.5:
-            raise ValueError(
-                "SwitchingLDS.sample: `min_occupancy` must be in [0, 0.5], got "
-                f"{min_occupancy}."
-            )
-        if max_attempts < 1:
-            raise ValueError(
-                f"SwitchingLDS.sample: `max_attempts` must be >= 1, got {max_attempts}."
-            )
+        name = "SwitchingLDS.sample"
+        n_steps = check_size(name, "n_steps", n_steps, minimum=2)
+        check_in_range(name, "min_occupancy", min_occupancy, low=0, high=0.5)
+        max_attempts = check_size(name, "max_attempts", max_attempts)
         return _sample(self, n_steps, key, min_occupancy, max_attempts)
 
 

@@ -3,12 +3,20 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, Float, jaxtyped
+from jaxtyping import Array, Float
+
+from transforms._validation import (
+    check_bool,
+    check_finite,
+    check_in_range,
+    check_size,
+    check_type,
+    typechecked,
+)
 
 from .._misc import pairwise_sum
 from ._functional import l1, mean_pairwise_abs_cosine, torch_abs
-from ._inference import check_features, check_finite, frozen, InferenceConfig
+from ._inference import check_features, frozen, InferenceConfig
 from ._model import TiDHy
 from ._sequence import infer_sequence
 
@@ -66,7 +74,8 @@ class TrainConfig(eqx.Module):
     first_step_inference: bool = eqx.field(default=False, static=True)
 
     def __check_init__(self):
-        for name in (
+        name = "TrainConfig"
+        for arg in (
             "cos_eta",
             "orth_r2",
             "l1_temporal",
@@ -77,31 +86,36 @@ class TrainConfig(eqx.Module):
             "weight_decay",
             "grad_alpha",
         ):
-            value = getattr(self, name)
-            if not value >= 0:
-                raise ValueError(f"TrainConfig: `{name}` must be >= 0, got {value!r}.")
-        for name in (
-            "lr_decoder",
-            "lr_temporal",
-            "lr_hyper",
-            "lr_gradnorm",
+            check_in_range(name, arg, getattr(self, arg), low=0)
+        for arg in ("lr_decoder", "lr_temporal", "lr_hyper", "lr_gradnorm"):
+            check_in_range(
+                name, arg, getattr(self, arg), low=0, inclusive=(False, True)
+            )
+        # An infinite threshold is a way to say "never clip".
+        check_in_range(
+            name,
             "clip_grad",
-        ):
-            value = getattr(self, name)
-            if not value > 0:
-                raise ValueError(f"TrainConfig: `{name}` must be > 0, got {value!r}.")
-        if not 0 < self.gamma <= 1:
-            raise ValueError(
-                f"TrainConfig: `gamma` must be in (0, 1], got {self.gamma!r}."
+            self.clip_grad,
+            low=0,
+            inclusive=(False, True),
+            finite=False,
+        )
+        check_in_range(
+            name, "gamma", self.gamma, low=0, high=1, inclusive=(False, True)
+        )
+        if self.milestones is not None:
+            check_type(
+                name, "milestones", self.milestones, (tuple, list), "a tuple of epochs"
             )
-        if self.milestones is not None and any(
-            isinstance(m, bool) or not isinstance(m, int) or m < 1
-            for m in self.milestones
+            for i, m in enumerate(self.milestones):
+                check_size(name, f"milestones[{i}]", m)
+        for arg in (
+            "normalize_decoder",
+            "normalize_temporal",
+            "grad_norm",
+            "first_step_inference",
         ):
-            raise ValueError(
-                "TrainConfig: `milestones` must be positive integers (epochs), got "
-                f"{self.milestones!r}."
-            )
+            check_bool(name, arg, getattr(self, arg))
 
 
 class GradNormState(eqx.Module):
@@ -304,7 +318,7 @@ def training_loss(
     return loss, aux
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def init_learner(
     model: TiDHy,
     windows: Float[Array, "B T D"],

@@ -1,9 +1,10 @@
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, Float, jaxtyped
+from jaxtyping import Array, Float
+
+from transforms._validation import check_size, typechecked
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def stack_windows(
     x: Float[Array, "T D"] | Float[Array, "S T D"], length: int, stride: int
 ) -> Float[Array, "N length D"]:
@@ -27,7 +28,8 @@ def stack_windows(
 
     **Raises:**
 
-    `ValueError` if `length < 2`, `stride < 1` or `T < length`.
+    `ValueError` if `length < 2`, `stride < 1` or `T < length`; `TypeError` if
+    `length` or `stride` is not an integer.
 
     !!! example
 
@@ -35,14 +37,8 @@ def stack_windows(
         windows = stack_windows(x, length=200, stride=20)  # x: (T, D)
         ```
     """
-    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
-        raise ValueError(
-            f"stack_windows: `length` must be an integer >= 2, got {length!r}."
-        )
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-        raise ValueError(
-            f"stack_windows: `stride` must be an integer >= 1, got {stride!r}."
-        )
+    length = check_size("stack_windows", "length", length, minimum=2)
+    stride = check_size("stack_windows", "stride", stride)
     records = x[None] if x.ndim == 2 else x
     n_steps = records.shape[1]
     if n_steps < length:

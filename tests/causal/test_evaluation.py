@@ -78,7 +78,9 @@ def test_metrics_against_direct_computation():
     assert got["exact_auroc"] == pytest.approx(
         _brute_auroc(np.array(exact_scores), labels), abs=0.02
     )
-    with pytest.raises(ValueError, match="evaluate_surrogate: `tasks` must be a batch"):
+    with pytest.raises(
+        ValueError, match="evaluate_surrogate: `tasks` must be a non-empty batch"
+    ):
         evaluate_surrogate(model, jax.tree.map(lambda x: x[0], tasks))
     with pytest.raises(ValueError, match="evaluate_surrogate: `max_parents`=3 differs"):
         evaluate_surrogate(model, tasks, max_parents=3)

@@ -145,10 +145,12 @@ def test_errors(model, task):
     # The sizes of `_model` (whose initialisation is compiled already) apart from
     # the one under test: every new parameter shape is a new compilation.
     with pytest.raises(
-        ValueError, match=f"{name}: `width` must be a positive multiple"
+        ValueError, match=f"{name}: `width` must be a multiple of `n_heads`"
     ):
         _model(n_heads=3)
-    with pytest.raises(ValueError, match=f"{name}: `max_parents` must be >= 0"):
+    with pytest.raises(
+        ValueError, match=f"{name}: `max_parents` must be an integer >= 0"
+    ):
         ParentSetPredictionModel(-1, width=8, n_layers=2, n_heads=2, key=jr.key(0))
     wide = jnp.zeros((4, 60, 3)).at[:, 0, 2].set(1.0)
     with pytest.raises(ValueError, match=rf"{name}: \(d, K\) = \(60, 4\) has"):

@@ -169,7 +169,9 @@ def test_schedule_and_run_length():
     )
     with pytest.raises(ValueError, match="set_run_length: `opt_state` holds no"):
         set_run_length(optax.adam(1e-3).init(params), 5)
-    with pytest.raises(ValueError, match="surrogate_optimizer: `n_steps` must be >= 1"):
+    with pytest.raises(
+        ValueError, match="surrogate_optimizer: `n_steps` must be a positive integer"
+    ):
         surrogate_optimizer(0)
 
 
@@ -304,7 +306,7 @@ def test_train_surrogate_errors():
             curriculum=Curriculum((1.0, 1.0), (1.0, 1.0)),
         )
     with pytest.raises(
-        ValueError, match="sample_training_batch: `batch_size` must be >= 1"
+        ValueError, match="sample_training_batch: `batch_size` must be a positive int"
     ):
         sample_training_batch(jr.key(0), CONFIG, 0, K)
     with pytest.raises(ValueError, match="too few for parent sets of size 3"):

@@ -166,11 +166,13 @@ def test_plan_from_an_observation_and_errors(x64):
     assert route.length == 2 and route.states[0] == 2
     with pytest.raises(eqx.EquinoxRuntimeError, match="cannot be reached"):
         plan(model, 0, 3, max_steps=2)
-    with pytest.raises(eqx.EquinoxRuntimeError, match="`goal` must be a state"):
+    with pytest.raises(
+        eqx.EquinoxRuntimeError, match=r"`goal` must be integer ids in \[0, N\)"
+    ):
         plan(model, 0, 9, max_steps=2)
     with pytest.raises(ValueError, match="`start_is` must be"):
         plan(model, 0, 1, max_steps=2, start_is="symbol")
-    with pytest.raises(ValueError, match="`max_steps` must be non-negative"):
+    with pytest.raises(ValueError, match="`max_steps` must be an integer >= 0"):
         plan(model, 0, 1, max_steps=-1)
 
 

@@ -17,7 +17,7 @@ def test_random_room_is_deterministic(getkey):
     assert room.shape == (6, 8) and room.dtype == jnp.int32
     assert int(room.min()) >= 0 and int(room.max()) < 4
     np.testing.assert_array_equal(room, random_room(6, 8, 4, key=key))
-    with pytest.raises(ValueError, match="must be positive"):
+    with pytest.raises(ValueError, match="`height` must be a positive integer"):
         random_room(0, 8, 4, key=key)
 
 
@@ -49,7 +49,7 @@ def test_walk_errors(getkey):
     room = jnp.array([[0, -1], [1, 1]])
     with pytest.raises(eqx.EquinoxRuntimeError, match="enterable cell"):
         room_walk(room, 5, key=getkey(), start=(0, 1))
-    with pytest.raises(ValueError, match="`length` must be positive"):
+    with pytest.raises(ValueError, match="`length` must be a positive integer"):
         room_walk(room, 0, key=getkey())
 
 

@@ -216,11 +216,13 @@ class TestErrors:
         self.ids = jnp.zeros(4, jnp.int32)
 
     def test_arguments(self):
-        with pytest.raises(ValueError, match="em: `n_iter` must be non-negative"):
+        with pytest.raises(ValueError, match="em: `n_iter` must be an integer >= 0"):
             em(self.model, self.ids, self.ids, n_iter=-1)
         with pytest.raises(ValueError, match="viterbi_em: `pseudocount` must be"):
             viterbi_em(self.model, self.ids, self.ids, n_iter=1, pseudocount=-1.0)
-        with pytest.raises(ValueError, match="`method` must be 'scan' or 'parallel'"):
+        with pytest.raises(
+            ValueError, match=r"`method` must be one of \('scan', 'parallel'\)"
+        ):
             expected_counts(self.model, self.ids, self.ids, method="fast")
 
     def test_sequences(self):
@@ -237,11 +239,15 @@ class TestErrors:
                 jnp.zeros((4,), jnp.int32),
                 n_iter=1,
             )
-        with pytest.raises(eqx.EquinoxRuntimeError, match=r"lie in \[0, n_obs\)"):
+        with pytest.raises(
+            eqx.EquinoxRuntimeError, match=r"`x` must be integer ids in \[0, n_obs\)"
+        ):
             em(self.model, jnp.full((2, 4), 5), jnp.zeros((2, 4), jnp.int32), n_iter=1)
 
     def test_emissions(self):
-        with pytest.raises(eqx.EquinoxRuntimeError, match="every row of `emissions`"):
+        with pytest.raises(
+            eqx.EquinoxRuntimeError, match="`emissions` must be probabilities"
+        ):
             learn_emissions(
                 self.model, self.ids, self.ids, n_iter=1, emissions=jnp.ones((3, 2))
             )

@@ -58,11 +58,11 @@ def test_codebook_errors():
         Codebooks(LAYOUT, image=image, scalar=scalar, spectrum=[spectrum["a"]])
     bad = image.copy()
     bad[2, 1] = np.inf
-    with pytest.raises(ValueError, match="`image` contains non-finite"):
+    with pytest.raises(ValueError, match="`image` must be all finite"):
         Codebooks(LAYOUT, image=bad, scalar=scalar, spectrum=spectrum)
     bad = spectrum["b"].copy()
     bad[0, 0] = np.nan
-    with pytest.raises(ValueError, match=r"spectrum\['b'\]` contains non-finite"):
+    with pytest.raises(ValueError, match=r"spectrum\[.b.\]` must be all finite"):
         Codebooks(LAYOUT, image=image, scalar=scalar, spectrum={**spectrum, "b": bad})
     with pytest.raises(TypeError, match="layout"):
         Codebooks("layout", image=image, scalar=scalar, spectrum=spectrum)

@@ -180,7 +180,9 @@ def test_trace_time_errors():
     key = jr.key(0)
     with pytest.raises(ValueError, match="`n_heads`=3 must divide `d_model`=8"):
         CausalTransformerLM(LAYOUT, d_model=8, n_heads=3, key=key)
-    with pytest.raises(ValueError, match=r"`dropout` must be in \[0, 1\)"):
+    with pytest.raises(
+        ValueError, match=r"`dropout` must be a finite real number in \[0, 1\)"
+    ):
         CausalTransformerLM(LAYOUT, d_model=8, n_heads=2, dropout=1.0, key=key)
     with pytest.raises(ValueError, match="`unroll` must be in"):
         CausalTransformerLM(LAYOUT, d_model=8, n_heads=2, n_layers=2, unroll=3, key=key)

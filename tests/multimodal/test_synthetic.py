@@ -45,5 +45,7 @@ def test_kmeans_quantiles_and_errors():
     assert np.all(np.diff(mids) > 0)
     with pytest.raises(ValueError, match="3 points cannot make 4 centroids"):
         kmeans(points[:3], 4, rng=rng)
-    with pytest.raises(ValueError, match="`missing` must be in"):
+    with pytest.raises(
+        ValueError, match=r"`missing` must be a finite real number in \[0, 1\)"
+    ):
         make_synthetic_data(jr.key(0), 10, missing=1.0)

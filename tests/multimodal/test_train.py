@@ -78,7 +78,9 @@ def test_schedule_follows_the_formula():
         assert float(schedule(s)) == pytest.approx(want, rel=1e-5), s
     with pytest.raises(ValueError, match=r"`warmup_steps` must be in \[0, n_steps\)"):
         TrainConfig(n_steps=5, warmup_steps=5)
-    with pytest.raises(ValueError, match="`accumulation_steps` must be >= 1"):
+    with pytest.raises(
+        ValueError, match="`accumulation_steps` must be a positive integer"
+    ):
         TrainConfig(n_steps=5, accumulation_steps=0)
 
 

@@ -73,7 +73,7 @@ def test_layout_serialises_and_compares():
 
 
 def test_layout_errors():
-    with pytest.raises(ValueError, match="`n_image` must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="`n_image` must be a positive integer, got 0"):
         VocabLayout(n_image=0, n_scalar=3, n_spectrum=4, spectrum_groups=())
     with pytest.raises(ValueError, match="duplicate"):
         VocabLayout(n_image=1, n_scalar=3, n_spectrum=4, spectrum_groups=("a", "a"))

@@ -95,5 +95,5 @@ def test_bad_records_raise(getkey):
         tidhy.evaluate_record(model, jnp.ones((2, 5, 3)))
     with pytest.raises(ValueError, match="at least 2 time steps"):
         tidhy.evaluate_record(model, jnp.ones((2, 1, 4)))
-    with pytest.raises(ValueError, match="evaluate_record: `X` contains non-finite"):
+    with pytest.raises(ValueError, match="evaluate_record: `X` must be all finite"):
         tidhy.evaluate_record(model, jnp.ones((2, 3, 4)).at[1, 2, 0].set(jnp.nan))

@@ -140,7 +140,7 @@ def test_fit_rejects_bad_arguments():
         tidhy.fit(model, windows, n_epochs=0)
     with pytest.raises(ValueError, match="fit: `batch_size` must be in"):
         tidhy.fit(model, windows, n_epochs=1, batch_size=7)
-    with pytest.raises(ValueError, match="fit: `windows` contains non-finite"):
+    with pytest.raises(ValueError, match="fit: `windows` must be all finite"):
         tidhy.fit(model, windows.at[0, 0, 0].set(jnp.nan), n_epochs=1)
 
 

@@ -201,13 +201,13 @@ def test_bad_inputs_raise(getkey):
         tidhy.infer(model, x, jnp.ones((2, 4)), r2_prev)
     with pytest.raises(ValueError, match="infer: `r2_prev` must have shape"):
         tidhy.infer(model, x, r_prev, jnp.ones((2, 3)))
-    with pytest.raises(ValueError, match="infer: `x` contains non-finite"):
+    with pytest.raises(ValueError, match="infer: `x` must be all finite"):
         tidhy.infer(model, x.at[0, 0].set(jnp.nan), r_prev, r2_prev)
     with pytest.raises(ValueError, match="infer_first_step: `x` must have feature"):
         tidhy.infer_first_step(model, jnp.ones((2, 3)))
     # Under the caller's own `jax.jit` the check is an `eqx.error_if`: on a GPU it
     # surfaces when the result is awaited, so the test blocks on it.
-    with pytest.raises(Exception, match="infer: `x` contains non-finite"):
+    with pytest.raises(Exception, match="infer: `x` must be all finite"):
         jax.block_until_ready(
             jax.jit(lambda x: tidhy.infer(model, x, r_prev, r2_prev)[0])(
                 x.at[0, 0].set(jnp.inf)
@@ -220,13 +220,14 @@ def test_bad_inputs_raise(getkey):
     [
         (dict(max_iter=5), "`max_iter` must be >= 10 with the halving schedule"),
         (dict(max_iter=0, halve_lr_r=False), "`max_iter` must be a positive integer"),
-        (dict(lmda_r=-0.1), "`lmda_r` must be >= 0"),
-        (dict(lmda_r2=-0.1), "`lmda_r2` must be >= 0"),
-        (dict(lr_r=-0.2), "`lr_r` must be > 0"),
-        (dict(lr_r2=0.0), "`lr_r2` must be > 0"),
-        (dict(tol=-1.0), "`tol` must be >= 0"),
-        (dict(l1_w=-1.0), "`l1_w` must be >= 0"),
-        (dict(momentum=1.0), "`momentum` must be in"),
+        (dict(lmda_r=-0.1), "`lmda_r` must be a finite real number >= 0"),
+        (dict(lmda_r2=-0.1), "`lmda_r2` must be a finite real number >= 0"),
+        (dict(lr_r=-0.2), "`lr_r` must be a finite real number > 0"),
+        (dict(lr_r2=0.0), "`lr_r2` must be a finite real number > 0"),
+        (dict(lr_r=float("nan")), "`lr_r` must be a finite real number > 0, got nan"),
+        (dict(tol=-1.0), "`tol` must be a finite real number >= 0"),
+        (dict(l1_w=-1.0), "`l1_w` must be a finite real number >= 0"),
+        (dict(momentum=1.0), r"`momentum` must be a finite real number in \[0, 1\)"),
         (dict(batch_mode="batch"), "`batch_mode` must be one of"),
     ],
 )

@@ -211,7 +211,8 @@ def test_nonlinear_decoder(getkey):
     [
         (dict(r_dim=0), "`r_dim` must be a positive integer"),
         (dict(mix_dim=-2), "`mix_dim` must be a positive integer"),
-        (dict(temp_weight=-1.0), "`temp_weight` must be >= 0"),
+        (dict(temp_weight=-1.0), "`temp_weight` must be a finite real number >= 0"),
+        (dict(temp_weight=float("nan")), "`temp_weight` must be a finite real"),
     ],
 )
 def test_bad_hyperparameters_raise(getkey, kwargs, match):

@@ -353,11 +353,11 @@ def test_milestone_schedule_counts_epochs():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(cos_eta=-1.0), "`cos_eta` must be >= 0"),
-        (dict(lr_decoder=0.0), "`lr_decoder` must be > 0"),
-        (dict(clip_grad=-1.0), "`clip_grad` must be > 0"),
-        (dict(gamma=1.5), "`gamma` must be in"),
-        (dict(milestones=(0, 3)), "`milestones` must be positive integers"),
+        (dict(cos_eta=-1.0), "`cos_eta` must be a finite real number >= 0"),
+        (dict(lr_decoder=0.0), "`lr_decoder` must be a finite real number > 0"),
+        (dict(clip_grad=-1.0), "`clip_grad` must be a real number > 0"),
+        (dict(gamma=1.5), r"`gamma` must be a finite real number in \(0, 1\]"),
+        (dict(milestones=(0, 3)), r"`milestones\[0\]` must be a positive integer"),
     ],
 )
 def test_bad_train_config_raises(kwargs, match):

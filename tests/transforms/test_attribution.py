@@ -173,14 +173,22 @@ def test_in_run_shapley_sums_are_compensated():
 
 def test_in_run_shapley_errors():
     shapley = in_run_shapley(3)
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(ValueError, match="`dots` must be of the shape of `indices`"):
         shapley.update(shapley.init(), jnp.arange(2), jnp.ones(3), 0.1)
-    with pytest.raises(Exception, match="outside"):
+    with pytest.raises(ValueError, match=r"`indices` must be integer ids in \[0, 3\)"):
+        shapley.update(shapley.init(), jnp.array([0, 3]), jnp.ones(2), 0.1)
+    with pytest.raises(eqx.EquinoxRuntimeError, match=r"ids in \[0, 3\)"):
         jax.block_until_ready(
-            shapley.update(shapley.init(), jnp.array([0, 3]), jnp.ones(2), 0.1)
+            eqx.filter_jit(shapley.update)(
+                shapley.init(), jnp.array([0, 3]), jnp.ones(2), 0.1
+            )
         )
-    with pytest.raises(ValueError, match="`n_train` must be positive"):
+    with pytest.raises(ValueError, match="`learning_rate` must be a finite"):
+        shapley.update(shapley.init(), jnp.array([0]), jnp.ones(1), float("nan"))
+    with pytest.raises(ValueError, match="`n_train` must be a positive integer"):
         in_run_shapley(0)
+    with pytest.raises(TypeError, match="`n_train` must be a positive integer"):
+        in_run_shapley(True)
 
 
 def test_original_scaling_matches_the_original_quantity(x64):
@@ -204,7 +212,7 @@ def test_original_scaling_matches_the_original_quantity(x64):
             dots, n_train=n_train, n_val=n_val, val_reduction=reduction
         )
         np.testing.assert_allclose(converted, original, rtol=1e-10)
-    with pytest.raises(ValueError, match="must be positive"):
+    with pytest.raises(ValueError, match="`n_train` must be a positive integer"):
         to_original_scaling(dots, n_train=0, n_val=2)
 
 

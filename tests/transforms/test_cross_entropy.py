@@ -147,12 +147,22 @@ def test_target_errors():
     hidden, weight, bias, targets, where = _problem(4)
     bad = targets.at[3].set(weight.shape[0])
     loss = eqx.filter_jit(chunked_cross_entropy)
-    with pytest.raises(eqx.EquinoxRuntimeError, match="selected target lies outside"):
+    v = weight.shape[0]
+    with pytest.raises(
+        eqx.EquinoxRuntimeError, match=rf"`targets` .*ids in \[0, {v}\)"
+    ):
         loss(hidden, weight, bias, bad, where=jnp.ones(len(targets), bool))
+    # Concrete targets are checked at the call, naming the offending entry.
+    with pytest.raises(
+        ValueError, match=rf"ids in \[0, {v}\), got {v} at index \(3,\)"
+    ):
+        chunked_cross_entropy(hidden, weight, bias, bad)
     # Unselected targets are not checked (they may hold padding).
     assert jnp.isfinite(loss(hidden, weight, bias, bad, where=where.at[3].set(False)))
-    with pytest.raises(ValueError, match="`chunk_size` must be >= 1"):
+    with pytest.raises(ValueError, match="`chunk_size` must be a positive integer"):
         chunked_cross_entropy(hidden, weight, bias, targets, chunk_size=0)
+    with pytest.raises(TypeError, match="`chunk_size` must be a positive integer"):
+        chunked_cross_entropy(hidden, weight, bias, targets, chunk_size=True)
     with pytest.raises(TypeError, match="weight"):
         chunked_cross_entropy(hidden, weight[:, :3], bias, targets)
 

@@ -165,8 +165,12 @@ def test_expected_value_loss_errors():
     with pytest.raises(ValueError, match="must return a scalar per position"):
         expected_value_loss(lg, vs, jnp.zeros(4, jnp.int32), loss_fn=lambda p, t: p - t)
     jitted = eqx.filter_jit(expected_value_loss)
-    with pytest.raises(eqx.EquinoxRuntimeError, match="target index lies outside"):
+    with pytest.raises(eqx.EquinoxRuntimeError, match=r"`targets` .*ids in \[0, 3\)"):
         jitted(lg, vs, jnp.array([0, 1, 3, 0]), where=jnp.ones(4, bool))
+    with pytest.raises(ValueError, match=r"ids in \[0, 3\), got 3 at index \(2,\)"):
+        expected_value_loss(lg, vs, jnp.array([0, 1, 3, 0]))
+    with pytest.raises(TypeError, match="`loss_fn` must be Callable"):
+        expected_value_loss(lg, vs, jnp.zeros(4, jnp.int32), loss_fn="mse")
     # An out-of-range index at an unselected position is ignored.
     where = jnp.array([True, True, False, True])
     assert jnp.isfinite(jitted(lg, vs, jnp.array([0, 1, 3, 0]), where=where))

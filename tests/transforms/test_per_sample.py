@@ -78,21 +78,39 @@ def _bad(name):
         "not_tuple": lambda f: f(loss)(model, {"x": x, "y": y}),
         "scalar_leaf": lambda f: f(loss)(model, (x, jnp.float32(1.0))),
         "empty_tuple": lambda f: f(loss)(model, ()),
+        # Written for a batch, as for Opacus: it vmaps the model over one example.
+        "batched_loss": lambda f: f(
+            lambda m, x, y: jnp.mean((jax.vmap(m)(x) - y) ** 2)
+        )(model, train),
     }
     return calls[name]
 
 
 _MESSAGES = {
-    "not_scalar": ("must return a floating-point scalar", ValueError),
-    "integer_loss": ("must return a floating-point scalar", ValueError),
-    "ragged": ("share their leading", ValueError),
-    "empty": ("is empty", ValueError),
+    "not_scalar": (
+        "`loss_fn` must be a function returning a floating-point scalar "
+        "for one example, got shape",
+        ValueError,
+    ),
+    "integer_loss": (
+        "must be a function returning a floating-point scalar",
+        ValueError,
+    ),
+    "ragged": ("sharing their leading", ValueError),
+    "empty": ("batch size 0", ValueError),
     "no_params": ("no inexact", ValueError),
-    # A wrong type is caught by the entry point's jaxtyping/beartype check, which
-    # names the parameter.
-    "not_tuple": ("batch", TypeError),
-    "scalar_leaf": ("is a scalar", ValueError),
-    "empty_tuple": ("empty tuple", ValueError),
+    # The library's own batch message, not the annotation's.
+    "not_tuple": ("batch` must be a tuple of arrays .*, got a dict", TypeError),
+    "scalar_leaf": (
+        r"batch\[1\]` must be an array with a leading batch axis",
+        ValueError,
+    ),
+    "empty_tuple": ("got an empty tuple", ValueError),
+    "batched_loss": (
+        r"`loss_fn` failed on ONE example \(arrays float32\[\d+\], float32\[\d+\]\)"
+        r".*is called on ONE example at a time",
+        ValueError,
+    ),
 }
 
 
@@ -130,5 +148,5 @@ def test_validation_batch_must_match_the_training_examples():
         fn(model, (x, y), (x[:, :2], y))
     with pytest.raises(ValueError, match="`val_batch` must have the structure"):
         fn(model, (x, y), (x,))
-    with pytest.raises(ValueError, match="`val_batch` is empty"):
+    with pytest.raises(ValueError, match="`val_batch` must be a non-empty batch"):
         fn(model, (x, y), (x[:0], y[:0]))

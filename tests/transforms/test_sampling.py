@@ -74,5 +74,7 @@ def test_sample_positions_k_larger_than_n_and_errors():
     indices, valid = sample_positions(jr.key(0), where, 10)
     assert indices.shape == (3,)
     assert sorted(np.asarray(indices)[np.asarray(valid)].tolist()) == [0, 2]
-    with pytest.raises(ValueError, match="`k` must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="`k` must be a positive integer, got 0"):
         sample_positions(jr.key(0), where, 0)
+    with pytest.raises(TypeError, match="`k` must be a positive integer, got True"):
+        sample_positions(jr.key(0), where, True)

@@ -48,7 +48,9 @@ def test_soft_threshold_matches_numpy():
 
 
 def test_soft_threshold_rejects_a_negative_threshold():
-    with pytest.raises(ValueError, match="soft_threshold: `threshold` must be >= 0"):
+    with pytest.raises(
+        ValueError, match="soft_threshold: `threshold` must be a real number >= 0"
+    ):
         soft_threshold(jnp.ones(3), -0.1)
 
 
@@ -293,9 +295,10 @@ def test_pytree_latents_and_float32_stats():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(max_steps=0), "`max_steps` must be an integer >= 1"),
-        (dict(max_steps=10, tol=-1.0), "`tol` must be >= 0"),
-        (dict(max_steps=10, eps=-1.0), "`eps` must be >= 0"),
+        (dict(max_steps=0), "`max_steps` must be a positive integer, got 0"),
+        (dict(max_steps=10, tol=-1.0), "`tol` must be a real number >= 0, got -1.0"),
+        (dict(max_steps=10, tol=float("nan")), "`tol` must be a real number >= 0"),
+        (dict(max_steps=10, eps=-1.0), "`eps` must be a finite real number >= 0"),
     ],
 )
 def test_bad_arguments_raise(kwargs, match):
