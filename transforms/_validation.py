@@ -29,7 +29,7 @@ _REPR_LIMIT = 60
 
 def is_traced(x: Any) -> bool:
     """Whether `x` is a tracer (inside `jit`, `grad`, `vmap`), i.e. has no value yet."""
-    return isinstance(x, jax.core.Tracer)
+    return isinstance(x, jax.core.Tracer)  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def describe(value: Any) -> str:
@@ -51,7 +51,9 @@ def describe(value: Any) -> str:
     return f"an object of type {type(value).__name__}"
 
 
-def fail(fn: str, arg: str, expected: str, got: str, error=ValueError):
+def fail(
+    fn: str, arg: str, expected: str, got: str, error: type[Exception] = ValueError
+) -> Exception:
     """The error `"<fn>: `<arg>` must be <expected>, got <got>."` (to raise)."""
     return error(f"{fn}: `{arg}` must be {expected}, got {got}.")
 
@@ -136,7 +138,10 @@ def _numeric(fn: str, arg: str, value: Any, expected: str) -> Any:
         raise fail(fn, arg, expected, describe(value), TypeError)
     if not isinstance(value, (numbers.Real, np.ndarray, np.generic, jax.Array)):
         raise fail(fn, arg, expected, describe(value), TypeError)
-    dtype = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
+    # A Python number has no dtype; NumPy gives it its default one.
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        dtype = np.asarray(value).dtype
     if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
         raise fail(fn, arg, expected, describe(value), TypeError)
     return value

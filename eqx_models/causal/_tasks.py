@@ -1,3 +1,5 @@
+from typing import Any
+
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
@@ -77,7 +79,7 @@ class TaskConfig(eqx.Module):
         check_size(name, "max_parents", self.max_parents)
         check_in_range(name, "edges_per_node", self.edges_per_node, low=0)
         check_bool(name, "standardise", self.standardise)
-        positive = dict(low=0, inclusive=(False, True))
+        positive: dict[str, Any] = dict(low=0, inclusive=(False, True))
         check_interval(name, "weight_range", self.weight_range, **positive)
         check_interval(name, "noise_range", self.noise_range, **positive)
         if self.explained_variance is not None:

@@ -1,6 +1,6 @@
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -345,7 +345,7 @@ def surrogate_optimizer(
             f"surrogate_optimizer: `warmup_steps` must be in [0, n_steps), got "
             f"{warmup_steps} with n_steps={n_steps}."
         )
-    positive = dict(low=0, inclusive=(False, True))
+    positive: dict[str, Any] = dict(low=0, inclusive=(False, True))
     check_in_range(name, "peak_learning_rate", peak_learning_rate, **positive)
     if end_learning_rate is None:
         end_learning_rate = 0.01 * peak_learning_rate

@@ -2,6 +2,7 @@ import dataclasses
 import functools
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -72,7 +73,7 @@ class TrainConfig:
                 "TrainConfig: `warmup_steps` must be in [0, n_steps), got "
                 f"{self.warmup_steps} with n_steps={self.n_steps}."
             )
-        positive = dict(low=0, inclusive=(False, True))
+        positive: dict[str, Any] = dict(low=0, inclusive=(False, True))
         check_in_range(name, "learning_rate", self.learning_rate, **positive)
         check_in_range(name, "min_lr_ratio", self.min_lr_ratio, low=0, high=1)
         check_in_range(name, "weight_decay", self.weight_decay, low=0)
