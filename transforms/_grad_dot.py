@@ -257,6 +257,13 @@ def grad_dot_products(
     val_batch)`. Products are accumulated in float32 (float64 under float64
     parameters).
 
+    **Raises:**
+
+    `TypeError` if `loss_fn` is not callable; `ValueError` for an unknown `method`
+    or `val_reduction`. The returned function raises as
+    [`transforms.per_sample_grads`][]'s, and if the validation examples do not
+    have the structure of the training examples.
+
     !!! example
 
         ```python

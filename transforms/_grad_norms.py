@@ -116,6 +116,11 @@ def per_sample_grad_norms(
     accumulated in float32 (float64 under float64 parameters) whatever the compute
     dtype.
 
+    **Raises:**
+
+    `TypeError` if `loss_fn` is not callable; `ValueError` for an unknown `method`.
+    The returned function raises as [`transforms.per_sample_grads`][]'s.
+
     !!! example
 
         ```python

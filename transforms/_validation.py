@@ -239,7 +239,7 @@ def check_in_range(
     - `low`, `high`: the bounds, `None` for none.
     - `inclusive`: whether each bound is allowed.
     - `finite`: also reject `±inf` (on by default).
-    - `checks`: a [`Checks`][] to defer the run-time check to, inside compiled code.
+    - `checks`: a `Checks` to defer the run-time check to, inside compiled code.
 
     **Returns:**
 
@@ -330,7 +330,7 @@ def check_ids(
     Eager for concrete arrays (the message names the first offending id and its
     position); inside compiled code an `eqx.error_if` rides on a zero added to the
     ids, so that the ids keep their sharding (or the check is deferred to
-    `checks`, a [`Checks`][]). `upper_name` names the bound in the message
+    `checks`, a `Checks`). `upper_name` names the bound in the message
     (`"n_obs"`).
 
     **Returns:**
@@ -436,7 +436,7 @@ def check_probabilities(
 
     Entries must be non-negative and finite (with `log`, log-probabilities: no NaN,
     no `+inf`; `-inf` is a zero probability), and each distribution must sum to 1
-    within `tol` (default [`stochastic_tolerance`][] of the dtype).
+    within `tol` (default `stochastic_tolerance` of the dtype).
 
     **Arguments:**
 
@@ -449,7 +449,7 @@ def check_probabilities(
     - `tol`: the tolerance on the sums.
     - `where`: a boolean mask over the distributions (the shape of `p` without
         `axis`); unselected ones are not checked.
-    - `checks`: a [`Checks`][] to defer the run-time check to, inside compiled code.
+    - `checks`: a `Checks` to defer the run-time check to, inside compiled code.
 
     **Returns:**
 

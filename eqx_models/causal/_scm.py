@@ -19,6 +19,12 @@ class LinearGaussianSCM(eqx.Module):
 
     Build one with [`eqx_models.causal.sample_linear_gaussian_scm`][] or from your
     own arrays; sample it with [`eqx_models.causal.simulate`][].
+
+    **Raises:**
+
+    `ValueError` if the arrays do not have the shapes `(d, d)`, `(d, d)`, `(d,)`,
+    `(d,)`. [`eqx_models.causal.simulate`][] refuses a model whose graph has a
+    cycle.
     """
 
     adjacency: Bool[Array, "d d"]

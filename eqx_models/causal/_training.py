@@ -403,6 +403,12 @@ class Curriculum(eqx.Module):
     - `start_buckets`, `end_buckets`: bucket weights (one per bucket).
     - `start_families`, `end_families`: weights over `GRAPH_FAMILIES`.
     - `ramp`: the fraction of the run over which the weights move.
+
+    **Raises:**
+
+    `ValueError` if the bucket weights differ in length, the family weights are not
+    one per family, a weight is negative, NaN or infinite, a set of weights sums to
+    0, or `ramp` is outside `[0, 1]`.
     """
 
     start_buckets: tuple[float, ...] = eqx.field(static=True)
