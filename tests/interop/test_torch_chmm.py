@@ -224,5 +224,5 @@ def test_bad_inputs():
         TorchCHMM([2, 1], 2, logits=torch.zeros(2, 3, 4))
     with pytest.raises(ValueError, match="`Pi` must have shape \\(3,\\)"):
         TorchCHMM([2, 1], 2, Pi=torch.ones(4) / 4)
-    with pytest.raises(Exception, match="must lie in \\[0, n_obs\\)"):
+    with pytest.raises(Exception, match="integer ids in \\[0, n_obs\\)"):
         chmm(torch.tensor([0, 1, 5, 2, 0, 1]), a)
