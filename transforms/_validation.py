@@ -11,6 +11,7 @@ that NaN, which compares false with everything, fails them.
 """
 
 import functools
+import math
 import numbers
 import re
 from collections.abc import Callable, Sequence
@@ -41,11 +42,9 @@ def describe(value: Any) -> str:
         if value.size <= 6:
             return f"{np.asarray(value).tolist()!r} ({value.dtype})"
         return f"an array of shape {value.shape} and dtype {value.dtype}"
-    if value is None or isinstance(value, (bool, numbers.Number, np.generic)):
-        return repr(value)
-    if isinstance(value, str):
+    if value is None or isinstance(value, (bool, numbers.Number, np.generic, str)):
         text = repr(value)
-        return text if len(text) <= _REPR_LIMIT else text[: _REPR_LIMIT - 4] + "...'"
+        return text if len(text) <= _REPR_LIMIT else text[: _REPR_LIMIT - 3] + "..."
     if isinstance(value, (list, tuple, dict)):
         return f"a {type(value).__name__} of {len(value)} items"
     return f"an object of type {type(value).__name__}"
@@ -271,8 +270,14 @@ def check_in_range(
         return ~ok
 
     if isinstance(value, numbers.Real) and not isinstance(value, np.generic):
-        # A Python number is checked as it is and returned untouched.
-        if bool(bad(np, np.float64(value))):
+        # A Python number is compared as it is (an int beyond float64's range
+        # included) and returned untouched.
+        ok = value == value and (not finite or abs(value) != math.inf)
+        if low is not None:
+            ok = ok and (value >= low if inclusive[0] else value > low)
+        if high is not None:
+            ok = ok and (value <= high if inclusive[1] else value < high)
+        if not ok:
             raise fail(fn, arg, expected, repr(value))
         return value
     return _check_values(fn, arg, value, bad, expected, _first_bad, checks)
