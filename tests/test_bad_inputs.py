@@ -400,6 +400,12 @@ def _transforms_cases():
             st.sampled_from(["batch", "model", ""]),
             lambda a: T.shard_batch((_X,), jax.make_mesh((1,), ("data",)), a),
         ),
+        Case(
+            "transforms.replicate",
+            "mesh",
+            st.sampled_from([None, "data", jax.devices()[:1], ("data",)]),
+            lambda m: T.replicate(jnp.ones(2), m),
+        ),
     ]
 
 
@@ -1089,7 +1095,7 @@ _FAMILIES = {
 # How many cases each family has; the cases themselves are built in the test (they
 # need models), this only fixes the parametrisation.
 _N_CASES = {
-    "transforms": 40,
+    "transforms": 41,
     "chmm": 24,
     "tidhy": 24,
     "causal": 22,
@@ -1222,7 +1228,6 @@ NOT_YET_COVERED = {
     "multimodal.load_codebooks",
     "multimodal.TokenBatch",
     "causal.weight_decay_mask",
-    "transforms.replicate",
 }
 
 
