@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from beartype import beartype
+from jax.core import Tracer
 from jaxtyping import jaxtyped, TypeCheckError
 
 
@@ -30,7 +31,7 @@ _REPR_LIMIT = 60
 
 def is_traced(x: Any) -> bool:
     """Whether `x` is a tracer (inside `jit`, `grad`, `vmap`), i.e. has no value yet."""
-    return isinstance(x, jax.core.Tracer)
+    return isinstance(x, Tracer)
 
 
 def describe(value: Any) -> str:
@@ -50,7 +51,9 @@ def describe(value: Any) -> str:
     return f"an object of type {type(value).__name__}"
 
 
-def fail(fn: str, arg: str, expected: str, got: str, error=ValueError):
+def fail(
+    fn: str, arg: str, expected: str, got: str, error: type[Exception] = ValueError
+) -> Exception:
     """The error `"<fn>: `<arg>` must be <expected>, got <got>."` (to raise)."""
     return error(f"{fn}: `{arg}` must be {expected}, got {got}.")
 
@@ -130,12 +133,12 @@ def check_size(
 
 
 def _numeric(fn: str, arg: str, value: Any, expected: str) -> Any:
-    """`value` as an array if it is a real number or real array; else `TypeError`."""
+    """`value` itself if it is a real number or real array; else `TypeError`."""
     if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
         raise fail(fn, arg, expected, describe(value), TypeError)
     if not isinstance(value, (numbers.Real, np.ndarray, np.generic, jax.Array)):
         raise fail(fn, arg, expected, describe(value), TypeError)
-    dtype = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
+    dtype = getattr(value, "dtype", None) or np.asarray(value).dtype
     if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
         raise fail(fn, arg, expected, describe(value), TypeError)
     return value
@@ -272,11 +275,12 @@ def check_in_range(
     if isinstance(value, numbers.Real) and not isinstance(value, np.generic):
         # A Python number is compared as it is (an int beyond float64's range
         # included) and returned untouched.
-        ok = value == value and (not finite or abs(value) != math.inf)
+        number: Any = value
+        ok = number == number and (not finite or abs(number) != math.inf)
         if low is not None:
-            ok = ok and (value >= low if inclusive[0] else value > low)
+            ok = ok and (number >= low if inclusive[0] else number > low)
         if high is not None:
-            ok = ok and (value <= high if inclusive[1] else value < high)
+            ok = ok and (number <= high if inclusive[1] else number < high)
         if not ok:
             raise fail(fn, arg, expected, repr(value))
         return value

@@ -160,9 +160,8 @@ def sample_linear_gaussian_scm(
     `adjacency` has a cycle (at once when concrete, by `eqx.error_if` under `jit`).
     """
     name = "sample_linear_gaussian_scm"
-    positive = dict(low=0, inclusive=(False, True))
-    check_interval(name, "weight_range", weight_range, **positive)
-    check_interval(name, "noise_range", noise_range, **positive)
+    check_interval(name, "weight_range", weight_range, low=0, inclusive=(False, True))
+    check_interval(name, "noise_range", noise_range, low=0, inclusive=(False, True))
     check_interval(name, "bias_range", bias_range)
     if explained_variance is not None:
         check_interval(

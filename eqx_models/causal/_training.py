@@ -332,13 +332,16 @@ def surrogate_optimizer(
             f"surrogate_optimizer: `warmup_steps` must be in [0, n_steps), got "
             f"{warmup_steps} with n_steps={n_steps}."
         )
-    positive = dict(low=0, inclusive=(False, True))
-    check_in_range(name, "peak_learning_rate", peak_learning_rate, **positive)
+    check_in_range(
+        name, "peak_learning_rate", peak_learning_rate, low=0, inclusive=(False, True)
+    )
     if end_learning_rate is None:
         end_learning_rate = 0.01 * peak_learning_rate
     check_in_range(name, "end_learning_rate", end_learning_rate, low=0)
     check_in_range(name, "weight_decay", weight_decay, low=0)
-    check_in_range(name, "clip_norm", clip_norm, finite=False, **positive)
+    check_in_range(
+        name, "clip_norm", clip_norm, finite=False, low=0, inclusive=(False, True)
+    )
     return optax.chain(
         optax.clip_by_global_norm(clip_norm),
         optax.scale_by_adam(),
