@@ -200,6 +200,13 @@ def make_attribution_step(
     `step(model, opt_state, train_batch, val_batch)` and returning
     `(model, opt_state, metrics, dots)`. It compiles once per input shape.
 
+    **Raises:**
+
+    `TypeError` if `loss_fn` is not callable; `ValueError` for an unknown `method`
+    or `val_reduction`, or a `data_axis` that is not an axis of `mesh`. The step
+    raises as [`transforms.grad_dot_products`][] for bad batches or a `loss_fn`
+    that fails on, or does not return a scalar for, one example.
+
     !!! example
 
         ```python

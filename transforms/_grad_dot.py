@@ -259,6 +259,13 @@ def grad_dot_products(
     loss, plans the ghost path again and runs op by op (milliseconds of overhead a
     call).
 
+    **Raises:**
+
+    `TypeError` if `loss_fn` is not callable; `ValueError` for an unknown `method`
+    or `val_reduction`. The returned function raises as
+    [`transforms.per_sample_grads`][]'s, and if the validation examples do not
+    have the structure of the training examples.
+
     !!! example
 
         ```python

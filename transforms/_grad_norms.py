@@ -117,6 +117,11 @@ def per_sample_grad_norms(
     dtype. Call it under `eqx.filter_jit`: un-jitted, every call traces the loss,
     plans the ghost path again and runs op by op (milliseconds of overhead a call).
 
+    **Raises:**
+
+    `TypeError` if `loss_fn` is not callable; `ValueError` for an unknown `method`.
+    The returned function raises as [`transforms.per_sample_grads`][]'s.
+
     !!! example
 
         ```python

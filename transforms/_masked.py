@@ -33,6 +33,11 @@ def masked_mean(
     **Returns:**
 
     A scalar of `x`'s dtype: `sum(x[where]) / max(count(where), 1)`.
+
+    **Raises:**
+
+    `TypeError` (from the annotations) if `where` is not a boolean array of the
+    shape of `x`.
     """
     if where is None:
         where = jnp.ones(x.shape, bool)

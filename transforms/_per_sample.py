@@ -266,6 +266,14 @@ def per_sample_grads(loss_fn: Callable) -> PerSampleGrads:
     tuple of arrays with a leading batch axis. It materialises one gradient per
     example: memory grows as batch size times parameter count.
 
+    **Raises:**
+
+    `TypeError` if `loss_fn` is not callable. The returned function raises
+    `TypeError`/`ValueError` for a batch that is not a non-empty tuple of arrays
+    sharing a leading axis (a list is accepted, a dict is not), for a model without
+    floating-point arrays, and, naming the shapes it received, if `loss_fn` fails
+    on one unbatched example or does not return a floating-point scalar for it.
+
     !!! example
 
         ```python

@@ -2,6 +2,8 @@ import equinox as eqx
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ._validation import check_type
+
 
 def _check_axis(mesh: Mesh, axis: str) -> None:
     if axis not in mesh.axis_names:
@@ -28,7 +30,8 @@ def shard_batch(batch, mesh: Mesh, axis: str = "data"):
     **Raises:**
 
     `ValueError` if `axis` is not a mesh axis, or if a leading dimension is not
-    divisible by the size of that axis.
+    divisible by the size of that axis; `TypeError` if `mesh` is not a
+    `jax.sharding.Mesh`.
 
     !!! example
 
@@ -37,6 +40,7 @@ def shard_batch(batch, mesh: Mesh, axis: str = "data"):
         batch = shard_batch((x, y), mesh)
         ```
     """
+    check_type("shard_batch", "mesh", mesh, Mesh, "a jax.sharding.Mesh")
     _check_axis(mesh, axis)
     n = mesh.shape[axis]
     sharding = NamedSharding(mesh, PartitionSpec(axis))
@@ -67,5 +71,10 @@ def replicate(tree, mesh: Mesh):
 
     The same pytree with its arrays replicated (`NamedSharding(mesh, P())`);
     non-array leaves are unchanged.
+
+    **Raises:**
+
+    `TypeError` if `mesh` is not a `jax.sharding.Mesh`.
     """
+    check_type("replicate", "mesh", mesh, Mesh, "a jax.sharding.Mesh")
     return eqx.filter_shard(tree, NamedSharding(mesh, PartitionSpec()))

@@ -11,6 +11,7 @@ that NaN, which compares false with everything, fails them.
 """
 
 import functools
+import math
 import numbers
 import re
 from collections.abc import Callable, Sequence
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from beartype import beartype
+from jax.core import Tracer
 from jaxtyping import jaxtyped, TypeCheckError
 
 
@@ -29,7 +31,7 @@ _REPR_LIMIT = 60
 
 def is_traced(x: Any) -> bool:
     """Whether `x` is a tracer (inside `jit`, `grad`, `vmap`), i.e. has no value yet."""
-    return isinstance(x, jax.core.Tracer)  # pyright: ignore[reportAttributeAccessIssue]
+    return isinstance(x, Tracer)
 
 
 def describe(value: Any) -> str:
@@ -41,11 +43,9 @@ def describe(value: Any) -> str:
         if value.size <= 6:
             return f"{np.asarray(value).tolist()!r} ({value.dtype})"
         return f"an array of shape {value.shape} and dtype {value.dtype}"
-    if value is None or isinstance(value, (bool, numbers.Number, np.generic)):
-        return repr(value)
-    if isinstance(value, str):
+    if value is None or isinstance(value, (bool, numbers.Number, np.generic, str)):
         text = repr(value)
-        return text if len(text) <= _REPR_LIMIT else text[: _REPR_LIMIT - 4] + "...'"
+        return text if len(text) <= _REPR_LIMIT else text[: _REPR_LIMIT - 3] + "..."
     if isinstance(value, (list, tuple, dict)):
         return f"a {type(value).__name__} of {len(value)} items"
     return f"an object of type {type(value).__name__}"
@@ -133,7 +133,7 @@ def check_size(
 
 
 def _numeric(fn: str, arg: str, value: Any, expected: str) -> Any:
-    """`value` as an array if it is a real number or real array; else `TypeError`."""
+    """`value` itself if it is a real number or real array; else `TypeError`."""
     if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
         raise fail(fn, arg, expected, describe(value), TypeError)
     if not isinstance(value, (numbers.Real, np.ndarray, np.generic, jax.Array)):
@@ -244,7 +244,7 @@ def check_in_range(
     - `low`, `high`: the bounds, `None` for none.
     - `inclusive`: whether each bound is allowed.
     - `finite`: also reject `±inf` (on by default).
-    - `checks`: a [`Checks`][] to defer the run-time check to, inside compiled code.
+    - `checks`: a `Checks` to defer the run-time check to, inside compiled code.
 
     **Returns:**
 
@@ -276,8 +276,15 @@ def check_in_range(
         return ~ok
 
     if isinstance(value, numbers.Real) and not isinstance(value, np.generic):
-        # A Python number is checked as it is and returned untouched.
-        if bool(bad(np, np.float64(value))):
+        # A Python number is compared as it is (an int beyond float64's range
+        # included) and returned untouched.
+        number: Any = value
+        ok = number == number and (not finite or abs(number) != math.inf)
+        if low is not None:
+            ok = ok and (number >= low if inclusive[0] else number > low)
+        if high is not None:
+            ok = ok and (number <= high if inclusive[1] else number < high)
+        if not ok:
             raise fail(fn, arg, expected, repr(value))
         return value
     return _check_values(fn, arg, value, bad, expected, _first_bad, checks)
@@ -335,7 +342,7 @@ def check_ids(
     Eager for concrete arrays (the message names the first offending id and its
     position); inside compiled code an `eqx.error_if` rides on a zero added to the
     ids, so that the ids keep their sharding (or the check is deferred to
-    `checks`, a [`Checks`][]). `upper_name` names the bound in the message
+    `checks`, a `Checks`). `upper_name` names the bound in the message
     (`"n_obs"`).
 
     **Returns:**
@@ -441,7 +448,7 @@ def check_probabilities(
 
     Entries must be non-negative and finite (with `log`, log-probabilities: no NaN,
     no `+inf`; `-inf` is a zero probability), and each distribution must sum to 1
-    within `tol` (default [`stochastic_tolerance`][] of the dtype).
+    within `tol` (default `stochastic_tolerance` of the dtype).
 
     **Arguments:**
 
@@ -454,7 +461,7 @@ def check_probabilities(
     - `tol`: the tolerance on the sums.
     - `where`: a boolean mask over the distributions (the shape of `p` without
         `axis`); unselected ones are not checked.
-    - `checks`: a [`Checks`][] to defer the run-time check to, inside compiled code.
+    - `checks`: a `Checks` to defer the run-time check to, inside compiled code.
 
     **Returns:**
 

@@ -21,6 +21,12 @@ class LinearGaussianSCM(eqx.Module):
 
     Build one with [`eqx_models.causal.sample_linear_gaussian_scm`][] or from your
     own arrays; sample it with [`eqx_models.causal.simulate`][].
+
+    **Raises:**
+
+    `ValueError` if the arrays do not have the shapes `(d, d)`, `(d, d)`, `(d,)`,
+    `(d,)`. [`eqx_models.causal.simulate`][] refuses a model whose graph has a
+    cycle.
     """
 
     adjacency: Bool[Array, "d d"]
@@ -156,9 +162,8 @@ def sample_linear_gaussian_scm(
     `adjacency` has a cycle (at once when concrete, by `eqx.error_if` under `jit`).
     """
     name = "sample_linear_gaussian_scm"
-    positive: dict[str, Any] = dict(low=0, inclusive=(False, True))
-    check_interval(name, "weight_range", weight_range, **positive)
-    check_interval(name, "noise_range", noise_range, **positive)
+    check_interval(name, "weight_range", weight_range, low=0, inclusive=(False, True))
+    check_interval(name, "noise_range", noise_range, low=0, inclusive=(False, True))
     check_interval(name, "bias_range", bias_range)
     if explained_variance is not None:
         check_interval(

@@ -79,9 +79,12 @@ class TaskConfig(eqx.Module):
         check_size(name, "max_parents", self.max_parents)
         check_in_range(name, "edges_per_node", self.edges_per_node, low=0)
         check_bool(name, "standardise", self.standardise)
-        positive: dict[str, Any] = dict(low=0, inclusive=(False, True))
-        check_interval(name, "weight_range", self.weight_range, **positive)
-        check_interval(name, "noise_range", self.noise_range, **positive)
+        check_interval(
+            name, "weight_range", self.weight_range, low=0, inclusive=(False, True)
+        )
+        check_interval(
+            name, "noise_range", self.noise_range, low=0, inclusive=(False, True)
+        )
         if self.explained_variance is not None:
             check_interval(
                 name,

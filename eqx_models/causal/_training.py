@@ -345,13 +345,16 @@ def surrogate_optimizer(
             f"surrogate_optimizer: `warmup_steps` must be in [0, n_steps), got "
             f"{warmup_steps} with n_steps={n_steps}."
         )
-    positive: dict[str, Any] = dict(low=0, inclusive=(False, True))
-    check_in_range(name, "peak_learning_rate", peak_learning_rate, **positive)
+    check_in_range(
+        name, "peak_learning_rate", peak_learning_rate, low=0, inclusive=(False, True)
+    )
     if end_learning_rate is None:
         end_learning_rate = 0.01 * peak_learning_rate
     check_in_range(name, "end_learning_rate", end_learning_rate, low=0)
     check_in_range(name, "weight_decay", weight_decay, low=0)
-    check_in_range(name, "clip_norm", clip_norm, finite=False, **positive)
+    check_in_range(
+        name, "clip_norm", clip_norm, finite=False, low=0, inclusive=(False, True)
+    )
     return optax.chain(
         optax.clip_by_global_norm(clip_norm),
         optax.scale_by_adam(),
@@ -424,6 +427,12 @@ class Curriculum(eqx.Module):
     - `start_buckets`, `end_buckets`: bucket weights (one per bucket).
     - `start_families`, `end_families`: weights over `GRAPH_FAMILIES`.
     - `ramp`: the fraction of the run over which the weights move.
+
+    **Raises:**
+
+    `ValueError` if the bucket weights differ in length, the family weights are not
+    one per family, a weight is negative, NaN or infinite, a set of weights sums to
+    0, or `ramp` is outside `[0, 1]`.
     """
 
     start_buckets: tuple[float, ...] = eqx.field(static=True)

@@ -4,7 +4,7 @@ import jax.random as jr
 from jax import lax
 from jaxtyping import Array, Int, PRNGKeyArray
 
-from transforms._validation import typechecked
+from transforms._validation import check_ids, Checks, typechecked
 
 from ._chain import safe_log
 from ._model import CHMM
@@ -44,8 +44,10 @@ def sample(
     fn = "sample"
     if a.shape[0] < 1:
         raise ValueError(f"{fn}: `a` is empty.")
-    actions = a[:-1]
-    bad_actions = jnp.any((actions < 0) | (actions >= model.n_actions))
+    checks = Checks()
+    actions = check_ids(
+        fn, "a[:-1]", a[:-1], model.n_actions, checks=checks, upper_name="n_actions"
+    )
     keys = jr.split(key, a.shape[0])
     first = jr.categorical(keys[0], safe_log(model.Pi)).astype(jnp.int32)
 
@@ -58,15 +60,9 @@ def sample(
     _, (rest, stuck) = lax.scan(step, first, (keys[1:], actions))
     states = jnp.concatenate([first[None], rest])
     symbol = jnp.asarray(model.state_symbol, jnp.int32)
-    # The checks guard the outputs, so they run whenever the results are used.
-    return eqx.branched_error_if(
-        (symbol[states], states),
-        bad_actions | jnp.any(stuck),
-        jnp.where(bad_actions, 0, 1),
-        [
-            f"{fn}: actions `a[:-1]` must lie in [0, n_actions) = [0, "
-            f"{model.n_actions}).",
-            f"{fn}: the path reached a state with no transition under the given "
-            "action (a row of zeros in T).",
-        ],
+    checks.add(
+        stuck,
+        f"{fn}: the path reached a state with no transition under the given action "
+        "(a row of zeros in T).",
     )
+    return checks.guard((symbol[states], states))

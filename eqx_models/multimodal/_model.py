@@ -582,6 +582,12 @@ def check_tokens(
     **Returns:**
 
     `tokens`.
+
+    **Raises:**
+
+    Equinox's `RuntimeError` (at run time inside `jit`, at once for concrete ids)
+    for the conditions above; `TypeError` (from the annotations) for non-integer
+    ids.
     """
     outside = jnp.any((tokens < 0) | (tokens >= layout.vocab_size))
     pad = tokens == PAD

@@ -73,15 +73,18 @@ class TrainConfig:
                 "TrainConfig: `warmup_steps` must be in [0, n_steps), got "
                 f"{self.warmup_steps} with n_steps={self.n_steps}."
             )
-        positive: dict[str, Any] = dict(low=0, inclusive=(False, True))
-        check_in_range(name, "learning_rate", self.learning_rate, **positive)
+        check_in_range(
+            name, "learning_rate", self.learning_rate, low=0, inclusive=(False, True)
+        )
         check_in_range(name, "min_lr_ratio", self.min_lr_ratio, low=0, high=1)
         check_in_range(name, "weight_decay", self.weight_decay, low=0)
         for arg in ("b1", "b2"):
             value = getattr(self, arg)
             check_in_range(name, arg, value, low=0, high=1, inclusive=(True, False))
         if self.clip_norm is not None:
-            check_in_range(name, "clip_norm", self.clip_norm, **positive)
+            check_in_range(
+                name, "clip_norm", self.clip_norm, low=0, inclusive=(False, True)
+            )
         check_size(name, "accumulation_steps", self.accumulation_steps)
         check_size(name, "eval_every", self.eval_every, minimum=0)
         check_size(name, "checkpoint_every", self.checkpoint_every, minimum=0)

@@ -54,6 +54,14 @@ class InferenceConfig(eqx.Module):
         norms) are below `tol`. With one window both modes are identical.
     - `first_step_weight_decay`: AdamW weight decay of the first-step inference
         ([`eqx_models.tidhy.infer_first_step`][]), 0.01 as PyTorch's default.
+
+    **Raises:**
+
+    `ValueError` for a value out of its range, NaN or infinite (a learning rate
+    that is not positive, a negative tolerance or penalty, a `momentum` outside
+    `[0, 1)`), a `max_iter` below 10 with the halving schedule, or an unknown
+    `batch_mode`; `TypeError` for a `max_iter` that is not an integer or a
+    `halve_lr_r` that is not a bool.
     """
 
     lr_r: float | None = eqx.field(default=None, static=True)

@@ -50,6 +50,13 @@ class TrainConfig(eqx.Module):
     - `first_step_inference`: infer `r_0` with the first-step inference in the
         training forward pass (the pre-2025 original); default `False`, `r_0 = 0`
         (the paper's version).
+
+    **Raises:**
+
+    `ValueError` for a negative weight or penalty, a learning rate or `clip_grad`
+    that is not positive, a `gamma` outside `(0, 1]`, or NaN or infinity anywhere
+    (`clip_grad` may be infinite); `TypeError`/`ValueError` for milestones that
+    are not positive integers or flags that are not bools.
     """
 
     cos_eta: float = eqx.field(default=5.0, static=True)

@@ -226,7 +226,7 @@ def test_bad_inputs():
         TorchCHMM([2, 1], 2, Pi=torch.ones(4) / 4)
     # A run-time check inside the bridged function: the library's message comes
     # first, not XLA's "INTERNAL: CpuCallback error" trace (on any backend).
-    with pytest.raises(RuntimeError, match="ids in \\[0, n_obs\\)") as error:
+    with pytest.raises(RuntimeError, match="integer ids in \\[0, n_obs\\)") as error:
         chmm(torch.tensor([0, 1, 5, 2, 0, 1]), a)
     assert "INTERNAL" not in str(error.value)
     assert error.value.__cause__ is None and error.value.__suppress_context__
