@@ -3,6 +3,7 @@ from collections.abc import Sequence
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, Int
 
@@ -30,7 +31,10 @@ from ._parallel import parallel_backward, parallel_forward, tree_log_likelihood
 from ._scan import backward_scan, forward_scan, scan_log_likelihood
 
 
-Sequences = Int[Array, " T"] | Int[Array, "batch T"] | Sequence[Int[Array, " _"]]
+# NumPy arrays too: the trainers below check their arguments before `jit` converts
+# them (so that the pseudocount can be an array, traced, not a static float).
+_Ids = Array | np.ndarray
+Sequences = Int[_Ids, " T"] | Int[_Ids, "batch T"] | Sequence[Int[_Ids, " _"]]
 
 
 class _Batch(eqx.Module):
@@ -138,9 +142,17 @@ def _counts(model: CHMM, batch: _Batch, method: str):
     return model.T * grad, lnl
 
 
-def _check_iterations(fn: str, n_iter: int, pseudocount: float) -> None:
+def _pseudocount(
+    fn: str, n_iter: int, pseudocount: float | Float[Array, ""], dtype
+) -> Float[Array, ""]:
+    """Check the iteration count and the pseudocount; the pseudocount as an array.
+
+    An array, not a static Python float, so that the compiled iterations are reused
+    for every value (a sweep over pseudocounts compiles once).
+    """
     check_size(fn, "n_iter", n_iter, minimum=0)
-    check_in_range(fn, "pseudocount", pseudocount, low=0)
+    pseudocount = check_in_range(fn, "pseudocount", pseudocount, low=0)
+    return jnp.asarray(pseudocount, dtype)
 
 
 @eqx.filter_jit
@@ -185,7 +197,6 @@ def expected_counts(
     return checks.guard(_counts(model, _as_batch(fn, model, x, a, checks), method))
 
 
-@eqx.filter_jit
 @typechecked
 def em(
     model: CHMM,
@@ -193,7 +204,7 @@ def em(
     a: Sequences,
     *,
     n_iter: int,
-    pseudocount: float = 0.0,
+    pseudocount: float | Float[Array, ""] = 0.0,
     method: str = "scan",
 ) -> tuple[CHMM, Float[Array, " n_iter_plus_1"]]:
     """Baum-Welch (soft EM) training of the transition tensor.
@@ -239,7 +250,13 @@ def em(
     """
     fn = "em"
     check_method(fn, method)
-    _check_iterations(fn, n_iter, pseudocount)
+    pseudocount = _pseudocount(fn, n_iter, pseudocount, model.T.dtype)
+    return _em(model, x, a, n_iter=n_iter, pseudocount=pseudocount, method=method)
+
+
+@eqx.filter_jit
+def _em(model, x, a, *, n_iter, pseudocount, method):
+    fn = "em"
     checks = Checks()
     batch = _as_batch(fn, model, x, a, checks)
 
@@ -262,7 +279,6 @@ def _viterbi_paths(model: CHMM, batch: _Batch):
     return _map(one, batch)
 
 
-@eqx.filter_jit
 @typechecked
 def viterbi_em(
     model: CHMM,
@@ -270,7 +286,7 @@ def viterbi_em(
     a: Sequences,
     *,
     n_iter: int,
-    pseudocount: float = 0.0,
+    pseudocount: float | Float[Array, ""] = 0.0,
 ) -> tuple[CHMM, Float[Array, " n_iter_plus_1"]]:
     """Hard (Viterbi) EM training of the transition tensor.
 
@@ -299,7 +315,13 @@ def viterbi_em(
     As for [`eqx_models.chmm.em`][].
     """
     fn = "viterbi_em"
-    _check_iterations(fn, n_iter, pseudocount)
+    pseudocount = _pseudocount(fn, n_iter, pseudocount, model.T.dtype)
+    return _viterbi_em(model, x, a, n_iter=n_iter, pseudocount=pseudocount)
+
+
+@eqx.filter_jit
+def _viterbi_em(model, x, a, *, n_iter, pseudocount):
+    fn = "viterbi_em"
     checks = Checks()
     batch = _as_batch(fn, model, x, a, checks)
     n_actions, n_states = model.n_actions, model.n_states
@@ -345,7 +367,6 @@ def _posteriors_over(model, batch, emissions, method):
     return gammas, pairwise_sum(lnls)
 
 
-@eqx.filter_jit
 @typechecked
 def learn_emissions(
     model: CHMM,
@@ -353,7 +374,7 @@ def learn_emissions(
     a: Sequences,
     *,
     n_iter: int,
-    pseudocount: float = 1e-20,
+    pseudocount: float | Float[Array, ""] = 1e-20,
     emissions: Float[Array, "n_states n_obs"] | None = None,
     method: str = "scan",
 ) -> tuple[Float[Array, "n_states n_obs"], Float[Array, " n_iter_plus_1"]]:
@@ -392,7 +413,21 @@ def learn_emissions(
     """
     fn = "learn_emissions"
     check_method(fn, method)
-    _check_iterations(fn, n_iter, pseudocount)
+    pseudocount = _pseudocount(fn, n_iter, pseudocount, model.T.dtype)
+    return _learn_emissions(
+        model,
+        x,
+        a,
+        n_iter=n_iter,
+        pseudocount=pseudocount,
+        emissions=emissions,
+        method=method,
+    )
+
+
+@eqx.filter_jit
+def _learn_emissions(model, x, a, *, n_iter, pseudocount, emissions, method):
+    fn = "learn_emissions"
     checks = Checks()
     batch = _as_batch(fn, model, x, a, checks)
     dtype = model.T.dtype

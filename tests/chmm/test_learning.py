@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 
 from eqx_models.chmm import (
+    _learning,
     CHMM,
     em,
     expected_counts,
@@ -305,3 +306,30 @@ def test_learning_compiles_once_per_shape(train):
         x = jnp.asarray(rng.integers(0, 3, (2, 5)))
         a = jnp.asarray(rng.integers(0, ACTIONS, (2, 5)))
         counted(model, x, a)
+
+
+@pytest.mark.parametrize("train", [em, viterbi_em, learn_emissions])
+def test_changing_the_pseudocount_does_not_recompile(train, monkeypatch):
+    # Each compiled learning loop builds one `Checks` when it is traced: count them.
+    traces = []
+
+    class Counted(_learning.Checks):
+        def __init__(self):
+            traces.append(None)
+            super().__init__()
+
+    monkeypatch.setattr(_learning, "Checks", Counted)
+    T, _, _, _ = case(BLOCKS)
+    model = as_model(BLOCKS, T, None, jnp.float32)
+    rng = np.random.default_rng(13)
+    # A length no other test uses, so that the first call compiles here.
+    x = jnp.asarray(rng.integers(0, 3, (1, 23)))
+    a = jnp.asarray(rng.integers(0, ACTIONS, (1, 23)))
+    results = [
+        train(model, x, a, n_iter=1, pseudocount=p)[0]
+        for p in (1e-3, 0.5, jnp.asarray(2.0))
+    ]
+    assert len(traces) == 1
+    # The value still reaches the update: different pseudocounts, different results.
+    first, last = (jax.tree.leaves(eqx.filter(r, eqx.is_array)) for r in results[::2])
+    assert any(not np.allclose(u, v) for u, v in zip(first, last))
