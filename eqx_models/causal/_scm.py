@@ -1,4 +1,3 @@
-from typing import Any
 
 import equinox as eqx
 import jax

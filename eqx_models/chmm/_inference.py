@@ -9,6 +9,7 @@ from transforms._validation import check_in_range, Checks, typechecked
 
 from .._misc import pairwise_sum
 from ._chain import (
+    Chain,
     check_inputs,
     check_method,
     make_chain,
@@ -17,12 +18,7 @@ from ._chain import (
 )
 from ._decode import viterbi_scan
 from ._model import CHMM
-from ._parallel import (
-    parallel_backward,
-    parallel_forward,
-    tree_log_likelihood,
-)
-from ._scan import backward_scan, forward_scan, scan_log_likelihood
+from ._passes import chain_forward, chain_log_likelihood, chain_smooth
 
 
 Observations = Int[Array, " T"] | Float[Array, "T n_obs"]
@@ -41,6 +37,18 @@ class Posteriors(NamedTuple):
     """`p(z[t] | x[:t+1], a)`, shape `(T, N)`."""
     smoothed: Float[Array, "T n_states"]
     """`p(z[t] | x, a)`, shape `(T, N)`."""
+
+
+def _checked_chain(
+    fn: str, model: CHMM, x, a, emissions, method: str | None = None
+) -> tuple[Chain, Checks]:
+    """The preamble of every public routine: check the arguments (the run-time
+    checks are collected in the returned `Checks`) and build the chain."""
+    if method is not None:
+        check_method(fn, method)
+    checks = Checks()
+    x, a, emissions = check_inputs(fn, model, x, a, emissions, checks=checks)
+    return make_chain(model, x, a, emissions), checks
 
 
 @eqx.filter_jit
@@ -99,13 +107,8 @@ def log_likelihood(
     ```
     """
     fn = "log_likelihood"
-    check_method(fn, method)
-    checks = Checks()
-    x, a, emissions = check_inputs(fn, model, x, a, emissions, checks=checks)
-    chain = make_chain(model, x, a, emissions)
-    if method == "scan":
-        return checks.guard(scan_log_likelihood(chain))
-    return checks.guard(tree_log_likelihood(chain))
+    chain, checks = _checked_chain(fn, model, x, a, emissions, method)
+    return checks.guard(chain_log_likelihood(chain, method))
 
 
 @eqx.filter_jit
@@ -137,12 +140,8 @@ def forward(
     As for [`eqx_models.chmm.log_likelihood`][].
     """
     fn = "forward"
-    check_method(fn, method)
-    checks = Checks()
-    x, a, emissions = check_inputs(fn, model, x, a, emissions, checks=checks)
-    chain = make_chain(model, x, a, emissions)
-    run = forward_scan if method == "scan" else parallel_forward
-    alphas, log_norms = run(chain)
+    chain, checks = _checked_chain(fn, model, x, a, emissions, method)
+    alphas, log_norms = chain_forward(chain, method)
     return checks.guard((log_norms, to_states(chain, alphas, model.n_states)))
 
 
@@ -175,16 +174,8 @@ def backward(
     As for [`eqx_models.chmm.log_likelihood`][].
     """
     fn = "backward"
-    check_method(fn, method)
-    checks = Checks()
-    x, a, emissions = check_inputs(fn, model, x, a, emissions, checks=checks)
-    chain = make_chain(model, x, a, emissions)
-    if method == "scan":
-        alphas, _ = forward_scan(chain)
-        us, _, _ = backward_scan(chain, alphas, accumulate=False)
-    else:
-        alphas, _ = parallel_forward(chain)
-        us, _ = parallel_backward(chain, alphas)
+    chain, checks = _checked_chain(fn, model, x, a, emissions, method)
+    _, _, us, _ = chain_smooth(chain, method)
     return checks.guard(to_states(chain, us, model.n_states))
 
 
@@ -225,16 +216,8 @@ def posteriors(
     ```
     """
     fn = "posteriors"
-    check_method(fn, method)
-    checks = Checks()
-    x, a, emissions = check_inputs(fn, model, x, a, emissions, checks=checks)
-    chain = make_chain(model, x, a, emissions)
-    if method == "scan":
-        alphas, log_norms = forward_scan(chain)
-        _, gammas, _ = backward_scan(chain, alphas, accumulate=False)
-    else:
-        alphas, log_norms = parallel_forward(chain)
-        _, gammas = parallel_backward(chain, alphas)
+    chain, checks = _checked_chain(fn, model, x, a, emissions, method)
+    alphas, log_norms, _, gammas = chain_smooth(chain, method)
     return checks.guard(
         Posteriors(
             log_likelihood=pairwise_sum(log_norms),
@@ -284,9 +267,7 @@ def viterbi(
     ```
     """
     fn = "viterbi"
-    checks = Checks()
-    x, a, emissions = check_inputs(fn, model, x, a, emissions, checks=checks)
-    chain = make_chain(model, x, a, emissions)
+    chain, checks = _checked_chain(fn, model, x, a, emissions)
     path, log_prob = viterbi_scan(chain)
     return checks.guard((slot_states(chain, path), log_prob))
 

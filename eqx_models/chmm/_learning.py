@@ -27,8 +27,7 @@ from ._chain import (
 )
 from ._decode import viterbi_scan
 from ._model import _normalise_rows, CHMM
-from ._parallel import parallel_backward, parallel_forward, tree_log_likelihood
-from ._scan import backward_scan, forward_scan, scan_log_likelihood
+from ._passes import chain_log_likelihood, chain_smooth
 
 
 # NumPy arrays too: the trainers below check their arguments before `jit` converts
@@ -127,10 +126,7 @@ def _total_log_likelihood(T, model: CHMM, batch: _Batch, method: str):
     model = eqx.tree_at(lambda m: m.T, model, T)
 
     def one(x, a, length):
-        chain = hard_chain(model, x, a, length)
-        if method == "scan":
-            return scan_log_likelihood(chain)
-        return tree_log_likelihood(chain)
+        return chain_log_likelihood(hard_chain(model, x, a, length), method)
 
     return pairwise_sum(_map(one, batch))
 
@@ -352,12 +348,7 @@ def _posteriors_over(model, batch, emissions, method):
 
     def one(x, a, length):
         chain = dense_chain(model, log_emissions.T[x], a, length)
-        if method == "scan":
-            alphas, log_norms = forward_scan(chain)
-            _, gammas, _ = backward_scan(chain, alphas, accumulate=False)
-        else:
-            alphas, log_norms = parallel_forward(chain)
-            _, gammas = parallel_backward(chain, alphas)
+        _, log_norms, _, gammas = chain_smooth(chain, method)
         if length is not None:
             in_use = jnp.arange(x.shape[0]) < length
             gammas = gammas * in_use[:, None]

@@ -2,7 +2,6 @@ import dataclasses
 import functools
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import equinox as eqx
 import jax
