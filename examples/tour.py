@@ -144,19 +144,19 @@ def main(argv=None) -> int:
         print("Plan (--list: nothing run)")
         for row in rows:
             print(line(*row))
-        return 0
-    if stream:
-        # The examples' own output came in between: the lines again, together.
-        print("\nSummary")
-        for row in rows:
-            print(line(*row[:4], row[4].split("\n")[0]))
-    ran = [r for r in rows if r[2] in ("ok", "FAILED")]
-    print(
-        f"{len(ran)} run, {len(failed)} failed, {len(rows) - len(ran)} not run, in "
-        f"{time.perf_counter() - t_start:.0f} s; figures"
-        + ("" if stream else ", summaries and logs")
-        + " in examples/out/"
-    )
+    else:
+        if stream:
+            # The examples' own output came in between: the lines again, together.
+            print("\nSummary")
+            for part, script, status, seconds, note in rows:
+                print(line(part, script, status, seconds, note.split("\n")[0]))
+        ran = sum(r[2] in ("ok", "FAILED") for r in rows)
+        print(
+            f"{ran} run, {len(failed)} failed, {len(rows) - ran} not run, in "
+            f"{time.perf_counter() - t_start:.0f} s; figures"
+            + ("" if stream else ", summaries and logs")
+            + " in examples/out/"
+        )
     if skipped:
         # Skipping is not failing: the tour runs what the installed extras allow.
         command = install_command(skipped)
