@@ -140,25 +140,45 @@ class Results:
     def note(self, text: str) -> None:
         self.notes.append(text)
 
-    def save(self, directory: str | None = None) -> str:
+    def save(
+        self,
+        directory: str | None = None,
+        *,
+        merge_key: Callable[[dict[str, Any]], Any] | None = None,
+    ) -> str:
+        """Write `<directory>/<name>-<platform>.json` (default `benchmarks/results/`).
+
+        Without `merge_key` the file is replaced. With it, this run is folded into
+        the file already there (a sweep added to a full run): a row of the file is
+        replaced by this run's row with the same `merge_key(row)`, the other rows,
+        the description, environment and notes are kept, and this run's rows and
+        new notes are appended.
+        """
         directory = directory or RESULTS_DIR
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(
             directory, f"{self.name}-{self.environment['platform']}.json"
         )
+        result = {
+            "benchmark": self.name,
+            "title": self.title,
+            "description": self.description,
+            "environment": self.environment,
+            "rows": self.rows,
+            "notes": self.notes,
+        }
+        if merge_key is not None and os.path.exists(path):
+            with open(path) as f:
+                old = json.load(f)
+            measured = {merge_key(row) for row in self.rows}
+            kept = [row for row in old["rows"] if merge_key(row) not in measured]
+            notes = old.get("notes", [])
+            result = {
+                **old,
+                "rows": kept + self.rows,
+                "notes": notes + [n for n in self.notes if n not in notes],
+            }
         with open(path, "w") as f:
-            json.dump(
-                {
-                    "benchmark": self.name,
-                    "title": self.title,
-                    "description": self.description,
-                    "environment": self.environment,
-                    "rows": self.rows,
-                    "notes": self.notes,
-                },
-                f,
-                indent=1,
-                default=str,
-            )
+            json.dump(result, f, indent=1, default=str)
         print(f"wrote {path}")
         return path

@@ -1,6 +1,7 @@
 """Cloned HMM inference and learning: every strategy, with dynamax as the peer.
 
-Usage: `python benchmarks/chmm.py [--size cpu|gpu]` (default: by the platform).
+Usage: `python benchmarks/chmm.py [--size cpu|gpu] [--sweep-lengths T [T ...]
+[--sweep-model large|medium]] [--results-dir DIR]` (size default: by the platform).
 
 Workloads (the issue's sizes; `--size cpu` shortens what would take minutes on a
 2-core machine and says so in each row):
@@ -17,6 +18,13 @@ sequence after another). The peer is dynamax's HMM filter / smoother with
 time-varying dense transition matrices (`T[a[t]]` for every step, materialised as
 `[T-1, N, N]` when that fits in the memory budget, else given as `transition_fn`);
 it runs when `import dynamax` works and is recorded as not installed otherwise.
+
+With `--sweep-lengths 1000 10000 100000`, the script measures only the log-likelihood
+of one sequence of each length T on one model (`--sweep-model`, default the large
+one) with the scan, the parallel strategy and the dynamax peer (workload
+`length sweep/forward`), and merges those rows into the existing result file (rows of
+a length measured again are replaced, the rest kept), so run the full benchmark
+first.
 """
 
 import argparse
@@ -156,6 +164,22 @@ def main(argv=None):
     parser.add_argument(
         "--workloads", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS)
     )
+    parser.add_argument(
+        "--sweep-lengths",
+        type=int,
+        nargs="+",
+        metavar="T",
+        help="only the log-likelihood at these lengths, merged into the file",
+    )
+    parser.add_argument(
+        "--sweep-model",
+        choices=[name for name, cfg in WORKLOADS.items() if cfg["batch"] is None],
+        default="large",
+        help="the model of the sweep over T (default: large)",
+    )
+    parser.add_argument(
+        "--results-dir", default=None, help="where to write (default: results/)"
+    )
     args = parser.parse_args(argv)
     platform = jax.devices()[0].platform
     size = args.size or ("cpu" if platform == "cpu" else "gpu")
@@ -170,6 +194,10 @@ def main(argv=None):
         "medium model, 64 sequences of 1 000. `em_iteration` is the E-step "
         "(`expected_counts`) plus the M-step.",
     )
+    if args.sweep_lengths:
+        length_sweep(results, args.sweep_model, args.sweep_lengths, size)
+        results.save(args.results_dir, merge_key=_sweep_key)
+        return
     on_h200 = "H200" in results.environment["device"]
     peer_note = None
     key = jr.key(0)
@@ -235,7 +263,52 @@ def main(argv=None):
                 us_per_step=1e6 * timing["median_s"] / n_steps,
             )
     _notes(results, size, peer_note)
-    results.save()
+    results.save(args.results_dir)
+
+
+def _sweep_key(row):
+    """What identifies a row when a sweep is merged into a result file."""
+    return tuple(row.get(k) for k in ("workload", "impl", "N", "T", "sequences"))
+
+
+def length_sweep(results, name, lengths, size):
+    """Log-likelihood of one sequence of each length in `lengths` under the model of
+    workload `name`: the scan, the parallel strategy and the dynamax peer."""
+    cfg = WORKLOADS[name]
+    key = jr.key(0)
+    hows = set()
+    for length in sorted(set(lengths)):
+        model, x, a, n_states = make_data(cfg, length, key)
+        row = dict(workload="length sweep/forward", N=n_states, T=length, sequences=1)
+        for method in ("scan", "parallel"):
+            timing = timed(ours("forward", method, "single"), model, x, a)
+            flops, traffic = flops_bytes("forward", method, cfg["clones"], length)
+            results.add(
+                **row,
+                impl=f"eqx_models {method}",
+                **timing,
+                us_per_step=1e6 * timing["median_s"] / length,
+                gflop_per_s=flops / timing["median_s"] / 1e9,
+                gbyte_per_s=traffic / timing["median_s"] / 1e9,
+            )
+        functions, how = dynamax_functions(MEMORY_BUDGET[size], n_states, length)
+        hows.add(how)
+        if functions is None:
+            continue
+        timing = timed(jax.jit(functions["forward"]), model, x, a)
+        results.add(
+            **row,
+            impl=f"dynamax ({how})",
+            **timing,
+            us_per_step=1e6 * timing["median_s"] / length,
+        )
+    env = results.environment
+    results.note(
+        f"Sweep over T (T = {', '.join(map(str, sorted(set(lengths))))}) with the "
+        f"{name} model (N = {cfg['n_obs'] * cfg['clones']}), one sequence, "
+        f"log-likelihood only; dynamax: {', '.join(sorted(hows))}. Measured "
+        f"{env['date']} on {env['device']}, jax {env['versions'].get('jax')}."
+    )
 
 
 def _notes(results, size, peer_note):

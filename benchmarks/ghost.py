@@ -1,6 +1,7 @@
 """Ghost engines on a GPT: attribution and per-sample norms against a plain step.
 
-Usage: `python benchmarks/ghost.py [--size tiny|gpt2] [--no-torch]`. The default size
+Usage: `python benchmarks/ghost.py [--size tiny|gpt2] [--no-torch]
+[--sweep-batch B [B ...]] [--results-dir DIR]`. The default size
 is `gpt2` on a GPU (GPT-2 small: 124M parameters with the head tied to the token
 embedding, d 768, 12 layers, 12 heads, T = 1024, batch 16, bfloat16 compute with float32
 master weights) and `tiny` on the CPU (float32). Rows, all on the same model and
@@ -16,6 +17,13 @@ device, in one process:
   with `method="jvp"`);
 - (e) per-sample gradient norms by `torch.func` (`vmap(grad)`) on the same model in
   PyTorch (CUDA when available), weights copied from the JAX model.
+
+With `--sweep-batch 1 4 16`, the script measures only a batch-size sweep on the same
+model: the plain step (a), ghost per-sample norms (c) and `vmap(grad)` norms (d) at each
+batch size given (workloads `batch sweep/...`), and merges those rows into the
+existing result file (rows of a batch size measured again are replaced, the rest
+kept), so run the full benchmark first. A batch size that does not fit in memory is
+recorded as a failure, and larger ones are not tried for that implementation.
 
 Memory for the JAX rows is the compiled executable's footprint from XLA's memory
 analysis (arguments + outputs + temporaries − aliased), for the torch row the
@@ -162,6 +170,16 @@ def main(argv=None):
     parser.add_argument(
         "--jvp", action="store_true", help="also time the jvp attribution step"
     )
+    parser.add_argument(
+        "--sweep-batch",
+        type=int,
+        nargs="+",
+        metavar="B",
+        help="only the batch-size sweep at these batch sizes, merged into the file",
+    )
+    parser.add_argument(
+        "--results-dir", default=None, help="where to write (default: results/)"
+    )
     args = parser.parse_args(argv)
     platform = jax.devices()[0].platform
     size = args.size or ("tiny" if platform == "cpu" else "gpt2")
@@ -224,6 +242,22 @@ def main(argv=None):
 
     def add(label, workload, row):
         return results.add(workload=workload, impl=label, sizes=sizes, **row)
+
+    if args.sweep_batch:
+        # The optimiser state is an argument, not a closure: a closed-over array
+        # would be compiled in as a constant.
+        candidates = {
+            "plain step": ("train step", plain_step, (params, opt_state)),
+            "per-sample norms, ghost": ("per-sample norms", norms("ghost"), (params,)),
+            "per-sample norms, vmap(grad)": (
+                "per-sample norms",
+                norms("vmap"),
+                (params,),
+            ),
+        }
+        batch_sweep(results, candidates, cfg, sizes, args.sweep_batch, repeats)
+        results.save(args.results_dir, merge_key=_sweep_key)
+        return
 
     rows = {}
     rows["a"] = add(
@@ -301,7 +335,57 @@ def main(argv=None):
             f"{ratio(e, rows['c'], 'peak_bytes')} (torch memory: allocator peak)."
         )
     results.note(f"size {size} on {platform}; {n_params / 1e6:.1f}M parameters.")
-    results.save()
+    results.save(args.results_dir)
+
+
+def _out_of_memory(error: Exception) -> bool:
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def _sweep_key(row):
+    """What identifies a row when a sweep is merged into a result file."""
+    return row.get("workload"), row.get("impl"), row.get("sizes", {}).get("batch")
+
+
+def batch_sweep(results, candidates, cfg, sizes, batches, repeats):
+    """Time and footprint of each candidate at each batch size, on fresh tokens.
+
+    `candidates` maps an implementation's name to `(workload, fn, args)`, measured as
+    `fn(*args, batch)` with the batch `(tokens,)` of `B` sequences.
+    """
+    failed = {}
+    for B in sorted(set(batches)):
+        tokens = jr.randint(jr.key(2), (B, cfg["length"] + 1), 0, cfg["vocab"])
+        for impl, (workload, fn, args) in candidates.items():
+            if impl in failed:
+                continue
+            row = dict(
+                workload=f"batch sweep/{workload}",
+                impl=impl,
+                sizes=dict(sizes, batch=B),
+            )
+            try:
+                row.update(measure(fn, *args, (tokens,), repeats=repeats))
+            except RuntimeError as error:  # XLA's out-of-memory error is one
+                if not _out_of_memory(error):
+                    raise
+                failed[impl] = B
+                row["error"] = str(error).splitlines()[0][:200]
+            results.add(**row)
+    env = results.environment
+    note = (
+        f"Batch-size sweep (B = {', '.join(map(str, sorted(set(batches))))}; T = "
+        f"{cfg['length']}, {sizes['params'] / 1e6:.1f}M parameters, "
+        f"{sizes['compute']} compute): measured {env['date']} on {env['device']}, "
+        f"jax {env['versions'].get('jax')}."
+    )
+    if failed:
+        note += " Out of memory, larger batches not tried: " + ", ".join(
+            f"{impl} at B = {B}" for impl, B in failed.items()
+        )
+        note += "."
+    results.note(note)
 
 
 def _torch_row(results, model, cfg, compute, sizes, tokens, loss_fn, repeats):

@@ -44,6 +44,10 @@ IDENTITY = frozenset(
     {"workload", "impl", "target", "size", "d", "N", "T", "sequences", "batch", "seq"}
 )
 
+# Workloads that sweep one size (written by `ghost.py --sweep-batch` and `chmm.py
+# --sweep-lengths`): drawn in the plots and listed in the details, not summarised.
+SWEEPS = ("batch sweep/", "length sweep/")
+
 ORDER = [
     "multimodal",
     "ghost",
@@ -334,9 +338,9 @@ def _build(rows: list[dict], *, hoist: bool = True) -> Table:
             if len(values) == 1:
                 constant.append(k)
     keys = [k for k in keys if k not in constant]
-    if "workload" in keys and all("/" in str(r.get("workload", "")) for r in rows):
+    if "workload" in keys and len({_kind(r) for r in rows}) == 1:
         # `large/forward` in a table of `large` rows: the prefix is the caption's.
-        rows = [{**r, "workload": str(r["workload"]).split("/", 1)[1]} for r in rows]
+        rows = [{**r, "workload": str(r["workload"]).split("/", 1)[-1]} for r in rows]
     columns, cells = [], [[] for _ in rows]
     for k in keys:
         header, write = _column(quantity(k), [r.get(k) for r in rows])
@@ -500,8 +504,12 @@ def _failed(row: dict) -> str:
     return f"failed: {first}"
 
 
+def _is_sweep(row: dict) -> bool:
+    return str(row.get("workload", "")).startswith(SWEEPS)
+
+
 def _summary_chmm(result: dict) -> list[Comparison]:
-    rows, out = result["rows"], []
+    rows, out = [r for r in result["rows"] if not _is_sweep(r)], []
     gpu = result["environment"]["platform"] != "cpu"
     # Targets of the issue that commissioned the benchmark (also in the notes).
     targets = (
@@ -570,7 +578,7 @@ def _ghost_size(row: dict) -> str:
 
 
 def _summary_ghost(result: dict) -> list[Comparison]:
-    by = {r["impl"]: r for r in result["rows"]}
+    by = {r["impl"]: r for r in result["rows"] if not _is_sweep(r)}
     device = _device(result)
     plain, plain_2b = by.get("(a) plain step, B"), by.get("(a) plain step, 2B")
     norms = by.get("(c) per-sample norms, ghost")
@@ -937,8 +945,10 @@ def _save(fig, path: str) -> None:
 def plot_ghost(groups, img_dir: str) -> Plot | None:
     """Per-sample norms: time and peak memory relative to a plain training step."""
     points = []
+    swept = False
     for result in _results_of(groups, "ghost"):
-        by = {r["impl"]: r for r in result["rows"]}
+        swept |= any(_is_sweep(r) for r in result["rows"])
+        by = {r["impl"]: r for r in result["rows"] if not _is_sweep(r)}
         plain = by.get("(a) plain step, B")
         if plain is None or "median_s" not in plain:
             continue
@@ -1029,11 +1039,103 @@ def plot_ghost(groups, img_dir: str) -> Plot | None:
         "and the absolute figure, ↑ marks a bar cut at 2×. torch.func's memory is not "
         "measured on the CPU. "
     )
-    if len(points) == len(devices):
+    if swept:
+        caption += "The next figure sweeps the batch size."
+    elif len(points) == len(devices):
         caption += (
             "No batch-size sweep has been measured yet: the groups are the sizes in "
             "the result files, one batch size per device."
         )
+    return Plot(path, caption)
+
+
+def plot_ghost_sweep(groups, img_dir: str) -> Plot | None:
+    """Per-sample norms and a plain step: time and memory against the batch size."""
+    results = [
+        r
+        for r in _results_of(groups, "ghost")
+        if any(row["workload"].startswith("batch sweep/") for row in r["rows"])
+    ]
+    if not results:
+        return None
+    results.sort(key=lambda r: r["environment"]["platform"] == "cpu")
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    styles = {
+        "plain step": (COLOURS["plain"], "s", "plain training step"),
+        "per-sample norms, ghost": (COLOURS["eqx"], "o", "ghost norms"),
+        "per-sample norms, vmap(grad)": (COLOURS["eqx2"], "^", "vmap(grad) norms"),
+    }
+    dashes = ["-", "--", ":"]
+    batches, failed, sizes = set(), [], {}
+    for result, ls in zip(results, dashes):
+        device = _device(result)
+        for impl, (colour, marker, name) in styles.items():
+            rows = [
+                r
+                for r in result["rows"]
+                if r["workload"].startswith("batch sweep/") and r["impl"] == impl
+            ]
+            points = {}
+            for row in rows:
+                batch = row["sizes"]["batch"]
+                sizes.setdefault(device, row["sizes"])
+                if "error" in row:
+                    failed.append(f"{name} at B = {batch} on {device}")
+                    continue
+                points[batch] = row
+            if not points:
+                continue
+            bs = sorted(points)
+            batches |= set(bs)
+            for ax, key, scale in (
+                (axes[0], "median_s", 1e3),
+                (axes[1], "peak_bytes", 1e-9),
+            ):
+                xs = [b for b in bs if points[b].get(key)]
+                if xs:
+                    ys = [points[b][key] * scale for b in xs]
+                    ax.plot(xs, ys, color=colour, marker=marker, ls=ls, ms=6)
+    for ax, ylabel, title in (
+        (axes[0], "time per call (ms, log scale)", "time"),
+        (axes[1], "peak memory (GB, log scale)", "peak memory"),
+    ):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(sorted(batches), [str(b) for b in sorted(batches)])
+        ax.minorticks_off()
+        ax.set_xlabel("batch size B (sequences)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"Per-sample gradient norms against batch size: {title}")
+        ax.grid(True, which="major", alpha=0.3)
+    handles = [
+        Line2D([], [], color=c, marker=m, label=name) for c, m, name in styles.values()
+    ]
+    if len(results) > 1:
+        handles += [
+            Line2D([], [], color="black", ls=ls, label=_device(r))
+            for r, ls in zip(results, dashes)
+        ]
+    axes[0].legend(handles=handles, fontsize=8, loc="upper left")
+    fig.tight_layout()
+    path = os.path.join(img_dir, "ghost_norms_vs_batch.png")
+    _save(fig, path)
+    described = "; ".join(
+        f"{device}: T = {s.get('length')}"
+        + (f", {_digits(s['params'] / 1e6)} M params" if s.get("params") else "")
+        + (f", {s['compute']} compute" if s.get("compute") else "")
+        for device, s in sizes.items()
+    )
+    caption = (
+        "Per-sample gradient norms of the same GPT by the ghost path and by "
+        "vmap(grad), and a plain training step on the same batch, against the batch "
+        f"size ({described}); time per call and the compiled executable's memory "
+        "footprint, both on log scales."
+    )
+    if failed:
+        caption += " Out of memory: " + ", ".join(failed) + "."
     return Plot(path, caption)
 
 
@@ -1055,9 +1157,11 @@ def plot_chmm(groups, img_dir: str) -> Plot | None:
         "dynamax (dense HMM)": COLOURS["peer"],
     }
     marker_of: dict[int, str] = {}
-    sweep = False
+    unswept = []
     for ax, result in zip(axes[0], results):
-        series: dict[tuple[str, int], list[tuple[int, float]]] = {}
+        # (implementation, N) -> {T: time}: a sweep's row replaces a workload's row
+        # at the same T (it comes later in the file).
+        series: dict[tuple[str, int], dict[int, float]] = {}
         for row in result["rows"]:
             if not row["workload"].endswith("/forward") or row.get("sequences") != 1:
                 continue
@@ -1068,11 +1172,12 @@ def plot_chmm(groups, img_dir: str) -> Plot | None:
                 name = impl.removeprefix("eqx_models ")
             else:
                 continue
-            series.setdefault((name, row["N"]), []).append((row["T"], row["median_s"]))
+            series.setdefault((name, row["N"]), {})[row["T"]] = row["median_s"]
         lengths = set()
-        for (name, n), points in sorted(series.items()):
-            points.sort()
-            sweep |= len(points) > 1
+        if all(len(points) == 1 for points in series.values()):
+            unswept.append(_device(result))
+        for (name, n), by_length in sorted(series.items()):
+            points = sorted(by_length.items())
             marker = marker_of.setdefault(n, "os^dv"[len(marker_of) % 5])
             ts, times = zip(*points)
             lengths |= set(ts)
@@ -1104,10 +1209,12 @@ def plot_chmm(groups, img_dir: str) -> Plot | None:
             )
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xticks(sorted(lengths), [_digits(t) for t in sorted(lengths)])
+        # `50k` rather than `50 000`: neighbours of a sweep sit close on a log axis.
+        ticks = sorted(lengths)
+        ax.set_xticks(ticks, [f"{t / 1000:g}k" if t >= 1000 else str(t) for t in ticks])
         ax.minorticks_off()
         ax.set_xlim(min(lengths) / 1.6, max(lengths) * 1.9)
-        ax.set_xlabel("sequence length T (steps)")
+        ax.set_xlabel("sequence length T (steps; k = 1000)")
         ax.set_ylabel("log-likelihood (forward pass) time (ms)")
         ax.set_title(f"Cloned HMM forward pass on {_device(result)}")
         ax.grid(True, which="major", alpha=0.3)
@@ -1128,12 +1235,17 @@ def plot_chmm(groups, img_dir: str) -> Plot | None:
         "equivalent dense chain (one sequence; colour: implementation, marker shape: "
         "number of hidden states N). "
     )
-    if not sweep:
+    if len(unswept) == len(results):
         caption += (
             "No sweep over T at a fixed model has been measured yet: the points are "
             "the workloads in the result files, which differ in N as well as in T "
             "(on the CPU the parallel strategy and dynamax ran the large model at "
             "T = 5 000 only)."
+        )
+    elif unswept:
+        caption += (
+            f"No sweep over T has been measured on {' or '.join(unswept)}: its points "
+            "are the workloads of its result file, which differ in N as well as in T."
         )
     return Plot(path, caption)
 
@@ -1297,12 +1409,14 @@ def plot_tidhy(groups, img_dir: str) -> Plot | None:
     return Plot(path, caption)
 
 
-PLOTS: dict[str, Callable[[dict, str], Plot | None]] = {
-    "ghost": plot_ghost,
-    "chmm": plot_chmm,
-    "multimodal": plot_lm,
-    "tidhy": plot_tidhy,
-}
+# (benchmark, plot): each plot goes to the section of its benchmark, in this order.
+PLOTS: list[tuple[str, Callable[[dict, str], Plot | None]]] = [
+    ("ghost", plot_ghost),
+    ("ghost", plot_ghost_sweep),
+    ("chmm", plot_chmm),
+    ("multimodal", plot_lm),
+    ("tidhy", plot_tidhy),
+]
 
 
 # ---------------------------------------------------------------------------------
@@ -1392,7 +1506,7 @@ def render(
     groups = load(results_dir)
     os.makedirs(img_dir, exist_ok=True)
     plots: dict[str, list[Plot]] = {}
-    for benchmark, draw in PLOTS.items():
+    for benchmark, draw in PLOTS:
         plot = draw(groups, img_dir)
         if plot is None:
             continue

@@ -135,7 +135,6 @@ def main(argv=None):
         optimizer=surrogate_optimizer(n_steps, peak_learning_rate=2e-3),
         eval_fn=lambda m: {"kl": evaluate_surrogate(m, sink)["kl"]},
         eval_every=eval_every,
-        progress=not args.smoke,
     )
     train_s = time.perf_counter() - t0
     model = result.model

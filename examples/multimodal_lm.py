@@ -89,7 +89,6 @@ def main(argv=None):
         config,
         key=jr.key(3),
         eval_batches=held_out,
-        progress=not args.smoke,
     )
     history = result.history
     evals = [r for r in history if "eval_loss" in r]

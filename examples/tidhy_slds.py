@@ -107,7 +107,6 @@ def main(argv=None):
         train=train_config,
         batch_size=cfg["batch"],
         key=jr.key(1),
-        progress=not args.smoke,
     )
     train_time = time.perf_counter() - t0
     model = result.model

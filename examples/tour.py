@@ -1,10 +1,15 @@
-"""Run every part's example and print a summary table.
+"""Run every part's example and print one line per example.
 
 Usage: `python examples/tour.py [--smoke] [--list]`. Each example runs in its own
 process on the CPU (or whatever JAX finds), writes its figures to `examples/out/` and a
 summary that this script collects. `--smoke` passes `--smoke` on (a run of seconds
-each). An example whose optional extras are not installed is skipped, and the table
+each). An example whose optional extras are not installed is skipped, and its line
 names the command that installs them; `--list` prints that plan and runs nothing.
+
+Each example ends with one line: part, script, status, seconds and its headline
+numbers. On a terminal the examples' own output (progress bars included) shows as it
+runs; otherwise (a log file, a pipe, CI) it goes to `examples/out/<script>.log` and
+only the tour's lines are printed, with the end of the log of an example that fails.
 """
 
 import argparse
@@ -54,6 +59,48 @@ def install_command(extras: list[str]) -> str:
     return f'pip install -e ".[{",".join(extras)}]"'
 
 
+def headline(summary: dict, n: int = 3) -> str:
+    """The first `n` entries of an example's summary, as `key=value; ...`."""
+    return "; ".join(f"{k}={v}" for k, v in list(summary.items())[:n])
+
+
+def tail(path: str, n: int = 20) -> str:
+    """The last `n` lines of the file at `path`, indented."""
+    with open(path, errors="replace") as f:
+        lines = f.read().splitlines()[-n:]
+    return "\n".join("    " + line for line in lines)
+
+
+def run_example(script: str, smoke: bool, stream: bool) -> tuple[str, float, str]:
+    """Run one example; return its status, wall-clock seconds and note.
+
+    With `stream` the example writes to this process's terminal; otherwise to
+    `examples/out/<script>.log`, whose tail the note holds if the example fails.
+    """
+    command = [sys.executable, os.path.join(HERE, script)]
+    command += ["--smoke"] if smoke else []
+    t0 = time.perf_counter()
+    if stream:
+        returncode = subprocess.run(command).returncode
+        log = None
+    else:
+        os.makedirs(os.path.join(HERE, "out"), exist_ok=True)
+        log = os.path.join(HERE, "out", script[:-3] + ".log")
+        with open(log, "w") as f:
+            returncode = subprocess.run(
+                command, stdout=f, stderr=subprocess.STDOUT
+            ).returncode
+    elapsed = time.perf_counter() - t0
+    if returncode != 0:
+        note = f"exit {returncode}"
+        if log is not None:
+            note += f", log {os.path.relpath(log)}; its end:\n{tail(log)}"
+        return "FAILED", elapsed, note
+    summary_path = os.path.join(HERE, "out", script[:-3] + ".summary.json")
+    with open(summary_path) as f:
+        return "ok", elapsed, headline(json.load(f))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="fast runs (seconds)")
@@ -63,52 +110,57 @@ def main(argv=None) -> int:
         help="say what would run or be skipped; run nothing",
     )
     args = parser.parse_args(argv)
+    # Widths fixed up front, so that lines printed as the examples finish line up.
+    widths = [max(len(e[i]) for e in EXAMPLES) for i in (0, 1)] + [9, 8]
+    stream = sys.stdout.isatty()
+
+    def line(part, script, status, seconds, note):
+        cells = [part, script, status, seconds]
+        text = "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
+        return (text + "  " + note).rstrip()
+
     rows, failed, skipped = [], [], []
+    t_start = time.perf_counter()
     for part, script, extras in EXAMPLES:
-        path = os.path.join(HERE, script)
-        if not os.path.exists(path):
-            rows.append((part, script, "missing", "", "not written yet"))
-            continue
-        missing = missing_extras(extras)
-        if missing:
+        if not os.path.exists(os.path.join(HERE, script)):
+            row = (part, script, "missing", "", "not written yet")
+        elif missing := missing_extras(extras):
             skipped += [e for e in missing if e not in skipped]
             note = f"needs {' and '.join(missing)}: {install_command(missing)}"
-            rows.append((part, script, "SKIPPED", "", note))
-            continue
-        if args.list:
-            rows.append((part, script, "would run", "", ""))
-            continue
-        print(f"== {part}: {script}", flush=True)
-        t0 = time.perf_counter()
-        command = [sys.executable, path] + (["--smoke"] if args.smoke else [])
-        result = subprocess.run(command)
-        elapsed = f"{time.perf_counter() - t0:.1f} s"
-        if result.returncode != 0:
-            failed.append(script)
-            rows.append((part, script, "FAILED", elapsed, f"exit {result.returncode}"))
-            continue
-        summary_path = os.path.join(HERE, "out", script[:-3] + ".summary.json")
-        with open(summary_path) as f:
-            summary = json.load(f)
-        headline = "; ".join(f"{k}={v}" for k, v in list(summary.items())[:4])
-        rows.append((part, script, "ok", elapsed, headline))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
-    print(
-        "\nPlan (--list: nothing run)"
-        if args.list
-        else "\nSummary (figures in examples/out/)"
-    )
-    for row in rows:
-        cells = [str(c).ljust(w) for c, w in zip(row[:4], widths)]
-        print("  " + "  ".join(cells) + "  " + row[4])
-    unwritten = [r[1] for r in rows if r[2] == "missing"]
-    if unwritten:
-        print(f"\nNot written yet: {', '.join(unwritten)}")
+            row = (part, script, "SKIPPED", "", note)
+        elif args.list:
+            row = (part, script, "would run", "", "")
+        else:
+            if stream:
+                print(f"== {part}: {script}", flush=True)
+            status, elapsed, note = run_example(script, args.smoke, stream)
+            if status == "FAILED":
+                failed.append(script)
+            row = (part, script, status, f"{elapsed:6.1f} s", note)
+        rows.append(row)
+        if not args.list:
+            print(line(*row), flush=True)
+    if args.list:
+        print("Plan (--list: nothing run)")
+        for row in rows:
+            print(line(*row))
+    else:
+        if stream:
+            # The examples' own output came in between: the lines again, together.
+            print("\nSummary")
+            for part, script, status, seconds, note in rows:
+                print(line(part, script, status, seconds, note.split("\n")[0]))
+        ran = sum(r[2] in ("ok", "FAILED") for r in rows)
+        print(
+            f"{ran} run, {len(failed)} failed, {len(rows) - ran} not run, in "
+            f"{time.perf_counter() - t_start:.0f} s; figures"
+            + ("" if stream else ", summaries and logs")
+            + " in examples/out/"
+        )
     if skipped:
         # Skipping is not failing: the tour runs what the installed extras allow.
-        print(
-            f"\nSkipped (extras not installed); to run them: {install_command(skipped)}"
-        )
+        command = install_command(skipped)
+        print(f"Skipped (extras not installed); to run them: {command}")
         for extra in skipped:
             if EXTRAS[extra][1]:
                 print(f"  ({extra}: {EXTRAS[extra][1]})")

@@ -66,7 +66,6 @@ def main(argv=None):
         key=jr.key(3),
         eval_fn=evaluate,
         eval_every=max(n_steps // 20, 1),
-        progress=not args.smoke,
     )
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -65,6 +65,48 @@ def _chmm_row(workload, impl, median, T=1000, **extra):
     }
 
 
+def _ghost_sweep_row(workload, impl, batch, median=None, peak=None, error=None):
+    row = {
+        "workload": f"batch sweep/{workload}",
+        "impl": impl,
+        "sizes": {"batch": batch, "length": 64, "params": 1_000_000},
+    }
+    if error is not None:
+        return {**row, "error": error}
+    return {**row, "compile_s": 2.0, "peak_bytes": peak, **_timing(median)}
+
+
+# Rows of `ghost.py --sweep-batch` and `chmm.py --sweep-lengths`, merged into the GPU
+# files after the full runs' rows; `_without_sweeps` takes them out again.
+GHOST_SWEEP = [
+    row
+    for batch in (1, 2, 4)
+    for row in (
+        _ghost_sweep_row("train step", "plain step", batch, 0.01 * batch, 1e8 * batch),
+        _ghost_sweep_row(
+            "per-sample norms", "per-sample norms, ghost", batch, 0.012 * batch, 9e7
+        ),
+    )
+] + [
+    _ghost_sweep_row("per-sample norms", "per-sample norms, vmap(grad)", 1, 0.02, 2e8),
+    _ghost_sweep_row("per-sample norms", "per-sample norms, vmap(grad)", 2, 0.04, 4e8),
+    _ghost_sweep_row(
+        "per-sample norms",
+        "per-sample norms, vmap(grad)",
+        4,
+        error="RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GB.",
+    ),
+]
+CHMM_SWEEP = [
+    {**_chmm_row("length sweep/forward", impl, scale * T, T=T), "N": 280}
+    for T in (1000, 10_000, 100_000)
+    for impl, scale in (
+        ("eqx_models scan", 2e-6),
+        ("eqx_models parallel", 5e-8),
+        ("dynamax (transition_fn)", 8e-6),
+    )
+]
+
 FILES = {
     "chmm-gpu.json": _result(
         "chmm",
@@ -74,6 +116,7 @@ FILES = {
             _chmm_row("large/forward", "eqx_models scan", 0.02, gflop_per_s=3.5),
             _chmm_row("large/forward", "eqx_models parallel", 0.005),
             _chmm_row("large/forward", "dynamax (dense)", 0.4),
+            *CHMM_SWEEP,
         ],
     ),
     "chmm-cpu.json": _result(
@@ -189,6 +232,7 @@ FILES = {
                 "impl": "(e) torch.func",
                 "error": "CUDA out of memory. Tried to allocate 2 GiB.",
             },
+            *GHOST_SWEEP,
         ],
     ),
     "tidhy-gpu.json": _result(
@@ -215,17 +259,33 @@ FILES = {
 }
 
 
-@pytest.fixture(scope="module")
-def page(render, tmp_path_factory):
-    root = tmp_path_factory.mktemp("render")
+def _render(render, root, files):
     results = root / "results"
     results.mkdir()
-    for name, result in FILES.items():
+    for name, result in files.items():
         (results / name).write_text(json.dumps(result))
     out = root / "docs" / "benchmarks.md"
     out.parent.mkdir()
     render.render(str(results), str(out), str(root / "docs" / "img" / "benchmarks"))
     return out
+
+
+def _without_sweeps(files):
+    sweeps = GHOST_SWEEP + CHMM_SWEEP
+    return {
+        name: {**r, "rows": [row for row in r["rows"] if row not in sweeps]}
+        for name, r in files.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def page(render, tmp_path_factory):
+    return _render(render, tmp_path_factory.mktemp("render"), FILES)
+
+
+@pytest.fixture(scope="module")
+def page_without_sweeps(render, tmp_path_factory):
+    return _render(render, tmp_path_factory.mktemp("render"), _without_sweeps(FILES))
 
 
 def _tables(text: str) -> list[list[list[str]]]:
@@ -302,15 +362,46 @@ def test_one_section_per_title(page):
     assert set(headings) == {r["title"] for r in FILES.values()}
 
 
-def test_plots_are_written_and_linked(page):
-    text = page.read_text()
-    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    expected = {"ghost_norms", "chmm_time_vs_length", "lm_tokens_per_s", "tidhy_epoch"}
+PLOTS = {"ghost_norms", "chmm_time_vs_length", "lm_tokens_per_s", "tidhy_epoch"}
+
+
+@pytest.mark.parametrize(
+    "which, expected",
+    [("page", PLOTS | {"ghost_norms_vs_batch"}), ("page_without_sweeps", PLOTS)],
+)
+def test_plots_are_written_and_linked(request, which, expected):
+    page = request.getfixturevalue(which)
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", page.read_text())
     assert {pathlib.Path(link).stem for link in links} == expected
     for link in links:
         png = page.parent / link
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", link
         assert png.stat().st_size > 10_000
+
+
+def test_captions_say_what_was_swept(page, page_without_sweeps):
     # Each plot says what it shows, and what it lacks.
+    text = page_without_sweeps.read_text()
     assert "No batch-size sweep has been measured yet" in text
     assert "No sweep over T at a fixed model" in text
+    text = page.read_text()
+    assert "No batch-size sweep" not in text and "next figure sweeps" in text
+    # The GPU file has a sweep over T, the CPU file none.
+    assert "No sweep over T at a fixed model" not in text
+    assert "No sweep over T has been measured on CPU (2 cores)" in text
+    assert "Out of memory: vmap(grad) norms at B = 4 on NVIDIA H200" in text
+
+
+def test_sweeps_are_in_the_details_not_the_summaries(page):
+    tables = _tables(page.read_text())
+    summaries = [t for t in tables if t[0][:2] == ["device", "workload"]]
+    assert not any("sweep" in row[1] for t in summaries for row in t[1:])
+    # One detail row per swept point: (implementation, T) and (implementation, B).
+    rows = [row for t in tables for row in t[1:]]
+    assert sum(row[0] == "length sweep/forward" for row in rows) == len(CHMM_SWEEP)
+    assert any(f"100{NNBSP}000" in cell for row in rows for cell in row)
+    swept = [row for row in rows if row[0].startswith("batch sweep/")]
+    assert len(swept) == len(GHOST_SWEEP) - 1  # the failure is listed apart
+    assert "Failed: per-sample norms, vmap(grad) (batch sweep/per-sample norms)" in (
+        page.read_text()
+    )

@@ -148,7 +148,7 @@ def fit(
     on_resume: Callable[[Any, Any], tuple[Any, Any]] | None = None,
     finite_metrics: Sequence[str] | None = None,
     deterministic: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> FitResult:
     """Run a training step over a stream of batches, with evaluation and checkpoints.
 
@@ -212,7 +212,9 @@ def fit(
         `deterministic` option (from `make_train_step`, possibly inside
         `with_fallback`); `True` with another step raises `TypeError`. `False`
         (default) runs the step as it was built.
-    - `progress`: show a tqdm progress bar.
+    - `progress`: show a tqdm progress bar: `None` (default) shows it when standard
+        error is a terminal (or in a notebook) and stays quiet when the output goes
+        to a file or a pipe, `True` always, `False` never.
 
     **Returns:**
 
@@ -299,7 +301,9 @@ def fit(
 
     history = []
     watched = None
-    bar = tqdm(total=n_steps, initial=start, disable=not progress, desc="fit")
+    # `disable=None` is tqdm's own test: quiet unless its stream is a terminal.
+    disable = None if progress is None else not progress
+    bar = tqdm(total=n_steps, initial=start, disable=disable, desc="fit")
     try:
         for i in range(start, n_steps):
             batch = next_batch(i)

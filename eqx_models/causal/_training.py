@@ -565,7 +565,7 @@ def train_surrogate(
     resume: bool = False,
     allow_config_change: bool = False,
     deterministic: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> FitResult:
     """Train a parent-set model by behavioural cloning of the exact expert.
 

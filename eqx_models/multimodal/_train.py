@@ -283,7 +283,7 @@ def train(
     mesh: Mesh | None = None,
     peak_flops: float | None = None,
     deterministic: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> FitResult:
     """Train the multimodal LM: AdamW, warmup-cosine, clipping, accumulation,
     evaluation, checkpoints and data parallelism, on the shared training loop.
@@ -335,7 +335,8 @@ def train(
     - `deterministic`: compile the step for run-to-run determinism on a GPU, so that
         a resumed run is bit-identical there too, at a cost in speed (see
         [`transforms.fit`][]).
-    - `progress`: show a progress bar.
+    - `progress`: show a progress bar (`None`, the default: only on a terminal; see
+        [`transforms.fit`][]).
 
     **Returns:**
 

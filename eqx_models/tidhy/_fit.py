@@ -70,7 +70,7 @@ def fit(
     resume: bool = False,
     allow_config_change: bool = False,
     deterministic: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> transforms.FitResult:
     """Train a TiDHy model with the library's training step, loop and checkpoints.
 
@@ -115,7 +115,8 @@ def fit(
     - `deterministic`: compile the step for run-to-run determinism on a GPU, so that
         a resumed run is bit-identical there too, at a cost in speed (see
         [`transforms.fit`][]).
-    - `progress`: show a progress bar.
+    - `progress`: show a progress bar (`None`, the default: only on a terminal; see
+        [`transforms.fit`][]).
 
     **Returns:**
 

@@ -1,3 +1,9 @@
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -530,3 +536,75 @@ def test_metadata_json_cannot_hold_is_refused_before_any_step(tmp_path):
             progress=False,
         )
     assert steps == [] and not (tmp_path / "m.ckpt").exists()
+
+
+_PROGRESS = textwrap.dedent(
+    """
+    import fcntl, os, pty, struct, sys, termios
+
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import jax.random as jr
+    import optax
+
+    from transforms import fit, make_train_step
+
+    def loss(model, batch, key):
+        x, y = batch
+        return jnp.mean((jax.vmap(model)(x) - y) ** 2)
+
+    optimizer = optax.sgd(0.1)
+    step = make_train_step(loss, optimizer)
+    data = lambda i: (jnp.ones((4, 2)), jnp.zeros((4, 1)))
+
+    def run(**kwargs):
+        # A fresh model each time: the step donates its inputs.
+        model = eqx.nn.Linear(2, 1, key=jr.key(0))
+        opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+        fit(step, model, opt_state, data, n_steps=3, **kwargs)
+
+    run()
+    print("<forced>", file=sys.stderr, flush=True)
+    run(progress=True)
+    print("<terminal>", file=sys.stderr, flush=True)
+    primary, secondary = pty.openpty()
+    # A new terminal is 0 columns wide, in which tqdm draws an empty bar.
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    stderr, sys.stderr = sys.stderr, os.fdopen(secondary, "w")
+    run()
+    sys.stderr.close()
+    sys.stderr = stderr
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(primary, 1 << 16)
+        except OSError:  # EIO once the closed terminal is drained
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    print(b"".join(chunks).decode(errors="replace"), file=sys.stderr)
+    """
+)
+
+
+def test_progress_bar_is_quiet_unless_on_a_terminal():
+    # The default follows tqdm's `disable=None`: the bar is drawn only when its stream
+    # (standard error) is a terminal, so a redirected run logs no `\r` frames.
+    root = pathlib.Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", _PROGRESS],
+        capture_output=True,
+        timeout=300,
+        cwd=root,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    # Bytes, not text: universal newlines would turn the `\r` looked for into `\n`.
+    stdout, stderr = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0, stderr
+    redirected, rest = stderr.split("<forced>\n")
+    forced, terminal = rest.split("<terminal>\n")
+    assert "\r" not in redirected + stdout and "fit" not in redirected
+    assert "\r" in forced and "3/3" in forced
+    assert "fit" in terminal and "3/3" in terminal
