@@ -65,6 +65,7 @@ def expected_value_loss(
     *,
     where: Bool[Array, " n"] | None = None,
     loss_fn: Callable[[Array, Array], Array] | None = None,
+    check_targets: bool = True,
 ) -> Float[Array, ""]:
     """A regression loss between expected values and targets, averaged over positions.
 
@@ -85,6 +86,9 @@ def expected_value_loss(
         `None` selects all. Target indices at unselected positions are ignored.
     - `loss_fn`: `loss_fn(prediction, target) -> scalar` for one position, both of
         shape `dims`; default mean squared error.
+    - `check_targets`: check that the selected target indices lie in `[0, v)`
+        (a run-time check under `jit`); turn off only where the caller guarantees
+        it, as the multimodal loss does for targets it selected by range.
 
     **Returns:**
 
@@ -94,8 +98,8 @@ def expected_value_loss(
 
     `TypeError` (from the shape annotations) for inconsistent shapes, or if
     `loss_fn` is not callable; `ValueError` if `loss_fn` does not return a scalar,
-    or if a selected target index lies outside `[0, v)` (at once for concrete
-    indices, by `eqx.error_if` under `jit`).
+    or, with `check_targets`, if a selected target index lies outside `[0, v)` (at
+    once for concrete indices, by `eqx.error_if` under `jit`).
     """
     name = "expected_value_loss"
     n, v = logits.shape
@@ -103,7 +107,8 @@ def expected_value_loss(
         where = jnp.ones((n,), bool)
     dtype = _float_dtype(logits, values)
     if jnp.issubdtype(targets.dtype, jnp.integer):
-        targets = check_ids(name, "targets", targets, v, where=where)
+        if check_targets:
+            targets = check_ids(name, "targets", targets, v, where=where)
         target_values = values.astype(dtype)[jnp.clip(targets, 0, v - 1)]
     else:
         target_values = targets.astype(dtype)

@@ -9,6 +9,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from transforms import (
     chunked_cross_entropy,
     expected_value,
+    expected_value_loss,
     hl_gauss,
     masked_mean,
     sample_positions,
@@ -198,11 +199,10 @@ class MultimodalLoss(eqx.Module):
                 "MultimodalLoss: the codebooks were built for another vocabulary "
                 f"layout ({self.codebooks.layout}) than the model's ({layout})."
             )
-        tokens = batch.tokens
-        if tokens.ndim != 2:
+        if batch.tokens.ndim != 2:
             raise ValueError(
                 "MultimodalLoss: `batch.tokens` must have shape (batch, length), got "
-                f"{tokens.shape}."
+                f"{batch.tokens.shape}."
             )
         # One split for everything: each split is a threefry kernel to compile.
         n_groups = layout.n_groups
@@ -212,11 +212,55 @@ class MultimodalLoss(eqx.Module):
             keys = jr.split(key, 3 + n_groups)
             dropout_key = keys[0] if model.dropout > 0.0 else None
             main_keys, group_keys = keys[1:3], keys[3:]
+        hidden = self._hidden(model, batch, dropout_key)
+        targets = _shift(batch.tokens, PAD).reshape(-1)
+        head = _SliceHead(
+            model.head_weight,
+            model.head_bias,
+            hidden,
+            layout.slices(),
+            jnp.promote_types(hidden.dtype, jnp.float32),
+        )
+        ce = chunked_cross_entropy(
+            hidden,
+            model.head_weight,
+            model.head_bias,
+            targets,
+            where=targets != PAD,
+            chunk_size=self.ce_chunk_size,
+            check_targets=False,
+        )
+        # Image and scalar positions are sampled in one draw, spectrum groups (with
+        # their smaller per-group count) in another.
+        main_rows, main_ok = self._rows(
+            main_keys,
+            jnp.stack(
+                [head.in_range("image", targets), head.in_range("scalar", targets)]
+            ),
+            self.sample_k,
+        )
+        image = self._vector_loss(
+            head, "image", self.codebooks.image, targets, main_rows[0], main_ok[0]
+        )
+        scalar = self._scalar_loss(head, batch, targets, main_rows[1], main_ok[1])
+        spectrum = self._spectrum_loss(head, targets, group_keys)
+        total = (
+            ce
+            + self.image_weight * image
+            + self.scalar_weight * scalar
+            + self.spectrum_weight * spectrum
+        )
+        aux = {"ce": ce, "image": image, "scalar": scalar, "spectrum": spectrum}
+        return total, aux
+
+    def _hidden(self, model, batch, dropout_key) -> Array:
+        """The final hidden states, `(batch * length, d)`, in `compute_dtype`.
+
+        Only the blocks and the final norm are cast: the head is applied only where
+        needed, with its float32 weight, and the embedding tables are gathered in
+        float32 (a float32 scatter-add in the backward pass).
+        """
         compute = _DTYPES[self.compute_dtype]
-        # Only the blocks and the final norm are cast: the head is applied below,
-        # only where needed, with its float32 weight, and the embedding tables
-        # are gathered in float32 (a float32 scatter-add in the backward pass).
-        head_weight, head_bias = model.head_weight, model.head_bias
         body = eqx.tree_at(
             lambda m: (m.blocks, m.final_norm_weight, m.final_norm_bias),
             model,
@@ -224,58 +268,31 @@ class MultimodalLoss(eqx.Module):
                 (model.blocks, model.final_norm_weight, model.final_norm_bias), compute
             ),
         )
-        hidden = body.features_batch(tokens, type_ids=batch.type_ids, key=dropout_key)
-        d = hidden.shape[-1]
-        hidden = hidden.reshape(-1, d)
-        targets = _shift(tokens, PAD).reshape(-1)
-        columns = _shift(batch.columns, -1).reshape(-1)
-        values = _shift(batch.values, jnp.nan).reshape(-1)
+        hidden = body.features_batch(
+            batch.tokens, type_ids=batch.type_ids, key=dropout_key
+        )
+        return hidden.reshape(-1, hidden.shape[-1])
 
-        ce = chunked_cross_entropy(
-            hidden,
-            head_weight,
-            head_bias,
-            targets,
-            where=targets != PAD,
-            chunk_size=self.ce_chunk_size,
+    @staticmethod
+    def _vector_loss(head, name, codebook, targets, rows, ok):
+        """The MSE of the expected codebook vector of modality `name` at `rows`."""
+        start, _ = head.slices[name]
+        return expected_value_loss(
+            head.logits(name, rows),
+            codebook.astype(head.accumulate),
+            targets[rows] - start,
+            where=ok,
+            # Selected rows hold targets of this slice by construction.
             check_targets=False,
         )
-        slices = layout.slices()
-        accumulate = jnp.promote_types(hidden.dtype, jnp.float32)
 
-        def in_range(name):
-            start, stop = slices[name]
-            return (targets >= start) & (targets < stop)
-
-        # Image and scalar positions are sampled in one draw, spectrum groups (with
-        # their smaller per-group count) in another.
-        main_rows, main_ok = self._rows(
-            main_keys, jnp.stack([in_range("image"), in_range("scalar")]), self.sample_k
-        )
-
-        def slice_logits(start, stop, rows):
-            h = hidden[rows]
-            w = head_weight[start:stop].astype(h.dtype)
-            logits = jnp.dot(h, w.T, preferred_element_type=accumulate)
-            return logits + head_bias[start:stop].astype(accumulate)
-
-        def vector_loss(name, codebook, rows, ok):
-            start, stop = slices[name]
-            logits = slice_logits(start, stop, rows)
-            codebook = codebook.astype(accumulate)
-            predicted = expected_value(logits, codebook)
-            target = codebook[jnp.clip(targets[rows] - start, 0, stop - start - 1)]
-            error = jnp.mean(jnp.square(predicted - target), axis=-1)
-            return masked_mean(error, ok), jnp.any(ok)
-
-        image, _ = vector_loss("image", self.codebooks.image, main_rows[0], main_ok[0])
-
-        start, stop = slices["scalar"]
-        rows, ok = main_rows[1], main_ok[1]
-        centres_table = self.codebooks.scalar.astype(accumulate)
+    def _scalar_loss(self, head, batch, targets, rows, ok):
+        """The scalar loss at `rows`: each target's column has its own bin centres."""
+        start, stop = head.slices["scalar"]
+        centres_table = self.codebooks.scalar.astype(head.accumulate)
         n_columns = centres_table.shape[0]
-        row_columns = columns[rows]
         if n_columns > 1:
+            row_columns = _shift(batch.columns, -1).reshape(-1)[rows]
             row_columns = check_ids(
                 "MultimodalLoss",
                 "batch.columns",
@@ -287,51 +304,62 @@ class MultimodalLoss(eqx.Module):
             centres = centres_table[jnp.clip(row_columns, 0, n_columns - 1)]
         else:
             centres = jnp.broadcast_to(centres_table, (rows.shape[0], stop - start))
-        logits = slice_logits(start, stop, rows)
+        logits = head.logits("scalar", rows)
         target_bins = jnp.clip(targets[rows] - start, 0, stop - start - 1)
         target_centres = jnp.take_along_axis(centres, target_bins[:, None], 1)[:, 0]
         if self.scalar_loss == "mse":
+            # Not `expected_value_loss`: the bin centres differ between rows.
             predicted = jax.vmap(expected_value)(logits, centres)
-            scalar = masked_mean(jnp.square(predicted - target_centres), ok)
+            return masked_mean(jnp.square(predicted - target_centres), ok)
+        raw = _shift(batch.values, jnp.nan).reshape(-1)[rows].astype(head.accumulate)
+        raw = jnp.where(jnp.isfinite(raw), raw, target_centres)
+        if self.scalar_loss == "two_hot":
+            probs = jax.vmap(two_hot)(raw, centres)
         else:
-            raw = values[rows].astype(accumulate)
-            raw = jnp.where(jnp.isfinite(raw), raw, target_centres)
-            if self.scalar_loss == "two_hot":
-                probs = jax.vmap(two_hot)(raw, centres)
-            else:
-                edges = _edges_from_centres(centres)
-                widths = jnp.take_along_axis(
-                    edges[:, 1:] - edges[:, :-1], target_bins[:, None], 1
-                )[:, 0]
-                sigma = self.hl_gauss_sigma * jnp.where(widths > 0, widths, 1.0)
-                probs = jax.vmap(hl_gauss)(raw, edges, sigma)
-            scalar = soft_cross_entropy(logits, jax.lax.stop_gradient(probs), where=ok)
+            edges = _edges_from_centres(centres)
+            widths = jnp.take_along_axis(
+                edges[:, 1:] - edges[:, :-1], target_bins[:, None], 1
+            )[:, 0]
+            sigma = self.hl_gauss_sigma * jnp.where(widths > 0, widths, 1.0)
+            probs = jax.vmap(hl_gauss)(raw, edges, sigma)
+        return soft_cross_entropy(logits, jax.lax.stop_gradient(probs), where=ok)
 
-        if n_groups:
-            per_group_k = (
-                None if self.sample_k is None else max(1, self.sample_k // n_groups)
-            )
-            names = [f"spectrum:{name}" for name in layout.spectrum_groups]
-            group_rows, group_ok = self._rows(
-                group_keys, jnp.stack([in_range(name) for name in names]), per_group_k
-            )
-            losses, present = zip(
-                *(
-                    vector_loss(name, codebook, group_rows[g], group_ok[g])
-                    for g, (name, codebook) in enumerate(
-                        zip(names, self.codebooks.spectrum)
-                    )
-                )
-            )
-            spectrum = masked_mean(jnp.stack(losses), jnp.stack(present))
-        else:
-            spectrum = jnp.zeros((), accumulate)
-
-        total = (
-            ce
-            + self.image_weight * image
-            + self.scalar_weight * scalar
-            + self.spectrum_weight * spectrum
+    def _spectrum_loss(self, head, targets, keys):
+        """The mean of the spectrum groups' losses over the groups present."""
+        groups = self.codebooks.layout.spectrum_groups
+        if not groups:
+            return jnp.zeros((), head.accumulate)
+        k = None if self.sample_k is None else max(1, self.sample_k // len(groups))
+        names = [f"spectrum:{name}" for name in groups]
+        rows, ok = self._rows(
+            keys, jnp.stack([head.in_range(name, targets) for name in names]), k
         )
-        aux = {"ce": ce, "image": image, "scalar": scalar, "spectrum": spectrum}
-        return total, aux
+        losses = [
+            self._vector_loss(head, name, codebook, targets, rows[g], ok[g])
+            for g, (name, codebook) in enumerate(zip(names, self.codebooks.spectrum))
+        ]
+        return masked_mean(jnp.stack(losses), jnp.any(ok, axis=1))
+
+
+class _SliceHead(eqx.Module):
+    """The output head restricted to one modality's slice of the vocabulary, at
+    selected rows of the hidden states (the loss never forms full logits)."""
+
+    weight: Array
+    bias: Array
+    hidden: Array
+    slices: dict[str, tuple[int, int]] = eqx.field(static=True)
+    accumulate: jnp.dtype = eqx.field(static=True)
+
+    def in_range(self, name: str, targets: Array) -> Array:
+        """Which targets lie in modality `name`'s id range."""
+        start, stop = self.slices[name]
+        return (targets >= start) & (targets < stop)
+
+    def logits(self, name: str, rows: Array) -> Array:
+        """Logits over modality `name`'s slice at `rows`, accumulated in float32."""
+        start, stop = self.slices[name]
+        h = self.hidden[rows]
+        w = self.weight[start:stop].astype(h.dtype)
+        logits = jnp.dot(h, w.T, preferred_element_type=self.accumulate)
+        return logits + self.bias[start:stop].astype(self.accumulate)

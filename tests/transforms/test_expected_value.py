@@ -174,6 +174,14 @@ def test_expected_value_loss_errors():
     # An out-of-range index at an unselected position is ignored.
     where = jnp.array([True, True, False, True])
     assert jnp.isfinite(jitted(lg, vs, jnp.array([0, 1, 3, 0]), where=where))
+    # A caller that guarantees the range turns the check off: no error then, and
+    # the loss is the one of the clipped index (the last outcome).
+    vs = jnp.arange(6.0).reshape(3, 2)
+    unchecked = expected_value_loss(
+        lg, vs, jnp.array([0, 1, 3, 0]), check_targets=False
+    )
+    clipped = expected_value_loss(lg, vs, jnp.array([0, 1, 2, 0]))
+    assert unchecked == clipped
 
 
 def test_masked_mean():
