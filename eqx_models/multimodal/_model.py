@@ -23,9 +23,16 @@ from ._vocab import N_SPECIAL, PAD, SPECIAL_TYPE, VocabLayout
 
 
 class _Block(eqx.Module):
-    # One transformer block; the model holds all blocks stacked along a leading
-    # `layers` axis (scan over layers). Weights are (in, out): activations
-    # multiply from the left.
+    """One transformer block: attention and MLP sublayers with residuals.
+
+    The model holds all blocks stacked along a leading `layers` axis and scans over
+    them, so the annotations allow that axis; a block is called with one layer's
+    weights. Weights are `(in, out)`: activations multiply from the left. The
+    activations are `(batch * length, d_model)` rows: with a 2-D operand the weight
+    gradients contract a single axis and XLA keeps the activations in their natural
+    layout instead of adding transposes around each matmul.
+    """
+
     ln1_weight: Float[Array, "*layers d_model"]
     ln1_bias: Float[Array, "*layers d_model"]
     qkv_weight: Float[Array, "*layers d_model qkv"]
@@ -38,6 +45,69 @@ class _Block(eqx.Module):
     fc_bias: Float[Array, "*layers d_ff"]
     proj_weight: Float[Array, "*layers d_ff d_model"]
     proj_bias: Float[Array, "*layers d_model"]
+
+    def attention(
+        self, h, lengths, *, n_heads: int, implementation: Literal["xla", "cudnn"]
+    ):
+        """Causal multi-head self-attention over rows `h` of `lengths.shape[0]`
+        sequences of equal padded length, each attending to its first `lengths`
+        positions only."""
+        d = h.shape[1]
+        batch = lengths.shape[0]
+        length = h.shape[0] // batch
+        shape = (batch, length, n_heads, d // n_heads)
+        # One matmul per column block of the fused weight: each result feeds the
+        # attention as it is, where slicing one (rows, 3 d) product would copy it
+        # (and concatenate its gradient).
+        q, k, v = (
+            h @ self.qkv_weight[:, i * d : (i + 1) * d]
+            + self.qkv_bias[i * d : (i + 1) * d]
+            for i in range(3)
+        )
+        o = jax.nn.dot_product_attention(
+            q.reshape(shape),
+            k.reshape(shape),
+            v.reshape(shape),
+            is_causal=True,
+            key_value_seq_lengths=lengths,
+            implementation=implementation,
+        )
+        return o.reshape(batch * length, d) @ self.out_weight + self.out_bias
+
+    def mlp(self, h):
+        """The position-wise feed-forward sublayer (GELU)."""
+        h = gelu(h @ self.fc_weight + self.fc_bias)
+        return h @ self.proj_weight + self.proj_bias
+
+    def __call__(
+        self,
+        x,
+        lengths,
+        *,
+        n_heads: int,
+        implementation: Literal["xla", "cudnn"],
+        pre_ln: bool,
+        dropout: float,
+        key: PRNGKeyArray | None,
+    ):
+        """The block applied to rows `x`; dropout on each sublayer's output when
+        `key` is given."""
+        keep_attn, keep_mlp = _keep_masks(key, dropout, 2, x.shape)
+
+        def attention(h):
+            o = self.attention(
+                h, lengths, n_heads=n_heads, implementation=implementation
+            )
+            return _dropout(o, dropout, keep_attn)
+
+        def mlp(h):
+            return _dropout(self.mlp(h), dropout, keep_mlp)
+
+        if pre_ln:
+            x = x + attention(layer_norm(x, self.ln1_weight, self.ln1_bias))
+            return x + mlp(layer_norm(x, self.ln2_weight, self.ln2_bias))
+        x = layer_norm(x + attention(x), self.ln1_weight, self.ln1_bias)
+        return layer_norm(x + mlp(x), self.ln2_weight, self.ln2_bias)
 
 
 def _draw(key, specs):
@@ -414,49 +484,22 @@ class CausalTransformerLM(eqx.Module):
         x = _dropout(
             x, self.dropout, _keep_masks(embed_key, self.dropout, 1, x.shape)[0]
         )
-        # The blocks work on `(batch * length, d_model)` rows: with a 2-D operand the
-        # weight gradients contract a single axis and XLA keeps the activations in
-        # their natural layout instead of adding transposes around each matmul.
+        # The blocks work on `(batch * length, d_model)` rows (see `_Block`).
         x = x.reshape(batch * length, self.d_model)
         head_dim = self.d_model // self.n_heads
         implementation = _attention_implementation(self.attention, dtype, head_dim)
 
         def block(x, inputs):
             p, k = inputs
-            keep_attn, keep_mlp = _keep_masks(k, self.dropout, 2, x.shape)
-
-            def attention(h):
-                shape = (batch, length, self.n_heads, head_dim)
-                # One matmul per column block of the fused weight: each result
-                # feeds the attention as it is, where slicing one (rows, 3 d)
-                # product would copy it (and concatenate its gradient).
-                d = self.d_model
-                q, kk, v = (
-                    h @ p.qkv_weight[:, i * d : (i + 1) * d]
-                    + p.qkv_bias[i * d : (i + 1) * d]
-                    for i in range(3)
-                )
-                o = jax.nn.dot_product_attention(
-                    q.reshape(shape),
-                    kk.reshape(shape),
-                    v.reshape(shape),
-                    is_causal=True,
-                    key_value_seq_lengths=lengths,
-                    implementation=implementation,
-                )
-                o = o.reshape(batch * length, self.d_model) @ p.out_weight + p.out_bias
-                return _dropout(o, self.dropout, keep_attn)
-
-            def mlp(h):
-                h = gelu(h @ p.fc_weight + p.fc_bias)
-                return _dropout(h @ p.proj_weight + p.proj_bias, self.dropout, keep_mlp)
-
-            if self.pre_ln:
-                x = x + attention(layer_norm(x, p.ln1_weight, p.ln1_bias))
-                x = x + mlp(layer_norm(x, p.ln2_weight, p.ln2_bias))
-            else:
-                x = layer_norm(x + attention(x), p.ln1_weight, p.ln1_bias)
-                x = layer_norm(x + mlp(x), p.ln2_weight, p.ln2_bias)
+            x = p(
+                x,
+                lengths,
+                n_heads=self.n_heads,
+                implementation=implementation,
+                pre_ln=self.pre_ln,
+                dropout=self.dropout,
+                key=k,
+            )
             return x, None
 
         if self.remat:
