@@ -118,13 +118,17 @@ def test_float64_under_x64_keeps_dtype(x64):
 
 
 def test_bad_arguments_and_in_place_modification():
-    from transforms.interop.torch import jax_to_torch
+    from transforms.interop.torch import jax_to_torch, torch_to_jax
 
     fn = jax_to_torch(lambda a, c: a * c)
     with pytest.raises(TypeError, match="hashable"):
         fn(torch.ones(2), np.ones(2))  # arrays must come as tensors
+    # (The suite's jaxtyping import hook checks the annotation first; without it
+    # the validation layer's own message names `fn` too.)
     with pytest.raises(TypeError, match="fn"):
         jax_to_torch(3)  # pyright: ignore[reportArgumentType]
+    with pytest.raises(TypeError, match="fn"):
+        torch_to_jax(3, None)  # pyright: ignore[reportArgumentType]
 
     square = jax_to_torch(lambda a: a * a)
     a = torch.ones(3, requires_grad=True)

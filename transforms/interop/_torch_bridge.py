@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
+from .._validation import check_callable
+
 
 _WIDE = {torch.float64: "float64", torch.complex128: "complex128"}
 
@@ -257,8 +259,7 @@ def jax_to_torch(fn: Callable) -> Callable:
         energy(x, w).backward()   # w.grad holds the JAX gradient
         ```
     """
-    if not callable(fn):
-        raise TypeError(f"jax_to_torch: `fn` must be callable, got {fn!r}.")
+    check_callable("jax_to_torch", "fn", fn)
     compiled = _Compiled(fn)
 
     def wrapped(*args, **kwargs):
@@ -343,8 +344,7 @@ def torch_to_jax(fn: Callable, result_shape_dtypes) -> Callable:
         g = jax.grad(lambda x: f(x).sum())(jnp.ones((4, 3)))
         ```
     """
-    if not callable(fn):
-        raise TypeError(f"torch_to_jax: `fn` must be callable, got {fn!r}.")
+    check_callable("torch_to_jax", "fn", fn)
 
     def result_avals(args):
         if callable(result_shape_dtypes):
