@@ -1,3 +1,4 @@
+import ast
 import importlib
 import inspect
 import pathlib
@@ -85,3 +86,36 @@ def test_site_assets_are_served_locally():
     assert config["theme"].get("font") is False, "the theme would load Google Fonts"
     assert "docs/_hooks/mathjax.py" in config.get("hooks", [])
     assert "javascripts/mathjax/tex-mml-chtml.js" in assets
+
+
+# Modules that another change is rewriting; each gets its docstring with that rewrite
+# and then leaves this set (the test fails while a listed module has one).
+UNDOCUMENTED_FOR_NOW = {
+    "eqx_models/_misc.py",
+    "eqx_models/causal/_training.py",
+    "eqx_models/multimodal/_train.py",
+    "eqx_models/tidhy/_fit.py",
+    "eqx_models/tidhy/_optimizer.py",
+    "transforms/_fit.py",
+    "transforms/_train_step.py",
+}
+
+
+def test_every_module_has_a_docstring():
+    # Parsed, not imported: the torch adapters are checked without torch installed.
+    modules = sorted(
+        path.relative_to(ROOT).as_posix()
+        for package in ("eqx_models", "transforms")
+        for path in (ROOT / package).rglob("*.py")
+    )
+    assert "eqx_models/__init__.py" in modules and "transforms/__init__.py" in modules
+    without = {
+        m for m in modules if not ast.get_docstring(ast.parse((ROOT / m).read_text()))
+    }
+    missing = sorted(without - UNDOCUMENTED_FOR_NOW)
+    assert not missing, f"modules without a module docstring: {missing}"
+    stale = sorted(UNDOCUMENTED_FOR_NOW - without)
+    assert not stale, (
+        "UNDOCUMENTED_FOR_NOW lists modules that have a docstring or no longer "
+        f"exist; remove them from the set: {stale}"
+    )

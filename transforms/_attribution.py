@@ -1,3 +1,11 @@
+"""Training with data attribution: the attribution step and In-Run Data Shapley.
+
+`make_attribution_step` is a training step that also returns every training
+example's gradient dot product with the validation gradient (the jvp, ghost or vmap
+route of `_grad_dot.py`), compiled like `make_train_step`. `in_run_shapley`
+accumulates those products, times the learning rate, into per-example values.
+"""
+
 from collections.abc import Callable
 from typing import Any, NamedTuple
 

@@ -1,3 +1,11 @@
+"""Cross-entropy of a linear output head without the full logits array.
+
+`chunked_cross_entropy` scans over chunks of rows and, through a `jax.custom_vjp`,
+forms the gradient in the same pass, so only one chunk's logits exist at a time in
+either direction. For a large vocabulary this is where a language model's memory
+would otherwise go, hence a module of its own.
+"""
+
 import functools
 
 import jax

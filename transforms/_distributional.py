@@ -1,3 +1,10 @@
+"""Regression as classification: target distributions over bins, and their loss.
+
+`two_hot` and `hl_gauss` turn a scalar target into a distribution over bin centres
+or histogram bins, and `soft_cross_entropy` scores `softmax(logits)` against it: the
+alternatives to an expected-value regression loss for binned scalars.
+"""
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float

@@ -1,3 +1,11 @@
+"""Divergences between categorical distributions given as log-probabilities.
+
+Entropy, KL divergence and total variation, where zero-probability outcomes (`-inf`)
+contribute exactly 0 with finite gradients, and `uncertainty_weighted`, which
+down-weights a divergence by the entropy of the reference. The causal surrogate's
+loss and evaluation use them.
+"""
+
 from collections.abc import Callable
 
 import equinox as eqx

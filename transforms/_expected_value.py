@@ -1,3 +1,11 @@
+"""Expected values under a softmax, and the regression loss built on them.
+
+A model that predicts a token of a codebook also predicts a value: the codebook
+weighted by `softmax(logits)`. `expected_value` computes it in at least float32 at
+the highest matmul precision; `expected_value_loss` compares it with the targets
+over the selected positions.
+"""
+
 from collections.abc import Callable
 
 import jax

@@ -1,3 +1,11 @@
+"""Steps that cannot be compiled run eagerly instead: `with_fallback`.
+
+Tracing fails when a loss needs concrete values (a Python `if` on an array, boolean
+indexing). The wrapper catches exactly those concretisation errors, warns once, and
+runs the same step under `jax.disable_jit()` from then on; any other error
+propagates.
+"""
+
 import warnings
 from collections.abc import Callable
 

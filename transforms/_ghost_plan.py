@@ -1,3 +1,11 @@
+"""The analysis of the ghost path: how the traced per-example loss uses each parameter.
+
+The loss is traced once to a jaxpr and walked, through relabellings (casts,
+transposes, reshapes), nested calls and scans, to find every use of every parameter
+leaf. Each leaf gets a treatment (ghost, materialised, fallback or unused), reported
+as a `GhostPlan`; `_ghost_eval.py` carries the decisions out.
+"""
+
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, Literal

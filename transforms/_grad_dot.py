@@ -1,3 +1,11 @@
+"""Dot products of per-example training gradients with the validation gradient.
+
+`grad_dot_products` computes them by forward mode along the validation gradient
+(jvp), by the layer rules of the ghost path, or by `vmap(grad)` as the reference;
+only the last forms per-example gradients. The jvp and ghost kernels also drive
+`make_attribution_step`.
+"""
+
 from collections.abc import Callable
 from typing import Any
 

@@ -1,3 +1,11 @@
+"""Per-example gradient norms without per-example gradients.
+
+`per_sample_grad_norms` forms each example's squared norm from activations and
+output gradients by the ghost layer rules, or by `vmap(grad)` as the reference.
+A leaf the rules cannot handle falls back to per-example gradients of that leaf
+only, and `.plan` reports which leaves do.
+"""
+
 from collections.abc import Callable
 from typing import Any
 

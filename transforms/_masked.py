@@ -1,3 +1,10 @@
+"""Reductions for losses: `masked_mean`, and `pairwise_sum` for accurate long sums.
+
+A masked mean with nothing selected is exactly 0 with a zero gradient, so an absent
+modality adds nothing to a loss; sums are pairwise so that long float32 reductions
+keep their accuracy. The losses here and in `eqx_models` share both.
+"""
+
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 

@@ -1,3 +1,12 @@
+"""The common ground of the per-example transforms, and `per_sample_grads` itself.
+
+`setup` checks a loss, a model and a batch once and flattens the model, so that the
+norms, the dot products and the attribution step see one structure and raise the
+same errors; `report_fallback` warns or raises about leaves off the ghost path.
+`per_sample_grads` (`vmap` of `grad`) is the reference the other methods are tested
+against.
+"""
+
 import dataclasses
 import warnings
 from collections.abc import Callable

@@ -1,3 +1,10 @@
+"""Uniform sampling of positions without replacement, with a fixed output shape.
+
+`sample_positions` returns at most `k` of the selected positions in an array whose
+size does not depend on how many are selected (unused slots are flagged), so that a
+loss can subsample positions under `jit` without recompiling.
+"""
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int, PRNGKeyArray

@@ -1,3 +1,11 @@
+"""Compiled inner optimisation loops over latent variables: `scan_optimize`.
+
+For models whose latents are solved for at every step (sparse coding, TiDHy), each
+iteration is an optax update, an optional proximal map such as `soft_threshold`,
+and a relative-change test, compiled as a `lax.scan` (a fixed number of steps) or a
+`lax.while_loop` (with a tolerance), with diagnostics of how the solve went.
+"""
+
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 

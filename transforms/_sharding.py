@@ -1,3 +1,10 @@
+"""Data-parallel placement: `shard_batch` splits a batch, `replicate` copies the rest.
+
+A batch is split along its leading axis over one axis of a mesh; the model, the
+optimiser state and keys are copied to every device. The training and attribution
+steps place their inputs this way, and users call the same two functions.
+"""
+
 import equinox as eqx
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec

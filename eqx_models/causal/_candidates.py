@@ -1,3 +1,11 @@
+"""The canonical table of candidate parent sets that every causal component indexes by.
+
+The exact expert's posterior, the model's logits and the evaluation all refer to a
+parent set by its position in one order (by size, then lexicographic), so the table
+is built here alone: static NumPy arrays, cached per `(d, K)`, with the
+`MAX_CANDIDATE_SETS` limit checked in an error that names the calling function.
+"""
+
 import functools
 import itertools
 import math

@@ -1,3 +1,10 @@
+"""The AVICI data layout `[N, d, 3]`: its channels and the checks of data and masks.
+
+The task sampler writes this layout; the expert, the model and the training code
+read it. Naming the channels and checking shapes (at trace time) and values (with
+`eqx.error_if`, so under `jit` too) in one module keeps them in agreement.
+"""
+
 import enum
 
 import equinox as eqx

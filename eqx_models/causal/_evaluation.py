@@ -1,3 +1,11 @@
+"""Evaluation of a trained parent-set model against the exact posterior and the truth.
+
+`evaluate_surrogate` is a host-side report rather than a traced function: it runs
+compiled chunks of tasks and pools their scores (KL, total variation, MAP agreement,
+F1, AUROC) on the host. It needs the expert, the model and the tasks together, so it
+sits above all three.
+"""
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp

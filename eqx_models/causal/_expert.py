@@ -1,3 +1,11 @@
+"""The exact posterior over a target's parent sets: the teacher of the surrogate model.
+
+Each candidate set gets a closed-form Bayes factor (linear regression with Zellner's
+g-prior, from the correlations of the rows where the target was not intervened on).
+The public functions validate their input; `posterior_core` is the unchecked kernel
+that the training-batch sampler calls inside compiled code.
+"""
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp

@@ -1,3 +1,11 @@
+"""Random DAGs from a fixed list of graph families, and the acyclicity check.
+
+The family may be given as a traced code, so a curriculum can change the mix of
+families without recompiling the task sampler. Graph structure is kept apart from
+the mechanisms (`_scm.py`), which take any DAG and use `check_acyclic` to refuse a
+graph with a cycle.
+"""
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp

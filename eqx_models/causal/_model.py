@@ -1,3 +1,11 @@
+"""The amortised parent-set model: a transformer over the samples and the variables.
+
+`ParentSetPredictionModel` reads AVICI data and scores every canonical candidate set
+of the target in one pass, invariant to the order of the rows and equivariant to the
+order of the variables. This module holds the parameters and the forward pass only;
+the loss, the optimiser and the task stream are in `_training.py`.
+"""
+
 import math
 
 import equinox as eqx

@@ -1,3 +1,11 @@
+"""Linear-Gaussian structural causal models: the mechanisms that generate task data.
+
+The model, a sampler of mechanisms for a given DAG (weights rescaled so that each
+variable's parents explain a chosen fraction of its variance) and `simulate`, which
+draws rows that are observational or under one perfect intervention. The task
+sampler builds on it; the expert only assumes the same linear-Gaussian form.
+"""
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp

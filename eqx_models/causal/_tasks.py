@@ -1,3 +1,11 @@
+"""Random causal-discovery tasks: a graph, mechanisms, data and a target from one key.
+
+`TaskConfig` fixes the static shape of a task and `sample_task` composes the graph,
+SCM and simulation modules into one traceable draw, so batches of tasks come from
+`jax.vmap`. The family weights are an array argument rather than part of the config,
+so a curriculum can change them between steps without recompiling.
+"""
+
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr

@@ -1,3 +1,11 @@
+"""Gridworld rooms for cognitive-map experiments, and the analysis of what was learned.
+
+A room is a grid of random colours (aliased observation ids) explored by a random
+walk of four moves; `place_fields` and `clone_graph` read a decoded state path back
+in terms of the room. None of this is needed to use a `CHMM`: it is the example
+environment and its diagnostics, kept out of the model's core.
+"""
+
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr

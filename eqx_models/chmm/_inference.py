@@ -1,3 +1,11 @@
+"""Inference on one sequence: likelihood, filtering, smoothing and Viterbi decoding.
+
+Every public routine checks its arguments, builds a `Chain` from the model and the
+sequence, runs one pass of `_passes.py` (or `_decode.py`), and maps the block-local
+result back to the `N` states. The numerics live in the chain modules; this layer
+only holds the public signatures, their checks and their return types.
+"""
+
 import math
 from typing import NamedTuple
 

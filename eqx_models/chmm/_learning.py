@@ -1,3 +1,11 @@
+"""Learning a `CHMM` from sequences: Baum-Welch, Viterbi EM and emission EM.
+
+Sequences of unequal length are padded with identity steps into one batch, so each
+algorithm runs all its iterations in one compiled `lax.scan`, with expected counts
+from the same smoothing passes that inference uses. The batching and the
+normalised-count updates are what this module adds; inference needs neither.
+"""
+
 from collections.abc import Sequence
 
 import equinox as eqx

@@ -1,3 +1,11 @@
+"""The `CHMM` pytree: clone counts, the action-conditioned transition tensor and `Pi`.
+
+The class holds the parameters, their constructors and checks, and derived sizes
+(`state_loc`, `state_symbol`); every computation on sequences is a function of
+another module that takes the model as its first argument, so inference, learning
+and sampling grow without touching the class.
+"""
+
 from collections.abc import Sequence
 
 import equinox as eqx

@@ -1,3 +1,10 @@
+"""Planning in a learned `CHMM`: the shortest, most probable action sequence to a goal.
+
+Decoding maximises over states given the actions; planning chooses the actions, by a
+max-product search in log space over the transition tensor alone. Its outputs have
+a fixed size, padded with `-1` after the plan's end, so it compiles and vmaps.
+"""
+
 from typing import NamedTuple
 
 import equinox as eqx

@@ -1,3 +1,10 @@
+"""Ancestral sampling of a state path and its observations from a `CHMM`, given actions.
+
+The generative direction, used to draw sequences from a known model (the decoding
+and planning tests do). It needs only the model and a `lax.scan`, none of the
+`Chain` machinery.
+"""
+
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr

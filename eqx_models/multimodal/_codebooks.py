@@ -1,3 +1,11 @@
+"""The values behind the tokens: image and spectrum codebooks, scalar bin centres.
+
+A softmax over a modality's slice of the vocabulary becomes a vector or a number by
+weighting these tables, in the loss and in `expected_values` alike, so they live in
+one module, checked against the `VocabLayout`. Loading from `.npz` and `.npy` files
+(or pickled `.joblib` files, only when allowed) is here too.
+"""
+
 import os
 from collections.abc import Mapping
 from typing import Any

@@ -1,3 +1,12 @@
+"""The training objective of the multimodal transformer, as one `loss_fn`.
+
+`MultimodalLoss` adds to the chunked next-token cross-entropy one expected-value
+loss per modality, computed on sampled positions through a head restricted to the
+modality's slice of the vocabulary, so full logits are never formed. It has the
+`(model, batch, key) -> (loss, aux)` signature that `transforms.make_train_step`
+takes; `cast_floating` casts a model for mixed precision.
+"""
+
 from typing import Literal
 
 import equinox as eqx

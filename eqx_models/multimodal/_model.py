@@ -1,3 +1,11 @@
+"""The causal transformer over codebook tokens: embeddings, scanned blocks, output head.
+
+`CausalTransformerLM` holds the parameters and the forward passes on one sequence and
+on a padded batch; `check_tokens` checks token and type ids against the layout, also
+inside `jit`. The loss and the predictions are separate modules that use the model's
+final features and head weights.
+"""
+
 import dataclasses
 import functools
 import math

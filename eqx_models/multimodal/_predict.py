@@ -1,3 +1,10 @@
+"""Teacher-forced expected-value reconstructions of every position, for evaluation.
+
+The same slice-softmax-times-codebook prediction as the loss, but at every position,
+without sampling or dropout, and returned per modality instead of reduced to a
+scalar: what plots and reconstruction metrics need, and what training does not.
+"""
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int

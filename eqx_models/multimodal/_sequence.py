@@ -1,3 +1,11 @@
+"""Token sequences on the host, and padded batches for the device.
+
+`build_sequence` lays out one object's codebook indices as segments with separators
+and `MISS` tokens, in NumPy; `pad_batch` pads sequences to one of a few bucket
+lengths, so that few shapes are compiled, and returns the `TokenBatch` that the
+model and the loss take.
+"""
+
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 

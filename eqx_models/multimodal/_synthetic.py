@@ -1,3 +1,11 @@
+"""A synthetic multimodal catalogue with known latents, for tests and examples.
+
+Three latent parameters per object generate an image latent grid, scalar columns and
+spectra; codebooks and quantile bins are then fitted with a small NumPy k-means, so
+that the whole pipeline (tokens, codebooks, model, loss) runs without real data.
+Host-side NumPy throughout, seeded from a JAX key.
+"""
+
 from typing import NamedTuple
 
 import jax

@@ -1,3 +1,11 @@
+"""The token vocabulary: special ids, one block of ids per modality, and the type ids.
+
+`VocabLayout` fixes where each modality's ids start, so that a token's modality and
+type follow from its id alone. The sequence builder, the model's embedding sizes,
+the codebooks and the losses' vocabulary slices all read it, so it depends on no
+other module of the family.
+"""
+
 from typing import Any
 
 import equinox as eqx

@@ -1,3 +1,11 @@
+"""Evaluation of a fixed `TiDHy` over whole windows, recording every intermediate.
+
+Unlike the training loss, which predicts with the freshly inferred slow latent,
+`evaluate_record` makes genuine one-step-ahead predictions with the previous one,
+and returns latents, predictions and losses as a `Record` for metrics and plots.
+The whole run is one compiled scan over time.
+"""
+
 from typing import NamedTuple
 
 import equinox as eqx

@@ -1,3 +1,12 @@
+"""The inner loop of TiDHy: latent inference at one time step, parameters fixed.
+
+The latents `r` and `r2` minimise an energy of reconstruction, dynamics and L1 terms
+by SGD with Nesterov momentum and soft thresholds, compiled with
+`transforms.scan_optimize`. `InferenceConfig` chooses per-window solves or the
+original's batch-mean energy. The scans over windows, training and evaluation call
+the unchecked `*_impl` functions.
+"""
+
 from typing import Literal, NamedTuple
 
 import equinox as eqx

@@ -1,3 +1,10 @@
+"""Metrics of the TiDHy experiments: R², fitted linear dynamics and their timescales,
+and k-NN decoding of discrete states.
+
+Plain functions of arrays, independent of the model, so that they score TiDHy's
+latents, a baseline's features and the ground truth alike.
+"""
+
 import functools
 
 import equinox as eqx

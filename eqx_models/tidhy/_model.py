@@ -1,3 +1,10 @@
+"""The TiDHy parameters: spatial decoder, mixture of linear dynamics and hypernetwork.
+
+The module holds θ and the maps of one time step (decoding, observation loss, mixed
+transition, prediction); the latents are not stored but inferred at every step by
+`_inference.py`. Initialisation follows the PyTorch original's distributions.
+"""
+
 import math
 from typing import Literal
 

@@ -1,3 +1,10 @@
+"""The hierarchical Rössler data set: a slow Rössler system modulating a fast one.
+
+`make_rossler` integrates the coupled system with diffrax (Tsit5, adaptive steps),
+drops a transient and projects noisy observed coordinates to `obs_dim` channels. It
+is a data generator for examples and tests, and the only module that uses diffrax.
+"""
+
 import math
 from typing import NamedTuple
 

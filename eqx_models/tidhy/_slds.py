@@ -1,3 +1,11 @@
+"""The multi-timescale switching linear dynamical system of the TiDHy benchmarks.
+
+Each system switches between two regimes of known timescale by a sticky Markov
+chain; the systems' emissions are partly superposed and randomly projected. The
+known timescales and states are what the metrics are checked against; a data
+generator for examples and tests.
+"""
+
 import functools
 import math
 from typing import NamedTuple

@@ -1,3 +1,11 @@
+"""The outer loop of TiDHy: the parameter loss of a batch of windows, with GradNorm.
+
+The latents are inferred with gradients stopped; the three task losses and the
+regularisers are then differentiated with respect to θ. With GradNorm the task
+weights are trained alongside in a `Learner`, their gradient kept apart from θ's.
+`training_loss` is the `loss_fn` that `transforms.make_train_step` takes.
+"""
+
 from typing import NamedTuple
 
 import equinox as eqx

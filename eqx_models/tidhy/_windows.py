@@ -1,3 +1,9 @@
+"""Cutting long records into fixed-length, possibly overlapping windows.
+
+Training and evaluation work on batches of equal-length windows `(N, length, D)`;
+this is the one step from raw records to that form, and it needs no model.
+"""
+
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 

@@ -1,3 +1,11 @@
+"""The JAX ↔ PyTorch bridge behind `transforms.interop.torch`.
+
+Tensors cross through DLPack, copying only where they must. `jax_to_torch` wraps a
+JAX function as a `torch.autograd.Function` whose forward pass and VJP are jitted;
+`torch_to_jax` runs a torch function on the host through `jax.pure_callback`. Torch
+is imported at module level: only the optional `interop` modules import this one.
+"""
+
 import contextlib
 import dataclasses
 from collections.abc import Callable
