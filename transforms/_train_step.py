@@ -245,9 +245,9 @@ def make_train_step(
     `TypeError` if `loss_fn` is not callable, `optimizer` not an
     `optax.GradientTransformation`, `mesh` not a `Mesh` or a flag not a bool;
     `ValueError` for a `learning_rate` number that is not positive and finite, or
-    if `data_axis` is not an axis of `mesh`. When the step is called: `TypeError` if `has_aux=True` and the aux is
-    not a dict, `ValueError` if the aux uses a reserved metric name (`loss`,
-    `grad_norm`, `learning_rate`, `nonfinite`).
+    if `data_axis` is not an axis of `mesh`. When the step is called: `TypeError`
+    if `has_aux=True` and the aux is not a dict, `ValueError` if the aux uses a
+    reserved metric name (`loss`, `grad_norm`, `learning_rate`, `nonfinite`).
 
     !!! example
 

@@ -1,6 +1,6 @@
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -700,8 +700,9 @@ def train_surrogate(
     that is not a `(TaskConfig, positive int)` pair, an `n_steps`, `stop_after`,
     `eval_every` or `checkpoint_every` that is not a positive (the last three:
     non-negative) integer, a `model`, `optimizer` or `key` of another type, a
-    `loss` or `eval_fn` that is not callable, or a flag that is not a bool; [`transforms.NonFiniteLossError`][] if the loss, the gradient, the
-    updated parameters or the optimiser state become non-finite (the last good
+    `loss` or `eval_fn` that is not callable, or a flag that is not a bool;
+    [`transforms.NonFiniteLossError`][] if the loss, the gradient, the updated
+    parameters or the optimiser state become non-finite (the last good
     checkpoint is kept); [`transforms.CheckpointError`][] when resuming from a
     checkpoint written for another configuration (the message names every
     differing field, e.g. `n_steps` or `buckets[0].batch_size`, with both values)

@@ -2,7 +2,6 @@ import dataclasses
 import functools
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import equinox as eqx
 import jax
@@ -12,7 +11,6 @@ from jax.sharding import Mesh
 from jaxtyping import PRNGKeyArray
 
 from transforms import fit, FitResult, make_train_step, shard_batch
-
 from transforms._validation import (
     check_bool,
     check_callable,
