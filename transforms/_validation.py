@@ -34,6 +34,40 @@ def is_traced(x: Any) -> bool:
     return isinstance(x, Tracer)
 
 
+def is_concrete(*trees: Any) -> bool:
+    """Whether no leaf of `trees` is traced: an eager call, whose arrays have values
+    that can be checked at once."""
+    return not any(is_traced(leaf) for leaf in jax.tree.leaves(trees))
+
+
+def checked_eagerly(precheck: Callable) -> Callable[[Callable], Callable]:
+    """Run `precheck(*args, **kwargs)` before a compiled entry point when every
+    argument is concrete.
+
+    Inside a compiled function every argument is traced, so its value checks can
+    only be `eqx.error_if`s, which an eager caller would meet as an
+    `EquinoxRuntimeError` (or, on some backends, an XLA error wrapping it). Called
+    with concrete arrays, the entry point runs the same checks first, in NumPy,
+    and a bad value raises the plain `ValueError` at the call. Under an outer
+    `jit` (or `vmap`, `grad`) the precheck is skipped and the compiled checks
+    guard the result. The precheck costs one device-to-host copy of the checked
+    arrays per eager call.
+
+    Put it above `eqx.filter_jit`; `precheck` takes the entry point's arguments.
+    """
+
+    def decorate(compiled: Callable) -> Callable:
+        @functools.wraps(compiled)
+        def entry(*args, **kwargs):
+            if is_concrete(args, kwargs):
+                precheck(*args, **kwargs)
+            return compiled(*args, **kwargs)
+
+        return entry
+
+    return decorate
+
+
 def describe(value: Any) -> str:
     """A short description of a value for an error message: small values in full,
     arrays by dtype and shape, anything else by type (never a whole pytree)."""

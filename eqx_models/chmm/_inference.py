@@ -5,7 +5,12 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from transforms._validation import check_in_range, Checks, typechecked
+from transforms._validation import (
+    check_in_range,
+    checked_eagerly,
+    Checks,
+    typechecked,
+)
 
 from .._misc import pairwise_sum
 from ._chain import (
@@ -14,6 +19,8 @@ from ._chain import (
     make_chain,
     slot_states,
     to_states,
+    well_formed,
+    well_formed_emissions,
 )
 from ._decode import viterbi_scan
 from ._model import CHMM
@@ -23,6 +30,19 @@ from ._parallel import (
     tree_log_likelihood,
 )
 from ._scan import backward_scan, forward_scan, scan_log_likelihood
+
+
+def _inputs_checked(fn: str):
+    """The eager precheck of an entry point taking `(model, x, a, ..., emissions)`."""
+
+    def precheck(model, x, a, *args, emissions=None, **kwargs):
+        if not well_formed(model, x, a):
+            return
+        if emissions is not None and not well_formed_emissions(model, emissions):
+            emissions = None
+        check_inputs(fn, model, x, a, emissions, checks=Checks())
+
+    return checked_eagerly(precheck)
 
 
 Observations = Int[Array, " T"] | Float[Array, "T n_obs"]
@@ -43,6 +63,7 @@ class Posteriors(NamedTuple):
     """`p(z[t] | x, a)`, shape `(T, N)`."""
 
 
+@_inputs_checked("log_likelihood")
 @eqx.filter_jit
 @typechecked
 def log_likelihood(
@@ -85,11 +106,12 @@ def log_likelihood(
 
     **Raises:**
 
-    `ValueError`/`TypeError` at trace time for wrong shapes, dtypes or `method`;
-    `EquinoxRuntimeError` (from `eqx.error_if`) for ids or actions out of range,
-    log-evidence holding NaN or `+inf`, or `emissions` whose rows are not
-    distributions (non-negative, summing to 1 within the square root of the dtype's
-    epsilon).
+    `ValueError`/`TypeError` for wrong shapes, dtypes or `method`; `ValueError` for
+    ids or actions out of range, log-evidence holding NaN or `+inf`, or `emissions`
+    whose rows are not distributions (non-negative, summing to 1 within the square
+    root of the dtype's epsilon): at once when the arrays are concrete, else (under
+    an outer `jit`, `vmap` or `grad`) by `eqx.error_if` at run time, as an
+    `EquinoxRuntimeError`.
 
     **Example:**
 
@@ -108,6 +130,7 @@ def log_likelihood(
     return checks.guard(tree_log_likelihood(chain))
 
 
+@_inputs_checked("forward")
 @eqx.filter_jit
 @typechecked
 def forward(
@@ -146,6 +169,7 @@ def forward(
     return checks.guard((log_norms, to_states(chain, alphas, model.n_states)))
 
 
+@_inputs_checked("backward")
 @eqx.filter_jit
 @typechecked
 def backward(
@@ -188,6 +212,7 @@ def backward(
     return checks.guard(to_states(chain, us, model.n_states))
 
 
+@_inputs_checked("posteriors")
 @eqx.filter_jit
 @typechecked
 def posteriors(
@@ -245,6 +270,7 @@ def posteriors(
     )
 
 
+@_inputs_checked("viterbi")
 @eqx.filter_jit
 @typechecked
 def viterbi(

@@ -3,6 +3,7 @@ from collections.abc import Sequence
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, Int
 
@@ -10,6 +11,7 @@ from transforms._validation import (
     check_ids,
     check_in_range,
     check_size,
+    checked_eagerly,
     Checks,
     typechecked,
 )
@@ -23,6 +25,8 @@ from ._chain import (
     hard_chain,
     slot_states,
     to_states,
+    well_formed,
+    well_formed_emissions,
 )
 from ._decode import viterbi_scan
 from ._model import _normalise_rows, CHMM
@@ -113,6 +117,39 @@ def _as_batch(fn: str, model: CHMM, x, a, checks: Checks) -> _Batch:
     return _Batch(x, a, None)
 
 
+def _well_formed_batch(model, x, a) -> bool:
+    """Whether `_as_batch` would accept the structure of `(x, a)`: one sequence,
+    an equal-length batch, or equally long lists of sequences of ids."""
+    if isinstance(x, (list, tuple)) and isinstance(a, (list, tuple)):
+        return len(x) == len(a) > 0 and all(
+            well_formed(model, xi, ai, allow_evidence=False) for xi, ai in zip(x, a)
+        )
+    if not (isinstance(x, (np.ndarray, jax.Array)) and np.ndim(x) == 2):
+        return well_formed(model, x, a, allow_evidence=False)
+    return (
+        isinstance(model, CHMM)
+        and isinstance(a, (np.ndarray, jax.Array))
+        and a.shape == x.shape
+        and x.shape[1] >= 1
+        and all(jnp.issubdtype(v.dtype, jnp.integer) for v in (x, a))
+    )
+
+
+def _sequences_checked(fn: str):
+    """The eager precheck of an entry point taking `(model, x, a, ...)` sequences
+    (and, for `learn_emissions`, `emissions`)."""
+
+    def precheck(model, x, a, *args, emissions=None, **kwargs):
+        if not _well_formed_batch(model, x, a):
+            return
+        checks = Checks()
+        _as_batch(fn, model, x, a, checks)
+        if emissions is not None and well_formed_emissions(model, emissions):
+            check_emissions(fn, model, emissions, checks)
+
+    return checked_eagerly(precheck)
+
+
 def _map(f, batch: _Batch):
     if batch.lengths is None:
         return jax.vmap(lambda x, a: f(x, a, None))(batch.x, batch.a)
@@ -143,6 +180,7 @@ def _check_iterations(fn: str, n_iter: int, pseudocount: float) -> None:
     check_in_range(fn, "pseudocount", pseudocount, low=0)
 
 
+@_sequences_checked("expected_counts")
 @eqx.filter_jit
 @typechecked
 def expected_counts(
@@ -185,6 +223,7 @@ def expected_counts(
     return checks.guard(_counts(model, _as_batch(fn, model, x, a, checks), method))
 
 
+@_sequences_checked("em")
 @eqx.filter_jit
 @typechecked
 def em(
@@ -262,6 +301,7 @@ def _viterbi_paths(model: CHMM, batch: _Batch):
     return _map(one, batch)
 
 
+@_sequences_checked("viterbi_em")
 @eqx.filter_jit
 @typechecked
 def viterbi_em(
@@ -345,6 +385,7 @@ def _posteriors_over(model, batch, emissions, method):
     return gammas, pairwise_sum(lnls)
 
 
+@_sequences_checked("learn_emissions")
 @eqx.filter_jit
 @typechecked
 def learn_emissions(
