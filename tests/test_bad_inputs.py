@@ -7,7 +7,12 @@ Python types, out-of-range ids, unnormalised distributions); every other argumen
 valid. The call, eager on concrete values, must raise a `ValueError` or a
 `TypeError` whose message names the argument: a result, even a NaN, is a failure, and
 so is Equinox's run-time error (the checks of traced values), which a concrete bad
-input must never reach. Shapes stay fixed and tiny so that compiled entry points compile once.
+input must never reach. Shapes stay fixed and tiny so that compiled entry points
+compile once.
+
+Under pytest, jaxtyping's import hook checks annotated functions before the
+library does; `test_the_library_names_the_argument_without_the_import_hook` runs
+every case again in a process without the hook, as a user calls them.
 
 `test_every_public_name_is_accounted_for` enumerates the public names of
 `eqx_models` and `transforms`: each has a bad-input case here, or a stated reason
@@ -17,6 +22,9 @@ that it takes no user values.
 import collections
 import functools
 import importlib
+import os
+import subprocess
+import sys
 import types
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -1340,6 +1348,73 @@ def test_bad_input_is_refused_naming_the_argument(family, index, data):
     message = str(info.value)
     assert _names_the_argument(message, case.arg), (case.name, case.arg, message)
     TRIED[family] += 1
+
+
+def _outcomes(case: Case, max_examples: int) -> list[str]:
+    """What went wrong when `case` ran its bad values (nothing: all refused well)."""
+    from hypothesis import HealthCheck, settings
+
+    found: list[str] = []
+
+    @settings(
+        max_examples=max_examples,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(data=st.data())
+    def run(data):
+        value = data.draw(case.values)
+        try:
+            jax.block_until_ready(case.call(value))
+        except (ValueError, TypeError) as error:
+            if not _names_the_argument(str(error), case.arg):
+                found.append(f"{type(error).__name__}: {error}"[:300])
+            return
+        except Exception as error:
+            found.append(f"{type(error).__name__}: {error}"[:300])
+            return
+        found.append(f"a result for {value!r}"[:300])
+
+    run()
+    return found
+
+
+def problems_without_the_hook(max_examples: int) -> list[str]:
+    """Run every case as a user would, without jaxtyping's import hook (which
+    checks annotated functions first, in its own words, under pytest): the library's
+    own checks must still refuse each bad value with a message naming the argument.
+    Returns what went wrong, one line per case."""
+    problems = []
+    for family in _FAMILIES:
+        for case in cases(family):
+            found = _outcomes(case, max_examples)
+            if found:
+                problems.append(f"{case.name}({case.arg}=...): {found[0]}")
+    return problems
+
+
+@pytest.mark.slow
+def test_the_library_names_the_argument_without_the_import_hook():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+    code = (
+        "from tests.test_bad_inputs import problems_without_the_hook as run\n"
+        "problems = run(3)\n"
+        "print(*problems, sep='\\n')\n"
+        "raise SystemExit(1 if problems else 0)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
 
 
 @pytest.fixture(scope="module", autouse=True)
