@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from transforms._validation import fail, is_concrete
+from transforms.validation import fail, is_concrete
 
 
 class Channel(enum.IntEnum):

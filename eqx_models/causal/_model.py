@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from transforms._validation import (
+from transforms.validation import (
     check_bool,
     check_size,
     fail,

@@ -19,7 +19,7 @@ from transforms import (
     uncertainty_weighted,
     with_fallback,
 )
-from transforms._validation import (
+from transforms.validation import (
     check_bool,
     check_callable,
     check_in_range,

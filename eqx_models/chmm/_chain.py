@@ -20,7 +20,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
-from transforms._validation import (
+from transforms.validation import (
     check_choice,
     check_ids,
     check_in_range,

@@ -6,7 +6,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from transforms._validation import (
+from transforms.validation import (
     check_ids,
     check_in_range,
     check_size,

@@ -5,7 +5,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from transforms._validation import (
+from transforms.validation import (
     check_in_range,
     checked_eagerly,
     Checks,

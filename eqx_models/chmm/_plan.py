@@ -7,7 +7,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from transforms._validation import (
+from transforms.validation import (
     check_choice,
     check_ids,
     check_size,

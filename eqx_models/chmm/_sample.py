@@ -6,7 +6,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Int, PRNGKeyArray
 
-from transforms._validation import check_ids, checked_eagerly, Checks, typechecked
+from transforms.validation import check_ids, checked_eagerly, Checks, typechecked
 
 from ._chain import safe_log
 from ._model import CHMM

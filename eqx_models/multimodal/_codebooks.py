@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from transforms._validation import (
+from transforms.validation import (
     check_bool,
     check_finite,
     check_type,

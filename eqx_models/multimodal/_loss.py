@@ -15,7 +15,7 @@ from transforms import (
     soft_cross_entropy,
     two_hot,
 )
-from transforms._validation import (
+from transforms.validation import (
     check_choice,
     check_ids,
     check_in_range,

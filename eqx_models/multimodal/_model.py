@@ -10,7 +10,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from transforms._validation import (
+from transforms.validation import (
     check_bool,
     check_choice,
     check_in_range,

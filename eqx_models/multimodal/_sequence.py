@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from transforms._validation import check_size, check_type, describe, fail
+from transforms.validation import check_size, check_type, describe, fail
 
 from ._vocab import (
     BOS,

@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 from jaxtyping import PRNGKeyArray
 
 from transforms import fit, FitResult, make_train_step, shard_batch
-from transforms._validation import (
+from transforms.validation import (
     check_bool,
     check_callable,
     check_in_range,
@@ -70,7 +70,7 @@ class TrainConfig:
     checkpoint_every: int = 0
 
     def __post_init__(self):
-        from transforms._validation import check_in_range, check_size
+        from transforms.validation import check_in_range, check_size
 
         name = "TrainConfig"
         check_size(name, "n_steps", self.n_steps)

@@ -4,7 +4,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Int
 
-from transforms._validation import check_size, typechecked
+from transforms.validation import check_size, typechecked
 
 
 PAD = 0

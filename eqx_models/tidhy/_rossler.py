@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from transforms._validation import check_in_range, check_size, describe, fail
+from transforms.validation import check_in_range, check_size, describe, fail
 
 
 class RosslerSample(NamedTuple):

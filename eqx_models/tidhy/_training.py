@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from transforms._validation import (
+from transforms.validation import (
     check_bool,
     check_finite,
     check_in_range,

@@ -1,7 +1,7 @@
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from transforms._validation import check_size, typechecked
+from transforms.validation import check_size, typechecked
 
 
 @typechecked

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, strategies as st
 from jaxtyping import Array, Float, Int, TypeCheckError
 
-from transforms._validation import (
+from transforms.validation import (
     check_bool,
     check_callable,
     check_choice,
