@@ -22,6 +22,7 @@ that it takes no user values.
 import collections
 import functools
 import importlib
+import inspect
 import os
 import subprocess
 import sys
@@ -1504,6 +1505,30 @@ def test_every_public_name_is_accounted_for():
     assert not missing, f"public names without a bad-input case: {sorted(missing)}"
     unknown = set(NO_USER_VALUES) - public
     assert not unknown, f"not public names: {sorted(unknown)}"
+
+
+def _docstrings(obj) -> list[str]:
+    """The docstrings that describe calling `obj`: its own and, for a class, those
+    of its `__init__` and `__call__`."""
+    docs = [inspect.getdoc(obj) or ""]
+    if inspect.isclass(obj):
+        for method in ("__init__", "__call__"):
+            if method in vars(obj):
+                docs.append(inspect.getdoc(vars(obj)[method]) or "")
+    return docs
+
+
+def test_every_public_callable_documents_what_it_rejects():
+    # The names that take user values (those with bad-input cases): each says
+    # what it refuses in a `**Raises:**` section, the docs' style.
+    undocumented = []
+    for name in sorted(_public_names() - set(NO_USER_VALUES)):
+        prefix, attr = name.split(".", 1)
+        obj = getattr(importlib.import_module(_MODULES[prefix]), attr)
+        assert callable(obj), name
+        if not any("**Raises:**" in doc for doc in _docstrings(obj)):
+            undocumented.append(name)
+    assert not undocumented, f"no **Raises:** section: {undocumented}"
 
 
 def test_every_family_has_cases():

@@ -93,21 +93,38 @@ def fail(
 
 
 def check_type(fn: str, arg: str, value: Any, types, expected: str) -> Any:
-    """Raise a `TypeError` unless `isinstance(value, types)`; returns `value`."""
+    """Raise a `TypeError` unless `isinstance(value, types)`; returns `value`.
+
+    **Raises:**
+
+    `TypeError` naming `arg`, `expected` (a phrase: `"a TaskConfig"`) and what was
+    got.
+    """
     if not isinstance(value, types):
         raise fail(fn, arg, expected, describe(value), TypeError)
     return value
 
 
 def check_callable(fn: str, arg: str, value: Any) -> Any:
-    """Raise a `TypeError` unless `value` is callable; returns it."""
+    """Raise a `TypeError` unless `value` is callable; returns it.
+
+    **Raises:**
+
+    `TypeError` for a value that is not callable.
+    """
     if not callable(value):
         raise fail(fn, arg, "callable", describe(value), TypeError)
     return value
 
 
 def check_choice(fn: str, arg: str, value: Any, choices: Sequence) -> Any:
-    """Raise a `ValueError` unless `value` is one of `choices`; returns it."""
+    """Raise a `ValueError` unless `value` is one of `choices`; returns it.
+
+    **Raises:**
+
+    `ValueError` for another value, an array, or a bool where the choices are not
+    bools (`True == 1` is not taken as a match).
+    """
     # `value in choices` would compare an array elementwise, or find `1 == True`.
     if isinstance(value, (np.ndarray, jax.Array)) or not any(
         isinstance(value, bool) == isinstance(c, bool) and value == c for c in choices
@@ -117,7 +134,12 @@ def check_choice(fn: str, arg: str, value: Any, choices: Sequence) -> Any:
 
 
 def check_bool(fn: str, arg: str, value: Any) -> bool:
-    """Raise a `TypeError` unless `value` is a Python or NumPy bool; returns it."""
+    """Raise a `TypeError` unless `value` is a Python or NumPy bool; returns it.
+
+    **Raises:**
+
+    `TypeError` for anything else, `0` and `1` included.
+    """
     if not isinstance(value, (bool, np.bool_)):
         raise fail(fn, arg, "a bool", describe(value), TypeError)
     return bool(value)
@@ -356,7 +378,13 @@ def check_interval(
 
 
 def check_finite(fn: str, arg: str, x: Any, *, checks: Checks | None = None) -> Any:
-    """Every entry of `x` finite (no NaN, no `±inf`); see `check_in_range`."""
+    """Every entry of `x` finite (no NaN, no `±inf`); see `check_in_range`.
+
+    **Raises:**
+
+    `TypeError` for a value that is not a real number or array; `ValueError` for a
+    non-finite entry (when traced: at run time, by `eqx.error_if`).
+    """
     return check_in_range(fn, arg, x, checks=checks)
 
 
