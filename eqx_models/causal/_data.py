@@ -75,12 +75,12 @@ def check_values(
     `jit`)."""
     concrete = is_concrete(data, sample_mask, variable_mask)
     xp: Any = np if concrete else jnp
-    arrays = data
+    arrays: Any = data
+    rows: Any = sample_mask
+    columns: Any = variable_mask
     if concrete:
-        arrays, sample_mask, variable_mask = (
-            np.asarray(v) for v in (data, sample_mask, variable_mask)
-        )
-    cell = sample_mask[:, None] & variable_mask[None, :]
+        arrays, rows, columns = (np.asarray(v) for v in (data, rows, columns))
+    cell = rows[:, None] & columns[None, :]
     values = arrays[..., Channel.VALUE]
     indicators = arrays[..., Channel.INTERVENED :]
     marks = xp.where(cell, arrays[..., Channel.TARGET] == 1, False)
@@ -98,12 +98,12 @@ def check_values(
             "another value",
         ),
         (
-            xp.any(sample_mask & (per_row != 1)),
+            xp.any(rows & (per_row != 1)),
             "a target channel marking exactly one variable in every row",
             "a row marking none or several",
         ),
         (
-            xp.any(sample_mask & ~marks[:, target]),
+            xp.any(rows & ~marks[:, target]),
             "a target channel marking the same variable in every row",
             "rows marking different variables",
         ),
