@@ -144,6 +144,10 @@ def _is_weight(path) -> bool:
     return isinstance(last, jax.tree_util.GetAttrKey) and last.name.startswith("w_")
 
 
+def _weight_mask(params):
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: _is_weight(path), params)
+
+
 def weight_decay_mask(params):
     """`True` for the weight matrices of a model (fields named `w_*`), else `False`.
 
@@ -155,7 +159,7 @@ def weight_decay_mask(params):
     `ValueError` if `params` holds no weight matrix (no array in a field named
     `w_*`): its mask would be all `False`, i.e. no weight decay, without a word.
     """
-    mask = jax.tree_util.tree_map_with_path(lambda path, leaf: _is_weight(path), params)
+    mask = _weight_mask(params)
     if not any(jax.tree.leaves(mask)):
         raise fail(
             "weight_decay_mask",
@@ -380,7 +384,8 @@ def surrogate_optimizer(
     return optax.chain(
         optax.clip_by_global_norm(clip_norm),
         optax.scale_by_adam(),
-        optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
+        # Unchecked: the optimiser also serves pytrees without weight matrices.
+        optax.add_decayed_weights(weight_decay, mask=_weight_mask),
         _scale_by_warmup_cosine(
             peak_learning_rate, warmup_steps, end_learning_rate, n_steps
         ),
