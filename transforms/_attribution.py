@@ -144,6 +144,12 @@ class AttributionStep(eqx.Module):
         state (8), and a non-finite update is not applied: the model and optimiser
         state given are returned. Check it before using `dots` (they may be
         non-finite too).
+
+        **Raises:**
+
+        `TypeError` if a batch is not a tuple of arrays (a list or a dict
+        included), `ValueError` if it is empty or its arrays differ in their leading
+        (batch) axis; the message names `train_batch` or `val_batch`.
         """
         train = as_batch(_NAME, "train_batch", train_batch)
         val = as_batch(_NAME, "val_batch", val_batch)
@@ -155,7 +161,12 @@ class AttributionStep(eqx.Module):
         return compiled((self, train, val), model, opt_state)
 
     def plan(self, model: Any, train_batch: Any) -> GhostPlan:
-        """How the ghost path treats each parameter; see [`transforms.GhostPlan`][]."""
+        """How the ghost path treats each parameter; see [`transforms.GhostPlan`][].
+
+        **Raises:**
+
+        As for calling the step, for `train_batch`.
+        """
         s = setup(_NAME, self.loss_fn, model, train_batch, arg="train_batch")
         return s.analyse("dots").plan
 
@@ -260,7 +271,15 @@ class ShapleyState(NamedTuple):
 
 class InRunShapley(NamedTuple):
     """An `(init, update)` pair in the style of optax; see
-    [`transforms.in_run_shapley`][]."""
+    [`transforms.in_run_shapley`][].
+
+    **Raises:**
+
+    From `update(state, indices, dots, learning_rate)`: `ValueError` if `indices`
+    and `dots` differ in shape, if an index is outside `[0, n_train)`, or if `dots`
+    or `learning_rate` is not finite (at once for concrete arrays, by
+    `eqx.error_if` under `jit`).
+    """
 
     init: Callable[[], ShapleyState]
     update: Callable[..., ShapleyState]

@@ -181,6 +181,13 @@ class UncertaintyWeighted(eqx.Module):
         The weighted divergence, one value per distribution (the shape of
         `divergence(log_p, log_q)`). The weight is a constant for the gradient
         with respect to `log_q`; it depends on `log_p` only.
+
+        **Raises:**
+
+        `ValueError` if `log_p` (checked by [`transforms.entropy`][]) or, with the
+        default divergence, `log_q` does not hold log-probabilities along `axis`
+        (NaN, `+inf`, or exponentials not summing to 1): at once for concrete
+        arrays, by `eqx.error_if` under `jit`.
         """
         weight = jnp.exp(-self.scale * entropy(log_p, axis=self.axis))
         return weight * self.divergence(log_p, log_q)

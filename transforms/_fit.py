@@ -17,6 +17,7 @@ from ._checkpoint import (
 )
 from ._fallback import FallbackStep
 from ._train_step import nonfinite_mask, nonfinite_parts
+from ._validation import check_bool, check_callable, check_size, describe, fail
 
 
 # The guard for steps that report no `nonfinite` metric: the parameters and the
@@ -238,15 +239,32 @@ def fit(
     `finite_metrics` naming a metric the step does not report (at the first step).
     `TypeError` for `deterministic=True` with a step that has no such option, a
     string as `finite_metrics`, or if `metadata` is not a JSON-serialisable mapping
-    (before any step).
+    (before any step). Before anything runs: `TypeError` if `step`, `eval_fn` or
+    `on_resume` is not callable, `data` neither callable nor iterable, a flag not
+    a bool, or `n_steps`, `eval_every` or `checkpoint_every` not an integer;
+    `ValueError` if one of those is negative.
     """
-    if n_steps < 0:
-        raise ValueError(f"fit: `n_steps` must be >= 0, got {n_steps}.")
-    if eval_every < 0 or checkpoint_every < 0:
-        raise ValueError(
-            f"fit: `eval_every` and `checkpoint_every` must be >= 0, got "
-            f"{eval_every} and {checkpoint_every}."
-        )
+    check_callable("fit", "step", step)
+    if isinstance(data, (str, bytes)) or not (
+        callable(data) or isinstance(data, Iterable)
+    ):
+        expected = "a function of the step index or an iterable of batches"
+        raise fail("fit", "data", expected, describe(data), TypeError)
+    n_steps = check_size("fit", "n_steps", n_steps, minimum=0)
+    eval_every = check_size("fit", "eval_every", eval_every, minimum=0)
+    checkpoint_every = check_size(
+        "fit", "checkpoint_every", checkpoint_every, minimum=0
+    )
+    for arg, function in (("eval_fn", eval_fn), ("on_resume", on_resume)):
+        if function is not None:
+            check_callable("fit", arg, function)
+    for arg, flag in (
+        ("resume", resume),
+        ("allow_config_change", allow_config_change),
+        ("deterministic", deterministic),
+        ("progress", progress),
+    ):
+        check_bool("fit", arg, flag)
     if eval_every and eval_fn is None:
         raise ValueError("fit: `eval_every` > 0 needs an `eval_fn`.")
     if (checkpoint_every or resume) and checkpoint_path is None:

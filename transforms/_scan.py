@@ -196,6 +196,11 @@ class ScanOptimizer(eqx.Module):
 
         `(solution, stats)`: the latents after the last iteration (same structure as
         `init`) and an [`transforms.OptimizeStats`][].
+
+        **Raises:**
+
+        `TypeError` if `init` is not a non-empty pytree of floating-point arrays;
+        the objective's own errors.
         """
         leaves = jax.tree.leaves(init)
         if not leaves or not all(eqx.is_inexact_array(x) for x in leaves):

@@ -4,11 +4,20 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
 from ._determinism import compile_variants
 from ._sharding import replicate, shard_batch
+from ._validation import (
+    check_bool,
+    check_callable,
+    check_in_range,
+    check_type,
+    describe,
+    fail,
+)
 
 
 _RESERVED_METRICS = ("loss", "grad_norm", "learning_rate", "nonfinite")
@@ -157,7 +166,16 @@ class TrainStep(eqx.Module):
         `nonfinite` (see [`transforms.make_train_step`][]) and `learning_rate` where
         it can be known. When `nonfinite` is not 0 the returned model and optimiser
         state are the ones given (the update is not applied).
+
+        **Raises:**
+
+        `TypeError` if `key` is neither a PRNG key (an array) nor `None`; the loss
+        function's own errors.
         """
+        if key is not None and not isinstance(key, (jax.Array, np.ndarray)):
+            raise fail(
+                "TrainStep", "key", "a PRNG key or None", describe(key), TypeError
+            )
         if self.mesh is not None:
             batch = shard_batch(batch, self.mesh, self.data_axis)
             model, opt_state, key = replicate((model, opt_state, key), self.mesh)
@@ -224,11 +242,12 @@ def make_train_step(
 
     **Raises:**
 
-    `TypeError` if `loss_fn` is not callable or `optimizer` not an
-    `optax.GradientTransformation`; `ValueError` if `data_axis` is not an axis of
-    `mesh`. When the step is called: `TypeError` if `has_aux=True` and the aux is
-    not a dict, `ValueError` if the aux uses a reserved metric name (`loss`,
-    `grad_norm`, `learning_rate`, `nonfinite`).
+    `TypeError` if `loss_fn` is not callable, `optimizer` not an
+    `optax.GradientTransformation`, `mesh` not a `Mesh` or a flag not a bool;
+    `ValueError` for a `learning_rate` number that is not positive and finite, or
+    if `data_axis` is not an axis of `mesh`. When the step is called: `TypeError`
+    if `has_aux=True` and the aux is not a dict, `ValueError` if the aux uses a
+    reserved metric name (`loss`, `grad_norm`, `learning_rate`, `nonfinite`).
 
     !!! example
 
@@ -243,15 +262,28 @@ def make_train_step(
         model, opt_state, metrics = step(model, opt_state, (x, y), key)
         ```
     """
-    if not callable(loss_fn):
-        raise TypeError(
-            f"make_train_step: `loss_fn` must be callable, got {loss_fn!r}."
+    name = "make_train_step"
+    check_callable(name, "loss_fn", loss_fn)
+    check_type(
+        name,
+        "optimizer",
+        optimizer,
+        optax.GradientTransformation,
+        "an optax.GradientTransformation",
+    )
+    if learning_rate is not None and not callable(learning_rate):
+        check_in_range(
+            name, "learning_rate", learning_rate, low=0, inclusive=(False, True)
         )
-    if not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(
-            "make_train_step: `optimizer` must be an optax.GradientTransformation, "
-            f"got {type(optimizer).__name__}."
-        )
+    if mesh is not None:
+        check_type(name, "mesh", mesh, Mesh, "a jax.sharding.Mesh or None")
+    check_type(name, "data_axis", data_axis, str, "a mesh axis name (a str)")
+    for arg, flag in (
+        ("has_aux", has_aux),
+        ("donate", donate),
+        ("deterministic", deterministic),
+    ):
+        check_bool(name, arg, flag)
     if mesh is not None and data_axis not in mesh.axis_names:
         raise ValueError(
             f"make_train_step: `data_axis` {data_axis!r} is not an axis of the mesh "

@@ -34,6 +34,40 @@ def is_traced(x: Any) -> bool:
     return isinstance(x, Tracer)
 
 
+def is_concrete(*trees: Any) -> bool:
+    """Whether no leaf of `trees` is traced: an eager call, whose arrays have values
+    that can be checked at once."""
+    return not any(is_traced(leaf) for leaf in jax.tree.leaves(trees))
+
+
+def checked_eagerly(precheck: Callable) -> Callable[[Callable], Callable]:
+    """Run `precheck(*args, **kwargs)` before a compiled entry point when every
+    argument is concrete.
+
+    Inside a compiled function every argument is traced, so its value checks can
+    only be `eqx.error_if`s, which an eager caller would meet as an
+    `EquinoxRuntimeError` (or, on some backends, an XLA error wrapping it). Called
+    with concrete arrays, the entry point runs the same checks first, in NumPy,
+    and a bad value raises the plain `ValueError` at the call. Under an outer
+    `jit` (or `vmap`, `grad`) the precheck is skipped and the compiled checks
+    guard the result. The precheck costs one device-to-host copy of the checked
+    arrays per eager call.
+
+    Put it above `eqx.filter_jit`; `precheck` takes the entry point's arguments.
+    """
+
+    def decorate(compiled: Callable) -> Callable:
+        @functools.wraps(compiled)
+        def entry(*args, **kwargs):
+            if is_concrete(args, kwargs):
+                precheck(*args, **kwargs)
+            return compiled(*args, **kwargs)
+
+        return entry
+
+    return decorate
+
+
 def describe(value: Any) -> str:
     """A short description of a value for an error message: small values in full,
     arrays by dtype and shape, anything else by type (never a whole pytree)."""
@@ -59,21 +93,38 @@ def fail(
 
 
 def check_type(fn: str, arg: str, value: Any, types, expected: str) -> Any:
-    """Raise a `TypeError` unless `isinstance(value, types)`; returns `value`."""
+    """Raise a `TypeError` unless `isinstance(value, types)`; returns `value`.
+
+    **Raises:**
+
+    `TypeError` naming `arg`, `expected` (a phrase: `"a TaskConfig"`) and what was
+    got.
+    """
     if not isinstance(value, types):
         raise fail(fn, arg, expected, describe(value), TypeError)
     return value
 
 
 def check_callable(fn: str, arg: str, value: Any) -> Any:
-    """Raise a `TypeError` unless `value` is callable; returns it."""
+    """Raise a `TypeError` unless `value` is callable; returns it.
+
+    **Raises:**
+
+    `TypeError` for a value that is not callable.
+    """
     if not callable(value):
         raise fail(fn, arg, "callable", describe(value), TypeError)
     return value
 
 
 def check_choice(fn: str, arg: str, value: Any, choices: Sequence) -> Any:
-    """Raise a `ValueError` unless `value` is one of `choices`; returns it."""
+    """Raise a `ValueError` unless `value` is one of `choices`; returns it.
+
+    **Raises:**
+
+    `ValueError` for another value, an array, or a bool where the choices are not
+    bools (`True == 1` is not taken as a match).
+    """
     # `value in choices` would compare an array elementwise, or find `1 == True`.
     if isinstance(value, (np.ndarray, jax.Array)) or not any(
         isinstance(value, bool) == isinstance(c, bool) and value == c for c in choices
@@ -83,7 +134,12 @@ def check_choice(fn: str, arg: str, value: Any, choices: Sequence) -> Any:
 
 
 def check_bool(fn: str, arg: str, value: Any) -> bool:
-    """Raise a `TypeError` unless `value` is a Python or NumPy bool; returns it."""
+    """Raise a `TypeError` unless `value` is a Python or NumPy bool; returns it.
+
+    **Raises:**
+
+    `TypeError` for anything else, `0` and `1` included.
+    """
     if not isinstance(value, (bool, np.bool_)):
         raise fail(fn, arg, "a bool", describe(value), TypeError)
     return bool(value)
@@ -322,7 +378,13 @@ def check_interval(
 
 
 def check_finite(fn: str, arg: str, x: Any, *, checks: Checks | None = None) -> Any:
-    """Every entry of `x` finite (no NaN, no `±inf`); see `check_in_range`."""
+    """Every entry of `x` finite (no NaN, no `±inf`); see `check_in_range`.
+
+    **Raises:**
+
+    `TypeError` for a value that is not a real number or array; `ValueError` for a
+    non-finite entry (when traced: at run time, by `eqx.error_if`).
+    """
     return check_in_range(fn, arg, x, checks=checks)
 
 

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from transforms._validation import check_size
+from transforms.validation import check_size
 
 
 MAX_CANDIDATE_SETS = 100_000

@@ -6,10 +6,14 @@ read it. Naming the channels and checking shapes (at trace time) and values (wit
 """
 
 import enum
+from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
+
+from transforms.validation import fail, is_concrete
 
 
 class Channel(enum.IntEnum):
@@ -71,34 +75,52 @@ def check_values(
     sample_mask: Bool[Array, " N"],
     variable_mask: Bool[Array, " d"],
 ) -> tuple[Float[Array, "N d 3"], Int[Array, ""]]:
-    """Value checks with `eqx.error_if` (they run inside `jit`); returns the data
-    (threaded through the checks) and the target index."""
-    cell = sample_mask[:, None] & variable_mask[None, :]
-    values = data[..., Channel.VALUE]
-    indicators = data[..., Channel.INTERVENED :]
-    data = eqx.error_if(
-        data,
-        jnp.any(cell & ~jnp.isfinite(values)),
-        f"{name}: `data` has non-finite values (NaN or inf) in the value channel.",
+    """Value checks of AVICI data; returns the data and the target index.
+
+    Concrete arrays are checked at once (a `ValueError`); traced ones by
+    `eqx.error_if`s that the returned data is threaded through (they run inside
+    `jit`)."""
+    concrete = is_concrete(data, sample_mask, variable_mask)
+    xp: Any = np if concrete else jnp
+    arrays: Any = data
+    rows: Any = sample_mask
+    columns: Any = variable_mask
+    if concrete:
+        arrays, rows, columns = (np.asarray(v) for v in (data, rows, columns))
+    cell = rows[:, None] & columns[None, :]
+    values = arrays[..., Channel.VALUE]
+    indicators = arrays[..., Channel.INTERVENED :]
+    marks = xp.where(cell, arrays[..., Channel.TARGET] == 1, False)
+    per_row = xp.sum(marks, axis=1)
+    target = xp.argmax(xp.sum(marks, axis=0))
+    problems = (
+        (
+            xp.any(cell & ~xp.isfinite(values)),
+            "finite in the value channel",
+            "non-finite values (NaN or inf)",
+        ),
+        (
+            xp.any(cell[..., None] & (indicators != 0) & (indicators != 1)),
+            "0 or 1 in the intervened and target channels",
+            "another value",
+        ),
+        (
+            xp.any(rows & (per_row != 1)),
+            "a target channel marking exactly one variable in every row",
+            "a row marking none or several",
+        ),
+        (
+            xp.any(rows & ~marks[:, target]),
+            "a target channel marking the same variable in every row",
+            "rows marking different variables",
+        ),
     )
-    data = eqx.error_if(
-        data,
-        jnp.any(cell[..., None] & (indicators != 0) & (indicators != 1)),
-        f"{name}: the intervened and target channels of `data` must be 0 or 1.",
-    )
-    marks = jnp.where(cell, data[..., Channel.TARGET] == 1, False)
-    per_row = jnp.sum(marks, axis=1)
-    target = jnp.argmax(jnp.sum(marks, axis=0))
-    data = eqx.error_if(
-        data,
-        jnp.any(sample_mask & (per_row != 1)),
-        f"{name}: the target channel of `data` must mark exactly one variable in "
-        f"every row; some row marks none or several.",
-    )
-    data = eqx.error_if(
-        data,
-        jnp.any(sample_mask & ~marks[:, target]),
-        f"{name}: the target channel of `data` must mark the same variable in every "
-        f"row.",
-    )
-    return data, target
+    for bad, expected, got in problems:
+        if concrete:
+            if bad:
+                raise fail(name, "data", expected, got)
+        else:
+            data = eqx.error_if(
+                data, bad, f"{name}: `data` must be {expected}, got {got}."
+            )
+    return data, jnp.asarray(target)

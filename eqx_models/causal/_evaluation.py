@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transforms import kl_divergence, total_variation
-from transforms._validation import check_size, check_type
+from transforms.validation import check_size, check_type
 
 from ._candidates import candidate_parent_sets
 from ._data import Channel

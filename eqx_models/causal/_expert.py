@@ -11,10 +11,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from transforms._validation import (
+from transforms.validation import (
     check_choice,
     check_ids,
     check_probabilities,
+    is_concrete,
     typechecked,
 )
 
@@ -297,12 +298,13 @@ def exact_parent_posterior(
 
     **Raises:**
 
-    `ValueError` at trace time if `data` is not `(N, d, 3)`, if `N < K' + 2` (too
-    few rows for the largest set), or if `(d, K)` has more than
-    `MAX_CANDIDATE_SETS` sets; at run time (`eqx.error_if`) if values are not
-    finite, an indicator is not 0/1, the target channel does not mark exactly one
-    variable (the same in every row), or (with `on_degenerate="raise"`) the
-    posterior is degenerate.
+    `ValueError` if `data` is not `(N, d, 3)`, if `N < K' + 2` (too few rows for
+    the largest set), or if `(d, K)` has more than `MAX_CANDIDATE_SETS` sets; a
+    `ValueError` too if values are not finite, an indicator is not 0/1, the target
+    channel does not mark exactly one variable (the same in every row), or (with
+    `on_degenerate="raise"`) the posterior is degenerate: at once for concrete
+    data, else (under an outer `jit` or `vmap`) by `eqx.error_if` at run time, as
+    an `EquinoxRuntimeError`.
 
     !!! example
 
@@ -322,9 +324,28 @@ def exact_parent_posterior(
             f"{name}: `data` has N = {n_rows} rows, too few for parent sets of size "
             f"{table.max_parents} (need N >= K + 2 = {table.max_parents + 2})."
         )
-    return _checked_posterior(
-        data, sample_mask, variable_mask, max_parents, on_degenerate == "raise"
+    eager = is_concrete(data, sample_mask, variable_mask)
+    if eager:
+        # Concrete data: bad values and a degenerate posterior raise a plain
+        # `ValueError` here rather than a run-time error from the compiled code.
+        check_values(name, data, sample_mask, variable_mask)
+    posterior = _checked_posterior(
+        data,
+        sample_mask,
+        variable_mask,
+        max_parents,
+        on_degenerate == "raise" and not eager,
     )
+    if eager and on_degenerate == "raise" and bool(posterior.degenerate):
+        raise ValueError(_DEGENERATE)
+    return posterior
+
+
+_DEGENERATE = (
+    "exact_parent_posterior: the posterior is degenerate for these data (fewer "
+    "than K + 2 rows without an intervention on the target, a constant variable, "
+    "collinear variables, or a non-finite score)."
+)
 
 
 # Compiled as one program even when called eagerly (op-by-op dispatch of the
@@ -343,11 +364,5 @@ def _checked_posterior(data, sample_mask, variable_mask, max_parents, raise_dege
         max_parents,
     )
     if raise_degenerate:
-        log_probs = eqx.error_if(
-            log_probs,
-            degenerate,
-            f"{name}: the posterior is degenerate for these data (fewer than K + 2 "
-            f"rows without an intervention on the target, a constant variable, "
-            f"collinear variables, or a non-finite score).",
-        )
+        log_probs = eqx.error_if(log_probs, degenerate, _DEGENERATE)
     return ParentSetPosterior(log_probs, log_bf, edge_probs, n, target, degenerate)

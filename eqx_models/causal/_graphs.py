@@ -13,7 +13,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from transforms._validation import (
+from transforms.validation import (
     check_choice,
     check_ids,
     check_in_range,

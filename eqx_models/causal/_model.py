@@ -14,7 +14,13 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from transforms._validation import check_bool, check_size, fail, typechecked
+from transforms.validation import (
+    check_bool,
+    check_size,
+    fail,
+    is_concrete,
+    typechecked,
+)
 
 from .._layer_ops import layer_norm
 from ._candidates import candidate_parent_sets, checked_table
@@ -368,17 +374,21 @@ class ParentSetPredictionModel(eqx.Module):
 
         **Raises:**
 
-        `ValueError` at trace time if `data` is not `(N, d, 3)`, a mask has the wrong
-        shape, or `(d, K)` exceeds `MAX_CANDIDATE_SETS`; at run time
-        (`eqx.error_if`) for non-finite values, indicators that are not 0/1, or a
-        target channel that does not mark exactly one variable, the same in every
-        row.
+        `ValueError` if `data` is not `(N, d, 3)`, a mask has the wrong shape, or
+        `(d, K)` exceeds `MAX_CANDIDATE_SETS`; `ValueError` too for non-finite
+        values, indicators that are not 0/1, or a target channel that does not mark
+        exactly one variable, the same in every row: at once for concrete data,
+        else (under `jit` or `vmap`) by `eqx.error_if` at run time.
         """
         name = "ParentSetPredictionModel"
         sample_mask, variable_mask = check_shapes(
             name, data, sample_mask, variable_mask
         )
         checked_table(name, data.shape[1], self.max_parents)
+        if is_concrete(data, sample_mask, variable_mask):
+            # Concrete data: a bad value is a plain `ValueError` here, not a
+            # run-time error from the compiled forward pass.
+            check_values(name, data, sample_mask, variable_mask)
         return _forward(self, data, sample_mask, variable_mask)
 
 

@@ -10,9 +10,16 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from transforms._validation import check_interval, typechecked
+from transforms.validation import (
+    check_interval,
+    describe,
+    fail,
+    is_traced,
+    typechecked,
+)
 
 from ._graphs import check_acyclic
 
@@ -30,9 +37,9 @@ class LinearGaussianSCM(eqx.Module):
 
     **Raises:**
 
-    `ValueError` if the arrays do not have the shapes `(d, d)`, `(d, d)`, `(d,)`,
-    `(d,)`. [`eqx_models.causal.simulate`][] refuses a model whose graph has a
-    cycle.
+    `TypeError` if a field is not an array; `ValueError` if the arrays do not have
+    the shapes `(d, d)`, `(d, d)`, `(d,)`, `(d,)`.
+    [`eqx_models.causal.simulate`][] refuses a model whose graph has a cycle.
     """
 
     adjacency: Bool[Array, "d d"]
@@ -41,6 +48,19 @@ class LinearGaussianSCM(eqx.Module):
     noise_scale: Float[Array, " d"]
 
     def __check_init__(self):
+        for name in ("adjacency", "weights", "bias", "noise_scale"):
+            value = getattr(self, name)
+            if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+                raise fail(
+                    "LinearGaussianSCM", name, "an array", describe(value), TypeError
+                )
+        if self.adjacency.ndim != 2:
+            raise fail(
+                "LinearGaussianSCM",
+                "adjacency",
+                "a (d, d) array",
+                f"shape {self.adjacency.shape}",
+            )
         d = self.adjacency.shape[0]
         shapes = {
             "adjacency": (self.adjacency.shape, (d, d)),
@@ -242,9 +262,9 @@ def simulate(
 
     **Raises:**
 
-    `ValueError` if the two arrays differ in length, or if the SCM's graph (its
-    adjacency and non-zero weights) has a cycle (at run time under `jit`); an
-    `eqx.error_if` runtime error if a node index is `>= d`.
+    `ValueError` if the two arrays differ in length, if the SCM's graph (its
+    adjacency and non-zero weights) has a cycle, or if a node index is `>= d`: at
+    once for concrete arrays, at run time (`eqx.error_if`) under `jit`.
     """
     n = intervened_node.shape[0]
     if intervention_value.shape != (n,):
@@ -258,11 +278,23 @@ def simulate(
     intervened_node = check_acyclic(
         "simulate", "scm.weights", support, guard=intervened_node
     )
-    intervened_node = eqx.error_if(
-        intervened_node,
-        jnp.any(intervened_node >= d),
-        f"simulate: `intervened_node` has an index >= d = {d}.",
-    )
+    expected = f"-1 (no intervention) or a node index in [0, d) = [0, {d})"
+    if is_traced(intervened_node):
+        intervened_node = eqx.error_if(
+            intervened_node,
+            jnp.any(intervened_node >= d),
+            f"simulate: `intervened_node` must be {expected}, got an index >= d "
+            "(checked at run time).",
+        )
+    elif np.any(np.asarray(intervened_node) >= d):
+        nodes = np.asarray(intervened_node)
+        first = int(np.argmax(nodes >= d))
+        raise fail(
+            "simulate",
+            "intervened_node",
+            expected,
+            f"{nodes[first].item()!r} at index {first}",
+        )
     dtype = scm.weights.dtype
     onehot = intervened_node[:, None] == jnp.arange(d)[None, :]
     values = jnp.broadcast_to(intervention_value.astype(dtype)[:, None], (n, d))

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from transforms._validation import (
+from transforms.validation import (
     check_bool,
     check_choice,
     check_in_range,

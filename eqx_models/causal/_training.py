@@ -19,7 +19,16 @@ from transforms import (
     uncertainty_weighted,
     with_fallback,
 )
-from transforms._validation import check_in_range, check_size, fail, typechecked
+from transforms.validation import (
+    check_bool,
+    check_callable,
+    check_in_range,
+    check_size,
+    check_type,
+    describe,
+    fail,
+    typechecked,
+)
 
 from .._misc import check_resumed_config, static_fields
 from ._candidates import checked_table
@@ -135,13 +144,30 @@ def _is_weight(path) -> bool:
     return isinstance(last, jax.tree_util.GetAttrKey) and last.name.startswith("w_")
 
 
+def _weight_mask(params):
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: _is_weight(path), params)
+
+
 def weight_decay_mask(params):
     """`True` for the weight matrices of a model (fields named `w_*`), else `False`.
 
     The mask optax's `adamw` takes: biases, LayerNorm gains and embeddings of set
     sizes are not decayed.
+
+    **Raises:**
+
+    `ValueError` if `params` holds no weight matrix (no array in a field named
+    `w_*`): its mask would be all `False`, i.e. no weight decay, without a word.
     """
-    return jax.tree_util.tree_map_with_path(lambda path, leaf: _is_weight(path), params)
+    mask = _weight_mask(params)
+    if not any(jax.tree.leaves(mask)):
+        raise fail(
+            "weight_decay_mask",
+            "params",
+            "a model with weight matrices (fields named `w_*`)",
+            describe(params) + " with none",
+        )
+    return mask
 
 
 class BehaviouralCloningLoss(eqx.Module):
@@ -358,7 +384,8 @@ def surrogate_optimizer(
     return optax.chain(
         optax.clip_by_global_norm(clip_norm),
         optax.scale_by_adam(),
-        optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
+        # Unchecked: the optimiser also serves pytrees without weight matrices.
+        optax.add_decayed_weights(weight_decay, mask=_weight_mask),
         _scale_by_warmup_cosine(
             peak_learning_rate, warmup_steps, end_learning_rate, n_steps
         ),
@@ -510,6 +537,33 @@ class Curriculum(eqx.Module):
         )
 
 
+def _check_buckets(fn: str, buckets) -> list:
+    """A non-empty sequence of `(TaskConfig, batch_size)` pairs, as a list."""
+    expected = "a non-empty sequence of (TaskConfig, batch_size) pairs"
+    if not isinstance(buckets, Sequence) or isinstance(buckets, str):
+        raise fail(fn, "buckets", expected, describe(buckets), TypeError)
+    buckets = list(buckets)
+    if not buckets:
+        raise fail(fn, "buckets", expected, "an empty sequence")
+    for i, bucket in enumerate(buckets):
+        if not (isinstance(bucket, (tuple, list)) and len(bucket) == 2):
+            raise fail(fn, f"buckets[{i}]", expected, describe(bucket), TypeError)
+        check_type(fn, f"buckets[{i}][0]", bucket[0], TaskConfig, "a TaskConfig")
+        check_size(fn, f"buckets[{i}][1]", bucket[1])
+    return buckets
+
+
+def _check_curriculum(fn: str, curriculum, n_buckets: int) -> None:
+    check_type(fn, "curriculum", curriculum, Curriculum, "a Curriculum")
+    if len(curriculum.start_buckets) != n_buckets:
+        raise fail(
+            fn,
+            "curriculum",
+            f"a curriculum over the {n_buckets} buckets",
+            f"one over {len(curriculum.start_buckets)}",
+        )
+
+
 class TaskStream:
     """Deterministic training batches as a function of the step index.
 
@@ -517,9 +571,30 @@ class TaskStream:
     with NumPy from a generator seeded by `(seed, i)` with the curriculum's
     probabilities at `i / n_steps`, and the tasks from `fold_in(key, i)`. Batches
     are a pure function of `i`, so a resumed run sees the same data.
+
+    **Arguments:**
+
+    - `buckets`: `(TaskConfig, batch_size)` pairs.
+    - `max_parents`: `K` of the labels (the model's).
+    - `n_steps`: the run length the curriculum is laid out over.
+    - `curriculum`: a [`eqx_models.causal.Curriculum`][] over the buckets.
+    - `key`: the data's PRNG key.
+
+    **Raises:**
+
+    `TypeError`/`ValueError` for an empty `buckets` or a bucket that is not a
+    `(TaskConfig, positive int)` pair, a `max_parents` or `n_steps` that is not a
+    non-negative (resp. positive) integer, a curriculum over another number of
+    buckets, or a `key` that is not a JAX array.
     """
 
     def __init__(self, buckets, max_parents, n_steps, curriculum, key):
+        name = "TaskStream"
+        buckets = _check_buckets(name, buckets)
+        check_size(name, "max_parents", max_parents, minimum=0)
+        check_size(name, "n_steps", n_steps)
+        _check_curriculum(name, curriculum, len(buckets))
+        check_type(name, "key", key, jax.Array, "a PRNG key")
         self.buckets = list(buckets)
         self.max_parents = max_parents
         self.n_steps = n_steps
@@ -626,26 +701,54 @@ def train_surrogate(
 
     `ValueError` for an empty `buckets`, a curriculum with another number of
     buckets, or a `mesh` without a `data` axis or whose size does not divide a
-    batch size; [`transforms.NonFiniteLossError`][] if the loss, the gradient, the
-    updated parameters or the optimiser state become non-finite (the last good
+    batch size; `TypeError`/`ValueError` (before anything is built) for a bucket
+    that is not a `(TaskConfig, positive int)` pair, an `n_steps`, `stop_after`,
+    `eval_every` or `checkpoint_every` that is not a positive (the last three:
+    non-negative) integer, a `model`, `optimizer` or `key` of another type, a
+    `loss` or `eval_fn` that is not callable, or a flag that is not a bool;
+    [`transforms.NonFiniteLossError`][] if the loss, the gradient, the updated
+    parameters or the optimiser state become non-finite (the last good
     checkpoint is kept); [`transforms.CheckpointError`][] when resuming from a
     checkpoint written for another configuration (the message names every
     differing field, e.g. `n_steps` or `buckets[0].batch_size`, with both values)
     unless `allow_config_change`, or from one that is corrupted or does not fit the
     model and optimiser state.
     """
-    buckets = list(buckets)
-    if not buckets:
-        raise ValueError("train_surrogate: `buckets` is empty.")
+    name = "train_surrogate"
+    check_type(
+        name, "model", model, ParentSetPredictionModel, "a ParentSetPredictionModel"
+    )
+    buckets = _check_buckets(name, buckets)
+    check_size(name, "n_steps", n_steps)
+    check_type(name, "key", key, jax.Array, "a PRNG key")
+    if stop_after is not None:
+        check_size(name, "stop_after", stop_after, minimum=0)
+    check_size(name, "eval_every", eval_every, minimum=0)
+    check_size(name, "checkpoint_every", checkpoint_every, minimum=0)
+    for arg, function in (("loss", loss), ("eval_fn", eval_fn)):
+        if function is not None:
+            check_callable(name, arg, function)
+    if optimizer is not None:
+        check_type(
+            name,
+            "optimizer",
+            optimizer,
+            optax.GradientTransformation,
+            "an optax.GradientTransformation",
+        )
+    for arg, flag in (
+        ("fallback", fallback),
+        ("resume", resume),
+        ("allow_config_change", allow_config_change),
+        ("deterministic", deterministic),
+        ("progress", progress),
+    ):
+        check_bool(name, arg, flag)
     if curriculum is None:
         curriculum = Curriculum.easy_to_hard(
             [c.n_vars * c.n_samples for c, _ in buckets]
         )
-    if len(curriculum.start_buckets) != len(buckets):
-        raise ValueError(
-            f"train_surrogate: the curriculum has {len(curriculum.start_buckets)} "
-            f"buckets, `buckets` has {len(buckets)}."
-        )
+    _check_curriculum(name, curriculum, len(buckets))
     if mesh is not None:
         n_devices = dict(mesh.shape).get("data")
         if n_devices is None:

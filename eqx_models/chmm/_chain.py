@@ -14,12 +14,13 @@ an identity, used for the padded tail of a sequence shorter than its batch.
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
-from transforms._validation import (
+from transforms.validation import (
     check_choice,
     check_ids,
     check_in_range,
@@ -198,6 +199,40 @@ def slot_states(chain: Chain, index: Int[Array, " T"]) -> Int[Array, " T"]:
     if chain.slots is None:
         return index
     return jnp.take_along_axis(chain.slots, index[:, None], axis=1)[:, 0]
+
+
+def _is_array(v) -> bool:
+    return isinstance(v, (np.ndarray, jax.Array))
+
+
+def well_formed(model, x, a, *, allow_evidence: bool = True) -> bool:
+    """Whether `(model, x, a)` pass the structural checks of `check_inputs` (types,
+    dtypes, shapes), so that an eager precheck can read their values: a malformed
+    input is left to the entry point's own checks, which report it in their order.
+    """
+    if not (isinstance(model, CHMM) and _is_array(x) and _is_array(a)):
+        return False
+    if not (jnp.issubdtype(a.dtype, jnp.integer) and a.ndim == 1):
+        return False
+    if a.shape[0] < 1 or x.shape[:1] != a.shape:
+        return False
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        return x.ndim == 1
+    return (
+        allow_evidence
+        and jnp.issubdtype(x.dtype, jnp.floating)
+        and x.ndim == 2
+        and x.shape[1] == model.n_obs
+    )
+
+
+def well_formed_emissions(model: CHMM, emissions) -> bool:
+    """Whether `emissions` is a floating `(N, n_obs)` array (see `well_formed`)."""
+    return (
+        _is_array(emissions)
+        and jnp.issubdtype(emissions.dtype, jnp.floating)
+        and emissions.shape == (model.n_states, model.n_obs)
+    )
 
 
 def check_inputs(

@@ -7,12 +7,21 @@ environment and its diagnostics, kept out of the model's core.
 """
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from transforms._validation import check_ids, check_in_range, check_size, typechecked
+from transforms.validation import (
+    check_ids,
+    check_in_range,
+    check_size,
+    checked_eagerly,
+    fail,
+    typechecked,
+)
 
 from ._model import _normalise_rows, CHMM
 
@@ -47,6 +56,28 @@ def random_room(
     return jr.randint(key, (height, width), 0, n_colours, dtype=jnp.int32)
 
 
+def _precheck(room, length, *, key=None, start=None):
+    """The start cell of a concrete call, checked at once."""
+    if start is None or not isinstance(room, (np.ndarray, jax.Array)):
+        return
+    if room.ndim != 2 or not jnp.issubdtype(room.dtype, jnp.integer):
+        return
+    cell = np.asarray(start)
+    room = np.asarray(room)
+    if cell.shape != (2,) or not np.issubdtype(cell.dtype, np.integer):
+        return
+    row, column = int(cell[0]), int(cell[1])
+    height, width = room.shape[:2]
+    if not (0 <= row < height and 0 <= column < width and room[row, column] >= 0):
+        raise fail(
+            "room_walk",
+            "start",
+            "an enterable cell of the room (inside it, not marked -1)",
+            repr((row, column)),
+        )
+
+
+@checked_eagerly(_precheck)
 @eqx.filter_jit
 @typechecked
 def room_walk(
@@ -80,8 +111,9 @@ def room_walk(
 
     **Raises:**
 
-    `TypeError`/`ValueError` if `length` is not a positive integer;
-    `EquinoxRuntimeError` if the start cell cannot be entered.
+    `TypeError`/`ValueError` if `length` is not a positive integer; `ValueError`
+    if the start cell cannot be entered (at once for a concrete call, else by
+    `eqx.error_if` at run time).
     """
     check_size("room_walk", "length", length)
     height, width = room.shape

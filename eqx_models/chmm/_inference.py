@@ -13,7 +13,12 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from transforms._validation import check_in_range, Checks, typechecked
+from transforms.validation import (
+    check_in_range,
+    checked_eagerly,
+    Checks,
+    typechecked,
+)
 
 from .._misc import pairwise_sum
 from ._chain import (
@@ -23,10 +28,25 @@ from ._chain import (
     make_chain,
     slot_states,
     to_states,
+    well_formed,
+    well_formed_emissions,
 )
 from ._decode import viterbi_scan
 from ._model import CHMM
 from ._passes import chain_forward, chain_log_likelihood, chain_smooth
+
+
+def _inputs_checked(fn: str):
+    """The eager precheck of an entry point taking `(model, x, a, ..., emissions)`."""
+
+    def precheck(model, x, a, *args, emissions=None, **kwargs):
+        if not well_formed(model, x, a):
+            return
+        if emissions is not None and not well_formed_emissions(model, emissions):
+            emissions = None
+        check_inputs(fn, model, x, a, emissions, checks=Checks())
+
+    return checked_eagerly(precheck)
 
 
 Observations = Int[Array, " T"] | Float[Array, "T n_obs"]
@@ -59,6 +79,7 @@ def _checked_chain(
     return make_chain(model, x, a, emissions), checks
 
 
+@_inputs_checked("log_likelihood")
 @eqx.filter_jit
 @typechecked
 def log_likelihood(
@@ -101,11 +122,12 @@ def log_likelihood(
 
     **Raises:**
 
-    `ValueError`/`TypeError` at trace time for wrong shapes, dtypes or `method`;
-    `EquinoxRuntimeError` (from `eqx.error_if`) for ids or actions out of range,
-    log-evidence holding NaN or `+inf`, or `emissions` whose rows are not
-    distributions (non-negative, summing to 1 within the square root of the dtype's
-    epsilon).
+    `ValueError`/`TypeError` for wrong shapes, dtypes or `method`; `ValueError` for
+    ids or actions out of range, log-evidence holding NaN or `+inf`, or `emissions`
+    whose rows are not distributions (non-negative, summing to 1 within the square
+    root of the dtype's epsilon): at once when the arrays are concrete, else (under
+    an outer `jit`, `vmap` or `grad`) by `eqx.error_if` at run time, as an
+    `EquinoxRuntimeError`.
 
     **Example:**
 
@@ -119,6 +141,7 @@ def log_likelihood(
     return checks.guard(chain_log_likelihood(chain, method))
 
 
+@_inputs_checked("forward")
 @eqx.filter_jit
 @typechecked
 def forward(
@@ -153,6 +176,7 @@ def forward(
     return checks.guard((log_norms, to_states(chain, alphas, model.n_states)))
 
 
+@_inputs_checked("backward")
 @eqx.filter_jit
 @typechecked
 def backward(
@@ -187,6 +211,7 @@ def backward(
     return checks.guard(to_states(chain, us, model.n_states))
 
 
+@_inputs_checked("posteriors")
 @eqx.filter_jit
 @typechecked
 def posteriors(
@@ -236,6 +261,7 @@ def posteriors(
     )
 
 
+@_inputs_checked("viterbi")
 @eqx.filter_jit
 @typechecked
 def viterbi(

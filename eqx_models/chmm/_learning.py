@@ -15,10 +15,11 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from transforms._validation import (
+from transforms.validation import (
     check_ids,
     check_in_range,
     check_size,
+    checked_eagerly,
     Checks,
     typechecked,
 )
@@ -32,6 +33,8 @@ from ._chain import (
     hard_chain,
     slot_states,
     to_states,
+    well_formed,
+    well_formed_emissions,
 )
 from ._decode import viterbi_scan
 from ._model import _normalise_rows, CHMM
@@ -124,6 +127,39 @@ def _as_batch(fn: str, model: CHMM, x, a, checks: Checks) -> _Batch:
     return _Batch(x, a, None)
 
 
+def _well_formed_batch(model, x, a) -> bool:
+    """Whether `_as_batch` would accept the structure of `(x, a)`: one sequence,
+    an equal-length batch, or equally long lists of sequences of ids."""
+    if isinstance(x, (list, tuple)) and isinstance(a, (list, tuple)):
+        return len(x) == len(a) > 0 and all(
+            well_formed(model, xi, ai, allow_evidence=False) for xi, ai in zip(x, a)
+        )
+    if not (isinstance(x, (np.ndarray, jax.Array)) and np.ndim(x) == 2):
+        return well_formed(model, x, a, allow_evidence=False)
+    return (
+        isinstance(model, CHMM)
+        and isinstance(a, (np.ndarray, jax.Array))
+        and a.shape == x.shape
+        and x.shape[1] >= 1
+        and all(jnp.issubdtype(v.dtype, jnp.integer) for v in (x, a))
+    )
+
+
+def _sequences_checked(fn: str):
+    """The eager precheck of an entry point taking `(model, x, a, ...)` sequences
+    (and, for `learn_emissions`, `emissions`)."""
+
+    def precheck(model, x, a, *args, emissions=None, **kwargs):
+        if not _well_formed_batch(model, x, a):
+            return
+        checks = Checks()
+        _as_batch(fn, model, x, a, checks)
+        if emissions is not None and well_formed_emissions(model, emissions):
+            check_emissions(fn, model, emissions, checks)
+
+    return checked_eagerly(precheck)
+
+
 def _map(f, batch: _Batch):
     if batch.lengths is None:
         return jax.vmap(lambda x, a: f(x, a, None))(batch.x, batch.a)
@@ -159,6 +195,7 @@ def _pseudocount(
     return jnp.asarray(pseudocount, dtype)
 
 
+@_sequences_checked("expected_counts")
 @eqx.filter_jit
 @typechecked
 def expected_counts(
@@ -201,6 +238,7 @@ def expected_counts(
     return checks.guard(_counts(model, _as_batch(fn, model, x, a, checks), method))
 
 
+@_sequences_checked("em")
 @typechecked
 def em(
     model: CHMM,
@@ -283,6 +321,7 @@ def _viterbi_paths(model: CHMM, batch: _Batch):
     return _map(one, batch)
 
 
+@_sequences_checked("viterbi_em")
 @typechecked
 def viterbi_em(
     model: CHMM,
@@ -366,6 +405,7 @@ def _posteriors_over(model, batch, emissions, method):
     return gammas, pairwise_sum(lnls)
 
 
+@_sequences_checked("learn_emissions")
 @typechecked
 def learn_emissions(
     model: CHMM,

@@ -15,7 +15,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from transforms._validation import (
+from transforms.validation import (
     check_in_range,
     check_probabilities,
     check_size,

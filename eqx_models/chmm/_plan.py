@@ -8,14 +8,17 @@ a fixed size, padded with `-1` after the plan's end, so it compiles and vmaps.
 from typing import NamedTuple
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from transforms._validation import (
+from transforms.validation import (
     check_choice,
     check_ids,
     check_size,
+    checked_eagerly,
     Checks,
     typechecked,
 )
@@ -39,6 +42,25 @@ class Plan(NamedTuple):
     """`ln` of the product of the transition probabilities along the plan."""
 
 
+def _precheck(model, start, goal, *, max_steps=None, start_is="state"):
+    if not isinstance(model, CHMM) or start_is not in ("state", "observation"):
+        return
+    upper = model.n_obs if start_is == "observation" else model.n_states
+    for arg, value, bound, name in (
+        ("start", start, upper, None),
+        ("goal", goal, model.n_states, "N"),
+    ):
+        integral = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+        array = (
+            isinstance(value, (np.ndarray, jax.Array))
+            and value.ndim == 0
+            and jnp.issubdtype(value.dtype, jnp.integer)
+        )
+        if integral or array:
+            check_ids("plan", arg, value, bound, upper_name=name)
+
+
+@checked_eagerly(_precheck)
 @eqx.filter_jit
 @typechecked
 def plan(
@@ -74,9 +96,10 @@ def plan(
 
     **Raises:**
 
-    `EquinoxRuntimeError` (from `eqx.error_if`) if the goal is not reachable within
-    `max_steps` steps or an id is out of range; `ValueError` for a negative
-    `max_steps` or an unknown `start_is`.
+    `ValueError` if an id is out of range (at once for concrete ids, else by
+    `eqx.error_if` at run time), for a negative `max_steps` or an unknown
+    `start_is`; `EquinoxRuntimeError` (from `eqx.error_if`) if the goal is not
+    reachable within `max_steps` steps.
 
     **Example:**
 

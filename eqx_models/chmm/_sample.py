@@ -6,17 +6,30 @@ and planning tests do). It needs only the model and a `lax.scan`, none of the
 """
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 from jax import lax
 from jaxtyping import Array, Int, PRNGKeyArray
 
-from transforms._validation import check_ids, Checks, typechecked
+from transforms.validation import check_ids, checked_eagerly, Checks, typechecked
 
 from ._chain import safe_log
 from ._model import CHMM
 
 
+def _precheck(model, a, *, key=None):
+    if (
+        isinstance(model, CHMM)
+        and isinstance(a, (np.ndarray, jax.Array))
+        and a.ndim == 1
+        and jnp.issubdtype(a.dtype, jnp.integer)
+    ):
+        check_ids("sample", "a[:-1]", a[:-1], model.n_actions, upper_name="n_actions")
+
+
+@checked_eagerly(_precheck)
 @eqx.filter_jit
 @typechecked
 def sample(
@@ -39,8 +52,9 @@ def sample(
 
     **Raises:**
 
-    `EquinoxRuntimeError` (from `eqx.error_if`) if an action is out of range or the
-    path reaches a state whose row `T[a[t], z[t], :]` is all zeros.
+    `ValueError` if an action is out of range (at once for concrete actions, else
+    by `eqx.error_if` at run time); `EquinoxRuntimeError` (from `eqx.error_if`) if
+    the path reaches a state whose row `T[a[t], z[t], :]` is all zeros.
 
     **Example:**
 

@@ -13,8 +13,10 @@ from transforms import (
     grad_dot_products,
     in_run_shapley,
     make_attribution_step,
+    NonFiniteLossError,
     shapley_values,
 )
+from transforms._train_step import nonfinite_parts
 from transforms.interop.torch import to_jax
 
 
@@ -214,7 +216,12 @@ class DotProductEngine:
         **Raises:**
 
         `ValueError` if no model/validation batch or training batch is attached, or
-        if Shapley values are accumulated and the batch has no `indices`.
+        if Shapley values are accumulated and the batch has no `indices`;
+        [`transforms.NonFiniteLossError`][] if the step's loss, gradient, updated
+        parameters or optimiser state is not finite (its `nonfinite` metric): then
+        nothing of the step is adopted (model, optimiser state, Shapley values,
+        log and iteration count stay as they were; the training batch stays
+        attached), and the error holds the engine's model and optimiser state.
         """
         train, val = self._require("step")
         if self._shapley is not None and self.indices is None:
@@ -226,6 +233,26 @@ class DotProductEngine:
         model, opt_state, metrics, dots = self._step(
             self.model, self.opt_state, train, val
         )
+        mask = int(metrics["nonfinite"])
+        if mask:
+            # The step handed back its inputs; adopt nothing of it (its dot products
+            # would poison the Shapley values and the log), as `transforms.fit` does.
+            parts = nonfinite_parts(mask)
+            record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            values = ", ".join(
+                f"{k}={record[k]}" for k in ("loss", "grad_norm") if k in record
+            )
+            raise NonFiniteLossError(
+                f"{_FN}.step: non-finite {', '.join(parts)} at iteration "
+                f"{self.iteration} ({values}); the update was not applied and the "
+                "engine keeps its model, optimiser state and Shapley values.",
+                step=self.iteration,
+                metrics=record,
+                checkpoint_step=None,
+                nonfinite=parts,
+                model=self.model,
+                opt_state=self.opt_state,
+            )
         if self._shapley is not None:
             self._shapley_state = self._shapley.update(
                 self._shapley_state, self.indices, dots, metrics["learning_rate"]

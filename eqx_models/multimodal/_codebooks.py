@@ -15,7 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from transforms._validation import check_finite, is_traced
+from transforms.validation import (
+    check_bool,
+    check_finite,
+    check_type,
+    describe,
+    fail,
+    is_traced,
+)
 
 from ._vocab import VocabLayout
 
@@ -196,6 +203,17 @@ class Codebooks(eqx.Module):
         )
 
 
+def _check_path(arg: str, path) -> None:
+    expected = "a non-empty path (a str or os.PathLike)"
+    if not isinstance(path, (str, os.PathLike)):
+        raise fail("load_codebooks", arg, expected, describe(path), TypeError)
+    text = os.fspath(path)
+    if not isinstance(text, str):
+        raise fail("load_codebooks", arg, expected, describe(text), TypeError)
+    if not text:
+        raise fail("load_codebooks", arg, expected, "''")
+
+
 def _read(path, allow_pickle: bool, what: str) -> dict[str, Any]:
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -293,8 +311,22 @@ def load_codebooks(
 
     `FileNotFoundError`; `KeyError` naming the keys looked for and the keys found;
     `ValueError` for a `.joblib` file without `allow_pickle=True` or codebooks that
-    do not match `layout`; `ImportError` if joblib is needed but not installed.
+    do not match `layout`; `ImportError` if joblib is needed but not installed;
+    `TypeError` if `layout` is not a `VocabLayout`, a path is not a `str` or
+    `os.PathLike`, or a flag not a bool, and `ValueError` for an empty path (both
+    before any file is read).
     """
+    name = "load_codebooks"
+    check_type(name, "layout", layout, VocabLayout, "a VocabLayout")
+    _check_path("image", image)
+    _check_path("scalar", scalar)
+    if isinstance(spectrum, Mapping):
+        for group, path in spectrum.items():
+            _check_path(f"spectrum[{group!r}]", path)
+    else:
+        _check_path("spectrum", spectrum)
+    check_bool(name, "allow_pickle", allow_pickle)
+    check_bool(name, "shared_spectrum", shared_spectrum)
     contents = _read(image, allow_pickle, "image codebook")
     image_cb = _pick(contents, IMAGE_KEYS, image, "image codebook")
     contents = _read(scalar, allow_pickle, "scalar bins")

@@ -25,12 +25,14 @@ from transforms import (
     soft_cross_entropy,
     two_hot,
 )
-from transforms._validation import (
+from transforms.validation import (
     check_choice,
     check_ids,
     check_in_range,
     check_size,
     check_type,
+    describe,
+    fail,
     typechecked,
 )
 
@@ -60,10 +62,25 @@ def cast_floating(tree, dtype):
 
     The same pytree; gradients taken through the cast flow back to the original
     (e.g. float32 master) arrays.
+
+    **Raises:**
+
+    `TypeError` if `dtype` is not a dtype (`None` included, which NumPy would read
+    as float64); `ValueError` for a dtype that is not floating point (the
+    parameters would be rounded to integers).
     """
+    expected = "a floating-point dtype"
+    try:
+        target = None if dtype is None else jnp.dtype(dtype)
+    except (TypeError, ValueError):
+        target = None
+    if target is None:
+        raise fail("cast_floating", "dtype", expected, describe(dtype), TypeError)
+    if not jnp.issubdtype(target, jnp.floating):
+        raise fail("cast_floating", "dtype", expected, str(target))
     return jax.tree.map(
         lambda x: (
-            x.astype(dtype)
+            x.astype(target)
             if eqx.is_array(x) and jnp.issubdtype(x.dtype, jnp.floating)
             else x
         ),

@@ -15,19 +15,22 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from transforms._validation import (
+from transforms.validation import (
     check_bool,
     check_choice,
     check_in_range,
     check_size,
     check_type,
+    fail,
+    is_concrete,
     typechecked,
 )
 
 from .._layer_ops import gelu, layer_norm
-from ._vocab import N_SPECIAL, PAD, SPECIAL_TYPE, VocabLayout
+from ._vocab import implied_types, N_SPECIAL, PAD, SPECIAL_TYPE, VocabLayout
 
 
 class _Block(eqx.Module):
@@ -617,11 +620,11 @@ def check_tokens(
 ) -> Int[Array, "*batch length"]:
     """Check token ids (and type ids) against the layout at run time.
 
-    Returns `tokens` unchanged, guarded by one `eqx.branched_error_if` that raises
-    (inside `jit` too) if a token id lies outside `[0, vocab_size)`, if a `PAD`
-    precedes a non-`PAD` token in a sequence, or if a type id disagrees with the
-    layout (a non-special token must have the type its id implies; a special token
-    any type in `[0, n_types)`).
+    Concrete arrays are checked at once; traced ones (inside `jit`, `vmap`) are
+    returned guarded by one `eqx.branched_error_if`. The checks: a token id lies
+    outside `[0, vocab_size)`, a `PAD` precedes a non-`PAD` token in a sequence, or
+    a type id disagrees with the layout (a non-special token must have the type its
+    id implies; a special token any type in `[0, n_types)`).
 
     **Arguments:**
 
@@ -636,32 +639,52 @@ def check_tokens(
 
     **Raises:**
 
-    Equinox's `RuntimeError` (at run time inside `jit`, at once for concrete ids)
-    for the conditions above; `TypeError` (from the annotations) for non-integer
-    ids.
+    `ValueError` for the conditions above with concrete ids; Equinox's
+    `RuntimeError` (`EquinoxRuntimeError`) at run time inside `jit`; `TypeError`
+    (from the annotations) for non-integer ids.
     """
-    outside = jnp.any((tokens < 0) | (tokens >= layout.vocab_size))
-    pad = tokens == PAD
-    pad_before_token = jnp.any(pad[..., :-1] & ~pad[..., 1:])
+    concrete = is_concrete(tokens, type_ids)
+    xp: Any = np if concrete else jnp
+    ids = np.asarray(tokens) if concrete else tokens
+    outside = (ids < 0) | (ids >= layout.vocab_size)
+    pad = ids == PAD
+    pad_before_token = pad[..., :-1] & ~pad[..., 1:]
     if type_ids is None:
-        bad_types = jnp.zeros((), bool)
+        wrong = xp.zeros(ids.shape, bool)
     else:
-        implied = layout.type_ids(tokens)
-        special = tokens < N_SPECIAL
-        wrong = jnp.where(
-            special,
-            (type_ids < SPECIAL_TYPE) | (type_ids >= layout.n_types),
-            type_ids != implied,
+        types = np.asarray(type_ids) if concrete else type_ids
+        implied = implied_types(layout, ids, xp)
+        wrong = (
+            xp.where(
+                ids < N_SPECIAL,
+                (types < SPECIAL_TYPE) | (types >= layout.n_types),
+                types != implied,
+            )
+            & ~outside
         )
-        bad_types = jnp.any(wrong & ~outside)
-    preds = jnp.stack([outside, pad_before_token, bad_types])
-    messages = (
-        f"{where}: `tokens` holds ids outside [0, vocab_size={layout.vocab_size}).",
-        f"{where}: `tokens` has PAD ({PAD}) before a non-PAD token; pad only at "
-        "the end.",
-        f"{where}: `type_ids` disagree with the vocabulary layout (a non-special "
-        "token's type must be the one its id implies; specials need a type in "
-        f"[0, {layout.n_types})).",
+    expected = (
+        ("tokens", f"token ids in [0, vocab_size) = [0, {layout.vocab_size})"),
+        ("tokens", f"padded only at the end (no PAD = {PAD} before another token)"),
+        (
+            "type_ids",
+            "the types the layout implies (a non-special token's type follows from "
+            f"its id; specials need a type in [0, {layout.n_types}))",
+        ),
+    )
+    masks = (outside, pad_before_token, wrong)
+    if concrete:
+        for (arg, text), mask in zip(expected, masks):
+            if np.any(mask):
+                index = tuple(int(i) for i in np.argwhere(mask)[0])
+                values = ids if arg == "tokens" else np.asarray(type_ids)
+                raise fail(
+                    where, arg, text, f"{values[index].item()!r} at index {index}"
+                )
+        return tokens
+    preds = jnp.stack([jnp.any(mask) for mask in masks])
+    messages = tuple(
+        f"{where}: `{arg}` must be {text}, got some that are not (checked at run time)."
+        for arg, text in expected
     )
     # The check rides on a scalar added to `tokens`, not on `tokens` itself: an
     # array passed through the check's conditional loses its sharding (XLA

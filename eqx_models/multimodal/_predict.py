@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from transforms._validation import check_ids, typechecked
+from transforms.validation import check_ids, typechecked
 
 from ._codebooks import Codebooks
 from ._model import CausalTransformerLM

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from transforms._validation import check_size, check_type, fail
+from transforms.validation import check_size, check_type, describe, fail
 
 from ._vocab import (
     BOS,
@@ -54,12 +54,41 @@ class TokenBatch(eqx.Module):
     `tokens` (`PAD` after the end of each sequence), `type_ids`, `columns` (scalar
     column per position, -1 where none) and `values` (raw scalar values, NaN where
     unknown). Build it with [`eqx_models.multimodal.pad_batch`][].
+
+    **Raises:**
+
+    `ValueError` if the fields differ in shape; `TypeError` if `tokens`,
+    `type_ids` or `columns` is not an integer array, or `values` not a floating
+    one.
     """
 
     tokens: Int[Array, "*batch length"]
     type_ids: Int[Array, "*batch length"]
     columns: Int[Array, "*batch length"]
     values: Float[Array, "*batch length"]
+
+    def __check_init__(self):
+        kinds = (
+            ("tokens", jnp.integer, "an integer array"),
+            ("type_ids", jnp.integer, "an integer array"),
+            ("columns", jnp.integer, "an integer array"),
+            ("values", jnp.floating, "a floating-point array"),
+        )
+        for arg, kind, expected in kinds:
+            value = getattr(self, arg)
+            if not (
+                hasattr(value, "shape")
+                and hasattr(value, "dtype")
+                and jnp.issubdtype(value.dtype, kind)
+            ):
+                raise fail("TokenBatch", arg, expected, describe(value), TypeError)
+            if value.shape != self.tokens.shape:
+                raise fail(
+                    "TokenBatch",
+                    arg,
+                    f"of the shape of `tokens`, {self.tokens.shape}",
+                    f"shape {value.shape}",
+                )
 
 
 def _indices(name: str, x, upper: int, allow_missing: bool) -> np.ndarray:

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from jaxtyping import PRNGKeyArray
 
-from transforms._validation import check_in_range, check_size
+from transforms.validation import check_in_range, check_size
 
 from ._codebooks import Codebooks
 from ._sequence import build_sequence, TokenSequence

@@ -11,6 +11,14 @@ from jax.sharding import Mesh
 from jaxtyping import PRNGKeyArray
 
 from transforms import fit, FitResult, make_train_step, shard_batch
+from transforms.validation import (
+    check_bool,
+    check_callable,
+    check_in_range,
+    check_type,
+    describe,
+    fail,
+)
 
 from .._misc import check_resumed_config
 from ._model import CausalTransformerLM
@@ -62,7 +70,7 @@ class TrainConfig:
     checkpoint_every: int = 0
 
     def __post_init__(self):
-        from transforms._validation import check_in_range, check_size
+        from transforms.validation import check_in_range, check_size
 
         name = "TrainConfig"
         check_size(name, "n_steps", self.n_steps)
@@ -89,7 +97,6 @@ class TrainConfig:
         check_size(name, "checkpoint_every", self.checkpoint_every, minimum=0)
 
 
-@functools.cache
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
     """Linear warmup from 0, then cosine decay to a floor over the optimiser steps.
 
@@ -105,7 +112,21 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
 
     An optax schedule of the optimiser step count (the same object for equal
     configurations, so compiled steps are reused).
+
+    **Raises:**
+
+    `TypeError` if `config` is not a `TrainConfig`.
     """
+    _check_config("learning_rate_schedule", config)
+    return _schedule(config)
+
+
+def _check_config(fn: str, config) -> None:
+    check_type(fn, "config", config, TrainConfig, "a multimodal.TrainConfig")
+
+
+@functools.cache
+def _schedule(config: TrainConfig) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=config.learning_rate,
@@ -127,7 +148,19 @@ def weight_decay_mask(model: CausalTransformerLM) -> CausalTransformerLM:
 
     A pytree of the model's structure with a bool per array (the `mask` of
     `optax.adamw`).
+
+    **Raises:**
+
+    `TypeError` if `model` is not a `CausalTransformerLM` (another pytree would get
+    a mask of all `False`, i.e. no weight decay, without a word).
     """
+    check_type(
+        "weight_decay_mask",
+        "model",
+        model,
+        CausalTransformerLM,
+        "a CausalTransformerLM",
+    )
     decayed = {
         "token_embedding",
         "type_embedding",
@@ -172,7 +205,16 @@ def make_optimizer(
 
     An `optax.GradientTransformation`; initialise it with
     `opt.init(eqx.filter(model, eqx.is_inexact_array))`.
+
+    **Raises:**
+
+    `TypeError` if `config` is not a `TrainConfig` or `model` not a
+    `CausalTransformerLM`.
     """
+    _check_config("make_optimizer", config)
+    check_type(
+        "make_optimizer", "model", model, CausalTransformerLM, "a CausalTransformerLM"
+    )
     params = eqx.filter(model, eqx.is_inexact_array)
     # The accumulator follows the parameters' dtype (float64 under x64).
     accumulator = jnp.zeros((), float).dtype
@@ -253,9 +295,25 @@ def evaluate(
 
     `{"loss", "ce", "image", "scalar", "spectrum"}` as floats (means over the
     batches).
+
+    **Raises:**
+
+    `TypeError` if `model` is not a `CausalTransformerLM`, `loss` not callable, or
+    `batches` neither a `TokenBatch` nor a sequence of them; `ValueError` for an
+    empty sequence (there is no mean of nothing).
     """
+    name = "evaluate"
+    check_type(name, "model", model, CausalTransformerLM, "a CausalTransformerLM")
+    check_callable(name, "loss", loss)
     if isinstance(batches, TokenBatch):
         batches = [batches]
+    expected = "a TokenBatch or a non-empty sequence of them"
+    if not isinstance(batches, (list, tuple)) or not all(
+        isinstance(b, TokenBatch) for b in batches
+    ):
+        raise fail(name, "batches", expected, describe(batches), TypeError)
+    if not batches:
+        raise fail(name, "batches", expected, "an empty sequence")
     if mesh is not None:
         mesh = _auto_axes(mesh)
     totals: dict[str, float] = {}
@@ -352,8 +410,26 @@ def train(
     resuming from a checkpoint written for another configuration (the message
     names every differing field, e.g. `train.learning_rate`, with both values)
     unless `allow_config_change`, or from one that is corrupted or incompatible;
-    `ValueError` for bad arguments.
+    before anything is built: `TypeError` if `model`, `config` or `key` is not of
+    its type, `loss` or `data` not callable, or a flag not a bool; `ValueError` for
+    a `peak_flops` that is not positive and finite, `resume` without a
+    `checkpoint_path`, or `config.eval_every` without `eval_batches`.
     """
+    name = "train"
+    check_type(name, "model", model, CausalTransformerLM, "a CausalTransformerLM")
+    check_callable(name, "loss", loss)
+    check_callable(name, "data", data)
+    _check_config(name, config)
+    check_type(name, "key", key, jax.Array, "a PRNG key")
+    if peak_flops is not None:
+        check_in_range(name, "peak_flops", peak_flops, low=0, inclusive=(False, True))
+    for arg, flag in (
+        ("resume", resume),
+        ("allow_config_change", allow_config_change),
+        ("deterministic", deterministic),
+        ("progress", progress),
+    ):
+        check_bool(name, arg, flag)
     if config.eval_every and eval_batches is None:
         raise ValueError("train: `config.eval_every` > 0 needs `eval_batches`.")
     if resume and checkpoint_path is None:

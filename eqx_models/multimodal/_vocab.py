@@ -12,7 +12,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Int
 
-from transforms._validation import check_size, typechecked
+from transforms.validation import check_size, typechecked
 
 
 PAD = 0
@@ -159,11 +159,16 @@ class VocabLayout(eqx.Module):
 def _type_ids(
     layout: VocabLayout, tokens: Int[Array, "*shape"]
 ) -> Int[Array, "*shape"]:
-    tokens = jnp.asarray(tokens)
+    return implied_types(layout, jnp.asarray(tokens), jnp)
+
+
+def implied_types(layout: VocabLayout, tokens, xp):
+    """`VocabLayout.type_ids` in the array namespace `xp` (`jnp`, or `np` for the
+    eager checks of concrete ids)."""
     spectrum_start = layout.scalar_start + layout.n_scalar
     group = (tokens - spectrum_start) // layout.n_spectrum
-    types = jnp.where(tokens >= spectrum_start, SPECTRUM_TYPE + group, SPECIAL_TYPE)
-    types = jnp.where(tokens < spectrum_start, SCALAR_TYPE, types)
-    types = jnp.where(tokens < layout.scalar_start, IMAGE_TYPE, types)
-    types = jnp.where(tokens < N_SPECIAL, SPECIAL_TYPE, types)
-    return types.astype(jnp.int32)
+    types = xp.where(tokens >= spectrum_start, SPECTRUM_TYPE + group, SPECIAL_TYPE)
+    types = xp.where(tokens < spectrum_start, SCALAR_TYPE, types)
+    types = xp.where(tokens < layout.scalar_start, IMAGE_TYPE, types)
+    types = xp.where(tokens < N_SPECIAL, SPECIAL_TYPE, types)
+    return types.astype(xp.int32)

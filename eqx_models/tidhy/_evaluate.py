@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from transforms._validation import check_finite, typechecked
+from transforms.validation import check_finite, typechecked
 
 from .._misc import pairwise_sum
 from ._inference import check_features, frozen, InferenceConfig

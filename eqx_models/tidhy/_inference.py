@@ -18,7 +18,7 @@ from jaxtyping import Array, Bool, Float, Int
 from transforms import scan_optimize, soft_threshold
 
 # `check_finite` is imported from here by `._fit`.
-from transforms._validation import (
+from transforms.validation import (
     check_bool,
     check_choice,
     check_finite as check_finite,

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from transforms._validation import check_bool, check_choice, check_in_range, check_size
+from transforms.validation import check_bool, check_choice, check_in_range, check_size
 
 
 LossType = Literal["mse", "poisson", "bce"]

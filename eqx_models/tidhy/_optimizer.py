@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from transforms._validation import check_size
+from transforms.validation import check_size
 
 from ._training import Learner, N_TASKS, TrainConfig
 

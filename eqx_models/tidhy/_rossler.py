@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from transforms._validation import check_in_range, check_size, fail
+from transforms.validation import check_in_range, check_size, describe, fail
 
 
 class RosslerSample(NamedTuple):
@@ -45,8 +45,38 @@ def rossler_vector_field(t, y, args):
     `a_slow, b_slow, c_slow`) running at `slow_rate` times the speed of the fast one.
     It sets the fast system's `b = clip(b_base + coupling_b x_s, 0.01, 1)` and
     `c = clip(c_base + coupling_c z_s, 2, 10)`.
+
+    **Arguments:**
+
+    - `t`: the time (unused: the system is autonomous).
+    - `y`: the state `(x_s, y_s, z_s, x_f, y_f, z_f)`, shape `(6,)`.
+    - `args`: the nine parameters `(a_slow, b_slow, c_slow, a_fast, b_base,
+        c_base, coupling_b, coupling_c, slow_rate)`.
+
+    **Returns:**
+
+    `dy/dt`, shape `(6,)`.
+
+    **Raises:**
+
+    `TypeError`/`ValueError` if `y` is not an array of shape `(6,)` or `args` is
+    not a sequence of nine parameters (checked at trace time).
     """
     del t
+    name = "rossler_vector_field"
+    expected = "a state of shape (6,): (x_s, y_s, z_s, x_f, y_f, z_f)"
+    if not hasattr(y, "shape"):
+        raise fail(name, "y", expected, describe(y), TypeError)
+    if y.shape != (6,):
+        raise fail(name, "y", expected, f"shape {y.shape}")
+    expected = (
+        "the 9 parameters (a_slow, b_slow, c_slow, a_fast, b_base, c_base, "
+        "coupling_b, coupling_c, slow_rate)"
+    )
+    if not isinstance(args, (tuple, list)):
+        raise fail(name, "args", expected, describe(args), TypeError)
+    if len(args) != 9:
+        raise fail(name, "args", expected, f"{len(args)} values")
     a_s, b_s, c_s, a_f, b_base, c_base, coupling_b, coupling_c, rate = args
     xs, ys, zs, xf, yf, zf = y
     b_f = jnp.clip(b_base + coupling_b * xs, 0.01, 1.0)

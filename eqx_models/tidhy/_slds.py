@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from transforms._validation import check_in_range, check_size
+from transforms.validation import check_in_range, check_size
 
 
 # The paper's six (system, state) regimes: the dynamics' eigenvalues are

@@ -13,12 +13,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from transforms._validation import (
+from transforms.validation import (
     check_bool,
     check_finite,
     check_in_range,
     check_size,
     check_type,
+    describe,
+    fail,
     typechecked,
 )
 
@@ -171,8 +173,54 @@ def _time_total(per_step):
     return jnp.mean(jax.vmap(pairwise_sum)(per_step))
 
 
+def _check_model(fn: str, model) -> None:
+    check_type(fn, "model", model, TiDHy, "a TiDHy model")
+
+
+def _check_windows(fn: str, arg: str, x, size: int, axis_name: str) -> None:
+    """A `(B, T, size)` floating array (shapes only: this runs at trace time)."""
+    expected = f"a floating array of shape (B, T, {axis_name}={size})"
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise fail(fn, arg, expected, describe(x), TypeError)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise fail(fn, arg, expected, describe(x), TypeError)
+    if x.ndim != 3 or x.shape[-1] != size:
+        raise fail(fn, arg, expected, f"shape {x.shape}")
+
+
 def task_losses_from_latents(model: TiDHy, X, R, R2) -> TaskLosses:
-    """The task losses given inferred latents `R`, `R2` (treated as constants)."""
+    """The task losses given inferred latents `R`, `R2` (treated as constants).
+
+    **Arguments:**
+
+    - `model`: the [`eqx_models.tidhy.TiDHy`][] model.
+    - `X`: windows, shape `(B, T, input_dim)`.
+    - `R`, `R2`: their inferred latents, shapes `(B, T, r_dim)` and
+        `(B, T, r2_dim)`.
+
+    **Returns:**
+
+    A [`eqx_models.tidhy.TaskLosses`][].
+
+    **Raises:**
+
+    `TypeError` if `model` is not a `TiDHy` or an array is not floating;
+    `ValueError` for an array whose shape does not match the model or `X`
+    (broadcasting would give a loss of the wrong thing).
+    """
+    name = "task_losses_from_latents"
+    _check_model(name, model)
+    _check_windows(name, "X", X, model.input_dim, "input_dim")
+    _check_windows(name, "R", R, model.r_dim, "r_dim")
+    _check_windows(name, "R2", R2, model.r2_dim, "r2_dim")
+    for arg, value in (("R", R), ("R2", R2)):
+        if value.shape[:2] != X.shape[:2]:
+            raise fail(
+                name,
+                arg,
+                f"the (B, T) = {X.shape[:2]} of `X` first",
+                f"shape {value.shape}",
+            )
     R, R2 = jax.lax.stop_gradient((R, R2))
     over_bt = lambda f: jax.vmap(jax.vmap(f))
     spatial_hat = over_bt(model.spatial_loss)(R, X).sum(-1)
@@ -187,7 +235,23 @@ def task_losses_from_latents(model: TiDHy, X, R, R2) -> TaskLosses:
 
 
 def regularisers(model: TiDHy, train: TrainConfig) -> dict[str, Array]:
-    """The weighted parameter regularisers that are switched on, by name."""
+    """The weighted parameter regularisers that are switched on, by name.
+
+    **Arguments:**
+
+    - `model`: the [`eqx_models.tidhy.TiDHy`][] model.
+    - `train`: the [`eqx_models.tidhy.TrainConfig`][] holding the weights.
+
+    **Returns:**
+
+    `{name: scalar}` for each regulariser whose weight is not 0.
+
+    **Raises:**
+
+    `TypeError` if `model` is not a `TiDHy` or `train` not a `TrainConfig`.
+    """
+    _check_model("regularisers", model)
+    check_type("regularisers", "train", train, TrainConfig, "a tidhy.TrainConfig")
     terms = {}
     if train.cos_eta:
         flat = model.transition_matrices().reshape(model.mix_dim, -1)
@@ -298,8 +362,22 @@ def training_loss(
     `inference_converged`, the fraction of steps that converged), `latent_max_abs`
     (the largest |latent|; non-finite when an inner loop diverged) and
     `dead_hypernet` (the fraction of steps whose mixture weights are all 0).
+
+    **Raises:**
+
+    `TypeError` if `learner` is not a `Learner` (a bare `TiDHy` included: wrap it
+    with [`eqx_models.tidhy.init_learner`][]), `inference` not an
+    `InferenceConfig` or `train` not a `TrainConfig`; `TypeError`/`ValueError` for
+    `windows` that are not a floating `(B, T, D)` array with `D` the model's
+    `input_dim`. These run when the loss is traced, before any compilation.
     """
     del key
+    name = "training_loss"
+    expected = "a tidhy.Learner (wrap a model with init_learner)"
+    check_type(name, "learner", learner, Learner, expected)
+    check_type(name, "inference", inference, InferenceConfig, "an InferenceConfig")
+    check_type(name, "train", train, TrainConfig, "a tidhy.TrainConfig")
+    _check_windows(name, "windows", windows, learner.model.input_dim, "input_dim")
     model = learner.model
     R, R2, stats = infer_sequence(
         frozen(model), windows, inference, first_step=train.first_step_inference

@@ -7,7 +7,7 @@ this is the one step from raw records to that form, and it needs no model.
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from transforms._validation import check_size, typechecked
+from transforms.validation import check_size, typechecked
 
 
 @typechecked

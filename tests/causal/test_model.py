@@ -163,3 +163,6 @@ def test_errors(model, task):
     ]:
         with pytest.raises(Exception, match=message):
             _logits(model, bad)
+        # Called eagerly on concrete data: the library's plain `ValueError`.
+        with pytest.raises(ValueError, match=message):
+            model(bad)

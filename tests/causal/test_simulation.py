@@ -1,3 +1,4 @@
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -168,8 +169,15 @@ def test_scm_errors():
     # A length mismatch: the annotations' shared dimension `n` catches it first.
     with pytest.raises(TypeCheckError, match="intervention_value"):
         simulate(jr.key(0), scm, jnp.zeros(4, int), jnp.zeros(3))
-    with pytest.raises(Exception, match="simulate: `intervened_node` has an index"):
+    message = r"simulate: `intervened_node` must be -1 \(no intervention\) or a node"
+    with pytest.raises(ValueError, match=message + ".*got 3 at index 1"):
         simulate(jr.key(0), scm, jnp.array([0, 3]), jnp.zeros(2))
+    with pytest.raises(eqx.EquinoxRuntimeError, match=message):
+        jax.block_until_ready(
+            eqx.filter_jit(lambda n: simulate(jr.key(0), scm, n, jnp.zeros(2)))(
+                jnp.array([0, 3])
+            )
+        )
 
 
 @pytest.fixture(scope="module")

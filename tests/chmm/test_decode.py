@@ -166,10 +166,16 @@ def test_plan_from_an_observation_and_errors(x64):
     assert route.length == 2 and route.states[0] == 2
     with pytest.raises(eqx.EquinoxRuntimeError, match="cannot be reached"):
         plan(model, 0, 3, max_steps=2)
+    with pytest.raises(ValueError, match=r"`goal` must be integer ids in \[0, N\)"):
+        plan(model, 0, 9, max_steps=2)
     with pytest.raises(
         eqx.EquinoxRuntimeError, match=r"`goal` must be integer ids in \[0, N\)"
     ):
-        plan(model, 0, 9, max_steps=2)
+        jax.block_until_ready(
+            eqx.filter_jit(lambda g: plan(model, 0, g, max_steps=2).length)(
+                jnp.asarray(9)
+            )
+        )
     with pytest.raises(ValueError, match="`start_is` must be"):
         plan(model, 0, 1, max_steps=2, start_is="symbol")
     with pytest.raises(ValueError, match="`max_steps` must be an integer >= 0"):
@@ -221,5 +227,11 @@ def test_sample_errors_on_a_dead_end(x64):
     with pytest.raises(eqx.EquinoxRuntimeError, match="no transition"):
         sample(model, jnp.zeros(3, jnp.int32), key=jr.key(0))
     model = CHMM((1, 1), jnp.full((1, 2, 2), 0.5))
-    with pytest.raises(eqx.EquinoxRuntimeError, match="actions"):
+    with pytest.raises(ValueError, match=r"`a\[:-1\]` must be integer ids"):
         sample(model, jnp.array([0, 3, 0]), key=jr.key(0))
+    with pytest.raises(eqx.EquinoxRuntimeError, match=r"`a\[:-1\]` must be integer"):
+        jax.block_until_ready(
+            eqx.filter_jit(lambda a: sample(model, a, key=jr.key(0)))(
+                jnp.array([0, 3, 0])
+            )
+        )

@@ -47,8 +47,18 @@ def test_walk_follows_the_rules(getkey):
 
 def test_walk_errors(getkey):
     room = jnp.array([[0, -1], [1, 1]])
-    with pytest.raises(eqx.EquinoxRuntimeError, match="enterable cell"):
+    with pytest.raises(
+        ValueError, match=r"`start` must be an enterable cell.*\(0, 1\)"
+    ):
         room_walk(room, 5, key=getkey(), start=(0, 1))
+    with pytest.raises(ValueError, match=r"`start` must be an enterable cell"):
+        room_walk(room, 5, key=getkey(), start=(2, 0))
+    with pytest.raises(eqx.EquinoxRuntimeError, match="enterable cell"):
+        jax.block_until_ready(
+            eqx.filter_jit(lambda s: room_walk(room, 5, key=jr.key(0), start=s))(
+                jnp.array([0, 1])
+            )
+        )
     with pytest.raises(ValueError, match="`length` must be a positive integer"):
         room_walk(room, 0, key=getkey())
 

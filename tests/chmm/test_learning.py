@@ -241,14 +241,14 @@ class TestErrors:
                 n_iter=1,
             )
         with pytest.raises(
-            eqx.EquinoxRuntimeError, match=r"`x` must be integer ids in \[0, n_obs\)"
+            ValueError, match=r"`x` must be integer ids in \[0, n_obs\)"
         ):
             em(self.model, jnp.full((2, 4), 5), jnp.zeros((2, 4), jnp.int32), n_iter=1)
+        with pytest.raises(ValueError, match=r"em \(sequence 1\): `x` must be integer"):
+            em(self.model, [self.ids, self.ids.at[1].set(7)], [self.ids] * 2, n_iter=1)
 
     def test_emissions(self):
-        with pytest.raises(
-            eqx.EquinoxRuntimeError, match="`emissions` must be probabilities"
-        ):
+        with pytest.raises(ValueError, match="`emissions` must be probabilities"):
             learn_emissions(
                 self.model, self.ids, self.ids, n_iter=1, emissions=jnp.ones((3, 2))
             )

@@ -93,3 +93,42 @@ def test_engine_errors(getkey):
     with pytest.raises(ValueError, match="build the engine with `n_train`"):
         plain.shapley_values()
     assert jax.tree.leaves(val)
+
+
+def _finite_loss_nan_gradient(model, x, y):
+    # For a marked example, sqrt at 0: a value of 0, a gradient of inf * 0 = NaN.
+    marked = x[0] > 100
+    zero = jnp.where(marked, jnp.sum(model(x)) * 0.0, 1.0)
+    return _loss(model, x, y) + jnp.where(marked, jnp.sqrt(zero), 0.0)
+
+
+@pytest.mark.parametrize("fault", ["nan_input", "nan_gradient"])
+def test_engine_refuses_a_non_finite_step(getkey, fault):
+    from eqx_models.interop.torch import DotProductEngine
+    from transforms import NonFiniteLossError
+
+    loss = _finite_loss_nan_gradient if fault == "nan_gradient" else _loss
+    engine = DotProductEngine(loss, optax.sgd(0.1), learning_rate=0.1, n_train=6)
+    (x, y), val = _data(getkey())
+    engine.attach(eqx.nn.MLP(3, 2, 4, 1, key=getkey()), val)
+    engine.attach_train_batch(x, y, indices=np.arange(6))
+    engine.step()
+    model, opt_state = engine.model, engine.opt_state
+    shapley = np.asarray(engine.shapley_values())
+    x = x.at[2, 0].set(jnp.nan if fault == "nan_input" else 1000.0)
+    engine.attach_train_batch(x, y, indices=np.arange(6))
+    with pytest.raises(
+        NonFiniteLossError, match="DotProductEngine.step: non-finite"
+    ) as info:
+        engine.step()
+    expected = "loss" if fault == "nan_input" else "gradient"
+    assert expected in info.value.nonfinite and info.value.step == 1
+    if fault == "nan_gradient":
+        assert np.isfinite(info.value.metrics["loss"])
+    assert info.value.model is model and info.value.opt_state is opt_state
+    # Nothing of the failing step was adopted.
+    assert engine.model is model and engine.opt_state is opt_state
+    assert engine.iteration == 1 and len(engine.dot_product_log) == 1
+    np.testing.assert_array_equal(np.asarray(engine.shapley_values()), shapley)
+    assert np.all(np.isfinite(shapley))
+    assert engine.train_batch is not None

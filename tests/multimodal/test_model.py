@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from eqx_models.multimodal import CausalTransformerLM, PAD
+from eqx_models.multimodal import CausalTransformerLM, check_tokens, PAD
 
 from .helpers import LAYOUT, LENGTH, make_batch, make_model
 
@@ -153,20 +153,31 @@ def test_compiles_once_and_checks_tokens_at_run_time():
     tokens = np.array(batch.tokens)
     bad = tokens.copy()
     bad[1, 2] = LAYOUT.vocab_size
-    with pytest.raises(eqx.EquinoxRuntimeError, match="ids outside"):
+    outside = r"`tokens` must be token ids in \[0, vocab_size\)"
+    with pytest.raises(eqx.EquinoxRuntimeError, match=outside):
         run(model, jnp.asarray(bad), batch.type_ids)
+    # Called eagerly on concrete ids: the library's plain `ValueError`.
+    with pytest.raises(ValueError, match=outside + r".*got 24 at index \(1, 2\)"):
+        model.features_batch(jnp.asarray(bad), type_ids=batch.type_ids)
     bad = tokens.copy()
     bad[0, 1] = PAD
-    with pytest.raises(eqx.EquinoxRuntimeError, match="PAD .* before a non-PAD"):
+    with pytest.raises(eqx.EquinoxRuntimeError, match="padded only at the end"):
         run(model, jnp.asarray(bad), batch.type_ids)
+    with pytest.raises(ValueError, match="`tokens` must be padded only at the end"):
+        check_tokens(LAYOUT, jnp.asarray(bad), batch.type_ids)
     types = np.array(batch.type_ids)
     types[2, 1] = 2  # an image token typed as scalar
-    with pytest.raises(eqx.EquinoxRuntimeError, match="`type_ids` disagree"):
+    wrong_type = "`type_ids` must be the types the layout implies"
+    with pytest.raises(eqx.EquinoxRuntimeError, match=wrong_type):
         run(model, batch.tokens, jnp.asarray(types))
+    with pytest.raises(ValueError, match=wrong_type + r".*got 2 at index \(2, 1\)"):
+        check_tokens(LAYOUT, batch.tokens, jnp.asarray(types))
     types = np.array(batch.type_ids)
     types[2, 0] = LAYOUT.n_types  # a special token with a type beyond the table
-    with pytest.raises(eqx.EquinoxRuntimeError, match="`type_ids` disagree"):
+    with pytest.raises(eqx.EquinoxRuntimeError, match=wrong_type):
         run(model, batch.tokens, jnp.asarray(types))
+    with pytest.raises(ValueError, match=wrong_type):
+        check_tokens(LAYOUT, batch.tokens, jnp.asarray(types))
 
 
 def test_trace_time_errors():

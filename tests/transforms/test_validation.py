@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, strategies as st
 from jaxtyping import Array, Float, Int, TypeCheckError
 
-from transforms._validation import (
+from transforms.validation import (
     check_bool,
     check_callable,
     check_choice,
@@ -23,8 +23,10 @@ from transforms._validation import (
     check_size,
     check_sorted,
     check_type,
+    checked_eagerly,
     Checks,
     describe,
+    is_concrete,
     stochastic_tolerance,
     typechecked,
 )
@@ -255,3 +257,37 @@ def test_typechecked_errors_name_the_argument_without_the_pytree():
         _annotated(jnp.ones(3), jnp.ones(3, int), "model")
     # A valid call goes through.
     assert _annotated(jnp.ones(3), jnp.ones(3, int), model).shape == (3,)
+
+
+def test_checked_eagerly_runs_the_precheck_only_on_concrete_calls():
+    seen = []
+
+    def precheck(x, *, scale=1.0):
+        seen.append(scale)
+        check_in_range("f", "x", x, low=0)
+
+    @checked_eagerly(precheck)
+    @eqx.filter_jit
+    def f(x, *, scale=1.0):
+        return check_in_range("f", "x", x, low=0) * scale
+
+    assert float(f(jnp.asarray(2.0), scale=3.0)) == 6.0 and seen == [3.0]
+    # Concrete: the plain error at the call, before the compiled function runs.
+    kind, message = _message(lambda: f(jnp.asarray(-1.0)))
+    assert kind is ValueError and _FORM.match(message) and "got -1.0" in message
+    # Traced (under the caller's jit): no precheck, the compiled check guards.
+    seen.clear()
+    assert "(checked at run time)" in _run_time_message(
+        lambda x: f(x), jnp.asarray(-1.0)
+    )
+    assert seen == []
+
+
+def test_is_concrete():
+    assert is_concrete(1.0, jnp.ones(2), {"a": np.ones(3)}, None)
+    jax.jit(lambda x: assert_traced(x))(jnp.ones(2))
+
+
+def assert_traced(x):
+    assert not is_concrete(jnp.ones(2), [x])
+    return x
