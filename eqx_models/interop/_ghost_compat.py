@@ -15,6 +15,7 @@ from transforms import (
     make_attribution_step,
     shapley_values,
 )
+from transforms._train_step import reported_learning_rate
 from transforms.interop.torch import to_jax
 
 
@@ -106,13 +107,9 @@ class DotProductEngine:
                 "optimiser's `learning_rate`."
             )
         self.optimizer = optimizer
+        self.learning_rate = learning_rate
         self._step = make_attribution_step(
-            loss_fn,
-            optimizer,
-            method=method,
-            val_reduction=val_reduction,
-            learning_rate=learning_rate,
-            donate=False,
+            loss_fn, optimizer, method=method, val_reduction=val_reduction, donate=False
         )
         # Compiled: un-jitted, each call would trace the loss and plan again.
         self._dots = eqx.filter_jit(
@@ -227,8 +224,11 @@ class DotProductEngine:
             self.model, self.opt_state, train, val
         )
         if self._shapley is not None:
+            # The original's API takes the rate beside the optimiser; one the
+            # optimiser state records (injected) takes precedence.
+            rate = reported_learning_rate(self.learning_rate, self.opt_state, opt_state)
             self._shapley_state = self._shapley.update(
-                self._shapley_state, self.indices, dots, metrics["learning_rate"]
+                self._shapley_state, self.indices, dots, rate
             )
         self.model, self.opt_state = model, opt_state
         self.dots, self.metrics = dots, metrics

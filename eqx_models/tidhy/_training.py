@@ -25,8 +25,10 @@ N_TASKS = 3
 TASK_NAMES = ("hat", "bar", "temp")
 
 
-class TrainConfig(eqx.Module):
-    """Hyperparameters of the outer (parameter) training (all static).
+class TiDHyTrainConfig(eqx.Module):
+    """Hyperparameters of the outer (parameter) training (all static), for
+    [`eqx_models.tidhy.train`][] (formerly `TrainConfig`, a name that still works,
+    with a `DeprecationWarning`, until the next release).
 
     Loss: `L_hat + L_bar + L_temp + cos_eta cos_reg + orth_r2 orth_reg` plus the
     optional `l1_temporal Σ|U|`, `l1_hyper_out Σ|L4|` (the hypernetwork's output
@@ -81,7 +83,7 @@ class TrainConfig(eqx.Module):
     first_step_inference: bool = eqx.field(default=False, static=True)
 
     def __check_init__(self):
-        name = "TrainConfig"
+        name = "TiDHyTrainConfig"
         for arg in (
             "cos_eta",
             "orth_r2",
@@ -178,7 +180,7 @@ def task_losses_from_latents(model: TiDHy, X, R, R2) -> TaskLosses:
     )
 
 
-def regularisers(model: TiDHy, train: TrainConfig) -> dict[str, Array]:
+def regularisers(model: TiDHy, train: TiDHyTrainConfig) -> dict[str, Array]:
     """The weighted parameter regularisers that are switched on, by name."""
     terms = {}
     if train.cos_eta:
@@ -208,7 +210,7 @@ def regularisers(model: TiDHy, train: TrainConfig) -> dict[str, Array]:
     return terms
 
 
-def _task_vector(model: TiDHy, X, R, R2, train: TrainConfig):
+def _task_vector(model: TiDHy, X, R, R2, train: TiDHyTrainConfig):
     losses = task_losses_from_latents(model, X, R, R2)
     regs = regularisers(model, train)
     reg_total = sum(regs.values(), jnp.zeros((), X.dtype))
@@ -231,7 +233,7 @@ def _group_of(path) -> str:
 _TASK_GROUPS = (("decoder",), ("decoder", "temporal"), ("temporal", "hypernet"))
 
 
-def _task_gradient_norms(model: TiDHy, X, R, R2, train: TrainConfig) -> Array:
+def _task_gradient_norms(model: TiDHy, X, R, R2, train: TiDHyTrainConfig) -> Array:
     """`g_i = Σ_{p in P_i} ||∂L_i/∂p||`: a sum of per-tensor norms per task."""
     model = frozen(model)
     params, static = eqx.partition(model, eqx.is_inexact_array)
@@ -262,7 +264,7 @@ def training_loss(
     key=None,
     *,
     inference: InferenceConfig,
-    train: TrainConfig,
+    train: TiDHyTrainConfig,
 ):
     """The training loss of a batch of windows: `loss_fn` for `make_train_step`.
 
@@ -331,7 +333,7 @@ def init_learner(
     windows: Float[Array, "B T D"],
     *,
     inference: InferenceConfig = InferenceConfig(),
-    train: TrainConfig = TrainConfig(),
+    train: TiDHyTrainConfig = TiDHyTrainConfig(),
 ) -> Learner:
     """Wrap a model for training; with GradNorm, record `ℓ₀` on the first batch.
 
