@@ -1,5 +1,3 @@
-from typing import Any
-
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
