@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from tests.helpers import assert_tree_allclose
+from transforms import inject_learning_rate
 
 
 def _dropout_mlp(key):
@@ -37,7 +38,7 @@ def _data(i):
 def _setup(schedule_steps=40):
     model = _dropout_mlp(jr.key(0))
     schedule = optax.cosine_decay_schedule(3e-2, schedule_steps)
-    optimizer = optax.adamw(schedule)
+    optimizer = inject_learning_rate(optax.adamw, schedule)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     return model, optimizer, opt_state, schedule
 
@@ -46,7 +47,7 @@ def test_history_eval_and_loss_decrease():
     from transforms import fit, make_train_step
 
     model, optimizer, opt_state, schedule = _setup()
-    step = make_train_step(_loss, optimizer, learning_rate=schedule)
+    step = make_train_step(_loss, optimizer)
     evaluated = []
 
     def eval_fn(model):
@@ -82,7 +83,7 @@ def test_resume_is_bit_identical(tmp_path):
     from transforms import fit, load_checkpoint, make_train_step
 
     model, optimizer, opt_state, schedule = _setup()
-    step = make_train_step(_loss, optimizer, learning_rate=schedule)
+    step = make_train_step(_loss, optimizer)
     full = fit(step, model, opt_state, _data, n_steps=12, key=jr.key(5), progress=False)
 
     path = tmp_path / "run.ckpt"
