@@ -67,8 +67,9 @@ def _describe(obj: Any, depth: int, seen: frozenset[int]) -> Any:
         }
     if isinstance(obj, Mapping):
         return {str(k): recurse(v) for k, v in obj.items()}
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a NamedTuple
-        fields = {name: recurse(getattr(obj, name)) for name in obj._fields}
+    names = getattr(obj, "_fields", None)
+    if isinstance(obj, tuple) and names is not None:  # a NamedTuple
+        fields = {name: recurse(getattr(obj, name)) for name in names}
         return {"__type__": _public_name(type(obj)), **fields}
     if isinstance(obj, (list, tuple)):
         return [recurse(x) for x in obj]

@@ -163,7 +163,7 @@ def weight_decay_mask(model: CausalTransformerLM) -> CausalTransformerLM:
 
 def _per_optimizer_step(schedule: optax.Schedule, every: int) -> optax.Schedule:
     """`schedule` of the optimiser step, given the count of micro-steps."""
-    return lambda count: schedule(count // every)
+    return lambda count: schedule(jnp.asarray(count) // every)
 
 
 def _optimizer(

@@ -478,3 +478,99 @@ def test_a_longer_run_when_allowed_follows_the_new_schedule(stopped_run, tmp_pat
         [r["learning_rate"] for r in longer.history], reference[3:], rtol=1e-6
     )
     assert int(_run_length(longer.opt_state)) == 10
+
+
+def _scaled_loss(scale):
+    base = BehaviouralCloningLoss()
+
+    def loss(model, batch, key):
+        value, aux = base(model, batch, key)
+        return scale * value, aux
+
+    return loss
+
+
+@pytest.mark.slow
+def test_resume_names_a_changed_custom_optimizer_or_loss(tmp_path):
+    from transforms import CheckpointError
+
+    path = tmp_path / "run.ckpt"
+    common = dict(
+        n_steps=2,
+        key=jr.key(8),
+        curriculum=Curriculum((1.0,), (1.0,)),
+        checkpoint_path=path,
+        progress=False,
+    )
+    train(
+        _model(),
+        [(CONFIG, 2)],
+        optimizer=optax.adam(1e-3),
+        loss=_scaled_loss(1.0),
+        **common,
+    )
+    before = path.read_bytes()
+    with pytest.raises(
+        CheckpointError,
+        match=r"\n  optimizer\.update_fns\[1\]\.tx\.update\.step_size: "
+        r"expected -0\.002, checkpoint has -0\.001$",
+    ):
+        train(
+            _model(),
+            [(CONFIG, 2)],
+            optimizer=optax.adam(2e-3),
+            loss=_scaled_loss(1.0),
+            resume=True,
+            **common,
+        )
+    with pytest.raises(
+        CheckpointError, match=r"\n  loss\.scale: expected 2\.0, checkpoint has 1\.0$"
+    ):
+        train(
+            _model(),
+            [(CONFIG, 2)],
+            optimizer=optax.adam(1e-3),
+            loss=_scaled_loss(2.0),
+            resume=True,
+            **common,
+        )
+    assert path.read_bytes() == before
+    # Allowed: the (complete) run is taken as it is.
+    done = train(
+        _model(),
+        [(CONFIG, 2)],
+        optimizer=optax.adam(2e-3),
+        loss=_scaled_loss(2.0),
+        resume=True,
+        allow_config_change=True,
+        **common,
+    )
+    assert done.history == [] and done.step == 2
+
+
+def _counted_loss(model, batch, key):
+    TRACES.append(None)
+    return BehaviouralCloningLoss()(model, batch, key)
+
+
+TRACES = []
+
+
+@pytest.mark.slow
+def test_equal_configurations_share_one_compiled_step():
+    # Each call builds its default optimiser and its step anew; they compare equal
+    # by value, and the run length is an array in the optimiser: one compilation
+    # for runs of different lengths.
+    for n_steps in (2, 2, 3):
+        result = train(
+            _model(),
+            [(CONFIG, 2)],
+            n_steps=n_steps,
+            key=jr.key(9),
+            loss=_counted_loss,
+            curriculum=Curriculum((1.0,), (1.0,)),
+            progress=False,
+        )
+        assert len(result.history) == n_steps
+    assert len(TRACES) == 1
+    assert make_optimizer(3) == make_optimizer(3)

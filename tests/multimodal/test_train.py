@@ -373,3 +373,57 @@ def test_data_parallel_on_eight_devices_equals_one_device():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("OK")
+
+
+def test_equal_configurations_share_one_compiled_step():
+    # No cache anywhere: the optimiser and the step are built anew by each call and
+    # compare equal because the configuration does.
+    traces = len(TRACES)
+    config = MultimodalTrainConfig(n_steps=2, learning_rate=3e-3, clip_norm=None)
+    for seed in (0, 1):
+        train(
+            make_model(key=seed),
+            LOSS,
+            big_batch,
+            dataclasses.replace(config),
+            key=jr.key(seed),
+            progress=False,
+        )
+    assert len(TRACES) - traces == 1
+    assert make_optimizer(config) == make_optimizer(dataclasses.replace(config))
+
+
+def test_resume_names_the_model_options_and_the_loss(tmp_path):
+    path = tmp_path / "run"
+    common = dict(key=jr.key(1), checkpoint_path=path, progress=False)
+    train(make_model(), LOSS, micro_batch, CONFIG, **common)
+    before = path.read_bytes()
+    for options, field, values in [
+        (dict(remat=True), "remat", "True, checkpoint has False"),
+        (dict(unroll=2), "unroll", "2, checkpoint has 1"),
+        (dict(attention="xla"), "attention", "'xla', checkpoint has 'auto'"),
+    ]:
+        with pytest.raises(
+            CheckpointError, match=rf"model\.{field}: expected {values}$"
+        ):
+            train(
+                make_model(**options), LOSS, micro_batch, CONFIG, resume=True, **common
+            )
+    with pytest.raises(
+        CheckpointError,
+        match=r"loss\.__type__: expected 'eqx_models\.multimodal\.MultimodalLoss', "
+        r"checkpoint has '<absent>'",
+    ):
+        train(make_model(), _LOSS, micro_batch, CONFIG, resume=True, **common)
+    assert path.read_bytes() == before
+    # Allowed: the (complete) run is taken as it is.
+    done = train(
+        make_model(remat=True),
+        _LOSS,
+        micro_batch,
+        CONFIG,
+        resume=True,
+        allow_config_change=True,
+        **common,
+    )
+    assert done.history == [] and done.step == 12

@@ -232,3 +232,33 @@ def test_allowed_config_change_continues_on_the_new_schedule(tiny_run, tmp_path)
     header = transforms.read_checkpoint_metadata(copy)
     assert header["step"] == 10 and header["metadata"]["n_epochs"] == 10
     assert header["metadata"]["train"]["milestones"] == [2, 4, 6, 8]
+
+
+@pytest.mark.slow
+def test_equal_configurations_share_one_compiled_step(monkeypatch):
+    from eqx_models.tidhy import _train
+
+    traces = []
+
+    def counted(*args, **kwargs):
+        traces.append(None)
+        return tidhy.training_loss(*args, **kwargs)
+
+    monkeypatch.setattr(_train, "training_loss", counted)
+    model = tidhy.TiDHy(4, r_dim=2, r2_dim=2, mix_dim=2, hyper_hid_dim=4, key=jr.key(0))
+    windows = jr.normal(jr.key(1), (6, 5, 4))
+    # Configurations built anew for each call, equal by value; the run length
+    # changes too (the resolved milestones do not): one compilation in all.
+    for n_epochs in (2, 2, 3):
+        result = tidhy.train(
+            model,
+            windows,
+            n_epochs=n_epochs,
+            inference=dataclasses.replace(TINY_INFERENCE),
+            train=tidhy.TiDHyTrainConfig(lr_decoder=0.005, grad_norm=False),
+            progress=False,
+        )
+        assert [r["learning_rate"] for r in result.history] == pytest.approx(
+            [0.005] * n_epochs
+        )
+    assert len(traces) == 1
