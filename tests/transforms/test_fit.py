@@ -35,10 +35,13 @@ def _data(i):
     return x, jnp.sin(x.sum(axis=1, keepdims=True))
 
 
-def _setup(schedule_steps=40):
+def _setup(schedule_steps=40, inject=False):
     model = _dropout_mlp(jr.key(0))
     schedule = optax.cosine_decay_schedule(3e-2, schedule_steps)
-    optimizer = inject_learning_rate(optax.adamw, schedule)
+    # Injected, the schedule is reported among the metrics.
+    optimizer = (
+        inject_learning_rate(optax.adamw, schedule) if inject else optax.adamw(schedule)
+    )
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     return model, optimizer, opt_state, schedule
 
@@ -46,7 +49,7 @@ def _setup(schedule_steps=40):
 def test_history_eval_and_loss_decrease():
     from transforms import fit, make_train_step
 
-    model, optimizer, opt_state, schedule = _setup()
+    model, optimizer, opt_state, schedule = _setup(inject=True)
     step = make_train_step(_loss, optimizer)
     evaluated = []
 

