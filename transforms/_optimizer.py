@@ -153,6 +153,11 @@ class _OptimizerValue(eqx.Module):
     def hyperparameters(self) -> dict[str, Any]:
         return {**dict(self.static), **self.arrays}
 
+    # Hashable like optax's closures, so that `jax.jit(optimizer.update)` works; the
+    # arrays enter by name only (equality still compares their values).
+    def __hash__(self):
+        return hash((self.factory, self.static, tuple(self.arrays)))
+
 
 def hashable_optimizer(
     factory: Callable[..., optax.GradientTransformation], /, **hyperparameters: Any

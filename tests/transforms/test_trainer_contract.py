@@ -143,7 +143,8 @@ def test_hashable_optimizer_is_a_value():
     assert isinstance(a, optax.GradientTransformation)
     params = {"w": jnp.ones(3)}
     state = a.init(params)
-    updates, _ = a.update({"w": jnp.ones(3)}, state, params)
+    # Usable as optax's are, under `jax.jit` too.
+    updates, _ = jax.jit(a.update)({"w": jnp.ones(3)}, state, params)
     np.testing.assert_allclose(updates["w"], -0.1)
     with pytest.raises(TypeError, match="hashable_optimizer: `mask` must be"):
         hashable_optimizer(optax.adamw, learning_rate=0.1, mask={"w": True})
