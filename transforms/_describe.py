@@ -39,9 +39,9 @@ def _public_name(obj: Any) -> str:
 
 
 def _array(x) -> Any:
-    x = np.asarray(x)
-    if x.ndim == 0 and x.dtype.kind in "biuf":
-        value = x.item()
+    is_key = jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    if x.ndim == 0 and not is_key and np.dtype(x.dtype).kind in "biuf":
+        value = np.asarray(x).item()
         return value if not isinstance(value, float) or math.isfinite(value) else str(x)
     return {"shape": list(x.shape), "dtype": str(x.dtype)}
 
@@ -106,6 +106,8 @@ def _describe(obj: Any, depth: int, seen: frozenset[int]) -> Any:
     bound_func = getattr(obj, "__func__", None)
     if bound_self is not None and bound_func is not None:
         return {"__method__": _public_name(bound_func), "__self__": recurse(bound_self)}
+    if callable(obj) and hasattr(obj, "__qualname__"):  # a jitted or builtin function
+        return {"__function__": _public_name(obj)}
     return {"__type__": _public_name(type(obj))}
 
 

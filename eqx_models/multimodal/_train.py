@@ -1,3 +1,12 @@
+"""The multimodal LM's trainer: its settings, schedule and optimiser, evaluation, and
+the run handed to `transforms.fit`.
+
+Why a module of its own: everything that turns a model and a loss into a training
+run lives here, following the trainer contract of `transforms` (the schedule
+injected into an optimiser that compares by value, the whole configuration recorded
+for the resume check); the model and the loss know nothing of it.
+"""
+
 import dataclasses
 import os
 from collections.abc import Callable, Sequence

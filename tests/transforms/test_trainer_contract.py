@@ -91,6 +91,16 @@ def test_the_step_reports_the_rate_the_optimiser_state_records(getkey):
         assert float(metrics["learning_rate"]) == float(schedule(i))
 
 
+def test_the_steps_learning_rate_argument_is_deprecated():
+    from transforms import make_attribution_step
+
+    with pytest.warns(
+        DeprecationWarning,
+        match="make_attribution_step: `learning_rate=` is deprecated",
+    ):
+        make_attribution_step(_mse, optax.sgd(0.1), learning_rate=0.1)
+
+
 def test_inject_learning_rate_bad_factory():
     # (The suite's type-checking hook words the error; users get the library's.)
     with pytest.raises(TypeError, match="factory"):
@@ -190,6 +200,20 @@ def test_describe_config_sees_settings_inside_closures_and_modules():
         "learning_rate": 0.1,
         "momentum": 0.9,
     }
+
+
+def test_describe_config_of_functions_keys_and_jitted_functions():
+    scale = 0.5
+
+    def loss(model, batch, key):
+        return scale * jnp.tanh(model(batch))
+
+    record = describe_config(loss)
+    assert record["scale"] == 0.5
+    assert record["__function__"].endswith("<locals>.loss")
+    assert describe_config(jr.key(0)) == {"shape": [], "dtype": "key<fry>"}
+    assert describe_config(jax.nn.relu)["__function__"].endswith("relu")
+    assert describe_config(jnp.float32(2.0)) == 2.0
 
 
 def test_a_changed_custom_optimiser_is_refused_naming_the_field(tmp_path):
