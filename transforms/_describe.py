@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -39,7 +40,7 @@ def _public_name(obj: Any) -> str:
 
 
 def _array(x) -> Any:
-    is_key = jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    is_key = jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
     if x.ndim == 0 and not is_key and np.dtype(x.dtype).kind in "biuf":
         value = np.asarray(x).item()
         return value if not isinstance(value, float) or math.isfinite(value) else str(x)
