@@ -56,11 +56,11 @@ from eqx_models.causal import (
     Curriculum,
     evaluate_surrogate,
     exact_parent_posterior,
+    make_optimizer,
     ParentSetPredictionModel,
     sample_task,
     sample_training_batch,
     set_run_length,
-    surrogate_optimizer,
     TaskConfig,
     TaskStream,
 )
@@ -138,7 +138,7 @@ def train(cfg, args, key):
         n_heads=cfg["heads"],
         key=jr.fold_in(key, 0),
     )
-    optimizer = surrogate_optimizer(
+    optimizer = make_optimizer(
         10**6, peak_learning_rate=cfg["peak_lr"], warmup_steps=cfg["warmup"]
     )
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))

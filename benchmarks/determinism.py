@@ -110,8 +110,8 @@ def lm(results: Results, args) -> None:
         Codebooks,
         make_optimizer,
         MultimodalLoss,
+        MultimodalTrainConfig,
         TokenBatch,
-        TrainConfig,
     )
     from transforms import make_train_step
 
@@ -142,7 +142,9 @@ def lm(results: Results, args) -> None:
     loss = MultimodalLoss(
         codebooks, sample_k=1024, compute_dtype="bfloat16" if gpu else "float32"
     )
-    optimizer = make_optimizer(TrainConfig(n_steps=1000, warmup_steps=10), model)
+    optimizer = make_optimizer(
+        MultimodalTrainConfig(n_steps=1000, warmup_steps=10), model
+    )
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     batch = TokenBatch(
         tokens=jnp.asarray(data["tokens"]),
@@ -167,9 +169,9 @@ def lm(results: Results, args) -> None:
 def causal(results: Results, args) -> None:
     from eqx_models.causal import (
         BehaviouralCloningLoss,
+        make_optimizer,
         ParentSetPredictionModel,
         sample_training_batch,
-        surrogate_optimizer,
         TaskConfig,
     )
     from transforms import make_train_step
@@ -181,7 +183,7 @@ def causal(results: Results, args) -> None:
         3, width=64 if full else 16, n_layers=4 if full else 1, key=jr.key(0)
     )
     loss = BehaviouralCloningLoss(weight_decay=1e-4)
-    optimizer = surrogate_optimizer(1000)
+    optimizer = make_optimizer(1000)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     batch = sample_training_batch(jr.key(2), config, n_tasks, 3)
     again = sample_training_batch(jr.key(2), config, n_tasks, 3)

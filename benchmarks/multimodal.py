@@ -173,8 +173,8 @@ def worker_jax(args) -> dict:
         Codebooks,
         make_optimizer,
         MultimodalLoss,
+        MultimodalTrainConfig,
         TokenBatch,
-        TrainConfig,
     )
     from transforms import make_train_step
 
@@ -207,7 +207,7 @@ def worker_jax(args) -> dict:
         compute_dtype="bfloat16" if gpu else "float32",
         ce_chunk_size=8192,
     )
-    config = TrainConfig(n_steps=10_000, learning_rate=3e-4, warmup_steps=100)
+    config = MultimodalTrainConfig(n_steps=10_000, learning_rate=3e-4, warmup_steps=100)
     optimizer = make_optimizer(config, model)
     mesh = None
     if args.devices > 1:

@@ -140,9 +140,9 @@ def ghost(results: Results, counts: list[int], size_name: str, args) -> None:
 def causal(results: Results, counts: list[int], size_name: str, args) -> None:
     from eqx_models.causal import (
         BehaviouralCloningLoss,
+        make_optimizer,
         ParentSetPredictionModel,
         sample_training_batch,
-        surrogate_optimizer,
         TaskConfig,
     )
     from transforms import make_train_step
@@ -154,7 +154,7 @@ def causal(results: Results, counts: list[int], size_name: str, args) -> None:
         3, width=64 if full else 16, n_layers=4 if full else 1, key=jr.key(0)
     )
     loss = BehaviouralCloningLoss(weight_decay=1e-4)
-    optimizer = surrogate_optimizer(1000)
+    optimizer = make_optimizer(1000)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     reference = None
     for n in counts:

@@ -43,7 +43,7 @@ SIZES = {
 REFERENCE = tidhy.InferenceConfig(max_iter=2000, tol=0.01, batch_mode="reference")
 FIXED = tidhy.InferenceConfig(max_iter=200, tol=0.0, batch_mode="reference")
 PER_WINDOW = tidhy.InferenceConfig(max_iter=2000, tol=0.01)
-TRAIN = tidhy.TrainConfig(grad_norm=False)
+TRAIN = tidhy.TiDHyTrainConfig(grad_norm=False)
 
 
 def _torch_inference_kwargs(config):

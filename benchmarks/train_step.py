@@ -92,7 +92,7 @@ def main(argv=None):
         )
         return value
 
-    step = make_train_step(loss_fn, optimizer, learning_rate=schedule)
+    step = make_train_step(loss_fn, optimizer)
     lib = {"model": model, "opt": optimizer.init(params)}
     lib["model"] = jax.tree.map(lambda a: a.copy() if eqx.is_array(a) else a, model)
 

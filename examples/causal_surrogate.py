@@ -32,11 +32,11 @@ from eqx_models.causal import (  # noqa: E402
     Curriculum,
     evaluate_surrogate,
     exact_parent_posterior,
+    make_optimizer,
     ParentSetPredictionModel,
     sample_task,
-    surrogate_optimizer,
     TaskConfig,
-    train_surrogate,
+    train,
 )
 
 
@@ -124,7 +124,7 @@ def main(argv=None):
         K, width=width, n_layers=layers, n_heads=4 if width >= 16 else 2, key=jr.key(0)
     )
     t0 = time.perf_counter()
-    result = train_surrogate(
+    result = train(
         model,
         buckets,
         n_steps=n_steps,
@@ -132,7 +132,7 @@ def main(argv=None):
         curriculum=Curriculum.easy_to_hard(
             [c.n_vars * c.n_samples for c, _ in buckets]
         ),
-        optimizer=surrogate_optimizer(n_steps, peak_learning_rate=2e-3),
+        optimizer=make_optimizer(n_steps, peak_learning_rate=2e-3),
         eval_fn=lambda m: {"kl": evaluate_surrogate(m, sink)["kl"]},
         eval_every=eval_every,
     )

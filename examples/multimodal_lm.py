@@ -37,9 +37,9 @@ from eqx_models.multimodal import (  # noqa: E402
     expected_values,
     make_synthetic_data,
     MultimodalLoss,
+    MultimodalTrainConfig,
     pad_batch,
     train,
-    TrainConfig,
 )
 
 
@@ -75,7 +75,7 @@ def main(argv=None):
         layout, d_model=d_model, n_layers=2, n_heads=4, max_len=length, key=jr.key(2)
     )
     loss = MultimodalLoss(codebooks, sample_k=256)
-    config = TrainConfig(
+    config = MultimodalTrainConfig(
         n_steps=n_steps,
         learning_rate=3e-3,
         warmup_steps=n_steps // 20,

@@ -93,13 +93,13 @@ def main(argv=None):
     # 2 to 0.5 so that r follows the data closely at this short training budget.
     model = tidhy.TiDHy(20, temp_weight=0.5, key=jr.key(0))
     inference = tidhy.InferenceConfig(max_iter=200, tol=0.005)
-    train_config = tidhy.TrainConfig(grad_norm=not args.smoke)
+    train_config = tidhy.TiDHyTrainConfig(grad_norm=not args.smoke)
     print(
         f"{size}: {windows.shape[0]} training windows of {cfg['length']} steps, "
         f"{cfg['epochs']} epochs"
     )
     t0 = time.perf_counter()
-    result = tidhy.fit(
+    result = tidhy.train(
         model,
         windows,
         n_epochs=cfg["epochs"],

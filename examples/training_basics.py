@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optax  # noqa: E402
 from _common import out_path, parse_args, save_summary  # noqa: E402
 
-from transforms import fit, make_train_step  # noqa: E402
+from transforms import fit, inject_learning_rate, make_train_step  # noqa: E402
 
 
 def target(x):
@@ -44,13 +44,15 @@ def main(argv=None):
     args = parse_args(__doc__, argv)
     n_steps = 60 if args.smoke else 2000
     schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-2, n_steps // 20, n_steps)
-    optimizer = optax.adamw(schedule)
+    # The optimiser is the single source of the learning rate: the schedule is
+    # injected, and the step reports the rate the optimiser state records.
+    optimizer = inject_learning_rate(optax.adamw, schedule)
 
     def fresh():
         model = eqx.nn.MLP(2, 1, 64, 3, activation=jax.nn.tanh, key=jr.key(0))
         return model, optimizer.init(eqx.filter(model, eqx.is_inexact_array))
 
-    step = make_train_step(loss_fn, optimizer, learning_rate=schedule)
+    step = make_train_step(loss_fn, optimizer)
     x_val = jr.uniform(jr.key(2), (512, 2), minval=-1, maxval=1)
 
     def evaluate(model):

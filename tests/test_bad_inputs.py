@@ -694,16 +694,16 @@ def _tidhy_cases():
             lambda n: tidhy.InferenceConfig(max_iter=n, halve_lr_r=False),
         ),
         Case(
-            "tidhy.TrainConfig",
+            "tidhy.TiDHyTrainConfig",
             "lr_hyper",
             bad_real(low=0, inclusive=(False, True)),
-            lambda lr: tidhy.TrainConfig(lr_hyper=lr),
+            lambda lr: tidhy.TiDHyTrainConfig(lr_hyper=lr),
         ),
         Case(
-            "tidhy.TrainConfig",
+            "tidhy.TiDHyTrainConfig",
             "cos_eta",
             bad_real(low=0),
-            lambda c: tidhy.TrainConfig(cos_eta=c),
+            lambda c: tidhy.TiDHyTrainConfig(cos_eta=c),
         ),
         Case(
             "tidhy.TiDHy",
@@ -792,17 +792,19 @@ def _tidhy_cases():
             lambda W: tidhy.init_learner(model, W, inference=config),
         ),
         Case(
-            "tidhy.fit",
+            "tidhy.train",
             "windows",
             st.just(jnp.ones((0, 4, 3))) | bad_entries(windows),
-            lambda W: tidhy.fit(model, W, n_epochs=1, inference=config, progress=False),
+            lambda W: tidhy.train(
+                model, W, n_epochs=1, inference=config, progress=False
+            ),
         ),
         Case(
             "tidhy.make_optimizer",
             "n_epochs",
             bad_size(),
             lambda n: tidhy.make_optimizer(
-                tidhy.Learner(model, None), tidhy.TrainConfig(), n_epochs=n
+                tidhy.Learner(model, None), tidhy.TiDHyTrainConfig(), n_epochs=n
             ),
         ),
         Case(
@@ -1002,10 +1004,10 @@ def _causal_cases():
             lambda s: causal.BehaviouralCloningLoss(uncertainty_scale=s),
         ),
         Case(
-            "causal.surrogate_optimizer",
+            "causal.make_optimizer",
             "peak_learning_rate",
             bad_real(low=0, inclusive=(False, True)),
-            lambda lr: causal.surrogate_optimizer(10, peak_learning_rate=lr),
+            lambda lr: causal.make_optimizer(10, peak_learning_rate=lr),
         ),
         Case(
             "causal.set_run_length",
@@ -1135,22 +1137,22 @@ def _multimodal_cases():
             lambda s: mm.MultimodalLoss(codebooks, hl_gauss_sigma=s),
         ),
         Case(
-            "multimodal.TrainConfig",
+            "multimodal.MultimodalTrainConfig",
             "learning_rate",
             bad_real(low=0, inclusive=(False, True)),
-            lambda lr: mm.TrainConfig(n_steps=10, learning_rate=lr),
+            lambda lr: mm.MultimodalTrainConfig(n_steps=10, learning_rate=lr),
         ),
         Case(
-            "multimodal.TrainConfig",
+            "multimodal.MultimodalTrainConfig",
             "b2",
             bad_real(low=0, high=1, inclusive=(True, False)),
-            lambda b2: mm.TrainConfig(n_steps=10, b2=b2),
+            lambda b2: mm.MultimodalTrainConfig(n_steps=10, b2=b2),
         ),
         Case(
-            "multimodal.TrainConfig",
+            "multimodal.MultimodalTrainConfig",
             "n_steps",
             bad_size(),
-            lambda n: mm.TrainConfig(n_steps=n),
+            lambda n: mm.MultimodalTrainConfig(n_steps=n),
         ),
         Case(
             "multimodal.bucket_length",
@@ -1453,6 +1455,10 @@ NO_USER_VALUES = {
     "transforms.FallbackStep": "built by with_fallback; forwards its arguments to "
     "the wrapped step, which checks them",
     "transforms.shapley_values": "reads a ShapleyState built by in_run_shapley",
+    "transforms.copy_for_donation": "copies the arrays of any pytree",
+    "transforms.describe_config": "describes any object",
+    "transforms.injected_learning_rate": "reads any optimiser state (None without "
+    "an injected rate)",
     "chmm.Plan": _RETURNED,
     "chmm.Posteriors": _RETURNED,
     "tidhy.GradNormState": _RETURNED,

@@ -67,7 +67,10 @@ SMALLER = {
         ("n_steps=500,", "n_steps=2,"),
         ("jr.split(jr.key(3), 128)", "jr.split(jr.key(3), 8)"),
         ("make_synthetic_data(jr.key(0), 2000)", "make_synthetic_data(jr.key(0), 64)"),
-        ("TrainConfig(n_steps=1000, warmup_steps=50)", "TrainConfig(n_steps=2)"),
+        (
+            "MultimodalTrainConfig(n_steps=1000, warmup_steps=50)",
+            "MultimodalTrainConfig(n_steps=2)",
+        ),
         ("x[64 * (i % 31) : 64 * (i % 31 + 1)]", "x[8 * (i % 8) : 8 * (i % 8 + 1)]"),
     ],
     "docs/causal.md": [

@@ -20,6 +20,7 @@ from ._checkpoint import (
     save_checkpoint as save_checkpoint,
 )
 from ._cross_entropy import chunked_cross_entropy as chunked_cross_entropy
+from ._describe import describe_config as describe_config
 from ._distributional import (
     hl_gauss as hl_gauss,
     soft_cross_entropy as soft_cross_entropy,
@@ -52,6 +53,11 @@ from ._grad_norms import (
     PerSampleGradNorms as PerSampleGradNorms,
 )
 from ._masked import masked_mean as masked_mean
+from ._optimizer import (
+    hashable_optimizer as hashable_optimizer,
+    inject_learning_rate as inject_learning_rate,
+    injected_learning_rate as injected_learning_rate,
+)
 from ._per_sample import (
     GhostFallbackWarning as GhostFallbackWarning,
     per_sample_grads as per_sample_grads,
@@ -65,5 +71,9 @@ from ._scan import (
     soft_threshold as soft_threshold,
 )
 from ._sharding import replicate as replicate, shard_batch as shard_batch
-from ._train_step import make_train_step as make_train_step, TrainStep as TrainStep
+from ._train_step import (
+    copy_for_donation as copy_for_donation,
+    make_train_step as make_train_step,
+    TrainStep as TrainStep,
+)
 from ._version import __version__ as __version__

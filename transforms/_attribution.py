@@ -25,7 +25,12 @@ from ._per_sample import (
     setup,
 )
 from ._sharding import replicate, shard_batch
-from ._train_step import _learning_rate, keep_if_finite, nonfinite_mask
+from ._train_step import (
+    keep_if_finite,
+    nonfinite_mask,
+    reported_learning_rate,
+    warn_learning_rate_argument,
+)
 from ._validation import (
     check_callable,
     check_choice,
@@ -89,7 +94,7 @@ def _step(static, model, opt_state):
         "grad_norm": grad_norm,
         "nonfinite": mask,
     }
-    lr = _learning_rate(step.learning_rate, opt_state, new_opt_state)
+    lr = reported_learning_rate(step.learning_rate, opt_state, new_opt_state)
     if lr is not None:
         metrics["learning_rate"] = lr
     model, new_opt_state = keep_if_finite(
@@ -137,7 +142,8 @@ class AttributionStep(eqx.Module):
         `(model, opt_state, metrics, dots)`: the model after the optimiser update with
         the MEAN training gradient (the validation batch does not enter the update);
         `metrics` with `loss` (mean training loss), `val_loss` (mean validation loss),
-        `grad_norm`, `nonfinite` and `learning_rate` where known; `dots` of shape
+        `grad_norm`, `nonfinite` and `learning_rate` where the optimiser state
+        records one; `dots` of shape
         `[B]`, `dots[i] = <∇θ l_i, ḡ_val>` at the parameters before the update
         (float32). As in [`transforms.make_train_step`][], `nonfinite` flags a
         non-finite loss (1), gradient norm (2), updated parameter (4) or optimiser
@@ -201,8 +207,9 @@ def make_attribution_step(
     - `method`: `"ghost"` (the default for `"auto"`), `"jvp"` (an extra forward-mode
         pass over the training batch) or `"vmap"` (per-example gradients).
     - `val_reduction`: `"mean"` (default) or `"sum"` of the validation losses.
-    - `learning_rate`: the float or schedule given to the optimiser, for the metrics
-        (as in [`transforms.make_train_step`][]).
+    - `learning_rate`: deprecated, as in [`transforms.make_train_step`][]: inject the
+        rate into the optimiser instead, and the metrics report the rate its state
+        records.
     - `mesh`: a `jax.sharding.Mesh` for data parallelism: both batches are split over
         `data_axis` (their sizes must divide by its size); model and optimiser state
         are replicated. The dot products come back split like the training batch.
@@ -229,7 +236,8 @@ def make_attribution_step(
     !!! example
 
         ```python
-        step = make_attribution_step(loss_fn, optax.sgd(0.1), learning_rate=0.1)
+        optimizer = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+        step = make_attribution_step(loss_fn, optimizer)
         shapley = in_run_shapley(n_train)
         state = shapley.init()
         for idx in batches:
@@ -247,6 +255,8 @@ def make_attribution_step(
             f"{_NAME}: `data_axis` {data_axis!r} is not an axis of the mesh "
             f"{tuple(mesh.axis_names)}."
         )
+    if learning_rate is not None:
+        warn_learning_rate_argument(_NAME)
     return AttributionStep(
         loss_fn=loss_fn,
         optimizer=optimizer,

@@ -262,9 +262,10 @@ def fit(
         ("resume", resume),
         ("allow_config_change", allow_config_change),
         ("deterministic", deterministic),
-        ("progress", progress),
     ):
         check_bool("fit", arg, flag)
+    if progress is not None:  # None: a bar only on a terminal
+        check_bool("fit", "progress", progress)
     if eval_every and eval_fn is None:
         raise ValueError("fit: `eval_every` > 0 needs an `eval_fn`.")
     if (checkpoint_every or resume) and checkpoint_path is None:

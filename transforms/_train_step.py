@@ -1,3 +1,4 @@
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -9,6 +10,7 @@ import optax
 from jax.sharding import Mesh
 
 from ._determinism import compile_variants
+from ._optimizer import injected_learning_rate
 from ._sharding import replicate, shard_batch
 from ._validation import (
     check_bool,
@@ -66,20 +68,18 @@ def keep_if_finite(mask, new, old):
     )
 
 
-def _learning_rate(
-    schedule: float | Callable | None, opt_state_before: Any, opt_state_after: Any
+def reported_learning_rate(
+    legacy: float | Callable | None, opt_state_before: Any, opt_state_after: Any
 ) -> jax.Array | None:
-    """The learning rate the update just applied, if it can be known."""
-    # `optax.inject_hyperparams` records the value it used in its (new) state.
-    for _, value in optax.tree_utils.tree_get_all_with_path(
-        opt_state_after, "learning_rate"
-    ):
-        if eqx.is_array(value):
-            return jnp.asarray(value, jnp.float32)
-    if schedule is None:
-        return None
-    if not callable(schedule):
-        return jnp.asarray(schedule, jnp.float32)
+    """The `learning_rate` metric of a step: the rate the optimiser state records
+    ([`transforms.injected_learning_rate`][]), else, for the deprecated
+    `learning_rate=` argument of the step builders, that float or schedule at the
+    optimiser's step count."""
+    recorded = injected_learning_rate(opt_state_after)
+    if recorded is not None or legacy is None:
+        return recorded
+    if not callable(legacy):
+        return jnp.asarray(legacy, jnp.float32)
     counts = optax.tree_utils.tree_get_all_with_path(opt_state_before, "count")
     if not counts:
         raise ValueError(
@@ -87,7 +87,40 @@ def _learning_rate(
             "optimiser state holds no step `count` to evaluate it at; pass the "
             "optimiser through `optax.inject_hyperparams` instead."
         )
-    return jnp.asarray(schedule(counts[0][1]), jnp.float32)
+    return jnp.asarray(legacy(counts[0][1]), jnp.float32)
+
+
+def warn_learning_rate_argument(caller: str) -> None:
+    """The deprecation of the steps' `learning_rate=` argument."""
+    warnings.warn(
+        f"{caller}: `learning_rate=` is deprecated and will be removed in the next "
+        "release: the optimiser is the single source of the learning rate. Inject "
+        "it into the optimiser instead (`optax.inject_hyperparams`, or "
+        "`transforms.inject_learning_rate(optax.adam, schedule)`); the step reports "
+        "the rate the optimiser state records.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
+def copy_for_donation(tree: Any) -> Any:
+    """A copy of every array of `tree` (other leaves kept), for a step that donates
+    its inputs.
+
+    A step from [`transforms.make_train_step`][] reuses the buffers of the model and
+    optimiser state it is given (donation), which deletes them. A trainer that
+    must leave its caller's model usable trains on this copy instead.
+
+    **Arguments:**
+
+    - `tree`: any pytree, e.g. `(model, opt_state)`.
+
+    **Returns:**
+
+    The same pytree with each array replaced by a copy (same values, dtype and
+    sharding).
+    """
+    return jax.tree.map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, tree)
 
 
 def _step(static, model, opt_state):
@@ -115,7 +148,7 @@ def _step(static, model, opt_state):
     grad_norm = optax.tree.norm(grads)
     mask = nonfinite_mask(loss, grad_norm, new_model, new_opt_state)
     metrics = {"loss": loss, **aux, "grad_norm": grad_norm, "nonfinite": mask}
-    lr = _learning_rate(step.learning_rate, opt_state, new_opt_state)
+    lr = reported_learning_rate(step.learning_rate, opt_state, new_opt_state)
     if lr is not None:
         metrics["learning_rate"] = lr
     model, new_opt_state = keep_if_finite(
@@ -163,9 +196,11 @@ class TrainStep(eqx.Module):
 
         `(model, opt_state, metrics)` with `metrics` a dict of scalar device arrays:
         `loss`, the aux losses, `grad_norm` (global L2 norm of the gradient),
-        `nonfinite` (see [`transforms.make_train_step`][]) and `learning_rate` where
-        it can be known. When `nonfinite` is not 0 the returned model and optimiser
-        state are the ones given (the update is not applied).
+        `nonfinite` (see [`transforms.make_train_step`][]) and `learning_rate` when
+        the optimiser state records one (see
+        [`transforms.injected_learning_rate`][]). When `nonfinite` is not 0 the
+        returned model and optimiser state are the ones given (the update is not
+        applied).
 
         **Raises:**
 
@@ -210,6 +245,17 @@ def make_train_step(
     128 (Adam), less with larger batches, whose forward and backward passes cost
     more while the check does not.
 
+    The step follows the library's trainer contract. The optimiser is the single
+    source of the learning rate: inject a schedule (or a rate you will change) with
+    `optax.inject_hyperparams` or [`transforms.inject_learning_rate`][], and the
+    step reports the rate the optimiser state records as the `learning_rate`
+    metric ([`transforms.injected_learning_rate`][] says which). The step compiles
+    once per distinct static part: the loss function and the optimiser are part of
+    it, arrays inside them traced, everything else compared with `==`. Steps built
+    from equal parts share one compilation, across calls of `make_train_step` too;
+    an optimiser made by optax compares by identity (it is a closure), one from
+    [`transforms.hashable_optimizer`][] by value.
+
     **Arguments:**
 
     - `loss_fn`: `loss_fn(model, batch, key) -> loss`, a scalar (the loss of the whole
@@ -218,10 +264,10 @@ def make_train_step(
     - `optimizer`: an `optax.GradientTransformation`; the optimiser state must come
         from `optimizer.init(eqx.filter(model, eqx.is_inexact_array))`.
     - `has_aux`: whether `loss_fn` returns `(loss, aux)`.
-    - `learning_rate`: the float or optax schedule given to the optimiser, so that the
-        metrics can report it (the schedule is evaluated at the optimiser's step
-        count). Not needed when the optimiser is wrapped in
-        `optax.inject_hyperparams`, whose recorded value is reported.
+    - `learning_rate`: deprecated (a `DeprecationWarning`; removed in the next
+        release): the float or optax schedule given to the optimiser, evaluated at
+        the optimiser's step count for the metrics when the state records no rate.
+        Inject the rate into the optimiser instead.
     - `mesh`: a `jax.sharding.Mesh` for data parallelism: the batch is split over its
         `data_axis` along the leading dimension, the model and optimiser state are
         replicated; gradients are reduced by XLA. `None` runs on the default device.
@@ -256,10 +302,11 @@ def make_train_step(
             x, y = batch
             return jnp.mean((jax.vmap(model)(x) - y) ** 2)
 
-        optimizer = optax.adam(1e-3)
+        optimizer = optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
         opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
-        step = make_train_step(loss_fn, optimizer, learning_rate=1e-3)
+        step = make_train_step(loss_fn, optimizer)
         model, opt_state, metrics = step(model, opt_state, (x, y), key)
+        metrics["learning_rate"]  # 1e-3, from the optimiser state
         ```
     """
     name = "make_train_step"
@@ -289,6 +336,8 @@ def make_train_step(
             f"make_train_step: `data_axis` {data_axis!r} is not an axis of the mesh "
             f"{tuple(mesh.axis_names)}."
         )
+    if learning_rate is not None:
+        warn_learning_rate_argument("make_train_step")
     return TrainStep(
         loss_fn=loss_fn,
         optimizer=optimizer,

@@ -1,11 +1,18 @@
 """Amortised causal surrogates: SCM simulators, an exact parent-set expert, and a
 parent-set prediction model trained by behavioural cloning."""
 
+from transforms._deprecation import deprecated_aliases as _deprecated_aliases
+
+from ._batches import (
+    sample_training_batch as sample_training_batch,
+    TrainingBatch as TrainingBatch,
+)
 from ._candidates import (
     candidate_parent_sets as candidate_parent_sets,
     CandidateSets as CandidateSets,
     MAX_CANDIDATE_SETS as MAX_CANDIDATE_SETS,
 )
+from ._curriculum import Curriculum as Curriculum, TaskStream as TaskStream
 from ._data import Channel as Channel
 from ._evaluation import evaluate_surrogate as evaluate_surrogate
 from ._expert import (
@@ -15,22 +22,27 @@ from ._expert import (
     ParentSetPosterior as ParentSetPosterior,
 )
 from ._graphs import GRAPH_FAMILIES as GRAPH_FAMILIES, sample_dag as sample_dag
+from ._loss import BehaviouralCloningLoss as BehaviouralCloningLoss
 from ._model import ParentSetPredictionModel as ParentSetPredictionModel
+from ._optimizer import (
+    make_optimizer as make_optimizer,
+    set_run_length as set_run_length,
+    WarmupCosineState as WarmupCosineState,
+    weight_decay_mask as weight_decay_mask,
+)
 from ._scm import (
     LinearGaussianSCM as LinearGaussianSCM,
     sample_linear_gaussian_scm as sample_linear_gaussian_scm,
     simulate as simulate,
 )
 from ._tasks import sample_task as sample_task, Task as Task, TaskConfig as TaskConfig
-from ._training import (
-    BehaviouralCloningLoss as BehaviouralCloningLoss,
-    Curriculum as Curriculum,
-    sample_training_batch as sample_training_batch,
-    set_run_length as set_run_length,
-    surrogate_optimizer as surrogate_optimizer,
-    TaskStream as TaskStream,
-    train_surrogate as train_surrogate,
-    TrainingBatch as TrainingBatch,
-    WarmupCosineState as WarmupCosineState,
-    weight_decay_mask as weight_decay_mask,
+from ._train import train as train
+
+
+__getattr__ = _deprecated_aliases(
+    __name__,
+    {
+        "train_surrogate": ("train", train),
+        "surrogate_optimizer": ("make_optimizer", make_optimizer),
+    },
 )

@@ -16,7 +16,7 @@ from transforms import (
     NonFiniteLossError,
     shapley_values,
 )
-from transforms._train_step import nonfinite_parts
+from transforms._train_step import nonfinite_parts, reported_learning_rate
 from transforms.interop.torch import to_jax
 
 
@@ -108,13 +108,9 @@ class DotProductEngine:
                 "optimiser's `learning_rate`."
             )
         self.optimizer = optimizer
+        self.learning_rate = learning_rate
         self._step = make_attribution_step(
-            loss_fn,
-            optimizer,
-            method=method,
-            val_reduction=val_reduction,
-            learning_rate=learning_rate,
-            donate=False,
+            loss_fn, optimizer, method=method, val_reduction=val_reduction, donate=False
         )
         # Compiled: un-jitted, each call would trace the loss and plan again.
         self._dots = eqx.filter_jit(
@@ -254,8 +250,11 @@ class DotProductEngine:
                 opt_state=self.opt_state,
             )
         if self._shapley is not None:
+            # The original's API takes the rate beside the optimiser; one the
+            # optimiser state records (injected) takes precedence.
+            rate = reported_learning_rate(self.learning_rate, self.opt_state, opt_state)
             self._shapley_state = self._shapley.update(
-                self._shapley_state, self.indices, dots, metrics["learning_rate"]
+                self._shapley_state, self.indices, dots, rate
             )
         self.model, self.opt_state = model, opt_state
         self.dots, self.metrics = dots, metrics

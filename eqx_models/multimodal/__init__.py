@@ -1,5 +1,7 @@
 """A causal transformer over multimodal codebook tokens with expected-value losses."""
 
+from transforms._deprecation import deprecated_aliases as _deprecated_aliases
+
 from ._codebooks import Codebooks as Codebooks, load_codebooks as load_codebooks
 from ._loss import cast_floating as cast_floating, MultimodalLoss as MultimodalLoss
 from ._model import (
@@ -22,8 +24,8 @@ from ._train import (
     evaluate as evaluate,
     learning_rate_schedule as learning_rate_schedule,
     make_optimizer as make_optimizer,
+    MultimodalTrainConfig as MultimodalTrainConfig,
     train as train,
-    TrainConfig as TrainConfig,
     weight_decay_mask as weight_decay_mask,
 )
 from ._vocab import (
@@ -33,4 +35,9 @@ from ._vocab import (
     PAD as PAD,
     SEP as SEP,
     VocabLayout as VocabLayout,
+)
+
+
+__getattr__ = _deprecated_aliases(
+    __name__, {"TrainConfig": ("MultimodalTrainConfig", MultimodalTrainConfig)}
 )

@@ -429,6 +429,9 @@ class CausalTransformerLM(eqx.Module):
             "max_len": self.max_len,
             "dropout": self.dropout,
             "pre_ln": self.pre_ln,
+            "attention": self.attention,
+            "unroll": self.unroll,
+            "remat": self.remat,
             "vocabulary": self.layout.to_dict(),
         }
 

@@ -1,16 +1,34 @@
+"""The multimodal LM's trainer: its settings, schedule and optimiser, evaluation, and
+the run handed to `transforms.fit`.
+
+Why a module of its own: everything that turns a model and a loss into a training
+run lives here, following the trainer contract of `transforms` (the schedule
+injected into an optimiser that compares by value, the whole configuration recorded
+for the resume check); the model and the loss know nothing of it.
+"""
+
 import dataclasses
-import functools
 import os
 from collections.abc import Callable, Sequence
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 from jaxtyping import PRNGKeyArray
 
-from transforms import fit, FitResult, make_train_step, shard_batch
+from transforms import (
+    copy_for_donation,
+    describe_config,
+    fit,
+    FitResult,
+    hashable_optimizer,
+    inject_learning_rate,
+    make_train_step,
+    shard_batch,
+)
 from transforms.validation import (
     check_bool,
     check_callable,
@@ -26,8 +44,13 @@ from ._sequence import TokenBatch
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings of [`eqx_models.multimodal.train`][].
+class MultimodalTrainConfig:
+    """Optimisation settings of [`eqx_models.multimodal.train`][] (formerly
+    `TrainConfig`, a name that still works, with a `DeprecationWarning`, until the
+    next release).
+
+    A frozen dataclass: equal settings compare equal and hash alike, which is how
+    two runs with equal settings share one compiled step.
 
     Steps are **optimiser steps**: with `accumulation_steps = k`, each consumes `k`
     micro-batches, and the schedule, evaluation and checkpoint periods count
@@ -72,12 +95,12 @@ class TrainConfig:
     def __post_init__(self):
         from transforms.validation import check_in_range, check_size
 
-        name = "TrainConfig"
+        name = "MultimodalTrainConfig"
         check_size(name, "n_steps", self.n_steps)
         check_size(name, "warmup_steps", self.warmup_steps, minimum=0)
         if not self.warmup_steps < self.n_steps:
             raise ValueError(
-                "TrainConfig: `warmup_steps` must be in [0, n_steps), got "
+                f"{name}: `warmup_steps` must be in [0, n_steps), got "
                 f"{self.warmup_steps} with n_steps={self.n_steps}."
             )
         check_in_range(
@@ -97,7 +120,17 @@ class TrainConfig:
         check_size(name, "checkpoint_every", self.checkpoint_every, minimum=0)
 
 
-def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+def _check_config(fn: str, config) -> None:
+    check_type(
+        fn,
+        "config",
+        config,
+        MultimodalTrainConfig,
+        "a multimodal.MultimodalTrainConfig",
+    )
+
+
+def learning_rate_schedule(config: MultimodalTrainConfig) -> optax.Schedule:
     """Linear warmup from 0, then cosine decay to a floor over the optimiser steps.
 
     `lr(s) = peak * s / warmup` for `s < warmup`, then
@@ -106,27 +139,17 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
 
     **Arguments:**
 
-    - `config`: the [`eqx_models.multimodal.TrainConfig`][].
+    - `config`: the [`eqx_models.multimodal.MultimodalTrainConfig`][].
 
     **Returns:**
 
-    An optax schedule of the optimiser step count (the same object for equal
-    configurations, so compiled steps are reused).
+    An optax schedule of the optimiser step count.
 
     **Raises:**
 
-    `TypeError` if `config` is not a `TrainConfig`.
+    `TypeError` if `config` is not a `MultimodalTrainConfig`.
     """
     _check_config("learning_rate_schedule", config)
-    return _schedule(config)
-
-
-def _check_config(fn: str, config) -> None:
-    check_type(fn, "config", config, TrainConfig, "a multimodal.TrainConfig")
-
-
-@functools.cache
-def _schedule(config: TrainConfig) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=config.learning_rate,
@@ -182,24 +205,64 @@ def weight_decay_mask(model: CausalTransformerLM) -> CausalTransformerLM:
     return eqx.filter(mask, lambda x: isinstance(x, bool))
 
 
-_optimizers: dict = {}
+def _per_optimizer_step(schedule: optax.Schedule, every: int) -> optax.Schedule:
+    """`schedule` of the optimiser step, given the count of micro-steps."""
+    return lambda count: schedule(jnp.asarray(count) // every)
+
+
+def _optimizer(
+    config: MultimodalTrainConfig, accumulator_dtype: np.dtype
+) -> optax.GradientTransformation:
+    """What [`eqx_models.multimodal.make_optimizer`][] builds, from its settings."""
+
+    def clipped_adamw(learning_rate):
+        adamw = optax.adamw(
+            learning_rate,
+            b1=config.b1,
+            b2=config.b2,
+            weight_decay=config.weight_decay,
+            mask=weight_decay_mask,
+        )
+        if config.clip_norm is None:
+            return adamw
+        return optax.chain(optax.clip_by_global_norm(config.clip_norm), adamw)
+
+    schedule = learning_rate_schedule(config)
+    every = config.accumulation_steps
+    if every == 1:
+        return inject_learning_rate(clipped_adamw, schedule)
+
+    # The rate is injected outside the accumulation, so that the state records, at
+    # every micro-step, the rate of the optimiser step it belongs to.
+    def accumulated(learning_rate):
+        return optax.MultiSteps(
+            clipped_adamw(learning_rate),
+            every_k_schedule=every,
+            accumulator_dtype=accumulator_dtype,
+        ).gradient_transformation()
+
+    return inject_learning_rate(accumulated, _per_optimizer_step(schedule, every))
 
 
 def make_optimizer(
-    config: TrainConfig, model: CausalTransformerLM
+    config: MultimodalTrainConfig, model: CausalTransformerLM | None = None
 ) -> optax.GradientTransformation:
     """The trainer's optimiser: clipping, AdamW with a decay mask, warmup-cosine
     schedule, wrapped in `optax.MultiSteps` for gradient accumulation (when
     `accumulation_steps > 1`).
 
-    Equal configurations and model structures get the same optimiser object, so a
-    step compiled for one run is reused by the next (e.g. a resumed run in the same
-    process).
+    The schedule is injected (`optax.inject_hyperparams`): the optimiser state
+    records the learning rate of the current optimiser step at every micro-step,
+    which the training step reports. The optimiser compares by value
+    ([`transforms.hashable_optimizer`][]): equal configurations give equal
+    optimisers, so a step compiled for one run is reused by the next (e.g. a
+    resumed run in the same process), without any cache.
 
     **Arguments:**
 
-    - `config`: the [`eqx_models.multimodal.TrainConfig`][].
-    - `model`: the model (for the weight-decay mask).
+    - `config`: the [`eqx_models.multimodal.MultimodalTrainConfig`][].
+    - `model`: not needed (the weight-decay mask is computed from the parameters
+        the optimiser is given); accepted so that existing calls keep working.
 
     **Returns:**
 
@@ -208,39 +271,21 @@ def make_optimizer(
 
     **Raises:**
 
-    `TypeError` if `config` is not a `TrainConfig` or `model` not a
-    `CausalTransformerLM`.
+    `TypeError` if `config` is not a `MultimodalTrainConfig` or `model` neither a
+    `CausalTransformerLM` nor `None`.
     """
     _check_config("make_optimizer", config)
-    check_type(
-        "make_optimizer", "model", model, CausalTransformerLM, "a CausalTransformerLM"
-    )
-    params = eqx.filter(model, eqx.is_inexact_array)
+    if model is not None:
+        check_type(
+            "make_optimizer",
+            "model",
+            model,
+            CausalTransformerLM,
+            "a CausalTransformerLM or None",
+        )
     # The accumulator follows the parameters' dtype (float64 under x64).
-    accumulator = jnp.zeros((), float).dtype
-    cache_key = (config, jax.tree.structure(params), accumulator)
-    if cache_key not in _optimizers:
-        adamw = optax.adamw(
-            learning_rate_schedule(config),
-            b1=config.b1,
-            b2=config.b2,
-            weight_decay=config.weight_decay,
-            mask=weight_decay_mask(params),
-        )
-        chain = (
-            adamw
-            if config.clip_norm is None
-            else optax.chain(optax.clip_by_global_norm(config.clip_norm), adamw)
-        )
-        if config.accumulation_steps == 1:
-            _optimizers[cache_key] = chain
-        else:
-            _optimizers[cache_key] = optax.MultiSteps(
-                chain,
-                every_k_schedule=config.accumulation_steps,
-                accumulator_dtype=accumulator,
-            ).gradient_transformation()
-    return _optimizers[cache_key]
+    accumulator = np.dtype(jnp.zeros((), float).dtype)
+    return hashable_optimizer(_optimizer, config=config, accumulator_dtype=accumulator)
 
 
 def _auto_axes(mesh: Mesh) -> Mesh:
@@ -331,7 +376,7 @@ def train(
     model: CausalTransformerLM,
     loss: Callable,
     data: Callable[[int], TokenBatch],
-    config: TrainConfig,
+    config: MultimodalTrainConfig,
     *,
     key: PRNGKeyArray,
     eval_batches: TokenBatch | Sequence[TokenBatch] | None = None,
@@ -352,8 +397,11 @@ def train(
     [`transforms.fit`][]: a progress bar, a history of metrics, periodic
     deterministic evaluation ([`eqx_models.multimodal.evaluate`][]), atomic
     checkpoints whose metadata records the whole configuration: the model's
-    (`model.*`, the vocabulary layout included), the `TrainConfig` (`train.*`)
-    and the micro-batch shape (`data.tokens_shape`, from `data(0)`). With
+    (`model.*`, the vocabulary layout and the attention, unroll and remat options
+    included), the `MultimodalTrainConfig` (`train.*`: optimiser and schedule),
+    the loss (`loss.*`, by [`transforms.describe_config`][]) and the micro-batch
+    shape (`data.tokens_shape`, from `data(0)`). Two calls with equal
+    configurations share one compiled step. With
     `resume=True` a run continues from `checkpoint_path` bit-identically (on a GPU
     with `deterministic=True`), and refuses a checkpoint written for another
     configuration (listing the differing fields; only `train.eval_every` and
@@ -369,7 +417,7 @@ def train(
         with its signature and return value).
     - `data`: `data(i) -> TokenBatch`, the micro-batch of micro-step `i`
         (a function of the index, so a resumed run sees the same data).
-    - `config`: the [`eqx_models.multimodal.TrainConfig`][].
+    - `config`: the [`eqx_models.multimodal.MultimodalTrainConfig`][].
     - `key`: the run's PRNG key (dropout and position sampling; step `i` uses
         `fold_in(key, i)`).
     - `eval_batches`: held-out batches evaluated every `config.eval_every`
@@ -427,9 +475,10 @@ def train(
         ("resume", resume),
         ("allow_config_change", allow_config_change),
         ("deterministic", deterministic),
-        ("progress", progress),
     ):
         check_bool(name, arg, flag)
+    if progress is not None:  # None: a bar only on a terminal
+        check_bool(name, "progress", progress)
     if config.eval_every and eval_batches is None:
         raise ValueError("train: `config.eval_every` > 0 needs `eval_batches`.")
     if resume and checkpoint_path is None:
@@ -437,6 +486,7 @@ def train(
     metadata = {
         **_flatten(model.config(), "model."),
         **_flatten(dataclasses.asdict(config), "train."),
+        **_flatten({"loss": describe_config(loss)}, ""),
         "data.tokens_shape": list(data(0).tokens.shape),
     }
     # How often the run evaluates and saves does not change what it trains.
@@ -456,16 +506,11 @@ def train(
     k = config.accumulation_steps
     # The compiled step donates its inputs' buffers; train on a copy so the
     # caller's model stays usable.
-    model = jax.tree.map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, model)
-    optimizer = make_optimizer(config, model)
+    model = copy_for_donation(model)
+    optimizer = make_optimizer(config)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     step = make_train_step(
-        loss,
-        optimizer,
-        has_aux=True,
-        learning_rate=learning_rate_schedule(config),
-        mesh=mesh,
-        deterministic=deterministic,
+        loss, optimizer, has_aux=True, mesh=mesh, deterministic=deterministic
     )
 
     def counted_step(model, opt_state, batch, key):

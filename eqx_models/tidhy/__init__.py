@@ -1,7 +1,8 @@
 """TiDHy: timescale demixing via hypernetworks, with compiled latent inference."""
 
+from transforms._deprecation import deprecated_aliases as _deprecated_aliases
+
 from ._evaluate import evaluate_record as evaluate_record, Record as Record
-from ._fit import fit as fit
 from ._inference import (
     infer as infer,
     infer_first_step as infer_first_step,
@@ -27,6 +28,7 @@ from ._rossler import (
     RosslerSample as RosslerSample,
 )
 from ._slds import SLDSSample as SLDSSample, SwitchingLDS as SwitchingLDS
+from ._train import train as train
 from ._training import (
     GradNormState as GradNormState,
     init_learner as init_learner,
@@ -34,7 +36,13 @@ from ._training import (
     regularisers as regularisers,
     task_losses_from_latents as task_losses_from_latents,
     TaskLosses as TaskLosses,
-    TrainConfig as TrainConfig,
+    TiDHyTrainConfig as TiDHyTrainConfig,
     training_loss as training_loss,
 )
 from ._windows import stack_windows as stack_windows
+
+
+__getattr__ = _deprecated_aliases(
+    __name__,
+    {"fit": ("train", train), "TrainConfig": ("TiDHyTrainConfig", TiDHyTrainConfig)},
+)

@@ -1,4 +1,12 @@
-import functools
+"""TiDHy's optimiser: AdamW per parameter group on epoch milestones, renormalising
+projections and GradNorm's own optimiser, as one optax transformation.
+
+Why a module of its own: the optimiser is a value built from the training
+configuration and the learner's structure (see the trainer contract in
+`transforms`), used by the trainer and by anyone writing their own loop; the loss
+it optimises lives in `_training.py`.
+"""
+
 from collections.abc import Callable, Hashable
 
 import equinox as eqx
@@ -6,9 +14,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from transforms import hashable_optimizer, inject_learning_rate
 from transforms.validation import check_size
 
-from ._training import Learner, N_TASKS, TrainConfig
+from ._training import Learner, N_TASKS, TiDHyTrainConfig
 
 
 _THETA_LABELS = (
@@ -47,7 +56,7 @@ def _unit_rows(U):
     return flat.reshape(U.shape)
 
 
-def _labels(params, train: TrainConfig):
+def _labels(params, train: TiDHyTrainConfig):
     def label(path, _):
         names = [getattr(k, "name", None) for k in path]
         if "gradnorm" in names:
@@ -65,7 +74,7 @@ def _labels(params, train: TrainConfig):
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def resolved_milestones(train: TrainConfig, n_epochs: int) -> tuple[int, ...]:
+def resolved_milestones(train: TiDHyTrainConfig, n_epochs: int) -> tuple[int, ...]:
     """The milestone epochs: `train.milestones`, or the original's rule
     `n_epochs // 5 * k` (k = 1..4) when it is `None`."""
     if train.milestones is not None:
@@ -74,7 +83,11 @@ def resolved_milestones(train: TrainConfig, n_epochs: int) -> tuple[int, ...]:
 
 
 def epoch_schedule(
-    learning_rate: float, train: TrainConfig, *, steps_per_epoch: int, n_epochs: int
+    learning_rate: float,
+    train: TiDHyTrainConfig,
+    *,
+    steps_per_epoch: int,
+    n_epochs: int,
 ) -> optax.Schedule:
     """A step-indexed schedule multiplying `learning_rate` by `gamma` at each
     milestone epoch."""
@@ -88,7 +101,7 @@ def epoch_schedule(
 
 def make_optimizer(
     learner: Learner,
-    train: TrainConfig = TrainConfig(),
+    train: TiDHyTrainConfig = TiDHyTrainConfig(),
     *,
     steps_per_epoch: int = 1,
     n_epochs: int = 1000,
@@ -104,10 +117,16 @@ def make_optimizer(
     initial losses are frozen. Everything is one `optax.multi_transform`, so the
     state of every part, the GradNorm weights' included, persists across steps.
 
+    The milestone schedules are injected (`optax.inject_hyperparams`): the state
+    records each group's current rate, and the decoder's, the first in the state,
+    is the `learning_rate` a training step reports. The optimiser compares by value
+    ([`transforms.hashable_optimizer`][]): equal configurations and learner
+    structures give equal optimisers, which share one compiled step.
+
     **Arguments:**
 
     - `learner`: a [`eqx_models.tidhy.Learner`][] (its structure sets the labels).
-    - `train`: a [`eqx_models.tidhy.TrainConfig`][].
+    - `train`: a [`eqx_models.tidhy.TiDHyTrainConfig`][].
     - `steps_per_epoch`: optimiser steps per epoch (1 with full-batch epochs).
     - `n_epochs`: the run length, for the default milestones.
 
@@ -124,20 +143,20 @@ def make_optimizer(
     check_size("make_optimizer", "steps_per_epoch", steps_per_epoch)
     check_size("make_optimizer", "n_epochs", n_epochs)
     params = eqx.filter(learner, eqx.is_inexact_array)
-    return optimizer_for_structure(
-        jax.tree.structure(params), train, steps_per_epoch, n_epochs
+    return hashable_optimizer(
+        _optimizer,
+        structure=jax.tree.structure(params),
+        train=train,
+        steps_per_epoch=steps_per_epoch,
+        n_epochs=n_epochs,
     )
 
 
-@functools.lru_cache(maxsize=32)
-def optimizer_for_structure(
-    structure, train: TrainConfig, steps_per_epoch: int, n_epochs: int
+def _optimizer(
+    structure, train: TiDHyTrainConfig, steps_per_epoch: int, n_epochs: int
 ) -> optax.GradientTransformation:
-    """`make_optimizer` from the tree structure of the learner's parameters.
-
-    Cached, so that equal configurations give the same optimiser object and a
-    training step built from it is compiled once.
-    """
+    """What `make_optimizer` builds, from the tree structure of the learner's
+    parameters and the settings."""
     placeholder = jax.tree_util.tree_unflatten(structure, range(structure.num_leaves))
     labels = _labels(placeholder, train)
 
@@ -145,8 +164,13 @@ def optimizer_for_structure(
         schedule = epoch_schedule(
             lr, train, steps_per_epoch=steps_per_epoch, n_epochs=n_epochs
         )
-        return optax.adamw(
-            schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=train.weight_decay
+        return inject_learning_rate(
+            optax.adamw,
+            schedule,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=train.weight_decay,
         )
 
     transforms: dict[Hashable, optax.GradientTransformation] = {

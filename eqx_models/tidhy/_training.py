@@ -35,8 +35,10 @@ N_TASKS = 3
 TASK_NAMES = ("hat", "bar", "temp")
 
 
-class TrainConfig(eqx.Module):
-    """Hyperparameters of the outer (parameter) training (all static).
+class TiDHyTrainConfig(eqx.Module):
+    """Hyperparameters of the outer (parameter) training (all static), for
+    [`eqx_models.tidhy.train`][] (formerly `TrainConfig`, a name that still works,
+    with a `DeprecationWarning`, until the next release).
 
     Loss: `L_hat + L_bar + L_temp + cos_eta cos_reg + orth_r2 orth_reg` plus the
     optional `l1_temporal Σ|U|`, `l1_hyper_out Σ|L4|` (the hypernetwork's output
@@ -91,7 +93,7 @@ class TrainConfig(eqx.Module):
     first_step_inference: bool = eqx.field(default=False, static=True)
 
     def __check_init__(self):
-        name = "TrainConfig"
+        name = "TiDHyTrainConfig"
         for arg in (
             "cos_eta",
             "orth_r2",
@@ -234,13 +236,13 @@ def task_losses_from_latents(model: TiDHy, X, R, R2) -> TaskLosses:
     )
 
 
-def regularisers(model: TiDHy, train: TrainConfig) -> dict[str, Array]:
+def regularisers(model: TiDHy, train: TiDHyTrainConfig) -> dict[str, Array]:
     """The weighted parameter regularisers that are switched on, by name.
 
     **Arguments:**
 
     - `model`: the [`eqx_models.tidhy.TiDHy`][] model.
-    - `train`: the [`eqx_models.tidhy.TrainConfig`][] holding the weights.
+    - `train`: the [`eqx_models.tidhy.TiDHyTrainConfig`][] holding the weights.
 
     **Returns:**
 
@@ -248,10 +250,12 @@ def regularisers(model: TiDHy, train: TrainConfig) -> dict[str, Array]:
 
     **Raises:**
 
-    `TypeError` if `model` is not a `TiDHy` or `train` not a `TrainConfig`.
+    `TypeError` if `model` is not a `TiDHy` or `train` not a `TiDHyTrainConfig`.
     """
     _check_model("regularisers", model)
-    check_type("regularisers", "train", train, TrainConfig, "a tidhy.TrainConfig")
+    check_type(
+        "regularisers", "train", train, TiDHyTrainConfig, "a tidhy.TiDHyTrainConfig"
+    )
     terms = {}
     if train.cos_eta:
         flat = model.transition_matrices().reshape(model.mix_dim, -1)
@@ -280,7 +284,7 @@ def regularisers(model: TiDHy, train: TrainConfig) -> dict[str, Array]:
     return terms
 
 
-def _task_vector(model: TiDHy, X, R, R2, train: TrainConfig):
+def _task_vector(model: TiDHy, X, R, R2, train: TiDHyTrainConfig):
     losses = task_losses_from_latents(model, X, R, R2)
     regs = regularisers(model, train)
     reg_total = sum(regs.values(), jnp.zeros((), X.dtype))
@@ -303,7 +307,7 @@ def _group_of(path) -> str:
 _TASK_GROUPS = (("decoder",), ("decoder", "temporal"), ("temporal", "hypernet"))
 
 
-def _task_gradient_norms(model: TiDHy, X, R, R2, train: TrainConfig) -> Array:
+def _task_gradient_norms(model: TiDHy, X, R, R2, train: TiDHyTrainConfig) -> Array:
     """`g_i = Σ_{p in P_i} ||∂L_i/∂p||`: a sum of per-tensor norms per task."""
     model = frozen(model)
     params, static = eqx.partition(model, eqx.is_inexact_array)
@@ -334,7 +338,7 @@ def training_loss(
     key=None,
     *,
     inference: InferenceConfig,
-    train: TrainConfig,
+    train: TiDHyTrainConfig,
 ):
     """The training loss of a batch of windows: `loss_fn` for `make_train_step`.
 
@@ -367,7 +371,7 @@ def training_loss(
 
     `TypeError` if `learner` is not a `Learner` (a bare `TiDHy` included: wrap it
     with [`eqx_models.tidhy.init_learner`][]), `inference` not an
-    `InferenceConfig` or `train` not a `TrainConfig`; `TypeError`/`ValueError` for
+    `InferenceConfig` or `train` not a `TiDHyTrainConfig`; `TypeError`/`ValueError` for
     `windows` that are not a floating `(B, T, D)` array with `D` the model's
     `input_dim`. These run when the loss is traced, before any compilation.
     """
@@ -376,7 +380,7 @@ def training_loss(
     expected = "a tidhy.Learner (wrap a model with init_learner)"
     check_type(name, "learner", learner, Learner, expected)
     check_type(name, "inference", inference, InferenceConfig, "an InferenceConfig")
-    check_type(name, "train", train, TrainConfig, "a tidhy.TrainConfig")
+    check_type(name, "train", train, TiDHyTrainConfig, "a tidhy.TiDHyTrainConfig")
     _check_windows(name, "windows", windows, learner.model.input_dim, "input_dim")
     model = learner.model
     R, R2, stats = infer_sequence(
@@ -417,7 +421,7 @@ def init_learner(
     windows: Float[Array, "B T D"],
     *,
     inference: InferenceConfig = InferenceConfig(),
-    train: TrainConfig = TrainConfig(),
+    train: TiDHyTrainConfig = TiDHyTrainConfig(),
 ) -> Learner:
     """Wrap a model for training; with GradNorm, record `ℓ₀` on the first batch.
 

@@ -16,17 +16,19 @@ from eqx_models.causal import (
     Curriculum,
     evaluate_surrogate,
     exact_parent_posterior,
+    make_optimizer,
     ParentSetPredictionModel,
     sample_task,
     sample_training_batch,
     set_run_length,
-    surrogate_optimizer,
     TaskConfig,
     TaskStream,
-    train_surrogate,
+    train,
     TrainingBatch,
+    WarmupCosineState,
     weight_decay_mask,
 )
+from transforms import injected_learning_rate
 
 
 K = 2
@@ -123,7 +125,7 @@ def test_optimizer_decays_only_weight_matrices():
     names = {path[-1].name: value for path, value in flat}
     assert names["w_embed"] and names["w_qkv"] and names["w_in"]
     assert not names["ln_gain"] and not names["b_up"] and not names["size_embedding"]
-    optimizer = surrogate_optimizer(10, peak_learning_rate=0.1, warmup_steps=0)
+    optimizer = make_optimizer(10, peak_learning_rate=0.1, warmup_steps=0)
     state = optimizer.init(params)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = optimizer.update(zeros, state, params)
@@ -137,18 +139,29 @@ def test_optimizer_decays_only_weight_matrices():
             np.testing.assert_array_equal(u, 0.0)
 
 
+def _run_length(opt_state):
+    (state,) = [
+        s
+        for s in jax.tree.leaves(
+            opt_state, is_leaf=lambda x: isinstance(x, WarmupCosineState)
+        )
+        if isinstance(s, WarmupCosineState)
+    ]
+    return state.total_steps
+
+
 def _learning_rates(optimizer, opt_state, params, n):
     rates = []
     zeros = jax.tree.map(jnp.zeros_like, params)
     for _ in range(n):
         _, opt_state = optimizer.update(zeros, opt_state, params)
-        rates.append(float(opt_state[-1].learning_rate))
+        rates.append(float(injected_learning_rate(opt_state)))
     return rates
 
 
 def test_schedule_and_run_length():
     params = {"w_x": jnp.ones((2, 2))}
-    optimizer = surrogate_optimizer(
+    optimizer = make_optimizer(
         12, peak_learning_rate=1.0, warmup_steps=4, end_learning_rate=0.1
     )
     state = optimizer.init(params)
@@ -170,9 +183,9 @@ def test_schedule_and_run_length():
     with pytest.raises(ValueError, match="set_run_length: `opt_state` holds no"):
         set_run_length(optax.adam(1e-3).init(params), 5)
     with pytest.raises(
-        ValueError, match="surrogate_optimizer: `n_steps` must be a positive integer"
+        ValueError, match="make_optimizer: `n_steps` must be a positive integer"
     ):
-        surrogate_optimizer(0)
+        make_optimizer(0)
 
 
 def test_curriculum_changes_what_is_sampled():
@@ -209,7 +222,7 @@ def test_training_lowers_kl_and_resumes(tmp_path):
     held_out = jax.vmap(lambda k: sample_task(k, CONFIG))(jr.split(jr.key(4), 64))
     model = _model()
     before = evaluate_surrogate(model, held_out)
-    optimizer = surrogate_optimizer(60, peak_learning_rate=3e-3)
+    optimizer = make_optimizer(60, peak_learning_rate=3e-3)
     buckets = [(CONFIG, 16)]
     curriculum = Curriculum((1.0,), (1.0,))
     common = dict(
@@ -226,7 +239,7 @@ def test_training_lowers_kl_and_resumes(tmp_path):
     def loss(model, batch, key):
         return BehaviouralCloningLoss()(model, batch, key)
 
-    full = train_surrogate(_model(), buckets, loss=loss, **common)
+    full = train(_model(), buckets, loss=loss, **common)
     after = evaluate_surrogate(full.model, held_out)
     # Sixty steps of sixteen tasks move the KL only a little (the GPU benchmark
     # shows the full curve), but in the right direction on held-out tasks and in
@@ -249,10 +262,10 @@ def test_training_lowers_kl_and_resumes(tmp_path):
     } <= set(history[0])
     # Stop half way with a checkpoint, resume: the same parameters as one run.
     path = tmp_path / "run.ckpt"
-    train_surrogate(
+    train(
         _model(), buckets, loss=loss, stop_after=30, checkpoint_path=str(path), **common
     )
-    resumed = train_surrogate(
+    resumed = train(
         _model(), buckets, loss=loss, checkpoint_path=str(path), resume=True, **common
     )
     for a, b in zip(
@@ -273,7 +286,7 @@ def test_with_fallback_runs_an_uncompilable_loss(batch):
     # operation of the forward pass, the backward pass and the update on its own.
     model = _model(n_layers=0)
     with pytest.warns(RuntimeWarning, match="with_fallback"):
-        result = train_surrogate(
+        result = train(
             model,
             [(CONFIG, 2)],
             n_steps=1,
@@ -296,13 +309,13 @@ def test_with_fallback_runs_an_uncompilable_loss(batch):
 
 def test_train_surrogate_errors():
     with pytest.raises(
-        ValueError, match="train_surrogate: `buckets` must be a non-empty sequence"
+        ValueError, match="train: `buckets` must be a non-empty sequence"
     ):
-        train_surrogate(_model(), [], n_steps=1, key=jr.key(0))
+        train(_model(), [], n_steps=1, key=jr.key(0))
     with pytest.raises(
         ValueError, match="`curriculum` must be a curriculum over the 1 b"
     ):
-        train_surrogate(
+        train(
             _model(),
             [(CONFIG, 2)],
             n_steps=1,
@@ -315,8 +328,8 @@ def test_train_surrogate_errors():
         sample_training_batch(jr.key(0), CONFIG, 0, K)
     with pytest.raises(ValueError, match="too few for parent sets of size 3"):
         sample_training_batch(jr.key(0), TaskConfig(n_vars=4, n_samples=4), 2, 3)
-    with pytest.raises(ValueError, match="train_surrogate: `mesh` has no `data` axis"):
-        train_surrogate(
+    with pytest.raises(ValueError, match="train: `mesh` has no `data` axis"):
+        train(
             _model(),
             [(CONFIG, 2)],
             n_steps=1,
@@ -333,13 +346,13 @@ _SHARDED = textwrap.dedent(
     jax.config.update("jax_num_cpu_devices", 8)
     import equinox as eqx, jax.numpy as jnp, jax.random as jr, numpy as np
     from eqx_models.causal import (BehaviouralCloningLoss, ParentSetPredictionModel,
-        TaskConfig, sample_training_batch, surrogate_optimizer)
+        TaskConfig, sample_training_batch, make_optimizer)
     from transforms import make_train_step
 
     assert jax.device_count() == 8
     model = ParentSetPredictionModel(2, width=8, n_layers=1, n_heads=2, key=jr.key(0))
     batch = sample_training_batch(jr.key(1), TaskConfig(n_vars=4, n_samples=16), 16, 2)
-    optimizer = surrogate_optimizer(10)
+    optimizer = make_optimizer(10)
     loss = BehaviouralCloningLoss()
     init = lambda: (model, optimizer.init(eqx.filter(model, eqx.is_inexact_array)))
     single = make_train_step(loss, optimizer, has_aux=True, donate=False)
@@ -360,9 +373,9 @@ _SHARDED = textwrap.dedent(
         assert y.sharding.is_fully_replicated and len(y.sharding.device_set) == 8
     out = lambda m: jax.nn.log_softmax(jax.vmap(m)(batch.data))
     np.testing.assert_allclose(out(m1), out(m8), rtol=1e-4, atol=1e-4)
-    from eqx_models.causal import train_surrogate
+    from eqx_models.causal import train
     try:
-        train_surrogate(model, [(TaskConfig(n_vars=4, n_samples=16), 12)], n_steps=1,
+        train(model, [(TaskConfig(n_vars=4, n_samples=16), 12)], n_steps=1,
                         key=jr.key(2), mesh=mesh)
     except ValueError as e:
         assert "must divide by the 8 devices" in str(e), e
@@ -396,7 +409,7 @@ def stopped_run(tmp_path_factory):
     """Three steps of a six-step run, checkpointed: a run to resume."""
     path = tmp_path_factory.mktemp("causal") / "run.ckpt"
     common = dict(key=jr.key(7), curriculum=Curriculum((1.0,), (1.0,)), progress=False)
-    first = train_surrogate(
+    first = train(
         _model(),
         [(CONFIG, 2)],
         n_steps=6,
@@ -416,11 +429,11 @@ def test_resume_refuses_another_configuration(stopped_run):
     before = path.read_bytes()
     with pytest.raises(
         CheckpointError,
-        match=r"(?s)^train_surrogate: .*another configuration:\n  "
+        match=r"(?s)^train: .*another configuration:\n  "
         r"buckets\[0\]\.batch_size: expected 4, checkpoint has 2\n  "
         r"n_steps: expected 10, checkpoint has 6$",
     ):
-        train_surrogate(
+        train(
             _model(),
             [(CONFIG, 4)],
             n_steps=10,
@@ -433,7 +446,7 @@ def test_resume_refuses_another_configuration(stopped_run):
         match=r"(?s)model\.width: expected 16, checkpoint has 8.*"
         r"loss\.weight_decay: expected 0\.001, checkpoint has 0\.0001",
     ):
-        train_surrogate(
+        train(
             ParentSetPredictionModel(K, width=16, n_layers=1, n_heads=2, key=jr.key(0)),
             [(CONFIG, 2)],
             n_steps=6,
@@ -450,7 +463,7 @@ def test_a_longer_run_when_allowed_follows_the_new_schedule(stopped_run, tmp_pat
     path, _, common = stopped_run
     copy = tmp_path / "run.ckpt"
     copy.write_bytes(path.read_bytes())
-    longer = train_surrogate(
+    longer = train(
         _model(),
         [(CONFIG, 2)],
         n_steps=10,
@@ -463,9 +476,105 @@ def test_a_longer_run_when_allowed_follows_the_new_schedule(stopped_run, tmp_pat
     # The schedule of a ten-step run from its start, step by step; over the old
     # six-step layout the last four steps would sit at the floor.
     params = {"w_x": jnp.ones((2, 2))}
-    optimizer = surrogate_optimizer(10)
+    optimizer = make_optimizer(10)
     reference = _learning_rates(optimizer, optimizer.init(params), params, 10)
     np.testing.assert_allclose(
         [r["learning_rate"] for r in longer.history], reference[3:], rtol=1e-6
     )
-    assert int(longer.opt_state[-1].total_steps) == 10
+    assert int(_run_length(longer.opt_state)) == 10
+
+
+def _scaled_loss(scale):
+    base = BehaviouralCloningLoss()
+
+    def loss(model, batch, key):
+        value, aux = base(model, batch, key)
+        return scale * value, aux
+
+    return loss
+
+
+@pytest.mark.slow
+def test_resume_names_a_changed_custom_optimizer_or_loss(tmp_path):
+    from transforms import CheckpointError
+
+    path = tmp_path / "run.ckpt"
+    common = dict(
+        n_steps=2,
+        key=jr.key(8),
+        curriculum=Curriculum((1.0,), (1.0,)),
+        checkpoint_path=path,
+        progress=False,
+    )
+    train(
+        _model(),
+        [(CONFIG, 2)],
+        optimizer=optax.adam(1e-3),
+        loss=_scaled_loss(1.0),
+        **common,
+    )
+    before = path.read_bytes()
+    with pytest.raises(
+        CheckpointError,
+        match=r"\n  optimizer\.update_fns\[1\]\.tx\.update\.step_size: "
+        r"expected -0\.002, checkpoint has -0\.001$",
+    ):
+        train(
+            _model(),
+            [(CONFIG, 2)],
+            optimizer=optax.adam(2e-3),
+            loss=_scaled_loss(1.0),
+            resume=True,
+            **common,
+        )
+    with pytest.raises(
+        CheckpointError, match=r"\n  loss\.scale: expected 2\.0, checkpoint has 1\.0$"
+    ):
+        train(
+            _model(),
+            [(CONFIG, 2)],
+            optimizer=optax.adam(1e-3),
+            loss=_scaled_loss(2.0),
+            resume=True,
+            **common,
+        )
+    assert path.read_bytes() == before
+    # Allowed: the (complete) run is taken as it is.
+    done = train(
+        _model(),
+        [(CONFIG, 2)],
+        optimizer=optax.adam(2e-3),
+        loss=_scaled_loss(2.0),
+        resume=True,
+        allow_config_change=True,
+        **common,
+    )
+    assert done.history == [] and done.step == 2
+
+
+def _counted_loss(model, batch, key):
+    TRACES.append(None)
+    return BehaviouralCloningLoss()(model, batch, key)
+
+
+TRACES = []
+
+
+@pytest.mark.slow
+def test_equal_configurations_share_one_compiled_step():
+    # Each call builds its default optimiser and its step anew; they compare equal
+    # by value, and the run length is an array in the optimiser: one compilation
+    # for runs of different lengths.
+    for n_steps in (2, 2, 3):
+        result = train(
+            _model(),
+            [(CONFIG, 2)],
+            n_steps=n_steps,
+            key=jr.key(9),
+            loss=_counted_loss,
+            curriculum=Curriculum((1.0,), (1.0,)),
+            progress=False,
+        )
+        assert len(result.history) == n_steps
+    assert len(TRACES) == 1
+    assert make_optimizer(3) == make_optimizer(3)

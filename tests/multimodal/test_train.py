@@ -18,9 +18,9 @@ from eqx_models.multimodal import (
     learning_rate_schedule,
     make_optimizer,
     MultimodalLoss,
+    MultimodalTrainConfig,
     pad_batch,
     train,
-    TrainConfig,
     VocabLayout,
     weight_decay_mask,
 )
@@ -31,7 +31,7 @@ from .helpers import LENGTH, make_codebooks, make_model, make_sequences
 
 # One configuration for the trainer tests, so that they share one compiled step:
 # 3 optimiser steps of 4 micro-batches each, a checkpoint after every step.
-CONFIG = TrainConfig(
+CONFIG = MultimodalTrainConfig(
     n_steps=3,
     learning_rate=1e-2,
     warmup_steps=1,
@@ -64,11 +64,10 @@ def _leaves(tree):
 
 
 def test_schedule_follows_the_formula():
-    config = TrainConfig(
+    config = MultimodalTrainConfig(
         n_steps=50, learning_rate=2.0, warmup_steps=10, min_lr_ratio=0.1
     )
     schedule = learning_rate_schedule(config)
-    assert learning_rate_schedule(config) is schedule
     for s in [0, 3, 10, 20, 35, 50, 70]:
         if s < 10:
             want = 2.0 * s / 10
@@ -77,11 +76,11 @@ def test_schedule_follows_the_formula():
             want = 0.2 + (2.0 - 0.2) * 0.5 * (1 + math.cos(math.pi * progress))
         assert float(schedule(s)) == pytest.approx(want, rel=1e-5), s
     with pytest.raises(ValueError, match=r"`warmup_steps` must be in \[0, n_steps\)"):
-        TrainConfig(n_steps=5, warmup_steps=5)
+        MultimodalTrainConfig(n_steps=5, warmup_steps=5)
     with pytest.raises(
         ValueError, match="`accumulation_steps` must be a positive integer"
     ):
-        TrainConfig(n_steps=5, accumulation_steps=0)
+        MultimodalTrainConfig(n_steps=5, accumulation_steps=0)
 
 
 def test_weight_decay_reaches_matrices_and_embeddings_only():
@@ -90,11 +89,12 @@ def test_weight_decay_reaches_matrices_and_embeddings_only():
     mask = weight_decay_mask(params)
     assert mask.blocks.qkv_weight and mask.token_embedding and mask.head_weight
     assert not mask.blocks.ln1_weight and not mask.head_bias and not mask.blocks.fc_bias
-    config = TrainConfig(
+    config = MultimodalTrainConfig(
         n_steps=10, learning_rate=0.1, weight_decay=0.5, clip_norm=None
     )
     optimizer = make_optimizer(config, model)
-    assert make_optimizer(config, make_model(key=1)) is optimizer
+    # A value: equal configurations give equal optimisers (no cache involved).
+    assert make_optimizer(config, make_model(key=1)) == optimizer
     state = optimizer.init(params)
     zero = jax.tree.map(jnp.zeros_like, params)
     updates, _ = jax.jit(optimizer.update)(zero, state, params)
@@ -111,7 +111,9 @@ def test_weight_decay_reaches_matrices_and_embeddings_only():
 def test_accumulating_four_micro_batches_equals_one_big_batch(tmp_path):
     model = make_model()
     accumulated = train(model, LOSS, micro_batch, CONFIG, key=jr.key(0), progress=False)
-    big = TrainConfig(**{**CONFIG.__dict__, "accumulation_steps": 1, "eval_every": 1})
+    big = MultimodalTrainConfig(
+        **{**CONFIG.__dict__, "accumulation_steps": 1, "eval_every": 1}
+    )
     held_out = pad_batch(POOL[40:48], length=LENGTH)
     single = train(
         model,
@@ -296,7 +298,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
     # An absurd learning rate: the first update sends the weights to ~1e30 and the
     # next forward pass overflows.
-    config = TrainConfig(n_steps=4, learning_rate=1e30, checkpoint_every=1)
+    config = MultimodalTrainConfig(n_steps=4, learning_rate=1e30, checkpoint_every=1)
     model = make_model()
     path = tmp_path / "run"
     with pytest.raises(
@@ -329,7 +331,9 @@ _SCRIPT = textwrap.dedent(
     import jax
     jax.config.update("jax_num_cpu_devices", 8)
     import equinox as eqx, jax.random as jr, numpy as np
-    from eqx_models.multimodal import MultimodalLoss, pad_batch, train, TrainConfig
+    from eqx_models.multimodal import (
+        MultimodalLoss, MultimodalTrainConfig, pad_batch, train,
+    )
     from tests.multimodal.helpers import (
         LENGTH, make_codebooks, make_model, make_sequences,
     )
@@ -338,7 +342,7 @@ _SCRIPT = textwrap.dedent(
     pool = make_sequences(3, 32, missing=0.2)
     data = lambda i: pad_batch(pool[8 * i : 8 * i + 8], length=LENGTH)
     loss = MultimodalLoss(make_codebooks(), sample_k=4)
-    config = TrainConfig(n_steps=3, learning_rate=1e-2)
+    config = MultimodalTrainConfig(n_steps=3, learning_rate=1e-2)
     mesh = jax.make_mesh((8,), ("data",))
     kwargs = dict(key=jr.key(0), progress=False)
     single = train(make_model(dropout=0.1), loss, data, config, **kwargs)
@@ -369,3 +373,57 @@ def test_data_parallel_on_eight_devices_equals_one_device():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("OK")
+
+
+def test_equal_configurations_share_one_compiled_step():
+    # No cache anywhere: the optimiser and the step are built anew by each call and
+    # compare equal because the configuration does.
+    traces = len(TRACES)
+    config = MultimodalTrainConfig(n_steps=2, learning_rate=3e-3, clip_norm=None)
+    for seed in (0, 1):
+        train(
+            make_model(key=seed),
+            LOSS,
+            big_batch,
+            dataclasses.replace(config),
+            key=jr.key(seed),
+            progress=False,
+        )
+    assert len(TRACES) - traces == 1
+    assert make_optimizer(config) == make_optimizer(dataclasses.replace(config))
+
+
+def test_resume_names_the_model_options_and_the_loss(tmp_path):
+    path = tmp_path / "run"
+    common = dict(key=jr.key(1), checkpoint_path=path, progress=False)
+    train(make_model(), LOSS, micro_batch, CONFIG, **common)
+    before = path.read_bytes()
+    for options, field, values in [
+        (dict(remat=True), "remat", "True, checkpoint has False"),
+        (dict(unroll=2), "unroll", "2, checkpoint has 1"),
+        (dict(attention="xla"), "attention", "'xla', checkpoint has 'auto'"),
+    ]:
+        with pytest.raises(
+            CheckpointError, match=rf"model\.{field}: expected {values}$"
+        ):
+            train(
+                make_model(**options), LOSS, micro_batch, CONFIG, resume=True, **common
+            )
+    with pytest.raises(
+        CheckpointError,
+        match=r"loss\.__type__: expected 'eqx_models\.multimodal\.MultimodalLoss', "
+        r"checkpoint has '<absent>'",
+    ):
+        train(make_model(), _LOSS, micro_batch, CONFIG, resume=True, **common)
+    assert path.read_bytes() == before
+    # Allowed: the (complete) run is taken as it is.
+    done = train(
+        make_model(remat=True),
+        _LOSS,
+        micro_batch,
+        CONFIG,
+        resume=True,
+        allow_config_change=True,
+        **common,
+    )
+    assert done.history == [] and done.step == 12

@@ -16,8 +16,8 @@ from .helpers import random_temporal, small_model
 INFERENCE = tidhy.InferenceConfig(
     lr_r=0.3, lr_r2=0.3, max_iter=40, tol=0.01, batch_mode="reference"
 )
-PLAIN = tidhy.TrainConfig(grad_norm=False)
-GRADNORM = tidhy.TrainConfig(grad_norm=True)
+PLAIN = tidhy.TiDHyTrainConfig(grad_norm=False)
+GRADNORM = tidhy.TiDHyTrainConfig(grad_norm=True)
 
 # jax name -> reference name of every parameter of the small linear model.
 NAMES = {
@@ -361,5 +361,5 @@ def test_milestone_schedule_counts_epochs():
     ],
 )
 def test_bad_train_config_raises(kwargs, match):
-    with pytest.raises(ValueError, match=f"TrainConfig: {match}"):
-        tidhy.TrainConfig(**kwargs)
+    with pytest.raises(ValueError, match=f"TiDHyTrainConfig: {match}"):
+        tidhy.TiDHyTrainConfig(**kwargs)

@@ -14,6 +14,7 @@ import pytest
 from transforms import (
     grad_dot_products,
     in_run_shapley,
+    inject_learning_rate,
     make_attribution_step,
     shapley_values,
     to_original_scaling,
@@ -29,16 +30,14 @@ def _inexact(model):
 def test_trajectory_equals_a_plain_optax_loop():
     model, loss, train, val = make_case("embedding_layernorm", dtype=jnp.float32)
     schedule = optax.linear_schedule(0.3, 0.1, 3)
-    optimizer = optax.sgd(schedule, momentum=0.9)
+    optimizer = inject_learning_rate(optax.sgd, schedule, momentum=0.9)
     traces = []
 
     def counted_loss(model, *example):
         traces.append(None)
         return loss(model, *example)
 
-    step = make_attribution_step(
-        counted_loss, optimizer, learning_rate=schedule, donate=False
-    )
+    step = make_attribution_step(counted_loss, optimizer, donate=False)
     reference_dots = eqx.filter_jit(grad_dot_products(loss, method="vmap"))
     axes = (None,) + (0,) * len(train)
 

@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from tests.helpers import assert_tree_allclose
+from transforms import inject_learning_rate
 
 
 def _dropout_mlp(key):
@@ -40,10 +41,13 @@ def _data(i):
     return x, jnp.sin(x.sum(axis=1, keepdims=True))
 
 
-def _setup(schedule_steps=40):
+def _setup(schedule_steps=40, inject=False):
     model = _dropout_mlp(jr.key(0))
     schedule = optax.cosine_decay_schedule(3e-2, schedule_steps)
-    optimizer = optax.adamw(schedule)
+    # Injected, the schedule is reported among the metrics.
+    optimizer = (
+        inject_learning_rate(optax.adamw, schedule) if inject else optax.adamw(schedule)
+    )
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     return model, optimizer, opt_state, schedule
 
@@ -51,8 +55,8 @@ def _setup(schedule_steps=40):
 def test_history_eval_and_loss_decrease():
     from transforms import fit, make_train_step
 
-    model, optimizer, opt_state, schedule = _setup()
-    step = make_train_step(_loss, optimizer, learning_rate=schedule)
+    model, optimizer, opt_state, schedule = _setup(inject=True)
+    step = make_train_step(_loss, optimizer)
     evaluated = []
 
     def eval_fn(model):
@@ -88,7 +92,7 @@ def test_resume_is_bit_identical(tmp_path):
     from transforms import fit, load_checkpoint, make_train_step
 
     model, optimizer, opt_state, schedule = _setup()
-    step = make_train_step(_loss, optimizer, learning_rate=schedule)
+    step = make_train_step(_loss, optimizer)
     full = fit(step, model, opt_state, _data, n_steps=12, key=jr.key(5), progress=False)
 
     path = tmp_path / "run.ckpt"

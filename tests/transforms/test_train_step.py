@@ -91,7 +91,9 @@ def test_learning_rate_from_schedule(getkey):
     schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 3, 10)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule))
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
-    step = make_train_step(_mse, optimizer, learning_rate=schedule)
+    # The deprecated second route of the rate to the step, kept for one release.
+    with pytest.warns(DeprecationWarning, match="inject"):
+        step = make_train_step(_mse, optimizer, learning_rate=schedule)
     for i in range(5):
         model, opt_state, metrics = step(model, opt_state, batch, None)
         assert float(metrics["learning_rate"]) == pytest.approx(float(schedule(i)))
@@ -118,9 +120,9 @@ def test_constant_learning_rate_and_none(getkey):
     batch = _data(getkey())
     optimizer = optax.sgd(0.05)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
-    _, _, metrics = make_train_step(_mse, optimizer, learning_rate=0.05, donate=False)(
-        model, opt_state, batch, None
-    )
+    with pytest.warns(DeprecationWarning, match="`learning_rate=` is deprecated"):
+        legacy = make_train_step(_mse, optimizer, learning_rate=0.05, donate=False)
+    _, _, metrics = legacy(model, opt_state, batch, None)
     assert float(metrics["learning_rate"]) == pytest.approx(0.05)
     _, _, metrics = make_train_step(_mse, optimizer, donate=False)(
         model, opt_state, batch, None
@@ -135,7 +137,7 @@ def test_compiles_once_per_shape(getkey):
     optimizer = optax.adam(1e-3)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     counted = eqx.debug.assert_max_traces(_mse, max_traces=1)
-    step = make_train_step(counted, optimizer, learning_rate=1e-3)
+    step = make_train_step(counted, optimizer)
     for _ in range(4):
         model, opt_state, _ = step(model, opt_state, _data(getkey()), None)
     with pytest.raises(RuntimeError, match="traced"):

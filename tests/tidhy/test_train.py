@@ -17,7 +17,7 @@ SYSTEM = dict(
     n_systems=1, log_decay=(-0.02, -0.4), frequency=(0.01, 0.06), obs_dim=6, overlap=0
 )
 INFERENCE = tidhy.InferenceConfig(lr_r=0.05, lr_r2=0.05, max_iter=100, tol=0.002)
-TRAIN = tidhy.TrainConfig(grad_norm=True, milestones=(60,))
+TRAIN = tidhy.TiDHyTrainConfig(grad_norm=True, milestones=(60,))
 EPOCHS = 100
 
 
@@ -37,7 +37,7 @@ def trained(tmp_path_factory):
         key=jr.key(3),
     )
     path = tmp_path_factory.mktemp("tidhy") / "run.ckpt"
-    result = tidhy.fit(
+    result = tidhy.train(
         model,
         windows,
         n_epochs=EPOCHS,
@@ -112,7 +112,7 @@ def test_a_diverging_inner_loop_stops_training_and_keeps_the_checkpoint(trained)
     with pytest.raises(
         transforms.NonFiniteLossError, match=f"at step {EPOCHS}"
     ) as info:
-        tidhy.fit(
+        tidhy.train(
             model,
             windows,
             n_epochs=EPOCHS + 5,
@@ -129,19 +129,21 @@ def test_a_diverging_inner_loop_stops_training_and_keeps_the_checkpoint(trained)
     assert path.read_bytes() == before
 
 
-def test_fit_rejects_bad_arguments():
+def test_train_rejects_bad_arguments():
     model = tidhy.TiDHy(4, r_dim=2, r2_dim=2, mix_dim=2, hyper_hid_dim=4, key=jr.key(0))
     windows = jnp.ones((6, 5, 4))
-    with pytest.raises(ValueError, match="fit: `windows` must have feature dimension"):
-        tidhy.fit(model, jnp.ones((6, 5, 3)), n_epochs=1)
-    with pytest.raises(ValueError, match="fit: `windows` must hold at least 2"):
-        tidhy.fit(model, jnp.ones((6, 1, 4)), n_epochs=1)
-    with pytest.raises(ValueError, match="fit: `n_epochs` must be >= 1"):
-        tidhy.fit(model, windows, n_epochs=0)
-    with pytest.raises(ValueError, match="fit: `batch_size` must be in"):
-        tidhy.fit(model, windows, n_epochs=1, batch_size=7)
-    with pytest.raises(ValueError, match="fit: `windows` must be all finite"):
-        tidhy.fit(model, windows.at[0, 0, 0].set(jnp.nan), n_epochs=1)
+    with pytest.raises(
+        ValueError, match="train: `windows` must have feature dimension"
+    ):
+        tidhy.train(model, jnp.ones((6, 5, 3)), n_epochs=1)
+    with pytest.raises(ValueError, match="train: `windows` must hold at least 2"):
+        tidhy.train(model, jnp.ones((6, 1, 4)), n_epochs=1)
+    with pytest.raises(ValueError, match="train: `n_epochs` must be >= 1"):
+        tidhy.train(model, windows, n_epochs=0)
+    with pytest.raises(ValueError, match="train: `batch_size` must be in"):
+        tidhy.train(model, windows, n_epochs=1, batch_size=7)
+    with pytest.raises(ValueError, match="train: `windows` must be all finite"):
+        tidhy.train(model, windows.at[0, 0, 0].set(jnp.nan), n_epochs=1)
 
 
 # A run small enough to compile in seconds: 6 windows of 5 steps, 10 inner iterations.
@@ -153,7 +155,7 @@ def tiny_run(tmp_path_factory):
     model = tidhy.TiDHy(4, r_dim=2, r2_dim=2, mix_dim=2, hyper_hid_dim=4, key=jr.key(0))
     windows = jr.normal(jr.key(1), (6, 5, 4))
     path = tmp_path_factory.mktemp("tiny") / "run.ckpt"
-    first = tidhy.fit(
+    first = tidhy.train(
         model,
         windows,
         n_epochs=5,
@@ -172,16 +174,16 @@ def test_resume_refuses_another_configuration(tiny_run):
     common = dict(checkpoint_path=path, resume=True, progress=False)
     with pytest.raises(
         transforms.CheckpointError,
-        match=r"(?s)^fit: .*another configuration:\n  "
+        match=r"(?s)^train: .*another configuration:\n  "
         r"inference\.max_iter: expected 20, checkpoint has 10\n  "
         r"train\.lr_decoder: expected 0\.02, checkpoint has 0\.01$",
     ):
-        tidhy.fit(
+        tidhy.train(
             model,
             windows,
             n_epochs=5,
             inference=dataclasses.replace(TINY_INFERENCE, max_iter=20),
-            train=tidhy.TrainConfig(lr_decoder=0.02),
+            train=tidhy.TiDHyTrainConfig(lr_decoder=0.02),
             **common,
         )
     # A longer run moves the default milestones (n_epochs // 5 * k) with it.
@@ -190,13 +192,13 @@ def test_resume_refuses_another_configuration(tiny_run):
         match=r"(?s)train\.milestones: expected \[2, 4, 6, 8\], checkpoint has "
         r"\[1, 2, 3, 4\].*n_epochs: expected 10, checkpoint has 5",
     ):
-        tidhy.fit(model, windows, n_epochs=10, inference=TINY_INFERENCE, **common)
+        tidhy.train(model, windows, n_epochs=10, inference=TINY_INFERENCE, **common)
     with pytest.raises(
         transforms.CheckpointError,
         match=r"(?s)windows: expected \[5, 5, 4\], checkpoint has \[6, 5, 4\].*"
         r"batch_size: expected 5, checkpoint has None",
     ):
-        tidhy.fit(
+        tidhy.train(
             model,
             windows[:5],
             n_epochs=5,
@@ -212,7 +214,7 @@ def test_allowed_config_change_continues_on_the_new_schedule(tiny_run, tmp_path)
     model, windows, path, _ = tiny_run
     copy = tmp_path / "run.ckpt"
     copy.write_bytes(path.read_bytes())
-    longer = tidhy.fit(
+    longer = tidhy.train(
         model,
         windows,
         n_epochs=10,
@@ -230,3 +232,33 @@ def test_allowed_config_change_continues_on_the_new_schedule(tiny_run, tmp_path)
     header = transforms.read_checkpoint_metadata(copy)
     assert header["step"] == 10 and header["metadata"]["n_epochs"] == 10
     assert header["metadata"]["train"]["milestones"] == [2, 4, 6, 8]
+
+
+@pytest.mark.slow
+def test_equal_configurations_share_one_compiled_step(monkeypatch):
+    from eqx_models.tidhy import _train
+
+    traces = []
+
+    def counted(*args, **kwargs):
+        traces.append(None)
+        return tidhy.training_loss(*args, **kwargs)
+
+    monkeypatch.setattr(_train, "training_loss", counted)
+    model = tidhy.TiDHy(4, r_dim=2, r2_dim=2, mix_dim=2, hyper_hid_dim=4, key=jr.key(0))
+    windows = jr.normal(jr.key(1), (6, 5, 4))
+    # Configurations built anew for each call, equal by value; the run length
+    # changes too (the resolved milestones do not): one compilation in all.
+    for n_epochs in (2, 2, 3):
+        result = tidhy.train(
+            model,
+            windows,
+            n_epochs=n_epochs,
+            inference=dataclasses.replace(TINY_INFERENCE),
+            train=tidhy.TiDHyTrainConfig(lr_decoder=0.005, grad_norm=False),
+            progress=False,
+        )
+        assert [r["learning_rate"] for r in result.history] == pytest.approx(
+            [0.005] * n_epochs
+        )
+    assert len(traces) == 1

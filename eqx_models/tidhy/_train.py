@@ -1,12 +1,17 @@
+"""The TiDHy trainer: batches of windows, the learner, the optimiser and the loss
+handed to `transforms.fit`.
+
+Why a module of its own: it only wires the family's parts (`_training.py`'s loss
+and learner, `_optimizer.py`'s optimiser) into the library's training loop, and
+records the configuration its checkpoints are checked against.
+"""
+
 import dataclasses
-import functools
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import equinox as eqx
-import jax
-import jax.numpy as jnp
 import jax.random as jr
 from beartype import beartype
 from jaxtyping import Array, Float, jaxtyped
@@ -16,8 +21,8 @@ import transforms
 from .._misc import check_resumed_config, static_fields
 from ._inference import check_features, check_finite, InferenceConfig
 from ._model import TiDHy
-from ._optimizer import epoch_schedule, optimizer_for_structure, resolved_milestones
-from ._training import init_learner, Learner, TrainConfig, training_loss
+from ._optimizer import make_optimizer, resolved_milestones
+from ._training import init_learner, Learner, TiDHyTrainConfig, training_loss
 
 
 class _Loss(eqx.Module):
@@ -25,7 +30,7 @@ class _Loss(eqx.Module):
     equal, so the compiled step is reused."""
 
     inference: InferenceConfig
-    train: TrainConfig
+    train: TiDHyTrainConfig
 
     def __call__(self, learner: Learner, windows, key):
         return training_loss(
@@ -33,34 +38,14 @@ class _Loss(eqx.Module):
         )
 
 
-@functools.lru_cache(maxsize=16)
-def _train_step(
-    inference: InferenceConfig,
-    train: TrainConfig,
-    structure,
-    steps_per_epoch: int,
-    n_epochs: int,
-):
-    optimizer = optimizer_for_structure(structure, train, steps_per_epoch, n_epochs)
-    step = transforms.make_train_step(
-        _Loss(inference=inference, train=train),
-        optimizer,
-        has_aux=True,
-        learning_rate=epoch_schedule(
-            train.lr_decoder, train, steps_per_epoch=steps_per_epoch, n_epochs=n_epochs
-        ),
-    )
-    return optimizer, step
-
-
 @jaxtyped(typechecker=beartype)
-def fit(
+def train(
     model: TiDHy,
     windows: Float[Array, "N T D"],
     *,
     n_epochs: int,
     inference: InferenceConfig = InferenceConfig(),
-    train: TrainConfig = TrainConfig(),
+    train: TiDHyTrainConfig = TiDHyTrainConfig(),
     batch_size: int | None = None,
     key=None,
     eval_fn: Callable[[TiDHy], Mapping[str, Any]] | None = None,
@@ -74,6 +59,9 @@ def fit(
 ) -> transforms.FitResult:
     """Train a TiDHy model with the library's training step, loop and checkpoints.
 
+    (Formerly `tidhy.fit`, a name that shadowed [`transforms.fit`][]; it still works,
+    with a `DeprecationWarning`, until the next release.)
+
     Builds a [`eqx_models.tidhy.Learner`][] (recording GradNorm's initial losses on
     the first batch), the optimiser of [`eqx_models.tidhy.make_optimizer`][], a step
     from [`transforms.make_train_step`][] on [`eqx_models.tidhy.training_loss`][], and
@@ -85,12 +73,15 @@ def fit(
     Training stops with [`transforms.NonFiniteLossError`][], naming the step and
     keeping the last good checkpoint, as soon as the loss, the gradient, the updated
     parameters or optimiser state, or `latent_max_abs` is not finite: a diverging
-    inner loop is never trained on.
+    inner loop is never trained on. The `learning_rate` of the history is the
+    decoder's (the optimiser state's first injected rate; the temporal and
+    hypernetwork groups have their own).
 
     The checkpoints record the whole configuration: the model's hyperparameters
     (`model`), `inference`, `train` (with the milestones resolved, so the schedule
     itself), the windows' shape, `batch_size` and `n_epochs`. A resumed run must
-    match it field by field, unless `allow_config_change=True`.
+    match it field by field, unless `allow_config_change=True`. Two calls with equal
+    configurations and shapes share one compiled step.
 
     **Arguments:**
 
@@ -134,21 +125,21 @@ def fit(
     `train.lr_decoder`, with both values) unless `allow_config_change`, or from one
     that is corrupted or does not fit the model.
     """
-    check_features("fit", "windows", windows, model)
+    check_features("train", "windows", windows, model)
     n, length, _ = windows.shape
     if length < 2:
         raise ValueError(
-            "fit: `windows` must hold at least 2 time steps, got shape "
+            "train: `windows` must hold at least 2 time steps, got shape "
             f"{windows.shape}."
         )
     if isinstance(n_epochs, bool) or n_epochs < 1:
-        raise ValueError(f"fit: `n_epochs` must be >= 1, got {n_epochs!r}.")
+        raise ValueError(f"train: `n_epochs` must be >= 1, got {n_epochs!r}.")
     if batch_size is not None and not 1 <= batch_size <= n:
         raise ValueError(
-            f"fit: `batch_size` must be in [1, {n}] (the number of windows) or None, "
+            f"train: `batch_size` must be in [1, {n}] (the number of windows) or None, "
             f"got {batch_size!r}."
         )
-    windows = check_finite("fit", "windows", windows)
+    windows = check_finite("train", "windows", windows)
     key = jr.key(0) if key is None else key
     steps_per_epoch = 1 if batch_size is None else n // batch_size
 
@@ -171,21 +162,22 @@ def fit(
         "n_epochs": n_epochs,
     }
     check_resumed_config(
-        "fit",
+        "train",
         checkpoint_path,
         config,
         resume=resume,
         allow_config_change=allow_config_change,
     )
-    model = jax.tree.map(
-        lambda a: jnp.array(a, copy=True) if eqx.is_array(a) else a, model
-    )
+    # The step donates its inputs' buffers; the caller's model stays usable.
+    model = transforms.copy_for_donation(model)
     learner = init_learner(model, data(0), inference=inference, train=train)
-    params = eqx.filter(learner, eqx.is_inexact_array)
-    optimizer, step = _train_step(
-        inference, train, jax.tree.structure(params), steps_per_epoch, 1
+    optimizer = make_optimizer(
+        learner, train, steps_per_epoch=steps_per_epoch, n_epochs=1
     )
-    opt_state = optimizer.init(params)
+    step = transforms.make_train_step(
+        _Loss(inference=inference, train=train), optimizer, has_aux=True
+    )
+    opt_state = optimizer.init(eqx.filter(learner, eqx.is_inexact_array))
     result = transforms.fit(
         step,
         learner,
