@@ -1,3 +1,8 @@
+"""Helpers the families share that are not generic enough for `transforms`: the
+static fields of a module and a trainer's resume check, both about the families'
+own configurations.
+"""
+
 import dataclasses
 import os
 from typing import Any

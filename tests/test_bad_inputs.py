@@ -178,6 +178,30 @@ def _transforms_cases():
     bad_loss = st.sampled_from([3, None, "loss", batched, lambda m, x, y: m(x) - y])
     return [
         Case(
+            "transforms.inject_learning_rate",
+            "factory",
+            st.sampled_from([3, "adam", None, optax.adam(0.1)]),
+            lambda f: T.inject_learning_rate(f, 0.1),
+        ),
+        Case(
+            "transforms.inject_learning_rate",
+            "learning_rate",  # a factory that takes no learning rate
+            st.sampled_from([optax.clip_by_global_norm, optax.identity]),
+            lambda f: T.inject_learning_rate(f, 0.1),
+        ),
+        Case(
+            "transforms.hashable_optimizer",
+            "factory",
+            st.sampled_from([3, "adam", None]),
+            lambda f: T.hashable_optimizer(f, learning_rate=0.1),
+        ),
+        Case(
+            "transforms.hashable_optimizer",
+            "mask",  # an unhashable, non-array hyperparameter
+            st.sampled_from([{"w": True}, [True, False], {1, 2}]),
+            lambda m: T.hashable_optimizer(optax.adamw, learning_rate=0.1, mask=m),
+        ),
+        Case(
             "transforms.chunked_cross_entropy",
             "targets",
             bad_ids(targets, 5),
@@ -651,7 +675,7 @@ def _tidhy_cases():
     labels = np.array([0, 1, 2, 0, 1, 2], np.int32)
     features = np.arange(12, dtype=np.float32).reshape(6, 2)
     z = np.random.default_rng(0).normal(size=(5, 2)).astype(np.float32)
-    train = tidhy.TrainConfig(grad_norm=False)
+    train = tidhy.TiDHyTrainConfig(grad_norm=False)
     return [
         Case(
             "tidhy.infer",
@@ -1036,20 +1060,20 @@ def _causal_cases():
             ),
         ),
         Case(
-            "causal.train_surrogate",
+            "causal.train",
             "n_steps",
             bad_size(),
-            lambda n: causal.train_surrogate(
+            lambda n: causal.train(
                 model(), [(config, 2)], n_steps=n, key=jr.key(0), progress=False
             ),
         ),
         Case(
-            "causal.train_surrogate",
+            "causal.train",
             "buckets",
             st.sampled_from(
                 [[], [(config, 0)], [(config, -2)], [("config", 2)], [config], None]
             ),
-            lambda b: causal.train_surrogate(
+            lambda b: causal.train(
                 model(), b, n_steps=2, key=jr.key(0), progress=False
             ),
         ),
@@ -1232,7 +1256,7 @@ def _multimodal_cases():
                 model,
                 loss,
                 lambda i: batch,
-                mm.TrainConfig(n_steps=1),
+                mm.MultimodalTrainConfig(n_steps=1),
                 key=jr.key(0),
                 peak_flops=f,
                 progress=False,
@@ -1306,7 +1330,7 @@ _FAMILIES = {
 # How many cases each family has; the cases themselves are built in the test (they
 # need models), this only fixes the parametrisation.
 _N_CASES = {
-    "transforms": 46,
+    "transforms": 50,
     "chmm": 24,
     "tidhy": 29,
     "causal": 26,

@@ -1,3 +1,11 @@
+"""The training loop: `fit` drives any step over any data for a number of steps.
+
+It owns what a loop adds to a step: the schedule of evaluations and checkpoints,
+resume (with the configuration check and the restored data position), the NaN
+guard's decision to stop with the last good state, the progress bar and the
+history of metrics. The step itself is built in `_train_step.py`.
+"""
+
 import dataclasses
 import math
 import os

@@ -1,3 +1,12 @@
+"""The compiled training step: `make_train_step` and the `TrainStep` it returns.
+
+One function from `(model, opt_state, batch, key)` to the updated pair and its
+metrics, with the NaN guard applied on device (a non-finite update is not
+applied), data-parallel placement over a mesh, buffer donation and the
+deterministic variants. The loop around it is `_fit.py`; the optimiser conventions
+it reads (the injected learning rate) are `_optimizer.py`.
+"""
+
 import warnings
 from collections.abc import Callable
 from typing import Any
