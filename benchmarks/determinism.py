@@ -61,7 +61,7 @@ MODES = {
 
 def _compiled(train_step, options):
     """`train_step` (a `TrainStep` with `donate=False`) compiled with `options`."""
-    from transforms._train_step import _step
+    from transforms._train._train_step import _step
 
     jit_options: dict[str, Any] = {"compiler_options": options}
     compiled = eqx.filter_jit(_step, **jit_options)

@@ -2,7 +2,7 @@
 sharding, scanned inference, per-sample gradients and attribution, divergences and
 expected-value losses."""
 
-from ._attribution import (
+from ._grad._attribution import (
     AttributionStep as AttributionStep,
     in_run_shapley as in_run_shapley,
     InRunShapley as InRunShapley,
@@ -11,7 +11,50 @@ from ._attribution import (
     ShapleyState as ShapleyState,
     to_original_scaling as to_original_scaling,
 )
-from ._checkpoint import (
+from ._grad._fallback import (
+    FallbackStep as FallbackStep,
+    with_fallback as with_fallback,
+)
+from ._grad._ghost_plan import GhostLeaf as GhostLeaf, GhostPlan as GhostPlan
+from ._grad._grad_dot import (
+    grad_dot_products as grad_dot_products,
+    GradDotProducts as GradDotProducts,
+)
+from ._grad._grad_norms import (
+    per_sample_grad_norms as per_sample_grad_norms,
+    PerSampleGradNorms as PerSampleGradNorms,
+)
+from ._grad._per_sample import (
+    GhostFallbackWarning as GhostFallbackWarning,
+    per_sample_grads as per_sample_grads,
+    PerSampleGrads as PerSampleGrads,
+)
+from ._inference._scan import (
+    OptimizeStats as OptimizeStats,
+    scan_optimize as scan_optimize,
+    ScanOptimizer as ScanOptimizer,
+    soft_threshold as soft_threshold,
+)
+from ._losses._cross_entropy import chunked_cross_entropy as chunked_cross_entropy
+from ._losses._distributional import (
+    hl_gauss as hl_gauss,
+    soft_cross_entropy as soft_cross_entropy,
+    two_hot as two_hot,
+)
+from ._losses._divergences import (
+    entropy as entropy,
+    kl_divergence as kl_divergence,
+    total_variation as total_variation,
+    uncertainty_weighted as uncertainty_weighted,
+    UncertaintyWeighted as UncertaintyWeighted,
+)
+from ._losses._expected_value import (
+    expected_value as expected_value,
+    expected_value_loss as expected_value_loss,
+)
+from ._losses._masked import masked_mean as masked_mean
+from ._losses._sampling import sample_positions as sample_positions
+from ._train._checkpoint import (
     check_checkpoint_metadata as check_checkpoint_metadata,
     Checkpoint as Checkpoint,
     CheckpointError as CheckpointError,
@@ -19,59 +62,19 @@ from ._checkpoint import (
     read_checkpoint_metadata as read_checkpoint_metadata,
     save_checkpoint as save_checkpoint,
 )
-from ._cross_entropy import chunked_cross_entropy as chunked_cross_entropy
-from ._describe import describe_config as describe_config
-from ._distributional import (
-    hl_gauss as hl_gauss,
-    soft_cross_entropy as soft_cross_entropy,
-    two_hot as two_hot,
-)
-from ._divergences import (
-    entropy as entropy,
-    kl_divergence as kl_divergence,
-    total_variation as total_variation,
-    uncertainty_weighted as uncertainty_weighted,
-    UncertaintyWeighted as UncertaintyWeighted,
-)
-from ._expected_value import (
-    expected_value as expected_value,
-    expected_value_loss as expected_value_loss,
-)
-from ._fallback import FallbackStep as FallbackStep, with_fallback as with_fallback
-from ._fit import (
+from ._train._describe import describe_config as describe_config
+from ._train._fit import (
     fit as fit,
     FitResult as FitResult,
     NonFiniteLossError as NonFiniteLossError,
 )
-from ._ghost_plan import GhostLeaf as GhostLeaf, GhostPlan as GhostPlan
-from ._grad_dot import (
-    grad_dot_products as grad_dot_products,
-    GradDotProducts as GradDotProducts,
-)
-from ._grad_norms import (
-    per_sample_grad_norms as per_sample_grad_norms,
-    PerSampleGradNorms as PerSampleGradNorms,
-)
-from ._masked import masked_mean as masked_mean
-from ._optimizer import (
+from ._train._optimizer import (
     hashable_optimizer as hashable_optimizer,
     inject_learning_rate as inject_learning_rate,
     injected_learning_rate as injected_learning_rate,
 )
-from ._per_sample import (
-    GhostFallbackWarning as GhostFallbackWarning,
-    per_sample_grads as per_sample_grads,
-    PerSampleGrads as PerSampleGrads,
-)
-from ._sampling import sample_positions as sample_positions
-from ._scan import (
-    OptimizeStats as OptimizeStats,
-    scan_optimize as scan_optimize,
-    ScanOptimizer as ScanOptimizer,
-    soft_threshold as soft_threshold,
-)
-from ._sharding import replicate as replicate, shard_batch as shard_batch
-from ._train_step import (
+from ._train._sharding import replicate as replicate, shard_batch as shard_batch
+from ._train._train_step import (
     copy_for_donation as copy_for_donation,
     make_train_step as make_train_step,
     TrainStep as TrainStep,

@@ -1,7 +1,7 @@
 """Amortised causal surrogates: SCM simulators, an exact parent-set expert, and a
 parent-set prediction model trained by behavioural cloning."""
 
-from transforms._deprecation import deprecated_aliases as _deprecated_aliases
+from transforms._train._deprecation import deprecated_aliases as _deprecated_aliases
 
 from ._batches import (
     sample_training_batch as sample_training_batch,

@@ -16,7 +16,7 @@ from transforms import (
     NonFiniteLossError,
     shapley_values,
 )
-from transforms._train_step import nonfinite_parts, reported_learning_rate
+from transforms._train._train_step import nonfinite_parts, reported_learning_rate
 from transforms.interop.torch import to_jax
 
 

@@ -1,6 +1,6 @@
 """A causal transformer over multimodal codebook tokens with expected-value losses."""
 
-from transforms._deprecation import deprecated_aliases as _deprecated_aliases
+from transforms._train._deprecation import deprecated_aliases as _deprecated_aliases
 
 from ._codebooks import Codebooks as Codebooks, load_codebooks as load_codebooks
 from ._loss import cast_floating as cast_floating, MultimodalLoss as MultimodalLoss

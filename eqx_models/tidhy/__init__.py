@@ -1,6 +1,6 @@
 """TiDHy: timescale demixing via hypernetworks, with compiled latent inference."""
 
-from transforms._deprecation import deprecated_aliases as _deprecated_aliases
+from transforms._train._deprecation import deprecated_aliases as _deprecated_aliases
 
 from ._evaluate import evaluate_record as evaluate_record, Record as Record
 from ._inference import (

@@ -256,7 +256,8 @@ def test_metadata_must_be_json(tmp_path, getkey):
         )
 
 
-# The file layout, written from the format description in transforms/_checkpoint.py
+# The file layout, written from the format description in
+# transforms/_train/_checkpoint.py
 # rather than with the library's own code: magic, version digit, header length,
 # SHA-256 of those 16 bytes and the header, the JSON header, the arrays.
 _MAGIC = b"EQXCKPT"

@@ -15,7 +15,7 @@ from transforms import (
     grad_dot_products,
     per_sample_grad_norms,
 )
-from transforms._ghost_rules import (
+from transforms._grad._ghost_rules import (
     _Matmul,
     _Rows,
     AbstractRule,

@@ -16,22 +16,15 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from ._determinism import compile_variants
-from ._ghost_plan import GhostPlan
-from ._grad_dot import ghost_dots, jvp_dots
-from ._per_sample import (
-    as_batch,
-    per_example_dot,
-    setup,
-)
-from ._sharding import replicate, shard_batch
-from ._train_step import (
+from .._train._determinism import compile_variants
+from .._train._sharding import replicate, shard_batch
+from .._train._train_step import (
     keep_if_finite,
     nonfinite_mask,
     reported_learning_rate,
     warn_learning_rate_argument,
 )
-from ._validation import (
+from .._validation import (
     check_callable,
     check_choice,
     check_finite,
@@ -39,6 +32,13 @@ from ._validation import (
     check_size,
     fail,
     typechecked,
+)
+from ._ghost_plan import GhostPlan
+from ._grad_dot import ghost_dots, jvp_dots
+from ._per_sample import (
+    as_batch,
+    per_example_dot,
+    setup,
 )
 
 

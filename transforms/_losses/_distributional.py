@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-from ._masked import masked_mean
-from ._validation import (
+from .._validation import (
     check_in_range,
     check_probabilities,
     check_sorted,
@@ -18,6 +17,7 @@ from ._validation import (
     is_traced,
     typechecked,
 )
+from ._masked import masked_mean
 
 
 @typechecked

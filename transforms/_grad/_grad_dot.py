@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree
 
+from .._validation import check_callable, check_choice, typechecked
 from ._ghost_eval import ghost_pass, leaf_contributions
 from ._ghost_plan import GhostPlan
 from ._per_sample import (
@@ -22,7 +23,6 @@ from ._per_sample import (
     Setup,
     setup,
 )
-from ._validation import check_callable, check_choice, typechecked
 
 
 _NAME = "grad_dot_products"

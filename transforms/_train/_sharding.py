@@ -9,7 +9,7 @@ import equinox as eqx
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ._validation import check_type
+from .._validation import check_type
 
 
 def _check_axis(mesh: Mesh, axis: str) -> None:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from ._validation import (
+from .._validation import (
     check_bool,
     check_callable,
     check_choice,

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from .._validation import check_ids, typechecked
 from ._masked import masked_mean
-from ._validation import check_ids, typechecked
 
 
 def _float_dtype(*arrays) -> jnp.dtype:

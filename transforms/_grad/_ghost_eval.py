@@ -26,9 +26,6 @@ from jax import lax
 from jax.extend import core as jex
 
 from ._ghost_plan import (
-    _INLINE_CALLS,
-    _REMAT,
-    _VALUE_KEEPING,
     Analysis,
     inner_jaxpr,
     scan_operands,
@@ -41,6 +38,7 @@ from ._ghost_rules import (
     rule_for,
     self_norm,
 )
+from ._jaxpr_tables import INLINE_CALLS, REMAT, VALUE_KEEPING
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +134,7 @@ def _is_var(v) -> bool:
 
 
 def _relabel(eqn, s, lead: int):
-    if eqn.primitive.name in _VALUE_KEEPING:
+    if eqn.primitive.name in VALUE_KEEPING:
         return s
     if lead:
         return jax.vmap(lambda x: bind(eqn, [x])[0])(s)
@@ -205,10 +203,10 @@ def _apply_site(run: _Run, site, eqn, invals, g, scope: _Scope):
 
 def _container(run: _Run, eqn, invals, in_shadows, scope: _Scope) -> list:
     name = eqn.primitive.name
-    if name in _INLINE_CALLS:
+    if name in INLINE_CALLS:
         inner, consts = inner_jaxpr(eqn)
         return _evaluate(run, inner, consts, invals, in_shadows, scope)
-    if name in _REMAT:
+    if name in REMAT:
         inner, consts = inner_jaxpr(eqn)
 
         def body(*args):

@@ -18,10 +18,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from ._determinism import compile_variants
-from ._optimizer import injected_learning_rate
-from ._sharding import replicate, shard_batch
-from ._validation import (
+from .._validation import (
     check_bool,
     check_callable,
     check_in_range,
@@ -29,6 +26,9 @@ from ._validation import (
     describe,
     fail,
 )
+from ._determinism import compile_variants
+from ._optimizer import injected_learning_rate
+from ._sharding import replicate, shard_batch
 
 
 _RESERVED_METRICS = ("loss", "grad_norm", "learning_rate", "nonfinite")

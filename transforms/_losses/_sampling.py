@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int, PRNGKeyArray
 
-from ._validation import check_size, typechecked
+from .._validation import check_size, typechecked
 
 
 @typechecked

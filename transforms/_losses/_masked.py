@@ -8,7 +8,7 @@ keep their accuracy. The losses here and in `eqx_models` share both.
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-from ._validation import typechecked
+from .._validation import typechecked
 
 
 def pairwise_sum(x: Float[Array, " n"]) -> Float[Array, ""]:

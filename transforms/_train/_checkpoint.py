@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._version import __version__
+from .._version import __version__
 
 
 if sys.platform == "win32":

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
+from .._validation import check_callable, describe, fail, typechecked
 from ._ghost_plan import analyse, Analysis, GhostPlan, Mode
 from ._ghost_rules import acc_dtype
-from ._validation import check_callable, describe, fail, typechecked
 
 
 class GhostFallbackWarning(UserWarning):

@@ -17,15 +17,15 @@ import equinox as eqx
 import jax
 from tqdm.auto import tqdm
 
+from .._grad._fallback import FallbackStep
+from .._validation import check_bool, check_callable, check_size, describe, fail
 from ._checkpoint import (
     _json_mapping,
     check_checkpoint_metadata,
     load_checkpoint,
     save_checkpoint,
 )
-from ._fallback import FallbackStep
 from ._train_step import nonfinite_mask, nonfinite_parts
-from ._validation import check_bool, check_callable, check_size, describe, fail
 
 
 # The guard for steps that report no `nonfinite` metric: the parameters and the

@@ -353,7 +353,7 @@ _BUILDERS = {
 
 
 def rule_for(site) -> AbstractRule:
-    """The rule of a use site (see `transforms._ghost_plan.Site`)."""
+    """The rule of a use site (see `transforms._grad._ghost_plan.Site`)."""
     return _BUILDERS[site.kind](site)
 
 

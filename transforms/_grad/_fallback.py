@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import jax
 
-from ._validation import check_callable
+from .._validation import check_callable
 
 
 # Errors raised while tracing code that needs concrete values (a Python `if` on an

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._validation import check_callable, describe, fail
+from .._validation import check_callable, describe, fail
 
 
 _INJECTED_STATES = (optax.InjectStatefulHyperparamsState, optax.InjectHyperparamsState)

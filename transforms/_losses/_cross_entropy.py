@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from .._validation import check_ids, check_size, typechecked
 from ._masked import pairwise_sum
-from ._validation import check_ids, check_size, typechecked
 
 
 _VOCAB_TILE = 128

@@ -15,29 +15,8 @@ import jax.numpy as jnp
 from jax.extend import core as jex
 
 from ._ghost_rules import norm_route, rule_for
+from ._jaxpr_tables import INLINE_CALLS, RELABEL, REMAT, VALUE_KEEPING
 
-
-# Ops that only relabel a parameter (dtype, axis order, shape) before it is used: the
-# parameter's uses are looked for through them.
-_RELABEL = frozenset(
-    {
-        "convert_element_type",
-        "transpose",
-        "reshape",
-        "squeeze",
-        "copy",
-        "copy_p",
-        "rev",
-        "reduce_precision",
-    }
-)
-# Relabellings that keep the value of every element (a convert changes its dtype only):
-# the validation gradient goes through them unchanged.
-_VALUE_KEEPING = frozenset(
-    {"convert_element_type", "reduce_precision", "copy", "copy_p"}
-)
-_INLINE_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
-_REMAT = frozenset({"remat2", "checkpoint", "remat"})
 
 Mode = Literal["norms", "dots"]
 
@@ -227,18 +206,18 @@ class _Walker:
 
     def _equation(self, eqn, found, aliases) -> None:
         name = eqn.primitive.name
-        if name in _RELABEL and len(eqn.invars) == 1:
+        if name in RELABEL and len(eqn.invars) == 1:
             alias = found[0][1]
             aliases[eqn.outvars[0]] = dataclasses.replace(
                 alias, dims=_relabel_dims(eqn, alias.dims)
             )
             self.relabel_eqns.add(id(eqn))
             return
-        if name in _INLINE_CALLS or name in _REMAT:
+        if name in INLINE_CALLS or name in REMAT:
             inner, _ = inner_jaxpr(eqn)
             inner_aliases = {}
             for i, alias in found:
-                if name in _REMAT:
+                if name in REMAT:
                     alias = dataclasses.replace(
                         alias, context=alias.context + (id(eqn),)
                     )
@@ -289,7 +268,7 @@ def _relabel_dims(eqn, dims):
     if dims is None:
         return None
     name = eqn.primitive.name
-    if name in _VALUE_KEEPING:
+    if name in VALUE_KEEPING:
         return dims
     if name == "transpose":
         return tuple(dims[p] for p in eqn.params["permutation"])

@@ -12,7 +12,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
-from ._validation import (
+from .._validation import (
     check_callable,
     check_in_range,
     check_probabilities,

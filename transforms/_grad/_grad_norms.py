@@ -13,6 +13,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree
 
+from .._validation import check_callable, check_choice, typechecked
 from ._ghost_eval import ghost_pass, leaf_contributions
 from ._ghost_plan import GhostPlan
 from ._per_sample import (
@@ -20,7 +21,6 @@ from ._per_sample import (
     setup,
     sum_squares,
 )
-from ._validation import check_callable, check_choice, typechecked
 
 
 _NAME = "per_sample_grad_norms"
