@@ -190,6 +190,12 @@ def _transforms_cases():
             lambda f: T.inject_learning_rate(f, 0.1),
         ),
         Case(
+            "transforms.inject_learning_rate",
+            "learning_rate",
+            st.one_of(NON_FINITE, st.floats(max_value=-1e-12, allow_nan=False)),
+            lambda lr: T.inject_learning_rate(optax.sgd, lr),
+        ),
+        Case(
             "transforms.hashable_optimizer",
             "factory",
             st.sampled_from([3, "adam", None]),
@@ -1330,7 +1336,7 @@ _FAMILIES = {
 # How many cases each family has; the cases themselves are built in the test (they
 # need models), this only fixes the parametrisation.
 _N_CASES = {
-    "transforms": 50,
+    "transforms": 51,
     "chmm": 24,
     "tidhy": 29,
     "causal": 26,

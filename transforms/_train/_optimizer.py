@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .._validation import check_callable, describe, fail
+from .._validation import check_callable, check_in_range, describe, fail, is_traced
 
 
 _INJECTED_STATES = (optax.InjectStatefulHyperparamsState, optax.InjectHyperparamsState)
@@ -102,7 +102,8 @@ def inject_learning_rate(
     **Raises:**
 
     `TypeError` if `factory` is not callable; `ValueError` if it has no
-    `learning_rate` parameter.
+    `learning_rate` parameter, or for a negative, NaN or infinite constant
+    `learning_rate` (a negative rate climbs the loss).
 
     !!! example
 
@@ -122,6 +123,9 @@ def inject_learning_rate(
             f"{getattr(factory, '__qualname__', describe(factory))} with parameters "
             f"{list(parameters)}",
         )
+    if not callable(learning_rate) and not is_traced(learning_rate):
+        # A schedule is a function of the step: its values are the user's to choose.
+        check_in_range(name, "learning_rate", learning_rate, low=0)
     static = tuple(p for p in parameters if p != "learning_rate")
     return optax.inject_hyperparams(factory, static_args=static)(
         learning_rate=learning_rate, **kwargs
