@@ -131,11 +131,15 @@ def _check_config(fn: str, config) -> None:
 
 
 def learning_rate_schedule(config: MultimodalTrainConfig) -> optax.Schedule:
-    """Linear warmup from 0, then cosine decay to a floor over the optimiser steps.
+    """Linear warmup, then cosine decay to a floor over the optimiser steps.
 
-    `lr(s) = peak * s / warmup` for `s < warmup`, then
+    `lr(s) = peak * (s + 1) / warmup` for `s < warmup` (the original's warmup: the
+    first step already moves, at `peak / warmup`, and step `warmup - 1` reaches the
+    peak), then
     `floor + (peak - floor) * (1 + cos(pi * (s - warmup) / (n_steps - warmup))) / 2`
     with `floor = peak * min_lr_ratio`, constant at the floor after `n_steps`.
+    (optax's `warmup_cosine_decay_schedule` starts at `init_value` instead, so its
+    first step has rate 0 and each warmup step lags the original's by one.)
 
     **Arguments:**
 
@@ -150,13 +154,19 @@ def learning_rate_schedule(config: MultimodalTrainConfig) -> optax.Schedule:
     `TypeError` if `config` is not a `MultimodalTrainConfig`.
     """
     _check_config("learning_rate_schedule", config)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        decay_steps=config.n_steps,
-        end_value=config.learning_rate * config.min_lr_ratio,
+    peak, warmup = config.learning_rate, config.warmup_steps
+    decay = optax.cosine_decay_schedule(
+        init_value=peak,
+        decay_steps=config.n_steps - warmup,
+        alpha=config.min_lr_ratio,
     )
+    if warmup == 0:
+        return decay
+    # peak / W + (peak - peak / W) * s / (W - 1) = peak * (s + 1) / W.
+    ramp = optax.linear_schedule(
+        init_value=peak / warmup, end_value=peak, transition_steps=warmup - 1
+    )
+    return optax.join_schedules([ramp, decay], [warmup])
 
 
 def weight_decay_mask(model: CausalTransformerLM) -> CausalTransformerLM:

@@ -68,13 +68,21 @@ def test_schedule_follows_the_formula():
         n_steps=50, learning_rate=2.0, warmup_steps=10, min_lr_ratio=0.1
     )
     schedule = learning_rate_schedule(config)
-    for s in [0, 3, 10, 20, 35, 50, 70]:
+    # The original's warmup: the first optimiser step has rate peak / warmup.
+    for s in [0, 3, 9, 10, 20, 35, 50, 70]:
         if s < 10:
-            want = 2.0 * s / 10
+            want = 2.0 * (s + 1) / 10
         else:
             progress = min(s - 10, 40) / 40
             want = 0.2 + (2.0 - 0.2) * 0.5 * (1 + math.cos(math.pi * progress))
         assert float(schedule(s)) == pytest.approx(want, rel=1e-5), s
+    assert float(schedule(0)) == pytest.approx(0.2, rel=1e-6)
+    # Without warmup the cosine starts at the peak; one warmup step is the peak too.
+    for warmup in (0, 1):
+        config = MultimodalTrainConfig(
+            n_steps=5, learning_rate=2.0, warmup_steps=warmup
+        )
+        assert float(learning_rate_schedule(config)(0)) == pytest.approx(2.0)
     with pytest.raises(ValueError, match=r"`warmup_steps` must be in \[0, n_steps\)"):
         MultimodalTrainConfig(n_steps=5, warmup_steps=5)
     with pytest.raises(
