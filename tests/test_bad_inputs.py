@@ -196,6 +196,28 @@ def _transforms_cases():
             lambda lr: T.inject_learning_rate(optax.sgd, lr),
         ),
         Case(
+            "transforms.pairwise_sum",
+            "x",
+            st.sampled_from(
+                [jnp.ones((2, 3)), jnp.arange(4), [1.0, 2.0], 3.0, "x", None]
+            ),
+            T.pairwise_sum,
+        ),
+        Case(
+            "transforms.static_fields",
+            "module",
+            st.sampled_from([3, "model", None, {"a": 1}, eqx.nn.Linear]),
+            T.static_fields,
+        ),
+        Case(
+            "transforms.check_resumed_config",
+            "checkpoint_path",
+            st.sampled_from([3, 2.5, [b"x"], {"path": "x"}]),
+            lambda p: T.check_resumed_config(
+                "trainer", p, {}, resume=True, allow_config_change=False
+            ),
+        ),
+        Case(
             "transforms.hashable_optimizer",
             "factory",
             st.sampled_from([3, "adam", None]),
@@ -1336,7 +1358,7 @@ _FAMILIES = {
 # How many cases each family has; the cases themselves are built in the test (they
 # need models), this only fixes the parametrisation.
 _N_CASES = {
-    "transforms": 51,
+    "transforms": 54,
     "chmm": 24,
     "tidhy": 29,
     "causal": 26,

@@ -7,11 +7,12 @@ from jaxtyping import TypeCheckError
 
 def test_shape_checking_is_active():
     # A canary: if the jaxtyping import hook is not instrumenting the packages,
-    # this wrong-rank call would silently return a number.
-    from eqx_models._misc import pairwise_sum
+    # this call of an undecorated internal function with an argument of the wrong
+    # type would fail deep inside instead (an AttributeError).
+    from eqx_models.chmm._passes import chain_log_likelihood
 
     with pytest.raises(TypeCheckError):
-        pairwise_sum(jnp.ones((2, 3)))
+        chain_log_likelihood(3, "scan")  # pyright: ignore[reportArgumentType]
 
 
 def test_x64_fixture_enables_float64(x64):
@@ -25,7 +26,7 @@ def test_x64_does_not_leak():
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 100_001])
 def test_pairwise_sum_is_accurate(n):
-    from eqx_models._misc import pairwise_sum
+    from transforms import pairwise_sum
 
     x = np.random.default_rng(n).uniform(0.5, 1.5, size=n).astype(np.float32)
     exact = np.sum(x.astype(np.float64))

@@ -52,17 +52,21 @@ from ._losses._expected_value import (
     expected_value as expected_value,
     expected_value_loss as expected_value_loss,
 )
-from ._losses._masked import masked_mean as masked_mean
+from ._losses._masked import masked_mean as masked_mean, pairwise_sum as pairwise_sum
 from ._losses._sampling import sample_positions as sample_positions
 from ._train._checkpoint import (
     check_checkpoint_metadata as check_checkpoint_metadata,
+    check_resumed_config as check_resumed_config,
     Checkpoint as Checkpoint,
     CheckpointError as CheckpointError,
     load_checkpoint as load_checkpoint,
     read_checkpoint_metadata as read_checkpoint_metadata,
     save_checkpoint as save_checkpoint,
 )
-from ._train._describe import describe_config as describe_config
+from ._train._describe import (
+    describe_config as describe_config,
+    static_fields as static_fields,
+)
 from ._train._fit import (
     fit as fit,
     FitResult as FitResult,

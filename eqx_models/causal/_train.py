@@ -17,11 +17,13 @@ import optax
 from jaxtyping import PRNGKeyArray
 
 from transforms import (
+    check_resumed_config,
     copy_for_donation,
     describe_config,
     fit,
     FitResult,
     make_train_step,
+    static_fields,
     with_fallback,
 )
 from transforms.validation import (
@@ -31,7 +33,6 @@ from transforms.validation import (
     check_type,
 )
 
-from .._misc import check_resumed_config, static_fields
 from ._curriculum import check_buckets, check_curriculum, Curriculum, TaskStream
 from ._loss import BehaviouralCloningLoss
 from ._model import ParentSetPredictionModel

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from .._misc import pairwise_sum
+from transforms import pairwise_sum
+
 from ._chain import Chain, safe_log, window
 
 

@@ -13,6 +13,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
+from transforms import pairwise_sum
 from transforms.validation import (
     check_in_range,
     checked_eagerly,
@@ -20,7 +21,6 @@ from transforms.validation import (
     typechecked,
 )
 
-from .._misc import pairwise_sum
 from ._chain import (
     Chain,
     check_inputs,

@@ -15,6 +15,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, Int
 
+from transforms import pairwise_sum
 from transforms.validation import (
     check_ids,
     check_in_range,
@@ -24,7 +25,6 @@ from transforms.validation import (
     typechecked,
 )
 
-from .._misc import pairwise_sum
 from ._chain import (
     check_emissions,
     check_inputs,

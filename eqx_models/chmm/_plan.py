@@ -14,6 +14,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, Int
 
+from transforms import pairwise_sum
 from transforms.validation import (
     check_choice,
     check_ids,
@@ -23,7 +24,6 @@ from transforms.validation import (
     typechecked,
 )
 
-from .._misc import pairwise_sum
 from ._chain import safe_log
 from ._model import CHMM
 

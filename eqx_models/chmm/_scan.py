@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
 
-from .._misc import pairwise_sum
+from transforms import pairwise_sum
+
 from ._chain import Chain, evidence_weights, safe_divide, safe_log, window
 
 

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 from jaxtyping import PRNGKeyArray
 
 from transforms import (
+    check_resumed_config,
     copy_for_donation,
     describe_config,
     fit,
@@ -38,7 +39,6 @@ from transforms.validation import (
     fail,
 )
 
-from .._misc import check_resumed_config
 from ._model import CausalTransformerLM
 from ._sequence import TokenBatch
 

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from transforms import pairwise_sum
 from transforms.validation import check_finite, typechecked
 
-from .._misc import pairwise_sum
 from ._inference import check_features, frozen, InferenceConfig
 from ._model import TiDHy
 from ._sequence import infer_sequence

@@ -17,8 +17,8 @@ from beartype import beartype
 from jaxtyping import Array, Float, jaxtyped
 
 import transforms
+from transforms import check_resumed_config, static_fields
 
-from .._misc import check_resumed_config, static_fields
 from ._inference import check_features, check_finite, InferenceConfig
 from ._model import TiDHy
 from ._optimizer import make_optimizer, resolved_milestones

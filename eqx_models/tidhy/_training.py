@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from transforms import pairwise_sum
 from transforms.validation import (
     check_bool,
     check_finite,
@@ -24,7 +25,6 @@ from transforms.validation import (
     typechecked,
 )
 
-from .._misc import pairwise_sum
 from ._functional import l1, mean_pairwise_abs_cosine, torch_abs
 from ._inference import check_features, frozen, InferenceConfig
 from ._model import TiDHy

@@ -11,8 +11,27 @@ from jaxtyping import Array, Bool, Float
 from .._validation import typechecked
 
 
+@typechecked
 def pairwise_sum(x: Float[Array, " n"]) -> Float[Array, ""]:
-    """Sum a vector by pairwise (tree) reduction: error ~log2(n) ulps, not ~n."""
+    """Sum a vector by pairwise (tree) reduction.
+
+    A running float32 sum over `n` terms accumulates an error that grows like `n`
+    ulps; the pairwise tree keeps it near `log2(n)`, which matters for
+    log-likelihoods and losses summed over tens of thousands of steps. (XLA's own
+    reductions are not guaranteed to be pairwise on every backend.)
+
+    **Arguments:**
+
+    - `x`: a 1-D floating array.
+
+    **Returns:**
+
+    The sum, a scalar of `x`'s dtype.
+
+    **Raises:**
+
+    `TypeError` (from the shape annotation) if `x` is not a 1-D floating array.
+    """
     while x.shape[0] > 1:
         if x.shape[0] % 2:
             x = jnp.concatenate([x, jnp.zeros((1,), x.dtype)])

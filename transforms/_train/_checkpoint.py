@@ -727,3 +727,53 @@ def load_checkpoint(
         key=key_data,
         metadata=header["metadata"],
     )
+
+
+def check_resumed_config(
+    caller: str,
+    checkpoint_path: str | os.PathLike | None,
+    config: Mapping[str, Any],
+    *,
+    resume: bool,
+    allow_config_change: bool,
+) -> None:
+    """A trainer's resume check, before anything is built or compiled.
+
+    When the trainer will resume (`resume` and a checkpoint exists at
+    `checkpoint_path`), refuse a checkpoint written for another configuration,
+    naming every differing field with both values, unless `allow_config_change`.
+    The comparison is [`transforms.check_checkpoint_metadata`][]'s; [`transforms.fit`][]
+    makes it again when it loads, this only fails sooner.
+
+    **Arguments:**
+
+    - `caller`: the trainer's name, for the message.
+    - `checkpoint_path`: the trainer's checkpoint path, or `None`.
+    - `config`: the configuration the trainer records with its checkpoints.
+    - `resume`, `allow_config_change`: the trainer's arguments of those names.
+
+    **Raises:**
+
+    [`transforms.CheckpointError`][] for a checkpoint written for another
+    configuration (or one whose header cannot be read); `TypeError` for a
+    `checkpoint_path` that is not a path or a `config` that is not a mapping.
+    """
+    if checkpoint_path is not None and not isinstance(
+        checkpoint_path, (str, os.PathLike)
+    ):
+        raise TypeError(
+            f"{caller}: `checkpoint_path` must be a path or None, got "
+            f"{type(checkpoint_path).__name__}."
+        )
+    if not isinstance(config, Mapping):
+        raise TypeError(
+            f"{caller}: the configuration must be a mapping, got "
+            f"{type(config).__name__}."
+        )
+    if (
+        resume
+        and not allow_config_change
+        and checkpoint_path is not None
+        and os.path.exists(checkpoint_path)
+    ):
+        check_checkpoint_metadata(checkpoint_path, config, caller=caller)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from .._validation import describe, fail
 from ._optimizer import optimizer_value
 
 
@@ -162,3 +163,33 @@ def describe_config(obj: Any) -> Any:
         # `init` and `update` close over the same settings; the update shows them.
         return _describe(obj.update, 0, frozenset())
     return _describe(obj, 0, frozenset())
+
+
+def static_fields(module: Any) -> dict[str, Any]:
+    """The static fields of an Equinox module by name.
+
+    Static fields (`eqx.field(static=True)`) are a module's hyperparameters: what a
+    trainer records with its checkpoints and compares on resume, next to the
+    arrays the checkpoint holds.
+
+    **Arguments:**
+
+    - `module`: an `eqx.Module` (any dataclass instance works).
+
+    **Returns:**
+
+    `{name: value}` for every static field, in declaration order.
+
+    **Raises:**
+
+    `TypeError` if `module` is not a dataclass instance.
+    """
+    if not dataclasses.is_dataclass(module) or isinstance(module, type):
+        raise fail(
+            "static_fields", "module", "an eqx.Module", describe(module), TypeError
+        )
+    return {
+        field.name: getattr(module, field.name)
+        for field in dataclasses.fields(module)
+        if field.metadata.get("static", False)
+    }
