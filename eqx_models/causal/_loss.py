@@ -87,6 +87,8 @@ class BehaviouralCloningLoss(eqx.Module):
         n_valid = jnp.sum(valid)
         denominator = jnp.maximum(n_valid, 1).astype(log_q.dtype)
 
+        # Not `transforms.masked_mean`: its pairwise sum slices the batch axis,
+        # which explicit data-parallel sharding of that axis does not allow.
         def mean(x):
             return jnp.sum(jnp.where(valid, x, 0.0)) / denominator
 
