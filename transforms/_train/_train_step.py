@@ -271,7 +271,10 @@ def make_train_step(
         batch, typically a mean), or `(loss, aux)` with `has_aux=True` where `aux` is
         a dict of scalar arrays reported among the metrics.
     - `optimizer`: an `optax.GradientTransformation`; the optimiser state must come
-        from `optimizer.init(eqx.filter(model, eqx.is_inexact_array))`.
+        from `optimizer.init(eqx.filter(model, eqx.is_inexact_array))`. An optax
+        optimiser is a closure whose settings cannot be read back, so a negative
+        rate given to, say, `optax.sgd` is not seen here; a rate injected with
+        [`transforms.inject_learning_rate`][] is checked where it is given.
     - `has_aux`: whether `loss_fn` returns `(loss, aux)`.
     - `learning_rate`: deprecated (a `DeprecationWarning`; removed in the next
         release): the float or optax schedule given to the optimiser, evaluated at
