@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from transforms import entropy, kl_divergence, uncertainty_weighted
+from transforms import entropy, kl_divergence, masked_mean, uncertainty_weighted
 from transforms.validation import check_in_range
 
 from ._batches import TrainingBatch
@@ -84,13 +84,9 @@ class BehaviouralCloningLoss(eqx.Module):
             objective = uncertainty_weighted(kl_divergence, self.uncertainty_scale)(
                 log_p, log_q
             )
-        n_valid = jnp.sum(valid)
-        denominator = jnp.maximum(n_valid, 1).astype(log_q.dtype)
 
-        # Not `transforms.masked_mean`: its pairwise sum slices the batch axis,
-        # which explicit data-parallel sharding of that axis does not allow.
         def mean(x):
-            return jnp.sum(jnp.where(valid, x, 0.0)) / denominator
+            return masked_mean(x.astype(log_q.dtype), valid)
 
         loss = mean(objective)
         reg = (

@@ -49,6 +49,21 @@ _SCRIPT = textwrap.dedent(
         assert "divisible by the 8 devices" in str(e), e
     else:
         raise AssertionError("an indivisible batch was accepted")
+    # Reductions of per-example values split over an explicit mesh axis: the
+    # pairwise tree gathers them first (slicing a sharded axis is refused).
+    from jax.sharding import AxisType
+    from transforms import masked_mean, pairwise_sum
+    explicit = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+    v = jr.normal(jr.key(2), (64,)); keep = v > 0
+    with jax.sharding.set_mesh(explicit):
+        vs = jax.device_put(v, NamedSharding(explicit, P("data")))
+        ks = jax.device_put(keep, NamedSharding(explicit, P("data")))
+        total = jax.jit(pairwise_sum)(vs)
+        np.testing.assert_allclose(total, pairwise_sum(v), rtol=1e-6)
+        np.testing.assert_allclose(
+            jax.jit(masked_mean)(vs, ks), np.mean(np.asarray(v)[np.asarray(keep)]),
+            rtol=1e-6,
+        )
     print("OK")
     """
 )

@@ -5,10 +5,27 @@ modality adds nothing to a loss; sums are pairwise so that long float32 reductio
 keep their accuracy. The losses here and in `eqx_models` share both.
 """
 
+import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float
 
 from .._validation import typechecked
+
+
+def _gathered(x: Array) -> Array:
+    """`x` replicated if its axis is split over an explicit mesh axis.
+
+    The pairwise tree slices the axis, and JAX's explicit sharding refuses slices
+    of a sharded axis that the mesh does not divide; gathering a vector of
+    per-example values first costs one all-gather of that vector.
+    """
+    sharding = jax.typeof(x).sharding
+    spec = getattr(sharding, "spec", None)
+    if spec and spec[0] is not None:
+        # The array's own (possibly abstract) mesh: no mesh context is needed.
+        return jax.sharding.reshard(x, NamedSharding(sharding.mesh, PartitionSpec()))
+    return x
 
 
 @typechecked
@@ -32,6 +49,7 @@ def pairwise_sum(x: Float[Array, " n"]) -> Float[Array, ""]:
 
     `TypeError` (from the shape annotation) if `x` is not a 1-D floating array.
     """
+    x = _gathered(x)
     while x.shape[0] > 1:
         if x.shape[0] % 2:
             x = jnp.concatenate([x, jnp.zeros((1,), x.dtype)])
