@@ -51,3 +51,44 @@ def test_packages_are_typed(package):
     import importlib.resources
 
     assert importlib.resources.files(package).joinpath("py.typed").is_file()
+
+
+FAMILIES = ("chmm", "tidhy", "causal", "multimodal")
+
+
+def _imported_modules(path) -> set[str]:
+    """The absolute module names a source file imports (relative ones resolved)."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    path = pathlib.Path(path).resolve()
+    package = ".".join(path.relative_to(root).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                names.add(".".join(base + ([node.module] if node.module else [])))
+            else:
+                names.add(node.module or "")
+    return names
+
+
+def test_families_do_not_import_each_other():
+    # The architecture's arrow: a family builds on `transforms` (and the shared
+    # layer ops), never on another family; only the interop adapters span them.
+    import pathlib
+
+    for family in FAMILIES:
+        others = {f"eqx_models.{f}" for f in FAMILIES if f != family}
+        root = pathlib.Path(__file__).resolve().parents[1]
+        for path in (root / "eqx_models" / family).rglob("*.py"):
+            bad = {
+                m
+                for m in _imported_modules(path)
+                if any(m == o or m.startswith(o + ".") for o in others)
+            }
+            assert not bad, f"{path} imports another family: {sorted(bad)}"
