@@ -19,9 +19,8 @@ from jaxtyping import Array, ArrayLike, Float, Int
 from .._train._determinism import compile_variants
 from .._train._sharding import replicate, shard_batch
 from .._train._train_step import (
-    keep_if_finite,
+    finish_update,
     nonfinite_mask,
-    reported_learning_rate,
     warn_learning_rate_argument,
 )
 from .._validation import (
@@ -94,14 +93,9 @@ def _step(static, model, opt_state):
         "grad_norm": grad_norm,
         "nonfinite": mask,
     }
-    lr = reported_learning_rate(step.learning_rate, opt_state, new_opt_state)
-    if lr is not None:
-        metrics["learning_rate"] = lr
-    model, new_opt_state = keep_if_finite(
-        mask, (new_model, new_opt_state), (model, opt_state)
+    model, new_opt_state = finish_update(
+        step, metrics, mask, (model, opt_state), (new_model, new_opt_state)
     )
-    if step.mesh is not None:
-        model, new_opt_state = replicate((model, new_opt_state), step.mesh)
     return model, new_opt_state, metrics, dots
 
 

@@ -132,6 +132,23 @@ def copy_for_donation(tree: Any) -> Any:
     return jax.tree.map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, tree)
 
 
+def finish_update(step, metrics, mask, old, new):
+    """The end of every update step (training and attribution alike): report the
+    learning rate the update used in `metrics`, keep the update only if `mask`
+    (the NaN guard) is 0, and replicate the result over the step's mesh.
+
+    Returns the `(model, opt_state)` the step hands back.
+    """
+    (_, opt_state), (_, new_opt_state) = old, new
+    lr = reported_learning_rate(step.learning_rate, opt_state, new_opt_state)
+    if lr is not None:
+        metrics["learning_rate"] = lr
+    model, opt_state = keep_if_finite(mask, new, old)
+    if step.mesh is not None:
+        model, opt_state = replicate((model, opt_state), step.mesh)
+    return model, opt_state
+
+
 def _step(static, model, opt_state):
     step, batch, key = static
     params, rest = eqx.partition(model, eqx.is_inexact_array)
@@ -157,14 +174,9 @@ def _step(static, model, opt_state):
     grad_norm = optax.tree.norm(grads)
     mask = nonfinite_mask(loss, grad_norm, new_model, new_opt_state)
     metrics = {"loss": loss, **aux, "grad_norm": grad_norm, "nonfinite": mask}
-    lr = reported_learning_rate(step.learning_rate, opt_state, new_opt_state)
-    if lr is not None:
-        metrics["learning_rate"] = lr
-    model, new_opt_state = keep_if_finite(
-        mask, (new_model, new_opt_state), (model, opt_state)
+    model, new_opt_state = finish_update(
+        step, metrics, mask, (model, opt_state), (new_model, new_opt_state)
     )
-    if step.mesh is not None:
-        model, new_opt_state = replicate((model, new_opt_state), step.mesh)
     return model, new_opt_state, metrics
 
 
