@@ -426,6 +426,12 @@ def _transforms_cases():
             lambda m: T.make_attribution_step(_mlp_loss, optax.sgd(0.1), method=m),
         ),
         Case(
+            "transforms.make_attribution_step",
+            "optimizer",
+            st.sampled_from([optax.sgd, "adam", None, 0.1]),
+            lambda o: T.make_attribution_step(_mlp_loss, o),
+        ),
+        Case(
             "transforms.AttributionStep",
             "train_batch",
             not_a_batch,
@@ -1358,7 +1364,7 @@ _FAMILIES = {
 # How many cases each family has; the cases themselves are built in the test (they
 # need models), this only fixes the parametrisation.
 _N_CASES = {
-    "transforms": 54,
+    "transforms": 55,
     "chmm": 24,
     "tidhy": 29,
     "causal": 26,

@@ -21,6 +21,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from beartype import beartype
 from jax.core import Tracer
 from jaxtyping import jaxtyped, TypeCheckError
@@ -103,6 +104,18 @@ def check_type(fn: str, arg: str, value: Any, types, expected: str) -> Any:
     if not isinstance(value, types):
         raise fail(fn, arg, expected, describe(value), TypeError)
     return value
+
+
+def check_optimizer(fn: str, arg: str, value: Any) -> Any:
+    """Raise a `TypeError` unless `value` is an optax optimiser; returns it.
+
+    **Raises:**
+
+    `TypeError` for a value that is not an `optax.GradientTransformation`.
+    """
+    return check_type(
+        fn, arg, value, optax.GradientTransformation, "an optax.GradientTransformation"
+    )
 
 
 def check_callable(fn: str, arg: str, value: Any) -> Any:

@@ -16,6 +16,7 @@ from ._validation import (
     check_ids as check_ids,
     check_in_range as check_in_range,
     check_interval as check_interval,
+    check_optimizer as check_optimizer,
     check_probabilities as check_probabilities,
     check_size as check_size,
     check_sorted as check_sorted,

@@ -29,6 +29,7 @@ from transforms import (
 from transforms.validation import (
     check_bool,
     check_callable,
+    check_optimizer,
     check_size,
     check_type,
 )
@@ -167,13 +168,7 @@ def train(
         if function is not None:
             check_callable(name, arg, function)
     if optimizer is not None:
-        check_type(
-            name,
-            "optimizer",
-            optimizer,
-            optax.GradientTransformation,
-            "an optax.GradientTransformation",
-        )
+        check_optimizer(name, "optimizer", optimizer)
     for arg, flag in (
         ("fallback", fallback),
         ("resume", resume),

@@ -19,12 +19,12 @@ from jaxtyping import Array, ArrayLike, Float, Int
 from .._train._determinism import compile_variants
 from .._train._sharding import replicate, shard_batch
 from .._train._train_step import (
+    check_step_arguments,
     finish_update,
     nonfinite_mask,
     warn_learning_rate_argument,
 )
 from .._validation import (
-    check_callable,
     check_choice,
     check_finite,
     check_ids,
@@ -222,8 +222,10 @@ def make_attribution_step(
 
     **Raises:**
 
-    `TypeError` if `loss_fn` is not callable; `ValueError` for an unknown `method`
-    or `val_reduction`, or a `data_axis` that is not an axis of `mesh`. The step
+    `TypeError` if `loss_fn` is not callable, `optimizer` not an optax optimiser,
+    `mesh` not a `Mesh` or a flag not a bool; `ValueError` for an unknown `method`
+    or `val_reduction`, a non-positive constant `learning_rate`, or a `data_axis`
+    that is not an axis of `mesh`. The step
     raises as [`transforms.grad_dot_products`][] for bad batches or a `loss_fn`
     that fails on, or does not return a scalar for, one example.
 
@@ -241,14 +243,17 @@ def make_attribution_step(
             state = shapley.update(state, idx, dots, metrics["learning_rate"])
         ```
     """
-    check_callable(_NAME, "loss_fn", loss_fn)
+    check_step_arguments(
+        _NAME,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        learning_rate=learning_rate,
+        mesh=mesh,
+        data_axis=data_axis,
+        flags={"donate": donate, "fallback": fallback, "deterministic": deterministic},
+    )
     check_choice(_NAME, "method", method, _METHODS)
     check_choice(_NAME, "val_reduction", val_reduction, ("mean", "sum"))
-    if mesh is not None and data_axis not in mesh.axis_names:
-        raise ValueError(
-            f"{_NAME}: `data_axis` {data_axis!r} is not an axis of the mesh "
-            f"{tuple(mesh.axis_names)}."
-        )
     if learning_rate is not None:
         warn_learning_rate_argument(_NAME)
     return AttributionStep(

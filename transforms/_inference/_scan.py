@@ -20,8 +20,8 @@ from .._validation import (
     check_callable,
     check_choice,
     check_in_range,
+    check_optimizer,
     check_size,
-    check_type,
     typechecked,
 )
 
@@ -354,13 +354,7 @@ def scan_optimize(
     """
     name = "scan_optimize"
     check_callable(name, "objective", objective)
-    check_type(
-        name,
-        "optimizer",
-        optimizer,
-        optax.GradientTransformation,
-        "an optax.GradientTransformation",
-    )
+    check_optimizer(name, "optimizer", optimizer)
     for arg, fn in (("prox", prox), ("relative_change", relative_change)):
         if fn is not None:
             check_callable(name, arg, fn)

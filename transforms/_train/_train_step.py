@@ -22,6 +22,7 @@ from .._validation import (
     check_bool,
     check_callable,
     check_in_range,
+    check_optimizer,
     check_type,
     describe,
     fail,
@@ -130,6 +131,37 @@ def copy_for_donation(tree: Any) -> Any:
     sharding).
     """
     return jax.tree.map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, tree)
+
+
+def check_step_arguments(
+    name: str,
+    *,
+    loss_fn: Any,
+    optimizer: Any,
+    learning_rate: Any,
+    mesh: Any,
+    data_axis: Any,
+    flags: dict[str, Any],
+) -> None:
+    """The argument checks every step builder shares (training and attribution):
+    the loss function, the optimiser, the deprecated rate, the mesh and its data
+    axis, and the boolean options in `flags`."""
+    check_callable(name, "loss_fn", loss_fn)
+    check_optimizer(name, "optimizer", optimizer)
+    if learning_rate is not None and not callable(learning_rate):
+        check_in_range(
+            name, "learning_rate", learning_rate, low=0, inclusive=(False, True)
+        )
+    if mesh is not None:
+        check_type(name, "mesh", mesh, Mesh, "a jax.sharding.Mesh or None")
+    check_type(name, "data_axis", data_axis, str, "a mesh axis name (a str)")
+    for arg, flag in flags.items():
+        check_bool(name, arg, flag)
+    if mesh is not None and data_axis not in mesh.axis_names:
+        raise ValueError(
+            f"{name}: `data_axis` {data_axis!r} is not an axis of the mesh "
+            f"{tuple(mesh.axis_names)}."
+        )
 
 
 def finish_update(step, metrics, mask, old, new):
@@ -333,33 +365,15 @@ def make_train_step(
         metrics["learning_rate"]  # 1e-3, from the optimiser state
         ```
     """
-    name = "make_train_step"
-    check_callable(name, "loss_fn", loss_fn)
-    check_type(
-        name,
-        "optimizer",
-        optimizer,
-        optax.GradientTransformation,
-        "an optax.GradientTransformation",
+    check_step_arguments(
+        "make_train_step",
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        learning_rate=learning_rate,
+        mesh=mesh,
+        data_axis=data_axis,
+        flags={"has_aux": has_aux, "donate": donate, "deterministic": deterministic},
     )
-    if learning_rate is not None and not callable(learning_rate):
-        check_in_range(
-            name, "learning_rate", learning_rate, low=0, inclusive=(False, True)
-        )
-    if mesh is not None:
-        check_type(name, "mesh", mesh, Mesh, "a jax.sharding.Mesh or None")
-    check_type(name, "data_axis", data_axis, str, "a mesh axis name (a str)")
-    for arg, flag in (
-        ("has_aux", has_aux),
-        ("donate", donate),
-        ("deterministic", deterministic),
-    ):
-        check_bool(name, arg, flag)
-    if mesh is not None and data_axis not in mesh.axis_names:
-        raise ValueError(
-            f"make_train_step: `data_axis` {data_axis!r} is not an axis of the mesh "
-            f"{tuple(mesh.axis_names)}."
-        )
     if learning_rate is not None:
         warn_learning_rate_argument("make_train_step")
     return TrainStep(
