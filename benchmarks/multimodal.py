@@ -16,8 +16,11 @@ JAX step computes in bfloat16 with float32 master weights and cuDNN fused attent
 `gpt2` (the default on a GPU) is the GPT-2-small shape: d_model 768, 12 layers, 12
 heads, vocabulary 13 317 (8 192 image, 1 024 scalar and 4 x 1 024 spectrum tokens;
 with the untied head about 107M parameters), sequences of 1 024 and 2 048 tokens,
-131 072 tokens per step and device. `--variants` compares the layer stack as a
-`lax.scan` (default), fully unrolled, or rematerialised.
+131 072 tokens per step and device. `--variants` compares the layer stack as the
+model's default (`unroll="auto"`: fully unrolled on a GPU, a `lax.scan` on a CPU),
+a rolled `lax.scan`, fully unrolled, or rematerialised. `--profile` also traces a
+few steps of each JAX variant and reports where the device time goes, per part of
+the model (`benchmarks/_profile.py`).
 `small` (the default on a CPU) is a tiny model for a quick check.
 
 Each measurement runs in its own subprocess (clean peak-memory figures, a failure
@@ -68,6 +71,25 @@ SIZES = {
         n_columns=64,
     ),
 }
+# Parts of the step for the profile breakdown (`benchmarks/_profile.py`): the
+# source file and function each kernel's HLO instruction came from.
+PARTS = [
+    ("attention projections", "multimodal/_model.py", ("attention",)),
+    ("MLP", "multimodal/_model.py", ("mlp",)),
+    ("block: residuals, dropout", "multimodal/_model.py",
+     ("__call__", "block", "scanned", "_dropout", "_keep_masks")),
+    ("embeddings, final norm", "multimodal/_model.py", None),
+    ("GELU", "eqx_models/_layer_ops.py", ("gelu", "_gelu", "_gelu_fwd", "_gelu_bwd",
+                                          "_gelu_terms")),
+    ("layer norm", "eqx_models/_layer_ops.py", None),
+    ("loss: cross-entropy and head", "transforms/_losses/_cross_entropy.py", None),
+    ("loss: expected-value", "multimodal/_loss.py", None),
+    ("loss: expected-value", "transforms/_losses/", None),
+    ("optimizer", "optax/", None),
+    ("optimizer", "transforms/_train/", None),
+    ("optimizer", "eqx_models/multimodal/_train.py", None),
+]  # fmt: skip
+PROFILED_STEPS = 3
 # Datasheet dense bf16 peak (H100/H200 SXM); the measured ceiling is the reference.
 SPEC_PEAK = {"H100": 989.4e12, "H200": 989.4e12}
 
@@ -191,7 +213,7 @@ def worker_jax(args) -> dict:
         dropout=0.0,
         init="gpt",
         attention=args.attention,
-        unroll=size["n_layers"] if args.variant == "unrolled" else 1,
+        **_UNROLL[args.variant](size["n_layers"]),
         remat=args.variant == "remat",
         key=jr.key(0),
     )
@@ -248,6 +270,15 @@ def worker_jax(args) -> dict:
     timing = time_callable(run, warmup=args.warmup + 1, repeats=args.repeats)
     metrics = jax.block_until_ready(run())
     stats = jax.devices()[0].memory_stats() or {}
+    profile = None
+    if args.profile_dir:
+        import _profile
+
+        trace_dir = os.path.join(args.profile_dir, "trace")
+        _profile.capture(run, PROFILED_STEPS, trace_dir)
+        profile = _profile.breakdown(
+            trace_dir, os.path.join(args.profile_dir, "hlo"), PROFILED_STEPS, PARTS
+        )
     n_params = sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
     return {
         **timing,
@@ -258,11 +289,23 @@ def worker_jax(args) -> dict:
         "flops_per_token_causal": model.flops_per_token(args.seq, causal=True),
         "parameters": int(n_params),
         "attention": args.attention,
+        **({"profile": profile} if profile else {}),
     }
 
 
-def _spawn(argv: list[str], timeout: float) -> dict:
+# The layer stack of each variant: `default` passes nothing (`unroll="auto"`: fully
+# unrolled on a GPU, a rolled scan on a CPU), which is what a user gets.
+_UNROLL = {
+    "default": lambda n: {},
+    "scan": lambda n: {"unroll": 1},
+    "unrolled": lambda n: {"unroll": n},
+    "remat": lambda n: {"unroll": 1},
+}
+
+
+def _spawn(argv: list[str], timeout: float, extra_env=None) -> dict:
     env = dict(os.environ)
+    env.update(extra_env or {})
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (ROOT, HERE, env.get("PYTHONPATH", "")) if p
     )
@@ -297,8 +340,8 @@ def main(argv=None):
         "--variants",
         nargs="+",
         default=None,
-        choices=["scan", "unrolled", "remat"],
-        help="layer-stack variants (default: scan, and unrolled on a GPU)",
+        choices=list(_UNROLL),
+        help="layer-stack variants (default: default, and scan on a GPU)",
     )
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument(
@@ -313,6 +356,13 @@ def main(argv=None):
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="scan", help=argparse.SUPPRESS)
     parser.add_argument("--attention", default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--profile-dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also trace a few steps of each JAX variant and report where the "
+        "device time goes (benchmarks/_profile.py)",
+    )
     args = parser.parse_args(argv)
 
     if args.worker is not None:
@@ -369,15 +419,22 @@ def main(argv=None):
                 "vocab": _layout(size).vocab_size,
             }
             tokens = batch * seq * args.devices
-            # Unrolling the 12-layer scan is worth measuring on a GPU (XLA then
-            # schedules across layers); on a CPU the scan is the only variant.
+            # On a GPU the default is the unrolled stack: the rolled scan is the
+            # comparison; on a CPU the default is the scan.
             variants = args.variants or (
-                ["scan", "unrolled"] if platform == "gpu" else ["scan"]
+                ["default", "scan"] if platform == "gpu" else ["default"]
             )
             for variant in variants:
                 argv = [__file__, "--worker", "jax", "--seq", str(seq), "--data", path]
                 argv += common + ["--variant", variant, "--devices", str(args.devices)]
-                out = _spawn(argv, args.timeout)
+                env = {}
+                if args.profile:
+                    import _profile
+
+                    where = os.path.join(tmp, f"profile-{variant}-{seq}")
+                    argv += ["--profile-dir", where]
+                    env["XLA_FLAGS"] = _profile.dump_flags(os.path.join(where, "hlo"))
+                out = _spawn(argv, args.timeout, env)
                 if "error" in out and platform == "gpu":
                     results.note(
                         f"jax {variant} L={seq} with cuDNN attention failed "
@@ -447,8 +504,55 @@ def _add(results, impl, sizes, tokens, out, peak, spec, args):
             row["mfu_causal"] = causal * tokens / timing["median_s"] / (peak * devices)
         if spec:
             row["mfu_spec"] = achieved / (spec * devices)
+    profile = out.pop("profile", None)
     row.update(out)
     results.add(**row)
+    if profile is not None:
+        _add_profile(results, impl, sizes, tokens, row, profile, peak, args)
+
+
+def _add_profile(results, impl, sizes, tokens, row, profile, peak, args):
+    """One row per part of the step (`benchmarks/_profile.py`), with the roofline
+    that bounds it: the measured matmul ceiling for the matmuls and attention
+    (achieved FLOP/s from the model's FLOP count), the memory bandwidth for the
+    rest (achieved bytes/s from the HLO's operand and result sizes)."""
+    seq, d = sizes["seq"], sizes["d_model"]
+    # Attention's matmuls (scores and values, causal half, forward and backward)
+    # against everything else the FLOP count holds.
+    attention_flops = 3 * sizes["n_layers"] * 2 * seq * d * tokens
+    matmul_flops = row.get("flops_per_token", 0) * tokens - 2 * attention_flops
+    matmul_ms = sum(
+        v["ms_per_step"] for k, v in profile["parts"].items() if k.endswith("matmul")
+    )
+    step_ms = 1e3 * row["median_s"]
+    for part, v in profile["parts"].items():
+        ms = v["ms_per_step"]
+        extra = {}
+        if part.endswith("matmul") and matmul_ms:
+            # The parts share the matmul FLOPs in proportion to their time: one
+            # achieved rate for all matmuls.
+            extra["tflops_per_sec"] = matmul_flops / matmul_ms / 1e9
+        elif part.startswith("attention (cuDNN)"):
+            extra["tflops_per_sec"] = attention_flops / ms / 1e9
+        elif v["gb_per_s"] is not None:
+            extra["gb_per_sec"] = v["gb_per_s"]
+        if "tflops_per_sec" in extra and peak:
+            extra["of_ceiling"] = extra["tflops_per_sec"] * 1e12 / peak
+        results.add(
+            workload="step profile",
+            impl=impl,
+            sizes=sizes,
+            part=part,
+            ms_per_step=ms,
+            share_of_step=ms / step_ms,
+            kernels_per_step=v["kernels_per_step"],
+            top=", ".join(f"{k} {t:.2f} ms" for k, t in v["top"].items()),
+            **extra,
+        )
+    results.note(
+        f"{impl} L={seq}: kernels take {profile['kernel_ms_per_step']:.1f} ms of the "
+        f"{step_ms:.1f} ms step (the rest is launch gaps and host work)."
+    )
 
 
 def _compare(results):
@@ -464,15 +568,18 @@ def _compare(results):
         if not ours:
             continue
         best = max(ours, key=lambda r: r["tokens_per_sec"])
-        line = (
-            f"L={seq}: best JAX ({best['impl']}) {best['tokens_per_sec']:,.0f} tokens/s"
-        )
-        if "mfu" in best:
-            line += f", MFU {100 * best['mfu']:.1f}% of the measured ceiling"
-        if peer and best["sizes"]["devices"] == 1:
-            ratio = best["tokens_per_sec"] / peer[0]["tokens_per_sec"]
-            line += f"; {ratio:.2f}x the PyTorch tokens/s"
-        results.note(line + ".")
+        default = [r for r in ours if r["impl"] == "jax default"]
+        for label, r in [("best JAX", best)] + [("the default", r) for r in default]:
+            line = f"L={seq}: {label} ({r['impl']}) {r['tokens_per_sec']:,.0f} tokens/s"
+            if "mfu" in r:
+                line += f", MFU {100 * r['mfu']:.1f}% of the measured ceiling"
+            if peer and r["sizes"]["devices"] == 1:
+                ratio = r["tokens_per_sec"] / peer[0]["tokens_per_sec"]
+                line += f"; {ratio:.2f}x the PyTorch tokens/s"
+                if r.get("peak_bytes") and peer[0].get("peak_bytes"):
+                    memory = r["peak_bytes"] / peer[0]["peak_bytes"]
+                    line += f", {memory:.2f}x its peak memory"
+            results.note(line + ".")
 
 
 if __name__ == "__main__":

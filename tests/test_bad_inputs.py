@@ -1253,6 +1253,14 @@ def _multimodal_cases():
             ),
         ),
         Case(
+            "multimodal.CausalTransformerLM",
+            "unroll",
+            bad_size(maximum=2) | st.sampled_from(["fast", "AUTO", ""]),
+            lambda u: mm.CausalTransformerLM(
+                layout, d_model=4, n_layers=2, n_heads=1, unroll=u, key=jr.key(0)
+            ),
+        ),
+        Case(
             "multimodal.Codebooks",
             "image",
             bad_entries(np.arange(6.0).reshape(3, 2)),
@@ -1368,7 +1376,7 @@ _N_CASES = {
     "chmm": 24,
     "tidhy": 29,
     "causal": 26,
-    "multimodal": 25,
+    "multimodal": 26,
 }
 
 TRIED: collections.Counter = collections.Counter()

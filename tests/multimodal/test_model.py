@@ -139,6 +139,31 @@ def test_remat_and_unrolled_scan_give_the_same_model():
     )
 
 
+@pytest.mark.parametrize("backend, expected", [("cpu", 1), ("gpu", 2), ("tpu", 2)])
+def test_default_unroll_is_a_scan_on_a_cpu_and_unrolled_elsewhere(
+    monkeypatch, backend, expected
+):
+    model = make_model()
+    assert model.unroll == "auto" and model.n_layers == 2
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    batch = make_batch(2)
+    jaxpr = jax.make_jaxpr(lambda t: model.features_batch(t))(batch.tokens)
+    scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    assert [e.params["length"] for e in scans] == [2]
+    assert [e.params["unroll"] for e in scans] == [expected]
+
+
+@pytest.mark.usefixtures("highest_precision")
+def test_default_unroll_computes_what_a_rolled_and_an_unrolled_scan_do():
+    batch = make_batch(3)
+    outs = [
+        batch_logits(make_model(**options), batch.tokens, batch.type_ids)
+        for options in ({}, dict(unroll=1), dict(unroll=2))
+    ]
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(outs[0], outs[2], rtol=1e-6, atol=1e-6)
+
+
 def test_compiles_once_and_checks_tokens_at_run_time():
     model = make_model()
     batch = make_batch(6)

@@ -411,7 +411,7 @@ def test_resume_names_the_model_options_and_the_loss(tmp_path):
     before = path.read_bytes()
     for options, field, values in [
         (dict(remat=True), "remat", "True, checkpoint has False"),
-        (dict(unroll=2), "unroll", "2, checkpoint has 1"),
+        (dict(unroll=2), "unroll", "2, checkpoint has 'auto'"),
         (dict(attention="xla"), "attention", "'xla', checkpoint has 'auto'"),
     ]:
         with pytest.raises(

@@ -1,0 +1,257 @@
+"""Where a compiled step's device time goes: a profiler trace read against XLA's
+optimised HLO.
+
+`capture(run, steps, trace_dir)` records a `jax.profiler` trace (with a perfetto
+JSON) of `steps` calls of `run`. `breakdown(trace_dir, dump_dir, steps, ...)` reads
+the device kernels of that trace and the optimised HLO that XLA dumped for the same
+process (`XLA_FLAGS=--xla_dump_to=DIR --xla_dump_hlo_as_text`, set by the caller
+before JAX starts: see `dump_flags`) and sums kernel time per part of the model:
+
+- each kernel names the HLO instruction it runs (`hlo_op`, `hlo_module`); the
+  instruction's line in the dump gives its kind (a matmul custom call or GEMM
+  fusion, cuDNN attention, other fusions), its operand and result shapes (the bytes
+  it reads and writes) and its source location (`source_file`, `source_line`);
+- the source location names the function it came from (read from the file with
+  `ast`), which is mapped to a part by `parts`, a list of
+  `(part, file suffix, function names or None)` rules tried in order;
+- per part: milliseconds per step, share of the step's kernel time, and achieved
+  bandwidth (bytes read and written over time) for the parts that are not matmuls
+  or attention, to set against the memory roofline; the matmul parts' achieved
+  FLOP/s come from the caller, who knows the model's FLOPs.
+
+Kernels whose instruction cannot be found in the dump (XLA's own copies, cuBLAS
+workspace set-up) go to `"other"` with their kernel names kept in the summary.
+"""
+
+import ast
+import collections
+import functools
+import glob
+import gzip
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+
+
+def dump_flags(dump_dir: str) -> str:
+    """`XLA_FLAGS` that dump each module's optimised HLO as text into `dump_dir`."""
+    return f"--xla_dump_to={dump_dir} --xla_dump_hlo_as_text"
+
+
+def capture(run: Callable[[], object], steps: int, trace_dir: str) -> None:
+    """Trace `steps` calls of `run` (each blocked on) into `trace_dir`."""
+    import jax
+
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(steps):
+            jax.block_until_ready(run())
+
+
+_DTYPE_BYTES = {
+    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+    "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
+}  # fmt: skip
+_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+
+
+def _bytes(text: str) -> int:
+    total = 0
+    for dtype, dims in _SHAPE.findall(text):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total += n * _DTYPE_BYTES.get(dtype, 4)
+    return total
+
+
+def _tables(text: str) -> dict[int, tuple[str, str, int]]:
+    """`stack frame id -> (file, function, line)` from a dump's frame tables (the
+    format where instructions carry `stack_frame_id` instead of a source line)."""
+    sections: dict[str, dict[int, str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            current = sections.setdefault(line, {})
+        elif not line.strip() or line.startswith(("%", "ENTRY", "HloModule")):
+            current = None
+        elif current is not None:
+            number, _, value = line.partition(" ")
+            current[int(number)] = value.strip().strip('"')
+    files, functions = sections.get("FileNames", {}), sections.get("FunctionNames", {})
+    locations = {}
+    for i, value in sections.get("FileLocations", {}).items():
+        fields = dict(re.findall(r"(\w+)=(\d+)", value))
+        locations[i] = (
+            files.get(int(fields.get("file_name_id", 0)), "?"),
+            functions.get(int(fields.get("function_name_id", 0)), "?"),
+            int(fields.get("line", 0)),
+        )
+    return {
+        i: locations.get(int(dict(re.findall(r"(\w+)=(\d+)", v))["file_location_id"]))
+        for i, v in sections.get("StackFrames", {}).items()
+    }
+
+
+def _instructions(dump_dir: str) -> dict[tuple[str, str], dict]:
+    """`(module, instruction) -> {kind, bytes, file, function}` from the dumped
+    optimised HLO (every computation: a scanned layer's kernels live in a loop
+    body). `bytes` counts the result and the operands' results."""
+    table = {}
+    for path in glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")):
+        text = open(path).read()
+        module = re.search(r"^HloModule\s+([\w.\-]+)", text, re.M)
+        if module is None:
+            continue
+        name = module.group(1)
+        frames = _tables(text)
+        results: dict[str, int] = {}
+        parsed = []
+        for line in text.splitlines():
+            match = _INSTRUCTION.match(line)
+            if match is None:
+                continue
+            op, rest = match.groups()
+            head, _, meta = rest.partition("metadata={")
+            # `f32[4,8]{1,0} fusion(%a, %b), kind=..., calls=...`
+            shape, _, call = head.partition("(")
+            words = shape.split()
+            opcode = words[-1] if words else "?"
+            result = " ".join(words[:-1])
+            results[op] = _bytes(result)
+            operands = re.findall(r"%([\w.\-]+)", call.split(")")[0])
+            if "custom_call_target=" in rest:
+                target = re.search(r'custom_call_target="([^"]+)"', rest)
+                kind = target.group(1) if target else "custom-call"
+            elif opcode == "fusion":
+                backend = re.search(r'"kind":"(\w+)"', rest)
+                kind = "fusion:" + (backend.group(1) if backend else "")
+            else:
+                kind = opcode
+            frame = re.search(r"stack_frame_id=(\d+)", meta)
+            source = re.search(r'source_file="([^"]+)" source_line=(\d+)', meta)
+            if frame is not None and frames.get(int(frame.group(1))):
+                file, function, _ = frames[int(frame.group(1))]
+            elif source is not None:
+                file = source.group(1)
+                function = _function(file, int(source.group(2)))
+            else:
+                file = function = None
+            parsed.append((op, kind, result, operands, file, function))
+        for op, kind, result, operands, file, function in parsed:
+            table[(name, op)] = {
+                "kind": kind,
+                "bytes": _bytes(result) + sum(results.get(o, 0) for o in operands),
+                "file": file,
+                "function": function,
+            }
+    return table
+
+
+@functools.cache
+def _functions(path: str) -> list[tuple[int, int, str]]:
+    """`(first line, last line, name)` of every function defined in `path`."""
+    try:
+        tree = ast.parse(open(path).read())
+    except (OSError, SyntaxError):
+        return []
+    return [
+        (node.lineno, node.end_lineno or node.lineno, node.name)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+    ]
+
+
+def _function(path: str | None, line: int | None) -> str | None:
+    if path is None or line is None:
+        return None
+    inside = [f for f in _functions(path) if f[0] <= line <= f[1]]
+    # The innermost function: the one that starts last.
+    return max(inside)[2] if inside else None
+
+
+def _kernels(trace_dir: str) -> list[dict]:
+    paths = glob.glob(
+        os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True
+    )
+    if not paths:
+        raise FileNotFoundError(f"no perfetto trace under {trace_dir!r}")
+    data = json.load(gzip.open(max(paths, key=os.path.getmtime)))
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    processes = {
+        e["pid"]: e["args"]["name"]
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+    device = {pid for pid, name in processes.items() if "/device:" in name}
+    return [
+        e
+        for e in events
+        if e.get("ph") == "X"
+        and e.get("dur")
+        # On a CPU the thunks that run HLO instructions are host events.
+        and (e.get("pid") in device or (not device and "hlo_op" in e.get("args", {})))
+    ]
+
+
+def breakdown(
+    trace_dir: str,
+    dump_dir: str,
+    steps: int,
+    parts: Sequence[tuple[str, str, Sequence[str] | None]],
+) -> dict:
+    """Kernel time per part of the step (see the module docstring)."""
+    table = _instructions(dump_dir)
+    totals: dict[str, dict] = collections.defaultdict(
+        lambda: {"ms": 0.0, "bytes": 0, "kernels": 0, "where": collections.Counter()}
+    )
+    unmatched: collections.Counter = collections.Counter()
+    kernel_ms = 0.0
+    for event in _kernels(trace_dir):
+        args = event.get("args", {})
+        ms = event["dur"] / 1e3
+        kernel_ms += ms
+        info = table.get((args.get("hlo_module", ""), args.get("hlo_op", "")))
+        if info is None:
+            unmatched[event["name"][:60]] += ms
+            part = "other"
+        else:
+            kind = info["kind"]
+            # Qualified names (`_Block.attention.<locals>.<genexpr>`) match a rule
+            # naming any of their parts.
+            names = set((info["function"] or "").split("."))
+            if "fmha" in kind or "cudnn" in kind.lower():
+                part = "attention (cuDNN)"
+            else:
+                part = "other"
+                for name, suffix, functions in parts:
+                    if info["file"] and info["file"].endswith(suffix):
+                        if functions is None or names & set(functions):
+                            part = name
+                            break
+                # cuBLAS calls, Triton GEMM fusions; on a CPU dots and XNNPACK.
+                if kind == "dot" or any(m in kind for m in ("gemm", "matmul", "ynn")):
+                    part += ": matmul"
+        row = totals[part]
+        row["ms"] += ms
+        row["kernels"] += 1
+        row["bytes"] += 0 if info is None else info["bytes"]
+        if info is not None:
+            where = f"{os.path.basename(info['file'] or '?')}:{info['function']}"
+            row["where"][f"{where} ({info['kind']})"] += ms
+    out = {}
+    for part, row in sorted(totals.items(), key=lambda kv: -kv[1]["ms"]):
+        seconds = row["ms"] / 1e3
+        out[part] = {
+            "ms_per_step": row["ms"] / steps,
+            "share": row["ms"] / kernel_ms if kernel_ms else 0.0,
+            "kernels_per_step": row["kernels"] / steps,
+            "gb_per_s": row["bytes"] / seconds / 1e9 if seconds else None,
+            "top": {k: v / steps for k, v in row["where"].most_common(4)},
+        }
+    return {
+        "kernel_ms_per_step": kernel_ms / steps,
+        "parts": out,
+        "unmatched_ms_per_step": {k: v / steps for k, v in unmatched.most_common(10)},
+    }
