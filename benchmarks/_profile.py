@@ -100,7 +100,8 @@ def _instructions(dump_dir: str) -> dict[tuple[str, str], dict]:
     body). `bytes` counts the result and the operands' results."""
     table = {}
     for path in glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")):
-        text = open(path).read()
+        with open(path) as file:
+            text = file.read()
         module = re.search(r"^HloModule\s+([\w.\-]+)", text, re.M)
         if module is None:
             continue
@@ -114,13 +115,16 @@ def _instructions(dump_dir: str) -> dict[tuple[str, str], dict]:
                 continue
             op, rest = match.groups()
             head, _, meta = rest.partition("metadata={")
-            # `f32[4,8]{1,0} fusion(%a, %b), kind=..., calls=...`
-            shape, _, call = head.partition("(")
-            words = shape.split()
-            opcode = words[-1] if words else "?"
-            result = " ".join(words[:-1])
+            # `f32[4,8]{1,0} fusion(%a, %b), kind=...` or, for a tuple result,
+            # `(bf16[2]{0}, f32[2]{0}) fusion(...)`: the opcode is the word
+            # before the operand list.
+            call = re.search(r"\s([a-z][\w\-]*)\((?=%|\)|\w+\[)", " " + head)
+            opcode = call.group(1) if call else "?"
+            result = (" " + head)[: call.start()] if call else head
             results[op] = _bytes(result)
-            operands = re.findall(r"%([\w.\-]+)", call.split(")")[0])
+            operands = re.findall(
+                r"%([\w.\-]+)", head[call.end() - 1 :] if call else ""
+            )
             if "custom_call_target=" in rest:
                 target = re.search(r'custom_call_target="([^"]+)"', rest)
                 kind = target.group(1) if target else "custom-call"
@@ -153,7 +157,8 @@ def _instructions(dump_dir: str) -> dict[tuple[str, str], dict]:
 def _functions(path: str) -> list[tuple[int, int, str]]:
     """`(first line, last line, name)` of every function defined in `path`."""
     try:
-        tree = ast.parse(open(path).read())
+        with open(path) as file:
+            tree = ast.parse(file.read())
     except (OSError, SyntaxError):
         return []
     return [
@@ -177,7 +182,8 @@ def _kernels(trace_dir: str) -> list[dict]:
     )
     if not paths:
         raise FileNotFoundError(f"no perfetto trace under {trace_dir!r}")
-    data = json.load(gzip.open(max(paths, key=os.path.getmtime)))
+    with gzip.open(max(paths, key=os.path.getmtime)) as file:
+        data = json.load(file)
     events = data["traceEvents"] if isinstance(data, dict) else data
     processes = {
         e["pid"]: e["args"]["name"]
@@ -195,6 +201,18 @@ def _kernels(trace_dir: str) -> list[dict]:
     ]
 
 
+def _library_part(kernel: str) -> str:
+    """The part of a kernel that no HLO instruction is named after, by its name."""
+    lowered = kernel.lower()
+    if any(m in lowered for m in ("nvjet", "gemm", "cutlass", "xmma", "cublas")):
+        return "matmuls (cuBLAS, in command buffers): matmul"
+    if any(m in lowered for m in ("cudnn", "sdpa", "fmha", "flash")):
+        return "attention (cuDNN)"
+    if lowered.startswith("memcpy") or lowered.startswith("memset"):
+        return "copies"
+    return "other"
+
+
 def breakdown(
     trace_dir: str,
     dump_dir: str,
@@ -208,14 +226,24 @@ def breakdown(
     )
     unmatched: collections.Counter = collections.Counter()
     kernel_ms = 0.0
+    # Inside a command buffer (a CUDA graph) a kernel's `hlo_op` names the buffer,
+    # not the instruction; a fusion's kernel is named after its instruction
+    # (`loop_add_fusion_11` for `%loop_add_fusion.11`), library kernels are not.
+    by_kernel_name = {
+        (m, op.replace(".", "_")): info for (m, op), info in table.items()
+    }
     for event in _kernels(trace_dir):
         args = event.get("args", {})
         ms = event["dur"] / 1e3
         kernel_ms += ms
-        info = table.get((args.get("hlo_module", ""), args.get("hlo_op", "")))
+        module = args.get("hlo_module", "")
+        info = table.get((module, args.get("hlo_op", ""))) or by_kernel_name.get(
+            (module, event["name"])
+        )
         if info is None:
-            unmatched[event["name"][:60]] += ms
-            part = "other"
+            part = _library_part(event["name"])
+            if part == "other":
+                unmatched[event["name"][:60]] += ms
         else:
             kind = info["kind"]
             # Qualified names (`_Block.attention.<locals>.<genexpr>`) match a rule
@@ -247,7 +275,9 @@ def breakdown(
             "ms_per_step": row["ms"] / steps,
             "share": row["ms"] / kernel_ms if kernel_ms else 0.0,
             "kernels_per_step": row["kernels"] / steps,
-            "gb_per_s": row["bytes"] / seconds / 1e9 if seconds else None,
+            "gb_per_s": row["bytes"] / seconds / 1e9
+            if seconds and row["bytes"]
+            else None,
             "top": {k: v / steps for k, v in row["where"].most_common(4)},
         }
     return {

@@ -512,10 +512,11 @@ def _add(results, impl, sizes, tokens, out, peak, spec, args):
 
 
 def _add_profile(results, impl, sizes, tokens, row, profile, peak, args):
-    """One row per part of the step (`benchmarks/_profile.py`), with the roofline
-    that bounds it: the measured matmul ceiling for the matmuls and attention
-    (achieved FLOP/s from the model's FLOP count), the memory bandwidth for the
-    rest (achieved bytes/s from the HLO's operand and result sizes)."""
+    """One row per part of the step (`benchmarks/_profile.py`): its time and share,
+    and for the matmuls and attention the achieved FLOP/s (from the model's FLOP
+    count) against the measured matmul ceiling. The memory-bound parts' byte
+    floors are worked out in docs/multimodal.md: the HLO's operand sizes overcount
+    fusions that read slices."""
     seq, d = sizes["seq"], sizes["d_model"]
     # Attention's matmuls (scores and values, causal half, forward and backward)
     # against everything else the FLOP count holds.
@@ -534,8 +535,6 @@ def _add_profile(results, impl, sizes, tokens, row, profile, peak, args):
             extra["tflops_per_sec"] = matmul_flops / matmul_ms / 1e9
         elif part.startswith("attention (cuDNN)"):
             extra["tflops_per_sec"] = attention_flops / ms / 1e9
-        elif v["gb_per_s"] is not None:
-            extra["gb_per_sec"] = v["gb_per_s"]
         if "tflops_per_sec" in extra and peak:
             extra["of_ceiling"] = extra["tflops_per_sec"] * 1e12 / peak
         results.add(
@@ -545,8 +544,6 @@ def _add_profile(results, impl, sizes, tokens, row, profile, peak, args):
             part=part,
             ms_per_step=ms,
             share_of_step=ms / step_ms,
-            kernels_per_step=v["kernels_per_step"],
-            top=", ".join(f"{k} {t:.2f} ms" for k, t in v["top"].items()),
             **extra,
         )
     results.note(

@@ -1,0 +1,72 @@
+"""benchmarks/_profile.py: kernel time attributed to the functions that produced it."""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import _profile  # noqa: E402
+
+
+def _normalise(x):
+    return (x - x.mean(axis=-1, keepdims=True)) * jax.lax.rsqrt(
+        x.var(axis=-1, keepdims=True) + 1e-5
+    )
+
+
+def _project(x, w):
+    return jnp.tanh(x @ w)
+
+
+def _step(x, w):
+    return _normalise(_project(x, w)).sum()
+
+
+def test_breakdown_names_the_functions_that_spent_the_time(tmp_path):
+    step = jax.jit(_step)
+    x, w = jnp.ones((256, 128)), jnp.ones((128, 128))
+    compiled = step.lower(x, w).compile()
+    dump = tmp_path / "hlo"
+    dump.mkdir()
+    # What `--xla_dump_to` writes, for the module that runs.
+    (dump / "module_0001.jit__step.cpu_after_optimizations.txt").write_text(
+        compiled.as_text()
+    )
+    jax.block_until_ready(step(x, w))
+    _profile.capture(lambda: step(x, w), 2, str(tmp_path / "trace"))
+    here = os.path.basename(__file__)
+    parts = [
+        ("projection", here, ("_project",)),
+        ("normalisation", here, ("_normalise",)),
+    ]
+    out = _profile.breakdown(str(tmp_path / "trace"), str(dump), 2, parts)
+    seen = set(out["parts"])
+    assert {"projection", "normalisation"} <= {p.split(":")[0] for p in seen}, seen
+    total = sum(v["ms_per_step"] for v in out["parts"].values())
+    assert abs(total - out["kernel_ms_per_step"]) < 1e-9
+    assert all(0 <= v["share"] <= 1 for v in out["parts"].values())
+
+
+def test_instructions_read_tuple_results_and_operands(tmp_path):
+    text = "\n".join(
+        [
+            "HloModule jit_f, entry_computation_layout={()->f32[2]}",
+            "",
+            "ENTRY %main.1 () -> f32[2] {",
+            "  %a = f32[2,3]{1,0} parameter(0)",
+            "  %b = bf16[4]{0} parameter(1)",
+            "  %t = (f32[2]{0}, bf16[4]{0}) fusion(%a, %b), kind=kInput, calls=%c",
+            '  ROOT %g = f32[2]{0} custom-call(%a), custom_call_target="__cublas$gemm"',
+            "}",
+        ]
+    )
+    (tmp_path / "m.after_optimizations.txt").write_text(text)
+    table = _profile._instructions(str(tmp_path))
+    # The tuple's 8 + 8 bytes, plus its operands' 24 + 8.
+    assert table[("jit_f", "t")]["kind"] == "fusion:"
+    assert table[("jit_f", "t")]["bytes"] == 8 + 8 + 24 + 8
+    assert table[("jit_f", "g")]["kind"] == "__cublas$gemm"
+    assert table[("jit_f", "g")]["bytes"] == 8 + 24
