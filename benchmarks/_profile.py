@@ -66,7 +66,7 @@ def _bytes(text: str) -> int:
     return total
 
 
-def _tables(text: str) -> dict[int, tuple[str, str, int]]:
+def _tables(text: str) -> dict[int, tuple[str, str, int] | None]:
     """`stack frame id -> (file, function, line)` from a dump's frame tables (the
     format where instructions carry `stack_frame_id` instead of a source line)."""
     sections: dict[str, dict[int, str]] = {}
@@ -135,8 +135,9 @@ def _instructions(dump_dir: str) -> dict[tuple[str, str], dict]:
                 kind = opcode
             frame = re.search(r"stack_frame_id=(\d+)", meta)
             source = re.search(r'source_file="([^"]+)" source_line=(\d+)', meta)
-            if frame is not None and frames.get(int(frame.group(1))):
-                file, function, _ = frames[int(frame.group(1))]
+            located = frames.get(int(frame.group(1))) if frame else None
+            if located is not None:
+                file, function, _ = located
             elif source is not None:
                 file = source.group(1)
                 function = _function(file, int(source.group(2)))

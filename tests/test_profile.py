@@ -1,14 +1,23 @@
 """benchmarks/_profile.py: kernel time attributed to the functions that produced it."""
 
+import importlib.util
 import os
-import sys
+import pathlib
 
 import jax
 import jax.numpy as jnp
 
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-import _profile  # noqa: E402
+def _load():
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "_profile.py"
+    spec = importlib.util.spec_from_file_location("_profile", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_profile = _load()
 
 
 def _normalise(x):
