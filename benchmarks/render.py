@@ -635,12 +635,17 @@ def ghost_regimes(result: dict) -> dict[tuple, dict[str, dict]]:
     return regimes
 
 
+# The PyTorch peers of `ghost.py`, by the tag their rows' labels start with (older
+# files spell the labels differently).
+GHOST_PEERS = {"(e)": "torch.func vmap(grad)", "(f)": "Opacus ghost clipping"}
+
+
 def _ghost_peers(by: dict[str, dict]) -> list[tuple[str, dict]]:
-    """The PyTorch peers of a regime, `(e) ...` and `(f) ...`, named without the tag."""
+    """The PyTorch peers of a regime and their names."""
     return [
-        (impl.split(") ", 1)[-1], row)
+        (GHOST_PEERS[impl[:3]], row)
         for impl, row in by.items()
-        if impl.startswith(("(e)", "(f)"))
+        if impl[:3] in GHOST_PEERS
     ]
 
 
@@ -1040,12 +1045,11 @@ def plot_ghost(groups, img_dir: str) -> Plot | None:
             plain = by.get("(a) plain step, B")
             if plain is None or "median_s" not in plain:
                 continue
-            tagged = {impl[:3]: row for impl, row in by.items()}
+            peers = dict(_ghost_peers(by))
             entries = {
                 "ghost (this library)": by.get("(c) per-sample norms, ghost"),
                 "vmap(grad) (this library)": by.get("(d) per-sample norms, vmap(grad)"),
-                "torch.func vmap(grad)": tagged.get("(e)"),
-                "Opacus ghost clipping": tagged.get("(f)"),
+                **{name: peers.get(name) for name in GHOST_PEERS.values()},
             }
             sizes = plain.get("sizes", {})
             label = f"{_device(result)}\nB = {batch}, T = {length}"
