@@ -87,9 +87,12 @@ Every number on this page comes from a script in `benchmarks/` and its JSON file
 `benchmarks/results/`; the page and its plots are generated from those files by
 `python benchmarks/render.py`. Timings are medians of repeated calls after warm-up,
 with compilation timed separately and every call ended by `block_until_ready` (or
-`torch.cuda.synchronize` for PyTorch peers). Peers run in the same process on the same
-device. CPU numbers come from a 2-core development machine and mean something only as
-ratios to the peer measured beside them; absolute figures are from the GPU runs.
+`torch.cuda.synchronize` for PyTorch peers). Peers run on the same device in the same
+run; the PyTorch peers of the LM training step and of the ghost engines (and the JAX
+runs of the former) each in a process of their own, so that none shares a memory pool
+with another. CPU numbers come from a 2-core development machine and mean
+something only as ratios to the peer measured beside them; absolute figures are from
+the GPU runs.
 
 How to read the summaries: **eqx-models** is this library's figure, **peer** the figure
 of the implementation it is compared with in the same run, and **ratio** says how many
