@@ -1,11 +1,21 @@
 """Ghost engines on a GPT: attribution and per-sample norms against a plain step.
 
-Usage: `python benchmarks/ghost.py [--size tiny|gpt2] [--no-torch]
-[--sweep-batch B [B ...]] [--results-dir DIR]`. The default size
-is `gpt2` on a GPU (GPT-2 small: 124M parameters with the head tied to the token
-embedding, d 768, 12 layers, 12 heads, T = 1024, batch 16, bfloat16 compute with float32
-master weights) and `tiny` on the CPU (float32). Rows, all on the same model and
-device, in one process:
+Usage: `python benchmarks/ghost.py [--size tiny|gpt2] [--batch B] [--length T]
+[--regimes] [--no-torch] [--jvp] [--repeats N] [--results-dir DIR]`, or for the
+batch-size sweep `python benchmarks/ghost.py [--size ...] --sweep-batch B [B ...]
+[--sweep-length T]`. The default size is `gpt2` on a GPU (GPT-2 small: 124M
+parameters with the head tied to the token embedding, d 768, 12 layers, 12 heads, a
+context of 1024 positions, bfloat16 compute with float32 master weights) and `tiny`
+on the CPU (float32, a context of 256). Results go to `results/ghost-<platform>.json`
+beside this script, or to `--results-dir`.
+
+A regime is a batch of B sequences of T tokens on that model: by default the size's
+(B = 16, T = 1024 for gpt2; B = 8, T = 64 for tiny), or `--batch` and `--length`
+(T at most the context). `--regimes` measures the size's two regimes in one run: for
+gpt2 the issue's B = 16, T = 1024 (long sequences, where a per-example gradient is
+cheap beside the activations) and B = 256, T = 128 (many short sequences, where
+`vmap(grad)` holds B copies of the parameters); for tiny B = 8, T = 64 and B = 32,
+T = 16. Rows of each regime, all on the same model and device:
 
 - (a) a plain AdamW training step on the training batch (B) and on train + validation
   (2B examples: the same number of examples as (b));
@@ -16,24 +26,60 @@ device, in one process:
   and per-sample norms with `method="vmap"` (with `--jvp`, also the attribution step
   with `method="jvp"`);
 - (e) per-sample gradient norms by `torch.func` (`vmap(grad)`) on the same model in
-  PyTorch (CUDA when available), weights copied from the JAX model.
+  PyTorch (CUDA on a GPU), weights copied from the JAX model;
+- (f) per-sample gradient norms by Opacus' ghost clipping on that PyTorch model, when
+  `import opacus` works there. Opacus' hooks do not see the tied head (it multiplies
+  by the embedding matrix outside an `nn.Linear`), so its norms leave out the head's
+  share of that matrix's gradient; the row says so in its `note`, and its agreement
+  with the JAX norms shows by how much.
 
-With `--sweep-batch 1 4 16`, the script measures only a batch-size sweep on the same
-model: the plain step (a), ghost per-sample norms (c) and `vmap(grad)` norms (d) at each
-batch size given (workloads `batch sweep/...`), and merges those rows into the
-existing result file (rows of a batch size measured again are replaced, the rest
-kept), so run the full benchmark first. A batch size that does not fit in memory is
+The PyTorch peers (e, f) run in child processes (`_ghost_torch.py`), one per peer and
+regime, before JAX measures anything, on the device JAX runs on (CUDA or the CPU):
+they share no memory pool with this process, which takes device memory only as it
+needs it, up to 95 % of it (`XLA_PYTHON_CLIENT_PREALLOCATE=false`,
+`XLA_PYTHON_CLIENT_MEM_FRACTION=0.95`, unless set), and an out-of-memory failure there
+is a row with the error, not a crash. The weights and tokens travel as `.npz` / `.npy`
+files; the child inherits the environment, `PYTHONPATH` included. Each peer row holds
+the child's timing (median over repeats, each call ended by `torch.cuda.synchronize`
+on a GPU), `peak_bytes` and `max_rel_diff_vs_jax`, the largest relative difference
+of its norms from the ghost norms of (c). Without torch (or opacus) the rows say it
+is not installed; `--no-torch` leaves them out.
+
+With `--sweep-batch 16 32 64 128 256 512 --sweep-length 128`, the script measures only
+a batch-size sweep at one length (default: `--length`, else the size's): the plain
+step (a), ghost per-sample norms (c) and `vmap(grad)` norms (d) at each batch size
+given (workloads `batch sweep/...`). A batch size that does not fit in memory is
 recorded as a failure, and larger ones are not tried for that implementation.
 
+Every row records its batch and length (`sizes`), and each run is merged into the
+result file already there: it replaces the rows of what it measured (a regime (B, T),
+or the swept (B, T) points) and the notes on them, and keeps the rest, so the
+regimes and sweeps at several lengths live in one file. The file's environment is the
+last run's; each note says when, where and with which jax its numbers were measured.
+
 Memory for the JAX rows is the compiled executable's footprint from XLA's memory
-analysis (arguments + outputs + temporaries − aliased), for the torch row the
-allocator's peak during the call minus the memory held before it. FLOPs are XLA's
-cost analysis.
+analysis (arguments + outputs + temporaries − aliased); for the PyTorch rows it is
+the CUDA allocator's peak during one call minus the memory held before it
+(`torch.cuda.max_memory_allocated`; not measured on the CPU). FLOPs are XLA's cost
+analysis.
 """
 
 import argparse
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
 import time
 from typing import Any
+
+
+# The PyTorch peers run in child processes on the same GPU: JAX takes device memory
+# as it needs it, rather than most of the device up front, so that they find it free.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 import equinox as eqx
 import jax
@@ -41,16 +87,28 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
-from _harness import Results, time_callable
+from _harness import Results, RESULTS_DIR, time_callable
 
 from transforms import make_attribution_step, per_sample_grad_norms
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "_ghost_torch.py")
+
 SIZES = {
-    "tiny": dict(vocab=512, dim=64, heads=2, layers=2, length=64, batch=8),
-    "gpt2": dict(vocab=50257, dim=768, heads=12, layers=12, length=1024, batch=16),
+    "tiny": dict(vocab=512, dim=64, heads=2, layers=2, context=256, length=64, batch=8),
+    "gpt2": dict(
+        vocab=50257, dim=768, heads=12, layers=12, context=1024, length=1024, batch=16
+    ),
 }
 COMPUTE = {"tiny": "f32", "gpt2": "bf16"}
+# (B, T): few long sequences, many short ones.
+REGIMES = {"tiny": [(8, 64), (32, 16)], "gpt2": [(16, 1024), (256, 128)]}
+# The PyTorch peers: worker name and row label.
+PEERS = {
+    "torch.func": "(e) torch.func vmap(grad)",
+    "opacus": "(f) Opacus ghost clipping",
+}
 
 
 class Block(eqx.Module):
@@ -95,10 +153,10 @@ class GPT(eqx.Module):
     blocks: Block
     ln_f: eqx.nn.LayerNorm
 
-    def __init__(self, vocab, dim, heads, layers, length, key, attention=None):
+    def __init__(self, vocab, dim, heads, layers, context, key, attention=None):
         k1, k2, k3 = jr.split(key, 3)
         self.wte = eqx.nn.Embedding(vocab, dim, key=k1)
-        self.wpe = eqx.nn.Embedding(length, dim, key=k2)
+        self.wpe = eqx.nn.Embedding(context, dim, key=k2)
         self.blocks = eqx.filter_vmap(lambda k: Block(dim, heads, k, attention))(
             jr.split(k3, layers)
         )
@@ -126,6 +184,26 @@ def make_loss(compute_dtype):
     return loss_fn
 
 
+def torch_state(model: GPT) -> dict[str, np.ndarray]:
+    """The weights of `model` in float32, named as in `_ghost_torch.GPT.state_dict()`.
+
+    Equinox's `Linear` stores its weight as `(out, in)`, as `torch.nn.Linear` does.
+    """
+    state = {
+        "wte.weight": model.wte.weight,
+        "wpe.weight": model.wpe.weight,
+        "ln_f.weight": model.ln_f.weight,
+        "ln_f.bias": model.ln_f.bias,
+    }
+    layers = model.blocks.qkv.weight.shape[0]
+    for name in ("ln1", "qkv", "attn_proj", "ln2", "fc", "proj"):
+        stacked = getattr(model.blocks, name)
+        for n in range(layers):
+            state[f"blocks.{n}.{name}.weight"] = stacked.weight[n]
+            state[f"blocks.{n}.{name}.bias"] = stacked.bias[n]
+    return {k: np.asarray(v, dtype=np.float32) for k, v in state.items()}
+
+
 def _footprint(compiled) -> dict:
     out = {}
     analysis = compiled.memory_analysis()
@@ -145,22 +223,72 @@ def _footprint(compiled) -> dict:
     return out
 
 
-def measure(fn, *args, repeats):
-    """Compile `fn` once, read its footprint, then time the compiled executable."""
+def measure(fn, *args, repeats, keep=False):
+    """Compile `fn` once, read its footprint, then time the compiled executable.
+
+    **Returns:**
+
+    The row, and the output of the last timed call when `keep` (else None).
+    """
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - t0
     row = {"compile_s": compile_s, **_footprint(compiled)}
-    row.update(time_callable(lambda: compiled(*args), warmup=1, repeats=repeats))
+    last = {}
+
+    def call():
+        out = compiled(*args)
+        if keep:
+            last["out"] = out
+        return out
+
+    row.update(time_callable(call, warmup=1, repeats=repeats))
     row.pop("first_call_s")
-    return row
+    return row, last.get("out")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+def _out_of_memory(error: Exception) -> bool:
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:200]
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", choices=list(SIZES), default=None)
-    parser.add_argument("--no-torch", action="store_true", help="skip the torch row")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--batch", type=_positive, metavar="B", help="sequences per batch"
+    )
+    parser.add_argument(
+        "--length",
+        type=_positive,
+        metavar="T",
+        help="tokens per sequence, at most the size's context",
+    )
+    parser.add_argument(
+        "--regimes",
+        action="store_true",
+        help="measure the size's two regimes (gpt2: B=16,T=1024 and B=256,T=128)",
+    )
+    parser.add_argument(
+        "--no-torch", action="store_true", help="skip the PyTorch peers (e, f)"
+    )
+    parser.add_argument("--repeats", type=_positive, default=None)
     parser.add_argument(
         "--attention",
         choices=["auto", "xla", "cudnn"],
@@ -172,30 +300,312 @@ def main(argv=None):
     )
     parser.add_argument(
         "--sweep-batch",
-        type=int,
+        type=_positive,
         nargs="+",
         metavar="B",
-        help="only the batch-size sweep at these batch sizes, merged into the file",
+        help="only the batch-size sweep at these batch sizes",
+    )
+    parser.add_argument(
+        "--sweep-length",
+        type=_positive,
+        metavar="T",
+        help="the sweep's sequence length (default: --length, else the size's)",
+    )
+    parser.add_argument(
+        "--torch-timeout",
+        type=_positive,
+        default=300,
+        metavar="S",
+        help="seconds each PyTorch child may run (default 300)",
     )
     parser.add_argument(
         "--results-dir", default=None, help="where to write (default: results/)"
     )
+    return parser
+
+
+def parse(argv, platform: str) -> argparse.Namespace:
+    """The command line, checked against the chosen size (which needs the platform)."""
+    parser = _parser()
     args = parser.parse_args(argv)
+    args.size = args.size or ("tiny" if platform == "cpu" else "gpt2")
+    cfg = SIZES[args.size]
+    if args.regimes and (args.batch or args.length):
+        parser.error("--regimes measures its own sizes: leave out --batch and --length")
+    if args.sweep_batch and (args.regimes or args.batch):
+        parser.error("--sweep-batch runs the sweep alone: leave out --regimes, --batch")
+    if args.sweep_length and not args.sweep_batch:
+        parser.error("--sweep-length needs --sweep-batch")
+    for flag, value in (
+        ("--length", args.length),
+        ("--sweep-length", args.sweep_length),
+    ):
+        if value is not None and value > cfg["context"]:
+            parser.error(
+                f"{flag} {value} is longer than the {args.size} model's context of "
+                f"{cfg['context']} positions"
+            )
+    return args
+
+
+def _row_key(row: dict, default: tuple[int, int]) -> tuple:
+    """What a row measured: a regime `(B, T)` or a swept `(B, T)`.
+
+    Rows written before every row carried its sizes belong to the default regime.
+    """
+    sizes = row.get("sizes") or {}
+    kind = "sweep" if _is_sweep(row) else "regime"
+    return kind, sizes.get("batch", default[0]), sizes.get("length", default[1])
+
+
+def _note_key(note: str, default: tuple[int, int]) -> tuple:
+    """What a note is about: a regime (`B = 16, T = 1024: ...`) or a sweep's length
+    (`Batch-size sweep, T = 128: ...`); older free-form notes were about the default
+    regime."""
+    if match := re.match(r"Batch-size sweep\b.*?\bT = (\d+)", note):
+        return "sweep", int(match[1])
+    if match := re.match(r"B = (\d+), T = (\d+):", note):
+        return "regime", int(match[1]), int(match[2])
+    return "regime", *default
+
+
+def _is_sweep(row: dict) -> bool:
+    return str(row.get("workload", "")).startswith("batch sweep/")
+
+
+def save(results: Results, directory: str | None, default: tuple[int, int]) -> str:
+    """Write `results`, merged into the result file already in `directory`.
+
+    This run's rows replace the file's rows of the same regime or swept point, its
+    notes those about the same regime or swept length; the rest is kept, regimes
+    before sweeps. `default` is the `(B, T)` that rows and notes without sizes had.
+    """
+    directory = directory or RESULTS_DIR
+    name = f"{results.name}-{results.environment['platform']}.json"
+    path = os.path.join(directory, name)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        rows = {_row_key(row, default) for row in results.rows}
+        notes = {_note_key(note, default) for note in results.notes}
+        kept = [r for r in old.get("rows", []) if _row_key(r, default) not in rows]
+        results.rows = sorted(kept + results.rows, key=_is_sweep)
+        results.notes = [
+            n for n in old.get("notes", []) if _note_key(n, default) not in notes
+        ] + results.notes
+    return results.save(directory)
+
+
+def _missing(module: str) -> bool:
+    return importlib.util.find_spec(module) is None
+
+
+def _spawn(argv: list[str], timeout: float) -> dict:
+    """Run the PyTorch worker; its JSON line, or the reason there is none."""
+    try:
+        done = subprocess.run(
+            [sys.executable, WORKER, *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        return {"error": f"exit {done.returncode}: " + " | ".join(tail)}
+    return json.loads(lines[-1])
+
+
+def torch_peers(model, heads, compute, platform, batches, repeats, timeout):
+    """The PyTorch peers' results on each regime's training batch.
+
+    `batches` maps a regime `(B, T)` to its tokens `(B, T + 1)`. Each peer runs in a
+    child process of its own; call this before JAX has grown its memory pool.
+
+    **Returns:**
+
+    `{(B, T): {peer: result}}`, a result being the worker's JSON object.
+    """
+    if _missing("torch"):
+        skipped = {"skipped": "torch is not installed"}
+        return {regime: {peer: skipped for peer in PEERS} for regime in batches}
+    device = "cuda" if platform == "gpu" else "cpu"
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = os.path.join(tmp, "weights.npz")
+        np.savez(weights, **torch_state(model))  # pyright: ignore[reportArgumentType]
+        for regime, tokens in batches.items():
+            path = os.path.join(tmp, "tokens.npy")
+            np.save(path, np.asarray(tokens, dtype=np.int32))
+            common = ["--weights", weights, "--tokens", path, "--heads", str(heads)]
+            common += ["--compute", compute, "--device", device]
+            common += ["--repeats", str(repeats)]
+            out[regime] = {
+                peer: _spawn(["--peer", peer, *common], timeout) for peer in PEERS
+            }
+    return out
+
+
+def _peer_row(result: dict, reference) -> dict:
+    """A peer's row: its result, with its norms replaced by their agreement."""
+    row = dict(result)
+    norms = row.pop("norms", None)
+    if norms is not None and reference is not None:
+        got, expected = np.asarray(norms), np.asarray(reference, dtype=np.float64)
+        row["max_rel_diff_vs_jax"] = float(np.max(np.abs(got - expected) / expected))
+    return row
+
+
+def _ratio(x, y, key="median_s") -> str:
+    if x is None or y is None or not x.get(key) or not y.get(key):
+        return "n/a"
+    return f"{x[key] / y[key]:.3f}"
+
+
+def _provenance(env: dict) -> str:
+    return (
+        f"measured {env['date']} on {env['device']}, jax {env['versions'].get('jax')}"
+    )
+
+
+def run_regime(results, fns, params, opt_state, tokens, sizes, repeats, jvp, peers):
+    """Every row of one regime: `tokens` holds the training then validation batch."""
+    B, T = sizes["batch"], sizes["length"]
+    train, val, both = (tokens[:B],), (tokens[B:],), (tokens,)
+    rows = {}
+
+    def add(key, label, workload, fn, *args, keep=False):
+        row = dict(workload=workload, impl=label, sizes=sizes)
+        out = None
+        try:
+            measured, out = measure(fn, *args, repeats=repeats, keep=keep)
+            row.update(measured)
+        except RuntimeError as error:  # XLA's out-of-memory error is one
+            if not _out_of_memory(error):
+                raise
+            row["error"] = _first_line(error)
+        rows[key] = results.add(**row)
+        return out
+
+    plain, attribution, norms = fns["plain"], fns["attribution"], fns["norms"]
+    add("a", "(a) plain step, B", "train step", plain, params, opt_state, train)
+    add("a2", "(a) plain step, 2B", "train step", plain, params, opt_state, both)
+    step, state = "train step + dots", (params, opt_state, train, val)
+    add("b", "(b) attribution step, ghost", step, attribution["ghost"], *state)
+    reference = add(
+        "c",
+        "(c) per-sample norms, ghost",
+        "per-sample norms",
+        norms["ghost"],
+        params,
+        train,
+        keep=True,
+    )
+    add("d_step", "(d) attribution step, vmap(grad)", step, attribution["vmap"], *state)
+    if jvp:
+        add("jvp", "attribution step, jvp", step, attribution["jvp"], *state)
+    add(
+        "d_norms",
+        "(d) per-sample norms, vmap(grad)",
+        "per-sample norms",
+        norms["vmap"],
+        params,
+        train,
+    )
+    for peer, result in peers.items():
+        rows[peer] = results.add(
+            workload="per-sample norms",
+            impl=PEERS[peer],
+            sizes=sizes,
+            **_peer_row(result, reference),
+        )
+
+    text = (
+        f"B = {B}, T = {T}: (b)/(a, 2B) time {_ratio(rows['b'], rows['a2'])}, "
+        f"(b)/(a, B) time {_ratio(rows['b'], rows['a'])}; target (b)/(a, 2B) <= 1.15. "
+        f"(c)/(a, B) time {_ratio(rows['c'], rows['a'])}, peak memory "
+        f"{_ratio(rows['c'], rows['a'], 'peak_bytes')}; targets <= 1.3 and <= 1.2. "
+        f"vmap(grad)/ghost: step time {_ratio(rows['d_step'], rows['b'])}, step "
+        f"memory {_ratio(rows['d_step'], rows['b'], 'peak_bytes')}; norms time "
+        f"{_ratio(rows['d_norms'], rows['c'])}, norms memory "
+        f"{_ratio(rows['d_norms'], rows['c'], 'peak_bytes')}."
+    )
+    for peer in peers:
+        text += (
+            f" {peer}/ghost norms: time {_ratio(rows[peer], rows['c'])}, memory "
+            f"{_ratio(rows[peer], rows['c'], 'peak_bytes')}."
+        )
+    if peers:
+        text += " (PyTorch memory: the allocator's peak.)"
+    results.note(
+        f"{text} {sizes['params'] / 1e6:.3g}M parameters, {sizes['compute']} "
+        f"compute; {_provenance(results.environment)}."
+    )
+
+
+def batch_sweep(results, candidates, cfg, sizes, batches, length, repeats):
+    """Time and footprint of each candidate at each batch size, on fresh tokens.
+
+    `candidates` maps an implementation's name to `(workload, fn, args)`, measured as
+    `fn(*args, batch)` with the batch `(tokens,)` of `B` sequences of `length` tokens.
+    """
+    failed = {}
+    for B in sorted(set(batches)):
+        tokens = jr.randint(jr.key(2), (B, length + 1), 0, cfg["vocab"])
+        for impl, (workload, fn, args) in candidates.items():
+            if impl in failed:
+                continue
+            row = dict(
+                workload=f"batch sweep/{workload}",
+                impl=impl,
+                sizes=dict(sizes, batch=B, length=length),
+            )
+            try:
+                row.update(measure(fn, *args, (tokens,), repeats=repeats)[0])
+            except RuntimeError as error:  # XLA's out-of-memory error is one
+                if not _out_of_memory(error):
+                    raise
+                failed[impl] = B
+                row["error"] = _first_line(error)
+            results.add(**row)
+    note = (
+        f"Batch-size sweep, T = {length}: B = "
+        f"{', '.join(map(str, sorted(set(batches))))}; "
+        f"{sizes['params'] / 1e6:.3g}M parameters, {sizes['compute']} compute; "
+        f"{_provenance(results.environment)}."
+    )
+    if failed:
+        note += " Out of memory, larger batches not tried: " + ", ".join(
+            f"{impl} at B = {B}" for impl, B in failed.items()
+        )
+        note += "."
+    results.note(note)
+
+
+def main(argv=None):
     platform = jax.devices()[0].platform
-    size = args.size or ("tiny" if platform == "cpu" else "gpt2")
+    args = parse(argv, platform)
+    size = args.size
     cfg = SIZES[size]
-    repeats = args.repeats or (5 if size == "gpt2" else 10)
+    # Modest on the GPU, where a call of GPT-2 takes up to a second.
+    if size == "gpt2":
+        repeats = args.repeats or (3 if args.sweep_batch else 5)
+    else:
+        repeats = args.repeats or 10
     compute = jnp.bfloat16 if COMPUTE[size] == "bf16" else jnp.float32
-    B = cfg["batch"]
     results = Results(
         "ghost",
         "Ghost engines: attribution step and per-sample norms on a GPT",
         "A GPT-2-layout model (tied head, scan over layers) with float32 master "
-        f"weights and {COMPUTE[size]} compute. (a) plain AdamW step on B and on 2B "
-        "examples, (b) attribution step (ghost) with a validation batch of B, (c) "
-        "ghost per-sample gradient norms, (d) the same by vmap(grad) (and the jvp "
-        "attribution step), (e) torch.func vmap(grad) per-sample norms on the same "
-        "model.",
+        f"weights and {COMPUTE[size]} compute, measured in regimes of B sequences of "
+        "T tokens. (a) plain AdamW step on B and on 2B examples, (b) attribution step "
+        "(ghost) with a validation batch of B, (c) ghost per-sample gradient norms, "
+        "(d) the same by vmap(grad) (and the jvp attribution step), (e) torch.func "
+        "vmap(grad) and (f) Opacus ghost-clipping per-sample norms on the same model "
+        "in PyTorch, each in a process of its own. Batch sweeps: (a), (c) and (d) "
+        "against B at one T.",
     )
     attention = None if args.attention == "auto" else args.attention
     model = GPT(
@@ -203,19 +613,20 @@ def main(argv=None):
         cfg["dim"],
         cfg["heads"],
         cfg["layers"],
-        cfg["length"],
+        cfg["context"],
         jr.key(0),
         attention,
     )
     n_params = sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
-    sizes = dict(cfg, compute=COMPUTE[size], params=n_params)
-    tokens = jr.randint(jr.key(1), (2 * B, cfg["length"] + 1), 0, cfg["vocab"])
-    train, val = (tokens[:B],), (tokens[B:],)
+    fixed = {k: v for k, v in cfg.items() if k not in ("batch", "length")}
+    sizes = dict(fixed, compute=COMPUTE[size], params=n_params)
     loss_fn = make_loss(compute)
     params, static = eqx.partition(model, eqx.is_array)
     optimizer = optax.adamw(3e-4)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
 
+    # The optimiser state is an argument, not a closure: a closed-over array would
+    # be compiled in as a constant.
     def plain_step(params, opt_state, batch):
         def mean_loss(params):
             m = eqx.combine(params, static)
@@ -240,12 +651,8 @@ def main(argv=None):
         fn = per_sample_grad_norms(loss_fn, method=method)
         return lambda params, batch: fn(eqx.combine(params, static), batch)
 
-    def add(label, workload, row):
-        return results.add(workload=workload, impl=label, sizes=sizes, **row)
-
+    default = (cfg["batch"], cfg["length"])
     if args.sweep_batch:
-        # The optimiser state is an argument, not a closure: a closed-over array
-        # would be compiled in as a constant.
         candidates = {
             "plain step": ("train step", plain_step, (params, opt_state)),
             "per-sample norms, ghost": ("per-sample norms", norms("ghost"), (params,)),
@@ -255,185 +662,50 @@ def main(argv=None):
                 (params,),
             ),
         }
-        batch_sweep(results, candidates, cfg, sizes, args.sweep_batch, repeats)
-        results.save(args.results_dir, merge_key=_sweep_key)
+        length = args.sweep_length or args.length or cfg["length"]
+        batch_sweep(results, candidates, cfg, sizes, args.sweep_batch, length, repeats)
+        save(results, args.results_dir, default)
         return
 
-    rows = {}
-    rows["a"] = add(
-        "(a) plain step, B",
-        "train step",
-        measure(plain_step, params, opt_state, train, repeats=repeats),
-    )
-    both = (tokens,)
-    rows["a2"] = add(
-        "(a) plain step, 2B",
-        "train step",
-        measure(plain_step, params, opt_state, both, repeats=repeats),
-    )
-    rows["b"] = add(
-        "(b) attribution step, ghost",
-        "train step + dots",
-        measure(attribution("ghost"), params, opt_state, train, val, repeats=repeats),
-    )
-    rows["c"] = add(
-        "(c) per-sample norms, ghost",
-        "per-sample norms",
-        measure(norms("ghost"), params, train, repeats=repeats),
-    )
-    rows["d_step"] = add(
-        "(d) attribution step, vmap(grad)",
-        "train step + dots",
-        measure(attribution("vmap"), params, opt_state, train, val, repeats=repeats),
-    )
-    if args.jvp:
-        add(
-            "attribution step, jvp",
-            "train step + dots",
-            measure(attribution("jvp"), params, opt_state, train, val, repeats=repeats),
-        )
-    rows["d_norms"] = add(
-        "(d) per-sample norms, vmap(grad)",
-        "per-sample norms",
-        measure(norms("vmap"), params, train, repeats=repeats),
-    )
+    if args.regimes:
+        regimes = REGIMES[size]
+    else:
+        regimes = [(args.batch or cfg["batch"], args.length or cfg["length"])]
+    tokens = {
+        (B, T): jr.randint(jr.key(1), (2 * B, T + 1), 0, cfg["vocab"])
+        for B, T in regimes
+    }
+    peers = {}
     if not args.no_torch:
-        try:
-            rows["e"] = _torch_row(
-                results, model, cfg, COMPUTE[size], sizes, tokens[:B], loss_fn, repeats
-            )
-        except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError
-            # The peer shares the device with this process's JAX memory pool.
-            message = str(error).splitlines()[0][:200]
-            results.add(
-                workload="per-sample norms", impl="(e) torch.func", error=message
-            )
-
-    def ratio(x, y, key="median_s"):
-        if x is None or y is None or key not in x or key not in y:
-            return "n/a"
-        return f"{x[key] / y[key]:.3f}"
-
-    e = rows.get("e")
-    results.note(
-        f"(b)/(a, 2B) time {ratio(rows['b'], rows['a2'])}, (b)/(a, B) time "
-        f"{ratio(rows['b'], rows['a'])}; target (b)/(a, 2B) <= 1.15."
-    )
-    results.note(
-        f"(c)/(a, B) time {ratio(rows['c'], rows['a'])}, peak memory "
-        f"{ratio(rows['c'], rows['a'], 'peak_bytes')}; targets <= 1.3 and <= 1.2."
-    )
-    results.note(
-        f"vmap(grad)/ghost: step time {ratio(rows['d_step'], rows['b'])}, step memory "
-        f"{ratio(rows['d_step'], rows['b'], 'peak_bytes')}; norms time "
-        f"{ratio(rows['d_norms'], rows['c'])}, norms memory "
-        f"{ratio(rows['d_norms'], rows['c'], 'peak_bytes')}."
-    )
-    if e is not None:
-        results.note(
-            f"torch.func/ghost norms: time {ratio(e, rows['c'])}, memory "
-            f"{ratio(e, rows['c'], 'peak_bytes')} (torch memory: allocator peak)."
+        peers = torch_peers(
+            model,
+            cfg["heads"],
+            COMPUTE[size],
+            platform,
+            {(B, T): tokens[B, T][:B] for B, T in regimes},
+            repeats,
+            args.torch_timeout,
         )
-    results.note(f"size {size} on {platform}; {n_params / 1e6:.1f}M parameters.")
-    results.save(args.results_dir)
-
-
-def _out_of_memory(error: Exception) -> bool:
-    text = str(error)
-    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
-
-
-def _sweep_key(row):
-    """What identifies a row when a sweep is merged into a result file."""
-    return row.get("workload"), row.get("impl"), row.get("sizes", {}).get("batch")
-
-
-def batch_sweep(results, candidates, cfg, sizes, batches, repeats):
-    """Time and footprint of each candidate at each batch size, on fresh tokens.
-
-    `candidates` maps an implementation's name to `(workload, fn, args)`, measured as
-    `fn(*args, batch)` with the batch `(tokens,)` of `B` sequences.
-    """
-    failed = {}
-    for B in sorted(set(batches)):
-        tokens = jr.randint(jr.key(2), (B, cfg["length"] + 1), 0, cfg["vocab"])
-        for impl, (workload, fn, args) in candidates.items():
-            if impl in failed:
-                continue
-            row = dict(
-                workload=f"batch sweep/{workload}",
-                impl=impl,
-                sizes=dict(sizes, batch=B),
-            )
-            try:
-                row.update(measure(fn, *args, (tokens,), repeats=repeats))
-            except RuntimeError as error:  # XLA's out-of-memory error is one
-                if not _out_of_memory(error):
-                    raise
-                failed[impl] = B
-                row["error"] = str(error).splitlines()[0][:200]
-            results.add(**row)
-    env = results.environment
-    note = (
-        f"Batch-size sweep (B = {', '.join(map(str, sorted(set(batches))))}; T = "
-        f"{cfg['length']}, {sizes['params'] / 1e6:.1f}M parameters, "
-        f"{sizes['compute']} compute): measured {env['date']} on {env['device']}, "
-        f"jax {env['versions'].get('jax')}."
-    )
-    if failed:
-        note += " Out of memory, larger batches not tried: " + ", ".join(
-            f"{impl} at B = {B}" for impl, B in failed.items()
+    fns = {
+        "plain": plain_step,
+        "attribution": {
+            m: attribution(m) for m in ["ghost", "vmap"] + (["jvp"] if args.jvp else [])
+        },
+        "norms": {m: norms(m) for m in ("ghost", "vmap")},
+    }
+    for B, T in regimes:
+        run_regime(
+            results,
+            fns,
+            params,
+            opt_state,
+            tokens[B, T],
+            dict(sizes, batch=B, length=T),
+            repeats,
+            args.jvp,
+            peers.get((B, T), {}),
         )
-        note += "."
-    results.note(note)
-
-
-def _torch_row(results, model, cfg, compute, sizes, tokens, loss_fn, repeats):
-    import torch
-    from _ghost_torch import GPT as TorchGPT, load_from_equinox, per_sample_norms
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_model = TorchGPT(
-        cfg["vocab"], cfg["dim"], cfg["heads"], cfg["layers"], cfg["length"]
-    )
-    load_from_equinox(torch_model, model)
-    torch_model = torch_model.to(device)
-    dtype = torch.bfloat16 if compute == "bf16" else torch.float32
-    x = torch.from_numpy(np.asarray(tokens)).to(device)
-    sync = (
-        (lambda _: torch.cuda.synchronize()) if device == "cuda" else (lambda _: None)
-    )
-    fn = per_sample_norms(torch_model, dtype)
-    try:
-        got = fn(x)
-    except RuntimeError:
-        # Fall back to hand-written attention if vmap cannot batch the fused kernel.
-        torch_model.manual_attention = True
-        fn = per_sample_norms(torch_model, dtype)
-        got = fn(x)
-    expected = per_sample_grad_norms(loss_fn, method="ghost")(model, (tokens,))
-    difference = float(
-        np.max(
-            np.abs(got.float().cpu().numpy() - np.asarray(expected))
-            / np.asarray(expected)
-        )
-    )
-    row = {}
-    if device == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        sync(fn(x))
-        row["peak_bytes"] = int(torch.cuda.max_memory_allocated() - before)
-    row.update(time_callable(lambda: fn(x), sync=sync, warmup=1, repeats=repeats))
-    row["max_rel_diff_vs_jax"] = difference
-    row["attention"] = "manual" if torch_model.manual_attention else "sdpa"
-    return results.add(
-        workload="per-sample norms",
-        impl=f"(e) torch.func vmap(grad) ({device})",
-        sizes=sizes,
-        **row,
-    )
+    save(results, args.results_dir, default)
 
 
 if __name__ == "__main__":

@@ -36,16 +36,30 @@ IMAGES = os.path.join(os.path.dirname(HERE), "docs", "img", "benchmarks")
 MAX_COLUMNS = 9
 MAX_CHARACTERS = 150
 
-# Left in the JSON files: the spread of the timings and bookkeeping.
-HIDDEN = frozenset({"min_s", "max_s", "iqr_s", "repeats", "device", "torch"})
+# Left in the JSON files: the spread of the timings and bookkeeping. A row's `note`
+# is written below its tables.
+HIDDEN = frozenset({"min_s", "max_s", "iqr_s", "repeats", "device", "torch", "note"})
 # Columns that say which run a row is (rather than what it measured): repeated in
 # every table when a wide table is split.
 IDENTITY = frozenset(
-    {"workload", "impl", "target", "size", "d", "N", "T", "sequences", "batch", "seq"}
+    {
+        "workload",
+        "impl",
+        "target",
+        "size",
+        "d",
+        "N",
+        "T",
+        "sequences",
+        "batch",
+        "seq",
+        "length",
+    }
 )
 
-# Workloads that sweep one size (written by `ghost.py --sweep-batch` and `chmm.py
-# --sweep-lengths`): drawn in the plots and listed in the details, not summarised.
+# Workloads that sweep one size (written by `ghost.py --sweep-batch`, at one length
+# per sweep, and `chmm.py --sweep-lengths`): drawn in the plots and listed in the
+# details, not summarised.
 SWEEPS = ("batch sweep/", "length sweep/")
 
 ORDER = [
@@ -73,9 +87,12 @@ Every number on this page comes from a script in `benchmarks/` and its JSON file
 `benchmarks/results/`; the page and its plots are generated from those files by
 `python benchmarks/render.py`. Timings are medians of repeated calls after warm-up,
 with compilation timed separately and every call ended by `block_until_ready` (or
-`torch.cuda.synchronize` for PyTorch peers). Peers run in the same process on the same
-device. CPU numbers come from a 2-core development machine and mean something only as
-ratios to the peer measured beside them; absolute figures are from the GPU runs.
+`torch.cuda.synchronize` for PyTorch peers). Peers run on the same device in the same
+run; the PyTorch peers of the LM training step and of the ghost engines (and the JAX
+runs of the former) each in a process of their own, so that none shares a memory pool
+with another. CPU numbers come from a 2-core development machine and mean
+something only as ratios to the peer measured beside them; absolute figures are from
+the GPU runs.
 
 How to read the summaries: **eqx-models** is this library's figure, **peer** the figure
 of the implementation it is compared with in the same run, and **ratio** says how many
@@ -338,8 +355,11 @@ def _build(rows: list[dict], *, hoist: bool = True) -> Table:
             if len(values) == 1:
                 constant.append(k)
     keys = [k for k in keys if k not in constant]
+    parts = []
     if "workload" in keys and len({_kind(r) for r in rows}) == 1:
         # `large/forward` in a table of `large` rows: the prefix is the caption's.
+        if any("/" in str(r["workload"]) for r in rows):
+            parts.append(f"workload = {_kind(rows[0])}/…")
         rows = [{**r, "workload": str(r["workload"]).split("/", 1)[-1]} for r in rows]
     columns, cells = [], [[] for _ in rows]
     for k in keys:
@@ -347,13 +367,10 @@ def _build(rows: list[dict], *, hoist: bool = True) -> Table:
         columns.append(header)
         for r, out in zip(rows, cells):
             out.append(write(r.get(k)))
-    caption = ""
-    if constant:
-        parts = []
-        for k in constant:
-            header, write = _column(quantity(k), [rows[0][k]])
-            parts.append(f"{header} = {write(rows[0][k])}")
-        caption = "Every row: " + "; ".join(parts) + "."
+    for k in constant:
+        header, write = _column(quantity(k), [rows[0][k]])
+        parts.append(f"{header} = {write(rows[0][k])}")
+    caption = "Every row: " + "; ".join(parts) + "." if parts else ""
     return Table(columns, cells, caption)
 
 
@@ -397,11 +414,12 @@ def detail_tables(rows: list[dict]) -> list[Table]:
 
     Rows are grouped by the kind of workload (the part of `workload` before a `/`), in
     order of first appearance; groups share a table when the merged table still fits.
-    Rows that record a failure (an `error`) are left to `failures`.
+    Rows that record a failure (an `error`) or a peer that was not run (`skipped`)
+    are left to `failures`.
     """
     groups: dict[str, list[dict]] = {}
     for row in map(_flatten, rows):
-        if "error" not in row:
+        if "error" not in row and "skipped" not in row:
             groups.setdefault(_kind(row), []).append(row)
     merged: list[list[dict]] = []
     for group in groups.values():
@@ -442,14 +460,32 @@ def _transposed(rows: list[dict]) -> list[Table]:
     return [Table(["quantity"] + names, lines)]
 
 
+def _where(row: dict) -> str:
+    """`impl (workload)`, and the batch and length of a row that records them."""
+    s = row.get("sizes") or {}
+    sizes = f", B = {s['batch']}, T = {s['length']}" if "length" in s else ""
+    return f"{row.get('impl', '')} ({row.get('workload', '')}{sizes})"
+
+
 def failures(rows: list[dict]) -> list[str]:
-    """One line per row that records a failed run instead of a measurement."""
-    return [
-        f"Failed: {row.get('impl', '')} ({row.get('workload', '')}): "
-        f"{_cell(row['error'], limit=160)}"
-        for row in rows
-        if "error" in row
-    ]
+    """One line per row that records a failed run, or a peer not run, instead of a
+    measurement."""
+    lines = []
+    for row in rows:
+        if "error" in row:
+            lines.append(f"Failed: {_where(row)}: {_cell(row['error'], limit=160)}")
+        elif "skipped" in row:
+            lines.append(f"Not run: {_where(row)}: {_cell(row['skipped'], limit=160)}")
+    return lines
+
+
+def row_notes(rows: list[dict]) -> list[str]:
+    """One line per note that rows carry (`note`), each note once."""
+    seen: dict[str, str] = {}
+    for row in rows:
+        if row.get("note"):
+            seen.setdefault(str(row["note"]), str(row.get("impl", "")))
+    return [f"Note on {impl}: {_cell(note)}" for note, impl in seen.items()]
 
 
 # ---------------------------------------------------------------------------------
@@ -577,13 +613,74 @@ def _ghost_size(row: dict) -> str:
     return f"{size}B = {s.get('batch')}, T = {s.get('length')}"
 
 
+def ghost_regimes(result: dict) -> dict[tuple, dict[str, dict]]:
+    """The rows of a ghost result outside its sweeps, by regime `(B, T)` and then
+    implementation, in order of first appearance.
+
+    A row without sizes (written before every row carried them) joins the first
+    regime.
+    """
+    regimes: dict[tuple, dict[str, dict]] = {}
+    loose = []
+    for row in result["rows"]:
+        if _is_sweep(row):
+            continue
+        sizes = row.get("sizes")
+        if not sizes:
+            loose.append(row)
+            continue
+        regime = (sizes.get("batch"), sizes.get("length"))
+        regimes.setdefault(regime, {})[row["impl"]] = row
+    if regimes:
+        first = next(iter(regimes.values()))
+        for row in loose:
+            first.setdefault(row["impl"], row)
+    return regimes
+
+
+# The PyTorch peers of `ghost.py`, by the tag their rows' labels start with (older
+# files spell the labels differently).
+GHOST_PEERS = {"(e)": "torch.func vmap(grad)", "(f)": "Opacus ghost clipping"}
+
+
+def _ghost_peers(by: dict[str, dict]) -> list[tuple[str, dict]]:
+    """The PyTorch peers of a regime and their names."""
+    return [
+        (GHOST_PEERS[impl[:3]], row)
+        for impl, row in by.items()
+        if impl[:3] in GHOST_PEERS
+    ]
+
+
+def _ghost_peer_text(name: str, row: dict) -> tuple[str, bool]:
+    """A peer's figure for the summary, and whether it has one."""
+    if "error" in row:
+        return f"{name}: {_failed(row)}", False
+    if "skipped" in row:
+        return f"{name}: not run ({row['skipped']})", False
+    text = f"{name}: {time_text(row['median_s'])}"
+    diff = row.get("max_rel_diff_vs_jax")
+    if diff is not None and diff > 0.01:
+        text += f" (norms differ by up to {_digits(100 * diff)} %, see the note)"
+    return text, True
+
+
 def _summary_ghost(result: dict) -> list[Comparison]:
-    by = {r["impl"]: r for r in result["rows"] if not _is_sweep(r)}
-    device = _device(result)
+    out = []
+    for by in ghost_regimes(result).values():
+        out += _summary_ghost_regime(_device(result), by)
+    return out
+
+
+def _summary_ghost_regime(device: str, by: dict[str, dict]) -> list[Comparison]:
     plain, plain_2b = by.get("(a) plain step, B"), by.get("(a) plain step, 2B")
     norms = by.get("(c) per-sample norms, ghost")
     step = by.get("(b) attribution step, ghost")
-    torch_row = next((r for r in result["rows"] if r["impl"].startswith("(e)")), None)
+    plain, plain_2b, norms, step = (
+        r if r is not None and "median_s" in r else None
+        for r in (plain, plain_2b, norms, step)
+    )
+    peers = _ghost_peers(by)
     out = []
     if norms is not None:
         workload = f"per-sample norms, time ({_ghost_size(norms)})"
@@ -602,46 +699,44 @@ def _summary_ghost(result: dict) -> list[Comparison]:
             )
         vmap = by.get("(d) per-sample norms, vmap(grad)")
         if vmap is not None:
-            out.append(
-                Comparison(
-                    device,
-                    workload,
-                    ours,
-                    f"vmap(grad) (this library): {time_text(vmap['median_s'])}",
-                    faster(norms["median_s"], vmap["median_s"]),
-                )
-            )
-        if torch_row is not None:
-            if "error" in torch_row:
-                peer, ratio = f"torch.func vmap(grad): {_failed(torch_row)}", "–"
+            if "median_s" in vmap:
+                peer = f"vmap(grad) (this library): {time_text(vmap['median_s'])}"
+                ratio = faster(norms["median_s"], vmap["median_s"])
             else:
-                peer = f"torch.func vmap(grad): {time_text(torch_row['median_s'])}"
-                ratio = faster(norms["median_s"], torch_row["median_s"])
+                peer, ratio = f"vmap(grad) (this library): {_failed(vmap)}", "–"
             out.append(Comparison(device, workload, ours, peer, ratio))
-        if norms.get("peak_bytes") and plain is not None and plain.get("peak_bytes"):
+        for name, row in peers:
+            peer, measured = _ghost_peer_text(name, row)
+            ratio = faster(norms["median_s"], row["median_s"]) if measured else "–"
+            out.append(Comparison(device, workload, ours, peer, ratio))
+        if norms.get("peak_bytes"):
             workload = f"per-sample norms, peak memory ({_ghost_size(norms)})"
             ours = bytes_text(norms["peak_bytes"])
-            ratio = norms["peak_bytes"] / plain["peak_bytes"]
-            out.append(
-                Comparison(
-                    device,
-                    workload,
-                    ours,
-                    f"plain training step: {bytes_text(plain['peak_bytes'])}",
-                    lighter(norms["peak_bytes"], plain["peak_bytes"]),
-                    f"≤ 1.2× the plain step: {_met(ratio <= 1.2)}",
-                )
-            )
-            if vmap is not None and vmap.get("peak_bytes"):
+            if plain is not None and plain.get("peak_bytes"):
+                ratio = norms["peak_bytes"] / plain["peak_bytes"]
                 out.append(
                     Comparison(
                         device,
                         workload,
                         ours,
-                        f"vmap(grad) (this library): {bytes_text(vmap['peak_bytes'])}",
-                        lighter(norms["peak_bytes"], vmap["peak_bytes"]),
+                        f"plain training step: {bytes_text(plain['peak_bytes'])}",
+                        lighter(norms["peak_bytes"], plain["peak_bytes"]),
+                        f"≤ 1.2× the plain step: {_met(ratio <= 1.2)}",
                     )
                 )
+            others = [("vmap(grad) (this library)", vmap)]
+            others += [(f"{name} (allocator peak)", row) for name, row in peers]
+            for name, row in others:
+                if row is not None and row.get("peak_bytes"):
+                    out.append(
+                        Comparison(
+                            device,
+                            workload,
+                            ours,
+                            f"{name}: {bytes_text(row['peak_bytes'])}",
+                            lighter(norms["peak_bytes"], row["peak_bytes"]),
+                        )
+                    )
     if step is not None:
         workload = f"attribution step ({_ghost_size(step)}, validation B)"
         ours = f"{time_text(step['median_s'])} (ghost)"
@@ -661,16 +756,15 @@ def _summary_ghost(result: dict) -> list[Comparison]:
             ("(d) attribution step, vmap(grad)", "vmap(grad) (this library)"),
             ("attribution step, jvp", "jvp (this library)"),
         ):
-            if impl in by:
-                out.append(
-                    Comparison(
-                        device,
-                        workload,
-                        ours,
-                        f"{name}: {time_text(by[impl]['median_s'])}",
-                        faster(step["median_s"], by[impl]["median_s"]),
-                    )
-                )
+            row = by.get(impl)
+            if row is None:
+                continue
+            if "median_s" in row:
+                peer = f"{name}: {time_text(row['median_s'])}"
+                ratio = faster(step["median_s"], row["median_s"])
+            else:
+                peer, ratio = f"{name}: {_failed(row)}", "–"
+            out.append(Comparison(device, workload, ours, peer, ratio))
     return out
 
 
@@ -945,36 +1039,34 @@ def _save(fig, path: str) -> None:
 def plot_ghost(groups, img_dir: str) -> Plot | None:
     """Per-sample norms: time and peak memory relative to a plain training step."""
     points = []
-    swept = False
+    swept = set()
     for result in _results_of(groups, "ghost"):
-        swept |= any(_is_sweep(r) for r in result["rows"])
-        by = {r["impl"]: r for r in result["rows"] if not _is_sweep(r)}
-        plain = by.get("(a) plain step, B")
-        if plain is None or "median_s" not in plain:
-            continue
-        torch_row = next(
-            (r for r in result["rows"] if r["impl"].startswith("(e)")), None
-        )
-        entries = {
-            "ghost (this library)": by.get("(c) per-sample norms, ghost"),
-            "vmap(grad) (this library)": by.get("(d) per-sample norms, vmap(grad)"),
-            "torch.func vmap(grad)": torch_row,
+        swept |= {
+            r.get("sizes", {}).get("length") for r in result["rows"] if _is_sweep(r)
         }
-        sizes = plain.get("sizes", {})
-        label = (
-            f"{_device(result)}\nB = {sizes.get('batch')}, T = {sizes.get('length')}"
-        )
-        if sizes.get("params"):
-            label += f"\n{_digits(sizes['params'] / 1e6)} M params"
-        gpu = result["environment"]["platform"] != "cpu"
-        points.append((not gpu, sizes.get("batch", 0), label, plain, entries))
+        for (batch, length), by in ghost_regimes(result).items():
+            plain = by.get("(a) plain step, B")
+            if plain is None or "median_s" not in plain:
+                continue
+            peers = dict(_ghost_peers(by))
+            entries = {
+                "ghost (this library)": by.get("(c) per-sample norms, ghost"),
+                "vmap(grad) (this library)": by.get("(d) per-sample norms, vmap(grad)"),
+                **{name: peers.get(name) for name in GHOST_PEERS.values()},
+            }
+            sizes = plain.get("sizes", {})
+            label = f"{_device(result)}\nB = {batch}, T = {length}"
+            if sizes.get("params"):
+                label += f"\n{_digits(sizes['params'] / 1e6)} M params"
+            gpu = result["environment"]["platform"] != "cpu"
+            points.append((not gpu, batch or 0, label, plain, entries))
     if not points:
         return None
     points.sort(key=lambda p: p[:2])
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    fig, axes = plt.subplots(1, 2, figsize=(max(11, 3.2 * len(points)), 4.4))
     names = list(points[0][4])
-    colours = [COLOURS["eqx"], COLOURS["eqx2"], COLOURS["peer"]]
+    colours = [COLOURS["eqx"], COLOURS["eqx2"], COLOURS["peer"], COLOURS["peer2"]]
     width = 0.8 / len(names)
     for ax, key, title, limit in (
         (axes[0], "median_s", "time", 1.3),
@@ -987,11 +1079,12 @@ def plot_ghost(groups, img_dir: str) -> Plot | None:
                 x = i + (j - (len(names) - 1) / 2) * width
                 if row is None:
                     continue
-                if "error" in row:
+                if "error" in row or "skipped" in row:
+                    why = _failed(row) if "error" in row else "not run"
                     ax.text(
                         x,
                         0.05,
-                        f"{name}:\n{_failed(row)}",
+                        f"{name}:\n{why}",
                         ha="center",
                         va="bottom",
                         fontsize=7,
@@ -1031,33 +1124,38 @@ def plot_ghost(groups, img_dir: str) -> Plot | None:
     fig.tight_layout()
     path = os.path.join(img_dir, "ghost_norms.png")
     _save(fig, path)
-    devices = {p[0] for p in points}
     caption = (
         "Per-sample gradient norms of a GPT (tied head) by the ghost path, by "
-        "vmap(grad) and by torch.func, as multiples of a plain training step on the "
-        "same batch (grey line: 1×; dashed: the targets); labels give the multiple "
-        "and the absolute figure, ↑ marks a bar cut at 2×. torch.func's memory is not "
+        "vmap(grad), by torch.func and by Opacus' ghost clipping (whose norms leave "
+        "out the tied head's share), as multiples of a plain training step on the "
+        "same batch, in each regime of B sequences of T tokens (grey line: 1×; "
+        "dashed: the targets); labels give the multiple and the absolute figure, ↑ "
+        "marks a bar cut at 2×. PyTorch's memory is the allocator's peak, not "
         "measured on the CPU. "
     )
-    if swept:
+    if len(swept) == 1:
         caption += "The next figure sweeps the batch size."
-    elif len(points) == len(devices):
-        caption += (
-            "No batch-size sweep has been measured yet: the groups are the sizes in "
-            "the result files, one batch size per device."
-        )
+    elif swept:
+        caption += "The next figures sweep the batch size, one per sequence length."
+    else:
+        caption += "No batch-size sweep has been measured yet."
     return Plot(path, caption)
 
 
-def plot_ghost_sweep(groups, img_dir: str) -> Plot | None:
-    """Per-sample norms and a plain step: time and memory against the batch size."""
-    results = [
-        r
-        for r in _results_of(groups, "ghost")
-        if any(row["workload"].startswith("batch sweep/") for row in r["rows"])
-    ]
-    if not results:
-        return None
+def plot_ghost_sweep(groups, img_dir: str) -> list[Plot]:
+    """Per-sample norms and a plain step: time and memory against the batch size, one
+    figure per swept sequence length."""
+    lengths: set[int] = set()
+    for result in _results_of(groups, "ghost"):
+        lengths |= {r["sizes"]["length"] for r in result["rows"] if _is_sweep(r)}
+    return [_plot_ghost_sweep(groups, img_dir, T) for T in sorted(lengths)]
+
+
+def _plot_ghost_sweep(groups, img_dir: str, length: int) -> Plot:
+    def swept(row: dict) -> bool:
+        return _is_sweep(row) and row["sizes"]["length"] == length
+
+    results = [r for r in _results_of(groups, "ghost") if any(map(swept, r["rows"]))]
     results.sort(key=lambda r: r["environment"]["platform"] == "cpu")
     plt = _pyplot()
     from matplotlib.lines import Line2D
@@ -1073,11 +1171,7 @@ def plot_ghost_sweep(groups, img_dir: str) -> Plot | None:
     for result, ls in zip(results, dashes):
         device = _device(result)
         for impl, (colour, marker, name) in styles.items():
-            rows = [
-                r
-                for r in result["rows"]
-                if r["workload"].startswith("batch sweep/") and r["impl"] == impl
-            ]
+            rows = [r for r in result["rows"] if swept(r) and r["impl"] == impl]
             points = {}
             for row in rows:
                 batch = row["sizes"]["batch"]
@@ -1106,9 +1200,9 @@ def plot_ghost_sweep(groups, img_dir: str) -> Plot | None:
         ax.set_yscale("log")
         ax.set_xticks(sorted(batches), [str(b) for b in sorted(batches)])
         ax.minorticks_off()
-        ax.set_xlabel("batch size B (sequences)")
+        ax.set_xlabel(f"batch size B (sequences of T = {length} tokens)")
         ax.set_ylabel(ylabel)
-        ax.set_title(f"Per-sample gradient norms against batch size: {title}")
+        ax.set_title(f"Per-sample norms against batch size, T = {length}: {title}")
         ax.grid(True, which="major", alpha=0.3)
     handles = [
         Line2D([], [], color=c, marker=m, label=name) for c, m, name in styles.values()
@@ -1120,19 +1214,19 @@ def plot_ghost_sweep(groups, img_dir: str) -> Plot | None:
         ]
     axes[0].legend(handles=handles, fontsize=8, loc="upper left")
     fig.tight_layout()
-    path = os.path.join(img_dir, "ghost_norms_vs_batch.png")
+    path = os.path.join(img_dir, f"ghost_norms_vs_batch_T{length}.png")
     _save(fig, path)
     described = "; ".join(
-        f"{device}: T = {s.get('length')}"
-        + (f", {_digits(s['params'] / 1e6)} M params" if s.get("params") else "")
+        device
+        + (f": {_digits(s['params'] / 1e6)} M params" if s.get("params") else "")
         + (f", {s['compute']} compute" if s.get("compute") else "")
         for device, s in sizes.items()
     )
     caption = (
         "Per-sample gradient norms of the same GPT by the ghost path and by "
         "vmap(grad), and a plain training step on the same batch, against the batch "
-        f"size ({described}); time per call and the compiled executable's memory "
-        "footprint, both on log scales."
+        f"size at T = {length} ({described}); time per call and the compiled "
+        "executable's memory footprint, both on log scales."
     )
     if failed:
         caption += " Out of memory: " + ", ".join(failed) + "."
@@ -1409,8 +1503,9 @@ def plot_tidhy(groups, img_dir: str) -> Plot | None:
     return Plot(path, caption)
 
 
-# (benchmark, plot): each plot goes to the section of its benchmark, in this order.
-PLOTS: list[tuple[str, Callable[[dict, str], Plot | None]]] = [
+# (benchmark, plot): each plot goes to the section of its benchmark, in this order; a
+# function returns one figure, several, or none.
+PLOTS: list[tuple[str, Callable[[dict, str], Plot | list[Plot] | None]]] = [
     ("ghost", plot_ghost),
     ("ghost", plot_ghost_sweep),
     ("chmm", plot_chmm),
@@ -1483,7 +1578,7 @@ def _section(title: str, results: list[dict], plots: list[Plot], page_dir: str) 
         parts.append(_environment(env) + "\n")
         for table in detail_tables(result["rows"]):
             parts.append(table.markdown() + "\n")
-        for line in failures(result["rows"]):
+        for line in failures(result["rows"]) + row_notes(result["rows"]):
             parts.append(line + "\n")
         for note in result.get("notes", []):
             parts.append(f"- {_plain_numbers(note)}")
@@ -1507,12 +1602,14 @@ def render(
     os.makedirs(img_dir, exist_ok=True)
     plots: dict[str, list[Plot]] = {}
     for benchmark, draw in PLOTS:
-        plot = draw(groups, img_dir)
-        if plot is None:
+        drawn = draw(groups, img_dir)
+        if not drawn:
             continue
         for title, results in groups.items():
             if any(r["benchmark"] == benchmark for r in results):
-                plots.setdefault(title, []).append(plot)
+                plots.setdefault(title, []).extend(
+                    drawn if isinstance(drawn, list) else [drawn]
+                )
                 break
     parts = [HEADER]
     if not groups:
