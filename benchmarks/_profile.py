@@ -13,7 +13,8 @@ before JAX starts: see `dump_flags`) and sums kernel time per part of the model:
   it reads and writes) and its source location (`source_file`, `source_line`);
 - the source location names the function it came from (read from the file with
   `ast`), which is mapped to a part by `parts`, a list of
-  `(part, file suffix, function names or None)` rules tried in order;
+  `(part, file, function names or None)` rules tried in order, where `file` is the
+  end of a path (`"multimodal/_model.py"`) or a folder (`"optax/"`);
 - per part: milliseconds per step, share of the step's kernel time, and achieved
   bandwidth (bytes read and written over time) for the parts that are not matmuls
   or attention, to set against the memory roofline; the matmul parts' achieved
@@ -202,6 +203,14 @@ def _kernels(trace_dir: str) -> list[dict]:
     ]
 
 
+def _in(file: str | None, where: str) -> bool:
+    """Whether `file` is the file `where` ends with, or lies in the folder `where`
+    (ending in `/`) names."""
+    if file is None:
+        return False
+    return f"/{where}" in f"/{file}" if where.endswith("/") else file.endswith(where)
+
+
 def _library_part(kernel: str) -> str:
     """The part of a kernel that no HLO instruction is named after, by its name."""
     lowered = kernel.lower()
@@ -255,7 +264,7 @@ def breakdown(
             else:
                 part = "other"
                 for name, suffix, functions in parts:
-                    if info["file"] and info["file"].endswith(suffix):
+                    if _in(info["file"], suffix):
                         if functions is None or names & set(functions):
                             part = name
                             break

@@ -79,3 +79,12 @@ def test_instructions_read_tuple_results_and_operands(tmp_path):
     assert table[("jit_f", "t")]["bytes"] == 8 + 8 + 24 + 8
     assert table[("jit_f", "g")]["kind"] == "__cublas$gemm"
     assert table[("jit_f", "g")]["bytes"] == 8 + 24
+
+
+def test_a_rule_names_a_file_or_a_folder():
+    assert _profile._in("/x/site-packages/optax/_src/alias.py", "optax/")
+    assert not _profile._in("/x/site-packages/myoptax/alias.py", "optax/")
+    assert _profile._in("/r/eqx_models/multimodal/_model.py", "multimodal/_model.py")
+    assert _profile._in("/r/eqx_models/multimodal/_model.py", "multimodal/")
+    assert not _profile._in("/r/eqx_models/multimodal/_model.py", "_loss.py")
+    assert not _profile._in(None, "optax/")
