@@ -354,6 +354,14 @@ def _transforms_cases():
             ),
         ),
         Case(
+            "transforms.scan_optimize",
+            "check_every",
+            bad_size(),
+            lambda k: T.scan_optimize(
+                lambda x: x @ x, optax.sgd(0.1), max_steps=2, tol=0.1, check_every=k
+            ),
+        ),
+        Case(
             "transforms.ScanOptimizer",
             "init",
             st.sampled_from([jnp.zeros(3, int), {}, "x", None]),
@@ -750,6 +758,12 @@ def _tidhy_cases():
             "max_iter",
             bad_size(),
             lambda n: tidhy.InferenceConfig(max_iter=n, halve_lr_r=False),
+        ),
+        Case(
+            "tidhy.InferenceConfig",
+            "check_every",
+            bad_size(),
+            lambda k: tidhy.InferenceConfig(check_every=k),
         ),
         Case(
             "tidhy.TiDHyTrainConfig",
@@ -1372,9 +1386,9 @@ _FAMILIES = {
 # How many cases each family has; the cases themselves are built in the test (they
 # need models), this only fixes the parametrisation.
 _N_CASES = {
-    "transforms": 55,
+    "transforms": 56,
     "chmm": 24,
-    "tidhy": 29,
+    "tidhy": 30,
     "causal": 26,
     "multimodal": 26,
 }

@@ -78,9 +78,10 @@ def train(
     hypernetwork groups have their own).
 
     The checkpoints record the whole configuration: the model's hyperparameters
-    (`model`), `inference`, `train` (with the milestones resolved, so the schedule
-    itself), the windows' shape, `batch_size` and `n_epochs`. A resumed run must
-    match it field by field, unless `allow_config_change=True`. Two calls with equal
+    (`model`), `inference` (all of it but `check_every`, which changes no result),
+    `train` (with the milestones resolved, so the schedule itself), the windows'
+    shape, `batch_size` and `n_epochs`. A resumed run must match it field by field,
+    unless `allow_config_change=True`. Two calls with equal
     configurations and shapes share one compiled step.
 
     **Arguments:**
@@ -153,9 +154,13 @@ def train(
     # With the milestones made explicit the step no longer depends on `n_epochs`, so
     # runs of different lengths (a resumed run, say) share one compiled step.
     train = dataclasses.replace(train, milestones=resolved_milestones(train, n_epochs))
+    # `check_every` sets the inner loop's speed, never its results: a run resumed
+    # with another value (on another device, say) is the same run.
+    inference_fields = static_fields(inference)
+    del inference_fields["check_every"]
     config = {
         "model": static_fields(model),
-        "inference": static_fields(inference),
+        "inference": inference_fields,
         "train": static_fields(train),
         "windows": list(windows.shape),
         "batch_size": batch_size,

@@ -1,4 +1,5 @@
 import dataclasses
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -22,7 +23,7 @@ SETTINGS = {
 }
 
 
-def _reference_kwargs(cfg):
+def _reference_kwargs(cfg) -> dict[str, Any]:
     return dict(
         lr_r=cfg.lr_r,
         lr_r2=cfg.lr_r2,
@@ -136,6 +137,71 @@ def test_first_step_matches_numpy_adamw(x64, getkey, mode):
             np.testing.assert_allclose(r[b], ref[0], rtol=1e-10, atol=1e-12)
 
 
+def _assert_bitwise_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+# Each setting stops the inner loop another way: on the tolerance (at different
+# iterations per window in the per-window mode), at `max_iter`, or at a non-finite
+# iterate.
+CHUNK_SETTINGS: dict[str, dict[str, Any]] = {
+    "tol": dict(lr_r=0.1, lr_r2=0.1, max_iter=200, tol=0.01),
+    "max_iter": dict(lr_r=0.1, lr_r2=0.1, max_iter=11, tol=1e-6),
+    "diverging": dict(lr_r=50.0, lr_r2=50.0, max_iter=200, tol=0.01),
+}
+
+
+@pytest.mark.parametrize("mode", ["reference", "per_window"])
+@pytest.mark.parametrize("setting", list(CHUNK_SETTINGS))
+def test_check_every_changes_no_result(getkey, mode, setting):
+    model = random_temporal(small_model(getkey()), getkey(), scale=0.6)
+    x, r_prev, r2_prev = step_inputs(getkey(), B=4)
+    cfg = tidhy.InferenceConfig(
+        batch_mode=mode, check_every=1, **CHUNK_SETTINGS[setting]
+    )
+    expected = tidhy.infer(model, x, r_prev, r2_prev, cfg)
+    counts = np.asarray(expected[2].n_iter)
+    if setting == "tol":
+        assert bool(jnp.all(expected[2].converged)) and np.all(counts % 3 != 0)
+        assert mode == "reference" or len(set(counts.tolist())) > 1
+    elif setting == "max_iter":
+        assert np.all(counts == 11) and not bool(jnp.any(expected[2].converged))
+    else:
+        assert not bool(jnp.any(expected[2].finite))
+    for check_every in (3, 16):
+        chunked = dataclasses.replace(cfg, check_every=check_every)
+        _assert_bitwise_equal(tidhy.infer(model, x, r_prev, r2_prev, chunked), expected)
+
+
+def test_check_every_changes_no_training_loss(getkey):
+    # Every inner loop of a window sequence, the first-step inference included.
+    model = random_temporal(small_model(getkey()), getkey(), scale=0.6)
+    windows = jax.random.normal(getkey(), (3, 4, 4))
+    train = tidhy.TiDHyTrainConfig(grad_norm=False, first_step_inference=True)
+    learner = tidhy.Learner(model, None)
+
+    def loss(check_every):
+        inference = tidhy.InferenceConfig(
+            lr_r=0.1, lr_r2=0.1, max_iter=100, check_every=check_every
+        )
+        return eqx.filter_jit(
+            lambda learner, windows: tidhy.training_loss(
+                learner, windows, inference=inference, train=train
+            )
+        )(learner, windows)
+
+    expected = loss(1)
+    assert 1 < float(expected[1]["inference_iters_mean"]) < 100
+    _assert_bitwise_equal(loss(5), expected)
+
+
+def test_check_every_auto_is_one_on_a_cpu_only():
+    auto = tidhy.InferenceConfig().iterations_per_check
+    assert auto == (1 if jax.default_backend() == "cpu" else 16)
+    assert tidhy.InferenceConfig(check_every=4).iterations_per_check == 4
+
+
 def test_abs_has_pytorchs_zero_subgradient_at_zero():
     # r starts at 0 in every inner loop: with jnp.abs's derivative (1 at 0) an L1
     # penalty on r would act on the first step, unlike the original. The reference
@@ -229,6 +295,8 @@ def test_bad_inputs_raise(getkey):
         (dict(l1_w=-1.0), "`l1_w` must be a finite real number >= 0"),
         (dict(momentum=1.0), r"`momentum` must be a finite real number in \[0, 1\)"),
         (dict(batch_mode="batch"), "`batch_mode` must be one of"),
+        (dict(check_every=0), "`check_every` must be a positive integer, got 0"),
+        (dict(check_every="once"), "`check_every` must be 'auto' or a positive"),
     ],
 )
 def test_bad_config_raises(kwargs, match):

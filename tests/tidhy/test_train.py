@@ -1,4 +1,5 @@
 import dataclasses
+from typing import Any
 
 import jax.numpy as jnp
 import jax.random as jr
@@ -13,7 +14,7 @@ from eqx_models import tidhy
 # One system with a slow and a fast regime, observed in 6 dimensions; a TiDHy with a
 # 2-D latent. The temporal weight is low so that the inferred latent follows the
 # data closely (the least-squares timescales are read from it).
-SYSTEM = dict(
+SYSTEM: dict[str, Any] = dict(
     n_systems=1, log_decay=(-0.02, -0.4), frequency=(0.01, 0.06), obs_dim=6, overlap=0
 )
 INFERENCE = tidhy.InferenceConfig(lr_r=0.05, lr_r2=0.05, max_iter=100, tol=0.002)
@@ -171,7 +172,7 @@ def test_resume_refuses_another_configuration(tiny_run):
     model, windows, path, first = tiny_run
     assert len(first.history) == 5 and first.history[-1]["nonfinite"] == 0
     before = path.read_bytes()
-    common = dict(checkpoint_path=path, resume=True, progress=False)
+    common: dict[str, Any] = dict(checkpoint_path=path, resume=True, progress=False)
     with pytest.raises(
         transforms.CheckpointError,
         match=r"(?s)^train: .*another configuration:\n  "
@@ -207,6 +208,16 @@ def test_resume_refuses_another_configuration(tiny_run):
             **common,
         )
     assert path.read_bytes() == before
+    # `check_every` changes no result, so a resume with another value is the same
+    # run (here already finished).
+    resumed = tidhy.train(
+        model,
+        windows,
+        n_epochs=5,
+        inference=dataclasses.replace(TINY_INFERENCE, check_every=4),
+        **common,
+    )
+    assert resumed.history == [] and path.read_bytes() == before
 
 
 @pytest.mark.slow

@@ -1,3 +1,5 @@
+import functools
+
 import equinox as eqx
 import hypothesis.extra.numpy as hnp
 import hypothesis.strategies as st
@@ -125,7 +127,7 @@ def test_lasso_solved_to_optimality_with_the_proximal_step(x64):
     A = rng.normal(size=(12, 6))
     y = A @ np.array([1.5, 0, 0, -2.0, 0, 0.3]) + 0.05 * rng.normal(size=12)
     lam = 2.0
-    lr = 1.0 / np.linalg.norm(A, 2) ** 2
+    lr = float(1.0 / np.linalg.norm(A, 2) ** 2)
 
     def smooth(x, A, y):
         return 0.5 * jnp.sum((A @ x - y) ** 2)
@@ -208,6 +210,88 @@ def test_a_diverging_loop_stops_and_reports_it():
         assert not bool(stats.finite)
         assert not bool(jnp.all(jnp.isfinite(x)))
         assert int(stats.n_steps) < 2000
+
+
+# check_every: chunks of masked iterations --------------------------------------------
+
+
+def _chunk_problem(case):
+    """A Nesterov solve with a per-iteration schedule, a prox and pytree latents
+    that stops on `tol` (at 113 iterations, mid-chunk for 2, 3 and 7), at
+    `max_steps`, or at a non-finite iterate."""
+    rng = np.random.default_rng(0)
+    A = jnp.asarray(_spd(rng, 4, 8.0), jnp.float32)
+    b = jnp.asarray(rng.normal(size=4), jnp.float32)
+    lr, max_steps = {"tol": (0.05, 200), "max_steps": (0.05, 50)}.get(case, (1.0, 200))
+
+    def objective(latents, A, b):
+        x, y = latents
+        return _quadratic(x, A, b) + 0.5 * jnp.sum((y - 0.3 * x[:2]) ** 2)
+
+    def solver(check_every):
+        return scan_optimize(
+            objective,
+            optax.sgd(
+                optax.piecewise_constant_schedule(lr, {20: 0.5}),
+                momentum=0.9,
+                nesterov=True,
+            ),
+            max_steps=max_steps,
+            tol=1e-3,
+            prox=lambda latents: (soft_threshold(latents[0], 0.01), latents[1]),
+            history=True,
+            check_every=check_every,
+        )
+
+    return solver, (jnp.zeros(4), jnp.ones(2)), A, b
+
+
+def _assert_bitwise_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@functools.cache
+def _unchunked(case):
+    solver, init, A, b = _chunk_problem(case)
+    return jax.jit(solver(1))(init, A, b)
+
+
+@pytest.mark.parametrize("case", ["tol", "max_steps", "non_finite"])
+@pytest.mark.parametrize("check_every", [2, 3, 7, 201])
+def test_chunked_loop_is_bitwise_the_plain_loop(case, check_every):
+    solver, init, A, b = _chunk_problem(case)
+    expected = _unchunked(case)
+    n = int(expected[1].n_steps)
+    if case == "tol":
+        assert bool(expected[1].converged) and n == 113
+    elif case == "max_steps":
+        assert n == 50 and not bool(expected[1].converged)
+    else:
+        assert not bool(expected[1].finite) and n < 200
+    _assert_bitwise_equal(jax.jit(solver(check_every))(init, A, b), expected)
+
+
+def test_chunked_loop_under_vmap_keeps_per_example_counts(x64):
+    rng = np.random.default_rng(3)
+    problems = [(_spd(rng, 3, c), rng.normal(size=3)) for c in (1.5, 10.0, 40.0)]
+    As = jnp.asarray(np.stack([p[0] for p in problems]))
+    bs = jnp.asarray(np.stack([p[1] for p in problems]))
+
+    def solve(check_every):
+        solver = scan_optimize(
+            _quadratic,
+            optax.sgd(0.02, momentum=0.5),
+            max_steps=5000,
+            tol=1e-6,
+            check_every=check_every,
+        )
+        return jax.vmap(solver)(jnp.ones((3, 3)), As, bs)
+
+    expected = solve(1)
+    assert len(set(np.asarray(expected[1].n_steps).tolist())) == 3
+    for check_every in (4, 16):
+        _assert_bitwise_equal(solve(check_every), expected)
 
 
 # differentiation ----------------------------------------------------------------------
@@ -299,6 +383,7 @@ def test_pytree_latents_and_float32_stats():
         (dict(max_steps=10, tol=-1.0), "`tol` must be a real number >= 0, got -1.0"),
         (dict(max_steps=10, tol=float("nan")), "`tol` must be a real number >= 0"),
         (dict(max_steps=10, eps=-1.0), "`eps` must be a finite real number >= 0"),
+        (dict(max_steps=10, check_every=0), "`check_every` must be a positive integer"),
     ],
 )
 def test_bad_arguments_raise(kwargs, match):
@@ -310,7 +395,12 @@ def test_unknown_gradient_mode_raises():
     # Under the test suite's type checking the `Literal` annotation catches it first;
     # without it, the function's own check does.
     with pytest.raises((ValueError, TypeCheckError), match="gradient"):
-        scan_optimize(_quadratic, optax.sgd(0.1), max_steps=3, gradient="implicit")
+        scan_optimize(
+            _quadratic,
+            optax.sgd(0.1),
+            max_steps=3,
+            gradient="implicit",  # pyright: ignore
+        )
 
 
 def test_bad_callables_and_latents_raise():
