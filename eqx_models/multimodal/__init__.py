@@ -8,6 +8,10 @@ from ._model import (
     CausalTransformerLM as CausalTransformerLM,
     check_tokens as check_tokens,
 )
+from ._packing import (
+    pack_sequences as pack_sequences,
+    packing_plan as packing_plan,
+)
 from ._predict import expected_values as expected_values
 from ._sequence import (
     bucket_length as bucket_length,
