@@ -238,9 +238,7 @@ def _decode_step(model: CausalTransformerLM, cache, tokens, type_ids, t):
         def core(q, k, v):
             at = (i, 0, t, 0, 0)
             new_keys = jax.lax.dynamic_update_slice(keys, k[None].astype(dtype), at)
-            new_values = jax.lax.dynamic_update_slice(
-                values, v[None].astype(dtype), at
-            )
+            new_values = jax.lax.dynamic_update_slice(values, v[None].astype(dtype), at)
             # One query per sequence: XLA's attention over the cache.
             o = dot_product_attention(
                 q,
@@ -478,7 +476,8 @@ def generate(
             name, "batch", "a batch of shape (batch, length)", str(batch.tokens.shape)
         )
     if batch.packed:
-        raise fail(name, "batch", "a padded batch (one sequence per row)", "a packed one")
+        expected = "a padded batch (one sequence per row)"
+        raise fail(name, "batch", expected, "a packed one")
     length = batch.tokens.shape[1]
     if length > model.max_len:
         raise fail(
