@@ -468,9 +468,14 @@ def generate(
     check_type(name, "batch", batch, TokenBatch, "a TokenBatch")
     greedy = check_bool(name, "greedy", greedy)
     return_logits = check_bool(name, "return_logits", return_logits)
-    prompt_length = check_size(
-        name, "prompt_length", prompt_length, maximum=model.max_len
-    )
+    prompt_length = check_size(name, "prompt_length", prompt_length)
+    if prompt_length > model.max_len:
+        raise fail(
+            name,
+            "prompt_length",
+            f"at most `model.max_len`={model.max_len} (the size of the position table)",
+            repr(prompt_length),
+        )
     if batch.tokens.ndim != 2:
         raise fail(
             name, "batch", "a batch of shape (batch, length)", str(batch.tokens.shape)
@@ -486,7 +491,13 @@ def generate(
             f"sequences of at most `model.max_len`={model.max_len} positions",
             f"length {length}",
         )
-    check_size(name, "prompt_length", prompt_length, maximum=length)
+    if prompt_length > length:
+        raise fail(
+            name,
+            "prompt_length",
+            f"at most the batch's length {length} (the prompt is part of each row)",
+            repr(prompt_length),
+        )
     layout = model.layout
     if top_k is not None:
         top_k = check_size(name, "top_k", top_k, maximum=layout.vocab_size)
