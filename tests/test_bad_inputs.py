@@ -752,6 +752,12 @@ def _tidhy_cases():
             lambda n: tidhy.InferenceConfig(max_iter=n, halve_lr_r=False),
         ),
         Case(
+            "tidhy.InferenceConfig",
+            "check_every",
+            bad_size(),
+            lambda k: tidhy.InferenceConfig(check_every=k),
+        ),
+        Case(
             "tidhy.TiDHyTrainConfig",
             "lr_hyper",
             bad_real(low=0, inclusive=(False, True)),
@@ -1461,7 +1467,7 @@ _FAMILIES = {
 _N_CASES = {
     "transforms": 55,
     "chmm": 24,
-    "tidhy": 29,
+    "tidhy": 30,
     "causal": 26,
     "multimodal": 33,
 }

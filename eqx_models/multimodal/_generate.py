@@ -344,7 +344,7 @@ def _generate(
         step_key = None if key is None else jr.fold_in(key, t)
         chosen = _choose(logits, allowed, step_key, temperature, top_k, greedy)
         token = jnp.where(drawn[:, t], chosen, tokens[:, t])
-        out = {"token": token}
+        out: dict[str, Any] = {"token": token}
         if codebooks is not None:
             out["expected"] = _expected(layout, codebooks, logits, columns[:, t])
         if return_logits:

@@ -1,6 +1,8 @@
 """Packed batches: the plan, the batch, and the model, loss and gradients on packed
 rows against the same sequences padded one per row."""
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -154,9 +156,10 @@ def test_every_attention_implementation_gets_the_segment_mask(monkeypatch):
     original = jax.nn.dot_product_attention
     calls = []
 
-    def recording(q, k, v, bias=None, mask=None, **kwargs):
+    def recording(q, k, v, bias=None, mask=None, **kwargs: Any):
         calls.append((kwargs["implementation"], mask))
-        return original(q, k, v, bias, mask, **(kwargs | {"implementation": "xla"}))
+        options: dict[str, Any] = {**kwargs, "implementation": "xla"}
+        return original(q, k, v, bias, mask, **options)
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
     batch = pack_sequences(make_sequences(4, 2), length=ROW)
@@ -312,6 +315,7 @@ def test_bad_packing_is_refused_naming_the_argument():
     with pytest.raises(ValueError, match="`sequences` is empty"):
         pack_sequences([], length=ROW)
     batch = pack_sequences(sequences, length=ROW)
+    assert batch.segment_ids is not None
     with pytest.raises(ValueError, match="`positions` must be given together"):
         TokenBatch(
             batch.tokens,
@@ -343,6 +347,7 @@ def _with(batch, **fields):
 def test_inconsistent_segments_are_refused():
     model = make_model(max_len=ROW)
     batch = pack_sequences(make_sequences(0, 3), length=ROW)
+    assert batch.segment_ids is not None
     segments, positions = np.array(batch.segment_ids), np.array(batch.positions)
     n = int(np.sum(segments[0] == 1))
     cases = []
