@@ -505,7 +505,10 @@ def generate(
     if greedy:
         temperature_array = jnp.ones((), dtype)
     else:
-        check_in_range(name, "temperature", temperature, low=0, inclusive=(False, True))
+        # A traced temperature comes back guarded by a run-time check.
+        temperature = check_in_range(
+            name, "temperature", temperature, low=0, inclusive=(False, True)
+        )
         check_type(name, "key", key, jax.Array, "a PRNG key (or greedy=True)")
         temperature_array = jnp.asarray(temperature, dtype)
     if codebooks is not None:

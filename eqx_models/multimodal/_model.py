@@ -179,8 +179,9 @@ def segment_attention(segment_ids, implementation: Literal["xla", "cudnn"]):
     attending only to earlier positions of its own segment.
 
     The segment mask goes to `jax.nn.dot_product_attention` as its boolean `mask`
-    on every implementation: XLA applies it to the scores, cuDNN's fused kernel
-    receives it as an additive bias. Neither may drop it, and
+    on every implementation (float64 aside, see `dot_product_attention`): XLA
+    applies it to the scores, cuDNN's fused kernel receives it as an additive
+    bias. Neither may drop it, and
     `tests/multimodal/test_packing.py` checks that each implementation is handed
     it. Every query sees at least itself (the diagonal is always allowed), so no
     row of the softmax is empty, padding included (it forms a segment of its own).

@@ -133,6 +133,31 @@ def test_packed_hidden_states_equal_padded_ones(x64, pre_ln):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_packed_reconstructions_equal_padded_ones(x64):
+    sequences = mixed_sequences(2)
+    model, codebooks = make_model(max_len=ROW), make_codebooks()
+    packed = pack_sequences(sequences, length=ROW)
+    padded = pad_batch(sequences, length=16)
+
+    def predict(batch):
+        return mm.expected_values(
+            model,
+            codebooks,
+            batch.tokens,
+            type_ids=batch.type_ids,
+            columns=batch.columns,
+            segment_ids=batch.segment_ids,
+            positions=batch.positions,
+        )
+
+    a, b = predict(packed), predict(padded)
+    for name in a:
+        for x, y in _segment_rows(sequences, ROW, a[name], b[name]):
+            # NaN where nothing predicts: each object's first position.
+            assert np.all(np.isnan(np.asarray(x[0])))
+            np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12)
+
+
 def test_segments_do_not_see_each_other():
     # An attention that ignored the segment ids would let the second segment of a
     # row see the first: change the first and the second must not move.
