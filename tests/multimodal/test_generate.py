@@ -90,6 +90,7 @@ def test_drawn_tokens_stay_in_their_modality_and_the_layout_is_kept():
     assert np.any(tokens[drawn] != template[drawn])
 
 
+@pytest.mark.slow
 def test_greedy_takes_the_most_likely_token_of_the_slice():
     model = make_model()
     batch = make_batch(3)
@@ -153,6 +154,7 @@ def test_samples_follow_the_tempered_distribution(top_k):
         assert np.all(counts[p == 0] == 0)
 
 
+@pytest.mark.slow
 def test_expected_values_at_the_drawn_positions(highest_precision):
     model, codebooks = make_model(), make_codebooks()
     batch = make_batch(4)
