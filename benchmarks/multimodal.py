@@ -5,6 +5,9 @@ Usage:
     python benchmarks/multimodal.py [--size small|gpt2] [--seq 1024 2048]
         [--batch B] [--devices N] [--variants scan unrolled remat] [--no-torch]
         [--tag NAME]
+    python benchmarks/multimodal.py --packed [--size ...] [--seq ...] [--batch ROWS]
+    python benchmarks/multimodal.py --generate [--size ...] [--seq ...] [--batch B]
+        [--no-uncached]
 
 One training step of `eqx_models.multimodal` (`make_train_step` with
 `MultimodalLoss`: chunked cross-entropy plus expected-value losses on sampled rows,
@@ -22,6 +25,17 @@ a rolled `lax.scan`, fully unrolled, or rematerialised. `--profile` also traces 
 few steps of each JAX variant and reports where the device time goes, per part of
 the model (`benchmarks/_profile.py`).
 `small` (the default on a CPU) is a tiny model for a quick check.
+
+`--packed` replaces the peer comparison by the same JAX step on rows filled two
+ways from a catalogue whose objects differ in length (`make_catalogue`: images for
+90 % of the objects, each spectrum group for half of them, covering half to all of
+its segments): padded, one object per row, and packed, several objects per row
+(`pack_sequences`); it reports useful (non-`PAD`) tokens per second
+(`multimodal_packing-<platform>.json`). `--generate` times
+`eqx_models.multimodal.generate` after a prompt of `BOS` and the image, with the
+key/value cache (sampling with expected values, and greedy) and, unless
+`--no-uncached`, a greedy loop that runs the full forward pass for every position
+(`multimodal_generation-<platform>.json`).
 
 Each measurement runs in its own subprocess (clean peak-memory figures, a failure
 does not stop the others). Reported: median step time, tokens per second, peak
@@ -146,17 +160,118 @@ def make_data(size, batch: int, length: int, path: str, seed: int = 0) -> None:
         width[base == start] = stop - start
     offsets = rng.integers(0, 1 << 30, (batch, length)) % np.maximum(width, 1)
     batch_tokens = (base + np.where(width > 0, offsets, 0)).astype(np.int32)
-    tables = {
-        "table:image": rng.normal(size=(layout.n_image, 16)),
-        "table:scalar": np.sort(rng.normal(size=(n_scalar, layout.n_scalar)), axis=1),
-    }
-    for g in layout.spectrum_groups:
-        tables[f"table:spectrum:{g}"] = rng.normal(size=(layout.n_spectrum, 32))
-    arrays: dict[str, np.ndarray] = {k: v.astype(np.float32) for k, v in tables.items()}
+    arrays = _tables(size, rng)
     arrays["tokens"] = batch_tokens
     arrays["type_ids"] = np.broadcast_to(kinds, (batch, length)).astype(np.int32)
     arrays["columns"] = np.broadcast_to(cols, (batch, length)).astype(np.int32)
     np.savez(path, **arrays)  # pyright: ignore[reportArgumentType]
+
+
+def _tables(size, rng) -> dict:
+    """Random codebooks for the layout of `size`, as .npz entries."""
+    import numpy as np
+
+    layout = _layout(size)
+    tables = {
+        "table:image": rng.normal(size=(layout.n_image, 16)),
+        "table:scalar": np.sort(
+            rng.normal(size=(size["n_columns"], layout.n_scalar)), axis=1
+        ),
+    }
+    for g in layout.spectrum_groups:
+        tables[f"table:spectrum:{g}"] = rng.normal(size=(layout.n_spectrum, 32))
+    return {k: v.astype(np.float32) for k, v in tables.items()}
+
+
+# The catalogue of the packing benchmark: every object has its scalar columns
+# (10 % of them missing); an image with probability IMAGE_COVERAGE; each spectrum
+# group, independently, with probability SPECTRUM_COVERAGE, and then a uniformly
+# drawn part (half to all) of the group's segments, as spectra cover parts of the
+# wavelength range. The segment counts are those of the padded benchmark's layout.
+IMAGE_COVERAGE = 0.9
+SPECTRUM_COVERAGE = 0.5
+
+
+def catalogue_sizes(size, length: int) -> tuple[int, int, int]:
+    """Image cells, scalar columns and segments per spectrum group of an object
+    whose every part is present: it fills `length` tokens exactly."""
+    n_groups = len(size["groups"])
+    n_image = length * 9 // 16
+    n_scalar = size["n_columns"]
+    per_group = (length - n_image - n_scalar - 3 - n_groups - 1) // n_groups
+    return n_image, n_scalar, per_group
+
+
+def make_catalogue(size, length: int, count: int, seed: int, *, full=False) -> list:
+    """`count` objects' token sequences (`build_sequence`) with random codebook
+    indices and the coverage described above (`full`: every part present)."""
+    import numpy as np
+
+    from eqx_models.multimodal import build_sequence
+
+    layout = _layout(size)
+    rng = np.random.default_rng(seed)
+    n_image, n_scalar, per_group = catalogue_sizes(size, length)
+    objects = []
+    for _ in range(count):
+        image = None
+        if full or rng.random() < IMAGE_COVERAGE:
+            image = rng.integers(0, layout.n_image, n_image)
+        scalars = rng.integers(0, layout.n_scalar, n_scalar)
+        if not full:
+            scalars[rng.random(n_scalar) < 0.1] = -1
+        spectra = {}
+        for g in layout.spectrum_groups:
+            if full:
+                spectra[g] = rng.integers(0, layout.n_spectrum, per_group)
+            elif rng.random() < SPECTRUM_COVERAGE:
+                n = int(rng.integers(per_group // 2, per_group + 1))
+                spectra[g] = rng.integers(0, layout.n_spectrum, n)
+        objects.append(
+            build_sequence(
+                layout,
+                image=image,
+                scalars=scalars,
+                scalar_values=rng.normal(size=n_scalar),
+                spectra=spectra,
+            )
+        )
+    return objects
+
+
+def make_packing_data(size, rows: int, length: int, path: str, packed: bool) -> dict:
+    """A batch of `rows` rows of `length` positions from the catalogue above,
+    padded (one object per row) or packed (first fit by decreasing length over a
+    buffer of twice the objects the rows hold on average; the objects left out
+    would go to the next batch). Saved as .npz; returns what the batch holds."""
+    import numpy as np
+
+    from eqx_models.multimodal import pack_sequences, packing_plan, pad_batch
+
+    if packed:
+        pool = make_catalogue(size, length, 4 * rows, seed=1)
+        mean = np.mean([len(s.tokens) for s in pool])
+        pool = pool[: max(rows, int(2 * rows * length / mean))]
+        placed, _ = packing_plan(
+            [len(s.tokens) for s in pool], length=length, n_rows=rows
+        )
+        chosen = [s for s, row in zip(pool, placed) if row >= 0]
+        batch = pack_sequences(chosen, length=length, n_rows=rows)
+    else:
+        chosen = make_catalogue(size, length, rows, seed=1)
+        batch = pad_batch(chosen, length=length)
+    arrays = _tables(size, np.random.default_rng(0))
+    for field in ("tokens", "type_ids", "columns", "segment_ids", "positions"):
+        value = getattr(batch, field)
+        if value is not None:
+            arrays[field] = np.asarray(value)
+    np.savez(path, **arrays)  # pyright: ignore[reportArgumentType]
+    useful = int(np.sum(arrays["tokens"] != 0))
+    return {
+        "objects": len(chosen),
+        "fill": useful / arrays["tokens"].size,
+        "mean_object_tokens": float(np.mean([len(s.tokens) for s in chosen])),
+    }
 
 
 def worker_ceiling(args) -> dict:
@@ -248,11 +363,18 @@ def worker_jax(args) -> dict:
         deterministic=getattr(args, "deterministic", False),
     )
     reps = max(args.devices, 1)
+    packed = "segment_ids" in data
     batch = TokenBatch(
         tokens=jnp.asarray(np.tile(data["tokens"], (reps, 1))),
         type_ids=jnp.asarray(np.tile(data["type_ids"], (reps, 1))),
         columns=jnp.asarray(np.tile(data["columns"], (reps, 1))),
         values=jnp.full((reps * data["tokens"].shape[0], args.seq), jnp.nan),
+        segment_ids=(
+            jnp.asarray(np.tile(data["segment_ids"], (reps, 1))) if packed else None
+        ),
+        positions=(
+            jnp.asarray(np.tile(data["positions"], (reps, 1))) if packed else None
+        ),
     )
     state = {
         "model": model,
@@ -289,8 +411,143 @@ def worker_jax(args) -> dict:
         "flops_per_token_causal": model.flops_per_token(args.seq, causal=True),
         "parameters": int(n_params),
         "attention": args.attention,
+        "useful_tokens": int(np.sum(np.asarray(batch.tokens) != 0)),
         **({"profile": profile} if profile else {}),
     }
+
+
+def worker_generate(args) -> dict:
+    """Generation after a prompt of `BOS` and the image: the cached decoding of
+    `eqx_models.multimodal.generate` (sampling with expected values, and greedy)
+    and, unless `--no-uncached`, a greedy loop without a cache that runs the full
+    forward pass for every position."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import jax.random as jr
+    import numpy as np
+    from _harness import time_callable
+
+    from eqx_models.multimodal import (
+        cast_floating,
+        CausalTransformerLM,
+        Codebooks,
+        generate,
+        pad_batch,
+    )
+
+    size = SIZES[args.size]
+    layout = _layout(size)
+    gpu = jax.devices()[0].platform == "gpu"
+    model = CausalTransformerLM(
+        layout,
+        d_model=size["d_model"],
+        n_layers=size["n_layers"],
+        n_heads=size["n_heads"],
+        max_len=args.seq,
+        dropout=0.0,
+        init="gpt",
+        key=jr.key(0),
+    )
+    if gpu:
+        model = cast_floating(model, jnp.bfloat16)
+    tables = _tables(size, np.random.default_rng(0))
+    codebooks = Codebooks(
+        layout,
+        image=tables["table:image"],
+        scalar=tables["table:scalar"],
+        spectrum={g: tables[f"table:spectrum:{g}"] for g in layout.spectrum_groups},
+    )
+    objects = make_catalogue(size, args.seq, args.batch, seed=2, full=True)
+    batch = pad_batch(objects, length=args.seq)
+    n_image, _, _ = catalogue_sizes(size, args.seq)
+    prompt = 1 + n_image
+    calls = {"i": 0}
+
+    def cached(greedy: bool):
+        def run():
+            calls["i"] += 1
+            out = generate(
+                model,
+                batch,
+                prompt_length=prompt,
+                key=jr.fold_in(jr.key(1), calls["i"]),
+                greedy=greedy,
+                codebooks=None if greedy else codebooks,
+            )
+            return out.tokens
+
+        return run
+
+    layout_of_batch = generate(model, batch, prompt_length=prompt, greedy=True)
+    drawn = int(np.sum(np.asarray(layout_of_batch.generated)))
+    out = {
+        "drawn_tokens": drawn,
+        "prompt": prompt,
+        "batch": args.batch,
+        "parameters": int(
+            sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+        ),
+        "device": jax.devices()[0].device_kind,
+    }
+    runs = {
+        "cached, sampled, expected values": cached(False),
+        "cached, greedy": cached(True),
+    }
+    if not args.no_uncached:
+        runs["uncached, greedy"] = _uncached_generation(model, batch, prompt)
+    for name, run in runs.items():
+        # The loop without a cache costs a full forward pass per position: a few
+        # calls say enough.
+        slow = name.startswith("uncached")
+        timing = time_callable(
+            run,
+            warmup=1 if slow else args.warmup + 1,
+            repeats=min(args.repeats, 3) if slow else args.repeats,
+        )
+        out[name] = {
+            **timing,
+            "tokens_per_sec": drawn / timing["median_s"],
+        }
+    return out
+
+
+def _uncached_generation(model, batch, prompt: int):
+    """Greedy decoding without a cache: for every position, the full forward pass
+    over the whole buffer (causal, so the positions after it play no part)."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    from eqx_models.multimodal import MISS
+
+    layout = model.layout
+    start = jnp.zeros(layout.n_types, jnp.int32)
+    stop = jnp.zeros(layout.n_types, jnp.int32)
+    names = ["image", "scalar"] + [f"spectrum:{g}" for g in layout.spectrum_groups]
+    for type_id, name in enumerate(names, start=1):
+        a, b = layout.slices()[name]
+        start, stop = start.at[type_id].set(a), stop.at[type_id].set(b)
+
+    @eqx.filter_jit
+    def run(model, tokens, type_ids):
+        vocab = jnp.arange(layout.vocab_size)
+        length = tokens.shape[1]
+        drawn = ((tokens >= 5) | (tokens == MISS)) & (jnp.arange(length) >= prompt)
+
+        def step(tokens, t):
+            h = model.features_batch(tokens, type_ids=type_ids)[:, t - 1]
+            logits = h @ model.head_weight.T.astype(h.dtype)
+            kind = type_ids[:, t]
+            allowed = (vocab >= start[kind][:, None]) & (vocab < stop[kind][:, None])
+            best = jnp.argmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
+            new = jnp.where(drawn[:, t], best.astype(tokens.dtype), tokens[:, t])
+            return tokens.at[:, t].set(new), None
+
+        tokens, _ = jax.lax.scan(step, tokens, jnp.arange(prompt, length))
+        return tokens
+
+    return lambda: run(model, batch.tokens, batch.type_ids)
 
 
 # The layer stack of each variant: `default` passes nothing (`unroll="auto"`: fully
@@ -352,7 +609,27 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--timeout", type=float, default=600)
-    parser.add_argument("--worker", choices=["jax", "ceiling"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--packed",
+        action="store_true",
+        help="instead of the peer comparison: the training step on packed rows "
+        "against padded rows of a catalogue whose objects vary in length, in "
+        "useful (non-PAD) tokens per second",
+    )
+    parser.add_argument(
+        "--generate",
+        action="store_true",
+        help="instead of the peer comparison: generation tokens per second "
+        "(cached decoding after a prompt of BOS and the image)",
+    )
+    parser.add_argument(
+        "--no-uncached",
+        action="store_true",
+        help="with --generate: skip the loop without a cache",
+    )
+    parser.add_argument(
+        "--worker", choices=["jax", "ceiling", "generate"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="scan", help=argparse.SUPPRESS)
     parser.add_argument("--attention", default="auto", help=argparse.SUPPRESS)
@@ -369,7 +646,11 @@ def main(argv=None):
         if args.size is None or args.seq is None:
             parser.error("workers need --size and --seq")
         args.seq = args.seq[0]
-        work = worker_jax if args.worker == "jax" else worker_ceiling
+        work = {
+            "jax": worker_jax,
+            "ceiling": worker_ceiling,
+            "generate": worker_generate,
+        }[args.worker]
         print(json.dumps(work(args)), flush=True)
         return
 
@@ -383,6 +664,10 @@ def main(argv=None):
     size = SIZES[size_name]
     seqs = args.seq or list(size["seqs"])
     tag = args.tag or (f"{args.devices}dev" if args.devices > 1 else None)
+    if args.packed:
+        return run_packing(args, size_name, seqs, tag)
+    if args.generate:
+        return run_generation(args, size_name, seqs, tag)
     results = Results(
         "multimodal" + (f"_{tag}" if tag else ""),
         "Multimodal LM training step",
@@ -468,12 +753,158 @@ def main(argv=None):
     results.save()
 
 
+def run_packing(args, size_name: str, seqs, tag):
+    """Packed against padded rows of the same catalogue, same model and step."""
+    import jax
+    from _harness import Results
+
+    size = SIZES[size_name]
+    results = Results(
+        "multimodal_packing" + (f"_{tag}" if tag else ""),
+        "Multimodal LM: packed against padded batches",
+        "One training step (as in the peer comparison) on rows of the same length "
+        "filled two ways from a catalogue whose objects differ in length: padded "
+        "(one object per row) and packed (several per row, attention and losses "
+        "kept within each object). Useful tokens are the non-PAD positions.",
+    )
+    n_image, n_scalar, per_group = catalogue_sizes(size, seqs[0])
+    results.note(
+        f"Catalogue: every object has its {n_scalar} scalar columns (10 % missing); "
+        f"an image ({n_image} cells at {seqs[0]} tokens) with probability "
+        f"{IMAGE_COVERAGE}; each of the {len(size['groups'])} spectrum groups with "
+        f"probability {SPECTRUM_COVERAGE}, then covering a uniform half to all of "
+        f"its {per_group} segments. Packing: first fit by decreasing length over a "
+        "buffer of twice the objects the rows hold on average."
+    )
+    common = ["--size", size_name, "--warmup", str(args.warmup)]
+    common += ["--repeats", str(args.repeats)]
+    gpu = jax.devices()[0].platform == "gpu"
+    with tempfile.TemporaryDirectory() as tmp:
+        for seq in seqs:
+            rows = args.batch or max(1, size["tokens_per_step"] // seq)
+            sizes = {
+                "seq": seq,
+                "rows": rows,
+                "d_model": size["d_model"],
+                "n_layers": size["n_layers"],
+            }
+            measured = {}
+            for packed in (False, True):
+                impl = "jax packed" if packed else "jax padded"
+                path = os.path.join(tmp, f"{impl.split()[1]}-{seq}.npz")
+                held = make_packing_data(size, rows, seq, path, packed)
+                argv = [__file__, "--worker", "jax", "--seq", str(seq), "--data", path]
+                argv += common + ["--variant", "default", "--devices", "1"]
+                out = _spawn(argv, args.timeout)
+                if "error" in out and gpu:
+                    results.note(
+                        f"{impl} L={seq} with cuDNN attention failed "
+                        f"({out['error'][:300]}); retried with XLA attention."
+                    )
+                    out = _spawn(argv + ["--attention", "xla"], args.timeout)
+                if "error" in out:
+                    results.add(
+                        workload="packed vs padded",
+                        impl=impl,
+                        sizes=sizes,
+                        error=out["error"],
+                    )
+                    continue
+                median = out["median_s"]
+                row = results.add(
+                    workload="packed vs padded",
+                    impl=impl,
+                    sizes=sizes,
+                    first_call_s=out["first_call_s"],
+                    median_s=median,
+                    min_s=out["min_s"],
+                    max_s=out["max_s"],
+                    iqr_s=out["iqr_s"],
+                    repeats=out["repeats"],
+                    tokens_per_sec=rows * seq / median,
+                    useful_tokens_per_sec=out["useful_tokens"] / median,
+                    peak_bytes=out.get("peak_bytes"),
+                    device=out.get("device"),
+                    **held,
+                )
+                measured[impl] = row
+            if len(measured) == 2:
+                padded, packed_row = measured["jax padded"], measured["jax packed"]
+                ratio = (
+                    packed_row["useful_tokens_per_sec"]
+                    / padded["useful_tokens_per_sec"]
+                )
+                results.note(
+                    f"L={seq}: packed rows carry {packed_row['fill']:.0%} useful "
+                    f"tokens ({packed_row['objects']} objects in {rows} rows), "
+                    f"padded rows {padded['fill']:.0%}; packed "
+                    f"{packed_row['useful_tokens_per_sec']:,.0f} useful tokens/s, "
+                    f"{ratio:.2f}x the padded batch's, at "
+                    f"{packed_row['median_s'] / padded['median_s']:.2f}x its step "
+                    "time."
+                )
+    results.save()
+
+
+def run_generation(args, size_name: str, seqs, tag):
+    """Generation tokens per second, cached (sampled and greedy) and uncached."""
+    from _harness import Results
+
+    size = SIZES[size_name]
+    results = Results(
+        "multimodal_generation" + (f"_{tag}" if tag else ""),
+        "Multimodal LM: generation",
+        "`eqx_models.multimodal.generate` after a prompt of BOS and the image: "
+        "the scalars and every spectrum group drawn one position at a time with a "
+        "key/value cache (sampling with expected values at every drawn position, "
+        "and greedy), against a greedy loop that runs the full forward pass for "
+        "every position. Tokens per second count the drawn tokens of the whole "
+        "batch; each call includes the prompt's forward pass.",
+    )
+    for seq in seqs:
+        batch = args.batch or (64 if size_name == "gpt2" else 16)
+        argv = [__file__, "--worker", "generate", "--seq", str(seq)]
+        argv += ["--size", size_name, "--batch", str(batch)]
+        argv += ["--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+        if args.no_uncached:
+            argv.append("--no-uncached")
+        out = _spawn(argv, args.timeout)
+        sizes = {
+            "seq": seq,
+            "batch": batch,
+            "d_model": size["d_model"],
+            "n_layers": size["n_layers"],
+        }
+        if "error" in out:
+            results.add(workload="generation", impl="jax", sizes=sizes, **out)
+            continue
+        runs = {k: out.pop(k) for k in list(out) if isinstance(out[k], dict)}
+        for name, timing in runs.items():
+            results.add(
+                workload="generation",
+                impl=name,
+                sizes=sizes,
+                **timing,
+                **{k: v for k, v in out.items() if k != "batch"},
+            )
+        cached = runs.get("cached, greedy")
+        uncached = runs.get("uncached, greedy")
+        if cached and uncached:
+            speedup = cached["tokens_per_sec"] / uncached["tokens_per_sec"]
+            results.note(
+                f"L={seq}: cached greedy decoding {cached['tokens_per_sec']:,.0f} "
+                f"tokens/s, {speedup:.1f}x the loop without a cache."
+            )
+    results.save()
+
+
 def _add(results, impl, sizes, tokens, out, peak, spec, args):
     from _harness import _summary
 
     if "error" in out:
         results.add(workload="train step", impl=impl, sizes=sizes, error=out["error"])
         return
+    out.pop("useful_tokens", None)  # every position of these batches is a token
     if "times" in out:  # the PyTorch worker reports raw times
         out.update(_summary(out.pop("times")))
     timing = {k: out.pop(k) for k in ("median_s", "min_s", "max_s", "iqr_s", "repeats")}

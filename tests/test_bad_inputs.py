@@ -1179,6 +1179,33 @@ def _multimodal_cases():
         return jnp.asarray(columns)
 
     bad_column = st.tuples(st.integers(0, 2), st.integers(3, 50)).map(with_column)
+    sequence = mm.build_sequence(layout, image=[0, 1], scalars=[0, 2, -1])
+    packed = mm.pack_sequences([sequence, sequence], length=20)
+
+    def laid_out(tokens):
+        # Tokens in another order than build_sequence's, typed by the layout (MISS
+        # as a scalar).
+        tokens = np.asarray([tokens + [mm.PAD] * (10 - len(tokens))], np.int32)
+        implied = np.asarray(layout.type_ids(jnp.asarray(tokens)))
+        types = np.where(tokens == mm.MISS, 2, implied)
+        return mm.TokenBatch(
+            jnp.asarray(tokens),
+            jnp.asarray(types, jnp.int32),
+            jnp.full(tokens.shape, -1, jnp.int32),
+            jnp.full(tokens.shape, np.nan, jnp.float32),
+        )
+
+    image, scalar = layout.image_start, layout.scalar_start
+    BOS, SEP, EOS, MISS = mm.BOS, mm.SEP, mm.EOS, mm.MISS
+    misordered = [
+        laid_out([BOS, scalar, scalar + 2, MISS, SEP, image, image + 1, EOS]),
+        laid_out([BOS, image, SEP, scalar, SEP, image + 1, EOS]),
+        laid_out([BOS, image, image + 1, scalar, EOS]),
+        laid_out([BOS, image, SEP, SEP, scalar, EOS]),
+        laid_out([image, image + 1, SEP, scalar, EOS]),
+        laid_out([BOS, image, SEP, scalar, EOS, image]),
+        laid_out([BOS, image, SEP, scalar]),
+    ]
     loss = mm.MultimodalLoss(codebooks, sample_k=None)
     not_a_config = st.sampled_from([{"n_steps": 10}, None, 10, "config"])
     return [
@@ -1357,6 +1384,66 @@ def _multimodal_cases():
             ),
         ),
         Case(
+            "multimodal.generate",
+            "temperature",
+            bad_real(low=0, inclusive=(False, True)),
+            lambda t: mm.generate(
+                model, batch, prompt_length=2, key=jr.key(0), temperature=t
+            ),
+        ),
+        Case(
+            "multimodal.generate",
+            "top_k",
+            bad_size(maximum=layout.vocab_size),
+            lambda k: mm.generate(
+                model, batch, prompt_length=2, key=jr.key(0), top_k=k
+            ),
+        ),
+        Case(
+            "multimodal.generate",
+            "prompt_length",
+            bad_size(maximum=10),
+            lambda n: mm.generate(model, batch, prompt_length=n, key=jr.key(0)),
+        ),
+        Case(
+            "multimodal.generate",
+            "batch.tokens",
+            st.sampled_from(misordered),
+            lambda b: mm.generate(model, b, prompt_length=2, key=jr.key(0)),
+        ),
+        Case(
+            "multimodal.pack_sequences",
+            "length",
+            bad_size(),
+            lambda n: mm.pack_sequences([sequence], length=n),
+        ),
+        Case(
+            "multimodal.packing_plan",
+            "lengths",
+            st.sampled_from([[0], [-3], [2.5], [True], [11], ["3"], [4, 12]]),
+            lambda lengths: mm.packing_plan(lengths, length=10),
+        ),
+        Case(
+            "multimodal.TokenBatch",
+            "positions",
+            st.sampled_from(
+                [
+                    None,
+                    packed.positions[:, :-1],
+                    packed.positions.astype(jnp.float32),
+                    "positions",
+                ]
+            ),
+            lambda p: mm.TokenBatch(
+                packed.tokens,
+                packed.type_ids,
+                packed.columns,
+                packed.values,
+                segment_ids=packed.segment_ids,
+                positions=p,
+            ),
+        ),
+        Case(
             "multimodal.TokenBatch",
             "type_ids",
             st.sampled_from(
@@ -1390,7 +1477,7 @@ _N_CASES = {
     "chmm": 24,
     "tidhy": 30,
     "causal": 26,
-    "multimodal": 26,
+    "multimodal": 33,
 }
 
 TRIED: collections.Counter = collections.Counter()
@@ -1563,6 +1650,7 @@ NO_USER_VALUES = {
     "multimodal.MISS": _CONSTANT,
     "multimodal.PAD": _CONSTANT,
     "multimodal.SEP": _CONSTANT,
+    "multimodal.Generation": _RETURNED,
     "multimodal.SyntheticData": _RETURNED,
     "multimodal.TokenSequence": _RETURNED,
 }

@@ -3,10 +3,15 @@
 from transforms._train._deprecation import deprecated_aliases as _deprecated_aliases
 
 from ._codebooks import Codebooks as Codebooks, load_codebooks as load_codebooks
+from ._generate import generate as generate, Generation as Generation
 from ._loss import cast_floating as cast_floating, MultimodalLoss as MultimodalLoss
 from ._model import (
     CausalTransformerLM as CausalTransformerLM,
     check_tokens as check_tokens,
+)
+from ._packing import (
+    pack_sequences as pack_sequences,
+    packing_plan as packing_plan,
 )
 from ._predict import expected_values as expected_values
 from ._sequence import (

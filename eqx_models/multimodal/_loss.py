@@ -93,6 +93,17 @@ def _shift(x, fill):
     return jnp.concatenate([x[:, 1:], jnp.full_like(x[:, :1], fill)], axis=1)
 
 
+def _targets(batch):
+    """The token each position predicts: the next one, or `PAD` (counted by no loss)
+    at the end of a row and, in a packed batch, at the last position of each
+    segment, whose successor starts another sequence."""
+    targets = _shift(batch.tokens, PAD)
+    if batch.segment_ids is None:
+        return targets
+    same = _shift(batch.segment_ids, -1) == batch.segment_ids
+    return jnp.where(same, targets, PAD)
+
+
 def _edges_from_centres(centres):
     mid = 0.5 * (centres[..., 1:] + centres[..., :-1])
     first = centres[..., :1] - (mid[..., :1] - centres[..., :1])
@@ -205,7 +216,9 @@ class MultimodalLoss(eqx.Module):
 
         - `model`: the [`eqx_models.multimodal.CausalTransformerLM`][].
         - `batch`: a [`eqx_models.multimodal.TokenBatch`][] of shape
-            `(batch, length)`.
+            `(batch, length)`, padded or packed (with `segment_ids`: no position
+            predicts the first token of the next segment, so every part of the
+            loss is the one of the same sequences padded one per row).
         - `key`: PRNG key for dropout and position sampling; `None` for a
             deterministic evaluation.
 
@@ -217,7 +230,8 @@ class MultimodalLoss(eqx.Module):
 
         `ValueError` if the codebooks' layout is not the model's or the batch is not
         2-D; at run time for token ids outside the vocabulary, inconsistent type
-        ids, or scalar columns beyond the codebooks' rows.
+        ids, inconsistent segment ids or positions, or scalar columns beyond the
+        codebooks' rows.
         """
         layout = model.layout
         if self.codebooks.layout != layout:
@@ -239,7 +253,7 @@ class MultimodalLoss(eqx.Module):
             dropout_key = keys[0] if model.dropout > 0.0 else None
             main_keys, group_keys = keys[1:3], keys[3:]
         hidden = self._hidden(model, batch, dropout_key)
-        targets = _shift(batch.tokens, PAD).reshape(-1)
+        targets = _targets(batch).reshape(-1)
         head = _SliceHead(
             model.head_weight,
             model.head_bias,
@@ -295,7 +309,11 @@ class MultimodalLoss(eqx.Module):
             ),
         )
         hidden = body.features_batch(
-            batch.tokens, type_ids=batch.type_ids, key=dropout_key
+            batch.tokens,
+            type_ids=batch.type_ids,
+            segment_ids=batch.segment_ids,
+            positions=batch.positions,
+            key=dropout_key,
         )
         return hidden.reshape(-1, hidden.shape[-1])
 

@@ -30,6 +30,7 @@ from transforms.validation import (
 )
 
 from .._layer_ops import gelu, layer_norm
+from ._packing import check_segments
 from ._vocab import implied_types, N_SPECIAL, PAD, SPECIAL_TYPE, VocabLayout
 
 
@@ -57,33 +58,29 @@ class _Block(eqx.Module):
     proj_weight: Float[Array, "*layers d_ff d_model"]
     proj_bias: Float[Array, "*layers d_model"]
 
-    def attention(
-        self, h, lengths, *, n_heads: int, implementation: Literal["xla", "cudnn"]
-    ):
-        """Causal multi-head self-attention over rows `h` of `lengths.shape[0]`
-        sequences of equal padded length, each attending to its first `lengths`
-        positions only."""
+    def projections(self, h):
+        """Queries, keys and values of rows `h`, each `(rows, d_model)`."""
         d = h.shape[1]
-        batch = lengths.shape[0]
-        length = h.shape[0] // batch
-        shape = (batch, length, n_heads, d // n_heads)
         # One matmul per column block of the fused weight: each result feeds the
         # attention as it is, where slicing one (rows, 3 d) product would copy it
         # (and concatenate its gradient).
-        q, k, v = (
+        return tuple(
             h @ self.qkv_weight[:, i * d : (i + 1) * d]
             + self.qkv_bias[i * d : (i + 1) * d]
             for i in range(3)
         )
-        o = jax.nn.dot_product_attention(
-            q.reshape(shape),
-            k.reshape(shape),
-            v.reshape(shape),
-            is_causal=True,
-            key_value_seq_lengths=lengths,
-            implementation=implementation,
-        )
-        return o.reshape(batch * length, d) @ self.out_weight + self.out_bias
+
+    def attention(self, h, core, *, batch: int, n_heads: int):
+        """Multi-head self-attention over rows `h` of `batch` sequences of equal
+        length. `core(q, k, v) -> (o, extra)` mixes the heads' values, each of
+        shape `(batch, length, n_heads, head_dim)` (the mask lives in `core`);
+        `extra` is whatever it keeps (the keys and values for a decoding cache)."""
+        d = h.shape[1]
+        length = h.shape[0] // batch
+        shape = (batch, length, n_heads, d // n_heads)
+        q, k, v = self.projections(h)
+        o, extra = core(q.reshape(shape), k.reshape(shape), v.reshape(shape))
+        return o.reshape(batch * length, d) @ self.out_weight + self.out_bias, extra
 
     def mlp(self, h):
         """The position-wise feed-forward sublayer (GELU)."""
@@ -93,32 +90,112 @@ class _Block(eqx.Module):
     def __call__(
         self,
         x,
-        lengths,
+        core,
         *,
+        batch: int,
         n_heads: int,
-        implementation: Literal["xla", "cudnn"],
         pre_ln: bool,
         dropout: float,
         key: PRNGKeyArray | None,
     ):
-        """The block applied to rows `x`; dropout on each sublayer's output when
-        `key` is given."""
+        """The block applied to rows `x` with the attention core `core` (see
+        `attention`); dropout on each sublayer's output when `key` is given.
+        Returns the new rows and the core's `extra`."""
         keep_attn, keep_mlp = _keep_masks(key, dropout, 2, x.shape)
 
         def attention(h):
-            o = self.attention(
-                h, lengths, n_heads=n_heads, implementation=implementation
-            )
-            return _dropout(o, dropout, keep_attn)
+            o, extra = self.attention(h, core, batch=batch, n_heads=n_heads)
+            return _dropout(o, dropout, keep_attn), extra
 
         def mlp(h):
             return _dropout(self.mlp(h), dropout, keep_mlp)
 
         if pre_ln:
-            x = x + attention(layer_norm(x, self.ln1_weight, self.ln1_bias))
-            return x + mlp(layer_norm(x, self.ln2_weight, self.ln2_bias))
-        x = layer_norm(x + attention(x), self.ln1_weight, self.ln1_bias)
-        return layer_norm(x + mlp(x), self.ln2_weight, self.ln2_bias)
+            o, extra = attention(layer_norm(x, self.ln1_weight, self.ln1_bias))
+            x = x + o
+            return x + mlp(layer_norm(x, self.ln2_weight, self.ln2_bias)), extra
+        o, extra = attention(x)
+        x = layer_norm(x + o, self.ln1_weight, self.ln1_bias)
+        return layer_norm(x + mlp(x), self.ln2_weight, self.ln2_bias), extra
+
+
+def dot_product_attention(
+    q,
+    k,
+    v,
+    *,
+    is_causal: bool,
+    mask=None,
+    lengths=None,
+    implementation: Literal["xla", "cudnn"],
+):
+    """`jax.nn.dot_product_attention` with a boolean `mask` and key lengths, exact
+    in float64.
+
+    JAX's XLA implementation rounds the scores to float32 before the softmax
+    whatever the inputs' dtype; under `jax_enable_x64` with float64 inputs the
+    same attention is computed here in float64 instead (the library's float64
+    tests compare packed with padded batches, and cached decoding with the full
+    forward, to 1e-10). Other dtypes go to JAX unchanged.
+    """
+    if q.dtype != jnp.float64:
+        return jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            is_causal=is_causal,
+            key_value_seq_lengths=lengths,
+            implementation=implementation,
+        )
+    scores = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(q.shape[-1])
+    n_q, n_k = q.shape[1], k.shape[1]
+    allowed = jnp.ones((1, 1, n_q, n_k), bool)
+    if is_causal:
+        allowed = allowed & (jnp.arange(n_q)[:, None] >= jnp.arange(n_k)[None, :])
+    if mask is not None:
+        allowed = allowed & mask
+    if lengths is not None:
+        allowed = allowed & (jnp.arange(n_k) < lengths[:, None, None, None])
+    scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
+    return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
+
+
+def padded_attention(lengths, implementation: Literal["xla", "cudnn"]):
+    """The attention core of padded sequences: causal, each sequence attending to
+    its first `lengths` positions only."""
+
+    def core(q, k, v):
+        o = dot_product_attention(
+            q, k, v, is_causal=True, lengths=lengths, implementation=implementation
+        )
+        return o, None
+
+    return core
+
+
+def segment_attention(segment_ids, implementation: Literal["xla", "cudnn"]):
+    """The attention core of packed rows: causal and block-diagonal, a position
+    attending only to earlier positions of its own segment.
+
+    The segment mask goes to `jax.nn.dot_product_attention` as its boolean `mask`
+    on every implementation (float64 aside, see `dot_product_attention`): XLA
+    applies it to the scores, cuDNN's fused kernel receives it as an additive
+    bias. Neither may drop it, and
+    `tests/multimodal/test_packing.py` checks that each implementation is handed
+    it. Every query sees at least itself (the diagonal is always allowed), so no
+    row of the softmax is empty, padding included (it forms a segment of its own).
+    """
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    mask = same[:, None]  # (batch, 1, query, key): broadcast over the heads
+
+    def core(q, k, v):
+        o = dot_product_attention(
+            q, k, v, is_causal=True, mask=mask, implementation=implementation
+        )
+        return o, None
+
+    return core
 
 
 def _draw(key, specs):
@@ -248,16 +325,19 @@ def _keep_masks(key, rate: float, count: int, shape):
 
 
 def _attention_implementation(
-    choice: str, dtype, head_dim: int
+    choice: str, dtype, head_dim: int, length: int, packed: bool
 ) -> Literal["xla", "cudnn"]:
     if choice in ("xla", "cudnn"):
         return choice
-    # cuDNN's fused flash attention: GPU, half precision, head dims it supports.
+    # cuDNN's fused flash attention: GPU, half precision, head dims it supports;
+    # with a segment mask (its bias input) the training kernels need an even
+    # length.
     if (
         jax.default_backend() == "gpu"
         and dtype in (jnp.bfloat16, jnp.float16)
         and head_dim % 8 == 0
         and head_dim <= 128
+        and not (packed and length % 2)
     ):
         return "cudnn"
     return "xla"
@@ -450,20 +530,38 @@ class CausalTransformerLM(eqx.Module):
             "vocabulary": self.layout.to_dict(),
         }
 
-    def _check_inputs(self, tokens, type_ids, where: str):
+    def _check_inputs(self, tokens, type_ids, where: str, segment_ids, positions):
+        name = f"CausalTransformerLM.{where}"
         if tokens.shape[-1] > self.max_len:
             raise ValueError(
-                f"CausalTransformerLM.{where}: `tokens` has length {tokens.shape[-1]}, "
+                f"{name}: `tokens` has length {tokens.shape[-1]}, "
                 f"longer than the position table (`max_len`={self.max_len})."
             )
         if tokens.shape[-1] < 1:
-            raise ValueError(f"CausalTransformerLM.{where}: `tokens` is empty.")
-        if type_ids is not None and type_ids.shape != tokens.shape:
-            raise ValueError(
-                f"CausalTransformerLM.{where}: `type_ids` must have the shape of "
-                f"`tokens` {tokens.shape}, got {type_ids.shape}."
+            raise ValueError(f"{name}: `tokens` is empty.")
+        for arg, value in (
+            ("type_ids", type_ids),
+            ("segment_ids", segment_ids),
+            ("positions", positions),
+        ):
+            if value is not None and value.shape != tokens.shape:
+                raise ValueError(
+                    f"{name}: `{arg}` must have the shape of `tokens` {tokens.shape}, "
+                    f"got {value.shape}."
+                )
+        if (segment_ids is None) != (positions is None):
+            missing = "positions" if positions is None else "segment_ids"
+            raise fail(
+                name,
+                missing,
+                "given together with `segment_ids` and `positions` (a packed batch) "
+                "or not at all",
+                "None",
             )
-        return check_tokens(self.layout, tokens, type_ids, where=where)
+        tokens = check_tokens(self.layout, tokens, type_ids, where=name)
+        if segment_ids is not None:
+            tokens = check_segments(tokens, segment_ids, positions, where=name)
+        return tokens
 
     @typechecked
     def features_batch(
@@ -471,15 +569,29 @@ class CausalTransformerLM(eqx.Module):
         tokens: Int[Array, "batch length"],
         *,
         type_ids: Int[Array, "batch length"] | None = None,
+        segment_ids: Int[Array, "batch length"] | None = None,
+        positions: Int[Array, "batch length"] | None = None,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "batch length d_model"]:
         """Final hidden states (after the last LayerNorm) of a batch of sequences.
+
+        A batch is either padded (one sequence per row, `PAD` after its end) or
+        packed (several sequences per row, see
+        [`eqx_models.multimodal.pack_sequences`][]): with `segment_ids` and
+        `positions`, a position attends only to earlier positions of its own
+        segment and its position embedding is its place in the segment, so each
+        packed sequence gets the hidden states it would get alone.
 
         **Arguments:**
 
         - `tokens`: token ids, shape `(batch, length)`, `PAD` only as a suffix.
         - `type_ids`: type ids, same shape; default: derived from the token ids by
             the layout. Given ids must agree with the layout on non-special tokens.
+        - `segment_ids`: for a packed batch, the segment of each position (1, 2, ...
+            in order along a row, 0 exactly at the `PAD` suffix), same shape.
+        - `positions`: for a packed batch, each position's index within its
+            segment (0 at the first position of every segment, the `PAD` suffix
+            included), same shape.
         - `key`: PRNG key for dropout; `None` for a deterministic pass.
 
         **Returns:**
@@ -488,23 +600,53 @@ class CausalTransformerLM(eqx.Module):
 
         **Raises:**
 
-        `ValueError` if the sequence is longer than `max_len` or shapes disagree; at
-        run time (`eqx.error_if`) for token ids outside the vocabulary, type ids
-        inconsistent with the layout, or `PAD` before a non-`PAD` token.
+        `ValueError` if the sequence is longer than `max_len`, shapes disagree, or
+        only one of `segment_ids` and `positions` is given; for concrete ids (at run
+        time by `eqx.error_if` for traced ones): token ids outside the vocabulary,
+        type ids inconsistent with the layout, `PAD` before a non-`PAD` token,
+        segment ids that are not 0 exactly at `PAD`, decrease along a row, or
+        positions that do not restart at 0 with each segment and count up by one.
         """
-        tokens = self._check_inputs(tokens, type_ids, "features_batch")
+        tokens = self._check_inputs(
+            tokens, type_ids, "features_batch", segment_ids, positions
+        )
         if type_ids is None:
             type_ids = self.layout.type_ids(tokens)
         batch, length = tokens.shape
         dtype = self.blocks.qkv_weight.dtype
+        head_dim = self.d_model // self.n_heads
+        packed = segment_ids is not None
+        implementation = _attention_implementation(
+            self.attention, dtype, head_dim, length, packed
+        )
+        if packed:
+            core = segment_attention(segment_ids, implementation)
+        else:
+            lengths = jnp.sum(tokens != PAD, axis=-1, dtype=jnp.int32)
+            core = padded_attention(lengths, implementation)
+        x, _ = self._forward(tokens, type_ids, positions, core, key=key)
+        return x.reshape(batch, length, self.d_model)
+
+    def _forward(self, tokens, type_ids, positions, core, *, key):
+        """Embeddings, the scanned blocks with attention core `core` (see
+        `_Block.attention`) and the final LayerNorm, on checked inputs.
+
+        Returns the final rows `(batch * length, d_model)` and the cores' `extra`
+        stacked over the layers. Not part of the public API: the forward passes and
+        the decoding cache share it.
+        """
+        batch, length = tokens.shape
+        dtype = self.blocks.qkv_weight.dtype
+        position_rows = (
+            self.position_embedding[:length]
+            if positions is None
+            else self.position_embedding[positions]
+        )
         # Embeddings are summed in their own dtype and then cast, so that float32
         # tables keep a float32 gradient (a scatter-add) under bfloat16 compute.
         x = (
-            self.token_embedding[tokens]
-            + self.type_embedding[type_ids]
-            + self.position_embedding[:length]
+            self.token_embedding[tokens] + self.type_embedding[type_ids] + position_rows
         ).astype(dtype)
-        lengths = jnp.sum(tokens != PAD, axis=-1, dtype=jnp.int32)
         if key is None or self.dropout == 0.0:
             embed_key, layer_keys = None, None
         else:
@@ -515,21 +657,18 @@ class CausalTransformerLM(eqx.Module):
         )
         # The blocks work on `(batch * length, d_model)` rows (see `_Block`).
         x = x.reshape(batch * length, self.d_model)
-        head_dim = self.d_model // self.n_heads
-        implementation = _attention_implementation(self.attention, dtype, head_dim)
 
         def block(x, inputs):
             p, k = inputs
-            x = p(
+            return p(
                 x,
-                lengths,
+                core,
+                batch=batch,
                 n_heads=self.n_heads,
-                implementation=implementation,
                 pre_ln=self.pre_ln,
                 dropout=self.dropout,
                 key=k,
             )
-            return x, None
 
         if self.remat:
             block = jax.checkpoint(block)
@@ -540,9 +679,8 @@ class CausalTransformerLM(eqx.Module):
             return block(x, (eqx.combine(p, static), k))
 
         unroll = _layers_per_iteration(self.unroll, self.n_layers)
-        x, _ = jax.lax.scan(scanned, x, (params, layer_keys), unroll=unroll)
-        x = layer_norm(x, self.final_norm_weight, self.final_norm_bias)
-        return x.reshape(batch, length, self.d_model)
+        x, extra = jax.lax.scan(scanned, x, (params, layer_keys), unroll=unroll)
+        return layer_norm(x, self.final_norm_weight, self.final_norm_bias), extra
 
     @typechecked
     def features(

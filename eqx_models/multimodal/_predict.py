@@ -23,6 +23,8 @@ def expected_values(
     *,
     type_ids: Int[Array, "batch length"] | None = None,
     columns: Int[Array, "batch length"] | None = None,
+    segment_ids: Int[Array, "batch length"] | None = None,
+    positions: Int[Array, "batch length"] | None = None,
 ) -> dict[str, Float[Array, "..."]]:
     """Teacher-forced expected-value reconstructions of every position.
 
@@ -30,7 +32,8 @@ def expected_values(
     at `t - 1` restricted to the modality's slice gives an expected codebook vector
     (image, each spectrum group) or bin centre (scalar, with the centres of the
     column in `columns`): the model's reconstruction of the value at `t` from the
-    tokens before it. Position 0 has no prediction (NaN). No sampling, no dropout.
+    tokens before it. Position 0 has no prediction (NaN), nor, in a packed batch,
+    the first position of each segment. No sampling, no dropout.
 
     **Arguments:**
 
@@ -40,6 +43,8 @@ def expected_values(
     - `type_ids`: optional type ids, same shape.
     - `columns`: the scalar column of each position (as in
         [`eqx_models.multimodal.TokenBatch`][]); needed with per-column centres.
+    - `segment_ids`, `positions`: for a packed batch, as in
+        [`eqx_models.multimodal.TokenBatch`][].
 
     **Returns:**
 
@@ -53,7 +58,8 @@ def expected_values(
     `ValueError` if the codebooks' layout is not the model's, per-column centres
     are given without `columns`, or a scalar token's column lies outside the rows
     of centres (at once for concrete arrays, by `eqx.error_if` under `jit`; a gather
-    would clip it to the last row).
+    would clip it to the last row); for tokens, type ids, segment ids or positions
+    that [`eqx_models.multimodal.CausalTransformerLM.features_batch`][] refuses.
     """
     layout = model.layout
     if codebooks.layout != layout:
@@ -66,7 +72,9 @@ def expected_values(
             f"expected_values: the codebooks have {codebooks.n_columns} rows of "
             "scalar centres (one per column); pass `columns`."
         )
-    hidden = model.features_batch(tokens, type_ids=type_ids)
+    hidden = model.features_batch(
+        tokens, type_ids=type_ids, segment_ids=segment_ids, positions=positions
+    )
     accumulate = jnp.promote_types(hidden.dtype, jnp.float32)
     slices = layout.slices()
 
@@ -78,10 +86,19 @@ def expected_values(
         ) + model.head_bias[start:stop].astype(accumulate)
         return jax.nn.softmax(logits, axis=-1)
 
+    # Positions without a prediction: the first of each sequence (a segment's first
+    # token is not predicted by the previous segment).
+    if positions is None:
+        first = jnp.broadcast_to(jnp.arange(tokens.shape[1]) == 0, tokens.shape)
+    else:
+        first = positions == 0
+
     def shifted(x):
         # Logits at t - 1 predict the token at t.
         pad = jnp.full((x.shape[0], 1) + x.shape[2:], jnp.nan, x.dtype)
-        return jnp.concatenate([pad, x[:, :-1]], axis=1)
+        x = jnp.concatenate([pad, x[:, :-1]], axis=1)
+        keep = ~first.reshape(first.shape + (1,) * (x.ndim - first.ndim))
+        return jnp.where(keep, x, jnp.nan)
 
     precision = jax.lax.Precision.HIGHEST
     out = {

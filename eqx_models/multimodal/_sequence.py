@@ -48,32 +48,57 @@ class TokenSequence(NamedTuple):
 
 
 class TokenBatch(eqx.Module):
-    """A padded batch of token sequences (device arrays), as the model and loss take.
+    """A batch of token sequences (device arrays), as the model and loss take.
 
-    Fields, each of shape `(batch, length)` (or `(length,)` for one sequence):
-    `tokens` (`PAD` after the end of each sequence), `type_ids`, `columns` (scalar
+    Fields, each of shape `(batch, length)` (or `(length,)` for one row):
+    `tokens` (`PAD` after the end of each row), `type_ids`, `columns` (scalar
     column per position, -1 where none) and `values` (raw scalar values, NaN where
-    unknown). Build it with [`eqx_models.multimodal.pad_batch`][].
+    unknown). A padded batch holds one sequence per row
+    ([`eqx_models.multimodal.pad_batch`][]) and leaves `segment_ids` and
+    `positions` as `None`. A packed batch
+    ([`eqx_models.multimodal.pack_sequences`][]) holds several sequences per row
+    and says where each lies: `segment_ids` (1, 2, ... for the sequences of a row,
+    in order, 0 on the `PAD` suffix) and `positions` (each position's index within
+    its segment); the model then attends within segments only and the loss never
+    predicts across a boundary.
 
     **Raises:**
 
-    `ValueError` if the fields differ in shape; `TypeError` if `tokens`,
-    `type_ids` or `columns` is not an integer array, or `values` not a floating
-    one.
+    `ValueError` if the fields differ in shape or only one of `segment_ids` and
+    `positions` is given; `TypeError` if `tokens`, `type_ids`, `columns`,
+    `segment_ids` or `positions` is not an integer array, or `values` not a
+    floating one. (The values of `segment_ids` and `positions` are checked by the
+    model, which also sees them inside `jit`.)
     """
 
     tokens: Int[Array, "*batch length"]
     type_ids: Int[Array, "*batch length"]
     columns: Int[Array, "*batch length"]
     values: Float[Array, "*batch length"]
+    segment_ids: Int[Array, "*batch length"] | None = None
+    positions: Int[Array, "*batch length"] | None = None
 
     def __check_init__(self):
-        kinds = (
+        kinds = [
             ("tokens", jnp.integer, "an integer array"),
             ("type_ids", jnp.integer, "an integer array"),
             ("columns", jnp.integer, "an integer array"),
             ("values", jnp.floating, "a floating-point array"),
-        )
+        ]
+        if (self.segment_ids is None) != (self.positions is None):
+            missing = "positions" if self.positions is None else "segment_ids"
+            raise fail(
+                "TokenBatch",
+                missing,
+                "given together with `segment_ids` and `positions` (a packed batch) "
+                "or not at all",
+                "None",
+            )
+        if self.segment_ids is not None:
+            kinds += [
+                ("segment_ids", jnp.integer, "an integer array or None"),
+                ("positions", jnp.integer, "an integer array or None"),
+            ]
         for arg, kind, expected in kinds:
             value = getattr(self, arg)
             if not (
@@ -89,6 +114,11 @@ class TokenBatch(eqx.Module):
                     f"of the shape of `tokens`, {self.tokens.shape}",
                     f"shape {value.shape}",
                 )
+
+    @property
+    def packed(self) -> bool:
+        """Whether the batch is packed (has `segment_ids` and `positions`)."""
+        return self.segment_ids is not None
 
 
 def _indices(name: str, x, upper: int, allow_missing: bool) -> np.ndarray:
