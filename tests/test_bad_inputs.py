@@ -539,7 +539,7 @@ def _samplers():
 
     data = (np.ones((8, 3), np.float32), np.ones((8, 2), np.float32))
     return (
-        T.poisson_sampler(data, sampling_rate=0.5, key=jr.key(0)),
+        T.poisson_sampler(data, sampling_rate=0.1, key=jr.key(0)),
         T.shuffle_sampler(data, batch_size=4, key=jr.key(0)),
     )
 
@@ -555,7 +555,7 @@ def _over_budget(epsilon):
     opt_state = optax.sgd(0.1).init(eqx.filter(mlp(), eqx.is_inexact_array))
     budget = T.PrivacyBudget(epsilon=epsilon, delta=1e-5)
     return T.fit(
-        _dp_step(noise_multiplier=1.0),
+        _dp_step(noise_multiplier=2.0),
         mlp(),
         opt_state,
         poisson,

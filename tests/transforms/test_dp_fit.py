@@ -20,7 +20,7 @@ from transforms import (
 
 import_optional("dp_accounting", extra="dp")
 
-SIGMA, DELTA = 1.0, 1e-5
+SIGMA, RATE, DELTA = 2.0, 0.1, 1e-5
 
 
 def _loss(model, x, y):
@@ -36,13 +36,13 @@ def _setup():
     step = make_dp_train_step(
         _loss, optimizer, clip_norm=1.0, noise_multiplier=SIGMA, donate=False
     )
-    sampler = poisson_sampler((x, y), sampling_rate=0.25, key=jr.key(2))
+    sampler = poisson_sampler((x, y), sampling_rate=RATE, key=jr.key(2))
     return step, model, opt_state, sampler
 
 
 def _eps(steps):
     return dp_epsilon(
-        noise_multiplier=SIGMA, sampling_rate=0.25, steps=steps, delta=DELTA
+        noise_multiplier=SIGMA, sampling_rate=RATE, steps=steps, delta=DELTA
     )
 
 
@@ -75,7 +75,7 @@ def test_a_run_over_the_budget_is_refused_before_its_first_step():
         calls.append(i)
         return sampler(i)
 
-    budget = PrivacyBudget(epsilon=_eps(4) * 1.001, delta=DELTA, sampling_rate=0.25)
+    budget = PrivacyBudget(epsilon=_eps(4) * 1.001, delta=DELTA, sampling_rate=RATE)
     with pytest.raises(
         PrivacyBudgetError, match=r"`n_steps`=10 .* at most 4 steps"
     ) as info:
@@ -127,7 +127,7 @@ def test_the_pld_accountant_reports_every_few_steps():
     assert reported == [False, True, True]  # every 2 steps, and the last
     want = dp_epsilon(
         noise_multiplier=SIGMA,
-        sampling_rate=0.25,
+        sampling_rate=RATE,
         steps=2,
         delta=DELTA,
         accountant="pld",
@@ -160,7 +160,7 @@ def test_privacy_needs_a_private_step_and_a_known_sampling_rate():
             sampler,
             n_steps=1,
             key=jr.key(0),
-            privacy=PrivacyBudget(epsilon=10.0, delta=DELTA, sampling_rate=0.5),
+            privacy=PrivacyBudget(epsilon=10.0, delta=DELTA, sampling_rate=0.5 * RATE),
             progress=False,
         )
     # Under pytest jaxtyping's import hook checks the annotation first.
