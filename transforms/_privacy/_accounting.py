@@ -11,8 +11,10 @@ a run cheaply (an RDP curve is linear in the number of steps).
 error naming the extra when it is missing.
 """
 
+import contextlib
 import dataclasses
 import importlib
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +34,19 @@ def dp_accounting_module() -> Any:
             "privacy accounting needs the optional `dp` extra (the `dp-accounting` "
             'package): pip install "eqx-models[dp]", or pip install dp-accounting.'
         ) from error
+
+
+@contextlib.contextmanager
+def _quiet_trials():
+    """Silence `dp_accounting`'s warnings (through absl's logger) about RDP orders
+    it leaves out, while a calibration tries noise levels that are not answers."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _accountant(dpa, accountant: str):
@@ -170,8 +185,8 @@ def dp_noise_multiplier(
     steps = check_size(name, "steps", steps, minimum=1)
     check_in_range(name, "tolerance", tolerance, low=0, inclusive=(False, True))
     dpa = dp_accounting_module()
-    return float(
-        dpa.calibrate_dp_mechanism(
+    with _quiet_trials():
+        sigma = dpa.calibrate_dp_mechanism(
             lambda: _accountant(dpa, accountant),
             lambda sigma: _event(dpa, sigma, sampling_rate, steps),
             epsilon,
@@ -179,7 +194,7 @@ def dp_noise_multiplier(
             dpa.LowerEndpointAndGuess(0.0, 1.0),
             tol=tolerance,
         )
-    )
+    return float(sigma)
 
 
 class PrivacyBudgetError(ValueError):
