@@ -159,7 +159,9 @@ def main(argv=None):
     fig.tight_layout()
     fig.savefig(out_path("dp_finetune.png"), dpi=120)
 
-    summary = {f"accuracy_eps{t:g}": f"{runs[t]['accuracy']:.3f}" for t in TARGETS}
+    summary: dict[str, str | int] = {
+        f"accuracy_eps{t:g}": f"{runs[t]['accuracy']:.3f}" for t in TARGETS
+    }
     summary["accuracy_no_privacy"] = f"{baseline:.3f}"
     summary.update({f"sigma_eps{t:g}": f"{runs[t]['sigma']:.3f}" for t in TARGETS})
     summary.update(

@@ -65,6 +65,7 @@ SMALLER = {
         ("windows[:100]", "windows[:4]"),
         ("for i in range(100):", "for i in range(3):"),
         ("n_steps=500,", "n_steps=2,"),
+        ("n_steps, q, delta = 200,", "n_steps, q, delta = 3,"),
         ("jr.split(jr.key(3), 128)", "jr.split(jr.key(3), 8)"),
         ("make_synthetic_data(jr.key(0), 2000)", "make_synthetic_data(jr.key(0), 64)"),
         (

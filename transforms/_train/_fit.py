@@ -418,10 +418,11 @@ def fit(
             if checkpoint_every and (i + 1) % checkpoint_every == 0:
                 checkpoint(i + 1)
             bar.update(1)
-            postfix = {"loss": f"{record['loss']:.4g}" if "loss" in record else ""}
+            loss = f"{record['loss']:.4g}" if "loss" in record else ""
             if accounting is not None and accounting.latest is not None:
-                postfix["eps"] = f"{accounting.latest:.3g}"
-            bar.set_postfix(**postfix)
+                bar.set_postfix(loss=loss, eps=f"{accounting.latest:.3g}")
+            else:
+                bar.set_postfix(loss=loss)
     finally:
         bar.close()
     if checkpoint_path is not None and checkpoint_step != n_steps:
