@@ -89,7 +89,8 @@ def _median_norm(model, loss, examples) -> float:
     return float(np.median(norms))
 
 
-MODELS = ["mlp", "conv", "embedding_layernorm", "gpt_tied"]
+# The GPTs: the head tied to the embedding, and the blocks run by `lax.scan` too.
+MODELS = ["mlp", "conv", "embedding_layernorm", "gpt_tied", "gpt_tied_scan"]
 
 
 @pytest.mark.slow
