@@ -40,14 +40,16 @@ GRID = [
 
 @pytest.mark.parametrize("sigma, q, steps, delta", GRID)
 def test_rdp_epsilon_is_dp_accountings(sigma, q, steps, delta):
+    want = _direct("rdp", sigma, q, steps, delta)
     got = dp_epsilon(noise_multiplier=sigma, sampling_rate=q, steps=steps, delta=delta)
-    assert got == _direct("rdp", sigma, q, steps, delta)
+    assert got == want
 
 
 @pytest.mark.parametrize(
     "sigma, q, steps, delta", [(1.1, 0.01, 100, 1e-5), (2.0, 0.2, 20, 1e-6)]
 )
 def test_pld_epsilon_is_dp_accountings(sigma, q, steps, delta):
+    want = _direct("pld", sigma, q, steps, delta)
     got = dp_epsilon(
         noise_multiplier=sigma,
         sampling_rate=q,
@@ -55,7 +57,7 @@ def test_pld_epsilon_is_dp_accountings(sigma, q, steps, delta):
         delta=delta,
         accountant="pld",
     )
-    assert got == pytest.approx(_direct("pld", sigma, q, steps, delta), rel=1e-12)
+    assert got == pytest.approx(want, rel=1e-12)
     rdp = dp_epsilon(noise_multiplier=sigma, sampling_rate=q, steps=steps, delta=delta)
     assert got < rdp  # PLD is the tighter accountant
 
