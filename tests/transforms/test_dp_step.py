@@ -291,6 +291,9 @@ def test_bad_arguments():
     bad_mask = MaskedBatch(train, jnp.ones(2, bool), jnp.asarray(3.0))
     with pytest.raises(ValueError, match="`mask` must be a boolean array of shape"):
         build()(model, opt_state, bad_mask, jr.key(0))
+    bad_size = MaskedBatch(train, jnp.ones(3, bool), jnp.asarray(0.0))
+    with pytest.raises(ValueError, match="`batch.expected_size` must be a finite"):
+        build()(model, opt_state, bad_size, jr.key(0))
 
 
 _SHARDED = textwrap.dedent(

@@ -26,7 +26,14 @@ from .._grad._per_sample import as_batch, setup
 from .._train._determinism import compile_variants
 from .._train._sharding import replicate, shard_batch
 from .._train._train_step import check_step_arguments, finish_update, nonfinite_mask
-from .._validation import check_in_range, check_size, describe, fail, typechecked
+from .._validation import (
+    check_in_range,
+    check_size,
+    describe,
+    fail,
+    is_traced,
+    typechecked,
+)
 from ._clipping import check_mask, check_settings, clip_and_sum
 from ._sampling import MaskedBatch
 
@@ -155,6 +162,14 @@ class DPTrainStep(eqx.Module):
                     describe(size),
                     TypeError,
                 )
+            if not is_traced(size):
+                check_in_range(
+                    _STEP,
+                    "batch.expected_size",
+                    float(np.asarray(size)),
+                    low=0,
+                    inclusive=(False, True),
+                )
             size = jnp.asarray(size, jnp.float32)
         else:
             examples = as_batch(_STEP, "batch", batch)
@@ -198,8 +213,9 @@ class DPTrainStep(eqx.Module):
         `TypeError` for a `key` that is neither a PRNG key nor `None`, or `None`
         with noise; `TypeError`/`ValueError` for a batch that is not a
         `MaskedBatch` or a non-empty tuple of arrays sharing their leading axis, a
-        mask that is not boolean `[B]`, or a `B` not divisible by
-        `accumulation_steps`; the loss function's own errors.
+        mask that is not boolean `[B]`, an `expected_size` that is not a positive
+        scalar, or a `B` not divisible by `accumulation_steps`; the loss
+        function's own errors.
         """
         if key is None:
             if self.noise_multiplier > 0:
