@@ -6,9 +6,10 @@ pre-LN blocks, fused qkv projection, causal attention, tanh-GELU MLP, final Laye
 head tied to the token embedding), so the per-sample norms agree when the weights are
 copied over.
 
-Usage (started by `ghost.py`, which writes the two files): `python
-benchmarks/_ghost_torch.py --peer torch.func|opacus --weights W.npz --tokens X.npy
---heads H [--compute f32|bf16] [--device cpu|cuda] [--repeats N]`. `W.npz` holds the
+Usage (started by `ghost.py` or `dp.py`, which write the two files): `python
+benchmarks/_ghost_torch.py --peer torch.func|opacus|opacus-dp --weights W.npz
+--tokens X.npy --heads H [--compute f32|bf16] [--device cpu|cuda] [--repeats N]
+[--clip-norm C] [--noise-multiplier S]`. `W.npz` holds the
 weights under the names of this module's `GPT.state_dict()`, `X.npy` the token
 sequences, `(B, T + 1)` integers. The worker prints one JSON line: the timing (the
 first call, then the median of `repeats` calls, each ended by
@@ -27,6 +28,12 @@ Peers:
   `use_ghost_clipping=True`): one forward and backward pass of the batch (bf16 under
   `torch.autocast`), norms from the hooks of its `nn.Linear`, `nn.Embedding` and
   `nn.LayerNorm` layers.
+- `opacus-dp`: a whole DP-SGD step of Opacus with ghost clipping, for
+  `benchmarks/dp.py`: the module above, `DPOptimizerFastGradientClipping` around
+  AdamW (noise `--noise-multiplier` times `--clip-norm`, divided by the batch size)
+  and `DPLossFastGradientClipping`, whose `backward()` runs the two backward passes
+  (norms, then the loss reweighted by the clip factors) from one forward pass. The
+  result holds the timing and memory, no norms.
 """
 
 import argparse
@@ -164,6 +171,67 @@ def opacus_norms(model: GPT, compute_dtype: torch.dtype):
     return norms
 
 
+def opacus_dp_step(
+    model: GPT, compute_dtype: torch.dtype, clip_norm: float, noise_multiplier: float
+):
+    """`fn(tokens)`: one DP-SGD step of Opacus with ghost clipping on `tokens`.
+
+    The optimiser is built at the first call, when the batch size (Opacus'
+    expected batch size, the noisy sum's denominator) is known.
+    """
+    from opacus.grad_sample import (  # pyright: ignore[reportMissingImports]
+        GradSampleModuleFastGradientClipping,
+    )
+    from opacus.optimizers import (  # pyright: ignore[reportMissingImports]
+        DPOptimizerFastGradientClipping,
+    )
+    from opacus.utils.fast_gradient_clipping_utils import (  # pyright: ignore[reportMissingImports]
+        DPLossFastGradientClipping,
+    )
+
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    wrapped = GradSampleModuleFastGradientClipping(
+        model,
+        batch_first=True,
+        loss_reduction="mean",
+        max_grad_norm=clip_norm,
+        use_ghost_clipping=True,
+    )
+    device = next(model.parameters()).device.type
+    mixed = compute_dtype != torch.float32
+    built: dict = {}
+
+    def step(tokens):
+        if not built:
+            optimizer = DPOptimizerFastGradientClipping(
+                torch.optim.AdamW(model.parameters(), lr=3e-4),
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=clip_norm,
+                expected_batch_size=tokens.shape[0],
+                loss_reduction="mean",
+            )
+            built["optimizer"] = optimizer
+            built["criterion"] = DPLossFastGradientClipping(
+                wrapped, optimizer, nn.CrossEntropyLoss(), loss_reduction="mean"
+            )
+        optimizer, criterion = built["optimizer"], built["criterion"]
+        with torch.autocast(device, dtype=compute_dtype, enabled=mixed):
+            logits = wrapped(tokens[:, :-1].contiguous())
+        B, T, V = logits.shape
+        # `shape` makes the per-example loss the mean over each sequence's tokens.
+        loss = criterion(
+            logits.float().reshape(B * T, V),
+            tokens[:, 1:].reshape(B * T),
+            shape=(B, T, V),
+        )
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
 def _summary(times: list[float]) -> dict:
     times = sorted(times)
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
@@ -207,7 +275,7 @@ def _first_line(error: BaseException) -> str:
 
 def run(args) -> dict:
     """One peer's measurement, or the reason there is none."""
-    if args.peer == "opacus":
+    if args.peer in ("opacus", "opacus-dp"):
         try:
             import opacus  # pyright: ignore[reportMissingImports]
         except ImportError as error:
@@ -224,6 +292,10 @@ def run(args) -> dict:
     if note is not None:
         out["note"] = note
     try:
+        if args.peer == "opacus-dp":
+            step = opacus_dp_step(model, dtype, args.clip_norm, args.noise_multiplier)
+            timing, _ = measure(step, tokens, args.repeats)
+            return {**out, **timing}
         if args.peer == "opacus":
             timing, norms = measure(opacus_norms(model, dtype), tokens, args.repeats)
         else:
@@ -245,13 +317,17 @@ def run(args) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--peer", choices=["torch.func", "opacus"], required=True)
+    parser.add_argument(
+        "--peer", choices=["torch.func", "opacus", "opacus-dp"], required=True
+    )
     parser.add_argument("--weights", required=True)
     parser.add_argument("--tokens", required=True)
     parser.add_argument("--heads", type=int, required=True)
     parser.add_argument("--compute", choices=["f32", "bf16"], default="f32")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--clip-norm", type=float, default=1.0)
+    parser.add_argument("--noise-multiplier", type=float, default=1.0)
     print(json.dumps(run(parser.parse_args(argv))), flush=True)
 
 

@@ -57,14 +57,15 @@ IDENTITY = frozenset(
     }
 )
 
-# Workloads that sweep one size (written by `ghost.py --sweep-batch`, at one length
-# per sweep, and `chmm.py --sweep-lengths`): drawn in the plots and listed in the
-# details, not summarised.
+# Workloads that sweep one size (written by `ghost.py --sweep-batch` and `dp.py
+# --sweep-batch`, at one length per sweep, and `chmm.py --sweep-lengths`): drawn in
+# the plots and listed in the details, not summarised.
 SWEEPS = ("batch sweep/", "length sweep/")
 
 ORDER = [
     "multimodal",
     "ghost",
+    "dp",
     "chmm",
     "tidhy",
     "causal",
@@ -964,6 +965,58 @@ def _summary_causal(result: dict) -> list[Comparison]:
     return out
 
 
+def _summary_dp(result: dict) -> list[Comparison]:
+    """`dp.py`: each DP step against the plain step of its regime (time and memory,
+    with the issue's targets, which it set for B = 256), and the one-pass step
+    against Opacus."""
+    device, out = _device(result), []
+    regimes: dict[tuple, dict[str, dict]] = {}
+    for row in result["rows"]:
+        if _is_sweep(row):
+            continue
+        s = row.get("sizes", {})
+        regimes.setdefault((s.get("batch"), s.get("length")), {})[row["impl"][:3]] = row
+    for (B, T), by in regimes.items():
+        plain = by.get("(a)")
+        if plain is None or "median_s" not in plain:
+            continue
+        for tag, method in (("(b)", "one pass"), ("(c)", "two passes")):
+            ours = by.get(tag)
+            if ours is None or "median_s" not in ours:
+                continue
+            ratio = ours["median_s"] / plain["median_s"]
+            limit = 1.1 if tag == "(b)" else 1.25
+            text = f"{_digits(ratio)}× the time"
+            target = f"time <= {limit}× ({_met(ratio <= limit)})"
+            if ours.get("peak_bytes") and plain.get("peak_bytes"):
+                m = ours["peak_bytes"] / plain["peak_bytes"]
+                text += f", {_digits(m)}× the memory"
+                target += f", memory <= 1.1× ({_met(m <= 1.1)})"
+            out.append(
+                Comparison(
+                    device,
+                    f"DP step, {method} (B = {B}, T = {T})",
+                    time_text(ours["median_s"]),
+                    f"plain step: {time_text(plain['median_s'])}",
+                    text,
+                    target if B == 256 else "–",
+                )
+            )
+        one, peer = by.get("(b)"), by.get("(e)")
+        if one and peer and "median_s" in one and "median_s" in peer:
+            out.append(
+                Comparison(
+                    device,
+                    f"DP step (B = {B}, T = {T})",
+                    f"{time_text(one['median_s'])} (one pass)",
+                    f"Opacus ghost clipping: {time_text(peer['median_s'])}",
+                    faster(one["median_s"], peer["median_s"]),
+                    f"faster ({_met(one['median_s'] < peer['median_s'])})",
+                )
+            )
+    return out
+
+
 SUMMARIES: dict[str, Callable[[dict], list[Comparison]]] = {
     "chmm": _summary_chmm,
     "ghost": _summary_ghost,
@@ -974,6 +1027,7 @@ SUMMARIES: dict[str, Callable[[dict], list[Comparison]]] = {
     "train_step": _summary_train_step,
     "determinism": _summary_determinism,
     "causal": _summary_causal,
+    "dp": _summary_dp,
 }
 
 

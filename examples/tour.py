@@ -30,6 +30,7 @@ EXAMPLES = [
     ("cloned HMM (chmm)", "chmm_room.py", ("examples",)),
     ("TiDHy", "tidhy_slds.py", ("examples",)),
     ("ghost engines", "data_attribution.py", ("examples",)),
+    ("differential privacy", "dp_finetune.py", ("examples", "dp")),
     ("causal surrogate", "causal_surrogate.py", ("examples",)),
     ("multimodal LM", "multimodal_lm.py", ("examples",)),
     ("torch interop (hybrid CHMM)", "hybrid_chmm.py", ("examples", "torch")),
@@ -38,6 +39,7 @@ EXAMPLES = [
 # extra: (the module that shows it is installed, what to know before installing it).
 EXTRAS = {
     "examples": ("matplotlib", ""),
+    "dp": ("dp_accounting", ""),
     "torch": (
         "torch",
         "without a GPU, install a CPU build of torch first, or pip pulls the CUDA "

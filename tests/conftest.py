@@ -50,7 +50,10 @@ def highest_precision():
 
 
 def pytest_runtest_setup(item):
-    # Tests that reach torch only inside their body (through an interop module) carry
-    # the marker; the skip-or-fail rule is the one of module-level imports.
+    # Tests that reach torch (or privacy accounting) only inside their body, through
+    # an interop module or a documentation snippet, carry the marker; the
+    # skip-or-fail rule is the one of module-level imports.
     if item.get_closest_marker("torch"):
         import_optional("torch")
+    if item.get_closest_marker("dp"):
+        import_optional("dp_accounting", extra="dp")

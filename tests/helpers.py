@@ -29,7 +29,7 @@ def assert_tree_allclose(x, y, *, rtol=1e-5, atol=1e-8):
             assert a == b, f"{jax.tree_util.keystr(path)}: {a!r} != {b!r}"
 
 
-def import_optional(name: str) -> types.ModuleType:
+def import_optional(name: str, extra: str | None = None) -> types.ModuleType:
     """Import an optional dependency (an extra of `pyproject.toml`) for a test.
 
     Without it the test is skipped, or the whole module when called at module level.
@@ -40,7 +40,9 @@ def import_optional(name: str) -> types.ModuleType:
 
     **Arguments:**
 
-    - `name`: the module to import; also the name of the extra that installs it.
+    - `name`: the module to import.
+    - `extra`: the extra that installs it, when its name differs from the module's
+        (`import_optional("dp_accounting", extra="dp")`).
 
     **Returns:**
 
@@ -56,7 +58,8 @@ def import_optional(name: str) -> types.ModuleType:
             f"this test needs {name} ({error}), and EQX_MODELS_REQUIRE_OPTIONAL=1",
             pytrace=False,
         )
+    extra = extra or name
     pytest.skip(
-        f'needs the optional {name} extra (pip install -e ".[{name}]")',
+        f'needs the optional {extra} extra (pip install -e ".[{extra}]")',
         allow_module_level=True,
     )

@@ -530,6 +530,179 @@ def _transforms_cases():
                 k,
             ),
         ),
+        *_privacy_cases(T, not_a_batch),
+    ]
+
+
+def _dp_step(**options):
+    import transforms as T
+
+    settings = {"clip_norm": 1.0, "noise_multiplier": 0.5, "donate": False, **options}
+    return T.make_dp_train_step(_mlp_loss, optax.sgd(0.1), **settings)
+
+
+@cached
+def _samplers():
+    import transforms as T
+
+    data = (np.ones((8, 3), np.float32), np.ones((8, 2), np.float32))
+    return (
+        T.poisson_sampler(data, sampling_rate=0.1, key=jr.key(0)),
+        T.shuffle_sampler(data, batch_size=4, key=jr.key(0)),
+    )
+
+
+def _over_budget(epsilon):
+    """`fit` with a budget that 20 steps exceed: refused before any step."""
+    import transforms as T
+
+    from .helpers import import_optional
+
+    import_optional("dp_accounting", extra="dp")
+    poisson, _ = _samplers()
+    opt_state = optax.sgd(0.1).init(eqx.filter(mlp(), eqx.is_inexact_array))
+    budget = T.PrivacyBudget(epsilon=epsilon, delta=1e-5)
+    return T.fit(
+        _dp_step(noise_multiplier=2.0),
+        mlp(),
+        opt_state,
+        poisson,
+        n_steps=20,
+        key=jr.key(0),
+        privacy=budget,
+        progress=False,
+    )
+
+
+def _privacy_cases(T, not_a_batch):
+    opt_state = lambda: optax.sgd(0.1).init(eqx.filter(mlp(), eqx.is_inexact_array))
+    rate = bad_real(low=0, high=1, inclusive=(False, True))
+    probability = bad_real(low=0, high=1, inclusive=(False, False))
+    positive = bad_real(low=0, inclusive=(False, True))
+    accounting = dict(noise_multiplier=1.0, sampling_rate=0.1, steps=3, delta=1e-5)
+    return [
+        Case(
+            "transforms.make_dp_train_step",
+            "clip_norm",
+            positive,
+            lambda c: _dp_step(clip_norm=c),
+        ),
+        Case(
+            "transforms.make_dp_train_step",
+            "noise_multiplier",
+            bad_real(low=0),
+            lambda s: _dp_step(noise_multiplier=s),
+        ),
+        Case(
+            "transforms.make_dp_train_step",
+            "accumulation_steps",
+            bad_size(),
+            lambda k: _dp_step(accumulation_steps=k),
+        ),
+        Case(
+            "transforms.DPTrainStep",
+            "key",
+            st.sampled_from(["key", 3, 0.5, [0, 1], None]),
+            lambda k: _dp_step()(mlp(), opt_state(), (_X, _Y), k),
+        ),
+        Case(
+            "transforms.DPTrainStep",
+            "batch",
+            not_a_batch,
+            lambda b: _dp_step()(mlp(), opt_state(), b, jr.key(0)),
+        ),
+        Case(
+            "transforms.clipped_grad_sum",
+            "clip_norm",
+            positive,
+            lambda c: T.clipped_grad_sum(_mlp_loss, clip_norm=c),
+        ),
+        Case(
+            "transforms.clipped_grad_sum",
+            "method",
+            st.sampled_from(["ghost", "jvp", "", None, 1]),
+            lambda m: T.clipped_grad_sum(_mlp_loss, clip_norm=1.0, method=m),
+        ),
+        Case(
+            "transforms.ClippedGradSum",
+            "batch",
+            not_a_batch,
+            lambda b: T.clipped_grad_sum(_mlp_loss, clip_norm=1.0)(mlp(), b),
+        ),
+        Case(
+            "transforms.dp_epsilon",
+            "sampling_rate",
+            rate,
+            lambda q: T.dp_epsilon(**{**accounting, "sampling_rate": q}),
+        ),
+        Case(
+            "transforms.dp_epsilon",
+            "delta",
+            probability,
+            lambda d: T.dp_epsilon(**{**accounting, "delta": d}),
+        ),
+        Case(
+            "transforms.dp_epsilon",
+            "noise_multiplier",
+            bad_real(low=0),
+            lambda s: T.dp_epsilon(**{**accounting, "noise_multiplier": s}),
+        ),
+        Case(
+            "transforms.dp_epsilon",
+            "steps",
+            bad_size(minimum=0),
+            lambda n: T.dp_epsilon(**{**accounting, "steps": n}),
+        ),
+        Case(
+            "transforms.dp_noise_multiplier",
+            "epsilon",
+            positive,
+            lambda e: T.dp_noise_multiplier(
+                epsilon=e, sampling_rate=0.1, steps=3, delta=1e-5
+            ),
+        ),
+        Case(
+            "transforms.PrivacyBudget",
+            "epsilon",
+            positive,
+            lambda e: T.PrivacyBudget(epsilon=e, delta=1e-5),
+        ),
+        Case(
+            "transforms.PrivacyBudget",
+            "delta",
+            probability,
+            lambda d: T.PrivacyBudget(epsilon=1.0, delta=d),
+        ),
+        Case(
+            "transforms.poisson_sampler",
+            "sampling_rate",
+            rate,
+            lambda q: T.poisson_sampler((_X,), sampling_rate=q, key=jr.key(0)),
+        ),
+        Case(
+            "transforms.PoissonSampler",
+            "step",
+            bad_size(minimum=0),
+            lambda i: _samplers()[0](i),
+        ),
+        Case(
+            "transforms.shuffle_sampler",
+            "batch_size",
+            bad_size(minimum=1, maximum=4),
+            lambda b: T.shuffle_sampler((_X,), batch_size=b, key=jr.key(0)),
+        ),
+        Case(
+            "transforms.ShuffleSampler",
+            "step",
+            bad_size(minimum=0),
+            lambda i: _samplers()[1](i),
+        ),
+        Case(
+            "transforms.fit",
+            "n_steps",  # a privacy budget the run would exceed
+            st.floats(1e-3, 1.0),
+            _over_budget,
+        ),
     ]
 
 
@@ -1473,7 +1646,7 @@ _FAMILIES = {
 # How many cases each family has; the cases themselves are built in the test (they
 # need models), this only fixes the parametrisation.
 _N_CASES = {
-    "transforms": 56,
+    "transforms": 76,
     "chmm": 24,
     "tidhy": 30,
     "causal": 26,
@@ -1612,6 +1785,10 @@ _ERROR = "an exception or warning class"
 NO_USER_VALUES = {
     "transforms.Checkpoint": _RETURNED,
     "transforms.CheckpointError": _ERROR,
+    "transforms.ClippedGrads": _RETURNED,
+    "transforms.MaskedBatch": "a batch the samplers build; the step that takes it "
+    "checks it (its `batch` case)",
+    "transforms.PrivacyBudgetError": _ERROR,
     "transforms.FitResult": _RETURNED,
     "transforms.GhostFallbackWarning": _ERROR,
     "transforms.GhostLeaf": _RETURNED,

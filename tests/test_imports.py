@@ -40,6 +40,19 @@ def test_every_module_imports_without_torch():
     )
 
 
+def test_privacy_accounting_is_imported_on_first_use():
+    # `dp-accounting` is the optional `dp` extra: no module imports it at import time.
+    _run(
+        "import importlib, pkgutil, sys, eqx_models, transforms\n"
+        "for pkg in (eqx_models, transforms):\n"
+        "    for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
+        "        if '.interop' in info.name:\n"
+        "            continue\n"
+        "        importlib.import_module(info.name)\n"
+        "assert 'dp_accounting' not in sys.modules\n"
+    )
+
+
 def test_version_is_set():
     import eqx_models
 

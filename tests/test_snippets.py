@@ -5,10 +5,13 @@ The conventions, for whoever writes documentation:
 - The blocks of one page run in order, in one fresh Python process started in an
   empty temporary directory (checkpoints land there), so a block may use what an
   earlier block of the same page defined. A failure names the page and its line.
-- Blocks that use torch (`import torch`, `from torch ...`, or an `interop.torch`
-  import) run in a second process per page, only where torch is installed (the
-  `torch` marker, that is `import_optional`'s rule: skipped without it, a failure
-  under `EQX_MODELS_REQUIRE_OPTIONAL=1`).
+- Blocks that need an optional extra run in a process of their own per page and
+  extra, only where the extra is installed (its marker, that is `import_optional`'s
+  rule: skipped without it, a failure under `EQX_MODELS_REQUIRE_OPTIONAL=1`): torch
+  for blocks that import it (`import torch`, `from torch ...`, or an
+  `interop.torch` import), `dp` for blocks that account for privacy
+  (`dp_epsilon`, `dp_noise_multiplier`, `PrivacyBudget`). Such a block cannot use
+  what the page's other blocks define.
 - A block that is an illustrative fragment (it shows signatures with `...`, or needs
   files the reader has and the test has not) is preceded by the line
   `<!-- snippet: skip (the reason) -->`. Every such block is listed in `SKIPPED`
@@ -40,6 +43,15 @@ FENCE = re.compile(r"^```python\s*$")
 USES_TORCH = re.compile(
     r"^\s*(import torch|from torch\b|from [\w.]*interop\.torch import)", re.MULTILINE
 )
+USES_DP = re.compile(r"\b(dp_epsilon|dp_noise_multiplier|PrivacyBudget)\b")
+# The extras a block may need, each with the marker that `conftest.py` maps to it.
+EXTRAS = {"torch": USES_TORCH, "dp": USES_DP}
+
+
+def extra_of(code: str) -> str | None:
+    """The optional extra a block needs, if any."""
+    return next((name for name, uses in EXTRAS.items() if uses.search(code)), None)
+
 
 # (page, first line of the block): why it does not run.
 SKIPPED = {
@@ -65,6 +77,7 @@ SMALLER = {
         ("windows[:100]", "windows[:4]"),
         ("for i in range(100):", "for i in range(3):"),
         ("n_steps=500,", "n_steps=2,"),
+        ("n_steps, q, delta = 200,", "n_steps, q, delta = 3,"),
         ("jr.split(jr.key(3), 128)", "jr.split(jr.key(3), 8)"),
         ("make_synthetic_data(jr.key(0), 2000)", "make_synthetic_data(jr.key(0), 64)"),
         (
@@ -140,22 +153,20 @@ def blocks(page: str) -> list[dict]:
     return found
 
 
-def _runnable(page: str, torch: bool) -> list[dict]:
+def _runnable(page: str, extra: str | None) -> list[dict]:
     return [
-        b
-        for b in blocks(page)
-        if b["skip"] is None and bool(USES_TORCH.search(b["code"])) == torch
+        b for b in blocks(page) if b["skip"] is None and extra_of(b["code"]) == extra
     ]
 
 
 def _cases():
     cases = []
     for page in PAGES:
-        for torch in (False, True):
-            if _runnable(page, torch):
-                marks = [pytest.mark.torch] if torch else []
-                name = f"{page}[torch]" if torch else page
-                cases.append(pytest.param(page, torch, id=name, marks=marks))
+        for extra in (None, *EXTRAS):
+            if _runnable(page, extra):
+                marks = [getattr(pytest.mark, extra)] if extra else []
+                name = f"{page}[{extra}]" if extra else page
+                cases.append(pytest.param(page, extra, id=name, marks=marks))
     return cases
 
 
@@ -189,9 +200,9 @@ def _shrunk(page: str, runnable: list[dict]) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("page, torch", _cases())
-def test_snippets_run(page, torch, tmp_path):
-    runnable = _shrunk(page, _runnable(page, torch))
+@pytest.mark.parametrize("page, extra", _cases())
+def test_snippets_run(page, extra, tmp_path):
+    runnable = _shrunk(page, _runnable(page, extra))
     script = tmp_path / "blocks.json"
     script.write_text(json.dumps([{**b, "page": str(ROOT / page)} for b in runnable]))
     driver = tmp_path / "driver.py"

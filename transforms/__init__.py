@@ -1,6 +1,6 @@
 """Higher-order functions for Equinox models: training steps, loops, checkpoints,
-sharding, scanned inference, per-sample gradients and attribution, divergences and
-expected-value losses."""
+sharding, scanned inference, per-sample gradients and attribution, differentially
+private training, divergences and expected-value losses."""
 
 from ._grad._attribution import (
     AttributionStep as AttributionStep,
@@ -54,6 +54,28 @@ from ._losses._expected_value import (
 )
 from ._losses._masked import masked_mean as masked_mean, pairwise_sum as pairwise_sum
 from ._losses._sampling import sample_positions as sample_positions
+from ._privacy._accounting import (
+    dp_epsilon as dp_epsilon,
+    dp_noise_multiplier as dp_noise_multiplier,
+    PrivacyBudget as PrivacyBudget,
+    PrivacyBudgetError as PrivacyBudgetError,
+)
+from ._privacy._clipping import (
+    clipped_grad_sum as clipped_grad_sum,
+    ClippedGrads as ClippedGrads,
+    ClippedGradSum as ClippedGradSum,
+)
+from ._privacy._dp_step import (
+    DPTrainStep as DPTrainStep,
+    make_dp_train_step as make_dp_train_step,
+)
+from ._privacy._sampling import (
+    MaskedBatch as MaskedBatch,
+    poisson_sampler as poisson_sampler,
+    PoissonSampler as PoissonSampler,
+    shuffle_sampler as shuffle_sampler,
+    ShuffleSampler as ShuffleSampler,
+)
 from ._train._checkpoint import (
     check_checkpoint_metadata as check_checkpoint_metadata,
     check_resumed_config as check_resumed_config,

@@ -8,6 +8,14 @@ the use's contribution (squared norm, or dot product with the validation gradien
 the cotangent of a zero "slot" input. Nothing per-example and parameter-sized is kept:
 contributions are formed inside the backward pass, layer by layer.
 
+The `"clip"` mode serves differentially private training: the slot of each use gets
+its squared-norm contribution, as in `"norms"`, plus a *probe* whose value is zero
+but whose derivative with respect to the shadow `g` (a leaf-shaped direction carried
+to the use like a validation gradient) is the one-sided product `<g_i, g>`. The
+derivative of `Σ_i w_i <g_i, g>` with respect to `g` is `Σ_i w_i g_i`: a weighted
+sum of per-example gradients, formed from the same factors as the norms once the
+weights are known (see `transforms._privacy._clipping`).
+
 For the squared norm of a leaf with several uses, the cross terms `2<g_i, g_j>` are
 formed by message passing: the earlier use i outputs a zero array `z_i` that the later
 use j takes as an input; j's backward pass returns, as the cotangent of `z_i`, its own
@@ -54,6 +62,23 @@ def _z_shape(static: _TapStatic) -> tuple[int, ...]:
     return (static.rule.layout.T, static.rule.layout.Pk) if static.has_later else (0,)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _probe(rule: AbstractRule, acc, K, fwd, g):
+    """Zero, with derivative `one_sided(rule, K, F, ġ)` along the direction `ġ` of
+    `g`: the product is never formed unless it is differentiated."""
+    del rule, K, fwd, g
+    return jnp.zeros((), acc)
+
+
+@_probe.defjvp
+def _probe_jvp(rule, acc, primals, tangents):
+    K, fwd, g = primals
+    g_dot = tangents[2]
+    del g
+    value = one_sided(rule, K, rule.F(fwd), g_dot).astype(acc)
+    return jnp.zeros((), acc), value
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _tap(static, y, fwd, g, slot, partners):
     del fwd, g, partners
@@ -76,7 +101,7 @@ def _tap_bwd(static, residuals, cotangents):
     K = rule.K(ct_y)
     F = rule.F(fwd)
     partner_cts = ()
-    if static.mode == "norms":
+    if static.mode in ("norms", "clip"):
         value = self_norm(rule.layout, K, F)
         if static.has_later:
             value = value + 2 * cross_value(K, ct_z)
@@ -87,6 +112,8 @@ def _tap_bwd(static, residuals, cotangents):
             )
             for r, f in zip(static.partner_rules, partner_fwds)
         )
+        if static.mode == "clip":
+            value = value + _probe(rule, static.acc, K, fwd, g)
     elif static.mode == "dots":
         value = one_sided(rule, K, F, g)
     else:
@@ -185,14 +212,15 @@ def _apply_site(run: _Run, site, eqn, invals, g, scope: _Scope):
     fwd = rule.fwd_inputs(invals)
     partners = ()
     partner_rules = ()
-    if run.mode == "norms":
+    norms = run.mode in ("norms", "clip")
+    if norms:
         partners = tuple(scope.z[p.uid] for p in site.partners)
         partner_rules = tuple(run.rules[p.uid] for p in site.partners)
     static = _TapStatic(
         rule=rule,
         mode=run.mode,
         partner_rules=partner_rules,
-        has_later=run.mode == "norms" and site.has_later,
+        has_later=norms and site.has_later,
         acc=run.acc,
     )
     y, z = _tap(static, y, fwd, g, run.slots[site.uid], partners)  # pyright: ignore
@@ -257,46 +285,29 @@ def _scan(run: _Run, eqn, invals, in_shadows) -> list:
     return [*carry, *ys]
 
 
-def ghost_pass(
-    analysis: Analysis,
-    leaves: Sequence[Any],
-    batch: Sequence[Any],
-    *,
-    mode: str,
-    acc: Any,
-    views: Sequence[Any] | None = None,
-    n_val: int = 0,
-    param_grads: bool = False,
-) -> dict[str, Any]:
-    """One forward and backward pass over the batch with taps at the ghost uses.
+@dataclasses.dataclass
+class _Pass:
+    """The vmapped per-example loss of a ghost pass, as a function of the leaves
+    shared by all examples, the per-example copies of the directly materialised
+    leaves and the zero slots whose cotangents receive the contributions."""
 
-    **Arguments:**
+    losses: Callable
+    shared: list[int]
+    direct: list[int]
+    shared_vals: list
+    direct_vals: list
+    slots: dict
 
-    - `analysis`: from `_ghost_plan.analyse` on one example of `batch`.
-    - `leaves`: the model's inexact leaves.
-    - `batch`: tuple of arrays with a leading batch axis.
-    - `mode`: `"norms"` (squared norms), `"dots"` (dot products with `views`, one
-      validation gradient per leaf) or `"matrix"` (dot products with `n_val`
-      gradients per leaf, stacked on a leading axis of `views`).
-    - `acc`: dtype of the contributions.
-    - `param_grads`: also return the gradient of the summed loss for every leaf.
 
-    **Returns:**
-
-    A dict with `losses` `[B]`; `sites` (uid -> `[B]` or `[B, n_val]` contribution);
-    `per_example` (leaf index -> `[B, ...]` per-example gradient) for the leaves whose
-    per-example gradients are formed directly; and `grads` (leaf index -> summed
-    gradient) if `param_grads`.
-    """
+def _prepare(analysis, leaves, batch, *, mode, acc, views, n_val) -> _Pass:
     n = analysis.n_leaves
     B = jnp.shape(batch[0])[0]
     treatment = analysis.treatment
-    plan_mode = "norms" if mode == "norms" else "dots"
     direct = [
         i
         for i in range(n)
         if treatment[i] == "materialised"
-        or (treatment[i] == "fallback" and mode in ("norms", "matrix"))
+        or (treatment[i] == "fallback" and mode in ("norms", "clip", "matrix"))
     ]
     shared = [i for i in range(n) if i not in direct]
     slot_shape = (B, n_val) if mode == "matrix" else (B,)
@@ -304,7 +315,7 @@ def ghost_pass(
     slots = {s.uid: jnp.zeros(slot_shape, acc) for s in sites}
     rules = {s.uid: rule_for(s) for s in sites}
     shadows = [None] * n
-    if plan_mode == "dots":
+    if mode != "norms":
         assert views is not None
         for i in range(n):
             if treatment[i] == "ghost":
@@ -335,19 +346,66 @@ def ghost_pass(
         )
         return loss
 
-    def total(shared_vals, direct_vals, slot_vals):
-        losses = jax.vmap(per_example, in_axes=(None, 0, 0, 0))(
+    def losses(shared_vals, direct_vals, slot_vals):
+        return jax.vmap(per_example, in_axes=(None, 0, 0, 0))(
             shared_vals, direct_vals, slot_vals, tuple(batch)
         )
+
+    return _Pass(
+        losses=losses,
+        shared=shared,
+        direct=direct,
+        shared_vals=[leaves[i] for i in shared],
+        direct_vals=[
+            jnp.broadcast_to(leaves[i], (B,) + jnp.shape(leaves[i])) for i in direct
+        ],
+        slots=slots,
+    )
+
+
+def ghost_pass(
+    analysis: Analysis,
+    leaves: Sequence[Any],
+    batch: Sequence[Any],
+    *,
+    mode: str,
+    acc: Any,
+    views: Sequence[Any] | None = None,
+    n_val: int = 0,
+    param_grads: bool = False,
+) -> dict[str, Any]:
+    """One forward and backward pass over the batch with taps at the ghost uses.
+
+    **Arguments:**
+
+    - `analysis`: from `_ghost_plan.analyse` on one example of `batch`.
+    - `leaves`: the model's inexact leaves.
+    - `batch`: tuple of arrays with a leading batch axis.
+    - `mode`: `"norms"` (squared norms), `"dots"` (dot products with `views`, one
+      validation gradient per leaf), `"matrix"` (dot products with `n_val`
+      gradients per leaf, stacked on a leading axis of `views`) or `"clip"` (squared
+      norms plus a zero probe whose derivative along `views` is the dot product; see
+      the module's docstring). `"norms"` and `"clip"` need an analysis in the norms
+      mode.
+    - `acc`: dtype of the contributions.
+    - `param_grads`: also return the gradient of the summed loss for every leaf.
+
+    **Returns:**
+
+    A dict with `losses` `[B]`; `sites` (uid -> `[B]` or `[B, n_val]` contribution);
+    `per_example` (leaf index -> `[B, ...]` per-example gradient) for the leaves whose
+    per-example gradients are formed directly; and `grads` (leaf index -> summed
+    gradient) if `param_grads`.
+    """
+    p = _prepare(analysis, leaves, batch, mode=mode, acc=acc, views=views, n_val=n_val)
+
+    def total(shared_vals, direct_vals, slot_vals):
+        losses = p.losses(shared_vals, direct_vals, slot_vals)
         return jnp.sum(losses), losses
 
-    shared_vals = [leaves[i] for i in shared]
-    direct_vals = [
-        jnp.broadcast_to(leaves[i], (B,) + jnp.shape(leaves[i])) for i in direct
-    ]
     argnums = (0, 1, 2) if param_grads else (1, 2)
     grads, losses = jax.grad(total, argnums=argnums, has_aux=True)(
-        shared_vals, direct_vals, slots
+        p.shared_vals, p.direct_vals, p.slots
     )
     if param_grads:
         g_shared, g_direct, g_slots = grads
@@ -357,15 +415,45 @@ def ghost_pass(
     out: dict[str, Any] = {
         "losses": losses,
         "sites": g_slots,
-        "per_example": dict(zip(direct, g_direct)),
+        "per_example": dict(zip(p.direct, g_direct)),
     }
     if param_grads:
         assert g_shared is not None
-        summed = dict(zip(shared, g_shared))
-        for i, g in zip(direct, g_direct):
+        summed = dict(zip(p.shared, g_shared))
+        for i, g in zip(p.direct, g_direct):
             summed[i] = jnp.sum(g, axis=0)
         out["grads"] = summed
     return out
+
+
+def ghost_vjp(
+    analysis: Analysis, leaves: Sequence[Any], batch: Sequence[Any], *, acc: Any
+) -> tuple[jax.Array, Callable]:
+    """The forward pass of a norms-mode ghost pass, and its backward pass as a
+    function that may be called more than once with different per-example seeds.
+
+    **Returns:**
+
+    `(losses, backward)`: the `[B]` losses, and `backward(seeds)` for `[B]` weights
+    `seeds`, the backward pass of `Σ_i seeds_i l_i`, returning a dict with `grads`
+    (leaf index -> `Σ_i seeds_i ∇l_i` for the leaves shared by the examples),
+    `per_example` (leaf index -> the `[B, ...]` gradients `seeds_i ∇l_i` of the
+    directly materialised leaves) and `sites` (uid -> the `[B]` squared-norm
+    contributions, times `seeds_i²`). Every call reuses the one forward pass; what a
+    call leaves unused is removed by the compiler.
+    """
+    p = _prepare(analysis, leaves, batch, mode="norms", acc=acc, views=None, n_val=0)
+    losses, pullback = jax.vjp(p.losses, p.shared_vals, p.direct_vals, p.slots)
+
+    def backward(seeds):
+        g_shared, g_direct, g_slots = pullback(seeds.astype(losses.dtype))
+        return {
+            "grads": dict(zip(p.shared, g_shared)),
+            "per_example": dict(zip(p.direct, g_direct)),
+            "sites": g_slots,
+        }
+
+    return losses, backward
 
 
 def leaf_contributions(

@@ -197,7 +197,8 @@ def setup(name: str, loss_fn: Callable, model: Any, batch: Any, arg="batch") -> 
 
 
 def report_fallback(name: str, plan: GhostPlan, method: str, fallback: bool) -> None:
-    """Warn (forced ghost) or raise (`fallback=False`) about fallback leaves."""
+    """Warn (a ghost method named by the caller, not `"auto"`) or raise
+    (`fallback=False`) about fallback leaves."""
     leaves = [leaf for leaf in plan.leaves if leaf.treatment == "fallback"]
     if not leaves:
         return
@@ -207,7 +208,7 @@ def report_fallback(name: str, plan: GhostPlan, method: str, fallback: bool) -> 
             f"{name}: method={method!r} cannot handle these parameters with its layer "
             f"rules and `fallback=False`: {detail}."
         )
-    if method == "ghost":
+    if method != "auto":
         warnings.warn(
             f"{name}: the ghost layer rules do not cover these parameters, computed "
             f"exactly by the fallback path instead: {detail}.",

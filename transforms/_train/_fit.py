@@ -18,7 +18,15 @@ import jax
 from tqdm.auto import tqdm
 
 from .._grad._fallback import FallbackStep
-from .._validation import check_bool, check_callable, check_size, describe, fail
+from .._privacy._accounting import FitPrivacy, PrivacyBudget
+from .._validation import (
+    check_bool,
+    check_callable,
+    check_size,
+    check_type,
+    describe,
+    fail,
+)
 from ._checkpoint import (
     _json_mapping,
     check_checkpoint_metadata,
@@ -158,6 +166,7 @@ def fit(
     finite_metrics: Sequence[str] | None = None,
     deterministic: bool = False,
     progress: bool | None = None,
+    privacy: PrivacyBudget | None = None,
 ) -> FitResult:
     """Run a training step over a stream of batches, with evaluation and checkpoints.
 
@@ -224,6 +233,16 @@ def fit(
     - `progress`: show a tqdm progress bar: `None` (default) shows it when standard
         error is a terminal (or in a notebook) and stays quiet when the output goes
         to a file or a pipe, `True` always, `False` never.
+    - `privacy`: a [`transforms.PrivacyBudget`][] for differentially private
+        training with a step from [`transforms.make_dp_train_step`][]: before the
+        first step, the ε that `n_steps` steps spend (counted from step 0, so a
+        resumed run counts the steps before the resume) is checked against the
+        budget, and the run is refused, or shortened with `on_exceed="stop"`; the
+        ε spent after each step enters the history as `epsilon` and shows in the
+        progress bar. The noise multiplier comes from the step, the sampling from
+        `data` (a [`transforms.PoissonSampler`][] or [`transforms.ShuffleSampler`][])
+        or from the budget's `sampling_rate`. Needs the `dp` extra. `None`
+        (default): no accounting.
 
     **Returns:**
 
@@ -251,6 +270,12 @@ def fit(
     `on_resume` is not callable, `data` neither callable nor iterable, a flag not
     a bool, or `n_steps`, `eval_every` or `checkpoint_every` not an integer;
     `ValueError` if one of those is negative.
+    [`transforms.PrivacyBudgetError`][] (a `ValueError`) before any step if
+    `n_steps` steps would spend more than the `privacy` budget; `TypeError` if
+    `privacy` is not a `PrivacyBudget` or is given with a step that adds no noise
+    of its own (not from `make_dp_train_step`); `ValueError` if the sampling rate
+    is unknown or contradicts the sampler's; `ImportError` naming the `dp` extra
+    without `dp-accounting`.
     """
     check_callable("fit", "step", step)
     if isinstance(data, (str, bytes)) or not (
@@ -288,6 +313,11 @@ def fit(
     if metadata is not None:
         # Refused now rather than at the first checkpoint, after the training it took.
         _json_mapping(metadata, "metadata", "fit")
+    accounting = None
+    if privacy is not None:
+        check_type("fit", "privacy", privacy, PrivacyBudget, "a PrivacyBudget or None")
+        accounting = FitPrivacy(privacy, step, data, n_steps)
+        n_steps = accounting.n_steps
 
     if deterministic:
         step = _deterministic(step)
@@ -382,11 +412,17 @@ def fit(
                 assert eval_fn is not None
                 evaluated = jax.device_get(dict(eval_fn(model)))
                 record.update({f"eval_{k}": float(v) for k, v in evaluated.items()})
+            if accounting is not None:
+                accounting.report(i + 1, record)
             history.append(record)
             if checkpoint_every and (i + 1) % checkpoint_every == 0:
                 checkpoint(i + 1)
             bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4g}" if "loss" in record else "")
+            loss = f"{record['loss']:.4g}" if "loss" in record else ""
+            if accounting is not None and accounting.latest is not None:
+                bar.set_postfix(loss=loss, eps=f"{accounting.latest:.3g}")
+            else:
+                bar.set_postfix(loss=loss)
     finally:
         bar.close()
     if checkpoint_path is not None and checkpoint_step != n_steps:

@@ -1,0 +1,279 @@
+"""DP-SGD steps on a GPT: each clipping method against a plain step and Opacus.
+
+Usage: `python benchmarks/dp.py [--size tiny|gpt2] [--batch B] [--length T]
+[--no-torch] [--repeats N] [--results-dir DIR]`, or for the batch-size sweep
+`python benchmarks/dp.py [--size ...] --sweep-batch B [B ...] [--length T]`. The
+model is `benchmarks/ghost.py`'s: GPT-2 small (124M parameters, head tied to the
+token embedding, scan over layers, bfloat16 compute with float32 master weights) by
+default on a GPU, a tiny float32 GPT on the CPU. The default regime is the issue's:
+B = 256 sequences of T = 128 tokens for gpt2, B = 8 of T = 16 for tiny. Results go to
+`results/dp-<platform>.json` beside this script, or to `--results-dir`.
+
+Rows of a regime, all AdamW on the same model and batch:
+
+- (a) a plain training step (mean loss, no clipping, no noise);
+- (b) the DP step (`make_dp_train_step`), method `"one_pass"`;
+- (c) the DP step, method `"two_pass"`;
+- (d) the DP step, method `"vmap"` (per-example gradients formed);
+- (e) Opacus' DP-SGD step with ghost clipping (`opacus-dp` of `_ghost_torch.py`), in
+  a child process of its own on the same device, when `import opacus` works there.
+  Its hooks do not see the tied head, so its clip factors come from norms that
+  leave out the head's share of the embedding's gradient (the row's note says so).
+
+Every DP step clips to C = 1 with noise multiplier 1, the whole batch counting (a
+Poisson batch padded to B costs the same). The issue's targets, at B = 256: (b) at
+most 1.25x the time and 1.1x the memory of (a), and at most 1.1x its time where the
+one-pass method applies; (b) faster than (e).
+
+With `--sweep-batch`, (a) to (d) at each batch size at one length (workloads `batch
+sweep/...`); a size that runs out of memory is recorded and not tried larger for
+that row. Runs merge into the result file as `ghost.py`'s do (by regime and swept
+point). Memory is XLA's compiled footprint (arguments + outputs + temporaries -
+aliased) for JAX, the CUDA allocator's peak during one call for PyTorch.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+
+
+# The measuring machinery and the model are `ghost.py`'s (which also sets XLA's
+# allocator so that the PyTorch child finds the GPU's memory free).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import Results  # noqa: E402
+from ghost import (  # noqa: E402
+    _first_line,
+    _missing,
+    _out_of_memory,
+    _positive,
+    _provenance,
+    _ratio,
+    _spawn,
+    COMPUTE,
+    GPT,
+    make_loss,
+    measure,
+    save,
+    SIZES,
+    torch_state,
+)
+
+from transforms import make_dp_train_step, MaskedBatch  # noqa: E402
+
+
+REGIME = {"tiny": (8, 16), "gpt2": (256, 128)}
+CLIP_NORM, NOISE = 1.0, 1.0
+METHODS = {"one_pass": "(b)", "two_pass": "(c)", "vmap": "(d)"}
+OPACUS = "(e) Opacus ghost clipping, DP step"
+
+
+def parse(argv, platform: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", choices=list(SIZES), default=None)
+    parser.add_argument("--batch", type=_positive, metavar="B")
+    parser.add_argument("--length", type=_positive, metavar="T")
+    parser.add_argument("--sweep-batch", type=_positive, nargs="+", metavar="B")
+    parser.add_argument("--no-torch", action="store_true", help="skip Opacus (e)")
+    parser.add_argument("--repeats", type=_positive, default=None)
+    parser.add_argument("--torch-timeout", type=_positive, default=600, metavar="S")
+    parser.add_argument("--results-dir", default=None)
+    args = parser.parse_args(argv)
+    args.size = args.size or ("tiny" if platform == "cpu" else "gpt2")
+    if args.sweep_batch and args.batch:
+        parser.error("--sweep-batch runs the sweep alone: leave out --batch")
+    context = SIZES[args.size]["context"]
+    if args.length is not None and args.length > context:
+        parser.error(f"--length {args.length} is longer than the context {context}")
+    return args
+
+
+def opacus_peer(model, heads, compute, platform, tokens, repeats, timeout) -> dict:
+    """Opacus' DP step on `tokens` `(B, T + 1)`, in a child process."""
+    if _missing("torch"):
+        return {"skipped": "torch is not installed"}
+    device = "cuda" if platform == "gpu" else "cpu"
+    with tempfile.TemporaryDirectory() as tmp:
+        weights, path = os.path.join(tmp, "weights.npz"), os.path.join(tmp, "x.npy")
+        np.savez(weights, **torch_state(model))  # pyright: ignore[reportArgumentType]
+        np.save(path, np.asarray(tokens, dtype=np.int32))
+        argv = ["--peer", "opacus-dp", "--weights", weights, "--tokens", path]
+        argv += ["--heads", str(heads), "--compute", compute, "--device", device]
+        argv += ["--repeats", str(repeats), "--clip-norm", str(CLIP_NORM)]
+        argv += ["--noise-multiplier", str(NOISE)]
+        return _spawn(argv, timeout)
+
+
+def steps(loss_fn, optimizer, static):
+    """The plain step and the DP step of each method, as functions of arrays."""
+
+    def plain(params, opt_state, batch, key):
+        del key
+
+        def mean_loss(params):
+            model = eqx.combine(params, static)
+            return jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0))(model, *batch))
+
+        value, grads = jax.value_and_grad(mean_loss)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    def private(method):
+        step = make_dp_train_step(
+            loss_fn,
+            optimizer,
+            clip_norm=CLIP_NORM,
+            noise_multiplier=NOISE,
+            method=method,
+            donate=False,
+        )
+
+        def run(params, opt_state, batch, key):
+            B = batch[0].shape[0]
+            full = MaskedBatch(batch, jnp.ones(B, bool), jnp.asarray(B, jnp.float32))
+            model, opt_state, metrics = step(
+                eqx.combine(params, static), opt_state, full, key
+            )
+            return eqx.filter(model, eqx.is_array), opt_state, metrics["loss"]
+
+        return run
+
+    out = {"(a) plain step": plain}
+    for method, tag in METHODS.items():
+        out[f"{tag} DP step, {method}"] = private(method)
+    return out
+
+
+def _measure_row(results, label, workload, fn, args, sizes, repeats) -> dict:
+    row = dict(workload=workload, impl=label, sizes=sizes)
+    try:
+        row.update(measure(fn, *args, repeats=repeats)[0])
+    except RuntimeError as error:  # XLA's out-of-memory error is one
+        if not _out_of_memory(error):
+            raise
+        row["error"] = _first_line(error)
+    return results.add(**row)
+
+
+def main(argv=None):
+    platform = jax.devices()[0].platform
+    args = parse(argv, platform)
+    cfg = SIZES[args.size]
+    repeats = args.repeats or (5 if args.size == "gpt2" else 10)
+    compute = jnp.bfloat16 if COMPUTE[args.size] == "bf16" else jnp.float32
+    results = Results(
+        "dp",
+        "DP-SGD steps on a GPT",
+        f"The ghost benchmark's GPT-2-layout model (tied head, scan over layers), "
+        f"{COMPUTE[args.size]} compute, AdamW. (a) plain step; DP steps clipping to "
+        f"C = {CLIP_NORM} with noise multiplier {NOISE}: (b) one pass, (c) two "
+        "passes, (d) vmap(grad); (e) Opacus' DP step with ghost clipping in PyTorch, "
+        "in a process of its own. Batch sweeps: (a) to (d) against B at one T.",
+    )
+    model = GPT(
+        cfg["vocab"], cfg["dim"], cfg["heads"], cfg["layers"], cfg["context"], jr.key(0)
+    )
+    n_params = sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+    fixed = {k: v for k, v in cfg.items() if k not in ("batch", "length")}
+    sizes = dict(fixed, compute=COMPUTE[args.size], params=n_params)
+    loss_fn = make_loss(compute)
+    params, static = eqx.partition(model, eqx.is_array)
+    optimizer = optax.adamw(3e-4)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    candidates = steps(loss_fn, optimizer, static)
+    key = jr.key(1)
+    default = REGIME[args.size]
+    length = args.length or default[1]
+
+    if args.sweep_batch:
+        failed = {}
+        for B in sorted(set(args.sweep_batch)):
+            tokens = jr.randint(jr.key(2), (B, length + 1), 0, cfg["vocab"])
+            point = dict(sizes, batch=B, length=length)
+            for label, fn in candidates.items():
+                if label in failed:
+                    continue
+                row = _measure_row(
+                    results,
+                    label,
+                    "batch sweep/train step",
+                    fn,
+                    (params, opt_state, (tokens,), key),
+                    point,
+                    repeats,
+                )
+                if "error" in row:
+                    failed[label] = B
+        note = (
+            f"Batch-size sweep, T = {length}: B = "
+            f"{', '.join(map(str, sorted(set(args.sweep_batch))))}; "
+            f"{n_params / 1e6:.3g}M parameters; {_provenance(results.environment)}."
+        )
+        if failed:
+            note += " Out of memory, larger batches not tried: " + ", ".join(
+                f"{impl} at B = {B}" for impl, B in failed.items()
+            )
+        results.note(note)
+        save(results, args.results_dir, default)
+        return
+
+    B = args.batch or default[0]
+    tokens = jr.randint(jr.key(2), (B, length + 1), 0, cfg["vocab"])
+    point = dict(sizes, batch=B, length=length)
+    peer = None
+    if not args.no_torch:
+        # Before JAX grows its memory pool on the device.
+        peer = opacus_peer(
+            model,
+            cfg["heads"],
+            COMPUTE[args.size],
+            platform,
+            tokens,
+            repeats,
+            args.torch_timeout,
+        )
+    rows = {}
+    for label, fn in candidates.items():
+        rows[label[:3]] = _measure_row(
+            results,
+            label,
+            "train step",
+            fn,
+            (params, opt_state, (tokens,), key),
+            point,
+            repeats,
+        )
+    if peer is not None:
+        rows["(e)"] = results.add(
+            workload="train step", impl=OPACUS, sizes=point, **peer
+        )
+    plain, one = rows["(a)"], rows["(b)"]
+    text = (
+        f"B = {B}, T = {length}: DP step / plain step, time: one pass "
+        f"{_ratio(one, plain)}, two passes {_ratio(rows['(c)'], plain)}, vmap "
+        f"{_ratio(rows['(d)'], plain)}; memory: one pass "
+        f"{_ratio(one, plain, 'peak_bytes')}, two passes "
+        f"{_ratio(rows['(c)'], plain, 'peak_bytes')}, vmap "
+        f"{_ratio(rows['(d)'], plain, 'peak_bytes')}. Targets: time <= 1.25 (one "
+        "pass <= 1.1), memory <= 1.1."
+    )
+    if "(e)" in rows:
+        text += f" Opacus / one pass, time: {_ratio(rows['(e)'], one)}."
+    results.note(
+        f"{text} {n_params / 1e6:.3g}M parameters, {COMPUTE[args.size]} compute; "
+        f"{_provenance(results.environment)}."
+    )
+    save(results, args.results_dir, default)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""`benchmarks/dp.py`'s command line and its Opacus peer without torch; the script
+itself runs at `--size tiny` on a CPU (its docstring)."""
+
+import importlib.util
+import os
+import pathlib
+import sys
+from unittest import mock
+
+import jax.numpy as jnp
+import jax.random as jr
+import pytest
+
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def dp():
+    # The script imports `_harness` and `ghost` from its folder, and `ghost` sets
+    # XLA's allocator variables for its own process: neither outlives the import.
+    with mock.patch.dict(os.environ), mock.patch.object(sys, "path", list(sys.path)):
+        sys.path.insert(0, str(BENCHMARKS))
+        spec = importlib.util.spec_from_file_location("dp", BENCHMARKS / "dp.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+
+def test_command_line(dp, capsys):
+    assert dp.parse([], "cpu").size == "tiny"
+    assert dp.parse([], "gpu").size == "gpt2"
+    args = dp.parse(["--size", "gpt2", "--sweep-batch", "64", "256"], "cpu")
+    assert args.sweep_batch == [64, 256]
+    for argv, message in [
+        (["--sweep-batch", "8", "--batch", "4"], "--sweep-batch runs the sweep alone"),
+        (["--length", "300"], "--length 300 is longer than the context 256"),
+        (["--batch", "0"], "must be a positive integer"),
+    ]:
+        with pytest.raises(SystemExit):
+            dp.parse(argv, "cpu")
+        assert message in capsys.readouterr().err
+
+
+def test_without_torch_the_peer_says_so(dp, monkeypatch):
+    monkeypatch.setattr(dp, "_missing", lambda module: module == "torch")
+    model = dp.GPT(vocab=32, dim=16, heads=2, layers=2, context=16, key=jr.key(0))
+    tokens = jr.randint(jr.key(1), (2, 9), 0, 32)
+    assert dp.opacus_peer(model, 2, "f32", "cpu", tokens, 1, 60) == {
+        "skipped": "torch is not installed"
+    }
+
+
+def test_every_step_trains_on_the_same_batch(dp):
+    import equinox as eqx
+    import optax
+
+    model = dp.GPT(vocab=16, dim=8, heads=2, layers=1, context=8, key=jr.key(0))
+    params, static = eqx.partition(model, eqx.is_array)
+    optimizer = optax.adamw(1e-3)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    candidates = dp.steps(dp.make_loss(jnp.float32), optimizer, static)
+    assert list(candidates) == [
+        "(a) plain step",
+        "(b) DP step, one_pass",
+        "(c) DP step, two_pass",
+        "(d) DP step, vmap",
+    ]
+    tokens = jr.randint(jr.key(1), (2, 5), 0, 16)
+    losses = {
+        label: float(fn(params, opt_state, (tokens,), jr.key(2))[2])
+        for label, fn in list(candidates.items())[:2]
+    }
+    # The DP step reports the mean loss of the batch, as the plain step does.
+    assert losses["(a) plain step"] == pytest.approx(losses["(b) DP step, one_pass"])
