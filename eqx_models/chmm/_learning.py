@@ -210,9 +210,9 @@ def expected_counts(
     `counts[u, i, j] = sum_t p(z[t] = i, z[t+1] = j | x, a)` over the steps with
     `a[t] = u`, summed over all sequences. Computed as `T * dlnL/dT` (the
     likelihood is multilinear in the entries of `T`), where the gradient comes from
-    a forward-backward pass (`method="scan"`) or from differentiating the
-    parallel tree of products (`method="parallel"`). The counts of a sequence of
-    length `T` sum to `T - 1`.
+    a forward-backward pass, sequential (`method="scan"`) or over blocks of steps
+    in parallel (`method="parallel"`). The counts of a sequence of length `T` sum
+    to `T - 1`.
 
     **Arguments:**
 
