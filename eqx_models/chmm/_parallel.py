@@ -29,10 +29,10 @@ body compiled once whatever `T` is:
 
 The log-likelihood is 1 and the prefixes of 2; its gradient (the E-step) is the
 forward-backward formula of `_scan.py` with the messages of 1 to 3. The forward pass
-is 1, the prefixes of 2 and the forward half of 3; smoothing all of it. In place of
-this, `lax.associative_scan` unrolls its `2 log2 T` levels into the graph, each with
-its own shapes, slices and padding, and compiling that took longer than running it
-thousands of times.
+is 1, the prefixes of 2 and the forward half of 3; smoothing all of it. Before this,
+two `lax.associative_scan`s unrolled their `2 log2 T` levels each into the graph,
+every level with its own shapes, slices and padding: on an H200 the posteriors of the
+large workload (T = 50 000) took 49.5 s to compile and 19 ms to run.
 """
 
 import functools
@@ -108,11 +108,12 @@ def _combine(first, second):
     return safe_divide(B, s[..., None]), c1 + shift + safe_log(s)
 
 
-# One sequential step (a loop iteration: a few kernel launches, several µs on a GPU)
-# takes about as long as this many FLOPs of batched products. `block_shape` weighs
-# the `2L + log2(K + 1)` sequential steps of a pass against its `T + (K + 1)
-# log2(K + 1)` products; on the large workload (S = 70, T = 50 000) that gives
-# K = 1 021 blocks of L = 49 steps.
+# One sequential step (a loop iteration: a few kernel launches; a step of the
+# sequential scan takes 7 µs on an H200) takes about as long as this many FLOPs of
+# batched products (assuming 70 x 70 products run at about 15 TFLOP/s there).
+# `block_shape` weighs the `2L + log2(K + 1)` sequential steps of a pass against its
+# `T + (K + 1) log2(K + 1)` products; on the large workload (S = 70, T = 50 000)
+# that gives K = 1 021 blocks of L = 49 steps.
 _STEP_FLOPS = 1e8
 
 
