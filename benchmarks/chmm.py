@@ -277,6 +277,8 @@ def main(argv=None):
                         sequences=cfg["batch"] or 1,
                         **timing,
                         us_per_step=1e6 * timing["median_s"] / n_steps,
+                        flops=flops,
+                        traffic_bytes=traffic,
                         gflop_per_s=flops / timing["median_s"] / 1e9,
                         gbyte_per_s=traffic / timing["median_s"] / 1e9,
                     )
@@ -336,6 +338,8 @@ def length_sweep(results, name, lengths, size):
                 impl=f"eqx_models {method}",
                 **timing,
                 us_per_step=1e6 * timing["median_s"] / length,
+                flops=flops,
+                traffic_bytes=traffic,
                 gflop_per_s=flops / timing["median_s"] / 1e9,
                 gbyte_per_s=traffic / timing["median_s"] / 1e9,
             )
@@ -393,7 +397,8 @@ def _notes(results, size, peer_note):
         "and compiling each function once, apart from its runs."
     )
     results.note(
-        "`gflop_per_s` / `gbyte_per_s` apply those counts to the measured time; on "
+        "`flops` / `traffic_bytes` are those counts for one call; `gflop_per_s` / "
+        "`gbyte_per_s` apply them to the measured time; on "
         "an H200, `flop_fraction` and `bandwidth_fraction` compare them with 67 "
         "TFLOP/s (FP32, no tensor cores: the products run at HIGHEST precision) and "
         "4.8 TB/s."
