@@ -109,8 +109,9 @@ def log_likelihood(
         exactly the result for ids.
     - `a`: actions, integer array of shape `(T,)`; `a[t]` is taken after observing
         `x[t]` and drives `x[t] -> x[t+1]`; `a[-1]` is unused.
-    - `method`: `"scan"` (sequential `lax.scan`; best on CPU) or `"parallel"` (a
-        pairwise tree of step-matrix products, depth `O(log T)`; best on GPU for
+    - `method`: `"scan"` (sequential `lax.scan`; best on CPU) or `"parallel"`
+        (products of step matrices, sequential within blocks of steps and all
+        blocks at once, then a parallel prefix over the blocks; best on GPU for
         long sequences). Both give the same numbers up to rounding.
     - `emissions`: optional `(N, n_obs)` emission matrix replacing the
         deterministic clone-to-symbol emission (see

@@ -161,9 +161,16 @@ def _sequences_checked(fn: str):
 
 
 def _map(f, batch: _Batch):
-    if batch.lengths is None:
+    lengths = batch.lengths
+    if batch.x.shape[0] == 1:
+        # One sequence: no `vmap`, whose batch axis of size one sends the per-step
+        # vector-block products down a slow path of XLA's CPU backend (several
+        # times slower).
+        length = None if lengths is None else lengths[0]
+        return jax.tree.map(lambda v: v[None], f(batch.x[0], batch.a[0], length))
+    if lengths is None:
         return jax.vmap(lambda x, a: f(x, a, None))(batch.x, batch.a)
-    return jax.vmap(f)(batch.x, batch.a, batch.lengths)
+    return jax.vmap(f)(batch.x, batch.a, lengths)
 
 
 def _total_log_likelihood(T, model: CHMM, batch: _Batch, method: str):
@@ -210,9 +217,9 @@ def expected_counts(
     `counts[u, i, j] = sum_t p(z[t] = i, z[t+1] = j | x, a)` over the steps with
     `a[t] = u`, summed over all sequences. Computed as `T * dlnL/dT` (the
     likelihood is multilinear in the entries of `T`), where the gradient comes from
-    a forward-backward pass (`method="scan"`) or from differentiating the
-    parallel tree of products (`method="parallel"`). The counts of a sequence of
-    length `T` sum to `T - 1`.
+    a forward-backward pass, sequential (`method="scan"`) or over blocks of steps
+    in parallel (`method="parallel"`). The counts of a sequence of length `T` sum
+    to `T - 1`.
 
     **Arguments:**
 

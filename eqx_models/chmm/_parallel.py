@@ -1,4 +1,4 @@
-"""Parallel-in-time inference over a `Chain`: associative products of step matrices.
+"""Parallel-in-time inference over a `Chain`: products of step matrices, in blocks.
 
 Every step is an `S x S` matrix kept in a row-normalised form `(A, c)`: the matrix is
 `diag(exp(c)) @ A` with each row of `A` summing to one (or all zero, with `c = -inf`).
@@ -12,22 +12,40 @@ of tens of thousands of steps neither underflow nor lose a state whose continuat
 is unlikely. The first element has every row equal to the initial message, so every
 prefix product has identical rows: the filtered message and the log-likelihood so far.
 
-- `tree_log_likelihood`: a pairwise tree reduction (`T - 1` products, depth
-  `ceil(log2 T)`); differentiating it gives a parallel E-step.
-- `parallel_forward` / `parallel_backward`: `lax.associative_scan` prefix and suffix
-  products (about `2T` products each, depth `O(log T)`).
+The `T - 1` steps are cut into `K` blocks of `L` consecutive steps (`block_shape`; the
+tail is padded with identity steps), and a pass is at most three loops, each with a
+body compiled once whatever `T` is:
+
+1. `_block_products`: a `lax.scan` over the `L` positions in a block multiplies the
+   running product of each of the `K` blocks by its next step matrix, all blocks at
+   once (`T - 1` products of `S x S` matrices in `L` sequential steps).
+2. `_across_blocks`: inclusive prefix products of `[first, P_0, ..., P_{K-1}]` and,
+   for smoothing, suffix products of `[P_0, ..., P_{K-1}, I]`, by a Hillis-Steele
+   scan: a `lax.scan` over `ceil(log2(K + 1))` levels, level `j` combining every
+   element with the one `2**j` before (after) it.
+3. `_within_blocks`: from the message entering (leaving) each block, its per-step
+   messages by the sequential recursions of `_scan.py`, all blocks at once (`L`
+   steps of vector-block products, forward and backward in one body).
+
+The log-likelihood is 1 and the prefixes of 2; its gradient (the E-step) is the
+forward-backward formula of `_scan.py` with the messages of 1 to 3. The forward pass
+is 1, the prefixes of 2 and the forward half of 3; smoothing all of it. Before this,
+two `lax.associative_scan`s unrolled their `2 log2 T` levels each into the graph,
+every level with its own shapes, slices and padding: on an H200 the posteriors of the
+large workload (T = 50 000) took 49.5 s to compile and 19 ms to run.
 """
 
 import functools
 import math
-from typing import cast
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from ._chain import Chain, evidence_weights, safe_divide, safe_log, window
+from ._scan import backward_step, forward_step
 
 
 HIGHEST = lax.Precision.HIGHEST
@@ -43,28 +61,18 @@ def _tree_sum(x: Array) -> Array:
 
 
 def _n_chunks(n: int, src_size: int, window_size: int) -> int:
-    # Accumulating the cotangent of each chunk of steps separately and summing the
+    # Accumulating the gradient of each chunk of steps separately and summing the
     # chunks pairwise bounds the float error by about (n / chunks + log2(chunks))
     # ulps instead of n; the chunk buffers are capped at the size of the gathered
     # windows themselves.
     return max(1, min(math.isqrt(n), (n * window_size) // max(src_size, 1)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def gather_windows(src: Array, pos: Array, size: int) -> Array:
-    """Every step's window, `[n, size, size]`."""
-    return jax.vmap(lambda p: window(src, p, size))(pos)
-
-
-def _gather_fwd(src, pos, size):
-    return gather_windows(src, pos, size), (pos, src)
-
-
-def _gather_bwd(size, residuals, g):
-    pos, src = residuals
+def _scatter_windows(src: Array, pos: Array, g: Array, size: int) -> Array:
+    """`g[t]` added to the window of `src` at `pos[t]` for every `t`, in chunks."""
     shape, n = src.shape, pos.shape[0]
     if n == 0:
-        return jnp.zeros_like(src), None
+        return jnp.zeros_like(src)
     chunks = _n_chunks(n, math.prod(shape), size * size)
     per_chunk = -(-n // chunks)
     pad = chunks * per_chunk - n
@@ -86,10 +94,7 @@ def _gather_bwd(size, residuals, g):
         numbers,
         mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
     )
-    return _tree_sum(sums), None
-
-
-gather_windows.defvjp(_gather_fwd, _gather_bwd)
+    return _tree_sum(sums)
 
 
 def _combine(first, second):
@@ -103,75 +108,336 @@ def _combine(first, second):
     return safe_divide(B, s[..., None]), c1 + shift + safe_log(s)
 
 
-def _steps(chain: Chain):
-    """Weighted step matrices `[T-1, S, S]`, the initial message and the offsets."""
-    size = chain.size
-    B = cast(Array, gather_windows(chain.src, chain.pos, size))
+# One sequential step (a loop iteration: a few kernel launches; a step of the
+# sequential scan takes 7 µs on an H200) takes about as long as this many FLOPs of
+# batched products (assuming 70 x 70 products run at about 15 TFLOP/s there).
+# `block_shape` weighs the `2L + log2(K + 1)` sequential steps of a pass against its
+# `T + (K + 1) log2(K + 1)` products; on the large workload (S = 70, T = 50 000)
+# that gives K = 1 021 blocks of L = 49 steps.
+_STEP_FLOPS = 1e8
+
+
+def _cheapest_blocks(n: int, size: int) -> int:
+    flops = 2 * size**3
+
+    def cost(k: int) -> float:
+        length, levels = -(-n // k), k.bit_length()
+        sequential = 2 * length + levels
+        products = k * length + (k + 1) * levels
+        return _STEP_FLOPS * sequential + flops * products
+
+    # Under `vmap` a batch of sequences multiplies the products, not the sequential
+    # steps, so the products across blocks are kept to at most twice those within.
+    candidates = [
+        k
+        for k in {min(2**i, n) for i in range(n.bit_length() + 1)}
+        if (k + 1) * k.bit_length() <= 2 * n
+    ]
+    return min(candidates, key=cost)
+
+
+def block_shape(n: int, size: int, blocks: int | None = None) -> tuple[int, int]:
+    """`(K, L)`: `K` blocks of `L` steps for a chain of `n` steps of `size x size`
+    matrices (`K * L >= n`, at least one step), with about `blocks` blocks if given."""
+    n = max(n, 1)
+    if blocks is None:
+        blocks = _cheapest_blocks(n, size)
+    length = -(-n // min(max(blocks, 1), n))
+    return -(-n // length), length
+
+
+def _in_blocks(x: Array, n_blocks: int) -> Array:
+    """`[K * L, ...]` in step order as `[L, K, ...]`: block `k`'s `l`-th at `[l, k]`."""
+    return jnp.swapaxes(x.reshape((n_blocks, -1) + x.shape[1:]), 0, 1)
+
+
+def _in_steps(x: Array) -> Array:
+    """`[L, K, ...]` back in step order, `[K * L, ...]` (undoes `_in_blocks`)."""
+    return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
+
+
+class _Blocked(NamedTuple):
+    # Steps 1..K*L in block order (`_in_blocks`); past T - 1, identity steps.
+    pos: Int[Array, "L K 3"]
+    # The evidence weights of each step's own element and of the element before it;
+    # past T - 1, ones. A hard chain's windows hold only the clones of the observed
+    # symbols, so its weights are ones but at its last element, where they are the
+    # slots in use (`Chain.last`, as the scan's last backward message): the suffix
+    # products then agree with the scan's messages through padded steps too.
+    weights: Float[Array, "L K S"]
+    weights_prev: Float[Array, "L K S"]
+    # The log offset of each step's evidence (see `evidence_weights`).
+    offset: Float[Array, "L K"]
+    # The filtered message and log normaliser of step 0, and u of step T - 1.
+    alpha0: Float[Array, " S"]
+    log_n0: Float[Array, ""]
+    u_last: Float[Array, " S"]
+
+
+def _blocked(chain: Chain, blocks: int | None) -> _Blocked:
+    n, size, dtype = chain.length - 1, chain.size, chain.pi0.dtype
+    n_blocks, length = block_shape(n, size, blocks)
+    pad = n_blocks * length - n
+    identity = jnp.zeros((pad, 3), chain.pos.dtype).at[:, 0].set(chain.src.shape[0] - 1)
+    pos = _in_blocks(jnp.concatenate([chain.pos, identity]), n_blocks)
     if chain.psi is None:
-        return B, chain.pi0, jnp.zeros((chain.length,), chain.pi0.dtype)
-    weights, offset = evidence_weights(chain.psi)
-    # A state without evidence at t-1 cannot be left at t: zeroing its row keeps
-    # rows of unrelated states (padded windows) out of the backward products.
-    rows = lax.stop_gradient(weights[:-1] > 0)
-    B = B * weights[1:, None, :] * rows[:, :, None]
-    return B, chain.pi0 * weights[0], offset
-
-
-def _elements(B, v0, offset):
-    size = v0.shape[0]
+        w = jnp.ones((n + 1, size), dtype).at[-1].set(chain.last)
+        offset = jnp.zeros((n + 1,), dtype)
+    else:
+        w, offset = evidence_weights(chain.psi)
+    w = jnp.concatenate([w, jnp.ones((pad, size), dtype)])
+    offset = jnp.concatenate([offset, jnp.zeros((pad,), dtype)])
+    v0 = chain.pi0 * w[0]
     n0 = v0.sum()
-    first_A = jnp.broadcast_to(safe_divide(v0, n0), (1, size, size))
-    first_c = jnp.full((1, size), safe_log(n0) + offset[0])
-    s = B.sum(-1)
-    A = safe_divide(B, s[..., None])
-    c = safe_log(s) + offset[1:, None]
+    return _Blocked(
+        pos,
+        _in_blocks(w[1:], n_blocks),
+        _in_blocks(w[:-1], n_blocks),
+        _in_blocks(offset[1:], n_blocks),
+        safe_divide(v0, n0),
+        safe_log(n0) + offset[0],
+        safe_divide(w[n], w[n].sum()),
+    )
+
+
+def _windows(chain: Chain, p: Array, w: Array, w_prev: Array) -> Array:
+    """The step matrices `[K, S, S]` at positions `p` (`[K, 3]`), with the evidence."""
+    B = jax.vmap(lambda q: window(chain.src, q, chain.size))(p)
+    # A state without evidence at t-1 cannot be left at t: zeroing its row keeps
+    # rows of unrelated states (padded windows) out of the products.
+    rows = lax.stop_gradient(w_prev > 0)
+    return B * w[:, None, :] * rows[:, :, None]
+
+
+def _block_products(chain: Chain, blocked: _Blocked):
+    """Phase 1: the product `P_k` of each block's steps, `(A, c)` of shapes `[K, S, S]`
+    and `[K, S]`."""
+    size, dtype = chain.size, chain.pi0.dtype
+    n_blocks = blocked.pos.shape[1]
+
+    def step(product, inputs):
+        A, c = product
+        p, w, w_prev, offset = inputs
+        # A raw step needs no shift before the product, unlike `_combine`'s second
+        # element: its entries are probabilities times evidence weights of at most
+        # one, as in the sequential scan.
+        R = jnp.einsum(
+            "kij,kjl->kil", A, _windows(chain, p, w, w_prev), precision=HIGHEST
+        )
+        s = R.sum(-1)
+        return (safe_divide(R, s[..., None]), c + safe_log(s) + offset[:, None]), None
+
+    eye = jnp.broadcast_to(jnp.eye(size, dtype=dtype), (n_blocks, size, size))
+    start = (eye, jnp.zeros((n_blocks, size), dtype))
+    xs = (blocked.pos, blocked.weights, blocked.weights_prev, blocked.offset)
+    (A, c), _ = lax.scan(step, start, xs)
+    return A, c
+
+
+def _with_first(blocked: _Blocked, products):
+    """`[first, P_0, ..., P_{K-1}]`: the block products after the initial message."""
+    A, c = products
+    size = A.shape[-1]
+    first_A = jnp.broadcast_to(blocked.alpha0, (1, size, size))
+    first_c = jnp.broadcast_to(blocked.log_n0, (1, size))
     return jnp.concatenate([first_A, A]), jnp.concatenate([first_c, c])
 
 
-def tree_log_likelihood(chain: Chain) -> Float[Array, ""]:
-    """`lnL` of a chain by a pairwise tree of products."""
-    A, c = _elements(*_steps(chain))
-    size = chain.size
-    while A.shape[0] > 1:
-        if A.shape[0] % 2:
-            A = jnp.concatenate([A, jnp.eye(size, dtype=A.dtype)[None]])
-            c = jnp.concatenate([c, jnp.zeros((1, size), c.dtype)])
-        A, c = _combine((A[0::2], c[0::2]), (A[1::2], c[1::2]))
-    return c[0, 0]
+def _with_identity(products):
+    """`[P_0, ..., P_{K-1}, I]`: the block products before the end of the chain."""
+    A, c = products
+    size = A.shape[-1]
+    eye, zeros = jnp.eye(size, dtype=A.dtype)[None], jnp.zeros((1, size), c.dtype)
+    return jnp.concatenate([A, eye]), jnp.concatenate([c, zeros])
 
 
-def parallel_forward(chain: Chain) -> tuple[Float[Array, "T S"], Float[Array, " T"]]:
-    """Filtered messages and per-step log normalisers, as `forward_scan`."""
-    B, v0, offset = _steps(chain)
-    A, c = _elements(B, v0, offset)
-    prefix_A, _ = lax.associative_scan(_combine, (A, c))
-    alphas = prefix_A[:, 0, :]
-    predicted = jnp.einsum("ti,tij->tj", alphas[:-1], B, precision=HIGHEST)
-    norms = jnp.concatenate([v0.sum()[None], predicted.sum(-1)])
-    return alphas, safe_log(norms) + offset
+# An element `(A, c)` of a product, or a batch of them.
+_Element = tuple[Array, Array]
 
 
-def parallel_backward(
-    chain: Chain, alphas: Float[Array, "T S"]
-) -> tuple[Float[Array, "T S"], Float[Array, "T S"]]:
-    """Backward messages `u` and smoothed marginals `gamma`, as `backward_scan`."""
-    B, v0, offset = _steps(chain)
-    A, c = _elements(B, v0, offset)
-    size = chain.size
-    if A.shape[0] > 1:
-        _, suffix_c = lax.associative_scan(
-            lambda later, earlier: _combine(earlier, later),
-            (A[1:], c[1:]),
-            reverse=True,
-        )
-        log_beta = jnp.concatenate([suffix_c, jnp.zeros((1, size), c.dtype)])
-    else:
-        log_beta = jnp.zeros((1, size), c.dtype)
-    if chain.psi is None:
-        log_w = jnp.zeros_like(log_beta).at[-1].set(safe_log(chain.last))
-    else:
-        log_w = chain.psi - offset[:, None]
-    return _normalise_log(log_w + log_beta), _normalise_log(safe_log(alphas) + log_beta)
+def _select(keep: Array, old: _Element, new: _Element) -> _Element:
+    return (
+        jnp.where(keep[:, None, None], old[0], new[0]),
+        jnp.where(keep[:, None], old[1], new[1]),
+    )
+
+
+def _across_blocks(prefix: _Element | None, suffix: _Element | None) -> tuple[Any, Any]:
+    """Phase 2: inclusive prefix products of the elements `prefix` and suffix
+    products of `suffix` (each `(A, c)` over the same number of elements, or None).
+
+    A Hillis-Steele scan: at level `j` every element is combined with the one `2**j`
+    before (after) it, found by rolling the array by a traced distance, so that every
+    level runs the same compiled body. Elements with nothing that far away keep
+    their value.
+    """
+    n = next(e[1].shape[0] for e in (prefix, suffix) if e is not None)
+    index = jnp.arange(n)
+
+    def level(elements, distance):
+        prefix, suffix = elements
+        if prefix is not None:
+            earlier = jax.tree.map(lambda v: jnp.roll(v, distance, axis=0), prefix)
+            prefix = _select(index < distance, prefix, _combine(earlier, prefix))
+        if suffix is not None:
+            later = jax.tree.map(lambda v: jnp.roll(v, -distance, axis=0), suffix)
+            suffix = _select(index >= n - distance, suffix, _combine(suffix, later))
+        return (prefix, suffix), None
+
+    distances = 2 ** jnp.arange((n - 1).bit_length(), dtype=jnp.int32)
+    (prefix, suffix), _ = lax.scan(level, (prefix, suffix), distances)
+    return prefix, suffix
+
+
+def _flip(tree):
+    return jax.tree.map(lambda v: v[::-1], tree)
+
+
+def _within_blocks(
+    chain: Chain, blocked: _Blocked, alpha_in: Array | None, u_out: Array | None
+) -> tuple[Any, Any]:
+    """Phase 3: the per-step messages inside every block, forward from `alpha_in`
+    (the filtered message before each block's first step, `[K, S]`) and backward
+    from `u_out` (`u` after its last step), either None.
+
+    Returns `(alphas, norms)` of steps `1..K*L` and `(us, betas)` of the elements
+    before them, `0..K*L-1` (`beta[t] = B[t+1] @ u[t+1]`), in step order; None for a
+    direction not asked for.
+    """
+    forward = jax.vmap(functools.partial(forward_step, chain.src, chain.size))
+    backward = jax.vmap(functools.partial(backward_step, chain.src, chain.size))
+
+    def step(messages, inputs):
+        alpha, u = messages
+        (p, w), later = inputs
+        outputs = None, None
+        if alpha is not None:
+            alpha, n = forward(alpha, p, w)
+            outputs = (alpha, n), None
+        if u is not None:
+            u, beta = backward(u, *later)
+            outputs = outputs[0], (u, beta)
+        return (alpha, u), outputs
+
+    # The backward half walks the blocks from their ends: step L-1-l at loop step l.
+    later = None if u_out is None else _flip((blocked.pos, blocked.weights_prev))
+    xs = ((blocked.pos, blocked.weights), later)
+    _, (forward_out, backward_out) = lax.scan(step, (alpha_in, u_out), xs)
+    if backward_out is not None:
+        backward_out = _flip(backward_out)
+    return jax.tree.map(_in_steps, (forward_out, backward_out))
+
+
+def _forward_outputs(chain: Chain, blocked: _Blocked, alphas, norms):
+    n = chain.length - 1
+    offset = _in_steps(blocked.offset)[:n]
+    alphas = jnp.concatenate([blocked.alpha0[None], alphas[:n]])
+    log_norms = jnp.concatenate([blocked.log_n0[None], safe_log(norms[:n]) + offset])
+    return alphas, log_norms
+
+
+def _smooth(chain: Chain, blocked: _Blocked, products, alpha_in=None):
+    """Phases 2 and 3 of smoothing, given the block products (phase 1) and, if known
+    from the likelihood, the message entering each block.
+
+    Returns `(alphas, log_norms, us, gammas, betas)`: `betas[t] = B[t+1] @ u[t+1]`
+    for `t < T - 1`, the rest as `parallel_smooth`.
+    """
+    n = chain.length - 1
+    prefix = _with_first(blocked, products) if alpha_in is None else None
+    prefix, (_, suffix_c) = _across_blocks(prefix, _with_identity(products))
+    if prefix is not None:
+        alpha_in = prefix[0][:-1, 0]
+    # `u` after each block's last step: that element's evidence times the products of
+    # the later blocks applied to ones.
+    log_u = suffix_c[1:] + safe_log(blocked.weights[-1])
+    forward_out, (us, betas) = _within_blocks(
+        chain, blocked, alpha_in, _normalise_log(log_u)
+    )
+    alphas, log_norms = _forward_outputs(chain, blocked, *forward_out)
+    betas = betas[:n]
+    products = alphas[:-1] * betas
+    gammas = safe_divide(products, products.sum(-1, keepdims=True))
+    us = jnp.concatenate([us[:n], blocked.u_last[None]])
+    gammas = jnp.concatenate([gammas, alphas[-1:]])
+    return alphas, log_norms, us, gammas, betas
+
+
+def parallel_forward(
+    chain: Chain, blocks: int | None = None
+) -> tuple[Float[Array, "T S"], Float[Array, " T"]]:
+    """Filtered messages and per-step log normalisers, as `forward_scan`.
+
+    `blocks`: about how many blocks (default: `block_shape`'s choice).
+    """
+    blocked = _blocked(chain, blocks)
+    products = _block_products(chain, blocked)
+    (prefix_A, _), _ = _across_blocks(_with_first(blocked, products), None)
+    (forward_out, _) = _within_blocks(chain, blocked, prefix_A[:-1, 0], None)
+    return _forward_outputs(chain, blocked, *forward_out)
+
+
+def parallel_smooth(
+    chain: Chain, blocks: int | None = None
+) -> tuple[
+    Float[Array, "T S"], Float[Array, " T"], Float[Array, "T S"], Float[Array, "T S"]
+]:
+    """`(alphas, log_norms, us, gammas)`, as `forward_scan` and `backward_scan`: one
+    phase 1 for both directions, and phases 2 and 3 running them side by side."""
+    blocked = _blocked(chain, blocks)
+    return _smooth(chain, blocked, _block_products(chain, blocked))[:4]
+
+
+def _likelihood_and_prefix(chain: Chain, blocks: int | None):
+    blocked = _blocked(chain, blocks)
+    products = _block_products(chain, blocked)
+    (prefix_A, prefix_c), _ = _across_blocks(_with_first(blocked, products), None)
+    return prefix_c[-1, 0], (products, prefix_A[:-1, 0])
+
+
+# The gradient is the forward-backward formula of `_scan.py`'s `_log_likelihood` (see
+# there) with the messages of `_smooth`: differentiating through the block products
+# instead would keep every step's `S x S` intermediates and run three products per
+# step rather than one.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _log_likelihood(src, pi0, psi, pos, last, blocks):
+    chain = Chain(src, pos, pi0, psi, last, None)
+    return _likelihood_and_prefix(chain, blocks)[0]
+
+
+def _log_likelihood_fwd(src, pi0, psi, pos, last, blocks):
+    chain = Chain(src, pos, pi0, psi, last, None)
+    lnl, (products, alpha_in) = _likelihood_and_prefix(chain, blocks)
+    return lnl, (chain, products, alpha_in)
+
+
+def _log_likelihood_bwd(blocks, residuals, g):
+    chain, products, alpha_in = residuals
+    blocked = _blocked(chain, blocks)
+    alphas, _, us, gammas, betas = _smooth(chain, blocked, products, alpha_in)
+    # dlnL/dB[t] = outer(alpha[t-1], u[t]) / d[t], with d[t] = alpha[t-1] . beta[t-1].
+    d = jnp.sum(alphas[:-1] * betas, axis=-1)
+    grads = alphas[:-1, :, None] * safe_divide(us[1:], d[:, None])[:, None, :]
+    d_src = _scatter_windows(chain.src, chain.pos, g * grads, chain.size)
+    d_pi0 = safe_divide(us[0], jnp.sum(chain.pi0 * us[0]))
+    d_psi = None if chain.psi is None else g * gammas
+    return d_src, g * d_pi0, d_psi, None, None
+
+
+_log_likelihood.defvjp(_log_likelihood_fwd, _log_likelihood_bwd)
+
+
+def parallel_log_likelihood(
+    chain: Chain, blocks: int | None = None
+) -> Float[Array, ""]:
+    """`lnL` of a chain: block products (phase 1) and their prefix (phase 2), with
+    a gradient by a parallel forward-backward pass.
+
+    `blocks`: about how many blocks (default: `block_shape`'s choice).
+    """
+    return _log_likelihood(
+        chain.src, chain.pi0, chain.psi, chain.pos, chain.last, blocks
+    )
 
 
 def _normalise_log(log_v: Array) -> Array:

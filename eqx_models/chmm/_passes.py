@@ -1,23 +1,23 @@
 """The passes over a `Chain`, each by either strategy that `method=` names.
 
 Every public routine takes `method="scan"` (sequential, `_scan.py`) or
-`method="parallel"` (associative products, `_parallel.py`); both give the same
-numbers up to rounding. The choice is made here once per pass, so the public
-routines in `_inference.py` and `_learning.py` only say which pass they need.
+`method="parallel"` (blocked products, `_parallel.py`); both give the same numbers
+up to rounding. The choice is made here once per pass, so the public routines in
+`_inference.py` and `_learning.py` only say which pass they need.
 """
 
 from jaxtyping import Array, Float
 
 from ._chain import Chain
-from ._parallel import parallel_backward, parallel_forward, tree_log_likelihood
+from ._parallel import parallel_forward, parallel_log_likelihood, parallel_smooth
 from ._scan import backward_scan, forward_scan, scan_log_likelihood
 
 
 def chain_log_likelihood(chain: Chain, method: str) -> Float[Array, ""]:
-    """`ln p(x | a)` of the chain (differentiable; the parallel one as a tree)."""
+    """`ln p(x | a)` of the chain (differentiable)."""
     if method == "scan":
         return scan_log_likelihood(chain)
-    return tree_log_likelihood(chain)
+    return parallel_log_likelihood(chain)
 
 
 def chain_forward(
@@ -37,9 +37,8 @@ def chain_smooth(
     """A forward-backward pass: `(alphas, log_norms, us, gammas)`, with `us` the
     normalised evidence-weighted backward messages and `gammas` the smoothed
     marginals."""
-    alphas, log_norms = chain_forward(chain, method)
-    if method == "scan":
-        us, gammas, _ = backward_scan(chain, alphas, accumulate=False)
-    else:
-        us, gammas = parallel_backward(chain, alphas)
+    if method == "parallel":
+        return parallel_smooth(chain)
+    alphas, log_norms = forward_scan(chain)
+    us, gammas, _ = backward_scan(chain, alphas, accumulate=False)
     return alphas, log_norms, us, gammas

@@ -45,6 +45,28 @@ def _block_vector(block: Array, u: Array) -> Array:
     return jnp.sum(block * u[None, :], axis=1)
 
 
+def forward_step(
+    src: Array, size: int, alpha: Array, p: Array, w: Array | None
+) -> tuple[Array, Array]:
+    """One filtering step: the next normalised message and its normaliser."""
+    v = _vector_block(alpha, window(src, p, size))
+    if w is not None:
+        v = v * w
+    n = v.sum()
+    return safe_divide(v, n), n
+
+
+def backward_step(
+    src: Array, size: int, u: Array, p: Array, w_prev: Array | None
+) -> tuple[Array, Array]:
+    """One backward step from `u[t]` over the step at `p`: the normalised `u[t-1]`
+    and the backward message `beta[t-1] = B[t] @ u[t]` (without the evidence of
+    `t-1`)."""
+    beta_prev = _block_vector(window(src, p, size), u)
+    u_prev = beta_prev if w_prev is None else beta_prev * w_prev
+    return safe_divide(u_prev, u_prev.sum()), beta_prev
+
+
 def _weights(chain: Chain):
     if chain.psi is None:
         return None, jnp.zeros((chain.length,), chain.pi0.dtype)
@@ -60,12 +82,7 @@ def forward_scan(chain: Chain) -> tuple[Float[Array, "T S"], Float[Array, " T"]]
     alpha0 = safe_divide(v0, n0)
 
     def step(alpha, inputs):
-        p, w = inputs
-        v = _vector_block(alpha, window(chain.src, p, size))
-        if w is not None:
-            v = v * w
-        n = v.sum()
-        alpha = safe_divide(v, n)
+        alpha, n = forward_step(chain.src, size, alpha, *inputs)
         return alpha, (alpha, n)
 
     xs = (chain.pos, None if weights is None else weights[1:])
@@ -96,12 +113,9 @@ def backward_scan(
     def step(carry, inputs):
         u, sums = carry
         p, alpha_prev, w_prev = inputs
-        block = window(chain.src, p, size)
-        beta_prev = _block_vector(block, u)
+        u_prev, beta_prev = backward_step(chain.src, size, u, p, w_prev)
         d = jnp.sum(alpha_prev * beta_prev)
         gamma_prev = safe_divide(alpha_prev * beta_prev, d)
-        u_prev = beta_prev if w_prev is None else beta_prev * w_prev
-        u_prev = safe_divide(u_prev, u_prev.sum())
         if sums is not None:
             grad = safe_divide(alpha_prev[:, None] * u[None, :], d)
             start = (p[0], p[1], p[2])
