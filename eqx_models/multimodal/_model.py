@@ -30,6 +30,7 @@ from transforms.validation import (
 )
 
 from .._layer_ops import gelu, layer_norm
+from ._guards import refuse_or_guard
 from ._packing import check_segments
 from ._vocab import implied_types, N_SPECIAL, PAD, SPECIAL_TYPE, VocabLayout
 
@@ -828,24 +829,11 @@ def check_tokens(
             f"its id; specials need a type in [0, {layout.n_types}))",
         ),
     )
-    masks = (outside, pad_before_token, wrong)
-    if concrete:
-        for (arg, text), mask in zip(expected, masks):
-            if np.any(mask):
-                index = tuple(int(i) for i in np.argwhere(mask)[0])
-                values = ids if arg == "tokens" else np.asarray(type_ids)
-                raise fail(
-                    where, arg, text, f"{values[index].item()!r} at index {index}"
-                )
-        return tokens
-    preds = jnp.stack([jnp.any(mask) for mask in masks])
-    messages = tuple(
-        f"{where}: `{arg}` must be {text}, got some that are not (checked at run time)."
-        for arg, text in expected
-    )
-    # The check rides on a scalar added to `tokens`, not on `tokens` itself: an
-    # array passed through the check's conditional loses its sharding (XLA
-    # replicates it), which would gather a data-parallel batch on every step.
-    zero = jnp.zeros((), tokens.dtype)
-    zero = eqx.branched_error_if(zero, jnp.any(preds), jnp.argmax(preds), messages)
-    return tokens + zero
+    given_types = ids if type_ids is None else type_ids
+    checks = [
+        (arg, text, mask, value)
+        for (arg, text), mask, value in zip(
+            expected, (outside, pad_before_token, wrong), (ids, ids, given_types)
+        )
+    ]
+    return refuse_or_guard(where, tokens, checks, concrete=concrete)

@@ -12,13 +12,13 @@ check the model runs before trusting them for its attention mask.
 from collections.abc import Sequence
 from typing import Any
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from transforms.validation import check_size, check_type, fail, is_concrete
 
+from ._guards import refuse_or_guard
 from ._sequence import TokenBatch, TokenSequence
 from ._vocab import PAD, SPECIAL_TYPE
 
@@ -233,23 +233,11 @@ def check_segments(tokens, segment_ids, positions, *, where: str):
             "then counting up by one)",
         ),
     )
-    masks = (zero_not_pad, decreasing, misplaced)
-    if concrete:
-        for (arg, text), mask in zip(expected, masks):
-            if np.any(mask):
-                index = tuple(int(i) for i in np.argwhere(mask)[0])
-                values = segs if arg == "segment_ids" else pos
-                raise fail(
-                    where, arg, text, f"{values[index].item()!r} at index {index}"
-                )
-        return tokens
-    preds = jnp.stack([jnp.any(mask) for mask in masks])
-    messages = tuple(
-        f"{where}: `{arg}` must be {text}, got some that are not (checked at run time)."
-        for arg, text in expected
-    )
-    # As in `check_tokens`: the check rides on a scalar, so that `tokens` keeps its
-    # sharding.
-    zero = jnp.zeros((), tokens.dtype)
-    zero = eqx.branched_error_if(zero, jnp.any(preds), jnp.argmax(preds), messages)
-    return tokens + zero
+    values = (segs, segs, pos)
+    checks = [
+        (arg, text, mask, value)
+        for (arg, text), mask, value in zip(
+            expected, (zero_not_pad, decreasing, misplaced), values
+        )
+    ]
+    return refuse_or_guard(where, tokens, checks, concrete=concrete)
