@@ -39,7 +39,6 @@ Peers:
 import argparse
 import json
 import math
-import statistics
 import time
 import warnings
 
@@ -232,18 +231,6 @@ def opacus_dp_step(
     return step
 
 
-def _summary(times: list[float]) -> dict:
-    times = sorted(times)
-    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-    return {
-        "median_s": statistics.median(times),
-        "min_s": times[0],
-        "max_s": times[-1],
-        "iqr_s": q[2] - q[0],
-        "repeats": len(times),
-    }
-
-
 def measure(fn, tokens, repeats: int) -> tuple[dict, torch.Tensor]:
     """Time `fn(tokens)` and read the allocator's peak during one call."""
     cuda = tokens.device.type == "cuda"
@@ -265,7 +252,8 @@ def measure(fn, tokens, repeats: int) -> tuple[dict, torch.Tensor]:
         fn(tokens)
         sync()
         times.append(time.perf_counter() - t0)
-    return {**row, **_summary(times)}, norms
+    # Raw times: the parent summarises them as every other row (`_harness`).
+    return {**row, "times": times}, norms
 
 
 def _first_line(error: BaseException) -> str:

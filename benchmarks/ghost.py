@@ -92,7 +92,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
-from _harness import Results, RESULTS_DIR, time_callable
+from _harness import _summary, Results, RESULTS_DIR, time_callable
 
 from transforms import make_attribution_step, per_sample_grad_norms
 
@@ -426,7 +426,10 @@ def _spawn(argv: list[str], timeout: float) -> dict:
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         return {"error": f"exit {done.returncode}: " + " | ".join(tail)}
-    return json.loads(lines[-1])
+    result = json.loads(lines[-1])
+    if "times" in result:
+        result.update(_summary(result.pop("times")))
+    return result
 
 
 def torch_peers(model, heads, compute, platform, batches, repeats, timeout):
