@@ -1,3 +1,5 @@
+import gc
+
 import jax
 import jax.random as jr
 import pytest
@@ -47,6 +49,32 @@ def highest_precision():
     """
     with jax.default_matmul_precision("highest"):
         yield
+
+
+def _memory_mappings() -> tuple[int, int] | None:
+    """(mappings this process holds, the kernel's per-process limit), where Linux
+    tells them."""
+    try:
+        with open("/proc/self/maps") as maps:
+            held = sum(1 for _ in maps)
+        with open("/proc/sys/vm/max_map_count") as limit:
+            return held, int(limit.read())
+    except (OSError, ValueError):
+        return None
+
+
+def pytest_runtest_teardown(item, nextitem):
+    # XLA's CPU backend keeps the machine code of every program it compiles in
+    # memory mappings of its own (a few per kernel), freed only with the executable,
+    # and JAX's caches keep executables for the life of the process. A suite worker
+    # that compiles for hundreds of tests passes Linux's limit on mappings per
+    # process (vm.max_map_count, 65 530 by default), and the next compilation dies
+    # inside XLA (an abort or a segfault, in whichever test compiles then). Emptying
+    # the caches at half the limit frees them; tests only pay a recompilation.
+    mappings = _memory_mappings()
+    if mappings is not None and mappings[0] > mappings[1] // 2:
+        jax.clear_caches()
+        gc.collect()
 
 
 def pytest_runtest_setup(item):

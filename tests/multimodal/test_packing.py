@@ -1,10 +1,6 @@
 """Packed batches: the plan, the batch, and the model, loss and gradients on packed
 rows against the same sequences padded one per row."""
 
-import os
-import pathlib
-import subprocess
-import sys
 from typing import Any
 
 import equinox as eqx
@@ -318,47 +314,19 @@ def test_train_step_on_a_packed_batch_equals_the_padded_one(x64):
     assert evaluated[0] == pytest.approx(evaluated[1], rel=1e-10)
 
 
-# Run in a process of its own: under the suite's xdist workers, compiling this
-# training step after the other tests of a worker crashed XLA's CPU compiler
-# (a segfault or abort, twice in CI; it passes alone) -- an open bug noted on the
-# issue, kept from taking the suite down with it.
-_TRAIN_ON_PACKED = """
-import jax.random as jr, numpy as np
-from eqx_models import multimodal as mm
-from eqx_models.multimodal import MultimodalLoss
-from tests.multimodal.helpers import make_codebooks, make_model
-from tests.multimodal.test_packing import ROW, mixed_sequences
-
-pool = mixed_sequences(9) + mixed_sequences(10)
-model = make_model(max_len=ROW)
-loss = MultimodalLoss(make_codebooks(), sample_k=8)
-config = mm.MultimodalTrainConfig(n_steps=2, learning_rate=1e-2)
-
-def data(i):
-    return mm.pack_sequences(pool[7 * (i % 2) : 7 * (i % 2) + 7], length=ROW, n_rows=4)
-
-result = mm.train(model, loss, data, config, key=jr.key(0), progress=False)
-assert len(result.history) == 2, result.history
-assert all(np.isfinite(r["loss"]) for r in result.history), result.history
-print("trained", [round(r["loss"], 4) for r in result.history])
-"""
-
-
 @pytest.mark.slow
 def test_train_accepts_packed_batches():
-    root = pathlib.Path(__file__).resolve().parents[2]
-    path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, PYTHONPATH=path)
-    done = subprocess.run(
-        [sys.executable, "-c", _TRAIN_ON_PACKED],
-        capture_output=True,
-        text=True,
-        cwd=root,
-        env=env,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.startswith("trained"), done.stdout
+    pool = mixed_sequences(9) + mixed_sequences(10)
+    model = make_model(max_len=ROW)
+    loss = MultimodalLoss(make_codebooks(), sample_k=8)
+    config = mm.MultimodalTrainConfig(n_steps=2, learning_rate=1e-2)
+
+    def data(i):
+        return pack_sequences(pool[7 * (i % 2) : 7 * (i % 2) + 7], length=ROW, n_rows=4)
+
+    result = mm.train(model, loss, data, config, key=jr.key(0), progress=False)
+    assert len(result.history) == 2
+    assert all(np.isfinite(r["loss"]) for r in result.history)
 
 
 def test_bad_packing_is_refused_naming_the_argument():
