@@ -25,6 +25,7 @@ from ._synthetic import (
     make_synthetic_data as make_synthetic_data,
     SyntheticData as SyntheticData,
 )
+from ._tensor_parallel import TensorParallelRule as TensorParallelRule
 from ._train import (
     evaluate as evaluate,
     learning_rate_schedule as learning_rate_schedule,

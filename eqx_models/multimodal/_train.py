@@ -28,8 +28,11 @@ from transforms import (
     hashable_optimizer,
     inject_learning_rate,
     make_train_step,
+    ParameterSharding,
     shard_batch,
 )
+from transforms._train._parameter_sharding import auto_axes
+from transforms._train._train_step import check_parameter_sharding
 from transforms.validation import (
     check_bool,
     check_callable,
@@ -298,19 +301,6 @@ def make_optimizer(
     return hashable_optimizer(_optimizer, config=config, accumulator_dtype=accumulator)
 
 
-def _auto_axes(mesh: Mesh) -> Mesh:
-    """The same mesh with every axis of type `Auto`.
-
-    `jax.make_mesh` makes `Explicit` axes, under which every gather (the
-    embedding lookups, the sampled rows of the loss) would need its output
-    sharding spelled out; with `Auto` axes XLA propagates the batch sharding.
-    """
-    auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
-    if tuple(mesh.axis_types) == auto:
-        return mesh
-    return Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
-
-
 def _flatten(config: dict, prefix: str) -> dict:
     """`{"a": {"b": 1}}` -> `{"a.b": 1}`, so that differences name single fields."""
     out = {}
@@ -370,7 +360,7 @@ def evaluate(
     if not batches:
         raise fail(name, "batches", expected, "an empty sequence")
     if mesh is not None:
-        mesh = _auto_axes(mesh)
+        mesh = auto_axes(mesh)
     totals: dict[str, float] = {}
     for batch in batches:
         if mesh is not None:
@@ -394,6 +384,7 @@ def train(
     resume: bool = False,
     allow_config_change: bool = False,
     mesh: Mesh | None = None,
+    parameter_sharding: ParameterSharding | None = None,
     peak_flops: float | None = None,
     deterministic: bool = False,
     progress: bool | None = None,
@@ -444,6 +435,11 @@ def train(
         (each micro-batch split over the devices, whose number must divide the
         micro-batch size). Its axes are used as `Auto` axes (sharding propagated
         by XLA).
+    - `parameter_sharding`: with a `mesh`, how parameters and optimiser state are
+        split over it (a [`transforms.ParameterSharding`][]: FSDP over the
+        `"data"` axis, [`eqx_models.multimodal.TensorParallelRule`][] over a
+        model axis, or both); `None` replicates them. Checkpoints hold whole
+        arrays, so a run may resume under another layout or device count.
     - `peak_flops`: the peak (or measured) FLOP/s of the devices used, together;
         when given, each record gets `mfu`, the model FLOPs utilisation (matmul
         FLOPs of the step, `CausalTransformerLM.flops_per_token`, over step time
@@ -471,7 +467,8 @@ def train(
     before anything is built: `TypeError` if `model`, `config` or `key` is not of
     its type, `loss` or `data` not callable, or a flag not a bool; `ValueError` for
     a `peak_flops` that is not positive and finite, `resume` without a
-    `checkpoint_path`, or `config.eval_every` without `eval_batches`.
+    `checkpoint_path`, or `config.eval_every` without `eval_batches`, or a
+    `parameter_sharding` without a `mesh` or naming an axis the mesh lacks.
     """
     name = "train"
     check_type(name, "model", model, CausalTransformerLM, "a CausalTransformerLM")
@@ -493,6 +490,9 @@ def train(
         raise ValueError("train: `config.eval_every` > 0 needs `eval_batches`.")
     if resume and checkpoint_path is None:
         raise ValueError("train: `resume=True` needs a `checkpoint_path`.")
+    if mesh is not None:
+        check_type(name, "mesh", mesh, Mesh, "a jax.sharding.Mesh or None")
+    check_parameter_sharding(name, parameter_sharding, mesh)
     metadata = {
         **_flatten(model.config(), "model."),
         **_flatten(dataclasses.asdict(config), "train."),
@@ -512,7 +512,7 @@ def train(
         allow_config_change=allow_config_change,
     )
     if mesh is not None:
-        mesh = _auto_axes(mesh)
+        mesh = auto_axes(mesh)
     k = config.accumulation_steps
     # The compiled step donates its inputs' buffers; train on a copy so the
     # caller's model stays usable.
@@ -520,7 +520,12 @@ def train(
     optimizer = make_optimizer(config)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     step = make_train_step(
-        loss, optimizer, has_aux=True, mesh=mesh, deterministic=deterministic
+        loss,
+        optimizer,
+        has_aux=True,
+        mesh=mesh,
+        deterministic=deterministic,
+        parameter_sharding=parameter_sharding,
     )
 
     def counted_step(model, opt_state, batch, key):

@@ -5,6 +5,8 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
 
 
@@ -64,6 +66,56 @@ _SCRIPT = textwrap.dedent(
             jax.jit(masked_mean)(vs, ks), np.mean(np.asarray(v)[np.asarray(keep)]),
             rtol=1e-6,
         )
+
+    # Fully sharded data parallelism: the same arithmetic as one device, with
+    # each parameter (and Adam's moments of it) split along its largest dimension.
+    from transforms import ParameterSharding
+    wide = eqx.nn.MLP(4, 2, 64, 2, key=jr.key(3))
+    fsdp = make_train_step(
+        loss, optimizer, mesh=mesh, donate=False,
+        parameter_sharding=ParameterSharding(fsdp_axis="data", min_size=64),
+    )
+    m1 = wide; s1 = optimizer.init(eqx.filter(wide, eqx.is_inexact_array))
+    m8, s8 = m1, s1
+    for _ in range(5):
+        m1, s1, met1 = single(m1, s1, (x, y), None)
+        m8, s8, met8 = fsdp(m8, s8, (x, y), None)
+        np.testing.assert_allclose(met1["loss"], met8["loss"], rtol=1e-5)
+    for a, b in zip(leaves(m1), leaves(m8)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    def shards(tree):
+        return [b.sharding.shard_shape(b.shape) for b in leaves(tree)]
+
+    # (in, out) weights are stored (out, in): 64x4, 64, 64x64, 64, 2x64, 2; the
+    # last bias is under `min_size` and stays whole.
+    expected = [(8, 4), (8,), (64, 8), (8,), (2, 8), (2,)]
+    assert shards(m8) == expected, shards(m8)
+    adam = s8[0]
+    for moment in (adam.mu, adam.nu):
+        assert shards(moment) == expected, shards(moment)
+    assert adam.count.sharding.is_fully_replicated
+
+    # Tensor parallelism by a rule, with FSDP over the other mesh axis.
+    grid = jax.make_mesh((4, 2), ("data", "model"))
+    def column_split(path, leaf):
+        return P("model") if leaf.ndim == 2 and leaf.shape[0] == 64 else None
+    both = make_train_step(
+        loss, optimizer, mesh=grid, donate=False,
+        parameter_sharding=ParameterSharding(
+            fsdp_axis="data", tensor_parallel=column_split, min_size=64
+        ),
+    )
+    m1 = wide; s1 = optimizer.init(eqx.filter(wide, eqx.is_inexact_array))
+    mt, st = m1, s1
+    for _ in range(3):
+        m1, s1, met1 = single(m1, s1, (x, y), None)
+        mt, st, mett = both(mt, st, (x, y), None)
+        np.testing.assert_allclose(met1["loss"], mett["loss"], rtol=1e-5)
+    for a, b in zip(leaves(m1), leaves(mt)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # The rule splits dimension 0 of the 64-row weights over "model" (2), FSDP
+    # the largest dimension left over "data" (4).
+    assert shards(mt)[:3] == [(32, 1), (16,), (32, 16)], shards(mt)
     print("OK")
     """
 )
@@ -82,6 +134,49 @@ def test_data_parallel_step_equals_single_device():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("OK")
+
+
+def test_parameter_sharding_errors():
+    from transforms import make_train_step, ParameterSharding
+
+    mesh = jax.make_mesh((1,), ("data",))
+    optimizer = optax.sgd(1e-2)
+    loss = lambda model, batch, key: jnp.sum(model(batch))
+    with pytest.raises(ValueError, match="`fsdp_axis` must be a mesh axis name when"):
+        ParameterSharding()
+    with pytest.raises(ValueError, match="`min_size` must be a positive integer"):
+        ParameterSharding(fsdp_axis="data", min_size=0)
+    with pytest.raises(TypeError, match="tensor_parallel"):
+        ParameterSharding(tensor_parallel="model")
+    layout = ParameterSharding(fsdp_axis="batch")
+    with pytest.raises(ValueError, match=r"`parameter_sharding` must be None when"):
+        make_train_step(loss, optimizer, parameter_sharding=layout)
+    with pytest.raises(
+        ValueError, match=r"among the mesh axes \('data',\), got 'batch'"
+    ):
+        make_train_step(loss, optimizer, mesh=mesh, parameter_sharding=layout)
+    with pytest.raises(TypeError, match="parameter_sharding"):
+        make_train_step(loss, optimizer, mesh=mesh, parameter_sharding="fsdp")
+
+
+def test_a_tensor_parallel_rule_must_fit_the_array_and_the_mesh():
+    from jax.sharding import PartitionSpec as P
+
+    from transforms import ParameterSharding
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1] * 1), ("model",))
+    leaf = jnp.zeros((3, 4))
+    too_long = ParameterSharding(
+        tensor_parallel=lambda path, leaf: P(None, None, "model")
+    )
+    with pytest.raises(ValueError, match="at most 2 entries"):
+        too_long.shardings(mesh, {"w": leaf})
+    # A two-device axis does not divide 3 rows (built on an abstract mesh: the
+    # check reads only axis sizes).
+    abstract = jax.sharding.AbstractMesh((2,), ("model",))
+    rows = ParameterSharding(tensor_parallel=lambda path, leaf: P("model"))
+    with pytest.raises(ValueError, match=r"over mesh axes whose size \(2\) divides it"):
+        rows.spec(abstract, (), leaf)
 
 
 def test_shard_batch_errors():

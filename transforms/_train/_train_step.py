@@ -29,6 +29,7 @@ from .._validation import (
 )
 from ._determinism import compile_variants
 from ._optimizer import injected_learning_rate
+from ._parameter_sharding import auto_axes, ParameterSharding, place_state
 from ._sharding import replicate, shard_batch
 
 
@@ -164,10 +165,27 @@ def check_step_arguments(
         )
 
 
-def finish_update(step, metrics, mask, old, new):
+def check_parameter_sharding(name: str, layout: Any, mesh: Mesh | None) -> None:
+    """`layout` is a `ParameterSharding` (or `None`) that fits `mesh`."""
+    if layout is None:
+        return
+    check_type(
+        name,
+        "parameter_sharding",
+        layout,
+        ParameterSharding,
+        "a transforms.ParameterSharding or None",
+    )
+    if mesh is None:
+        raise fail(name, "parameter_sharding", "None when `mesh` is None", "a layout")
+    layout.check_mesh(name, mesh)
+
+
+def finish_update(step, metrics, mask, old, new, layout=None):
     """The end of every update step (training and attribution alike): report the
     learning rate the update used in `metrics`, keep the update only if `mask`
-    (the NaN guard) is 0, and replicate the result over the step's mesh.
+    (the NaN guard) is 0, and lay the result out over the step's mesh by `layout`
+    (a [`transforms.ParameterSharding`][]; `None` replicates it).
 
     Returns the `(model, opt_state)` the step hands back.
     """
@@ -177,7 +195,9 @@ def finish_update(step, metrics, mask, old, new):
         metrics["learning_rate"] = lr
     model, opt_state = keep_if_finite(mask, new, old)
     if step.mesh is not None:
-        model, opt_state = replicate((model, opt_state), step.mesh)
+        model, opt_state = place_state(
+            step.mesh, layout, step.optimizer, model, opt_state
+        )
     return model, opt_state
 
 
@@ -207,7 +227,12 @@ def _step(static, model, opt_state):
     mask = nonfinite_mask(loss, grad_norm, new_model, new_opt_state)
     metrics = {"loss": loss, **aux, "grad_norm": grad_norm, "nonfinite": mask}
     model, new_opt_state = finish_update(
-        step, metrics, mask, (model, opt_state), (new_model, new_opt_state)
+        step,
+        metrics,
+        mask,
+        (model, opt_state),
+        (new_model, new_opt_state),
+        layout=step.parameter_sharding,
     )
     return model, new_opt_state, metrics
 
@@ -232,6 +257,7 @@ class TrainStep(eqx.Module):
     data_axis: str = eqx.field(static=True)
     donate: bool = eqx.field(static=True)
     deterministic: bool = eqx.field(static=True, default=False)
+    parameter_sharding: ParameterSharding | None = eqx.field(static=True, default=None)
 
     def __call__(self, model, opt_state, batch, key=None):
         """One optimisation step.
@@ -266,7 +292,10 @@ class TrainStep(eqx.Module):
             )
         if self.mesh is not None:
             batch = shard_batch(batch, self.mesh, self.data_axis)
-            model, opt_state, key = replicate((model, opt_state, key), self.mesh)
+            model, opt_state = place_state(
+                self.mesh, self.parameter_sharding, self.optimizer, model, opt_state
+            )
+            key = replicate(key, self.mesh)
         compiled = _compiled[self.donate, self.deterministic]
         return compiled((self, batch, key), model, opt_state)
 
@@ -281,6 +310,7 @@ def make_train_step(
     data_axis: str = "data",
     donate: bool = True,
     deterministic: bool = False,
+    parameter_sharding: ParameterSharding | None = None,
 ) -> TrainStep:
     """Build a compiled training step from a loss and an optax optimiser.
 
@@ -326,7 +356,9 @@ def make_train_step(
         Inject the rate into the optimiser instead.
     - `mesh`: a `jax.sharding.Mesh` for data parallelism: the batch is split over its
         `data_axis` along the leading dimension, the model and optimiser state are
-        replicated; gradients are reduced by XLA. `None` runs on the default device.
+        replicated (or laid out by `parameter_sharding`); gradients are reduced by
+        XLA. Its axes are used as `Auto` axes (XLA propagates shardings). `None`
+        runs on the default device.
     - `data_axis`: the mesh axis the batch is split over.
     - `donate`: donate the model and optimiser state buffers to the update.
     - `deterministic`: compile for run-to-run determinism on a GPU (XLA's
@@ -336,6 +368,10 @@ def make_train_step(
         causal and multimodal steps on an H200; see the "On a GPU" page of the docs)
         and nothing on a CPU, which is deterministic anyway. Off by default;
         [`transforms.fit`][] and the family trainers take `deterministic=True` too.
+    - `parameter_sharding`: with a `mesh`, how the parameters and optimiser state
+        are split over it (a [`transforms.ParameterSharding`][]: fully sharded data
+        parallelism, tensor parallelism or both); `None` replicates them. The step
+        places what it is given and returns the updated state in the same layout.
 
     **Returns:**
 
@@ -346,10 +382,11 @@ def make_train_step(
 
     `TypeError` if `loss_fn` is not callable, `optimizer` not an
     `optax.GradientTransformation`, `mesh` not a `Mesh` or a flag not a bool;
-    `ValueError` for a `learning_rate` number that is not positive and finite, or
-    if `data_axis` is not an axis of `mesh`. When the step is called: `TypeError`
-    if `has_aux=True` and the aux is not a dict, `ValueError` if the aux uses a
-    reserved metric name (`loss`, `grad_norm`, `learning_rate`, `nonfinite`).
+    `ValueError` for a `learning_rate` number that is not positive and finite, if
+    `data_axis` is not an axis of `mesh`, or if `parameter_sharding` is given
+    without a `mesh` or names an axis the mesh lacks. When the step is called:
+    `TypeError` if `has_aux=True` and the aux is not a dict, `ValueError` if the
+    aux uses a reserved metric name (`loss`, `grad_norm`, `learning_rate`, `nonfinite`).
 
     !!! example
 
@@ -374,6 +411,7 @@ def make_train_step(
         data_axis=data_axis,
         flags={"has_aux": has_aux, "donate": donate, "deterministic": deterministic},
     )
+    check_parameter_sharding("make_train_step", parameter_sharding, mesh)
     if learning_rate is not None:
         warn_learning_rate_argument("make_train_step")
     return TrainStep(
@@ -381,8 +419,9 @@ def make_train_step(
         optimizer=optimizer,
         has_aux=has_aux,
         learning_rate=learning_rate,
-        mesh=mesh,
+        mesh=None if mesh is None else auto_axes(mesh),
         data_axis=data_axis,
         donate=donate,
         deterministic=deterministic,
+        parameter_sharding=parameter_sharding,
     )

@@ -1,0 +1,111 @@
+"""The LM trained with its parameters split over a mesh (FSDP, tensor parallelism,
+both) against the same training on one device, on eight fake CPU devices."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from eqx_models.multimodal import TensorParallelRule
+
+
+_SCRIPT = textwrap.dedent(
+    """
+    import jax
+    jax.config.update("jax_num_cpu_devices", 8)
+    import equinox as eqx, jax.random as jr, numpy as np
+    from transforms import ParameterSharding
+    from eqx_models import multimodal as mm
+    from tests.multimodal.helpers import (
+        LENGTH, make_codebooks, make_model, make_sequences
+    )
+
+    pool = make_sequences(3, 24, missing=0.0)
+    loss = mm.MultimodalLoss(make_codebooks(), scalar_loss="hl_gauss")
+    config = mm.MultimodalTrainConfig(n_steps=3, learning_rate=1e-2, warmup_steps=1)
+    data = lambda i: mm.pad_batch(pool[8 * i : 8 * i + 8], length=LENGTH)
+    d = 16
+    model = make_model(d_model=d, n_heads=2)
+
+    def run(**options):
+        return mm.train(
+            model, loss, data, config, key=jr.key(0), progress=False, **options
+        )
+
+    def leaves(m):
+        # The key bias is left out: attention is invariant to it, so its true
+        # gradient is 0 and Adam turns float noise (which the split reductions
+        # change) into steps of order lr.
+        m = eqx.tree_at(
+            lambda m: m.blocks.qkv_bias, m, m.blocks.qkv_bias.at[:, d : 2 * d].set(0)
+        )
+        return jax.tree.leaves(eqx.filter(m, eqx.is_array))
+
+    one = run()
+    fsdp = ParameterSharding(fsdp_axis="data", min_size=16)
+    both = ParameterSharding(
+        fsdp_axis="data", tensor_parallel=mm.TensorParallelRule("model"), min_size=16
+    )
+    layouts = {
+        "data parallel": (jax.make_mesh((8,), ("data",)), None),
+        "fsdp": (jax.make_mesh((8,), ("data",)), fsdp),
+        "fsdp + tensor parallel": (jax.make_mesh((4, 2), ("data", "model")), both),
+    }
+    for name, (mesh, layout) in layouts.items():
+        split = run(mesh=mesh, parameter_sharding=layout)
+        np.testing.assert_allclose(
+            [r["loss"] for r in split.history], [r["loss"] for r in one.history],
+            rtol=1e-6, err_msg=name,
+        )
+        for a, b in zip(leaves(one.model), leaves(split.model)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
+        print(name, "ok")
+
+    # The layouts: each block matrix split by the model axis (2) as Megatron's,
+    # then the largest dimension left that 4 divides over the data axis (the
+    # stacked layers' axis, 2, is never it).
+    blocks = split.model.blocks
+    shard = lambda x: x.sharding.shard_shape(x.shape)
+    assert shard(blocks.qkv_weight) == (2, 4, 24), shard(blocks.qkv_weight)  # 2x16x48
+    assert shard(blocks.out_weight) == (2, 8, 4), shard(blocks.out_weight)  # 2x16x16
+    assert shard(blocks.fc_weight) == (2, 4, 32), shard(blocks.fc_weight)  # 2x16x64
+    assert shard(blocks.proj_weight) == (2, 32, 4), shard(blocks.proj_weight)  # 2x64x16
+    assert shard(blocks.ln1_weight) == (2, 4), shard(blocks.ln1_weight)  # 2x16
+    print("OK")
+    """
+)
+
+
+@pytest.mark.slow
+def test_sharded_training_equals_one_device():
+    root = pathlib.Path(__file__).resolve().parents[2]
+    path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    # Fake CPU devices, also on a machine with a GPU (which JAX would pick first).
+    env = dict(os.environ, PYTHONPATH=path, JAX_PLATFORMS="cpu")
+    done = subprocess.run(
+        [sys.executable, "-c", _SCRIPT],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env=env,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("OK"), done.stdout
+
+
+def test_tensor_parallel_rule_splits_the_block_matrices_only():
+    rule = TensorParallelRule("model")
+    key = jax.tree_util.GetAttrKey
+    leaf = jax.ShapeDtypeStruct((2, 16, 48), "float32")
+    assert rule((key("blocks"), key("qkv_weight")), leaf) == P(None, None, "model")
+    assert rule((key("blocks"), key("out_weight")), leaf) == P(None, "model", None)
+    assert rule((key("blocks"), key("ln1_weight")), leaf) is None
+    assert rule((key("head_weight"),), leaf) is None
+    with pytest.raises(TypeError, match="axis"):
+        TensorParallelRule(3)
