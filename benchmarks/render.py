@@ -73,6 +73,7 @@ ORDER = [
     "train_step",
     "determinism",
     "scaling",
+    "sharded_memory",
 ]
 
 HEADER = """\

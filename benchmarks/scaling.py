@@ -4,7 +4,7 @@ device).
 Usage:
 
     python benchmarks/scaling.py [--size small|full] [--counts 1 2 4 8]
-        [--workloads lm ghost causal]
+        [--workloads lm ghost causal memory]
 
 For every device count n in `--counts` that the machine has, each workload runs with
 a `jax.sharding.Mesh` over the first n devices (the library's own sharding:
@@ -20,6 +20,13 @@ communication):
   single-device step on the same global batch (largest relative difference).
 - `causal`: one behavioural-cloning step of the parent-set model on expert-labelled
   tasks; the loss of the sharded step is compared with the single-device one.
+- `memory`: bytes per device of the multimodal LM's training step under each
+  parameter layout (replicated, FSDP over the data axis, FSDP with tensor
+  parallelism over a model axis of 2): the parameters and AdamW state each device
+  holds (from the placed arrays' shards) and XLA's compiled memory analysis of the
+  step (arguments, outputs, temporaries per device). The step is compiled, not
+  run, so fake CPU devices give the figures a GPU would hold (the same shapes and
+  shardings; a GPU's temporaries can differ with its fusions).
 
 `small` (the default on a CPU) runs tiny shapes; on a CPU, set
 `XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu` to exercise
@@ -196,6 +203,92 @@ def causal(results: Results, counts: list[int], size_name: str, args) -> None:
         )
 
 
+def memory(results: Results, counts: list[int], size_name: str, args) -> None:
+    from eqx_models import multimodal as mm
+    from transforms import make_train_step, ParameterSharding, shard_batch
+    from transforms._train._parameter_sharding import place_state
+    from transforms._train._train_step import _compiled
+
+    # GPT-2-small's width and head count at 6 layers on the full size: its
+    # replicated state on 8 fake devices must fit in a CPU machine's memory.
+    d_model, n_layers, n_heads, seq, batch_per_device = (
+        (768, 6, 12, 1024, 4) if size_name == "full" else (128, 2, 4, 64, 2)
+    )
+    data = mm.make_synthetic_data(jr.key(0), 8, fit_on=8)
+    model = mm.CausalTransformerLM(
+        data.layout,
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        max_len=seq,
+        dropout=0.0,
+        init="gpt",
+        key=jr.key(1),
+    )
+    loss = mm.MultimodalLoss(data.codebooks)
+    config = mm.MultimodalTrainConfig(n_steps=10, learning_rate=1e-3)
+    optimizer = mm.make_optimizer(config)
+    parameters = sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+    for n in counts:
+        batch = mm.pad_batch(
+            (data.sequences * (n * batch_per_device))[: n * batch_per_device],
+            length=seq,
+        )
+        meshes = {
+            "replicated": (jax.make_mesh((n,), ("data",)), None),
+            "fsdp": (
+                jax.make_mesh((n,), ("data",)),
+                ParameterSharding(fsdp_axis="data"),
+            ),
+        }
+        if n >= 2:
+            meshes["fsdp + tensor parallel (model axis 2)"] = (
+                jax.make_mesh((n // 2, 2), ("data", "model")),
+                ParameterSharding(
+                    fsdp_axis="data", tensor_parallel=mm.TensorParallelRule("model")
+                ),
+            )
+        for name, (mesh, layout) in meshes.items():
+            mesh = jax.sharding.Mesh(
+                np.array(jax.devices()[: mesh.size]).reshape(mesh.devices.shape),
+                mesh.axis_names,
+            )
+            step = make_train_step(
+                loss,
+                optimizer,
+                has_aux=True,
+                mesh=mesh,
+                donate=False,
+                parameter_sharding=layout,
+            )
+            opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+            state = place_state(step.mesh, layout, optimizer, model, opt_state)
+            held = sum(
+                x.addressable_shards[0].data.nbytes
+                for x in jax.tree.leaves(eqx.filter(state, eqx.is_array))
+            )
+            placed = shard_batch(batch, step.mesh)
+            lowered = _compiled[False, False].lower((step, placed, None), *state)
+            analysis = lowered.compile().compiled.memory_analysis()
+            results.add(
+                workload="lm memory per device",
+                impl=name,
+                sizes={
+                    "devices": n,
+                    "d_model": d_model,
+                    "n_layers": n_layers,
+                    "parameters": int(parameters),
+                    "seq": seq,
+                    "batch_per_device": batch_per_device,
+                },
+                state_bytes_per_device=held,
+                argument_bytes=analysis.argument_size_in_bytes,
+                output_bytes=analysis.output_size_in_bytes,
+                temp_bytes=analysis.temp_size_in_bytes,
+            )
+            del state
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", choices=["small", "full"], default=None)
@@ -203,7 +296,7 @@ def main(argv=None):
     parser.add_argument(
         "--workloads",
         nargs="+",
-        choices=["lm", "ghost", "causal"],
+        choices=["lm", "ghost", "causal", "memory"],
         default=["lm", "ghost", "causal"],
     )
     parser.add_argument("--repeats", type=int, default=10)
@@ -221,9 +314,24 @@ def main(argv=None):
         "training step; efficiency is throughput on n devices / (n x one device). "
         "The sharded results are checked against the single-device step.",
     )
-    for name in args.workloads:
+    timed = [name for name in args.workloads if name != "memory"]
+    for name in timed:
         {"lm": lm, "ghost": ghost, "causal": causal}[name](results, counts, size, args)
-    results.save()
+    if timed:
+        results.save()
+    if "memory" in args.workloads:
+        # Its own file: the figures come from compiling, not timing, and fake CPU
+        # devices give them as well as GPUs.
+        held = Results(
+            "sharded_memory",
+            "Memory per device under each parameter layout",
+            f"The multimodal LM's training step on meshes of {counts} devices, "
+            "compiled (not run) for each layout of its parameters and AdamW state "
+            "(`transforms.ParameterSharding`): the state each device holds and "
+            "XLA's memory analysis of the compiled step per device.",
+        )
+        memory(held, counts, size, args)
+        held.save()
 
 
 if __name__ == "__main__":

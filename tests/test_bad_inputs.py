@@ -488,6 +488,35 @@ def _transforms_cases():
             lambda a: T.shard_batch((_X,), jax.make_mesh((1,), ("data",)), a),
         ),
         Case(
+            "transforms.ParameterSharding",
+            "fsdp_axis",
+            st.sampled_from([None, 3, ("data",), b"data"]),
+            lambda a: T.ParameterSharding(fsdp_axis=a),
+        ),
+        Case(
+            "transforms.ParameterSharding",
+            "min_size",
+            bad_size(minimum=1),
+            lambda n: T.ParameterSharding(fsdp_axis="data", min_size=n),
+        ),
+        Case(
+            "transforms.ParameterSharding",
+            "tensor_parallel",
+            st.sampled_from(["model", 3, ("model",)]),
+            lambda r: T.ParameterSharding(tensor_parallel=r),
+        ),
+        Case(
+            "transforms.make_train_step",
+            "parameter_sharding",
+            st.sampled_from(["fsdp", True, T.ParameterSharding(fsdp_axis="model")]),
+            lambda p: T.make_train_step(
+                lambda m, b, k: 0.0,
+                optax.sgd(0.1),
+                mesh=jax.make_mesh((1,), ("data",)),
+                parameter_sharding=p,
+            ),
+        ),
+        Case(
             "transforms.replicate",
             "mesh",
             st.sampled_from([None, "data", jax.devices()[:1], ("data",)]),
@@ -500,6 +529,20 @@ def _transforms_cases():
             lambda n: T.fit(
                 _idle_step, 0, 0, lambda i: None, n_steps=n, progress=False
             ),
+        ),
+        Case(
+            "transforms.fit",
+            "checkpoint_format",
+            st.sampled_from(["orbax", "", None, 1]),
+            lambda f: T.fit(
+                _idle_step, 0, 0, lambda i: None, n_steps=1, checkpoint_format=f
+            ),
+        ),
+        Case(
+            "transforms.ShardedCheckpoints",
+            "max_to_keep",
+            bad_size(minimum=1),
+            lambda n: T.ShardedCheckpoints("unused-directory", max_to_keep=n),
         ),
         Case(
             "transforms.fit",
@@ -1630,6 +1673,12 @@ def _multimodal_cases():
             ),
             lambda t: mm.TokenBatch(batch.tokens, t, batch.columns, batch.values),
         ),
+        Case(
+            "multimodal.TensorParallelRule",
+            "axis",
+            st.sampled_from([None, 3, ("model",), b"model"]),
+            lambda a: mm.TensorParallelRule(a),
+        ),
     ]
 
 
@@ -1646,11 +1695,11 @@ _FAMILIES = {
 # How many cases each family has; the cases themselves are built in the test (they
 # need models), this only fixes the parametrisation.
 _N_CASES = {
-    "transforms": 76,
+    "transforms": 82,
     "chmm": 24,
     "tidhy": 30,
     "causal": 26,
-    "multimodal": 33,
+    "multimodal": 34,
 }
 
 TRIED: collections.Counter = collections.Counter()

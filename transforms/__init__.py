@@ -100,6 +100,7 @@ from ._train._optimizer import (
     injected_learning_rate as injected_learning_rate,
 )
 from ._train._parameter_sharding import ParameterSharding as ParameterSharding
+from ._train._sharded_checkpoint import ShardedCheckpoints as ShardedCheckpoints
 from ._train._sharding import replicate as replicate, shard_batch as shard_batch
 from ._train._train_step import (
     copy_for_donation as copy_for_donation,

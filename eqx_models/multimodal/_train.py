@@ -438,8 +438,11 @@ def train(
     - `parameter_sharding`: with a `mesh`, how parameters and optimiser state are
         split over it (a [`transforms.ParameterSharding`][]: FSDP over the
         `"data"` axis, [`eqx_models.multimodal.TensorParallelRule`][] over a
-        model axis, or both); `None` replicates them. Checkpoints hold whole
-        arrays, so a run may resume under another layout or device count.
+        model axis, or both); `None` replicates them. With a layout,
+        `checkpoint_path` is a directory of [`transforms.ShardedCheckpoints`][]
+        (written asynchronously by orbax, each device its own shards; needs the
+        `orbax` extra), else a single file. Either kind resumes under another
+        layout or device count.
     - `peak_flops`: the peak (or measured) FLOP/s of the devices used, together;
         when given, each record gets `mfu`, the model FLOPs utilisation (matmul
         FLOPs of the step, `CausalTransformerLM.flops_per_token`, over step time
@@ -528,6 +531,10 @@ def train(
         parameter_sharding=parameter_sharding,
     )
 
+    # Laid out before `fit` so that a resumed run reads its checkpoint straight
+    # into the layout.
+    model, opt_state = step.place(model, opt_state)
+
     def counted_step(model, opt_state, batch, key):
         model, opt_state, metrics = step(model, opt_state, batch, key)
         n_tokens = int(batch.tokens.size)
@@ -550,6 +557,7 @@ def train(
         eval_every=config.eval_every * k,
         checkpoint_path=checkpoint_path,
         checkpoint_every=config.checkpoint_every * k if checkpoint_path else 0,
+        checkpoint_format="file" if parameter_sharding is None else "sharded",
         resume=resume,
         metadata=metadata,
         progress=progress,

@@ -740,8 +740,10 @@ def check_resumed_config(
     """A trainer's resume check, before anything is built or compiled.
 
     When the trainer will resume (`resume` and a checkpoint exists at
-    `checkpoint_path`), refuse a checkpoint written for another configuration,
-    naming every differing field with both values, unless `allow_config_change`.
+    `checkpoint_path`: a file, or a directory of
+    [`transforms.ShardedCheckpoints`][]), refuse a checkpoint written for another
+    configuration, naming every differing field with both values, unless
+    `allow_config_change`.
     The comparison is [`transforms.check_checkpoint_metadata`][]'s; [`transforms.fit`][]
     makes it again when it loads, this only fails sooner.
 
@@ -776,4 +778,14 @@ def check_resumed_config(
         and checkpoint_path is not None
         and os.path.exists(checkpoint_path)
     ):
-        check_checkpoint_metadata(checkpoint_path, config, caller=caller)
+        if os.path.isdir(checkpoint_path):
+            # A directory of sharded checkpoints (imported here: that module
+            # builds on this one).
+            from ._sharded_checkpoint import ShardedCheckpoints
+
+            sharded = ShardedCheckpoints(checkpoint_path)
+            if sharded.exists():
+                sharded.check_metadata(config, caller=caller)
+            sharded.close()
+        else:
+            check_checkpoint_metadata(checkpoint_path, config, caller=caller)

@@ -22,6 +22,7 @@ from .._privacy._accounting import FitPrivacy, PrivacyBudget
 from .._validation import (
     check_bool,
     check_callable,
+    check_choice,
     check_size,
     check_type,
     describe,
@@ -33,6 +34,7 @@ from ._checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from ._sharded_checkpoint import ShardedCheckpoints
 from ._train_step import nonfinite_mask, nonfinite_parts
 
 
@@ -146,6 +148,46 @@ def _deterministic(step: Callable) -> Callable:
     )
 
 
+class _SingleFile:
+    """The single-file checkpoint at `path` behind the interface `fit` uses for both
+    formats (that of `ShardedCheckpoints`)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = path
+
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
+
+    def check_metadata(self, expected_metadata, *, caller: str) -> None:
+        check_checkpoint_metadata(self.path, expected_metadata, caller=caller)
+
+    def restore(self, *, model, opt_state, key):
+        return load_checkpoint(self.path, model=model, opt_state=opt_state, key=key)
+
+    def save(self, step: int, **state) -> None:
+        save_checkpoint(self.path, step=step, **state)
+
+    def close(self) -> None:
+        pass
+
+
+_CHECKPOINT_FORMATS = ("auto", "file", "sharded")
+
+
+def _checkpoints(path, checkpoint_format: str, step: Callable):
+    """Where `fit` keeps its checkpoints: one file, or a directory of sharded ones
+    (`"auto"`: sharded when the step splits its parameters over a mesh)."""
+    if path is None:
+        return None
+    if checkpoint_format == "auto":
+        inner: Any = step.step if isinstance(step, FallbackStep) else step
+        split = getattr(inner, "parameter_sharding", None) is not None
+        checkpoint_format = "sharded" if split else "file"
+    if checkpoint_format == "sharded":
+        return ShardedCheckpoints(path)
+    return _SingleFile(path)
+
+
 def fit(
     step: Callable,
     model,
@@ -158,6 +200,7 @@ def fit(
     eval_every: int = 0,
     checkpoint_path: str | os.PathLike | None = None,
     checkpoint_every: int = 0,
+    checkpoint_format: str = "auto",
     resume: bool = False,
     metadata: Mapping[str, Any] | None = None,
     expected_metadata: Mapping[str, Any] | None = None,
@@ -205,7 +248,17 @@ def fit(
     - `checkpoint_path`: where to write checkpoints ([`transforms.save_checkpoint`][]).
     - `checkpoint_every`: checkpoint period in steps (0: only at the end); needs
         `checkpoint_path`.
-    - `resume`: continue from `checkpoint_path` if the file exists.
+    - `checkpoint_format`: `"file"`, a single file written atomically
+        ([`transforms.save_checkpoint`][]; the arrays are gathered on the host);
+        `"sharded"`, a directory of checkpoints written asynchronously by orbax
+        ([`transforms.ShardedCheckpoints`][]: each device writes its own shards,
+        training goes on while they are written, and a resumed run may use
+        another number of devices; needs the `orbax` extra); `"auto"` (default):
+        `"sharded"` when the step splits its parameters over a mesh (a
+        `parameter_sharding` given to [`transforms.make_train_step`][]), else
+        `"file"`. On resume the state is read into the templates' shardings (the
+        step places them where it needs them).
+    - `resume`: continue from `checkpoint_path` if a checkpoint exists there.
     - `metadata`: JSON-serialisable data stored with every checkpoint, typically the
         run's whole configuration.
     - `expected_metadata`: when resuming, values the checkpoint's metadata must hold
@@ -301,6 +354,7 @@ def fit(
         check_bool("fit", "progress", progress)
     if eval_every and eval_fn is None:
         raise ValueError("fit: `eval_every` > 0 needs an `eval_fn`.")
+    check_choice("fit", "checkpoint_format", checkpoint_format, _CHECKPOINT_FORMATS)
     if (checkpoint_every or resume) and checkpoint_path is None:
         raise ValueError(
             "fit: `checkpoint_every` and `resume` need a `checkpoint_path`."
@@ -322,13 +376,20 @@ def fit(
     if deterministic:
         step = _deterministic(step)
 
-    start = 0
-    if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
-        if expected_metadata is not None and not allow_config_change:
-            check_checkpoint_metadata(checkpoint_path, expected_metadata, caller="fit")
-        restored = load_checkpoint(
-            checkpoint_path, model=model, opt_state=opt_state, key=key
+    store = _checkpoints(checkpoint_path, checkpoint_format, step)
+    if not resume and isinstance(store, ShardedCheckpoints) and store.exists():
+        # Orbax never overwrites a step; a fresh run would collide with the old
+        # one's steps, or keep them beside its own.
+        raise ValueError(
+            f"fit: `checkpoint_path` {store.directory!r} holds sharded checkpoints of "
+            f"an earlier run (latest step {store.latest_step()}); pass "
+            "`resume=True` to continue it, or write to a new directory."
         )
+    start = 0
+    if resume and store is not None and store.exists():
+        if expected_metadata is not None and not allow_config_change:
+            store.check_metadata(expected_metadata, caller="fit")
+        restored = store.restore(model=model, opt_state=opt_state, key=key)
         model, opt_state, start, key = (
             restored.model,
             restored.opt_state,
@@ -346,14 +407,8 @@ def fit(
 
     def checkpoint(done):
         nonlocal checkpoint_step
-        save_checkpoint(
-            checkpoint_path,  # pyright: ignore[reportArgumentType]
-            model=model,
-            opt_state=opt_state,
-            step=done,
-            key=key,
-            metadata=metadata,
-        )
+        assert store is not None
+        store.save(done, model=model, opt_state=opt_state, key=key, metadata=metadata)
         checkpoint_step = done
 
     history = []
@@ -423,10 +478,14 @@ def fit(
                 bar.set_postfix(loss=loss, eps=f"{accounting.latest:.3g}")
             else:
                 bar.set_postfix(loss=loss)
+        if store is not None and checkpoint_step != n_steps:
+            checkpoint(n_steps)
     finally:
         bar.close()
-    if checkpoint_path is not None and checkpoint_step != n_steps:
-        checkpoint(n_steps)
+        if store is not None:
+            # Sharded saves run in the background: on disk before fit returns
+            # (or raises).
+            store.close()
     return FitResult(
         model=model, opt_state=opt_state, step=n_steps, key=key, history=history
     )

@@ -18,7 +18,14 @@ import jax
 import optax
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
-from .._validation import check_callable, check_size, check_type, describe, fail
+from .._validation import (
+    check_callable,
+    check_size,
+    check_type,
+    describe,
+    fail,
+)
+from ._sharding import place
 
 
 # A tensor-parallel rule: `rule(path, leaf) -> PartitionSpec | None` for each array
@@ -74,6 +81,15 @@ class ParameterSharding:
     - `tensor_parallel`: a rule `(path, leaf) -> PartitionSpec | None`, or `None`.
         Compared by identity in the step's compilation cache, so build it once.
     - `min_size`: arrays with fewer entries stay replicated under FSDP.
+
+    **Raises:**
+
+    `TypeError` for an `fsdp_axis` that is not a str, a `tensor_parallel` that is
+    not callable or a `min_size` that is not an integer; `ValueError` for a
+    `min_size` below 1 or when neither `fsdp_axis` nor `tensor_parallel` is given.
+    When the step lays out a model: `ValueError` if the rule's spec has more
+    entries than an array has dimensions or splits a dimension by mesh axes whose
+    size does not divide it (naming the array's path).
 
     !!! example
 
@@ -229,4 +245,4 @@ def place_state(mesh, layout, optimizer, model, opt_state):
     """`(model, opt_state)` placed by `layout` on `mesh`: a transfer outside `jit`,
     a sharding constraint inside it."""
     shardings = state_shardings(mesh, layout, optimizer, model, opt_state)
-    return eqx.filter_shard((model, opt_state), shardings)
+    return place((model, opt_state), shardings)

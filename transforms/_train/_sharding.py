@@ -7,9 +7,36 @@ steps place their inputs this way, and users call the same two functions.
 
 import equinox as eqx
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
-from .._validation import check_type
+from .._validation import check_type, is_concrete
+
+
+def place(tree, shardings):
+    """The arrays of `tree` laid out by `shardings` (one `Sharding`, or a tree of
+    them shaped like `eqx.filter(tree, eqx.is_array)`): moved outside `jit`,
+    constrained inside it; other leaves unchanged."""
+    dynamic, static = eqx.partition(tree, eqx.is_array)
+    if not is_concrete(dynamic):
+        return eqx.combine(jax.lax.with_sharding_constraint(dynamic, shardings), static)
+
+    # `device_put`, not an eager constraint: arrays committed to other devices
+    # (read from a checkpoint, placed for another mesh) are moved, not refused.
+    # Never an alias of the caller's array, which a donating step would delete:
+    # `device_put` reuses the source buffer for the shard on the same device (even
+    # with `may_alias=False` in JAX 0.10), so it moves a copy. An array already laid
+    # out is kept, not copied at every step.
+    def put(x, sharding):
+        if x.sharding.is_equivalent_to(sharding, x.ndim):
+            return x
+        return jax.device_put(jnp.copy(x), sharding)
+
+    # `shardings` is a prefix of `dynamic`: each sharding lays out its subtree.
+    def put_subtree(sharding: Sharding, subtree):
+        return jax.tree.map(lambda x: put(x, sharding), subtree)
+
+    return eqx.combine(jax.tree.map(put_subtree, shardings, dynamic), static)
 
 
 def _check_axis(mesh: Mesh, axis: str) -> None:
@@ -84,4 +111,4 @@ def replicate(tree, mesh: Mesh):
     `TypeError` if `mesh` is not a `jax.sharding.Mesh`.
     """
     check_type("replicate", "mesh", mesh, Mesh, "a jax.sharding.Mesh")
-    return eqx.filter_shard(tree, NamedSharding(mesh, PartitionSpec()))
+    return place(tree, NamedSharding(mesh, PartitionSpec()))

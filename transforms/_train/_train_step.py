@@ -259,6 +259,22 @@ class TrainStep(eqx.Module):
     deterministic: bool = eqx.field(static=True, default=False)
     parameter_sharding: ParameterSharding | None = eqx.field(static=True, default=None)
 
+    def place(self, model, opt_state):
+        """`(model, opt_state)` laid out as the step keeps them: replicated over its
+        mesh, or split by its `parameter_sharding`; unchanged without a mesh. The
+        step places its inputs itself; place them first to restore a checkpoint
+        straight into the layout, or to see what each device holds.
+
+        **Raises:**
+
+        `ValueError` if a tensor-parallel rule does not fit an array.
+        """
+        if self.mesh is None:
+            return model, opt_state
+        return place_state(
+            self.mesh, self.parameter_sharding, self.optimizer, model, opt_state
+        )
+
     def __call__(self, model, opt_state, batch, key=None):
         """One optimisation step.
 
@@ -292,9 +308,7 @@ class TrainStep(eqx.Module):
             )
         if self.mesh is not None:
             batch = shard_batch(batch, self.mesh, self.data_axis)
-            model, opt_state = place_state(
-                self.mesh, self.parameter_sharding, self.optimizer, model, opt_state
-            )
+            model, opt_state = self.place(model, opt_state)
             key = replicate(key, self.mesh)
         compiled = _compiled[self.donate, self.deterministic]
         return compiled((self, batch, key), model, opt_state)
