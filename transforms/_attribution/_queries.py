@@ -45,8 +45,8 @@ class FisherInverse(eqx.Module):
     """
 
     sizes: tuple[int, ...] = eqx.field(static=True)
-    starts: tuple[Int[Array, " blocks"], ...]
-    inverses: tuple[Float[Array, "blocks size size"], ...]
+    starts: tuple[Int[Array, " _blocks"], ...]
+    inverses: tuple[Float[Array, "_blocks _size _size"], ...]
     dim: int = eqx.field(static=True)
     store_sha256: str = eqx.field(static=True)
 

@@ -313,7 +313,10 @@ def build_gradient_store(
     chunk_size = check_size(name, "chunk_size", chunk_size)
     if chunk_size % batch_size:
         raise fail(
-            name, "chunk_size", f"a multiple of `batch_size` ({batch_size})", chunk_size
+            name,
+            "chunk_size",
+            f"a multiple of `batch_size` ({batch_size})",
+            str(chunk_size),
         )
     data = as_batch(name, "data", data)
     user = json.loads(json.dumps(dict(metadata or {})))
