@@ -72,6 +72,7 @@ def test_stacked_layers_are_projected_slice_by_slice(x64):
     assert (qkv.stacked, qkv.kind, qkv.k, qkv.size) == (1, "matrix", (2, 3), 2 * 6)
 
 
+@pytest.mark.slow
 def test_fallback_is_projected_vmap_grad_and_reported(x64):
     model, loss, train, _ = make_case("elementwise")
     project = projected_grads(loss, k_out=2, k_in=2, method="ghost")
@@ -87,6 +88,7 @@ def test_fallback_is_projected_vmap_grad_and_reported(x64):
         projected_grads(loss, k_out=2, k_in=2, fallback=False)(model, train)
 
 
+@pytest.mark.slow
 def test_projection_is_unbiased_in_scale(x64):
     # E‖P_out G P_inᵀ‖² = ‖G‖² for Gaussian matrices of variance 1/k: averaged over
     # seeds, projected squared norms approach the exact ones.
@@ -170,6 +172,7 @@ def test_influence_equals_dense_float64_inverse(x64, tmp_path, blocks):
     np.testing.assert_array_equal(low_idx, np.argsort(ref, axis=1)[:, :2])
 
 
+@pytest.mark.slow
 def test_influence_with_projection_matches_projected_reference(tmp_path):
     # float32, Gaussian projections: the same algebra on P·vmap(grad) rows.
     model, loss, train, val = make_case("mlp", dtype=jnp.float32, n_train=6)
@@ -187,6 +190,7 @@ def test_influence_with_projection_matches_projected_reference(tmp_path):
     np.testing.assert_allclose(scores, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
 
 
+@pytest.mark.slow
 def test_a_killed_build_resumes_to_the_same_store(tmp_path, monkeypatch):
     model, loss, train, _ = make_case("mlp", dtype=jnp.float32, n_train=11)
     project = projected_grads(loss, k_out=2, k_in=2)
