@@ -222,8 +222,8 @@ def precision_curve(scores, bad):
 
 def post_training(model, train, val, bad, shapley, *, smoke):
     """Attribution after training from a gradient store of the training set."""
-    # 4 × 4 per matrix (capped for the 3-row head); biases and LayerNorm up to 16.
-    project = projected_grads(loss_fn, k_out=4, k_in=4, fit=True)
+    # 4 × 4 per matrix (capped for the 3-row head); biases and LayerNorm: 16 each.
+    project = projected_grads(loss_fn, k_out=4, k_in=4, k_vector=16, fit=True)
     directory = out_path("data_attribution_store")
     shutil.rmtree(directory, ignore_errors=True)
     store = build_gradient_store(

@@ -10,7 +10,9 @@ the `n₀ × m` per-example gradient is never formed; an embedding lookup gather
 columns of `P_out` by index; a leaf used twice (a head tied to the embedding) adds
 both uses' projections, since projection is linear. Vector-like leaves (biases,
 LayerNorm) have their small per-example gradients formed directly and are kept
-exactly up to `k_out·k_in` entries, projected to `k_out·k_in` beyond. Any other leaf
+exactly up to `k_vector` entries (default `k_out`), projected to `k_vector` beyond:
+in a transformer they are many, and a block of `k_out·k_in` each would outweigh
+the matrices' blocks. Any other leaf
 goes through the exact fallback: its own per-example gradients (`vmap(grad)` of that
 leaf only), projected with the same matrices; the `GhostPlan` names it and a
 `GhostFallbackWarning` is raised when `method="ghost"` was asked for.
@@ -78,7 +80,14 @@ class ProjectionBlock:
 
 
 def _blocks(
-    name: str, s: Setup, analysis: Analysis, k_out: int, k_in: int, kind: str, fit
+    name: str,
+    s: Setup,
+    analysis: Analysis,
+    k_out: int,
+    k_in: int,
+    k_vector: int,
+    kind: str,
+    fit: bool,
 ) -> tuple[ProjectionBlock, ...]:
     blocks, offset = [], 0
     for n, leaf in enumerate(s.leaves):
@@ -87,7 +96,7 @@ def _blocks(
         inner = shape[stacked:]
         if vector_like(inner):
             size = math.prod(inner)
-            k = (size,) if kind == "identity" else (min(size, k_out * k_in),)
+            k = (size,) if kind == "identity" else (min(size, k_vector),)
             block_kind = "vector"
         else:
             n0, m = inner[0], math.prod(inner[1:])
@@ -176,6 +185,7 @@ class ProjectedGrads(eqx.Module):
     loss_fn: Callable
     k_out: int = eqx.field(static=True)
     k_in: int = eqx.field(static=True)
+    k_vector: int = eqx.field(static=True)
     seed: int = eqx.field(static=True)
     kind: str = eqx.field(static=True)
     method: str = eqx.field(static=True)
@@ -191,13 +201,23 @@ class ProjectedGrads(eqx.Module):
             "seed": self.seed,
             "k_out": self.k_out,
             "k_in": self.k_in,
+            "k_vector": self.k_vector,
             "fit": self.fit,
         }
 
     def _setup(self, model, batch) -> tuple[Setup, Analysis, tuple]:
         s = setup(_NAME, self.loss_fn, model, batch)
         analysis = s.analyse("project")
-        blocks = _blocks(_NAME, s, analysis, self.k_out, self.k_in, self.kind, self.fit)
+        blocks = _blocks(
+            _NAME,
+            s,
+            analysis,
+            self.k_out,
+            self.k_in,
+            self.k_vector,
+            self.kind,
+            self.fit,
+        )
         return s, analysis, blocks
 
     def layout(self, model: Any, batch: Any) -> tuple[ProjectionBlock, ...]:
@@ -324,6 +344,7 @@ def projected_grads(
     *,
     k_out: int = 16,
     k_in: int = 16,
+    k_vector: int | None = None,
     seed: int = 0,
     kind: str = "gaussian",
     method: str = "auto",
@@ -341,7 +362,7 @@ def projected_grads(
     instead of `T·n₀·m`. Embedding lookups gather columns of `P_out`; a parameter
     used twice (a tied head) adds both uses. Layers stacked for a `lax.scan` are
     projected slice by slice. Vector-like parameters (biases, LayerNorm) are kept
-    exactly up to `k_out·k_in` entries and projected to that beyond. Other
+    exactly up to `k_vector` entries and projected to that beyond. Other
     parameters fall back to their own projected per-example gradients (reported by
     `.plan` and, for `method="ghost"`, a [`transforms.GhostFallbackWarning`][]).
 
@@ -350,6 +371,8 @@ def projected_grads(
     - `loss_fn`: `loss_fn(model, *example) -> scalar`, the loss of ONE example.
     - `k_out`, `k_in`: the projected sizes of the two sides of every matrix
         parameter (e.g. 16 and 16 for a 16² block per layer).
+    - `k_vector`: the projected size of vector-like parameters (biases, LayerNorm);
+        default `k_out`.
     - `seed`: the seed of the Gaussian matrices (variance `1/k`, so projected dot
         products estimate the full ones without bias).
     - `kind`: `"gaussian"` (default), or `"identity"`: no projection (`P = I` at
@@ -382,6 +405,7 @@ def projected_grads(
     check_callable(_NAME, "loss_fn", loss_fn)
     k_out = check_size(_NAME, "k_out", k_out)
     k_in = check_size(_NAME, "k_in", k_in)
+    k_vector = k_out if k_vector is None else check_size(_NAME, "k_vector", k_vector)
     seed = check_size(_NAME, "seed", seed, minimum=0)
     check_choice(_NAME, "kind", kind, _KINDS)
     check_choice(_NAME, "method", method, _METHODS)
@@ -391,6 +415,7 @@ def projected_grads(
         loss_fn=loss_fn,
         k_out=k_out,
         k_in=k_in,
+        k_vector=k_vector,
         seed=seed,
         kind=kind,
         method=method,
