@@ -3,8 +3,8 @@ top-k retrieval and self-influence.
 
 Every query streams the store chunk by chunk (memory-mapped from disk, one chunk on
 the device at a time), so a store may be larger than device memory. Query examples
-are projected with the store's projection and checked against the store's model
-fingerprint first.
+are checked against the store's model fingerprint and projection first, then
+projected in batches of the store's batch size.
 
 With `g_i` the projected gradient of training example `i` (a store row) and `g_q`
 that of a query example:
@@ -218,8 +218,7 @@ def _checked(
     rows = []
     for store, model, f in zip(stores, models, fishers):
         store.check_model(caller, projector, model, arg="models")
-        mats = projector.matrices(model, queries)
-        g = _project(projector, model, queries, mats)
+        g = _project_queries(projector, model, queries, store.metadata["batch_size"])
         if g.shape[1] != store.dim:
             raise fail(
                 caller,
@@ -243,6 +242,21 @@ def _checked(
 @eqx.filter_jit
 def _project(projector, model, queries, mats):
     return projector(model, queries, mats)
+
+
+def _project_queries(projector, model, queries, batch_size: int) -> jax.Array:
+    """The queries' projected rows, `[Q, dim]`, computed in batches of the store's
+    batch size (the last one padded), so that a thousand queries need no more
+    memory than building the store did."""
+    Q = queries[0].shape[0]
+    mats = projector.matrices(model, tuple(x[:1] for x in queries))
+    parts = []
+    for b0 in range(0, Q, batch_size):
+        b1 = min(b0 + batch_size, Q)
+        idx = jnp.minimum(jnp.arange(b0, b0 + batch_size), b1 - 1)
+        batch = tuple(x[idx] for x in queries)
+        parts.append(_project(projector, model, batch, mats)[: b1 - b0])
+    return jnp.concatenate(parts)
 
 
 @eqx.filter_jit
