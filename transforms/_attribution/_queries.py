@@ -30,7 +30,7 @@ from jaxtyping import Array, Float, Int
 from .._grad._per_sample import as_batch
 from .._grad._projection import ProjectedGrads
 from .._validation import check_choice, check_size, check_type, fail
-from ._store import GradientStore
+from ._store import _rows, GradientStore
 
 
 _BLOCKS = ("layer", "full")
@@ -239,11 +239,6 @@ def _checked(
     return stores, rows, [float(w) for w in weights]
 
 
-@eqx.filter_jit
-def _project(projector, model, queries, mats):
-    return projector(model, queries, mats)
-
-
 def _project_queries(projector, model, queries, batch_size: int) -> jax.Array:
     """The queries' projected rows, `[Q, dim]`, computed in batches of the store's
     batch size (the last one padded), so that a thousand queries need no more
@@ -255,7 +250,7 @@ def _project_queries(projector, model, queries, batch_size: int) -> jax.Array:
         b1 = min(b0 + batch_size, Q)
         idx = jnp.minimum(jnp.arange(b0, b0 + batch_size), b1 - 1)
         batch = tuple(x[idx] for x in queries)
-        parts.append(_project(projector, model, batch, mats)[: b1 - b0])
+        parts.append(_rows(projector, model, mats, batch)[: b1 - b0])
     return jnp.concatenate(parts)
 
 

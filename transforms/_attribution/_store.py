@@ -243,6 +243,13 @@ def _write_chunk(path: str, rows: np.ndarray) -> None:
     _write_atomically(path, [buffer.getvalue()])
 
 
+# At module level, so that builds with equal projectors (and loss functions) and
+# shapes reuse one compiled function.
+@eqx.filter_jit
+def _rows(projector, model, mats, batch):
+    return projector(model, batch, mats)
+
+
 def _differences(stored: dict, expected: dict) -> list[str]:
     return [
         f"{key}: stored {stored.get(key)!r}, now {expected[key]!r}"
@@ -359,10 +366,6 @@ def build_gradient_store(
     done = store.complete_chunks()
     todo = [c for c in range(store.n_chunks) if c not in done]
 
-    @eqx.filter_jit
-    def rows_of(model, mats, batch):
-        return projector(model, batch, mats)
-
     bar = tqdm(
         total=store.n_chunks,
         initial=len(done),
@@ -377,7 +380,8 @@ def build_gradient_store(
             # The last batch is padded with its last example: one compiled shape.
             idx = np.minimum(np.arange(b0, b0 + batch_size), b1 - 1)
             batch = tuple(jnp.asarray(np.asarray(x[idx])) for x in data)
-            parts.append(np.asarray(rows_of(model, mats, batch))[: b1 - b0])
+            rows = _rows(projector, model, mats, batch)
+            parts.append(np.asarray(rows)[: b1 - b0])
         _write_chunk(os.path.join(path, _chunk_name(c)), np.concatenate(parts))
         done = done | {c}
         _write_json(os.path.join(path, _INDEX), {"complete": sorted(done)})
