@@ -34,8 +34,10 @@ def main() -> None:
         import torch
         import torch.nn.functional as F
         from _ghost_torch import from_state
-        from dattri.algorithm.tracin import TracInAttributor
-        from dattri.task import AttributionTask
+        from dattri.algorithm.tracin import (  # pyright: ignore[reportMissingImports]
+            TracInAttributor,
+        )
+        from dattri.task import AttributionTask  # pyright: ignore[reportMissingImports]
     except ImportError as error:
         print(json.dumps({"skipped": f"{error} (pip install dattri)"}))
         return

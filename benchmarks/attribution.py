@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -66,7 +67,7 @@ from transforms._attribution._queries import _project_queries
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_attribution_dattri.py")
-DEFAULTS = {
+DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         length=16, batch=8, k=[4, 8], build=64, rows=20_000, queries=32, query_k=4
     ),
@@ -311,7 +312,7 @@ def peer_row(results, model, heads, tokens, k, batch, platform) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         weights = os.path.join(tmp, "weights.npz")
         data = os.path.join(tmp, "tokens.npy")
-        np.savez(weights, **torch_state(model))
+        np.savez(weights, **torch_state(model))  # pyright: ignore[reportArgumentType]
         np.save(data, tokens)
         argv = [
             "--weights",
@@ -357,7 +358,7 @@ def main(argv=None):
     results = Results(
         "attribution",
         "Gradient stores and attribution queries",
-        description=__doc__.split("\n\n")[0],
+        description=(__doc__ or "").split("\n\n")[0],
     )
     key = jr.key(0)
     model = GPT(

@@ -273,6 +273,7 @@ def _score_chunks(stores, rows, weights):
         for (_, chunk), q, w in zip(parts, rows, weights):
             s = w * _scores(q, jnp.asarray(chunk))
             total = s if total is None else total + s
+        assert total is not None
         yield start, total
 
 
