@@ -276,3 +276,16 @@ def test_store_build_compiles_once(tmp_path):
     one_batch = traces_of_a_build("one", tuple(x[:2] for x in train))
     four_batches = traces_of_a_build("four", train)  # 2 + 2 + 2 + 1 padded
     assert one_batch == four_batches
+
+
+def test_memory_mapped_data_gives_the_same_store(tmp_path):
+    model, loss, train, _ = make_case("mlp", dtype=jnp.float32, n_train=5)
+    mapped = []
+    for n, x in enumerate(train):
+        path = tmp_path / f"x{n}.npy"
+        np.save(path, np.asarray(x))
+        mapped.append(np.load(path, mmap_mode="r"))
+    project = projected_grads(loss, k_out=2, k_in=2)
+    from_disk = _store(tmp_path, "disk", project, model, tuple(mapped))
+    in_memory = _store(tmp_path, "memory", project, model, train)
+    np.testing.assert_array_equal(from_disk.rows(), in_memory.rows())

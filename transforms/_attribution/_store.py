@@ -285,7 +285,8 @@ def build_gradient_store(
     - `model`: the model (one checkpoint); its fingerprint is stored.
     - `data`: a tuple of arrays sharing a leading axis of `N` examples (NumPy arrays,
         memory-mapped ones included, or JAX arrays); example `i` is
-        `tuple(x[i] for x in data)`.
+        `tuple(x[i] for x in data)`. NumPy arrays stay where they are and are read
+        one batch at a time.
     - `batch_size`: examples per compiled call; `chunk_size` must be a multiple.
     - `chunk_size`: rows per chunk file.
     - `metadata`: a JSON-serialisable mapping stored as `metadata["user"]`.
@@ -325,7 +326,7 @@ def build_gradient_store(
             f"a multiple of `batch_size` ({batch_size})",
             str(chunk_size),
         )
-    data = as_batch(name, "data", data)
+    data = as_batch(name, "data", data, to_device=False)
     user = json.loads(json.dumps(dict(metadata or {})))
     n = data[0].shape[0]
     first = tuple(jnp.asarray(x[:batch_size]) for x in data)
@@ -379,7 +380,7 @@ def build_gradient_store(
             b1 = min(b0 + batch_size, stop)
             # The last batch is padded with its last example: one compiled shape.
             idx = np.minimum(np.arange(b0, b0 + batch_size), b1 - 1)
-            batch = tuple(jnp.asarray(np.asarray(x[idx])) for x in data)
+            batch = tuple(jnp.asarray(x[idx]) for x in data)
             rows = _rows(projector, model, mats, batch)
             parts.append(np.asarray(rows)[: b1 - b0])
         _write_chunk(os.path.join(path, _chunk_name(c)), np.concatenate(parts))

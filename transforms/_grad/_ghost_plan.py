@@ -134,6 +134,10 @@ class GhostPlan:
       contribution is computed exactly by the jvp path (dot products) or by per-example
       gradients of that leaf only (norms);
     - `"unused"`: the loss does not depend on it; it contributes exactly zero.
+
+    The plan of [`transforms.ProjectedGrads`][] (mode `"project"`) also sends to the
+    fallback a leaf whose uses do not all split it into (first axis | the rest),
+    since its projection `P_out ∇W P_inᵀ` is summed over uses in that orientation.
     """
 
     mode: str
