@@ -172,8 +172,11 @@ def test_influence_equals_dense_float64_inverse(x64, tmp_path, blocks):
 
 
 @pytest.mark.slow
-def test_influence_with_projection_matches_projected_reference(tmp_path):
-    # float32, Gaussian projections: the same algebra on P·vmap(grad) rows.
+def test_influence_with_projection_matches_projected_reference(
+    tmp_path, highest_precision
+):
+    # float32 (full float32 products, not TF32 on a GPU), Gaussian projections: the
+    # same algebra on P·vmap(grad) rows.
     model, loss, train, val = make_case("mlp", dtype=jnp.float32, n_train=6)
     project = projected_grads(loss, k_out=2, k_in=2, seed=3)
     store = _store(tmp_path, "s", project, model, train)
