@@ -3,7 +3,8 @@ example, query throughput.
 
 Usage: `python benchmarks/attribution.py [--size tiny|gpt2] [--batch B] [--length T]
 [--k K [K ...]] [--build-examples N] [--rows N] [--queries Q] [--query-k K]
-[--top-k K] [--no-peer] [--repeats R] [--results-dir DIR]`. The default size is `gpt2`
+[--top-k K] [--parts build|queries|peer ...] [--no-peer] [--repeats R]
+[--results-dir DIR]`. The default size is `gpt2`
 on a GPU (GPT-2 small, `benchmarks/ghost.py`'s model: 124M parameters, 12 layers
 scanned over, head tied to the token embedding, bfloat16 compute with float32
 master weights) at `T = 128`, `B = 64`, `k ∈ {16, 64}` (per layer `16²` and `64²`
@@ -32,6 +33,8 @@ Rows, all on the same model and device:
   `import dattri` works in that process; otherwise a row recording why not.
 
 Timings are medians of `--repeats` calls of compiled functions (`_harness`).
+`--parts` measures some of the rows only; each run is merged into the result file
+already there, replacing the rows it measured.
 """
 
 import argparse
@@ -108,6 +111,13 @@ def parse(argv, platform: str) -> argparse.Namespace:
     parser.add_argument("--query-k", type=_positive, metavar="K")
     parser.add_argument("--top-k", type=_positive, default=10, metavar="K")
     parser.add_argument("--no-peer", action="store_true", help="skip dattri (e)")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=["build", "queries", "peer"],
+        default=["build", "queries", "peer"],
+        help="what to measure: (a)-(c) build, (d) queries, (e) peer (default: all)",
+    )
     parser.add_argument("--repeats", type=_positive, default=None)
     parser.add_argument("--results-dir", default=None)
     args = parser.parse_args(argv)
@@ -375,17 +385,20 @@ def main(argv=None):
     )
     sizes = {"batch": args.batch, "length": args.length, "size": args.size}
     results.note(f"sizes: {sizes}")
-    plain = plain_step(results, model, loss, batch, args.repeats)
     tokens = _tokens(jr.fold_in(key, 2), args.build_examples, args.length, cfg["vocab"])
     with tempfile.TemporaryDirectory() as directory:
-        for k in args.k:
-            projection_rows(results, model, loss, batch, k, args.repeats, plain)
-            build_row(results, model, loss, tokens, k, args.batch, directory)
-        query_rows(results, model, loss, args, directory, jr.fold_in(key, 3))
-    if not args.no_peer:
+        if "build" in args.parts:
+            plain = plain_step(results, model, loss, batch, args.repeats)
+            for k in args.k:
+                projection_rows(results, model, loss, batch, k, args.repeats, plain)
+                build_row(results, model, loss, tokens, k, args.batch, directory)
+        if "queries" in args.parts:
+            query_rows(results, model, loss, args, directory, jr.fold_in(key, 3))
+    if "peer" in args.parts and not args.no_peer:
         for k in args.k:
             peer_row(results, model, cfg["heads"], tokens, k, args.batch, platform)
-    results.save(args.results_dir)
+    # Runs of different parts fold into one file, each replacing its own rows.
+    results.save(args.results_dir, merge_key=lambda row: row["workload"])
 
 
 if __name__ == "__main__":
