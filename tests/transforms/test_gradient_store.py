@@ -292,3 +292,21 @@ def test_memory_mapped_data_gives_the_same_store(tmp_path):
     from_disk = _store(tmp_path, "disk", project, model, tuple(mapped))
     in_memory = _store(tmp_path, "memory", project, model, train)
     np.testing.assert_array_equal(from_disk.rows(), in_memory.rows())
+
+
+def test_float16_rows_halve_the_bytes(tmp_path):
+    model, loss, train, val = make_case("mlp", dtype=jnp.float32, n_train=6)
+    project = projected_grads(loss, k_out=2, k_in=2)
+    full = _store(tmp_path, "full", project, model, train)
+    half = _store(tmp_path, "half", project, model, train, dtype="float16")
+    assert full.metadata["dtype"] == "float32" and half.chunk(0).dtype == np.float16
+    assert half.chunk(0).nbytes * 2 == full.chunk(0).nbytes
+    np.testing.assert_allclose(half.rows(), full.rows(), rtol=2e-3, atol=1e-4)
+    np.testing.assert_allclose(
+        tracin_scores(half, project, model, val),
+        tracin_scores(full, project, model, val),
+        rtol=1e-2,
+        atol=1e-3,
+    )
+    with pytest.raises(ValueError, match="`dtype` must be one of"):
+        _store(tmp_path, "bad", project, model, train, dtype="int8")

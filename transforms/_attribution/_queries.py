@@ -458,7 +458,7 @@ def self_influence(
             )
     out = []
     for _, chunk in store.chunks():
-        g = jnp.asarray(chunk)
+        g = jnp.asarray(chunk).astype(jnp.promote_types(chunk.dtype, jnp.float32))
         h = g if fisher is None else _precondition(fisher, g)
         out.append(np.asarray(jnp.sum(g * h.astype(g.dtype), axis=1)))
     return np.concatenate(out)

@@ -32,14 +32,16 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from .._grad._ghost_rules import acc_dtype
 from .._grad._per_sample import as_batch
 from .._grad._projection import ProjectedGrads, ProjectionBlock
 from .._train._checkpoint import _describe, _write_atomically
-from .._validation import check_size, check_type, describe, fail
+from .._validation import check_choice, check_size, check_type, describe, fail
 from .._version import __version__
 
 
 _FORMAT = 1
+_DTYPES = (None, "float16", "float32", "float64")
 _METADATA = "metadata.json"
 _INDEX = "index.json"
 
@@ -233,6 +235,12 @@ def open_gradient_store(path: str | os.PathLike) -> GradientStore:
     return GradientStore(path)
 
 
+def _row_dtype(model: Any) -> Any:
+    """The projector's row dtype: float32, or wider for wider parameters."""
+    leaves = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
+    return acc_dtype(*[x.dtype for x in leaves])
+
+
 def _write_json(path: str, value: dict) -> None:
     _write_atomically(path, [json.dumps(value, indent=1).encode()])
 
@@ -266,6 +274,7 @@ def build_gradient_store(
     *,
     batch_size: int = 32,
     chunk_size: int = 1024,
+    dtype: str | None = None,
     metadata: Mapping[str, Any] | None = None,
     progress: bool | None = None,
 ) -> GradientStore:
@@ -289,6 +298,11 @@ def build_gradient_store(
         one batch at a time.
     - `batch_size`: examples per compiled call; `chunk_size` must be a multiple.
     - `chunk_size`: rows per chunk file.
+    - `dtype`: the rows' dtype on disk: `None` (default) keeps the projector's
+        (float32, or float64 under float64 parameters); `"float16"` halves the bytes
+        and the query traffic (about 3 significant digits; a row that overflows
+        float16 is an error); `"float32"`, `"float64"`. Queries compute in float32
+        or wider.
     - `metadata`: a JSON-serialisable mapping stored as `metadata["user"]`.
     - `progress`: a tqdm bar over chunks (`None`: when writing to a terminal).
 
@@ -302,7 +316,8 @@ def build_gradient_store(
     not a `ProjectedGrads`, empty or ragged `data`, sizes that are not positive
     integers or a `chunk_size` that is not a multiple of `batch_size`;
     `ValueError` if `path` holds a store built differently (naming what differs),
-    and as the projector for the model and data.
+    for an unknown `dtype` or a float16 row that overflows, and as the projector for
+    the model and data.
 
     !!! example
 
@@ -318,6 +333,7 @@ def build_gradient_store(
     check_type(name, "path", path, (str, os.PathLike), "a path")
     check_type(name, "projector", projector, ProjectedGrads, "a ProjectedGrads")
     batch_size = check_size(name, "batch_size", batch_size)
+    check_choice(name, "dtype", dtype, _DTYPES)
     chunk_size = check_size(name, "chunk_size", chunk_size)
     if chunk_size % batch_size:
         raise fail(
@@ -342,7 +358,7 @@ def build_gradient_store(
         "layout": [dataclasses.asdict(b) for b in layout],
         "n_rows": n,
         "dim": dim,
-        "dtype": str(np.dtype(jnp.result_type(*jax.tree.leaves(mats) or [0.0]))),
+        "dtype": dtype or str(np.dtype(_row_dtype(model))),
         "chunk_size": chunk_size,
         "batch_size": batch_size,
         "data": [[list(x.shape[1:]), str(x.dtype)] for x in data],
@@ -383,7 +399,16 @@ def build_gradient_store(
             batch = tuple(jnp.asarray(x[idx]) for x in data)
             rows = _rows(projector, model, mats, batch)
             parts.append(np.asarray(rows)[: b1 - b0])
-        _write_chunk(os.path.join(path, _chunk_name(c)), np.concatenate(parts))
+        rows = np.concatenate(parts)
+        stored = rows.astype(dtype or rows.dtype)
+        if not np.all(np.isfinite(stored)):
+            raise ValueError(
+                f"{name}: rows {start}..{stop - 1} are not finite in `dtype` "
+                f"{dtype!r} (largest magnitude {np.max(np.abs(rows)):.3g}; "
+                "non-finite gradients, or beyond float16's range): use "
+                "dtype='float32' or check the loss."
+            )
+        _write_chunk(os.path.join(path, _chunk_name(c)), stored)
         done = done | {c}
         _write_json(os.path.join(path, _INDEX), {"complete": sorted(done)})
         bar.update(1)
