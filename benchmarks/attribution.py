@@ -3,7 +3,8 @@ example, query throughput.
 
 Usage: `python benchmarks/attribution.py [--size tiny|gpt2] [--batch B] [--length T]
 [--k K [K ...]] [--build-examples N] [--rows N] [--queries Q] [--query-k K]
-[--top-k K] [--parts build|queries|peer ...] [--no-peer] [--repeats R]
+[--top-k K] [--store-dtype float32|float16] [--parts build|queries|peer ...]
+[--no-peer] [--repeats R]
 [--results-dir DIR]`. The default size is `gpt2`
 on a GPU (GPT-2 small, `benchmarks/ghost.py`'s model: 124M parameters, 12 layers
 scanned over, head tied to the token embedding, bfloat16 compute with float32
@@ -110,6 +111,12 @@ def parse(argv, platform: str) -> argparse.Namespace:
     parser.add_argument("--queries", type=_positive, metavar="Q")
     parser.add_argument("--query-k", type=_positive, metavar="K")
     parser.add_argument("--top-k", type=_positive, default=10, metavar="K")
+    parser.add_argument(
+        "--store-dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="the rows' dtype on disk in (c) and (d)",
+    )
     parser.add_argument("--no-peer", action="store_true", help="skip dattri (e)")
     parser.add_argument(
         "--parts",
@@ -206,7 +213,7 @@ def projection_rows(results, model, loss, batch, k, repeats, plain_per_s) -> int
     return dim
 
 
-def build_row(results, model, loss, tokens, k, batch, directory):
+def build_row(results, model, loss, tokens, k, batch, directory, dtype):
     project = projected_grads(loss, k_out=k, k_in=k, k_vector=k)
     chunk = 4 * batch
     # A first build of one chunk compiles the batch function; the timed build reuses
@@ -219,13 +226,14 @@ def build_row(results, model, loss, tokens, k, batch, directory):
     path = os.path.join(directory, f"store-{k}")
     t0 = time.perf_counter()
     store = build_gradient_store(
-        path, project, model, (tokens,), batch_size=batch, chunk_size=chunk
+        path, project, model, (tokens,), batch_size=batch, chunk_size=chunk, dtype=dtype
     )
     elapsed = time.perf_counter() - t0
     results.add(
         workload=f"(c) build_gradient_store, k = {k}",
         k=k,
         examples=store.n_rows,
+        store_dtype=dtype,
         dim=store.dim,
         bytes_on_disk=sum(
             os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
@@ -242,11 +250,12 @@ def synthetic_store(template, path: str, n_rows: int, chunk: int) -> None:
     """A store of `n_rows` random rows in `template`'s format and metadata."""
     os.makedirs(path, exist_ok=True)
     meta = dict(template.metadata, n_rows=n_rows, chunk_size=chunk)
+    dtype = np.dtype(str(template.metadata["dtype"]))
     rng = np.random.default_rng(0)
     n_chunks = -(-n_rows // chunk)
     for c in range(n_chunks):
         n = min(chunk, n_rows - c * chunk)
-        rows = rng.standard_normal((n, template.dim), dtype=np.float32)
+        rows = rng.standard_normal((n, template.dim), dtype=np.float32).astype(dtype)
         np.save(os.path.join(path, f"chunk-{c:06d}.npy"), rows)
     with open(os.path.join(path, "metadata.json"), "w") as f:
         json.dump(meta, f)
@@ -265,9 +274,10 @@ def query_rows(results, model, loss, args, directory, key) -> None:
         (tokens,),
         batch_size=batch,
         chunk_size=batch,
+        dtype=args.store_dtype,
         progress=False,
     )
-    # Chunks of about 256 MB: few files, and one chunk on the device at a time.
+    # Chunks of 2²⁶ entries: few files, and one chunk on the device at a time.
     chunk = max(batch, (2**26 // template.dim) // batch * batch)
     path = os.path.join(directory, "queries")
     t0 = time.perf_counter()
@@ -295,7 +305,10 @@ def query_rows(results, model, loss, args, directory, key) -> None:
         rows=args.rows,
         queries=args.queries,
         top_k=args.top_k,
-        store_bytes=4 * store.dim * args.rows,
+        store_dtype=args.store_dtype,
+        store_bytes={"float32": 4, "float16": 2}[args.store_dtype]
+        * store.dim
+        * args.rows,
         queries_per_s=args.queries / timing["median_s"],
         seconds_per_1000_queries=1000 * timing["median_s"] / args.queries,
         write_s=write_s,
@@ -391,7 +404,16 @@ def main(argv=None):
             plain = plain_step(results, model, loss, batch, args.repeats)
             for k in args.k:
                 projection_rows(results, model, loss, batch, k, args.repeats, plain)
-                build_row(results, model, loss, tokens, k, args.batch, directory)
+                build_row(
+                    results,
+                    model,
+                    loss,
+                    tokens,
+                    k,
+                    args.batch,
+                    directory,
+                    args.store_dtype,
+                )
         if "queries" in args.parts:
             query_rows(results, model, loss, args, directory, jr.fold_in(key, 3))
     if "peer" in args.parts and not args.no_peer:
