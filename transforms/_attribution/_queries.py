@@ -29,7 +29,14 @@ from jaxtyping import Array, Float, Int
 
 from .._grad._per_sample import as_batch
 from .._grad._projection import ProjectedGrads
-from .._validation import check_choice, check_size, check_type, fail
+from .._validation import (
+    check_choice,
+    check_in_range,
+    check_size,
+    check_type,
+    describe,
+    fail,
+)
 from ._store import _rows, GradientStore
 
 
@@ -114,13 +121,11 @@ def fisher_inverse(
     """
     name = "fisher_inverse"
     check_type(name, "store", store, GradientStore, "a GradientStore")
-    if (
-        isinstance(damping, bool)
-        or not isinstance(damping, (int, float, np.floating))
-        or not np.isfinite(damping)
-        or damping <= 0
-    ):
-        raise fail(name, "damping", "a finite number > 0", repr(damping))
+    if np.ndim(damping) != 0:
+        raise fail(name, "damping", "a real number > 0", describe(damping), TypeError)
+    damping = float(
+        check_in_range(name, "damping", damping, low=0.0, inclusive=(False, True))
+    )
     check_choice(name, "blocks", blocks, _BLOCKS)
     store.check_complete(name)
     groups = _blocks(store, blocks)
