@@ -36,6 +36,7 @@ from .._validation import (
     check_type,
     describe,
     fail,
+    typechecked,
 )
 from ._store import _rows, GradientStore
 
@@ -91,8 +92,9 @@ def _blocks(store: GradientStore, blocks: str) -> dict[int, list[int]]:
     return groups
 
 
+@typechecked
 def fisher_inverse(
-    store: GradientStore, *, damping: float = 0.1, blocks: str = "layer"
+    store: GradientStore, *, damping: float | int = 0.1, blocks: str = "layer"
 ) -> FisherInverse:
     """The damped inverse of the projected empirical Fisher of a store.
 
@@ -282,13 +284,14 @@ def _score_chunks(stores, rows, weights):
         yield start, total
 
 
+@typechecked
 def tracin_scores(
     stores: Any,
     projector: ProjectedGrads,
     models: Any,
     queries: Any,
     *,
-    weights: Sequence[float] | None = None,
+    weights: Sequence[float | int] | None = None,
 ) -> np.ndarray:
     """TracIn scores of every stored training example for a batch of queries.
 
@@ -325,6 +328,7 @@ def tracin_scores(
     )
 
 
+@typechecked
 def influence_scores(
     store: GradientStore,
     projector: ProjectedGrads,
@@ -377,14 +381,15 @@ def _merge(values, indices, scores, start):
     return best, jnp.take_along_axis(all_ids, where, axis=1)
 
 
+@typechecked
 def top_k_scores(
     stores: Any,
     projector: ProjectedGrads,
     models: Any,
     queries: Any,
-    k: int,
+    k: int | np.integer,
     *,
-    weights: Sequence[float] | None = None,
+    weights: Sequence[float | int] | None = None,
     fisher: Any = None,
     largest: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -429,6 +434,7 @@ def top_k_scores(
     return sign * np.asarray(values), np.asarray(indices)
 
 
+@typechecked
 def self_influence(
     store: GradientStore, *, fisher: FisherInverse | None = None
 ) -> np.ndarray:

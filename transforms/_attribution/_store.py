@@ -36,7 +36,14 @@ from .._grad._ghost_rules import acc_dtype
 from .._grad._per_sample import as_batch
 from .._grad._projection import ProjectedGrads, ProjectionBlock
 from .._train._checkpoint import _describe, _write_atomically
-from .._validation import check_choice, check_size, check_type, describe, fail
+from .._validation import (
+    check_choice,
+    check_size,
+    check_type,
+    describe,
+    fail,
+    typechecked,
+)
 from .._version import __version__
 
 
@@ -50,6 +57,7 @@ def _chunk_name(c: int) -> str:
     return f"chunk-{c:06d}.npy"
 
 
+@typechecked
 def model_fingerprint(model: Any) -> str:
     """The SHA-256 of a model's arrays (values, shapes, dtypes and paths).
 
@@ -215,6 +223,7 @@ class GradientStore:
             )
 
 
+@typechecked
 def open_gradient_store(path: str | os.PathLike) -> GradientStore:
     """Open a gradient store written by [`transforms.build_gradient_store`][].
 
@@ -266,14 +275,15 @@ def _differences(stored: dict, expected: dict) -> list[str]:
     ]
 
 
+@typechecked
 def build_gradient_store(
     path: str | os.PathLike,
     projector: ProjectedGrads,
     model: Any,
     data: Any,
     *,
-    batch_size: int = 32,
-    chunk_size: int = 1024,
+    batch_size: int | np.integer = 32,
+    chunk_size: int | np.integer = 1024,
     dtype: str | None = None,
     metadata: Mapping[str, Any] | None = None,
     progress: bool | None = None,
