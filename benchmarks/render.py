@@ -65,6 +65,7 @@ SWEEPS = ("batch sweep/", "length sweep/")
 ORDER = [
     "multimodal",
     "ghost",
+    "attribution",
     "dp",
     "chmm",
     "tidhy",
@@ -1018,7 +1019,64 @@ def _summary_dp(result: dict) -> list[Comparison]:
     return out
 
 
+def _summary_attribution(result: dict) -> list[Comparison]:
+    """`attribution.py`: projected gradients per example against a plain forward and
+    backward pass (target: at most 1.5×), the queries (target: 1 000 queries against
+    10⁶ rows in under 10 s) and dattri's TracIn where it ran."""
+    device, out = _device(result), []
+    rows = result["rows"]
+    plain = next((r for r in rows if r["workload"].startswith("(a)")), None)
+    for row in rows:
+        tag = row["workload"].split(" ")[0]
+        if tag == "(b)" and plain and "examples_per_s" in row:
+            ratio = plain["examples_per_s"] / row["examples_per_s"]
+            out.append(
+                Comparison(
+                    device,
+                    f"projected gradients, k = {row['k']} ({row['dim']} per example)",
+                    f"{_digits(row['examples_per_s'])} examples/s",
+                    f"forward+backward: {_digits(plain['examples_per_s'])}",
+                    f"{_digits(ratio)}× the time",
+                    f"<= 1.5× ({_met(ratio <= 1.5)})",
+                )
+            )
+        if tag == "(d)" and "seconds_per_1000_queries" in row:
+            s = row["seconds_per_1000_queries"]
+            full = row.get("rows", 0) >= 10**6
+            out.append(
+                Comparison(
+                    device,
+                    f"top-k queries over {row['rows']} rows of {row['dim']}",
+                    f"{time_text(s)} per 1 000 queries",
+                    "–",
+                    "–",
+                    f"< 10 s for 10⁶ rows ({_met(s < 10)})" if full else "–",
+                )
+            )
+        if tag == "(e)" and "examples_per_s" in row:
+            ours = next(
+                (
+                    r
+                    for r in rows
+                    if r["workload"].startswith("(b)") and r.get("k") == row.get("k")
+                ),
+                None,
+            )
+            if ours and "examples_per_s" in ours:
+                out.append(
+                    Comparison(
+                        device,
+                        f"projected gradients, k = {row['k']}",
+                        f"{_digits(ours['examples_per_s'])} examples/s",
+                        f"dattri TracIn: {_digits(row['examples_per_s'])}",
+                        higher_rate(ours["examples_per_s"], row["examples_per_s"]),
+                    )
+                )
+    return out
+
+
 SUMMARIES: dict[str, Callable[[dict], list[Comparison]]] = {
+    "attribution": _summary_attribution,
     "chmm": _summary_chmm,
     "ghost": _summary_ghost,
     "tidhy": _summary_tidhy,

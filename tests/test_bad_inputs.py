@@ -746,6 +746,131 @@ def _privacy_cases(T, not_a_batch):
             st.floats(1e-3, 1.0),
             _over_budget,
         ),
+        *_attribution_cases(T, not_a_batch),
+    ]
+
+
+@cached
+def _gradient_store():
+    import tempfile
+
+    import transforms as T
+
+    project = T.projected_grads(_mlp_loss, k_out=2, k_in=2)
+    path = os.path.join(tempfile.mkdtemp(), "store")
+    store = T.build_gradient_store(
+        path, project, mlp(), (_X, _Y), batch_size=2, chunk_size=2, progress=False
+    )
+    return project, store
+
+
+def _attribution_cases(T, not_a_batch):
+    project = lambda: _gradient_store()[0]
+    store = lambda: _gradient_store()[1]
+    return [
+        Case(
+            "transforms.projected_grads",
+            "k_out",
+            bad_size(),
+            lambda k: T.projected_grads(_mlp_loss, k_out=k),
+        ),
+        Case(
+            "transforms.projected_grads",
+            "kind",
+            st.sampled_from(["pca", "Gaussian", None, 0]),
+            lambda k: T.projected_grads(_mlp_loss, kind=k),
+        ),
+        Case(
+            "transforms.ProjectedGrads",
+            "batch",
+            not_a_batch,
+            lambda b: T.projected_grads(_mlp_loss, k_out=2, k_in=2)(mlp(), b),
+        ),
+        Case(
+            "transforms.ProjectedGrads",
+            "k_in",  # larger than a layer
+            st.integers(5, 100),
+            lambda k: T.projected_grads(_mlp_loss, k_out=2, k_in=k)(mlp(), (_X, _Y)),
+        ),
+        Case(
+            "transforms.build_gradient_store",
+            "data",
+            not_a_batch,
+            lambda d: T.build_gradient_store("unused", project(), mlp(), d),
+        ),
+        Case(
+            "transforms.build_gradient_store",
+            "chunk_size",
+            bad_size() | st.sampled_from([3, 5, 7]),
+            lambda c: T.build_gradient_store(
+                "unused", project(), mlp(), (_X, _Y), batch_size=2, chunk_size=c
+            ),
+        ),
+        Case(
+            "transforms.build_gradient_store",
+            "projector",
+            st.sampled_from([None, _mlp_loss, "project"]),
+            lambda p: T.build_gradient_store("unused", p, mlp(), (_X, _Y)),
+        ),
+        Case(
+            "transforms.open_gradient_store",
+            "path",
+            st.sampled_from([None, 3, b"store", ["store"]]),
+            lambda p: T.open_gradient_store(p),
+        ),
+        Case(
+            "transforms.GradientStore",
+            "c",
+            st.integers(-100, -1) | st.integers(2, 100),
+            lambda c: store().chunk(c),
+        ),
+        Case(
+            "transforms.model_fingerprint",
+            "model",
+            st.sampled_from([None, "model", 3, {"a": 1.0}]),
+            lambda m: T.model_fingerprint(m),
+        ),
+        Case(
+            "transforms.tracin_scores",
+            "models",  # another model than the store's
+            st.floats(0.1, 2.0),
+            lambda c: T.tracin_scores(
+                store(),
+                project(),
+                jax.tree.map(lambda x: x + c if eqx.is_inexact_array(x) else x, mlp()),
+                (_X, _Y),
+            ),
+        ),
+        Case(
+            "transforms.tracin_scores",
+            "weights",
+            st.sampled_from([[1.0, 2.0], [NAN], [INF], ["1"], 1.0, [True]]),
+            lambda w: T.tracin_scores(store(), project(), mlp(), (_X, _Y), weights=w),
+        ),
+        Case(
+            "transforms.influence_scores",
+            "queries",
+            not_a_batch,
+            lambda q: T.influence_scores(store(), project(), mlp(), q),
+        ),
+        Case(
+            "transforms.top_k_scores",
+            "k",
+            bad_size(maximum=4),
+            lambda k: T.top_k_scores(store(), project(), mlp(), (_X, _Y), k),
+        ),
+        Case(
+            "transforms.fisher_inverse",
+            "damping",
+            bad_real(low=0.0, inclusive=(False, True)),
+            lambda d: T.fisher_inverse(store(), damping=d),
+        ),
+        Case(
+            "transforms.self_influence",
+            "store",
+            st.sampled_from([None, "store", 3]),
+            lambda x: T.self_influence(x),
+        ),
     ]
 
 
@@ -1695,7 +1820,7 @@ _FAMILIES = {
 # How many cases each family has; the cases themselves are built in the test (they
 # need models), this only fixes the parametrisation.
 _N_CASES = {
-    "transforms": 82,
+    "transforms": 98,
     "chmm": 24,
     "tidhy": 30,
     "causal": 26,
@@ -1842,6 +1967,9 @@ NO_USER_VALUES = {
     "transforms.GhostFallbackWarning": _ERROR,
     "transforms.GhostLeaf": _RETURNED,
     "transforms.GhostPlan": _RETURNED,
+    "transforms.ProjectionBlock": _RETURNED,
+    "transforms.FisherInverse": "built by fisher_inverse; the queries that take it "
+    "check it (their `fisher` argument)",
     "transforms.NonFiniteLossError": _ERROR,
     "transforms.OptimizeStats": _RETURNED,
     "transforms.ShapleyState": _RETURNED,

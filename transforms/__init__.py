@@ -2,6 +2,20 @@
 sharding, scanned inference, per-sample gradients and attribution, differentially
 private training, divergences and expected-value losses."""
 
+from ._attribution._queries import (
+    fisher_inverse as fisher_inverse,
+    FisherInverse as FisherInverse,
+    influence_scores as influence_scores,
+    self_influence as self_influence,
+    top_k_scores as top_k_scores,
+    tracin_scores as tracin_scores,
+)
+from ._attribution._store import (
+    build_gradient_store as build_gradient_store,
+    GradientStore as GradientStore,
+    model_fingerprint as model_fingerprint,
+    open_gradient_store as open_gradient_store,
+)
 from ._grad._attribution import (
     AttributionStep as AttributionStep,
     in_run_shapley as in_run_shapley,
@@ -28,6 +42,11 @@ from ._grad._per_sample import (
     GhostFallbackWarning as GhostFallbackWarning,
     per_sample_grads as per_sample_grads,
     PerSampleGrads as PerSampleGrads,
+)
+from ._grad._projection import (
+    projected_grads as projected_grads,
+    ProjectedGrads as ProjectedGrads,
+    ProjectionBlock as ProjectionBlock,
 )
 from ._inference._scan import (
     OptimizeStats as OptimizeStats,

@@ -43,6 +43,7 @@ from ._ghost_rules import (
     cross_message,
     cross_value,
     one_sided,
+    projected,
     rule_for,
     self_norm,
 )
@@ -116,6 +117,8 @@ def _tap_bwd(static, residuals, cotangents):
             value = value + _probe(rule, static.acc, K, fwd, g)
     elif static.mode == "dots":
         value = one_sided(rule, K, F, g)
+    elif static.mode == "project":
+        value = projected(K, F, *g)
     else:
         value = jax.vmap(lambda gv: one_sided(rule, K, F, gv))(g)
     return ct_y, None, None, value.astype(static.acc), partner_cts
@@ -147,6 +150,8 @@ class _Run:
     acc: Any
     lead: int
     rules: dict[int, AbstractRule]
+    # project mode: uid -> the (K side, F side) projection matrices of the use
+    projections: dict[int, tuple] = dataclasses.field(default_factory=dict)
 
 
 class _Scope:
@@ -188,7 +193,9 @@ def _evaluate(run: _Run, jaxpr, consts, args, shadows, scope: _Scope) -> list:
         site = sites.get(key)
         if site is not None:
             g = None
-            if run.mode != "norms":
+            if run.mode == "project":
+                g = run.projections[site.uid]
+            elif run.mode != "norms":
                 g = shadow[eqn.invars[site.operand]]
             outs = [_apply_site(run, site, eqn, invals, g, scope)]
         elif key in run.analysis.live_containers:
@@ -260,9 +267,21 @@ def _scan(run: _Run, eqn, invals, in_shadows) -> list:
     # A validation-gradient view with a leading per-validation-example axis is scanned
     # over its second axis, like the parameter it shadows.
     scanned = [jnp.moveaxis(s, run.lead, 0) for s in xs_shadows if s is not None]
+    # A projection slot of a use on a leaf this scan steps through (a stacked layer)
+    # has the leaf's stacked axis: each iteration writes its own slice.
+    stepped = {
+        site.uid: run.slots[site.uid]
+        for site in run.analysis.sites.values()
+        if site.slicers and site.slicers[0] == id(eqn) and run.mode == "project"
+    }
 
     def step(carry, x):
-        x_vals, x_shadows = x
+        x_vals, x_shadows, x_slots = x
+        body_run = run
+        if x_slots:
+            body_run = dataclasses.replace(
+                run, slots={**run.slots, **x_slots}, analysis=_peeled(run, x_slots)
+            )
         it = iter(x_shadows)
         shadows = (
             list(const_shadows)
@@ -270,19 +289,30 @@ def _scan(run: _Run, eqn, invals, in_shadows) -> list:
             + [next(it) if s is not None else None for s in xs_shadows]
         )
         outs = _evaluate(
-            run, body, body_consts, [*consts, *carry, *x_vals], shadows, _Scope()
+            body_run, body, body_consts, [*consts, *carry, *x_vals], shadows, _Scope()
         )
         return outs[:n_carry], outs[n_carry:]
 
     carry, ys = lax.scan(
         step,
         list(init),
-        (list(xs), scanned),
+        (list(xs), scanned, stepped),
         length=p["length"],
         reverse=p["reverse"],
         unroll=p["unroll"],
     )
     return [*carry, *ys]
+
+
+def _peeled(run: _Run, x_slots: dict) -> Analysis:
+    """The analysis seen inside a scan body: the uses whose slots the scan slices
+    have one enclosing slicer fewer (a nested scan may slice them further)."""
+    sites = {}
+    for key, site in run.analysis.sites.items():
+        if site.uid in x_slots:
+            site = dataclasses.replace(site, slicers=site.slicers[1:])
+        sites[key] = site
+    return dataclasses.replace(run.analysis, sites=sites)
 
 
 @dataclasses.dataclass
@@ -299,7 +329,9 @@ class _Pass:
     slots: dict
 
 
-def _prepare(analysis, leaves, batch, *, mode, acc, views, n_val) -> _Pass:
+def _prepare(
+    analysis, leaves, batch, *, mode, acc, views, n_val, projections=None
+) -> _Pass:
     n = analysis.n_leaves
     B = jnp.shape(batch[0])[0]
     treatment = analysis.treatment
@@ -307,15 +339,30 @@ def _prepare(analysis, leaves, batch, *, mode, acc, views, n_val) -> _Pass:
         i
         for i in range(n)
         if treatment[i] == "materialised"
-        or (treatment[i] == "fallback" and mode in ("norms", "clip", "matrix"))
+        or (
+            treatment[i] == "fallback"
+            and mode in ("norms", "clip", "matrix", "project")
+        )
     ]
     shared = [i for i in range(n) if i not in direct]
     slot_shape = (B, n_val) if mode == "matrix" else (B,)
     sites = sorted(analysis.sites.values(), key=lambda s: s.uid)
-    slots = {s.uid: jnp.zeros(slot_shape, acc) for s in sites}
+    if mode == "project":
+        assert projections is not None
+        slots = {
+            s.uid: jnp.zeros(
+                (B,)
+                + tuple(jnp.shape(leaves[s.leaf])[: len(s.slicers)])
+                + (projections[s.uid][0].shape[0], projections[s.uid][1].shape[0]),
+                acc,
+            )
+            for s in sites
+        }
+    else:
+        slots = {s.uid: jnp.zeros(slot_shape, acc) for s in sites}
     rules = {s.uid: rule_for(s) for s in sites}
     shadows = [None] * n
-    if mode != "norms":
+    if mode not in ("norms", "project"):
         assert views is not None
         for i in range(n):
             if treatment[i] == "ghost":
@@ -335,6 +382,7 @@ def _prepare(analysis, leaves, batch, *, mode, acc, views, n_val) -> _Pass:
             acc=acc,
             lead=1 if mode == "matrix" else 0,
             rules=rules,
+            projections=projections or {},
         )
         (loss,) = _evaluate(
             run,
@@ -373,6 +421,7 @@ def ghost_pass(
     views: Sequence[Any] | None = None,
     n_val: int = 0,
     param_grads: bool = False,
+    projections: dict[int, tuple] | None = None,
 ) -> dict[str, Any]:
     """One forward and backward pass over the batch with taps at the ghost uses.
 
@@ -385,8 +434,10 @@ def ghost_pass(
       validation gradient per leaf), `"matrix"` (dot products with `n_val`
       gradients per leaf, stacked on a leading axis of `views`) or `"clip"` (squared
       norms plus a zero probe whose derivative along `views` is the dot product; see
-      the module's docstring). `"norms"` and `"clip"` need an analysis in the norms
-      mode.
+      the module's docstring), or `"project"` (each use's projected per-example
+      gradient `Σ_t (P_K K_t)(P_F F_t)ᵀ`, for the matrices `projections[uid]`;
+      needs an analysis in the project mode). `"norms"` and `"clip"` need an
+      analysis in the norms mode.
     - `acc`: dtype of the contributions.
     - `param_grads`: also return the gradient of the summed loss for every leaf.
 
@@ -397,7 +448,16 @@ def ghost_pass(
     per-example gradients are formed directly; and `grads` (leaf index -> summed
     gradient) if `param_grads`.
     """
-    p = _prepare(analysis, leaves, batch, mode=mode, acc=acc, views=views, n_val=n_val)
+    p = _prepare(
+        analysis,
+        leaves,
+        batch,
+        mode=mode,
+        acc=acc,
+        views=views,
+        n_val=n_val,
+        projections=projections,
+    )
 
     def total(shared_vals, direct_vals, slot_vals):
         losses = p.losses(shared_vals, direct_vals, slot_vals)

@@ -18,7 +18,7 @@ from ._ghost_rules import norm_route, rule_for
 from ._jaxpr_tables import INLINE_CALLS, RELABEL, REMAT, VALUE_KEEPING
 
 
-Mode = Literal["norms", "dots"]
+Mode = Literal["norms", "dots", "project"]
 
 
 def inner_jaxpr(eqn) -> tuple[Any, list]:
@@ -71,6 +71,8 @@ class _Alias:
     context: tuple[int, ...]
     repeated: bool
     sliced: int = 0
+    # the `lax.scan` equations (outermost first) that slice the leaf's leading axes
+    slicers: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(eq=False)
@@ -87,6 +89,7 @@ class Site:
     repeated: bool
     partners: tuple["Site", ...] = ()
     has_later: bool = False
+    slicers: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +134,10 @@ class GhostPlan:
       contribution is computed exactly by the jvp path (dot products) or by per-example
       gradients of that leaf only (norms);
     - `"unused"`: the loss does not depend on it; it contributes exactly zero.
+
+    The plan of [`transforms.ProjectedGrads`][] (mode `"project"`) also sends to the
+    fallback a leaf whose uses do not all split it into (first axis | the rest),
+    since its projection `P_out ∇W P_inᵀ` is summed over uses in that orientation.
     """
 
     mode: str
@@ -186,6 +193,7 @@ class _Walker:
             dims=alias.dims,
             context=alias.context,
             repeated=alias.repeated,
+            slicers=alias.slicers,
         )
         self.sites.append(site)
         for container in self._stack:
@@ -253,7 +261,11 @@ class _Walker:
             else:
                 dims = None if alias.dims is None else alias.dims[1:]
                 inner_aliases[body.invars[i]] = dataclasses.replace(
-                    alias, dims=dims, context=context, sliced=alias.sliced + 1
+                    alias,
+                    dims=dims,
+                    context=context,
+                    sliced=alias.sliced + 1,
+                    slicers=alias.slicers + (id(eqn),),
                 )
                 self.sliced[alias.leaf] = max(
                     self.sliced.get(alias.leaf, 0), alias.sliced + 1
@@ -326,6 +338,7 @@ class Analysis:
     closed: Any
     n_leaves: int
     treatment: list[str]
+    sliced: list[int]
     sites: dict[int, Site]
     live_containers: set[int]
     relabel_eqns: set[int]
@@ -377,6 +390,11 @@ def analyse(
         elif mode == "norms" and (why := _norm_cross_problem(uses)):
             treatment.append("fallback")
             reason = why
+        elif mode == "project" and (
+            why := _projection_problem(uses, walker.sliced.get(n, 0))
+        ):
+            treatment.append("fallback")
+            reason = why
         else:
             treatment.append("ghost")
         reasons.append(reason if treatment[-1] == "fallback" else "")
@@ -413,6 +431,7 @@ def analyse(
         closed=closed,
         n_leaves=len(leaves),
         treatment=treatment,
+        sliced=[walker.sliced.get(n, 0) for n in range(len(avals))],
         sites=sites,
         live_containers=live_containers,
         relabel_eqns=walker.relabel_eqns,
@@ -436,6 +455,26 @@ def _norm_cross_problem(uses: list[Site]) -> str:
     every = frozenset(uses[0].dims or ())
     if len(partitions) > 1 and not all(p in (first, every - first) for p in partitions):
         return "used several times with different splits of its axes"
+    return ""
+
+
+def _projection_problem(uses: list[Site], sliced: int) -> str:
+    """Why the projected uses of a leaf cannot be summed into its projection, if so.
+
+    A projection splits a leaf (after the `sliced` leading axes a `lax.scan` steps
+    through) into its first axis and the rest; every use must split it that way,
+    one way round or the other, and be sliced by as many scans as the leaf is.
+    """
+    for site in uses:
+        if len(site.slicers) != sliced:
+            return "stacked along a `lax.scan` axis in some uses only"
+        if site.dims is None:
+            return "used through a reshape or reversal"
+        k_side = set(leaf_side(site))
+        first = {sliced}
+        rest = set(site.dims) - first
+        if k_side not in (first, rest):
+            return "used with a split of its axes other than (first axis | the rest)"
     return ""
 
 

@@ -425,6 +425,20 @@ def one_sided(rule: AbstractRule, K: jax.Array, F, g: jax.Array) -> jax.Array:
     return jnp.sum(K.astype(acc) * h)
 
 
+def projected(K: jax.Array, F, P_K: jax.Array, P_F: jax.Array) -> jax.Array:
+    """`Σ_t (P_K K_t)(P_F F_t)ᵀ`, the use's gradient projected on both sides to
+    `[k_K, k_F]`, without forming its `Pk × Pf` gradient: each side is projected
+    per row (cost `~T·(Pk·k_K + Pf·k_F)`), then one `[k_K, T] × [T, k_F]` product."""
+    acc = acc_dtype(K.dtype, P_K.dtype)
+    kp = _einsum("tk,ak->ta", K, P_K.astype(K.dtype), acc=acc)
+    if isinstance(F, Index):
+        fp = jnp.transpose(P_F)[F.rows].astype(acc)
+        fp = jnp.where(F.valid[:, None], fp, 0)
+    else:
+        fp = _einsum("tf,bf->tb", F, P_F.astype(F.dtype), acc=acc)
+    return _einsum("ta,tb->ab", kp, fp, acc=acc)
+
+
 def _fdot(a, b) -> jax.Array:
     """`M[t, s] = a_t · b_s` for two factors on the same leaf axes."""
     if isinstance(a, Index) and isinstance(b, Index):

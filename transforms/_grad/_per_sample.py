@@ -38,12 +38,15 @@ _ONE_EXAMPLE = (
 )
 
 
-def as_batch(name: str, arg: str, batch: Any) -> tuple:
+def as_batch(name: str, arg: str, batch: Any, *, to_device: bool = True) -> tuple:
     """The arrays of a batch, checked: a non-empty tuple (or list) of arrays sharing
     a non-empty leading axis.
 
     The public methods annotate their batches as `Any`, so that a dict or a single
-    array reaches this message rather than the annotation's.
+    array reaches this message rather than the annotation's. With
+    `to_device=False`, arrays that have a shape (NumPy arrays, memory-mapped ones
+    included) are returned as they are, not copied to the device: a whole dataset
+    is then read batch by batch.
     """
     expected = "a tuple of arrays with a leading batch axis, one per argument of "
     expected += "`loss_fn` after the model"
@@ -62,7 +65,8 @@ def as_batch(name: str, arg: str, batch: Any) -> tuple:
                 describe(x),
                 TypeError,
             )
-        x = jnp.asarray(x)
+        if to_device or not hasattr(x, "shape"):
+            x = jnp.asarray(x)
         if x.ndim == 0:
             raise fail(
                 name, f"{arg}[{n}]", "an array with a leading batch axis", describe(x)

@@ -1,0 +1,62 @@
+"""`benchmarks/attribution.py` at a tiny size on the CPU: every row is measured, and
+the missing peer is a row with its reason."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import sys
+from unittest import mock
+
+import pytest
+
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def attribution():
+    # The script imports `_harness` and `ghost` from its folder and sets XLA's
+    # allocator variables for its own process: neither outlives the import here.
+    with mock.patch.dict(os.environ), mock.patch.object(sys, "path", list(sys.path)):
+        sys.path.insert(0, str(BENCHMARKS))
+        return _load("attribution")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--k", "0"], "must be a positive integer, got 0"),
+        (["--length", "256"], "more than the tiny model's context of 256"),
+        (["--rows", "5", "--top-k", "10"], "--top-k 10 is more than --rows 5"),
+    ],
+)
+def test_bad_arguments_are_refused(attribution, argv, message, capsys):
+    with pytest.raises(SystemExit):
+        attribution.parse(argv, "cpu")
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_tiny_run_measures_every_row(attribution, tmp_path):
+    argv = ["--size", "tiny", "--k", "2", "--length", "8", "--batch", "4"]
+    argv += ["--build-examples", "16", "--rows", "500", "--queries", "4"]
+    argv += ["--repeats", "1", "--results-dir", str(tmp_path)]
+    attribution.main(argv)
+    result = json.loads((tmp_path / "attribution-cpu.json").read_text())
+    rows = {row["workload"].split(" ")[0]: row for row in result["rows"]}
+    assert set(rows) == {"(a)", "(b)", "(c)", "(d)", "(e)"}
+    assert rows["(b)"]["fallback"] == []
+    assert rows["(b)"]["bytes_per_example"] == 4 * rows["(b)"]["dim"]
+    assert rows["(d)"]["rows"] == 500 and rows["(d)"]["queries_per_s"] > 0
+    if importlib.util.find_spec("dattri") is None:
+        assert "dattri is not installed" in rows["(e)"]["skipped"]
