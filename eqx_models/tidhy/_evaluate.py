@@ -116,7 +116,7 @@ def evaluate_record(
     X: Float[Array, "B T D"],
     config: InferenceConfig = InferenceConfig(),
     *,
-    mask: Bool[Array, "B T D"] | Bool[Array, "B T"] | None = None,
+    mask: Bool[Array, "*shape"] | None = None,
 ) -> Record:
     """Run the model over whole windows without updating it, recording everything.
 

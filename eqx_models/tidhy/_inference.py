@@ -466,7 +466,7 @@ def infer(
     r2_prev: Float[Array, "B r2"],
     config: InferenceConfig = InferenceConfig(),
     *,
-    mask: Bool[Array, "B D"] | Bool[Array, " B"] | None = None,
+    mask: Bool[Array, "*shape"] | None = None,
 ) -> tuple[Float[Array, "B r"], Float[Array, "B r2"], InferenceStats]:
     """Infer the latents of one time step `t >= 1` for a batch of windows.
 
@@ -534,7 +534,7 @@ def infer_first_step(
     x: Float[Array, "B D"],
     config: InferenceConfig = InferenceConfig(),
     *,
-    mask: Bool[Array, "B D"] | Bool[Array, " B"] | None = None,
+    mask: Bool[Array, "*shape"] | None = None,
 ) -> tuple[Float[Array, "B r"], InferenceStats]:
     """Infer the latent `r_0` of the first time step (no temporal prior).
 

@@ -56,7 +56,7 @@ def train(
     allow_config_change: bool = False,
     deterministic: bool = False,
     progress: bool | None = None,
-    mask: Bool[Array, "N T D"] | Bool[Array, "N T"] | None = None,
+    mask: Bool[Array, "*shape"] | None = None,
 ) -> transforms.FitResult:
     """Train a TiDHy model with the library's training step, loop and checkpoints.
 

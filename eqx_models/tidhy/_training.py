@@ -466,7 +466,7 @@ def init_learner(
     *,
     inference: InferenceConfig = InferenceConfig(),
     train: TiDHyTrainConfig = TiDHyTrainConfig(),
-    mask: Bool[Array, "B T D"] | Bool[Array, "B T"] | None = None,
+    mask: Bool[Array, "*shape"] | None = None,
 ) -> Learner:
     """Wrap a model for training; with GradNorm, record `ℓ₀` on the first batch.
 
