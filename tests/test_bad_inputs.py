@@ -1107,7 +1107,7 @@ def _tidhy_cases():
         Case(
             "tidhy.InferenceConfig",
             "batch_converge",
-            st.sampled_from([0, 1, "no", None, np.array(True)]),
+            st.sampled_from([0, 1, "no", None, 1.0]),
             lambda b: tidhy.InferenceConfig(batch_converge=b),
         ),
         Case(
