@@ -77,12 +77,23 @@ def worker(size: str, frames: int, chunk: int | None, compare: bool) -> dict:
     cfg = SIZES[size]
     x = _recording(frames)
     model = tidhy.TiDHy(20, key=jr.key(0))
-    kwargs = dict(length=cfg["length"], stride=cfg["stride"], config=_config(cfg))
+    config = _config(cfg)
+
+    def evaluate(chunk_size):
+        return tidhy.evaluate_recording(
+            model,
+            x,
+            length=cfg["length"],
+            stride=cfg["stride"],
+            config=config,
+            chunk_size=chunk_size,
+        )
+
     t0 = time.perf_counter()
-    first = tidhy.evaluate_recording(model, x, chunk_size=chunk, **kwargs)
+    first = evaluate(chunk)
     first_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    trajectory = tidhy.evaluate_recording(model, x, chunk_size=chunk, **kwargs)
+    trajectory = evaluate(chunk)
     run_s = time.perf_counter() - t0
     out = {
         "frames": frames,
@@ -99,9 +110,7 @@ def worker(size: str, frames: int, chunk: int | None, compare: bool) -> dict:
     }
     del first
     if compare:
-        chunked = tidhy.evaluate_recording(
-            model, x, chunk_size=cfg["chunks"][0], **kwargs
-        )
+        chunked = evaluate(cfg["chunks"][0])
         out["max_abs_diff_r_vs_chunked"] = float(
             np.max(np.abs(chunked.r - trajectory.r))
         )

@@ -83,7 +83,7 @@ def evaluate_impl(model: TiDHy, X, config: InferenceConfig, mask=None) -> Record
     spatial_bar = over_bt(model.spatial_loss)(r_bar, X)
     temporal = (R - r_bar) ** 2
     temporal = temporal.at[:, 0].set(0.0)
-    if mask is not None:
+    if mask is not None and present is not None:
         spatial_hat = jnp.where(mask, spatial_hat, 0)
         spatial_bar = jnp.where(mask, spatial_bar, 0)
         temporal = jnp.where(present[:, None, None], temporal, 0)

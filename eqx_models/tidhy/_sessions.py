@@ -406,7 +406,7 @@ def _flatten_frames(fn: str, arg: str, array: np.ndarray) -> np.ndarray:
 
 def _read_hdf5(fn: str, path: Path, key: str | None) -> list[tuple[str, np.ndarray]]:
     try:
-        import h5py
+        import h5py  # pyright: ignore[reportMissingImports]  (an optional extra)
     except ImportError:
         raise ImportError(
             f"{fn}: reading {path.name} needs h5py: pip install 'eqx-models[h5py]'"
