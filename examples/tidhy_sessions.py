@@ -64,16 +64,24 @@ def main(argv=None):
         cfg["epochs"] = args.epochs
 
     system = tidhy.SwitchingLDS(key=jr.key(10))
+    # One long draw cut into three sessions of different lengths (one compilation
+    # of the sampler instead of one per length).
+    whole = system.sample(sum(cfg["lengths"]), key=jr.key(100))
+    bounds = np.cumsum([0, *cfg["lengths"]])
     rng = np.random.default_rng(0)
     samples, recordings = [], []
-    for i, n in enumerate(cfg["lengths"]):
-        sample = system.sample(n, key=jr.key(100 + i))
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        sample = whole._replace(
+            observations=whole.observations[a:b],
+            latents=whole.latents[a:b],
+            states=whole.states[a:b],
+            combined_state=whole.combined_state[a:b],
+        )
         x = np.array(sample.observations)
-        missing = rng.random(n) < MISSING
-        x[missing] = np.nan
+        x[rng.random(b - a) < MISSING] = np.nan  # 10 % of the frames dropped
         samples.append(sample)
         recordings.append(x)
-    metadata = [{"seed": 100 + i, "missing_frames": MISSING} for i in range(3)]
+    metadata = [{"first_step": int(a), "missing_frames": MISSING} for a in bounds[:-1]]
     sessions = tidhy.Sessions(recordings, metadata=metadata).zscore("session")
     mean, std = tidhy.Sessions(recordings).zscore_stats("session")
     train_part, val_part = sessions.split(0.2)
