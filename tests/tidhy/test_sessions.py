@@ -275,3 +275,26 @@ def test_training_on_masked_session_windows(getkey):
         config=tidhy.InferenceConfig(max_iter=20),
     )
     assert [t.r.shape[0] for t in trajectories] == [14, 10]
+
+
+def test_chunked_evaluation_compiles_once_and_sees_only_a_chunk(getkey, monkeypatch):
+    from eqx_models.tidhy import _evaluate, _stream
+
+    shapes = []
+
+    def spy(model, X, config, mask):
+        shapes.append(X.shape)
+        return _evaluate.evaluate_impl(model, X, config, mask)
+
+    counted = eqx.filter_jit(eqx.debug.assert_max_traces(spy, max_traces=1))
+    monkeypatch.setattr(_stream, "_evaluate", counted)
+    model = small_model(getkey())
+    x = np.asarray(jr.normal(getkey(), (41, 4)))
+    cfg = tidhy.InferenceConfig(max_iter=20)
+    # 12 windows (11 by the stride, one more to cover the end) in chunks of 5: the
+    # last chunk is padded, so every call has the shape of one chunk.
+    trajectory = tidhy.evaluate_recording(
+        model, x, length=8, stride=3, config=cfg, chunk_size=5
+    )
+    assert trajectory.starts.size == 12
+    assert shapes == [(5, 8, 4)]  # traced once: every call had this shape
