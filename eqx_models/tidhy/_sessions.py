@@ -201,6 +201,40 @@ class Sessions:
             list(data), masks=list(mask), names=self.names, metadata=self.metadata
         )
 
+    def subset(self, indices: Sequence[int]) -> "Sessions":
+        """The sessions at `indices`, in that order, with their masks, names and
+        metadata: to hold out whole sessions (across-session generalisation), as
+        opposed to `split`, which holds out part of every session.
+
+        **Arguments:**
+
+        - `indices`: session indices in `[0, S)`, at least one, no repeats.
+
+        **Returns:**
+
+        A [`eqx_models.tidhy.Sessions`][].
+
+        **Raises:**
+
+        `ValueError` for no index, an index out of range or a repeated one;
+        `TypeError` for an index that is not an integer.
+        """
+        fn = "Sessions.subset"
+        if len(indices) == 0:
+            raise fail(fn, "indices", "at least one session index", "none")
+        chosen = [
+            check_size(fn, "indices", i, minimum=0, maximum=len(self) - 1)
+            for i in indices
+        ]
+        if len(set(chosen)) != len(chosen):
+            raise fail(fn, "indices", "distinct indices", repr(list(indices)))
+        return Sessions(
+            [self.data[i] for i in chosen],
+            masks=[self.mask[i] for i in chosen],
+            names=[self.names[i] for i in chosen],
+            metadata=[self.metadata[i] for i in chosen],
+        )
+
     def windows(self, length: int, stride: int) -> SessionWindows:
         """Cut every session into windows, as
         [`eqx_models.tidhy.stack_windows`][] does for one record.

@@ -72,6 +72,14 @@ def test_split_is_stratified_contiguous_and_keeps_metadata():
     for s in range(3):
         frames = np.concatenate([train.data[s][:, 1], val.data[s][:, 1]])
         np.testing.assert_array_equal(frames, np.arange(lengths[s]))
+    held_out = sessions.subset([2, 0])
+    assert held_out.names == ("C", "A") and held_out.lengths == (30, 40)
+    assert held_out.metadata == (meta[2], meta[0])
+    np.testing.assert_array_equal(held_out.data[0], sessions.data[2])
+    with pytest.raises(ValueError, match="Sessions.subset: `indices` must be"):
+        sessions.subset([0, 3])
+    with pytest.raises(ValueError, match="`indices` must be distinct"):
+        sessions.subset([1, 1])
 
 
 @pytest.mark.parametrize("scope", ["session", "global"])
@@ -262,6 +270,7 @@ def test_training_on_masked_session_windows(getkey):
         jnp.where(w.mask, w.x, jnp.nan),
         mask=w.mask,
         n_epochs=2,
+        batch_size=2,  # minibatches of (windows, mask) pairs
         inference=tidhy.InferenceConfig(max_iter=20),
         train=tidhy.TiDHyTrainConfig(grad_norm=True),
         progress=False,
