@@ -22,6 +22,7 @@ from transforms.validation import (
     check_size,
     describe,
     fail,
+    typechecked,
 )
 
 from ._windows import window_starts
@@ -459,6 +460,7 @@ def _read_hdf5(fn: str, path: Path, key: str | None) -> list[tuple[str, np.ndarr
         return [(f"{path.stem}/{name}", f[name][()]) for name in sorted(found)]
 
 
+@typechecked
 def load_sessions(
     paths: str | os.PathLike | Sequence[str | os.PathLike],
     *,

@@ -15,7 +15,13 @@ from typing import Any, NamedTuple
 import numpy as np
 from jaxtyping import Bool, Float, Int
 
-from transforms.validation import check_choice, check_size, check_type, fail
+from transforms.validation import (
+    check_choice,
+    check_size,
+    check_type,
+    fail,
+    typechecked,
+)
 
 from ._evaluate import _evaluate
 from ._inference import InferenceConfig
@@ -72,6 +78,7 @@ def _new_frames(starts: np.ndarray, length: int) -> np.ndarray:
     return np.maximum(previous_end - starts, 0)
 
 
+@typechecked
 def evaluate_recording(
     model: TiDHy,
     x: Any,
@@ -234,6 +241,7 @@ def evaluate_recording(
     )
 
 
+@typechecked
 def evaluate_sessions(
     model: TiDHy,
     sessions: Sessions,
