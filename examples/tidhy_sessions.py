@@ -17,9 +17,10 @@ keypoint recordings where a detector drops frames. The script
   system's latent read linearly out of `r`.
 
 Figures go to `examples/out/tidhy_sessions_*.png`. Usage:
-`python examples/tidhy_sessions.py [--smoke | --paper] [--epochs N]`. The default size
-trains for a few minutes on a CPU; `--paper` (sessions of 100 000, 60 000 and
-140 000 frames, windows of 200 with stride 20, 1000 full-batch epochs) needs a GPU.
+`python examples/tidhy_sessions.py [--smoke | --paper] [--epochs N] [--checkpoint F]`.
+The default size trains for a few minutes on a CPU; `--paper` (sessions of 100 000,
+60 000 and 140 000 frames, windows of 200 with stride 20, 1000 full-batch epochs)
+needs a GPU; `--checkpoint F` saves every 10 epochs and resumes from `F`.
 Both also report the accuracy of decoding the 8 combined discrete states from `r2`
 (3-nearest neighbours, 75/25 split, held-out parts), as the paper does.
 """
@@ -61,6 +62,12 @@ MISSING = 0.10
 def _flags(parser):
     parser.add_argument("--paper", action="store_true", help="the paper's sizes (GPU)")
     parser.add_argument("--epochs", type=int, default=None, help="override the epochs")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="checkpoint file: written every 10 epochs, and resumed from when it "
+        "exists (a long run over several sessions of a machine)",
+    )
 
 
 def _r2(truth, prediction):
@@ -118,6 +125,9 @@ def main(argv=None):
         train=tidhy.TiDHyTrainConfig(grad_norm=not args.smoke),
         batch_size=64 if size == "small" else None,
         key=jr.key(1),
+        checkpoint_path=args.checkpoint,
+        checkpoint_every=10 if args.checkpoint else 0,
+        resume=args.checkpoint is not None,
     )
     train_time = time.perf_counter() - t0
     model = result.model
