@@ -29,6 +29,7 @@ EXAMPLES = [
     ("training transforms", "training_basics.py", ("examples",)),
     ("cloned HMM (chmm)", "chmm_room.py", ("examples",)),
     ("TiDHy", "tidhy_slds.py", ("examples",)),
+    ("TiDHy sessions", "tidhy_sessions.py", ("examples",)),
     ("ghost engines", "data_attribution.py", ("examples",)),
     ("differential privacy", "dp_finetune.py", ("examples", "dp")),
     ("causal surrogate", "causal_surrogate.py", ("examples",)),

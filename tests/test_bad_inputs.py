@@ -1272,6 +1272,101 @@ def _tidhy_cases():
             st.sampled_from([None, {}, "config", config]),
             lambda t: tidhy.regularisers(model, t),
         ),
+        Case(
+            "tidhy.InferenceConfig",
+            "batch_converge",
+            st.sampled_from([0, 1, "no", None, 1.0]),
+            lambda b: tidhy.InferenceConfig(batch_converge=b),
+        ),
+        Case(
+            "tidhy.infer",
+            "mask",
+            st.sampled_from(
+                [jnp.ones((2, 2), bool), jnp.ones((3,), bool), jnp.ones((2, 3)), "m"]
+            ),
+            lambda m: tidhy.infer(
+                model, jnp.asarray(x), jnp.zeros((2, 2)), jnp.zeros((2, 2)), mask=m
+            ),
+        ),
+        Case(
+            "tidhy.evaluate_record",
+            "mask",
+            st.sampled_from(
+                [
+                    jnp.ones((2, 4, 2), bool),
+                    jnp.ones((2, 3), bool),
+                    jnp.ones((2, 4, 3), jnp.float32),
+                    jnp.ones((4, 3), bool),
+                ]
+            ),
+            lambda m: tidhy.evaluate_record(
+                model, jnp.asarray(windows), config, mask=m
+            ),
+        ),
+        Case(
+            "tidhy.Sessions",
+            "recordings",
+            st.sampled_from(
+                [
+                    [],
+                    [np.full((5, 3), np.nan)],
+                    [np.ones((5, 3)), np.full((4, 3), np.nan)],
+                    [np.ones((5, 3)), np.ones((5, 2))],
+                    [np.ones(5)],
+                    [np.ones((5, 3), int)],
+                    [np.full((5, 3), np.inf)],
+                    np.ones((5, 3)),
+                ]
+            ),
+            lambda r: tidhy.Sessions(r),
+        ),
+        Case(
+            "tidhy.Sessions",
+            "masks",
+            st.sampled_from(
+                [
+                    [np.ones((5, 2), bool)],
+                    [np.ones((4,), bool)],
+                    [np.ones((5, 3))],
+                    [np.ones((5, 3), bool)] * 2,
+                ]
+            ),
+            lambda m: tidhy.Sessions([np.ones((5, 3))], masks=m),
+        ),
+        Case(
+            "tidhy.Sessions",
+            "length",
+            bad_size(minimum=2) | st.integers(6, 10**6),
+            lambda n: tidhy.Sessions([np.ones((5, 3)), np.ones((9, 3))]).windows(n, 1),
+        ),
+        Case(
+            "tidhy.load_sessions",
+            "zscore",
+            st.sampled_from(["frame", "Session", 1, True]),
+            lambda z: tidhy.load_sessions([], zscore=z),
+        ),
+        Case(
+            "tidhy.evaluate_recording",
+            "length",
+            bad_size(minimum=2) | st.integers(7, 10**6),
+            lambda n: tidhy.evaluate_recording(model, np.ones((6, 3)), length=n),
+        ),
+        Case(
+            "tidhy.evaluate_recording",
+            "mask",
+            st.sampled_from(
+                [np.ones((6, 2), bool), np.ones((5,), bool), np.ones((6, 3)), "mask"]
+            ),
+            lambda m: tidhy.evaluate_recording(
+                model, np.ones((6, 3)), length=3, mask=m
+            ),
+        ),
+        Case(
+            "tidhy.evaluate_sessions",
+            "sessions",
+            st.sampled_from([None, [np.ones((6, 3))], np.ones((6, 3)), "sessions"]),
+            lambda ss: tidhy.evaluate_sessions(model, ss, length=3),
+        ),
     ]
 
 
@@ -1822,7 +1917,7 @@ _FAMILIES = {
 _N_CASES = {
     "transforms": 98,
     "chmm": 24,
-    "tidhy": 30,
+    "tidhy": 40,
     "causal": 26,
     "multimodal": 34,
 }
@@ -1986,6 +2081,8 @@ NO_USER_VALUES = {
     "tidhy.InferenceStats": _RETURNED,
     "tidhy.Learner": _RETURNED,
     "tidhy.Record": _RETURNED,
+    "tidhy.SessionWindows": _RETURNED,
+    "tidhy.Trajectory": _RETURNED,
     "tidhy.RosslerSample": _RETURNED,
     "tidhy.SLDSSample": _RETURNED,
     "tidhy.TaskLosses": _RETURNED,

@@ -118,6 +118,10 @@ SMALLER = {
         ("system.sample(20_000,", "system.sample(400,"),
         ("n_epochs=1000,", "n_epochs=1,"),
         ("checkpoint_every=50,", "checkpoint_every=1,"),
+        ("system.sample(3_000,", "system.sample(300,"),
+        ("length=100, stride=50", "length=10, stride=5"),
+        ("chunk_size=256", "chunk_size=4"),
+        ("max_iter=200)", "max_iter=20)"),
     ],
     "docs/training.md": [
         ("n_steps=2000,", "n_steps=4,"),

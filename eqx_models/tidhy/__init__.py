@@ -27,7 +27,17 @@ from ._rossler import (
     rossler_vector_field as rossler_vector_field,
     RosslerSample as RosslerSample,
 )
+from ._sessions import (
+    load_sessions as load_sessions,
+    Sessions as Sessions,
+    SessionWindows as SessionWindows,
+)
 from ._slds import SLDSSample as SLDSSample, SwitchingLDS as SwitchingLDS
+from ._stream import (
+    evaluate_recording as evaluate_recording,
+    evaluate_sessions as evaluate_sessions,
+    Trajectory as Trajectory,
+)
 from ._train import train as train
 from ._training import (
     GradNormState as GradNormState,

@@ -13,12 +13,17 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from transforms import pairwise_sum
-from transforms.validation import check_finite, typechecked
+from transforms.validation import typechecked
 
-from ._inference import check_features, frozen, InferenceConfig
+from ._inference import (
+    check_features,
+    check_mask,
+    frozen,
+    InferenceConfig,
+    observed_only,
+)
 from ._model import TiDHy
-from ._sequence import infer_sequence
+from ._sequence import infer_sequence, window_mean, window_presence
 
 
 class Record(NamedTuple):
@@ -39,6 +44,12 @@ class Record(NamedTuple):
     - `loss_hat`, `loss_bar`: the spatial losses summed over time and features,
         averaged over windows; `loss_temp`: likewise for the temporal loss, times
         `temp_weight`. Scalars.
+
+    With a `mask`, the spatial losses are 0 at missing entries (so the sums run
+    over the observed ones), `x_hat` and `x_bar` are still given everywhere (at a
+    missing entry they are the model's imputation), and a window with no observed
+    entry is skipped: its latents, predictions' latents and losses are 0, its
+    `n_iter` 0, and the scalar losses average over the other windows.
     """
 
     x_hat: Float[Array, "B T D"]
@@ -59,15 +70,11 @@ class Record(NamedTuple):
     loss_temp: Float[Array, ""]
 
 
-def _time_total(per_step):
-    """Sum over time (pairwise) then mean over windows, for an array (B, T)."""
-    return jnp.mean(jax.vmap(pairwise_sum)(per_step))
-
-
-@eqx.filter_jit
-def _evaluate(model: TiDHy, X, config: InferenceConfig) -> Record:
+def evaluate_impl(model: TiDHy, X, config: InferenceConfig, mask=None) -> Record:
+    """`evaluate_record` without checks (`X` already 0 where `mask` is False)."""
     model = frozen(model)
-    R, R2, stats = infer_sequence(model, X, config, first_step=True)
+    present = window_presence(mask)
+    R, R2, stats = infer_sequence(model, X, config, first_step=True, mask=mask)
     over_bt = lambda f: jax.vmap(jax.vmap(f))
     r_bar = over_bt(model.predict)(R[:, :-1], R2[:, :-1])
     r_bar = jnp.concatenate([jnp.zeros_like(R[:, :1]), r_bar], axis=1)
@@ -76,6 +83,10 @@ def _evaluate(model: TiDHy, X, config: InferenceConfig) -> Record:
     spatial_bar = over_bt(model.spatial_loss)(r_bar, X)
     temporal = (R - r_bar) ** 2
     temporal = temporal.at[:, 0].set(0.0)
+    if mask is not None and present is not None:
+        spatial_hat = jnp.where(mask, spatial_hat, 0)
+        spatial_bar = jnp.where(mask, spatial_bar, 0)
+        temporal = jnp.where(present[:, None, None], temporal, 0)
     return Record(
         x_hat=over_bt(model.decode)(R),
         x_bar=over_bt(model.decode)(r_bar),
@@ -90,10 +101,13 @@ def _evaluate(model: TiDHy, X, config: InferenceConfig) -> Record:
         n_iter=stats.n_iter,
         converged=stats.converged,
         finite=stats.finite,
-        loss_hat=_time_total(spatial_hat.sum(-1)),
-        loss_bar=_time_total(spatial_bar.sum(-1)),
-        loss_temp=model.temp_weight * _time_total(temporal.sum(-1)),
+        loss_hat=window_mean(spatial_hat.sum(-1), present),
+        loss_bar=window_mean(spatial_bar.sum(-1), present),
+        loss_temp=model.temp_weight * window_mean(temporal.sum(-1), present),
     )
+
+
+_evaluate = eqx.filter_jit(evaluate_impl)
 
 
 @typechecked
@@ -101,6 +115,8 @@ def evaluate_record(
     model: TiDHy,
     X: Float[Array, "B T D"],
     config: InferenceConfig = InferenceConfig(),
+    *,
+    mask: Bool[Array, "*shape"] | None = None,
 ) -> Record:
     """Run the model over whole windows without updating it, recording everything.
 
@@ -118,15 +134,24 @@ def evaluate_record(
     - `model`: the [`eqx_models.tidhy.TiDHy`][] model.
     - `X`: windows of observations, shape `(B, T, D)` with `T >= 2`.
     - `config`: an [`eqx_models.tidhy.InferenceConfig`][].
+    - `mask`: optional bool array of shape `(B, T, D)` (or `(B, T)` for whole
+        frames), True where `X` is observed. Missing entries add nothing to the
+        losses and to the inference energies (they may hold NaN); the latent
+        inference still runs at every step, from the temporal prior where a frame
+        is missing entirely; a window with nothing observed is skipped.
 
     **Returns:**
 
     An [`eqx_models.tidhy.Record`][].
 
+    For a long recording, [`eqx_models.tidhy.evaluate_recording`][] runs this in
+    chunks of windows and stitches the windows into one trajectory.
+
     **Raises:**
 
-    `ValueError` if `D` differs from the model's `input_dim`, `T < 2`, or `X` is not
-    finite.
+    `ValueError` if `D` differs from the model's `input_dim`, `T < 2`, `mask` has
+    another shape than `X`, or (the observed entries of) `X` is not finite;
+    `TypeError` for a `mask` that is not a bool array.
     """
     check_features("evaluate_record", "X", X, model)
     if X.shape[1] < 2:
@@ -134,5 +159,6 @@ def evaluate_record(
             f"evaluate_record: `X` must hold windows of at least 2 time steps, got "
             f"shape {X.shape}."
         )
-    X = check_finite("evaluate_record", "X", X)
-    return _evaluate(model, X, config)
+    mask = check_mask("evaluate_record", mask, X)
+    X = observed_only("evaluate_record", "X", X, mask)
+    return _evaluate(model, X, config, mask)

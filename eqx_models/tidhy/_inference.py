@@ -24,6 +24,7 @@ from transforms.validation import (
     check_finite as check_finite,
     check_in_range,
     check_size,
+    describe,
     fail,
     typechecked,
 )
@@ -66,6 +67,17 @@ class InferenceConfig(eqx.Module):
         over the batch, so each window's effective step is `lr / B`, and the loop
         stops when the relative changes measured over the whole batch (Frobenius
         norms) are below `tol`. With one window both modes are identical.
+    - `batch_converge`: the stopping rule of the reference mode. `True` (default,
+        the original's training setting): the relative changes are Frobenius norms
+        over the whole batch. `False` (the original's `batch_converge=False`, used
+        by its `run_seq_len_model`): the relative change of every window is
+        measured on its own (norms over the latent dimension), and the shared loop
+        stops once every window's relative changes of `r` and `r2` are below `tol`.
+        The windows still share one loop and one iteration count, as in the
+        original: a window that passed the test keeps being updated until all
+        have. For windows that each stop on their own, use the per-window mode
+        (with `lr / B` to keep the reference step). Unused in the per-window mode,
+        where every window is a batch of one and both rules coincide.
     - `first_step_weight_decay`: AdamW weight decay of the first-step inference
         ([`eqx_models.tidhy.infer_first_step`][]), 0.01 as PyTorch's default.
     - `check_every`: how many iterations the compiled inner loop runs between two
@@ -84,8 +96,8 @@ class InferenceConfig(eqx.Module):
     that is not positive, a negative tolerance or penalty, a `momentum` outside
     `[0, 1)`), a `max_iter` below 10 with the halving schedule, a `check_every`
     below 1, or an unknown `batch_mode`; `TypeError` for a `max_iter` or
-    `check_every` that is not an integer (or `"auto"`) or a `halve_lr_r` that is
-    not a bool.
+    `check_every` that is not an integer (or `"auto"`) or a `halve_lr_r` or
+    `batch_converge` that is not a bool.
     """
 
     lr_r: float | None = eqx.field(default=None, static=True)
@@ -102,6 +114,7 @@ class InferenceConfig(eqx.Module):
     batch_mode: str = eqx.field(default="per_window", static=True)
     first_step_weight_decay: float = eqx.field(default=0.01, static=True)
     check_every: int | str = eqx.field(default="auto", static=True)
+    batch_converge: bool = eqx.field(default=True, static=True)
 
     def __check_init__(self):
         name = "InferenceConfig"
@@ -124,6 +137,7 @@ class InferenceConfig(eqx.Module):
         )
         check_size(name, "max_iter", self.max_iter)
         check_bool(name, "halve_lr_r", self.halve_lr_r)
+        check_bool(name, "batch_converge", self.batch_converge)
         if self.halve_lr_r and self.max_iter < 10:
             raise ValueError(
                 "InferenceConfig: `max_iter` must be >= 10 with the halving schedule "
@@ -191,10 +205,22 @@ def _sgd(learning_rate, momentum: float) -> optax.GradientTransformation:
     return optax.sgd(learning_rate, momentum=momentum or None, nesterov=momentum > 0)
 
 
-def _window_energy(latents, model: TiDHy, x, basis, config: InferenceConfig):
-    """The energy of one window split into its smooth part and its L1 part."""
+def _window_energy(
+    latents, model: TiDHy, x, basis, config: InferenceConfig, mask=None, present=None
+):
+    """The energy of one window split into its smooth part and its L1 part.
+
+    `mask` (shape `(D,)`, True where observed) drops the spatial terms of missing
+    features; `present` (a bool scalar) zeroes the whole energy of a window with no
+    observed entry at all, so that it is skipped (its latents stay where they
+    start). `x` must already be 0 where it is missing: `where` would block a NaN's
+    value but not its gradient.
+    """
     r, r2 = latents
-    spatial = jnp.sum(model.spatial_loss(r, x))
+    per_feature = model.spatial_loss(r, x)
+    if mask is not None:
+        per_feature = jnp.where(mask, per_feature, 0)
+    spatial = jnp.sum(per_feature)
     r_bar = model.predict_from_basis(basis, r2)
     temporal = jnp.sum((r - r_bar) ** 2)
     smooth = spatial + model.temp_weight * temporal
@@ -206,24 +232,35 @@ def _window_energy(latents, model: TiDHy, x, basis, config: InferenceConfig):
         penalty = penalty + config.l1_r2 * l1(r2)
     if config.l1_r:
         penalty = penalty + config.l1_r * l1(r)
+    if present is not None:
+        smooth = jnp.where(present, smooth, 0)
+        penalty = jnp.where(present, penalty, 0)
     return smooth, penalty
 
 
-def _per_window_energy(latents, model, x, basis, config):
-    smooth, penalty = _window_energy(latents, model, x, basis, config)
+def _per_window_energy(latents, model, x, basis, config, mask=None, present=None):
+    smooth, penalty = _window_energy(latents, model, x, basis, config, mask, present)
     return smooth + penalty
 
 
-def _batch_energy(latents, model, x, basis, config):
+def _batch_energy(latents, model, x, basis, config, mask=None, present=None):
     # The original's objective: smooth terms averaged over the batch, L1 terms
-    # summed over it.
+    # summed over it. A skipped window still counts in the mean's B.
     smooth, penalty = jax.vmap(
-        lambda r, r2, x, b: _window_energy((r, r2), model, x, b, config)
-    )(latents[0], latents[1], x, basis)
+        lambda r, r2, x, b, m, p: _window_energy((r, r2), model, x, b, config, m, p)
+    )(latents[0], latents[1], x, basis, mask, present)
     return jnp.mean(smooth) + jnp.sum(penalty)
 
 
-def _step_solver(config: InferenceConfig, objective):
+def _window_relative_changes(new, old):
+    """The original's `batch_converge=False` rule: the relative change of every
+    window's `r` and `r2` (norms over the latent axis), all compared with `tol`."""
+    return jnp.concatenate(
+        [_row_relative_change(n, o) for n, o in zip(new, old)], axis=0
+    )
+
+
+def _step_solver(config: InferenceConfig, objective, relative_change=None):
     optimizer = optax.multi_transform(
         {
             "r": _sgd(config.lr_r_schedule(), config.momentum),
@@ -244,6 +281,7 @@ def _step_solver(config: InferenceConfig, objective):
         max_steps=config.max_iter,
         tol=config.tol,
         prox=prox,
+        relative_change=relative_change,
         eps=1e-16,
         check_every=config.iterations_per_check,
     )
@@ -259,18 +297,32 @@ def _broadcast_stats(stats, n: int) -> InferenceStats:
     )
 
 
-def infer_impl(model: TiDHy, x, r_prev, r2_prev, config: InferenceConfig):
-    """`infer` without checks, on stopped-gradient inputs; used inside scans."""
+def infer_impl(
+    model: TiDHy,
+    x,
+    r_prev,
+    r2_prev,
+    config: InferenceConfig,
+    mask=None,
+    present=None,
+):
+    """`infer` without checks, on stopped-gradient inputs; used inside scans.
+
+    `mask` `(B, D)` (True where observed; `x` already 0 elsewhere) and `present`
+    `(B,)` (False for a skipped window) are optional; without them the computation
+    is exactly the unmasked one.
+    """
     basis = jax.vmap(model.basis_predictions)(r_prev)
     r0 = jnp.zeros_like(r_prev)
     if config.batch_mode == "reference":
-        solver = _step_solver(config, _batch_energy)
-        (r, r2), stats = solver((r0, r2_prev), model, x, basis, config)
+        relative_change = None if config.batch_converge else _window_relative_changes
+        solver = _step_solver(config, _batch_energy, relative_change)
+        (r, r2), stats = solver((r0, r2_prev), model, x, basis, config, mask, present)
         return r, r2, _broadcast_stats(stats, x.shape[0])
     solver = _step_solver(config, _per_window_energy)
     (r, r2), stats = jax.vmap(
-        lambda r0, r2_0, x, b: solver((r0, r2_0), model, x, b, config)
-    )(r0, r2_prev, x, basis)
+        lambda r0, r2_0, x, b, m, p: solver((r0, r2_0), model, x, b, config, m, p)
+    )(r0, r2_prev, x, basis, mask, present)
     return (
         r,
         r2,
@@ -284,20 +336,32 @@ def infer_impl(model: TiDHy, x, r_prev, r2_prev, config: InferenceConfig):
     )
 
 
-def _first_window_energy(r, model: TiDHy, x):
-    return jnp.sum(model.spatial_loss(r, x))
+def _first_window_energy(r, model: TiDHy, x, mask=None, present=None):
+    per_feature = model.spatial_loss(r, x)
+    if mask is not None:
+        per_feature = jnp.where(mask, per_feature, 0)
+    energy = jnp.sum(per_feature)
+    if present is not None:
+        energy = jnp.where(present, energy, 0)
+    return energy
 
 
-def _first_batch_energy(r, model: TiDHy, x):
-    return jnp.mean(jax.vmap(lambda r, x: _first_window_energy(r, model, x))(r, x))
+def _first_batch_energy(r, model: TiDHy, x, mask=None, present=None):
+    return jnp.mean(
+        jax.vmap(lambda r, x, m, p: _first_window_energy(r, model, x, m, p))(
+            r, x, mask, present
+        )
+    )
 
 
 def _row_relative_change(new, old):
     return jnp.linalg.norm(new - old, axis=-1) / (jnp.linalg.norm(old, axis=-1) + 1e-16)
 
 
-def infer_first_step_impl(model: TiDHy, x, config: InferenceConfig):
-    """`infer_first_step` without checks."""
+def infer_first_step_impl(
+    model: TiDHy, x, config: InferenceConfig, mask=None, present=None
+):
+    """`infer_first_step` without checks (`mask`, `present` as in `infer_impl`)."""
     optimizer = optax.adamw(
         config.learning_rates[0],
         b1=0.9,
@@ -315,7 +379,7 @@ def infer_first_step_impl(model: TiDHy, x, config: InferenceConfig):
             relative_change=_row_relative_change,
             check_every=config.iterations_per_check,
         )
-        r, stats = solver(r0, model, x)
+        r, stats = solver(r0, model, x, mask, present)
         return r, _broadcast_stats(stats, x.shape[0])
     solver = scan_optimize(
         _first_window_energy,
@@ -324,7 +388,9 @@ def infer_first_step_impl(model: TiDHy, x, config: InferenceConfig):
         tol=config.tol,
         check_every=config.iterations_per_check,
     )
-    r, stats = jax.vmap(lambda r0, x: solver(r0, model, x))(r0, x)
+    r, stats = jax.vmap(lambda r0, x, m, p: solver(r0, model, x, m, p))(
+        r0, x, mask, present
+    )
     return r, InferenceStats(
         n_iter=stats.n_steps,
         converged=stats.converged,
@@ -353,14 +419,43 @@ def check_features(name: str, argument: str, x: Array, model: TiDHy) -> None:
         raise fail(name, argument, "non-empty", f"shape {x.shape}")
 
 
-@eqx.filter_jit
-def _infer_jit(model, x, r_prev, r2_prev, config):
-    return infer_impl(frozen(model), x, r_prev, r2_prev, config)
+def check_mask(name: str, mask, x: Array):
+    """The observation mask of `x`, checked: `None`, or a bool array of the shape of
+    `x` (True where observed). A mask of `x.shape[:-1]` (whole frames) is broadcast
+    over the features. Returns `None` or the mask at `x`'s full shape."""
+    if mask is None:
+        return None
+    expected = (
+        f"a bool array of shape {tuple(x.shape)} or {tuple(x.shape[:-1])} "
+        "(True where observed)"
+    )
+    if not (hasattr(mask, "shape") and hasattr(mask, "dtype")):
+        raise fail(name, "mask", expected, describe(mask), TypeError)
+    if mask.dtype != jnp.bool_:
+        raise fail(name, "mask", expected, f"dtype {mask.dtype}", TypeError)
+    if tuple(mask.shape) == tuple(x.shape[:-1]):
+        mask = mask[..., None]
+    elif tuple(mask.shape) != tuple(x.shape):
+        raise fail(name, "mask", expected, f"shape {tuple(mask.shape)}")
+    return jnp.broadcast_to(jnp.asarray(mask), x.shape)
+
+
+def observed_only(name: str, arg: str, x: Array, mask):
+    """`x` with its missing entries set to 0 (they may hold anything, NaN included),
+    after checking that its observed entries are finite."""
+    if mask is None:
+        return check_finite(name, arg, x)
+    return check_finite(name, arg, jnp.where(mask, x, 0))
 
 
 @eqx.filter_jit
-def _infer_first_step_jit(model, x, config):
-    return infer_first_step_impl(frozen(model), x, config)
+def _infer_jit(model, x, r_prev, r2_prev, config, mask):
+    return infer_impl(frozen(model), x, r_prev, r2_prev, config, mask)
+
+
+@eqx.filter_jit
+def _infer_first_step_jit(model, x, config, mask):
+    return infer_first_step_impl(frozen(model), x, config, mask)
 
 
 @typechecked
@@ -370,6 +465,8 @@ def infer(
     r_prev: Float[Array, "B r"],
     r2_prev: Float[Array, "B r2"],
     config: InferenceConfig = InferenceConfig(),
+    *,
+    mask: Bool[Array, "*shape"] | None = None,
 ) -> tuple[Float[Array, "B r"], Float[Array, "B r2"], InferenceStats]:
     """Infer the latents of one time step `t >= 1` for a batch of windows.
 
@@ -377,6 +474,10 @@ def infer(
 
     `E = ℓ(W r + b, x_t) + temp_weight ||r - V(w(r2)) r_prev||² + l1_w |w|₁ +
     l1_r2 |r2|₁ + l1_r |r|₁`
+
+    (with a `mask`, `ℓ` sums over the observed features only: a missing feature
+    adds nothing, and a step with no observed feature is solved by the temporal
+    prior alone)
 
     by SGD with Nesterov momentum on both latents (`r` restarts at 0, `r2` starts
     from `r2_prev`), the halving schedule on `lr_r`, the soft thresholds after every
@@ -393,6 +494,9 @@ def infer(
     - `r_prev`: the latents at `t - 1`, shape `(B, r_dim)`.
     - `r2_prev`: the slow latents at `t - 1` (the warm start), shape `(B, r2_dim)`.
     - `config`: an [`eqx_models.tidhy.InferenceConfig`][].
+    - `mask`: optional bool array of shape `(B, D)` (or `(B,)` for whole rows),
+        True where `x` is observed; missing entries of `x` are ignored (they
+        may be NaN).
 
     **Returns:**
 
@@ -401,9 +505,10 @@ def infer(
 
     **Raises:**
 
-    `ValueError` if a dimension does not match the model, or if `x`, `r_prev` or
-    `r2_prev` is not finite (at once for concrete arrays, by `eqx.error_if` under
-    `jit`).
+    `ValueError` if a dimension does not match the model, `mask` has another
+    shape than `x`, or if (the observed entries of) `x`, `r_prev` or `r2_prev` is
+    not finite (at once for concrete arrays, by `eqx.error_if` under `jit`);
+    `TypeError` for a `mask` that is not a bool array.
     """
     check_features("infer", "x", x, model)
     if r_prev.shape != (x.shape[0], model.r_dim):
@@ -416,10 +521,11 @@ def infer(
             f"infer: `r2_prev` must have shape {(x.shape[0], model.r2_dim)}, got "
             f"{r2_prev.shape}."
         )
-    x = check_finite("infer", "x", x)
+    mask = check_mask("infer", mask, x)
+    x = observed_only("infer", "x", x, mask)
     r_prev = check_finite("infer", "r_prev", r_prev)
     r2_prev = check_finite("infer", "r2_prev", r2_prev)
-    return _infer_jit(model, x, r_prev, r2_prev, config)
+    return _infer_jit(model, x, r_prev, r2_prev, config, mask)
 
 
 @typechecked
@@ -427,6 +533,8 @@ def infer_first_step(
     model: TiDHy,
     x: Float[Array, "B D"],
     config: InferenceConfig = InferenceConfig(),
+    *,
+    mask: Bool[Array, "*shape"] | None = None,
 ) -> tuple[Float[Array, "B r"], InferenceStats]:
     """Infer the latent `r_0` of the first time step (no temporal prior).
 
@@ -441,6 +549,9 @@ def infer_first_step(
     - `model`: the [`eqx_models.tidhy.TiDHy`][] model.
     - `x`: the first observations, shape `(B, D)`.
     - `config`: an [`eqx_models.tidhy.InferenceConfig`][].
+    - `mask`: optional bool array of shape `(B, D)` (or `(B,)` for whole rows),
+        True where `x` is observed; the spatial loss sums over the observed
+        features only.
 
     **Returns:**
 
@@ -449,8 +560,11 @@ def infer_first_step(
 
     **Raises:**
 
-    `ValueError` if `x` does not match the model or is not finite.
+    `ValueError` if `x` does not match the model, `mask` has another shape, or
+    (the observed entries of) `x` is not finite; `TypeError` for a `mask` that is
+    not a bool array.
     """
     check_features("infer_first_step", "x", x, model)
-    x = check_finite("infer_first_step", "x", x)
-    return _infer_first_step_jit(model, x, config)
+    mask = check_mask("infer_first_step", mask, x)
+    x = observed_only("infer_first_step", "x", x, mask)
+    return _infer_first_step_jit(model, x, config, mask)

@@ -14,12 +14,12 @@ from typing import Any
 import equinox as eqx
 import jax.random as jr
 from beartype import beartype
-from jaxtyping import Array, Float, jaxtyped
+from jaxtyping import Array, Bool, Float, jaxtyped
 
 import transforms
 from transforms import check_resumed_config, static_fields
 
-from ._inference import check_features, check_finite, InferenceConfig
+from ._inference import check_features, check_mask, InferenceConfig, observed_only
 from ._model import TiDHy
 from ._optimizer import make_optimizer, resolved_milestones
 from ._training import init_learner, Learner, TiDHyTrainConfig, training_loss
@@ -56,6 +56,7 @@ def train(
     allow_config_change: bool = False,
     deterministic: bool = False,
     progress: bool | None = None,
+    mask: Bool[Array, "*shape"] | None = None,
 ) -> transforms.FitResult:
     """Train a TiDHy model with the library's training step, loop and checkpoints.
 
@@ -109,6 +110,11 @@ def train(
         [`transforms.fit`][]).
     - `progress`: show a progress bar (`None`, the default: only on a terminal; see
         [`transforms.fit`][]).
+    - `mask`: optional bool observation mask of `windows`, shape `(N, T, D)` (or
+        `(N, T)` for whole frames), True where observed, e.g. from
+        [`eqx_models.tidhy.Sessions.windows`][]. Missing entries add nothing to the
+        inference energies and to the losses (they may hold NaN), and windows with
+        nothing observed are skipped; see [`eqx_models.tidhy.training_loss`][].
 
     **Returns:**
 
@@ -119,7 +125,8 @@ def train(
     **Raises:**
 
     `ValueError` for windows that do not match the model, are shorter than 2 steps
-    or not finite, or a `batch_size` outside `[1, N]`;
+    or not finite (where observed), a `mask` of another shape, or a `batch_size`
+    outside `[1, N]`; `TypeError` for a `mask` that is not bool;
     [`transforms.NonFiniteLossError`][] as above;
     [`transforms.CheckpointError`][] when resuming from a checkpoint written for
     another configuration (the message names every differing field, e.g.
@@ -140,16 +147,18 @@ def train(
             f"train: `batch_size` must be in [1, {n}] (the number of windows) or None, "
             f"got {batch_size!r}."
         )
-    windows = check_finite("train", "windows", windows)
+    mask = check_mask("train", mask, windows)
+    windows = observed_only("train", "windows", windows, mask)
     key = jr.key(0) if key is None else key
     steps_per_epoch = 1 if batch_size is None else n // batch_size
 
     def data(i: int):
         if batch_size is None:
-            return windows
+            return windows if mask is None else (windows, mask)
         epoch, position = divmod(i, steps_per_epoch)
         order = jr.permutation(jr.fold_in(key, epoch), n)
-        return windows[order[position * batch_size : (position + 1) * batch_size]]
+        index = order[position * batch_size : (position + 1) * batch_size]
+        return windows[index] if mask is None else (windows[index], mask[index])
 
     # With the milestones made explicit the step no longer depends on `n_epochs`, so
     # runs of different lengths (a resumed run, say) share one compiled step.
@@ -158,6 +167,10 @@ def train(
     # with another value (on another device, say) is the same run.
     inference_fields = static_fields(inference)
     del inference_fields["check_every"]
+    # Recorded only when switched off, so that checkpoints written before the option
+    # existed still resume.
+    if inference_fields.get("batch_converge", True):
+        inference_fields.pop("batch_converge", None)
     config = {
         "model": static_fields(model),
         "inference": inference_fields,
@@ -166,6 +179,8 @@ def train(
         "batch_size": batch_size,
         "n_epochs": n_epochs,
     }
+    if mask is not None:
+        config["masked"] = True
     check_resumed_config(
         "train",
         checkpoint_path,
@@ -175,7 +190,14 @@ def train(
     )
     # The step donates its inputs' buffers; the caller's model stays usable.
     model = transforms.copy_for_donation(model)
-    learner = init_learner(model, data(0), inference=inference, train=train)
+    first = data(0)
+    learner = (
+        init_learner(model, first, inference=inference, train=train)
+        if mask is None
+        else init_learner(
+            model, first[0], inference=inference, train=train, mask=first[1]
+        )
+    )
     optimizer = make_optimizer(
         learner, train, steps_per_epoch=steps_per_epoch, n_epochs=1
     )

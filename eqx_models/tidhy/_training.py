@@ -11,12 +11,10 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Bool, Float
 
-from transforms import pairwise_sum
 from transforms.validation import (
     check_bool,
-    check_finite,
     check_in_range,
     check_size,
     check_type,
@@ -26,9 +24,15 @@ from transforms.validation import (
 )
 
 from ._functional import l1, mean_pairwise_abs_cosine, torch_abs
-from ._inference import check_features, frozen, InferenceConfig
+from ._inference import (
+    check_features,
+    check_mask,
+    frozen,
+    InferenceConfig,
+    observed_only,
+)
 from ._model import TiDHy
-from ._sequence import infer_sequence
+from ._sequence import infer_sequence, window_mean, window_presence
 
 
 N_TASKS = 3
@@ -171,10 +175,6 @@ class TaskLosses(NamedTuple):
     temp: Float[Array, ""]
 
 
-def _time_total(per_step):
-    return jnp.mean(jax.vmap(pairwise_sum)(per_step))
-
-
 def _check_model(fn: str, model) -> None:
     check_type(fn, "model", model, TiDHy, "a TiDHy model")
 
@@ -190,8 +190,14 @@ def _check_windows(fn: str, arg: str, x, size: int, axis_name: str) -> None:
         raise fail(fn, arg, expected, f"shape {x.shape}")
 
 
-def task_losses_from_latents(model: TiDHy, X, R, R2) -> TaskLosses:
+def task_losses_from_latents(model: TiDHy, X, R, R2, mask=None) -> TaskLosses:
     """The task losses given inferred latents `R`, `R2` (treated as constants).
+
+    With a `mask`, the spatial terms of missing entries are dropped (`hat` and
+    `bar` sum over the observed entries only; `X` may hold anything there) and
+    the windows with no observed entry are left out of the mean over windows; the
+    temporal term, which involves no observation, is kept at every step of the
+    other windows.
 
     **Arguments:**
 
@@ -199,6 +205,8 @@ def task_losses_from_latents(model: TiDHy, X, R, R2) -> TaskLosses:
     - `X`: windows, shape `(B, T, input_dim)`.
     - `R`, `R2`: their inferred latents, shapes `(B, T, r_dim)` and
         `(B, T, r2_dim)`.
+    - `mask`: optional bool array of shape `(B, T, input_dim)` (or `(B, T)`),
+        True where `X` is observed.
 
     **Returns:**
 
@@ -206,9 +214,9 @@ def task_losses_from_latents(model: TiDHy, X, R, R2) -> TaskLosses:
 
     **Raises:**
 
-    `TypeError` if `model` is not a `TiDHy` or an array is not floating;
-    `ValueError` for an array whose shape does not match the model or `X`
-    (broadcasting would give a loss of the wrong thing).
+    `TypeError` if `model` is not a `TiDHy`, an array is not floating or `mask`
+    not bool; `ValueError` for an array whose shape does not match the model or
+    `X` (broadcasting would give a loss of the wrong thing).
     """
     name = "task_losses_from_latents"
     _check_model(name, model)
@@ -223,16 +231,27 @@ def task_losses_from_latents(model: TiDHy, X, R, R2) -> TaskLosses:
                 f"the (B, T) = {X.shape[:2]} of `X` first",
                 f"shape {value.shape}",
             )
+    mask = check_mask(name, mask, X)
+    if mask is not None:
+        X = jnp.where(mask, X, 0)
+    return _task_losses(model, X, R, R2, mask)
+
+
+def _task_losses(model: TiDHy, X, R, R2, mask) -> TaskLosses:
     R, R2 = jax.lax.stop_gradient((R, R2))
+    present = window_presence(mask)
     over_bt = lambda f: jax.vmap(jax.vmap(f))
-    spatial_hat = over_bt(model.spatial_loss)(R, X).sum(-1)
+    spatial_hat = over_bt(model.spatial_loss)(R, X)
     r_bar = over_bt(model.predict)(R[:, :-1], R2[:, 1:])
-    spatial_bar = over_bt(model.spatial_loss)(r_bar, X[:, 1:]).sum(-1)
+    spatial_bar = over_bt(model.spatial_loss)(r_bar, X[:, 1:])
+    if mask is not None:
+        spatial_hat = jnp.where(mask, spatial_hat, 0)
+        spatial_bar = jnp.where(mask[:, 1:], spatial_bar, 0)
     temporal = jnp.sum((R[:, 1:] - r_bar) ** 2, axis=-1)
     return TaskLosses(
-        hat=_time_total(spatial_hat),
-        bar=_time_total(spatial_bar),
-        temp=model.temp_weight * _time_total(temporal),
+        hat=window_mean(spatial_hat.sum(-1), present),
+        bar=window_mean(spatial_bar.sum(-1), present),
+        temp=model.temp_weight * window_mean(temporal, present),
     )
 
 
@@ -284,8 +303,8 @@ def regularisers(model: TiDHy, train: TiDHyTrainConfig) -> dict[str, Array]:
     return terms
 
 
-def _task_vector(model: TiDHy, X, R, R2, train: TiDHyTrainConfig):
-    losses = task_losses_from_latents(model, X, R, R2)
+def _task_vector(model: TiDHy, X, R, R2, train: TiDHyTrainConfig, mask=None):
+    losses = _task_losses(model, X, R, R2, mask)
     regs = regularisers(model, train)
     reg_total = sum(regs.values(), jnp.zeros((), X.dtype))
     tasks = jnp.stack([losses.hat, losses.bar, losses.temp + reg_total])
@@ -307,12 +326,14 @@ def _group_of(path) -> str:
 _TASK_GROUPS = (("decoder",), ("decoder", "temporal"), ("temporal", "hypernet"))
 
 
-def _task_gradient_norms(model: TiDHy, X, R, R2, train: TiDHyTrainConfig) -> Array:
+def _task_gradient_norms(
+    model: TiDHy, X, R, R2, train: TiDHyTrainConfig, mask=None
+) -> Array:
     """`g_i = Σ_{p in P_i} ||∂L_i/∂p||`: a sum of per-tensor norms per task."""
     model = frozen(model)
     params, static = eqx.partition(model, eqx.is_inexact_array)
     jac = jax.jacrev(
-        lambda p: _task_vector(eqx.combine(p, static), X, R, R2, train)[0]
+        lambda p: _task_vector(eqx.combine(p, static), X, R, R2, train, mask)[0]
     )(params)
     norms = jnp.zeros((N_TASKS,), X.dtype)
     for path, leaf in jax.tree_util.tree_flatten_with_path(jac)[0]:
@@ -354,7 +375,12 @@ def training_loss(
     **Arguments:**
 
     - `learner`: a [`eqx_models.tidhy.Learner`][].
-    - `windows`: a batch of windows, shape `(B, T, D)`.
+    - `windows`: a batch of windows, shape `(B, T, D)`, or a pair
+        `(windows, mask)` with `mask` a bool array of the same shape (or
+        `(B, T)`), True where observed: missing entries add nothing to the
+        inference energies and the losses (they may hold anything), and windows
+        with nothing observed are skipped (see
+        [`eqx_models.tidhy.task_losses_from_latents`][]).
     - `key`: unused (the loss is deterministic); accepted for `make_train_step`.
     - `inference`, `train`: the configurations.
 
@@ -381,12 +407,30 @@ def training_loss(
     check_type(name, "learner", learner, Learner, expected)
     check_type(name, "inference", inference, InferenceConfig, "an InferenceConfig")
     check_type(name, "train", train, TiDHyTrainConfig, "a tidhy.TiDHyTrainConfig")
+    mask = None
+    if isinstance(windows, tuple):
+        if len(windows) != 2:
+            raise fail(
+                name,
+                "windows",
+                "an array or a (windows, mask) pair",
+                describe(windows),
+                TypeError,
+            )
+        windows, mask = windows
     _check_windows(name, "windows", windows, learner.model.input_dim, "input_dim")
+    mask = check_mask(name, mask, windows)
+    if mask is not None:
+        windows = jnp.where(mask, windows, 0)
     model = learner.model
     R, R2, stats = infer_sequence(
-        frozen(model), windows, inference, first_step=train.first_step_inference
+        frozen(model),
+        windows,
+        inference,
+        first_step=train.first_step_inference,
+        mask=mask,
     )
-    tasks, (losses, regs) = _task_vector(model, windows, R, R2, train)
+    tasks, (losses, regs) = _task_vector(model, windows, R, R2, train, mask)
     steps = (slice(None), slice(1, None))
     w_all, _ = jax.vmap(jax.vmap(frozen(model).mixture))(R2[:, 1:])
     aux = {
@@ -403,7 +447,7 @@ def training_loss(
     if learner.gradnorm is None:
         return jnp.sum(tasks), aux
     state = learner.gradnorm
-    norms = _task_gradient_norms(model, windows, R, R2, train)
+    norms = _task_gradient_norms(model, windows, R, R2, train, mask)
     gn_loss = _gradnorm_loss(state, tasks, norms, train.grad_alpha)
     weighted = jnp.sum(jax.lax.stop_gradient(state.weights) * tasks)
     # The value is the weighted loss; the GradNorm term contributes its gradient
@@ -422,6 +466,7 @@ def init_learner(
     *,
     inference: InferenceConfig = InferenceConfig(),
     train: TiDHyTrainConfig = TiDHyTrainConfig(),
+    mask: Bool[Array, "*shape"] | None = None,
 ) -> Learner:
     """Wrap a model for training; with GradNorm, record `ℓ₀` on the first batch.
 
@@ -430,6 +475,8 @@ def init_learner(
     - `model`: the [`eqx_models.tidhy.TiDHy`][] model.
     - `windows`: the first training batch, shape `(B, T, D)`.
     - `inference`, `train`: the configurations.
+    - `mask`: optional bool observation mask of `windows` (see
+        [`eqx_models.tidhy.training_loss`][]).
 
     **Returns:**
 
@@ -439,7 +486,8 @@ def init_learner(
 
     **Raises:**
 
-    `ValueError` if the windows do not match the model or are shorter than 2 steps.
+    `ValueError` if the windows do not match the model or are shorter than 2
+    steps, or `mask` has another shape; `TypeError` for a `mask` that is not bool.
     """
     check_features("init_learner", "windows", windows, model)
     if windows.shape[1] < 2:
@@ -447,10 +495,11 @@ def init_learner(
             "init_learner: `windows` must hold at least 2 time steps, got shape "
             f"{windows.shape}."
         )
+    mask = check_mask("init_learner", mask, windows)
     if not train.grad_norm:
         return Learner(model=model, gradnorm=None)
-    windows = check_finite("init_learner", "windows", windows)
-    tasks = _initial_tasks(model, windows, inference, train)
+    windows = observed_only("init_learner", "windows", windows, mask)
+    tasks = _initial_tasks(model, windows, inference, train, mask)
     return Learner(
         model=model,
         gradnorm=GradNormState(
@@ -460,8 +509,12 @@ def init_learner(
 
 
 @eqx.filter_jit
-def _initial_tasks(model, windows, inference, train):
+def _initial_tasks(model, windows, inference, train, mask=None):
     R, R2, _ = infer_sequence(
-        frozen(model), windows, inference, first_step=train.first_step_inference
+        frozen(model),
+        windows,
+        inference,
+        first_step=train.first_step_inference,
+        mask=mask,
     )
-    return jax.lax.stop_gradient(_task_vector(model, windows, R, R2, train)[0])
+    return jax.lax.stop_gradient(_task_vector(model, windows, R, R2, train, mask)[0])

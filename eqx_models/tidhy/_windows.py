@@ -5,9 +5,23 @@ this is the one step from raw records to that form, and it needs no model.
 """
 
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from transforms.validation import check_size, typechecked
+
+
+def window_starts(
+    n_steps: int, length: int, stride: int, *, cover_end: bool = False
+) -> np.ndarray:
+    """The start of every window of `length` steps that fits in `n_steps`, `stride`
+    apart from 0 (the rule of `stack_windows`). With `cover_end`, one more window
+    starts at `n_steps - length` when the last steps would otherwise be left out,
+    so that every step is in a window (the evaluation of a whole recording)."""
+    starts = np.arange(0, n_steps - length + 1, stride)
+    if cover_end and starts[-1] + length < n_steps:
+        starts = np.append(starts, n_steps - length)
+    return starts
 
 
 @typechecked
@@ -52,7 +66,7 @@ def stack_windows(
             f"stack_windows: the record has {n_steps} steps, fewer than `length`="
             f"{length}."
         )
-    starts = jnp.arange(0, n_steps - length + 1, stride)
+    starts = jnp.asarray(window_starts(n_steps, length, stride))
     index = starts[:, None] + jnp.arange(length)[None, :]
     windows = records[:, index]
     return windows.reshape(-1, length, records.shape[-1])

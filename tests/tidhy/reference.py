@@ -73,24 +73,30 @@ def hyper_backward(p: Params, cache, dw):
     return g, p.L1w.T @ da1
 
 
-def energy_gradients(p: Params, r, r2, x, r_prev, lam):
+def energy_gradients(p: Params, r, r2, x, r_prev, lam, observed=None, skip=()):
     """E and its gradients for a batch (rows are windows), batch-mean semantics.
 
     `lam = (l1_r, l1_r2, l1_w)` are the L1 weights (summed over windows).
+    `observed[b]`: the feature indices of window b that enter the spatial term (all
+    by default); the others are left out of the sums. Windows in `skip` contribute
+    nothing (but still count in B).
     """
     B = r.shape[0]
     V = p.V()
     E = 0.0
     gr, gr2 = np.zeros_like(r), np.zeros_like(r2)
     for b in range(B):
+        if b in skip:
+            continue
+        idx = np.arange(x.shape[1]) if observed is None else observed[b]
         w, cache = hyper_forward(p, r2[b])
         r_bar = np.einsum("k,kij,j->i", w, V, r_prev[b])
-        err = p.W @ r[b] + p.c - x[b]
+        err = p.W[idx] @ r[b] + p.c[idx] - x[b, idx]
         dt = r[b] - r_bar
         E += (err @ err + p.tw * dt @ dt) / B
         E += lam[0] * np.abs(r[b]).sum() + lam[1] * np.abs(r2[b]).sum()
         E += lam[2] * np.abs(w).sum()
-        gr[b] = (2 * p.W.T @ err + 2 * p.tw * dt) / B + lam[0] * np.sign(r[b])
+        gr[b] = (2 * p.W[idx].T @ err + 2 * p.tw * dt) / B + lam[0] * np.sign(r[b])
         d_rbar = -2 * p.tw * dt / B
         dw = np.einsum("kij,j,i->k", V, r_prev[b], d_rbar) + lam[2] * np.sign(w)
         _, dr2 = hyper_backward(p, cache, dw)
@@ -115,8 +121,16 @@ def infer(
     lmda=(0.0, 0.0),
     lam=(0.0, 0.0, 0.0),
     halve=True,
+    batch_converge=True,
+    observed=None,
+    skip=(),
 ):
-    """One inference call (`inf`), returning r, r2 and the number of iterations."""
+    """One inference call (`inf`), returning r, r2 and the number of iterations.
+
+    `batch_converge=False`: the original's per-window test, relative changes per
+    row (norms over the latent axis), all of them below `tol`. `observed`, `skip`:
+    see `energy_gradients`.
+    """
     r = np.zeros_like(r_prev)
     r2 = r2_init.copy()
     m_r, m_r2 = None, None
@@ -125,7 +139,7 @@ def infer(
     i = 0
     while i < max_iter:
         old_r, old_r2 = r.copy(), r2.copy()
-        _, g_r, g_r2 = energy_gradients(p, r, r2, x, r_prev, lam)
+        _, g_r, g_r2 = energy_gradients(p, r, r2, x, r_prev, lam, observed, skip)
         m_r = g_r if m_r is None else 0.9 * m_r + g_r
         m_r2 = g_r2 if m_r2 is None else 0.9 * m_r2 + g_r2
         lr_i = lr_r * 0.5 ** sum(m <= i for m in milestones)
@@ -133,23 +147,35 @@ def infer(
         r2 = r2 - lr_r2 * (g_r2 + 0.9 * m_r2)
         r2 = soft(r2, lmda[1])
         r = soft(r, lmda[0])
-        rho_r = np.linalg.norm(r - old_r) / (np.linalg.norm(old_r) + 1e-16)
-        rho_r2 = np.linalg.norm(r2 - old_r2) / (np.linalg.norm(old_r2) + 1e-16)
+        axis = None if batch_converge else -1
+        rho_r = np.linalg.norm(r - old_r, axis=axis) / (
+            np.linalg.norm(old_r, axis=axis) + 1e-16
+        )
+        rho_r2 = np.linalg.norm(r2 - old_r2, axis=axis) / (
+            np.linalg.norm(old_r2, axis=axis) + 1e-16
+        )
         i += 1
-        if rho_r < tol and rho_r2 < tol:
+        if np.all(rho_r < tol) and np.all(rho_r2 < tol):
             break
     return r, r2, i
 
 
-def infer_first_step(p: Params, x, *, lr, max_iter, tol, weight_decay=0.01):
-    """`inf_first_step`: AdamW on the batch-mean spatial loss, per-window stopping."""
+def infer_first_step(
+    p: Params, x, *, lr, max_iter, tol, weight_decay=0.01, observed=None
+):
+    """`inf_first_step`: AdamW on the batch-mean spatial loss, per-window stopping.
+
+    `observed[b]`: the feature indices of window b in the loss (all by default)."""
     B = x.shape[0]
     r = np.zeros((B, p.W.shape[1]))
     m, v = np.zeros_like(r), np.zeros_like(r)
     i = 0
     while i < max_iter:
         old = r.copy()
-        g = 2 * (r @ p.W.T + p.c - x) @ p.W / B
+        g = np.zeros_like(r)
+        for b in range(B):
+            idx = np.arange(x.shape[1]) if observed is None else observed[b]
+            g[b] = 2 * (p.W[idx] @ r[b] + p.c[idx] - x[b, idx]) @ p.W[idx] / B
         t = i + 1
         r = r * (1 - lr * weight_decay)
         m = 0.9 * m + 0.1 * g
@@ -168,18 +194,30 @@ def predict(p: Params, r_prev, r2):
     return np.einsum("k,kij,j->i", w, p.V(), r_prev)
 
 
-def task_losses(p: Params, X, R, R2):
-    """(L_hat, L_bar, tw L_temp) of the training forward, given the latents."""
-    B, T, _ = X.shape
+def task_losses(p: Params, X, R, R2, observed=None):
+    """(L_hat, L_bar, tw L_temp) of the training forward, given the latents.
+
+    `observed[b][t]`: the feature indices of window b at step t in the spatial
+    terms (all by default); windows with none at any step are left out of the
+    batch, whose mean runs over the others."""
+    B, T, D = X.shape
+    obs = (
+        (lambda b, t: np.arange(D))
+        if observed is None
+        else (lambda b, t: observed[b][t])
+    )
+    kept = [b for b in range(B) if sum(len(obs(b, t)) for t in range(T)) > 0]
+    B = len(kept)
     hat = bar = temp = 0.0
-    for b in range(B):
+    for b in kept:
         for t in range(T):
-            e = p.W @ R[b, t] + p.c - X[b, t]
+            idx = obs(b, t)
+            e = p.W[idx] @ R[b, t] + p.c[idx] - X[b, t, idx]
             hat += e @ e / B
             if t == 0:
                 continue
             r_bar = predict(p, R[b, t - 1], R2[b, t])
-            e = p.W @ r_bar + p.c - X[b, t]
+            e = p.W[idx] @ r_bar + p.c[idx] - X[b, t, idx]
             bar += e @ e / B
             d = R[b, t] - r_bar
             temp += p.tw * (d @ d) / B

@@ -1,0 +1,257 @@
+"""TiDHy on several recording sessions with missing frames.
+
+Three sessions of the multi-timescale switching system (the paper's benchmark: three
+2-D systems, each switching between a slow and a fast regime, projected to 20
+channels) of different lengths, with 10 % of the frames missing (NaN), as in
+keypoint recordings where a detector drops frames. The script
+
+- builds a `tidhy.Sessions` (NaN frames are masked), z-scores each session, and
+  holds out the last 20 % of every session for evaluation (stratified by session);
+- trains TiDHy on windows that never cross a session boundary, the missing frames
+  contributing nothing to the losses;
+- evaluates every session as one continuous trajectory
+  (`tidhy.evaluate_sessions`, chunks of windows stitched together), and reports the
+  reconstruction R² on the observed entries of the held-out parts and on the
+  missing frames (the model's imputation, scored against the values that were
+  removed, which the model never saw), and the timescales recovered from each
+  system's latent read linearly out of `r`.
+
+Figures go to `examples/out/tidhy_sessions_*.png`. Usage:
+`python examples/tidhy_sessions.py [--smoke | --paper] [--epochs N] [--checkpoint F]`.
+The default size trains for a few minutes on a CPU; `--paper` (sessions of 100 000,
+60 000 and 140 000 frames, windows of 200 with stride 20, 1000 full-batch epochs)
+needs a GPU; `--checkpoint F` saves every 10 epochs and resumes from `F`.
+Both also report the accuracy of decoding the 8 combined discrete states from `r2`
+(3-nearest neighbours, 75/25 split, held-out parts), as the paper does.
+"""
+
+import time
+
+import jax.numpy as jnp
+import jax.random as jr
+import matplotlib
+import numpy as np
+
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from _common import out_path, parse_args, save_summary  # noqa: E402
+from tidhy_slds import _recovered_timescales  # noqa: E402
+
+from eqx_models import tidhy  # noqa: E402
+
+
+SIZES = {
+    "smoke": dict(lengths=(300, 200, 400), length=40, stride=20, epochs=2, iters=50),
+    "small": dict(
+        lengths=(3000, 2000, 4000), length=60, stride=20, epochs=40, iters=200
+    ),
+    # The paper's setting on sessions (a GPU run): windows of 200, stride 20,
+    # 1000 full-batch epochs, inference up to 2000 iterations.
+    "paper": dict(
+        lengths=(100_000, 60_000, 140_000),
+        length=200,
+        stride=20,
+        epochs=1000,
+        iters=2000,
+    ),
+}
+MISSING = 0.10
+
+
+def _flags(parser):
+    parser.add_argument("--paper", action="store_true", help="the paper's sizes (GPU)")
+    parser.add_argument("--epochs", type=int, default=None, help="override the epochs")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="checkpoint file: written every 10 epochs, and resumed from when it "
+        "exists (a long run over several sessions of a machine)",
+    )
+
+
+def _r2(truth, prediction):
+    """R² over the given entries, each channel against its own mean."""
+    residual = np.sum((truth - prediction) ** 2)
+    total = np.sum((truth - truth.mean(0)) ** 2)
+    return float(1 - residual / total)
+
+
+def main(argv=None):
+    args = parse_args(__doc__, argv, extra=_flags)
+    size = "smoke" if args.smoke else "paper" if args.paper else "small"
+    cfg = dict(SIZES[size])
+    if args.epochs is not None:
+        cfg["epochs"] = args.epochs
+
+    system = tidhy.SwitchingLDS(key=jr.key(10))
+    # One long draw cut into three sessions of different lengths (one compilation
+    # of the sampler instead of one per length).
+    whole = system.sample(sum(cfg["lengths"]), key=jr.key(100))
+    bounds = np.cumsum([0, *cfg["lengths"]])
+    rng = np.random.default_rng(0)
+    samples, recordings = [], []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        sample = whole._replace(
+            observations=whole.observations[a:b],
+            latents=whole.latents[a:b],
+            states=whole.states[a:b],
+            combined_state=whole.combined_state[a:b],
+        )
+        x = np.array(sample.observations)
+        x[rng.random(b - a) < MISSING] = np.nan  # 10 % of the frames dropped
+        samples.append(sample)
+        recordings.append(x)
+    metadata = [{"first_step": int(a), "missing_frames": MISSING} for a in bounds[:-1]]
+    sessions = tidhy.Sessions(recordings, metadata=metadata).zscore("session")
+    mean, std = tidhy.Sessions(recordings).zscore_stats("session")
+    train_part, val_part = sessions.split(0.2)
+    windows = train_part.windows(cfg["length"], cfg["stride"])
+    print(
+        f"{size}: sessions of {list(sessions.lengths)} frames, "
+        f"{windows.x.shape[0]} training windows of {cfg['length']} steps, "
+        f"{cfg['epochs']} epochs"
+    )
+
+    model = tidhy.TiDHy(20, temp_weight=0.5, key=jr.key(0))
+    inference = tidhy.InferenceConfig(max_iter=cfg["iters"], tol=0.005)
+    t0 = time.perf_counter()
+    result = tidhy.train(
+        model,
+        windows.x,
+        mask=windows.mask,
+        n_epochs=cfg["epochs"],
+        inference=inference,
+        train=tidhy.TiDHyTrainConfig(grad_norm=not args.smoke),
+        batch_size=64 if size == "small" else None,
+        key=jr.key(1),
+        checkpoint_path=args.checkpoint,
+        checkpoint_every=10 if args.checkpoint else 0,
+        resume=args.checkpoint is not None,
+    )
+    train_time = time.perf_counter() - t0
+    model = result.model
+
+    # Every session as one stitched trajectory (chunks of 16 windows at a time).
+    trajectories = tidhy.evaluate_sessions(
+        model,
+        sessions,
+        length=cfg["length"],
+        stride=cfg["stride"],
+        config=inference,
+        chunk_size=16,
+    )
+    observed_true, observed_hat, missing_true, missing_hat = [], [], [], []
+    for s, trajectory in enumerate(trajectories):
+        # The data before the frames were removed, z-scored like the session.
+        truth = (np.asarray(samples[s].observations) - mean[s]) / std[s]
+        observed = sessions.mask[s][:, 0]
+        held_out = np.arange(sessions.lengths[s]) >= train_part.lengths[s]
+        # Observed entries of the held-out part; missing frames anywhere (their
+        # values never reached the model).
+        observed_true.append(truth[observed & held_out])
+        observed_hat.append(trajectory.x_hat[observed & held_out])
+        missing_true.append(truth[~observed])
+        missing_hat.append(trajectory.x_hat[~observed])
+    r2_observed = _r2(np.concatenate(observed_true), np.concatenate(observed_hat))
+    r2_missing = _r2(np.concatenate(missing_true), np.concatenate(missing_hat))
+    # Timescales from the sessions laid end to end (one fit, one compilation; the
+    # two joins add two spurious transitions among hundreds).
+    recovered = np.asarray(
+        _recovered_timescales(
+            jnp.concatenate([jnp.asarray(t.r) for t in trajectories])[None],
+            jnp.concatenate([s.latents for s in samples])[None],
+            jnp.concatenate([s.states for s in samples])[None],
+        )
+    )
+    true = np.asarray(system.timescales)
+    # The paper's decoding of the 8 combined discrete states from r2 (3-NN, 75/25
+    # split) over the held-out parts of all sessions; skipped in the smoke run.
+    accuracy = None
+    if not args.smoke:
+        held_out = [
+            (
+                t.r2[train_part.lengths[s] :],
+                samples[s].combined_state[train_part.lengths[s] :],
+            )
+            for s, t in enumerate(trajectories)
+        ]
+        accuracy = float(
+            tidhy.state_decoding_accuracy(
+                jnp.concatenate([jnp.asarray(f) for f, _ in held_out]),
+                jnp.concatenate([labels for _, labels in held_out]),
+                key=jr.key(42),
+                n_classes=8,
+            )
+        )
+    note = " (smoke run)" if args.smoke else ""
+    _plot(sessions, trajectories, samples, train_part, mean, std, note)
+    _plot_timescales(true, recovered, note)
+    save_summary(
+        "tidhy_sessions",
+        {
+            "r2_observed": round(r2_observed, 3),
+            "r2_missing_frames": round(r2_missing, 3),
+            "timescales_true": [[round(float(v), 1) for v in row] for row in true],
+            "timescales_recovered": [
+                [round(float(v), 1) for v in row] for row in recovered
+            ],
+            "state_accuracy_from_r2": None if accuracy is None else round(accuracy, 3),
+            "session_lengths": list(sessions.lengths),
+            "epochs": cfg["epochs"],
+            "train_time_s": round(train_time, 1),
+            "size": size,
+        },
+    )
+
+
+def _plot(sessions, trajectories, samples, train_part, mean, std, note):
+    """One channel of the held-out part of every session: data, reconstruction,
+    imputed missing frames."""
+    fig, axes = plt.subplots(len(trajectories), 1, figsize=(8, 6))
+    channel = 0
+    for s, (ax, trajectory) in enumerate(zip(axes, trajectories)):
+        n_train = train_part.lengths[s]
+        truth = (np.asarray(samples[s].observations) - mean[s]) / std[s]
+        steps = np.arange(sessions.lengths[s])[n_train:]
+        truth = truth[n_train:]
+        trajectory = trajectory._replace(x_hat=trajectory.x_hat[n_train:])
+        missing = ~sessions.mask[s][n_train:, 0]
+        ax.plot(steps, truth[:, channel], "k", lw=0.8, label="data (all frames)")
+        ax.plot(steps, trajectory.x_hat[:, channel], "C0", lw=0.8, label="x̂")
+        ax.plot(
+            steps[missing],
+            trajectory.x_hat[missing, channel],
+            "C3o",
+            ms=3,
+            label="x̂ at missing frames (imputed)",
+        )
+        ax.set_ylabel(f"{sessions.names[s]}\nchannel {channel}", fontsize=8)
+    axes[0].legend(fontsize=7, ncol=3, loc="upper right")
+    axes[-1].set_xlabel("frame (held-out part of each session)")
+    fig.suptitle(f"Held-out parts of three sessions, 10 % frames missing{note}")
+    fig.tight_layout()
+    fig.savefig(out_path("tidhy_sessions_reconstruction.png"), dpi=120)
+    plt.close(fig)
+
+
+def _plot_timescales(true, recovered, note):
+    fig, ax = plt.subplots(figsize=(4, 4))
+    for k, marker in ((0, "o"), (1, "s")):
+        ax.scatter(true[:, k], recovered[:, k], marker=marker, label=f"regime {k}")
+    lo = min(true.min(), recovered.min()) * 0.7
+    hi = max(true.max(), recovered.max()) * 1.4
+    ax.plot([lo, hi], [lo, hi], "k:", lw=1, label="recovered = true")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("true timescale (steps)")
+    ax.set_ylabel("recovered timescale (steps)")
+    ax.set_title(f"Timescales from three sessions{note}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path("tidhy_sessions_timescales.png"), dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
