@@ -24,6 +24,13 @@ from ._expert import (
 from ._graphs import GRAPH_FAMILIES as GRAPH_FAMILIES, sample_dag as sample_dag
 from ._loss import BehaviouralCloningLoss as BehaviouralCloningLoss
 from ._model import ParentSetPredictionModel as ParentSetPredictionModel
+from ._nonlinear import (
+    AbstractNonlinearSCM as AbstractNonlinearSCM,
+    AdditiveFourierSCM as AdditiveFourierSCM,
+    MLPSCM as MLPSCM,
+    NOISE_MODELS as NOISE_MODELS,
+    sample_nonlinear_scm as sample_nonlinear_scm,
+)
 from ._optimizer import (
     make_optimizer as make_optimizer,
     set_run_length as set_run_length,
@@ -35,7 +42,12 @@ from ._scm import (
     sample_linear_gaussian_scm as sample_linear_gaussian_scm,
     simulate as simulate,
 )
-from ._tasks import sample_task as sample_task, Task as Task, TaskConfig as TaskConfig
+from ._tasks import (
+    MECHANISMS as MECHANISMS,
+    sample_task as sample_task,
+    Task as Task,
+    TaskConfig as TaskConfig,
+)
 from ._train import train as train
 
 
