@@ -14,7 +14,10 @@ from ._candidates import (
 )
 from ._curriculum import Curriculum as Curriculum, TaskStream as TaskStream
 from ._data import Channel as Channel
-from ._evaluation import evaluate_surrogate as evaluate_surrogate
+from ._evaluation import (
+    evaluate_by_mechanism as evaluate_by_mechanism,
+    evaluate_surrogate as evaluate_surrogate,
+)
 from ._expert import (
     candidate_variables as candidate_variables,
     edge_marginals as edge_marginals,
