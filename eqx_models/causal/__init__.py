@@ -14,6 +14,12 @@ from ._candidates import (
 )
 from ._curriculum import Curriculum as Curriculum, TaskStream as TaskStream
 from ._data import Channel as Channel
+from ._design import (
+    design_interventions as design_interventions,
+    DesignResult as DesignResult,
+    expected_information_gain as expected_information_gain,
+    STRATEGIES as STRATEGIES,
+)
 from ._evaluation import (
     evaluate_by_mechanism as evaluate_by_mechanism,
     evaluate_surrogate as evaluate_surrogate,
