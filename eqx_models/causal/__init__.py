@@ -51,6 +51,10 @@ from ._scm import (
     sample_linear_gaussian_scm as sample_linear_gaussian_scm,
     simulate as simulate,
 )
+from ._shortlist import (
+    shortlist_parent_posterior as shortlist_parent_posterior,
+    ShortlistPosterior as ShortlistPosterior,
+)
 from ._tasks import (
     MECHANISMS as MECHANISMS,
     sample_task as sample_task,
