@@ -228,3 +228,18 @@ def test_nonlinear_tasks_and_truth_labels():
     small_k = sample_training_batch(jr.key(7), config, 4, 0)
     sizes = np.asarray(tasks.true_parents).sum(1)
     np.testing.assert_array_equal(small_k.valid, sizes == 0)
+
+
+def test_task_stream_mixes_mechanisms():
+    from eqx_models.causal import Curriculum, TaskStream
+
+    linear = TaskConfig(n_vars=3, n_samples=10, max_parents=1)
+    mlp = TaskConfig(n_vars=3, n_samples=10, max_parents=1, mechanism="mlp")
+    # All weight on the MLP bucket: every batch is labelled by the truth.
+    stream = TaskStream(
+        [(linear, 2), (mlp, 2)], 1, 4, Curriculum((0.0, 1.0), (0.0, 1.0)), jr.key(0)
+    )
+    for step in range(2):
+        assert stream.bucket_and_families(step)[0] == 1
+        probs = np.exp(np.asarray(stream(step).expert_log_probs))
+        np.testing.assert_array_equal(probs.max(1), 1.0)
