@@ -40,7 +40,8 @@ and at d = 50 through the shortlist (model vs exact on the shortlist, with the
 shortlist's recall of the true set); the per-task inference time of the shortlist
 posterior at d = 50 and 100 (K = 3, L = 12, model and exact); and the rounds per
 second of the intervention-design loop. `--nonlinear --tiny` runs all of it at toy
-sizes on a CPU (about a minute of compute; numbers check the pipeline only).
+sizes on a CPU (minutes on two shared cores, mostly compilation; the numbers
+check the pipeline only).
 
 `--data-parallel` shards every training batch over all devices along a `data` mesh
 axis (`make_train_step(..., mesh=...)`); the "train bucket" rows then give the step
@@ -392,7 +393,7 @@ def time_inference(model, cfg, key, results):
 
 NONLINEAR = {
     "tiny": dict(
-        dims=(4, 5),
+        dims=(4,),
         big=(12, 16),
         samples=30,
         width=16,
