@@ -202,10 +202,16 @@ def _gains(
             )
             return jnp.where(jnp.isfinite(kl), kl, 0.0)
 
-        per = jax.vmap(jax.vmap(one))(draws_all)
-        return jnp.sum(weights * jnp.mean(per, axis=1))
+        # One batch axis over (hypothesis, draw) and one over the candidates, not
+        # four nested vmaps: a model's attention under four batch axes reaches
+        # rank-8 arrays, beyond what XLA's CPU backend compiles.
+        c, m = draws_all.shape[:2]
+        per = jax.vmap(one)(draws_all.reshape(c * m, *draws_all.shape[2:]))
+        return jnp.sum(weights * jnp.mean(per.reshape(c, m), axis=1))
 
-    return jax.vmap(lambda n: jax.vmap(lambda v: gain(n, v))(grid))(nodes)
+    n_v = grid.shape[0]
+    flat = jax.vmap(gain)(jnp.repeat(nodes, n_v), jnp.tile(grid, nodes.shape[0]))
+    return flat.reshape(nodes.shape[0], n_v)
 
 
 def _truth_index(table, target, truth):

@@ -162,3 +162,27 @@ def test_bad_inputs(linear_data):
         run(nodes=jnp.array([7]))
     with pytest.raises(ValueError, match="`values`"):
         run(values=(float("nan"),))
+
+
+def test_the_loop_runs_with_a_model_posterior():
+    from eqx_models.causal import ParentSetPredictionModel
+
+    config = TaskConfig(n_vars=3, n_samples=8, interventional_fraction=(0.0, 0.0))
+    task = sample_task(jr.key(0), config)
+    model = ParentSetPredictionModel(1, width=4, n_layers=1, n_heads=2, key=jr.key(0))
+    result = design_interventions(
+        jr.key(1), task.scm, task.data, rounds=2, rows_per_round=2, posterior=model
+    )
+    assert np.isfinite(np.asarray(result.expected_gain)).all()
+    assert (np.asarray(result.expected_gain) >= 0).all()
+    np.testing.assert_array_less(-1e-6, np.asarray(result.truth_mass))
+    with pytest.raises(ValueError, match="`max_parents`"):
+        design_interventions(
+            jr.key(1),
+            task.scm,
+            task.data,
+            rounds=1,
+            rows_per_round=2,
+            posterior=model,
+            max_parents=2,
+        )
