@@ -61,7 +61,7 @@ def run(mechanism, *, n_tasks, d, n0, rounds, rows, k, seed):
 
 
 def main(argv=None):
-    args = parse_args(__doc__.splitlines()[0], argv)
+    args = parse_args((__doc__ or "").splitlines()[0], argv)
     if args.smoke:
         sizes = dict(n_tasks=2, d=4, n0=10, rounds=2, rows=3, k=2)
     else:
