@@ -63,7 +63,8 @@ class TaskConfig(eqx.Module):
         the standardised model).
     - `max_parents`: the in-degree cap of the random graphs.
     - `edges_per_node`: the Erdős–Rényi density.
-    - `standardise`: standardise the SCM to unit observational variance.
+    - `standardise`: standardise the SCM to unit observational variance (linear
+        mechanisms; nonlinear ones are always standardised, on a pilot sample).
     - `weight_range`, `explained_variance`, `noise_range`: the mechanisms' ranges
         (see [`eqx_models.causal.sample_linear_gaussian_scm`][]; the nonlinear
         mechanisms use `explained_variance` too, `(0.3, 0.9)` when it is `None`).
