@@ -33,6 +33,7 @@ EXAMPLES = [
     ("ghost engines", "data_attribution.py", ("examples",)),
     ("differential privacy", "dp_finetune.py", ("examples", "dp")),
     ("causal surrogate", "causal_surrogate.py", ("examples",)),
+    ("causal intervention design", "causal_design.py", ("examples",)),
     ("multimodal LM", "multimodal_lm.py", ("examples",)),
     ("torch interop (hybrid CHMM)", "hybrid_chmm.py", ("examples", "torch")),
 ]

@@ -1570,6 +1570,102 @@ def _causal_cases():
             ),
         ),
         Case(
+            "causal.sample_nonlinear_scm",
+            "mechanism",
+            st.sampled_from(["linear", "MLP", "gp", None]),
+            lambda m: causal.sample_nonlinear_scm(
+                jr.key(0), jnp.zeros((3, 3), bool), mechanism=m
+            ),
+        ),
+        Case(
+            "causal.sample_nonlinear_scm",
+            "n_hidden",
+            bad_size(),
+            lambda h: causal.sample_nonlinear_scm(
+                jr.key(0), jnp.zeros((3, 3), bool), n_hidden=h
+            ),
+        ),
+        Case(
+            "causal.MLPSCM",
+            "w_out",
+            st.sampled_from([jnp.zeros((3, 4)), jnp.zeros((2, 2)), None]),
+            lambda w: causal.MLPSCM(
+                jnp.zeros((3, 3), bool),
+                jnp.zeros((3, 3, 2)),
+                jnp.zeros((3, 2)),
+                w,
+                jnp.zeros(3),
+                jnp.ones(3),
+                jnp.zeros((3, 3)),
+            ),
+        ),
+        Case(
+            "causal.AdditiveFourierSCM",
+            "phase",
+            st.sampled_from([jnp.zeros((3, 3, 4)), jnp.zeros((3, 2)), None]),
+            lambda ph: causal.AdditiveFourierSCM(
+                jnp.zeros((3, 3), bool),
+                jnp.zeros((3, 3, 2)),
+                ph,
+                jnp.zeros((3, 3, 2)),
+                jnp.zeros(3),
+                jnp.ones(3),
+                jnp.zeros((3, 3)),
+            ),
+        ),
+        Case(
+            "causal.TaskConfig",
+            "label_smoothing",
+            bad_real(low=0, high=1, inclusive=(True, False)),
+            lambda e: causal.TaskConfig(n_vars=3, n_samples=10, label_smoothing=e),
+        ),
+        Case(
+            "causal.evaluate_by_mechanism",
+            "tasks",
+            st.sampled_from([{}, [task], None, "tasks"]),
+            lambda t: causal.evaluate_by_mechanism(model(), t),
+        ),
+        Case(
+            "causal.expected_information_gain",
+            "rows",
+            bad_size(),
+            lambda r: causal.expected_information_gain(jr.key(0), task.data, 1, rows=r),
+        ),
+        Case(
+            "causal.design_interventions",
+            "rounds",
+            bad_size(),
+            lambda r: causal.design_interventions(
+                jr.key(0),
+                task.scm,
+                task.data,
+                rounds=r,
+                rows_per_round=2,
+                max_parents=1,
+            ),
+        ),
+        Case(
+            "causal.design_interventions",
+            "nodes",
+            st.just(jnp.asarray([int(task.target)]))
+            | bad_ids(np.array([0, 1], np.int32), 3),
+            lambda n: causal.design_interventions(
+                jr.key(0),
+                task.scm,
+                task.data,
+                rounds=1,
+                rows_per_round=2,
+                max_parents=1,
+                nodes=n,
+            ),
+        ),
+        Case(
+            "causal.shortlist_parent_posterior",
+            "shortlist_size",
+            bad_size(maximum=2),
+            lambda s: causal.shortlist_parent_posterior(task.data, 1, shortlist_size=s),
+        ),
+        Case(
             "causal.weight_decay_mask",
             "params",
             st.sampled_from(
@@ -1918,7 +2014,7 @@ _N_CASES = {
     "transforms": 98,
     "chmm": 24,
     "tidhy": 40,
-    "causal": 26,
+    "causal": 36,
     "multimodal": 34,
 }
 
@@ -2088,7 +2184,14 @@ NO_USER_VALUES = {
     "tidhy.TaskLosses": _RETURNED,
     "tidhy.HyperNetwork": "a layer of TiDHy, built by its initialisation",
     "tidhy.SpatialDecoder": "a layer of TiDHy, built by its initialisation",
+    "causal.AbstractNonlinearSCM": "an abstract base; its concrete kinds (MLPSCM, "
+    "AdditiveFourierSCM) have cases",
     "causal.CandidateSets": _RETURNED,
+    "causal.DesignResult": _RETURNED,
+    "causal.MECHANISMS": _CONSTANT,
+    "causal.NOISE_MODELS": _CONSTANT,
+    "causal.ShortlistPosterior": _RETURNED,
+    "causal.STRATEGIES": _CONSTANT,
     "causal.Channel": "an enumeration of the data channels",
     "causal.GRAPH_FAMILIES": _CONSTANT,
     "causal.MAX_CANDIDATE_SETS": _CONSTANT,

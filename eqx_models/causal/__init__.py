@@ -14,7 +14,16 @@ from ._candidates import (
 )
 from ._curriculum import Curriculum as Curriculum, TaskStream as TaskStream
 from ._data import Channel as Channel
-from ._evaluation import evaluate_surrogate as evaluate_surrogate
+from ._design import (
+    design_interventions as design_interventions,
+    DesignResult as DesignResult,
+    expected_information_gain as expected_information_gain,
+    STRATEGIES as STRATEGIES,
+)
+from ._evaluation import (
+    evaluate_by_mechanism as evaluate_by_mechanism,
+    evaluate_surrogate as evaluate_surrogate,
+)
 from ._expert import (
     candidate_variables as candidate_variables,
     edge_marginals as edge_marginals,
@@ -24,6 +33,13 @@ from ._expert import (
 from ._graphs import GRAPH_FAMILIES as GRAPH_FAMILIES, sample_dag as sample_dag
 from ._loss import BehaviouralCloningLoss as BehaviouralCloningLoss
 from ._model import ParentSetPredictionModel as ParentSetPredictionModel
+from ._nonlinear import (
+    AbstractNonlinearSCM as AbstractNonlinearSCM,
+    AdditiveFourierSCM as AdditiveFourierSCM,
+    MLPSCM as MLPSCM,
+    NOISE_MODELS as NOISE_MODELS,
+    sample_nonlinear_scm as sample_nonlinear_scm,
+)
 from ._optimizer import (
     make_optimizer as make_optimizer,
     set_run_length as set_run_length,
@@ -35,7 +51,16 @@ from ._scm import (
     sample_linear_gaussian_scm as sample_linear_gaussian_scm,
     simulate as simulate,
 )
-from ._tasks import sample_task as sample_task, Task as Task, TaskConfig as TaskConfig
+from ._shortlist import (
+    shortlist_parent_posterior as shortlist_parent_posterior,
+    ShortlistPosterior as ShortlistPosterior,
+)
+from ._tasks import (
+    MECHANISMS as MECHANISMS,
+    sample_task as sample_task,
+    Task as Task,
+    TaskConfig as TaskConfig,
+)
 from ._train import train as train
 
 

@@ -14,9 +14,9 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from transforms.validation import check_size, typechecked
 
-from ._candidates import checked_table
+from ._candidates import CandidateSets, checked_table
 from ._data import Channel
-from ._expert import posterior_core
+from ._expert import posterior_core, relative_to_variables
 from ._graphs import GRAPH_FAMILIES
 from ._tasks import check_family_weights, sample_task, TaskConfig
 
@@ -27,10 +27,13 @@ class TrainingBatch(eqx.Module):
     **Fields:**
 
     - `data`: `(B, N, d, 3)` AVICI data.
-    - `expert_log_probs`: `(B, C)` the expert's log posterior over the canonical
-        candidate sets; NaN for tasks whose posterior is degenerate.
-    - `valid`: `(B,)` boolean, false for degenerate tasks, which the loss skips and
-        counts.
+    - `expert_log_probs`: `(B, C)` the labels: the expert's log posterior over the
+        canonical candidate sets (NaN for tasks whose posterior is degenerate), or,
+        for configs labelled by the truth (`TaskConfig.truth_labels`), the log of
+        the (smoothed) indicator of the true parent set.
+    - `valid`: `(B,)` boolean, false for degenerate tasks (and, with truth labels,
+        for tasks whose true parent set is larger than `K`), which the loss skips
+        and counts.
     """
 
     data: Float[Array, "B N d 3"]
@@ -57,8 +60,38 @@ def _sample_batch(key, config, batch_size, max_parents, family_weights):
         )
         return log_probs, ~degenerate
 
-    log_probs, valid = jax.vmap(label)(tasks)
+    if config.truth_labels:
+        table = checked_table("sample_training_batch", d, max_parents)
+        log_probs, valid = jax.vmap(
+            lambda truth, target: truth_log_probs(
+                truth, target, table, config.label_smoothing
+            )
+        )(tasks.true_parents, tasks.target)
+    else:
+        log_probs, valid = jax.vmap(label)(tasks)
     return TrainingBatch(tasks.data, log_probs, valid)
+
+
+def set_membership(table: CandidateSets, target, n_vars: int) -> Bool[Array, "C d"]:
+    """`member[c, i]`: whether variable `i` is in candidate set `c`."""
+    members = relative_to_variables(table.members, target)
+    hits = (members[..., None] == jnp.arange(n_vars)) & table.mask[..., None]
+    return jnp.any(hits, axis=1)
+
+
+def truth_log_probs(
+    truth: Bool[Array, " d"], target, table: CandidateSets, smoothing: float
+) -> tuple[Float[Array, " C"], Bool[Array, ""]]:
+    """Log of `(1 - ε)·δ_S* + ε/C` for the true set `S*`, and whether `S*` is a
+    candidate (a true set larger than `K` is not: the label is then NaN)."""
+    d = truth.shape[0]
+    is_true = jnp.all(set_membership(table, target, d) == truth, axis=1)
+    found = jnp.any(is_true)
+    n_sets = table.n_sets
+    rest = smoothing / n_sets
+    probs = jnp.where(is_true, 1.0 - smoothing + rest, rest)
+    log_probs = jnp.log(probs.astype(jnp.result_type(float)))
+    return jnp.where(found, log_probs, jnp.nan), found
 
 
 @typechecked
@@ -72,7 +105,10 @@ def sample_training_batch(
     """Draw `batch_size` tasks and label each with the exact expert posterior.
 
     Runs compiled (once per `config`, `batch_size`, `max_parents`) on the default
-    device, so training tasks are made on the fly at accelerator speed. A task whose
+    device, so training tasks are made on the fly at accelerator speed. Tasks of a
+    config with `truth_labels` (by default the nonlinear mechanisms, where the
+    linear expert is misspecified) are labelled by their true parent set instead,
+    smoothed by `config.label_smoothing`. A task whose
     expert posterior is degenerate (see
     [`eqx_models.causal.exact_parent_posterior`][]) is kept in the batch with
     `valid = False` and NaN labels, so the loss can skip it and count it.

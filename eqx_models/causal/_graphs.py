@@ -71,6 +71,17 @@ def check_acyclic(fn: str, arg: str, adjacency: Bool[Array, "d d"], guard=None):
     return guard
 
 
+def topological_order(adjacency: Bool[Array, "d d"]) -> Int[Array, " d"]:
+    """A topological order of a DAG: nodes sorted by their longest path from a root."""
+    d = adjacency.shape[0]
+
+    def deepen(_, depth):
+        return jnp.max(jnp.where(adjacency, depth[:, None] + 1, 0), axis=0)
+
+    depth = jax.lax.fori_loop(0, d, deepen, jnp.zeros((d,), jnp.int32))
+    return jnp.argsort(depth, stable=True)
+
+
 def _choose(
     scores: Float[Array, "d d"], allowed: Bool[Array, "d d"], counts, cap: int
 ) -> Bool[Array, "d d"]:

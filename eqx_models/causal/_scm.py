@@ -21,7 +21,8 @@ from transforms.validation import (
     typechecked,
 )
 
-from ._graphs import check_acyclic
+from ._graphs import check_acyclic, topological_order
+from ._nonlinear import AbstractNonlinearSCM, simulate_nonlinear
 
 
 class LinearGaussianSCM(eqx.Module):
@@ -89,17 +90,6 @@ def _observational_moments(scm: LinearGaussianSCM):
     mean = scm.bias @ m
     variance = jnp.sum((scm.noise_scale[:, None] * m) ** 2, axis=0)
     return mean, variance
-
-
-def topological_order(adjacency: Bool[Array, "d d"]) -> Int[Array, " d"]:
-    """A topological order of a DAG: nodes sorted by their longest path from a root."""
-    d = adjacency.shape[0]
-
-    def deepen(_, depth):
-        return jnp.max(jnp.where(adjacency, depth[:, None] + 1, 0), axis=0)
-
-    depth = jax.lax.fori_loop(0, d, deepen, jnp.zeros((d,), jnp.int32))
-    return jnp.argsort(depth, stable=True)
 
 
 def _explained_variance_mechanisms(adjacency, raw_weights, explained):
@@ -234,7 +224,7 @@ def sample_linear_gaussian_scm(
 @typechecked
 def simulate(
     key: PRNGKeyArray,
-    scm: LinearGaussianSCM,
+    scm: LinearGaussianSCM | AbstractNonlinearSCM,
     intervened_node: Int[Array, " n"],
     intervention_value: Float[Array, " n"],
 ) -> Float[Array, "n d"]:
@@ -243,14 +233,17 @@ def simulate(
     Row `r` is drawn from the observational distribution if
     `intervened_node[r] < 0`, else from the interventional distribution under
     `do(X_k = intervention_value[r])` with `k = intervened_node[r]`. Fresh noise is
-    drawn for every row. The rows are computed by `d` sweeps of
+    drawn for every row. For a linear model the rows are computed by `d` sweeps of
     `x ← noise + x·W` (exact, since `W` is nilpotent on a DAG), in a
-    `lax.fori_loop`.
+    `lax.fori_loop`; for a nonlinear one
+    ([`eqx_models.causal.AbstractNonlinearSCM`][]) one variable at a time in a
+    topological order, `x_j ← f_j(x) + σ_j(x)·ε_j` (or `v` where intervened).
 
     **Arguments:**
 
     - `key`: a PRNG key.
-    - `scm`: the [`eqx_models.causal.LinearGaussianSCM`][].
+    - `scm`: a [`eqx_models.causal.LinearGaussianSCM`][], or a nonlinear SCM
+        ([`eqx_models.causal.MLPSCM`][], [`eqx_models.causal.AdditiveFourierSCM`][]).
     - `intervened_node`: integer array of shape `(n,)`; `-1` for an observational
         row, else the intervened variable in `[0, d)`.
     - `intervention_value`: the value `v` of each row's intervention, shape `(n,)`
@@ -263,8 +256,9 @@ def simulate(
     **Raises:**
 
     `ValueError` if the two arrays differ in length, if the SCM's graph (its
-    adjacency and non-zero weights) has a cycle, or if a node index is `>= d`: at
-    once for concrete arrays, at run time (`eqx.error_if`) under `jit`.
+    adjacency and, for a linear model, its non-zero weights) has a cycle, or if a
+    node index is `>= d`: at once for concrete arrays, at run time
+    (`eqx.error_if`) under `jit`.
     """
     n = intervened_node.shape[0]
     if intervention_value.shape != (n,):
@@ -274,7 +268,11 @@ def simulate(
         )
     d = scm.n_vars
     # `d` sweeps solve the equations only on a DAG: that of the weights in use.
-    support = scm.adjacency | (scm.weights != 0)
+    # (The nonlinear mechanisms read only the parents the adjacency names.)
+    if isinstance(scm, AbstractNonlinearSCM):
+        support = scm.adjacency
+    else:
+        support = scm.adjacency | (scm.weights != 0)
     intervened_node = check_acyclic(
         "simulate", "scm.weights", support, guard=intervened_node
     )
@@ -295,9 +293,12 @@ def simulate(
             expected,
             f"{nodes[first].item()!r} at index {first}",
         )
-    dtype = scm.weights.dtype
+    nonlinear = isinstance(scm, AbstractNonlinearSCM)
+    dtype = scm.bias.dtype if nonlinear else scm.weights.dtype
     onehot = intervened_node[:, None] == jnp.arange(d)[None, :]
     values = jnp.broadcast_to(intervention_value.astype(dtype)[:, None], (n, d))
+    if nonlinear:
+        return simulate_nonlinear(key, scm, onehot, values)
     exogenous = scm.bias + scm.noise_scale * jr.normal(key, (n, d), dtype)
 
     def sweep(_, x):

@@ -6,11 +6,14 @@ SCM and simulation modules into one traceable draw, so batches of tasks come fro
 so a curriculum can change them between steps without recompiling.
 """
 
+import dataclasses
+
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from transforms import static_fields
 from transforms.validation import (
     check_bool,
     check_choice,
@@ -24,7 +27,20 @@ from transforms.validation import (
 
 from ._data import Channel
 from ._graphs import GRAPH_FAMILIES, sample_dag
+from ._nonlinear import (
+    AbstractNonlinearSCM,
+    NOISE_MODELS,
+    NONLINEAR_MECHANISMS,
+    sample_nonlinear_scm,
+)
 from ._scm import LinearGaussianSCM, sample_linear_gaussian_scm, simulate
+
+
+MECHANISMS = ("linear", *NONLINEAR_MECHANISMS)
+"""Mechanism families of the random tasks: `"linear"` (linear-Gaussian), `"mlp"`
+(random MLPs) and `"rff"` (random additive GP-like functions)."""
+
+LABELS = ("auto", "expert", "truth")
 
 
 class TaskConfig(eqx.Module):
@@ -47,9 +63,23 @@ class TaskConfig(eqx.Module):
         the standardised model).
     - `max_parents`: the in-degree cap of the random graphs.
     - `edges_per_node`: the Erdős–Rényi density.
-    - `standardise`: standardise the SCM to unit observational variance.
+    - `standardise`: standardise the SCM to unit observational variance (linear
+        mechanisms; nonlinear ones are always standardised, on a pilot sample).
     - `weight_range`, `explained_variance`, `noise_range`: the mechanisms' ranges
-        (see [`eqx_models.causal.sample_linear_gaussian_scm`][]).
+        (see [`eqx_models.causal.sample_linear_gaussian_scm`][]; the nonlinear
+        mechanisms use `explained_variance` too, `(0.3, 0.9)` when it is `None`).
+    - `mechanism`: the mechanism family, one of `MECHANISMS`: `"linear"` (the
+        default), `"mlp"` or `"rff"` (see
+        [`eqx_models.causal.sample_nonlinear_scm`][]).
+    - `noise`: `"gaussian"` (default) or `"heteroscedastic"` (nonlinear only).
+    - `n_hidden`: hidden units / Fourier features of the nonlinear mechanisms.
+    - `labels`: what the training batches are labelled with: `"expert"` (the exact
+        linear g-prior posterior), `"truth"` (the true parent set, see
+        `label_smoothing`) or `"auto"` (the default: the expert for linear tasks,
+        where it is the exact Bayesian answer, and the truth for nonlinear ones,
+        where its linear model is misspecified).
+    - `label_smoothing`: `ε ∈ [0, 1)`; truth labels are `(1 - ε)·δ_true + ε·uniform`
+        over the candidate sets.
 
     **Raises:**
 
@@ -72,6 +102,11 @@ class TaskConfig(eqx.Module):
         static=True, default=(0.3, 0.9)
     )
     noise_range: tuple[float, float] = eqx.field(static=True, default=(0.5, 1.5))
+    mechanism: str = eqx.field(static=True, default="linear")
+    noise: str = eqx.field(static=True, default="gaussian")
+    n_hidden: int = eqx.field(static=True, default=16)
+    labels: str = eqx.field(static=True, default="auto")
+    label_smoothing: float = eqx.field(static=True, default=0.0)
 
     def __check_init__(self):
         name = "TaskConfig"
@@ -100,6 +135,49 @@ class TaskConfig(eqx.Module):
                 high=1,
                 inclusive=(False, False),
             )
+        check_choice(name, "mechanism", self.mechanism, MECHANISMS)
+        check_choice(name, "noise", self.noise, NOISE_MODELS)
+        if self.mechanism == "linear" and self.noise != "gaussian":
+            raise fail(
+                name,
+                "noise",
+                '"gaussian" for linear mechanisms (heteroscedastic noise needs '
+                "`mechanism` 'mlp' or 'rff')",
+                repr(self.noise),
+            )
+        check_size(name, "n_hidden", self.n_hidden)
+        check_choice(name, "labels", self.labels, LABELS)
+        check_in_range(
+            name,
+            "label_smoothing",
+            self.label_smoothing,
+            low=0,
+            high=1,
+            inclusive=(True, False),
+        )
+
+    @property
+    def truth_labels(self) -> bool:
+        """Whether training batches of this config are labelled by the true parent
+        set (rather than by the exact expert)."""
+        if self.labels == "auto":
+            return self.mechanism != "linear"
+        return self.labels == "truth"
+
+
+_NEW_FIELDS = ("mechanism", "noise", "n_hidden", "labels", "label_smoothing")
+
+
+def config_record(config: TaskConfig) -> dict:
+    """The static fields of `config` as a trainer records them: the fields added
+    with the nonlinear tasks are left out at their defaults, so that checkpoints
+    written before them still resume."""
+    record = dict(static_fields(config))
+    defaults = {f.name: f.default for f in dataclasses.fields(TaskConfig)}
+    for field in _NEW_FIELDS:
+        if record[field] == defaults[field]:
+            del record[field]
+    return record
 
 
 class Task(eqx.Module):
@@ -112,7 +190,10 @@ class Task(eqx.Module):
     - `adjacency`: the true DAG, boolean `(d, d)`, `A[i, j]` iff `i → j`.
     - `target`: the target variable (integer scalar).
     - `family`: the graph family's code in `GRAPH_FAMILIES` (integer scalar).
-    - `scm`: the [`eqx_models.causal.LinearGaussianSCM`][] that generated the data.
+    - `scm`: the SCM that generated the data: a
+        [`eqx_models.causal.LinearGaussianSCM`][], or a nonlinear one for
+        `config.mechanism` `"mlp"` ([`eqx_models.causal.MLPSCM`][]) or `"rff"`
+        ([`eqx_models.causal.AdditiveFourierSCM`][]).
 
     Tasks drawn with `jax.vmap(sample_task, ...)` carry a leading batch axis on
     every field.
@@ -122,7 +203,7 @@ class Task(eqx.Module):
     adjacency: Bool[Array, "d d"]
     target: Int[Array, ""]
     family: Int[Array, ""]
-    scm: LinearGaussianSCM
+    scm: LinearGaussianSCM | AbstractNonlinearSCM
 
     @property
     def true_parents(self) -> Bool[Array, "*batch d"]:
@@ -143,7 +224,9 @@ def sample_task(
 
     The family is drawn from `family_weights` (uniform if `None`), the DAG from
     [`eqx_models.causal.sample_dag`][], the mechanisms from
-    [`eqx_models.causal.sample_linear_gaussian_scm`][]; then `round(ρN)` rows
+    [`eqx_models.causal.sample_linear_gaussian_scm`][] (or
+    [`eqx_models.causal.sample_nonlinear_scm`][] when `config.mechanism` is
+    nonlinear); then `round(ρN)` rows
     (`ρ` uniform in `config.interventional_fraction`) are interventional, each on a
     uniformly chosen variable (possibly the target) with a value drawn from
     `N(0, config.intervention_scale²)`, and the other rows observational. The
@@ -225,14 +308,24 @@ def _sample_task(key, config, family_weights) -> Task:
         max_parents=config.max_parents,
         edges_per_node=config.edges_per_node,
     )
-    scm = sample_linear_gaussian_scm(
-        k_scm,
-        adjacency,
-        weight_range=config.weight_range,
-        noise_range=config.noise_range,
-        explained_variance=config.explained_variance,
-        standardise=config.standardise,
-    )
+    if config.mechanism == "linear":
+        scm = sample_linear_gaussian_scm(
+            k_scm,
+            adjacency,
+            weight_range=config.weight_range,
+            noise_range=config.noise_range,
+            explained_variance=config.explained_variance,
+            standardise=config.standardise,
+        )
+    else:
+        scm = sample_nonlinear_scm(
+            k_scm,
+            adjacency,
+            mechanism=config.mechanism,
+            noise=config.noise,
+            n_hidden=config.n_hidden,
+            explained_variance=config.explained_variance or (0.3, 0.9),
+        )
     if config.target == "sink":
         candidates = ~jnp.any(adjacency, axis=1)
     else:

@@ -38,7 +38,7 @@ from ._curriculum import check_buckets, check_curriculum, Curriculum, TaskStream
 from ._loss import BehaviouralCloningLoss
 from ._model import ParentSetPredictionModel
 from ._optimizer import make_optimizer, with_run_length
-from ._tasks import TaskConfig
+from ._tasks import config_record, TaskConfig
 
 
 def _optimizer_record(optimizer, n_steps: int) -> Any:
@@ -202,7 +202,7 @@ def train(
     config = {
         "model": static_fields(model),
         "buckets": [
-            {**static_fields(task), "batch_size": int(size)} for task, size in buckets
+            {**config_record(task), "batch_size": int(size)} for task, size in buckets
         ],
         "curriculum": static_fields(curriculum),
         "loss": describe_config(loss),

@@ -7,6 +7,7 @@ import pytest
 
 from eqx_models.causal import (
     candidate_variables,
+    evaluate_by_mechanism,
     evaluate_surrogate,
     exact_parent_posterior,
     ParentSetPredictionModel,
@@ -31,6 +32,19 @@ def test_auroc_with_ties():
     assert np.isnan(_auroc(np.ones(3), np.zeros(3, bool)))
 
 
+def _brute_ece(scores, labels):
+    """ECE over the bins [0, .1), [.1, .2), ..., [.9, 1], by explicit grouping."""
+    groups = {}
+    for p, y in zip(scores, labels):
+        groups.setdefault(min(int(np.floor(p * 10)), 9), []).append((p, y))
+    return sum(
+        len(g)
+        / len(scores)
+        * abs(np.mean([p for p, _ in g]) - np.mean([y for _, y in g]))
+        for g in groups.values()
+    )
+
+
 def _f1(predicted, truth):
     hits = len(predicted & truth)
     total = len(predicted) + len(truth)
@@ -44,6 +58,7 @@ def test_metrics_against_direct_computation():
     tasks = jax.vmap(lambda key: sample_task(key, config))(jr.split(jr.key(1), 10))
     got = evaluate_surrogate(model, tasks, batch_size=4)
     kls, tvs, top1, f1, exact_f1, scores, exact_scores, labels = ([] for _ in range(8))
+    truth_hits, exact_truth_hits = [], []
     for i in range(10):
         data, target = tasks.data[i], int(tasks.target[i])
         log_p = np.asarray(exact_parent_posterior(data, k).log_probs, np.float64)
@@ -58,6 +73,8 @@ def test_metrics_against_direct_computation():
         ]
         truth = set(np.flatnonzero(np.asarray(tasks.adjacency[i])[:, target]).tolist())
         f1.append(_f1(sets[int(np.argmax(q))], truth))
+        truth_hits.append(sets[int(np.argmax(q))] == truth)
+        exact_truth_hits.append(sets[int(np.argmax(p))] == truth)
         exact_f1.append(_f1(sets[int(np.argmax(p))], truth))
         for v in range(d):
             if v != target:
@@ -78,9 +95,39 @@ def test_metrics_against_direct_computation():
     assert got["exact_auroc"] == pytest.approx(
         _brute_auroc(np.array(exact_scores), labels), abs=0.02
     )
+    assert got["top1_truth"] == pytest.approx(np.mean(truth_hits))
+    assert got["exact_top1_truth"] == pytest.approx(np.mean(exact_truth_hits))
+    assert got["ece"] == pytest.approx(_brute_ece(scores, labels), abs=1e-4)
+    assert got["exact_ece"] == pytest.approx(_brute_ece(exact_scores, labels), abs=1e-4)
     with pytest.raises(
         ValueError, match="evaluate_surrogate: `tasks` must be a non-empty batch"
     ):
         evaluate_surrogate(model, jax.tree.map(lambda x: x[0], tasks))
     with pytest.raises(ValueError, match="evaluate_surrogate: `max_parents`=3 differs"):
         evaluate_surrogate(model, tasks, max_parents=3)
+
+
+def test_evaluate_by_mechanism_reports_the_gains():
+    model = ParentSetPredictionModel(2, width=8, n_layers=1, n_heads=2, key=jr.key(0))
+    tasks = {
+        name: jax.vmap(lambda key, c=config: sample_task(key, c))(
+            jr.split(jr.key(2), 3)
+        )
+        for name, config in (
+            ("linear", TaskConfig(n_vars=3, n_samples=20)),
+            ("mlp", TaskConfig(n_vars=3, n_samples=20, mechanism="mlp", n_hidden=4)),
+        )
+    }
+    report = evaluate_by_mechanism(model, tasks)
+    assert set(report) == {"linear", "mlp"}
+    for metrics in report.values():
+        assert metrics["map_f1_gain"] == pytest.approx(
+            metrics["map_f1"] - metrics["exact_map_f1"]
+        )
+        assert metrics["ece_gain"] == pytest.approx(
+            metrics["exact_ece"] - metrics["ece"]
+        )
+    with pytest.raises(ValueError, match="`tasks`"):
+        evaluate_by_mechanism(model, {})
+    with pytest.raises(TypeError, match="tasks"):
+        evaluate_by_mechanism(model, [tasks["linear"]])
