@@ -32,7 +32,7 @@ from ._chain import (
     well_formed_emissions,
 )
 from ._decode import viterbi_scan
-from ._model import CHMM
+from ._model import AbstractCHMM
 from ._passes import chain_forward, chain_log_likelihood, chain_smooth
 
 
@@ -68,7 +68,7 @@ class Posteriors(NamedTuple):
 
 
 def _checked_chain(
-    fn: str, model: CHMM, x, a, emissions, method: str | None = None
+    fn: str, model: AbstractCHMM, x, a, emissions, method: str | None = None
 ) -> tuple[Chain, Checks]:
     """The preamble of every public routine: check the arguments (the run-time
     checks are collected in the returned `Checks`) and build the chain."""
@@ -83,7 +83,7 @@ def _checked_chain(
 @eqx.filter_jit
 @typechecked
 def log_likelihood(
-    model: CHMM,
+    model: AbstractCHMM,
     x: Observations,
     a: Actions,
     *,
@@ -100,7 +100,7 @@ def log_likelihood(
 
     **Arguments:**
 
-    - `model`: the `CHMM`.
+    - `model`: the `CHMM` or `SparseCHMM`.
     - `x`: the observations: integer ids of shape `(T,)` in `[0, n_obs)`, or soft
         evidence, a float array of shape `(T, n_obs)` of log-evidence per symbol
         (e.g. the log-softmax output of an encoder). With evidence, every clone of
@@ -146,7 +146,7 @@ def log_likelihood(
 @eqx.filter_jit
 @typechecked
 def forward(
-    model: CHMM,
+    model: AbstractCHMM,
     x: Observations,
     a: Actions,
     *,
@@ -181,7 +181,7 @@ def forward(
 @eqx.filter_jit
 @typechecked
 def backward(
-    model: CHMM,
+    model: AbstractCHMM,
     x: Observations,
     a: Actions,
     *,
@@ -216,7 +216,7 @@ def backward(
 @eqx.filter_jit
 @typechecked
 def posteriors(
-    model: CHMM,
+    model: AbstractCHMM,
     x: Observations,
     a: Actions,
     *,
@@ -266,7 +266,7 @@ def posteriors(
 @eqx.filter_jit
 @typechecked
 def viterbi(
-    model: CHMM,
+    model: AbstractCHMM,
     x: Observations,
     a: Actions,
     *,
