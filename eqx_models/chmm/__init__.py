@@ -21,6 +21,7 @@ from ._learning import (
     learn_emissions as learn_emissions,
     viterbi_em as viterbi_em,
 )
-from ._model import CHMM as CHMM
+from ._model import AbstractCHMM as AbstractCHMM, CHMM as CHMM
 from ._plan import Plan as Plan, plan as plan
 from ._sample import sample as sample
+from ._sparse import seen_transitions as seen_transitions, SparseCHMM as SparseCHMM

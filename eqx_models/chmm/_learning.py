@@ -37,8 +37,16 @@ from ._chain import (
     well_formed_emissions,
 )
 from ._decode import viterbi_scan
-from ._model import _normalise_rows, CHMM
+from ._model import _normalise_rows, AbstractCHMM, CHMM
 from ._passes import chain_log_likelihood, chain_smooth
+from ._sparse import (
+    check_allowed,
+    m_step,
+    path_counts,
+    SparseCHMM,
+    transitions,
+    with_transitions,
+)
 
 
 # NumPy arrays too: the trainers below check their arguments before `jit` converts
@@ -54,7 +62,7 @@ class _Batch(eqx.Module):
     lengths: Int[Array, " batch"] | None
 
 
-def _as_batch(fn: str, model: CHMM, x, a, checks: Checks) -> _Batch:
+def _as_batch(fn: str, model: AbstractCHMM, x, a, checks: Checks) -> _Batch:
     """One sequence, an equal-length batch, or lists of sequences, as a padded batch.
 
     A shorter sequence is padded by repeating its last observation with identity
@@ -124,6 +132,8 @@ def _as_batch(fn: str, model: CHMM, x, a, checks: Checks) -> _Batch:
         checks=checks,
         upper_name="n_actions",
     )
+    if isinstance(model, SparseCHMM):
+        check_allowed(fn, model, x, a, None, checks)
     return _Batch(x, a, None)
 
 
@@ -137,7 +147,7 @@ def _well_formed_batch(model, x, a) -> bool:
     if not (isinstance(x, (np.ndarray, jax.Array)) and np.ndim(x) == 2):
         return well_formed(model, x, a, allow_evidence=False)
     return (
-        isinstance(model, CHMM)
+        isinstance(model, AbstractCHMM)
         and isinstance(a, (np.ndarray, jax.Array))
         and a.shape == x.shape
         and x.shape[1] >= 1
@@ -173,8 +183,8 @@ def _map(f, batch: _Batch):
     return jax.vmap(f)(batch.x, batch.a, lengths)
 
 
-def _total_log_likelihood(T, model: CHMM, batch: _Batch, method: str):
-    model = eqx.tree_at(lambda m: m.T, model, T)
+def _total_log_likelihood(T, model: AbstractCHMM, batch: _Batch, method: str):
+    model = with_transitions(model, T)
 
     def one(x, a, length):
         return chain_log_likelihood(hard_chain(model, x, a, length), method)
@@ -182,11 +192,13 @@ def _total_log_likelihood(T, model: CHMM, batch: _Batch, method: str):
     return pairwise_sum(_map(one, batch))
 
 
-def _counts(model: CHMM, batch: _Batch, method: str):
+def _counts(model: AbstractCHMM, batch: _Batch, method: str):
     # The E-step by autodiff: lnL is multilinear in the entries of T, so
-    # T * dlnL/dT sums, over the steps, the posterior probability of each transition.
-    lnl, grad = jax.value_and_grad(_total_log_likelihood)(model.T, model, batch, method)
-    return model.T * grad, lnl
+    # T * dlnL/dT sums, over the steps, the posterior probability of each transition
+    # (for a SparseCHMM, of each entry of its blocks).
+    T = transitions(model)
+    lnl, grad = jax.value_and_grad(_total_log_likelihood)(T, model, batch, method)
+    return T * grad, lnl
 
 
 def _pseudocount(
@@ -206,7 +218,7 @@ def _pseudocount(
 @eqx.filter_jit
 @typechecked
 def expected_counts(
-    model: CHMM,
+    model: AbstractCHMM,
     x: Sequences,
     a: Sequences,
     *,
@@ -223,7 +235,7 @@ def expected_counts(
 
     **Arguments:**
 
-    - `model`: the `CHMM`.
+    - `model`: the `CHMM` or `SparseCHMM`.
     - `x`: observation ids: one sequence of shape `(T,)`, a batch of equal-length
         sequences `(batch, T)`, or a list of 1-D sequences of different lengths.
     - `a`: actions, in the same form as `x`.
@@ -248,14 +260,14 @@ def expected_counts(
 @_sequences_checked("em")
 @typechecked
 def em(
-    model: CHMM,
+    model: AbstractCHMM,
     x: Sequences,
     a: Sequences,
     *,
     n_iter: int,
     pseudocount: float | Float[Array, ""] = 0.0,
     method: str = "scan",
-) -> tuple[CHMM, Float[Array, " n_iter_plus_1"]]:
+) -> tuple[AbstractCHMM, Float[Array, " n_iter_plus_1"]]:
     """Baum-Welch (soft EM) training of the transition tensor.
 
     Each iteration computes the expected counts `C` of all sequences (summed before
@@ -269,7 +281,7 @@ def em(
 
     **Arguments:**
 
-    - `model`: the initial `CHMM` (e.g. `CHMM.random(...)`).
+    - `model`: the initial `CHMM` or `SparseCHMM` (e.g. `CHMM.random(...)`).
     - `x`, `a`: the training sequences, as for
         [`eqx_models.chmm.expected_counts`][].
     - `n_iter`: the number of EM iterations.
@@ -299,7 +311,7 @@ def em(
     """
     fn = "em"
     check_method(fn, method)
-    pseudocount = _pseudocount(fn, n_iter, pseudocount, model.T.dtype)
+    pseudocount = _pseudocount(fn, n_iter, pseudocount, model.dtype)
     return _em(model, x, a, n_iter=n_iter, pseudocount=pseudocount, method=method)
 
 
@@ -310,16 +322,16 @@ def _em(model, x, a, *, n_iter, pseudocount, method):
     batch = _as_batch(fn, model, x, a, checks)
 
     def iteration(T, _):
-        counts, lnl = _counts(eqx.tree_at(lambda m: m.T, model, T), batch, method)
-        return _normalise_rows(counts + pseudocount), lnl
+        counts, lnl = _counts(with_transitions(model, T), batch, method)
+        return m_step(model, counts, pseudocount), lnl
 
-    T, curve = lax.scan(iteration, model.T, None, length=n_iter)
+    T, curve = lax.scan(iteration, transitions(model), None, length=n_iter)
     final = _total_log_likelihood(T, model, batch, method)
-    model = eqx.tree_at(lambda m: m.T, model, T)
+    model = with_transitions(model, T)
     return checks.guard((model, jnp.concatenate([curve, final[None]])))
 
 
-def _viterbi_paths(model: CHMM, batch: _Batch):
+def _viterbi_paths(model: AbstractCHMM, batch: _Batch):
     def one(x, a, length):
         chain = hard_chain(model, x, a, length)
         path, log_prob = viterbi_scan(chain)
@@ -331,13 +343,13 @@ def _viterbi_paths(model: CHMM, batch: _Batch):
 @_sequences_checked("viterbi_em")
 @typechecked
 def viterbi_em(
-    model: CHMM,
+    model: AbstractCHMM,
     x: Sequences,
     a: Sequences,
     *,
     n_iter: int,
     pseudocount: float | Float[Array, ""] = 0.0,
-) -> tuple[CHMM, Float[Array, " n_iter_plus_1"]]:
+) -> tuple[AbstractCHMM, Float[Array, " n_iter_plus_1"]]:
     """Hard (Viterbi) EM training of the transition tensor.
 
     Each iteration decodes every sequence with [`eqx_models.chmm.viterbi`][],
@@ -348,7 +360,7 @@ def viterbi_em(
 
     **Arguments:**
 
-    - `model`: the initial `CHMM`.
+    - `model`: the initial `CHMM` or `SparseCHMM`.
     - `x`, `a`: the training sequences, as for
         [`eqx_models.chmm.expected_counts`][].
     - `n_iter`: the number of iterations.
@@ -365,7 +377,7 @@ def viterbi_em(
     As for [`eqx_models.chmm.em`][].
     """
     fn = "viterbi_em"
-    pseudocount = _pseudocount(fn, n_iter, pseudocount, model.T.dtype)
+    pseudocount = _pseudocount(fn, n_iter, pseudocount, model.dtype)
     return _viterbi_em(model, x, a, n_iter=n_iter, pseudocount=pseudocount)
 
 
@@ -374,7 +386,7 @@ def _viterbi_em(model, x, a, *, n_iter, pseudocount):
     fn = "viterbi_em"
     checks = Checks()
     batch = _as_batch(fn, model, x, a, checks)
-    n_actions, n_states = model.n_actions, model.n_states
+    n_actions = model.n_actions
     steps = batch.x.shape[1]
     if batch.lengths is None:
         in_use = jnp.ones((batch.x.shape[0], steps - 1), bool)
@@ -383,15 +395,12 @@ def _viterbi_em(model, x, a, *, n_iter, pseudocount):
     actions = jnp.where(in_use, batch.a[:, :-1], n_actions)
 
     def iteration(T, _):
-        paths, log_probs = _viterbi_paths(eqx.tree_at(lambda m: m.T, model, T), batch)
-        counts = jnp.zeros((n_actions + 1, n_states, n_states), T.dtype)
-        counts = counts.at[actions, paths[:, :-1], paths[:, 1:]].add(1)
-        return _normalise_rows(counts[:n_actions] + pseudocount), pairwise_sum(
-            log_probs
-        )
+        paths, log_probs = _viterbi_paths(with_transitions(model, T), batch)
+        counts = path_counts(model, batch.x, actions, paths)
+        return m_step(model, counts, pseudocount), pairwise_sum(log_probs)
 
-    T, curve = lax.scan(iteration, model.T, None, length=n_iter)
-    model = eqx.tree_at(lambda m: m.T, model, T)
+    T, curve = lax.scan(iteration, transitions(model), None, length=n_iter)
+    model = with_transitions(model, T)
     _, final = _viterbi_paths(model, batch)
     return checks.guard((model, jnp.concatenate([curve, pairwise_sum(final)[None]])))
 
@@ -459,7 +468,7 @@ def learn_emissions(
     """
     fn = "learn_emissions"
     check_method(fn, method)
-    pseudocount = _pseudocount(fn, n_iter, pseudocount, model.T.dtype)
+    pseudocount = _pseudocount(fn, n_iter, pseudocount, model.dtype)
     return _learn_emissions(
         model,
         x,
@@ -476,7 +485,7 @@ def _learn_emissions(model, x, a, *, n_iter, pseudocount, emissions, method):
     fn = "learn_emissions"
     checks = Checks()
     batch = _as_batch(fn, model, x, a, checks)
-    dtype = model.T.dtype
+    dtype = model.dtype
     if emissions is None:
         emissions = jax.nn.one_hot(
             jnp.asarray(model.state_symbol), model.n_obs, dtype=dtype

@@ -34,7 +34,7 @@ from transforms.validation import (
     typechecked,
 )
 
-from ._model import _as_clone_counts, AbstractCHMM, CHMM, clone_table
+from ._model import _as_clone_counts, _normalise_rows, AbstractCHMM, CHMM, clone_table
 
 
 def _as_keys(fn: str, arg: str, keys, n_actions: int, n_obs: int) -> np.ndarray:
@@ -495,3 +495,69 @@ def check_allowed(
             "the SparseCHMM",
             f"{step} at {where_text}",
         )
+
+
+def transitions(model: AbstractCHMM) -> Array:
+    """The learned array of a model: `T` of a `CHMM`, `blocks` of a `SparseCHMM`."""
+    return model.blocks if isinstance(model, SparseCHMM) else model.T  # pyright: ignore
+
+
+def with_transitions(model: AbstractCHMM, values: Array) -> AbstractCHMM:
+    """`model` with its learned array (see `transitions`) replaced."""
+    return eqx.tree_at(transitions, model, values)
+
+
+def m_step(model: AbstractCHMM, counts: Array, pseudocount: Array) -> Array:
+    """`(counts + pseudocount)` normalised over each row of `T`.
+
+    For a `SparseCHMM` the pseudocount goes to the allowed transitions only (the
+    padding stays zero): with every block allowed this is the dense M-step; with
+    fewer, a transition outside the blocks keeps probability zero.
+    """
+    if isinstance(model, SparseCHMM):
+        smoothed = jnp.where(model.mask, counts + pseudocount, 0)
+        return normalise_blocks(smoothed, model.keys, model.n_actions, model.n_obs)
+    assert isinstance(model, CHMM)
+    return _normalise_rows(counts + pseudocount)
+
+
+def path_counts(
+    model: AbstractCHMM,
+    x: Int[Array, "batch T"],
+    actions: Int[Array, "batch T_minus_1"],
+    paths: Int[Array, "batch T"],
+) -> Array:
+    """Transition counts of decoded state paths, in the layout of `transitions`;
+    `actions` is `n_actions` at padding steps, which count nothing."""
+    dtype = model.dtype
+    if isinstance(model, SparseCHMM):
+        width = max(model.n_clones)
+        loc = jnp.asarray(model.state_loc[:-1], jnp.int32)
+        local = paths - loc[x]
+        padding = actions >= model.n_actions
+        block = model.index[jnp.where(padding, 0, actions), x[:, :-1], x[:, 1:]]
+        block = jnp.where(padding | (block < 0), model.n_blocks, block)
+        counts = jnp.zeros((model.n_blocks + 1, width, width), dtype)
+        counts = counts.at[block, local[:, :-1], local[:, 1:]].add(1)
+        return counts[: model.n_blocks]
+    n_actions, n_states = model.n_actions, model.n_states
+    counts = jnp.zeros((n_actions + 1, n_states, n_states), dtype)
+    counts = counts.at[actions, paths[:, :-1], paths[:, 1:]].add(1)
+    return counts[:n_actions]
+
+
+def transition_row(
+    model: AbstractCHMM, action: Int[Array, ""], state: Int[Array, ""]
+) -> Float[Array, " N"]:
+    """`T[action, state, :]`, read from the blocks of a `SparseCHMM` (O(N) work)."""
+    if isinstance(model, CHMM):
+        return model.T[action, state]
+    assert isinstance(model, SparseCHMM)
+    width = max(model.n_clones)
+    symbol = jnp.asarray(model.state_symbol, jnp.int32)
+    local = jnp.arange(model.n_states) - jnp.asarray(model.state_loc[:-1])[symbol]
+    block = model.index[action, symbol[state]]
+    block = jnp.where(block < 0, model.n_blocks, block)
+    padded = jnp.concatenate([model.blocks, jnp.zeros((1, width, width), model.dtype)])
+    rows = padded[block, local[state]]
+    return rows[symbol, local]
