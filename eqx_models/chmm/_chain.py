@@ -240,7 +240,7 @@ def well_formed(model, x, a, *, allow_evidence: bool = True) -> bool:
     )
 
 
-def well_formed_emissions(model: CHMM, emissions) -> bool:
+def well_formed_emissions(model: AbstractCHMM, emissions) -> bool:
     """Whether `emissions` is a floating `(N, n_obs)` array (see `well_formed`)."""
     return (
         _is_array(emissions)

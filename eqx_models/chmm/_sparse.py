@@ -497,8 +497,10 @@ def check_allowed(
         )
 
 
-def transitions(model: AbstractCHMM) -> Array:
-    """The learned array of a model: `T` of a `CHMM`, `blocks` of a `SparseCHMM`."""
+def transitions(model):
+    """The learned array of a model: `T` of a `CHMM`, `blocks` of a `SparseCHMM`.
+
+    Unannotated: `eqx.tree_at` calls it on a model whose leaves are wrappers."""
     return model.blocks if isinstance(model, SparseCHMM) else model.T  # pyright: ignore
 
 
