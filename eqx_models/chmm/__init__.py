@@ -25,3 +25,9 @@ from ._model import AbstractCHMM as AbstractCHMM, CHMM as CHMM
 from ._plan import Plan as Plan, plan as plan
 from ._sample import sample as sample
 from ._sparse import seen_transitions as seen_transitions, SparseCHMM as SparseCHMM
+from ._streaming import (
+    default_step_size as default_step_size,
+    online_em as online_em,
+    streaming_em as streaming_em,
+    streaming_expected_counts as streaming_expected_counts,
+)

@@ -456,9 +456,9 @@ def seen_transitions(
 def check_allowed(
     fn: str,
     model: SparseCHMM,
-    x: Int[Array, "*batch T"],
-    a: Int[Array, "*batch T"],
-    where: Bool[Array, "*batch T_minus_1"] | None,
+    x: Int[ArrayLike, "*batch T"],
+    a: Int[ArrayLike, "*batch T"],
+    where: Bool[ArrayLike, "*batch T_minus_1"] | None,
     checks,
 ) -> None:
     """Refuse a step `x[t] -> x[t+1]` under `a[t]` outside the allowed blocks,
