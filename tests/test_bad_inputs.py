@@ -868,6 +868,56 @@ def _chmm_cases():
             lambda n: chmm.bits_per_step(-3.0, n),
         ),
     ]
+    sparse = chmm.SparseCHMM.from_dense(model, chmm.seen_transitions(x, a))
+    blocks0, keys0 = np.asarray(sparse.blocks), np.asarray(sparse.keys)
+    # Each uses a triple (a[t], x[t], x[t+1]) that `x` and `a` never use.
+    disallowed = [np.array(v, np.int32) for v in ([1, 1, 0, 0, 1], [0, 0, 0, 0, 1])]
+    cases += [
+        Case(
+            "chmm.SparseCHMM",
+            "blocks",
+            unnormalised(blocks0),
+            lambda b: chmm.SparseCHMM((2, 1), b, keys0, 2),
+        ),
+        Case(
+            "chmm.SparseCHMM",
+            "keys",
+            bad_ids(keys0, 2),
+            lambda k: chmm.SparseCHMM((2, 1), blocks0, np.asarray(k), 2),
+        ),
+        Case(
+            "chmm.log_likelihood",
+            "x",
+            st.sampled_from(disallowed).map(jnp.asarray),
+            lambda bad: chmm.log_likelihood(sparse, bad, jnp.asarray(a)),
+        ),
+        Case(
+            "chmm.seen_transitions",
+            "x",
+            st.tuples(st.integers(0, 4), st.integers(-100, -1)).map(
+                lambda p: np.where(np.arange(5) == p[0], p[1], x)
+            ),
+            lambda bad: chmm.seen_transitions(bad, a),
+        ),
+        Case(
+            "chmm.streaming_expected_counts",
+            "chunk_size",
+            bad_size(),
+            lambda n: chmm.streaming_expected_counts(model, x, a, chunk_size=n),
+        ),
+        Case(
+            "chmm.streaming_em",
+            "chunk_size",
+            bad_size(),
+            lambda n: chmm.streaming_em(model, x, a, n_iter=1, chunk_size=n),
+        ),
+        Case(
+            "chmm.online_em",
+            "step_size",
+            st.sampled_from([0.5, "fast", None]),
+            lambda f: chmm.online_em(model, x, a, chunk_size=2, step_size=f),
+        ),
+    ]
     return cases
 
 
@@ -1647,7 +1697,7 @@ _FAMILIES = {
 # need models), this only fixes the parametrisation.
 _N_CASES = {
     "transforms": 76,
-    "chmm": 24,
+    "chmm": 31,
     "tidhy": 30,
     "causal": 26,
     "multimodal": 33,
@@ -1804,6 +1854,9 @@ NO_USER_VALUES = {
     "transforms.injected_learning_rate": "reads any optimiser state (None without "
     "an injected rate)",
     "chmm.Plan": _RETURNED,
+    "chmm.AbstractCHMM": "an abstract base class; CHMM and SparseCHMM have cases",
+    "chmm.default_step_size": "a default schedule of an update count; online_em "
+    "checks the step sizes it is given (its `step_size` case)",
     "chmm.Posteriors": _RETURNED,
     "tidhy.GradNormState": _RETURNED,
     "tidhy.InferenceStats": _RETURNED,
