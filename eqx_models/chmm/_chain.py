@@ -214,6 +214,19 @@ def slot_states(chain: Chain, index: Int[Array, " T"]) -> Int[Array, " T"]:
     return jnp.take_along_axis(chain.slots, index[:, None], axis=1)[:, 0]
 
 
+def _repad(x, a, length):
+    """A sequence padded past `length`: `x` repeats its last real observation and
+    `a` is zero from `a[length - 1]` on (unused), so that whatever the padding held
+    (even ids out of range) passes the checks and the padded steps are identities."""
+    x, a = jnp.asarray(x), jnp.asarray(a)
+    t = jnp.arange(x.shape[0])
+    inside = t < length
+    if x.ndim == 2:
+        inside = inside[:, None]
+    x = jnp.where(inside, x, x[jnp.asarray(length) - 1])
+    return x, jnp.where(t < length - 1, a, jnp.zeros((), a.dtype))
+
+
 def _is_array(v) -> bool:
     return isinstance(v, (np.ndarray, jax.Array))
 
@@ -258,6 +271,7 @@ def check_inputs(
     *,
     checks: Checks,
     allow_evidence: bool = True,
+    length=None,
 ) -> tuple[Array, Array, Array | None]:
     """Trace-time shape/dtype checks of `(x, a, emissions)`; their value checks
     (ids and actions in range, finite evidence) are added to `checks`.
@@ -334,7 +348,9 @@ def check_inputs(
         upper_name="n_actions",
     )
     if isinstance(model, SparseCHMM):
-        check_allowed(fn, model, x, a, None, checks)
+        # Padding steps (from `length` on) are identities, never looked up.
+        steps = None if length is None else jnp.arange(x.shape[0] - 1) < length - 1
+        check_allowed(fn, model, x, a, steps, checks)
     if emissions is not None:
         emissions = check_emissions(fn, model, emissions, checks)
     return x, a, emissions

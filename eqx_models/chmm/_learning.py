@@ -26,6 +26,7 @@ from transforms.validation import (
 )
 
 from ._chain import (
+    _repad,
     check_emissions,
     check_inputs,
     check_method,
@@ -53,6 +54,7 @@ from ._sparse import (
 # them (so that the pseudocount can be an array, traced, not a static float).
 _Ids = Array | np.ndarray
 Sequences = Int[_Ids, " T"] | Int[_Ids, "batch T"] | Sequence[Int[_Ids, " _"]]
+Lengths = Int[_Ids, " batch"] | None
 
 
 class _Batch(eqx.Module):
@@ -62,13 +64,20 @@ class _Batch(eqx.Module):
     lengths: Int[Array, " batch"] | None
 
 
-def _as_batch(fn: str, model: AbstractCHMM, x, a, checks: Checks) -> _Batch:
+def _as_batch(
+    fn: str, model: AbstractCHMM, x, a, checks: Checks, lengths=None
+) -> _Batch:
     """One sequence, an equal-length batch, or lists of sequences, as a padded batch.
 
     A shorter sequence is padded by repeating its last observation with identity
     steps (see `Chain`), so it contributes nothing beyond its length.
     """
     if isinstance(x, (list, tuple)) or isinstance(a, (list, tuple)):
+        if lengths is not None:
+            raise TypeError(
+                f"{fn}: `lengths` goes with a padded array of sequences; lists carry "
+                "their own lengths."
+            )
         if not isinstance(x, (list, tuple)) or not isinstance(a, (list, tuple)):
             raise TypeError(
                 f"{fn}: give `x` and `a` both as lists of sequences, or both as arrays."
@@ -108,6 +117,22 @@ def _as_batch(fn: str, model: AbstractCHMM, x, a, checks: Checks) -> _Batch:
             jnp.asarray(lengths, jnp.int32),
         )
     x, a = jnp.asarray(x), jnp.asarray(a)
+    if lengths is not None:
+        if x.ndim != 2 or a.shape != x.shape:
+            raise ValueError(
+                f"{fn}: `lengths` goes with a padded `(batch, T)` array of sequences; "
+                f"got `x` of shape {x.shape} and `a` of shape {a.shape}."
+            )
+        lengths = jnp.asarray(lengths)
+        if lengths.shape != x.shape[:1]:
+            raise ValueError(
+                f"{fn}: `lengths` must have shape (batch,) = ({x.shape[0]},), got "
+                f"{lengths.shape}."
+            )
+        lengths = check_ids(
+            fn, "lengths", lengths, x.shape[1] + 1, low=1, checks=checks
+        )
+        x, a = jax.vmap(_repad)(x, a, lengths)
     if x.ndim == 1:
         x, a, _ = check_inputs(fn, model, x, a, checks=checks, allow_evidence=False)
         return _Batch(x[None], a[None], None)
@@ -133,8 +158,11 @@ def _as_batch(fn: str, model: AbstractCHMM, x, a, checks: Checks) -> _Batch:
         upper_name="n_actions",
     )
     if isinstance(model, SparseCHMM):
-        check_allowed(fn, model, x, a, None, checks)
-    return _Batch(x, a, None)
+        steps = None
+        if lengths is not None:
+            steps = jnp.arange(x.shape[1] - 1)[None, :] < lengths[:, None] - 1
+        check_allowed(fn, model, x, a, steps, checks)
+    return _Batch(x, a, None if lengths is None else lengths.astype(jnp.int32))
 
 
 def _well_formed_batch(model, x, a) -> bool:
@@ -159,11 +187,11 @@ def _sequences_checked(fn: str):
     """The eager precheck of an entry point taking `(model, x, a, ...)` sequences
     (and, for `learn_emissions`, `emissions`)."""
 
-    def precheck(model, x, a, *args, emissions=None, **kwargs):
+    def precheck(model, x, a, *args, emissions=None, lengths=None, **kwargs):
         if not _well_formed_batch(model, x, a):
             return
         checks = Checks()
-        _as_batch(fn, model, x, a, checks)
+        _as_batch(fn, model, x, a, checks, lengths)
         if emissions is not None and well_formed_emissions(model, emissions):
             check_emissions(fn, model, emissions, checks)
 
@@ -223,7 +251,8 @@ def expected_counts(
     a: Sequences,
     *,
     method: str = "scan",
-) -> tuple[Float[Array, "n_actions n_states n_states"], Float[Array, ""]]:
+    lengths: Lengths = None,
+) -> tuple[Float[Array, "..."], Float[Array, ""]]:
     """Expected transition counts (the E-step of Baum-Welch).
 
     `counts[u, i, j] = sum_t p(z[t] = i, z[t+1] = j | x, a)` over the steps with
@@ -240,21 +269,28 @@ def expected_counts(
         sequences `(batch, T)`, or a list of 1-D sequences of different lengths.
     - `a`: actions, in the same form as `x`.
     - `method`: `"scan"` or `"parallel"`.
+    - `lengths`: with `(batch, T)` arrays, the number of real steps of each padded
+        sequence, shape `(batch,)` (a mask that compiles once per padded shape):
+        steps from `lengths[i]` on are ignored whatever they hold, and the results
+        equal those of the list of truncated sequences. All `T` if omitted.
 
     **Returns:**
 
-    A tuple `(counts, log_likelihood)`: counts of shape `(n_actions, N, N)` and the
-    total log-likelihood of the sequences.
+    A tuple `(counts, log_likelihood)`: counts of shape `(n_actions, N, N)` (for a
+    `SparseCHMM`, in the layout of its blocks, `(n_blocks, M, M)`) and the total
+    log-likelihood of the sequences.
 
     **Raises:**
 
     As for [`eqx_models.chmm.log_likelihood`][]; `ValueError` for lists of
-    different numbers of sequences.
+    different numbers of sequences, or `lengths` of the wrong shape or outside
+    `[1, T]`; `TypeError` for `lengths` with lists.
     """
     fn = "expected_counts"
     check_method(fn, method)
     checks = Checks()
-    return checks.guard(_counts(model, _as_batch(fn, model, x, a, checks), method))
+    batch = _as_batch(fn, model, x, a, checks, lengths)
+    return checks.guard(_counts(model, batch, method))
 
 
 @_sequences_checked("em")
@@ -267,6 +303,7 @@ def em(
     n_iter: int,
     pseudocount: float | Float[Array, ""] = 0.0,
     method: str = "scan",
+    lengths: Lengths = None,
 ) -> tuple[AbstractCHMM, Float[Array, " n_iter_plus_1"]]:
     """Baum-Welch (soft EM) training of the transition tensor.
 
@@ -284,6 +321,7 @@ def em(
     - `model`: the initial `CHMM` or `SparseCHMM` (e.g. `CHMM.random(...)`).
     - `x`, `a`: the training sequences, as for
         [`eqx_models.chmm.expected_counts`][].
+    - `lengths`: as for [`eqx_models.chmm.expected_counts`][].
     - `n_iter`: the number of EM iterations.
     - `pseudocount`: a non-negative count added to every transition.
     - `method`: `"scan"` or `"parallel"` for the E-step.
@@ -312,14 +350,22 @@ def em(
     fn = "em"
     check_method(fn, method)
     pseudocount = _pseudocount(fn, n_iter, pseudocount, model.dtype)
-    return _em(model, x, a, n_iter=n_iter, pseudocount=pseudocount, method=method)
+    return _em(
+        model,
+        x,
+        a,
+        n_iter=n_iter,
+        pseudocount=pseudocount,
+        method=method,
+        lengths=lengths,
+    )
 
 
 @eqx.filter_jit
-def _em(model, x, a, *, n_iter, pseudocount, method):
+def _em(model, x, a, *, n_iter, pseudocount, method, lengths):
     fn = "em"
     checks = Checks()
-    batch = _as_batch(fn, model, x, a, checks)
+    batch = _as_batch(fn, model, x, a, checks, lengths)
 
     def iteration(T, _):
         counts, lnl = _counts(with_transitions(model, T), batch, method)
@@ -349,6 +395,7 @@ def viterbi_em(
     *,
     n_iter: int,
     pseudocount: float | Float[Array, ""] = 0.0,
+    lengths: Lengths = None,
 ) -> tuple[AbstractCHMM, Float[Array, " n_iter_plus_1"]]:
     """Hard (Viterbi) EM training of the transition tensor.
 
@@ -363,6 +410,7 @@ def viterbi_em(
     - `model`: the initial `CHMM` or `SparseCHMM`.
     - `x`, `a`: the training sequences, as for
         [`eqx_models.chmm.expected_counts`][].
+    - `lengths`: as for [`eqx_models.chmm.expected_counts`][].
     - `n_iter`: the number of iterations.
     - `pseudocount`: a non-negative count added to every transition.
 
@@ -378,14 +426,16 @@ def viterbi_em(
     """
     fn = "viterbi_em"
     pseudocount = _pseudocount(fn, n_iter, pseudocount, model.dtype)
-    return _viterbi_em(model, x, a, n_iter=n_iter, pseudocount=pseudocount)
+    return _viterbi_em(
+        model, x, a, n_iter=n_iter, pseudocount=pseudocount, lengths=lengths
+    )
 
 
 @eqx.filter_jit
-def _viterbi_em(model, x, a, *, n_iter, pseudocount):
+def _viterbi_em(model, x, a, *, n_iter, pseudocount, lengths):
     fn = "viterbi_em"
     checks = Checks()
-    batch = _as_batch(fn, model, x, a, checks)
+    batch = _as_batch(fn, model, x, a, checks, lengths)
     n_actions = model.n_actions
     steps = batch.x.shape[1]
     if batch.lengths is None:
@@ -432,6 +482,7 @@ def learn_emissions(
     pseudocount: float | Float[Array, ""] = 1e-20,
     emissions: Float[Array, "n_states n_obs"] | None = None,
     method: str = "scan",
+    lengths: Lengths = None,
 ) -> tuple[Float[Array, "n_states n_obs"], Float[Array, " n_iter_plus_1"]]:
     """Learn a clone-to-symbol emission matrix by EM with the transitions fixed.
 
@@ -448,6 +499,7 @@ def learn_emissions(
 
     - `model`: a trained `CHMM` (its `T` and `Pi` are kept).
     - `x`, `a`: the sequences, as for [`eqx_models.chmm.expected_counts`][].
+    - `lengths`: as for [`eqx_models.chmm.expected_counts`][].
     - `n_iter`: the number of EM iterations.
     - `pseudocount`: added to every emission count; the default, a tiny positive
         value, lets a clone take up a symbol it never emitted.
@@ -477,14 +529,15 @@ def learn_emissions(
         pseudocount=pseudocount,
         emissions=emissions,
         method=method,
+        lengths=lengths,
     )
 
 
 @eqx.filter_jit
-def _learn_emissions(model, x, a, *, n_iter, pseudocount, emissions, method):
+def _learn_emissions(model, x, a, *, n_iter, pseudocount, emissions, method, lengths):
     fn = "learn_emissions"
     checks = Checks()
-    batch = _as_batch(fn, model, x, a, checks)
+    batch = _as_batch(fn, model, x, a, checks, lengths)
     dtype = model.dtype
     if emissions is None:
         emissions = jax.nn.one_hot(
