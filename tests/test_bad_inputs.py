@@ -912,6 +912,24 @@ def _chmm_cases():
             lambda n: chmm.streaming_em(model, x, a, n_iter=1, chunk_size=n),
         ),
         Case(
+            "chmm.posteriors",
+            "length",
+            st.integers(-100, 0) | st.integers(6, 100),
+            lambda n: chmm.posteriors(model, jnp.asarray(x), jnp.asarray(a), length=n),
+        ),
+        Case(
+            "chmm.em",
+            "lengths",
+            st.integers(-100, 0).map(lambda n: jnp.asarray([5, n], jnp.int32)),
+            lambda n: chmm.em(
+                model,
+                jnp.stack([jnp.asarray(x)] * 2),
+                jnp.stack([jnp.asarray(a)] * 2),
+                n_iter=1,
+                lengths=n,
+            ),
+        ),
+        Case(
             "chmm.online_em",
             "step_size",
             st.sampled_from([0.5, "fast", None]),
@@ -1697,7 +1715,7 @@ _FAMILIES = {
 # need models), this only fixes the parametrisation.
 _N_CASES = {
     "transforms": 76,
-    "chmm": 31,
+    "chmm": 33,
     "tidhy": 30,
     "causal": 26,
     "multimodal": 33,
