@@ -6,6 +6,12 @@ from ._gridworld import (
     random_room as random_room,
     room_walk as room_walk,
 )
+from ._hierarchy import (
+    clone_communities as clone_communities,
+    community_graph as community_graph,
+    hierarchical_plan as hierarchical_plan,
+    HierarchicalPlan as HierarchicalPlan,
+)
 from ._inference import (
     backward as backward,
     bits_per_step as bits_per_step,

@@ -61,22 +61,28 @@ def _precheck(model, start, goal, *, max_steps=None, start_is="state"):
             check_ids("plan", arg, value, bound, upper_name=name)
 
 
+def dense_relax(T: Float[Array, "n_actions S S"]):
+    """The step of `_relax` for a dense `(n_actions, S, S)` tensor."""
+    n_actions, n_states = T.shape[0], T.shape[1]
+    # Rows (action, state), flattened so that argmax breaks ties by action first.
+    log_T = safe_log(T).reshape(n_actions * n_states, n_states)
+
+    def dense(score):
+        candidates = jnp.tile(score, n_actions)[:, None] + log_T
+        pointer = jnp.argmax(candidates, axis=0).astype(jnp.int32)
+        return candidates.max(axis=0), pointer
+
+    return dense
+
+
 def _relax(model: AbstractCHMM):
     """One step of the max-product search: from the best log-probability of each
     state, that of each state one step later and its pointer, the `(action, state)`
     it came from as `action * N + state` (ties to the lowest pointer: action first,
     then state)."""
-    n_actions, n_states = model.n_actions, model.n_states
+    n_states = model.n_states
     if not isinstance(model, SparseCHMM):
-        # Rows (action, state), flattened so that argmax breaks ties by action first.
-        log_T = safe_log(model.T).reshape(n_actions * n_states, n_states)
-
-        def dense(score):
-            candidates = jnp.tile(score, n_actions)[:, None] + log_T
-            pointer = jnp.argmax(candidates, axis=0).astype(jnp.int32)
-            return candidates.max(axis=0), pointer
-
-        return dense
+        return dense_relax(model.T)  # pyright: ignore
     # The same search on the blocks: the best row within each block (the lowest
     # clone on ties), then the best block into each symbol (the lowest pointer on
     # ties), so the plan is the dense one. Work per step: n_blocks * M^2.
@@ -104,6 +110,47 @@ def _relax(model: AbstractCHMM):
         return top.reshape(-1)[flat], pointer.reshape(-1)[flat]
 
     return sparse
+
+
+def search(
+    relax, begin: Array, goal: Array, max_steps: int, n_states: int, dtype
+) -> tuple[Plan, Array]:
+    """The max-product search of `plan` from the states in `begin` (a boolean mask)
+    to `goal`, with the step `relax` (see `_relax`): the plan and whether the goal
+    was reached within `max_steps`."""
+    score0 = jnp.where(begin, jnp.zeros((), dtype), -jnp.inf)
+
+    def step(score, _):
+        score, pointer = relax(score)
+        top = jnp.max(score)
+        top = jnp.where(jnp.isfinite(top), top, 0)
+        score = score - top
+        return score, (pointer, top, score[goal])
+
+    _, (pointers, tops, at_goal) = lax.scan(step, score0, None, length=max_steps)
+    reached = jnp.isfinite(jnp.concatenate([score0[goal][None], at_goal]))
+    length = jnp.argmax(reached).astype(jnp.int32)
+    counted = jnp.arange(1, max_steps + 1) <= length
+    log_prob = (
+        pairwise_sum(jnp.where(counted, tops, 0))
+        + jnp.concatenate([jnp.zeros((1,), tops.dtype), at_goal])[length]
+    )
+
+    def back(state, inputs):
+        s, pointer = inputs
+        row = pointer[state]
+        active = s <= length
+        action = jnp.where(active, row // n_states, -1)
+        previous = jnp.where(active, row % n_states, state)
+        return previous, (action, jnp.where(s <= length, state, -1))
+
+    steps = jnp.arange(1, max_steps + 1)
+    first, (actions, states) = lax.scan(back, goal, (steps, pointers), reverse=True)
+    states = jnp.concatenate([jnp.reshape(first, (1,)), states])
+    return (
+        Plan(actions=actions, states=states, length=length, log_prob=log_prob),
+        jnp.any(reached),
+    )
 
 
 @checked_eagerly(_precheck)
@@ -168,41 +215,12 @@ def plan(
         begin = jnp.arange(n_states) == start
     else:
         begin = jnp.asarray(model.state_symbol) == start
-    score0 = jnp.where(begin, jnp.zeros((), model.dtype), -jnp.inf)
-    relax = _relax(model)
-
-    def step(score, _):
-        score, pointer = relax(score)
-        top = jnp.max(score)
-        top = jnp.where(jnp.isfinite(top), top, 0)
-        score = score - top
-        return score, (pointer, top, score[goal])
-
-    _, (pointers, tops, at_goal) = lax.scan(step, score0, None, length=max_steps)
-    reached = jnp.isfinite(jnp.concatenate([score0[goal][None], at_goal]))
-    length = jnp.argmax(reached).astype(jnp.int32)
+    route, reached = search(
+        _relax(model), begin, goal, max_steps, n_states, model.dtype
+    )
     checks.add(
-        ~jnp.any(reached),
+        ~reached,
         f"{fn}: the goal cannot be reached from the start within max_steps="
         f"{max_steps} steps (no path of positive probability).",
     )
-    counted = jnp.arange(1, max_steps + 1) <= length
-    log_prob = (
-        pairwise_sum(jnp.where(counted, tops, 0))
-        + jnp.concatenate([jnp.zeros((1,), tops.dtype), at_goal])[length]
-    )
-
-    def back(state, inputs):
-        s, pointer = inputs
-        row = pointer[state]
-        active = s <= length
-        action = jnp.where(active, row // n_states, -1)
-        previous = jnp.where(active, row % n_states, state)
-        return previous, (action, jnp.where(s <= length, state, -1))
-
-    steps = jnp.arange(1, max_steps + 1)
-    first, (actions, states) = lax.scan(back, goal, (steps, pointers), reverse=True)
-    states = jnp.concatenate([jnp.reshape(first, (1,)), states])
-    return checks.guard(
-        Plan(actions=actions, states=states, length=length, log_prob=log_prob)
-    )
+    return checks.guard(route)
