@@ -930,6 +930,24 @@ def _chmm_cases():
             ),
         ),
         Case(
+            "chmm.hierarchical_plan",
+            "communities",
+            st.sampled_from([np.zeros(2, np.int32), np.array([0, 1, -1], np.int32)]),
+            lambda c: chmm.hierarchical_plan(model, 0, 1, communities=c, max_steps=3),
+        ),
+        Case(
+            "chmm.community_graph",
+            "communities",
+            bad_ids(np.array([0, 0, 1], np.int32), 3),
+            lambda c: chmm.community_graph(model, c),
+        ),
+        Case(
+            "chmm.clone_communities",
+            "resolution",
+            bad_real(low=0, inclusive=(False, True)),
+            lambda r: chmm.clone_communities(model, resolution=r),
+        ),
+        Case(
             "chmm.online_em",
             "step_size",
             st.sampled_from([0.5, "fast", None]),
@@ -1715,7 +1733,7 @@ _FAMILIES = {
 # need models), this only fixes the parametrisation.
 _N_CASES = {
     "transforms": 76,
-    "chmm": 33,
+    "chmm": 36,
     "tidhy": 30,
     "causal": 26,
     "multimodal": 33,
@@ -1872,6 +1890,7 @@ NO_USER_VALUES = {
     "transforms.injected_learning_rate": "reads any optimiser state (None without "
     "an injected rate)",
     "chmm.Plan": _RETURNED,
+    "chmm.HierarchicalPlan": _RETURNED,
     "chmm.AbstractCHMM": "an abstract base class; CHMM and SparseCHMM have cases",
     "chmm.default_step_size": "a default schedule of an update count; online_em "
     "checks the step sizes it is given (its `step_size` case)",
