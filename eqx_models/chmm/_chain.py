@@ -195,6 +195,8 @@ def make_chain(
 ) -> Chain:
     if emissions is None and jnp.issubdtype(x.dtype, jnp.integer):
         return hard_chain(model, x, a, length)
+    # Soft evidence and emissions: `check_inputs` admits only a dense model here.
+    assert isinstance(model, CHMM)
     return dense_chain(model, state_log_weights(model, x, emissions), a, length)
 
 
@@ -352,6 +354,7 @@ def check_inputs(
         steps = None if length is None else jnp.arange(x.shape[0] - 1) < length - 1
         check_allowed(fn, model, x, a, steps, checks)
     if emissions is not None:
+        assert isinstance(model, CHMM)
         emissions = check_emissions(fn, model, emissions, checks)
     return x, a, emissions
 

@@ -113,7 +113,7 @@ def _relax(model: AbstractCHMM):
 
 
 def search(
-    relax, begin: Array, goal: Array, max_steps: int, n_states: int, dtype
+    relax, begin: Array, goal: Array | int, max_steps: int, n_states: int, dtype
 ) -> tuple[Plan, Array]:
     """The max-product search of `plan` from the states in `begin` (a boolean mask)
     to `goal`, with the step `relax` (see `_relax`): the plan and whether the goal

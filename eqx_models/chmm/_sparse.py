@@ -420,14 +420,18 @@ def seen_transitions(
         raise TypeError(
             f"{fn}: give `x` and `a` both as lists of sequences, or both as arrays."
         )
-    if not isinstance(x, (list, tuple)):
-        x, a = np.asarray(x), np.asarray(a)
-        if x.ndim == 1:
-            x, a = [x], [a]
-    if len(x) != len(a):
-        raise fail(fn, "a", f"{len(x)} sequences (as `x`)", f"{len(a)}")
+    xs: list
+    acts: list
+    if isinstance(x, (list, tuple)) and isinstance(a, (list, tuple)):
+        xs, acts = list(x), list(a)
+    else:
+        xs, acts = [np.asarray(x)], [np.asarray(a)]
+        if xs[0].ndim == 2:
+            xs, acts = list(xs[0]), list(acts[0])
+    if len(xs) != len(acts):
+        raise fail(fn, "a", f"{len(xs)} sequences (as `x`)", f"{len(acts)}")
     triples = []
-    for i, (xi, ai) in enumerate(zip(x, a)):
+    for i, (xi, ai) in enumerate(zip(xs, acts)):
         if is_traced(xi) or is_traced(ai):
             raise TypeError(f"{fn}: `x` and `a` must be concrete arrays.")
         xi, ai = np.asarray(xi), np.asarray(ai)
@@ -463,9 +467,10 @@ def check_allowed(
 ) -> None:
     """Refuse a step `x[t] -> x[t+1]` under `a[t]` outside the allowed blocks,
     naming its position: at once for concrete arrays, else through `checks`."""
-    if x.shape[-1] < 2:
+    if np.shape(x)[-1] < 2:
         return
     if is_traced(x) or is_traced(a) or is_traced(where) or is_traced(model.index):
+        x, a = jnp.asarray(x), jnp.asarray(a)
         block = model.index[a[..., :-1], x[..., :-1], x[..., 1:]]
         bad = block < 0 if where is None else (block < 0) & where
         checks.add(
