@@ -28,6 +28,15 @@ one) with the scan, the parallel strategy and the dynamax peer (workload
 `length sweep/forward`), and merges those rows into the existing result file (rows of
 a length measured again are replaced, the rest kept), so run the full benchmark
 first.
+
+With `--scale`, only the rows of issue 22 (merged into the result file the same
+way): a `SparseCHMM` of 100 symbols x 100 clones (N = 10 000), 4 actions, each
+symbol allowed 10 successors per action (4 000 blocks), on one sequence of
+T = 1 000 000 drawn by a random walk over the allowed triples: the model's memory
+against the dense tensor's, the log-likelihood (scan and parallel), and one
+streaming EM iteration (`streaming_em`, chunks of 10 000 steps) with the device's
+peak memory. `--scale-size tiny` (the default on a CPU) runs the same rows on
+10 x 10 clones, T = 10 000, in seconds.
 """
 
 import argparse
@@ -37,9 +46,17 @@ import time
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from _harness import Results, time_jax
+import numpy as np
+from _harness import peak_device_bytes, Results, time_callable, time_jax
 
-from eqx_models.chmm import CHMM, expected_counts, log_likelihood, posteriors
+from eqx_models.chmm import (
+    CHMM,
+    expected_counts,
+    log_likelihood,
+    posteriors,
+    SparseCHMM,
+    streaming_em,
+)
 from eqx_models.chmm._parallel import block_shape
 
 
@@ -216,6 +233,17 @@ def main(argv=None):
     parser.add_argument(
         "--results-dir", default=None, help="where to write (default: results/)"
     )
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="only the SparseCHMM scale rows (issue 22), merged into the file",
+    )
+    parser.add_argument(
+        "--scale-size",
+        choices=list(SCALE),
+        default=None,
+        help="the scale workload (default: tiny on a CPU, full elsewhere)",
+    )
     args = parser.parse_args(argv)
     platform = jax.devices()[0].platform
     size = args.size or ("cpu" if platform == "cpu" else "gpu")
@@ -230,6 +258,11 @@ def main(argv=None):
         "medium model, 64 sequences of 1 000. `em_iteration` is the E-step "
         "(`expected_counts`) plus the M-step.",
     )
+    if args.scale:
+        scale_size = args.scale_size or ("tiny" if platform == "cpu" else "full")
+        scale_rows(results, scale_size)
+        results.save(args.results_dir, merge_key=_sweep_key)
+        return
     if args.sweep_lengths:
         length_sweep(results, args.sweep_model, args.sweep_lengths, size)
         results.save(args.results_dir, merge_key=_sweep_key)
@@ -314,6 +347,106 @@ def main(argv=None):
             )
     _notes(results, size, peer_note)
     results.save(args.results_dir)
+
+
+# Sizes of the scale rows; `length` steps in chunks of `chunk` for streaming EM.
+SCALE_LENGTH = {"full": (1_000_000, 10_000), "tiny": (10_000, 1_000)}
+SCALE = {
+    "full": dict(n_obs=100, clones=100, n_actions=4, successors=10),
+    "tiny": dict(n_obs=10, clones=10, n_actions=4, successors=3),
+}
+
+
+def scale_data(cfg, key):
+    """A random SparseCHMM over `successors` allowed next symbols per (action,
+    symbol), and a random walk of `length` steps over the allowed triples."""
+    n_obs, n_actions, k = cfg["n_obs"], cfg["n_actions"], cfg["successors"]
+    rng = np.random.default_rng(0)
+    successors = np.stack(
+        [
+            np.stack([rng.choice(n_obs, k, replace=False) for _ in range(n_obs)])
+            for _ in range(n_actions)
+        ]
+    )  # [n_actions, n_obs, k]
+    u, i, j = np.indices(successors.shape)
+    keys = np.stack([u.ravel(), i.ravel(), successors.ravel()], axis=-1)
+    model = SparseCHMM.random([cfg["clones"]] * n_obs, n_actions, key=key, allowed=keys)
+    a = rng.integers(0, n_actions, cfg["length"])
+    pick = rng.integers(0, k, cfg["length"])
+    table = jnp.asarray(successors)
+
+    def step(symbol, inputs):
+        action, choice = inputs
+        following = table[action, symbol, choice]
+        return following, following
+
+    _, rest = jax.lax.scan(
+        step, jnp.asarray(0), (jnp.asarray(a[:-1]), jnp.asarray(pick[:-1]))
+    )
+    x = np.concatenate([[0], np.asarray(rest)]).astype(np.int32)
+    return model, x, a.astype(np.int32)
+
+
+def scale_rows(results, scale_size):
+    """Memory, log-likelihood and one streaming EM iteration of a large SparseCHMM."""
+    length, chunk = SCALE_LENGTH[scale_size]
+    cfg = dict(SCALE[scale_size], length=length, chunk=chunk)
+    model, x, a = scale_data(cfg, jr.key(0))
+    n_states, length = model.n_states, cfg["length"]
+    common = dict(N=n_states, T=length, sequences=1, blocks=model.n_blocks)
+    itemsize = model.blocks.dtype.itemsize
+    model_bytes = sum(
+        int(v.size) * v.dtype.itemsize
+        for v in (model.blocks, model.keys, model.index, model.Pi)
+    )
+    results.add(
+        workload=f"scale-{scale_size}/memory",
+        impl="eqx_models SparseCHMM",
+        model_bytes=model_bytes,
+        dense_T_bytes=cfg["n_actions"] * n_states**2 * itemsize,
+        **common,
+    )
+    xs, acts = jnp.asarray(x), jnp.asarray(a)
+    for method in ("scan", "parallel"):
+        fn = jax.jit(
+            lambda m, x, a, method=method: log_likelihood(m, x, a, method=method)
+        )
+        timing = timed(fn, model, xs, acts)
+        results.add(
+            workload=f"scale-{scale_size}/log_likelihood",
+            impl=f"eqx_models SparseCHMM {method}",
+            **common,
+            **timing,
+            us_per_step=1e6 * timing["median_s"] / length,
+        )
+    for method in ("scan", "parallel"):
+
+        def one_pass(method=method):
+            trained, curve = streaming_em(
+                model, x, a, n_iter=1, chunk_size=cfg["chunk"], method=method
+            )
+            return trained.blocks, curve
+
+        timing = time_callable(one_pass, warmup=1, repeats=3)
+        results.add(
+            workload=f"scale-{scale_size}/streaming_em_iteration",
+            impl=f"eqx_models SparseCHMM {method}",
+            chunk_size=cfg["chunk"],
+            **common,
+            **timing,
+            us_per_step=1e6 * timing["median_s"] / length,
+            peak_device_bytes=peak_device_bytes(),
+        )
+    results.note(
+        f"scale-{scale_size}: a SparseCHMM of {cfg['n_obs']} symbols x "
+        f"{cfg['clones']} clones (N = {n_states}), {cfg['n_actions']} actions, "
+        f"{cfg['successors']} allowed successors per (action, symbol) "
+        f"({model.n_blocks} blocks); one random walk of T = {length} over the allowed "
+        "triples. `streaming_em_iteration` is one `streaming_em` iteration (forward "
+        "sweep, backward sweep with the chunk E-steps, M-step, and the final "
+        f"log-likelihood sweep) with chunks of {cfg['chunk']} steps; its first call "
+        "includes compilation (`first_call_s`)."
+    )
 
 
 def _sweep_key(row):

@@ -28,6 +28,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = [
     ("training transforms", "training_basics.py", ("examples",)),
     ("cloned HMM (chmm)", "chmm_room.py", ("examples",)),
+    ("cloned HMM on text (chmm, sparse)", "chmm_text.py", ("examples",)),
+    ("cloned HMM in a large maze (chmm)", "chmm_maze.py", ("examples", "graph")),
     ("TiDHy", "tidhy_slds.py", ("examples",)),
     ("TiDHy sessions", "tidhy_sessions.py", ("examples",)),
     ("ghost engines", "data_attribution.py", ("examples",)),
@@ -42,6 +44,7 @@ EXAMPLES = [
 EXTRAS = {
     "examples": ("matplotlib", ""),
     "dp": ("dp_accounting", ""),
+    "graph": ("networkx", ""),
     "torch": (
         "torch",
         "without a GPU, install a CPU build of torch first, or pip pulls the CUDA "

@@ -1036,6 +1036,92 @@ def _chmm_cases():
             lambda n: chmm.bits_per_step(-3.0, n),
         ),
     ]
+    sparse = chmm.SparseCHMM.from_dense(model, chmm.seen_transitions(x, a))
+    blocks0, keys0 = np.asarray(sparse.blocks), np.asarray(sparse.keys)
+    # Each uses a triple (a[t], x[t], x[t+1]) that `x` and `a` never use.
+    disallowed = [np.array(v, np.int32) for v in ([1, 1, 0, 0, 1], [0, 0, 0, 0, 1])]
+    cases += [
+        Case(
+            "chmm.SparseCHMM",
+            "blocks",
+            unnormalised(blocks0),
+            lambda b: chmm.SparseCHMM((2, 1), b, keys0, 2),
+        ),
+        Case(
+            "chmm.SparseCHMM",
+            "keys",
+            bad_ids(keys0, 2),
+            lambda k: chmm.SparseCHMM((2, 1), blocks0, np.asarray(k), 2),
+        ),
+        Case(
+            "chmm.log_likelihood",
+            "x",
+            st.sampled_from(disallowed).map(jnp.asarray),
+            lambda bad: chmm.log_likelihood(sparse, bad, jnp.asarray(a)),
+        ),
+        Case(
+            "chmm.seen_transitions",
+            "x",
+            st.tuples(st.integers(0, 4), st.integers(-100, -1)).map(
+                lambda p: np.where(np.arange(5) == p[0], p[1], x)
+            ),
+            lambda bad: chmm.seen_transitions(bad, a),
+        ),
+        Case(
+            "chmm.streaming_expected_counts",
+            "chunk_size",
+            bad_size(),
+            lambda n: chmm.streaming_expected_counts(model, x, a, chunk_size=n),
+        ),
+        Case(
+            "chmm.streaming_em",
+            "chunk_size",
+            bad_size(),
+            lambda n: chmm.streaming_em(model, x, a, n_iter=1, chunk_size=n),
+        ),
+        Case(
+            "chmm.posteriors",
+            "length",
+            st.integers(-100, 0) | st.integers(6, 100),
+            lambda n: chmm.posteriors(model, jnp.asarray(x), jnp.asarray(a), length=n),
+        ),
+        Case(
+            "chmm.em",
+            "lengths",
+            st.integers(-100, 0).map(lambda n: jnp.asarray([5, n], jnp.int32)),
+            lambda n: chmm.em(
+                model,
+                jnp.stack([jnp.asarray(x)] * 2),
+                jnp.stack([jnp.asarray(a)] * 2),
+                n_iter=1,
+                lengths=n,
+            ),
+        ),
+        Case(
+            "chmm.hierarchical_plan",
+            "communities",
+            st.sampled_from([np.zeros(2, np.int32), np.array([0, 1, -1], np.int32)]),
+            lambda c: chmm.hierarchical_plan(model, 0, 1, communities=c, max_steps=3),
+        ),
+        Case(
+            "chmm.community_graph",
+            "communities",
+            bad_ids(np.array([0, 0, 1], np.int32), 3),
+            lambda c: chmm.community_graph(model, c),
+        ),
+        Case(
+            "chmm.clone_communities",
+            "resolution",
+            bad_real(low=0, inclusive=(False, True)),
+            lambda r: chmm.clone_communities(model, resolution=r),
+        ),
+        Case(
+            "chmm.online_em",
+            "step_size",
+            st.sampled_from([0.5, "fast", None]),
+            lambda f: chmm.online_em(model, x, a, chunk_size=2, step_size=f),
+        ),
+    ]
     return cases
 
 
@@ -2012,7 +2098,7 @@ _FAMILIES = {
 # need models), this only fixes the parametrisation.
 _N_CASES = {
     "transforms": 98,
-    "chmm": 24,
+    "chmm": 36,
     "tidhy": 40,
     "causal": 36,
     "multimodal": 34,
@@ -2172,6 +2258,10 @@ NO_USER_VALUES = {
     "transforms.injected_learning_rate": "reads any optimiser state (None without "
     "an injected rate)",
     "chmm.Plan": _RETURNED,
+    "chmm.HierarchicalPlan": _RETURNED,
+    "chmm.AbstractCHMM": "an abstract base class; CHMM and SparseCHMM have cases",
+    "chmm.default_step_size": "a default schedule of an update count; online_em "
+    "checks the step sizes it is given (its `step_size` case)",
     "chmm.Posteriors": _RETURNED,
     "tidhy.GradNormState": _RETURNED,
     "tidhy.InferenceStats": _RETURNED,

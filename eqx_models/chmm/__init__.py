@@ -6,6 +6,12 @@ from ._gridworld import (
     random_room as random_room,
     room_walk as room_walk,
 )
+from ._hierarchy import (
+    clone_communities as clone_communities,
+    community_graph as community_graph,
+    hierarchical_plan as hierarchical_plan,
+    HierarchicalPlan as HierarchicalPlan,
+)
 from ._inference import (
     backward as backward,
     bits_per_step as bits_per_step,
@@ -21,6 +27,13 @@ from ._learning import (
     learn_emissions as learn_emissions,
     viterbi_em as viterbi_em,
 )
-from ._model import CHMM as CHMM
+from ._model import AbstractCHMM as AbstractCHMM, CHMM as CHMM
 from ._plan import Plan as Plan, plan as plan
 from ._sample import sample as sample
+from ._sparse import seen_transitions as seen_transitions, SparseCHMM as SparseCHMM
+from ._streaming import (
+    default_step_size as default_step_size,
+    online_em as online_em,
+    streaming_em as streaming_em,
+    streaming_expected_counts as streaming_expected_counts,
+)

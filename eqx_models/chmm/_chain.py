@@ -28,7 +28,8 @@ from transforms.validation import (
     Checks,
 )
 
-from ._model import CHMM
+from ._model import AbstractCHMM, CHMM, clone_table
+from ._sparse import check_allowed, SparseCHMM
 
 
 class Chain(NamedTuple):
@@ -55,16 +56,6 @@ class Chain(NamedTuple):
         return self.pos.shape[0] + 1
 
 
-def _clone_table(n_clones: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """`table[k, m]`: the state of the m-th clone of symbol k, or N when m is unused."""
-    n_states, width = sum(n_clones), max(n_clones)
-    loc = np.concatenate([[0], np.cumsum(n_clones)])
-    m = np.arange(width)
-    used = m[None, :] < np.asarray(n_clones)[:, None]
-    table = np.where(used, loc[:-1, None] + m[None, :], n_states)
-    return table.astype(np.int32), used
-
-
 def _use_blocks(n_clones: tuple[int, ...]) -> bool:
     # Pre-gathering every (symbol, symbol) block costs (K * M)^2 per action against
     # (N + M)^2 for a padded copy of T; with very uneven clone counts the blocks
@@ -80,8 +71,27 @@ def _steps_in_use(length: Int[Array, ""] | None, n: int) -> Bool[Array, " n"] | 
     return jnp.arange(1, n + 1) < length
 
 
+def _slab_chain(
+    blocks: Float[Array, "n_slabs M M"],
+    slab: Int[Array, " steps"],
+    in_use: Bool[Array, " steps"] | None,
+    pi0: Float[Array, " M"],
+    last: Float[Array, " M"],
+    slots: Int[Array, "T M"],
+) -> Chain:
+    """A chain whose step `t` is the whole block `blocks[slab[t - 1]]`; padding steps
+    (outside `in_use`) take the identity slab appended last."""
+    width = blocks.shape[-1]
+    src = jnp.concatenate([blocks, jnp.eye(width, dtype=blocks.dtype)[None]])
+    if in_use is not None:
+        slab = jnp.where(in_use, slab, src.shape[0] - 1)
+    zeros = jnp.zeros(slab.shape, jnp.int32)
+    pos = jnp.stack([slab.astype(jnp.int32), zeros, zeros], axis=-1)
+    return Chain(src, pos, pi0, None, last, slots)
+
+
 def hard_chain(
-    model: CHMM,
+    model: AbstractCHMM,
     x: Int[Array, " T"],
     a: Int[Array, " T"],
     length: Int[Array, ""] | None = None,
@@ -93,8 +103,8 @@ def hard_chain(
     n_clones = model.n_clones
     n_actions, n_states = model.n_actions, model.n_states
     n_obs, width = model.n_obs, max(n_clones)
-    dtype = model.T.dtype
-    table, used = _clone_table(n_clones)
+    dtype = model.dtype
+    table, used = clone_table(n_clones)
     table_j, used_j = jnp.asarray(table), jnp.asarray(used, dtype)
     steps = x.shape[0] - 1
     in_use = _steps_in_use(length, steps)
@@ -102,17 +112,20 @@ def hard_chain(
     pi0 = pi_ext[table_j[x[0]]]
     last = used_j[x[-1]]
     slots = table_j[x]
-    zeros = jnp.zeros((steps,), jnp.int32)
+    if isinstance(model, SparseCHMM):
+        # A disallowed step reads an all-zero block (probability zero); the entry
+        # points refuse such sequences before they get here.
+        blocks = jnp.concatenate([model.blocks, jnp.zeros((1, width, width), dtype)])
+        slab = model.index[a[:-1], x[:-1], x[1:]]
+        slab = jnp.where(slab < 0, model.n_blocks, slab)
+        return _slab_chain(blocks, slab, in_use, pi0, last, slots)
+    assert isinstance(model, CHMM)
     if _use_blocks(n_clones):
         T_ext = jnp.pad(model.T, ((0, 0), (0, 1), (0, 1)))
         blocks = T_ext[:, table_j[:, None, :, None], table_j[None, :, None, :]]
         blocks = blocks.reshape(n_actions * n_obs * n_obs, width, width)
-        src = jnp.concatenate([blocks, jnp.eye(width, dtype=dtype)[None]])
         slab = (a[:-1] * n_obs + x[:-1]) * n_obs + x[1:]
-        if in_use is not None:
-            slab = jnp.where(in_use, slab, src.shape[0] - 1)
-        pos = jnp.stack([slab.astype(jnp.int32), zeros, zeros], axis=-1)
-        return Chain(src, pos, pi0, None, last, slots)
+        return _slab_chain(blocks, slab, in_use, pi0, last, slots)
     # Uneven clone counts: windows of a padded copy of T, masked to the clones in use.
     # The padding keeps every window inside the array (no clamped slices).
     loc = jnp.asarray(np.concatenate([[0], np.cumsum(n_clones)])[:-1], jnp.int32)
@@ -174,7 +187,7 @@ def state_log_weights(
 
 
 def make_chain(
-    model: CHMM,
+    model: AbstractCHMM,
     x: Int[Array, " T"] | Float[Array, "T n_obs"],
     a: Int[Array, " T"],
     emissions: Float[Array, "N n_obs"] | None = None,
@@ -182,6 +195,8 @@ def make_chain(
 ) -> Chain:
     if emissions is None and jnp.issubdtype(x.dtype, jnp.integer):
         return hard_chain(model, x, a, length)
+    # Soft evidence and emissions: `check_inputs` admits only a dense model here.
+    assert isinstance(model, CHMM)
     return dense_chain(model, state_log_weights(model, x, emissions), a, length)
 
 
@@ -201,6 +216,19 @@ def slot_states(chain: Chain, index: Int[Array, " T"]) -> Int[Array, " T"]:
     return jnp.take_along_axis(chain.slots, index[:, None], axis=1)[:, 0]
 
 
+def _repad(x, a, length):
+    """A sequence padded past `length`: `x` repeats its last real observation and
+    `a` is zero from `a[length - 1]` on (unused), so that whatever the padding held
+    (even ids out of range) passes the checks and the padded steps are identities."""
+    x, a = jnp.asarray(x), jnp.asarray(a)
+    t = jnp.arange(x.shape[0])
+    inside = t < length
+    if x.ndim == 2:
+        inside = inside[:, None]
+    x = jnp.where(inside, x, x[jnp.asarray(length) - 1])
+    return x, jnp.where(t < length - 1, a, jnp.zeros((), a.dtype))
+
+
 def _is_array(v) -> bool:
     return isinstance(v, (np.ndarray, jax.Array))
 
@@ -210,7 +238,7 @@ def well_formed(model, x, a, *, allow_evidence: bool = True) -> bool:
     dtypes, shapes), so that an eager precheck can read their values: a malformed
     input is left to the entry point's own checks, which report it in their order.
     """
-    if not (isinstance(model, CHMM) and _is_array(x) and _is_array(a)):
+    if not (isinstance(model, AbstractCHMM) and _is_array(x) and _is_array(a)):
         return False
     if not (jnp.issubdtype(a.dtype, jnp.integer) and a.ndim == 1):
         return False
@@ -220,13 +248,14 @@ def well_formed(model, x, a, *, allow_evidence: bool = True) -> bool:
         return x.ndim == 1
     return (
         allow_evidence
+        and isinstance(model, CHMM)
         and jnp.issubdtype(x.dtype, jnp.floating)
         and x.ndim == 2
         and x.shape[1] == model.n_obs
     )
 
 
-def well_formed_emissions(model: CHMM, emissions) -> bool:
+def well_formed_emissions(model: AbstractCHMM, emissions) -> bool:
     """Whether `emissions` is a floating `(N, n_obs)` array (see `well_formed`)."""
     return (
         _is_array(emissions)
@@ -237,21 +266,33 @@ def well_formed_emissions(model: CHMM, emissions) -> bool:
 
 def check_inputs(
     fn: str,
-    model: CHMM,
+    model: AbstractCHMM,
     x,
     a,
     emissions=None,
     *,
     checks: Checks,
     allow_evidence: bool = True,
+    length=None,
 ) -> tuple[Array, Array, Array | None]:
     """Trace-time shape/dtype checks of `(x, a, emissions)`; their value checks
     (ids and actions in range, finite evidence) are added to `checks`.
 
     Returns `x`, `a` and `emissions` as JAX arrays.
     """
-    if not isinstance(model, CHMM):
-        raise TypeError(f"{fn}: `model` must be a CHMM, got {type(model).__name__}.")
+    if not isinstance(model, AbstractCHMM):
+        raise TypeError(
+            f"{fn}: `model` must be a CHMM or a SparseCHMM, got {type(model).__name__}."
+        )
+    if isinstance(model, SparseCHMM) and (
+        emissions is not None or not jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer)
+    ):
+        # Soft evidence and emissions spread every step over all N states: there
+        # is no block structure left to exploit.
+        raise TypeError(
+            f"{fn}: a SparseCHMM takes integer observation ids only (no soft "
+            "evidence, no `emissions`); convert it with `model.to_dense()`."
+        )
     x, a = jnp.asarray(x), jnp.asarray(a)
     if not jnp.issubdtype(a.dtype, jnp.integer):
         raise TypeError(f"{fn}: `a` must be an integer array, got dtype {a.dtype}.")
@@ -308,7 +349,12 @@ def check_inputs(
         checks=checks,
         upper_name="n_actions",
     )
+    if isinstance(model, SparseCHMM):
+        # Padding steps (from `length` on) are identities, never looked up.
+        steps = None if length is None else jnp.arange(x.shape[0] - 1) < length - 1
+        check_allowed(fn, model, x, a, steps, checks)
     if emissions is not None:
+        assert isinstance(model, CHMM)
         emissions = check_emissions(fn, model, emissions, checks)
     return x, a, emissions
 

@@ -10,11 +10,14 @@ import math
 from typing import NamedTuple
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from transforms import pairwise_sum
 from transforms.validation import (
+    check_ids,
     check_in_range,
     checked_eagerly,
     Checks,
@@ -22,6 +25,7 @@ from transforms.validation import (
 )
 
 from ._chain import (
+    _repad,
     Chain,
     check_inputs,
     check_method,
@@ -32,19 +36,24 @@ from ._chain import (
     well_formed_emissions,
 )
 from ._decode import viterbi_scan
-from ._model import CHMM
+from ._model import AbstractCHMM
 from ._passes import chain_forward, chain_log_likelihood, chain_smooth
 
 
 def _inputs_checked(fn: str):
     """The eager precheck of an entry point taking `(model, x, a, ..., emissions)`."""
 
-    def precheck(model, x, a, *args, emissions=None, **kwargs):
+    def precheck(model, x, a, *args, emissions=None, length=None, **kwargs):
         if not well_formed(model, x, a):
             return
         if emissions is not None and not well_formed_emissions(model, emissions):
             emissions = None
-        check_inputs(fn, model, x, a, emissions, checks=Checks())
+        if length is not None:
+            if not _well_formed_length(length):
+                return
+            check_ids(fn, "length", length, x.shape[0] + 1, low=1)
+            x, a = _repad(x, a, length)
+        check_inputs(fn, model, x, a, emissions, checks=Checks(), length=length)
 
     return checked_eagerly(precheck)
 
@@ -52,6 +61,23 @@ def _inputs_checked(fn: str):
 Observations = Int[Array, " T"] | Float[Array, "T n_obs"]
 Actions = Int[Array, " T_actions"]
 Emissions = Float[Array, "n_states n_obs"] | None
+Length = int | Int[Array, ""] | None
+
+
+def _well_formed_length(length) -> bool:
+    return (isinstance(length, (int, np.integer)) and not isinstance(length, bool)) or (
+        isinstance(length, (np.ndarray, jax.Array))
+        and length.ndim == 0
+        and jnp.issubdtype(length.dtype, jnp.integer)
+    )
+
+
+def _in_length(values: Array, length) -> Array:
+    """`values[t]` for `t < length`, zero after."""
+    if length is None:
+        return values
+    inside = jnp.arange(values.shape[0]) < length
+    return jnp.where(inside.reshape((-1,) + (1,) * (values.ndim - 1)), values, 0)
 
 
 class Posteriors(NamedTuple):
@@ -68,27 +94,46 @@ class Posteriors(NamedTuple):
 
 
 def _checked_chain(
-    fn: str, model: CHMM, x, a, emissions, method: str | None = None
+    fn: str,
+    model: AbstractCHMM,
+    x,
+    a,
+    emissions,
+    method: str | None = None,
+    length=None,
 ) -> tuple[Chain, Checks]:
     """The preamble of every public routine: check the arguments (the run-time
     checks are collected in the returned `Checks`) and build the chain."""
     if method is not None:
         check_method(fn, method)
     checks = Checks()
-    x, a, emissions = check_inputs(fn, model, x, a, emissions, checks=checks)
-    return make_chain(model, x, a, emissions), checks
+    if length is not None:
+        length = check_ids(
+            fn,
+            "length",
+            jnp.asarray(length),
+            jnp.shape(x)[0] + 1,
+            low=1,
+            checks=checks,
+        )
+        x, a = _repad(x, a, length)
+    x, a, emissions = check_inputs(
+        fn, model, x, a, emissions, checks=checks, length=length
+    )
+    return make_chain(model, x, a, emissions, length), checks
 
 
 @_inputs_checked("log_likelihood")
 @eqx.filter_jit
 @typechecked
 def log_likelihood(
-    model: CHMM,
+    model: AbstractCHMM,
     x: Observations,
     a: Actions,
     *,
     method: str = "scan",
     emissions: Emissions = None,
+    length: Length = None,
 ) -> Float[Array, ""]:
     """Log-likelihood of an observation sequence given its actions.
 
@@ -100,7 +145,7 @@ def log_likelihood(
 
     **Arguments:**
 
-    - `model`: the `CHMM`.
+    - `model`: the `CHMM` or `SparseCHMM`.
     - `x`: the observations: integer ids of shape `(T,)` in `[0, n_obs)`, or soft
         evidence, a float array of shape `(T, n_obs)` of log-evidence per symbol
         (e.g. the log-softmax output of an encoder). With evidence, every clone of
@@ -116,6 +161,12 @@ def log_likelihood(
     - `emissions`: optional `(N, n_obs)` emission matrix replacing the
         deterministic clone-to-symbol emission (see
         [`eqx_models.chmm.learn_emissions`][]); the pass is then dense.
+    - `length`: the number of real steps of a sequence padded to `T` (so that a
+        batch of sequences of different lengths can be padded to one shape and
+        `jax.vmap`ped with their lengths): steps from `length` on are ignored
+        (whatever they hold) and every per-step output is zero there (the Viterbi
+        path `-1`). The results equal those of the call on `x[:length]`,
+        `a[:length]`. All `T` steps if omitted.
 
     **Returns:**
 
@@ -128,7 +179,7 @@ def log_likelihood(
     whose rows are not distributions (non-negative, summing to 1 within the square
     root of the dtype's epsilon): at once when the arrays are concrete, else (under
     an outer `jit`, `vmap` or `grad`) by `eqx.error_if` at run time, as an
-    `EquinoxRuntimeError`.
+    `EquinoxRuntimeError`; the same for a `length` outside `[1, T]`.
 
     **Example:**
 
@@ -138,7 +189,7 @@ def log_likelihood(
     ```
     """
     fn = "log_likelihood"
-    chain, checks = _checked_chain(fn, model, x, a, emissions, method)
+    chain, checks = _checked_chain(fn, model, x, a, emissions, method, length)
     return checks.guard(chain_log_likelihood(chain, method))
 
 
@@ -146,12 +197,13 @@ def log_likelihood(
 @eqx.filter_jit
 @typechecked
 def forward(
-    model: CHMM,
+    model: AbstractCHMM,
     x: Observations,
     a: Actions,
     *,
     method: str = "scan",
     emissions: Emissions = None,
+    length: Length = None,
 ) -> tuple[Float[Array, " T"], Float[Array, "T n_states"]]:
     """Forward pass: per-step log normalisers and filtered state distributions.
 
@@ -172,21 +224,23 @@ def forward(
     As for [`eqx_models.chmm.log_likelihood`][].
     """
     fn = "forward"
-    chain, checks = _checked_chain(fn, model, x, a, emissions, method)
+    chain, checks = _checked_chain(fn, model, x, a, emissions, method, length)
     alphas, log_norms = chain_forward(chain, method)
-    return checks.guard((log_norms, to_states(chain, alphas, model.n_states)))
+    filtered = to_states(chain, alphas, model.n_states)
+    return checks.guard((_in_length(log_norms, length), _in_length(filtered, length)))
 
 
 @_inputs_checked("backward")
 @eqx.filter_jit
 @typechecked
 def backward(
-    model: CHMM,
+    model: AbstractCHMM,
     x: Observations,
     a: Actions,
     *,
     method: str = "scan",
     emissions: Emissions = None,
+    length: Length = None,
 ) -> Float[Array, "T n_states"]:
     """Backward pass: normalised backward messages.
 
@@ -207,21 +261,22 @@ def backward(
     As for [`eqx_models.chmm.log_likelihood`][].
     """
     fn = "backward"
-    chain, checks = _checked_chain(fn, model, x, a, emissions, method)
+    chain, checks = _checked_chain(fn, model, x, a, emissions, method, length)
     _, _, us, _ = chain_smooth(chain, method)
-    return checks.guard(to_states(chain, us, model.n_states))
+    return checks.guard(_in_length(to_states(chain, us, model.n_states), length))
 
 
 @_inputs_checked("posteriors")
 @eqx.filter_jit
 @typechecked
 def posteriors(
-    model: CHMM,
+    model: AbstractCHMM,
     x: Observations,
     a: Actions,
     *,
     method: str = "scan",
     emissions: Emissions = None,
+    length: Length = None,
 ) -> Posteriors:
     """Filtered and smoothed state marginals (forward-backward).
 
@@ -250,14 +305,15 @@ def posteriors(
     ```
     """
     fn = "posteriors"
-    chain, checks = _checked_chain(fn, model, x, a, emissions, method)
+    chain, checks = _checked_chain(fn, model, x, a, emissions, method, length)
     alphas, log_norms, _, gammas = chain_smooth(chain, method)
+    log_norms = _in_length(log_norms, length)
     return checks.guard(
         Posteriors(
             log_likelihood=pairwise_sum(log_norms),
             log_normalizers=log_norms,
-            filtered=to_states(chain, alphas, model.n_states),
-            smoothed=to_states(chain, gammas, model.n_states),
+            filtered=_in_length(to_states(chain, alphas, model.n_states), length),
+            smoothed=_in_length(to_states(chain, gammas, model.n_states), length),
         )
     )
 
@@ -266,11 +322,12 @@ def posteriors(
 @eqx.filter_jit
 @typechecked
 def viterbi(
-    model: CHMM,
+    model: AbstractCHMM,
     x: Observations,
     a: Actions,
     *,
     emissions: Emissions = None,
+    length: Length = None,
 ) -> tuple[Int[Array, " T"], Float[Array, ""]]:
     """The most probable state path (max-product decoding with backtracking).
 
@@ -279,7 +336,8 @@ def viterbi(
 
     **Arguments:**
 
-    - `model`, `x`, `a`, `emissions`: as for [`eqx_models.chmm.log_likelihood`][]
+    - `model`, `x`, `a`, `emissions`, `length`: as for
+        [`eqx_models.chmm.log_likelihood`][]
         (soft evidence is allowed: each clone is then weighted by its symbol's
         evidence).
 
@@ -302,9 +360,12 @@ def viterbi(
     ```
     """
     fn = "viterbi"
-    chain, checks = _checked_chain(fn, model, x, a, emissions)
+    chain, checks = _checked_chain(fn, model, x, a, emissions, length=length)
     path, log_prob = viterbi_scan(chain)
-    return checks.guard((slot_states(chain, path), log_prob))
+    states = slot_states(chain, path)
+    if length is not None:
+        states = jnp.where(jnp.arange(states.shape[0]) < length, states, -1)
+    return checks.guard((states, log_prob))
 
 
 def bits_per_step(

@@ -26,6 +26,7 @@ from transforms.validation import (
 )
 
 from ._chain import (
+    _repad,
     check_emissions,
     check_inputs,
     check_method,
@@ -37,14 +38,23 @@ from ._chain import (
     well_formed_emissions,
 )
 from ._decode import viterbi_scan
-from ._model import _normalise_rows, CHMM
+from ._model import _normalise_rows, AbstractCHMM, CHMM
 from ._passes import chain_log_likelihood, chain_smooth
+from ._sparse import (
+    check_allowed,
+    m_step,
+    path_counts,
+    SparseCHMM,
+    transitions,
+    with_transitions,
+)
 
 
 # NumPy arrays too: the trainers below check their arguments before `jit` converts
 # them (so that the pseudocount can be an array, traced, not a static float).
 _Ids = Array | np.ndarray
 Sequences = Int[_Ids, " T"] | Int[_Ids, "batch T"] | Sequence[Int[_Ids, " _"]]
+Lengths = Int[_Ids, " batch"] | None
 
 
 class _Batch(eqx.Module):
@@ -54,13 +64,20 @@ class _Batch(eqx.Module):
     lengths: Int[Array, " batch"] | None
 
 
-def _as_batch(fn: str, model: CHMM, x, a, checks: Checks) -> _Batch:
+def _as_batch(
+    fn: str, model: AbstractCHMM, x, a, checks: Checks, lengths=None
+) -> _Batch:
     """One sequence, an equal-length batch, or lists of sequences, as a padded batch.
 
     A shorter sequence is padded by repeating its last observation with identity
     steps (see `Chain`), so it contributes nothing beyond its length.
     """
     if isinstance(x, (list, tuple)) or isinstance(a, (list, tuple)):
+        if lengths is not None:
+            raise TypeError(
+                f"{fn}: `lengths` goes with a padded array of sequences; lists carry "
+                "their own lengths."
+            )
         if not isinstance(x, (list, tuple)) or not isinstance(a, (list, tuple)):
             raise TypeError(
                 f"{fn}: give `x` and `a` both as lists of sequences, or both as arrays."
@@ -100,6 +117,22 @@ def _as_batch(fn: str, model: CHMM, x, a, checks: Checks) -> _Batch:
             jnp.asarray(lengths, jnp.int32),
         )
     x, a = jnp.asarray(x), jnp.asarray(a)
+    if lengths is not None:
+        if x.ndim != 2 or a.shape != x.shape:
+            raise ValueError(
+                f"{fn}: `lengths` goes with a padded `(batch, T)` array of sequences; "
+                f"got `x` of shape {x.shape} and `a` of shape {a.shape}."
+            )
+        lengths = jnp.asarray(lengths)
+        if lengths.shape != x.shape[:1]:
+            raise ValueError(
+                f"{fn}: `lengths` must have shape (batch,) = ({x.shape[0]},), got "
+                f"{lengths.shape}."
+            )
+        lengths = check_ids(
+            fn, "lengths", lengths, x.shape[1] + 1, low=1, checks=checks
+        )
+        x, a = jax.vmap(_repad)(x, a, lengths)
     if x.ndim == 1:
         x, a, _ = check_inputs(fn, model, x, a, checks=checks, allow_evidence=False)
         return _Batch(x[None], a[None], None)
@@ -124,7 +157,12 @@ def _as_batch(fn: str, model: CHMM, x, a, checks: Checks) -> _Batch:
         checks=checks,
         upper_name="n_actions",
     )
-    return _Batch(x, a, None)
+    if isinstance(model, SparseCHMM):
+        steps = None
+        if lengths is not None:
+            steps = jnp.arange(x.shape[1] - 1)[None, :] < lengths[:, None] - 1
+        check_allowed(fn, model, x, a, steps, checks)
+    return _Batch(x, a, None if lengths is None else lengths.astype(jnp.int32))
 
 
 def _well_formed_batch(model, x, a) -> bool:
@@ -137,7 +175,7 @@ def _well_formed_batch(model, x, a) -> bool:
     if not (isinstance(x, (np.ndarray, jax.Array)) and np.ndim(x) == 2):
         return well_formed(model, x, a, allow_evidence=False)
     return (
-        isinstance(model, CHMM)
+        isinstance(model, AbstractCHMM)
         and isinstance(a, (np.ndarray, jax.Array))
         and a.shape == x.shape
         and x.shape[1] >= 1
@@ -149,11 +187,11 @@ def _sequences_checked(fn: str):
     """The eager precheck of an entry point taking `(model, x, a, ...)` sequences
     (and, for `learn_emissions`, `emissions`)."""
 
-    def precheck(model, x, a, *args, emissions=None, **kwargs):
+    def precheck(model, x, a, *args, emissions=None, lengths=None, **kwargs):
         if not _well_formed_batch(model, x, a):
             return
         checks = Checks()
-        _as_batch(fn, model, x, a, checks)
+        _as_batch(fn, model, x, a, checks, lengths)
         if emissions is not None and well_formed_emissions(model, emissions):
             check_emissions(fn, model, emissions, checks)
 
@@ -173,8 +211,8 @@ def _map(f, batch: _Batch):
     return jax.vmap(f)(batch.x, batch.a, lengths)
 
 
-def _total_log_likelihood(T, model: CHMM, batch: _Batch, method: str):
-    model = eqx.tree_at(lambda m: m.T, model, T)
+def _total_log_likelihood(T, model: AbstractCHMM, batch: _Batch, method: str):
+    model = with_transitions(model, T)
 
     def one(x, a, length):
         return chain_log_likelihood(hard_chain(model, x, a, length), method)
@@ -182,11 +220,13 @@ def _total_log_likelihood(T, model: CHMM, batch: _Batch, method: str):
     return pairwise_sum(_map(one, batch))
 
 
-def _counts(model: CHMM, batch: _Batch, method: str):
+def _counts(model: AbstractCHMM, batch: _Batch, method: str):
     # The E-step by autodiff: lnL is multilinear in the entries of T, so
-    # T * dlnL/dT sums, over the steps, the posterior probability of each transition.
-    lnl, grad = jax.value_and_grad(_total_log_likelihood)(model.T, model, batch, method)
-    return model.T * grad, lnl
+    # T * dlnL/dT sums, over the steps, the posterior probability of each transition
+    # (for a SparseCHMM, of each entry of its blocks).
+    T = transitions(model)
+    lnl, grad = jax.value_and_grad(_total_log_likelihood)(T, model, batch, method)
+    return T * grad, lnl
 
 
 def _pseudocount(
@@ -206,12 +246,13 @@ def _pseudocount(
 @eqx.filter_jit
 @typechecked
 def expected_counts(
-    model: CHMM,
+    model: AbstractCHMM,
     x: Sequences,
     a: Sequences,
     *,
     method: str = "scan",
-) -> tuple[Float[Array, "n_actions n_states n_states"], Float[Array, ""]]:
+    lengths: Lengths = None,
+) -> tuple[Float[Array, "..."], Float[Array, ""]]:
     """Expected transition counts (the E-step of Baum-Welch).
 
     `counts[u, i, j] = sum_t p(z[t] = i, z[t+1] = j | x, a)` over the steps with
@@ -223,39 +264,47 @@ def expected_counts(
 
     **Arguments:**
 
-    - `model`: the `CHMM`.
+    - `model`: the `CHMM` or `SparseCHMM`.
     - `x`: observation ids: one sequence of shape `(T,)`, a batch of equal-length
         sequences `(batch, T)`, or a list of 1-D sequences of different lengths.
     - `a`: actions, in the same form as `x`.
     - `method`: `"scan"` or `"parallel"`.
+    - `lengths`: with `(batch, T)` arrays, the number of real steps of each padded
+        sequence, shape `(batch,)` (a mask that compiles once per padded shape):
+        steps from `lengths[i]` on are ignored whatever they hold, and the results
+        equal those of the list of truncated sequences. All `T` if omitted.
 
     **Returns:**
 
-    A tuple `(counts, log_likelihood)`: counts of shape `(n_actions, N, N)` and the
-    total log-likelihood of the sequences.
+    A tuple `(counts, log_likelihood)`: counts of shape `(n_actions, N, N)` (for a
+    `SparseCHMM`, in the layout of its blocks, `(n_blocks, M, M)`) and the total
+    log-likelihood of the sequences.
 
     **Raises:**
 
     As for [`eqx_models.chmm.log_likelihood`][]; `ValueError` for lists of
-    different numbers of sequences.
+    different numbers of sequences, or `lengths` of the wrong shape or outside
+    `[1, T]`; `TypeError` for `lengths` with lists.
     """
     fn = "expected_counts"
     check_method(fn, method)
     checks = Checks()
-    return checks.guard(_counts(model, _as_batch(fn, model, x, a, checks), method))
+    batch = _as_batch(fn, model, x, a, checks, lengths)
+    return checks.guard(_counts(model, batch, method))
 
 
 @_sequences_checked("em")
 @typechecked
 def em(
-    model: CHMM,
+    model: AbstractCHMM,
     x: Sequences,
     a: Sequences,
     *,
     n_iter: int,
     pseudocount: float | Float[Array, ""] = 0.0,
     method: str = "scan",
-) -> tuple[CHMM, Float[Array, " n_iter_plus_1"]]:
+    lengths: Lengths = None,
+) -> tuple[AbstractCHMM, Float[Array, " n_iter_plus_1"]]:
     """Baum-Welch (soft EM) training of the transition tensor.
 
     Each iteration computes the expected counts `C` of all sequences (summed before
@@ -269,9 +318,10 @@ def em(
 
     **Arguments:**
 
-    - `model`: the initial `CHMM` (e.g. `CHMM.random(...)`).
+    - `model`: the initial `CHMM` or `SparseCHMM` (e.g. `CHMM.random(...)`).
     - `x`, `a`: the training sequences, as for
         [`eqx_models.chmm.expected_counts`][].
+    - `lengths`: as for [`eqx_models.chmm.expected_counts`][].
     - `n_iter`: the number of EM iterations.
     - `pseudocount`: a non-negative count added to every transition.
     - `method`: `"scan"` or `"parallel"` for the E-step.
@@ -299,27 +349,35 @@ def em(
     """
     fn = "em"
     check_method(fn, method)
-    pseudocount = _pseudocount(fn, n_iter, pseudocount, model.T.dtype)
-    return _em(model, x, a, n_iter=n_iter, pseudocount=pseudocount, method=method)
+    pseudocount = _pseudocount(fn, n_iter, pseudocount, model.dtype)
+    return _em(
+        model,
+        x,
+        a,
+        n_iter=n_iter,
+        pseudocount=pseudocount,
+        method=method,
+        lengths=lengths,
+    )
 
 
 @eqx.filter_jit
-def _em(model, x, a, *, n_iter, pseudocount, method):
+def _em(model, x, a, *, n_iter, pseudocount, method, lengths):
     fn = "em"
     checks = Checks()
-    batch = _as_batch(fn, model, x, a, checks)
+    batch = _as_batch(fn, model, x, a, checks, lengths)
 
     def iteration(T, _):
-        counts, lnl = _counts(eqx.tree_at(lambda m: m.T, model, T), batch, method)
-        return _normalise_rows(counts + pseudocount), lnl
+        counts, lnl = _counts(with_transitions(model, T), batch, method)
+        return m_step(model, counts, pseudocount), lnl
 
-    T, curve = lax.scan(iteration, model.T, None, length=n_iter)
+    T, curve = lax.scan(iteration, transitions(model), None, length=n_iter)
     final = _total_log_likelihood(T, model, batch, method)
-    model = eqx.tree_at(lambda m: m.T, model, T)
+    model = with_transitions(model, T)
     return checks.guard((model, jnp.concatenate([curve, final[None]])))
 
 
-def _viterbi_paths(model: CHMM, batch: _Batch):
+def _viterbi_paths(model: AbstractCHMM, batch: _Batch):
     def one(x, a, length):
         chain = hard_chain(model, x, a, length)
         path, log_prob = viterbi_scan(chain)
@@ -331,13 +389,14 @@ def _viterbi_paths(model: CHMM, batch: _Batch):
 @_sequences_checked("viterbi_em")
 @typechecked
 def viterbi_em(
-    model: CHMM,
+    model: AbstractCHMM,
     x: Sequences,
     a: Sequences,
     *,
     n_iter: int,
     pseudocount: float | Float[Array, ""] = 0.0,
-) -> tuple[CHMM, Float[Array, " n_iter_plus_1"]]:
+    lengths: Lengths = None,
+) -> tuple[AbstractCHMM, Float[Array, " n_iter_plus_1"]]:
     """Hard (Viterbi) EM training of the transition tensor.
 
     Each iteration decodes every sequence with [`eqx_models.chmm.viterbi`][],
@@ -348,9 +407,10 @@ def viterbi_em(
 
     **Arguments:**
 
-    - `model`: the initial `CHMM`.
+    - `model`: the initial `CHMM` or `SparseCHMM`.
     - `x`, `a`: the training sequences, as for
         [`eqx_models.chmm.expected_counts`][].
+    - `lengths`: as for [`eqx_models.chmm.expected_counts`][].
     - `n_iter`: the number of iterations.
     - `pseudocount`: a non-negative count added to every transition.
 
@@ -365,16 +425,18 @@ def viterbi_em(
     As for [`eqx_models.chmm.em`][].
     """
     fn = "viterbi_em"
-    pseudocount = _pseudocount(fn, n_iter, pseudocount, model.T.dtype)
-    return _viterbi_em(model, x, a, n_iter=n_iter, pseudocount=pseudocount)
+    pseudocount = _pseudocount(fn, n_iter, pseudocount, model.dtype)
+    return _viterbi_em(
+        model, x, a, n_iter=n_iter, pseudocount=pseudocount, lengths=lengths
+    )
 
 
 @eqx.filter_jit
-def _viterbi_em(model, x, a, *, n_iter, pseudocount):
+def _viterbi_em(model, x, a, *, n_iter, pseudocount, lengths):
     fn = "viterbi_em"
     checks = Checks()
-    batch = _as_batch(fn, model, x, a, checks)
-    n_actions, n_states = model.n_actions, model.n_states
+    batch = _as_batch(fn, model, x, a, checks, lengths)
+    n_actions = model.n_actions
     steps = batch.x.shape[1]
     if batch.lengths is None:
         in_use = jnp.ones((batch.x.shape[0], steps - 1), bool)
@@ -383,15 +445,12 @@ def _viterbi_em(model, x, a, *, n_iter, pseudocount):
     actions = jnp.where(in_use, batch.a[:, :-1], n_actions)
 
     def iteration(T, _):
-        paths, log_probs = _viterbi_paths(eqx.tree_at(lambda m: m.T, model, T), batch)
-        counts = jnp.zeros((n_actions + 1, n_states, n_states), T.dtype)
-        counts = counts.at[actions, paths[:, :-1], paths[:, 1:]].add(1)
-        return _normalise_rows(counts[:n_actions] + pseudocount), pairwise_sum(
-            log_probs
-        )
+        paths, log_probs = _viterbi_paths(with_transitions(model, T), batch)
+        counts = path_counts(model, batch.x, actions, paths)
+        return m_step(model, counts, pseudocount), pairwise_sum(log_probs)
 
-    T, curve = lax.scan(iteration, model.T, None, length=n_iter)
-    model = eqx.tree_at(lambda m: m.T, model, T)
+    T, curve = lax.scan(iteration, transitions(model), None, length=n_iter)
+    model = with_transitions(model, T)
     _, final = _viterbi_paths(model, batch)
     return checks.guard((model, jnp.concatenate([curve, pairwise_sum(final)[None]])))
 
@@ -423,6 +482,7 @@ def learn_emissions(
     pseudocount: float | Float[Array, ""] = 1e-20,
     emissions: Float[Array, "n_states n_obs"] | None = None,
     method: str = "scan",
+    lengths: Lengths = None,
 ) -> tuple[Float[Array, "n_states n_obs"], Float[Array, " n_iter_plus_1"]]:
     """Learn a clone-to-symbol emission matrix by EM with the transitions fixed.
 
@@ -439,6 +499,7 @@ def learn_emissions(
 
     - `model`: a trained `CHMM` (its `T` and `Pi` are kept).
     - `x`, `a`: the sequences, as for [`eqx_models.chmm.expected_counts`][].
+    - `lengths`: as for [`eqx_models.chmm.expected_counts`][].
     - `n_iter`: the number of EM iterations.
     - `pseudocount`: added to every emission count; the default, a tiny positive
         value, lets a clone take up a symbol it never emitted.
@@ -459,7 +520,7 @@ def learn_emissions(
     """
     fn = "learn_emissions"
     check_method(fn, method)
-    pseudocount = _pseudocount(fn, n_iter, pseudocount, model.T.dtype)
+    pseudocount = _pseudocount(fn, n_iter, pseudocount, model.dtype)
     return _learn_emissions(
         model,
         x,
@@ -468,15 +529,16 @@ def learn_emissions(
         pseudocount=pseudocount,
         emissions=emissions,
         method=method,
+        lengths=lengths,
     )
 
 
 @eqx.filter_jit
-def _learn_emissions(model, x, a, *, n_iter, pseudocount, emissions, method):
+def _learn_emissions(model, x, a, *, n_iter, pseudocount, emissions, method, lengths):
     fn = "learn_emissions"
     checks = Checks()
-    batch = _as_batch(fn, model, x, a, checks)
-    dtype = model.T.dtype
+    batch = _as_batch(fn, model, x, a, checks, lengths)
+    dtype = model.dtype
     if emissions is None:
         emissions = jax.nn.one_hot(
             jnp.asarray(model.state_symbol), model.n_obs, dtype=dtype

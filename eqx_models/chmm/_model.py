@@ -6,6 +6,7 @@ another module that takes the model as its first argument, so inference, learnin
 and sampling grow without touching the class.
 """
 
+import abc
 from collections.abc import Sequence
 
 import equinox as eqx
@@ -49,13 +50,68 @@ def _as_clone_counts(fn: str, n_clones) -> tuple[int, ...]:
     return tuple(int(k) for k in counts)
 
 
+def clone_table(n_clones: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """`table[k, m]`: the state of the m-th clone of symbol k, or N when m is unused;
+    and `used[k, m]`, whether m is a clone of k."""
+    n_states, width = sum(n_clones), max(n_clones)
+    loc = np.concatenate([[0], np.cumsum(n_clones)])
+    m = np.arange(width)
+    used = m[None, :] < np.asarray(n_clones)[:, None]
+    table = np.where(used, loc[:-1, None] + m[None, :], n_states)
+    return table.astype(np.int32), used
+
+
 def _normalise_rows(counts: Float[Array, "... n"]) -> Float[Array, "... n"]:
     """Divide each row by its sum; rows summing to zero stay zero."""
     total = counts.sum(-1, keepdims=True)
     return counts / jnp.where(total > 0, total, 1)
 
 
-class CHMM(eqx.Module):
+class AbstractCHMM(eqx.Module):
+    """What every representation of a cloned HMM shares: the clone counts, `Pi`,
+    and the sizes derived from them.
+
+    [`eqx_models.chmm.CHMM`][] stores the transitions as a dense `(n_actions, N, N)`
+    tensor; [`eqx_models.chmm.SparseCHMM`][] stores only the allowed
+    `(action, symbol, next symbol)` blocks. Inference, learning, sampling and
+    planning accept either and give the same numbers.
+    """
+
+    n_clones: eqx.AbstractVar[tuple[int, ...]]
+    Pi: eqx.AbstractVar[Float[Array, " n_states"]]
+
+    @property
+    @abc.abstractmethod
+    def n_actions(self) -> int:
+        """The number of actions."""
+
+    @property
+    @abc.abstractmethod
+    def dtype(self) -> jnp.dtype:
+        """The floating dtype of the transition probabilities."""
+
+    @property
+    def n_states(self) -> int:
+        """`N`, the total number of hidden states (clones)."""
+        return sum(self.n_clones)
+
+    @property
+    def n_obs(self) -> int:
+        """The number of symbols (observation ids)."""
+        return len(self.n_clones)
+
+    @property
+    def state_loc(self) -> np.ndarray:
+        """`loc = cumsum([0] + n_clones)`: symbol `k` owns states `loc[k]:loc[k+1]`."""
+        return np.concatenate([[0], np.cumsum(self.n_clones)])
+
+    @property
+    def state_symbol(self) -> np.ndarray:
+        """The symbol of each state, an int array of shape `(N,)`."""
+        return np.repeat(np.arange(self.n_obs), self.n_clones)
+
+
+class CHMM(AbstractCHMM):
     """An action-conditioned cloned hidden Markov model.
 
     Symbol `k` (an observation id) owns `n_clones[k]` hidden states, its *clones*,
@@ -137,29 +193,14 @@ class CHMM(eqx.Module):
         self.Pi = check_probabilities(fn, "Pi", Pi.astype(T.dtype))
 
     @property
-    def n_states(self) -> int:
-        """`N`, the total number of hidden states (clones)."""
-        return sum(self.n_clones)
-
-    @property
-    def n_obs(self) -> int:
-        """The number of symbols (observation ids)."""
-        return len(self.n_clones)
-
-    @property
     def n_actions(self) -> int:
         """The number of actions (the leading axis of `T`)."""
         return self.T.shape[0]
 
     @property
-    def state_loc(self) -> np.ndarray:
-        """`loc = cumsum([0] + n_clones)`: symbol `k` owns states `loc[k]:loc[k+1]`."""
-        return np.concatenate([[0], np.cumsum(self.n_clones)])
-
-    @property
-    def state_symbol(self) -> np.ndarray:
-        """The symbol of each state, an int array of shape `(N,)`."""
-        return np.repeat(np.arange(self.n_obs), self.n_clones)
+    def dtype(self) -> jnp.dtype:
+        """The dtype of `T`."""
+        return self.T.dtype
 
     @classmethod
     @typechecked

@@ -16,12 +16,13 @@ from jaxtyping import Array, Int, PRNGKeyArray
 from transforms.validation import check_ids, checked_eagerly, Checks, typechecked
 
 from ._chain import safe_log
-from ._model import CHMM
+from ._model import AbstractCHMM
+from ._sparse import transition_row
 
 
 def _precheck(model, a, *, key=None):
     if (
-        isinstance(model, CHMM)
+        isinstance(model, AbstractCHMM)
         and isinstance(a, (np.ndarray, jax.Array))
         and a.ndim == 1
         and jnp.issubdtype(a.dtype, jnp.integer)
@@ -33,7 +34,7 @@ def _precheck(model, a, *, key=None):
 @eqx.filter_jit
 @typechecked
 def sample(
-    model: CHMM, a: Int[Array, " T"], *, key: PRNGKeyArray
+    model: AbstractCHMM, a: Int[Array, " T"], *, key: PRNGKeyArray
 ) -> tuple[Int[Array, " T"], Int[Array, " T"]]:
     """Sample a state path and its observations given a sequence of actions.
 
@@ -42,7 +43,7 @@ def sample(
 
     **Arguments:**
 
-    - `model`: the `CHMM`.
+    - `model`: the `CHMM` or `SparseCHMM`.
     - `a`: actions, integer array of shape `(T,)`; `a[-1]` is unused.
     - `key`: a JAX PRNG key.
 
@@ -74,7 +75,7 @@ def sample(
 
     def step(state, inputs):
         k, action = inputs
-        row = model.T[action, state]
+        row = transition_row(model, action, state)
         following = jr.categorical(k, safe_log(row)).astype(jnp.int32)
         return following, (following, row.sum() <= 0)
 
