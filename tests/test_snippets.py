@@ -91,6 +91,8 @@ SMALLER = {
         ("jr.split(jr.key(0), 64)", "jr.split(jr.key(0), 4)"),
         ("n_steps=500,", "n_steps=2,"),
         ("jr.split(jr.key(2), 128)", "jr.split(jr.key(2), 8)"),
+        ("n_samples=200, mechanism", "n_samples=30, mechanism"),
+        ("n_steps=10_000, key=jr.key(0))", "n_steps=2, key=jr.key(0))"),
     ],
     "docs/chmm.md": [
         ("room_walk(room, 20_000,", "room_walk(room, 300,"),
