@@ -206,7 +206,6 @@ def causal(results: Results, counts: list[int], size_name: str, args) -> None:
 def memory(results: Results, counts: list[int], size_name: str, args) -> None:
     from eqx_models import multimodal as mm
     from transforms import make_train_step, ParameterSharding, shard_batch
-    from transforms._train._parameter_sharding import place_state
     from transforms._train._train_step import _compiled
 
     # GPT-2-small's width and head count at 6 layers on the full size: its
@@ -262,11 +261,12 @@ def memory(results: Results, counts: list[int], size_name: str, args) -> None:
                 parameter_sharding=layout,
             )
             opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
-            state = place_state(step.mesh, layout, optimizer, model, opt_state)
+            state = step.place(model, opt_state)
             held = sum(
                 x.addressable_shards[0].data.nbytes
                 for x in jax.tree.leaves(eqx.filter(state, eqx.is_array))
             )
+            assert step.mesh is not None  # the step's own (Auto-axes) mesh
             placed = shard_batch(batch, step.mesh)
             lowered = _compiled[False, False].lower((step, placed, None), *state)
             analysis = lowered.compile().compiled.memory_analysis()
