@@ -453,11 +453,16 @@ def _read_hdf5(fn: str, path: Path, key: str | None) -> list[tuple[str, np.ndarr
                 found.append(name) if isinstance(obj, h5py.Dataset) else None
             )
         )
-        if key is not None:
-            if key not in found:
-                raise fail(fn, "key", f"one of the datasets {sorted(found)}", repr(key))
-            return [(f"{path.stem}/{key}", f[key][()])]
-        return [(f"{path.stem}/{name}", f[name][()]) for name in sorted(found)]
+        if key is not None and key not in found:
+            raise fail(fn, "key", f"one of the datasets {sorted(found)}", repr(key))
+
+        def read(name: str) -> np.ndarray:
+            dataset = f[name]
+            assert isinstance(dataset, h5py.Dataset)  # `found` lists datasets only
+            return np.asarray(dataset[()])
+
+        names = [key] if key is not None else sorted(found)
+        return [(f"{path.stem}/{name}", read(name)) for name in names]
 
 
 @typechecked
