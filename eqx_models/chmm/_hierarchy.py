@@ -25,7 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Int
 
-from transforms.validation import check_ids, check_size, fail, is_traced
+from transforms.validation import (
+    check_ids,
+    check_in_range,
+    check_size,
+    fail,
+    is_traced,
+)
 
 from ._model import AbstractCHMM, CHMM
 from ._plan import dense_relax, Plan, search
@@ -100,13 +106,13 @@ def clone_communities(
     **Raises:**
 
     `ImportError` without networkx; `TypeError` for a model that is not a `CHMM`
-    or `SparseCHMM` or holds traced arrays; `ValueError` for a non-positive or
-    non-finite `resolution`, or a NaN `threshold`.
+    or `SparseCHMM` or holds traced arrays, or a `resolution` that is not a real
+    number (a bool included); `ValueError` for a non-positive or non-finite
+    `resolution`, or a NaN `threshold`.
     """
     fn = "clone_communities"
     _concrete(fn, model)
-    if not (isinstance(resolution, (int, float)) and 0 < resolution < np.inf):
-        raise fail(fn, "resolution", "a positive finite number", repr(resolution))
+    check_in_range(fn, "resolution", resolution, low=0, inclusive=(False, True))
     if not isinstance(threshold, (int, float)) or np.isnan(threshold):
         raise fail(fn, "threshold", "a number", repr(threshold))
     nx = _networkx()

@@ -1,5 +1,5 @@
-"""The LM trained with its parameters split over a mesh (FSDP, tensor parallelism,
-both) against the same training on one device, on eight fake CPU devices."""
+"""The LM trained with its parameters split over a mesh (FSDP, and FSDP with tensor
+parallelism) against the same training on one device, on eight fake CPU devices."""
 
 import os
 import pathlib
@@ -51,8 +51,8 @@ _SCRIPT = textwrap.dedent(
     both = ParameterSharding(
         fsdp_axis="data", tensor_parallel=mm.TensorParallelRule("model"), min_size=16
     )
+    # (Data parallelism alone is test_train.py's eight-device test.)
     layouts = {
-        "data parallel": (jax.make_mesh((8,), ("data",)), None),
         "fsdp": (jax.make_mesh((8,), ("data",)), fsdp),
         "fsdp + tensor parallel": (jax.make_mesh((4, 2), ("data", "model")), both),
     }
