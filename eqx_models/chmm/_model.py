@@ -24,6 +24,19 @@ from transforms.validation import (
 )
 
 
+def initial_distribution(fn: str, Pi, n_states: int, dtype) -> Array:
+    """A model's `Pi` before its probability check: uniform when `None`, else of
+    shape `(n_states,)` and floating, cast to `dtype` (the transitions')."""
+    if Pi is None:
+        return jnp.full((n_states,), 1 / n_states, dtype)
+    Pi = jnp.asarray(Pi)
+    if Pi.shape != (n_states,):
+        raise ValueError(f"{fn}: `Pi` must have shape ({n_states},), got {Pi.shape}.")
+    if not jnp.issubdtype(Pi.dtype, jnp.floating):
+        raise TypeError(f"{fn}: `Pi` must be a floating array, got {Pi.dtype}.")
+    return Pi.astype(dtype)
+
+
 def _as_clone_counts(fn: str, n_clones) -> tuple[int, ...]:
     """`n_clones` as a tuple of Python ints (a static field), with its checks."""
     try:
@@ -179,18 +192,10 @@ class CHMM(AbstractCHMM):
             )
         if T.shape[0] < 1:
             raise ValueError(f"{fn}: `T` needs at least one action, got {T.shape}.")
-        if Pi is None:
-            Pi = jnp.full((n_states,), 1 / n_states, T.dtype)
-        Pi = jnp.asarray(Pi)
-        if Pi.shape != (n_states,):
-            raise ValueError(
-                f"{fn}: `Pi` must have shape ({n_states},), got {Pi.shape}."
-            )
-        if not jnp.issubdtype(Pi.dtype, jnp.floating):
-            raise TypeError(f"{fn}: `Pi` must be a floating array, got {Pi.dtype}.")
+        Pi = initial_distribution(fn, Pi, n_states, T.dtype)
         # A row of zeros is a clone never left under that action.
         self.T = check_probabilities(fn, "T", T, allow_zero=True)
-        self.Pi = check_probabilities(fn, "Pi", Pi.astype(T.dtype))
+        self.Pi = check_probabilities(fn, "Pi", Pi)
 
     @property
     def n_actions(self) -> int:

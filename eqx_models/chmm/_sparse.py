@@ -34,7 +34,14 @@ from transforms.validation import (
     typechecked,
 )
 
-from ._model import _as_clone_counts, _normalise_rows, AbstractCHMM, CHMM, clone_table
+from ._model import (
+    _as_clone_counts,
+    _normalise_rows,
+    AbstractCHMM,
+    CHMM,
+    clone_table,
+    initial_distribution,
+)
 
 
 def _as_keys(fn: str, arg: str, keys, n_actions: int, n_obs: int) -> np.ndarray:
@@ -190,17 +197,9 @@ class SparseCHMM(AbstractCHMM):
             blocks = blocks[order]
         self.keys = jnp.asarray(sorted_keys)
         self.index = jnp.asarray(_index_table(sorted_keys, n_actions, n_obs))
-        if Pi is None:
-            Pi = jnp.full((n_states,), 1 / n_states, blocks.dtype)
-        Pi = jnp.asarray(Pi)
-        if Pi.shape != (n_states,):
-            raise ValueError(
-                f"{fn}: `Pi` must have shape ({n_states},), got {Pi.shape}."
-            )
-        if not jnp.issubdtype(Pi.dtype, jnp.floating):
-            raise TypeError(f"{fn}: `Pi` must be a floating array, got {Pi.dtype}.")
+        Pi = initial_distribution(fn, Pi, n_states, blocks.dtype)
         self.blocks = _check_blocks(fn, self.n_clones, blocks, sorted_keys, n_actions)
-        self.Pi = check_probabilities(fn, "Pi", Pi.astype(blocks.dtype))
+        self.Pi = check_probabilities(fn, "Pi", Pi)
 
     @property
     def n_actions(self) -> int:
