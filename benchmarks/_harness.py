@@ -94,6 +94,29 @@ def time_jax(
     return {"compile_s": compile_s, **_summary(times), **memory}
 
 
+def matmul_ceiling(dtype, sizes: tuple[int, ...] | None = None) -> float:
+    """The best measured throughput (FLOP/s) of a square matmul in `dtype` on the
+    first device, over a few sizes: the ceiling that MFU and roofline times are
+    quoted against in the same run."""
+    import jax.numpy as jnp
+
+    if sizes is None:
+        gpu = jax.devices()[0].platform == "gpu"
+        sizes = (4096, 8192, 16384) if gpu else (512, 1024)
+    matmul = jax.jit(lambda x, y: x @ y)
+    best = 0.0
+    for n in sizes:
+        a = jnp.ones((n, n), dtype)
+        jax.block_until_ready(matmul(a, a))
+        times = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            jax.block_until_ready(matmul(a, a))
+            times.append(time.perf_counter() - t0)
+        best = max(best, 2 * n**3 / statistics.median(times))
+    return best
+
+
 def time_callable(
     fn: Callable[[], Any],
     *,

@@ -43,6 +43,11 @@ second of the intervention-design loop. `--nonlinear --tiny` runs all of it at t
 sizes on a CPU (minutes on two shared cores, mostly compilation; the numbers
 check the pipeline only).
 
+`--latency` measures only what issue 19 asks of the surrogate's speed: the compile
+time of each training bucket (sampler and train step, one after another, split into
+tracing, lowering and XLA compilation) and the inference time per task in float32
+and bfloat16 with the model's FLOPs and roofline time, on an untrained model.
+
 `--data-parallel` shards every training batch over all devices along a `data` mesh
 axis (`make_train_step(..., mesh=...)`); the "train bucket" rows then give the step
 time and tasks per second of each task shape at the global batch size.
@@ -58,9 +63,10 @@ import time
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from _harness import Results, RESULTS_DIR, time_jax
+from _harness import matmul_ceiling, Results, RESULTS_DIR, time_jax
 
 from eqx_models.causal import (
     BehaviouralCloningLoss,
@@ -80,7 +86,7 @@ from eqx_models.causal import (
     train as train_surrogate,
 )
 from eqx_models.causal._shortlist import _shortlist
-from transforms import fit, make_train_step, with_fallback
+from transforms import cast_floating, fit, make_train_step, with_fallback
 
 
 K = 3
@@ -360,16 +366,45 @@ def evaluate(model, cfg, key, results, parallel):
     return by_d
 
 
+def forward_flops(model: ParentSetPredictionModel, d: int, n: int) -> int:
+    """FLOPs of the model's forward pass on one task of `n` rows and `d` variables
+    (a multiply-add counts two), from its shapes: the matmuls and the attention
+    products; elementwise work, gathers and softmaxes are left out."""
+    w = model.width
+    hidden = model.blocks.w_up.shape[-1]
+    stats = model.w_stat_a.shape[-1]
+    cells = n * d
+    sets = len(candidate_parent_sets(d, model.max_parents).sizes)
+    per_layer = (
+        2 * (2 * cells * w * 3 * w + 2 * cells * w * w)  # two attentions' maps
+        + 4 * d * n * n * w  # scores and weighted values over the samples
+        + 4 * n * d * d * w  # ... and over the variables
+        + 2 * 4 * cells * w * hidden  # two MLPs
+    )
+    embed = 2 * cells * w * w_embed_features(model)
+    pooled = 2 * 2 * cells * w * stats + 2 * n * d * d * stats
+    member = d * (2 * (2 * w + stats) * 2 * w + 2 * 2 * w * w)
+    pair = d * d * (2 * (3 * w + stats) * 2 * w + 2 * 2 * w * w)
+    score = sets * (2 * w * 2 * w + 2 * 2 * w)
+    return model.n_layers * per_layer + embed + pooled + member + pair + score
+
+
+def w_embed_features(model: ParentSetPredictionModel) -> int:
+    return model.w_embed.shape[0]
+
+
 def time_inference(model, cfg, key, results):
+    """Per-task inference time at d = 20 and 50 (K = 3) of the model in float32
+    and in bfloat16 (cast copy; on a GPU its attention over the samples is cuDNN's
+    fused kernel) and of the exact expert, with the model's FLOPs per task and its
+    roofline time against the matmul ceiling of that dtype measured in this run."""
+    ceilings = {dtype: matmul_ceiling(dtype) for dtype in (jnp.float32, jnp.bfloat16)}
     for d, n, batch in cfg["timing"]:
         config = TaskConfig(n_vars=d, n_samples=n, target="any")
         tasks = jax.jit(jax.vmap(lambda k: sample_task(k, config)))(
             jr.split(jr.fold_in(key, d), batch)
         )
-        params, static = eqx.partition(model, eqx.is_array)
-
-        def model_fn(params, data):
-            return jax.vmap(eqx.combine(params, static))(data)
+        flops = forward_flops(model, d, n)
 
         def expert_fn(data):
             return jax.vmap(
@@ -377,18 +412,110 @@ def time_inference(model, cfg, key, results):
             )(data)
 
         sizes = {"d": d, "K": K, "N": n, "batch": batch}
-        for impl, fn, args in (
-            ("model", model_fn, (params, tasks.data)),
-            ("exact expert", expert_fn, (tasks.data,)),
-        ):
-            timing = time_jax(fn, *args, repeats=10)
+        runs = []
+        for dtype in (jnp.float32, jnp.bfloat16):
+            params, static = eqx.partition(cast_floating(model, dtype), eqx.is_array)
+
+            def model_fn(params, data, static=static):
+                return jax.vmap(eqx.combine(params, static))(data)
+
+            runs.append((f"model {jnp.dtype(dtype).name}", model_fn, params, dtype))
+        for impl, fn, params, dtype in runs:
+            timing = time_jax(fn, params, tasks.data, repeats=10)
+            per_task = timing["median_s"] / batch
+            roofline = flops / ceilings[dtype]
             results.add(
                 workload="inference",
                 impl=impl,
                 sizes=sizes,
-                per_task_s=timing["median_s"] / batch,
+                per_task_s=per_task,
+                gflop_per_task=flops / 1e9,
+                roofline_per_task_s=roofline,
+                fraction_of_roofline=roofline / per_task,
+                matmul_ceiling_tflops=ceilings[dtype] / 1e12,
                 **timing,
             )
+        timing = time_jax(expert_fn, tasks.data, repeats=10)
+        results.add(
+            workload="inference",
+            impl="exact expert",
+            sizes=sizes,
+            per_task_s=timing["median_s"] / batch,
+            **timing,
+        )
+
+
+class CompileClock:
+    """Seconds JAX spends tracing, lowering and compiling (XLA) during a call, from
+    its monitoring events."""
+
+    EVENTS = {
+        "/jax/core/compile/jaxpr_trace_duration": "trace_s",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+        "/jax/core/compile/backend_compile_duration": "xla_compile_s",
+    }
+
+    def __init__(self):
+        self.active = False
+        self.seconds = dict.fromkeys(self.EVENTS.values(), 0.0)
+        jax.monitoring.register_event_duration_secs_listener(self._record)
+
+    def _record(self, event: str, duration_secs: float, **_: str | int) -> None:
+        if self.active and event in self.EVENTS:
+            self.seconds[self.EVENTS[event]] += duration_secs
+
+    def first_call(self, part: str, row: dict, run):
+        """`run()`'s result; adds to `row` its wall time and the parts of it spent
+        compiling, as `{part}_first_call_s`, `{part}_trace_s` etc."""
+        self.seconds = dict.fromkeys(self.EVENTS.values(), 0.0)
+        self.active = True
+        t0 = time.perf_counter()
+        try:
+            out = jax.block_until_ready(run())
+        finally:
+            self.active = False
+        row[f"{part}_first_call_s"] = time.perf_counter() - t0
+        row |= {f"{part}_{k}": v for k, v in self.seconds.items()}
+        return out
+
+
+def compile_buckets(cfg, results):
+    """Per bucket of the training run, one after another (no other compilation
+    running): the first call of the task sampler (its exact expert included) and
+    the first train step, each split into JAX's tracing, lowering and XLA's
+    compilation, and a warm step for comparison."""
+    model = ParentSetPredictionModel(
+        K,
+        width=cfg["width"],
+        n_layers=cfg["layers"],
+        n_heads=cfg["heads"],
+        key=jr.key(0),
+    )
+    optimizer = make_optimizer(10**6)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    step = make_train_step(
+        BehaviouralCloningLoss(weight_decay=1e-4), optimizer, has_aux=True
+    )
+    clock = CompileClock()
+    for d in cfg["dims"]:
+        for n in cfg["samples"]:
+            config = TaskConfig(n_vars=d, n_samples=n)
+            batch_size = _batch_size(d, n, cfg["cells"], 1)
+            row = {"d": d, "N": n, "batch": batch_size}
+            batch = clock.first_call(
+                "sampler",
+                row,
+                lambda: sample_training_batch(jr.key(0), config, batch_size, K),
+            )
+            clock.first_call(
+                "step", row, lambda: step(_copy(model), _copy(opt_state), batch, None)
+            )
+            t0 = time.perf_counter()
+            jax.block_until_ready(step(_copy(model), _copy(opt_state), batch, None))
+            row["step_s"] = time.perf_counter() - t0
+            row["first_step_s"] = row["sampler_first_call_s"] + row["step_first_call_s"]
+            results.add(workload="compile bucket", **row)
+            print(json.dumps(row), flush=True)
 
 
 NONLINEAR = {
@@ -620,7 +747,37 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nonlinear", action="store_true")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument(
+        "--latency",
+        action="store_true",
+        help="only the compile time of each training bucket and the inference "
+        "time per task, on an untrained model",
+    )
     args = parser.parse_args(argv)
+    if args.latency:
+        size = args.size or ("small" if jax.devices()[0].platform == "cpu" else "full")
+        cfg = SIZES[size]
+        results = Results(
+            "causal_latency",
+            "Causal surrogate: compile time per bucket and inference per task",
+            "Per training bucket, compiled one after another: the task sampler's "
+            "and the train step's first calls, split into JAX tracing, lowering and "
+            "XLA compilation. Per task: the forward pass of a (untrained) "
+            "`ParentSetPredictionModel` in float32 and in bfloat16 against its "
+            "roofline at the matmul ceiling measured in the same run, and the exact "
+            "expert.",
+        )
+        compile_buckets(cfg, results)
+        model = ParentSetPredictionModel(
+            K,
+            width=cfg["width"],
+            n_layers=cfg["layers"],
+            n_heads=cfg["heads"],
+            key=jr.key(0),
+        )
+        time_inference(model, cfg, jr.key(2), results)
+        results.save(args.results_dir)
+        return
     if args.nonlinear:
         if args.minutes is None:
             args.minutes = 0.5 if args.tiny else 6.0

@@ -19,8 +19,14 @@ export PYTEST_ADDOPTS="-p no:benchmark ${PYTEST_ADDOPTS:-}"
 log="${OUT:-/tmp}/suite.log"
 device="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
 start=$SECONDS
-python3 -m pytest -n "${SUITE_WORKERS:-16}" -rfEs "$@" 2>&1 | tee "$log"
+# Failures are written as they happen (tests/conftest.py), and the run is cut at
+# SUITE_TIMEOUT seconds, so a run that does not finish in a device call's time
+# still says what failed.
+export EQX_MODELS_FAILURE_LOG="${OUT:-/tmp}/failures.log"
+rm -f "$EQX_MODELS_FAILURE_LOG"
+timeout "${SUITE_TIMEOUT:-540}" python3 -m pytest -n "${SUITE_WORKERS:-16}" -rfEs "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+grep -E "^=== " "$EQX_MODELS_FAILURE_LOG" 2>/dev/null || true
 summary="$(grep -E '(passed|failed|error).* in [0-9.]+s' "$log" | tail -1)"
 python3 - "$device" "$((SECONDS - start))" "$summary" "$status" <<'PY' | tee "${OUT:-/tmp}/suite.json"
 import json, sys, datetime, jax

@@ -1,4 +1,5 @@
 import gc
+import os
 
 import jax
 import jax.random as jr
@@ -85,3 +86,13 @@ def pytest_runtest_setup(item):
         import_optional("torch")
     if item.get_closest_marker("dp"):
         import_optional("dp_accounting", extra="dp")
+
+
+def pytest_runtest_logreport(report):
+    # With EQX_MODELS_FAILURE_LOG set (benchmarks/suite_on_device.sh sets it), every
+    # failure is appended to that file when it happens, from the worker that ran
+    # it: a run cut short by a time limit still tells what failed and why.
+    path = os.environ.get("EQX_MODELS_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as log:
+            log.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n")

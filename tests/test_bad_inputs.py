@@ -1622,6 +1622,14 @@ def _causal_cases():
             lambda w: causal.ParentSetPredictionModel(2, width=w, key=jr.key(0)),
         ),
         Case(
+            "causal.ParentSetPredictionModel",
+            "attention",
+            st.sampled_from(["flash", "CUDNN", None, 1]),
+            lambda a: causal.ParentSetPredictionModel(
+                2, width=4, n_heads=2, attention=a, key=jr.key(0)
+            ),
+        ),
+        Case(
             "causal.evaluate_surrogate",
             "batch_size",
             bad_size(),
@@ -2100,7 +2108,7 @@ _N_CASES = {
     "transforms": 98,
     "chmm": 36,
     "tidhy": 40,
-    "causal": 36,
+    "causal": 37,
     "multimodal": 34,
 }
 

@@ -73,6 +73,7 @@ from ._losses._expected_value import (
 )
 from ._losses._masked import masked_mean as masked_mean, pairwise_sum as pairwise_sum
 from ._losses._sampling import sample_positions as sample_positions
+from ._precision import cast_floating as cast_floating
 from ._privacy._accounting import (
     dp_epsilon as dp_epsilon,
     dp_noise_multiplier as dp_noise_multiplier,

@@ -7,6 +7,7 @@ the loss, the optimiser and the task stream are in `_training.py`.
 """
 
 import math
+from typing import Literal
 
 import equinox as eqx
 import jax
@@ -16,12 +17,14 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from transforms.validation import (
     check_bool,
+    check_choice,
     check_size,
     fail,
     is_concrete,
     typechecked,
 )
 
+from .._attention import attention_implementation, dot_product_attention
 from .._layer_ops import layer_norm
 from ._candidates import candidate_parent_sets, checked_table
 from ._data import Channel, check_shapes, check_values
@@ -62,25 +65,32 @@ class _Block(eqx.Module):
         self.b_down = jnp.zeros((2, width))
         self.n_heads = n_heads
 
-    def _attention(self, x, key_mask, i, axis):
+    def _attention(self, x, i, axis, mask, lengths, implementation):
         # Attention along `axis` (0: over samples, within each variable; 1: over
-        # variables, within each row), heads batched, softmax in float32.
+        # variables, within each row), heads batched, softmax in float32. The
+        # sample axis may use cuDNN's fused kernel: its keys are the first
+        # `lengths` rows (the caller puts the real rows first). The variable axis
+        # is short (d ≤ 100) and masked anywhere: XLA's attention.
         h = layer_norm(x, self.ln_gain[2 * i], self.ln_bias[2 * i])
         n, d, width = x.shape
         head = width // self.n_heads
         qkv = (h @ self.w_qkv[i]).reshape(n, d, 3, self.n_heads, head)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if axis == 0:
-            scores = jnp.einsum("nihc,mihc->ihnm", q, k)
+            # (variables, samples, heads, head): one sequence per variable.
+            qkv = jnp.swapaxes(qkv, 0, 1)
+            lengths = jnp.broadcast_to(lengths, (d,))
+            out = dot_product_attention(
+                *(qkv[:, :, j] for j in range(3)),
+                lengths=lengths,
+                implementation=implementation,
+            )
+            out = jnp.swapaxes(out, 0, 1)
         else:
-            scores = jnp.einsum("nihc,njhc->nhij", q, k)
-        scores = scores.astype(jnp.float32) / math.sqrt(head)
-        scores = jnp.where(key_mask, scores, -jnp.inf)
-        weights = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        if axis == 0:
-            out = jnp.einsum("ihnm,mihc->nihc", weights, v)
-        else:
-            out = jnp.einsum("nhij,njhc->nihc", weights, v)
+            out = dot_product_attention(
+                *(qkv[:, :, j] for j in range(3)),
+                mask=mask[None, None, None, :],
+                implementation="xla",
+            )
         return x + out.reshape(n, d, width) @ self.w_out[i] + self.b_out[i]
 
     def _mlp(self, x, i):
@@ -88,10 +98,10 @@ class _Block(eqx.Module):
         h = jax.nn.gelu(h @ self.w_up[i] + self.b_up[i])
         return x + h @ self.w_down[i] + self.b_down[i]
 
-    def __call__(self, x, sample_mask, variable_mask):
-        x = self._attention(x, sample_mask[None, None, None, :], 0, axis=0)
+    def __call__(self, x, n_rows, variable_mask, implementation):
+        x = self._attention(x, 0, 0, None, n_rows, implementation)
         x = self._mlp(x, 0)
-        x = self._attention(x, variable_mask[None, None, None, :], 1, axis=1)
+        x = self._attention(x, 1, 1, variable_mask, None, implementation)
         return self._mlp(x, 1)
 
 
@@ -146,6 +156,12 @@ class ParentSetPredictionModel(eqx.Module):
         e.g. a parent and its own child), and the logit `MLP(z_S)`. All sets are
         scored with static gathers: no loop over sets, no model-chosen top-k.
 
+    The model computes in the dtype of its blocks' weights: a copy cast with
+    [`transforms.cast_floating`][] runs in bfloat16 (the inputs are standardised
+    in their own dtype first; softmaxes, LayerNorm statistics and the sums over
+    the rows accumulate in float32; the logits are float32). On a GPU the
+    attention over the samples then runs in cuDNN's fused kernel (`attention`).
+
     The output is invariant to permutations of the rows and equivariant to
     permutations of the non-target variables (permuting the variables permutes the
     candidate sets accordingly). Masks allow padding of rows and variables for
@@ -180,6 +196,7 @@ class ParentSetPredictionModel(eqx.Module):
     pair_features: bool = eqx.field(static=True)
     target_context: bool = eqx.field(static=True)
     pair_statistics: bool = eqx.field(static=True)
+    attention: Literal["auto", "xla", "cudnn"] = eqx.field(static=True)
 
     def __init__(
         self,
@@ -192,6 +209,7 @@ class ParentSetPredictionModel(eqx.Module):
         pair_features: bool = True,
         target_context: bool = True,
         pair_statistics: bool = True,
+        attention: Literal["auto", "xla", "cudnn"] = "auto",
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -209,13 +227,18 @@ class ParentSetPredictionModel(eqx.Module):
         - `pair_statistics`: give the member and pair terms second-order statistics
             pooled over the rows, `c_ij = mean_r(a(x_ri) ⊙ b(x_rj))` of two linear
             maps of the final row-level features (symmetrised).
+        - `attention`: the implementation of the attention over the samples:
+            `"auto"` (default: cuDNN's fused kernel on a GPU when the model runs
+            in bfloat16 or float16, XLA's otherwise), `"xla"` or `"cudnn"`. The
+            attention over the variables is XLA's.
         - `key`: a PRNG key for the initialisation.
 
         **Raises:**
 
         `TypeError` for a size that is not an integer or a flag that is not a bool;
         `ValueError` for a negative `max_parents` or `n_layers`, a non-positive
-        `width`, `n_heads` or `mlp_ratio`, or a `width` not divisible by `n_heads`.
+        `width`, `n_heads` or `mlp_ratio`, a `width` not divisible by `n_heads`, or
+        another `attention`.
         """
         name = "ParentSetPredictionModel"
         check_size(name, "max_parents", max_parents, minimum=0)
@@ -229,6 +252,7 @@ class ParentSetPredictionModel(eqx.Module):
             ("pair_statistics", pair_statistics),
         ):
             check_bool(name, arg, flag)
+        check_choice(name, "attention", attention, ("auto", "xla", "cudnn"))
         if width % n_heads:
             raise fail(name, "width", f"a multiple of `n_heads`={n_heads}", f"{width}")
         self.max_parents = max_parents
@@ -238,6 +262,7 @@ class ParentSetPredictionModel(eqx.Module):
         self.pair_features = pair_features
         self.target_context = target_context
         self.pair_statistics = pair_statistics
+        self.attention = attention
         keys = jr.split(key, 9)
         n_features = 6 if target_context else 3
         self.w_embed = _normal(keys[0], (n_features, width), n_features)
@@ -266,7 +291,8 @@ class ParentSetPredictionModel(eqx.Module):
         variable_mask: Bool[Array, " d"],
     ) -> tuple[Float[Array, "N d width"], Float[Array, "d width"]]:
         """The final row-level features and the pooled per-variable embeddings
-        `h_i` (no input checks)."""
+        `h_i` (no input checks; the real rows must come first, see
+        `real_rows_first`)."""
         rows = sample_mask[:, None]
         count = jnp.maximum(jnp.sum(sample_mask), 1)
         values = data[..., Channel.VALUE]
@@ -288,13 +314,19 @@ class ParentSetPredictionModel(eqx.Module):
                 jnp.broadcast_to(y_intervened, scaled.shape),
                 scaled * y * (1.0 - y_intervened),
             ]
-        cells = jnp.stack(features, -1)
-        x = cells @ self.w_embed + self.b_embed
+        dtype = self.blocks.w_qkv.dtype
+        cells = jnp.stack(features, -1).astype(dtype)
+        x = cells @ self.w_embed.astype(dtype) + self.b_embed.astype(dtype)
         params, static = eqx.partition(self.blocks, eqx.is_array)
+        n_rows = jnp.sum(sample_mask, dtype=jnp.int32)
+        head = self.width // self.n_heads
+        implementation = attention_implementation(
+            self.attention, dtype, head, data.shape[0], needs_even_length=False
+        )
 
         def layer(x, block_params):
             block = eqx.combine(block_params, static)
-            return block(x, sample_mask, variable_mask), None
+            return block(x, n_rows, variable_mask, implementation), None
 
         if self.n_layers > 0:
             x, _ = jax.lax.scan(layer, x, params)
@@ -314,11 +346,14 @@ class ParentSetPredictionModel(eqx.Module):
         d = embeddings.shape[0]
         table = candidate_parent_sets(d, self.max_parents)
         h_t = embeddings[target]
-        count = jnp.maximum(jnp.sum(sample_mask), 1).astype(tokens.dtype)
+        count = jnp.maximum(jnp.sum(sample_mask), 1).astype(jnp.float32)
         rows = sample_mask[:, None, None]
-        a = jnp.where(rows, tokens @ self.w_stat_a, 0.0)
-        b = tokens @ self.w_stat_b
-        stats = jnp.einsum("nip,njp->ijp", a, b) / count
+        a = jnp.where(rows, tokens @ self.w_stat_a.astype(tokens.dtype), 0.0)
+        b = tokens @ self.w_stat_b.astype(tokens.dtype)
+        # Summed over the rows in float32 at least (bfloat16 compute).
+        accumulate = jnp.promote_types(tokens.dtype, jnp.float32)
+        stats = jnp.einsum("nip,njp->ijp", a, b, preferred_element_type=accumulate)
+        stats = (stats / count).astype(tokens.dtype)
         stats = 0.5 * (stats + jnp.swapaxes(stats, 0, 1))
         both = jnp.concatenate(
             [embeddings, jnp.broadcast_to(h_t, embeddings.shape), stats[:, target]],
@@ -399,5 +434,21 @@ def _forward(model, data, sample_mask, variable_mask):
     data, target = check_values(
         "ParentSetPredictionModel", data, sample_mask, variable_mask
     )
+    data, sample_mask = real_rows_first(data, sample_mask)
     tokens, embeddings = model.embed_variables(data, target, sample_mask, variable_mask)
-    return model.score_sets(tokens, embeddings, target, sample_mask, variable_mask)
+    logits = model.score_sets(tokens, embeddings, target, sample_mask, variable_mask)
+    return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+
+
+def real_rows_first(
+    data: Float[Array, "N d 3"], sample_mask: Bool[Array, " N"]
+) -> tuple[Float[Array, "N d 3"], Bool[Array, " N"]]:
+    """The rows of `data` reordered so that the real ones (in their order) come
+    before the padding, and the mask to match.
+
+    The model is invariant to the order of the rows; with the real rows first, the
+    attention over the samples masks its keys by a length, which cuDNN's fused
+    kernel takes without a bias tensor of the scores' size.
+    """
+    order = jnp.argsort(~sample_mask, stable=True)
+    return data[order], sample_mask[order]

@@ -1,10 +1,11 @@
 """A causal transformer over multimodal codebook tokens with expected-value losses."""
 
+from transforms import cast_floating as cast_floating
 from transforms._train._deprecation import deprecated_aliases as _deprecated_aliases
 
 from ._codebooks import Codebooks as Codebooks, load_codebooks as load_codebooks
 from ._generate import generate as generate, Generation as Generation
-from ._loss import cast_floating as cast_floating, MultimodalLoss as MultimodalLoss
+from ._loss import MultimodalLoss as MultimodalLoss
 from ._model import (
     CausalTransformerLM as CausalTransformerLM,
     check_tokens as check_tokens,

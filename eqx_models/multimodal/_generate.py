@@ -30,15 +30,10 @@ from transforms.validation import (
     is_concrete,
 )
 
+from .._attention import attention_implementation, dot_product_attention
 from .._layer_ops import layer_norm
 from ._codebooks import Codebooks
-from ._model import (
-    _attention_implementation,
-    CausalTransformerLM,
-    check_tokens,
-    dot_product_attention,
-    padded_attention,
-)
+from ._model import CausalTransformerLM, check_tokens, padded_attention
 from ._sequence import TokenBatch
 from ._vocab import (
     BOS,
@@ -203,8 +198,8 @@ def _prefill(model: CausalTransformerLM, tokens, type_ids, cache_length: int):
     batch, length = tokens.shape
     dtype = model.blocks.qkv_weight.dtype
     head_dim = model.d_model // model.n_heads
-    implementation = _attention_implementation(
-        model.attention, dtype, head_dim, length, False
+    implementation = attention_implementation(
+        model.attention, dtype, head_dim, length, needs_even_length=False
     )
     lengths = jnp.sum(tokens != PAD, axis=-1, dtype=jnp.int32)
     core = _keep_keys_and_values(padded_attention(lengths, implementation))

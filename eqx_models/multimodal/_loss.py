@@ -4,7 +4,7 @@
 loss per modality, computed on sampled positions through a head restricted to the
 modality's slice of the vocabulary, so full logits are never formed. It has the
 `(model, batch, key) -> (loss, aux)` signature that `transforms.make_train_step`
-takes; `cast_floating` casts a model for mixed precision.
+takes.
 """
 
 from typing import Literal
@@ -16,6 +16,7 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from transforms import (
+    cast_floating,
     chunked_cross_entropy,
     expected_value,
     expected_value_loss,
@@ -31,8 +32,6 @@ from transforms.validation import (
     check_in_range,
     check_size,
     check_type,
-    describe,
-    fail,
     typechecked,
 )
 
@@ -48,44 +47,6 @@ _DTYPES = {
     "bfloat16": jnp.bfloat16,
     "float16": jnp.float16,
 }
-
-
-def cast_floating(tree, dtype):
-    """Cast every floating-point array of a pytree to `dtype` (for mixed precision).
-
-    **Arguments:**
-
-    - `tree`: any pytree, e.g. a model.
-    - `dtype`: the target floating dtype.
-
-    **Returns:**
-
-    The same pytree; gradients taken through the cast flow back to the original
-    (e.g. float32 master) arrays.
-
-    **Raises:**
-
-    `TypeError` if `dtype` is not a dtype (`None` included, which NumPy would read
-    as float64); `ValueError` for a dtype that is not floating point (the
-    parameters would be rounded to integers).
-    """
-    expected = "a floating-point dtype"
-    try:
-        target = None if dtype is None else jnp.dtype(dtype)
-    except (TypeError, ValueError):
-        target = None
-    if target is None:
-        raise fail("cast_floating", "dtype", expected, describe(dtype), TypeError)
-    if not jnp.issubdtype(target, jnp.floating):
-        raise fail("cast_floating", "dtype", expected, str(target))
-    return jax.tree.map(
-        lambda x: (
-            x.astype(target)
-            if eqx.is_array(x) and jnp.issubdtype(x.dtype, jnp.floating)
-            else x
-        ),
-        tree,
-    )
 
 
 def _shift(x, fill):

@@ -29,6 +29,11 @@ from transforms.validation import (
     typechecked,
 )
 
+from .._attention import (
+    attention_implementation,
+    dot_product_attention,
+    Implementation,
+)
 from .._layer_ops import gelu, layer_norm
 from ._guards import refuse_or_guard
 from ._packing import check_segments
@@ -120,49 +125,7 @@ class _Block(eqx.Module):
         return layer_norm(x + mlp(x), self.ln2_weight, self.ln2_bias), extra
 
 
-def dot_product_attention(
-    q,
-    k,
-    v,
-    *,
-    is_causal: bool,
-    mask=None,
-    lengths=None,
-    implementation: Literal["xla", "cudnn"],
-):
-    """`jax.nn.dot_product_attention` with a boolean `mask` and key lengths, exact
-    in float64.
-
-    JAX's XLA implementation rounds the scores to float32 before the softmax
-    whatever the inputs' dtype; under `jax_enable_x64` with float64 inputs the
-    same attention is computed here in float64 instead (the library's float64
-    tests compare packed with padded batches, and cached decoding with the full
-    forward, to 1e-10). Other dtypes go to JAX unchanged.
-    """
-    if q.dtype != jnp.float64:
-        return jax.nn.dot_product_attention(
-            q,
-            k,
-            v,
-            mask=mask,
-            is_causal=is_causal,
-            key_value_seq_lengths=lengths,
-            implementation=implementation,
-        )
-    scores = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(q.shape[-1])
-    n_q, n_k = q.shape[1], k.shape[1]
-    allowed = jnp.ones((1, 1, n_q, n_k), bool)
-    if is_causal:
-        allowed = allowed & (jnp.arange(n_q)[:, None] >= jnp.arange(n_k)[None, :])
-    if mask is not None:
-        allowed = allowed & mask
-    if lengths is not None:
-        allowed = allowed & (jnp.arange(n_k) < lengths[:, None, None, None])
-    scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
-    return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
-
-
-def padded_attention(lengths, implementation: Literal["xla", "cudnn"]):
+def padded_attention(lengths, implementation: Implementation):
     """The attention core of padded sequences: causal, each sequence attending to
     its first `lengths` positions only."""
 
@@ -175,7 +138,7 @@ def padded_attention(lengths, implementation: Literal["xla", "cudnn"]):
     return core
 
 
-def segment_attention(segment_ids, implementation: Literal["xla", "cudnn"]):
+def segment_attention(segment_ids, implementation: Implementation):
     """The attention core of packed rows: causal and block-diagonal, a position
     attending only to earlier positions of its own segment.
 
@@ -325,25 +288,6 @@ def _keep_masks(key, rate: float, count: int, shape):
     return list(jr.bernoulli(key, 1.0 - rate, (count,) + shape))
 
 
-def _attention_implementation(
-    choice: str, dtype, head_dim: int, length: int, packed: bool
-) -> Literal["xla", "cudnn"]:
-    if choice in ("xla", "cudnn"):
-        return choice
-    # cuDNN's fused flash attention: GPU, half precision, head dims it supports;
-    # with a segment mask (its bias input) the training kernels need an even
-    # length.
-    if (
-        jax.default_backend() == "gpu"
-        and dtype in (jnp.bfloat16, jnp.float16)
-        and head_dim % 8 == 0
-        and head_dim <= 128
-        and not (packed and length % 2)
-    ):
-        return "cudnn"
-    return "xla"
-
-
 def _layers_per_iteration(choice: int | str, n_layers: int) -> int:
     if choice != "auto":
         return int(choice)
@@ -373,7 +317,7 @@ class CausalTransformerLM(eqx.Module):
         the MLP output when a `key` is given; without a key the model is
         deterministic (evaluation).
     - The compute dtype is the dtype of the blocks' weights: cast them (e.g. with
-        [`eqx_models.multimodal.cast_floating`][]) to run in bfloat16; embedding
+        [`transforms.cast_floating`][]) to run in bfloat16; embedding
         tables may stay float32 (their sum is cast), LayerNorm statistics are
         float32.
 
@@ -617,8 +561,8 @@ class CausalTransformerLM(eqx.Module):
         dtype = self.blocks.qkv_weight.dtype
         head_dim = self.d_model // self.n_heads
         packed = segment_ids is not None
-        implementation = _attention_implementation(
-            self.attention, dtype, head_dim, length, packed
+        implementation = attention_implementation(
+            self.attention, dtype, head_dim, length, needs_even_length=packed
         )
         if packed:
             core = segment_attention(segment_ids, implementation)

@@ -89,3 +89,64 @@ def make_data(values, target, intervened=None):
         np.stack([values, np.asarray(intervened, float), is_target], -1),
         dtype=values.dtype,
     )
+
+
+def _layer_norm(x, gain, bias, eps=1e-5):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * gain + bias
+
+
+def _gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def _attend(h, w_qkv, w_out, b_out, n_heads, allowed):
+    """Multi-head self-attention over the first axis of `h` (sequence, width),
+    keys restricted to `allowed`, by loops over heads."""
+    length, width = h.shape
+    head = width // n_heads
+    qkv = h @ w_qkv
+    q, k, v = qkv[:, :width], qkv[:, width : 2 * width], qkv[:, 2 * width :]
+    out = np.zeros((length, width))
+    for j in range(n_heads):
+        cols = slice(j * head, (j + 1) * head)
+        scores = q[:, cols] @ k[:, cols].T / math.sqrt(head)
+        scores = np.where(allowed[None, :], scores, -np.inf)
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        out[:, cols] = weights @ v[:, cols]
+    return out @ w_out + b_out
+
+
+def surrogate_block(x, block, sample_mask, variable_mask, n_heads):
+    """One block of the parent-set model (pre-LN attention over the samples of
+    each variable, MLP, attention over the variables of each row, MLP), row by row
+    and variable by variable; `block` holds one layer's weights as arrays."""
+    p = {name: np.asarray(getattr(block, name), np.float64) for name in (
+        "ln_gain", "ln_bias", "w_qkv", "w_out", "b_out", "w_up", "b_up",
+        "w_down", "b_down",
+    )}  # fmt: skip
+    x = np.array(x, np.float64)
+    n, d, _ = x.shape
+
+    def mlp(x, i):
+        h = _layer_norm(x, p["ln_gain"][2 * i + 1], p["ln_bias"][2 * i + 1])
+        return (
+            x
+            + _gelu_tanh(h @ p["w_up"][i] + p["b_up"][i]) @ p["w_down"][i]
+            + (p["b_down"][i])
+        )
+
+    h = _layer_norm(x, p["ln_gain"][0], p["ln_bias"][0])
+    for i in range(d):
+        x[:, i] += _attend(
+            h[:, i], p["w_qkv"][0], p["w_out"][0], p["b_out"][0], n_heads, sample_mask
+        )
+    x = mlp(x, 0)
+    h = _layer_norm(x, p["ln_gain"][2], p["ln_bias"][2])
+    for r in range(n):
+        x[r] += _attend(
+            h[r], p["w_qkv"][1], p["w_out"][1], p["b_out"][1], n_heads, variable_mask
+        )
+    return mlp(x, 1)

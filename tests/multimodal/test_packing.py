@@ -214,11 +214,12 @@ def test_every_attention_implementation_gets_the_segment_mask(monkeypatch):
 def test_automatic_choice_for_packed_rows(
     monkeypatch, backend, dtype, length, expected
 ):
-    from eqx_models.multimodal._model import _attention_implementation
+    from eqx_models._attention import attention_implementation
 
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    assert _attention_implementation("auto", dtype, 8, length, True) == expected
-    padded = _attention_implementation("auto", dtype, 8, length, False)
+    choose = attention_implementation
+    assert choose("auto", dtype, 8, length, needs_even_length=True) == expected
+    padded = choose("auto", dtype, 8, length, needs_even_length=False)
     assert padded == ("cudnn" if (backend, dtype) == ("gpu", jnp.bfloat16) else "xla")
 
 
