@@ -178,6 +178,12 @@ def _transforms_cases():
     bad_loss = st.sampled_from([3, None, "loss", batched, lambda m, x, y: m(x) - y])
     return [
         Case(
+            "transforms.cast_floating",
+            "dtype",
+            st.sampled_from([jnp.int32, "int8", bool, "float17", None, 3]),
+            lambda d: T.cast_floating({"w": jnp.ones(2)}, d),
+        ),
+        Case(
             "transforms.inject_learning_rate",
             "factory",
             st.sampled_from([3, "adam", None, optax.adam(0.1)]),
@@ -2105,7 +2111,7 @@ _FAMILIES = {
 # How many cases each family has; the cases themselves are built in the test (they
 # need models), this only fixes the parametrisation.
 _N_CASES = {
-    "transforms": 98,
+    "transforms": 99,
     "chmm": 36,
     "tidhy": 40,
     "causal": 37,

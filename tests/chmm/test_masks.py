@@ -116,5 +116,8 @@ def test_bad_lengths():
         expected_counts(model, X, A, lengths=jnp.asarray([3, 3]))
     with pytest.raises(TypeError, match="`lengths`"):
         expected_counts(model, [X[0]], [A[0]], lengths=jnp.asarray([3]))
+    # Under jit the check runs on the device (on a GPU, raised when waited for).
     with pytest.raises(Exception, match="`length`"):
-        jax.jit(log_likelihood)(model, X[0], A[0], length=jnp.asarray(12))
+        jax.block_until_ready(
+            jax.jit(log_likelihood)(model, X[0], A[0], length=jnp.asarray(12))
+        )

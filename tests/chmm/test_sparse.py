@@ -245,9 +245,12 @@ def test_a_disallowed_transition_names_x_and_the_position():
             jnp.stack([a, jnp.asarray(ab)]),
             n_iter=1,
         )
-    # Under jit the check runs on the device.
+    # Under jit the check runs on the device: on a GPU the error arrives when the
+    # result is waited for.
     with pytest.raises(Exception, match="outside the allowed"):
-        jax.jit(log_likelihood)(model, jnp.asarray(xb), jnp.asarray(ab))
+        jax.block_until_ready(
+            jax.jit(log_likelihood)(model, jnp.asarray(xb), jnp.asarray(ab))
+        )
 
 
 def test_bad_construction():
