@@ -27,6 +27,7 @@ from .._validation import (
     describe,
     fail,
 )
+from ._batch_sharding import batch_sharding
 from ._determinism import compile_variants
 from ._optimizer import injected_learning_rate
 from ._parameter_sharding import auto_axes, ParameterSharding, place_state
@@ -208,7 +209,11 @@ def _step(static, model, opt_state):
     def loss_of_params(params):
         return step.loss_fn(eqx.combine(params, rest), batch, key)
 
-    out, grads = jax.value_and_grad(loss_of_params, has_aux=step.has_aux)(params)
+    # Traced with the activations' batch dimensions pinned to the data axis (for
+    # the models that call `constrain_batch`), the backward pass included.
+    with batch_sharding(step.mesh, step.data_axis):
+        grad_fn = jax.value_and_grad(loss_of_params, has_aux=step.has_aux)
+        out, grads = grad_fn(params)
     loss, aux = out if step.has_aux else (out, {})
     if not isinstance(aux, dict):
         raise TypeError(
