@@ -24,6 +24,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .._validation import check_size, check_type, fail
+from ._parameter_sharding import auto_axes
 
 
 # The mesh and axis of the trace in progress. Read only while tracing: a function
@@ -49,8 +50,9 @@ def batch_sharding(mesh: Mesh | None, axis: str = "data") -> Iterator[None]:
 
     **Arguments:**
 
-    - `mesh`: the `jax.sharding.Mesh` the batch is split over, or `None` (no
-        constraints: `constrain_batch` returns its input).
+    - `mesh`: the `jax.sharding.Mesh` the batch is split over (its axes are used
+        as `Auto` axes, as the steps use them), or `None` (no constraints:
+        `constrain_batch` returns its input).
     - `axis`: the mesh axis the batch is split over.
 
     **Raises:**
@@ -73,6 +75,7 @@ def batch_sharding(mesh: Mesh | None, axis: str = "data") -> Iterator[None]:
         if not isinstance(axis, str) or axis not in mesh.axis_names:
             expected = f"an axis of the mesh {tuple(mesh.axis_names)}"
             raise fail(name, "axis", expected, repr(axis))
+        mesh = auto_axes(mesh)
     token = _ACTIVE.set(None if mesh is None else (mesh, axis))
     try:
         yield
