@@ -15,10 +15,10 @@ Usage, one process per host (here two hosts; `--cpu-devices` only for CPUs):
 
 Without `--coordinator` (`python examples/multihost_train.py [--smoke]`) it
 demonstrates the same on this machine: it starts two local processes of two CPU
-devices each (a coordinator on a free local port; CPU collectives over gloo), then
-trains the same model on one process of four CPU devices, and checks that the two
-runs give the same losses at every step. The summary reports the largest relative
-difference.
+devices each (a coordinator on a free local port; CPU collectives over gloo) and,
+beside them, one process of four CPU devices that trains the same, and checks that
+the two runs give the same loss at every step. The summary reports the largest
+relative difference.
 """
 
 import json
@@ -28,8 +28,9 @@ import subprocess
 import sys
 import time
 
+from _common import parse_args, save_summary
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+
 RESULT = "RESULT "  # the prefix of the line a worker prints its losses on
 
 
@@ -49,6 +50,8 @@ def _flags(parser):
 def train_layouts(n_steps: int) -> dict[str, list[float]]:
     """Train the LM with data parallelism and with FSDP over every device that
     the runtime lists; the loss of each step, per layout."""
+    # Imported here: the worker configures JAX before anything starts its runtime,
+    # and the launcher never starts one.
     import jax
     import jax.random as jr
 
@@ -191,9 +194,6 @@ def largest_relative_difference(a: list[float], b: list[float]) -> float:
 
 
 def main(argv=None):
-    sys.path.insert(0, HERE)
-    from _common import parse_args, save_summary
-
     args = parse_args(__doc__, argv, extra=_flags)
     if args.steps is None:
         args.steps = 3 if args.smoke else 20
