@@ -285,11 +285,11 @@ def memory(results: Results, counts: list[int], size_name: str, args) -> None:
                     "seq": seq,
                     "batch_per_device": batch_per_device,
                 },
-                state_bytes_per_device=held,
+                state_bytes=held,
                 argument_bytes=analysis.argument_size_in_bytes,
                 output_bytes=analysis.output_size_in_bytes,
                 temp_bytes=analysis.temp_size_in_bytes,
-                temp_bytes_without_donation=undonated.temp_size_in_bytes,
+                undonated_temp_bytes=undonated.temp_size_in_bytes,
             )
             del state
 
