@@ -376,8 +376,10 @@ def make_train_step(
     - `mesh`: a `jax.sharding.Mesh` for data parallelism: the batch is split over its
         `data_axis` along the leading dimension, the model and optimiser state are
         replicated (or laid out by `parameter_sharding`); gradients are reduced by
-        XLA. Its axes are used as `Auto` axes (XLA propagates shardings). `None`
-        runs on the default device.
+        XLA. Its axes are used as `Auto` axes (XLA propagates shardings). The loss
+        is traced inside [`transforms.batch_sharding`][], so a model that calls
+        [`transforms.constrain_batch`][] on its activations keeps them split by the
+        batch. `None` runs on the default device.
     - `data_axis`: the mesh axis the batch is split over.
     - `donate`: donate the model and optimiser state buffers to the update.
     - `deterministic`: compile for run-to-run determinism on a GPU (XLA's
