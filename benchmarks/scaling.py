@@ -24,9 +24,10 @@ communication):
   parameter layout (replicated, FSDP over the data axis, FSDP with tensor
   parallelism over a model axis of 2): the parameters and AdamW state each device
   holds (from the placed arrays' shards) and XLA's compiled memory analysis of the
-  step (arguments, outputs, temporaries per device). The step is compiled, not
-  run, so fake CPU devices give the figures a GPU would hold (the same shapes and
-  shardings; a GPU's temporaries can differ with its fusions).
+  step as `train` runs it, donating its state and with a key (arguments, outputs,
+  temporaries per device; the temporaries also without donation). The step is
+  compiled, not run, so fake CPU devices give the figures a GPU would hold (the
+  same shapes and shardings; a GPU's temporaries can differ with its fusions).
 
 `small` (the default on a CPU) runs tiny shapes; on a CPU, set
 `XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu` to exercise
@@ -205,7 +206,7 @@ def causal(results: Results, counts: list[int], size_name: str, args) -> None:
 
 def memory(results: Results, counts: list[int], size_name: str, args) -> None:
     from eqx_models import multimodal as mm
-    from transforms import make_train_step, ParameterSharding, shard_batch
+    from transforms import make_train_step, ParameterSharding, replicate, shard_batch
     from transforms._train._train_step import _compiled
 
     # GPT-2-small's width and head count at 6 layers on the full size: its
@@ -228,6 +229,7 @@ def memory(results: Results, counts: list[int], size_name: str, args) -> None:
     config = mm.MultimodalTrainConfig(n_steps=10, learning_rate=1e-3)
     optimizer = mm.make_optimizer(config)
     parameters = sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+    key = jr.key(2)
     for n in counts:
         batch = mm.pad_batch(
             (data.sequences * (n * batch_per_device))[: n * batch_per_device],
@@ -253,12 +255,7 @@ def memory(results: Results, counts: list[int], size_name: str, args) -> None:
                 mesh.axis_names,
             )
             step = make_train_step(
-                loss,
-                optimizer,
-                has_aux=True,
-                mesh=mesh,
-                donate=False,
-                parameter_sharding=layout,
+                loss, optimizer, has_aux=True, mesh=mesh, parameter_sharding=layout
             )
             opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
             state = step.place(model, opt_state)
@@ -267,9 +264,16 @@ def memory(results: Results, counts: list[int], size_name: str, args) -> None:
                 for x in jax.tree.leaves(eqx.filter(state, eqx.is_array))
             )
             assert step.mesh is not None  # the step's own (Auto-axes) mesh
-            placed = shard_batch(batch, step.mesh)
-            lowered = _compiled[False, False].lower((step, placed, None), *state)
-            analysis = lowered.compile().compiled.memory_analysis()
+            inputs = (step, shard_batch(batch, step.mesh), replicate(key, step.mesh))
+            # As `train` runs it: donating the state (its buffers become the
+            # outputs), with a key (dropout and sampled positions).
+            analysis, undonated = (
+                _compiled[donate, False]
+                .lower(inputs, *state)
+                .compile()
+                .compiled.memory_analysis()
+                for donate in (True, False)
+            )
             results.add(
                 workload="lm memory per device",
                 impl=name,
@@ -281,10 +285,11 @@ def memory(results: Results, counts: list[int], size_name: str, args) -> None:
                     "seq": seq,
                     "batch_per_device": batch_per_device,
                 },
-                state_bytes_per_device=held,
+                state_bytes=held,
                 argument_bytes=analysis.argument_size_in_bytes,
                 output_bytes=analysis.output_size_in_bytes,
                 temp_bytes=analysis.temp_size_in_bytes,
+                undonated_temp_bytes=undonated.temp_size_in_bytes,
             )
             del state
 
@@ -327,8 +332,10 @@ def main(argv=None):
             "Memory per device under each parameter layout",
             f"The multimodal LM's training step on meshes of {counts} devices, "
             "compiled (not run) for each layout of its parameters and AdamW state "
-            "(`transforms.ParameterSharding`): the state each device holds and "
-            "XLA's memory analysis of the compiled step per device.",
+            "(`transforms.ParameterSharding`) as `train` runs it (donating its "
+            "state, with a key): the state each device holds and XLA's memory "
+            "analysis of the compiled step per device (temporaries also without "
+            "donation).",
         )
         memory(held, counts, size, args)
         held.save()

@@ -37,6 +37,7 @@ EXAMPLES = [
     ("causal surrogate", "causal_surrogate.py", ("examples",)),
     ("causal intervention design", "causal_design.py", ("examples",)),
     ("multimodal LM", "multimodal_lm.py", ("examples",)),
+    ("multi-host training (two processes)", "multihost_train.py", ()),
     ("torch interop (hybrid CHMM)", "hybrid_chmm.py", ("examples", "torch")),
 ]
 

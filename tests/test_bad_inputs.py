@@ -494,6 +494,24 @@ def _transforms_cases():
             lambda a: T.shard_batch((_X,), jax.make_mesh((1,), ("data",)), a),
         ),
         Case(
+            "transforms.batch_sharding",
+            "mesh",
+            st.sampled_from(["data", jax.devices()[:1], ("data",), 8]),
+            lambda m: T.batch_sharding(m).__enter__(),
+        ),
+        Case(
+            "transforms.batch_sharding",
+            "axis",
+            st.sampled_from(["batch", "", 0, ("data",)]),
+            lambda a: T.batch_sharding(jax.make_mesh((1,), ("data",)), a).__enter__(),
+        ),
+        Case(
+            "transforms.constrain_batch",
+            "dim",
+            st.one_of(NOT_AN_INT, st.integers(max_value=-1)),
+            lambda d: T.constrain_batch(jnp.ones((2, 2)), d),
+        ),
+        Case(
             "transforms.ParameterSharding",
             "fsdp_axis",
             st.sampled_from([None, 3, ("data",), b"data"]),
@@ -2111,7 +2129,7 @@ _FAMILIES = {
 # How many cases each family has; the cases themselves are built in the test (they
 # need models), this only fixes the parametrisation.
 _N_CASES = {
-    "transforms": 99,
+    "transforms": 102,
     "chmm": 36,
     "tidhy": 40,
     "causal": 37,

@@ -96,6 +96,10 @@ from ._privacy._sampling import (
     shuffle_sampler as shuffle_sampler,
     ShuffleSampler as ShuffleSampler,
 )
+from ._train._batch_sharding import (
+    batch_sharding as batch_sharding,
+    constrain_batch as constrain_batch,
+)
 from ._train._checkpoint import (
     check_checkpoint_metadata as check_checkpoint_metadata,
     check_resumed_config as check_resumed_config,

@@ -65,6 +65,16 @@ def _targets(batch):
     return jnp.where(same, targets, PAD)
 
 
+def _take(x, rows):
+    """The entries of `x` at `rows`; all of them, in order, for `rows=None`."""
+    return x if rows is None else x[rows]
+
+
+def _row(rows, i):
+    """Modality `i`'s rows from `_rows`' stacked rows (`None`: every position)."""
+    return None if rows is None else rows[i]
+
+
 def _edges_from_centres(centres):
     mid = 0.5 * (centres[..., 1:] + centres[..., :-1])
     first = centres[..., :1] - (mid[..., :1] - centres[..., :1])
@@ -158,10 +168,12 @@ class MultimodalLoss(eqx.Module):
     def _rows(self, keys, valid, k):
         """Rows (and validity) per modality: `valid` is `(modalities, n)`, `keys` one
         key per modality (or `None`), the same `k` for all. Sampled with one
-        vmapped draw, or every position."""
+        vmapped draw, or every position: rows `None`, so that the losses use the
+        hidden states as they are, where gathering every row would (in a sharded
+        step) gather the whole batch onto every device."""
         n = valid.shape[1]
         if keys is None or k is None or k >= n:
-            return jnp.broadcast_to(jnp.arange(n), valid.shape), valid
+            return None, valid
         return jax.vmap(sample_positions, in_axes=(0, 0, None))(keys, valid, k)
 
     @typechecked
@@ -241,9 +253,9 @@ class MultimodalLoss(eqx.Module):
             self.sample_k,
         )
         image = self._vector_loss(
-            head, "image", self.codebooks.image, targets, main_rows[0], main_ok[0]
+            head, "image", self.codebooks.image, targets, _row(main_rows, 0), main_ok[0]
         )
-        scalar = self._scalar_loss(head, batch, targets, main_rows[1], main_ok[1])
+        scalar = self._scalar_loss(head, batch, targets, _row(main_rows, 1), main_ok[1])
         spectrum = self._spectrum_loss(head, targets, group_keys)
         total = (
             ce
@@ -285,7 +297,7 @@ class MultimodalLoss(eqx.Module):
         return expected_value_loss(
             head.logits(name, rows),
             codebook.astype(head.accumulate),
-            targets[rows] - start,
+            _take(targets, rows) - start,
             where=ok,
             # Selected rows hold targets of this slice by construction.
             check_targets=False,
@@ -297,7 +309,7 @@ class MultimodalLoss(eqx.Module):
         centres_table = self.codebooks.scalar.astype(head.accumulate)
         n_columns = centres_table.shape[0]
         if n_columns > 1:
-            row_columns = _shift(batch.columns, -1).reshape(-1)[rows]
+            row_columns = _take(_shift(batch.columns, -1).reshape(-1), rows)
             row_columns = check_ids(
                 "MultimodalLoss",
                 "batch.columns",
@@ -308,15 +320,16 @@ class MultimodalLoss(eqx.Module):
             )
             centres = centres_table[jnp.clip(row_columns, 0, n_columns - 1)]
         else:
-            centres = jnp.broadcast_to(centres_table, (rows.shape[0], stop - start))
+            centres = jnp.broadcast_to(centres_table, (ok.shape[0], stop - start))
         logits = head.logits("scalar", rows)
-        target_bins = jnp.clip(targets[rows] - start, 0, stop - start - 1)
+        target_bins = jnp.clip(_take(targets, rows) - start, 0, stop - start - 1)
         target_centres = jnp.take_along_axis(centres, target_bins[:, None], 1)[:, 0]
         if self.scalar_loss == "mse":
             # Not `expected_value_loss`: the bin centres differ between rows.
             predicted = jax.vmap(expected_value)(logits, centres)
             return masked_mean(jnp.square(predicted - target_centres), ok)
-        raw = _shift(batch.values, jnp.nan).reshape(-1)[rows].astype(head.accumulate)
+        raw = _take(_shift(batch.values, jnp.nan).reshape(-1), rows)
+        raw = raw.astype(head.accumulate)
         raw = jnp.where(jnp.isfinite(raw), raw, target_centres)
         if self.scalar_loss == "two_hot":
             probs = jax.vmap(two_hot)(raw, centres)
@@ -340,7 +353,7 @@ class MultimodalLoss(eqx.Module):
             keys, jnp.stack([head.in_range(name, targets) for name in names]), k
         )
         losses = [
-            self._vector_loss(head, name, codebook, targets, rows[g], ok[g])
+            self._vector_loss(head, name, codebook, targets, _row(rows, g), ok[g])
             for g, (name, codebook) in enumerate(zip(names, self.codebooks.spectrum))
         ]
         return masked_mean(jnp.stack(losses), jnp.any(ok, axis=1))
@@ -361,10 +374,11 @@ class _SliceHead(eqx.Module):
         start, stop = self.slices[name]
         return (targets >= start) & (targets < stop)
 
-    def logits(self, name: str, rows: Array) -> Array:
-        """Logits over modality `name`'s slice at `rows`, accumulated in float32."""
+    def logits(self, name: str, rows: Array | None) -> Array:
+        """Logits over modality `name`'s slice at `rows` (every row for `None`),
+        accumulated in float32."""
         start, stop = self.slices[name]
-        h = self.hidden[rows]
+        h = _take(self.hidden, rows)
         w = self.weight[start:stop].astype(h.dtype)
         logits = jnp.dot(h, w.T, preferred_element_type=self.accumulate)
         return logits + self.bias[start:stop].astype(self.accumulate)

@@ -18,6 +18,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from transforms import constrain_batch
 from transforms.validation import (
     check_bool,
     check_choice,
@@ -40,6 +41,16 @@ from ._packing import check_segments
 from ._vocab import implied_types, N_SPECIAL, PAD, SPECIAL_TYPE, VocabLayout
 
 
+def _by_sequence(rows, batch: int):
+    """Rows `(batch * length, ...)` kept split by whole sequences over the data axis
+    of the sharded training step being traced ([`transforms.constrain_batch`][]; a
+    no-op elsewhere). Constrained as `(batch, length, ...)`, so that a single
+    sequence (a `batch` of 1, as under `vmap` over sequences) is never split along
+    its length."""
+    shape = (batch, rows.shape[0] // batch) + rows.shape[1:]
+    return constrain_batch(rows.reshape(shape)).reshape(rows.shape)
+
+
 class _Block(eqx.Module):
     """One transformer block: attention and MLP sublayers with residuals.
 
@@ -49,6 +60,12 @@ class _Block(eqx.Module):
     activations are `(batch * length, d_model)` rows: with a 2-D operand the weight
     gradients contract a single axis and XLA keeps the activations in their natural
     layout instead of adding transposes around each matmul.
+
+    Inside a sharded training step the activations are pinned to the batch split
+    (`_by_sequence`): with parameters split over the same mesh axis (FSDP), XLA
+    would otherwise be free to lay them out like the parameters, split by features
+    over the whole batch, and gather whole batches around the matrix products
+    instead of gathering each layer's weights.
     """
 
     ln1_weight: Float[Array, "*layers d_model"]
@@ -84,14 +101,16 @@ class _Block(eqx.Module):
         d = h.shape[1]
         length = h.shape[0] // batch
         shape = (batch, length, n_heads, d // n_heads)
-        q, k, v = self.projections(h)
-        o, extra = core(q.reshape(shape), k.reshape(shape), v.reshape(shape))
-        return o.reshape(batch * length, d) @ self.out_weight + self.out_bias, extra
+        q, k, v = (constrain_batch(p.reshape(shape)) for p in self.projections(h))
+        o, extra = core(q, k, v)
+        o = constrain_batch(o).reshape(batch * length, d)
+        return _by_sequence(o @ self.out_weight + self.out_bias, batch), extra
 
-    def mlp(self, h):
-        """The position-wise feed-forward sublayer (GELU)."""
-        h = gelu(h @ self.fc_weight + self.fc_bias)
-        return h @ self.proj_weight + self.proj_bias
+    def mlp(self, h, *, batch: int):
+        """The position-wise feed-forward sublayer (GELU) on rows `h` of `batch`
+        sequences."""
+        h = _by_sequence(gelu(h @ self.fc_weight + self.fc_bias), batch)
+        return _by_sequence(h @ self.proj_weight + self.proj_bias, batch)
 
     def __call__(
         self,
@@ -114,7 +133,7 @@ class _Block(eqx.Module):
             return _dropout(o, dropout, keep_attn), extra
 
         def mlp(h):
-            return _dropout(self.mlp(h), dropout, keep_mlp)
+            return _dropout(self.mlp(h, batch=batch), dropout, keep_mlp)
 
         if pre_ln:
             o, extra = attention(layer_norm(x, self.ln1_weight, self.ln1_bias))
@@ -601,11 +620,11 @@ class CausalTransformerLM(eqx.Module):
             x, self.dropout, _keep_masks(embed_key, self.dropout, 1, x.shape)[0]
         )
         # The blocks work on `(batch * length, d_model)` rows (see `_Block`).
-        x = x.reshape(batch * length, self.d_model)
+        x = _by_sequence(x.reshape(batch * length, self.d_model), batch)
 
         def block(x, inputs):
             p, k = inputs
-            return p(
+            x, extra = p(
                 x,
                 core,
                 batch=batch,
@@ -614,6 +633,7 @@ class CausalTransformerLM(eqx.Module):
                 dropout=self.dropout,
                 key=k,
             )
+            return _by_sequence(x, batch), extra
 
         if self.remat:
             block = jax.checkpoint(block)
@@ -625,7 +645,8 @@ class CausalTransformerLM(eqx.Module):
 
         unroll = _layers_per_iteration(self.unroll, self.n_layers)
         x, extra = jax.lax.scan(scanned, x, (params, layer_keys), unroll=unroll)
-        return layer_norm(x, self.final_norm_weight, self.final_norm_bias), extra
+        x = layer_norm(x, self.final_norm_weight, self.final_norm_bias)
+        return _by_sequence(x, batch), extra
 
     @typechecked
     def features(

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 from jaxtyping import PRNGKeyArray
 
 from transforms import (
+    batch_sharding,
     check_resumed_config,
     copy_for_donation,
     describe_config,
@@ -312,7 +313,12 @@ def _flatten(config: dict, prefix: str) -> dict:
     return out
 
 
-_evaluate_batch = eqx.filter_jit(lambda model, loss, batch: loss(model, batch, None))
+@eqx.filter_jit
+def _evaluate_batch(model, loss, batch, mesh):
+    # Traced with the activations pinned to the batch split, as in the training
+    # step: with split parameters XLA would otherwise gather whole batches.
+    with batch_sharding(mesh, "data"):
+        return loss(model, batch, None)
 
 
 def evaluate(
@@ -365,7 +371,7 @@ def evaluate(
     for batch in batches:
         if mesh is not None:
             batch = shard_batch(batch, mesh)
-        total, aux = _evaluate_batch(model, loss, batch)
+        total, aux = _evaluate_batch(model, loss, batch, mesh)
         values = {"loss": total, **aux}
         for name, value in jax.device_get(values).items():
             totals[name] = totals.get(name, 0.0) + float(value)

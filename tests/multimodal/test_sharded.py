@@ -99,6 +99,89 @@ def test_sharded_training_equals_one_device():
     assert done.stdout.strip().endswith("OK"), done.stdout
 
 
+# The training step compiled (not run) for each layout on eight fake devices, as
+# `train` runs it (donating its state, with a key). XLA's figures for these shapes
+# and shardings are deterministic for a given jaxlib.
+_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import math
+    import re
+    import jax
+    jax.config.update("jax_num_cpu_devices", 8)
+    import equinox as eqx, jax.random as jr
+    from transforms import make_train_step, ParameterSharding, shard_batch
+    from transforms._train._train_step import _compiled
+    from eqx_models import multimodal as mm
+
+    data = mm.make_synthetic_data(jr.key(0), 8, fit_on=8)
+    d, length, batch_size = 128, 128, 32  # 4 rows per device
+    model = mm.CausalTransformerLM(
+        data.layout, d_model=d, n_layers=2, n_heads=4, max_len=length,
+        dropout=0.0, init="gpt", key=jr.key(1),
+    )
+    loss = mm.MultimodalLoss(data.codebooks)
+    optimizer = mm.make_optimizer(mm.MultimodalTrainConfig(n_steps=10))
+    batch = mm.pad_batch((data.sequences * batch_size)[:batch_size], length=length)
+
+    def compiled(mesh, layout):
+        step = make_train_step(
+            loss, optimizer, has_aux=True, mesh=mesh, parameter_sharding=layout
+        )
+        opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+        state = step.place(model, opt_state)
+        inputs = (step, shard_batch(batch, step.mesh), jr.key(2))
+        return _compiled[True, False].lower(inputs, *state).compile().compiled
+
+    def largest_gather(compiled):
+        # Elements of the largest array an all-gather (or all-to-all) produces.
+        sizes = [0]
+        for line in compiled.as_text().splitlines():
+            found = re.search(r"= \\w+\\[([\\d,]*)\\][^ ]* all-(gather|to-all)", line)
+            if found:
+                dims = [int(n) for n in found.group(1).split(",") if n]
+                sizes.append(math.prod(dims))
+        return max(sizes)
+
+    data_mesh = jax.make_mesh((8,), ("data",))
+    fsdp = ParameterSharding(fsdp_axis="data")
+    both = ParameterSharding(
+        fsdp_axis="data", tensor_parallel=mm.TensorParallelRule("model")
+    )
+    replicated = compiled(data_mesh, None).memory_analysis()
+    split = compiled(data_mesh, fsdp)
+    memory = split.memory_analysis()
+    print("temporaries", replicated.temp_size_in_bytes, memory.temp_size_in_bytes)
+    # The state shrinks about 8-fold, and the temporaries do not grow.
+    assert memory.argument_size_in_bytes < replicated.argument_size_in_bytes / 6
+    assert memory.temp_size_in_bytes <= replicated.temp_size_in_bytes
+    # The cause, checked directly: XLA gathers parameters (and sampled rows), never
+    # the activations of the whole batch.
+    whole_batch = batch_size * length * d
+    assert largest_gather(split) < whole_batch, largest_gather(split)
+    mesh_2d = jax.make_mesh((4, 2), ("data", "model"))
+    assert largest_gather(compiled(mesh_2d, both)) < whole_batch
+    print("OK")
+    """
+)
+
+
+@pytest.mark.slow
+def test_fsdp_keeps_activations_split_by_the_batch():
+    root = pathlib.Path(__file__).resolve().parents[2]
+    path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path, JAX_PLATFORMS="cpu")
+    done = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env=env,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("OK"), done.stdout
+
+
 def test_tensor_parallel_rule_splits_the_block_matrices_only():
     rule = TensorParallelRule("model")
     key = jax.tree_util.GetAttrKey

@@ -116,6 +116,41 @@ _SCRIPT = textwrap.dedent(
     # The rule splits dimension 0 of the 64-row weights over "model" (2), FSDP
     # the largest dimension left over "data" (4).
     assert shards(mt)[:3] == [(32, 1), (16,), (32, 16)], shards(mt)
+
+    # Activations pinned to the batch split: inside `batch_sharding` an array's
+    # batch dimension is constrained to the data axis, where the axis divides it;
+    # values never change, and outside the context nothing happens at all.
+    from transforms import batch_sharding, chunked_cross_entropy, constrain_batch
+    a = jr.normal(jr.key(4), (16, 6))
+    assert constrain_batch(a) is a
+    def pinned(a):
+        with batch_sharding(mesh, "data"):
+            per_row = jax.vmap(lambda r: constrain_batch(r[None])[0])(a)
+            return constrain_batch(a), constrain_batch(a[:3]), per_row
+    out, odd, per_row = jax.jit(pinned)(a)
+    assert out.sharding.shard_shape(out.shape) == (2, 6), out.sharding
+    for value in (out, per_row):
+        np.testing.assert_array_equal(value, a)
+    np.testing.assert_array_equal(odd, a[:3])
+    grad = jax.jit(jax.grad(lambda a: jnp.sum(pinned(a)[0] ** 2)))(a)
+    np.testing.assert_allclose(grad, 2 * a, rtol=1e-6)
+    # The chunked cross-entropy of split rows (strided chunks) against one device.
+    h = jr.normal(jr.key(5), (64, 8)); w = jr.normal(jr.key(6), (10, 8))
+    t = jr.randint(jr.key(7), (64,), 0, 10)
+    ce = lambda h, w: chunked_cross_entropy(h, w, None, t, chunk_size=16)
+    def ce_split(h, w):
+        with batch_sharding(mesh, "data"):
+            return ce(constrain_batch(h), w)
+    expected = jax.value_and_grad(ce, argnums=(0, 1))(h, w)
+    # (Split over `Auto` axes, as the steps split batches: with `Explicit` ones
+    # the split is part of the type, which the custom VJP does not carry.)
+    auto = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    got = jax.jit(jax.value_and_grad(ce_split, argnums=(0, 1)))(
+        shard_batch(h, auto), w
+    )
+    for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+    assert got[1][0].sharding.shard_shape((64, 8)) == (8, 8), got[1][0].sharding
     print("OK")
     """
 )

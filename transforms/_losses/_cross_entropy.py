@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from .._train._batch_sharding import batch_shards, constrain_batch
 from .._validation import check_ids, check_size, typechecked
 from ._masked import pairwise_sum
 
@@ -21,8 +22,24 @@ _VOCAB_TILE = 128
 _MAX_PADDING_RATIO = 16
 
 
-def _chunks(x, n_chunks: int):
-    return x.reshape((n_chunks, x.shape[0] // n_chunks) + x.shape[1:])
+def _chunks(x, n_chunks: int, strided: bool):
+    """`x` split along its rows into `n_chunks` chunks, stacked. Strided chunks
+    (chunk `j` holds rows `j, j + n_chunks, ...`) when the rows are split over
+    devices: each chunk then takes its share of every device's rows, where
+    consecutive rows would put a chunk on a few devices and the scan over chunks
+    would gather them."""
+    size = x.shape[0] // n_chunks
+    if not strided:
+        return x.reshape((n_chunks, size) + x.shape[1:])
+    x = x.reshape((size, n_chunks) + x.shape[1:])
+    return constrain_batch(jnp.swapaxes(x, 0, 1), dim=1)
+
+
+def _unchunk(x, strided: bool):
+    """The rows of chunks from `_chunks`, in their original order."""
+    if strided:
+        x = jnp.swapaxes(x, 0, 1)
+    return x.reshape((-1,) + x.shape[2:])
 
 
 def _chunk_logits(h, weight, bias, accumulate):
@@ -46,11 +63,12 @@ def _prepare(hidden, targets, where, chunk_size):
         )
         targets = jnp.concatenate([targets, jnp.zeros((pad,), targets.dtype)])
         where = jnp.concatenate([where, jnp.zeros((pad,), bool)])
+    strided = n_chunks > 1 and batch_shards() > 1
     return (
-        _chunks(hidden, n_chunks),
-        _chunks(targets, n_chunks),
-        _chunks(where, n_chunks),
-    )
+        _chunks(hidden, n_chunks, strided),
+        _chunks(targets, n_chunks, strided),
+        _chunks(where, n_chunks, strided),
+    ), strided
 
 
 def _accumulate_dtype(hidden, weight):
@@ -94,7 +112,7 @@ def _loss(chunk_size, hidden, weight, bias, targets, where):
         h, t, w = xs
         return None, _chunk_loss(h, t, w, weight, bias, accumulate)[2]
 
-    xs = _prepare(hidden, targets, where, chunk_size)
+    xs, _ = _prepare(hidden, targets, where, chunk_size)
     _, sums = jax.lax.scan(body, None, xs)
     return pairwise_sum(sums) * _scale(where, accumulate)
 
@@ -125,9 +143,9 @@ def _loss_and_grads(chunk_size, hidden, weight, bias, targets, where):
         return (d_weight, d_bias), (chunk_sum, d_h)
 
     init = (jnp.zeros(weight.shape, accumulate), jnp.zeros((padded,), accumulate))
-    xs = _prepare(hidden, targets, where, chunk_size)
+    xs, strided = _prepare(hidden, targets, where, chunk_size)
     (d_weight, d_bias), (sums, d_h) = jax.lax.scan(body, init, xs)
-    d_hidden = d_h.reshape((-1,) + hidden.shape[1:])[: hidden.shape[0]]
+    d_hidden = _unchunk(d_h, strided)[: hidden.shape[0]]
     # Gradients in the primal dtypes: a float32 master weight keeps a float32
     # gradient even when the matmuls ran in bfloat16.
     n_vocab = primal_weight.shape[0]

@@ -8,9 +8,32 @@ steps place their inputs this way, and users call the same two functions.
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
 from .._validation import check_type, is_concrete
+
+
+def put(x, sharding: Sharding):
+    """`x` laid out by `sharding`, on this process's devices and every other's.
+
+    Within one process this is `jax.device_put`. When the sharding spans the
+    devices of several processes (after `jax.distributed.initialize`), every
+    process holds the same global value (the same model, key and batch) and builds
+    the shards of its own devices from it: `jax.device_put` would first compare
+    the copies across processes, a collective on every call that also refuses any
+    array holding a NaN (which never equals itself; the LM's batches mark missing
+    values with NaN). An array that already spans the processes is resharded.
+    """
+    if sharding.is_fully_addressable or (
+        isinstance(x, jax.Array) and not x.is_fully_addressable
+    ):
+        return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = put(jax.random.key_data(x), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
 
 
 def place(tree, shardings):
@@ -27,14 +50,14 @@ def place(tree, shardings):
     # `device_put` reuses the source buffer for the shard on the same device (even
     # with `may_alias=False` in JAX 0.10), so it moves a copy. An array already laid
     # out is kept, not copied at every step.
-    def put(x, sharding):
+    def move(x, sharding):
         if x.sharding.is_equivalent_to(sharding, x.ndim):
             return x
-        return jax.device_put(jnp.copy(x), sharding)
+        return put(jnp.copy(x), sharding)
 
     # `shardings` is a prefix of `dynamic`: each sharding lays out its subtree.
     def put_subtree(sharding: Sharding, subtree):
-        return jax.tree.map(lambda x: put(x, sharding), subtree)
+        return jax.tree.map(lambda x: move(x, sharding), subtree)
 
     return eqx.combine(jax.tree.map(put_subtree, shardings, dynamic), static)
 
@@ -88,7 +111,7 @@ def shard_batch(batch, mesh: Mesh, axis: str = "data"):
                 f"divisible by the {n} devices of mesh axis {axis!r}; the leaf at "
                 f"{jax.tree_util.keystr(path)} has shape {leaf.shape}."
             )
-        return jax.device_put(leaf, sharding)
+        return put(leaf, sharding)
 
     return jax.tree_util.tree_map_with_path(place, batch)
 

@@ -27,6 +27,7 @@ from .._validation import (
     describe,
     fail,
 )
+from ._batch_sharding import batch_sharding
 from ._determinism import compile_variants
 from ._optimizer import injected_learning_rate
 from ._parameter_sharding import auto_axes, ParameterSharding, place_state
@@ -208,7 +209,11 @@ def _step(static, model, opt_state):
     def loss_of_params(params):
         return step.loss_fn(eqx.combine(params, rest), batch, key)
 
-    out, grads = jax.value_and_grad(loss_of_params, has_aux=step.has_aux)(params)
+    # Traced with the activations' batch dimensions pinned to the data axis (for
+    # the models that call `constrain_batch`), the backward pass included.
+    with batch_sharding(step.mesh, step.data_axis):
+        grad_fn = jax.value_and_grad(loss_of_params, has_aux=step.has_aux)
+        out, grads = grad_fn(params)
     loss, aux = out if step.has_aux else (out, {})
     if not isinstance(aux, dict):
         raise TypeError(
@@ -371,8 +376,10 @@ def make_train_step(
     - `mesh`: a `jax.sharding.Mesh` for data parallelism: the batch is split over its
         `data_axis` along the leading dimension, the model and optimiser state are
         replicated (or laid out by `parameter_sharding`); gradients are reduced by
-        XLA. Its axes are used as `Auto` axes (XLA propagates shardings). `None`
-        runs on the default device.
+        XLA. Its axes are used as `Auto` axes (XLA propagates shardings). The loss
+        is traced inside [`transforms.batch_sharding`][], so a model that calls
+        [`transforms.constrain_batch`][] on its activations keeps them split by the
+        batch. `None` runs on the default device.
     - `data_axis`: the mesh axis the batch is split over.
     - `donate`: donate the model and optimiser state buffers to the update.
     - `deterministic`: compile for run-to-run determinism on a GPU (XLA's

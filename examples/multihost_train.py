@@ -1,0 +1,238 @@
+"""The multimodal LM trained by several processes that form one JAX runtime.
+
+Each process calls `jax.distributed.initialize` with the coordinator's address, the
+number of processes and its own index; after that `jax.devices()` lists the devices
+of every process, one mesh spans them, and `eqx_models.multimodal.train` runs
+unchanged: data parallelism, then fully sharded data parallelism
+(`transforms.ParameterSharding`), with XLA's collectives between the processes.
+
+Usage, one process per host (here two hosts; `--cpu-devices` only for CPUs):
+
+    python examples/multihost_train.py --coordinator host0:1234 --processes 2 \\
+        --process-id 0   # on host0
+    python examples/multihost_train.py --coordinator host0:1234 --processes 2 \\
+        --process-id 1   # on host1
+
+Without `--coordinator` (`python examples/multihost_train.py [--smoke]`) it
+demonstrates the same on this machine: it starts two local processes of two CPU
+devices each (a coordinator on a free local port; CPU collectives over gloo) and,
+beside them, one process of four CPU devices that trains the same, and checks that
+the two runs give the same loss at every step. The summary reports the largest
+relative difference.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+from _common import parse_args, save_summary
+
+
+RESULT = "RESULT "  # the prefix of the line a worker prints its losses on
+
+
+def _flags(parser):
+    parser.add_argument("--coordinator", help="host:port of process 0")
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--process-id", type=int, default=0)
+    parser.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=None,
+        help="run on this many CPU devices per process (no accelerator)",
+    )
+    parser.add_argument("--steps", type=int, default=None)
+
+
+def train_layouts(n_steps: int) -> dict[str, list[float]]:
+    """Train the LM with data parallelism and with FSDP over every device that
+    the runtime lists; the loss of each step, per layout."""
+    # Imported here: the worker configures JAX before anything starts its runtime,
+    # and the launcher never starts one.
+    import jax
+    import jax.random as jr
+
+    from eqx_models.multimodal import (
+        CausalTransformerLM,
+        make_synthetic_data,
+        MultimodalLoss,
+        MultimodalTrainConfig,
+        pad_batch,
+        train,
+    )
+    from transforms import ParameterSharding
+
+    # Every process builds the same data, model and key, and `data(i)` returns the
+    # same global batch everywhere: each device then takes its own rows of it.
+    data = make_synthetic_data(jr.key(0), 64, fit_on=64, spectrum_groups=("blue",))
+    length = max(len(s.tokens) for s in data.sequences)
+    batch_size = 2 * jax.device_count()
+    model = CausalTransformerLM(
+        data.layout, d_model=32, n_layers=2, n_heads=2, max_len=length, key=jr.key(1)
+    )
+    loss = MultimodalLoss(data.codebooks)
+    config = MultimodalTrainConfig(n_steps=n_steps, learning_rate=3e-3, warmup_steps=1)
+
+    def batches(i):
+        start = (i * batch_size) % (len(data.sequences) - batch_size)
+        return pad_batch(data.sequences[start : start + batch_size], length=length)
+
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    layouts = {
+        "data parallel": None,
+        "fsdp": ParameterSharding(fsdp_axis="data", min_size=256),
+    }
+    losses = {}
+    for name, layout in layouts.items():
+        result = train(
+            model,
+            loss,
+            batches,
+            config,
+            key=jr.key(2),
+            mesh=mesh,
+            parameter_sharding=layout,
+            progress=False,
+        )
+        losses[name] = [float(record["loss"]) for record in result.history]
+    return losses
+
+
+def worker(args) -> None:
+    """One process of the runtime: join it, train, print the losses."""
+    import jax
+
+    if args.cpu_devices is not None:
+        # Before the runtime starts: fake CPU devices, and collectives between
+        # processes over gloo (the CPU backend has none by default).
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if args.processes > 1:
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator,
+            num_processes=args.processes,
+            process_id=args.process_id,
+            initialization_timeout=120,
+        )
+    losses = train_layouts(args.steps)
+    report = {
+        "process": jax.process_index(),
+        "processes": jax.process_count(),
+        "devices": jax.device_count(),
+        "local_devices": jax.local_device_count(),
+        "losses": losses,
+    }
+    print(RESULT + json.dumps(report), flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _result(output: str) -> dict:
+    lines = [line for line in output.splitlines() if line.startswith(RESULT)]
+    if not lines:
+        raise RuntimeError(f"a process printed no result; its output ends:\n{output}")
+    return json.loads(lines[-1][len(RESULT) :])
+
+
+def start(processes: int, devices_per_process: int, steps: int) -> list:
+    """Start `processes` workers of `devices_per_process` CPU devices on this
+    machine (one runtime when `processes > 1`); `collect` their reports."""
+    port = _free_port()
+    script = os.path.abspath(__file__)
+    # CPU devices, also on a machine with a GPU (which JAX would pick first).
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = (
+        f"{env.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+    )
+    workers = []
+    for i in range(processes):
+        command = [sys.executable, script, "--processes", str(processes)]
+        command += ["--process-id", str(i), "--cpu-devices", str(devices_per_process)]
+        command += ["--coordinator", f"localhost:{port}", "--steps", str(steps)]
+        workers.append(
+            subprocess.Popen(
+                command,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    return workers
+
+
+def collect(workers: list, timeout: float = 300) -> list[dict]:
+    """The reports of the workers `start` returned, once all have ended."""
+    outputs = []
+    try:
+        for process in workers:
+            outputs.append(process.communicate(timeout=timeout)[0])
+    finally:
+        # A worker that failed leaves the others waiting for it: end them.
+        for process in workers:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    for i, (process, output) in enumerate(zip(workers, outputs)):
+        if process.returncode != 0:
+            raise RuntimeError(
+                f"process {i} of {len(workers)} exited with {process.returncode}; "
+                f"its output ends:\n{output[-3000:]}"
+            )
+    return [_result(output) for output in outputs]
+
+
+def largest_relative_difference(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
+
+
+def main(argv=None):
+    args = parse_args(__doc__, argv, extra=_flags)
+    if args.steps is None:
+        args.steps = 3 if args.smoke else 20
+    if args.coordinator is not None or args.processes == 1:
+        worker(args)
+        return
+    t0 = time.perf_counter()
+    # The two runs side by side: two processes of two devices, one of four.
+    runs = start(2, 2, args.steps), start(1, 4, args.steps)
+    together, (alone,) = (collect(workers) for workers in runs)
+    elapsed = time.perf_counter() - t0
+    for report in together:
+        assert report["devices"] == 4 and report["local_devices"] == 2, report
+        assert report["processes"] == 2, report
+    differences = {
+        name: max(
+            largest_relative_difference(report["losses"][name], alone["losses"][name])
+            for report in together
+        )
+        for name in alone["losses"]
+    }
+    summary = {
+        "processes": 2,
+        "devices": 4,
+        "steps": args.steps,
+        "max_rel_diff_data_parallel": f"{differences['data parallel']:.1e}",
+        "max_rel_diff_fsdp": f"{differences['fsdp']:.1e}",
+        "final_loss": round(alone["losses"]["fsdp"][-1], 4),
+        "seconds": round(elapsed, 1),
+    }
+    save_summary("multihost_train", summary)
+    # Float32 sums over devices in another order: agreement to rounding, not bits.
+    worst = max(differences.values())
+    if worst > 1e-5:
+        raise SystemExit(
+            f"two processes and one process disagree: largest relative loss "
+            f"difference {worst:.2e} (data parallel and FSDP: {differences})"
+        )
+
+
+if __name__ == "__main__":
+    main()
