@@ -1,7 +1,7 @@
 """The benchmark's GPT in PyTorch, and the worker that measures PyTorch's per-sample
 gradient norms on it, in a process of its own.
 
-Same architecture as the Equinox model in `benchmarks/ghost.py` (learned positions,
+Same architecture as the Equinox model in `benchmarks/_gpt.py` (learned positions,
 pre-LN blocks, fused qkv projection, causal attention, tanh-GELU MLP, final LayerNorm,
 head tied to the token embedding), so the per-sample norms agree when the weights are
 copied over.

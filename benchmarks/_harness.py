@@ -1,17 +1,22 @@
-"""Shared timing helpers for the benchmark scripts (not part of the library).
+"""The measuring harness the benchmark scripts share (not part of the library).
 
 Every benchmark script builds a `Results`, adds one row per (workload, implementation)
-measured with `time_jax` or `time_callable`, and saves it as JSON under
-`benchmarks/results/`; `python benchmarks/render.py` turns all result files into
-`docs/benchmarks.md`.
+measured with `time_jax`, `measure` or `time_callable` (in a child process of its own
+with `run_worker` where memory figures or failures must not mix), and saves it as
+JSON under `benchmarks/results/`; `python benchmarks/render.py` turns all result
+files into `docs/benchmarks.md`.
 """
 
+import argparse
 import datetime
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -141,6 +146,117 @@ def time_callable(
         sync(fn())
         times.append(time.perf_counter() - t0)
     return {"first_call_s": first, **_summary(times)}
+
+
+def footprint(compiled) -> dict[str, Any]:
+    """What XLA's analyses of a compiled executable report: `temp_bytes`, `peak_bytes`
+    (arguments + outputs + temporaries - aliased) and `flops`, where known."""
+    out = {}
+    analysis = compiled.memory_analysis()
+    if analysis is not None:
+        out["temp_bytes"] = int(analysis.temp_size_in_bytes)
+        out["peak_bytes"] = int(
+            analysis.argument_size_in_bytes
+            + analysis.output_size_in_bytes
+            + analysis.temp_size_in_bytes
+            - analysis.alias_size_in_bytes
+        )
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0] if cost else None
+    if cost and "flops" in cost:
+        out["flops"] = float(cost["flops"])
+    return out
+
+
+def measure(fn: Callable, *args, repeats: int, keep: bool = False):
+    """Compile `fn` once, read its footprint, then time the compiled executable.
+
+    **Returns:**
+
+    The row (`compile_s`, the `footprint` and the timing), and the output of the last
+    timed call when `keep` (else None).
+    """
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    row = {"compile_s": compile_s, **footprint(compiled)}
+    last = {}
+
+    def call():
+        out = compiled(*args)
+        if keep:
+            last["out"] = out
+        return out
+
+    row.update(time_callable(call, warmup=1, repeats=repeats))
+    row.pop("first_call_s")
+    return row, last.get("out")
+
+
+def measure_unless_out_of_memory(fn: Callable, *args, repeats: int, keep: bool = False):
+    """`measure`, where a program that does not fit in the device's memory is a row
+    whose `error` is the first line of XLA's message (a sweep records it and goes on).
+    """
+    try:
+        return measure(fn, *args, repeats=repeats, keep=keep)
+    except RuntimeError as error:  # XLA's out-of-memory error is one
+        text = str(error)
+        if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
+            raise
+        return {"error": (text.strip().splitlines() or [""])[0][:200]}, None
+
+
+def run_worker(
+    command: list[str],
+    timeout: float,
+    *,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    tail: int = 3,
+) -> dict[str, Any]:
+    """Run `python *command` in a child process and return its result: the last line
+    of its output that is a JSON object, raw `times` replaced by their summary.
+
+    A child has memory figures of its own, and its failure does not stop the parent:
+    a timeout, a non-zero exit or no result is `{"error": ...}` with the last `tail`
+    lines of the child's output.
+    """
+    try:
+        done = subprocess.run(
+            [sys.executable, *command],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            cwd=cwd,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        last = (done.stderr or done.stdout).strip().splitlines()[-tail:]
+        return {"error": f"exit {done.returncode}: " + " | ".join(last)}
+    result = json.loads(lines[-1])
+    if "times" in result:
+        result.update(_summary(result.pop("times")))
+    return result
+
+
+def not_installed(module: str) -> bool:
+    """Whether `module` cannot be imported here (an optional peer's package)."""
+    return importlib.util.find_spec(module) is None
+
+
+def positive_int(text: str) -> int:
+    """An `argparse` type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 class Results:

@@ -6,7 +6,7 @@ Usage: `python benchmarks/attribution.py [--size tiny|gpt2] [--batch B] [--lengt
 [--top-k K] [--store-dtype float32|float16] [--parts build|queries|peer ...]
 [--no-peer] [--repeats R]
 [--results-dir DIR]`. The default size is `gpt2`
-on a GPU (GPT-2 small, `benchmarks/ghost.py`'s model: 124M parameters, 12 layers
+on a GPU (GPT-2 small, `benchmarks/_gpt.py`'s model: 124M parameters, 12 layers
 scanned over, head tied to the token embedding, bfloat16 compute with float32
 master weights) at `T = 128`, `B = 64`, `k ∈ {16, 64}` (per layer `16²` and `64²`
 projected entries per weight matrix), and `tiny` on the CPU (float32, `T = 16`,
@@ -42,8 +42,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from typing import Any
@@ -57,8 +55,15 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from _harness import _summary, Results, time_callable
-from ghost import _missing, GPT, make_loss, SIZES, torch_state
+from _gpt import COMPUTE, DTYPES, GPT, make_loss, SIZES, torch_state
+from _harness import (
+    measure,
+    not_installed,
+    positive_int,
+    Results,
+    run_worker,
+    time_callable,
+)
 
 from transforms import (
     build_gradient_store,
@@ -85,17 +90,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         query_k=8,
     ),
 }
-COMPUTE = {"tiny": jnp.float32, "gpt2": jnp.bfloat16}
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def parse(argv, platform: str) -> argparse.Namespace:
@@ -103,14 +97,14 @@ def parse(argv, platform: str) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--size", choices=list(SIZES), default=None)
-    parser.add_argument("--batch", type=_positive, metavar="B")
-    parser.add_argument("--length", type=_positive, metavar="T")
-    parser.add_argument("--k", type=_positive, nargs="+", metavar="K")
-    parser.add_argument("--build-examples", type=_positive, metavar="N")
-    parser.add_argument("--rows", type=_positive, metavar="N")
-    parser.add_argument("--queries", type=_positive, metavar="Q")
-    parser.add_argument("--query-k", type=_positive, metavar="K")
-    parser.add_argument("--top-k", type=_positive, default=10, metavar="K")
+    parser.add_argument("--batch", type=positive_int, metavar="B")
+    parser.add_argument("--length", type=positive_int, metavar="T")
+    parser.add_argument("--k", type=positive_int, nargs="+", metavar="K")
+    parser.add_argument("--build-examples", type=positive_int, metavar="N")
+    parser.add_argument("--rows", type=positive_int, metavar="N")
+    parser.add_argument("--queries", type=positive_int, metavar="Q")
+    parser.add_argument("--query-k", type=positive_int, metavar="K")
+    parser.add_argument("--top-k", type=positive_int, default=10, metavar="K")
     parser.add_argument(
         "--store-dtype",
         choices=["float32", "float16"],
@@ -125,7 +119,7 @@ def parse(argv, platform: str) -> argparse.Namespace:
         default=["build", "queries", "peer"],
         help="what to measure: (a)-(c) build, (d) queries, (e) peer (default: all)",
     )
-    parser.add_argument("--repeats", type=_positive, default=None)
+    parser.add_argument("--repeats", type=positive_int, default=None)
     parser.add_argument("--results-dir", default=None)
     args = parser.parse_args(argv)
     args.size = args.size or ("tiny" if platform == "cpu" else "gpt2")
@@ -153,25 +147,6 @@ def _tokens(key, n, length, vocab) -> np.ndarray:
     return np.asarray(jr.randint(key, (n, length + 1), 0, vocab))
 
 
-def _footprint_row(compiled) -> dict:
-    out = {}
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list):
-        cost = cost[0] if cost else None
-    if cost and "flops" in cost:
-        out["flops"] = float(cost["flops"])
-    return out
-
-
-def _time(fn, args, repeats) -> dict:
-    t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    row = {"compile_s": time.perf_counter() - t0, **_footprint_row(compiled)}
-    row.update(time_callable(lambda: compiled(*args), warmup=1, repeats=repeats))
-    row.pop("first_call_s")
-    return row
-
-
 def plain_step(results, model, loss, batch, repeats) -> float:
     params, static = eqx.partition(model, eqx.is_inexact_array)
 
@@ -182,7 +157,7 @@ def plain_step(results, model, loss, batch, repeats) -> float:
 
         return jax.grad(mean_loss)(params)
 
-    row = _time(step, (params, batch), repeats)
+    row, _ = measure(step, params, batch, repeats=repeats)
     per_s = batch.shape[0] / row["median_s"]
     results.add(workload="(a) forward+backward", examples_per_s=per_s, **row)
     return per_s
@@ -198,7 +173,7 @@ def projection_rows(results, model, loss, batch, k, repeats, plain_per_s) -> int
     def rows(params, mats, tokens):
         return project(eqx.combine(params, static), (tokens,), mats)
 
-    row = _time(rows, (params, mats, batch), repeats)
+    row, _ = measure(rows, params, mats, batch, repeats=repeats)
     per_s = batch.shape[0] / row["median_s"]
     results.add(
         workload=f"(b) projected gradients, k = {k}",
@@ -323,10 +298,10 @@ def query_rows(results, model, loss, args, directory, key) -> None:
 
 def peer_row(results, model, heads, tokens, k, batch, platform) -> None:
     workload = f"(e) dattri TracIn, projection to {k * k}"
-    if _missing("torch"):
+    if not_installed("torch"):
         results.add(workload=workload, skipped="torch is not installed")
         return
-    if _missing("dattri"):
+    if not_installed("dattri"):
         results.add(
             workload=workload,
             skipped="dattri is not installed (`pip install dattri` to compare)",
@@ -351,24 +326,10 @@ def peer_row(results, model, heads, tokens, k, batch, platform) -> None:
             "--device",
             "cuda" if platform == "gpu" else "cpu",
         ]
-        try:
-            done = subprocess.run(
-                [sys.executable, WORKER, *argv],
-                capture_output=True,
-                text=True,
-                timeout=1800,
-            )
-        except subprocess.TimeoutExpired:
-            results.add(workload=workload, error="timed out after 1800 s")
-            return
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        results.add(workload=workload, error=f"exit {done.returncode}: {tail}")
+        out = run_worker([WORKER, *argv], timeout=1800)
+    if "error" in out:
+        results.add(workload=workload, error=out["error"])
         return
-    out = json.loads(lines[-1])
-    if "times" in out:
-        out.update(_summary(out.pop("times")))
     if "median_s" in out:
         out["examples_per_s"] = tokens.shape[0] / out["median_s"]
     results.add(workload=workload, k=k, **out)
@@ -392,7 +353,7 @@ def main(argv=None):
         context=cfg["context"],
         key=key,
     )
-    loss = make_loss(COMPUTE[args.size])
+    loss = make_loss(DTYPES[COMPUTE[args.size]])
     batch = jnp.asarray(
         _tokens(jr.fold_in(key, 1), args.batch, args.length, cfg["vocab"])
     )

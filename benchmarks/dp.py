@@ -3,7 +3,7 @@
 Usage: `python benchmarks/dp.py [--size tiny|gpt2] [--batch B] [--length T]
 [--no-torch] [--repeats N] [--results-dir DIR]`, or for the batch-size sweep
 `python benchmarks/dp.py [--size ...] --sweep-batch B [B ...] [--length T]`. The
-model is `benchmarks/ghost.py`'s: GPT-2 small (124M parameters, head tied to the
+model is `benchmarks/_gpt.py`'s: GPT-2 small (124M parameters, head tied to the
 token embedding, scan over layers, bfloat16 compute with float32 master weights) by
 default on a GPU, a tiny float32 GPT on the CPU. The default regime is the issue's:
 B = 256 sequences of T = 128 tokens for gpt2, B = 8 of T = 16 for tiny. Results go to
@@ -45,26 +45,18 @@ import numpy as np
 import optax
 
 
-# The measuring machinery and the model are `ghost.py`'s (which also sets XLA's
-# allocator so that the PyTorch child finds the GPU's memory free).
+# The model is `_gpt.py`'s, and runs are measured and merged as `ghost.py`'s are
+# (which also sets XLA's allocator so that the PyTorch child finds the GPU's memory
+# free).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import Results  # noqa: E402
-from ghost import (  # noqa: E402
-    _first_line,
-    _missing,
-    _out_of_memory,
-    _positive,
-    _provenance,
-    _ratio,
-    _spawn,
-    COMPUTE,
-    GPT,
-    make_loss,
-    measure,
-    save,
-    SIZES,
-    torch_state,
+from _gpt import COMPUTE, DTYPES, GPT, make_loss, SIZES, torch_state  # noqa: E402
+from _harness import (  # noqa: E402
+    measure_unless_out_of_memory,
+    not_installed,
+    positive_int,
+    Results,
 )
+from ghost import _provenance, _ratio, _spawn, batch_sweep, save  # noqa: E402
 
 from transforms import make_dp_train_step, MaskedBatch  # noqa: E402
 
@@ -80,12 +72,12 @@ def parse(argv, platform: str) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--size", choices=list(SIZES), default=None)
-    parser.add_argument("--batch", type=_positive, metavar="B")
-    parser.add_argument("--length", type=_positive, metavar="T")
-    parser.add_argument("--sweep-batch", type=_positive, nargs="+", metavar="B")
+    parser.add_argument("--batch", type=positive_int, metavar="B")
+    parser.add_argument("--length", type=positive_int, metavar="T")
+    parser.add_argument("--sweep-batch", type=positive_int, nargs="+", metavar="B")
     parser.add_argument("--no-torch", action="store_true", help="skip Opacus (e)")
-    parser.add_argument("--repeats", type=_positive, default=None)
-    parser.add_argument("--torch-timeout", type=_positive, default=600, metavar="S")
+    parser.add_argument("--repeats", type=positive_int, default=None)
+    parser.add_argument("--torch-timeout", type=positive_int, default=600, metavar="S")
     parser.add_argument("--results-dir", default=None)
     args = parser.parse_args(argv)
     args.size = args.size or ("tiny" if platform == "cpu" else "gpt2")
@@ -99,7 +91,7 @@ def parse(argv, platform: str) -> argparse.Namespace:
 
 def opacus_peer(model, heads, compute, platform, tokens, repeats, timeout) -> dict:
     """Opacus' DP step on `tokens` `(B, T + 1)`, in a child process."""
-    if _missing("torch"):
+    if not_installed("torch"):
         return {"skipped": "torch is not installed"}
     device = "cuda" if platform == "gpu" else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,15 +145,10 @@ def steps(loss_fn, optimizer, static):
     return out
 
 
-def _measure_row(results, label, workload, fn, args, sizes, repeats) -> dict:
-    row = dict(workload=workload, impl=label, sizes=sizes)
-    try:
-        row.update(measure(fn, *args, repeats=repeats)[0])
-    except RuntimeError as error:  # XLA's out-of-memory error is one
-        if not _out_of_memory(error):
-            raise
-        row["error"] = _first_line(error)
-    return results.add(**row)
+def _batch_last(step):
+    """`step(params, opt_state, batch, key)` as a function of `(params, opt_state,
+    key, batch)`: `ghost.batch_sweep` passes the batch last."""
+    return lambda params, opt_state, key, batch: step(params, opt_state, batch, key)
 
 
 def main(argv=None):
@@ -169,7 +156,7 @@ def main(argv=None):
     args = parse(argv, platform)
     cfg = SIZES[args.size]
     repeats = args.repeats or (5 if args.size == "gpt2" else 10)
-    compute = jnp.bfloat16 if COMPUTE[args.size] == "bf16" else jnp.float32
+    compute = DTYPES[COMPUTE[args.size]]
     results = Results(
         "dp",
         "DP-SGD steps on a GPT",
@@ -195,34 +182,11 @@ def main(argv=None):
     length = args.length or default[1]
 
     if args.sweep_batch:
-        failed = {}
-        for B in sorted(set(args.sweep_batch)):
-            tokens = jr.randint(jr.key(2), (B, length + 1), 0, cfg["vocab"])
-            point = dict(sizes, batch=B, length=length)
-            for label, fn in candidates.items():
-                if label in failed:
-                    continue
-                row = _measure_row(
-                    results,
-                    label,
-                    "batch sweep/train step",
-                    fn,
-                    (params, opt_state, (tokens,), key),
-                    point,
-                    repeats,
-                )
-                if "error" in row:
-                    failed[label] = B
-        note = (
-            f"Batch-size sweep, T = {length}: B = "
-            f"{', '.join(map(str, sorted(set(args.sweep_batch))))}; "
-            f"{n_params / 1e6:.3g}M parameters; {_provenance(results.environment)}."
-        )
-        if failed:
-            note += " Out of memory, larger batches not tried: " + ", ".join(
-                f"{impl} at B = {B}" for impl, B in failed.items()
-            )
-        results.note(note)
+        swept = {
+            label: ("train step", _batch_last(fn), (params, opt_state, key))
+            for label, fn in candidates.items()
+        }
+        batch_sweep(results, swept, cfg, sizes, args.sweep_batch, length, repeats)
         save(results, args.results_dir, default)
         return
 
@@ -243,14 +207,11 @@ def main(argv=None):
         )
     rows = {}
     for label, fn in candidates.items():
-        rows[label[:3]] = _measure_row(
-            results,
-            label,
-            "train step",
-            fn,
-            (params, opt_state, (tokens,), key),
-            point,
-            repeats,
+        measured, _ = measure_unless_out_of_memory(
+            fn, params, opt_state, (tokens,), key, repeats=repeats
+        )
+        rows[label[:3]] = results.add(
+            workload="train step", impl=label, sizes=point, **measured
         )
     if peer is not None:
         rows["(e)"] = results.add(

@@ -70,15 +70,11 @@ analysis.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
-import time
-from typing import Any
 
 
 # The PyTorch peers run in child processes on the same GPU: JAX takes device memory
@@ -92,7 +88,15 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
-from _harness import _summary, Results, RESULTS_DIR, time_callable
+from _gpt import COMPUTE, DTYPES, GPT, make_loss, SIZES, torch_state
+from _harness import (
+    measure_unless_out_of_memory,
+    not_installed,
+    positive_int,
+    Results,
+    RESULTS_DIR,
+    run_worker,
+)
 
 from transforms import make_attribution_step, per_sample_grad_norms
 
@@ -100,13 +104,6 @@ from transforms import make_attribution_step, per_sample_grad_norms
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_ghost_torch.py")
 
-SIZES = {
-    "tiny": dict(vocab=512, dim=64, heads=2, layers=2, context=256, length=64, batch=8),
-    "gpt2": dict(
-        vocab=50257, dim=768, heads=12, layers=12, context=1024, length=1024, batch=16
-    ),
-}
-COMPUTE = {"tiny": "f32", "gpt2": "bf16"}
 # (B, T): few long sequences, many short ones.
 REGIMES = {"tiny": [(8, 64), (32, 16)], "gpt2": [(16, 1024), (256, 128)]}
 # The PyTorch peers: worker name and row label.
@@ -116,172 +113,17 @@ PEERS = {
 }
 
 
-class Block(eqx.Module):
-    ln1: eqx.nn.LayerNorm
-    qkv: eqx.nn.Linear
-    attn_proj: eqx.nn.Linear
-    ln2: eqx.nn.LayerNorm
-    fc: eqx.nn.Linear
-    proj: eqx.nn.Linear
-    heads: int = eqx.field(static=True)
-
-    attention: Any = eqx.field(static=True)
-
-    def __init__(self, dim, heads, key, attention=None):
-        k1, k2, k3, k4 = jr.split(key, 4)
-        self.attention = attention
-        self.ln1 = eqx.nn.LayerNorm(dim)
-        self.qkv = eqx.nn.Linear(dim, 3 * dim, key=k1)
-        self.attn_proj = eqx.nn.Linear(dim, dim, key=k2)
-        self.ln2 = eqx.nn.LayerNorm(dim)
-        self.fc = eqx.nn.Linear(dim, 4 * dim, key=k3)
-        self.proj = eqx.nn.Linear(4 * dim, dim, key=k4)
-        self.heads = heads
-
-    def __call__(self, h):
-        T, D = h.shape
-        qkv = jax.vmap(self.qkv)(jax.vmap(self.ln1)(h)).reshape(T, 3, self.heads, -1)
-        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        a = jax.nn.dot_product_attention(
-            q[None], k[None], v[None], is_causal=True, implementation=self.attention
-        )[0]
-        h = h + jax.vmap(self.attn_proj)(a.reshape(T, D))
-        up = jax.nn.gelu(jax.vmap(self.fc)(jax.vmap(self.ln2)(h)), approximate=True)
-        return h + jax.vmap(self.proj)(up)
-
-
-class GPT(eqx.Module):
-    """GPT-2 layout: learned positions, pre-LN blocks scanned over, tied head."""
-
-    wte: eqx.nn.Embedding
-    wpe: eqx.nn.Embedding
-    blocks: Block
-    ln_f: eqx.nn.LayerNorm
-
-    def __init__(self, vocab, dim, heads, layers, context, key, attention=None):
-        k1, k2, k3 = jr.split(key, 3)
-        self.wte = eqx.nn.Embedding(vocab, dim, key=k1)
-        self.wpe = eqx.nn.Embedding(context, dim, key=k2)
-        self.blocks = eqx.filter_vmap(lambda k: Block(dim, heads, k, attention))(
-            jr.split(k3, layers)
-        )
-        self.ln_f = eqx.nn.LayerNorm(dim)
-
-    def __call__(self, tokens):
-        T = tokens.shape[0]
-        h = jax.vmap(self.wte)(tokens) + jax.vmap(self.wpe)(jnp.arange(T))
-        params, static = eqx.partition(self.blocks, eqx.is_array)
-        h, _ = jax.lax.scan(lambda h, p: (eqx.combine(p, static)(h), None), h, params)
-        return jax.vmap(self.ln_f)(h) @ self.wte.weight.T
-
-
-def make_loss(compute_dtype):
-    def loss_fn(model, tokens):
-        """Next-token cross-entropy of ONE sequence, computed in `compute_dtype`."""
-        model = jax.tree.map(
-            lambda x: x.astype(compute_dtype) if eqx.is_inexact_array(x) else x, model
-        )
-        logits = model(tokens[:-1]).astype(jnp.float32)
-        return jnp.mean(
-            optax.softmax_cross_entropy_with_integer_labels(logits, tokens[1:])
-        )
-
-    return loss_fn
-
-
-def torch_state(model: GPT) -> dict[str, np.ndarray]:
-    """The weights of `model` in float32, named as in `_ghost_torch.GPT.state_dict()`.
-
-    Equinox's `Linear` stores its weight as `(out, in)`, as `torch.nn.Linear` does.
-    """
-    state = {
-        "wte.weight": model.wte.weight,
-        "wpe.weight": model.wpe.weight,
-        "ln_f.weight": model.ln_f.weight,
-        "ln_f.bias": model.ln_f.bias,
-    }
-    layers = model.blocks.qkv.weight.shape[0]
-    for name in ("ln1", "qkv", "attn_proj", "ln2", "fc", "proj"):
-        stacked = getattr(model.blocks, name)
-        for n in range(layers):
-            state[f"blocks.{n}.{name}.weight"] = stacked.weight[n]
-            state[f"blocks.{n}.{name}.bias"] = stacked.bias[n]
-    return {k: np.asarray(v, dtype=np.float32) for k, v in state.items()}
-
-
-def _footprint(compiled) -> dict:
-    out = {}
-    analysis = compiled.memory_analysis()
-    if analysis is not None:
-        out["temp_bytes"] = int(analysis.temp_size_in_bytes)
-        out["peak_bytes"] = int(
-            analysis.argument_size_in_bytes
-            + analysis.output_size_in_bytes
-            + analysis.temp_size_in_bytes
-            - analysis.alias_size_in_bytes
-        )
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list):
-        cost = cost[0] if cost else None
-    if cost and "flops" in cost:
-        out["flops"] = float(cost["flops"])
-    return out
-
-
-def measure(fn, *args, repeats, keep=False):
-    """Compile `fn` once, read its footprint, then time the compiled executable.
-
-    **Returns:**
-
-    The row, and the output of the last timed call when `keep` (else None).
-    """
-    t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    compile_s = time.perf_counter() - t0
-    row = {"compile_s": compile_s, **_footprint(compiled)}
-    last = {}
-
-    def call():
-        out = compiled(*args)
-        if keep:
-            last["out"] = out
-        return out
-
-    row.update(time_callable(call, warmup=1, repeats=repeats))
-    row.pop("first_call_s")
-    return row, last.get("out")
-
-
-def _out_of_memory(error: Exception) -> bool:
-    text = str(error)
-    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [""])[0][:200]
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--size", choices=list(SIZES), default=None)
     parser.add_argument(
-        "--batch", type=_positive, metavar="B", help="sequences per batch"
+        "--batch", type=positive_int, metavar="B", help="sequences per batch"
     )
     parser.add_argument(
         "--length",
-        type=_positive,
+        type=positive_int,
         metavar="T",
         help="tokens per sequence, at most the size's context",
     )
@@ -293,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-torch", action="store_true", help="skip the PyTorch peers (e, f)"
     )
-    parser.add_argument("--repeats", type=_positive, default=None)
+    parser.add_argument("--repeats", type=positive_int, default=None)
     parser.add_argument(
         "--attention",
         choices=["auto", "xla", "cudnn"],
@@ -305,20 +147,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--sweep-batch",
-        type=_positive,
+        type=positive_int,
         nargs="+",
         metavar="B",
         help="only the batch-size sweep at these batch sizes",
     )
     parser.add_argument(
         "--sweep-length",
-        type=_positive,
+        type=positive_int,
         metavar="T",
         help="the sweep's sequence length (default: --length, else the size's)",
     )
     parser.add_argument(
         "--torch-timeout",
-        type=_positive,
+        type=positive_int,
         default=300,
         metavar="S",
         help="seconds each PyTorch child may run (default 300)",
@@ -407,29 +249,9 @@ def save(results: Results, directory: str | None, default: tuple[int, int]) -> s
     return results.save(directory)
 
 
-def _missing(module: str) -> bool:
-    return importlib.util.find_spec(module) is None
-
-
 def _spawn(argv: list[str], timeout: float) -> dict:
     """Run the PyTorch worker; its JSON line, or the reason there is none."""
-    try:
-        done = subprocess.run(
-            [sys.executable, WORKER, *argv],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        return {"error": f"exit {done.returncode}: " + " | ".join(tail)}
-    result = json.loads(lines[-1])
-    if "times" in result:
-        result.update(_summary(result.pop("times")))
-    return result
+    return run_worker([WORKER, *argv], timeout)
 
 
 def torch_peers(model, heads, compute, platform, batches, repeats, timeout):
@@ -442,7 +264,7 @@ def torch_peers(model, heads, compute, platform, batches, repeats, timeout):
 
     `{(B, T): {peer: result}}`, a result being the worker's JSON object.
     """
-    if _missing("torch"):
+    if not_installed("torch"):
         skipped = {"skipped": "torch is not installed"}
         return {regime: {peer: skipped for peer in PEERS} for regime in batches}
     device = "cuda" if platform == "gpu" else "cpu"
@@ -489,7 +311,7 @@ def _provenance(env: dict) -> str:
 # named by kind.
 PARTS = [
     ("ghost engine", "transforms/_grad/", None),
-    ("model", "benchmarks/ghost.py", None),
+    ("model", "benchmarks/_gpt.py", None),
     ("optimizer", "optax/", None),
     ("optimizer", "transforms/_train/", None),
 ]
@@ -540,16 +362,10 @@ def run_regime(results, fns, params, opt_state, tokens, sizes, repeats, jvp, pee
     rows = {}
 
     def add(key, label, workload, fn, *args, keep=False):
-        row = dict(workload=workload, impl=label, sizes=sizes)
-        out = None
-        try:
-            measured, out = measure(fn, *args, repeats=repeats, keep=keep)
-            row.update(measured)
-        except RuntimeError as error:  # XLA's out-of-memory error is one
-            if not _out_of_memory(error):
-                raise
-            row["error"] = _first_line(error)
-        rows[key] = results.add(**row)
+        measured, out = measure_unless_out_of_memory(
+            fn, *args, repeats=repeats, keep=keep
+        )
+        rows[key] = results.add(workload=workload, impl=label, sizes=sizes, **measured)
         return out
 
     plain, attribution, norms = fns["plain"], fns["attribution"], fns["norms"]
@@ -621,19 +437,17 @@ def batch_sweep(results, candidates, cfg, sizes, batches, length, repeats):
         for impl, (workload, fn, args) in candidates.items():
             if impl in failed:
                 continue
-            row = dict(
+            measured, _ = measure_unless_out_of_memory(
+                fn, *args, (tokens,), repeats=repeats
+            )
+            if "error" in measured:
+                failed[impl] = B
+            results.add(
                 workload=f"batch sweep/{workload}",
                 impl=impl,
                 sizes=dict(sizes, batch=B, length=length),
+                **measured,
             )
-            try:
-                row.update(measure(fn, *args, (tokens,), repeats=repeats)[0])
-            except RuntimeError as error:  # XLA's out-of-memory error is one
-                if not _out_of_memory(error):
-                    raise
-                failed[impl] = B
-                row["error"] = _first_line(error)
-            results.add(**row)
     note = (
         f"Batch-size sweep, T = {length}: B = "
         f"{', '.join(map(str, sorted(set(batches))))}; "
@@ -667,7 +481,7 @@ def main(argv=None):
         repeats = args.repeats or (3 if args.sweep_batch else 5)
     else:
         repeats = args.repeats or 10
-    compute = jnp.bfloat16 if COMPUTE[size] == "bf16" else jnp.float32
+    compute = DTYPES[COMPUTE[size]]
     results = Results(
         "ghost",
         "Ghost engines: attribution step and per-sample norms on a GPT",

@@ -50,8 +50,6 @@ device); the PyTorch peer always uses one device.
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -119,6 +117,16 @@ def _layout(size):
     )
 
 
+def catalogue_sizes(size, length: int) -> tuple[int, int, int]:
+    """Image cells, scalar columns and segments per spectrum group of an object
+    whose every part is present: it fills `length` tokens exactly."""
+    n_groups = len(size["groups"])
+    n_image = length * 9 // 16
+    n_scalar = size["n_columns"]
+    per_group = (length - n_image - n_scalar - 3 - n_groups - 1) // n_groups
+    return n_image, n_scalar, per_group
+
+
 def make_data(size, batch: int, length: int, path: str, seed: int = 0) -> None:
     """A batch of full-length sequences with the modality structure of a catalogue
     object (BOS, image, SEP, scalars, SEP, spectrum groups with separators, EOS) and
@@ -129,10 +137,7 @@ def make_data(size, batch: int, length: int, path: str, seed: int = 0) -> None:
 
     layout = _layout(size)
     rng = np.random.default_rng(seed)
-    n_groups = layout.n_groups
-    n_image = length * 9 // 16
-    n_scalar = size["n_columns"]
-    per_group = (length - n_image - n_scalar - 3 - n_groups - 1) // n_groups
+    n_image, n_scalar, per_group = catalogue_sizes(size, length)
     tokens, types, columns = [BOS], [0], [-1]
 
     def segment(ids, type_id, cols=None):
@@ -190,16 +195,6 @@ def _tables(size, rng) -> dict:
 # wavelength range. The segment counts are those of the padded benchmark's layout.
 IMAGE_COVERAGE = 0.9
 SPECTRUM_COVERAGE = 0.5
-
-
-def catalogue_sizes(size, length: int) -> tuple[int, int, int]:
-    """Image cells, scalar columns and segments per spectrum group of an object
-    whose every part is present: it fills `length` tokens exactly."""
-    n_groups = len(size["groups"])
-    n_image = length * 9 // 16
-    n_scalar = size["n_columns"]
-    per_group = (length - n_image - n_scalar - 3 - n_groups - 1) // n_groups
-    return n_image, n_scalar, per_group
 
 
 def make_catalogue(size, length: int, count: int, seed: int, *, full=False) -> list:
@@ -274,6 +269,39 @@ def make_packing_data(size, rows: int, length: int, path: str, packed: bool) -> 
     }
 
 
+def _model(size, seq: int, **options):
+    """The benchmark's `CausalTransformerLM` of `size` for `seq` positions: no
+    dropout, GPT-2's initialisation; `options` are further keywords of the model."""
+    import jax.random as jr
+
+    from eqx_models.multimodal import CausalTransformerLM
+
+    return CausalTransformerLM(
+        _layout(size),
+        d_model=size["d_model"],
+        n_layers=size["n_layers"],
+        n_heads=size["n_heads"],
+        max_len=seq,
+        dropout=0.0,
+        init="gpt",
+        key=jr.key(0),
+        **options,
+    )
+
+
+def _codebooks(size, tables):
+    """The `Codebooks` of the .npz entries that `_tables` makes."""
+    from eqx_models.multimodal import Codebooks
+
+    layout = _layout(size)
+    return Codebooks(
+        layout,
+        image=tables["table:image"],
+        scalar=tables["table:scalar"],
+        spectrum={g: tables[f"table:spectrum:{g}"] for g in layout.spectrum_groups},
+    )
+
+
 def worker_ceiling(args) -> dict:
     """The best bf16 (f32 on a CPU) matmul throughput over a few square sizes."""
     import jax
@@ -306,8 +334,6 @@ def worker_jax(args) -> dict:
     from _harness import time_callable
 
     from eqx_models.multimodal import (
-        CausalTransformerLM,
-        Codebooks,
         make_optimizer,
         MultimodalLoss,
         MultimodalTrainConfig,
@@ -316,28 +342,16 @@ def worker_jax(args) -> dict:
     from transforms import make_train_step
 
     size = SIZES[args.size]
-    layout = _layout(size)
     gpu = jax.devices()[0].platform == "gpu"
     data = np.load(args.data)
-    model = CausalTransformerLM(
-        layout,
-        d_model=size["d_model"],
-        n_layers=size["n_layers"],
-        n_heads=size["n_heads"],
-        max_len=args.seq,
-        dropout=0.0,
-        init="gpt",
+    model = _model(
+        size,
+        args.seq,
         attention=args.attention,
         **_UNROLL[args.variant](size["n_layers"]),
         remat=args.variant == "remat",
-        key=jr.key(0),
     )
-    codebooks = Codebooks(
-        layout,
-        image=data["table:image"],
-        scalar=data["table:scalar"],
-        spectrum={g: data[f"table:spectrum:{g}"] for g in layout.spectrum_groups},
-    )
+    codebooks = _codebooks(size, data)
     loss = MultimodalLoss(
         codebooks,
         sample_k=1024,
@@ -430,34 +444,16 @@ def worker_generate(args) -> dict:
 
     from eqx_models.multimodal import (
         cast_floating,
-        CausalTransformerLM,
-        Codebooks,
         generate,
         pad_batch,
     )
 
     size = SIZES[args.size]
-    layout = _layout(size)
     gpu = jax.devices()[0].platform == "gpu"
-    model = CausalTransformerLM(
-        layout,
-        d_model=size["d_model"],
-        n_layers=size["n_layers"],
-        n_heads=size["n_heads"],
-        max_len=args.seq,
-        dropout=0.0,
-        init="gpt",
-        key=jr.key(0),
-    )
+    model = _model(size, args.seq)
     if gpu:
         model = cast_floating(model, jnp.bfloat16)
-    tables = _tables(size, np.random.default_rng(0))
-    codebooks = Codebooks(
-        layout,
-        image=tables["table:image"],
-        scalar=tables["table:scalar"],
-        spectrum={g: tables[f"table:spectrum:{g}"] for g in layout.spectrum_groups},
-    )
+    codebooks = _codebooks(size, _tables(size, np.random.default_rng(0)))
     objects = make_catalogue(size, args.seq, args.batch, seed=2, full=True)
     batch = pad_batch(objects, length=args.seq)
     n_image, _, _ = catalogue_sizes(size, args.seq)
@@ -561,6 +557,8 @@ _UNROLL = {
 
 
 def _spawn(argv: list[str], timeout: float, extra_env=None) -> dict:
+    from _harness import run_worker
+
     env = dict(os.environ)
     env.update(extra_env or {})
     env["PYTHONPATH"] = os.pathsep.join(
@@ -569,22 +567,34 @@ def _spawn(argv: list[str], timeout: float, extra_env=None) -> dict:
     # One worker at a time has the GPU; the parent holds none of its memory.
     env.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
-    try:
-        result = subprocess.run(
-            [sys.executable] + argv,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
-            cwd=ROOT,
+    return run_worker(argv, timeout, env=env, cwd=ROOT, tail=6)
+
+
+def _train_step(results, label, args, size_name, seq, data, variant, devices, profile):
+    """The JAX training step timed in a worker process on the batch saved at `data`,
+    traced into the folder `profile` unless it is None.
+
+    On a GPU, a worker that fails with cuDNN's fused attention runs again with XLA's,
+    and a note on `label` says so.
+    """
+    argv = [__file__, "--worker", "jax", "--seq", str(seq), "--data", data]
+    argv += ["--size", size_name, "--warmup", str(args.warmup)]
+    argv += ["--repeats", str(args.repeats)]
+    argv += ["--variant", variant, "--devices", str(devices)]
+    env = {}
+    if profile is not None:
+        import _profile
+
+        argv += ["--profile-dir", profile]
+        env["XLA_FLAGS"] = _profile.dump_flags(os.path.join(profile, "hlo"))
+    out = _spawn(argv, args.timeout, env)
+    if "error" in out and results.environment["platform"] == "gpu":
+        results.note(
+            f"{label} L={seq} with cuDNN attention failed "
+            f"({out['error'][:300]}); retried with XLA attention."
         )
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    lines = [ln for ln in result.stdout.splitlines() if ln.startswith("{")]
-    if result.returncode != 0 or not lines:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-6:]
-        return {"error": f"exit {result.returncode}: " + " | ".join(tail)}
-    return json.loads(lines[-1])
+        out = _spawn(argv + ["--attention", "xla"], args.timeout, env)
+    return out
 
 
 def main(argv=None):
@@ -678,8 +688,6 @@ def main(argv=None):
         "fused AdamW) on the same batch. MFU uses the bf16 matmul ceiling measured "
         "in the same run.",
     )
-    common = ["--size", size_name, "--warmup", str(args.warmup)]
-    common += ["--repeats", str(args.repeats)]
     ceiling = _spawn(
         [__file__, "--worker", "ceiling", "--size", size_name, "--seq", "0"],
         args.timeout,
@@ -710,23 +718,22 @@ def main(argv=None):
                 ["default", "scan"] if platform == "gpu" else ["default"]
             )
             for variant in variants:
-                argv = [__file__, "--worker", "jax", "--seq", str(seq), "--data", path]
-                argv += common + ["--variant", variant, "--devices", str(args.devices)]
-                env = {}
+                impl = f"jax {variant}"
+                profile = None
                 if args.profile:
-                    import _profile
-
-                    where = os.path.join(tmp, f"profile-{variant}-{seq}")
-                    argv += ["--profile-dir", where]
-                    env["XLA_FLAGS"] = _profile.dump_flags(os.path.join(where, "hlo"))
-                out = _spawn(argv, args.timeout, env)
-                if "error" in out and platform == "gpu":
-                    results.note(
-                        f"jax {variant} L={seq} with cuDNN attention failed "
-                        f"({out['error'][:300]}); retried with XLA attention."
-                    )
-                    out = _spawn(argv + ["--attention", "xla"], args.timeout)
-                _add(results, f"jax {variant}", sizes, tokens, out, peak, spec, args)
+                    profile = os.path.join(tmp, f"profile-{variant}-{seq}")
+                out = _train_step(
+                    results,
+                    impl,
+                    args,
+                    size_name,
+                    seq,
+                    path,
+                    variant,
+                    args.devices,
+                    profile,
+                )
+                _add(results, impl, sizes, tokens, out, peak, spec, args)
             if args.no_torch:
                 continue
             config = {
@@ -755,7 +762,6 @@ def main(argv=None):
 
 def run_packing(args, size_name: str, seqs, tag):
     """Packed against padded rows of the same catalogue, same model and step."""
-    import jax
     from _harness import Results
 
     size = SIZES[size_name]
@@ -776,9 +782,6 @@ def run_packing(args, size_name: str, seqs, tag):
         f"its {per_group} segments. Packing: first fit by decreasing length over a "
         "buffer of twice the objects the rows hold on average."
     )
-    common = ["--size", size_name, "--warmup", str(args.warmup)]
-    common += ["--repeats", str(args.repeats)]
-    gpu = jax.devices()[0].platform == "gpu"
     with tempfile.TemporaryDirectory() as tmp:
         for seq in seqs:
             rows = args.batch or max(1, size["tokens_per_step"] // seq)
@@ -793,15 +796,9 @@ def run_packing(args, size_name: str, seqs, tag):
                 impl = "jax packed" if packed else "jax padded"
                 path = os.path.join(tmp, f"{impl.split()[1]}-{seq}.npz")
                 held = make_packing_data(size, rows, seq, path, packed)
-                argv = [__file__, "--worker", "jax", "--seq", str(seq), "--data", path]
-                argv += common + ["--variant", "default", "--devices", "1"]
-                out = _spawn(argv, args.timeout)
-                if "error" in out and gpu:
-                    results.note(
-                        f"{impl} L={seq} with cuDNN attention failed "
-                        f"({out['error'][:300]}); retried with XLA attention."
-                    )
-                    out = _spawn(argv + ["--attention", "xla"], args.timeout)
+                out = _train_step(
+                    results, impl, args, size_name, seq, path, "default", 1, None
+                )
                 if "error" in out:
                     results.add(
                         workload="packed vs padded",
@@ -899,14 +896,10 @@ def run_generation(args, size_name: str, seqs, tag):
 
 
 def _add(results, impl, sizes, tokens, out, peak, spec, args):
-    from _harness import _summary
-
     if "error" in out:
         results.add(workload="train step", impl=impl, sizes=sizes, error=out["error"])
         return
     out.pop("useful_tokens", None)  # every position of these batches is a token
-    if "times" in out:  # the PyTorch worker reports raw times
-        out.update(_summary(out.pop("times")))
     timing = {k: out.pop(k) for k in ("median_s", "min_s", "max_s", "iqr_s", "repeats")}
     row = {
         "workload": "train step",

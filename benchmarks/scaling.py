@@ -16,7 +16,7 @@ communication):
   parameters with 131 072 tokens per device and step). Reported: tokens per second
   and the scaling efficiency `tps(n) / (n · tps(1))`.
 - `ghost`: the attribution step (ghost dot products) on the GPT of
-  `benchmarks/ghost.py`; the dot products of the sharded step are compared with the
+  `benchmarks/_gpt.py`; the dot products of the sharded step are compared with the
   single-device step on the same global batch (largest relative difference).
 - `causal`: one behavioural-cloning step of the parent-set model on expert-labelled
   tasks; the loss of the sharded step is compared with the single-device one.
@@ -97,7 +97,7 @@ def lm(results: Results, counts: list[int], size_name: str, args) -> None:
 
 
 def ghost(results: Results, counts: list[int], size_name: str, args) -> None:
-    from ghost import GPT, make_loss, SIZES
+    from _gpt import GPT, make_loss, SIZES
 
     from transforms import make_attribution_step
 

@@ -36,7 +36,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from _common import out_path, parse_args, save_summary  # noqa: E402
-from tidhy_slds import _recovered_timescales  # noqa: E402
+from _tidhy_timescales import plot_timescales, recovered_timescales  # noqa: E402
 
 from eqx_models import tidhy  # noqa: E402
 
@@ -158,7 +158,7 @@ def main(argv=None):
     # Timescales from the sessions laid end to end (one fit, one compilation; the
     # two joins add two spurious transitions among hundreds).
     recovered = np.asarray(
-        _recovered_timescales(
+        recovered_timescales(
             jnp.concatenate([jnp.asarray(t.r) for t in trajectories])[None],
             jnp.concatenate([s.latents for s in samples])[None],
             jnp.concatenate([s.states for s in samples])[None],
@@ -186,7 +186,12 @@ def main(argv=None):
         )
     note = " (smoke run)" if args.smoke else ""
     _plot(sessions, trajectories, samples, train_part, mean, std, note)
-    _plot_timescales(true, recovered, note)
+    plot_timescales(
+        true,
+        recovered,
+        title=f"Timescales from three sessions{note}",
+        name="tidhy_sessions_timescales.png",
+    )
     save_summary(
         "tidhy_sessions",
         {
@@ -232,24 +237,6 @@ def _plot(sessions, trajectories, samples, train_part, mean, std, note):
     fig.suptitle(f"Held-out parts of three sessions, 10 % frames missing{note}")
     fig.tight_layout()
     fig.savefig(out_path("tidhy_sessions_reconstruction.png"), dpi=120)
-    plt.close(fig)
-
-
-def _plot_timescales(true, recovered, note):
-    fig, ax = plt.subplots(figsize=(4, 4))
-    for k, marker in ((0, "o"), (1, "s")):
-        ax.scatter(true[:, k], recovered[:, k], marker=marker, label=f"regime {k}")
-    lo = min(true.min(), recovered.min()) * 0.7
-    hi = max(true.max(), recovered.max()) * 1.4
-    ax.plot([lo, hi], [lo, hi], "k:", lw=1, label="recovered = true")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("true timescale (steps)")
-    ax.set_ylabel("recovered timescale (steps)")
-    ax.set_title(f"Timescales from three sessions{note}", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_path("tidhy_sessions_timescales.png"), dpi=120)
     plt.close(fig)
 
 

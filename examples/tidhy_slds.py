@@ -19,8 +19,6 @@ training steps, windows of 200 with stride 20, full-batch epochs), which needs a
 
 import time
 
-import jax
-import jax.numpy as jnp
 import jax.random as jr
 import matplotlib
 import numpy as np
@@ -29,6 +27,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from _common import out_path, parse_args, save_summary  # noqa: E402
+from _tidhy_timescales import plot_timescales, recovered_timescales  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
@@ -53,22 +52,6 @@ def _labels_per_window(labels, length):
     """Non-overlapping windows of an integer label sequence."""
     n = labels.shape[0] // length
     return labels[: n * length].reshape(n, length, *labels.shape[1:])
-
-
-@jax.jit
-def _recovered_timescales(record_r, latents, states):
-    """Per system: read its 2-D latent out of r linearly, then fit its dynamics in
-    each of its two discrete states; returns (n_systems, 2) timescales (slowest)."""
-    R = record_r.reshape(-1, record_r.shape[-1])
-    design = jnp.concatenate([R, jnp.ones_like(R[:, :1])], axis=1)
-    out = []
-    for i in range(latents.shape[-2]):
-        target = latents[..., i, :].reshape(-1, 2)
-        readout, *_ = jnp.linalg.lstsq(design, target)
-        z = (design @ readout).reshape(*record_r.shape[:2], 2)
-        fits = [tidhy.fit_linear_dynamics(z, states[..., i] == k)[0] for k in (0, 1)]
-        out.append(jnp.stack([tidhy.timescales(A)[0] for A in fits]))
-    return jnp.stack(out)
 
 
 def main(argv=None):
@@ -119,7 +102,7 @@ def main(argv=None):
 
     latents = _labels_per_window(test.latents, length)
     states = _labels_per_window(test.states, length)
-    recovered = np.asarray(_recovered_timescales(record.r, latents, states))
+    recovered = np.asarray(recovered_timescales(record.r, latents, states))
     true = np.asarray(system.timescales)
 
     combined = _labels_per_window(test.combined_state, length).reshape(-1)
@@ -146,7 +129,13 @@ def main(argv=None):
     stretch = min(2000, cfg["test"])
     long = tidhy.evaluate_record(model, test.observations[None, :stretch], inference)
     smoke_note = " (smoke run)" if args.smoke else ""
-    _plot(test_windows, record, true, recovered, length, (r2_hat, r2_bar), smoke_note)
+    _plot_reconstruction(test_windows, record, length, (r2_hat, r2_bar), smoke_note)
+    plot_timescales(
+        true,
+        recovered,
+        title=f"Timescales per system and regime{smoke_note}",
+        name="tidhy_timescales.png",
+    )
     _plot_mixture(
         np.asarray(long.w[0]),
         np.asarray(test.states[:stretch]),
@@ -177,7 +166,7 @@ def main(argv=None):
     )
 
 
-def _plot(X, record, true, recovered, length, r2, note):
+def _plot_reconstruction(X, record, length, r2, note):
     window = 0
     t = np.arange(length)
     fig, axes = plt.subplots(3, 1, figsize=(7, 5), sharex=True)
@@ -201,22 +190,6 @@ def _plot(X, record, true, recovered, length, r2, note):
     )
     fig.tight_layout()
     fig.savefig(out_path("tidhy_reconstruction.png"), dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(4, 4))
-    for k, marker in ((0, "o"), (1, "s")):
-        ax.scatter(true[:, k], recovered[:, k], marker=marker, label=f"regime {k}")
-    lo = min(true.min(), recovered.min()) * 0.7
-    hi = max(true.max(), recovered.max()) * 1.4
-    ax.plot([lo, hi], [lo, hi], "k:", lw=1, label="recovered = true")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("true timescale (steps)")
-    ax.set_ylabel("recovered timescale (steps)")
-    ax.set_title(f"Timescales per system and regime{note}", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_path("tidhy_timescales.png"), dpi=120)
     plt.close(fig)
 
 

@@ -1,11 +1,18 @@
 import importlib
+import importlib.util
 import os
+import pathlib
+import sys
 import types
+from unittest import mock
 
 import equinox as eqx
 import jax
 import numpy as np
 import pytest
+
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def tree_allclose(x, y, *, rtol=1e-5, atol=1e-8) -> bool:
@@ -63,3 +70,19 @@ def import_optional(name: str, extra: str | None = None) -> types.ModuleType:
         f'needs the optional {extra} extra (pip install -e ".[{extra}]")',
         allow_module_level=True,
     )
+
+
+def load_benchmark(name: str) -> types.ModuleType:
+    """Import the script `benchmarks/<name>.py` as a module, for a test to call into.
+
+    The scripts import their siblings (`_harness`, `ghost`) from their own folder and
+    set XLA's allocator variables for their own process: the folder is on `sys.path`,
+    and the environment as the script leaves it, only while the module loads.
+    """
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    with mock.patch.dict(os.environ), mock.patch.object(sys, "path", list(sys.path)):
+        sys.path.insert(0, str(BENCHMARKS))
+        spec.loader.exec_module(module)
+    return module

@@ -3,33 +3,15 @@ the missing peer is a row with its reason."""
 
 import importlib.util
 import json
-import os
-import pathlib
-import sys
-from unittest import mock
 
 import pytest
 
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-BENCHMARKS = ROOT / "benchmarks"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def attribution():
-    # The script imports `_harness` and `ghost` from its folder and sets XLA's
-    # allocator variables for its own process: neither outlives the import here.
-    with mock.patch.dict(os.environ), mock.patch.object(sys, "path", list(sys.path)):
-        sys.path.insert(0, str(BENCHMARKS))
-        return _load("attribution")
+    return load_benchmark("attribution")
 
 
 @pytest.mark.parametrize(

@@ -1,32 +1,16 @@
 """`benchmarks/dp.py`'s command line and its Opacus peer without torch; the script
 itself runs at `--size tiny` on a CPU (its docstring)."""
 
-import importlib.util
-import os
-import pathlib
-import sys
-from unittest import mock
-
 import jax.numpy as jnp
 import jax.random as jr
 import pytest
 
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-BENCHMARKS = ROOT / "benchmarks"
+from .helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def dp():
-    # The script imports `_harness` and `ghost` from its folder, and `ghost` sets
-    # XLA's allocator variables for its own process: neither outlives the import.
-    with mock.patch.dict(os.environ), mock.patch.object(sys, "path", list(sys.path)):
-        sys.path.insert(0, str(BENCHMARKS))
-        spec = importlib.util.spec_from_file_location("dp", BENCHMARKS / "dp.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+    return load_benchmark("dp")
 
 
 def test_command_line(dp, capsys):
@@ -45,7 +29,7 @@ def test_command_line(dp, capsys):
 
 
 def test_without_torch_the_peer_says_so(dp, monkeypatch):
-    monkeypatch.setattr(dp, "_missing", lambda module: module == "torch")
+    monkeypatch.setattr(dp, "not_installed", lambda module: module == "torch")
     model = dp.GPT(vocab=32, dim=16, heads=2, layers=2, context=16, key=jr.key(0))
     tokens = jr.randint(jr.key(1), (2, 9), 0, 32)
     assert dp.opacus_peer(model, 2, "f32", "cpu", tokens, 1, 60) == {

@@ -3,10 +3,6 @@ its PyTorch peer in a child process, on models small enough for the CPU."""
 
 import importlib.util
 import json
-import os
-import pathlib
-import sys
-from unittest import mock
 
 import jax.numpy as jnp
 import jax.random as jr
@@ -15,26 +11,12 @@ import pytest
 
 from transforms import per_sample_grad_norms
 
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-BENCHMARKS = ROOT / "benchmarks"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def ghost():
-    # The script imports `_harness` from its folder and sets XLA's allocator
-    # variables for its own process: neither outlives the import here.
-    with mock.patch.dict(os.environ), mock.patch.object(sys, "path", list(sys.path)):
-        sys.path.insert(0, str(BENCHMARKS))
-        return _load("ghost")
+    return load_benchmark("ghost")
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +62,7 @@ def _row(impl, batch, length, median, workload="per-sample norms"):
 
 
 def _run(ghost, rows, notes):
-    harness = sys.modules["_harness"]
-    results = harness.Results("ghost", "Ghost engines")
+    results = ghost.Results("ghost", "Ghost engines")
     for row in rows:
         results.add(**row)
     for note in notes:
@@ -163,7 +144,7 @@ def test_runs_merge_by_regime_and_sweep(ghost, tmp_path):
 def test_torch_state_fits_the_torch_model(ghost, small):
     import torch
 
-    ghost_torch = _worker_module()
+    ghost_torch = load_benchmark("_ghost_torch")
     model, loss_fn = small
     # `load_state_dict` is strict: every name and shape must match.
     torch_model = ghost_torch.from_state(ghost.torch_state(model), n_heads=2)
@@ -174,12 +155,6 @@ def test_torch_state_fits_the_torch_model(ghost, small):
         loss = torch.nn.functional.cross_entropy(logits, x[1:])
     # float32 on both sides, the same operations in a different order.
     np.testing.assert_allclose(float(loss), float(loss_fn(model, tokens)), rtol=1e-5)
-
-
-def _worker_module():
-    with mock.patch.object(sys, "path", list(sys.path)):
-        sys.path.insert(0, str(BENCHMARKS))
-        return _load("_ghost_torch")
 
 
 @pytest.mark.slow
@@ -213,7 +188,7 @@ def test_a_failed_child_is_a_row(ghost, tmp_path):
 
 
 def test_without_torch_the_peers_say_so(ghost, small, monkeypatch):
-    monkeypatch.setattr(ghost, "_missing", lambda module: module == "torch")
+    monkeypatch.setattr(ghost, "not_installed", lambda module: module == "torch")
     tokens = jr.randint(jr.key(2), (3, 9), 0, 32)
     results = ghost.torch_peers(small[0], 2, "f32", "cpu", {(3, 8): tokens}, 1, 60)
     assert results == {

@@ -1,23 +1,14 @@
 """benchmarks/_profile.py: kernel time attributed to the functions that produced it."""
 
-import importlib.util
 import os
-import pathlib
 
 import jax
 import jax.numpy as jnp
 
-
-def _load():
-    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "_profile.py"
-    spec = importlib.util.spec_from_file_location("_profile", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .helpers import load_benchmark
 
 
-_profile = _load()
+_profile = load_benchmark("_profile")
 
 
 def _normalise(x):

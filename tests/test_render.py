@@ -1,26 +1,20 @@
 """`benchmarks/render.py` on a small set of result files written here."""
 
-import importlib.util
 import json
 import pathlib
 import re
 
 import pytest
 
+from .helpers import load_benchmark
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+
 NNBSP = "\u202f"  # the thin space that groups digits
 
 
 @pytest.fixture(scope="module")
 def render():
-    spec = importlib.util.spec_from_file_location(
-        "render", ROOT / "benchmarks" / "render.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("render")
 
 
 def _environment(platform):
