@@ -99,17 +99,17 @@ def time_jax(
     return {"compile_s": compile_s, **_summary(times), **memory}
 
 
-def matmul_ceiling(dtype, sizes: tuple[int, ...] | None = None) -> float:
-    """The best measured throughput (FLOP/s) of a square matmul in `dtype` on the
-    first device, over a few sizes: the ceiling that MFU and roofline times are
-    quoted against in the same run."""
+def matmul_ceiling(dtype, sizes: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """The best measured throughput of a square matmul in `dtype` on the first
+    device over a few sizes (`flops_per_sec`, with its `n` and `dtype`): the
+    ceiling that MFU and roofline times are quoted against in the same run."""
     import jax.numpy as jnp
 
     if sizes is None:
         gpu = jax.devices()[0].platform == "gpu"
         sizes = (4096, 8192, 16384) if gpu else (512, 1024)
     matmul = jax.jit(lambda x, y: x @ y)
-    best = 0.0
+    best: dict[str, Any] = {"flops_per_sec": 0.0}
     for n in sizes:
         a = jnp.ones((n, n), dtype)
         jax.block_until_ready(matmul(a, a))
@@ -118,7 +118,9 @@ def matmul_ceiling(dtype, sizes: tuple[int, ...] | None = None) -> float:
             t0 = time.perf_counter()
             jax.block_until_ready(matmul(a, a))
             times.append(time.perf_counter() - t0)
-        best = max(best, 2 * n**3 / statistics.median(times))
+        flops = 2 * n**3 / statistics.median(times)
+        if flops > best["flops_per_sec"]:
+            best = {"flops_per_sec": flops, "n": n, "dtype": jnp.dtype(dtype).name}
     return best
 
 

@@ -398,7 +398,10 @@ def time_inference(model, cfg, key, results):
     and in bfloat16 (cast copy; on a GPU its attention over the samples is cuDNN's
     fused kernel) and of the exact expert, with the model's FLOPs per task and its
     roofline time against the matmul ceiling of that dtype measured in this run."""
-    ceilings = {dtype: matmul_ceiling(dtype) for dtype in (jnp.float32, jnp.bfloat16)}
+    ceilings = {
+        dtype: matmul_ceiling(dtype)["flops_per_sec"]
+        for dtype in (jnp.float32, jnp.bfloat16)
+    }
     for d, n, batch in cfg["timing"]:
         config = TaskConfig(n_vars=d, n_samples=n, target="any")
         tasks = jax.jit(jax.vmap(lambda k: sample_task(k, config)))(

@@ -51,7 +51,6 @@ import argparse
 import json
 import os
 import tempfile
-import time
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -306,23 +305,10 @@ def worker_ceiling(args) -> dict:
     """The best bf16 (f32 on a CPU) matmul throughput over a few square sizes."""
     import jax
     import jax.numpy as jnp
+    from _harness import matmul_ceiling
 
     gpu = jax.devices()[0].platform == "gpu"
-    dtype = jnp.bfloat16 if gpu else jnp.float32
-    best = {}
-    for n in (4096, 8192, 16384) if gpu else (512, 1024):
-        a = jnp.ones((n, n), dtype)
-        matmul = jax.jit(lambda x, y: x @ y)
-        jax.block_until_ready(matmul(a, a))
-        times = []
-        for _ in range(10):
-            t0 = time.perf_counter()
-            jax.block_until_ready(matmul(a, a))
-            times.append(time.perf_counter() - t0)
-        flops = 2 * n**3 / sorted(times)[len(times) // 2]
-        if flops > best.get("flops_per_sec", 0):
-            best = {"flops_per_sec": flops, "n": n, "dtype": str(jnp.dtype(dtype))}
-    return best
+    return matmul_ceiling(jnp.bfloat16 if gpu else jnp.float32)
 
 
 def worker_jax(args) -> dict:

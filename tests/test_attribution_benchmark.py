@@ -4,6 +4,7 @@ the missing peer is a row with its reason."""
 import importlib.util
 import json
 
+import jax
 import pytest
 
 from .helpers import load_benchmark
@@ -34,7 +35,9 @@ def test_a_tiny_run_measures_every_row(attribution, tmp_path):
     argv += ["--build-examples", "16", "--rows", "500", "--queries", "4"]
     argv += ["--repeats", "1", "--results-dir", str(tmp_path)]
     attribution.main(argv)
-    result = json.loads((tmp_path / "attribution-cpu.json").read_text())
+    # Named after the platform it ran on (attribution-gpu.json on a GPU).
+    platform = jax.devices()[0].platform
+    result = json.loads((tmp_path / f"attribution-{platform}.json").read_text())
     rows = {row["workload"].split(" ")[0]: row for row in result["rows"]}
     assert set(rows) == {"(a)", "(b)", "(c)", "(d)", "(e)"}
     assert rows["(b)"]["fallback"] == []
