@@ -1,56 +1,65 @@
+import json
 import subprocess
 import sys
 
 import pytest
 
 
-def _run(code: str) -> None:
+# One process imports the packages step by step, as a user's would, and reports the
+# modules loaded after each step: `transforms` alone, then `eqx_models`, then every
+# module of both (a new subpackage is covered as soon as it exists; the optional
+# torch adapters are the only modules allowed to need torch).
+_IMPORTS = """
+import importlib, json, pkgutil, sys
+
+loaded = {}
+import transforms
+loaded["transforms"] = sorted(sys.modules)
+import eqx_models
+loaded["packages"] = sorted(sys.modules)
+for pkg in (eqx_models, transforms):
+    for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+        if ".interop" in info.name:
+            continue
+        importlib.import_module(info.name)
+loaded["every module"] = sorted(sys.modules)
+print(json.dumps(loaded))
+"""
+
+
+@pytest.fixture(scope="module")
+def loaded() -> dict[str, set[str]]:
+    """The modules loaded after each step of `_IMPORTS`, in a fresh process."""
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _IMPORTS], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr
+    steps = json.loads(result.stdout.splitlines()[-1])
+    return {step: set(modules) for step, modules in steps.items()}
 
 
-def test_import_loads_no_torch():
-    _run(
-        "import sys, eqx_models, transforms\n"
-        "assert 'torch' not in sys.modules, 'importing the library loaded torch'\n"
+def _top_level(modules: set[str]) -> set[str]:
+    return {m.split(".")[0] for m in modules}
+
+
+def test_import_loads_no_torch(loaded):
+    assert "torch" not in _top_level(loaded["packages"]), (
+        "importing the library loaded torch"
     )
 
 
-def test_transforms_does_not_import_eqx_models():
-    _run(
-        "import sys, transforms\n"
-        "bad = [m for m in sys.modules if m.split('.')[0] == 'eqx_models']\n"
-        "assert not bad, bad\n"
-    )
+def test_transforms_does_not_import_eqx_models(loaded):
+    bad = sorted(m for m in loaded["transforms"] if m.split(".")[0] == "eqx_models")
+    assert not bad, bad
 
 
-def test_every_module_imports_without_torch():
-    # Walks both packages so a new subpackage is covered as soon as it exists; the
-    # optional torch adapters are the only modules allowed to need torch.
-    _run(
-        "import importlib, pkgutil, sys, eqx_models, transforms\n"
-        "for pkg in (eqx_models, transforms):\n"
-        "    for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
-        "        if '.interop' in info.name:\n"
-        "            continue\n"
-        "        importlib.import_module(info.name)\n"
-        "assert 'torch' not in sys.modules\n"
-    )
+def test_every_module_imports_without_torch(loaded):
+    assert "torch" not in _top_level(loaded["every module"])
 
 
-def test_privacy_accounting_is_imported_on_first_use():
+def test_privacy_accounting_is_imported_on_first_use(loaded):
     # `dp-accounting` is the optional `dp` extra: no module imports it at import time.
-    _run(
-        "import importlib, pkgutil, sys, eqx_models, transforms\n"
-        "for pkg in (eqx_models, transforms):\n"
-        "    for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
-        "        if '.interop' in info.name:\n"
-        "            continue\n"
-        "        importlib.import_module(info.name)\n"
-        "assert 'dp_accounting' not in sys.modules\n"
-    )
+    assert "dp_accounting" not in _top_level(loaded["every module"])
 
 
 def test_version_is_set():
