@@ -121,6 +121,13 @@ SIZES = {
 }
 
 
+def build_model(cfg: dict, key) -> ParentSetPredictionModel:
+    """The surrogate of a size's configuration (`K` = 3)."""
+    return ParentSetPredictionModel(
+        K, width=cfg["width"], n_layers=cfg["layers"], n_heads=cfg["heads"], key=key
+    )
+
+
 def _batch_size(d: int, n: int, cells: int, multiple: int) -> int:
     size = max(8, min(1024, round(cells / (d * n))))
     return max(multiple, size // multiple * multiple)
@@ -153,13 +160,7 @@ def train(cfg, args, key):
     start = tuple(1.0 if c == min(costs) else 0.0 for c in costs)
     end = tuple(float(d) for d, _ in shapes)
     curriculum = Curriculum(start, end, ramp=0.25)
-    model = ParentSetPredictionModel(
-        K,
-        width=cfg["width"],
-        n_layers=cfg["layers"],
-        n_heads=cfg["heads"],
-        key=jr.fold_in(key, 0),
-    )
+    model = build_model(cfg, jr.fold_in(key, 0))
     optimizer = make_optimizer(
         10**6, peak_learning_rate=cfg["peak_lr"], warmup_steps=cfg["warmup"]
     )
@@ -487,13 +488,7 @@ def compile_buckets(cfg, results):
     running): the first call of the task sampler (its exact expert included) and
     the first train step, each split into JAX's tracing, lowering and XLA's
     compilation, and a warm step for comparison."""
-    model = ParentSetPredictionModel(
-        K,
-        width=cfg["width"],
-        n_layers=cfg["layers"],
-        n_heads=cfg["heads"],
-        key=jr.key(0),
-    )
+    model = build_model(cfg, jr.key(0))
     optimizer = make_optimizer(10**6)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     step = make_train_step(
@@ -605,13 +600,7 @@ def nonlinear_rows(args, results):
     size = "tiny" if args.tiny else "full"
     cfg = NONLINEAR[size]
     key = jr.key(args.seed)
-    model = ParentSetPredictionModel(
-        K,
-        width=cfg["width"],
-        n_layers=cfg["layers"],
-        n_heads=cfg["heads"],
-        key=jr.fold_in(key, 0),
-    )
+    model = build_model(cfg, jr.fold_in(key, 0))
     buckets = [
         (TaskConfig(n_vars=d, n_samples=cfg["samples"], **extra), cfg["batch"])
         for d in cfg["dims"]
@@ -771,13 +760,7 @@ def main(argv=None):
             "expert.",
         )
         compile_buckets(cfg, results)
-        model = ParentSetPredictionModel(
-            K,
-            width=cfg["width"],
-            n_layers=cfg["layers"],
-            n_heads=cfg["heads"],
-            key=jr.key(0),
-        )
+        model = build_model(cfg, jr.key(0))
         time_inference(model, cfg, jr.key(2), results)
         results.save(args.results_dir)
         return
