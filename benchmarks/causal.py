@@ -313,11 +313,15 @@ def train(cfg, args, key):
     return model, calibration, summary
 
 
-def evaluate(model, cfg, key, results, parallel):
+def evaluate(model, cfg, key, results, parallel, targets=("sink", "any")):
+    """Held-out metrics per (d, target, N) and pooled over N; the model's precision
+    (its weights' dtype) is in every row, so that a bfloat16 copy evaluated on the
+    same tasks (same `key`) reads beside the float32 rows."""
+    precision = jnp.dtype(model.blocks.w_qkv.dtype).name
     combos = [
         (d, target, n)
         for d in cfg["dims"]
-        for target in ("sink", "any")
+        for target in targets
         for n in cfg["samples"]
     ]
 
@@ -335,10 +339,17 @@ def evaluate(model, cfg, key, results, parallel):
         metrics = {combo: run(combo) for combo in combos}
     by_d = {}
     for d in cfg["dims"]:
-        for target in ("sink", "any"):
+        for target in targets:
             parts = [metrics[(d, target, n)] for n in cfg["samples"]]
             for n, part in zip(cfg["samples"], parts):
-                results.add(workload="eval", d=d, N=n, target=target, **part)
+                results.add(
+                    workload="eval",
+                    d=d,
+                    N=n,
+                    target=target,
+                    precision=precision,
+                    **part,
+                )
             pooled = {
                 k: float(np.mean([p[k] for p in parts]))
                 for k in (
@@ -354,6 +365,7 @@ def evaluate(model, cfg, key, results, parallel):
                 "workload": "eval (pooled over N)",
                 "d": d,
                 "target": target,
+                "precision": precision,
                 **pooled,
             }
             if target == "sink":
@@ -808,9 +820,16 @@ def main(argv=None):
     )
     t0 = time.perf_counter()
     by_d = evaluate(model, cfg, jr.fold_in(key, 1), results, args.parallel_compile)
+    # The trained model in bfloat16 on the same sink tasks: what half-precision
+    # inference (the faster one on a GPU, see --latency) costs in quality.
+    half = cast_floating(model, jnp.bfloat16)
+    by_d_half = evaluate(
+        half, cfg, jr.fold_in(key, 1), results, args.parallel_compile, ("sink",)
+    )
     print(f"evaluated in {time.perf_counter() - t0:.0f} s", flush=True)
     time_inference(model, cfg, jr.fold_in(key, 2), results)
     sink = {d: by_d[(d, "sink")] for d in cfg["dims"]}
+    sink_half = {d: by_d_half[(d, "sink")] for d in cfg["dims"]}
     results.note(
         f"{size} size, {args.minutes} min budget: sink-target KL per d "
         + ", ".join(f"d={d}: {m['kl']:.3f}" for d, m in sink.items())
@@ -819,7 +838,11 @@ def main(argv=None):
         + "; MAP F1 "
         + ", ".join(f"{m['map_f1']:.3f}" for m in sink.values())
         + f" (targets KL ≤ {TARGETS['kl']}, top-1 ≥ {TARGETS['top1_agreement']}, "
-        f"F1 ≥ {TARGETS['map_f1']}). Checkpoint: {args.checkpoint}."
+        f"F1 ≥ {TARGETS['map_f1']}). In bfloat16: KL "
+        + ", ".join(f"{m['kl']:.3f}" for m in sink_half.values())
+        + "; MAP F1 "
+        + ", ".join(f"{m['map_f1']:.3f}" for m in sink_half.values())
+        + f". Checkpoint: {args.checkpoint}."
     )
     if not math.isfinite(summary["final_train_kl"]):
         raise SystemExit("training diverged")

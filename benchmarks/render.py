@@ -606,6 +606,58 @@ def _summary_chmm(result: dict) -> list[Comparison]:
                 _device(result), peer["workload"], ours_text, peer_text, ratio, target
             )
         )
+    return out + _summary_chmm_scale(result["rows"], _device(result))
+
+
+# Issue 22's target for one streaming EM pass over T = 10⁶ at 10⁴ clones.
+_CHMM_SCALE_EM_LIMIT = 5.0
+
+
+def _summary_chmm_scale(rows: list[dict], device: str) -> list[Comparison]:
+    """The block-sparse model's memory against the dense tensor's, and its fastest
+    streaming EM iteration against the target (full size only)."""
+    out = []
+    for memory in (r for r in rows if str(r["workload"]).endswith("/memory")):
+        size = memory["workload"].split("/")[0]
+        sizes = f"N = {_digits(memory['N'])}, T = {_digits(memory['T'])}"
+        out.append(
+            Comparison(
+                device,
+                f"{size}: model memory, {sizes}",
+                f"{bytes_text(memory['model_bytes'])} ({memory['blocks']} blocks)",
+                f"dense transition tensor: {bytes_text(memory['dense_T_bytes'])}",
+                f"{_digits(memory['dense_T_bytes'] / memory['model_bytes'])}× smaller",
+            )
+        )
+        passes = [
+            r
+            for r in rows
+            if r["workload"] == f"{size}/streaming_em_iteration" and "median_s" in r
+        ]
+        if not passes:
+            continue
+        best = min(passes, key=lambda r: r["median_s"])
+        method = best["impl"].rsplit(" ", 1)[-1]
+        target = "–"
+        if size == "scale-full":
+            ok = best["median_s"] <= _CHMM_SCALE_EM_LIMIT
+            target = f"≤ {time_text(_CHMM_SCALE_EM_LIMIT)}: {_met(ok)}"
+        out.append(
+            Comparison(
+                device,
+                f"{size}: one streaming EM iteration, {sizes}",
+                f"{time_text(best['median_s'])} ({method}, chunks of "
+                f"{_digits(best['chunk_size'])}"
+                + (
+                    f", peak {bytes_text(best['peak_device_bytes'])})"
+                    if best.get("peak_device_bytes")
+                    else ")"
+                ),
+                "–",
+                "–",
+                target,
+            )
+        )
     return out
 
 
@@ -921,6 +973,8 @@ def _summary_causal(result: dict) -> list[Comparison]:
     for row in rows:
         if row["workload"] != "eval (pooled over N)" or row.get("target") != "sink":
             continue
+        # Rows before the bfloat16 evaluation have no precision: float32.
+        precision = row.get("precision", "float32")
         ok = (
             row["kl"] <= _CAUSAL_TARGETS["kl"]
             and row["top1_agreement"] >= _CAUSAL_TARGETS["top1_agreement"]
@@ -929,7 +983,8 @@ def _summary_causal(result: dict) -> list[Comparison]:
         out.append(
             Comparison(
                 device,
-                f"held-out sink targets, d = {row['d']}",
+                f"held-out sink targets, d = {row['d']}"
+                + ("" if precision == "float32" else f", {precision}"),
                 f"KL {_digits(row['kl'], 2)}, "
                 f"top-1 {_digits(row['top1_agreement'], 2)}, "
                 f"parent F1 {_digits(row['map_f1'], 2)}",

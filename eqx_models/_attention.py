@@ -12,12 +12,23 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from transforms.validation import fail
+
 
 Implementation = Literal["xla", "cudnn"]
 
 
+_HALF = (jnp.bfloat16, jnp.float16)
+
+
 def attention_implementation(
-    choice: str, dtype, head_dim: int, length: int, *, needs_even_length: bool
+    choice: str,
+    dtype,
+    head_dim: int,
+    length: int,
+    *,
+    needs_even_length: bool,
+    fn: str = "attention",
 ) -> Implementation:
     """The implementation `choice` (`"auto"`, `"xla"` or `"cudnn"`) stands for.
 
@@ -25,12 +36,27 @@ def attention_implementation(
     head dimension it supports (a multiple of 8, at most 128), and XLA otherwise.
     `needs_even_length`: the caller passes a mask (which cuDNN receives as a bias),
     with which its training kernels need an even sequence `length`.
+
+    An explicit `"cudnn"` is checked against what the kernel can run at all, so
+    that a model asked for it off a GPU or in single precision fails with a message
+    naming `fn`'s `attention` instead of a lowering error from inside JAX.
     """
-    if choice in ("xla", "cudnn"):
-        return choice  # type: ignore[return-value]
+    if choice == "cudnn":
+        backend = jax.default_backend()
+        if backend != "gpu" or dtype not in _HALF:
+            raise fail(
+                fn,
+                "attention",
+                '"auto" or "xla" here: cuDNN\'s fused attention runs on a GPU in '
+                "bfloat16 or float16 only (`cast_floating(model, jnp.bfloat16)`)",
+                f'"cudnn" with {jnp.dtype(dtype).name} weights on backend {backend!r}',
+            )
+        return "cudnn"
+    if choice == "xla":
+        return "xla"
     if (
         jax.default_backend() == "gpu"
-        and dtype in (jnp.bfloat16, jnp.float16)
+        and dtype in _HALF
         and head_dim % 8 == 0
         and head_dim <= 128
         and not (needs_even_length and length % 2)

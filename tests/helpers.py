@@ -2,6 +2,7 @@ import importlib
 import importlib.util
 import os
 import pathlib
+import subprocess
 import sys
 import types
 from unittest import mock
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 
 
-BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
 
 
 def tree_allclose(x, y, *, rtol=1e-5, atol=1e-8) -> bool:
@@ -86,3 +88,36 @@ def load_benchmark(name: str) -> types.ModuleType:
         sys.path.insert(0, str(BENCHMARKS))
         spec.loader.exec_module(module)
     return module
+
+
+def run_script(
+    script: str, *args: str, devices: int | None = None, timeout: float = 900
+) -> subprocess.CompletedProcess:
+    """Run `script` (Python source) in a fresh process on the CPU and require it to
+    succeed and to print `OK` last; returns the finished process.
+
+    A fresh process because JAX fixes its devices at start-up: `devices` fake CPU
+    devices (XLA's host device count), also on a machine with a GPU, which JAX would
+    pick first. The repository is on the path; XLA's other flags (the suite's
+    optimisation level among them) are kept.
+    """
+    flags = [os.environ.get("XLA_FLAGS", "")]
+    if devices is not None:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=" ".join(f for f in flags if f),
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("OK"), done.stdout[-3000:]
+    return done

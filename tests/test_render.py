@@ -179,6 +179,36 @@ CHMM_SWEEP = [
     )
 ]
 
+# Rows of `chmm.py --scale --scale-size full`: the model's memory and one streaming
+# EM iteration per strategy (the parallel one over the 5 s target).
+CHMM_SCALE = [
+    {
+        "workload": "scale-full/memory",
+        "impl": "eqx_models SparseCHMM",
+        "N": 10_000,
+        "T": 1_000_000,
+        "sequences": 1,
+        "blocks": 4000,
+        "model_bytes": 160_000_000,
+        "dense_T_bytes": 1_600_000_000,
+    },
+    *(
+        {
+            **_chmm_row(
+                "scale-full/streaming_em_iteration",
+                f"eqx_models SparseCHMM {method}",
+                median,
+                T=1_000_000,
+                chunk_size=10_000,
+                peak_device_bytes=2e9,
+            ),
+            "N": 10_000,
+            "blocks": 4000,
+        }
+        for method, median in (("scan", 4.2), ("parallel", 6.0))
+    ),
+]
+
 FILES = {
     "chmm-gpu.json": _result(
         "chmm",
@@ -189,6 +219,7 @@ FILES = {
             _chmm_row("large/forward", "eqx_models parallel", 0.005),
             _chmm_row("large/forward", "dynamax (dense)", 0.4),
             *CHMM_SWEEP,
+            *CHMM_SCALE,
         ],
     ),
     "chmm-cpu.json": _result(
@@ -230,6 +261,16 @@ FILES = {
                 "kl": 0.03,
                 "top1_agreement": 0.95,
                 "map_f1": 0.97,
+                "exact_map_f1": 0.96,
+            },
+            {
+                "workload": "eval (pooled over N)",
+                "d": 5,
+                "target": "sink",
+                "precision": "bfloat16",
+                "kl": 0.04,
+                "top1_agreement": 0.93,
+                "map_f1": 0.88,
                 "exact_map_f1": 0.96,
             },
         ],
@@ -389,6 +430,21 @@ def test_summary_gives_the_ratio_to_each_peer(page):
         "–",
     ) in {(row[3], row[4]) for t in summaries for row in t[1:]}
     assert "Opacus ghost clipping: not run (opacus is not installed)" in text
+    # The block-sparse CHMM: its memory against the dense tensor's, and the fastest
+    # streaming EM iteration judged against issue 22's 5 s.
+    scale = {row[1]: row[2:] for t in summaries for row in t[1:]}
+    sizes = "N = 10\u202f000, T = 1\u202f000\u202f000"  # thin spaces group digits
+    memory = scale[f"scale-full: model memory, {sizes}"]
+    assert memory[:3] == [
+        "160 MB (4000 blocks)",
+        "dense transition tensor: 1.60 GB",
+        "10.0× smaller",
+    ]
+    em = scale[f"scale-full: one streaming EM iteration, {sizes}"]
+    assert em[0] == "4.20 s (scan, chunks of 10\u202f000, peak 2.00 GB)"
+    assert em[-1] == "≤ 5.00 s: met"
+    # The causal surrogate's bfloat16 evaluation is a row of its own.
+    assert "held-out sink targets, d = 5, bfloat16" in scale
 
 
 def test_ghost_summary_has_each_regime_and_peer(page):

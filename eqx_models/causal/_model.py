@@ -35,6 +35,26 @@ def _normal(key, shape, fan_in, gain=1.0):
     return gain * jr.normal(key, shape) / math.sqrt(fan_in)
 
 
+@jax.custom_jvp
+def max_over_rows(x: Float[Array, "N ..."]) -> Float[Array, "..."]:
+    """`jnp.max(x, axis=0)`, whose derivative is routed to the first maximising row.
+
+    JAX differentiates `max` by comparing `x` with its maximum and dividing by the
+    number of equal entries. When XLA fuses that comparison separately from the
+    reduction and the two round differently, the count is 0 and the gradient NaN
+    (seen on a CPU at LLVM optimisation level 0). An argmax picks a row whatever the
+    rounding; the derivative is the same wherever the maximum is unique.
+    """
+    return jnp.max(x, axis=0)
+
+
+@max_over_rows.defjvp
+def _max_over_rows_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    first = jnp.expand_dims(jnp.argmax(x, axis=0), 0)
+    return jnp.max(x, axis=0), jnp.take_along_axis(dx, first, axis=0)[0]
+
+
 class _Block(eqx.Module):
     """One pre-LN layer: attention over samples, MLP, attention over variables, MLP.
 
@@ -321,7 +341,12 @@ class ParentSetPredictionModel(eqx.Module):
         n_rows = jnp.sum(sample_mask, dtype=jnp.int32)
         head = self.width // self.n_heads
         implementation = attention_implementation(
-            self.attention, dtype, head, data.shape[0], needs_even_length=False
+            self.attention,
+            dtype,
+            head,
+            data.shape[0],
+            needs_even_length=False,
+            fn="ParentSetPredictionModel",
         )
 
         def layer(x, block_params):
@@ -331,7 +356,7 @@ class ParentSetPredictionModel(eqx.Module):
         if self.n_layers > 0:
             x, _ = jax.lax.scan(layer, x, params)
         x = layer_norm(x, self.final_gain, self.final_bias)
-        return x, jnp.max(jnp.where(rows[..., None], x, -jnp.inf), axis=0)
+        return x, max_over_rows(jnp.where(rows[..., None], x, -jnp.inf))
 
     def score_sets(
         self,

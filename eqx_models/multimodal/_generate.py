@@ -199,7 +199,12 @@ def _prefill(model: CausalTransformerLM, tokens, type_ids, cache_length: int):
     dtype = model.blocks.qkv_weight.dtype
     head_dim = model.d_model // model.n_heads
     implementation = attention_implementation(
-        model.attention, dtype, head_dim, length, needs_even_length=False
+        model.attention,
+        dtype,
+        head_dim,
+        length,
+        needs_even_length=False,
+        fn="generate",
     )
     lengths = jnp.sum(tokens != PAD, axis=-1, dtype=jnp.int32)
     core = _keep_keys_and_values(padded_attention(lengths, implementation))

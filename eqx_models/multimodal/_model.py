@@ -581,7 +581,12 @@ class CausalTransformerLM(eqx.Module):
         head_dim = self.d_model // self.n_heads
         packed = segment_ids is not None
         implementation = attention_implementation(
-            self.attention, dtype, head_dim, length, needs_even_length=packed
+            self.attention,
+            dtype,
+            head_dim,
+            length,
+            needs_even_length=packed,
+            fn="CausalTransformerLM",
         )
         if packed:
             core = segment_attention(segment_ids, implementation)

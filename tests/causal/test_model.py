@@ -13,6 +13,7 @@ from eqx_models.causal import (
     sample_task,
     TaskConfig,
 )
+from eqx_models.causal._model import max_over_rows
 from tests.causal._reference import surrogate_block
 from transforms import cast_floating
 
@@ -178,6 +179,45 @@ def test_bfloat16_matches_float32(task, implementation):
     logits = call(cast_floating(model, jnp.bfloat16), rows, sample_mask)
     assert logits.dtype == jnp.float32
     np.testing.assert_allclose(jax.nn.softmax(logits), reference, atol=0.01)
+
+
+def test_explicit_cudnn_in_float32_is_refused(task):
+    # cuDNN's fused kernel takes half precision on a GPU only: a float32 model asked
+    # for it is told so on every backend, not by a lowering error inside JAX.
+    model = _model(width=16, attention="cudnn")
+    with pytest.raises(
+        ValueError, match="ParentSetPredictionModel: `attention` must be .* float32"
+    ):
+        model(task.data)
+
+
+def test_max_pool_derivative_goes_to_the_first_maximising_row():
+    # Reference: d max_r x[r, j] / d x = one-hot at NumPy's argmax (its first
+    # maximum), tied rows and masked (-inf) rows included.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 3, 4))
+    x[1, 0, :] = x[4, 0, :] = 9.0  # a tie: the derivative goes to row 1
+    x[5] = -np.inf  # a padding row
+    weights = rng.normal(size=(3, 4))
+    first = np.argmax(x, axis=0)
+    expected = np.zeros_like(x)
+    for j, c in np.ndindex(3, 4):
+        expected[first[j, c], j, c] = weights[j, c]
+    value = jax.jit(lambda x: jnp.sum(max_over_rows(x) * weights))
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(max_over_rows(x) * weights)))
+    np.testing.assert_allclose(value(jnp.asarray(x)), np.sum(x.max(0) * weights))
+    np.testing.assert_array_equal(grad(jnp.asarray(x)), expected.astype(np.float32))
+    # Forward mode and batching take the same rule.
+    tangent = rng.normal(size=x.shape)
+    _, jvp = jax.jvp(max_over_rows, (jnp.asarray(x),), (jnp.asarray(tangent),))
+    np.testing.assert_allclose(
+        jvp, np.take_along_axis(tangent, first[None], 0)[0], rtol=1e-6
+    )
+    batched = jax.vmap(jax.grad(lambda x: jnp.sum(max_over_rows(x) * weights)))
+    np.testing.assert_array_equal(
+        batched(jnp.stack([jnp.asarray(x)] * 2)),
+        np.stack([expected] * 2).astype(np.float32),
+    )
 
 
 def test_without_pairs_and_without_layers(task):

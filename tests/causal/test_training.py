@@ -1,6 +1,3 @@
-import os
-import subprocess
-import sys
 import textwrap
 
 import equinox as eqx
@@ -29,6 +26,8 @@ from eqx_models.causal import (
     weight_decay_mask,
 )
 from transforms import injected_learning_rate
+
+from ..helpers import run_script
 
 
 K = 2
@@ -388,20 +387,7 @@ _SHARDED = textwrap.dedent(
 
 @pytest.mark.slow
 def test_data_parallel_training_step_matches_single_device():
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", _SHARDED],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("OK")
+    run_script(_SHARDED, devices=8)
 
 
 @pytest.fixture(scope="module")

@@ -177,7 +177,8 @@ def test_segments_do_not_see_each_other():
 def test_every_attention_implementation_gets_the_segment_mask(monkeypatch):
     # The fused cuDNN path needs the segments as much as XLA's: the call for each
     # implementation must carry the block-diagonal mask (maxtext's cuDNN path once
-    # dropped its segment ids without a word). On a CPU the call runs with XLA.
+    # dropped its segment ids without a word). The models are bfloat16 on a backend
+    # reported as a GPU, which an explicit "cudnn" requires; the call runs with XLA.
     original = jax.nn.dot_product_attention
     calls = []
 
@@ -187,19 +188,33 @@ def test_every_attention_implementation_gets_the_segment_mask(monkeypatch):
         return original(q, k, v, bias, mask, **options)
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     batch = pack_sequences(make_sequences(4, 2), length=ROW)
     segments = np.asarray(batch.segment_ids)
     expected = segments[:, None, :, None] == segments[:, None, None, :]
     outs = []
     for implementation in ("xla", "cudnn"):
-        model = make_model(max_len=ROW, attention=implementation)
-        outs.append(_hidden(model, batch))
+        model = make_model(max_len=ROW, attention=implementation, unroll=1)
+        outs.append(_hidden(mm.cast_floating(model, jnp.bfloat16), batch))
     # One call per model: the layers are one scanned block.
     assert [c[0] for c in calls] == ["xla", "cudnn"]
     for _, mask in calls:
         assert mask is not None
         np.testing.assert_array_equal(mask, expected)
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize(
+    "backend, dtype", [("cpu", jnp.bfloat16), ("gpu", jnp.float32)]
+)
+def test_explicit_cudnn_where_it_cannot_run_is_refused(monkeypatch, backend, dtype):
+    # cuDNN's kernel takes half precision on a GPU only; anywhere else JAX would fail
+    # while lowering, with a message about neither the model nor its `attention`.
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    model = mm.cast_floating(make_model(max_len=ROW, attention="cudnn"), dtype)
+    batch = pack_sequences(make_sequences(4, 2), length=ROW)
+    with pytest.raises(ValueError, match="CausalTransformerLM: `attention` must be"):
+        _hidden(model, batch)
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,6 @@
 """The LM trained with its parameters split over a mesh (FSDP, and FSDP with tensor
 parallelism) against the same training on one device, on eight fake CPU devices."""
 
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -12,6 +8,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from eqx_models.multimodal import TensorParallelRule
+
+from ..helpers import run_script
 
 
 _SCRIPT = textwrap.dedent(
@@ -83,20 +81,7 @@ _SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_sharded_training_equals_one_device():
-    root = pathlib.Path(__file__).resolve().parents[2]
-    path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
-    # Fake CPU devices, also on a machine with a GPU (which JAX would pick first).
-    env = dict(os.environ, PYTHONPATH=path, JAX_PLATFORMS="cpu")
-    done = subprocess.run(
-        [sys.executable, "-c", _SCRIPT],
-        capture_output=True,
-        text=True,
-        cwd=root,
-        env=env,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().endswith("OK"), done.stdout
+    run_script(_SCRIPT)
 
 
 # The training step compiled (not run) for each layout on eight fake devices, as
@@ -167,19 +152,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_fsdp_keeps_activations_split_by_the_batch():
-    root = pathlib.Path(__file__).resolve().parents[2]
-    path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, PYTHONPATH=path, JAX_PLATFORMS="cpu")
-    done = subprocess.run(
-        [sys.executable, "-c", _MEMORY_SCRIPT],
-        capture_output=True,
-        text=True,
-        cwd=root,
-        env=env,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().endswith("OK"), done.stdout
+    run_script(_MEMORY_SCRIPT)
 
 
 def test_tensor_parallel_rule_splits_the_block_matrices_only():

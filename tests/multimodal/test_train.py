@@ -1,8 +1,5 @@
 import dataclasses
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import equinox as eqx
@@ -26,6 +23,7 @@ from eqx_models.multimodal import (
 )
 from transforms import CheckpointError, NonFiniteLossError
 
+from ..helpers import run_script
 from .helpers import LENGTH, make_codebooks, make_model, make_sequences
 
 
@@ -375,15 +373,7 @@ _SCRIPT = textwrap.dedent(
 def test_data_parallel_on_eight_devices_equals_one_device():
     # Dropout and position sampling are on: their keys do not depend on sharding.
     # CPU only, so that the eight devices are the fake CPU ones on any machine.
-    result = subprocess.run(
-        [sys.executable, "-c", _SCRIPT],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("OK")
+    run_script(_SCRIPT)
 
 
 def test_equal_configurations_share_one_compiled_step():

@@ -1,6 +1,3 @@
-import os
-import subprocess
-import sys
 import textwrap
 
 import equinox as eqx
@@ -20,6 +17,7 @@ from transforms import (
     to_original_scaling,
 )
 
+from ..helpers import run_script
 from ._ghost_models import make_case, mlp, regression_batch, regression_loss
 
 
@@ -265,20 +263,4 @@ _SHARDED = textwrap.dedent(
 
 @pytest.mark.slow
 def test_data_parallel_attribution_equals_single_device():
-    import pathlib
-
-    root = pathlib.Path(__file__).resolve().parents[2]
-    result = subprocess.run(
-        [sys.executable, "-c", _SHARDED],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=root,
-        env={
-            **os.environ,
-            "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        },
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("OK")
+    run_script(_SHARDED, devices=8, timeout=600)

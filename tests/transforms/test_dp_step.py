@@ -7,10 +7,6 @@ from `jax.random.split(key, L)[l]`, standard deviation `σC`), divided by the ex
 batch size. Every method must match it to float64 rounding.
 """
 
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 import warnings
 
@@ -30,6 +26,7 @@ from transforms import (
 )
 from transforms._privacy._clipping import resolve_method
 
+from ..helpers import run_script
 from ._ghost_models import elementwise_batch, ElementwiseScale, make_case
 
 
@@ -338,18 +335,4 @@ _SHARDED = textwrap.dedent(
 def test_data_parallel_over_8_devices_adds_the_noise_once():
     # Equal to the single-device reference for the same key: noise added once to the
     # sum reduced over the devices (per device, it would be 8 draws, or 8 times one).
-    root = pathlib.Path(__file__).resolve().parents[2]
-    result = subprocess.run(
-        [sys.executable, "-c", _SHARDED],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=root,
-        env={
-            **os.environ,
-            "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        },
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("OK")
+    run_script(_SHARDED, devices=8)

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from ..helpers import import_optional
+from ..helpers import import_optional, run_script
 
 
 import_optional("orbax.checkpoint", extra="orbax")
@@ -113,26 +113,11 @@ print("OK")
 """
 
 
-def _python(script: str, *args: str) -> None:
-    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, PYTHONPATH=path, JAX_PLATFORMS="cpu")
-    done = subprocess.run(
-        [sys.executable, "-c", script, *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().endswith("OK"), done.stdout
-
-
 @pytest.mark.slow
 def test_saved_on_eight_devices_restores_on_four_and_on_one(tmp_path):
-    _python(_ON_EIGHT.format(setup=_SETUP), str(tmp_path))
+    run_script(_ON_EIGHT.format(setup=_SETUP), str(tmp_path))
     for n in ("4", "1"):
-        _python(_ON_FEWER.format(setup=_SETUP), str(tmp_path), n)
+        run_script(_ON_FEWER.format(setup=_SETUP), str(tmp_path), n)
 
 
 _KILLED = """

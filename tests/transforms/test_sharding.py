@@ -1,6 +1,3 @@
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -8,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+
+from ..helpers import run_script
 
 
 _SCRIPT = textwrap.dedent(
@@ -158,17 +157,7 @@ _SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_data_parallel_step_equals_single_device():
-    # Fake CPU devices, also on a machine with a GPU (which JAX would pick first).
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run(
-        [sys.executable, "-c", _SCRIPT],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("OK")
+    run_script(_SCRIPT, timeout=600)
 
 
 def test_parameter_sharding_errors():
