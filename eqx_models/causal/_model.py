@@ -438,7 +438,9 @@ class ParentSetPredictionModel(eqx.Module):
         `(d, K)` exceeds `MAX_CANDIDATE_SETS`; `ValueError` too for non-finite
         values, indicators that are not 0/1, or a target channel that does not mark
         exactly one variable, the same in every row: at once for concrete data,
-        else (under `jit` or `vmap`) by `eqx.error_if` at run time.
+        else (under `jit` or `vmap`) by `eqx.error_if` at run time. `ValueError`
+        for `attention="cudnn"` off a GPU or with weights not in bfloat16 or
+        float16 (cuDNN's fused kernel cannot run there).
         """
         name = "ParentSetPredictionModel"
         sample_mask, variable_mask = check_shapes(

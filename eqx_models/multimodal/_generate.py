@@ -460,7 +460,8 @@ def generate(
     included: the message names `batch.tokens`), token or type ids the layout
     rejects, a `temperature` that is not positive and finite when sampling, a
     `top_k` outside `[1, vocab_size]`, codebooks of another layout, or a scalar
-    column outside the codebooks' rows; `TypeError` for a model, batch, key or
+    column outside the codebooks' rows, or a model with `attention="cudnn"` off a
+    GPU or not in bfloat16 or float16; `TypeError` for a model, batch, key or
     codebooks of the wrong type, or a count or flag of the wrong type.
     """
     name = "generate"

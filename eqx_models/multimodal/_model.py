@@ -569,7 +569,9 @@ class CausalTransformerLM(eqx.Module):
         time by `eqx.error_if` for traced ones): token ids outside the vocabulary,
         type ids inconsistent with the layout, `PAD` before a non-`PAD` token,
         segment ids that are not 0 exactly at `PAD`, decrease along a row, or
-        positions that do not restart at 0 with each segment and count up by one.
+        positions that do not restart at 0 with each segment and count up by one;
+        `ValueError` too for `attention="cudnn"` off a GPU or with weights not in
+        bfloat16 or float16 (cuDNN's fused kernel cannot run there).
         """
         tokens = self._check_inputs(
             tokens, type_ids, "features_batch", segment_ids, positions
