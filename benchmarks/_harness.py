@@ -152,7 +152,9 @@ def time_callable(
 
 def footprint(compiled) -> dict[str, Any]:
     """What XLA's analyses of a compiled executable report: `temp_bytes`, `peak_bytes`
-    (arguments + outputs + temporaries - aliased) and `flops`, where known."""
+    (arguments + outputs + temporaries - aliased), `flops` and `accessed_bytes` (its
+    estimate of the memory traffic: with `flops`, the two floors a time is bounded
+    by), where known."""
     out = {}
     analysis = compiled.memory_analysis()
     if analysis is not None:
@@ -168,6 +170,8 @@ def footprint(compiled) -> dict[str, Any]:
         cost = cost[0] if cost else None
     if cost and "flops" in cost:
         out["flops"] = float(cost["flops"])
+    if cost and "bytes accessed" in cost:
+        out["accessed_bytes"] = float(cost["bytes accessed"])
     return out
 
 

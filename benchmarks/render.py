@@ -205,6 +205,7 @@ _LABELS = {
     "argument": "arguments",
     "output": "outputs",
     "peak": "peak memory",
+    "accessed": "memory traffic",
 }
 
 
@@ -732,6 +733,17 @@ def _summary_ghost(result: dict) -> list[Comparison]:
     return out
 
 
+def _floors(row: dict, base: dict) -> str:
+    """`row`'s arithmetic and memory traffic (XLA's estimates) as fractions of
+    `base`'s: the ratios its time would have if both ran at the same efficiency."""
+    parts = [
+        f"{what} {_digits(row[key] / base[key], 2)}×"
+        for key, what in (("flops", "work"), ("accessed_bytes", "traffic"))
+        if row.get(key) and base.get(key)
+    ]
+    return f"; {', '.join(parts)} the step's" if parts else ""
+
+
 def _summary_ghost_regime(device: str, by: dict[str, dict]) -> list[Comparison]:
     plain, plain_2b = by.get("(a) plain step, B"), by.get("(a) plain step, 2B")
     norms = by.get("(c) per-sample norms, ghost")
@@ -751,7 +763,7 @@ def _summary_ghost_regime(device: str, by: dict[str, dict]) -> list[Comparison]:
                 Comparison(
                     device,
                     workload,
-                    ours,
+                    ours + _floors(norms, plain),
                     f"plain training step, same batch: {time_text(plain['median_s'])}",
                     faster(norms["median_s"], plain["median_s"]),
                     f"≤ 1.3× the plain step: {_met(ratio <= 1.3)}",
