@@ -491,8 +491,8 @@ def test_ghost_summary_has_each_regime_and_peer(page):
     assert ratios["Opacus ghost clipping (allocator peak): 4.00 GB"] == (
         "2.00× less memory"
     )
-    # XLA's work and traffic of the ghost norms beside the step's: the floors of
-    # the time ratio.
+    # XLA's work and traffic of the ghost norms beside the step's: the time ratio
+    # they would give at equal efficiency.
     ours = {row[2] for row in rows if "B = 64, T = 16" in row[1]}
     assert "100 ms (ghost); work 0.73×, traffic 0.83× the step's" in ours
 
