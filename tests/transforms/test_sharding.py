@@ -13,6 +13,7 @@ _SCRIPT = textwrap.dedent(
     """
     import jax
     jax.config.update("jax_num_cpu_devices", 8)
+    import contextlib
     import equinox as eqx, jax.numpy as jnp, jax.random as jr, numpy as np, optax
     from jax.sharding import NamedSharding, PartitionSpec as P
     from transforms import make_train_step, shard_batch
@@ -150,6 +151,21 @@ _SCRIPT = textwrap.dedent(
     for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
     assert got[1][0].sharding.shard_shape((64, 8)) == (8, 8), got[1][0].sharding
+    # Rows split over an `Explicit` axis (the split part of the arrays' type):
+    # compiled and eager under the mesh, compiled without it (JAX itself needs the
+    # mesh for an eager gradient of explicitly split arrays). The same loss and
+    # gradients, the hidden states' gradient split as they are. (Before: JAX
+    # refused the reshape into chunks.)
+    hs = jax.device_put(h, NamedSharding(explicit, P("data")))
+    ts = jax.device_put(t, NamedSharding(explicit, P("data")))
+    ce_explicit = lambda h, w: chunked_cross_entropy(h, w, None, ts, chunk_size=16)
+    for context in (True, False):
+        with jax.sharding.set_mesh(explicit) if context else contextlib.nullcontext():
+            for run in (jax.jit, lambda f: f) if context else (jax.jit,):
+                got = run(jax.value_and_grad(ce_explicit, argnums=(0, 1)))(hs, w)
+                for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+                    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+                assert got[1][0].sharding.spec == P("data", None), got[1][0].sharding
     print("OK")
     """
 )

@@ -7,9 +7,12 @@ would otherwise go, hence a module of its own.
 """
 
 import functools
+from collections.abc import Callable
+from typing import cast
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
 from .._train._batch_sharding import batch_shards, constrain_batch
@@ -233,6 +236,25 @@ def chunked_cross_entropy(
         bias = jnp.zeros((v,), weight.dtype)
     if check_targets:
         targets = check_ids(name, "targets", targets, v, where=where)
-    return _fused_cross_entropy(
-        chunk_size, hidden, weight, bias, jnp.clip(targets, 0, v - 1), where
-    )
+    args = (hidden, weight, bias, jnp.clip(targets, 0, v - 1), where)
+    loss = functools.partial(_fused_cross_entropy, chunk_size)
+    mesh = _explicit_mesh(*args)
+    if mesh is None:
+        return loss(*args)
+    # Explicit axes would make every reshape into chunks and every product over
+    # split rows spell out its output's sharding; inside, the axes are XLA's to lay
+    # out (as in a step with a mesh), and the mean comes back replicated. The
+    # arrays' mesh is made the context's, which `auto_axes` reads.
+    with jax.sharding.use_abstract_mesh(mesh):
+        auto = jax.sharding.auto_axes(loss, axes=mesh.explicit_axes, out_sharding=P())
+        return cast(Callable[..., Array], auto)(*args)
+
+
+def _explicit_mesh(*arrays):
+    """The (abstract) mesh of the first array whose type has `Explicit` axes, or
+    `None` outside explicit sharding."""
+    for x in arrays:
+        mesh = getattr(jax.typeof(x).sharding, "mesh", None)
+        if mesh is not None and not mesh.empty and AxisType.Explicit in mesh.axis_types:
+            return mesh
+    return None
