@@ -134,9 +134,14 @@ def _batches(data, start: int) -> Callable[[int], Any]:
     return next_batch
 
 
+def _inner(step: Callable) -> Any:
+    """The step itself, out of a `with_fallback` wrapper."""
+    return step.step if isinstance(step, FallbackStep) else step
+
+
 def _deterministic(step: Callable) -> Callable:
     """`step` compiled for run-to-run determinism, where it has that option."""
-    inner: Any = step.step if isinstance(step, FallbackStep) else step
+    inner: Any = _inner(step)
     if isinstance(inner, eqx.Module) and hasattr(inner, "deterministic"):
         inner = dataclasses.replace(inner, deterministic=True)  # pyright: ignore
         return FallbackStep(inner) if isinstance(step, FallbackStep) else inner
@@ -180,8 +185,7 @@ def _checkpoints(path, checkpoint_format: str, step: Callable):
     if path is None:
         return None
     if checkpoint_format == "auto":
-        inner: Any = step.step if isinstance(step, FallbackStep) else step
-        split = getattr(inner, "parameter_sharding", None) is not None
+        split = getattr(_inner(step), "parameter_sharding", None) is not None
         checkpoint_format = "sharded" if split else "file"
     if checkpoint_format == "sharded":
         return ShardedCheckpoints(path)
@@ -257,7 +261,10 @@ def fit(
         `"sharded"` when the step splits its parameters over a mesh (a
         `parameter_sharding` given to [`transforms.make_train_step`][]), else
         `"file"`. On resume the state is read into the templates' shardings (the
-        step places them where it needs them).
+        step places them where it needs them); for sharded checkpoints and a step
+        with a `place` method (from `make_train_step`) the templates are placed
+        first, so each device reads only its own shards. In a run of several
+        processes every process calls `fit` alike (see the "Scaling" page).
     - `resume`: continue from `checkpoint_path` if a checkpoint exists there.
     - `metadata`: JSON-serialisable data stored with every checkpoint, typically the
         run's whole configuration.
@@ -379,7 +386,10 @@ def fit(
     store = _checkpoints(checkpoint_path, checkpoint_format, step)
     if not resume and isinstance(store, ShardedCheckpoints) and store.exists():
         # Orbax never overwrites a step; a fresh run would collide with the old
-        # one's steps, or keep them beside its own.
+        # one's steps, or keep them beside its own. Every process of a
+        # multi-process run sees the same steps (process 0 lists them), so all
+        # refuse together and none is left waiting in a collective.
+        store.close()
         raise ValueError(
             f"fit: `checkpoint_path` {store.directory!r} holds sharded checkpoints of "
             f"an earlier run (latest step {store.latest_step()}); pass "
@@ -389,6 +399,12 @@ def fit(
     if resume and store is not None and store.exists():
         if expected_metadata is not None and not allow_config_change:
             store.check_metadata(expected_metadata, caller="fit")
+        place = getattr(_inner(step), "place", None)
+        if isinstance(store, ShardedCheckpoints) and place is not None:
+            # Templates in the step's layout: each device reads only its own
+            # shards, instead of every process reading whole arrays onto one
+            # device for the step to split again.
+            model, opt_state = place(model, opt_state)
         restored = store.restore(model=model, opt_state=opt_state, key=key)
         model, opt_state, start, key = (
             restored.model,
