@@ -2,8 +2,8 @@
 (`jax.distributed`, two CPU devices each, collectives over gloo), started as the
 multi-host example starts its workers: a run stopped at step 2 and resumed by a
 second launch ends bit-identical to an uninterrupted one, a fresh run refuses
-the directory on every process, and one process restores the two processes'
-checkpoint exactly."""
+the directory on every process (as does a single-file checkpoint of split
+parameters), and one process restores the two processes' checkpoint exactly."""
 
 import os
 
@@ -35,11 +35,17 @@ step = make_train_step(
     parameter_sharding=ParameterSharding(fsdp_axis="data", min_size=64),
 )
 
-def run(path, n_steps, resume=False):
+def run(path, n_steps, resume=False, checkpoint_format="sharded"):
     return fit(step, model, opt_state, lambda i: (x * (1 + 0.1 * i), y),
                n_steps=n_steps, key=jr.key(2), checkpoint_path=path,
-               checkpoint_every=2, checkpoint_format="sharded", resume=resume,
-               progress=False)
+               checkpoint_every=2, checkpoint_format=checkpoint_format,
+               resume=resume, progress=False)
+
+def refusal(*args, **kwargs):  # the message of the ValueError `run` raises
+    try:
+        run(*args, **kwargs)
+    except ValueError as error:
+        return str(error)
 
 def split_over_all_devices(a):
     shard = a.sharding.shard_shape(a.shape)
@@ -78,16 +84,14 @@ if args.launch == "first":
     report({{"latest": checkpoints.latest_step()}})
     checkpoints.close()
 else:
-    try:
-        run(out + "/run", 4)
-        refused = None
-    except ValueError as error:
-        refused = str(error)
+    refused = refusal(out + "/run", 4)
+    no_file = refusal(out + "/file", 4, checkpoint_format="file")
     resumed = run(out + "/run", 4, resume=True)
     w = resumed.model.layers[0].weight
     save("resumed", resumed)
     report({{
         "refused": refused,
+        "no_file": no_file,
         "steps_run": [r["step"] for r in resumed.history],
         "split": split_over_all_devices(w),
         "local_shards": len(w.addressable_shards),
@@ -150,6 +154,8 @@ def test_two_processes_resume_bit_identically_and_one_process_restores(tmp_path)
         assert report["refused"] is not None, second
         assert "holds sharded checkpoints of an earlier run" in report["refused"]
         assert "latest step 2" in report["refused"], report
+        # A single file cannot hold shards no process holds whole.
+        assert "`checkpoint_format` must be 'sharded'" in (report["no_file"] or "")
         # The resumed run continued from the checkpoint, in the FSDP layout.
         assert report["steps_run"] == [2, 3], report
         assert report["split"] and report["local_shards"] == 2, report
