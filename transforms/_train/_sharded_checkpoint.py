@@ -29,7 +29,7 @@ since orbax refuses arrays that each process holds separately.
 import importlib
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import equinox as eqx
 import jax
@@ -62,16 +62,20 @@ def _orbax():
         ) from error
 
 
-def _arrays(tree) -> dict[str, jax.Array]:
+def _arrays(tree) -> dict[str, jax.Array | np.ndarray]:
     leaves = jax.tree.leaves(eqx.filter(tree, eqx.is_array))
     return {str(i): leaf for i, leaf in enumerate(leaves)}
 
 
-def _host_local(leaf) -> bool:
+def _host_local(leaf) -> TypeGuard[jax.Array]:
     """Whether `leaf` lives on this process's devices only while the run spans
     several processes (the key, or an array never placed on the mesh): orbax
     refuses to write such an array, since each process holds its own copy."""
-    return jax.process_count() > 1 and leaf.is_fully_addressable
+    return (
+        isinstance(leaf, jax.Array)
+        and jax.process_count() > 1
+        and leaf.is_fully_addressable
+    )
 
 
 def _replicated() -> NamedSharding:
@@ -79,7 +83,7 @@ def _replicated() -> NamedSharding:
     return NamedSharding(Mesh(np.array(jax.devices()), ("devices",)), P())
 
 
-def _global(leaf: jax.Array) -> jax.Array:
+def _global(leaf):
     """`leaf` in a form orbax writes from several processes: a host-local array
     becomes one replicated over every device, built from this process's copy
     (every process holds the same value, as for the key `fit` folds; orbax
@@ -87,6 +91,16 @@ def _global(leaf: jax.Array) -> jax.Array:
     if not _host_local(leaf):
         return leaf
     return jax.make_array_from_process_local_data(_replicated(), np.asarray(leaf))
+
+
+def _target(leaf):
+    """What orbax reads a stored array as, for the template array `leaf`: a
+    NumPy array for a NumPy template (it has no sharding), else a JAX array in
+    the template's sharding (replicated first, for a host-local one)."""
+    if not isinstance(leaf, jax.Array):
+        return leaf
+    sharding = _replicated() if _host_local(leaf) else leaf.sharding
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
 
 class ShardedCheckpoints:
@@ -327,14 +341,7 @@ class ShardedCheckpoints:
             )
         ocp = _orbax()
         templates = _arrays(template)
-        targets = {
-            name: jax.ShapeDtypeStruct(
-                leaf.shape,
-                leaf.dtype,
-                sharding=_replicated() if _host_local(leaf) else leaf.sharding,
-            )
-            for name, leaf in templates.items()
-        }
+        targets = {name: _target(leaf) for name, leaf in templates.items()}
         arrays = self._manager.restore(
             header["step"],
             args=ocp.args.Composite(arrays=ocp.args.StandardRestore(targets)),
