@@ -351,6 +351,8 @@ def main(argv=None):
 
 # Sizes of the scale rows; `length` steps in chunks of `chunk` for streaming EM.
 SCALE_LENGTH = {"full": (1_000_000, 10_000), "tiny": (10_000, 1_000)}
+# Chunks per device call for the host-fed row: a tenth of the sequence per call.
+SCALE_CHUNKS_PER_CALL = {"full": 10, "tiny": 2}
 SCALE = {
     "full": dict(n_obs=100, clones=100, n_actions=4, successors=10),
     "tiny": dict(n_obs=10, clones=10, n_actions=4, successors=3),
@@ -390,7 +392,12 @@ def scale_data(cfg, key):
 def scale_rows(results, scale_size):
     """Memory, log-likelihood and one streaming EM iteration of a large SparseCHMM."""
     length, chunk = SCALE_LENGTH[scale_size]
-    cfg = dict(SCALE[scale_size], length=length, chunk=chunk)
+    cfg = dict(
+        SCALE[scale_size],
+        length=length,
+        chunk=chunk,
+        chunks_per_call=SCALE_CHUNKS_PER_CALL[scale_size],
+    )
     model, x, a = scale_data(cfg, jr.key(0))
     n_states, length = model.n_states, cfg["length"]
     common = dict(N=n_states, T=length, sequences=1, blocks=model.n_blocks)
@@ -419,11 +426,23 @@ def scale_rows(results, scale_size):
             **timing,
             us_per_step=1e6 * timing["median_s"] / length,
         )
-    for method in ("scan", "parallel"):
+    # The sequence on the device at once, then read from the host in groups of
+    # chunks (`chunks_per_call`: what a sequence larger than the device needs).
+    for method, per_call in (
+        ("scan", None),
+        ("parallel", None),
+        ("parallel", cfg["chunks_per_call"]),
+    ):
 
-        def one_pass(method=method):
+        def one_pass(method=method, per_call=per_call):
             trained, curve = streaming_em(
-                model, x, a, n_iter=1, chunk_size=cfg["chunk"], method=method
+                model,
+                x,
+                a,
+                n_iter=1,
+                chunk_size=cfg["chunk"],
+                method=method,
+                chunks_per_call=per_call,
             )
             assert isinstance(trained, SparseCHMM)  # EM keeps the model's layout
             return trained.blocks, curve
@@ -433,6 +452,7 @@ def scale_rows(results, scale_size):
             workload=f"scale-{scale_size}/streaming_em_iteration",
             impl=f"eqx_models SparseCHMM {method}",
             chunk_size=cfg["chunk"],
+            chunks_per_call=per_call or "all",
             **common,
             **timing,
             us_per_step=1e6 * timing["median_s"] / length,
@@ -445,8 +465,10 @@ def scale_rows(results, scale_size):
         f"({model.n_blocks} blocks); one random walk of T = {length} over the allowed "
         "triples. `streaming_em_iteration` is one `streaming_em` iteration (forward "
         "sweep, backward sweep with the chunk E-steps, M-step, and the final "
-        f"log-likelihood sweep) with chunks of {cfg['chunk']} steps; its first call "
-        "includes compilation (`first_call_s`)."
+        f"log-likelihood sweep) with chunks of {cfg['chunk']} steps, the sequence on "
+        "the device at once (`chunks_per_call` all) or read from the host "
+        f"{cfg['chunks_per_call']} chunks per device call; its first call includes "
+        "compilation (`first_call_s`)."
     )
 
 

@@ -649,6 +649,11 @@ def _summary_chmm_scale(rows: list[dict], device: str) -> list[Comparison]:
                 f"{time_text(best['median_s'])} ({method}, chunks of "
                 f"{_digits(best['chunk_size'])}"
                 + (
+                    f", {best['chunks_per_call']} per device call"
+                    if isinstance(best.get("chunks_per_call"), int)
+                    else ""
+                )
+                + (
                     f", peak {bytes_text(best['peak_device_bytes'])})"
                     if best.get("peak_device_bytes")
                     else ")"

@@ -1104,6 +1104,14 @@ def _chmm_cases():
             lambda n: chmm.streaming_em(model, x, a, n_iter=1, chunk_size=n),
         ),
         Case(
+            "chmm.streaming_expected_counts",
+            "chunks_per_call",
+            bad_size(),
+            lambda n: chmm.streaming_expected_counts(
+                model, x, a, chunk_size=2, chunks_per_call=n
+            ),
+        ),
+        Case(
             "chmm.posteriors",
             "length",
             st.integers(-100, 0) | st.integers(6, 100),
@@ -2130,7 +2138,7 @@ _FAMILIES = {
 # need models), this only fixes the parametrisation.
 _N_CASES = {
     "transforms": 102,
-    "chmm": 36,
+    "chmm": 37,
     "tidhy": 40,
     "causal": 37,
     "multimodal": 34,

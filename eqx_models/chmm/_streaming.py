@@ -27,6 +27,14 @@ two-level sum of its own steps).
 Online EM (`online_em`) cannot look ahead: each chunk is smoothed with the forward
 message carried from the previous chunk but no future evidence (`beta = 1` at its
 end), and the model changes after every chunk.
+
+By default a sequence's chunks go to the device in one array and each sweep is one
+compiled scan. With `chunks_per_call=K` the sequence stays on the host (a NumPy
+array, memory-mapped or not) and is read `K` chunks at a time: the sweeps become
+host loops over groups of `K` chunks that carry the messages (and the counts)
+between device calls, the boundary messages of the forward sweep are kept (on the
+device, `n_chunks x M` numbers), and every group has the same shape (the last is
+padded), so one compilation serves sequences of any length.
 """
 
 from collections.abc import Callable, Sequence
@@ -62,8 +70,14 @@ class _Chunks(eqx.Module):
     lengths: Int[Array, " n_chunks"]
 
 
-def _sequences(fn: str, model: AbstractCHMM, x, a) -> list[tuple[np.ndarray, ...]]:
-    """One sequence or a list of them, as concrete NumPy pairs, checked."""
+def _sequences(
+    fn: str, model: AbstractCHMM, x, a, group_steps: int | None = None
+) -> list[tuple[np.ndarray, ...]]:
+    """One sequence or a list of them, as concrete NumPy pairs, checked.
+
+    With `group_steps`, the ids are checked in slices of that many steps (so that
+    a memory-mapped sequence is never read whole; the message names the slice) and
+    the arrays are returned as given, to be read group by group."""
     if not isinstance(model, AbstractCHMM):
         raise fail(
             fn, "model", "a CHMM or a SparseCHMM", type(model).__name__, TypeError
@@ -87,6 +101,7 @@ def _sequences(fn: str, model: AbstractCHMM, x, a) -> list[tuple[np.ndarray, ...
                 f"{name}: `x` and `a` are cut into chunks on the host and must be "
                 "concrete arrays, not traced."
             )
+        # `np.asarray` keeps a memory-mapped array mapped (no copy).
         xi, ai = np.asarray(xi), np.asarray(ai)
         for arg, v in (("x", xi), ("a", ai)):
             if not np.issubdtype(v.dtype, np.integer):
@@ -95,12 +110,24 @@ def _sequences(fn: str, model: AbstractCHMM, x, a) -> list[tuple[np.ndarray, ...
                 raise fail(name, arg, "a non-empty 1-D sequence", f"shape {v.shape}")
         if xi.shape != ai.shape:
             raise fail(name, "a", f"the length of `x`, {xi.shape[0]}", ai.shape[0])
-        check_ids(name, "x", xi, model.n_obs, upper_name="n_obs")
-        check_ids(name, "a[:-1]", ai[:-1], model.n_actions, upper_name="n_actions")
-        if isinstance(model, SparseCHMM):
-            check_allowed(name, model, xi, ai, None, None)
-        pairs.append((xi.astype(np.int32), ai.astype(np.int32)))
+        if group_steps is None:
+            _check_ids(name, model, xi, ai)
+            pairs.append((xi.astype(np.int32), ai.astype(np.int32)))
+            continue
+        for start in range(0, max(xi.shape[0] - 1, 1), group_steps):
+            stop = start + group_steps + 1
+            stop = min(stop, xi.shape[0])
+            where = f"{name} (in x[{start}:{stop}]; its index 0 is x[{start}])"
+            _check_ids(where, model, xi[start:stop], ai[start:stop])
+        pairs.append((xi, ai))
     return pairs
+
+
+def _check_ids(name: str, model: AbstractCHMM, x: np.ndarray, a: np.ndarray):
+    check_ids(name, "x", x, model.n_obs, upper_name="n_obs")
+    check_ids(name, "a[:-1]", a[:-1], model.n_actions, upper_name="n_actions")
+    if isinstance(model, SparseCHMM):
+        check_allowed(name, model, x, a, None, None)
 
 
 def _bucket(n: int) -> int:
@@ -109,11 +136,21 @@ def _bucket(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _chunked(x: np.ndarray, a: np.ndarray, chunk_size: int) -> _Chunks:
+def _n_chunks(length: int, chunk_size: int) -> int:
+    """The chunks holding a sequence of `length` observations (at least one)."""
+    return max(-(-(length - 1) // chunk_size), 1)
+
+
+def _chunked(
+    x: np.ndarray, a: np.ndarray, chunk_size: int, n_chunks: int | None = None
+) -> _Chunks:
     """The overlapping `(n_chunks, L + 1)` windows of a sequence, padded (repeating
-    the last observation, identity steps) to a bucket of chunks."""
+    the last observation, identity steps) to `n_chunks` chunks (default: a bucket
+    of chunks)."""
+    x, a = np.asarray(x, np.int32), np.asarray(a, np.int32)
     steps = x.shape[0] - 1
-    n_chunks = _bucket(max(-(-steps // chunk_size), 1))
+    if n_chunks is None:
+        n_chunks = _bucket(_n_chunks(x.shape[0], chunk_size))
     width = n_chunks * chunk_size + 1
     xp = np.concatenate([x, np.full(width - x.shape[0], x[-1], x.dtype)])
     # a[T-1] is unused: zero it with the padding.
@@ -137,8 +174,9 @@ def _first_alpha(model, chunks: _Chunks):
     return hard_chain(model, chunks.x[0], chunks.a[0], chunks.lengths[0]).pi0
 
 
-def _forward_sweep(model, chunks: _Chunks, method: str):
-    """The initial weights of every chunk and the log-likelihood of each."""
+def _forward_sweep(model, chunks: _Chunks, method: str, alpha):
+    """From the initial weights `alpha` of the first chunk: the initial weights of
+    every chunk, the log-likelihood of each, and the message after the last."""
 
     def body(alpha, inputs):
         x, a, length = inputs
@@ -147,14 +185,14 @@ def _forward_sweep(model, chunks: _Chunks, method: str):
         return alphas[-1], (alpha, pairwise_sum(log_norms))
 
     inputs = (chunks.x, chunks.a, chunks.lengths)
-    _, (alphas, lnls) = lax.scan(body, _first_alpha(model, chunks), inputs)
-    return alphas, lnls
+    last, (alphas, lnls) = lax.scan(body, alpha, inputs)
+    return alphas, lnls, last
 
 
-@eqx.filter_jit
-def _stream_counts(model: AbstractCHMM, chunks: _Chunks, method: str):
-    """Exact expected counts (layout of `transitions`) and the log-likelihood."""
-    alphas, lnls = _forward_sweep(model, chunks, method)
+def _backward_sweep(model, chunks: _Chunks, alphas, beta, counts, method: str):
+    """From the backward message `beta` after the last chunk: the message before
+    the first, and `counts` plus the chunks' expected counts (the layout of
+    `transitions`), given each chunk's initial weights `alphas`."""
     P = transitions(model)
     _, used = clone_table(model.n_clones)
     used = jnp.asarray(used, model.dtype)
@@ -172,21 +210,120 @@ def _stream_counts(model: AbstractCHMM, chunks: _Chunks, method: str):
         beta = grad_alpha * used[x[0]]
         return (safe_divide(beta, beta.sum()), counts + P * grad_P), None
 
-    start = (jnp.ones((max(model.n_clones),), model.dtype), jnp.zeros_like(P))
     inputs = (chunks.x, chunks.a, chunks.lengths, alphas)
-    (_, counts), _ = lax.scan(body, start, inputs, reverse=True)
+    (beta, counts), _ = lax.scan(body, (beta, counts), inputs, reverse=True)
+    return beta, counts
+
+
+def _end_messages(model: AbstractCHMM):
+    """The backward message after a sequence's last chunk and zero counts."""
+    beta = jnp.ones((max(model.n_clones),), model.dtype)
+    return beta, jnp.zeros_like(transitions(model))
+
+
+@eqx.filter_jit
+def _stream_counts(model: AbstractCHMM, chunks: _Chunks, method: str):
+    """Exact expected counts (layout of `transitions`) and the log-likelihood of a
+    sequence whose chunks are all in `chunks`."""
+    alphas, lnls, _ = _forward_sweep(model, chunks, method, _first_alpha(model, chunks))
+    _, counts = _backward_sweep(model, chunks, alphas, *_end_messages(model), method)
     return counts, pairwise_sum(lnls)
 
 
 @eqx.filter_jit
 def _stream_log_likelihood(model: AbstractCHMM, chunks: _Chunks, method: str):
-    return pairwise_sum(_forward_sweep(model, chunks, method)[1])
+    alphas, lnls, _ = _forward_sweep(model, chunks, method, _first_alpha(model, chunks))
+    return pairwise_sum(lnls)
 
 
-def _check_common(fn, model, x, a, chunk_size, method):
+# The sweeps over a sequence read group by group (`chunks_per_call`): one device
+# call per group, the messages carried between calls.
+
+
+@eqx.filter_jit
+def _first_alpha_of(model: AbstractCHMM, chunks: _Chunks):
+    return _first_alpha(model, chunks)
+
+
+@eqx.filter_jit
+def _forward_group(model: AbstractCHMM, chunks: _Chunks, method: str, alpha):
+    alphas, lnls, last = _forward_sweep(model, chunks, method, alpha)
+    return alphas, pairwise_sum(lnls), last
+
+
+@eqx.filter_jit
+def _backward_group(
+    model: AbstractCHMM, chunks: _Chunks, alphas, beta, counts, method: str
+):
+    return _backward_sweep(model, chunks, alphas, beta, counts, method)
+
+
+class _Sequence:
+    """One checked sequence and how its chunks reach the device: all at once
+    (`chunks_per_call=None`, built once and kept on the device) or in groups of
+    `chunks_per_call` chunks read from the host arrays when needed."""
+
+    def __init__(self, x, a, chunk_size: int, chunks_per_call: int | None):
+        self.x, self.a = x, a
+        self.chunk_size, self.per_call = chunk_size, chunks_per_call
+        if chunks_per_call is None:
+            self.n_groups = 1
+            self._whole = _chunked(x, a, chunk_size)
+        else:
+            n = _n_chunks(x.shape[0], chunk_size)
+            self.n_groups = -(-n // chunks_per_call)
+
+    def group(self, g: int) -> _Chunks:
+        if self.per_call is None:
+            return self._whole
+        steps = self.per_call * self.chunk_size
+        window = slice(g * steps, (g + 1) * steps + 1)
+        return _chunked(self.x[window], self.a[window], self.chunk_size, self.per_call)
+
+
+def _sequence_counts(model: AbstractCHMM, sequence: _Sequence, method: str):
+    """`_stream_counts` of a sequence, in one call or group by group."""
+    if sequence.n_groups == 1:
+        return _stream_counts(model, sequence.group(0), method)
+    alphas, lnls = _sequence_forward(model, sequence, method)
+    beta, counts = _end_messages(model)
+    for g in reversed(range(sequence.n_groups)):
+        beta, counts = _backward_group(
+            model, sequence.group(g), alphas[g], beta, counts, method
+        )
+    return counts, pairwise_sum(jnp.stack(lnls))
+
+
+def _sequence_forward(model: AbstractCHMM, sequence: _Sequence, method: str):
+    """The forward sweep group by group: each group's initial weights per chunk,
+    and each group's log-likelihood."""
+    alpha = _first_alpha_of(model, sequence.group(0))
+    alphas, lnls = [], []
+    for g in range(sequence.n_groups):
+        group_alphas, lnl, alpha = _forward_group(
+            model, sequence.group(g), method, alpha
+        )
+        alphas.append(group_alphas)
+        lnls.append(lnl)
+    return alphas, lnls
+
+
+def _sequence_log_likelihood(model: AbstractCHMM, sequence: _Sequence, method: str):
+    if sequence.n_groups == 1:
+        return _stream_log_likelihood(model, sequence.group(0), method)
+    return pairwise_sum(jnp.stack(_sequence_forward(model, sequence, method)[1]))
+
+
+def _check_common(fn, model, x, a, chunk_size, method, chunks_per_call):
     check_method(fn, method)
     check_size(fn, "chunk_size", chunk_size)
-    return [_chunked(xi, ai, chunk_size) for xi, ai in _sequences(fn, model, x, a)]
+    if chunks_per_call is not None:
+        check_size(fn, "chunks_per_call", chunks_per_call)
+    steps = None if chunks_per_call is None else chunks_per_call * chunk_size
+    return [
+        _Sequence(xi, ai, chunk_size, chunks_per_call)
+        for xi, ai in _sequences(fn, model, x, a, steps)
+    ]
 
 
 _Ids = Array | np.ndarray
@@ -199,6 +336,7 @@ def streaming_expected_counts(
     *,
     chunk_size: int,
     method: str = "scan",
+    chunks_per_call: int | None = None,
 ) -> tuple[Float[Array, "..."], Float[Array, ""]]:
     """Expected transition counts of long sequences, computed in chunks.
 
@@ -215,8 +353,16 @@ def streaming_expected_counts(
     - `model`: a `CHMM` or `SparseCHMM`.
     - `x`, `a`: one sequence of ids and actions (shape `(T,)` each), or lists of
         sequences of any lengths; concrete arrays (they are cut on the host).
+        With `chunks_per_call`, NumPy arrays are read a group of chunks at a time,
+        so they may be memory-mapped files (`np.load(path, mmap_mode="r")`)
+        larger than the host's or the device's memory.
     - `chunk_size`: the number of steps per chunk, a positive int.
     - `method`: `"scan"` or `"parallel"`, the pass within each chunk.
+    - `chunks_per_call`: `None` (default) sends each sequence's chunks to the
+        device at once; a positive int `K` sends `K` chunks per device call, the
+        messages carried between calls (the same counts up to rounding; one
+        compilation for every sequence length; ids checked a group at a time, the
+        message naming the slice).
 
     **Returns:**
 
@@ -226,14 +372,15 @@ def streaming_expected_counts(
 
     **Raises:**
 
-    `ValueError` for a `chunk_size` below 1, ids or actions out of range, a
-    transition outside a `SparseCHMM`'s blocks (naming its position), or lists of
-    different lengths; `TypeError` for a non-integer `chunk_size`, traced or
-    non-integer sequences, or an unknown `method`.
+    `ValueError` for a `chunk_size` or `chunks_per_call` below 1, ids or actions
+    out of range, a transition outside a `SparseCHMM`'s blocks (naming its
+    position), or lists of different lengths; `TypeError` for a non-integer
+    `chunk_size` or `chunks_per_call`, traced or non-integer sequences, or an
+    unknown `method`.
     """
     fn = "streaming_expected_counts"
-    every = _check_common(fn, model, x, a, chunk_size, method)
-    results = [_stream_counts(model, chunks, method) for chunks in every]
+    every = _check_common(fn, model, x, a, chunk_size, method, chunks_per_call)
+    results = [_sequence_counts(model, sequence, method) for sequence in every]
     counts = sum(r[0] for r in results[1:]) + results[0][0]
     return counts, pairwise_sum(jnp.stack([r[1] for r in results]))
 
@@ -247,6 +394,7 @@ def streaming_em(
     chunk_size: int,
     pseudocount: float | Float[Array, ""] = 0.0,
     method: str = "scan",
+    chunks_per_call: int | None = None,
     progress: bool = False,
 ) -> tuple[AbstractCHMM, Float[Array, " n_iter_plus_1"]]:
     """Baum-Welch with the E-step of [`eqx_models.chmm.streaming_expected_counts`][]:
@@ -267,6 +415,7 @@ def streaming_em(
     - `chunk_size`: steps per chunk, a positive int.
     - `pseudocount`: as for `em`.
     - `method`: `"scan"` or `"parallel"`.
+    - `chunks_per_call`: as for `streaming_expected_counts`.
     - `progress`: show a tqdm progress bar over the iterations.
 
     **Returns:**
@@ -280,15 +429,15 @@ def streaming_em(
     or `pseudocount`, as for `em`.
     """
     fn = "streaming_em"
-    every = _check_common(fn, model, x, a, chunk_size, method)
+    every = _check_common(fn, model, x, a, chunk_size, method, chunks_per_call)
     pseudocount = _pseudocount(fn, n_iter, pseudocount, model.dtype)
     curve = []
     for _ in tqdm(range(n_iter), desc=fn, disable=not progress):
-        results = [_stream_counts(model, chunks, method) for chunks in every]
+        results = [_sequence_counts(model, sequence, method) for sequence in every]
         counts = sum(r[0] for r in results[1:]) + results[0][0]
         curve.append(pairwise_sum(jnp.stack([r[1] for r in results])))
         model = _m_step(model, counts, pseudocount)
-    final = [_stream_log_likelihood(model, chunks, method) for chunks in every]
+    final = [_sequence_log_likelihood(model, sequence, method) for sequence in every]
     curve.append(pairwise_sum(jnp.stack(final)))
     return model, jnp.stack(curve)
 
@@ -305,8 +454,12 @@ def default_step_size(k: Int[Array, ""]) -> Float[Array, ""]:
 
 
 @eqx.filter_jit
-def _online(model, chunks: _Chunks, stats, start, step_size, pseudocount, method):
-    _, used = clone_table(model.n_clones)
+def _online(
+    model, chunks: _Chunks, stats, start, step_size, pseudocount, method, alpha=None
+):
+    """Stepwise EM over `chunks`, from the forward message `alpha` (`None`: the
+    sequence's first chunk is the first of `chunks`); also returns the message
+    after the last chunk."""
 
     def body(carry, inputs):
         P, stats, alpha, k = carry
@@ -330,10 +483,12 @@ def _online(model, chunks: _Chunks, stats, start, step_size, pseudocount, method
         P = jnp.where(real, m_step(model, stats, pseudocount), P)
         return (P, stats, alphas[-1], k + real), pairwise_sum(log_norms)
 
-    alpha = _first_alpha(model, chunks)
+    if alpha is None:
+        alpha = _first_alpha(model, chunks)
     carry = (transitions(model), stats, alpha, start)
-    (P, stats, _, k), lnls = lax.scan(body, carry, (chunks.x, chunks.a, chunks.lengths))
-    return with_transitions(model, P), stats, k, lnls
+    inputs = (chunks.x, chunks.a, chunks.lengths)
+    (P, stats, alpha, k), lnls = lax.scan(body, carry, inputs)
+    return with_transitions(model, P), stats, k, lnls, alpha
 
 
 def online_em(
@@ -346,6 +501,7 @@ def online_em(
     step_size: Callable[[Int[Array, ""]], Float[Array, ""]] = default_step_size,
     pseudocount: float | Float[Array, ""] = 0.0,
     method: str = "scan",
+    chunks_per_call: int | None = None,
     progress: bool = False,
 ) -> tuple[AbstractCHMM, Float[Array, " n_chunks"]]:
     """Online (stepwise) EM: update the model after every chunk.
@@ -373,6 +529,9 @@ def online_em(
         count (an optax schedule works); `(k + 2) ** -0.7` by default.
     - `pseudocount`: a non-negative count added at every M-step.
     - `method`: `"scan"` or `"parallel"`, the pass within each chunk.
+    - `chunks_per_call`: as for
+        [`eqx_models.chmm.streaming_expected_counts`][] (the same updates, in
+        device calls of `K` chunks).
     - `progress`: show a tqdm progress bar over epochs and sequences.
 
     **Returns:**
@@ -387,17 +546,24 @@ def online_em(
     below 1, a non-callable `step_size`, or a bad `pseudocount`.
     """
     fn = "online_em"
-    every = _check_common(fn, model, x, a, chunk_size, method)
+    every = _check_common(fn, model, x, a, chunk_size, method, chunks_per_call)
     check_size(fn, "n_epochs", n_epochs)
     check_callable(fn, "step_size", step_size)
     pseudocount = _pseudocount(fn, 0, pseudocount, model.dtype)
     stats = transitions(model)
     k = jnp.zeros((), jnp.int32)
     out = []
-    work = [(e, c) for e in range(n_epochs) for c in every]
-    for _, chunks in tqdm(work, desc=fn, disable=not progress):
-        model, stats, k, lnls = _online(
-            model, chunks, stats, k, step_size, pseudocount, method
-        )
-        out.append(lnls[np.asarray(chunks.lengths) > 1])
+    work = [(e, sequence) for e in range(n_epochs) for sequence in every]
+    for _, sequence in tqdm(work, desc=fn, disable=not progress):
+        # Grouped, the first message is computed apart, so that every group's call
+        # has the same signature (one compilation).
+        alpha = None
+        if sequence.per_call is not None:
+            alpha = _first_alpha_of(model, sequence.group(0))
+        for g in range(sequence.n_groups):
+            chunks = sequence.group(g)
+            model, stats, k, lnls, alpha = _online(
+                model, chunks, stats, k, step_size, pseudocount, method, alpha
+            )
+            out.append(lnls[np.asarray(chunks.lengths) > 1])
     return model, jnp.concatenate(out)

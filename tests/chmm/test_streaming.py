@@ -98,3 +98,74 @@ def test_bad_chunk_sizes():
         streaming_expected_counts(model, x + 5, a, chunk_size=3)
     with pytest.raises(ValueError, match="`n_epochs`"):
         online_em(model, x, a, chunk_size=3, n_epochs=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_groups_of_chunks_read_from_the_host_give_the_same_counts(x64, method):
+    # Reference: the counts of batch EM. Groups of 1, 2 and 3 chunks of 4 steps
+    # over 30 steps (8 chunks: groups ragged at the end), and a group larger than
+    # the sequence; a sparse model and a list of unequal sequences too.
+    dense, x, a = _data(UNEVEN, steps=31)
+    xs, as_ = [x, x[:11], x[:2]], [a, a[:11], a[:2]]
+    for model in (dense, SparseCHMM.from_dense(dense, seen_transitions(x, a))):
+        want, want_lnl = expected_counts(model, xs, as_, method=method)
+        for per_call in (1, 2, 3, 20):
+            counts, lnl = streaming_expected_counts(
+                model, xs, as_, chunk_size=4, method=method, chunks_per_call=per_call
+            )
+            close(counts, want)
+            close(lnl, want_lnl)
+
+
+def test_groups_read_from_a_memory_mapped_file(x64, tmp_path):
+    # The sequence never has to be in memory: int64 ids in .npy files, opened
+    # memory-mapped; EM and online EM give what they give on the arrays in memory.
+    model, x, a = _data((2, 3, 1), steps=40)
+    np.save(tmp_path / "x.npy", x.astype(np.int64))
+    np.save(tmp_path / "a.npy", a.astype(np.int64))
+    xm = np.load(tmp_path / "x.npy", mmap_mode="r")
+    am = np.load(tmp_path / "a.npy", mmap_mode="r")
+    want, want_curve = em(model, x, a, n_iter=2, pseudocount=0.1)
+    got, curve = streaming_em(
+        model, xm, am, n_iter=2, chunk_size=5, pseudocount=0.1, chunks_per_call=3
+    )
+    close(got.T, want.T)
+    close(curve, want_curve)
+    # Online EM makes the same updates whether a call holds 3 chunks or all 8.
+    kwargs = dict(chunk_size=5, n_epochs=2, pseudocount=0.1)
+    want_model, want_lnls = online_em(model, x, a, **kwargs)
+    got_model, lnls = online_em(model, xm, am, chunks_per_call=3, **kwargs)
+    close(got_model.T, want_model.T)
+    close(lnls, want_lnls)
+
+
+def test_groups_compile_once_for_every_length(x64):
+    from eqx_models.chmm import _streaming
+
+    model, x, a = _data((2, 3, 1), steps=60)
+    before = {f: f._cached._cache_size() for f in _GROUPED(_streaming)}
+    for steps in (59, 41, 23):
+        streaming_expected_counts(
+            model, x[: steps + 1], a[: steps + 1], chunk_size=4, chunks_per_call=2
+        )
+    after = {f: f._cached._cache_size() for f in _GROUPED(_streaming)}
+    assert all(after[f] - before[f] <= 1 for f in after), (before, after)
+
+
+def _GROUPED(module):
+    return (module._forward_group, module._backward_group, module._first_alpha_of)
+
+
+def test_bad_groups():
+    model, x, a = _data((2, 1), steps=30)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="`chunks_per_call`"):
+            streaming_expected_counts(model, x, a, chunk_size=3, chunks_per_call=bad)
+    with pytest.raises(TypeError, match="chunks_per_call"):
+        online_em(model, x, a, chunk_size=3, chunks_per_call=1.5)
+    # Ids are checked a group at a time; the message names the slice.
+    bad_x = x.copy()
+    bad_x[25] = 7
+    message = r"in x\[24:30\]; its index 0 is x\[24\]\): `x` must be .* index \(1,\)"
+    with pytest.raises(ValueError, match=message):
+        streaming_em(model, bad_x, a, n_iter=1, chunk_size=3, chunks_per_call=2)
