@@ -21,29 +21,15 @@ the two runs give the same loss at every step. The summary reports the largest
 relative difference.
 """
 
-import json
 import os
-import socket
-import subprocess
-import sys
 import time
 
 from _common import parse_args, save_summary
-
-
-RESULT = "RESULT "  # the prefix of the line a worker prints its losses on
+from _processes import add_flags, collect, join, report, start
 
 
 def _flags(parser):
-    parser.add_argument("--coordinator", help="host:port of process 0")
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--process-id", type=int, default=0)
-    parser.add_argument(
-        "--cpu-devices",
-        type=int,
-        default=None,
-        help="run on this many CPU devices per process (no accelerator)",
-    )
+    add_flags(parser)
     parser.add_argument("--steps", type=int, default=None)
 
 
@@ -102,91 +88,21 @@ def train_layouts(n_steps: int) -> dict[str, list[float]]:
 
 
 def worker(args) -> None:
-    """One process of the runtime: join it, train, print the losses."""
+    """One process of the runtime: join it, train, report the losses."""
+    join(args)
+    # Imported once `join` has configured JAX.
     import jax
 
-    if args.cpu_devices is not None:
-        # Before the runtime starts: fake CPU devices, and collectives between
-        # processes over gloo (the CPU backend has none by default).
-        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if args.processes > 1:
-        jax.distributed.initialize(
-            coordinator_address=args.coordinator,
-            num_processes=args.processes,
-            process_id=args.process_id,
-            initialization_timeout=120,
-        )
     losses = train_layouts(args.steps)
-    report = {
-        "process": jax.process_index(),
-        "processes": jax.process_count(),
-        "devices": jax.device_count(),
-        "local_devices": jax.local_device_count(),
-        "losses": losses,
-    }
-    print(RESULT + json.dumps(report), flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _result(output: str) -> dict:
-    lines = [line for line in output.splitlines() if line.startswith(RESULT)]
-    if not lines:
-        raise RuntimeError(f"a process printed no result; its output ends:\n{output}")
-    return json.loads(lines[-1][len(RESULT) :])
-
-
-def start(processes: int, devices_per_process: int, steps: int) -> list:
-    """Start `processes` workers of `devices_per_process` CPU devices on this
-    machine (one runtime when `processes > 1`); `collect` their reports."""
-    port = _free_port()
-    script = os.path.abspath(__file__)
-    # CPU devices, also on a machine with a GPU (which JAX would pick first).
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = (
-        f"{env.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+    report(
+        {
+            "process": jax.process_index(),
+            "processes": jax.process_count(),
+            "devices": jax.device_count(),
+            "local_devices": jax.local_device_count(),
+            "losses": losses,
+        }
     )
-    workers = []
-    for i in range(processes):
-        command = [sys.executable, script, "--processes", str(processes)]
-        command += ["--process-id", str(i), "--cpu-devices", str(devices_per_process)]
-        command += ["--coordinator", f"localhost:{port}", "--steps", str(steps)]
-        workers.append(
-            subprocess.Popen(
-                command,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    return workers
-
-
-def collect(workers: list, timeout: float = 300) -> list[dict]:
-    """The reports of the workers `start` returned, once all have ended."""
-    outputs = []
-    try:
-        for process in workers:
-            outputs.append(process.communicate(timeout=timeout)[0])
-    finally:
-        # A worker that failed leaves the others waiting for it: end them.
-        for process in workers:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    for i, (process, output) in enumerate(zip(workers, outputs)):
-        if process.returncode != 0:
-            raise RuntimeError(
-                f"process {i} of {len(workers)} exited with {process.returncode}; "
-                f"its output ends:\n{output[-3000:]}"
-            )
-    return [_result(output) for output in outputs]
 
 
 def largest_relative_difference(a: list[float], b: list[float]) -> float:
@@ -202,16 +118,17 @@ def main(argv=None):
         return
     t0 = time.perf_counter()
     # The two runs side by side: two processes of two devices, one of four.
-    runs = start(2, 2, args.steps), start(1, 4, args.steps)
+    command = [os.path.abspath(__file__), "--steps", str(args.steps)]
+    runs = start(command, 2, 2), start(command, 1, 4)
     together, (alone,) = (collect(workers) for workers in runs)
     elapsed = time.perf_counter() - t0
-    for report in together:
-        assert report["devices"] == 4 and report["local_devices"] == 2, report
-        assert report["processes"] == 2, report
+    for result in together:
+        assert result["devices"] == 4 and result["local_devices"] == 2, result
+        assert result["processes"] == 2, result
     differences = {
         name: max(
-            largest_relative_difference(report["losses"][name], alone["losses"][name])
-            for report in together
+            largest_relative_difference(result["losses"][name], alone["losses"][name])
+            for result in together
         )
         for name in alone["losses"]
     }

@@ -15,6 +15,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
+EXAMPLES = ROOT / "examples"
 
 
 def tree_allclose(x, y, *, rtol=1e-5, atol=1e-8) -> bool:
@@ -74,20 +75,32 @@ def import_optional(name: str, extra: str | None = None) -> types.ModuleType:
     )
 
 
-def load_benchmark(name: str) -> types.ModuleType:
-    """Import the script `benchmarks/<name>.py` as a module, for a test to call into.
+def _load_script(folder: pathlib.Path, name: str) -> types.ModuleType:
+    """Import the script `<folder>/<name>.py` as a module.
 
-    The scripts import their siblings (`_harness`, `ghost`) from their own folder and
-    set XLA's allocator variables for their own process: the folder is on `sys.path`,
+    The scripts import their siblings from their own folder and may set
+    variables in their own process's environment: the folder is on `sys.path`,
     and the environment as the script leaves it, only while the module loads.
     """
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     with mock.patch.dict(os.environ), mock.patch.object(sys, "path", list(sys.path)):
-        sys.path.insert(0, str(BENCHMARKS))
+        sys.path.insert(0, str(folder))
         spec.loader.exec_module(module)
     return module
+
+
+def load_benchmark(name: str) -> types.ModuleType:
+    """Import the script `benchmarks/<name>.py` as a module, for a test to call into
+    (its siblings such as `_harness` import; XLA's allocator variables it sets stay
+    out of this process)."""
+    return _load_script(BENCHMARKS, name)
+
+
+def load_example(name: str) -> types.ModuleType:
+    """Import the module `examples/<name>.py` (e.g. `_processes`) for a test."""
+    return _load_script(EXAMPLES, name)
 
 
 def run_script(

@@ -226,3 +226,18 @@ def test_fit_refuses_to_start_over_an_earlier_sharded_run(tmp_path):
             checkpoint_path=tmp_path / "run",
             checkpoint_format="sharded",
         )
+
+
+def test_numpy_leaves_come_back_as_numpy_arrays(tmp_path):
+    # A NumPy template has no sharding to read into: it gets a NumPy array back,
+    # in its own dtype.
+    checkpoints = ShardedCheckpoints(tmp_path / "run")
+    stored = np.arange(3.0)
+    checkpoints.save(1, model={"w": stored, "v": jnp.ones(2)})
+    checkpoints.wait()
+    restored = checkpoints.restore(model={"w": np.zeros(3), "v": jnp.zeros(2)})
+    checkpoints.close()
+    assert isinstance(restored.model["w"], np.ndarray)
+    assert restored.model["w"].dtype == np.float64
+    np.testing.assert_array_equal(restored.model["w"], [0.0, 1.0, 2.0])
+    np.testing.assert_array_equal(restored.model["v"], [1.0, 1.0])

@@ -784,8 +784,10 @@ def check_resumed_config(
             from ._sharded_checkpoint import ShardedCheckpoints
 
             sharded = ShardedCheckpoints(checkpoint_path)
-            if sharded.exists():
-                sharded.check_metadata(config, caller=caller)
-            sharded.close()
+            try:
+                if sharded.exists():
+                    sharded.check_metadata(config, caller=caller)
+            finally:
+                sharded.close()
         else:
             check_checkpoint_metadata(checkpoint_path, config, caller=caller)

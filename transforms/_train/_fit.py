@@ -134,9 +134,14 @@ def _batches(data, start: int) -> Callable[[int], Any]:
     return next_batch
 
 
+def _inner(step: Callable) -> Any:
+    """The step itself, out of a `with_fallback` wrapper."""
+    return step.step if isinstance(step, FallbackStep) else step
+
+
 def _deterministic(step: Callable) -> Callable:
     """`step` compiled for run-to-run determinism, where it has that option."""
-    inner: Any = step.step if isinstance(step, FallbackStep) else step
+    inner: Any = _inner(step)
     if isinstance(inner, eqx.Module) and hasattr(inner, "deterministic"):
         inner = dataclasses.replace(inner, deterministic=True)  # pyright: ignore
         return FallbackStep(inner) if isinstance(step, FallbackStep) else inner
@@ -179,13 +184,62 @@ def _checkpoints(path, checkpoint_format: str, step: Callable):
     (`"auto"`: sharded when the step splits its parameters over a mesh)."""
     if path is None:
         return None
+    split = getattr(_inner(step), "parameter_sharding", None) is not None
     if checkpoint_format == "auto":
-        inner: Any = step.step if isinstance(step, FallbackStep) else step
-        split = getattr(inner, "parameter_sharding", None) is not None
         checkpoint_format = "sharded" if split else "file"
+    if checkpoint_format == "file" and split and jax.process_count() > 1:
+        # The file is written from whole arrays, and no process holds another
+        # process's shards.
+        raise ValueError(
+            "fit: `checkpoint_format` must be 'sharded' or 'auto' when the "
+            "parameters are split over the devices of several processes (here "
+            f"{jax.process_count()}), got 'file': a single file needs every array "
+            "whole in one process."
+        )
     if checkpoint_format == "sharded":
         return ShardedCheckpoints(path)
     return _SingleFile(path)
+
+
+def _starting_state(
+    store,
+    step: Callable,
+    model,
+    opt_state,
+    key,
+    *,
+    resume: bool,
+    expected_metadata,
+    allow_config_change: bool,
+    on_resume,
+):
+    """`(model, opt_state, start, key)` of a run: the ones given, or those of the
+    checkpoint it resumes."""
+    if not resume and isinstance(store, ShardedCheckpoints) and store.exists():
+        # Orbax never overwrites a step; a fresh run would collide with the old
+        # one's steps, or keep them beside its own. Every process of a
+        # multi-process run sees the same steps (process 0 lists them), so all
+        # refuse together and none is left waiting in a collective.
+        raise ValueError(
+            f"fit: `checkpoint_path` {store.directory!r} holds sharded checkpoints of "
+            f"an earlier run (latest step {store.latest_step()}); pass "
+            "`resume=True` to continue it, or write to a new directory."
+        )
+    if not (resume and store is not None and store.exists()):
+        return model, opt_state, 0, key
+    if expected_metadata is not None and not allow_config_change:
+        store.check_metadata(expected_metadata, caller="fit")
+    place = getattr(_inner(step), "place", None)
+    if isinstance(store, ShardedCheckpoints) and place is not None:
+        # Templates in the step's layout: each device reads only its own
+        # shards, instead of every process reading whole arrays onto one
+        # device for the step to split again.
+        model, opt_state = place(model, opt_state)
+    restored = store.restore(model=model, opt_state=opt_state, key=key)
+    model, opt_state = restored.model, restored.opt_state
+    if on_resume is not None:
+        model, opt_state = on_resume(model, opt_state)
+    return model, opt_state, restored.step, restored.key
 
 
 def fit(
@@ -256,8 +310,13 @@ def fit(
         another number of devices; needs the `orbax` extra); `"auto"` (default):
         `"sharded"` when the step splits its parameters over a mesh (a
         `parameter_sharding` given to [`transforms.make_train_step`][]), else
-        `"file"`. On resume the state is read into the templates' shardings (the
-        step places them where it needs them).
+        `"file"` (which a run of several processes can use only while every
+        array is whole in each process). On resume the state is read into the
+        templates' shardings (the step places them where it needs them); for
+        sharded checkpoints and a step with a `place` method (from
+        `make_train_step`) the templates are placed first, so each device reads
+        only its own shards. In a run of several
+        processes every process calls `fit` alike (see the "Scaling" page).
     - `resume`: continue from `checkpoint_path` if a checkpoint exists there.
     - `metadata`: JSON-serialisable data stored with every checkpoint, typically the
         run's whole configuration.
@@ -315,7 +374,9 @@ def fit(
     [`transforms.CheckpointError`][] when resuming from a checkpoint whose metadata
     differs from `expected_metadata` (unless `allow_config_change`), or that is
     corrupted, truncated, malformed or does not fit the templates.
-    `ValueError` for inconsistent arguments, a data iterable that runs out, or
+    `ValueError` for inconsistent arguments, `checkpoint_format="file"` with
+    parameters split over the devices of several processes (each holds only its
+    own shards: use `"sharded"`), a data iterable that runs out, or
     `finite_metrics` naming a metric the step does not report (at the first step).
     `TypeError` for `deterministic=True` with a step that has no such option, a
     string as `finite_metrics`, or if `metadata` is not a JSON-serialisable mapping
@@ -377,32 +438,29 @@ def fit(
         step = _deterministic(step)
 
     store = _checkpoints(checkpoint_path, checkpoint_format, step)
-    if not resume and isinstance(store, ShardedCheckpoints) and store.exists():
-        # Orbax never overwrites a step; a fresh run would collide with the old
-        # one's steps, or keep them beside its own.
-        raise ValueError(
-            f"fit: `checkpoint_path` {store.directory!r} holds sharded checkpoints of "
-            f"an earlier run (latest step {store.latest_step()}); pass "
-            "`resume=True` to continue it, or write to a new directory."
+    try:
+        model, opt_state, start, key = _starting_state(
+            store,
+            step,
+            model,
+            opt_state,
+            key,
+            resume=resume,
+            expected_metadata=expected_metadata,
+            allow_config_change=allow_config_change,
+            on_resume=on_resume,
         )
-    start = 0
-    if resume and store is not None and store.exists():
-        if expected_metadata is not None and not allow_config_change:
-            store.check_metadata(expected_metadata, caller="fit")
-        restored = store.restore(model=model, opt_state=opt_state, key=key)
-        model, opt_state, start, key = (
-            restored.model,
-            restored.opt_state,
-            restored.step,
-            restored.key,
-        )
-        if on_resume is not None:
-            model, opt_state = on_resume(model, opt_state)
-    if start > n_steps:
-        raise ValueError(
-            f"fit: the checkpoint is at step {start}, beyond `n_steps`={n_steps}."
-        )
-    next_batch = _batches(data, start)
+        if start > n_steps:
+            raise ValueError(
+                f"fit: the checkpoint is at step {start}, beyond `n_steps`={n_steps}."
+            )
+        next_batch = _batches(data, start)
+    except BaseException:
+        # Released on the way out, as the loop below releases it: orbax's
+        # manager holds threads (and, across processes, takes part in barriers).
+        if store is not None:
+            store.close()
+        raise
     checkpoint_step = start if resume and start > 0 else None
 
     def checkpoint(done):

@@ -16,16 +16,26 @@ the key's PRNG implementation and the path, shape and dtype of every stored arra
 Orbax writes a step into a temporary directory and renames it when complete: a
 process killed mid-save leaves the previous step readable, and the unfinished
 directory is never listed.
+
+Several processes (one JAX runtime over `jax.distributed`): orbax synchronises
+them at every save, restore and close, so each process makes the same calls;
+each writes its own devices' shards, process 0 the header and the commit.
+Process 0 also lists the steps for everyone (orbax's
+`single_host_load_and_broadcast`), so the processes agree on the latest step. A
+process-local array (the key) is written as one replicated over all devices,
+since orbax refuses arrays that each process holds separately.
 """
 
 import importlib
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .._version import __version__
 from ._checkpoint import (
@@ -52,9 +62,45 @@ def _orbax():
         ) from error
 
 
-def _arrays(tree) -> dict[str, jax.Array]:
+def _arrays(tree) -> dict[str, jax.Array | np.ndarray]:
     leaves = jax.tree.leaves(eqx.filter(tree, eqx.is_array))
     return {str(i): leaf for i, leaf in enumerate(leaves)}
+
+
+def _host_local(leaf) -> TypeGuard[jax.Array]:
+    """Whether `leaf` lives on this process's devices only while the run spans
+    several processes (the key, or an array never placed on the mesh): orbax
+    refuses to write such an array, since each process holds its own copy."""
+    return (
+        isinstance(leaf, jax.Array)
+        and jax.process_count() > 1
+        and leaf.is_fully_addressable
+    )
+
+
+def _replicated() -> NamedSharding:
+    """Every device of every process holding the whole array."""
+    return NamedSharding(Mesh(np.array(jax.devices()), ("devices",)), P())
+
+
+def _global(leaf):
+    """`leaf` in a form orbax writes from several processes: a host-local array
+    becomes one replicated over every device, built from this process's copy
+    (every process holds the same value, as for the key `fit` folds; orbax
+    writes the copy of the first replica, which is process 0's)."""
+    if not _host_local(leaf):
+        return leaf
+    return jax.make_array_from_process_local_data(_replicated(), np.asarray(leaf))
+
+
+def _target(leaf):
+    """What orbax reads a stored array as, for the template array `leaf`: a
+    NumPy array for a NumPy template (it has no sharding), else a JAX array in
+    the template's sharding (replicated first, for a host-local one)."""
+    if not isinstance(leaf, jax.Array):
+        return leaf
+    sharding = _replicated() if _host_local(leaf) else leaf.sharding
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
 
 class ShardedCheckpoints:
@@ -69,6 +115,14 @@ class ShardedCheckpoints:
     templates it is given: the run may continue on another number of devices or
     another layout. A save is complete or absent: a process killed while saving
     leaves the previous steps readable.
+
+    In a run of several processes (`jax.distributed`), every process constructs
+    it on the same directory and makes the same calls in the same order (orbax
+    synchronises the processes at each); each process writes its own devices'
+    shards, process 0 the header, and all agree on `latest_step` (process 0
+    lists the steps for the others). Arrays that each process holds whole
+    rather than as shards of the mesh, such as the key, must have the same
+    value in every process: process 0's copy is written.
 
     **Arguments:**
 
@@ -111,13 +165,23 @@ class ShardedCheckpoints:
                 max_to_keep=self.max_to_keep,
                 enable_async_checkpointing=True,
                 create=True,
+                # Process 0 lists the steps and tells the others, so that every
+                # process agrees on `latest_step` (and on whether a run may
+                # start here) even where a shared filesystem shows the
+                # directory to each host at a different moment.
+                single_host_load_and_broadcast=True,
             ),
             item_names=("arrays", "header"),
         )
 
     def latest_step(self) -> int | None:
         """The newest completely written step, or `None` if there is none."""
-        return self._manager.latest_step()
+        steps = self._steps()
+        return max(steps) if steps else None
+
+    def _steps(self) -> list[int]:
+        # Python integers: the steps process 0 broadcasts come back as numpy's.
+        return sorted(int(step) for step in self._manager.all_steps())
 
     def exists(self) -> bool:
         """Whether a step has been completely written."""
@@ -184,7 +248,9 @@ class ShardedCheckpoints:
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                arrays=ocp.args.StandardSave(_arrays(tree)),
+                arrays=ocp.args.StandardSave(
+                    {name: _global(leaf) for name, leaf in _arrays(tree).items()}
+                ),
                 header=ocp.args.JsonSave(header),
             ),
         )
@@ -213,7 +279,7 @@ class ShardedCheckpoints:
         return dict(restored["header"])
 
     def _step(self, step: int | None, caller: str) -> int:
-        saved = self._manager.all_steps()
+        saved = self._steps()
         if step is None:
             step = self.latest_step()
         elif _as_step(step, caller) not in saved:
@@ -221,7 +287,7 @@ class ShardedCheckpoints:
         if step is None:
             raise FileNotFoundError(
                 f"{caller}: no checkpoint of the requested step in {self.directory!r} "
-                f"(saved steps: {sorted(saved)})."
+                f"(saved steps: {saved})."
             )
         return step
 
@@ -274,18 +340,23 @@ class ShardedCheckpoints:
                 + "\n  ".join(problems)
             )
         ocp = _orbax()
-        targets = {
-            name: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
-            for name, leaf in _arrays(template).items()
-        }
+        templates = _arrays(template)
+        targets = {name: _target(leaf) for name, leaf in templates.items()}
         arrays = self._manager.restore(
             header["step"],
             args=ocp.args.Composite(arrays=ocp.args.StandardRestore(targets)),
         )["arrays"]
         dynamic, static = eqx.partition(template, eqx.is_array)
-        leaves, structure = jax.tree.flatten(dynamic)
+        structure = jax.tree.structure(dynamic)
         dynamic = jax.tree.unflatten(
-            structure, [arrays[str(i)] for i in range(len(leaves))]
+            structure,
+            [
+                # A host-local template gets its array back on its own device.
+                jax.device_put(arrays[name].addressable_data(0), leaf.sharding)
+                if _host_local(leaf)
+                else arrays[name]
+                for name, leaf in templates.items()
+            ],
         )
         model, opt_state, key_data = eqx.combine(dynamic, static)
         if header["key_impl"] is not None:
