@@ -61,7 +61,7 @@ def main() -> None:
             "device": args.device,
             "proj_dim": args.proj_dim,
             "proj_max_batch_size": args.batch,
-            "use_half_precision": False,
+            "proj_type": "normal",
         },
         device=args.device,
     )
@@ -74,12 +74,12 @@ def main() -> None:
             torch.cuda.synchronize()
 
     try:
-        attributor.self_attribute(loader, loader)
+        attributor.self_attribute(loader)
         sync()
         times = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            attributor.self_attribute(loader, loader)
+            attributor.self_attribute(loader)
             sync()
             times.append(time.perf_counter() - t0)
     except Exception as error:  # the peer's failure is a row, not a crash
