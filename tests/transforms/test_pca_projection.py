@@ -1,0 +1,202 @@
+"""PCA-initialised projections (`calibrate_projection`) against float64 references:
+the second moments of a tiny network's inputs and output gradients written by hand
+in numpy, projected `vmap(grad)` gradients, and exact gradient dot products."""
+
+import json
+import os
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+from transforms import (
+    build_gradient_store,
+    calibrate_projection,
+    open_gradient_store,
+    projected_grads,
+    tracin_scores,
+)
+
+from ._ghost_models import make_case
+from ._reference import per_example_grads, projected_reference
+
+
+class _Net(eqx.Module):
+    """Two linear layers applied at every position of a `[T, 4]` sequence."""
+
+    l1: eqx.nn.Linear
+    l2: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jr.split(key)
+        self.l1 = eqx.nn.Linear(4, 5, key=k1, dtype=jnp.float64)
+        self.l2 = eqx.nn.Linear(5, 3, key=k2, dtype=jnp.float64)
+
+    def __call__(self, x):
+        return jax.vmap(self.l2)(jnp.tanh(jax.vmap(self.l1)(x)))
+
+
+def _net_loss(model, x, y):
+    return 0.5 * jnp.sum((model(x) - y) ** 2)
+
+
+def _net_moments(model, x, y) -> dict[str, np.ndarray]:
+    """The second moments the calibration must sum, from the network's maths: inputs
+    `a` and output gradients `g` of each layer at every position of every example,
+    and the biases' per-example gradients `Σ_t g_t`."""
+    w1, b1, w2, b2 = (
+        np.asarray(p, np.float64)
+        for p in (model.l1.weight, model.l1.bias, model.l2.weight, model.l2.bias)
+    )
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    h = np.tanh(x @ w1.T + b1)  # [N, T, 5]
+    g2 = h @ w2.T + b2 - y  # dloss/dout, [N, T, 3]
+    g1 = (g2 @ w2) * (1 - h * h)  # [N, T, 5]
+    second = lambda v: v.reshape(-1, v.shape[-1]).T @ v.reshape(-1, v.shape[-1])
+    return {
+        "a1": second(x),
+        "g1": second(g1),
+        "a2": second(h),
+        "g2": second(g2),
+        "b1": second(g1.sum(axis=1)),
+        "b2": second(g2.sum(axis=1)),
+    }
+
+
+def _top(moment, k) -> np.ndarray:
+    w, v = np.linalg.eigh(moment)
+    return v[:, np.argsort(w)[::-1][:k]].T
+
+
+def _assert_equal_up_to_sign(p, ref):
+    p = np.asarray(p, np.float64)
+    signs = np.sign(np.sum(p * ref, axis=1))
+    np.testing.assert_allclose(p, ref * signs[:, None], rtol=1e-8, atol=1e-10)
+    # The sign convention: each row's entry of largest magnitude is positive.
+    assert np.all(p[np.arange(len(p)), np.argmax(np.abs(p), axis=1)] > 0)
+
+
+def test_matrices_are_eigenvectors_of_hand_computed_moments(x64):
+    model = _Net(jr.key(0))
+    x = jr.normal(jr.key(1), (7, 6, 4), jnp.float64)
+    y = jr.normal(jr.key(2), (7, 6, 3), jnp.float64)
+    # batch_size 3: two full batches and a ragged one, all summed.
+    project = calibrate_projection(
+        _net_loss, model, (x, y), k_out=2, k_in=3, k_vector=2, batch_size=3
+    )
+    ref = _net_moments(model, x, y)
+    (p1_out, p1_in), (pb1,), (p2_out, p2_in), (pb2,) = project.pca
+    _assert_equal_up_to_sign(p1_out, _top(ref["g1"], 2))
+    _assert_equal_up_to_sign(p1_in, _top(ref["a1"], 3))
+    _assert_equal_up_to_sign(p2_out, _top(ref["g2"], 2))
+    _assert_equal_up_to_sign(p2_in, _top(ref["a2"], 3))
+    _assert_equal_up_to_sign(pb1, _top(ref["b1"], 2))
+    _assert_equal_up_to_sign(pb2, _top(ref["b2"], 2))
+    assert project.kind == "pca" and project.config["kind"] == "pca"
+
+
+def test_a_fallback_matrix_uses_its_gradients_moments(x64):
+    model, loss, train, _ = make_case("elementwise", n_train=5)
+    project = calibrate_projection(loss, model, train, k_out=2, k_in=2)
+    assert project.plan(model, train).fallback == (".scale",)
+    G = per_example_grads(model, loss, train)[0]  # `.scale`: [5, 2, 3]
+    p_out, p_in = project.pca[0]
+    _assert_equal_up_to_sign(p_out, _top(np.einsum("bij,bkj->ik", G, G), 2))
+    _assert_equal_up_to_sign(p_in, _top(np.einsum("bij,bik->jk", G, G), 2))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mlp",
+        pytest.param("conv", marks=pytest.mark.slow),
+        pytest.param("embedding_layernorm", marks=pytest.mark.slow),
+        pytest.param("gpt_scan", marks=pytest.mark.slow),
+        pytest.param("gpt_tied", marks=pytest.mark.slow),
+    ],
+)
+def test_pca_rows_equal_projected_vmap_grad(x64, name):
+    model, loss, train, val = make_case(name, n_train=4, n_val=3)
+    project = calibrate_projection(loss, model, train, k_out=2, k_in=3, batch_size=2)
+    layout = project.layout(model, val)
+    rows = eqx.filter_jit(project)(model, val, project.matrices(model, val))
+    ref = projected_reference(model, loss, val, project.pca, layout)
+    np.testing.assert_allclose(np.asarray(rows), ref, rtol=1e-10, atol=1e-12)
+    # Rows of orthonormal vectors: a projection never lengthens a gradient.
+    for mats in project.pca:
+        for p in mats:
+            np.testing.assert_allclose(p @ p.T, np.eye(len(p)), atol=1e-12)
+
+
+@pytest.mark.slow
+def test_full_rank_pca_gives_exact_tracin(x64, tmp_path):
+    model, loss, train, val = make_case("gpt_tied", n_train=5, n_val=2)
+    project = calibrate_projection(
+        loss, model, train, k_out=64, k_in=64, k_vector=64, fit=True
+    )
+    store = build_gradient_store(
+        tmp_path / "s", project, model, train, batch_size=5, chunk_size=5
+    )
+    n, q = 5, 2
+    g = np.concatenate(
+        [x.reshape(n, -1) for x in per_example_grads(model, loss, train)], 1
+    )
+    gq = np.concatenate(
+        [x.reshape(q, -1) for x in per_example_grads(model, loss, val)], 1
+    )
+    scores = tracin_scores(store, project, model, val)
+    np.testing.assert_allclose(scores, gq @ g.T, rtol=1e-9, atol=1e-12)
+
+
+def test_store_round_trip_and_refusals(x64, tmp_path):
+    model, loss, train, val = make_case("mlp", n_train=6, n_val=3)
+    project = calibrate_projection(loss, model, train, k_out=2, k_in=2)
+    kw = dict(batch_size=2, chunk_size=4, progress=False)
+    build_gradient_store(tmp_path / "pca", project, model, train, **kw)
+    store = open_gradient_store(tmp_path / "pca")
+    assert sorted(os.listdir(tmp_path / "pca"))[-1] == "projection.npz"
+    reopened = store.projector(loss)
+    assert reopened.config == project.config
+    scores = tracin_scores(store, reopened, model, val)
+    rows, queries = project(model, train), project(model, val)
+    ref = np.asarray(queries, np.float64) @ np.asarray(rows, np.float64).T
+    np.testing.assert_allclose(scores, ref, rtol=1e-10, atol=1e-12)
+
+    gaussian = projected_grads(loss, k_out=2, k_in=2)
+    with pytest.raises(ValueError, match="`projector`.*kind: store 'pca'"):
+        tracin_scores(store, gaussian, model, val)
+    build_gradient_store(tmp_path / "gauss", gaussian, model, train, **kw)
+    with pytest.raises(ValueError, match="kind: store 'gaussian', projector 'pca'"):
+        tracin_scores(open_gradient_store(tmp_path / "gauss"), project, model, val)
+    other = calibrate_projection(loss, model, val, k_out=2, k_in=2)
+    with pytest.raises(ValueError, match="matrices_sha256: store"):
+        tracin_scores(store, other, model, val)
+    with pytest.raises(ValueError, match="built differently.*matrices_sha256"):
+        build_gradient_store(tmp_path / "pca", other, model, train, **kw)
+
+    # Matrices replaced on disk are noticed when the store is opened.
+    with np.load(tmp_path / "pca" / "projection.npz") as f:
+        arrays = {k: 2 * f[k] for k in f}
+    np.savez(tmp_path / "pca" / "projection.npz", **arrays)
+    with pytest.raises(ValueError, match="not those its metadata names"):
+        open_gradient_store(tmp_path / "pca")
+    with open(tmp_path / "pca" / "metadata.json") as f:
+        assert json.load(f)["projection"]["matrices_sha256"] == project.pca_sha256
+
+
+def test_bad_input_is_refused(x64):
+    model, loss, train, _ = make_case("mlp", n_train=3)
+    with pytest.raises(ValueError, match="`k_in` must be at most"):
+        calibrate_projection(loss, model, train, k_out=2, k_in=7)
+    with pytest.raises(ValueError, match="`data`.*non-empty batch"):
+        calibrate_projection(loss, model, tuple(x[:0] for x in train))
+    bad = (train[0].at[1, 0].set(jnp.nan), train[1])
+    with pytest.raises(ValueError, match=r"`data`.*non-finite.*\.layers\[0\]"):
+        calibrate_projection(loss, model, bad, k_out=2, k_in=2)
+    other, *_ = make_case("conv")
+    project = calibrate_projection(loss, model, train, k_out=2, k_in=2)
+    with pytest.raises(ValueError, match="calibrated for another model"):
+        project.matrices(other, make_case("conv")[2])
