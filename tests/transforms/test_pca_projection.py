@@ -193,8 +193,7 @@ def test_bad_input_is_refused(x64):
         calibrate_projection(loss, model, train, k_out=2, k_in=7)
     with pytest.raises(ValueError, match="`data`.*non-empty batch"):
         calibrate_projection(loss, model, tuple(x[:0] for x in train))
-    x, y = train
-    bad = (x.at[1, 0].set(jnp.nan), y)
+    bad = (train[0].at[1, 0].set(jnp.nan), *train[1:])
     with pytest.raises(ValueError, match=r"`data`.*non-finite.*\.layers\[0\]"):
         calibrate_projection(loss, model, bad, k_out=2, k_in=2)
     other, *_ = make_case("conv")
