@@ -42,6 +42,7 @@ from .._grad._projection import (
     projected_grads,
     ProjectedGrads,
     ProjectionBlock,
+    with_matrices,
 )
 from .._train._checkpoint import _describe, _write_atomically
 from .._validation import (
@@ -248,12 +249,8 @@ class GradientStore:
                 **sizes,
             )
         base = projected_grads(loss_fn, method=method, fallback=fallback, **sizes)
-        return dataclasses.replace(
-            base,
-            kind="pca",
-            pca=self.matrices,
-            pca_sha256=config["matrices_sha256"],
-        )
+        assert self.matrices is not None  # read in `__init__` for a "pca" store
+        return with_matrices(base, self.matrices)
 
     def check_model(
         self, caller: str, projector: ProjectedGrads, model: Any, arg: str = "model"

@@ -38,11 +38,16 @@ from .._validation import (
 from ._ghost_eval import ghost_pass
 from ._ghost_plan import leaf_side
 from ._per_sample import as_batch, report_fallback, setup
-from ._projection import _blocks, matrices_sha256, ProjectedGrads
+from ._projection import (
+    _blocks,
+    _METHODS,
+    projected_grads,
+    ProjectedGrads,
+    with_matrices,
+)
 
 
 _NAME = "calibrate_projection"
-_METHODS = ("auto", "ghost", "vmap")
 
 
 def top_eigenvectors(moment: np.ndarray, k: int) -> np.ndarray:
@@ -155,7 +160,11 @@ def calibrate_projection(
     n = data[0].shape[0]
     s = setup(_NAME, loss_fn, model, tuple(jnp.asarray(x[:batch_size]) for x in data))
     analysis = s.analyse("project")
-    report_fallback(_NAME, analysis.plan, "auto", fallback)
+    # The calibration reads the taps whatever `method` the projector will use; only
+    # a ghost path asked for by name warns about parameters it does not cover.
+    report_fallback(
+        _NAME, analysis.plan, "ghost" if method == "ghost" else "auto", fallback
+    )
     blocks = _blocks(_NAME, s, analysis, k_out, k_in, k_vector, "pca", fit)
     moments = _batch_moments(analysis, blocks, s.acc)
     # Per use (uid) and per leaf with formed gradients (("leaf", n)): the moments
@@ -179,8 +188,8 @@ def calibrate_projection(
         inp += ff if direct else kk
     for key, parts in sums.items():
         if isinstance(key, tuple):
-            for acc, part in zip(per_leaf[key[1]], parts):
-                acc += part
+            for total, part in zip(per_leaf[key[1]], parts):
+                total += part
     matrices = []
     for b, leaf_moments in zip(blocks, per_leaf):
         if not all(np.all(np.isfinite(m)) for m in leaf_moments):
@@ -198,19 +207,9 @@ def calibrate_projection(
                 for m, k in zip(leaf_moments, b.k)
             )
         )
-    return ProjectedGrads(
-        loss_fn=loss_fn,
-        k_out=k_out,
-        k_in=k_in,
-        k_vector=k_vector,
-        seed=0,
-        kind="pca",
-        method=method,
-        fallback=fallback,
-        fit=fit,
-        pca=matrices,
-        pca_sha256=matrices_sha256(matrices),
-    )
+    sizes = dict(k_out=k_out, k_in=k_in, k_vector=k_vector, fit=fit)
+    base = projected_grads(loss_fn, method=method, fallback=fallback, **sizes)
+    return with_matrices(base, matrices)
 
 
 def _sides(block) -> tuple[int, ...]:

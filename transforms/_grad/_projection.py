@@ -176,6 +176,18 @@ def matrices_sha256(matrices: list) -> str:
     return digest.hexdigest()
 
 
+def with_matrices(projector: "ProjectedGrads", matrices: list) -> "ProjectedGrads":
+    """`projector` turned into a `"pca"` one holding `matrices` (as `.matrices`
+    returns them), which its configuration names by their SHA-256."""
+    return dataclasses.replace(
+        projector,
+        kind="pca",
+        seed=0,
+        pca=matrices,
+        pca_sha256=matrices_sha256(matrices),
+    )
+
+
 def check_matrices(name: str, arg: str, matrices: list, blocks) -> None:
     """Raise unless `matrices` has the shapes the blocks of a row need."""
     want = []
