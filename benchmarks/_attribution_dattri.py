@@ -11,6 +11,14 @@ to `D` dimensions: the work of building a store of projected gradients; dattri
 keeps them in memory rather than on disk) and prints one JSON line: `times` (each
 call ended by `torch.cuda.synchronize` on a GPU) and a `note`; or `skipped` (dattri
 is missing) or `error` instead.
+
+Written against dattri 0.3.0 (`self_attribute(loader)`; `random_project`'s
+`proj_type="normal"`, the dense Gaussian projection, the one its CPU and CUDA
+projectors share). Its `TracInAttributor` builds a projector for every batch, which
+draws and holds a dense `parameters × D` matrix: for GPT-2 small (124 M parameters)
+that is 127 GB at `D = 256`, beyond one GPU, and the row records the out-of-memory
+error. dattri's sparse `"sjlt"` projection would fit, but needs the compiled `sjlt`
+package.
 """
 
 import argparse
