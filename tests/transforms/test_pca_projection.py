@@ -200,3 +200,23 @@ def test_bad_input_is_refused(x64):
     project = calibrate_projection(loss, model, train, k_out=2, k_in=2)
     with pytest.raises(ValueError, match="calibrated for another model"):
         project.matrices(other, make_case("conv")[2])
+
+
+@pytest.mark.slow
+def test_pca_keeps_more_of_the_exact_scores_than_gaussian(x64):
+    # What PCA is for: at the same k, TracIn scores closer to the exact ones.
+    model, loss, train, val = make_case("gpt_tied", n_train=32, n_val=8)
+    flat = lambda b, n: np.concatenate(
+        [g.reshape(n, -1) for g in per_example_grads(model, loss, b)], 1
+    )
+    exact = (flat(val, 8) @ flat(train, 32).T).ravel()
+
+    def agreement(project):
+        project = eqx.filter_jit(project)
+        scores = np.asarray(project(model, val)) @ np.asarray(project(model, train)).T
+        return np.corrcoef(scores.ravel(), exact)[0, 1]
+
+    sizes = dict(k_out=2, k_in=2, k_vector=2, fit=True)
+    pca = agreement(calibrate_projection(loss, model, train, **sizes))
+    gaussian = [agreement(projected_grads(loss, seed=s, **sizes)) for s in range(3)]
+    assert pca > max(gaussian), (pca, gaussian)
