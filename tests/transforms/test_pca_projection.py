@@ -220,3 +220,40 @@ def test_pca_keeps_more_of_the_exact_scores_than_gaussian(x64):
     pca = agreement(calibrate_projection(loss, model, train, **sizes))
     gaussian = [agreement(projected_grads(loss, seed=s, **sizes)) for s in range(3)]
     assert pca > max(gaussian), (pca, gaussian)
+
+
+class _Bag(eqx.Module):
+    """An embedding averaged over positions, then a linear head."""
+
+    embed: eqx.nn.Embedding
+    head: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jr.split(key)
+        self.embed = eqx.nn.Embedding(6, 3, key=k1, dtype=jnp.float64)
+        self.head = eqx.nn.Linear(3, 2, key=k2, dtype=jnp.float64)
+
+    def __call__(self, tokens):
+        return self.head(jnp.mean(jax.vmap(self.embed)(tokens), axis=0))
+
+
+def test_an_embedding_uses_token_counts_and_output_gradients(x64):
+    model = _Bag(jr.key(0))
+    # Token counts 8, 5, 4, 2, 1, 0: distinct, so the top eigenvectors are unique.
+    counts = [8, 5, 4, 2, 1, 0]
+    tokens = np.repeat(np.arange(6), counts).reshape(4, 5)
+    y = np.asarray(jr.normal(jr.key(1), (4, 2), jnp.float64))
+    project = calibrate_projection(
+        _net_loss, model, (jnp.asarray(tokens), jnp.asarray(y)), k_out=2, k_in=2
+    )
+    E, W, b = (model.embed.weight, model.head.weight, model.head.bias)
+    E, W, b = np.asarray(E), np.asarray(W), np.asarray(b)
+    h = E[tokens].mean(axis=1)  # [4, 3]
+    g_out = h @ W.T + b - y  # [4, 2]
+    g_rows = (g_out @ W) / tokens.shape[1]  # dloss/d(each looked-up row), [4, 3]
+    (p_vocab, p_dim), (p_head_out, p_head_in), exact_bias = project.pca
+    assert exact_bias == ()  # 2 entries, within k_vector
+    _assert_equal_up_to_sign(p_vocab, _top(np.diag(counts).astype(float), 2))
+    _assert_equal_up_to_sign(p_dim, _top(tokens.shape[1] * g_rows.T @ g_rows, 2))
+    _assert_equal_up_to_sign(p_head_out, _top(g_out.T @ g_out, 2))
+    _assert_equal_up_to_sign(p_head_in, _top(h.T @ h, 2))
