@@ -116,7 +116,9 @@ def calibrate_projection(
     products are exact. Vector-like parameters are kept exactly up to `k_vector`
     entries, and projected to the top eigenvectors of their per-example gradients'
     second moment beyond. The matrices are data: a gradient store built with the
-    projector saves them, and queries must use the same ones.
+    projector saves them, and queries must use the same ones. Memory: each side of
+    size `d` needs `d²` floats per example of a batch (a vocabulary-sized side of an
+    output head or embedding is out of reach for large vocabularies).
 
     **Arguments:**
 
