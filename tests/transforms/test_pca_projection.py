@@ -257,3 +257,29 @@ def test_an_embedding_uses_token_counts_and_output_gradients(x64):
     _assert_equal_up_to_sign(p_dim, _top(tokens.shape[1] * g_rows.T @ g_rows, 2))
     _assert_equal_up_to_sign(p_head_out, _top(g_out.T @ g_out, 2))
     _assert_equal_up_to_sign(p_head_in, _top(h.T @ h, 2))
+
+
+def test_calibration_and_build_compile_once_per_batch_shape(tmp_path):
+    # The loss is traced by the checks, the plan and once per compiled batch shape:
+    # more batches of the same shape must not add traces, in the calibration pass
+    # or in a build with its (array-holding) projector.
+    model, loss, train, _ = make_case("mlp", dtype=jnp.float32, n_train=8)
+
+    def traces(n) -> tuple[int, int]:
+        count = []
+
+        def counted(model, *example):
+            count.append(1)
+            return loss(model, *example)
+
+        data = tuple(x[:n] for x in train)
+        project = calibrate_projection(
+            counted, model, data, k_out=2, k_in=2, batch_size=2
+        )
+        calibrating = len(count)
+        build_gradient_store(
+            tmp_path / str(n), project, model, data, batch_size=2, chunk_size=2
+        )
+        return calibrating, len(count) - calibrating
+
+    assert traces(2) == traces(8)
