@@ -840,6 +840,14 @@ def _attribution_cases(T, not_a_batch):
         ),
         Case(
             "transforms.calibrate_projection",
+            "max_side",
+            bad_size(),
+            lambda m: T.calibrate_projection(
+                _mlp_loss, mlp(), (_X, _Y), k_out=2, k_in=2, max_side=m
+            ),
+        ),
+        Case(
+            "transforms.calibrate_projection",
             "batch_size",
             bad_size(),
             lambda b: T.calibrate_projection(
@@ -2159,7 +2167,7 @@ _FAMILIES = {
 # How many cases each family has; the cases themselves are built in the test (they
 # need models), this only fixes the parametrisation.
 _N_CASES = {
-    "transforms": 106,
+    "transforms": 107,
     "chmm": 36,
     "tidhy": 40,
     "causal": 37,

@@ -283,3 +283,20 @@ def test_calibration_and_build_compile_once_per_batch_shape(tmp_path):
         return calibrating, len(count) - calibrating
 
     assert traces(2) == traces(8)
+
+
+def test_a_side_beyond_max_side_keeps_the_gaussian_matrix(x64):
+    # A vocabulary-sized side is not calibrated (d² memory, d³ eigendecomposition):
+    # the embedding's 6-token side keeps the matrix projected_grads draws.
+    model = _Bag(jr.key(0))
+    tokens = jr.randint(jr.key(1), (4, 5), 0, 6)
+    data = (tokens, jr.normal(jr.key(2), (4, 2), jnp.float64))
+    sizes = dict(k_out=2, k_in=2)
+    project = calibrate_projection(_net_loss, model, data, max_side=5, seed=3, **sizes)
+    drawn = projected_grads(_net_loss, seed=3, **sizes).matrices(model, data)
+    full = calibrate_projection(_net_loss, model, data, **sizes)
+    (p_vocab, p_dim), head, _ = project.pca
+    np.testing.assert_array_equal(p_vocab, drawn[0][0])
+    np.testing.assert_array_equal(p_dim, full.pca[0][1])
+    for p, q in zip(head, full.pca[1]):
+        np.testing.assert_array_equal(p, q)

@@ -37,9 +37,11 @@ from .._validation import (
 )
 from ._ghost_eval import ghost_pass
 from ._ghost_plan import leaf_side
+from ._ghost_rules import rule_for
 from ._per_sample import as_batch, report_fallback, setup
 from ._projection import (
     _blocks,
+    _matrices,
     _METHODS,
     projected_grads,
     ProjectedGrads,
@@ -60,14 +62,25 @@ def top_eigenvectors(moment: np.ndarray, k: int) -> np.ndarray:
     return top * np.where(pivot < 0, -1.0, 1.0)[:, None]
 
 
-def _batch_moments(analysis, blocks, acc) -> Callable:
+def _batch_moments(analysis, blocks, acc, max_side: int) -> Callable:
     """A compiled function of `(leaves, batch)`: per use, its two moments summed over
-    the batch (and a stack); per leaf with formed per-example gradients, theirs."""
+    the batch (and a stack); per leaf with formed per-example gradients, theirs.
+    Sides longer than `max_side` are left out (`[0, 0]`)."""
+    sides = {
+        site.uid: (layout.Pk <= max_side, layout.Pf <= max_side)
+        for site in analysis.sites.values()
+        for layout in [rule_for(site).layout]
+    }
+
+    def second(x):  # rows of x: [n, d] -> [d, d], or [0, 0] for a side left out
+        if x.shape[1] > max_side:
+            return jnp.zeros((0, 0), x.dtype)
+        return x.T @ x
 
     def moments(leaves, batch):
-        out = ghost_pass(analysis, leaves, batch, mode="moments", acc=acc)
-        sites = {
-            uid: tuple(jnp.sum(m.reshape((-1,) + m.shape[-2:]), axis=0) for m in pair)
+        out = ghost_pass(analysis, leaves, batch, mode="moments", acc=acc, sides=sides)
+        totals = {
+            uid: tuple(jnp.sum(m, axis=tuple(range(m.ndim - 2))) for m in pair)
             for uid, pair in out["sites"].items()
         }
         direct = {}
@@ -76,15 +89,15 @@ def _batch_moments(analysis, blocks, acc) -> Callable:
             inner = block.shape[block.stacked :]
             g = g.astype(acc)
             if block.kind == "vector":
-                v = g.reshape(-1, math.prod(inner))
-                direct[n] = (v.T @ v,)
+                direct[n] = (second(g.reshape(-1, math.prod(inner))),)
             else:
-                G = g.reshape((-1, block.shape[block.stacked], math.prod(inner[1:])))
+                # A matrix off the ghost path: its gradients' rows and columns.
+                G = g.reshape((-1, inner[0], math.prod(inner[1:])))
                 direct[n] = (
-                    jnp.einsum("bij,bkj->ik", G, G),
-                    jnp.einsum("bij,bik->jk", G, G),
+                    second(jnp.swapaxes(G, 1, 2).reshape(-1, inner[0])),
+                    second(G.reshape(-1, G.shape[2])),
                 )
-        return sites, direct
+        return totals, direct
 
     return jax.jit(moments)
 
@@ -99,6 +112,8 @@ def calibrate_projection(
     k_in: int = 16,
     k_vector: int | None = None,
     batch_size: int | np.integer = 32,
+    max_side: int | np.integer = 4096,
+    seed: int = 0,
     method: str = "auto",
     fallback: bool = True,
     fit: bool = False,
@@ -116,9 +131,12 @@ def calibrate_projection(
     products are exact. Vector-like parameters are kept exactly up to `k_vector`
     entries, and projected to the top eigenvectors of their per-example gradients'
     second moment beyond. The matrices are data: a gradient store built with the
-    projector saves them, and queries must use the same ones. Memory: each side of
-    size `d` needs `d²` floats per example of a batch (a vocabulary-sized side of an
-    output head or embedding is out of reach for large vocabularies).
+    projector saves them, and queries must use the same ones.
+
+    Memory: a side of size `d` needs `d²` floats per example of a batch, and an
+    eigendecomposition of cost `d³`; a side longer than `max_side` (a vocabulary)
+    keeps a Gaussian matrix drawn from `seed`, as
+    [`transforms.projected_grads`][] draws it.
 
     **Arguments:**
 
@@ -129,6 +147,8 @@ def calibrate_projection(
     - `k_out`, `k_in`, `k_vector`, `method`, `fallback`, `fit`: as for
         [`transforms.projected_grads`][].
     - `batch_size`: examples per compiled calibration call.
+    - `max_side`: the longest side calibrated (default 4096).
+    - `seed`: the seed of the Gaussian matrices of longer sides.
 
     **Returns:**
 
@@ -155,6 +175,8 @@ def calibrate_projection(
     k_in = check_size(_NAME, "k_in", k_in)
     k_vector = k_out if k_vector is None else check_size(_NAME, "k_vector", k_vector)
     batch_size = check_size(_NAME, "batch_size", batch_size)
+    max_side = check_size(_NAME, "max_side", max_side)
+    seed = check_size(_NAME, "seed", seed, minimum=0)
     check_choice(_NAME, "method", method, _METHODS)
     check_bool(_NAME, "fallback", fallback)
     check_bool(_NAME, "fit", fit)
@@ -168,7 +190,7 @@ def calibrate_projection(
         _NAME, analysis.plan, "ghost" if method == "ghost" else "auto", fallback
     )
     blocks = _blocks(_NAME, s, analysis, k_out, k_in, k_vector, "pca", fit)
-    moments = _batch_moments(analysis, blocks, s.acc)
+    moments = _batch_moments(analysis, blocks, s.acc, max_side)
     # Per use (uid) and per leaf with formed gradients (("leaf", n)): the moments
     # summed over the batches in float64 on the host.
     sums: dict[Any, list[np.ndarray]] = {}
@@ -180,38 +202,45 @@ def calibrate_projection(
             parts = [np.asarray(m, np.float64) for m in pair]
             old = sums.get(key)
             sums[key] = parts if old is None else [a + b for a, b in zip(old, parts)]
-    # Each leaf's moments: [out side, in side] of a matrix, [moment] of a vector.
-    per_leaf = [[np.zeros((d, d)) for d in _sides(b)] for b in blocks]
+    # Each leaf's moments: [out side, in side] of a matrix, [moment] of a vector;
+    # None for a side longer than `max_side`.
+    per_leaf = [
+        [np.zeros((d, d)) if d <= max_side else None for d in _sides(b)] for b in blocks
+    ]
     for site in analysis.sites.values():
         kk, ff = sums[site.uid]
         direct = leaf_side(site) == {analysis.sliced[site.leaf]}
-        out, inp = per_leaf[site.leaf]
-        out += kk if direct else ff
-        inp += ff if direct else kk
+        _add(per_leaf[site.leaf], [kk, ff] if direct else [ff, kk])
     for key, parts in sums.items():
         if isinstance(key, tuple):
-            for total, part in zip(per_leaf[key[1]], parts):
-                total += part
+            _add(per_leaf[key[1]], parts)
+    gaussian = _matrices(blocks, seed, "gaussian", s.acc)
     matrices = []
-    for b, leaf_moments in zip(blocks, per_leaf):
-        if not all(np.all(np.isfinite(m)) for m in leaf_moments):
+    for b, leaf_moments, drawn in zip(blocks, per_leaf, gaussian):
+        if any(m is not None and not np.all(np.isfinite(m)) for m in leaf_moments):
             raise ValueError(
                 f"{_NAME}: the calibration pass over `data` gave non-finite second "
                 f"moments for {b.path} {b.shape} (non-finite inputs, losses or "
                 "gradients in the calibration examples); check the data and the loss."
             )
-        if b.kind == "vector" and b.k[0] == math.prod(b.shape[b.stacked :]):
+        if not drawn:  # a vector kept exactly
             matrices.append(())
             continue
         matrices.append(
             tuple(
-                jnp.asarray(top_eigenvectors(m, k), s.acc)
-                for m, k in zip(leaf_moments, b.k)
+                p if m is None else jnp.asarray(top_eigenvectors(m, k), s.acc)
+                for m, k, p in zip(leaf_moments, b.k, drawn)
             )
         )
     sizes = dict(k_out=k_out, k_in=k_in, k_vector=k_vector, fit=fit)
     base = projected_grads(loss_fn, method=method, fallback=fallback, **sizes)
     return with_matrices(base, matrices)
+
+
+def _add(totals: list, parts: list) -> None:
+    for total, part in zip(totals, parts):
+        if total is not None:
+            total += part
 
 
 def _sides(block) -> tuple[int, ...]:

@@ -62,6 +62,8 @@ class _TapStatic:
     partner_rules: tuple[AbstractRule, ...]
     has_later: bool
     acc: Any
+    # moments mode: which of the (K, F) sides get their second moment
+    sides: tuple[bool, bool] = (True, True)
 
 
 def _z_shape(static: _TapStatic) -> tuple[int, ...]:
@@ -125,7 +127,7 @@ def _tap_bwd(static, residuals, cotangents):
     elif static.mode == "project":
         value = projected(K, F, *g)
     elif static.mode == "moments":
-        value = moments(rule.layout, K, F)
+        value = moments(rule.layout, K, F, static.sides)
     else:
         value = jax.vmap(lambda gv: one_sided(rule, K, F, gv))(g)
     value = jax.tree.map(lambda v: v.astype(static.acc), value)
@@ -160,6 +162,8 @@ class _Run:
     rules: dict[int, AbstractRule]
     # project mode: uid -> the (K side, F side) projection matrices of the use
     projections: dict[int, tuple] = dataclasses.field(default_factory=dict)
+    # moments mode: uid -> which of the (K, F) sides get their second moment
+    sides: dict[int, tuple[bool, bool]] = dataclasses.field(default_factory=dict)
 
 
 class _Scope:
@@ -241,6 +245,7 @@ def _apply_site(run: _Run, site, eqn, invals, g, scope: _Scope):
         partner_rules=partner_rules,
         has_later=norms and site.has_later,
         acc=run.acc,
+        sides=run.sides.get(site.uid, (True, True)),
     )
     y, z = _tap(static, y, fwd, g, run.slots[site.uid], partners)  # pyright: ignore
     if static.has_later:
@@ -344,7 +349,7 @@ class _Pass:
 
 
 def _prepare(
-    analysis, leaves, batch, *, mode, acc, views, n_val, projections=None
+    analysis, leaves, batch, *, mode, acc, views, n_val, projections=None, sides=None
 ) -> _Pass:
     n = analysis.n_leaves
     B = jnp.shape(batch[0])[0]
@@ -377,9 +382,10 @@ def _prepare(
         for s in sites:
             lead = (B,) + tuple(jnp.shape(leaves[s.leaf])[: len(s.slicers)])
             layout = rule_for(s).layout
-            slots[s.uid] = (
-                jnp.zeros(lead + (layout.Pk, layout.Pk), acc),
-                jnp.zeros(lead + (layout.Pf, layout.Pf), acc),
+            keep = (sides or {}).get(s.uid, (True, True))
+            slots[s.uid] = tuple(
+                jnp.zeros(lead + (n, n) if kept else lead + (0, 0), acc)
+                for n, kept in zip((layout.Pk, layout.Pf), keep)
             )
     else:
         slots = {s.uid: jnp.zeros(slot_shape, acc) for s in sites}
@@ -406,6 +412,7 @@ def _prepare(
             lead=1 if mode == "matrix" else 0,
             rules=rules,
             projections=projections or {},
+            sides=sides or {},
         )
         (loss,) = _evaluate(
             run,
@@ -445,6 +452,7 @@ def ghost_pass(
     n_val: int = 0,
     param_grads: bool = False,
     projections: dict[int, tuple] | None = None,
+    sides: dict[int, tuple[bool, bool]] | None = None,
 ) -> dict[str, Any]:
     """One forward and backward pass over the batch with taps at the ghost uses.
 
@@ -460,7 +468,8 @@ def ghost_pass(
       the module's docstring), or `"project"` (each use's projected per-example
       gradient `Σ_t (P_K K_t)(P_F F_t)ᵀ`, for the matrices `projections[uid]`;
       needs an analysis in the project mode), or `"moments"` (each use's pair of
-      second moments `(Σ_t K_tᵀK_t, Σ_t F_tᵀF_t)`, with a project-mode analysis).
+      second moments `(Σ_t K_tᵀK_t, Σ_t F_tᵀF_t)`, with a project-mode analysis;
+      `sides[uid]` may leave either out, a `[0, 0]` array in its place).
       `"norms"` and `"clip"` need an analysis in the norms mode.
     - `acc`: dtype of the contributions.
     - `param_grads`: also return the gradient of the summed loss for every leaf.
@@ -481,6 +490,7 @@ def ghost_pass(
         views=views,
         n_val=n_val,
         projections=projections,
+        sides=sides,
     )
 
     def total(shared_vals, direct_vals, slot_vals):
