@@ -18,6 +18,9 @@ Parameters whose per-example gradients are formed anyway get the eigenvectors of
 gradients' own second moments: vector-like ones (biases, LayerNorm) projected beyond
 `k_vector` use `Σ_i v_i v_iᵀ`, and a matrix parameter on the exact fallback path
 uses `Σ_i G_i G_iᵀ` and `Σ_i G_iᵀ G_i` in place of the factors it has no taps for.
+A side longer than `max_side` (a vocabulary) is not calibrated, its `d²` moment and
+`d³` eigendecomposition being out of reach: it keeps the Gaussian matrix
+`projected_grads` draws from the seed.
 """
 
 import math
