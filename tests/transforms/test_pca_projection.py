@@ -300,3 +300,8 @@ def test_a_side_beyond_max_side_keeps_the_gaussian_matrix(x64):
     np.testing.assert_array_equal(p_dim, full.pca[0][1])
     for p, q in zip(head, full.pca[1]):
         np.testing.assert_array_equal(p, q)
+    # Every side but the head's 2 outputs left out, the embedding's K side included.
+    small = calibrate_projection(_net_loss, model, data, max_side=2, seed=3, **sizes)
+    np.testing.assert_array_equal(small.pca[0][1], drawn[0][1])
+    np.testing.assert_array_equal(small.pca[1][0], full.pca[1][0])
+    np.testing.assert_array_equal(small.pca[1][1], drawn[1][1])

@@ -93,7 +93,8 @@ def _tap(static, y, fwd, g, slot, partners):
     # Adding the (zero) slot makes the outputs batched like the slot: an output that
     # did not depend on the example (a position embedding) would otherwise get the
     # cotangent summed over the batch.
-    zero = jnp.reshape(jax.tree.leaves(slot)[0], (-1,))[0]
+    # (A sum of at most one entry: a moments slot may be empty, `[0, 0]`.)
+    zero = jnp.sum(jnp.reshape(jax.tree.leaves(slot)[0], (-1,))[:1])
     return y + zero.astype(y.dtype), jnp.zeros(_z_shape(static), static.acc) + zero
 
 
