@@ -11,6 +11,14 @@ to `D` dimensions: the work of building a store of projected gradients; dattri
 keeps them in memory rather than on disk) and prints one JSON line: `times` (each
 call ended by `torch.cuda.synchronize` on a GPU) and a `note`; or `skipped` (dattri
 is missing) or `error` instead.
+
+Written against dattri 0.3.0 (`self_attribute(loader)`; `random_project`'s
+`proj_type="normal"`, the dense Gaussian projection, the one its CPU and CUDA
+projectors share). Its `TracInAttributor` builds a projector for every batch, which
+draws and holds a dense `parameters × D` matrix: for GPT-2 small (124 M parameters)
+that is 127 GB at `D = 256`, beyond one GPU, and the row records the out-of-memory
+error. dattri's sparse `"sjlt"` projection would fit, but needs the compiled `sjlt`
+package.
 """
 
 import argparse
@@ -61,7 +69,7 @@ def main() -> None:
             "device": args.device,
             "proj_dim": args.proj_dim,
             "proj_max_batch_size": args.batch,
-            "use_half_precision": False,
+            "proj_type": "normal",
         },
         device=args.device,
     )
@@ -74,12 +82,12 @@ def main() -> None:
             torch.cuda.synchronize()
 
     try:
-        attributor.self_attribute(loader, loader)
+        attributor.self_attribute(loader)
         sync()
         times = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            attributor.self_attribute(loader, loader)
+            attributor.self_attribute(loader)
             sync()
             times.append(time.perf_counter() - t0)
     except Exception as error:  # the peer's failure is a row, not a crash

@@ -20,7 +20,10 @@ influence on the clean validation examples (`g_valᵀ(F + λI)⁻¹g_i`, lowest 
 and compares the precision@k of each ranking with In-Run Data Shapley's and with
 random inspection, plotted to `examples/out/data_attribution_influence.png`.
 
-Usage: `python examples/data_attribution.py [--smoke]`.
+`--projection pca` projects with matrices calibrated on 256 training examples
+(`calibrate_projection`, PCA-initialised as in LoGra) instead of random ones.
+
+Usage: `python examples/data_attribution.py [--smoke] [--projection gaussian|pca]`.
 """
 
 import shutil
@@ -40,6 +43,7 @@ from _common import out_path, parse_args, save_summary  # noqa: E402
 
 from transforms import (  # noqa: E402
     build_gradient_store,
+    calibrate_projection,
     fisher_inverse,
     in_run_shapley,
     influence_scores,
@@ -119,7 +123,7 @@ def corrupt(key, labels, fraction):
 
 
 def main(argv=None):
-    args = parse_args(__doc__, argv)
+    args = parse_args(__doc__, argv, extra=_projection_flag)
     n_train, n_val, epochs, batch, dim = (
         (160, 32, 6, 32, 16) if args.smoke else (1024, 128, 30, 64, 32)
     )
@@ -207,7 +211,15 @@ def main(argv=None):
             "n_train": n_train,
         },
     )
-    post_training(model, (x, y), (x_val, y_val), bad, values, smoke=args.smoke)
+    post_training(
+        model,
+        (x, y),
+        (x_val, y_val),
+        bad,
+        values,
+        smoke=args.smoke,
+        projection=args.projection,
+    )
     if precision <= 2 * bad.mean():
         raise SystemExit(
             f"precision@k {precision:.2f} is not clearly above chance {bad.mean():.2f}"
@@ -220,10 +232,24 @@ def precision_curve(scores, bad):
     return np.cumsum(hits) / np.arange(1, len(bad) + 1)
 
 
-def post_training(model, train, val, bad, shapley, *, smoke):
+def _projection_flag(parser):
+    parser.add_argument(
+        "--projection",
+        choices=["gaussian", "pca"],
+        default="gaussian",
+        help="random projections, or PCA ones calibrated on 256 training examples",
+    )
+
+
+def post_training(model, train, val, bad, shapley, *, smoke, projection="gaussian"):
     """Attribution after training from a gradient store of the training set."""
     # 4 × 4 per matrix (capped for the 3-row head); biases and LayerNorm: 16 each.
-    project = projected_grads(loss_fn, k_out=4, k_in=4, k_vector=16, fit=True)
+    sizes = dict(k_out=4, k_in=4, k_vector=16, fit=True)
+    if projection == "pca":
+        calibration = tuple(a[:256] for a in train)
+        project = calibrate_projection(loss_fn, model, calibration, **sizes)
+    else:
+        project = projected_grads(loss_fn, **sizes)
     directory = out_path("data_attribution_store")
     shutil.rmtree(directory, ignore_errors=True)
     store = build_gradient_store(
@@ -253,7 +279,8 @@ def post_training(model, train, val, bad, shapley, *, smoke):
     ax.set_ylabel("precision@k (share corrupted)")
     ax.set_title(
         f"Finding corrupted labels from a gradient store ({store.dim} dims per "
-        f"example)\nlegend: precision@{k}" + (" (smoke run)" if smoke else ""),
+        f"example, {projection} projection)\nlegend: precision@{k}"
+        + (" (smoke run)" if smoke else ""),
         fontsize=9,
     )
     ax.legend(fontsize=7, loc="lower left")
@@ -263,6 +290,7 @@ def post_training(model, train, val, bad, shapley, *, smoke):
         "data_attribution_influence",
         {
             "store_dim": store.dim,
+            "projection": projection,
             "store_bytes_per_example": 4 * store.dim,
             **{f"precision_at_k[{n}]": f"{c[k - 1]:.2f}" for n, c in curves.items()},
             "precision_at_k[random]": f"{bad.mean():.2f}",

@@ -45,3 +45,5 @@ def test_a_tiny_run_measures_every_row(attribution, tmp_path):
     assert rows["(d)"]["rows"] == 500 and rows["(d)"]["queries_per_s"] > 0
     if importlib.util.find_spec("dattri") is None:
         assert "dattri is not installed" in rows["(e)"]["skipped"]
+    else:  # installed, the peer runs: its rows are timings, not an error
+        assert rows["(e)"]["median_s"] > 0, rows["(e)"]

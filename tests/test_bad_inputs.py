@@ -817,6 +817,44 @@ def _attribution_cases(T, not_a_batch):
             lambda k: T.projected_grads(_mlp_loss, k_out=2, k_in=k)(mlp(), (_X, _Y)),
         ),
         Case(
+            "transforms.calibrate_projection",
+            "data",
+            not_a_batch,
+            lambda d: T.calibrate_projection(_mlp_loss, mlp(), d, k_out=2, k_in=2),
+        ),
+        Case(
+            "transforms.calibrate_projection",
+            "data",  # non-finite calibration examples
+            NON_FINITE,
+            lambda v: T.calibrate_projection(
+                _mlp_loss, mlp(), (_X.copy() * v, _Y), k_out=2, k_in=2
+            ),
+        ),
+        Case(
+            "transforms.calibrate_projection",
+            "k_in",  # larger than a layer
+            st.integers(5, 100),
+            lambda k: T.calibrate_projection(
+                _mlp_loss, mlp(), (_X, _Y), k_out=2, k_in=k
+            ),
+        ),
+        Case(
+            "transforms.calibrate_projection",
+            "max_side",
+            bad_size(),
+            lambda m: T.calibrate_projection(
+                _mlp_loss, mlp(), (_X, _Y), k_out=2, k_in=2, max_side=m
+            ),
+        ),
+        Case(
+            "transforms.calibrate_projection",
+            "batch_size",
+            bad_size(),
+            lambda b: T.calibrate_projection(
+                _mlp_loss, mlp(), (_X, _Y), k_out=2, k_in=2, batch_size=b
+            ),
+        ),
+        Case(
             "transforms.build_gradient_store",
             "data",
             not_a_batch,
@@ -2137,7 +2175,7 @@ _FAMILIES = {
 # How many cases each family has; the cases themselves are built in the test (they
 # need models), this only fixes the parametrisation.
 _N_CASES = {
-    "transforms": 102,
+    "transforms": 107,
     "chmm": 37,
     "tidhy": 40,
     "causal": 37,

@@ -25,6 +25,7 @@ from ._grad._attribution import (
     ShapleyState as ShapleyState,
     to_original_scaling as to_original_scaling,
 )
+from ._grad._calibration import calibrate_projection as calibrate_projection
 from ._grad._fallback import (
     FallbackStep as FallbackStep,
     with_fallback as with_fallback,

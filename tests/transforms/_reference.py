@@ -44,3 +44,22 @@ class Reference:
 
     def dots(self, reduction="mean") -> np.ndarray:
         return sum(self.leaf_dots(reduction))
+
+
+def projected_reference(model, loss, batch, matrices, layout) -> np.ndarray:
+    """P applied to `vmap(grad)` gradients, in numpy, block by block: the rows a
+    projector with these `matrices` and `layout` must give."""
+    grads = per_example_grads(model, loss, batch)
+    B = batch[0].shape[0]
+    parts = []
+    for g, block, mats in zip(grads, layout, matrices):
+        lead = block.shape[: block.stacked]
+        inner = block.shape[block.stacked :]
+        mats = [np.asarray(m, np.float64) for m in mats]
+        if block.kind == "vector":
+            v = g.reshape((B,) + lead + (-1,))
+            parts.append((v @ mats[0].T if mats else v).reshape(B, -1))
+        else:
+            G = g.reshape((B,) + lead + (inner[0], -1))
+            parts.append((mats[0] @ G @ mats[1].T).reshape(B, -1))
+    return np.concatenate(parts, axis=1)

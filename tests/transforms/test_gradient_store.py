@@ -24,29 +24,11 @@ from transforms import (
 from transforms._attribution import _store as store_module
 
 from ._ghost_models import CASES, make_case
-from ._reference import per_example_grads
+from ._reference import per_example_grads, projected_reference
 
 
 def _flat(grads, n) -> np.ndarray:
     return np.concatenate([g.reshape(n, -1) for g in grads], axis=1)
-
-
-def _projected_reference(model, loss, batch, matrices, layout) -> np.ndarray:
-    """P applied to `vmap(grad)` gradients, in numpy, block by block."""
-    grads = per_example_grads(model, loss, batch)
-    B = batch[0].shape[0]
-    parts = []
-    for g, block, mats in zip(grads, layout, matrices):
-        lead = block.shape[: block.stacked]
-        inner = block.shape[block.stacked :]
-        mats = [np.asarray(m, np.float64) for m in mats]
-        if block.kind == "vector":
-            v = g.reshape((B,) + lead + (-1,))
-            parts.append((v @ mats[0].T if mats else v).reshape(B, -1))
-        else:
-            G = g.reshape((B,) + lead + (inner[0], -1))
-            parts.append((mats[0] @ G @ mats[1].T).reshape(B, -1))
-    return np.concatenate(parts, axis=1)
 
 
 @pytest.mark.slow
@@ -59,7 +41,7 @@ def test_projected_grads_equal_projected_vmap_grad(x64, name):
     matrices = project.matrices(model, train)
     rows = eqx.filter_jit(project)(model, train, matrices)
     assert project.plan(model, train).fallback == ()
-    ref = _projected_reference(model, loss, train, matrices, layout)
+    ref = projected_reference(model, loss, train, matrices, layout)
     assert rows.shape == ref.shape == (3, sum(b.size for b in layout))
     np.testing.assert_allclose(np.asarray(rows), ref, rtol=1e-10, atol=1e-12)
 
@@ -79,7 +61,7 @@ def test_fallback_is_projected_vmap_grad_and_reported(x64):
     with pytest.warns(GhostFallbackWarning, match=r"\.scale"):
         rows = project(model, train)
     matrices = project.matrices(model, train)
-    ref = _projected_reference(
+    ref = projected_reference(
         model, loss, train, matrices, project.layout(model, train)
     )
     np.testing.assert_allclose(np.asarray(rows), ref, rtol=1e-10, atol=1e-12)
@@ -172,7 +154,7 @@ def test_influence_equals_dense_float64_inverse(x64, tmp_path, blocks):
 
 
 @pytest.mark.slow
-def test_influence_with_projection_matches_projected_reference(
+def test_influence_with_projection_matchesprojected_reference(
     tmp_path, highest_precision
 ):
     # float32 (full float32 products, not TF32 on a GPU), Gaussian projections: the
@@ -181,8 +163,8 @@ def test_influence_with_projection_matches_projected_reference(
     project = projected_grads(loss, k_out=2, k_in=2, seed=3)
     store = _store(tmp_path, "s", project, model, train)
     mats = project.matrices(model, train)
-    g = _projected_reference(model, loss, train, mats, store.layout)
-    gq = _projected_reference(model, loss, val, mats, store.layout)
+    g = projected_reference(model, loss, train, mats, store.layout)
+    gq = projected_reference(model, loss, val, mats, store.layout)
     np.testing.assert_allclose(store.rows(), g, rtol=1e-4, atol=1e-5)
     F = g.T @ g / 6
     lam = 0.1 * np.trace(F) / F.shape[0]

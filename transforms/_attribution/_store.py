@@ -6,13 +6,16 @@ Layout of a store directory:
 | ------------------- | ---------------------------------------------------------- |
 | `metadata.json`     | format, library version, model fingerprint, projection     |
 |                     | (kind, seed, sizes), row layout, rows, row size, chunking  |
+| `projection.npz`    | a `"pca"` projector's matrices (`leaf{n}_{j}`), whose      |
+|                     | SHA-256 the metadata's projection records                  |
 | `index.json`        | `{"complete": [chunk ids]}`: the chunks fully written      |
 | `chunk-NNNNNN.npy`  | rows `[c·chunk_size, (c+1)·chunk_size)` as an `[n, dim]`   |
 |                     | array, read back memory-mapped                             |
 
 Every file is written to a temporary file and moved into place (`os.replace`, the
 checkpoints' writer), the chunk before the index that names it: a process killed at
-any point leaves complete chunks and an index that names only complete ones, and a
+any point leaves complete chunks and an index that names only complete ones (and
+the matrices before the metadata that names them), and a
 resumed build computes the missing chunks only. Rows are computed batch by batch
 with one compiled function (the last batch padded), so a resumed build gives the
 same bytes as an uninterrupted one.
@@ -23,7 +26,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import equinox as eqx
@@ -34,7 +37,13 @@ from tqdm.auto import tqdm
 
 from .._grad._ghost_rules import acc_dtype
 from .._grad._per_sample import as_batch
-from .._grad._projection import ProjectedGrads, ProjectionBlock
+from .._grad._projection import (
+    matrices_sha256,
+    projected_grads,
+    ProjectedGrads,
+    ProjectionBlock,
+    with_matrices,
+)
 from .._train._checkpoint import _describe, _write_atomically
 from .._validation import (
     check_choice,
@@ -51,6 +60,7 @@ _FORMAT = 1
 _DTYPES = (None, "float16", "float32", "float64")
 _METADATA = "metadata.json"
 _INDEX = "index.json"
+_MATRICES = "projection.npz"
 
 
 def _chunk_name(c: int) -> str:
@@ -96,7 +106,7 @@ class GradientStore:
     Attributes: `path`; `metadata` (the parsed `metadata.json`: `model_sha256`,
     `projection`, `layout`, `n_rows`, `dim`, `chunk_size`, `batch_size`, `user`);
     `n_rows`, `dim`, `chunk_size`; `layout`, the [`transforms.ProjectionBlock`][]s
-    of a row.
+    of a row; `matrices`, a `"pca"` projection's matrices (else `None`).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -105,7 +115,7 @@ class GradientStore:
         **Raises:**
 
         `FileNotFoundError` if `path` holds no store; `ValueError` if its metadata
-        is of another format.
+        is of another format, or its `"pca"` matrices are missing or altered.
         """
         self.path = os.fspath(path)
         meta_path = os.path.join(self.path, _METADATA)
@@ -127,6 +137,16 @@ class GradientStore:
             ProjectionBlock(**{**b, "shape": tuple(b["shape"]), "k": tuple(b["k"])})
             for b in self.metadata["layout"]
         )
+        self.matrices: list[tuple] | None = None
+        if self.metadata["projection"]["kind"] == "pca":
+            self.matrices = _read_matrices(self.path, len(self.layout))
+            want = self.metadata["projection"]["matrices_sha256"]
+            if matrices_sha256(self.matrices) != want:
+                raise ValueError(
+                    f"GradientStore: the projection matrices in {self.path!r} "
+                    f"({_MATRICES}) are not those its metadata names (SHA-256 "
+                    f"{want[:12]}…): the file was altered or replaced."
+                )
 
     def __repr__(self) -> str:
         done = len(self.complete_chunks())
@@ -198,6 +218,40 @@ class GradientStore:
                 "`build_gradient_store` again with the same arguments to finish it."
             )
 
+    def projector(
+        self, loss_fn: Callable, *, method: str = "auto", fallback: bool = True
+    ) -> ProjectedGrads:
+        """The projector the store was built with, for queries in a new process:
+        from its seed, or with the `"pca"` matrices read from the store.
+
+        **Arguments:**
+
+        - `loss_fn`: the loss of one example, as given to the store's projector.
+        - `method`, `fallback`: as for [`transforms.projected_grads`][].
+
+        **Returns:**
+
+        A [`transforms.ProjectedGrads`][] whose configuration is the store's.
+
+        **Raises:**
+
+        As [`transforms.projected_grads`][].
+        """
+        config = self.metadata["projection"]
+        sizes = {key: config[key] for key in ("k_out", "k_in", "k_vector", "fit")}
+        if config["kind"] != "pca":
+            return projected_grads(
+                loss_fn,
+                kind=config["kind"],
+                seed=config["seed"],
+                method=method,
+                fallback=fallback,
+                **sizes,
+            )
+        base = projected_grads(loss_fn, method=method, fallback=fallback, **sizes)
+        assert self.matrices is not None  # read in `__init__` for a "pca" store
+        return with_matrices(base, self.matrices)
+
     def check_model(
         self, caller: str, projector: ProjectedGrads, model: Any, arg: str = "model"
     ) -> None:
@@ -206,12 +260,18 @@ class GradientStore:
         **Raises:**
 
         `ValueError` naming `arg` if `model`'s fingerprint differs from the store's,
-        or `projector` if its configuration does.
+        or `projector` if its configuration does (naming the fields that differ).
         """
-        if projector.config != self.metadata["projection"]:
+        stored, got = self.metadata["projection"], projector.config
+        if got != stored:
+            fields = sorted(k for k in {*stored, *got} if stored.get(k) != got.get(k))
+            differ = "; ".join(
+                f"{k}: store {stored.get(k)!r}, projector {got.get(k)!r}"
+                for k in fields
+            )
             raise ValueError(
                 f"{caller}: `projector` must be configured as the store's projection "
-                f"{self.metadata['projection']}, got {projector.config}."
+                f"{stored}, got {got} ({differ})."
             )
         got = model_fingerprint(model)
         if got != self.metadata["model_sha256"]:
@@ -252,6 +312,35 @@ def _row_dtype(model: Any) -> Any:
 
 def _write_json(path: str, value: dict) -> None:
     _write_atomically(path, [json.dumps(value, indent=1).encode()])
+
+
+def _write_matrices(directory: str, matrices: list) -> None:
+    arrays = {
+        f"leaf{n}_{j}": np.asarray(m)
+        for n, mats in enumerate(matrices)
+        for j, m in enumerate(mats)
+    }
+    buffer = io.BytesIO()
+    np.savez(buffer, allow_pickle=False, **arrays)
+    _write_atomically(os.path.join(directory, _MATRICES), [buffer.getvalue()])
+
+
+def _read_matrices(directory: str, n_leaves: int) -> list[tuple]:
+    path = os.path.join(directory, _MATRICES)
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"GradientStore: {directory!r} was built with a 'pca' projection but "
+            f"holds no {_MATRICES}."
+        )
+    with np.load(path, allow_pickle=False) as f:
+        arrays = dict(f)
+    return [
+        tuple(
+            jnp.asarray(arrays[f"leaf{n}_{j}"])
+            for j in range(sum(k.startswith(f"leaf{n}_") for k in arrays))
+        )
+        for n in range(n_leaves)
+    ]
 
 
 def _write_chunk(path: str, rows: np.ndarray) -> None:
@@ -300,7 +389,9 @@ def build_gradient_store(
     **Arguments:**
 
     - `path`: the store's directory (created if missing).
-    - `projector`: a [`transforms.ProjectedGrads`][] (its loss, sizes and seed).
+    - `projector`: a [`transforms.ProjectedGrads`][] (its loss, sizes and seed);
+        the matrices of a `"pca"` one ([`transforms.calibrate_projection`][]) are
+        saved with the store (`projection.npz`).
     - `model`: the model (one checkpoint); its fingerprint is stored.
     - `data`: a tuple of arrays sharing a leading axis of `N` examples (NumPy arrays,
         memory-mapped ones included, or JAX arrays); example `i` is
@@ -388,6 +479,8 @@ def build_gradient_store(
             )
     else:
         os.makedirs(path, exist_ok=True)
+        if projector.kind == "pca":
+            _write_matrices(path, mats)
         _write_json(meta_path, expected)
     store = GradientStore(path)
     done = store.complete_chunks()

@@ -21,6 +21,10 @@ formed by message passing: the earlier use i outputs a zero array `z_i` that the
 use j takes as an input; j's backward pass returns, as the cotangent of `z_i`, its own
 gradient applied to i's forward factor, and i's backward pass (which runs after j's)
 contracts it with its output gradient.
+
+The `"moments"` mode serves the calibration of PCA projections: the slot of each use
+is a pair receiving the use's second moments `Σ_t K_tᵀK_t` (output gradients) and
+`Σ_t F_tᵀF_t` (inputs), from the factors every other mode contracts.
 """
 
 import dataclasses
@@ -42,6 +46,7 @@ from ._ghost_rules import (
     AbstractRule,
     cross_message,
     cross_value,
+    moments,
     one_sided,
     projected,
     rule_for,
@@ -57,6 +62,8 @@ class _TapStatic:
     partner_rules: tuple[AbstractRule, ...]
     has_later: bool
     acc: Any
+    # moments mode: which of the (K, F) sides get their second moment
+    sides: tuple[bool, bool] = (True, True)
 
 
 def _z_shape(static: _TapStatic) -> tuple[int, ...]:
@@ -86,7 +93,8 @@ def _tap(static, y, fwd, g, slot, partners):
     # Adding the (zero) slot makes the outputs batched like the slot: an output that
     # did not depend on the example (a position embedding) would otherwise get the
     # cotangent summed over the batch.
-    zero = jnp.reshape(slot, (-1,))[0]
+    # (A sum of at most one entry: a moments slot may be empty, `[0, 0]`.)
+    zero = jnp.sum(jnp.reshape(jax.tree.leaves(slot)[0], (-1,))[:1])
     return y + zero.astype(y.dtype), jnp.zeros(_z_shape(static), static.acc) + zero
 
 
@@ -119,9 +127,12 @@ def _tap_bwd(static, residuals, cotangents):
         value = one_sided(rule, K, F, g)
     elif static.mode == "project":
         value = projected(K, F, *g)
+    elif static.mode == "moments":
+        value = moments(rule.layout, K, F, static.sides)
     else:
         value = jax.vmap(lambda gv: one_sided(rule, K, F, gv))(g)
-    return ct_y, None, None, value.astype(static.acc), partner_cts
+    value = jax.tree.map(lambda v: v.astype(static.acc), value)
+    return ct_y, None, None, value, partner_cts
 
 
 _tap.defvjp(_tap_fwd, _tap_bwd)
@@ -152,6 +163,8 @@ class _Run:
     rules: dict[int, AbstractRule]
     # project mode: uid -> the (K side, F side) projection matrices of the use
     projections: dict[int, tuple] = dataclasses.field(default_factory=dict)
+    # moments mode: uid -> which of the (K, F) sides get their second moment
+    sides: dict[int, tuple[bool, bool]] = dataclasses.field(default_factory=dict)
 
 
 class _Scope:
@@ -159,6 +172,10 @@ class _Scope:
 
     def __init__(self):
         self.z: dict[int, tuple[Any, Any]] = {}
+
+
+# The modes that carry a shadow (a validation gradient's view) alongside each leaf.
+_SHADOWED = ("dots", "matrix", "clip")
 
 
 def _is_var(v) -> bool:
@@ -195,7 +212,7 @@ def _evaluate(run: _Run, jaxpr, consts, args, shadows, scope: _Scope) -> list:
             g = None
             if run.mode == "project":
                 g = run.projections[site.uid]
-            elif run.mode != "norms":
+            elif run.mode not in ("norms", "moments"):
                 g = shadow[eqn.invars[site.operand]]
             outs = [_apply_site(run, site, eqn, invals, g, scope)]
         elif key in run.analysis.live_containers:
@@ -203,7 +220,7 @@ def _evaluate(run: _Run, jaxpr, consts, args, shadows, scope: _Scope) -> list:
             outs = _container(run, eqn, invals, in_shadows, scope)
         else:
             outs = bind(eqn, invals)
-            if run.mode != "norms" and key in run.analysis.relabel_eqns:
+            if run.mode in _SHADOWED and key in run.analysis.relabel_eqns:
                 s = shadow.get(eqn.invars[0]) if _is_var(eqn.invars[0]) else None
                 if s is not None:
                     shadow[eqn.outvars[0]] = _relabel(eqn, s, run.lead)
@@ -229,6 +246,7 @@ def _apply_site(run: _Run, site, eqn, invals, g, scope: _Scope):
         partner_rules=partner_rules,
         has_later=norms and site.has_later,
         acc=run.acc,
+        sides=run.sides.get(site.uid, (True, True)),
     )
     y, z = _tap(static, y, fwd, g, run.slots[site.uid], partners)  # pyright: ignore
     if static.has_later:
@@ -272,7 +290,9 @@ def _scan(run: _Run, eqn, invals, in_shadows) -> list:
     stepped = {
         site.uid: run.slots[site.uid]
         for site in run.analysis.sites.values()
-        if site.slicers and site.slicers[0] == id(eqn) and run.mode == "project"
+        if site.slicers
+        and site.slicers[0] == id(eqn)
+        and run.mode in ("project", "moments")
     }
 
     def step(carry, x):
@@ -330,7 +350,7 @@ class _Pass:
 
 
 def _prepare(
-    analysis, leaves, batch, *, mode, acc, views, n_val, projections=None
+    analysis, leaves, batch, *, mode, acc, views, n_val, projections=None, sides=None
 ) -> _Pass:
     n = analysis.n_leaves
     B = jnp.shape(batch[0])[0]
@@ -341,7 +361,7 @@ def _prepare(
         if treatment[i] == "materialised"
         or (
             treatment[i] == "fallback"
-            and mode in ("norms", "clip", "matrix", "project")
+            and mode in ("norms", "clip", "matrix", "project", "moments")
         )
     ]
     shared = [i for i in range(n) if i not in direct]
@@ -358,11 +378,21 @@ def _prepare(
             )
             for s in sites
         }
+    elif mode == "moments":
+        slots = {}
+        for s in sites:
+            lead = (B,) + tuple(jnp.shape(leaves[s.leaf])[: len(s.slicers)])
+            layout = rule_for(s).layout
+            keep = (sides or {}).get(s.uid, (True, True))
+            slots[s.uid] = tuple(
+                jnp.zeros(lead + (n, n) if kept else lead + (0, 0), acc)
+                for n, kept in zip((layout.Pk, layout.Pf), keep)
+            )
     else:
         slots = {s.uid: jnp.zeros(slot_shape, acc) for s in sites}
     rules = {s.uid: rule_for(s) for s in sites}
     shadows = [None] * n
-    if mode not in ("norms", "project"):
+    if mode in _SHADOWED:
         assert views is not None
         for i in range(n):
             if treatment[i] == "ghost":
@@ -383,6 +413,7 @@ def _prepare(
             lead=1 if mode == "matrix" else 0,
             rules=rules,
             projections=projections or {},
+            sides=sides or {},
         )
         (loss,) = _evaluate(
             run,
@@ -422,6 +453,7 @@ def ghost_pass(
     n_val: int = 0,
     param_grads: bool = False,
     projections: dict[int, tuple] | None = None,
+    sides: dict[int, tuple[bool, bool]] | None = None,
 ) -> dict[str, Any]:
     """One forward and backward pass over the batch with taps at the ghost uses.
 
@@ -436,8 +468,10 @@ def ghost_pass(
       norms plus a zero probe whose derivative along `views` is the dot product; see
       the module's docstring), or `"project"` (each use's projected per-example
       gradient `Σ_t (P_K K_t)(P_F F_t)ᵀ`, for the matrices `projections[uid]`;
-      needs an analysis in the project mode). `"norms"` and `"clip"` need an
-      analysis in the norms mode.
+      needs an analysis in the project mode), or `"moments"` (each use's pair of
+      second moments `(Σ_t K_tᵀK_t, Σ_t F_tᵀF_t)`, with a project-mode analysis;
+      `sides[uid]` may leave either out, a `[0, 0]` array in its place).
+      `"norms"` and `"clip"` need an analysis in the norms mode.
     - `acc`: dtype of the contributions.
     - `param_grads`: also return the gradient of the summed loss for every leaf.
 
@@ -457,6 +491,7 @@ def ghost_pass(
         views=views,
         n_val=n_val,
         projections=projections,
+        sides=sides,
     )
 
     def total(shared_vals, direct_vals, slot_vals):

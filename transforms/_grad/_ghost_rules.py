@@ -439,6 +439,22 @@ def projected(K: jax.Array, F, P_K: jax.Array, P_F: jax.Array) -> jax.Array:
     return _einsum("ta,tb->ab", kp, fp, acc=acc)
 
 
+def moments(
+    layout: Layout, K: jax.Array, F, sides: tuple[bool, bool] = (True, True)
+) -> tuple[jax.Array, jax.Array]:
+    """The uncentred second moments of one use's two sides, `(Σ_t K_tᵀK_t [Pk, Pk],
+    Σ_t F_tᵀF_t [Pf, Pf])`; a one-hot side gives the diagonal of its row counts. A
+    side left out by `sides` is a `[0, 0]` array: too large to be worth forming."""
+    acc = acc_dtype(K.dtype) if isinstance(F, Index) else acc_dtype(K.dtype, F.dtype)
+    kk = _einsum("tk,tl->kl", K, K, acc=acc) if sides[0] else jnp.zeros((0, 0), acc)
+    if not sides[1]:
+        return kk, jnp.zeros((0, 0), acc)
+    if isinstance(F, Index):
+        counts = jnp.zeros(layout.Pf, acc).at[F.rows].add(F.valid.astype(acc))
+        return kk, jnp.diag(counts)
+    return kk, _einsum("tf,tg->fg", F, F, acc=acc)
+
+
 def _fdot(a, b) -> jax.Array:
     """`M[t, s] = a_t · b_s` for two factors on the same leaf axes."""
     if isinstance(a, Index) and isinstance(b, Index):

@@ -19,10 +19,13 @@ leaf only), projected with the same matrices; the `GhostPlan` names it and a
 
 The matrices are Gaussian with variance `1/k` (so that a projected dot product is an
 unbiased estimate of the full one), drawn from `seed` and the leaf's position in the
-model's flattened leaves: the same seed gives the same matrices on any machine.
+model's flattened leaves: the same seed gives the same matrices on any machine. A
+projector of kind `"pca"` (from `transforms.calibrate_projection`) holds its matrices
+as data instead, identified by their SHA-256 in its configuration.
 """
 
 import dataclasses
+import hashlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +34,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 from jaxtyping import Array, Float
 
 from .._validation import (
@@ -160,6 +164,49 @@ def _matrices(blocks, seed: int, kind: str, dtype) -> list[tuple]:
     return mats
 
 
+def matrices_sha256(matrices: list) -> str:
+    """The SHA-256 of a list of projection matrices (shapes, dtypes and values): what
+    identifies a projector whose matrices are data rather than a seed."""
+    digest = hashlib.sha256()
+    for n, mats in enumerate(matrices):
+        for j, m in enumerate(mats):
+            m = np.ascontiguousarray(np.asarray(m))
+            digest.update(f"{n}.{j}:{m.shape}:{m.dtype};".encode())
+            digest.update(m.tobytes())
+    return digest.hexdigest()
+
+
+def with_matrices(projector: "ProjectedGrads", matrices: list) -> "ProjectedGrads":
+    """`projector` turned into a `"pca"` one holding `matrices` (as `.matrices`
+    returns them), which its configuration names by their SHA-256."""
+    return dataclasses.replace(
+        projector,
+        kind="pca",
+        seed=0,
+        pca=matrices,
+        pca_sha256=matrices_sha256(matrices),
+    )
+
+
+def check_matrices(name: str, arg: str, matrices: list, blocks) -> None:
+    """Raise unless `matrices` has the shapes the blocks of a row need."""
+    want = []
+    for b in blocks:
+        inner = b.shape[b.stacked :]
+        if b.kind == "matrix":
+            want.append(((b.k[0], inner[0]), (b.k[1], math.prod(inner[1:]))))
+        elif b.k[0] < math.prod(inner):
+            want.append(((b.k[0], math.prod(inner)),))
+        else:
+            want.append(())
+    got = [tuple(tuple(jnp.shape(m)) for m in mats) for mats in matrices]
+    if got != want:
+        raise ValueError(
+            f"{name}: `{arg}` must hold matrices of the shapes this model's layout "
+            f"needs ({want}), got {got}: matrices calibrated for another model?"
+        )
+
+
 def project_leaf(g: jax.Array, block: ProjectionBlock, mats: tuple) -> jax.Array:
     """Project per-example gradients `g` (`[B, *block.shape]`) of one leaf to the
     leaf's block, `[B, block.size]`."""
@@ -191,12 +238,16 @@ class ProjectedGrads(eqx.Module):
     method: str = eqx.field(static=True)
     fallback: bool = eqx.field(static=True)
     fit: bool = eqx.field(static=True)
+    # kind "pca": the calibrated matrices (as `.matrices` returns them) and their
+    # SHA-256, computed once rather than at every query's configuration check.
+    pca: list | None = None
+    pca_sha256: str = eqx.field(static=True, default="")
 
     @property
     def config(self) -> dict[str, Any]:
         """What determines the projection besides the model's shapes (JSON-ready):
         stored with a gradient store, compared by every query."""
-        return {
+        config: dict[str, Any] = {
             "kind": self.kind,
             "seed": self.seed,
             "k_out": self.k_out,
@@ -204,6 +255,10 @@ class ProjectedGrads(eqx.Module):
             "k_vector": self.k_vector,
             "fit": self.fit,
         }
+        if self.kind == "pca":
+            del config["seed"]
+            config["matrices_sha256"] = self.pca_sha256
+        return config
 
     def _setup(self, model, batch) -> tuple[Setup, Analysis, tuple]:
         s = setup(_NAME, self.loss_fn, model, batch)
@@ -252,16 +307,21 @@ class ProjectedGrads(eqx.Module):
     def matrices(self, model: Any, batch: Any) -> list[tuple]:
         """The projection matrices, one entry per inexact leaf: `(P_out, P_in)` of
         shapes `[k_out, n₀]`, `[k_in, m]` for a matrix block, `(P,)` for a projected
-        vector block, `()` for a vector kept exactly.
+        vector block, `()` for a vector kept exactly. A `"pca"` projector returns
+        its calibrated matrices.
 
         Computing them once and passing them to `__call__` (`matrices=`) keeps the
         random draws out of compiled code.
 
         **Raises:**
 
-        As `__call__`.
+        As `__call__`; `ValueError` if a `"pca"` projector's matrices do not fit
+        `model` (calibrated for another architecture).
         """
         s, _, blocks = self._setup(model, batch)
+        if self.pca is not None:
+            check_matrices(_NAME, "projector", self.pca, blocks)
+            return self.pca
         return _matrices(blocks, self.seed, self.kind, s.acc)
 
     @typechecked
@@ -290,7 +350,10 @@ class ProjectedGrads(eqx.Module):
         `fallback=False` and a parameter is outside the layer rules.
         """
         s, analysis, blocks = self._setup(model, batch)
-        if matrices is None:
+        if matrices is None and self.pca is not None:
+            check_matrices(_NAME, "projector", self.pca, blocks)
+            matrices = self.pca
+        elif matrices is None:
             matrices = _matrices(blocks, self.seed, self.kind, s.acc)
         if len(matrices) != len(blocks):
             raise ValueError(
