@@ -305,3 +305,35 @@ def test_a_side_beyond_max_side_keeps_the_gaussian_matrix(x64):
     np.testing.assert_array_equal(small.pca[0][1], drawn[0][1])
     np.testing.assert_array_equal(small.pca[1][0], full.pca[1][0])
     np.testing.assert_array_equal(small.pca[1][1], drawn[1][1])
+
+
+def test_calibration_memory_does_not_grow_with_the_batch():
+    # The moments of a batch are summed one example after another: XLA's
+    # temporaries for 16 examples stay near those for 2, where holding each
+    # example's 64 × 64 moments (two sides, 32 KB per example) would add 448 KB.
+    from transforms._grad._calibration import _batch_moments, _NAME
+    from transforms._grad._per_sample import setup
+    from transforms._grad._projection import _blocks
+
+    class Wide(eqx.Module):
+        layer: eqx.nn.Linear
+
+        def __call__(self, x):
+            return jax.vmap(self.layer)(x)
+
+    model = Wide(eqx.nn.Linear(64, 64, use_bias=False, key=jr.key(0)))
+
+    def loss(model, x):
+        return jnp.sum(model(x) ** 2)
+
+    def temporaries(batch_size):
+        batch = (jnp.ones((batch_size, 4, 64)),)
+        s = setup(_NAME, loss, model, batch)
+        analysis = s.analyse("project")
+        blocks = _blocks(_NAME, s, analysis, 8, 8, 8, "pca", False)
+        moments = _batch_moments(analysis, blocks, s.acc, 4096)
+        compiled = moments.lower(s.leaves, batch).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    per_example = 2 * 64 * 64 * 4
+    assert temporaries(16) - temporaries(2) < 14 * per_example / 4

@@ -80,7 +80,7 @@ def _batch_moments(analysis, blocks, acc, max_side: int) -> Callable:
             return jnp.zeros((0, 0), x.dtype)
         return x.T @ x
 
-    def moments(leaves, batch):
+    def summed(leaves, batch):
         out = ghost_pass(analysis, leaves, batch, mode="moments", acc=acc, sides=sides)
         totals = {
             uid: tuple(jnp.sum(m, axis=tuple(range(m.ndim - 2))) for m in pair)
@@ -101,6 +101,20 @@ def _batch_moments(analysis, blocks, acc, max_side: int) -> Callable:
                     second(G.reshape(-1, G.shape[2])),
                 )
         return totals, direct
+
+    def moments(leaves, batch):
+        # One example at a time into a running sum: the ghost pass of a batch
+        # holds every example's d × d moments of every layer at once (about 1.3 GB
+        # per example on GPT-2 small); the scan holds one example's and the sum.
+        examples = jax.tree.map(lambda x: x[:, None], batch)
+        one = jax.tree.map(lambda x: x[0], examples)
+        shapes = jax.eval_shape(summed, leaves, one)
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+
+        def add(total, example):
+            return jax.tree.map(jnp.add, total, summed(leaves, example)), None
+
+        return jax.lax.scan(add, zeros, examples)[0]
 
     return jax.jit(moments)
 
@@ -136,8 +150,9 @@ def calibrate_projection(
     second moment beyond. The matrices are data: a gradient store built with the
     projector saves them, and queries must use the same ones.
 
-    Memory: a side of size `d` needs `d²` floats per example of a batch, and an
-    eigendecomposition of cost `d³`; a side longer than `max_side` (a vocabulary)
+    Memory: a side of size `d` needs `d²` floats twice (one example's moment and
+    the running sum; the examples of a batch are summed one after another), and
+    an eigendecomposition of cost `d³`; a side longer than `max_side` (a vocabulary)
     keeps a Gaussian matrix drawn from `seed`, as
     [`transforms.projected_grads`][] draws it.
 
