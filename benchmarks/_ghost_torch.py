@@ -193,7 +193,8 @@ def opacus_dp_step(
         model,
         batch_first=True,
         loss_reduction="mean",
-        max_grad_norm=clip_norm,
+        # (Opacus annotates the clipping norm as an int; it is a float norm.)
+        max_grad_norm=clip_norm,  # pyright: ignore[reportArgumentType]
         use_ghost_clipping=True,
     )
     device = next(model.parameters()).device.type
