@@ -232,7 +232,7 @@ def _stream_counts(model: AbstractCHMM, chunks: _Chunks, method: str):
 
 @eqx.filter_jit
 def _stream_log_likelihood(model: AbstractCHMM, chunks: _Chunks, method: str):
-    alphas, lnls, _ = _forward_sweep(model, chunks, method, _first_alpha(model, chunks))
+    _, lnls, _ = _forward_sweep(model, chunks, method, _first_alpha(model, chunks))
     return pairwise_sum(lnls)
 
 
@@ -297,12 +297,12 @@ def _sequence_counts(model: AbstractCHMM, sequence: _Sequence, method: str):
 def _sequence_forward(model: AbstractCHMM, sequence: _Sequence, method: str):
     """The forward sweep group by group: each group's initial weights per chunk,
     and each group's log-likelihood."""
-    alpha = _first_alpha_of(model, sequence.group(0))
     alphas, lnls = [], []
     for g in range(sequence.n_groups):
-        group_alphas, lnl, alpha = _forward_group(
-            model, sequence.group(g), method, alpha
-        )
+        chunks = sequence.group(g)  # read from the host once per sweep
+        if g == 0:
+            alpha = _first_alpha_of(model, chunks)
+        group_alphas, lnl, alpha = _forward_group(model, chunks, method, alpha)
         alphas.append(group_alphas)
         lnls.append(lnl)
     return alphas, lnls
