@@ -107,8 +107,8 @@ def main(argv=None):
             summary[f"{name} {strategy} final mass"] = round(
                 float(masses[:, -1].mean()), 3
             )
-            summary[f"{name} {strategy} mean curve reaches {THRESHOLD}"] = (
-                _first_round(masses.mean(0))
+            summary[f"{name} {strategy} mean curve reaches {THRESHOLD}"] = _first_round(
+                masses.mean(0)
             )
             summary[f"{name} {strategy} tasks reaching {THRESHOLD}"] = round(
                 float(np.mean([_first_round(m) is not None for m in masses])), 3
