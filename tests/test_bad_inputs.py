@@ -1319,6 +1319,18 @@ def _tidhy_cases():
             ),
         ),
         Case(
+            "tidhy.state_decoding_accuracy",
+            "block",
+            bad_size(maximum=6),
+            lambda b: tidhy.state_decoding_accuracy(
+                jnp.asarray(features),
+                jnp.asarray(labels),
+                key=jr.key(0),
+                n_classes=3,
+                block=b,
+            ),
+        ),
+        Case(
             "tidhy.fit_linear_dynamics",
             "z",
             bad_entries(z),
@@ -2177,7 +2189,7 @@ _FAMILIES = {
 _N_CASES = {
     "transforms": 107,
     "chmm": 37,
-    "tidhy": 40,
+    "tidhy": 41,
     "causal": 37,
     "multimodal": 34,
 }

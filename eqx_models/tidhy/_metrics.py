@@ -193,6 +193,7 @@ def state_decoding_accuracy(
     n_classes: int,
     k: int = 3,
     train_fraction: float = 0.75,
+    block: int = 1,
 ) -> Float[Array, ""]:
     """Accuracy of decoding discrete states from features with a k-NN classifier.
 
@@ -200,13 +201,25 @@ def state_decoding_accuracy(
     paper's 75/25 split) and returns the test accuracy of
     [`eqx_models.tidhy.knn_classify`][].
 
+    Samples of a time series are correlated with their neighbours in time: with
+    single samples split at random (`block=1`, the paper's split) a test sample's
+    nearest reference points are mostly the steps just before and after it, which
+    share its state, so any feature that varies smoothly in time decodes well.
+    `block=L` splits whole runs of `L` consecutive samples instead (e.g. the window
+    length, for features stacked window by window), which measures whether the
+    features carry the state rather than the time.
+
     **Arguments:**
 
     - `features`: one feature vector per sample (e.g. `r2` per time step).
     - `labels`: the true discrete state of every sample, in `[0, n_classes)`.
     - `key`: PRNG key for the split.
     - `n_classes`, `k`: as in `knn_classify`.
-    - `train_fraction`: the fraction used as reference points.
+    - `train_fraction`: the fraction used as reference points (of the samples, or
+        of the blocks).
+    - `block`: the number of consecutive samples kept together on one side of the
+        split; 1 splits single samples. The last `N mod block` samples are not
+        used.
 
     **Returns:**
 
@@ -214,8 +227,9 @@ def state_decoding_accuracy(
 
     **Raises:**
 
-    `ValueError` if `train_fraction` is not in `(0, 1)` or the split leaves either
-    side empty; as [`eqx_models.tidhy.knn_classify`][] for the labels and sizes.
+    `ValueError` if `train_fraction` is not in `(0, 1)`, `block` is not in
+    `[1, N]` or the split leaves either side empty; as
+    [`eqx_models.tidhy.knn_classify`][] for the labels and sizes.
     """
     name = "state_decoding_accuracy"
     check_in_range(
@@ -223,14 +237,18 @@ def state_decoding_accuracy(
     )
     labels = check_ids(name, "labels", labels, n_classes, upper_name="n_classes")
     n = features.shape[0]
-    n_train = int(round(train_fraction * n))
-    if not 1 <= n_train < n:
+    check_size(name, "block", block, maximum=n)
+    n_blocks = n // block
+    n_train = int(round(train_fraction * n_blocks))
+    if not 1 <= n_train < n_blocks:
         raise ValueError(
-            f"state_decoding_accuracy: `train_fraction`={train_fraction} of {n} "
-            "samples leaves an empty training or test set."
+            f"state_decoding_accuracy: `train_fraction`={train_fraction} of {n_blocks} "
+            f"{'samples' if block == 1 else f'blocks of {block} samples'} leaves an "
+            "empty training or test set."
         )
-    order = jr.permutation(key, n)
-    train, test = order[:n_train], order[n_train:]
+    runs = jnp.arange(n_blocks * block).reshape(n_blocks, block)
+    order = jr.permutation(key, n_blocks)
+    train, test = runs[order[:n_train]].ravel(), runs[order[n_train:]].ravel()
     predicted = knn_classify(
         features[train], labels[train], features[test], n_classes=n_classes, k=k
     )

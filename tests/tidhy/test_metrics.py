@@ -100,6 +100,25 @@ def test_knn_matches_brute_force(seed, k):
         assert int(got[i]) == int(np.argmax(votes))  # ties: the smallest label
 
 
+def test_blocks_of_time_stay_on_one_side_of_the_split():
+    # States in runs of 20 steps; the feature is the time itself, which carries no
+    # state beyond "near in time". Single steps split at random decode it (the
+    # neighbours in time are reference points); whole runs held out do not.
+    runs = jr.randint(jr.key(0), (30,), 0, 4)
+    labels = jnp.repeat(runs, 20)
+    time = jnp.arange(600.0)[:, None]
+    by_step = tidhy.state_decoding_accuracy(time, labels, key=jr.key(1), n_classes=4)
+    by_run = tidhy.state_decoding_accuracy(
+        time, labels, key=jr.key(1), n_classes=4, block=20
+    )
+    assert float(by_step) > 0.9
+    assert float(by_run) < 0.5
+    with pytest.raises(ValueError, match=r"of 2 blocks of 300 samples leaves an"):
+        tidhy.state_decoding_accuracy(
+            time, labels, key=jr.key(1), n_classes=4, block=300, train_fraction=0.9
+        )
+
+
 def test_knn_and_decoding_accuracy(getkey):
     centres = jnp.array([[0.0, 0.0], [5.0, 5.0], [-5.0, 5.0]])
     labels = jnp.repeat(jnp.arange(3), 40)
