@@ -21,8 +21,9 @@ Figures go to `examples/out/tidhy_sessions_*.png`. Usage:
 The default size trains for a few minutes on a CPU; `--paper` (sessions of 100 000,
 60 000 and 140 000 frames, windows of 200 with stride 20, 1000 full-batch epochs)
 needs a GPU; `--checkpoint F` saves every 10 epochs and resumes from `F`.
-Both also report the accuracy of decoding the 8 combined discrete states from `r2`
-(3-nearest neighbours, 75/25 split, held-out parts), as the paper does.
+Both also report the accuracy of decoding the 8 combined discrete states from `r2`,
+`r` and the observations (3-nearest neighbours, 75/25, held-out parts) over steps
+split at random, as the paper does, and over held-out runs of one window length.
 """
 
 import time
@@ -36,6 +37,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from _common import out_path, parse_args, save_summary  # noqa: E402
+from _tidhy_decoding import decoding_accuracies  # noqa: E402
 from _tidhy_timescales import plot_timescales, recovered_timescales  # noqa: E402
 
 from eqx_models import tidhy  # noqa: E402
@@ -165,24 +167,28 @@ def main(argv=None):
         )
     )
     true = np.asarray(system.timescales)
-    # The paper's decoding of the 8 combined discrete states from r2 (3-NN, 75/25
-    # split) over the held-out parts of all sessions; skipped in the smoke run.
-    accuracy = None
+    # Decoding of the 8 combined discrete states over the held-out parts of all
+    # sessions, from r2, r and the observations (z-scored, before frames were
+    # dropped), over steps split at random (the paper's split) and over held-out
+    # runs of one window length (see `_tidhy_decoding`); skipped in the smoke run.
+    decoding = {}
     if not args.smoke:
-        held_out = [
-            (
-                t.r2[train_part.lengths[s] :],
-                samples[s].combined_state[train_part.lengths[s] :],
-            )
-            for s, t in enumerate(trajectories)
+        held_out = [slice(train_part.lengths[s], None) for s in range(len(samples))]
+        truths = [
+            (np.asarray(sample.observations) - mean[s]) / std[s]
+            for s, sample in enumerate(samples)
         ]
-        accuracy = float(
-            tidhy.state_decoding_accuracy(
-                jnp.concatenate([jnp.asarray(f) for f, _ in held_out]),
-                jnp.concatenate([labels for _, labels in held_out]),
-                key=jr.key(42),
-                n_classes=8,
-            )
+        features = {
+            "r2": [t.r2[part] for t, part in zip(trajectories, held_out)],
+            "r": [t.r[part] for t, part in zip(trajectories, held_out)],
+            "x": [truth[part] for truth, part in zip(truths, held_out)],
+        }
+        decoding = decoding_accuracies(
+            {name: np.concatenate(parts) for name, parts in features.items()},
+            np.concatenate(
+                [sample.combined_state[part] for sample, part in zip(samples, held_out)]
+            ),
+            block=cfg["length"],
         )
     note = " (smoke run)" if args.smoke else ""
     _plot(sessions, trajectories, samples, train_part, mean, std, note)
@@ -201,7 +207,11 @@ def main(argv=None):
             "timescales_recovered": [
                 [round(float(v), 1) for v in row] for row in recovered
             ],
-            "state_accuracy_from_r2": None if accuracy is None else round(accuracy, 3),
+            **{
+                f"state_accuracy_from_{name}_{split}": value
+                for name, values in decoding.items()
+                for split, value in zip(("by_step", "by_window"), values)
+            },
             "session_lengths": list(sessions.lengths),
             "epochs": cfg["epochs"],
             "train_time_s": round(train_time, 1),
