@@ -15,6 +15,7 @@ from transforms.validation import (
     check_choice,
     check_ids,
     check_probabilities,
+    check_size,
     is_concrete,
     typechecked,
 )
@@ -168,6 +169,41 @@ def _one_minus_r2(gram, rhs, mask):
     return jnp.maximum(1.0 - explained, 0.0), min_pivot
 
 
+def polynomial_basis(values, mean, std, degree: int):
+    """The basis of the additive model, `(..., d) -> (..., d, degree)`.
+
+    Degree 1 is the values themselves (the linear model). Above, the probabilists'
+    Hermite polynomials `He_1 … He_degree` of the values standardised by `mean`
+    and `std`: `He_p(z) = z·He_{p-1}(z) - (p-1)·He_{p-2}(z)`, mutually
+    uncorrelated for Gaussian `z`, so the Gram matrices stay well conditioned
+    where the raw powers `z, z², z³` would be nearly collinear.
+    """
+    if degree == 1:
+        return values[..., None]
+    z = (values - mean) / std
+    terms = [jnp.ones_like(z), z]
+    for p in range(2, degree + 1):
+        terms.append(z * terms[-1] - (p - 1) * terms[-2])
+    return jnp.stack(terms[1:], axis=-1)
+
+
+def basis_columns(members, mask, degree: int):
+    """The basis columns of each candidate set: `(C, K) -> (C, K·degree)` column
+    indices into the `(d·degree)` columns of `polynomial_basis`, and their mask."""
+    columns = members[:, :, None] * degree + jnp.arange(degree)
+    column_mask = jnp.broadcast_to(mask[:, :, None], columns.shape)
+    c = members.shape[0]
+    return columns.reshape(c, -1), column_mask.reshape(c, -1)
+
+
+def standardisation(values, rows):
+    """Mean and standard deviation of each column over `rows` (1 where constant)."""
+    n = jnp.maximum(jnp.sum(rows), 1).astype(values.dtype)
+    mean = jnp.sum(jnp.where(rows[:, None], values, 0.0), axis=0) / n
+    spread = jnp.sum(jnp.where(rows[:, None], values - mean, 0.0) ** 2, axis=0)
+    return mean, jnp.sqrt(jnp.where(spread > 0, spread / n, 1.0))
+
+
 @eqx.filter_jit
 def posterior_core(
     values: Float[Array, "N d"],
@@ -176,6 +212,7 @@ def posterior_core(
     sample_mask: Bool[Array, " N"],
     variable_mask: Bool[Array, " d"],
     max_parents: int,
+    degree: int = 1,
 ):
     """The expert without input validation: `(log_probs, log_bf, edge_probs, n,
     degenerate)`. Used by the public function and by the training-batch sampler."""
@@ -186,6 +223,16 @@ def posterior_core(
     rows = sample_mask & ~intervened_target
     n = jnp.sum(rows)
     n_float = n.astype(dtype)
+    column_vars = variable_mask
+    response = target
+    if degree > 1:
+        # Each variable's basis columns, then the response itself (the target is
+        # regressed on the parents' basis, not expanded).
+        mean, std = standardisation(values, rows)
+        basis = polynomial_basis(values, mean, std, degree).reshape(n_total, -1)
+        values = jnp.concatenate([basis, values[:, target, None]], axis=1)
+        column_vars = jnp.append(jnp.repeat(variable_mask, degree), True)
+        response = d * degree
     x = jnp.where(rows[:, None], values, 0.0)
     mean = jnp.sum(x, axis=0) / jnp.maximum(n_float, 1.0)
     centred = jnp.where(rows[:, None], values - mean, 0.0)
@@ -195,49 +242,51 @@ def posterior_core(
     variance = jnp.diagonal(cov)
     second_moment = jnp.sum(x * x, axis=0)
     varies = variance > (100 * eps) ** 2 * second_moment
-    std = jnp.sqrt(jnp.where(varies & variable_mask, variance, 1.0))
+    std = jnp.sqrt(jnp.where(varies & column_vars, variance, 1.0))
     corr = cov / (std[:, None] * std[None, :])
-    corr = jnp.where(jnp.eye(d, dtype=bool), 1.0, corr)
+    corr = jnp.where(jnp.eye(corr.shape[0], dtype=bool), 1.0, corr)
 
     members = relative_to_variables(table.members, target)
-    mask = table.mask
+    mask = jnp.asarray(table.mask)
     set_valid = jnp.all(~mask | variable_mask[members], axis=1)
-    k = table.max_parents
+    k = table.max_parents * degree
     if k > 0:
-        both = mask[:, :, None] & mask[:, None, :]
+        columns, column_mask = basis_columns(members, mask, degree)
+        both = column_mask[:, :, None] & column_mask[:, None, :]
         gram = jnp.where(
             both,
-            corr[members[:, :, None], members[:, None, :]],
+            corr[columns[:, :, None], columns[:, None, :]],
             jnp.eye(k, dtype=dtype),
         )
-        rhs = jnp.where(mask, corr[members, target], 0.0)
-        residual, min_pivot = _one_minus_r2(gram, rhs, mask)
+        rhs = jnp.where(column_mask, corr[columns, response], 0.0)
+        residual, min_pivot = _one_minus_r2(gram, rhs, column_mask)
     else:
         residual = jnp.ones((table.n_sets,), dtype)
         min_pivot = jnp.ones((table.n_sets,), dtype)
 
-    sizes = jnp.asarray(table.sizes, dtype)
+    set_sizes = jnp.asarray(table.sizes, dtype)
+    n_coefficients = degree * set_sizes
     g = n_float
-    log_bf = 0.5 * (n_float - 1.0 - sizes) * jnp.log1p(g) - 0.5 * (
+    log_bf = 0.5 * (n_float - 1.0 - n_coefficients) * jnp.log1p(g) - 0.5 * (
         n_float - 1.0
     ) * jnp.log1p(g * residual)
     d_valid = jnp.sum(variable_mask).astype(dtype)
-    k_eff = jnp.minimum(k, d_valid - 1.0)
+    k_eff = jnp.minimum(table.max_parents, d_valid - 1.0)
     log_binom = (
         jax.scipy.special.gammaln(d_valid)
-        - jax.scipy.special.gammaln(sizes + 1.0)
-        - jax.scipy.special.gammaln(d_valid - sizes)
+        - jax.scipy.special.gammaln(set_sizes + 1.0)
+        - jax.scipy.special.gammaln(d_valid - set_sizes)
     )
     log_prior = -jnp.log1p(k_eff) - log_binom
     logits = jnp.where(set_valid, log_bf + log_prior, -jnp.inf)
     log_probs = logits - jax.scipy.special.logsumexp(logits)
 
     degenerate = (
-        (n_float < k_eff + 2.0)
-        | jnp.any(variable_mask & ~varies)
+        (n_float < degree * k_eff + 2.0)
+        | jnp.any(column_vars & ~varies)
         | jnp.any(set_valid & (min_pivot <= 100 * eps))
         | jnp.any(set_valid & ~jnp.isfinite(log_bf))
-        | ~jnp.isfinite(variable_mask @ jnp.where(variable_mask, mean, 0.0))
+        | ~jnp.isfinite(column_vars @ jnp.where(column_vars, mean, 0.0))
     )
     log_probs = jnp.where(degenerate, jnp.nan, log_probs)
     edge_probs = marginals_from_sets(jnp.exp(log_probs), table, target, d)
@@ -252,6 +301,7 @@ def exact_parent_posterior(
     sample_mask: Bool[Array, " N"] | None = None,
     variable_mask: Bool[Array, " d"] | None = None,
     on_degenerate: str = "raise",
+    degree: int = 1,
 ) -> ParentSetPosterior:
     """The exact posterior over the parent sets of the target, size `≤ K`.
 
@@ -276,6 +326,15 @@ def exact_parent_posterior(
     The posterior is invariant to per-variable affine rescaling of the values and to
     the values in rows where the target was intervened on.
 
+    **Nonlinear mechanisms** (`degree > 1`): the same g-prior, over the additive
+    polynomial model `y = α + Σ_{i∈S} Σ_{p≤degree} β_ip·He_p(z_i) + ε`, where `z_i`
+    is variable `i` standardised over the `n` rows and `He_p` the probabilists'
+    Hermite polynomials; `|S|` becomes `degree·|S|` in the Bayes factor, the prior
+    over sets is unchanged. Exact for that model class (additive effects that are
+    polynomials of degree `≤ degree`), an approximation for other smooth
+    mechanisms: it captures each parent's main effect, not interactions between
+    parents. `degree = 1` is the linear model above.
+
     **Arguments:**
 
     - `data`: AVICI data `(N, d, 3)` (see [`eqx_models.causal.Channel`][]).
@@ -287,10 +346,12 @@ def exact_parent_posterior(
         degenerate; `"flag"` returns it with `degenerate=True` and NaN
         log-probabilities instead (what the training sampler does, to skip the
         task and count it).
+    - `degree`: the degree of each parent's polynomial effect (1: linear).
 
-    The posterior is **degenerate** when fewer than `K' + 2` rows remain, a variable
-    is constant over those rows, two members of a candidate set are collinear, or a
-    score is not finite.
+    The posterior is **degenerate** when fewer than `degree·K' + 2` rows remain, a
+    variable (or, with `degree > 1`, one of its basis columns: a variable with at
+    most `degree` distinct values) is constant over those rows, two basis columns of
+    a candidate set are collinear, or a score is not finite.
 
     **Returns:**
 
@@ -298,8 +359,8 @@ def exact_parent_posterior(
 
     **Raises:**
 
-    `ValueError` if `data` is not `(N, d, 3)`, if `N < K' + 2` (too few rows for
-    the largest set), or if `(d, K)` has more than `MAX_CANDIDATE_SETS` sets; a
+    `ValueError` if `data` is not `(N, d, 3)`, if `N < degree·K' + 2` (too few rows
+    for the largest set), if `degree < 1`, or if `(d, K)` has more than `MAX_CANDIDATE_SETS` sets; a
     `ValueError` too if values are not finite, an indicator is not 0/1, the target
     channel does not mark exactly one variable (the same in every row), or (with
     `on_degenerate="raise"`) the posterior is degenerate: at once for concrete
@@ -316,13 +377,16 @@ def exact_parent_posterior(
     """
     name = "exact_parent_posterior"
     check_choice(name, "on_degenerate", on_degenerate, ("raise", "flag"))
+    check_size(name, "degree", degree)
     sample_mask, variable_mask = check_shapes(name, data, sample_mask, variable_mask)
     n_rows, d, _ = data.shape
     table = checked_table(name, d, max_parents)
-    if n_rows < table.max_parents + 2:
+    needed = degree * table.max_parents + 2
+    if n_rows < needed:
         raise ValueError(
             f"{name}: `data` has N = {n_rows} rows, too few for parent sets of size "
-            f"{table.max_parents} (need N >= K + 2 = {table.max_parents + 2})."
+            f"{table.max_parents} with degree {degree} (need N >= degree·K + 2 = "
+            f"{needed})."
         )
     eager = is_concrete(data, sample_mask, variable_mask)
     if eager:
@@ -335,6 +399,7 @@ def exact_parent_posterior(
         variable_mask,
         max_parents,
         on_degenerate == "raise" and not eager,
+        degree,
     )
     if eager and on_degenerate == "raise" and bool(posterior.degenerate):
         raise ValueError(_DEGENERATE)
@@ -343,15 +408,17 @@ def exact_parent_posterior(
 
 _DEGENERATE = (
     "exact_parent_posterior: the posterior is degenerate for these data (fewer "
-    "than K + 2 rows without an intervention on the target, a constant variable, "
-    "collinear variables, or a non-finite score)."
+    "than degree·K + 2 rows without an intervention on the target, a constant "
+    "variable or basis column, collinear variables, or a non-finite score)."
 )
 
 
 # Compiled as one program even when called eagerly (op-by-op dispatch of the
 # many small operations would be much slower); inlined under an outer `jit`.
 @eqx.filter_jit
-def _checked_posterior(data, sample_mask, variable_mask, max_parents, raise_degenerate):
+def _checked_posterior(
+    data, sample_mask, variable_mask, max_parents, raise_degenerate, degree
+):
     name = "exact_parent_posterior"
     data, target = check_values(name, data, sample_mask, variable_mask)
     intervened_target = data[:, target, Channel.INTERVENED] == 1
@@ -362,6 +429,7 @@ def _checked_posterior(data, sample_mask, variable_mask, max_parents, raise_dege
         sample_mask,
         variable_mask,
         max_parents,
+        degree,
     )
     if raise_degenerate:
         log_probs = eqx.error_if(log_probs, degenerate, _DEGENERATE)

@@ -13,18 +13,23 @@ def subsets(others, k):
     return [s for size in range(k + 1) for s in itertools.combinations(others, size)]
 
 
-def r_squared(X, y, S):
-    """R² of the least-squares regression of y on an intercept and the columns S."""
+def r_squared(X, y, S, degree=1):
+    """R² of the least-squares regression of y on an intercept and the powers
+    1..degree of the columns S (centred first, for conditioning; the span of the
+    powers, and so R², is that of any polynomial basis of that degree)."""
     if not S:
         return 0.0
-    design = np.column_stack([np.ones(len(y)), X[:, list(S)]])
+    centred = X[:, list(S)] - X[:, list(S)].mean(axis=0)
+    powers = [centred**p for p in range(1, degree + 1)]
+    design = np.column_stack([np.ones(len(y)), *powers])
     coef, *_ = np.linalg.lstsq(design, y, rcond=None)
     residual = y - design @ coef
     return 1.0 - residual @ residual / np.sum((y - y.mean()) ** 2)
 
 
-def brute_force_posterior(data, k):
-    """The g-prior parent-set posterior by enumeration and least squares."""
+def brute_force_posterior(data, k, degree=1):
+    """The g-prior parent-set posterior by enumeration and least squares; with
+    `degree > 1`, of the additive polynomial model (`degree·|S|` coefficients)."""
     data = np.asarray(data, np.float64)
     n_rows, d, _ = data.shape
     target = int(np.argmax(data[0, :, 2]))
@@ -38,8 +43,9 @@ def brute_force_posterior(data, k):
     sets = subsets(others, k_eff)
     scores = []
     for S in sets:
-        r2 = r_squared(X, y, S)
-        log_bf = 0.5 * (n - 1 - len(S)) * np.log1p(g) - 0.5 * (n - 1) * np.log1p(
+        r2 = r_squared(X, y, S, degree)
+        p = degree * len(S)
+        log_bf = 0.5 * (n - 1 - p) * np.log1p(g) - 0.5 * (n - 1) * np.log1p(
             g * (1 - r2)
         )
         log_prior = -np.log(k_eff + 1) - np.log(math.comb(d - 1, len(S)))

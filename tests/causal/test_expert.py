@@ -42,6 +42,51 @@ def test_matches_brute_force(linear_data, k, x64):
     assert not bool(posterior.degenerate)
 
 
+def _quadratic_data(n, seed=0):
+    """Target 3 = x0² - sin(2·x2) + noise: x0's effect is even, so its linear
+    correlation with the target is about 0."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 5))
+    x[:, 1] += 0.8 * x[:, 0]
+    x[:, 3] = x[:, 0] ** 2 - np.sin(2 * x[:, 2]) + 0.3 * rng.normal(size=n)
+    x[:, 4] += 0.5 * x[:, 3]
+    return make_data(x, 3)
+
+
+@pytest.mark.parametrize("degree, k", [(2, 1), (2, 2), (3, 2), (4, 3)])
+def test_polynomial_degree_matches_brute_force(degree, k, x64):
+    data = _quadratic_data(60)
+    sets, log_post, marginals, n = brute_force_posterior(data, k, degree)
+    posterior = exact_parent_posterior(data, k, degree=degree)
+    assert _sets_of(3, 5, k) == sets
+    np.testing.assert_allclose(posterior.log_probs, log_post, rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(posterior.edge_probs, marginals, atol=1e-9)
+    assert not bool(posterior.degenerate)
+
+
+def test_polynomial_degree_finds_an_even_effect_the_linear_model_misses(x64):
+    data = _quadratic_data(300)
+    linear = exact_parent_posterior(data, 2)
+    cubic = exact_parent_posterior(data, 2, degree=3)
+    assert float(linear.edge_probs[0]) < 0.5
+    assert float(cubic.edge_probs[0]) > 0.999
+    assert float(cubic.edge_probs[2]) > 0.999
+    assert float(cubic.edge_probs[1]) < 0.05  # x1 only through x0
+
+
+def test_polynomial_degree_needs_rows_and_distinct_values(x64):
+    data = _quadratic_data(60)
+    with pytest.raises(ValueError, match=r"need N >= degree·K \+ 2 = 11\)"):
+        exact_parent_posterior(data[:10], 3, degree=3)
+    binary = data.at[:, 1, 0].set(jnp.where(data[:, 1, 0] > 0, 1.0, -1.0))
+    # Two values: He_2 of a ±1 variable is constant; linear is fine.
+    assert not bool(exact_parent_posterior(binary, 2).degenerate)
+    flagged = exact_parent_posterior(binary, 2, degree=2, on_degenerate="flag")
+    assert bool(flagged.degenerate)
+    with pytest.raises(ValueError, match="constant variable or basis column"):
+        exact_parent_posterior(binary, 2, degree=2)
+
+
 def test_closed_form_equals_nig_marginal_likelihood(linear_data, x64):
     data = np.asarray(linear_data(n=30, d=5))
     rows = data[:, 3, 1] == 0
