@@ -1592,6 +1592,12 @@ def _causal_cases():
         ),
         Case(
             "causal.exact_parent_posterior",
+            "degree",
+            bad_size(),
+            lambda g: causal.exact_parent_posterior(task.data, 2, degree=g),
+        ),
+        Case(
+            "causal.exact_parent_posterior",
             "data",
             bad_entries(np.asarray(task.data)[..., :1]).map(
                 lambda v: task.data.at[..., :1].set(v)
@@ -1806,6 +1812,14 @@ def _causal_cases():
             "rows",
             bad_size(),
             lambda r: causal.expected_information_gain(jr.key(0), task.data, 1, rows=r),
+        ),
+        Case(
+            "causal.expected_information_gain",
+            "degree",
+            bad_size(),
+            lambda g: causal.expected_information_gain(
+                jr.key(0), task.data, 1, rows=2, degree=g
+            ),
         ),
         Case(
             "causal.design_interventions",
@@ -2190,7 +2204,7 @@ _N_CASES = {
     "transforms": 107,
     "chmm": 37,
     "tidhy": 41,
-    "causal": 37,
+    "causal": 39,
     "multimodal": 34,
 }
 

@@ -26,7 +26,13 @@ from ._batches import set_membership
 from ._candidates import CandidateSets, checked_table
 from ._data import Channel, check_shapes, check_values
 from ._evaluation import _f1
-from ._expert import posterior_core, relative_to_variables
+from ._expert import (
+    basis_columns,
+    polynomial_basis,
+    posterior_core,
+    relative_to_variables,
+    standardisation,
+)
 from ._model import _forward, ParentSetPredictionModel
 from ._nonlinear import AbstractNonlinearSCM
 from ._scm import LinearGaussianSCM, simulate
@@ -63,7 +69,7 @@ class DesignResult(eqx.Module):
     data: Float[Array, "N d 3"]
 
 
-def _posterior_fn(posterior, target, d: int, max_parents: int):
+def _posterior_fn(posterior, target, d: int, max_parents: int, degree: int):
     """`(data, sample_mask) -> log_probs` for the exact expert or a model."""
     variables = jnp.ones((d,), bool)
     if isinstance(posterior, ParentSetPredictionModel):
@@ -79,6 +85,7 @@ def _posterior_fn(posterior, target, d: int, max_parents: int):
             mask,
             variables,
             max_parents,
+            degree,
         )
         # Too few rows so far: a uniform posterior rather than NaN.
         uniform = jnp.full_like(log_probs, -jnp.log(log_probs.shape[0]))
@@ -87,65 +94,85 @@ def _posterior_fn(posterior, target, d: int, max_parents: int):
     return exact
 
 
-def _plug_in_regressions(values, rows, target, table: CandidateSets):
-    """Per candidate set `S`: the g-prior posterior-mean regression of the target
-    on `S` (`g = n`): intercept `(C,)`, coefficients `(C, K)` (0 off the set) and
-    noise scale `(C,)`, from the rows `rows`."""
-    dtype = values.dtype
-    n = jnp.maximum(jnp.sum(rows), 1).astype(dtype)
-    mean = jnp.sum(jnp.where(rows[:, None], values, 0.0), axis=0) / n
-    centred = jnp.where(rows[:, None], values - mean, 0.0)
-    cov = jnp.matmul(centred.T, centred, precision=jax.lax.Precision.HIGHEST)
+class _Regressions(eqx.Module):
+    """The designer's plug-in regression of the target under every candidate set."""
+
+    intercept: Float[Array, " C"]
+    coef: Float[Array, "C k"]  # over the set's basis columns, 0 off the set
+    noise: Float[Array, " C"]
+    columns: Int[Array, "C k"]  # indices into the d·degree basis columns
+    centre: Float[Array, " d"]  # the basis's standardisation
+    scale: Float[Array, " d"]
+
+
+def _plug_in_regressions(values, rows, target, table: CandidateSets, degree: int):
+    """Per candidate set `S`: the g-prior posterior-mean regression (`g = n`) of the
+    target on the basis columns of `S` (the model of the exact expert with the same
+    `degree`), from the rows `rows`, with its residual noise scale."""
+    n_total, d = values.shape
+    n = jnp.maximum(jnp.sum(rows), 1).astype(values.dtype)
+    centre, scale = standardisation(values, rows)
+    features = polynomial_basis(values, centre, scale, degree).reshape(n_total, -1)
+    mean = jnp.sum(jnp.where(rows[:, None], features, 0.0), axis=0) / n
+    centred = jnp.where(rows[:, None], features - mean, 0.0)
+    y = values[:, target]
+    mean_y = jnp.sum(jnp.where(rows, y, 0.0)) / n
+    centred_y = jnp.where(rows, y - mean_y, 0.0)
+    highest = jax.lax.Precision.HIGHEST
+    cov = jnp.matmul(centred.T, centred, precision=highest)
+    cross = jnp.matmul(centred.T, centred_y, precision=highest)
     members = relative_to_variables(table.members, target)
-    mask = jnp.asarray(table.mask)
-    k = table.max_parents
-    both = mask[:, :, None] & mask[:, None, :]
-    gram = jnp.where(both, cov[members[:, :, None], members[:, None, :]], jnp.eye(k))
+    columns, column_mask = basis_columns(members, jnp.asarray(table.mask), degree)
+    k = columns.shape[1]
+    both = column_mask[:, :, None] & column_mask[:, None, :]
+    gram = jnp.where(both, cov[columns[:, :, None], columns[:, None, :]], jnp.eye(k))
     # A tiny ridge keeps collinear hypotheses finite; they carry ~0 posterior mass.
     gram = gram + 1e-6 * jnp.trace(cov) / cov.shape[0] * jnp.eye(k)
-    rhs = jnp.where(mask, cov[members, target], 0.0)
+    rhs = jnp.where(column_mask, cross[columns], 0.0)
     shrink = n / (1.0 + n)
     if k > 0:
         ols = jnp.linalg.solve(gram, rhs[..., None])[..., 0]
     else:
         ols = jnp.zeros_like(rhs)
     explained = jnp.sum(ols * rhs, axis=1)
-    coef = shrink * jnp.where(mask, ols, 0.0)
-    intercept = mean[target] - jnp.sum(coef * mean[members], axis=1)
-    residual = jnp.maximum(cov[target, target] - shrink * explained, 0.0)
-    scale = jnp.sqrt(residual / jnp.maximum(n - 1.0, 1.0))
-    return intercept, coef, scale, members
+    coef = shrink * jnp.where(column_mask, ols, 0.0)
+    intercept = mean_y - jnp.sum(coef * mean[columns], axis=1)
+    residual = jnp.maximum(centred_y @ centred_y - shrink * explained, 0.0)
+    noise = jnp.sqrt(residual / jnp.maximum(n - 1.0, 1.0))
+    return _Regressions(intercept, coef, noise, columns, centre, scale)
 
 
-def hypothetical_rows(key, data, sample_mask, target, table, node, value, rows, draws):
+def hypothetical_rows(
+    key, data, sample_mask, target, table, node, value, rows, draws, degree
+):
     """The designer's predictive draws of one round's rows under `do(X_node =
     value)`, for every hypothesis `S` and draw `m`: values `(C, M, rows, d)`.
 
     Non-target variables: rows resampled from the current ones with column `node`
     set to `value` (the designer does not know the graph, so the intervention's
     effect on the target's other inputs is not propagated). Target: the plug-in
-    regression of hypothesis `S` plus Gaussian noise. The same random numbers serve
-    every candidate intervention (common random numbers), so that their gains are
-    compared with little noise.
+    regression of hypothesis `S` (additive polynomial of `degree`) plus Gaussian
+    noise. The same random numbers serve every candidate intervention (common
+    random numbers), so that their gains are compared with little noise.
     """
     values = data[..., Channel.VALUE]
     n_total, d = values.shape
     usable = sample_mask & (data[:, target, Channel.INTERVENED] == 0)
-    intercept, coef, scale, members = _plug_in_regressions(
-        values, usable, target, table
-    )
+    fit = _plug_in_regressions(values, usable, target, table, degree)
     k_rows, k_noise = jr.split(key)
     weights = sample_mask.astype(values.dtype)
     picks = jr.choice(k_rows, n_total, (draws, rows), p=weights / jnp.sum(weights))
     base = values[picks]
     base = jnp.where(jnp.arange(d) == node, value, base)
+    features = polynomial_basis(base, fit.centre, fit.scale, degree)
+    features = features.reshape(draws, rows, -1)
     eps = jr.normal(k_noise, (draws, rows), values.dtype)
 
-    def under(b0, b, s, m):
-        y = b0 + jnp.sum(base[..., m] * b, axis=-1) + s * eps
+    def under(b0, b, s, columns):
+        y = b0 + jnp.sum(features[..., columns] * b, axis=-1) + s * eps
         return jnp.where(jnp.arange(d) == target, y[..., None], base)
 
-    return jax.vmap(under)(intercept, coef, scale, members)
+    return jax.vmap(under)(fit.intercept, fit.coef, fit.noise, fit.columns)
 
 
 def _avici_rows(values, node, target):
@@ -171,6 +198,7 @@ def _gains(
     rows,
     draws,
     n_hypotheses,
+    degree,
 ):
     """Expected information gain of every `(node, value)` candidate, `(k, v)`."""
     log_prior = posterior_fn(data, mask)
@@ -188,7 +216,7 @@ def _gains(
 
     def gain(node, value):
         draws_all = hypothetical_rows(
-            key, data, mask, target, table, node, value, rows, draws
+            key, data, mask, target, table, node, value, rows, draws, degree
         )
 
         def one(new_values):
@@ -262,6 +290,7 @@ def expected_information_gain(
     n_draws: int = 4,
     n_hypotheses: int | None = None,
     allow_target: bool = False,
+    degree: int = 1,
 ) -> Float[Array, "k v"]:
     """Expected information gain about the target's parent set of `rows` new rows
     under `do(X_k = v)`, for every candidate variable `k` and value `v`.
@@ -273,8 +302,10 @@ def expected_information_gain(
     mean over `n_draws` draws from the designer's predictive under `S` (the
     non-target variables resampled from the current rows with `X_k = v`, the
     target from the g-prior posterior-mean regression on `S` with its noise). The
-    posteriors are the exact linear g-prior expert's
-    ([`eqx_models.causal.exact_parent_posterior`][]).
+    posteriors are the exact g-prior expert's
+    ([`eqx_models.causal.exact_parent_posterior`][]), linear or, with
+    `degree > 1`, additive polynomial; the predictive regression uses the same
+    model.
 
     **Arguments:**
 
@@ -287,6 +318,8 @@ def expected_information_gain(
     - `n_draws`: Monte Carlo draws per hypothesis.
     - `n_hypotheses`: enumerate only the most probable sets (`None`: all).
     - `allow_target`: allow the target among `nodes`.
+    - `degree`: the degree of the additive polynomial model (1: linear), as in
+        `exact_parent_posterior`.
 
     **Returns:**
 
@@ -295,30 +328,43 @@ def expected_information_gain(
     **Raises:**
 
     `ValueError` for data that are not valid AVICI data, a `(d, K)` beyond the
-    enumeration limit, `rows`, `n_draws` or `n_hypotheses` below 1, a node out of
+    enumeration limit, `rows`, `n_draws`, `n_hypotheses` or `degree` below 1, a
+    node out of
     `[0, d)`, the target among `nodes` without `allow_target`, or non-finite or
     empty `values`; `TypeError` for a size that is not an integer.
     """
     name = "expected_information_gain"
     check_size(name, "rows", rows)
     check_size(name, "n_draws", n_draws)
+    check_size(name, "degree", degree)
     if n_hypotheses is not None:
         check_size(name, "n_hypotheses", n_hypotheses)
     data, target, table, nodes, grid = _check_common(
         name, data, max_parents, nodes, values, allow_target
     )
     return _eig_compiled(
-        key, data, target, max_parents, nodes, grid, rows, n_draws, n_hypotheses
+        key,
+        data,
+        target,
+        max_parents,
+        nodes,
+        grid,
+        rows,
+        n_draws,
+        n_hypotheses,
+        degree,
     )
 
 
 @eqx.filter_jit
-def _eig_compiled(key, data, target, max_parents, nodes, grid, rows, draws, n_hyp):
+def _eig_compiled(
+    key, data, target, max_parents, nodes, grid, rows, draws, n_hyp, degree
+):
     n, d, _ = data.shape
     table = checked_table("expected_information_gain", d, max_parents)
     padded = jnp.concatenate([data, jnp.zeros((rows, d, 3), data.dtype)])
     mask = jnp.arange(n + rows) < n
-    posterior_fn = _posterior_fn("exact", target, d, max_parents)
+    posterior_fn = _posterior_fn("exact", target, d, max_parents, degree)
     return _gains(
         key,
         padded,
@@ -332,6 +378,7 @@ def _eig_compiled(key, data, target, max_parents, nodes, grid, rows, draws, n_hy
         rows,
         draws,
         n_hyp,
+        degree,
     )
 
 
@@ -351,11 +398,13 @@ def design_interventions(
     n_draws: int = 4,
     n_hypotheses: int | None = None,
     allow_target: bool = False,
+    degree: int = 1,
 ) -> DesignResult:
     """Acquire data for the target's parent set in `rounds` rounds of interventions.
 
     Each round: compute the posterior over the target's parent sets (the exact
-    linear g-prior expert, or a trained model's), choose an intervention
+    g-prior expert, linear or additive polynomial of `degree`, or a trained
+    model's), choose an intervention
     `do(X_k = v)` among the candidates `nodes × values`, simulate `rows_per_round`
     rows of it from `scm`, append them, repeat. `strategy`:
 
@@ -381,8 +430,9 @@ def design_interventions(
     - `strategy`: one of `STRATEGIES`.
     - `posterior`: `"exact"` or a [`eqx_models.causal.ParentSetPredictionModel`][].
     - `max_parents`: `K` (required for `"exact"`; a model's own `K` otherwise).
-    - `nodes`, `values`, `n_draws`, `n_hypotheses`, `allow_target`: as in
-        `expected_information_gain`.
+    - `nodes`, `values`, `n_draws`, `n_hypotheses`, `allow_target`, `degree`: as in
+        `expected_information_gain` (with a model as the posterior, `degree` sets
+        only the designer's predictive regression).
 
     **Returns:**
 
@@ -390,11 +440,12 @@ def design_interventions(
 
     **Raises:**
 
-    `ValueError` for `rounds`, `rows_per_round` or `n_draws` below 1 (a budget of
-    no rounds), an unknown `strategy`, a `posterior` that is neither `"exact"` nor
-    a model, a missing `max_parents` with `"exact"` or one that differs from the
-    model's, an `scm` over another number of variables than `data`, the target
-    among `nodes` without `allow_target`, and as `expected_information_gain`;
+    `ValueError` for `rounds`, `rows_per_round`, `n_draws` or `degree` below 1 (a
+    budget of no rounds), an unknown `strategy`, a `posterior` that is neither
+    `"exact"` nor a model, a missing `max_parents` with `"exact"` or one that
+    differs from the model's, an `scm` over another number of variables than
+    `data`, the target among `nodes` without `allow_target`, and as
+    `expected_information_gain`;
     `TypeError` for a size that is not an integer.
 
     !!! example
@@ -411,6 +462,7 @@ def design_interventions(
     check_size(name, "rounds", rounds)
     check_size(name, "rows_per_round", rows_per_round)
     check_size(name, "n_draws", n_draws)
+    check_size(name, "degree", degree)
     if n_hypotheses is not None:
         check_size(name, "n_hypotheses", n_hypotheses)
     check_choice(name, "strategy", strategy, STRATEGIES)
@@ -460,6 +512,7 @@ def design_interventions(
         strategy,
         n_draws,
         n_hypotheses,
+        degree,
     )
 
 
@@ -478,6 +531,7 @@ def _design(
     strategy,
     draws,
     n_hyp,
+    degree,
 ):
     n0, d, _ = data.shape
     table = checked_table("design_interventions", d, max_parents)
@@ -485,7 +539,7 @@ def _design(
     buffer = jnp.concatenate([data, jnp.zeros((total - n0, d, 3), data.dtype)])
     buffer = buffer.at[n0:, target, Channel.TARGET].set(1.0)
     mask = jnp.arange(total) < n0
-    posterior_fn = _posterior_fn(posterior, target, d, max_parents)
+    posterior_fn = _posterior_fn(posterior, target, d, max_parents, degree)
     truth = scm.adjacency[:, target]
     true_index, representable = _truth_index(table, target, truth)
 
@@ -523,6 +577,7 @@ def _design(
                 rows,
                 draws,
                 n_hyp,
+                degree,
             )
             flat = jnp.argmax(gains)
             gain = gains.reshape(-1)[flat]

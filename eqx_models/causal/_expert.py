@@ -360,9 +360,10 @@ def exact_parent_posterior(
     **Raises:**
 
     `ValueError` if `data` is not `(N, d, 3)`, if `N < degree·K' + 2` (too few rows
-    for the largest set), if `degree < 1`, or if `(d, K)` has more than `MAX_CANDIDATE_SETS` sets; a
-    `ValueError` too if values are not finite, an indicator is not 0/1, the target
-    channel does not mark exactly one variable (the same in every row), or (with
+    for the largest set), if `degree < 1`, or if `(d, K)` has more than
+    `MAX_CANDIDATE_SETS` sets; a `ValueError` too if values are not finite, an
+    indicator is not 0/1, the target channel does not mark exactly one variable
+    (the same in every row), or (with
     `on_degenerate="raise"`) the posterior is degenerate: at once for concrete
     data, else (under an outer `jit` or `vmap`) by `eqx.error_if` at run time, as
     an `EquinoxRuntimeError`.

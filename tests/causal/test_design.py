@@ -5,6 +5,7 @@ import pytest
 
 from eqx_models.causal import (
     candidate_parent_sets,
+    candidate_variables,
     design_interventions,
     expected_information_gain,
     sample_task,
@@ -19,7 +20,8 @@ def _kl(log_p, log_q):
     return float(np.sum(np.where(p > 0, p * (log_p - log_q), 0.0)))
 
 
-def test_information_gain_against_enumeration(linear_data, x64):
+@pytest.mark.parametrize("degree", [1, 2])
+def test_information_gain_against_enumeration(linear_data, degree, x64):
     # EIG(k, v) = Σ_S p(S|D)·mean_m KL(p(·|D ∪ D_new^{S,m}) ‖ p(·|D)), every
     # posterior by brute-force enumeration and least squares in float64.
     data = linear_data(n=24, d=4, seed=3)
@@ -29,11 +31,18 @@ def test_information_gain_against_enumeration(linear_data, x64):
     values = jnp.array([-1.5, 2.0])
     got = np.asarray(
         expected_information_gain(
-            key, data, k, rows=rows, nodes=nodes, values=values, n_draws=draws
+            key,
+            data,
+            k,
+            rows=rows,
+            nodes=nodes,
+            values=values,
+            n_draws=draws,
+            degree=degree,
         )
     )
     target = 3
-    _, log_prior, _, _ = brute_force_posterior(data, k)
+    _, log_prior, _, _ = brute_force_posterior(data, k, degree)
     prior = np.exp(log_prior)
     table = candidate_parent_sets(4, k)
     padded = jnp.concatenate([data, jnp.zeros((rows, 4, 3), data.dtype)])
@@ -43,7 +52,16 @@ def test_information_gain_against_enumeration(linear_data, x64):
         for b, value in enumerate(np.asarray(values)):
             drawn = np.asarray(
                 hypothetical_rows(
-                    key, padded, mask, target, table, int(node), value, rows, draws
+                    key,
+                    padded,
+                    mask,
+                    target,
+                    table,
+                    int(node),
+                    value,
+                    rows,
+                    draws,
+                    degree,
                 )
             )
             expected = 0.0
@@ -54,7 +72,7 @@ def test_information_gain_against_enumeration(linear_data, x64):
                     new[:, node, 1] = 1.0
                     new[:, target, 2] = 1.0
                     grown = np.concatenate([base, new])
-                    _, log_post, _, _ = brute_force_posterior(grown, k)
+                    _, log_post, _, _ = brute_force_posterior(grown, k, degree)
                     expected += prior[s] * _kl(log_post, log_prior) / draws
             assert got[a, b] == pytest.approx(expected, rel=1e-6, abs=1e-9)
     assert (got >= 0).all()
@@ -66,7 +84,7 @@ def test_hypothetical_rows_follow_the_hypothesis(linear_data, x64):
     padded = jnp.concatenate([data, jnp.zeros((5, 4, 3), data.dtype)])
     mask = jnp.arange(45) < 40
     drawn = np.asarray(
-        hypothetical_rows(jr.key(1), padded, mask, 3, table, 1, 2.5, 5, 3)
+        hypothetical_rows(jr.key(1), padded, mask, 3, table, 1, 2.5, 5, 3, 1)
     )
     assert drawn.shape == (table.n_sets, 3, 5, 4)
     np.testing.assert_array_equal(drawn[..., 1], 2.5)
@@ -76,6 +94,56 @@ def test_hypothetical_rows_follow_the_hypothesis(linear_data, x64):
     x = np.asarray(data)[:, :, 0]
     rows = np.isin(drawn[0, 0, :, 0], x[:, 0])
     assert rows.all()
+
+
+@pytest.mark.parametrize("degree", [1, 3])
+def test_hypothetical_targets_are_the_shrunk_least_squares_fit(
+    linear_data, degree, x64
+):
+    # Under hypothesis S the designer draws y = ȳ + n/(1+n)·(f̂_S(x) - ȳ) + σ_S·ε,
+    # f̂_S the least-squares fit on the powers ≤ degree of S's variables (any
+    # basis of that span gives the same fit) and σ_S its residual scale; ε is
+    # shared by all hypotheses, so (y - prediction)/σ_S agrees across S.
+    data = linear_data(n=40, d=4, seed=1)
+    table = candidate_parent_sets(4, 2)
+    padded = jnp.concatenate([data, jnp.zeros((5, 4, 3), data.dtype)])
+    mask = jnp.arange(45) < 40
+    drawn = np.asarray(
+        hypothetical_rows(jr.key(1), padded, mask, 3, table, 1, 2.5, 5, 3, degree)
+    )
+    usable = np.asarray(data[:, 3, 1] == 0)
+    x = np.asarray(data)[usable, :, 0]
+    y, n = x[:, 3], int(usable.sum())
+    shrink = n / (1 + n)
+
+    def powers(values, S):
+        centred = values[..., list(S)] - x[:, list(S)].mean(axis=0)
+        return np.concatenate(
+            [np.ones(values.shape[:-1] + (1,))]
+            + [centred**p for p in range(1, degree + 1)],
+            axis=-1,
+        )
+
+    standardised = []
+    for c, S in enumerate(_sets_of(3, 4, 2)):
+        coef, *_ = np.linalg.lstsq(powers(x, S), y, rcond=None)
+        fitted = powers(x, S) @ coef
+        residual = np.sum((y - y.mean()) ** 2) - shrink * np.sum(
+            (fitted - y.mean()) ** 2
+        )
+        sigma = np.sqrt(residual / (n - 1))
+        new_x = drawn[c]
+        prediction = y.mean() + shrink * (powers(new_x, S) @ coef - y.mean())
+        standardised.append((new_x[..., 3] - prediction) / sigma)
+    for z in standardised[1:]:
+        np.testing.assert_allclose(z, standardised[0], rtol=1e-4, atol=1e-4)
+
+
+def _sets_of(target, d, k):
+    return [
+        tuple(int(v) for v in row if v >= 0)
+        for row in candidate_variables(target, d, k)
+    ]
 
 
 @pytest.mark.slow
