@@ -647,8 +647,18 @@ def nonlinear_rows(args, results):
             config = TaskConfig(n_vars=d, n_samples=cfg["samples"], **extra)
             keys = jr.split(jr.fold_in(key, 100 + d), cfg["eval_tasks"])
             tasks[name] = jax.jit(jax.vmap(lambda k, c=config: sample_task(k, c)))(keys)
-        for name, metrics in evaluate_by_mechanism(model, tasks).items():
-            results.add(workload="nonlinear eval", mechanism=name, d=d, **metrics)
+        # The exact expert as it is (linear) and as an additive cubic model, a
+        # non-amortised nonlinear baseline.
+        for expert, degree in (("linear", 1), ("cubic", 3)):
+            report = evaluate_by_mechanism(model, tasks, expert_degree=degree)
+            for name, metrics in report.items():
+                results.add(
+                    workload="nonlinear eval",
+                    mechanism=name,
+                    d=d,
+                    expert=expert,
+                    **metrics,
+                )
     for d in cfg["big"][:1]:
         for name, extra in MECHANISM_CONFIGS.items():
             config = TaskConfig(n_vars=d, n_samples=cfg["samples"], **extra)

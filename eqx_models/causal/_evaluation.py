@@ -37,7 +37,7 @@ def _f1(predicted, truth):
 
 
 @eqx.filter_jit
-def _evaluate_chunk(model, tasks: Task, max_parents: int):
+def _evaluate_chunk(model, tasks: Task, max_parents: int, degree: int):
     n, d = tasks.data.shape[1:3]
     table = candidate_parent_sets(d, max_parents)
 
@@ -49,6 +49,7 @@ def _evaluate_chunk(model, tasks: Task, max_parents: int):
             jnp.ones((n,), bool),
             jnp.ones((d,), bool),
             max_parents,
+            degree,
         )
         log_q = jax.nn.log_softmax(model(data))
         safe_p = jnp.where(degenerate, log_q, log_p)
@@ -115,6 +116,7 @@ def evaluate_surrogate(
     *,
     max_parents: int | None = None,
     batch_size: int = 128,
+    expert_degree: int = 1,
 ) -> dict[str, float]:
     """Compare a parent-set model with the exact posterior and the truth on tasks.
 
@@ -129,8 +131,10 @@ def evaluate_surrogate(
     whose MAP set is exactly the true parent set (top-1 against the truth), for
     the model and for the exact expert. On nonlinear tasks the exact expert's
     linear model is misspecified, so its `exact_*` metrics show how far it
-    degrades there (see [`eqx_models.causal.evaluate_by_mechanism`][]). Tasks
-    whose exact posterior is degenerate are counted and left out.
+    degrades there (see [`eqx_models.causal.evaluate_by_mechanism`][]);
+    `expert_degree=p` makes the expert the additive polynomial one
+    (`exact_parent_posterior(..., degree=p)`), a non-amortised nonlinear
+    baseline. Tasks whose exact posterior is degenerate are counted and left out.
     Evaluate sink-target and general-target tasks, or tasks of different `d`,
     with separate calls to report them separately.
 
@@ -143,6 +147,7 @@ def evaluate_surrogate(
     - `tasks`: a batch of tasks of one shape (from `jax.vmap(sample_task, ...)`).
     - `max_parents`: `K` (default: the model's).
     - `batch_size`: tasks per compiled chunk.
+    - `expert_degree`: the `degree` of the exact expert (1: linear).
 
     **Returns:**
 
@@ -154,7 +159,7 @@ def evaluate_surrogate(
 
     `ValueError` if `tasks` has no leading batch axis or no task, or if
     `max_parents` differs from the model's; `TypeError`/`ValueError` if
-    `batch_size` is not a positive integer.
+    `batch_size` or `expert_degree` is not a positive integer.
     """
     name = "evaluate_surrogate"
     check_type(name, "tasks", tasks, Task, "a batch of Tasks")
@@ -164,6 +169,7 @@ def evaluate_surrogate(
             f"shape [B, N, d, 3], B >= 1), got data of shape {tasks.data.shape}."
         )
     batch_size = check_size(name, "batch_size", batch_size)
+    expert_degree = check_size(name, "expert_degree", expert_degree)
     if max_parents is not None:
         check_size(name, "max_parents", max_parents, minimum=0)
     k = model.max_parents if max_parents is None else max_parents
@@ -176,7 +182,7 @@ def evaluate_surrogate(
     chunks = []
     for start in range(0, total, batch_size):
         chunk = jax.tree.map(lambda x: x[start : start + batch_size], tasks)
-        chunks.append(jax.device_get(_evaluate_chunk(model, chunk, k)))
+        chunks.append(jax.device_get(_evaluate_chunk(model, chunk, k, expert_degree)))
     out = {key: np.concatenate([c[key] for c in chunks]) for key in chunks[0]}
     keep = ~out["degenerate"]
     truth = np.asarray(tasks.true_parents)[keep]
@@ -217,11 +223,13 @@ def evaluate_by_mechanism(
     tasks: Mapping[str, Task],
     *,
     batch_size: int = 128,
+    expert_degree: int = 1,
 ) -> dict[str, dict[str, float]]:
-    """Held-out metrics per mechanism family, the model next to the linear expert.
+    """Held-out metrics per mechanism family, the model next to the exact expert.
 
     Runs [`eqx_models.causal.evaluate_surrogate`][] on each family's tasks and adds
-    the model's advantage over the exact linear g-prior expert on each metric
+    the model's advantage over the exact g-prior expert (linear, or additive
+    polynomial of `expert_degree`) on each metric
     against the truth: `map_f1_gain = map_f1 - exact_map_f1`, `auroc_gain`,
     `top1_truth_gain`, and `ece_gain = exact_ece - ece` (positive: the model is
     better calibrated). On linear tasks the expert is the exact Bayesian answer
@@ -234,6 +242,7 @@ def evaluate_by_mechanism(
     - `tasks`: `{family name: batch of tasks}` (e.g. `{"linear": ..., "mlp": ...}`,
         each from `jax.vmap(sample_task, ...)` with its `TaskConfig`).
     - `batch_size`: tasks per compiled chunk.
+    - `expert_degree`: the `degree` of the exact expert (1: linear).
 
     **Returns:**
 
@@ -251,7 +260,9 @@ def evaluate_by_mechanism(
     report = {}
     for family, batch in tasks.items():
         check_type(name, f"tasks[{family!r}]", family, str, "a string key")
-        metrics = evaluate_surrogate(model, batch, batch_size=batch_size)
+        metrics = evaluate_surrogate(
+            model, batch, batch_size=batch_size, expert_degree=expert_degree
+        )
         metrics["map_f1_gain"] = metrics["map_f1"] - metrics["exact_map_f1"]
         metrics["auroc_gain"] = metrics["auroc"] - metrics["exact_auroc"]
         metrics["top1_truth_gain"] = metrics["top1_truth"] - metrics["exact_top1_truth"]

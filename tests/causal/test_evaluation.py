@@ -51,17 +51,20 @@ def _f1(predicted, truth):
     return 1.0 if total == 0 else 2 * hits / total
 
 
-def test_metrics_against_direct_computation():
+@pytest.mark.parametrize("degree", [1, 2])
+def test_metrics_against_direct_computation(degree):
     d, k = 5, 2
     model = ParentSetPredictionModel(k, width=8, n_layers=1, n_heads=2, key=jr.key(0))
     config = TaskConfig(n_vars=d, n_samples=30, target="any")
     tasks = jax.vmap(lambda key: sample_task(key, config))(jr.split(jr.key(1), 10))
-    got = evaluate_surrogate(model, tasks, batch_size=4)
+    got = evaluate_surrogate(model, tasks, batch_size=4, expert_degree=degree)
     kls, tvs, top1, f1, exact_f1, scores, exact_scores, labels = ([] for _ in range(8))
     truth_hits, exact_truth_hits = [], []
     for i in range(10):
         data, target = tasks.data[i], int(tasks.target[i])
-        log_p = np.asarray(exact_parent_posterior(data, k).log_probs, np.float64)
+        log_p = np.asarray(
+            exact_parent_posterior(data, k, degree=degree).log_probs, np.float64
+        )
         log_q = np.asarray(jax.nn.log_softmax(model(data)), np.float64)
         p, q = np.exp(log_p), np.exp(log_q)
         kls.append(np.sum(p * (log_p - log_q)))
