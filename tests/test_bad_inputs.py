@@ -1856,6 +1856,12 @@ def _causal_cases():
             lambda s: causal.shortlist_parent_posterior(task.data, 1, shortlist_size=s),
         ),
         Case(
+            "causal.shortlist_parent_posterior",
+            "degree",
+            bad_size(),
+            lambda g: causal.shortlist_parent_posterior(task.data, 1, degree=g),
+        ),
+        Case(
             "causal.weight_decay_mask",
             "params",
             st.sampled_from(
@@ -2204,7 +2210,7 @@ _N_CASES = {
     "transforms": 107,
     "chmm": 37,
     "tidhy": 41,
-    "causal": 39,
+    "causal": 40,
     "multimodal": 34,
 }
 

@@ -50,13 +50,15 @@ def shortlist_parent_posterior(
     shortlist_size: int | None = 12,
     model: ParentSetPredictionModel | None = None,
     max_model_vars: int | None = None,
+    degree: int = 1,
 ) -> ShortlistPosterior:
     """The posterior over the target's parent sets, restricted to a shortlist.
 
     1. **Edge scores**: the exact g-prior log Bayes factor of each single variable
         as the target's only parent (`K = 1` of
-        [`eqx_models.causal.exact_parent_posterior`][]: `d` one-variable
-        regressions, marginal screening).
+        [`eqx_models.causal.exact_parent_posterior`][] with the same `degree`: `d`
+        one-variable regressions, marginal screening; with `degree > 1` it also
+        sees effects that are even, which have no linear correlation).
     2. **Shortlist**: the `L = shortlist_size` variables of largest score.
     3. **Posterior**: the exact expert (or `model`) on the data of the target and
         the shortlist only, a task of `L + 1` variables, over all its sets of size
@@ -78,6 +80,8 @@ def shortlist_parent_posterior(
     - `model`: score the sets with this model instead of the exact expert.
     - `max_model_vars`: the largest `d` the model was trained on; with a model
         and no shortlist, a `d` above it is refused.
+    - `degree`: the degree of the additive polynomial model of the screening and
+        of the exact expert (1: linear; see `exact_parent_posterior`).
 
     **Returns:**
 
@@ -85,8 +89,8 @@ def shortlist_parent_posterior(
 
     **Raises:**
 
-    `ValueError` for data that are not valid AVICI data, a `shortlist_size` below
-    `1` or above `d - 1`, no shortlist where `(d, K)` exceeds
+    `ValueError` for data that are not valid AVICI data, a `degree` below 1, a
+    `shortlist_size` below `1` or above `d - 1`, no shortlist where `(d, K)` exceeds
     `MAX_CANDIDATE_SETS`, a model with another `K`, or, with a model and no
     shortlist, a `d` above `max_model_vars` (the model's trained range); a
     degenerate posterior as `exact_parent_posterior`; `TypeError` for a size that
@@ -96,6 +100,7 @@ def shortlist_parent_posterior(
     check_shapes(name, data, None, None)
     n, d, _ = data.shape
     check_size(name, "max_parents", max_parents, minimum=0)
+    check_size(name, "degree", degree)
     if model is not None and model.max_parents != max_parents:
         raise fail(
             name, "max_parents", f"the model's {model.max_parents}", f"{max_parents}"
@@ -124,7 +129,7 @@ def shortlist_parent_posterior(
     check_size(name, "shortlist_size", shortlist_size, maximum=d - 1)
     checked_table(name, shortlist_size + 1, max_parents)
     data, _ = check_values(name, data, jnp.ones((n,), bool), jnp.ones((d,), bool))
-    out = _shortlist(data, max_parents, shortlist_size, model)
+    out = _shortlist(data, max_parents, shortlist_size, model, degree)
     if bool(jnp.any(jnp.isnan(out.log_probs))):
         raise ValueError(
             f"{name}: the posterior on the shortlist is degenerate for these data "
@@ -135,7 +140,7 @@ def shortlist_parent_posterior(
 
 
 @eqx.filter_jit
-def _shortlist(data, max_parents, size, model) -> ShortlistPosterior:
+def _shortlist(data, max_parents, size, model, degree=1) -> ShortlistPosterior:
     n, d, _ = data.shape
     target = jnp.argmax(data[0, :, Channel.TARGET]).astype(jnp.int32)
     values = data[..., Channel.VALUE]
@@ -144,7 +149,7 @@ def _shortlist(data, max_parents, size, model) -> ShortlistPosterior:
     # Singletons: the log Bayes factors of sets {i} are entries 1.. of the K = 1
     # table, in relative order.
     _, log_bf, *_ = posterior_core(
-        values, intervened_target, target, rows, variables, 1
+        values, intervened_target, target, rows, variables, 1, degree
     )
     i = jnp.arange(d)
     relative = jnp.clip(i - (i > target), 0, d - 2)
@@ -164,6 +169,7 @@ def _shortlist(data, max_parents, size, model) -> ShortlistPosterior:
             sub_rows,
             sub_vars,
             max_parents,
+            degree,
         )
     else:
         log_probs = jax.nn.log_softmax(_forward(model, sub, sub_rows, sub_vars))

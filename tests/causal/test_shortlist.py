@@ -43,6 +43,25 @@ def test_shortlist_posterior_against_brute_force(x64):
     np.testing.assert_allclose(short.edge_probs, expected, atol=1e-10)
 
 
+def test_polynomial_screening_keeps_an_even_parent(x64):
+    # Target 6 = x1² + x4 + noise among 10 variables: x1 has no linear
+    # correlation with the target, so linear screening drops it; cubic screening
+    # keeps it, and the posterior on the shortlist is the brute-force cubic one.
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(200, 10))
+    x[:, 6] = x[:, 1] ** 2 + 0.8 * x[:, 4] + 0.3 * rng.normal(size=200)
+    data = make_data(x, 6)
+    linear = shortlist_parent_posterior(data, 2, shortlist_size=3)
+    cubic = shortlist_parent_posterior(data, 2, shortlist_size=3, degree=3)
+    assert 1 not in np.asarray(linear.shortlist).tolist()
+    listed = np.asarray(cubic.shortlist).tolist()
+    assert {1, 4} <= set(listed)
+    keep = sorted(listed + [6])
+    _, log_post, _, _ = brute_force_posterior(np.asarray(data)[:, keep], 2, 3)
+    np.testing.assert_allclose(cubic.log_probs, log_post, rtol=1e-8, atol=1e-10)
+    assert float(cubic.edge_probs[1]) > 0.999
+
+
 def test_beyond_the_enumeration_cap_and_the_trained_range():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(30, 100)).astype(np.float32)
