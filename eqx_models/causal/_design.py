@@ -19,6 +19,7 @@ from transforms.validation import (
     check_size,
     check_type,
     fail,
+    is_concrete,
     typechecked,
 )
 
@@ -254,21 +255,33 @@ def _check_common(name, data, max_parents, nodes, grid, allow_target):
     data, target = check_values(name, data, jnp.ones((n,), bool), jnp.ones((d,), bool))
     table = checked_table(name, d, max_parents)
     if nodes is None:
-        nodes = jnp.asarray([i for i in range(d) if i != int(target)], jnp.int32)
+        # Every variable but the target, in order (traceable: the target may be).
+        others = jnp.arange(d - 1, dtype=jnp.int32)
+        nodes = others + (others >= target)
     nodes = check_ids(name, "nodes", jnp.asarray(nodes), d)
     if nodes.ndim != 1 or nodes.shape[0] == 0:
         raise fail(
             name, "nodes", "a non-empty 1-D array of variables", f"shape {nodes.shape}"
         )
-    if not allow_target and bool(jnp.any(nodes == int(target))):
-        raise fail(
-            name,
-            "nodes",
-            f"variables other than the target {int(target)} (interventions on the "
-            "target cut it from its parents and say nothing about them; pass "
-            "`allow_target=True` to allow them anyway)",
-            f"{[int(i) for i in nodes]}",
+    if not allow_target:
+        why = (
+            "(interventions on the target cut it from its parents and say nothing "
+            "about them; pass `allow_target=True` to allow them anyway)"
         )
+        if is_concrete(nodes, target):
+            if bool(jnp.any(nodes == target)):
+                raise fail(
+                    name,
+                    "nodes",
+                    f"variables other than the target {int(target)} {why}",
+                    f"{[int(i) for i in nodes]}",
+                )
+        else:
+            nodes = eqx.error_if(
+                nodes,
+                jnp.any(nodes == target),
+                f"{name}: `nodes` must be variables other than the target {why}.",
+            )
     grid = jnp.asarray(grid, data.dtype)
     if grid.ndim != 1 or grid.shape[0] == 0:
         raise fail(
@@ -416,8 +429,11 @@ def design_interventions(
 
     The whole loop is one compiled program, a `lax.scan` over rounds (a
     fixed-size buffer of `N₀ + R·rows` rows and a growing sample mask), compiled
-    once per shape and configuration. The inputs are checked eagerly, so call it
-    with concrete data; repeated runs (seeds, strategies) reuse the compilation.
+    once per shape and configuration; repeated runs (seeds, strategies) reuse the
+    compilation. It also runs under `jax.jit` and `jax.vmap`: `jax.vmap` over
+    `(key, scm, data)` designs for a batch of tasks in one program. Concrete
+    inputs are checked at once; traced ones at run time (`eqx.error_if`, which
+    reports its message under `eqx.filter_jit`).
 
     **Arguments:**
 
