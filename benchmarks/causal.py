@@ -66,7 +66,13 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from _harness import matmul_ceiling, Results, RESULTS_DIR, time_jax
+from _harness import (
+    matmul_ceiling,
+    measure_unless_out_of_memory,
+    Results,
+    RESULTS_DIR,
+    time_jax,
+)
 
 from eqx_models.causal import (
     BehaviouralCloningLoss,
@@ -543,6 +549,8 @@ NONLINEAR = {
         timing_batch=2,
         rounds=2,
         design=(4, 10, 3),
+        design_hypotheses=4,
+        design_batch=3,
     ),
     "full": dict(
         dims=(5, 10, 20),
@@ -557,7 +565,11 @@ NONLINEAR = {
         shortlist=12,
         timing_batch=32,
         rounds=10,
-        design=(5, 20, 10),
+        # d = 20 as the issue asks: C = 1 160 candidate sets at K = 3, of which the
+        # 32 most probable are simulated for the information gain.
+        design=(20, 100, 10),
+        design_hypotheses=32,
+        design_batch=64,
     ),
 }
 MECHANISM_CONFIGS = {
@@ -703,9 +715,9 @@ def nonlinear_rows(args, results):
     for strategy in ("designed", "random"):
         for posterior in ("exact", model):
 
-            def once(seed):
+            def once(key, strategy=strategy, posterior=posterior):
                 return design_interventions(
-                    jr.key(seed),
+                    key,
                     task.scm,
                     task.data,
                     rounds=cfg["rounds"],
@@ -713,26 +725,75 @@ def nonlinear_rows(args, results):
                     strategy=strategy,
                     posterior=posterior,
                     max_parents=K,
-                )
+                    n_hypotheses=cfg["design_hypotheses"],
+                ).truth_mass
 
-            t_compile = time.perf_counter()
-            jax.block_until_ready(once(0))
-            t_compile = time.perf_counter() - t_compile
-            times = []
-            for seed in range(1, 4):
-                t = time.perf_counter()
-                jax.block_until_ready(once(seed))
-                times.append(time.perf_counter() - t)
-            median = float(np.median(times))
+            timing, _ = measure_unless_out_of_memory(once, jr.key(1), repeats=3)
             results.add(
                 workload="design loop",
                 strategy=strategy,
                 posterior="exact" if posterior == "exact" else "model",
-                sizes={"d": d, "K": K, "N0": n0, "rows": rows, "rounds": cfg["rounds"]},
-                first_call_s=t_compile,
-                median_s=median,
-                rounds_per_s=cfg["rounds"] / median,
+                sizes={
+                    "d": d,
+                    "K": K,
+                    "N0": n0,
+                    "rows": rows,
+                    "rounds": cfg["rounds"],
+                    "hypotheses": cfg["design_hypotheses"],
+                },
+                rounds_per_s=cfg["rounds"] / timing["median_s"]
+                if "median_s" in timing
+                else None,
+                **timing,
             )
+    # Many tasks at once: the loop under `jax.vmap`, one program for the batch.
+    batch = cfg["design_batch"]
+    tasks = jax.vmap(lambda k: sample_task(k, config))(
+        jr.split(jr.fold_in(key, 401), batch)
+    )
+    params, static = eqx.partition(model, eqx.is_array)
+    for posterior in ("exact", "model"):
+
+        def batched(params, keys, scm, data, posterior=posterior):
+            scorer = eqx.combine(params, static) if posterior == "model" else "exact"
+
+            def one(key, scm, data):
+                return design_interventions(
+                    key,
+                    scm,
+                    data,
+                    rounds=cfg["rounds"],
+                    rows_per_round=rows,
+                    posterior=scorer,
+                    max_parents=K,
+                    n_hypotheses=cfg["design_hypotheses"],
+                ).truth_mass
+
+            return jax.vmap(one)(keys, scm, data)
+
+        # The model's posterior for every draw of every hypothesis and candidate
+        # of every task is the largest program here: an out-of-memory is a row.
+        timing, _ = measure_unless_out_of_memory(
+            batched, params, jr.split(key, batch), tasks.scm, tasks.data, repeats=3
+        )
+        results.add(
+            workload="design loop (batch of tasks)",
+            strategy="designed",
+            posterior=posterior,
+            sizes={
+                "d": d,
+                "K": K,
+                "N0": n0,
+                "rows": rows,
+                "rounds": cfg["rounds"],
+                "hypotheses": cfg["design_hypotheses"],
+                "tasks": batch,
+            },
+            task_rounds_per_s=batch * cfg["rounds"] / timing["median_s"]
+            if "median_s" in timing
+            else None,
+            **timing,
+        )
     results.note(
         f"nonlinear rows ({size}): {done} training steps in {train_s:.0f} s on a "
         "mixture of linear, MLP and RFF (heteroscedastic) tasks."
