@@ -1815,6 +1815,14 @@ def _causal_cases():
         ),
         Case(
             "causal.expected_information_gain",
+            "candidate_batch",
+            bad_size(),
+            lambda b: causal.expected_information_gain(
+                jr.key(0), task.data, 1, rows=2, candidate_batch=b
+            ),
+        ),
+        Case(
+            "causal.expected_information_gain",
             "degree",
             bad_size(),
             lambda g: causal.expected_information_gain(
@@ -2210,7 +2218,7 @@ _N_CASES = {
     "transforms": 107,
     "chmm": 37,
     "tidhy": 41,
-    "causal": 40,
+    "causal": 41,
     "multimodal": 34,
 }
 

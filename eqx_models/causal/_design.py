@@ -6,6 +6,8 @@ growing sample mask, so the exact expert and the model (both of which take a
 sample mask) score the data as it grows without recompiling.
 """
 
+from typing import NamedTuple
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -186,28 +188,25 @@ def _avici_rows(values, node, target):
     return jnp.stack([channels[c].astype(values.dtype) for c in Channel], axis=-1)
 
 
-def _gains(
-    key,
-    data,
-    mask,
-    offset,
-    target,
-    table,
-    posterior_fn,
-    nodes,
-    grid,
-    rows,
-    draws,
-    n_hypotheses,
-    degree,
-):
+class _Estimator(NamedTuple):
+    """How the information gain is estimated; plain ints, so static under jit."""
+
+    rows: int  # rows one intervention adds
+    draws: int  # Monte Carlo draws per hypothesis
+    n_hypotheses: int | None  # the most probable sets simulated (None: all)
+    degree: int  # of the additive polynomial model (1: linear)
+    candidate_batch: int | None  # candidates evaluated at once (None: all)
+
+
+def _gains(key, data, mask, offset, target, table, posterior_fn, nodes, grid, est):
     """Expected information gain of every `(node, value)` candidate, `(k, v)`."""
+    rows = est.rows
     log_prior = posterior_fn(data, mask)
     prior = jnp.exp(log_prior)
-    if n_hypotheses is not None and n_hypotheses < prior.shape[0]:
+    if est.n_hypotheses is not None and est.n_hypotheses < prior.shape[0]:
         # Only the most probable sets are simulated: the work scales with
         # n_hypotheses, not with the C candidate sets.
-        weights, hypotheses = jax.lax.top_k(prior, n_hypotheses)
+        weights, hypotheses = jax.lax.top_k(prior, est.n_hypotheses)
     else:
         weights, hypotheses = prior, jnp.arange(prior.shape[0])
     weights = weights / jnp.sum(weights)
@@ -218,7 +217,7 @@ def _gains(
 
     def gain(node, value):
         draws_all = hypothetical_rows(
-            key, data, mask, target, table, node, value, rows, draws, degree
+            key, data, mask, target, table, node, value, rows, est.draws, est.degree
         )[hypotheses]
 
         def one(new_values):
@@ -240,7 +239,15 @@ def _gains(
         return jnp.sum(weights * jnp.mean(per.reshape(c, m), axis=1))
 
     n_v = grid.shape[0]
-    flat = jax.vmap(gain)(jnp.repeat(nodes, n_v), jnp.tile(grid, nodes.shape[0]))
+    candidates = (jnp.repeat(nodes, n_v), jnp.tile(grid, nodes.shape[0]))
+    if est.candidate_batch is None:
+        flat = jax.vmap(gain)(*candidates)
+    else:
+        # A few candidates at a time: memory for the posteriors of
+        # `candidate_batch × hypotheses × draws` grown data sets, not of all.
+        flat = jax.lax.map(
+            lambda c: gain(*c), candidates, batch_size=est.candidate_batch
+        )
     return flat.reshape(nodes.shape[0], n_v)
 
 
@@ -305,6 +312,7 @@ def expected_information_gain(
     n_hypotheses: int | None = None,
     allow_target: bool = False,
     degree: int = 1,
+    candidate_batch: int | None = None,
 ) -> Float[Array, "k v"]:
     """Expected information gain about the target's parent set of `rows` new rows
     under `do(X_k = v)`, for every candidate variable `k` and value `v`.
@@ -338,6 +346,10 @@ def expected_information_gain(
     - `allow_target`: allow the target among `nodes`.
     - `degree`: the degree of the additive polynomial model (1: linear), as in
         `exact_parent_posterior`.
+    - `candidate_batch`: evaluate this many candidates `(k, v)` at a time (`None`:
+        all at once). The same gains; the memory of the posteriors of the grown
+        data sets shrinks by `k·v / candidate_batch` (a model's posterior over
+        many rows needs it), the time grows where all fitted at once.
 
     **Returns:**
 
@@ -346,58 +358,38 @@ def expected_information_gain(
     **Raises:**
 
     `ValueError` for data that are not valid AVICI data, a `(d, K)` beyond the
-    enumeration limit, `rows`, `n_draws`, `n_hypotheses` or `degree` below 1, a
-    node out of
+    enumeration limit, `rows`, `n_draws`, `n_hypotheses`, `degree` or
+    `candidate_batch` below 1, a node out of
     `[0, d)`, the target among `nodes` without `allow_target`, or non-finite or
     empty `values`; `TypeError` for a size that is not an integer.
     """
     name = "expected_information_gain"
     check_size(name, "rows", rows)
+    est = _checked_estimator(name, rows, n_draws, n_hypotheses, degree, candidate_batch)
+    data, target, table, nodes, grid = _check_common(
+        name, data, max_parents, nodes, values, allow_target
+    )
+    return _eig_compiled(key, data, target, max_parents, nodes, grid, est)
+
+
+def _checked_estimator(name, rows, n_draws, n_hypotheses, degree, candidate_batch):
     check_size(name, "n_draws", n_draws)
     check_size(name, "degree", degree)
     if n_hypotheses is not None:
         check_size(name, "n_hypotheses", n_hypotheses)
-    data, target, table, nodes, grid = _check_common(
-        name, data, max_parents, nodes, values, allow_target
-    )
-    return _eig_compiled(
-        key,
-        data,
-        target,
-        max_parents,
-        nodes,
-        grid,
-        rows,
-        n_draws,
-        n_hypotheses,
-        degree,
-    )
+    if candidate_batch is not None:
+        check_size(name, "candidate_batch", candidate_batch)
+    return _Estimator(rows, n_draws, n_hypotheses, degree, candidate_batch)
 
 
 @eqx.filter_jit
-def _eig_compiled(
-    key, data, target, max_parents, nodes, grid, rows, draws, n_hyp, degree
-):
+def _eig_compiled(key, data, target, max_parents, nodes, grid, est: _Estimator):
     n, d, _ = data.shape
     table = checked_table("expected_information_gain", d, max_parents)
-    padded = jnp.concatenate([data, jnp.zeros((rows, d, 3), data.dtype)])
-    mask = jnp.arange(n + rows) < n
-    posterior_fn = _posterior_fn("exact", target, d, max_parents, degree)
-    return _gains(
-        key,
-        padded,
-        mask,
-        n,
-        target,
-        table,
-        posterior_fn,
-        nodes,
-        grid,
-        rows,
-        draws,
-        n_hyp,
-        degree,
-    )
+    padded = jnp.concatenate([data, jnp.zeros((est.rows, d, 3), data.dtype)])
+    mask = jnp.arange(n + est.rows) < n
+    posterior_fn = _posterior_fn("exact", target, d, max_parents, est.degree)
+    return _gains(key, padded, mask, n, target, table, posterior_fn, nodes, grid, est)
 
 
 @typechecked
@@ -417,6 +409,7 @@ def design_interventions(
     n_hypotheses: int | None = None,
     allow_target: bool = False,
     degree: int = 1,
+    candidate_batch: int | None = None,
 ) -> DesignResult:
     """Acquire data for the target's parent set in `rounds` rounds of interventions.
 
@@ -451,9 +444,9 @@ def design_interventions(
     - `strategy`: one of `STRATEGIES`.
     - `posterior`: `"exact"` or a [`eqx_models.causal.ParentSetPredictionModel`][].
     - `max_parents`: `K` (required for `"exact"`; a model's own `K` otherwise).
-    - `nodes`, `values`, `n_draws`, `n_hypotheses`, `allow_target`, `degree`: as in
-        `expected_information_gain` (with a model as the posterior, `degree` sets
-        only the designer's predictive regression).
+    - `nodes`, `values`, `n_draws`, `n_hypotheses`, `allow_target`, `degree`,
+        `candidate_batch`: as in `expected_information_gain` (with a model as the
+        posterior, `degree` sets only the designer's predictive regression).
 
     **Returns:**
 
@@ -461,13 +454,13 @@ def design_interventions(
 
     **Raises:**
 
-    `ValueError` for `rounds`, `rows_per_round`, `n_draws` or `degree` below 1 (a
-    budget of no rounds), an unknown `strategy`, a `posterior` that is neither
-    `"exact"` nor a model, a missing `max_parents` with `"exact"` or one that
-    differs from the model's, an `scm` over another number of variables than
-    `data`, the target among `nodes` without `allow_target`, and as
-    `expected_information_gain`;
-    `TypeError` for a size that is not an integer.
+    `ValueError` for `rounds`, `rows_per_round`, `n_draws`, `degree` or
+    `candidate_batch` below 1 (a budget of no rounds), an unknown `strategy`, a
+    `posterior` that is neither `"exact"` nor a model, a missing `max_parents`
+    with `"exact"` or one that differs from the model's, an `scm` over another
+    number of variables than `data`, the target among `nodes` without
+    `allow_target`, and as `expected_information_gain`; `TypeError` for a size
+    that is not an integer.
 
     !!! example
 
@@ -482,10 +475,9 @@ def design_interventions(
     name = "design_interventions"
     check_size(name, "rounds", rounds)
     check_size(name, "rows_per_round", rows_per_round)
-    check_size(name, "n_draws", n_draws)
-    check_size(name, "degree", degree)
-    if n_hypotheses is not None:
-        check_size(name, "n_hypotheses", n_hypotheses)
+    est = _checked_estimator(
+        name, rows_per_round, n_draws, n_hypotheses, degree, candidate_batch
+    )
     check_choice(name, "strategy", strategy, STRATEGIES)
     if isinstance(posterior, str):
         check_choice(name, "posterior", posterior, ("exact",))
@@ -529,11 +521,8 @@ def design_interventions(
         nodes,
         grid,
         rounds,
-        rows_per_round,
         strategy,
-        n_draws,
-        n_hypotheses,
-        degree,
+        est,
     )
 
 
@@ -548,19 +537,17 @@ def _design(
     nodes,
     grid,
     rounds,
-    rows,
     strategy,
-    draws,
-    n_hyp,
-    degree,
+    est: _Estimator,
 ):
     n0, d, _ = data.shape
+    rows = est.rows
     table = checked_table("design_interventions", d, max_parents)
     total = n0 + rounds * rows
     buffer = jnp.concatenate([data, jnp.zeros((total - n0, d, 3), data.dtype)])
     buffer = buffer.at[n0:, target, Channel.TARGET].set(1.0)
     mask = jnp.arange(total) < n0
-    posterior_fn = _posterior_fn(posterior, target, d, max_parents, degree)
+    posterior_fn = _posterior_fn(posterior, target, d, max_parents, est.degree)
     truth = scm.adjacency[:, target]
     true_index, representable = _truth_index(table, target, truth)
 
@@ -595,10 +582,7 @@ def _design(
                 posterior_fn,
                 nodes,
                 grid,
-                rows,
-                draws,
-                n_hyp,
-                degree,
+                est,
             )
             flat = jnp.argmax(gains)
             gain = gains.reshape(-1)[flat]

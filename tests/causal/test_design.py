@@ -154,6 +154,21 @@ def _sets_of(target, d, k):
     ]
 
 
+def test_candidates_a_few_at_a_time_give_the_same_gains(linear_data, x64):
+    data = linear_data(n=24, d=4, seed=3)
+    gains = [
+        np.asarray(
+            expected_information_gain(
+                jr.key(0), data, 2, rows=3, values=(-1.0, 2.0), candidate_batch=b
+            )
+        )
+        for b in (None, 1, 4)
+    ]
+    assert gains[0].shape == (3, 2)
+    for other in gains[1:]:
+        np.testing.assert_allclose(other, gains[0], rtol=1e-10, atol=1e-12)
+
+
 def test_the_loop_runs_under_jit_and_vmap_over_tasks():
     # One compiled call designs for a batch of tasks (the target traced); each
     # task's result is that of its own call. The check that no candidate is the
