@@ -1802,6 +1802,12 @@ def _causal_cases():
             lambda e: causal.TaskConfig(n_vars=3, n_samples=10, label_smoothing=e),
         ),
         Case(
+            "causal.TaskConfig",
+            "expert_degree",
+            bad_size(),
+            lambda g: causal.TaskConfig(n_vars=3, n_samples=10, expert_degree=g),
+        ),
+        Case(
             "causal.evaluate_by_mechanism",
             "tasks",
             st.sampled_from([{}, [task], None, "tasks"]),
@@ -2218,7 +2224,7 @@ _N_CASES = {
     "transforms": 107,
     "chmm": 37,
     "tidhy": 41,
-    "causal": 41,
+    "causal": 42,
     "multimodal": 34,
 }
 

@@ -57,6 +57,7 @@ def _sample_batch(key, config, batch_size, max_parents, family_weights):
             jnp.ones((n,), bool),
             jnp.ones((d,), bool),
             max_parents,
+            config.expert_degree,
         )
         return log_probs, ~degenerate
 

@@ -74,12 +74,18 @@ class TaskConfig(eqx.Module):
     - `noise`: `"gaussian"` (default) or `"heteroscedastic"` (nonlinear only).
     - `n_hidden`: hidden units / Fourier features of the nonlinear mechanisms.
     - `labels`: what the training batches are labelled with: `"expert"` (the exact
-        linear g-prior posterior), `"truth"` (the true parent set, see
-        `label_smoothing`) or `"auto"` (the default: the expert for linear tasks,
-        where it is the exact Bayesian answer, and the truth for nonlinear ones,
-        where its linear model is misspecified).
+        g-prior posterior, of degree `expert_degree`), `"truth"` (the true parent
+        set, see `label_smoothing`) or `"auto"` (the default: the expert for
+        linear tasks, where it is the exact Bayesian answer, and the truth for
+        nonlinear ones, where its linear model is misspecified).
     - `label_smoothing`: `ε ∈ [0, 1)`; truth labels are `(1 - ε)·δ_true + ε·uniform`
         over the candidate sets.
+    - `expert_degree`: the `degree` of the labelling expert (1, the default: the
+        linear one; e.g. 3 with `labels="expert"` clones the additive cubic
+        posterior of [`eqx_models.causal.exact_parent_posterior`][] on
+        nonlinear tasks, a teacher with uncertainty rather than a one-hot
+        truth). Tasks with fewer than `expert_degree·K + 2` usable rows are
+        degenerate, skipped and counted.
 
     **Raises:**
 
@@ -107,6 +113,7 @@ class TaskConfig(eqx.Module):
     n_hidden: int = eqx.field(static=True, default=16)
     labels: str = eqx.field(static=True, default="auto")
     label_smoothing: float = eqx.field(static=True, default=0.0)
+    expert_degree: int = eqx.field(static=True, default=1)
 
     def __check_init__(self):
         name = "TaskConfig"
@@ -155,6 +162,7 @@ class TaskConfig(eqx.Module):
             high=1,
             inclusive=(True, False),
         )
+        check_size(name, "expert_degree", self.expert_degree)
 
     @property
     def truth_labels(self) -> bool:
@@ -165,7 +173,14 @@ class TaskConfig(eqx.Module):
         return self.labels == "truth"
 
 
-_NEW_FIELDS = ("mechanism", "noise", "n_hidden", "labels", "label_smoothing")
+_NEW_FIELDS = (
+    "mechanism",
+    "noise",
+    "n_hidden",
+    "labels",
+    "label_smoothing",
+    "expert_degree",
+)
 
 
 def config_record(config: TaskConfig) -> dict:

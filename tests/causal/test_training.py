@@ -54,6 +54,18 @@ def test_sampler_labels_with_the_expert(batch):
     np.testing.assert_array_equal(again.data, batch.data)
 
 
+def test_the_sampler_labels_with_the_polynomial_expert():
+    config = TaskConfig(
+        n_vars=4, n_samples=16, mechanism="mlp", labels="expert", expert_degree=3
+    )
+    batch = sample_training_batch(jr.key(0), config, 4, K)
+    expert = jax.vmap(lambda x: exact_parent_posterior(x, K, degree=3).log_probs)(
+        batch.data
+    )
+    np.testing.assert_allclose(batch.expert_log_probs, expert, atol=1e-5)
+    assert bool(jnp.all(batch.valid))
+
+
 def test_degenerate_tasks_are_flagged_by_the_sampler():
     # N = K' + 2 rows: any row with the target intervened leaves too few.
     config = TaskConfig(n_vars=4, n_samples=4, interventional_fraction=(0.5, 0.5))
