@@ -111,7 +111,7 @@ def main(argv=None):
     fig.suptitle(f"Designed vs random interventions{what}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out_path("causal_design.png"), dpi=120)
-    summary = {"seconds": round(elapsed, 1)}
+    summary: dict[str, object] = {"seconds": round(elapsed, 1)}
     for name, curves in results.items():
         for strategy, masses in curves.items():
             summary[f"{name} {strategy} final mass"] = round(
