@@ -349,9 +349,9 @@ def exact_parent_posterior(
     - `degree`: the degree of each parent's polynomial effect (1: linear).
 
     The posterior is **degenerate** when fewer than `degree·K' + 2` rows remain, a
-    variable (or, with `degree > 1`, one of its basis columns: a variable with at
-    most `degree` distinct values) is constant over those rows, two basis columns of
-    a candidate set are collinear, or a score is not finite.
+    variable is constant over those rows, two basis columns of a candidate set are
+    collinear (with `degree > 1` also the columns of one variable with at most
+    `degree` distinct values), or a score is not finite.
 
     **Returns:**
 
@@ -410,7 +410,8 @@ def exact_parent_posterior(
 _DEGENERATE = (
     "exact_parent_posterior: the posterior is degenerate for these data (fewer "
     "than degree·K + 2 rows without an intervention on the target, a constant "
-    "variable or basis column, collinear variables, or a non-finite score)."
+    "variable or basis column, collinear variables or basis columns, or a "
+    "non-finite score)."
 )
 
 
