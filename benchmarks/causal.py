@@ -729,6 +729,14 @@ def nonlinear_rows(args, results):
     d, n0, rows = cfg["design"]
     config = TaskConfig(n_vars=d, n_samples=n0, interventional_fraction=(0.0, 0.0))
     task = sample_task(jr.fold_in(key, 400), config)
+    design_sizes = {
+        "d": d,
+        "K": K,
+        "N0": n0,
+        "rows": rows,
+        "rounds": cfg["rounds"],
+        "hypotheses": cfg["design_hypotheses"],
+    }
     for strategy in ("designed", "random"):
         for posterior in ("exact", model):
 
@@ -753,14 +761,7 @@ def nonlinear_rows(args, results):
                 workload="design loop",
                 strategy=strategy,
                 posterior="exact" if posterior == "exact" else "model",
-                sizes={
-                    "d": d,
-                    "K": K,
-                    "N0": n0,
-                    "rows": rows,
-                    "rounds": cfg["rounds"],
-                    "hypotheses": cfg["design_hypotheses"],
-                },
+                sizes=design_sizes,
                 rounds_per_s=cfg["rounds"] / timing["median_s"]
                 if "median_s" in timing
                 else None,
@@ -794,15 +795,7 @@ def nonlinear_rows(args, results):
         workload="design loop (batch of tasks)",
         strategy="designed",
         posterior="exact",
-        sizes={
-            "d": d,
-            "K": K,
-            "N0": n0,
-            "rows": rows,
-            "rounds": cfg["rounds"],
-            "hypotheses": cfg["design_hypotheses"],
-            "tasks": batch,
-        },
+        sizes={**design_sizes, "tasks": batch},
         task_rounds_per_s=batch * cfg["rounds"] / timing["median_s"]
         if "median_s" in timing
         else None,
