@@ -13,26 +13,36 @@ is unlikely. The first element has every row equal to the initial message, so ev
 prefix product has identical rows: the filtered message and the log-likelihood so far.
 
 The `T - 1` steps are cut into `K` blocks of `L` consecutive steps (`block_shape`; the
-tail is padded with identity steps), and a pass is at most three loops, each with a
-body compiled once whatever `T` is:
+tail is padded with identity steps), and a pass has three phases:
 
 1. `_block_products`: a `lax.scan` over the `L` positions in a block multiplies the
    running product of each of the `K` blocks by its next step matrix, all blocks at
-   once (`T - 1` products of `S x S` matrices in `L` sequential steps).
-2. `_across_blocks`: inclusive prefix products of `[first, P_0, ..., P_{K-1}]` and,
-   for smoothing, suffix products of `[P_0, ..., P_{K-1}, I]`, by a Hillis-Steele
-   scan: a `lax.scan` over `ceil(log2(K + 1))` levels, level `j` combining every
-   element with the one `2**j` before (after) it.
+   once (`T - 1` products of `S x S` matrices in `L` sequential steps, a body
+   compiled once whatever `T` is).
+2. Across the blocks, the elements `[first, P_0, ..., P_{K-1}, I]`: `_up_sweep`
+   multiplies neighbouring pairs level by level up to their total (`K + 1` matrix
+   products in `ceil(log2(K + 2))` levels; the total is the log-likelihood), and
+   walking the tree down gives every prefix (`_prefix_rows`) and, for smoothing,
+   every suffix applied to ones (`_suffix_columns`). Because the prefixes have
+   identical rows and the suffixes are applied to a vector, the walk down multiplies
+   vectors by matrices only. The levels are unrolled (their shapes halve), so the
+   graph grows with `log2(K)`, not with `T`.
 3. `_within_blocks`: from the message entering (leaving) each block, its per-step
    messages by the sequential recursions of `_scan.py`, all blocks at once (`L`
    steps of vector-block products, forward and backward in one body).
 
-The log-likelihood is 1 and the prefixes of 2; its gradient (the E-step) is the
+The log-likelihood is 1 and the way up of 2; its gradient (the E-step) is the
 forward-backward formula of `_scan.py` with the messages of 1 to 3. The forward pass
-is 1, the prefixes of 2 and the forward half of 3; smoothing all of it. Before this,
-two `lax.associative_scan`s unrolled their `2 log2 T` levels each into the graph,
-every level with its own shapes, slices and padding: on an H200 the posteriors of the
-large workload (T = 50 000) took 49.5 s to compile and 19 ms to run.
+is 1, the prefixes of 2 and the forward half of 3; smoothing all of it.
+
+History: two `lax.associative_scan`s over the steps unrolled their `2 log2 T` levels
+each into the graph, every level with its own shapes, slices and padding: on an
+H200 the posteriors of the large workload (T = 50 000) took 49.5 s to compile and
+19 ms to run. A Hillis-Steele scan across the blocks then kept phase 2 in one
+compiled body but ran `(K + 1) log2(K + 1)` matrix products each way, as many as
+phase 1 at `T = 2 000` on a CPU and a fifth of it at `T = 50 000`; the tree runs
+`K + 1` (on a CPU at `T = 5 000`: log-likelihood 78 to 36 ms, posteriors 141 to
+50 ms).
 """
 
 import functools
@@ -112,8 +122,12 @@ def _combine(first, second):
 # sequential scan takes 7 µs on an H200) takes about as long as this many FLOPs of
 # batched products (assuming 70 x 70 products run at about 15 TFLOP/s there).
 # `block_shape` weighs the `2L + log2(K + 1)` sequential steps of a pass against its
-# `T + (K + 1) log2(K + 1)` products; on the large workload (S = 70, T = 50 000)
-# that gives K = 1 021 blocks of L = 49 steps.
+# `T + (K + 1) log2(K + 1)` products, the cost of a Hillis-Steele scan across the
+# blocks (see the module docstring) rather than of the tree that replaced it: the
+# block counts it picks are the ones measured on the GPU (on the large workload,
+# S = 70, T = 50 000, K = 1 021 blocks of L = 49 steps), and a CPU runs the tree
+# faster with them than with the tree's own optimum (K = 1 000 against 250 at
+# T = 5 000: 179 against 36 ms), so the model stays until the GPU says otherwise.
 _STEP_FLOPS = 1e8
 
 
@@ -234,59 +248,84 @@ def _block_products(chain: Chain, blocked: _Blocked):
     return A, c
 
 
-def _with_first(blocked: _Blocked, products):
-    """`[first, P_0, ..., P_{K-1}]`: the block products after the initial message."""
-    A, c = products
-    size = A.shape[-1]
-    first_A = jnp.broadcast_to(blocked.alpha0, (1, size, size))
-    first_c = jnp.broadcast_to(blocked.log_n0, (1, size))
-    return jnp.concatenate([first_A, A]), jnp.concatenate([first_c, c])
-
-
-def _with_identity(products):
-    """`[P_0, ..., P_{K-1}, I]`: the block products before the end of the chain."""
-    A, c = products
-    size = A.shape[-1]
-    eye, zeros = jnp.eye(size, dtype=A.dtype)[None], jnp.zeros((1, size), c.dtype)
-    return jnp.concatenate([A, eye]), jnp.concatenate([c, zeros])
-
-
 # An element `(A, c)` of a product, or a batch of them.
 _Element = tuple[Array, Array]
 
 
-def _select(keep: Array, old: _Element, new: _Element) -> _Element:
-    return (
-        jnp.where(keep[:, None, None], old[0], new[0]),
-        jnp.where(keep[:, None], old[1], new[1]),
+def _elements(blocked: _Blocked, products) -> _Element:
+    """`[first, P_0, ..., P_{K-1}, I]`: the block products between the initial
+    message (every row of `first` is it) and the identity after the last block."""
+    A, c = products
+    size = A.shape[-1]
+    first_A = jnp.broadcast_to(blocked.alpha0, (1, size, size))
+    first_c = jnp.broadcast_to(blocked.log_n0, (1, size))
+    eye, zeros = jnp.eye(size, dtype=A.dtype)[None], jnp.zeros((1, size), c.dtype)
+    return jnp.concatenate([first_A, A, eye]), jnp.concatenate([first_c, c, zeros])
+
+
+def _pad_even(elements: _Element) -> _Element:
+    """An identity element appended to an odd number of elements."""
+    A, c = elements
+    if A.shape[0] % 2 == 0:
+        return elements
+    size = A.shape[-1]
+    eye = jnp.broadcast_to(jnp.eye(size, dtype=A.dtype), (1,) + A.shape[1:])
+    return jnp.concatenate([A, eye]), jnp.concatenate([c, jnp.zeros_like(c[:1])])
+
+
+def _interleave(even, odd):
+    """`[even[0], odd[0], even[1], odd[1], ...]`, leaf by leaf."""
+    return jax.tree.map(
+        lambda e, o: jnp.stack([e, o], axis=1).reshape((-1,) + e.shape[1:]), even, odd
     )
 
 
-def _across_blocks(prefix: _Element | None, suffix: _Element | None) -> tuple[Any, Any]:
-    """Phase 2: inclusive prefix products of the elements `prefix` and suffix
-    products of `suffix` (each `(A, c)` over the same number of elements, or None).
+def _up_sweep(elements: _Element) -> list[_Element]:
+    """The levels of a pairwise product tree: `levels[0]` the elements, each next
+    level the products of neighbouring pairs of the one before (an odd count padded
+    with an identity), the last a single element, the product of all."""
+    levels = [elements]
+    while levels[-1][0].shape[0] > 1:
+        A, c = _pad_even(levels[-1])
+        levels.append(_combine((A[0::2], c[0::2]), (A[1::2], c[1::2])))
+    return levels
 
-    A Hillis-Steele scan: at level `j` every element is combined with the one `2**j`
-    before (after) it, found by rolling the array by a traced distance, so that every
-    level runs the same compiled body. Elements with nothing that far away keep
-    their value.
-    """
-    n = next(e[1].shape[0] for e in (prefix, suffix) if e is not None)
-    index = jnp.arange(n)
 
-    def level(elements, distance):
-        prefix, suffix = elements
-        if prefix is not None:
-            earlier = jax.tree.map(lambda v: jnp.roll(v, distance, axis=0), prefix)
-            prefix = _select(index < distance, prefix, _combine(earlier, prefix))
-        if suffix is not None:
-            later = jax.tree.map(lambda v: jnp.roll(v, -distance, axis=0), suffix)
-            suffix = _select(index >= n - distance, suffix, _combine(suffix, later))
-        return (prefix, suffix), None
+def _prefix_rows(levels: list[_Element]) -> _Element:
+    """Inclusive prefix products of the elements of `_up_sweep`, whose first element
+    has identical rows, so that every prefix does too: one row each, `[n, 1, S]`
+    and `[n, 1]`. Walks the tree down: an odd position's prefix is its pair's, an
+    even one's the previous pair's prefix times the element (a vector times a
+    matrix)."""
+    A, c = levels[-1]
+    rows = (A[:, :1], c[:, :1])
+    for elements in reversed(levels[:-1]):
+        n = elements[0].shape[0]
+        A, c = _pad_even(elements)
+        earlier = jax.tree.map(lambda v: v[:-1], rows)
+        later = _combine(earlier, (A[2::2], c[2::2]))
+        first = (A[:1, :1], c[:1, :1])
+        even = jax.tree.map(lambda f, e: jnp.concatenate([f, e]), first, later)
+        rows = jax.tree.map(lambda v: v[:n], _interleave(even, rows))
+    return rows
 
-    distances = 2 ** jnp.arange((n - 1).bit_length(), dtype=jnp.int32)
-    (prefix, suffix), _ = lax.scan(level, (prefix, suffix), distances)
-    return prefix, suffix
+
+def _suffix_columns(levels: list[_Element]) -> Array:
+    """`log(E_i @ ... @ E_{n-1} @ 1)` for every element `i` of `_up_sweep`'s
+    elements, `[n, S]`: the tree walked down as in `_prefix_rows`, here a matrix times
+    a vector. A column `v` is the element `(ones [S, 1], log v)`, so that `_combine`
+    multiplies by it."""
+    ones = jnp.ones(levels[0][0].shape[1:-1] + (1,), levels[0][0].dtype)
+    columns = levels[-1][1]
+    for elements in reversed(levels[:-1]):
+        n = elements[0].shape[0]
+        A, c = _pad_even(elements)
+        later = (jnp.broadcast_to(ones, columns[1:].shape + (1,)), columns[1:])
+        odd = _combine((A[1:-1:2], c[1:-1:2]), later)[1]
+        # The last pair's odd element has nothing after it: its own row sums.
+        odd = jnp.concatenate([odd, c[-1:]])
+        columns = _interleave(columns, odd)[:n]
+    return columns
 
 
 def _flip(tree):
@@ -336,23 +375,30 @@ def _forward_outputs(chain: Chain, blocked: _Blocked, alphas, norms):
     return alphas, log_norms
 
 
-def _smooth(chain: Chain, blocked: _Blocked, products, alpha_in=None):
-    """Phases 2 and 3 of smoothing, given the block products (phase 1) and, if known
-    from the likelihood, the message entering each block.
+def _across_blocks(chain: Chain, blocked: _Blocked) -> list[_Element]:
+    """Phases 1 and 2 up the tree: the block products and their product tree."""
+    return _up_sweep(_elements(blocked, _block_products(chain, blocked)))
+
+
+def _entering(blocked: _Blocked, levels: list[_Element]) -> Array:
+    """The filtered message before each block's first step, `[K, S]`: the prefix
+    through the elements before it (`first, P_0, ..., P_{k-1}`)."""
+    n_blocks = blocked.pos.shape[1]
+    return _prefix_rows(levels)[0][:n_blocks, 0]
+
+
+def _smooth(chain: Chain, blocked: _Blocked, levels: list[_Element]):
+    """Phases 2 (down the tree) and 3 of smoothing, given the product tree.
 
     Returns `(alphas, log_norms, us, gammas, betas)`: `betas[t] = B[t+1] @ u[t+1]`
     for `t < T - 1`, the rest as `parallel_smooth`.
     """
     n = chain.length - 1
-    prefix = _with_first(blocked, products) if alpha_in is None else None
-    prefix, (_, suffix_c) = _across_blocks(prefix, _with_identity(products))
-    if prefix is not None:
-        alpha_in = prefix[0][:-1, 0]
     # `u` after each block's last step: that element's evidence times the products of
-    # the later blocks applied to ones.
-    log_u = suffix_c[1:] + safe_log(blocked.weights[-1])
+    # the later blocks applied to ones (the suffixes from `P_{k+1}`).
+    log_u = _suffix_columns(levels)[2:] + safe_log(blocked.weights[-1])
     forward_out, (us, betas) = _within_blocks(
-        chain, blocked, alpha_in, _normalise_log(log_u)
+        chain, blocked, _entering(blocked, levels), _normalise_log(log_u)
     )
     alphas, log_norms = _forward_outputs(chain, blocked, *forward_out)
     betas = betas[:n]
@@ -371,9 +417,8 @@ def parallel_forward(
     `blocks`: about how many blocks (default: `block_shape`'s choice).
     """
     blocked = _blocked(chain, blocks)
-    products = _block_products(chain, blocked)
-    (prefix_A, _), _ = _across_blocks(_with_first(blocked, products), None)
-    (forward_out, _) = _within_blocks(chain, blocked, prefix_A[:-1, 0], None)
+    alpha_in = _entering(blocked, _across_blocks(chain, blocked))
+    (forward_out, _) = _within_blocks(chain, blocked, alpha_in, None)
     return _forward_outputs(chain, blocked, *forward_out)
 
 
@@ -383,16 +428,16 @@ def parallel_smooth(
     Float[Array, "T S"], Float[Array, " T"], Float[Array, "T S"], Float[Array, "T S"]
 ]:
     """`(alphas, log_norms, us, gammas)`, as `forward_scan` and `backward_scan`: one
-    phase 1 for both directions, and phases 2 and 3 running them side by side."""
+    phase 1 and one product tree for both directions, and phase 3 running them side
+    by side."""
     blocked = _blocked(chain, blocks)
-    return _smooth(chain, blocked, _block_products(chain, blocked))[:4]
+    return _smooth(chain, blocked, _across_blocks(chain, blocked))[:4]
 
 
-def _likelihood_and_prefix(chain: Chain, blocks: int | None):
-    blocked = _blocked(chain, blocks)
-    products = _block_products(chain, blocked)
-    (prefix_A, prefix_c), _ = _across_blocks(_with_first(blocked, products), None)
-    return prefix_c[-1, 0], (products, prefix_A[:-1, 0])
+def _total(levels: list[_Element]) -> Array:
+    """`lnL`: the log scale of the product of all elements (any row: the first
+    element's rows are identical)."""
+    return levels[-1][1][0, 0]
 
 
 # The gradient is the forward-backward formula of `_scan.py`'s `_log_likelihood` (see
@@ -402,19 +447,18 @@ def _likelihood_and_prefix(chain: Chain, blocks: int | None):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _log_likelihood(src, pi0, psi, pos, last, blocks):
     chain = Chain(src, pos, pi0, psi, last, None)
-    return _likelihood_and_prefix(chain, blocks)[0]
+    return _total(_across_blocks(chain, _blocked(chain, blocks)))
 
 
 def _log_likelihood_fwd(src, pi0, psi, pos, last, blocks):
     chain = Chain(src, pos, pi0, psi, last, None)
-    lnl, (products, alpha_in) = _likelihood_and_prefix(chain, blocks)
-    return lnl, (chain, products, alpha_in)
+    levels = _across_blocks(chain, _blocked(chain, blocks))
+    return _total(levels), (chain, levels)
 
 
 def _log_likelihood_bwd(blocks, residuals, g):
-    chain, products, alpha_in = residuals
-    blocked = _blocked(chain, blocks)
-    alphas, _, us, gammas, betas = _smooth(chain, blocked, products, alpha_in)
+    chain, levels = residuals
+    alphas, _, us, gammas, betas = _smooth(chain, _blocked(chain, blocks), levels)
     # dlnL/dB[t] = outer(alpha[t-1], u[t]) / d[t], with d[t] = alpha[t-1] . beta[t-1].
     d = jnp.sum(alphas[:-1] * betas, axis=-1)
     grads = alphas[:-1, :, None] * safe_divide(us[1:], d[:, None])[:, None, :]

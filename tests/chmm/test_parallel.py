@@ -43,8 +43,9 @@ def _both(T, Pi, x, a, length, *, layout, blocks):
     return scan, parallel, forward
 
 
-# Eight steps: in one block of seven, or in three blocks of three (two padded).
-@pytest.mark.parametrize("blocks", [1, 3])
+# Eight steps: in one block of seven, in three blocks of three (two padded), or in
+# seven blocks of one (a product tree of nine elements, padded at two levels).
+@pytest.mark.parametrize("blocks", [1, 3, 7])
 @pytest.mark.parametrize(
     "layout, evidence, length",
     [(BLOCKS, False, None), (UNEVEN, False, None), (BLOCKS, True, None)]
@@ -84,7 +85,7 @@ def test_block_shapes_cover_the_steps_with_least_padding(n, size, blocks):
         assert n_blocks <= blocks
 
 
-def test_loops_do_not_grow_with_the_length():
+def test_the_graph_grows_with_the_tree_not_the_length():
     T, Pi, _, _ = case(BLOCKS)
     model = as_model(BLOCKS, T, Pi, jnp.float32)
 
@@ -106,6 +107,14 @@ def test_loops_do_not_grow_with_the_length():
         text = jax.jit(passes).lower(model, x, a).as_text()
         return text.count("stablehlo.while"), text.count("stablehlo.dot_general")
 
-    # An associative scan or a tree unrolls about log2(T) levels, each with its
-    # own matrix product; the blocked passes have the same loops at every length.
-    assert counts(100, 10) == counts(20_000, 150)
+    # An associative scan over the steps unrolls about log2(T) levels, each with its
+    # own matrix products; the blocked passes have the same loops and products at
+    # every length for a given block count, and the product tree across the blocks
+    # adds the same products per level: its depth is ceil(log2(K + 2)).
+    assert counts(100, 10) == counts(20_000, 10)
+    (loops_4, dots_4), (loops_5, dots_5), (loops_8, dots_8) = (
+        counts(20_000, k) for k in (10, 20, 150)
+    )
+    assert loops_4 == loops_5 == loops_8
+    per_level = dots_5 - dots_4
+    assert 0 < per_level and dots_8 - dots_4 == 4 * per_level
