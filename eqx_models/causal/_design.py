@@ -107,6 +107,17 @@ class _Regressions(eqx.Module):
     centre: Float[Array, " d"]  # the basis's standardisation
     scale: Float[Array, " d"]
 
+    def select(self, sets: Int[Array, " h"]) -> "_Regressions":
+        """The regressions of the candidate sets `sets` only."""
+        return _Regressions(
+            self.intercept[sets],
+            self.coef[sets],
+            self.noise[sets],
+            self.columns[sets],
+            self.centre,
+            self.scale,
+        )
+
 
 def _plug_in_regressions(values, rows, target, table: CandidateSets, degree: int):
     """Per candidate set `S`: the g-prior posterior-mean regression (`g = n`) of the
@@ -145,6 +156,11 @@ def _plug_in_regressions(values, rows, target, table: CandidateSets, degree: int
     return _Regressions(intercept, coef, noise, columns, centre, scale)
 
 
+def _usable_rows(data, sample_mask, target):
+    """The rows that observe the target's mechanism: not intervened on the target."""
+    return sample_mask & (data[:, target, Channel.INTERVENED] == 0)
+
+
 def hypothetical_rows(
     key, data, sample_mask, target, table, node, value, rows, draws, degree
 ):
@@ -159,9 +175,16 @@ def hypothetical_rows(
     random numbers), so that their gains are compared with little noise.
     """
     values = data[..., Channel.VALUE]
-    n_total, d = values.shape
-    usable = sample_mask & (data[:, target, Channel.INTERVENED] == 0)
+    usable = _usable_rows(data, sample_mask, target)
     fit = _plug_in_regressions(values, usable, target, table, degree)
+    return _draw_rows(
+        key, values, sample_mask, target, fit, node, value, rows, draws, degree
+    )
+
+
+def _draw_rows(key, values, sample_mask, target, fit, node, value, rows, draws, degree):
+    """`hypothetical_rows` given the regressions `fit` of the hypotheses drawn."""
+    n_total, d = values.shape
     k_rows, k_noise = jr.split(key)
     weights = sample_mask.astype(values.dtype)
     picks = jr.choice(k_rows, n_total, (draws, rows), p=weights / jnp.sum(weights))
@@ -215,10 +238,17 @@ def _gains(key, data, mask, offset, target, table, posterior_fn, nodes, grid, es
         & (jnp.arange(mask.shape[0]) < offset + rows)
     )
 
+    # The hypotheses' regressions do not depend on the candidate: fitted once, and
+    # only for the sets simulated.
+    values = data[..., Channel.VALUE]
+    usable = _usable_rows(data, mask, target)
+    fit = _plug_in_regressions(values, usable, target, table, est.degree)
+    fit = fit.select(hypotheses)
+
     def gain(node, value):
-        draws_all = hypothetical_rows(
-            key, data, mask, target, table, node, value, rows, est.draws, est.degree
-        )[hypotheses]
+        draws_all = _draw_rows(
+            key, values, mask, target, fit, node, value, rows, est.draws, est.degree
+        )
 
         def one(new_values):
             block = _avici_rows(new_values, node, target)
