@@ -121,12 +121,12 @@ def flops_bytes(workload, method, M, length, sequences=1, itemsize=4):
         return per_step[0] * length * sequences, per_step[1] * length * sequences
     # The blocked products (eqx_models/chmm/_parallel.py): K blocks of L steps, the
     # L steps of every block multiplied in turn (K * L products), a product tree
-    # over the K + 2 elements across the blocks (K + 1 products), walked down with
-    # vectors for the prefixes (and, for smoothing and the gradient, the suffixes),
-    # then the per-step messages inside the blocks (K * L vector-block steps each
-    # way).
+    # over the K + 2 elements across the blocks (ceil(log2(K + 2)) levels of
+    # (K + 2) / 2 products, padded to one shape), walked down with vectors for the
+    # prefixes (and, for smoothing and the gradient, the suffixes), then the
+    # per-step messages inside the blocks (K * L vector-block steps each way).
     blocks, steps = block_shape(length - 1, M)
-    products = blocks * steps + blocks + 1
+    products = blocks * steps + (blocks + 1).bit_length() * -(-(blocks + 2) // 2)
     across = 0 if workload == "forward" else 2 * (blocks + 2)
     vector_steps = across + (0 if workload == "forward" else 2 * blocks * steps)
     flops = products * (2 * M**3 + 4 * M * M) + vector_steps * (2 * M * M + 3 * M)
@@ -540,8 +540,8 @@ def _notes(results, size, peer_note):
         "The parallel strategy multiplies M x M step matrices, 2M^3 FLOPs and at least "
         "3M^2 x 4 bytes (two read, one written) per product, in blocks: K blocks of L "
         "steps, the L steps of all blocks multiplied in turn (K L products), then "
-        "a product tree across the blocks (K + 1 products in ceil(log2(K + 2)) "
-        "levels), whose total is the log-likelihood. The posteriors walk the tree "
+        "a product tree across the blocks (ceil(log2(K + 2)) levels of (K + 2) / 2 "
+        "products), whose total is the log-likelihood. The posteriors walk the tree "
         "down with vectors for the prefixes and suffixes and add the per-step "
         "messages inside the blocks (2K L vector-block steps); an EM iteration is the "
         "log-likelihood and its gradient by that forward-backward pass (each step's "
