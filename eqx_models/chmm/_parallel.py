@@ -137,9 +137,10 @@ def _combine(first, second):
 # `T + (K + 1) log2(K + 1)` products, the cost of a Hillis-Steele scan across the
 # blocks (see the module docstring) rather than of the tree that replaced it: the
 # block counts it picks are the ones measured on the GPU (on the large workload,
-# S = 70, T = 50 000, K = 1 021 blocks of L = 49 steps), and a CPU runs the tree
-# faster with them than with the tree's own optimum (K = 1 000 against 250 at
-# T = 5 000: 179 against 36 ms), so the model stays until the GPU says otherwise.
+# S = 70, T = 50 000, K = 1 021 blocks of L = 49 steps). With the tree, an H100 ran
+# that workload 1 to 6 % faster at K = 2 048 (its own optimum), and a CPU much
+# slower at the tree's optimum (K = 1 000 against 250 at T = 5 000: 179 against
+# 36 ms), so the model stays until a GPU measurement of the padded tree decides.
 _STEP_FLOPS = 1e8
 
 
@@ -308,10 +309,11 @@ def _up_sweep(elements: _Element) -> list[_Element]:
     with an identity), the last a single element, the product of all.
 
     Every level multiplies as many pairs as the first, padded with identities: on a
-    GPU each shape of matrix product is tuned at compile time, and a product of
-    another shape per level cost about 15 s of compilation at the large size (an
-    H100, K = 1 021); the padding costs `(K + 2) / 2` products per level instead of
-    the level's own, still a fraction of phase 1's `T`."""
+    GPU each shape of matrix product is tuned at compile time. With a shape per
+    level, the large workload (K = 1 021) took 16 to 21 s to compile on an H100, and
+    4 s for a function whose product shapes had all been tuned before in the same
+    process. The padding costs `(K + 2) / 2` products per level instead of the
+    level's own, still a fraction of phase 1's `T`."""
     levels = [elements]
     pairs = -(-elements[0].shape[0] // 2)
     while levels[-1][0].shape[0] > 1:
@@ -406,7 +408,7 @@ def _forward_outputs(chain: Chain, blocked: _Blocked, alphas, norms):
     return alphas, log_norms
 
 
-def _across_blocks(chain: Chain, blocked: _Blocked) -> list[_Element]:
+def _product_tree(chain: Chain, blocked: _Blocked) -> list[_Element]:
     """Phases 1 and 2 up the tree: the block products and their product tree."""
     return _up_sweep(_elements(blocked, _block_products(chain, blocked)))
 
@@ -448,7 +450,7 @@ def parallel_forward(
     `blocks`: about how many blocks (default: `block_shape`'s choice).
     """
     blocked = _blocked(chain, blocks)
-    alpha_in = _entering(blocked, _across_blocks(chain, blocked))
+    alpha_in = _entering(blocked, _product_tree(chain, blocked))
     (forward_out, _) = _within_blocks(chain, blocked, alpha_in, None)
     return _forward_outputs(chain, blocked, *forward_out)
 
@@ -462,7 +464,7 @@ def parallel_smooth(
     phase 1 and one product tree for both directions, and phase 3 running them side
     by side."""
     blocked = _blocked(chain, blocks)
-    return _smooth(chain, blocked, _across_blocks(chain, blocked))[:4]
+    return _smooth(chain, blocked, _product_tree(chain, blocked))[:4]
 
 
 def _total(levels: list[_Element]) -> Array:
@@ -478,12 +480,12 @@ def _total(levels: list[_Element]) -> Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _log_likelihood(src, pi0, psi, pos, last, blocks):
     chain = Chain(src, pos, pi0, psi, last, None)
-    return _total(_across_blocks(chain, _blocked(chain, blocks)))
+    return _total(_product_tree(chain, _blocked(chain, blocks)))
 
 
 def _log_likelihood_fwd(src, pi0, psi, pos, last, blocks):
     chain = Chain(src, pos, pi0, psi, last, None)
-    levels = _across_blocks(chain, _blocked(chain, blocks))
+    levels = _product_tree(chain, _blocked(chain, blocks))
     return _total(levels), (chain, levels)
 
 
