@@ -507,7 +507,7 @@ _log_likelihood.defvjp(_log_likelihood_fwd, _log_likelihood_bwd)
 def parallel_log_likelihood(
     chain: Chain, blocks: int | None = None
 ) -> Float[Array, ""]:
-    """`lnL` of a chain: block products (phase 1) and their prefix (phase 2), with
+    """`lnL` of a chain: block products (phase 1) and their product tree (phase 2), with
     a gradient by a parallel forward-backward pass.
 
     `blocks`: about how many blocks (default: `block_shape`'s choice).
