@@ -1,7 +1,8 @@
 """Cloned HMM inference and learning: every strategy, with dynamax as the peer.
 
 Usage: `python benchmarks/chmm.py [--size cpu|gpu] [--sweep-lengths T [T ...]
-[--sweep-model large|medium]] [--results-dir DIR]` (size default: by the platform).
+[--sweep-model large|medium]] [--sweep-blocks K [K ...]] [--results-dir DIR]` (size
+default: by the platform).
 
 Workloads (the issue's sizes; `--size cpu` shortens what would take minutes on a
 2-core machine and says so in each row):
@@ -28,6 +29,11 @@ one) with the scan, the parallel strategy and the dynamax peer (workload
 `length sweep/forward`), and merges those rows into the existing result file (rows of
 a length measured again are replaced, the rest kept), so run the full benchmark
 first.
+
+With `--sweep-blocks 512 2048 4096`, only the parallel passes of the large model
+(log-likelihood, posteriors, and the log-likelihood's gradient) with about each of
+those block counts and with the cost model's own (workload `block sweep/...`, column
+`default`), merged the same way: what decides the cost model's constant.
 
 With `--scale`, only the rows of issue 22 (merged into the result file the same
 way): a `SparseCHMM` of 100 symbols x 100 clones (N = 10 000), 4 actions, each
@@ -57,7 +63,12 @@ from eqx_models.chmm import (
     SparseCHMM,
     streaming_em,
 )
-from eqx_models.chmm._parallel import block_shape
+from eqx_models.chmm._chain import make_chain
+from eqx_models.chmm._parallel import (
+    block_shape,
+    parallel_log_likelihood,
+    parallel_smooth,
+)
 
 
 WORKLOADS = {
@@ -231,6 +242,14 @@ def main(argv=None):
         help="the model of the sweep over T (default: large)",
     )
     parser.add_argument(
+        "--sweep-blocks",
+        type=int,
+        nargs="+",
+        metavar="K",
+        help="only the parallel passes of the large model at about these block "
+        "counts (and the default's), merged into the file",
+    )
+    parser.add_argument(
         "--results-dir", default=None, help="where to write (default: results/)"
     )
     parser.add_argument(
@@ -261,6 +280,10 @@ def main(argv=None):
     if args.scale:
         scale_size = args.scale_size or ("tiny" if platform == "cpu" else "full")
         scale_rows(results, scale_size)
+        results.save(args.results_dir, merge_key=_sweep_key)
+        return
+    if args.sweep_blocks:
+        block_sweep(results, args.sweep_blocks, size)
         results.save(args.results_dir, merge_key=_sweep_key)
         return
     if args.sweep_lengths:
@@ -474,7 +497,8 @@ def scale_rows(results, scale_size):
 
 def _sweep_key(row):
     """What identifies a row when a sweep is merged into a result file."""
-    return tuple(row.get(k) for k in ("workload", "impl", "N", "T", "sequences"))
+    keys = ("workload", "impl", "N", "T", "sequences", "blocks")
+    return tuple(row.get(k) for k in keys)
 
 
 def length_sweep(results, name, lengths, size):
@@ -515,6 +539,62 @@ def length_sweep(results, name, lengths, size):
         f"Sweep over T (T = {', '.join(map(str, sorted(set(lengths))))}) with the "
         f"{name} model (N = {cfg['n_obs'] * cfg['clones']}), one sequence, "
         f"log-likelihood only; dynamax: {', '.join(sorted(hows))}. Measured "
+        f"{env['date']} on {env['device']}, jax {env['versions'].get('jax')}."
+    )
+
+
+def block_sweep(results, counts, size):
+    """The parallel passes of the large model with about each block count in
+    `counts`, beside the cost model's own choice: log-likelihood, posteriors and the
+    log-likelihood's gradient (the E-step), each compiled in a fresh function."""
+    cfg = WORKLOADS["large"]
+    length = cfg["length"] if size == "gpu" else CPU_PARALLEL_LENGTH["large"]
+    model, x, a, n_states = make_data(cfg, length, jr.key(0))
+    chosen = block_shape(length - 1, cfg["clones"])[0]
+
+    def passes(blocks):
+        def chain(model):
+            return make_chain(model, x, a)
+
+        def gradient(model):
+            c = chain(model)
+            return jax.grad(
+                lambda src: parallel_log_likelihood(c._replace(src=src), blocks)
+            )(c.src)
+
+        return {
+            "forward": lambda m: parallel_log_likelihood(chain(m), blocks),
+            "posteriors": lambda m: parallel_smooth(chain(m), blocks)[3],
+            "gradient": gradient,
+        }
+
+    # Requests that give the same blocks run once.
+    shapes = {block_shape(length - 1, cfg["clones"], k) for k in (*counts, chosen)}
+    for blocks, steps in sorted(shapes):
+        for workload, fn in passes(blocks).items():
+            fn = jax.jit(fn)
+            row = dict(
+                workload=f"block sweep/{workload}",
+                impl="eqx_models parallel",
+                N=n_states,
+                T=length,
+                sequences=1,
+                blocks=blocks,
+                steps_per_block=steps,
+                default=blocks == chosen,
+            )
+            cost = compile_cost(fn, model)
+            timing = timed(fn, model)
+            del timing["compile_s"]
+            results.add(**row, **timing, **cost)
+    env = results.environment
+    results.note(
+        f"Sweep over the block count K of the parallel strategy (about "
+        f"{', '.join(map(str, sorted(set(counts))))} and the cost model's {chosen}) "
+        f"with the large model (N = {cfg['n_obs'] * cfg['clones']}, T = {length:,}): "
+        "log-likelihood, posteriors and the gradient of the log-likelihood; each "
+        "function compiled once in the same process (`compile_s` is lower once a "
+        "matrix-product shape has been tuned by an earlier row). Measured "
         f"{env['date']} on {env['device']}, jax {env['versions'].get('jax')}."
     )
 

@@ -58,9 +58,10 @@ IDENTITY = frozenset(
 )
 
 # Workloads that sweep one size (written by `ghost.py --sweep-batch` and `dp.py
-# --sweep-batch`, at one length per sweep, and `chmm.py --sweep-lengths`): drawn in
+# --sweep-batch`, at one length per sweep, and `chmm.py --sweep-lengths` and
+# `--sweep-blocks`): drawn in
 # the plots and listed in the details, not summarised.
-SWEEPS = ("batch sweep/", "length sweep/")
+SWEEPS = ("batch sweep/", "length sweep/", "block sweep/")
 
 ORDER = [
     "multimodal",

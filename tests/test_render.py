@@ -196,6 +196,18 @@ CHMM_SWEEP = [
         ("dynamax (transition_fn)", 8e-6),
     )
 ]
+# Rows of `chmm.py --sweep-blocks`: the parallel passes at two block counts.
+CHMM_BLOCK_SWEEP = [
+    {
+        **_chmm_row(f"block sweep/{workload}", "eqx_models parallel", 5e-3, T=50_000),
+        "N": 280,
+        "blocks": blocks,
+        "steps_per_block": -(-49_999 // blocks),
+        "default": blocks == 1021,
+    }
+    for blocks in (1021, 2048)
+    for workload in ("forward", "posteriors", "gradient")
+]
 
 # Rows of `chmm.py --scale --scale-size full`: the model's memory and one streaming
 # EM iteration per strategy (the parallel one over the 5 s target).
@@ -253,6 +265,7 @@ FILES = {
                 )
             ),
             *CHMM_SWEEP,
+            *CHMM_BLOCK_SWEEP,
             *CHMM_SCALE,
         ],
     ),
@@ -605,6 +618,10 @@ def test_sweeps_are_in_the_details_not_the_summaries(page):
     # One detail row per swept point: (implementation, T) and (implementation, B).
     rows = [row for t in tables for row in t[1:]]
     assert sum(row[0] == "length sweep/forward" for row in rows) == len(CHMM_SWEEP)
+    # The block sweep: one table under its prefix, a row per (workload, blocks).
+    (block_table,) = [t for t in tables if t[0][:2] == ["workload", "blocks"]]
+    assert len(block_table) - 1 == len(CHMM_BLOCK_SWEEP)
+    assert "Every row: workload = block sweep/…;" in page.read_text()
     assert any(f"100{NNBSP}000" in cell for row in rows for cell in row)
     # The sweep's rows have a table of their own, whose caption gives the prefix.
     text = page.read_text()
