@@ -59,6 +59,9 @@ from ._chain import Chain, evidence_weights, safe_divide, safe_log, window
 from ._scan import backward_step, forward_step
 
 
+# Float32 products in float32 (no TF32 rounding; see docs/gpu.md). Three TF32
+# tensor-core passes (`lax.DotAlgorithmPreset.TF32_TF32_F32_X3`, about as accurate)
+# ran the large log-likelihood slower on an H100: 6.6 against 5.3 ms.
 HIGHEST = lax.Precision.HIGHEST
 
 
