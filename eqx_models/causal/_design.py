@@ -238,8 +238,8 @@ def _gains(key, data, mask, offset, target, table, posterior_fn, nodes, grid, es
         & (jnp.arange(mask.shape[0]) < offset + rows)
     )
 
-    # The hypotheses' regressions do not depend on the candidate: fitted once, and
-    # only for the sets simulated.
+    # The hypotheses' regressions do not depend on the candidate: fitted once per
+    # round (for every set), and rows drawn for the simulated sets only.
     values = data[..., Channel.VALUE]
     usable = _usable_rows(data, mask, target)
     fit = _plug_in_regressions(values, usable, target, table, est.degree)
