@@ -275,8 +275,8 @@ def _elements(blocked: _Blocked, products) -> _Element:
     size = A.shape[-1]
     first_A = jnp.broadcast_to(blocked.alpha0, (1, size, size))
     first_c = jnp.broadcast_to(blocked.log_n0, (1, size))
-    eye, zeros = jnp.eye(size, dtype=A.dtype)[None], jnp.zeros((1, size), c.dtype)
-    return jnp.concatenate([first_A, A, eye]), jnp.concatenate([first_c, c, zeros])
+    elements = jnp.concatenate([first_A, A]), jnp.concatenate([first_c, c])
+    return _pad(elements, A.shape[0] + 2)
 
 
 def _pad(elements: _Element, size: int) -> _Element:
@@ -351,12 +351,11 @@ def _suffix_columns(levels: list[_Element]) -> Array:
     elements, `[n, S]`: the tree walked down as in `_prefix_rows`, here a matrix times
     a vector. A column `v` is the element `(ones [S, 1], log v)`, so that `_combine`
     multiplies by it."""
-    ones = jnp.ones(levels[0][0].shape[1:-1] + (1,), levels[0][0].dtype)
     columns = levels[-1][1]
     for elements in reversed(levels[:-1]):
         n = elements[0].shape[0]
         A, c = _pad_even(elements)
-        later = (jnp.broadcast_to(ones, columns[1:].shape + (1,)), columns[1:])
+        later = (jnp.ones_like(columns[1:])[..., None], columns[1:])
         odd = _combine((A[1:-1:2], c[1:-1:2]), later)[1]
         # The last pair's odd element has nothing after it: its own row sums.
         odd = jnp.concatenate([odd, c[-1:]])
