@@ -297,7 +297,8 @@ class Results:
         the file already there (a sweep added to a full run): a row of the file is
         replaced by this run's row with the same `merge_key(row)`, the other rows,
         the description, environment and notes are kept, and this run's rows and
-        new notes are appended.
+        new notes are appended. A file measured on another device is replaced:
+        its rows cannot be set beside this run's under one environment.
         """
         directory = directory or RESULTS_DIR
         os.makedirs(directory, exist_ok=True)
@@ -312,9 +313,14 @@ class Results:
             "rows": self.rows,
             "notes": self.notes,
         }
+        old = None
         if merge_key is not None and os.path.exists(path):
             with open(path) as f:
                 old = json.load(f)
+            if old["environment"].get("device") != self.environment["device"]:
+                print(f"{path} was measured on another device: replaced")
+                old = None
+        if merge_key is not None and old is not None:
             measured = {merge_key(row) for row in self.rows}
             kept = [row for row in old["rows"] if merge_key(row) not in measured]
             notes = old.get("notes", [])

@@ -1,6 +1,7 @@
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -20,6 +21,19 @@ SYSTEM: dict[str, Any] = dict(
 INFERENCE = tidhy.InferenceConfig(lr_r=0.05, lr_r2=0.05, max_iter=100, tol=0.002)
 TRAIN = tidhy.TiDHyTrainConfig(grad_norm=True, milestones=(60,))
 EPOCHS = 100
+
+
+@pytest.fixture(scope="module", autouse=True)
+def full_float32():
+    """Train and evaluate in full float32 on every backend.
+
+    What the tests claim (the timescales recovered within 0.03) is a property of
+    the algorithm on this system, not of a GPU's TF32 rounding: 100 epochs of
+    training amplify that rounding into a different fit (the fast regime's modulus
+    came out 0.04 off on an H100 at the default precision).
+    """
+    with jax.default_matmul_precision("highest"):
+        yield
 
 
 @pytest.fixture(scope="module")
