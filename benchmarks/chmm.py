@@ -174,8 +174,8 @@ def dynamax_functions(budget, n_states, length):
             hmm_filter,
             hmm_smoother,
         )
-    except ImportError:
-        return None, "not installed"
+    except ImportError as error:
+        return None, f"not importable ({error})"
     materialise = (length - 1) * n_states * n_states * 4 * 2 <= budget
 
     def chain(model, x, a):
@@ -351,7 +351,7 @@ def main(argv=None):
         model, x, a, n_states = make_data(cfg, length, key)
         functions, how = dynamax_functions(MEMORY_BUDGET[size], n_states, length)
         if functions is None:
-            peer_note = "dynamax: not installed (pip install dynamax to add the peer)."
+            peer_note = f"dynamax: {how} (pip install dynamax to add the peer)."
             continue
         for workload in ("forward", "posteriors", "em_iteration"):
             f = functions[workload]
