@@ -371,7 +371,7 @@ def check_emissions(fn: str, model: CHMM, emissions, checks: Checks) -> Array:
 
 
 def check_method(fn: str, method: str) -> None:
-    check_choice(fn, "method", method, ("scan", "parallel"))
+    check_choice(fn, "method", method, ("auto", "scan", "parallel"))
 
 
 def window(src: Array, p: Int[Array, " 3"], size: int) -> Array:

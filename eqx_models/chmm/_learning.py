@@ -215,7 +215,8 @@ def _total_log_likelihood(T, model: AbstractCHMM, batch: _Batch, method: str):
     model = with_transitions(model, T)
 
     def one(x, a, length):
-        return chain_log_likelihood(hard_chain(model, x, a, length), method)
+        chain = hard_chain(model, x, a, length)
+        return chain_log_likelihood(chain, method, batch.x.shape[0])
 
     return pairwise_sum(_map(one, batch))
 
@@ -250,7 +251,7 @@ def expected_counts(
     x: Sequences,
     a: Sequences,
     *,
-    method: str = "scan",
+    method: str = "auto",
     lengths: Lengths = None,
 ) -> tuple[Float[Array, "..."], Float[Array, ""]]:
     """Expected transition counts (the E-step of Baum-Welch).
@@ -268,7 +269,8 @@ def expected_counts(
     - `x`: observation ids: one sequence of shape `(T,)`, a batch of equal-length
         sequences `(batch, T)`, or a list of 1-D sequences of different lengths.
     - `a`: actions, in the same form as `x`.
-    - `method`: `"scan"` or `"parallel"`.
+    - `method`: `"auto"` (the default), `"scan"` or `"parallel"`, as for
+        [`eqx_models.chmm.log_likelihood`][].
     - `lengths`: with `(batch, T)` arrays, the number of real steps of each padded
         sequence, shape `(batch,)` (a mask that compiles once per padded shape):
         steps from `lengths[i]` on are ignored whatever they hold, and the results
@@ -302,7 +304,7 @@ def em(
     *,
     n_iter: int,
     pseudocount: float | Float[Array, ""] = 0.0,
-    method: str = "scan",
+    method: str = "auto",
     lengths: Lengths = None,
 ) -> tuple[AbstractCHMM, Float[Array, " n_iter_plus_1"]]:
     """Baum-Welch (soft EM) training of the transition tensor.
@@ -324,7 +326,8 @@ def em(
     - `lengths`: as for [`eqx_models.chmm.expected_counts`][].
     - `n_iter`: the number of EM iterations.
     - `pseudocount`: a non-negative count added to every transition.
-    - `method`: `"scan"` or `"parallel"` for the E-step.
+    - `method`: `"auto"` (the default), `"scan"` or `"parallel"` for the E-step,
+        as for [`eqx_models.chmm.log_likelihood`][].
 
     **Returns:**
 
@@ -461,7 +464,7 @@ def _posteriors_over(model, batch, emissions, method):
 
     def one(x, a, length):
         chain = dense_chain(model, log_emissions.T[x], a, length)
-        _, log_norms, _, gammas = chain_smooth(chain, method)
+        _, log_norms, _, gammas = chain_smooth(chain, method, batch.x.shape[0])
         if length is not None:
             in_use = jnp.arange(x.shape[0]) < length
             gammas = gammas * in_use[:, None]
@@ -481,7 +484,7 @@ def learn_emissions(
     n_iter: int,
     pseudocount: float | Float[Array, ""] = 1e-20,
     emissions: Float[Array, "n_states n_obs"] | None = None,
-    method: str = "scan",
+    method: str = "auto",
     lengths: Lengths = None,
 ) -> tuple[Float[Array, "n_states n_obs"], Float[Array, " n_iter_plus_1"]]:
     """Learn a clone-to-symbol emission matrix by EM with the transitions fixed.
@@ -505,7 +508,8 @@ def learn_emissions(
         value, lets a clone take up a symbol it never emitted.
     - `emissions`: an initial `(N, n_obs)` emission matrix (rows summing to one);
         the deterministic one if omitted.
-    - `method`: `"scan"` or `"parallel"` for the forward-backward passes.
+    - `method`: `"auto"` (the default), `"scan"` or `"parallel"` for the
+        forward-backward passes, as for [`eqx_models.chmm.log_likelihood`][].
 
     **Returns:**
 

@@ -335,7 +335,7 @@ def streaming_expected_counts(
     a: Int[_Ids, " T"] | Sequence[Int[_Ids, " _"]],
     *,
     chunk_size: int,
-    method: str = "scan",
+    method: str = "auto",
     chunks_per_call: int | None = None,
 ) -> tuple[Float[Array, "..."], Float[Array, ""]]:
     """Expected transition counts of long sequences, computed in chunks.
@@ -357,7 +357,8 @@ def streaming_expected_counts(
         so they may be memory-mapped files (`np.load(path, mmap_mode="r")`)
         larger than the host's or the device's memory.
     - `chunk_size`: the number of steps per chunk, a positive int.
-    - `method`: `"scan"` or `"parallel"`, the pass within each chunk.
+    - `method`: `"auto"` (the default), `"scan"` or `"parallel"`, the pass
+        within each chunk, as for [`eqx_models.chmm.log_likelihood`][].
     - `chunks_per_call`: `None` (default) sends each sequence's chunks to the
         device at once; a positive int `K` sends `K` chunks per device call, the
         messages carried between calls (the same counts up to rounding; one
@@ -393,7 +394,7 @@ def streaming_em(
     n_iter: int,
     chunk_size: int,
     pseudocount: float | Float[Array, ""] = 0.0,
-    method: str = "scan",
+    method: str = "auto",
     chunks_per_call: int | None = None,
     progress: bool = False,
 ) -> tuple[AbstractCHMM, Float[Array, " n_iter_plus_1"]]:
@@ -414,7 +415,8 @@ def streaming_em(
     - `n_iter`: the number of EM iterations.
     - `chunk_size`: steps per chunk, a positive int.
     - `pseudocount`: as for `em`.
-    - `method`: `"scan"` or `"parallel"`.
+    - `method`: `"auto"` (the default), `"scan"` or `"parallel"`, as for
+        [`eqx_models.chmm.log_likelihood`][].
     - `chunks_per_call`: as for `streaming_expected_counts`.
     - `progress`: show a tqdm progress bar over the iterations.
 
@@ -500,7 +502,7 @@ def online_em(
     n_epochs: int = 1,
     step_size: Callable[[Int[Array, ""]], Float[Array, ""]] = default_step_size,
     pseudocount: float | Float[Array, ""] = 0.0,
-    method: str = "scan",
+    method: str = "auto",
     chunks_per_call: int | None = None,
     progress: bool = False,
 ) -> tuple[AbstractCHMM, Float[Array, " n_chunks"]]:
@@ -528,7 +530,8 @@ def online_em(
     - `step_size`: `k -> g_k` in `(0, 1]`, a jittable function of the update
         count (an optax schedule works); `(k + 2) ** -0.7` by default.
     - `pseudocount`: a non-negative count added at every M-step.
-    - `method`: `"scan"` or `"parallel"`, the pass within each chunk.
+    - `method`: `"auto"` (the default), `"scan"` or `"parallel"`, the pass
+        within each chunk, as for [`eqx_models.chmm.log_likelihood`][].
     - `chunks_per_call`: as for
         [`eqx_models.chmm.streaming_expected_counts`][] (the same updates, in
         device calls of `K` chunks).

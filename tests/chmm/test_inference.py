@@ -344,7 +344,7 @@ class TestErrors:
 
     def test_method_ranks_and_dtypes(self):
         with pytest.raises(
-            ValueError, match=r"`method` must be one of \('scan', 'parallel'\)"
+            ValueError, match=r"`method` must be one of \('auto', 'scan', 'parallel'\)"
         ):
             log_likelihood(self.model, self.ids, self.ids, method="fast")
         with pytest.raises(TypeCheckError, match="log_likelihood: `x` must be"):

@@ -222,7 +222,7 @@ class TestErrors:
         with pytest.raises(ValueError, match="viterbi_em: `pseudocount` must be"):
             viterbi_em(self.model, self.ids, self.ids, n_iter=1, pseudocount=-1.0)
         with pytest.raises(
-            ValueError, match=r"`method` must be one of \('scan', 'parallel'\)"
+            ValueError, match=r"`method` must be one of \('auto', 'scan', 'parallel'\)"
         ):
             expected_counts(self.model, self.ids, self.ids, method="fast")
 

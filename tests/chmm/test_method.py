@@ -1,0 +1,117 @@
+"""`method="auto"`, the default: which strategy it picks, and that it then computes
+exactly what that strategy computes.
+
+The choice depends on the backend and the device's memory, read at trace time; the
+tests stand in for a GPU by replacing both (`_passes.jax.default_backend`,
+`_passes._device_memory`). Each test traces its own sequence length, so that no
+compilation made under another stand-in is reused.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eqx_models import chmm
+from eqx_models.chmm import _passes
+from eqx_models.chmm._chain import hard_chain
+
+from .test_inference import as_model, BLOCKS, case
+
+
+def _accelerator(monkeypatch, memory):
+    monkeypatch.setattr(_passes.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(_passes, "_device_memory", lambda: memory)
+
+
+def _passes_of(model, x, a, method):
+    return (
+        chmm.log_likelihood(model, x, a, method=method),
+        chmm.posteriors(model, x, a, method=method),
+        chmm.expected_counts(model, x, a, method=method),
+    )
+
+
+def _identical(actual, desired):
+    for u, v in zip(jax.tree.leaves(actual), jax.tree.leaves(desired), strict=True):
+        np.testing.assert_array_equal(u, v)
+
+
+def _differ(one, other) -> bool:
+    return any(
+        not np.array_equal(u, v)
+        for u, v in zip(jax.tree.leaves(one), jax.tree.leaves(other), strict=True)
+    )
+
+
+def _model_and_data(n_steps):
+    T, Pi, x, a = case(BLOCKS, n_steps=n_steps, seed=3)
+    return as_model(BLOCKS, T, Pi), jnp.asarray(x), jnp.asarray(a)
+
+
+def test_auto_is_the_scan_on_a_cpu():
+    model, x, a = _model_and_data(61)
+    auto = _passes_of(model, x, a, "auto")
+    _identical(auto, _passes_of(model, x, a, "scan"))
+    # The check can fail: the two strategies round differently.
+    assert _differ(auto, _passes_of(model, x, a, "parallel"))
+
+
+def test_auto_is_parallel_on_an_accelerator_with_room(monkeypatch):
+    model, x, a = _model_and_data(62)
+    _accelerator(monkeypatch, memory=2**40)
+    auto = _passes_of(model, x, a, "auto")
+    _identical(auto, _passes_of(model, x, a, "parallel"))
+    assert _differ(auto, _passes_of(model, x, a, "scan"))
+
+
+def test_auto_is_the_scan_on_an_accelerator_without_room(monkeypatch):
+    model, x, a = _model_and_data(63)
+    _accelerator(monkeypatch, memory=1024)
+    _identical(_passes_of(model, x, a, "auto"), _passes_of(model, x, a, "scan"))
+
+
+def test_auto_is_the_scan_where_the_memory_is_unknown(monkeypatch):
+    model, x, a = _model_and_data(64)
+    _accelerator(monkeypatch, memory=None)
+    _identical(_passes_of(model, x, a, "auto"), _passes_of(model, x, a, "scan"))
+
+
+def test_auto_weighs_the_memory_of_a_whole_batch(monkeypatch):
+    # Room for the parallel pass of one sequence, not for four at once.
+    model, x, a = _model_and_data(65)
+    chain = hard_chain(model, x, a)
+    one = _passes.parallel_bytes(65, chain.size, np.dtype(model.dtype).itemsize)
+    _accelerator(monkeypatch, memory=2 * one + 1)
+    single = chmm.expected_counts(model, x, a, method="auto")
+    _identical(single, chmm.expected_counts(model, x, a, method="parallel"))
+    batch_x, batch_a = jnp.stack([x] * 4), jnp.stack([a] * 4)
+    batch = chmm.expected_counts(model, batch_x, batch_a, method="auto")
+    _identical(batch, chmm.expected_counts(model, batch_x, batch_a, method="scan"))
+
+
+@pytest.mark.parametrize("length", [200, 3000])
+def test_the_memory_estimate_bounds_the_compiled_pass(length):
+    # On a CPU (which materialises every step's gradient) the temporaries of the
+    # parallel E-step stay within the estimate that `"auto"` weighs.
+    rng = np.random.default_rng(0)
+    layout = (5, 7, 3)
+    model = chmm.CHMM.random(layout, 2, key=jax.random.key(0))
+    x = jnp.asarray(rng.integers(0, len(layout), length))
+    a = jnp.asarray(rng.integers(0, 2, length))
+
+    def log_likelihood(T):
+        chain = hard_chain(chmm.CHMM(layout, T, model.Pi), x, a)
+        return _passes.chain_log_likelihood(chain, "parallel")
+
+    compiled = jax.jit(jax.grad(log_likelihood)).lower(model.T).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    size = hard_chain(model, x, a).size
+    estimate = _passes.parallel_bytes(length, size, 4)
+    assert 0 < temp <= estimate, (temp, estimate)
+
+
+def test_an_unknown_method_names_the_choices():
+    model, x, a = _model_and_data(5)
+    with pytest.raises(ValueError, match="auto.*scan.*parallel"):
+        chmm.log_likelihood(model, x, a, method="fast")
