@@ -14,7 +14,9 @@ before JAX starts: see `dump_flags`) and sums kernel time per part of the model:
 - the source location names the function it came from (read from the file with
   `ast`), which is mapped to a part by `parts`, a list of
   `(part, file, function names or None)` rules tried in order, where `file` is the
-  end of a path (`"multimodal/_model.py"`) or a folder (`"optax/"`);
+  end of a path (`"multimodal/_model.py"`) or a folder (`"optax/"`), or
+  `"scope:NAME"`: the instruction was traced inside `jax.named_scope(NAME)` (its
+  `op_name`; for code whose parts share functions, such as two attentions);
 - per part: milliseconds per step, share of the step's kernel time, and achieved
   bandwidth (bytes read and written over time) for the parts that are not matmuls
   or attention, to set against the memory roofline; the matmul parts' achieved
@@ -134,6 +136,7 @@ def _instructions(dump_dir: str) -> dict[tuple[str, str], dict]:
                 kind = "fusion:" + (backend.group(1) if backend else "")
             else:
                 kind = opcode
+            scope = re.search(r'op_name="([^"]*)"', meta)
             frame = re.search(r"stack_frame_id=(\d+)", meta)
             source = re.search(r'source_file="([^"]+)" source_line=(\d+)', meta)
             located = frames.get(int(frame.group(1))) if frame else None
@@ -144,13 +147,15 @@ def _instructions(dump_dir: str) -> dict[tuple[str, str], dict]:
                 function = _function(file, int(source.group(2)))
             else:
                 file = function = None
-            parsed.append((op, kind, result, operands, file, function))
-        for op, kind, result, operands, file, function in parsed:
+            op_name = scope.group(1) if scope else ""
+            parsed.append((op, kind, result, operands, file, function, op_name))
+        for op, kind, result, operands, file, function, op_name in parsed:
             table[(name, op)] = {
                 "kind": kind,
                 "bytes": _bytes(result) + sum(results.get(o, 0) for o in operands),
                 "file": file,
                 "function": function,
+                "op_name": op_name,
             }
     return table
 
@@ -211,6 +216,21 @@ def _in(file: str | None, where: str) -> bool:
     return f"/{where}" in f"/{file}" if where.endswith("/") else file.endswith(where)
 
 
+def _matches(info: dict, where: str, functions: Sequence[str] | None) -> bool:
+    """Whether an instruction falls under the rule `(where, functions)`."""
+    if where.startswith("scope:"):
+        # `jit(step)/transpose(jvp(attention))/dot_general`: a whole name in the
+        # stack of scopes, under any transformation.
+        name = re.escape(where.removeprefix("scope:"))
+        return re.search(rf"(?<![\w]){name}(?![\w])", info["op_name"]) is not None
+    if not _in(info["file"], where):
+        return False
+    # Qualified names (`_Block.attention.<locals>.<genexpr>`) match a rule naming
+    # any of their parts.
+    names = set((info["function"] or "").split("."))
+    return functions is None or bool(names & set(functions))
+
+
 def _library_part(kernel: str) -> str:
     """The part of a kernel that no HLO instruction is named after, by its name."""
     lowered = kernel.lower()
@@ -221,6 +241,10 @@ def _library_part(kernel: str) -> str:
     if lowered.startswith("memcpy") or lowered.startswith("memset"):
         return "copies"
     return "other"
+
+
+# Instructions whose events enclose those of the computations they run.
+_CONTROL_FLOW = frozenset({"while", "conditional", "call", "async-start", "async-done"})
 
 
 def breakdown(
@@ -245,29 +269,34 @@ def breakdown(
     for event in _kernels(trace_dir):
         args = event.get("args", {})
         ms = event["dur"] / 1e3
-        kernel_ms += ms
         module = args.get("hlo_module", "")
         info = table.get((module, args.get("hlo_op", ""))) or by_kernel_name.get(
             (module, event["name"])
         )
+        if info is not None and info["kind"] in _CONTROL_FLOW:
+            # On a CPU a loop's or branch's event spans the events of its body,
+            # which are counted themselves.
+            continue
+        kernel_ms += ms
         if info is None:
             part = _library_part(event["name"])
             if part == "other":
                 unmatched[event["name"][:60]] += ms
         else:
             kind = info["kind"]
-            # Qualified names (`_Block.attention.<locals>.<genexpr>`) match a rule
-            # naming any of their parts.
-            names = set((info["function"] or "").split("."))
             if "fmha" in kind or "cudnn" in kind.lower():
-                part = "attention (cuDNN)"
+                # Within a named scope, the scope's part; else attention as such.
+                scoped = (
+                    name
+                    for name, where, fns in parts
+                    if where.startswith("scope:") and _matches(info, where, fns)
+                )
+                part = f"{next(scoped, 'attention')} (cuDNN)"
             else:
-                part = "other"
-                for name, suffix, functions in parts:
-                    if _in(info["file"], suffix):
-                        if functions is None or names & set(functions):
-                            part = name
-                            break
+                part = next(
+                    (name for name, where, fns in parts if _matches(info, where, fns)),
+                    "other",
+                )
                 # cuBLAS calls, Triton GEMM fusions; on a CPU dots and XNNPACK.
                 if kind == "dot" or any(m in kind for m in ("gemm", "matmul", "ynn")):
                     part += ": matmul"

@@ -49,6 +49,13 @@ time of each training bucket (sampler and train step, one after another, split i
 tracing, lowering and XLA compilation) and the inference time per task in float32
 and bfloat16 with the model's FLOPs and roofline time, on an untrained model.
 
+`--latency --profile` also traces the inference of the first timing size (float32
+and bfloat16) and the train step of the largest bucket, and adds rows (workload
+`profile`) with the kernel time per call of each part of the model (the named scopes
+of `ParentSetPredictionModel`: the attention over the samples and over the
+variables, the MLPs, the rest of the encoder, the set scores, the input checks; the
+loss and the optimiser by file; `benchmarks/_profile.py`).
+
 `--data-parallel` shards every training batch over all devices along a `data` mesh
 axis (`make_train_step(..., mesh=...)`); the "train bucket" rows then give the step
 time and tasks per second of each task shape at the global batch size.
@@ -468,6 +475,84 @@ def time_inference(model, cfg, key, results):
         )
 
 
+# Parts of the model for `--profile`, tried in order: the block's scopes first
+# (they lie inside the encoder's), by the named scopes of `eqx_models/causal/_model.py`.
+PROFILE_PARTS = [
+    ("attention over samples", "scope:attention_over_samples", None),
+    ("attention over variables", "scope:attention_over_variables", None),
+    ("MLPs", "scope:mlp_after_samples", None),
+    ("MLPs", "scope:mlp_after_variables", None),
+    ("encoder, rest (embedding, LayerNorm, pooling)", "scope:encoder", None),
+    ("set scores", "scope:set_scores", None),
+    ("input checks", "scope:input_checks", None),
+    ("loss", "causal/_loss.py", None),
+    ("optimizer", "optax/", None),
+    ("optimizer", "transforms/_train/", None),
+]
+PROFILED_CALLS = 3
+
+
+def profile_latency(model, cfg, results, dump_dir):
+    """Kernel time per part of the model: inference at the first timing size in
+    float32 and bfloat16, and one train step of the last bucket."""
+    import _profile
+
+    d, n, batch = cfg["timing"][0]
+    config = TaskConfig(n_vars=d, n_samples=n, target="any")
+    tasks = jax.jit(jax.vmap(lambda k: sample_task(k, config)))(
+        jr.split(jr.key(5), batch)
+    )
+    calls = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        params, static = eqx.partition(cast_floating(model, dtype), eqx.is_array)
+        forward = jax.jit(
+            lambda params, data, static=static: jax.vmap(eqx.combine(params, static))(
+                data
+            )
+        )
+        label = f"inference, {jnp.dtype(dtype).name} (d = {d}, N = {n}, B = {batch})"
+        calls[label] = (forward, (params, tasks.data))
+    d, n = cfg["dims"][-1], cfg["samples"][-1]
+    batch_size = _batch_size(d, n, cfg["cells"], 1)
+    optimizer = make_optimizer(10**6)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    step = make_train_step(
+        BehaviouralCloningLoss(weight_decay=1e-4), optimizer, has_aux=True
+    )
+    training = sample_training_batch(
+        jr.key(6), TaskConfig(n_vars=d, n_samples=n), batch_size, K
+    )
+    label = f"train step (d = {d}, N = {n}, B = {batch_size})"
+    # The step donates the model and the optimiser state: each call continues
+    # from the last one's.
+    state = [_copy(model), _copy(opt_state)]
+
+    def train_step():
+        state[0], state[1], metrics = step(state[0], state[1], training, None)
+        return metrics
+
+    calls[label] = (train_step, ())
+    for label, (fn, args) in calls.items():
+        jax.block_until_ready(fn(*args))
+        with tempfile.TemporaryDirectory() as trace_dir:
+            _profile.capture(lambda: fn(*args), PROFILED_CALLS, trace_dir)
+            out = _profile.breakdown(trace_dir, dump_dir, PROFILED_CALLS, PROFILE_PARTS)
+        for part, v in out["parts"].items():
+            results.add(
+                workload="profile",
+                impl=label,
+                part=part,
+                ms_per_call=v["ms_per_step"],
+                share=v["share"],
+                kernels_per_call=v["kernels_per_step"],
+                gb_per_s=v["gb_per_s"],
+            )
+        results.note(
+            f"Profile: {label} spends {out['kernel_ms_per_step']:.2f} ms per call in "
+            "kernels; parts by the model's named scopes (benchmarks/_profile.py)."
+        )
+
+
 class CompileClock:
     """Seconds JAX spends tracing, lowering and compiling (XLA) during a call, from
     its monitoring events."""
@@ -835,7 +920,23 @@ def main(argv=None):
         help="only the compile time of each training bucket and the inference "
         "time per task, on an untrained model",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="with --latency: the kernel time of each part of the model "
+        "(benchmarks/_profile.py)",
+    )
     args = parser.parse_args(argv)
+    if args.profile and not args.latency:
+        parser.error("--profile goes with --latency")
+    dump_dir = None
+    if args.profile:
+        import _profile
+
+        # Before JAX starts its backend: the optimised HLO the profile reads.
+        dump_dir = tempfile.mkdtemp(prefix="causal-hlo-")
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} {_profile.dump_flags(dump_dir)}".strip()
     if args.latency:
         size = args.size or ("small" if jax.devices()[0].platform == "cpu" else "full")
         cfg = SIZES[size]
@@ -852,6 +953,8 @@ def main(argv=None):
         compile_buckets(cfg, results)
         model = build_model(cfg, jr.key(0))
         time_inference(model, cfg, jr.key(2), results)
+        if dump_dir is not None:
+            profile_latency(model, cfg, results, dump_dir)
         results.save(args.results_dir)
         return
     if args.nonlinear:

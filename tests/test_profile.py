@@ -79,3 +79,35 @@ def test_a_rule_names_a_file_or_a_folder():
     assert _profile._in("/r/eqx_models/multimodal/_model.py", "multimodal/")
     assert not _profile._in("/r/eqx_models/multimodal/_model.py", "_loss.py")
     assert not _profile._in(None, "optax/")
+
+
+def _twice(x, w):
+    # One function called in two named scopes: only the scope tells them apart.
+    with jax.named_scope("first_pass"):
+        y = _project(x, w)
+    with jax.named_scope("second_pass"):
+        return _project(y, w).sum()
+
+
+def test_a_scope_rule_separates_calls_of_one_function(tmp_path):
+    step = jax.jit(jax.grad(_twice, argnums=1))
+    x, w = jnp.ones((256, 128)), jnp.ones((128, 128))
+    dump = tmp_path / "hlo"
+    dump.mkdir()
+    (dump / "module_0001.jit__twice.cpu_after_optimizations.txt").write_text(
+        step.lower(x, w).compile().as_text()
+    )
+    jax.block_until_ready(step(x, w))
+    _profile.capture(lambda: step(x, w), 2, str(tmp_path / "trace"))
+    parts = [("first", "scope:first_pass", None), ("second", "scope:second_pass", None)]
+    out = _profile.breakdown(str(tmp_path / "trace"), str(dump), 2, parts)
+    seen = {p.split(":")[0] for p in out["parts"]}
+    # The forward and the gradient's kernels of both scopes.
+    assert {"first", "second"} <= seen, seen
+
+
+def test_a_scope_rule_matches_whole_names_under_transformations():
+    info = {"op_name": "jit(step)/transpose(jvp(first_pass))/dot_general", "file": None}
+    assert _profile._matches(info, "scope:first_pass", None)
+    assert not _profile._matches(info, "scope:first", None)
+    assert not _profile._matches(info, "scope:pass", None)

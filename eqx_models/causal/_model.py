@@ -119,10 +119,16 @@ class _Block(eqx.Module):
         return x + h @ self.w_down[i] + self.b_down[i]
 
     def __call__(self, x, n_rows, variable_mask, implementation):
-        x = self._attention(x, 0, 0, None, n_rows, implementation)
-        x = self._mlp(x, 0)
-        x = self._attention(x, 1, 1, variable_mask, None, implementation)
-        return self._mlp(x, 1)
+        # The scopes name the parts in a profile (both attentions call the same
+        # functions; XLA keeps the names through `vmap`, `grad` and `scan`).
+        with jax.named_scope("attention_over_samples"):
+            x = self._attention(x, 0, 0, None, n_rows, implementation)
+        with jax.named_scope("mlp_after_samples"):
+            x = self._mlp(x, 0)
+        with jax.named_scope("attention_over_variables"):
+            x = self._attention(x, 1, 1, variable_mask, None, implementation)
+        with jax.named_scope("mlp_after_variables"):
+            return self._mlp(x, 1)
 
 
 class _MLP(eqx.Module):
@@ -458,12 +464,20 @@ class ParentSetPredictionModel(eqx.Module):
 # outer `jit`.
 @eqx.filter_jit
 def _forward(model, data, sample_mask, variable_mask):
-    data, target = check_values(
-        "ParentSetPredictionModel", data, sample_mask, variable_mask
-    )
-    data, sample_mask = real_rows_first(data, sample_mask)
-    tokens, embeddings = model.embed_variables(data, target, sample_mask, variable_mask)
-    logits = model.score_sets(tokens, embeddings, target, sample_mask, variable_mask)
+    # The scopes name the parts in a profile (see `_Block.__call__`).
+    with jax.named_scope("input_checks"):
+        data, target = check_values(
+            "ParentSetPredictionModel", data, sample_mask, variable_mask
+        )
+        data, sample_mask = real_rows_first(data, sample_mask)
+    with jax.named_scope("encoder"):
+        tokens, embeddings = model.embed_variables(
+            data, target, sample_mask, variable_mask
+        )
+    with jax.named_scope("set_scores"):
+        logits = model.score_sets(
+            tokens, embeddings, target, sample_mask, variable_mask
+        )
     return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
 
