@@ -34,7 +34,9 @@ import gzip
 import json
 import os
 import re
+import tempfile
 from collections.abc import Callable, Sequence
+from typing import Any
 
 
 def dump_flags(dump_dir: str) -> str:
@@ -324,3 +326,33 @@ def breakdown(
         "parts": out,
         "unmatched_ms_per_step": {k: v / steps for k, v in unmatched.most_common(10)},
     }
+
+
+def add_rows(
+    results: Any,
+    label: str,
+    run: Callable[[], object],
+    dump_dir: str,
+    parts: Sequence[tuple[str, str, Sequence[str] | None]],
+    *,
+    steps: int = 3,
+    **fields: Any,
+) -> dict:
+    """Trace `steps` calls of `run` (already compiled and run once), add a row per
+    part to `results` (workload `profile`, impl `label`, and `fields`) and return
+    the `breakdown`."""
+    with tempfile.TemporaryDirectory() as trace_dir:
+        capture(run, steps, trace_dir)
+        out = breakdown(trace_dir, dump_dir, steps, parts)
+    for part, v in out["parts"].items():
+        results.add(
+            workload="profile",
+            impl=label,
+            **fields,
+            part=part,
+            ms_per_call=v["ms_per_step"],
+            share=v["share"],
+            kernels_per_call=v["kernels_per_step"],
+            gb_per_s=v["gb_per_s"],
+        )
+    return out

@@ -534,19 +534,14 @@ def profile_latency(model, cfg, results, dump_dir):
     calls[label] = (train_step, ())
     for label, (fn, args) in calls.items():
         jax.block_until_ready(fn(*args))
-        with tempfile.TemporaryDirectory() as trace_dir:
-            _profile.capture(lambda: fn(*args), PROFILED_CALLS, trace_dir)
-            out = _profile.breakdown(trace_dir, dump_dir, PROFILED_CALLS, PROFILE_PARTS)
-        for part, v in out["parts"].items():
-            results.add(
-                workload="profile",
-                impl=label,
-                part=part,
-                ms_per_call=v["ms_per_step"],
-                share=v["share"],
-                kernels_per_call=v["kernels_per_step"],
-                gb_per_s=v["gb_per_s"],
-            )
+        out = _profile.add_rows(
+            results,
+            label,
+            lambda: fn(*args),
+            dump_dir,
+            PROFILE_PARTS,
+            steps=PROFILED_CALLS,
+        )
         results.note(
             f"Profile: {label} spends {out['kernel_ms_per_step']:.2f} ms per call in "
             "kernels; parts by the model's named scopes (benchmarks/_profile.py)."

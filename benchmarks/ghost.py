@@ -336,18 +336,15 @@ def profile_regime(results, fns, params, opt_state, tokens, sizes, dump_dir):
     for label, (fn, args) in calls.items():
         compiled = jax.jit(fn)
         jax.block_until_ready(compiled(*args))
-        with tempfile.TemporaryDirectory() as trace_dir:
-            _profile.capture(lambda: compiled(*args), PROFILED_STEPS, trace_dir)
-            out = _profile.breakdown(trace_dir, dump_dir, PROFILED_STEPS, PARTS)
-        for part, v in out["parts"].items():
-            results.add(
-                workload="profile",
-                impl=label,
-                sizes=sizes,
-                part=part,
-                ms_per_call=v["ms_per_step"],
-                share=v["share"],
-            )
+        out = _profile.add_rows(
+            results,
+            label,
+            lambda: compiled(*args),
+            dump_dir,
+            PARTS,
+            steps=PROFILED_STEPS,
+            sizes=sizes,
+        )
         results.note(
             f"B = {B}, T = {sizes['length']}: {label} spends "
             f"{out['kernel_ms_per_step']:.2f} ms per call in kernels; "
