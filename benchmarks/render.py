@@ -71,6 +71,8 @@ ORDER = [
     "chmm",
     "tidhy",
     "causal",
+    "causal_latency",
+    "compile_options",
     "interop",
     "train_step",
     "determinism",
@@ -1224,7 +1226,101 @@ def _summary_attribution(result: dict) -> list[Comparison]:
     return out
 
 
+# Issue 19's targets for the causal surrogate on a GPU: a bucket's first step
+# (sampler and train step, compilation included) and inference per task at d = 20,
+# N = 500.
+_CAUSAL_FIRST_STEP_LIMIT = 15.0
+_CAUSAL_PER_TASK_LIMIT = 100e-6
+
+
+def _summary_causal_latency(result: dict) -> list[Comparison]:
+    """Each bucket's first step against the target, and the model's inference per
+    task against the exact expert of the same run."""
+    rows, device, out = result["rows"], _device(result), []
+    gpu = result["environment"]["platform"] != "cpu"
+    for row in rows:
+        if row.get("workload") != "compile bucket":
+            continue
+        seconds = row["first_step_s"]
+        out.append(
+            Comparison(
+                device,
+                f"first step, bucket d = {row['d']}, N = {row['N']}",
+                f"{time_text(seconds)} (XLA compiling the step "
+                f"{time_text(row['step_xla_compile_s'])}, the sampler "
+                f"{time_text(row['sampler_xla_compile_s'])})",
+                f"a warm step: {time_text(row['step_s'])}",
+                "–",
+                f"≤ {time_text(_CAUSAL_FIRST_STEP_LIMIT)}: "
+                f"{_met(seconds <= _CAUSAL_FIRST_STEP_LIMIT)}"
+                if gpu
+                else "–",
+            )
+        )
+    inference = [r for r in rows if r.get("workload") == "inference"]
+    for row in inference:
+        if not row["impl"].startswith("model"):
+            continue
+        sizes = row.get("sizes") or {}
+        expert = next(
+            (
+                r
+                for r in inference
+                if r["impl"] == "exact expert" and (r.get("sizes") or {}) == sizes
+            ),
+            None,
+        )
+        per_task = row["per_task_s"]
+        target = "–"
+        if gpu and sizes.get("d") == 20 and sizes.get("N") == 500:
+            target = (
+                f"≤ {time_text(_CAUSAL_PER_TASK_LIMIT)}: "
+                f"{_met(per_task <= _CAUSAL_PER_TASK_LIMIT)}"
+            )
+        out.append(
+            Comparison(
+                device,
+                f"inference per task, d = {sizes.get('d')}, N = {sizes.get('N')}",
+                f"{time_text(per_task)} ({row['impl']}, roofline "
+                f"{time_text(row['roofline_per_task_s'])})",
+                "–"
+                if expert is None
+                else f"exact expert: {time_text(expert['per_task_s'])}",
+                "–" if expert is None else faster(per_task, expert["per_task_s"]),
+                target,
+            )
+        )
+    return out
+
+
+def _summary_compile_options(result: dict) -> list[Comparison]:
+    """Each set of compiler options against XLA's defaults: compile and run time."""
+    rows, device, out = result["rows"], _device(result), []
+    default = {r["workload"]: r for r in rows if r["impl"] == "default"}
+    for row in rows:
+        base = default.get(row["workload"])
+        if row["impl"] == "default" or base is None:
+            continue
+        if "error" in row or "error" in base:
+            continue
+        out.append(
+            Comparison(
+                device,
+                f"{row['workload']}, {row['impl']}",
+                f"compile {time_text(row['compile_s'])}, run "
+                f"{time_text(row['median_s'])}",
+                f"defaults: compile {time_text(base['compile_s'])}, run "
+                f"{time_text(base['median_s'])}",
+                f"compile {faster(row['compile_s'], base['compile_s'])}, run "
+                f"{faster(row['median_s'], base['median_s'])}",
+            )
+        )
+    return out
+
+
 SUMMARIES: dict[str, Callable[[dict], list[Comparison]]] = {
+    "causal_latency": _summary_causal_latency,
+    "compile_options": _summary_compile_options,
     "attribution": _summary_attribution,
     "chmm": _summary_chmm,
     "ghost": _summary_ghost,
