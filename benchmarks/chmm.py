@@ -1,8 +1,8 @@
 """Cloned HMM inference and learning: every strategy, with dynamax as the peer.
 
 Usage: `python benchmarks/chmm.py [--size cpu|gpu] [--sweep-lengths T [T ...]
-[--sweep-model large|medium]] [--sweep-blocks K [K ...]] [--results-dir DIR]` (size
-default: by the platform).
+[--sweep-model large|medium]] [--sweep-blocks K [K ...]] [--matmul-floor]
+[--results-dir DIR]` (size default: by the platform).
 
 Workloads (the issue's sizes; `--size cpu` shortens what would take minutes on a
 2-core machine and says so in each row):
@@ -34,6 +34,11 @@ With `--sweep-blocks 512 2048 4096`, only the parallel passes of the large model
 (log-likelihood, posteriors, and the log-likelihood's gradient) with about each of
 those block counts and with the cost model's own (workload `block sweep/...`, column
 `default`), merged the same way: what decides the cost model's constant.
+
+With `--matmul-floor`, only phase 1 of the parallel passes (the products within the
+blocks) at the large workload's block shape, at 70 clones and padded to 72, 80, 96
+and 128 (workload `matmul floor/phase 1`, merged the same way): the floor of the
+log-likelihood's time, and whether a padded layout would multiply faster.
 
 With `--scale`, only the rows of issue 22 (merged into the result file the same
 way): a `SparseCHMM` of 100 symbols x 100 clones (N = 10 000), 4 actions, each
@@ -250,6 +255,13 @@ def main(argv=None):
         "counts (and the default's), merged into the file",
     )
     parser.add_argument(
+        "--matmul-floor",
+        action="store_true",
+        help="only the floor of the parallel passes' products (phase 1 alone at the "
+        "large workload's block shape, and with the clone count padded), merged "
+        "into the file",
+    )
+    parser.add_argument(
         "--results-dir", default=None, help="where to write (default: results/)"
     )
     parser.add_argument(
@@ -280,6 +292,10 @@ def main(argv=None):
     if args.scale:
         scale_size = args.scale_size or ("tiny" if platform == "cpu" else "full")
         scale_rows(results, scale_size)
+        results.save(args.results_dir, merge_key=_sweep_key)
+        return
+    if args.matmul_floor:
+        matmul_floor(results, size)
         results.save(args.results_dir, merge_key=_sweep_key)
         return
     if args.sweep_blocks:
@@ -497,7 +513,7 @@ def scale_rows(results, scale_size):
 
 def _sweep_key(row):
     """What identifies a row when a sweep is merged into a result file."""
-    keys = ("workload", "impl", "N", "T", "sequences", "blocks")
+    keys = ("workload", "impl", "N", "T", "sequences", "blocks", "clones")
     return tuple(row.get(k) for k in keys)
 
 
@@ -595,6 +611,61 @@ def block_sweep(results, counts, size):
         "log-likelihood, posteriors and the gradient of the log-likelihood; each "
         "function compiled once in the same process (`compile_s` is lower once a "
         "matrix-product shape has been tuned by an earlier row). Measured "
+        f"{env['date']} on {env['device']}, jax {env['versions'].get('jax')}."
+    )
+
+
+# Clone counts the floor is measured at: the large workload's 70, and padded to
+# multiples of 8, 16, 32 and 64 (the tiles matrix-product kernels work in).
+FLOOR_SIZES = (70, 72, 80, 96, 128)
+
+
+def matmul_floor(results, size):
+    """Phase 1 of the parallel passes alone, at the large workload's block shape:
+    `L` sequential steps, each a batched product of the `K` running products with
+    the next step matrices at full float32 and a row normalisation. Its time is the
+    floor of the log-likelihood (the products across the blocks and the windows'
+    gathers come on top); with the clone count padded it says whether a padded
+    layout would multiply faster."""
+    cfg = WORKLOADS["large"]
+    length = cfg["length"] if size == "gpu" else CPU_PARALLEL_LENGTH["large"]
+    blocks, steps = block_shape(length - 1, cfg["clones"])
+    for clones in FLOOR_SIZES:
+        keys = jr.split(jr.key(clones))
+        start = jr.uniform(keys[0], (blocks, clones, clones))
+        windows = jr.uniform(keys[1], (steps, blocks, clones, clones))
+
+        def phase_one(start, windows):
+            def step(product, window):
+                R = jnp.einsum(
+                    "kij,kjl->kil", product, window, precision=jax.lax.Precision.HIGHEST
+                )
+                return R / R.sum(-1, keepdims=True), None
+
+            return jax.lax.scan(step, start, windows)[0]
+
+        timing = timed(jax.jit(phase_one), start, windows)
+        flops = 2 * blocks * steps * clones**3
+        useful = 2 * blocks * steps * cfg["clones"] ** 3
+        results.add(
+            workload="matmul floor/phase 1",
+            impl="batched products, float32",
+            N=cfg["n_obs"] * cfg["clones"],
+            T=length,
+            sequences=1,
+            blocks=blocks,
+            steps_per_block=steps,
+            clones=clones,
+            **timing,
+            gflop_per_s=flops / timing["median_s"] / 1e9,
+            useful_gflop_per_s=useful / timing["median_s"] / 1e9,
+        )
+    env = results.environment
+    results.note(
+        f"Floor of the parallel passes: phase 1 alone ({steps} sequential batched "
+        f"products of {blocks} matrices, the large workload's block shape) at "
+        f"{cfg['clones']} clones and padded to {', '.join(map(str, FLOOR_SIZES[1:]))}; "
+        "`useful_gflop_per_s` counts the unpadded products. Measured "
         f"{env['date']} on {env['device']}, jax {env['versions'].get('jax')}."
     )
 

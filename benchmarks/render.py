@@ -61,7 +61,7 @@ IDENTITY = frozenset(
 # --sweep-batch`, at one length per sweep, and `chmm.py --sweep-lengths` and
 # `--sweep-blocks`): drawn in
 # the plots and listed in the details, not summarised.
-SWEEPS = ("batch sweep/", "length sweep/", "block sweep/")
+SWEEPS = ("batch sweep/", "length sweep/", "block sweep/", "matmul floor/")
 
 ORDER = [
     "multimodal",
