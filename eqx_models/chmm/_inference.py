@@ -158,9 +158,11 @@ def log_likelihood(
         `"parallel"` (products of step matrices, sequential within blocks of steps
         and all blocks at once, then a product tree across the blocks; on a GPU
         60 to 100 times faster at the benchmark's sizes, slower to compile) or
-        `"auto"` (the default): the parallel strategy on a GPU or TPU where its
-        estimated memory is at most half of the device's, the scan otherwise.
-        Both give the same numbers up to rounding.
+        `"auto"` (the default): the parallel strategy on a GPU or TPU backend for
+        chains of at most 368 slots whose estimated memory is at most half of the
+        device's, the scan otherwise. Both give the same numbers up to rounding.
+        Under your own `jax.vmap` the estimate is of one sequence: for a large
+        batch, name the method.
     - `emissions`: optional `(N, n_obs)` emission matrix replacing the
         deterministic clone-to-symbol emission (see
         [`eqx_models.chmm.learn_emissions`][]); the pass is then dense.

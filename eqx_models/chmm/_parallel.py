@@ -144,7 +144,7 @@ def _combine(first, second):
 # that workload 1 to 6 % faster at K = 2 048 (its own optimum), and a CPU much
 # slower at the tree's optimum (K = 1 000 against 250 at T = 5 000: 179 against
 # 36 ms), so the model stays until a GPU measurement of the padded tree decides.
-_STEP_FLOPS = 1e8
+STEP_FLOPS = 1e8
 
 
 def _cheapest_blocks(n: int, size: int) -> int:
@@ -154,7 +154,7 @@ def _cheapest_blocks(n: int, size: int) -> int:
         length, levels = -(-n // k), k.bit_length()
         sequential = 2 * length + levels
         products = k * length + (k + 1) * levels
-        return _STEP_FLOPS * sequential + flops * products
+        return STEP_FLOPS * sequential + flops * products
 
     # Under `vmap` a batch of sequences multiplies the products, not the sequential
     # steps, so the products across blocks are kept to at most twice those within.

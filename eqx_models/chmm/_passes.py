@@ -19,6 +19,7 @@ from ._parallel import (
     parallel_forward,
     parallel_log_likelihood,
     parallel_smooth,
+    STEP_FLOPS,
 )
 from ._scan import backward_scan, forward_scan, scan_log_likelihood
 
@@ -52,16 +53,19 @@ def strategy(method: str, chain: Chain, sequences: int = 1) -> str:
     """`"scan"` or `"parallel"`, the strategy `method` stands for on this chain
     (one of `sequences` run together under `vmap`).
 
-    `"auto"` picks the parallel strategy on a GPU or TPU, where a sequential step
-    costs microseconds however little it computes (on an H100 the large benchmark
-    workload's log-likelihood takes 5.5 ms against the scan's 369 ms), as long as
-    its estimated memory for all `sequences` (`parallel_bytes`) is at most half of
-    the device's; the scan everywhere else, a CPU included, where it is the faster
+    `"auto"` picks the parallel strategy on a GPU or TPU backend, where a
+    sequential step costs microseconds however little it computes (on an H100 the
+    large benchmark workload's log-likelihood takes 5.5 ms against the scan's 369
+    ms), as long as a step's matrix product costs less than a sequential step
+    (`2 size^3` FLOPs against `STEP_FLOPS`, the parallel strategy's cost model:
+    up to about 368 slots; a dense chain over many states is the scan's) and its
+    estimated memory for all `sequences` (`parallel_bytes`) is at most half of the
+    device's. The scan everywhere else, a CPU included, where it is the faster
     (the parallel strategy does `size` times its arithmetic).
     """
     if method != "auto":
         return method
-    if jax.default_backend() == "cpu":
+    if jax.default_backend() == "cpu" or 2 * chain.size**3 > STEP_FLOPS:
         return "scan"
     memory = _device_memory()
     itemsize = np.dtype(chain.pi0.dtype).itemsize

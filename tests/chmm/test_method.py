@@ -14,7 +14,7 @@ import pytest
 
 from eqx_models import chmm
 from eqx_models.chmm import _passes
-from eqx_models.chmm._chain import hard_chain
+from eqx_models.chmm._chain import Chain, hard_chain
 
 from .test_inference import as_model, BLOCKS, case
 
@@ -115,3 +115,30 @@ def test_an_unknown_method_names_the_choices():
     model, x, a = _model_and_data(5)
     with pytest.raises(ValueError, match="auto.*scan.*parallel"):
         chmm.log_likelihood(model, x, a, method="fast")
+
+
+def _chain_of(size, length=1000):
+    # What `strategy` reads of a chain: its sizes and dtype (the values are unused).
+    return Chain(
+        src=jnp.zeros((1, 1, 1)),
+        pos=jnp.zeros((length - 1, 3), jnp.int32),
+        pi0=jnp.zeros(size),
+        psi=None,
+        last=jnp.zeros(size),
+        slots=None,
+    )
+
+
+def test_auto_keeps_the_scan_where_a_product_costs_more_than_a_step(monkeypatch):
+    # 2 S^3 against the cost model's sequential step: 368 slots is the crossover.
+    _accelerator(monkeypatch, memory=2**50)
+    assert _passes.strategy("auto", _chain_of(368)) == "parallel"
+    assert _passes.strategy("auto", _chain_of(369)) == "scan"
+
+
+def test_an_explicit_method_is_kept_everywhere(monkeypatch):
+    _accelerator(monkeypatch, memory=None)
+    assert _passes.strategy("parallel", _chain_of(1000)) == "parallel"
+    monkeypatch.setattr(_passes.jax, "default_backend", lambda: "cpu")
+    assert _passes.strategy("parallel", _chain_of(7)) == "parallel"
+    assert _passes.strategy("scan", _chain_of(7)) == "scan"
