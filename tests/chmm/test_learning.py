@@ -255,9 +255,10 @@ class TestErrors:
 
 
 @pytest.mark.slow
-def test_float32_counts_of_a_long_sequence_are_accurate():
+@pytest.mark.parametrize("method", METHODS)
+def test_float32_counts_of_a_long_sequence_are_accurate(method):
     # One symbol: every count entry collects thousands of contributions, the worst
-    # case for a float32 running sum; the scan accumulates in chunks.
+    # case for a float32 running sum; both strategies accumulate in chunks.
     layout = (3,)
     rng = np.random.default_rng(6)
     T, Pi = ref.random_model(rng, layout, 2)
@@ -266,7 +267,7 @@ def test_float32_counts_of_a_long_sequence_are_accurate():
     a = rng.integers(0, 2, n_steps)
     expected = ref.expected_counts(T, Pi, ref.emission_weights(layout, x), a)
     model = as_model(layout, T, Pi, jnp.float32)
-    counts, _ = expected_counts(model, x, a)
+    counts, _ = expected_counts(model, x, a, method=method)
     np.testing.assert_allclose(counts, expected, rtol=1e-5)
     np.testing.assert_allclose(counts.sum(), n_steps - 1, rtol=1e-6)
 
