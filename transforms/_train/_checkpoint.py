@@ -525,6 +525,17 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict:
     }
 
 
+def _check_template(path: str, stored: list[dict], template, caller: str) -> None:
+    """The leaves a checkpoint stored (`_describe`'s records) against the template
+    it is read into: a `CheckpointError` listing every difference."""
+    problems = _compare(stored, _describe(template))
+    if problems:
+        raise CheckpointError(
+            f"{caller}: {os.fspath(path)!r} does not match the template:\n  "
+            + "\n  ".join(problems)
+        )
+
+
 def _compare(stored: list[dict], expected: list[dict]) -> list[str]:
     stored_by_path = {leaf["path"]: leaf for leaf in stored}
     expected_by_path = {leaf["path"]: leaf for leaf in expected}
@@ -694,12 +705,7 @@ def load_checkpoint(
     if expected_metadata is not None:
         _check_metadata(path, header["metadata"], expected_metadata, caller)
     template = (model, opt_state, key_template)
-    problems = _compare(header["leaves"], _describe(template))
-    if problems:
-        raise CheckpointError(
-            f"{caller}: {path!r} does not match the template:\n  "
-            + "\n  ".join(problems)
-        )
+    _check_template(path, header["leaves"], template, caller)
     try:
         model, opt_state, key_data = eqx.tree_deserialise_leaves(
             io.BytesIO(payload), template

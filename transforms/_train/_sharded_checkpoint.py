@@ -42,12 +42,11 @@ from ._checkpoint import (
     _as_path,
     _as_step,
     _check_metadata,
-    _compare,
+    _check_template,
     _describe,
     _json_mapping,
     _key_payload,
     Checkpoint,
-    CheckpointError,
 )
 
 
@@ -333,12 +332,7 @@ class ShardedCheckpoints:
         if expected_metadata is not None:
             _check_metadata(where, header["metadata"], expected_metadata, caller)
         template = (model, opt_state, key_template)
-        problems = _compare(header["leaves"], _describe(template))
-        if problems:
-            raise CheckpointError(
-                f"{caller}: {where!r} does not match the template:\n  "
-                + "\n  ".join(problems)
-            )
+        _check_template(where, header["leaves"], template, caller)
         ocp = _orbax()
         templates = _arrays(template)
         targets = {name: _target(leaf) for name, leaf in templates.items()}
