@@ -26,8 +26,8 @@ tail is padded with identity steps), and a pass has three phases:
    walking the tree down gives every prefix (`_prefix_rows`) and, for smoothing,
    every suffix applied to ones (`_suffix_columns`). Because the prefixes have
    identical rows and the suffixes are applied to a vector, the walk down multiplies
-   vectors by matrices only. The levels are unrolled, so the graph grows with
-   `log2(K)`, not with `T`.
+   vectors by matrices only. The levels are a `lax.scan` each way, so the graph
+   grows with neither `T` nor `K`.
 3. `_within_blocks`: from the message entering (leaving) each block, its per-step
    messages by the sequential recursions of `_scan.py`, all blocks at once (`L`
    steps of vector-block products, forward and backward in one body).
@@ -43,7 +43,12 @@ H200 the posteriors of the large workload (T = 50 000) took 49.5 s to compile an
 compiled body but ran `(K + 1) log2(K + 1)` matrix products each way, as many as
 phase 1 at `T = 2 000` on a CPU and a fifth of it at `T = 50 000`; the tree runs
 half that once for both directions (on a CPU at `T = 5 000`: log-likelihood 78 to
-36 ms, posteriors 141 to 94 ms, one EM iteration 240 to 141 ms).
+36 ms, posteriors 141 to 94 ms, one EM iteration 240 to 141 ms). Its levels, first
+unrolled, are loops since (on a CPU at the large size: 1 588 to 525 instructions
+and 2.9 to 1.1 s of compilation for the log-likelihood, 3 861 to 1 316 and 5.7 to
+2.5 s for the posteriors, 3 980 to 1 412 and 6.8 to 2.9 s for an EM iteration;
+the log-likelihood and the posteriors ran as fast, an EM iteration 5 to 15 % slower
+at T = 5 000 on a 2-core CPU).
 """
 
 import functools
@@ -306,61 +311,100 @@ def _interleave(even, odd):
     )
 
 
-def _up_sweep(elements: _Element) -> list[_Element]:
-    """The levels of a pairwise product tree: `levels[0]` the elements, each next
-    level the products of neighbouring pairs of the one before (an odd count padded
-    with an identity), the last a single element, the product of all.
+class _Tree(NamedTuple):
+    """A pairwise product tree of `n` elements, `P = ceil(n / 2)` pairs a level.
 
-    Every level multiplies as many pairs as the first, padded with identities: on a
-    GPU each shape of matrix product is tuned at compile time. With a shape per
-    level, the large workload (K = 1 021) took 16 to 21 s to compile on an H100
-    (log-likelihood 20.7 s, posteriors 19.6 s); padded, 6.6 s and 7.8 s, running
-    as fast (5.3 and 6.9 ms). The padding costs `(K + 2) / 2` products per level
-    instead of the level's own, still a fraction of phase 1's `T`."""
-    levels = [elements]
-    pairs = -(-elements[0].shape[0] // 2)
-    while levels[-1][0].shape[0] > 1:
-        n = levels[-1][0].shape[0]
-        A, c = _pad(levels[-1], 2 * pairs)
+    `bottom`: the elements padded with identities to `2P`. `upper[j]`: the `P`
+    products of neighbouring pairs of level `j` (the bottom for `j = 0`, else
+    `upper[j - 1]` padded with identities to `2P`); the last level's first
+    element is the product of all. Past a level's own elements its products are
+    of identities, hence identities (exactly: `_combine(I, I)` is `I` with log
+    scales 0), so every level is a padded level of the tree."""
+
+    bottom: _Element
+    upper: _Element
+
+
+def _up_sweep(elements: _Element) -> _Tree:
+    """The product tree of `elements`, its levels a `lax.scan`.
+
+    Every level multiplies as many pairs as the first, padded with identities:
+    on a GPU each shape of matrix product is tuned at compile time. With a shape
+    per level, the large workload (K = 1 021) took 16 to 21 s to compile on an
+    H100 (log-likelihood 20.7 s, posteriors 19.6 s); padded, 6.6 s and 7.8 s,
+    running as fast (5.3 and 6.9 ms). With one shape the levels are one loop
+    body, so the graph does not grow with the depth either (unrolled, the
+    posteriors' graph had about 170 fusions of its 309 on a CPU in the levels).
+    The padding costs `(K + 2) / 2` products per level instead of the level's
+    own, still a fraction of phase 1's `T`."""
+    n = elements[0].shape[0]
+    pairs = -(-n // 2)
+    bottom = _pad(elements, 2 * pairs)
+
+    def level(x, _):
+        A, c = x
         product = _combine((A[0::2], c[0::2]), (A[1::2], c[1::2]))
-        levels.append(jax.tree.map(lambda v: v[: -(-n // 2)], product))
-    return levels
+        return _pad(product, 2 * pairs), product
+
+    # ceil(log2(n)) levels; n = K + 2 >= 3, so at least two.
+    _, upper = lax.scan(level, bottom, None, length=(n - 1).bit_length())
+    return _Tree(bottom, upper)
 
 
-def _prefix_rows(levels: list[_Element]) -> _Element:
-    """Inclusive prefix products of the elements of `_up_sweep`, whose first element
-    has identical rows, so that every prefix does too: one row each, `[n, 1, S]`
-    and `[n, 1]`. Walks the tree down: an odd position's prefix is its pair's, an
-    even one's the previous pair's prefix times the element (a vector times a
-    matrix)."""
-    A, c = levels[-1]
-    rows = (A[:, :1], c[:, :1])
-    for elements in reversed(levels[:-1]):
-        n = elements[0].shape[0]
-        A, c = _pad_even(elements)
+def _walk_down(tree: _Tree, step, top):
+    """`step(elements, above)` from the level below the top down to the bottom:
+    `above` is the result for the level above (`P` entries, of which the level's
+    `2P` padded elements are the pairs' halves), the result has `2P` entries; the
+    top's result is `top` (`P` entries). Returns the bottom's, `2P` entries of
+    which the first `n` are the elements'."""
+    pairs = tree.bottom[0].shape[0] // 2
+
+    def cut(result, size):
+        return jax.tree.map(lambda v: v[:size], result)
+
+    def level(above, elements):
+        return cut(step(_pad(elements, 2 * pairs), above), pairs), None
+
+    # The levels between the top and the bottom, from the top down.
+    middle = jax.tree.map(lambda v: v[-2::-1], tree.upper)
+    above, _ = lax.scan(level, top, middle)
+    return step(tree.bottom, above)
+
+
+def _prefix_rows(tree: _Tree) -> _Element:
+    """Inclusive prefix products of the tree's elements, whose first element has
+    identical rows, so that every prefix does too: one row each, `[2P, 1, S]` and
+    `[2P, 1]` (the first `n` the elements'). Walks the tree down: an odd
+    position's prefix is its pair's, an even one's the previous pair's prefix times
+    the element (a vector times a matrix)."""
+
+    def step(elements, rows):
+        A, c = elements
         earlier = jax.tree.map(lambda v: v[:-1], rows)
         later = _combine(earlier, (A[2::2], c[2::2]))
         first = (A[:1, :1], c[:1, :1])
         even = jax.tree.map(lambda f, e: jnp.concatenate([f, e]), first, later)
-        rows = jax.tree.map(lambda v: v[:n], _interleave(even, rows))
-    return rows
+        return _interleave(even, rows)
+
+    A, c = jax.tree.map(lambda v: v[-1], tree.upper)
+    return _walk_down(tree, step, (A[:, :1], c[:, :1]))
 
 
-def _suffix_columns(levels: list[_Element]) -> Array:
-    """`log(E_i @ ... @ E_{n-1} @ 1)` for every element `i` of `_up_sweep`'s
-    elements, `[n, S]`: the tree walked down as in `_prefix_rows`, here a matrix times
-    a vector. A column `v` is the element `(ones [S, 1], log v)`, so that `_combine`
-    multiplies by it."""
-    columns = levels[-1][1]
-    for elements in reversed(levels[:-1]):
-        n = elements[0].shape[0]
-        A, c = _pad_even(elements)
+def _suffix_columns(tree: _Tree) -> Array:
+    """`log(E_i @ ... @ E_{n-1} @ 1)` for every element `i` of the tree, `[2P, S]`:
+    the tree walked down as in `_prefix_rows`, here a matrix times a vector. A
+    column `v` is the element `(ones [S, 1], log v)`, so that `_combine` multiplies
+    by it."""
+
+    def step(elements, columns):
+        A, c = elements
         later = (jnp.ones_like(columns[1:])[..., None], columns[1:])
         odd = _combine((A[1:-1:2], c[1:-1:2]), later)[1]
         # The last pair's odd element has nothing after it: its own row sums.
         odd = jnp.concatenate([odd, c[-1:]])
-        columns = _interleave(columns, odd)[:n]
-    return columns
+        return _interleave(columns, odd)
+
+    return _walk_down(tree, step, tree.upper[1][-1])
 
 
 def _flip(tree):
@@ -410,19 +454,19 @@ def _forward_outputs(chain: Chain, blocked: _Blocked, alphas, norms):
     return alphas, log_norms
 
 
-def _product_tree(chain: Chain, blocked: _Blocked) -> list[_Element]:
+def _product_tree(chain: Chain, blocked: _Blocked) -> _Tree:
     """Phases 1 and 2 up the tree: the block products and their product tree."""
     return _up_sweep(_elements(blocked, _block_products(chain, blocked)))
 
 
-def _entering(blocked: _Blocked, levels: list[_Element]) -> Array:
+def _entering(blocked: _Blocked, tree: _Tree) -> Array:
     """The filtered message before each block's first step, `[K, S]`: the prefix
     through the elements before it (`first, P_0, ..., P_{k-1}`)."""
     n_blocks = blocked.pos.shape[1]
-    return _prefix_rows(levels)[0][:n_blocks, 0]
+    return _prefix_rows(tree)[0][:n_blocks, 0]
 
 
-def _smooth(chain: Chain, blocked: _Blocked, levels: list[_Element]):
+def _smooth(chain: Chain, blocked: _Blocked, tree: _Tree):
     """Phases 2 (down the tree) and 3 of smoothing, given the product tree.
 
     Returns `(alphas, log_norms, us, gammas, betas)`: `betas[t] = B[t+1] @ u[t+1]`
@@ -431,9 +475,10 @@ def _smooth(chain: Chain, blocked: _Blocked, levels: list[_Element]):
     n = chain.length - 1
     # `u` after each block's last step: that element's evidence times the products of
     # the later blocks applied to ones (the suffixes from `P_{k+1}`).
-    log_u = _suffix_columns(levels)[2:] + safe_log(blocked.weights[-1])
+    n_blocks = blocked.pos.shape[1]
+    log_u = _suffix_columns(tree)[2 : n_blocks + 2] + safe_log(blocked.weights[-1])
     forward_out, (us, betas) = _within_blocks(
-        chain, blocked, _entering(blocked, levels), _normalise_log(log_u)
+        chain, blocked, _entering(blocked, tree), _normalise_log(log_u)
     )
     alphas, log_norms = _forward_outputs(chain, blocked, *forward_out)
     betas = betas[:n]
@@ -469,10 +514,10 @@ def parallel_smooth(
     return _smooth(chain, blocked, _product_tree(chain, blocked))[:4]
 
 
-def _total(levels: list[_Element]) -> Array:
+def _total(tree: _Tree) -> Array:
     """`lnL`: the log scale of the product of all elements (any row: the first
     element's rows are identical)."""
-    return levels[-1][1][0, 0]
+    return tree.upper[1][-1, 0, 0]
 
 
 # The gradient is the forward-backward formula of `_scan.py`'s `_log_likelihood` (see
@@ -487,13 +532,13 @@ def _log_likelihood(src, pi0, psi, pos, last, blocks):
 
 def _log_likelihood_fwd(src, pi0, psi, pos, last, blocks):
     chain = Chain(src, pos, pi0, psi, last, None)
-    levels = _product_tree(chain, _blocked(chain, blocks))
-    return _total(levels), (chain, levels)
+    tree = _product_tree(chain, _blocked(chain, blocks))
+    return _total(tree), (chain, tree)
 
 
 def _log_likelihood_bwd(blocks, residuals, g):
-    chain, levels = residuals
-    alphas, _, us, gammas, betas = _smooth(chain, _blocked(chain, blocks), levels)
+    chain, tree = residuals
+    alphas, _, us, gammas, betas = _smooth(chain, _blocked(chain, blocks), tree)
     # dlnL/dB[t] = outer(alpha[t-1], u[t]) / d[t], with d[t] = alpha[t-1] . beta[t-1].
     d = jnp.sum(alphas[:-1] * betas, axis=-1)
     grads = alphas[:-1, :, None] * safe_divide(us[1:], d[:, None])[:, None, :]
