@@ -43,6 +43,11 @@ def parallel_bytes(length: int, size: int, itemsize: int) -> int:
     return itemsize * (matrices * size * size + 6 * length * size)
 
 
+def _backend() -> str:
+    """The backend programs are compiled for: `"cpu"`, `"gpu"`, `"tpu"`..."""
+    return jax.default_backend()
+
+
 def _device_memory() -> int | None:
     """The bytes the default device can hold, where its backend tells."""
     stats = jax.devices()[0].memory_stats()
@@ -65,7 +70,7 @@ def strategy(method: str, chain: Chain, sequences: int = 1) -> str:
     """
     if method != "auto":
         return method
-    if jax.default_backend() == "cpu" or 2 * chain.size**3 > STEP_FLOPS:
+    if _backend() == "cpu" or 2 * chain.size**3 > STEP_FLOPS:
         return "scan"
     memory = _device_memory()
     itemsize = np.dtype(chain.pi0.dtype).itemsize

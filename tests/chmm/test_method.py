@@ -2,7 +2,7 @@
 exactly what that strategy computes.
 
 The choice depends on the backend and the device's memory, read at trace time; the
-tests stand in for a GPU by replacing both (`_passes.jax.default_backend`,
+tests stand in for a GPU by replacing both (`_passes._backend`,
 `_passes._device_memory`). Each test traces its own sequence length, so that no
 compilation made under another stand-in is reused.
 """
@@ -20,7 +20,7 @@ from .test_inference import as_model, BLOCKS, case
 
 
 def _accelerator(monkeypatch, memory):
-    monkeypatch.setattr(_passes.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(_passes, "_backend", lambda: "gpu")
     monkeypatch.setattr(_passes, "_device_memory", lambda: memory)
 
 
@@ -139,6 +139,6 @@ def test_auto_keeps_the_scan_where_a_product_costs_more_than_a_step(monkeypatch)
 def test_an_explicit_method_is_kept_everywhere(monkeypatch):
     _accelerator(monkeypatch, memory=None)
     assert _passes.strategy("parallel", _chain_of(1000)) == "parallel"
-    monkeypatch.setattr(_passes.jax, "default_backend", lambda: "cpu")
+    monkeypatch.setattr(_passes, "_backend", lambda: "cpu")
     assert _passes.strategy("parallel", _chain_of(7)) == "parallel"
     assert _passes.strategy("scan", _chain_of(7)) == "scan"
