@@ -301,12 +301,6 @@ def _pad(elements: _Element, size: int) -> _Element:
     )
 
 
-def _pad_even(elements: _Element) -> _Element:
-    """An identity element appended to an odd number of elements."""
-    n = elements[0].shape[0]
-    return _pad(elements, n + n % 2)
-
-
 def _interleave(even, odd):
     """`[even[0], odd[0], even[1], odd[1], ...]`, leaf by leaf."""
     return jax.tree.map(
@@ -328,6 +322,12 @@ class _Tree(NamedTuple):
     upper: _Element
 
 
+def tree_shape(n: int) -> tuple[int, int]:
+    """`(P, depth)` of the product tree of `n >= 2` elements: `P = ceil(n / 2)`
+    pairs a level, `ceil(log2(n))` levels above the bottom."""
+    return -(-n // 2), (n - 1).bit_length()
+
+
 def _up_sweep(elements: _Element) -> _Tree:
     """The product tree of `elements`, its levels a `lax.scan`.
 
@@ -340,8 +340,7 @@ def _up_sweep(elements: _Element) -> _Tree:
     posteriors' graph had about 170 fusions of its 309 on a CPU in the levels).
     The padding costs `(K + 2) / 2` products per level instead of the level's
     own, still a fraction of phase 1's `T`."""
-    n = elements[0].shape[0]
-    pairs = -(-n // 2)
+    pairs, depth = tree_shape(elements[0].shape[0])
     bottom = _pad(elements, 2 * pairs)
 
     def level(x, _):
@@ -349,8 +348,8 @@ def _up_sweep(elements: _Element) -> _Tree:
         product = _combine((A[0::2], c[0::2]), (A[1::2], c[1::2]))
         return _pad(product, 2 * pairs), product
 
-    # ceil(log2(n)) levels; n = K + 2 >= 3, so at least two.
-    _, upper = lax.scan(level, bottom, None, length=(n - 1).bit_length())
+    # n = K + 2 >= 3 elements, so at least two levels.
+    _, upper = lax.scan(level, bottom, None, length=depth)
     return _Tree(bottom, upper)
 
 

@@ -7,8 +7,6 @@ rounding. The choice is made here once per pass, so the public routines in
 `_inference.py` and `_learning.py` only say which pass they need.
 """
 
-import math
-
 import jax
 import numpy as np
 from jaxtyping import Array, Float
@@ -20,6 +18,7 @@ from ._parallel import (
     parallel_log_likelihood,
     parallel_smooth,
     STEP_FLOPS,
+    tree_shape,
 )
 from ._scan import backward_scan, forward_scan, scan_log_likelihood
 
@@ -28,8 +27,9 @@ def parallel_bytes(length: int, size: int, itemsize: int) -> int:
     """An upper estimate of the memory of a parallel pass over a chain of `length`
     steps of `size` slots, its gradient included.
 
-    The product tree's levels (each `(K + 2) / 2` products of `size x size`), phase
-    1's running products, windows and results (`3 K`), a few messages per step,
+    The product tree (`2P` elements at the bottom and `P` products at each of its
+    levels, `tree_shape` of the `K + 2` elements), phase 1's running products,
+    windows and results (`3 K`), a few messages per step,
     and the gradient of every step's matrix before it is summed into the blocks
     (`T size^2`) with the chunked sums it is scattered into (at most as much).
     A CPU materialises the gradients; on a GPU XLA fuses them away: the large
@@ -38,8 +38,8 @@ def parallel_bytes(length: int, size: int, itemsize: int) -> int:
     """
     n = max(length - 1, 1)
     blocks, _ = block_shape(n, size)
-    levels = math.ceil(math.log2(blocks + 2)) + 1
-    matrices = (blocks + 2) // 2 * levels + 3 * blocks + 2 * length
+    pairs, depth = tree_shape(blocks + 2)
+    matrices = pairs * (depth + 2) + 3 * blocks + 2 * length
     return itemsize * (matrices * size * size + 6 * length * size)
 
 
