@@ -19,7 +19,8 @@ same equations with the original's Python inner loop, on CUDA when available):
   20; the library's default per-window batching).
 
 The library's rows come twice, with `check_every=1` (the stopping rule tested after
-every inner iteration) and with the accelerator default, 16 iterations per test: the
+every inner iteration) and with 16 iterations per test (the per-window mode's default
+on an accelerator), the platform's default for the workload's mode first: the
 results are the same, only the number of tests differs. On a GPU every test of a
 `lax.while_loop` predicate is a copy to the host and a wait, so the benchmark also
 states that floor: the time per trip of a `while_loop` whose body does almost
@@ -84,15 +85,15 @@ def _torch_inference_kwargs(config):
     return dict(lr_r=lr_r, lr_r2=lr_r2, max_iter=config.max_iter, tol=config.tol)
 
 
-def _check_every_values() -> list[int]:
-    """`check_every=1` and the accelerator default, this platform's default first
-    (the rendered summary compares the first library row of a workload)."""
-    default = REFERENCE.iterations_per_check
+def _check_every_values(config: tidhy.InferenceConfig) -> list[int]:
+    """`check_every=1` and 16, the default of `config` on this platform first (the
+    rendered summary compares the first library row of a workload)."""
+    default = config.iterations_per_check
     return [default] + [k for k in (1, AUTO_CHECK_EVERY) if k != default]
 
 
-def _impl(k: int) -> str:
-    default = " (default)" if k == REFERENCE.iterations_per_check else ""
+def _impl(k: int, config: tidhy.InferenceConfig) -> str:
+    default = " (default)" if k == config.iterations_per_check else ""
     return f"eqx_models (while_loop, check_every={k}{default})"
 
 
@@ -185,7 +186,7 @@ def _latency_floor(results, trips: int, chunk: int) -> None:
 
     # `scan_optimize` itself on a trivial objective: the relative change of
     # gradient descent on ||x||^2 / 2 is the learning rate, so it never converges.
-    for k in _check_every_values():
+    for k in _check_every_values(PER_WINDOW):
         solver = scan_optimize(
             lambda x: 0.5 * jnp.sum(x**2),
             optax.sgd(1e-3),
@@ -198,7 +199,7 @@ def _latency_floor(results, trips: int, chunk: int) -> None:
         n = int(step(jnp.ones(16))[1].n_steps)
         results.add(
             workload="latency floor: scan_optimize, trivial objective",
-            impl=_impl(k),
+            impl=_impl(k, PER_WINDOW),
             iterations=n,
             trips=math.ceil(n / k),
             us_per_trip=timing["median_s"] * 1e6 / math.ceil(n / k),
@@ -231,7 +232,7 @@ def main(argv=None):
         "of the same equations with the original's Python inner loop; and the "
         "latency floor of a `while_loop` trip on the device.",
     )
-    ks = _check_every_values()
+    ks = _check_every_values(REFERENCE)
 
     system = tidhy.SwitchingLDS(key=jr.key(10))
     sample = system.sample(cfg["train"] + cfg["test"], key=jr.key(11))
@@ -288,7 +289,7 @@ def main(argv=None):
             n_jax = int(stats.n_iter[0])
             results.add(
                 workload=workload,
-                impl=_impl(k),
+                impl=_impl(k, base),
                 sizes=sizes,
                 iterations=n_jax,
                 iterations_executed=_executed(n_jax, k),
@@ -359,7 +360,7 @@ def main(argv=None):
         jax_epochs[k] = timing["median_s"]
         results.add(
             workload="training epoch (full batch)",
-            impl=_impl(k).replace("while_loop", "make_train_step"),
+            impl=_impl(k, REFERENCE).replace("while_loop", "make_train_step"),
             sizes=sizes,
             inner_iterations_mean=iters,
             us_per_inner_iteration=timing["median_s"] * 1e6 / (iters * (T - 1)),
@@ -412,14 +413,14 @@ def main(argv=None):
         )
 
     # evaluate_record over the whole test set.
-    for k in ks:
+    for k in _check_every_values(PER_WINDOW):
         config = dataclasses.replace(PER_WINDOW, check_every=k)
         evaluate = jax.jit(lambda m, X, c=config: _evaluate(m, X, c))
         timing = time_jax(evaluate, model, test, repeats=3)
         record = evaluate(model, test)
         results.add(
             workload="evaluate_record, test set",
-            impl=_impl(k).replace("while_loop", "per-window batching"),
+            impl=_impl(k, PER_WINDOW).replace("while_loop", "per-window batching"),
             sizes=dict(windows=test.shape[0], steps=T, D=D),
             inner_iterations_mean=float(jnp.mean(record.n_iter)),
             **timing,
@@ -447,7 +448,7 @@ def main(argv=None):
             results,
             lambda step=step: step(model, x1, r_prev, r2_prev),
             "kernel profile: inference step, paper stopping (tol 0.01)",
-            _impl(k),
+            _impl(k, REFERENCE),
             sizes,
             n_iter,
             k,

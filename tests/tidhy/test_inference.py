@@ -196,10 +196,17 @@ def test_check_every_changes_no_training_loss(getkey):
     _assert_bitwise_equal(loss(5), expected)
 
 
-def test_check_every_auto_is_one_on_a_cpu_only():
-    auto = tidhy.InferenceConfig().iterations_per_check
-    assert auto == (1 if jax.default_backend() == "cpu" else 16)
-    assert tidhy.InferenceConfig(check_every=4).iterations_per_check == 4
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
+def test_check_every_auto_chunks_per_window_loops_on_accelerators(
+    monkeypatch, backend
+):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    per_window = tidhy.InferenceConfig().iterations_per_check
+    assert per_window == (1 if backend == "cpu" else 16)
+    reference = tidhy.InferenceConfig(batch_mode="reference").iterations_per_check
+    assert reference == 1
+    named = tidhy.InferenceConfig(check_every=4, batch_mode="reference")
+    assert named.iterations_per_check == 4
 
 
 def test_abs_has_pytorchs_zero_subgradient_at_zero():
