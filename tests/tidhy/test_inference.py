@@ -197,9 +197,7 @@ def test_check_every_changes_no_training_loss(getkey):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
-def test_check_every_auto_chunks_per_window_loops_on_accelerators(
-    monkeypatch, backend
-):
+def test_check_every_auto_chunks_per_window_loops_on_accelerators(monkeypatch, backend):
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     per_window = tidhy.InferenceConfig().iterations_per_check
     assert per_window == (1 if backend == "cpu" else 16)
