@@ -8,7 +8,8 @@ stored as a `SparseCHMM` (every symbol pair allowed, so the model is a full clon
 HMM; the block layout is what the large models use) and trained with streaming EM
 (chunks of the training text). Held-out text (another module) is scored in bits per
 character, against add-k smoothed n-gram models (orders 1 to 3) fitted in this
-script on the same symbols.
+script on the same symbols. Last, the trained model writes a sample of its own
+text (pooled characters shown as `~`).
 
 Usage: `python examples/chmm_text.py [--smoke]`.
 """
@@ -23,7 +24,13 @@ import jax.random as jr
 import numpy as np
 from _common import parse_args, save_summary
 
-from eqx_models.chmm import bits_per_step, log_likelihood, SparseCHMM, streaming_em
+from eqx_models.chmm import (
+    bits_per_step,
+    log_likelihood,
+    sample,
+    SparseCHMM,
+    streaming_em,
+)
 
 
 TRAIN = ["textwrap.py", "argparse.py", "collections/__init__.py", "functools.py"]
@@ -37,8 +44,18 @@ def read(name: str) -> str:
 
 def sizes(args) -> dict:
     if args.smoke:
-        return dict(symbols=24, clones=8, train=4_000, test=1_000, em=4, chunk=1_000)
-    return dict(symbols=48, clones=50, train=120_000, test=20_000, em=20, chunk=20_000)
+        return dict(
+            symbols=24, clones=8, train=4_000, test=1_000, em=4, chunk=1_000, sample=80
+        )
+    return dict(
+        symbols=48,
+        clones=50,
+        train=120_000,
+        test=20_000,
+        em=20,
+        chunk=20_000,
+        sample=400,
+    )
 
 
 def ngram_bits(train: np.ndarray, test: np.ndarray, order: int, k: int) -> float:
@@ -100,6 +117,10 @@ def main(argv=None):
         )
         for n in (1, 2, 3)
     }
+    symbols, _ = sample(model, jnp.zeros(cfg["sample"], jnp.int32), key=jr.key(1))
+    decode = {i: c for c, i in vocab.items()}
+    text = "".join(decode.get(int(i), "~") for i in symbols)
+    print(f"sampled text:\n{text}")
     save_summary(
         "chmm_text",
         {
