@@ -17,10 +17,12 @@ Usage: `python examples/chmm_maze.py [--smoke]`.
 
 import time
 
+import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
 import matplotlib
 import numpy as np
+from equinox import EquinoxRuntimeError
 
 
 matplotlib.use("Agg")
@@ -62,12 +64,58 @@ def four_rooms(size: int, colours: int, seed: int = 0) -> np.ndarray:
     return room
 
 
+def move(room, cell, u):
+    """The cell after action `u` (walls and the border stop the move)."""
+    target = tuple(int(v) for v in np.asarray(cell) + MOVES[u])
+    inside = all(0 <= v < n for v, n in zip(target, room.shape))
+    return target if inside and room[target] >= 0 else cell
+
+
 def replay(room, cell, actions):
+    """Open loop: the cells visited by taking `actions` from `cell`."""
     cells = [tuple(int(v) for v in cell)]
     for u in actions:
-        target = tuple(int(v) for v in np.asarray(cells[-1]) + MOVES[u])
-        inside = all(0 <= v < n for v, n in zip(target, room.shape))
-        cells.append(target if inside and room[target] >= 0 else cells[-1])
+        cells.append(move(room, cells[-1], u))
+    return cells
+
+
+def navigate(model, room, cell, start, goal, horizon, budget):
+    """Closed loop, as an agent: follow the plan, observe the colour after each
+    action and update the belief over clones (a filter step); when the colour
+    contradicts the clone the plan expected, remove that transition from the
+    agent's copy of the model (a clone that stands for two cells offers shortcuts
+    between them that the maze does not have) and re-plan from the most probable
+    clone. Returns the cells visited."""
+    dense = model.to_dense()
+    T = np.array(dense.T)
+    symbol = np.repeat(np.arange(len(model.n_clones)), model.n_clones)
+    belief = np.zeros(T.shape[1])
+    belief[start] = 1.0
+    cells = [tuple(int(v) for v in cell)]
+    route, i = None, 0
+    for _ in range(budget):
+        clone = int(np.argmax(belief))
+        if clone == goal:
+            break
+        if route is None or i >= int(route.length) or int(route.states[i]) != clone:
+            agent = eqx.tree_at(lambda m: m.T, dense, jnp.asarray(T))
+            try:
+                route = plan(
+                    agent, jnp.asarray(clone), jnp.asarray(goal), max_steps=horizon
+                )
+            except EquinoxRuntimeError:  # out of reach in the agent's model
+                break
+            i = 0
+        u, expected = int(route.actions[i]), int(route.states[i + 1])
+        cells.append(move(room, cells[-1], u))
+        colour = room[cells[-1]]
+        if symbol[expected] != colour:
+            T[u, clone, expected] = 0.0
+        belief = (belief @ T[u]) * (symbol == colour)
+        if belief.sum() == 0:  # lost: no clone explains the colour
+            break
+        belief /= belief.sum()
+        i += 1
     return cells
 
 
@@ -95,6 +143,7 @@ def main(argv=None):
     # than 4 sides.
     distance = np.abs(positions - positions[0]).sum(axis=1)
     later = int(np.argmax(distance))
+    farthest = tuple(int(v) for v in positions[later])
     source, target = int(states[0]), int(states[later])
     horizon = 4 * cfg["size"]
     flat = plan(model, source, target, max_steps=horizon)
@@ -106,12 +155,18 @@ def main(argv=None):
     # The plan is found on the learned graph and replayed open loop in the maze: it
     # ends at the goal's cell unless it passes a clone that still stands for two
     # cells (a shortcut between them). Counted over goals the walk reached.
+    # Closed loop, the agent re-plans after each observation (`navigate`).
     goals = np.random.default_rng(0).integers(1, cfg["steps"], 20)
-    reached = 0
+    budget = 2 * horizon
+    reached = {"open loop": 0, "closed loop": 0}
     for t in goals:
-        route = plan(model, source, int(states[t]), max_steps=horizon)
+        goal_cell = tuple(int(v) for v in positions[t])
+        route = plan(model, source, jnp.asarray(states[t]), max_steps=horizon)
         path = replay(room, positions[0], np.asarray(route.actions[: route.length]))
-        reached += path[-1] == tuple(int(v) for v in positions[t])
+        reached["open loop"] += path[-1] == goal_cell
+        path = navigate(model, room, positions[0], source, states[t], horizon, budget)
+        reached["closed loop"] += path[-1] == goal_cell
+    walked = navigate(model, room, positions[0], source, target, horizon, budget)
     fields = np.asarray(
         place_fields(
             jnp.asarray(states),
@@ -127,7 +182,9 @@ def main(argv=None):
     ax.imshow(shown, cmap="tab20", interpolation="nearest")
     ax.imshow(np.where(room < 0, 1.0, np.nan), cmap="gray_r", vmin=0, vmax=1)
     path = np.array(cells)
-    ax.plot(path[:, 1], path[:, 0], "k.-", lw=2, label="hierarchical plan")
+    ax.plot(path[:, 1], path[:, 0], "k.-", lw=2, label="hierarchical plan, open loop")
+    path = np.array(walked)
+    ax.plot(path[:, 1] + 0.15, path[:, 0] + 0.15, "w.-", lw=1.5, label="closed loop")
     # Clones the walk never decodes (pruned by Viterbi EM) are communities of their
     # own: count the communities of the clones in use.
     in_use = len(np.unique(labels[np.unique(states)]))
@@ -148,9 +205,14 @@ def main(argv=None):
             "flat plan length": int(flat.length),
             "hierarchical plan length": n,
             "clones touched": f"{result.touched} of {model.n_states}",
-            "plan ends at the goal's cell in the maze": cells[-1]
-            == tuple(int(v) for v in positions[later]),
-            "plans to random goals ending at their cell": f"{reached} of {len(goals)}",
+            "plan ends at the goal's cell in the maze": cells[-1] == farthest,
+            "closed loop to the farthest cell: steps, arrived": (
+                f"{len(walked) - 1}, {walked[-1] == farthest}"
+            ),
+            **{
+                f"{loop}: goals of the walk reached": f"{n} of {len(goals)}"
+                for loop, n in reached.items()
+            },
             "learning seconds": round(seconds, 1),
         },
     )
