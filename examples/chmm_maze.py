@@ -8,9 +8,10 @@ split into communities (Louvain, networkx: the `graph` extra), and a plan betwee
 two decoded clones is found first over communities, then inside the corridor of
 communities on the way, touching a fraction of the clones; the flat plan is computed
 for comparison. The hierarchical plan, and flat plans to 20 other goals the walk
-reached, are replayed open loop in the real maze (docs/chmm.md explains the misses).
-The figure (in `examples/out/`) shows the maze coloured by the community of the
-clone decoded at each cell, and the hierarchical plan.
+reached, are executed in the real maze open loop (the actions replayed) and closed
+loop (an agent that re-plans from what it observes; docs/chmm.md explains the
+misses). The figure (in `examples/out/`) shows the maze coloured by the community of
+the clone decoded at each cell, and both paths to the farthest cell.
 
 Usage: `python examples/chmm_maze.py [--smoke]`.
 """
@@ -152,10 +153,10 @@ def main(argv=None):
     )
     n = int(result.plan.length)
     cells = replay(room, positions[0], np.asarray(result.plan.actions[:n]))
-    # The plan is found on the learned graph and replayed open loop in the maze: it
-    # ends at the goal's cell unless it passes a clone that still stands for two
-    # cells (a shortcut between them). Counted over goals the walk reached.
-    # Closed loop, the agent re-plans after each observation (`navigate`).
+    # Plans are found on the learned graph. Replayed open loop, a plan ends at the
+    # goal's cell unless it passes a clone that still stands for two cells (a
+    # shortcut between them); closed loop (`navigate`) the agent re-plans from what
+    # it observes. Counted over goals the walk reached.
     goals = np.random.default_rng(0).integers(1, cfg["steps"], 20)
     budget = 2 * horizon
     reached = {"open loop": 0, "closed loop": 0}
@@ -201,7 +202,7 @@ def main(argv=None):
             "blocks": model.n_blocks,
             "final bits/step": round(float(bits_per_step(curve[-1], len(x))), 3),
             "communities of the clones in use": in_use,
-            "plan from start to the farthest cell": f"{cells[0]} -> {cells[-1]}",
+            "start and farthest cell": f"{cells[0]} -> {farthest}",
             "flat plan length": int(flat.length),
             "hierarchical plan length": n,
             "clones touched": f"{result.touched} of {model.n_states}",
@@ -210,8 +211,8 @@ def main(argv=None):
                 f"{len(walked) - 1}, {walked[-1] == farthest}"
             ),
             **{
-                f"{loop}: goals of the walk reached": f"{n} of {len(goals)}"
-                for loop, n in reached.items()
+                f"{loop}: goals of the walk reached": f"{count} of {len(goals)}"
+                for loop, count in reached.items()
             },
             "learning seconds": round(seconds, 1),
         },
