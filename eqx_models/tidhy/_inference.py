@@ -30,11 +30,13 @@ from transforms.validation import (
 )
 
 from ._functional import l1
+from ._fused import fused_infer, unsupported_reason
 from ._model import TiDHy
 
 
 BatchMode = Literal["per_window", "reference"]
 _BATCH_MODES = ("per_window", "reference")
+_IMPLEMENTATIONS = ("xla", "pallas")
 
 # The inner loop's iterations per stopping test with `check_every="auto"` in the
 # per-window mode on an accelerator: at most 15 masked iterations wasted per loop
@@ -95,15 +97,26 @@ class InferenceConfig(eqx.Module):
         iterations cost more than the round trips they save; decided by the
         default backend when the inference is traced. Not part of the
         configuration that training checkpoints compare on resume.
+    - `implementation`: `"xla"` (default): the loop as XLA compiles it from the
+        energy and `jax.grad`. `"pallas"`: the loop as Pallas kernels with the
+        energy's gradient written out (`eqx_models/tidhy/_fused.py`): in the
+        per-window mode one kernel launch runs the whole loop of a block of
+        windows, in the reference mode an iteration is two launches, where XLA
+        runs about 28 small kernels. For GPUs (Triton); on a CPU it runs in
+        Pallas' interpreter, correct but slow. The same iterates up to rounding
+        (its products are in full float32, XLA's in the backend's default
+        precision), so the same iteration counts but at near-ties of the
+        tolerance. Not for `nonlinear_decoder` or `dyn_bias` models (an error
+        says so).
 
     **Raises:**
 
     `ValueError` for a value out of its range, NaN or infinite (a learning rate
     that is not positive, a negative tolerance or penalty, a `momentum` outside
     `[0, 1)`), a `max_iter` below 10 with the halving schedule, a `check_every`
-    below 1, or an unknown `batch_mode`; `TypeError` for a `max_iter` or
-    `check_every` that is not an integer (or `"auto"`) or a `halve_lr_r` or
-    `batch_converge` that is not a bool.
+    below 1, or an unknown `batch_mode` or `implementation`; `TypeError` for a
+    `max_iter` or `check_every` that is not an integer (or `"auto"`) or a
+    `halve_lr_r` or `batch_converge` that is not a bool.
     """
 
     lr_r: float | None = eqx.field(default=None, static=True)
@@ -121,6 +134,7 @@ class InferenceConfig(eqx.Module):
     first_step_weight_decay: float = eqx.field(default=0.01, static=True)
     check_every: int | str = eqx.field(default="auto", static=True)
     batch_converge: bool = eqx.field(default=True, static=True)
+    implementation: str = eqx.field(default="xla", static=True)
 
     def __check_init__(self):
         name = "InferenceConfig"
@@ -150,6 +164,7 @@ class InferenceConfig(eqx.Module):
                 f"on `lr_r` (`halve_lr_r=True`), got {self.max_iter}."
             )
         check_choice(name, "batch_mode", self.batch_mode, _BATCH_MODES)
+        check_choice(name, "implementation", self.implementation, _IMPLEMENTATIONS)
         if isinstance(self.check_every, str):
             if self.check_every != "auto":
                 raise fail(
@@ -321,6 +336,8 @@ def infer_impl(
     is exactly the unmasked one.
     """
     basis = jax.vmap(model.basis_predictions)(r_prev)
+    if config.implementation == "pallas":
+        return _fused_impl(model, x, r2_prev, basis, config, mask, present)
     r0 = jnp.zeros_like(r_prev)
     if config.batch_mode == "reference":
         relative_change = None if config.batch_converge else _window_relative_changes
@@ -340,6 +357,40 @@ def infer_impl(
             rel_change=stats.rel_change,
             energy=stats.objective,
             finite=stats.finite,
+        ),
+    )
+
+
+def _fused_impl(model: TiDHy, x, r2_prev, basis, config, mask, present):
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise fail(
+            "InferenceConfig",
+            "implementation",
+            "'xla' for a model with " + reason,
+            "'pallas'",
+        )
+    out = fused_infer(model, x, r2_prev, basis, config, mask, present)
+    latents = (out.r, out.r2)
+    if config.batch_mode == "reference":
+        energy = _batch_energy(latents, model, x, basis, config, mask, present)
+        energy = jnp.broadcast_to(energy, (x.shape[0],))
+    else:
+        energy = jax.vmap(
+            lambda r, r2, x, b, m, p: _per_window_energy(
+                (r, r2), model, x, b, config, m, p
+            )
+        )(out.r, out.r2, x, basis, mask, present)
+    energy = jax.lax.stop_gradient(energy)
+    return (
+        out.r,
+        out.r2,
+        InferenceStats(
+            n_iter=out.n_iter,
+            converged=out.converged,
+            rel_change=out.rel_change,
+            energy=energy,
+            finite=out.finite,
         ),
     )
 
