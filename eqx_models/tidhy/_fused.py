@@ -147,7 +147,7 @@ class _Static(NamedTuple):
     batch_converge: bool
 
 
-def _static(model: TiDHy, config) -> _Static:
+def _static(model: TiDHy, config, n_windows: int) -> _Static:
     lr_r, lr_r2 = config.learning_rates
     every = config.max_iter // 10
     halvings = tuple(range(every, config.max_iter, every)) if config.halve_lr_r else ()
@@ -167,7 +167,7 @@ def _static(model: TiDHy, config) -> _Static:
         tol=config.tol,
         max_iter=config.max_iter,
         eps=1e-16,
-        n_windows=0,
+        n_windows=n_windows,
         batch_converge=config.batch_converge,
     )
 
@@ -269,6 +269,13 @@ def _step(st: _Static, w, state, x, f_mask, basis, smooth, penalty, neg_lr_r):
     return new_r, new_r2, tr_r, tr_r2
 
 
+def _row_change(new, old, eps):
+    """Every window's relative change, `||new - old|| / (||old|| + eps)`."""
+    return jnp.sqrt(jnp.sum((new - old) ** 2, axis=1)) / (
+        jnp.sqrt(jnp.sum(old**2, axis=1)) + eps
+    )
+
+
 def _finite_rows(*arrays):
     """1 where every entry of the row is finite, per row (int32)."""
     flags = [jnp.min(jnp.isfinite(a).astype(jnp.int32), axis=1) for a in arrays]
@@ -317,13 +324,8 @@ def _per_window_kernel(st: _Static, *refs):
             present,
             _neg_lr_r(st, it, r2.dtype),
         )
-        old_r, old_r2 = state[0], state[1]
-        rel_r = jnp.sqrt(jnp.sum((new[0] - old_r) ** 2, axis=1)) / (
-            jnp.sqrt(jnp.sum(old_r**2, axis=1)) + st.eps
-        )
-        rel_r2 = jnp.sqrt(jnp.sum((new[1] - old_r2) ** 2, axis=1)) / (
-            jnp.sqrt(jnp.sum(old_r2**2, axis=1)) + st.eps
-        )
+        rel_r = _row_change(new[0], state[0], st.eps)
+        rel_r2 = _row_change(new[1], state[1], st.eps)
         keep = on[:, None]
         state = tuple(jnp.where(keep, a, b) for a, b in zip(new, state))
         passed = ((rel_r < st.tol) & (rel_r2 < st.tol)).astype(jnp.int32)
@@ -380,12 +382,8 @@ def _reference_step_kernel(st: _Static, *refs):
     else:
         # Every window on its own: the block's largest relative changes (rows of
         # padding, which never move, give 0).
-        rel_r = jnp.sqrt(jnp.sum((new[0] - r) ** 2, axis=1)) / (
-            jnp.sqrt(jnp.sum(r**2, axis=1)) + st.eps
-        )
-        rel_r2 = jnp.sqrt(jnp.sum((new[1] - r2) ** 2, axis=1)) / (
-            jnp.sqrt(jnp.sum(r2**2, axis=1)) + st.eps
-        )
+        rel_r = _row_change(new[0], r, st.eps)
+        rel_r2 = _row_change(new[1], r2, st.eps)
         zero = jnp.zeros((), r.dtype)
         sums = [jnp.max(rel_r), zero, jnp.max(rel_r2), zero]
     finite = jnp.min(_finite_rows(new[0], new[1])).astype(r.dtype)
@@ -488,7 +486,7 @@ def fused_infer(model: TiDHy, x, r2_prev, basis, config, mask, present) -> Fused
     p_p = _pad_to(present, (Bp,))
     r2_p = _pad_to(r2_prev, (Bp, s.R2))
     basis_p = _pad_to(basis.astype(dtype), (Bp, s.M, s.R))
-    st = _static(model, config)._replace(n_windows=B)
+    st = _static(model, config, B)
     interpret = jax.default_backend() == "cpu"
     w_specs = [_full(a.shape) for a in weights]
     block = BLOCK_WINDOWS

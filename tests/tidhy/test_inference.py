@@ -35,8 +35,15 @@ def _reference_kwargs(cfg) -> dict[str, Any]:
     )
 
 
+# Both implementations of the loop against the same float64 NumPy equations.
+IMPLEMENTATIONS = ["xla", "pallas"]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("setting", list(SETTINGS))
-def test_reference_mode_matches_the_numpy_equations(x64, getkey, setting):
+def test_reference_mode_matches_the_numpy_equations(
+    x64, getkey, setting, implementation
+):
     model = random_temporal(small_model(getkey()), getkey(), scale=0.6)
     x, r_prev, r2_prev = step_inputs(getkey(), B=3)
     cfg = tidhy.InferenceConfig(
@@ -45,6 +52,7 @@ def test_reference_mode_matches_the_numpy_equations(x64, getkey, setting):
         max_iter=400,
         tol=0.01,
         batch_mode="reference",
+        implementation=implementation,
         **SETTINGS[setting],
     )
     r, r2, stats = tidhy.infer(model, x, r_prev, r2_prev, cfg)
@@ -69,6 +77,7 @@ def test_reference_mode_matches_the_numpy_equations(x64, getkey, setting):
             tol=0.0,
             halve_lr_r=k >= 10,
             batch_mode="reference",
+            implementation=implementation,
             **SETTINGS[setting],
         )
         r_k, r2_k, stats_k = tidhy.infer(model, x, r_prev, r2_prev, fixed)
@@ -78,12 +87,15 @@ def test_reference_mode_matches_the_numpy_equations(x64, getkey, setting):
         np.testing.assert_allclose(r2_k, ref2_k, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_per_window_mode_solves_each_window_alone_and_equals_reference_for_one(
-    x64, getkey
+    x64, getkey, implementation
 ):
     model = random_temporal(small_model(getkey()), getkey(), scale=0.6)
     x, r_prev, r2_prev = step_inputs(getkey(), B=4)
-    cfg = tidhy.InferenceConfig(lr_r=0.1, lr_r2=0.1, max_iter=200, tol=0.01)
+    cfg = tidhy.InferenceConfig(
+        lr_r=0.1, lr_r2=0.1, max_iter=200, tol=0.01, implementation=implementation
+    )
     assert cfg.batch_mode == "per_window"
     r, r2, stats = tidhy.infer(model, x, r_prev, r2_prev, cfg)
     p = reference.Params(model)
@@ -152,13 +164,17 @@ CHUNK_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("mode", ["reference", "per_window"])
 @pytest.mark.parametrize("setting", list(CHUNK_SETTINGS))
-def test_check_every_changes_no_result(getkey, mode, setting):
+def test_check_every_changes_no_result(getkey, mode, setting, implementation):
     model = random_temporal(small_model(getkey()), getkey(), scale=0.6)
     x, r_prev, r2_prev = step_inputs(getkey(), B=4)
     cfg = tidhy.InferenceConfig(
-        batch_mode=mode, check_every=1, **CHUNK_SETTINGS[setting]
+        batch_mode=mode,
+        check_every=1,
+        implementation=implementation,
+        **CHUNK_SETTINGS[setting],
     )
     expected = tidhy.infer(model, x, r_prev, r2_prev, cfg)
     counts = np.asarray(expected[2].n_iter)
