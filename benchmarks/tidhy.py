@@ -19,17 +19,21 @@ same equations with the original's Python inner loop, on CUDA when available):
   20; the library's default per-window batching).
 
 The library's rows come twice, with `check_every=1` (the stopping rule tested after
-every inner iteration) and with 16 iterations per test (the per-window mode's default
-on an accelerator), the platform's default for the workload's mode first: the
-results are the same, only the number of tests differs. On a GPU every test of a
-`lax.while_loop` predicate is a copy to the host and a wait, so the benchmark also
-states that floor: the time per trip of a `while_loop` whose body does almost
-nothing, per iteration when the body runs a chunk of such iterations (rolled, as
-`check_every` does, or unrolled), per iteration of a `scan` with a static trip count
-(no predicate at all), and per iteration of `scan_optimize` itself on a trivial
-objective. A profiler trace of the inference call gives its device kernels per
-inner iteration and the time they keep the device busy, to set against the wall time
-per iteration.
+every inner iteration) and with 16 iterations per test (the per-window mode's
+default on an accelerator), the platform's default for the workload's mode first:
+the results are the same, only the number of tests differs. On an accelerator a
+third row runs the loop as Pallas kernels
+(`InferenceConfig(implementation="pallas")`: one launch per time step in the per-
+window mode, two per iteration in the reference mode). The training epoch is timed
+in the reference mode (the paper's semantics, the PyTorch peer's) and in the per-
+window mode (the library's default). On a GPU every test of a `lax.while_loop`
+predicate is a copy to the host and a wait, so the benchmark also states that floor:
+the time per trip of a `while_loop` whose body does almost nothing, per iteration
+when the body runs a chunk of such iterations (rolled, as `check_every` does, or
+unrolled), per iteration of a `scan` with a static trip count (no predicate at all),
+and per iteration of `scan_optimize` itself on a trivial objective. A profiler trace
+of the inference call gives its device kernels per inner iteration and the time they
+keep the device busy, to set against the wall time per iteration.
 
 Both implementations start from the same parameters and see the same data.
 """
@@ -95,6 +99,27 @@ def _check_every_values(config: tidhy.InferenceConfig) -> list[int]:
 def _impl(k: int, config: tidhy.InferenceConfig) -> str:
     default = " (default)" if k == config.iterations_per_check else ""
     return f"eqx_models (while_loop, check_every={k}{default})"
+
+
+def _variants(base: tidhy.InferenceConfig) -> list[tuple[str, tidhy.InferenceConfig]]:
+    """The library's rows of a workload, `(label, config)`: the XLA loop at each
+    `check_every` (the default first), then, on an accelerator, the Pallas
+    kernels at their default (on a CPU they run in Pallas' interpreter, a test
+    path, not a fast one)."""
+    rows = [
+        (_impl(k, base), dataclasses.replace(base, check_every=k))
+        for k in _check_every_values(base)
+    ]
+    if jax.default_backend() != "cpu":
+        pallas = dataclasses.replace(base, implementation="pallas")
+        k = pallas.iterations_per_check
+        label = (
+            "one launch per time step"
+            if base.batch_mode == "per_window"
+            else (f"two launches per iteration, check_every={k}")
+        )
+        rows.append((f"eqx_models (Pallas kernels, {label})", pallas))
+    return rows
 
 
 def _executed(n: int, k: int) -> int:
@@ -232,7 +257,6 @@ def main(argv=None):
         "of the same equations with the original's Python inner loop; and the "
         "latency floor of a `while_loop` trip on the device.",
     )
-    ks = _check_every_values(REFERENCE)
 
     system = tidhy.SwitchingLDS(key=jr.key(10))
     sample = system.sample(cfg["train"] + cfg["test"], key=jr.key(11))
@@ -279,8 +303,8 @@ def main(argv=None):
         ("200 fixed iterations", FIXED),
     ):
         workload = f"inference step, {name}"
-        for k in ks:
-            config = dataclasses.replace(base, check_every=k)
+        for impl, config in _variants(base):
+            k = config.iterations_per_check
             step = jax.jit(
                 lambda m, x, a, b, c=config: infer_impl(frozen(m), x, a, b, c)
             )
@@ -289,7 +313,7 @@ def main(argv=None):
             n_jax = int(stats.n_iter[0])
             results.add(
                 workload=workload,
-                impl=_impl(k, base),
+                impl=impl,
                 sizes=sizes,
                 iterations=n_jax,
                 iterations_executed=_executed(n_jax, k),
@@ -298,7 +322,7 @@ def main(argv=None):
                 **timing,
             )
             if base is REFERENCE:
-                profiled.append((step, k, n_jax, timing["median_s"]))
+                profiled.append((step, impl, k, n_jax, timing["median_s"]))
         holder = {}
 
         def run_torch(config=base):
@@ -325,8 +349,10 @@ def main(argv=None):
     # One training epoch: one full-batch step.
     optimizer = tidhy.make_optimizer(tidhy.Learner(model=model, gradnorm=None), TRAIN)
     jax_epochs = {}
-    for k in ks:
-        inference = dataclasses.replace(REFERENCE, check_every=k)
+    epochs = [("", v) for v in _variants(REFERENCE)]
+    # The library's default batching too (each window stops on its own).
+    epochs += [(", per-window inference", v) for v in _variants(PER_WINDOW)]
+    for mode, (impl, inference) in epochs:
         step = make_train_step(
             lambda learner, batch, key, inference=inference: tidhy.training_loss(
                 learner, batch, key, inference=inference, train=TRAIN
@@ -357,10 +383,11 @@ def main(argv=None):
         timing = time_callable(run_epoch, warmup=0, repeats=2 if size == "gpu" else 3)
         # Read once the epochs are done: a host read inside would time a sync.
         iters = float(state["metrics"]["inference_iters_mean"])
-        jax_epochs[k] = timing["median_s"]
+        if not mode:
+            jax_epochs[impl] = timing["median_s"]
         results.add(
-            workload="training epoch (full batch)",
-            impl=_impl(k, REFERENCE).replace("while_loop", "make_train_step"),
+            workload="training epoch (full batch" + mode + ")",
+            impl=impl.replace("while_loop", "make_train_step"),
             sizes=sizes,
             inner_iterations_mean=iters,
             us_per_inner_iteration=timing["median_s"] * 1e6 / (iters * (T - 1)),
@@ -405,22 +432,20 @@ def main(argv=None):
             f"one call of {measured:.3g} s; mean inner iterations "
             f"{np.mean(torch_iters):.1f} (PyTorch) and {iters:.1f} (JAX)."
         )
-    for k in ks:
+    for impl, epoch in jax_epochs.items():
         results.note(
-            f"Epoch speed-up eqx_models (check_every={k}) / torch: "
-            f"{torch_epoch / jax_epochs[k]:.1f}x ({size} size, {platform}; torch on "
-            f"{device.type})."
+            f"Epoch speed-up {impl} / torch: {torch_epoch / epoch:.1f}x ({size} "
+            f"size, {platform}; torch on {device.type})."
         )
 
     # evaluate_record over the whole test set.
-    for k in _check_every_values(PER_WINDOW):
-        config = dataclasses.replace(PER_WINDOW, check_every=k)
+    for impl, config in _variants(PER_WINDOW):
         evaluate = jax.jit(lambda m, X, c=config: _evaluate(m, X, c))
         timing = time_jax(evaluate, model, test, repeats=3)
         record = evaluate(model, test)
         results.add(
             workload="evaluate_record, test set",
-            impl=_impl(k, PER_WINDOW).replace("while_loop", "per-window batching"),
+            impl=impl.replace("while_loop", "per-window batching"),
             sizes=dict(windows=test.shape[0], steps=T, D=D),
             inner_iterations_mean=float(jnp.mean(record.n_iter)),
             **timing,
@@ -443,12 +468,12 @@ def main(argv=None):
         return
     # Saved before the profiler runs, so that a failing trace loses only its rows.
     results.save()
-    for step, k, n_iter, median_s in profiled:
+    for step, impl, k, n_iter, median_s in profiled:
         _kernel_profile(
             results,
             lambda step=step: step(model, x1, r_prev, r2_prev),
             "kernel profile: inference step, paper stopping (tol 0.01)",
-            _impl(k, REFERENCE),
+            impl,
             sizes,
             n_iter,
             k,

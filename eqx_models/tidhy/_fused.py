@@ -351,83 +351,104 @@ def _per_window_kernel(st: _Static, *refs):
 
 
 def _reference_step_kernel(st: _Static, *refs):
-    """One reference-mode iteration of one block, if the loop is still running."""
+    """One reference-mode iteration of one block, if the loop is still running.
+
+    The state's outputs alias its inputs: once the loop has stopped, the kernel
+    writes nothing and costs only its launch.
+    """
     (x_ref, m_ref, p_ref, basis_ref, status_ref), rest = refs[:5], refs[5:]
     n_w = len(_Weights._fields)
-    w_refs, state_refs, out_refs = rest[:n_w], rest[n_w : n_w + 4], rest[n_w + 4 :]
-    w = _load_weights(w_refs)
-    state = tuple(ref[...] for ref in state_refs)
+    w_refs, state_refs = rest[:n_w], rest[n_w : n_w + 4]
+    out_refs, partial_ref = rest[n_w + 4 : n_w + 8], rest[n_w + 8]
     step, running = _running(st, status_ref)
-    present = p_ref[...][:, None]
-    new = _step(
-        st,
-        w,
-        state,
-        x_ref[...],
-        m_ref[...],
-        basis_ref[...],
-        present / st.n_windows,
-        present,
-        _neg_lr_r(st, step, state[0].dtype),
-    )
-    r, r2 = state[0], state[1]
-    if st.batch_converge:
-        # Frobenius norms over the batch: partial sums of squares per block.
-        sums = [
-            jnp.sum((new[0] - r) ** 2),
-            jnp.sum(r**2),
-            jnp.sum((new[1] - r2) ** 2),
-            jnp.sum(r2**2),
-        ]
-    else:
-        # Every window on its own: the block's largest relative changes (rows of
-        # padding, which never move, give 0).
-        rel_r = _row_change(new[0], r, st.eps)
-        rel_r2 = _row_change(new[1], r2, st.eps)
-        zero = jnp.zeros((), r.dtype)
-        sums = [jnp.max(rel_r), zero, jnp.max(rel_r2), zero]
-    finite = jnp.min(_finite_rows(new[0], new[1])).astype(r.dtype)
-    column = jax.lax.broadcasted_iota(jnp.int32, (1, _PARTIALS), 1)
-    partial = jnp.zeros((1, _PARTIALS), r.dtype)
-    for j, value in enumerate([*sums, finite]):
-        partial = jnp.where(column == j, value, partial)
-    for ref, a, b in zip(out_refs[:4], new, state):
-        ref[...] = jnp.where(running, a, b)
-    out_refs[4][...] = partial
+
+    @pl.when(running)
+    def _():
+        state = tuple(ref[...] for ref in state_refs)
+        present = p_ref[...][:, None]
+        new = _step(
+            st,
+            _load_weights(w_refs),
+            state,
+            x_ref[...],
+            m_ref[...],
+            basis_ref[...],
+            present / st.n_windows,
+            present,
+            _neg_lr_r(st, step, state[0].dtype),
+        )
+        r, r2 = state[0], state[1]
+        if st.batch_converge:
+            # Frobenius norms over the batch: partial sums of squares per block.
+            sums = [
+                jnp.sum((new[0] - r) ** 2),
+                jnp.sum(r**2),
+                jnp.sum((new[1] - r2) ** 2),
+                jnp.sum(r2**2),
+            ]
+        else:
+            # Every window on its own: the block's largest relative changes (rows
+            # of padding, which never move, give 0).
+            zero = jnp.zeros((), r.dtype)
+            sums = [
+                jnp.max(_row_change(new[0], r, st.eps)),
+                zero,
+                jnp.max(_row_change(new[1], r2, st.eps)),
+                zero,
+            ]
+        finite = jnp.min(_finite_rows(new[0], new[1])).astype(r.dtype)
+        partial_ref[...] = _vector([*sums, finite], _PARTIALS, r.dtype)[None, :]
+        for ref, a in zip(out_refs, new):
+            ref[...] = a
+
+
+def _vector(values, n, dtype):
+    """`values` (scalars) in the first entries of a length-`n` vector of zeros
+    (Triton has no scatter of scalars into a tensor)."""
+    index = jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
+    out = jnp.zeros((n,), dtype)
+    for j, value in enumerate(values):
+        out = jnp.where(index == j, value, out)
+    return out
 
 
 def _fold_kernel(st: _Static, n_blocks: int, partials_ref, status_ref, out_ref):
-    """The loop's state after an iteration, from every block's partial sums."""
-    status = status_ref[...]
+    """The loop's state after an iteration, from every block's partial sums.
+
+    `out_ref` aliases `status_ref`: once the loop has stopped it stays as it is.
+    """
     step, running = _running(st, status_ref)
-    # Rows past the last block are padding (the array's length is a power of 2)
-    # and never written: read them as neutral values.
-    real = jax.lax.broadcasted_iota(jnp.int32, (partials_ref.shape[0],), 0) < n_blocks
 
-    def column(j, neutral):
-        return jnp.where(real, partials_ref[:, j], neutral)
+    @pl.when(running)
+    def _():
+        # Rows past the last block are padding (the array's length is a power of
+        # 2) and never written: read them as neutral values.
+        rows = jax.lax.broadcasted_iota(jnp.int32, (partials_ref.shape[0],), 0)
+        real = rows < n_blocks
 
-    if st.batch_converge:
-        rel_r = jnp.sqrt(jnp.sum(column(0, 0))) / (
-            jnp.sqrt(jnp.sum(column(1, 0))) + st.eps
+        def column(j, neutral):
+            return jnp.where(real, partials_ref[:, j], neutral)
+
+        if st.batch_converge:
+            rel_r = jnp.sqrt(jnp.sum(column(0, 0))) / (
+                jnp.sqrt(jnp.sum(column(1, 0))) + st.eps
+            )
+            rel_r2 = jnp.sqrt(jnp.sum(column(2, 0))) / (
+                jnp.sqrt(jnp.sum(column(3, 0))) + st.eps
+            )
+        else:
+            rel_r, rel_r2 = jnp.max(column(0, 0)), jnp.max(column(2, 0))
+        dtype = out_ref.dtype
+        out_ref[...] = _vector(
+            [
+                (step + 1).astype(dtype),
+                ((rel_r < st.tol) & (rel_r2 < st.tol)).astype(dtype),
+                jnp.min(column(4, 1)).astype(dtype),
+                jnp.maximum(rel_r, rel_r2).astype(dtype),
+            ],
+            _STATUS,
+            dtype,
         )
-        rel_r2 = jnp.sqrt(jnp.sum(column(2, 0))) / (
-            jnp.sqrt(jnp.sum(column(3, 0))) + st.eps
-        )
-    else:
-        rel_r, rel_r2 = jnp.max(column(0, 0)), jnp.max(column(2, 0))
-    dtype = status.dtype
-    new = [
-        (step + 1).astype(dtype),
-        ((rel_r < st.tol) & (rel_r2 < st.tol)).astype(dtype),
-        jnp.min(column(4, 1)).astype(dtype),
-        jnp.maximum(rel_r, rel_r2).astype(dtype),
-    ]
-    index = jax.lax.broadcasted_iota(jnp.int32, (_STATUS,), 0)
-    out = status
-    for j, value in enumerate(new):
-        out = jnp.where(index == j, value, out)
-    out_ref[...] = jnp.where(running, out, status)
 
 
 def _full(shape):
@@ -438,13 +459,14 @@ def _rows(block, *tail):
     return pl.BlockSpec((block, *tail), lambda i: (i,) + (0,) * len(tail))
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, interpret):
+def _call(kernel, grid, in_specs, out_specs, out_shape, interpret, aliases=None):
     return pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
+        input_output_aliases=aliases or {},
         interpret=interpret,
         compiler_params=pltriton.CompilerParams(num_warps=_NUM_WARPS, num_stages=1),
     )
@@ -519,6 +541,8 @@ def fused_infer(model: TiDHy, x, r2_prev, basis, config, mask, present) -> Fused
     state_shapes = [(Bp, s.R), (Bp, s.R2), (Bp, s.R), (Bp, s.R2)]
     partial_rows = 1 << (n_blocks - 1).bit_length()
     state_specs = [_rows(block, *shape[1:]) for shape in state_shapes]
+    # Inputs: x, mask, present, basis, status, the weights, then the state.
+    first_state = 5 + len(weights)
     step_call = _call(
         functools.partial(_reference_step_kernel, st),
         (n_blocks,),
@@ -530,6 +554,7 @@ def fused_infer(model: TiDHy, x, r2_prev, basis, config, mask, present) -> Fused
         [jax.ShapeDtypeStruct(shape, dtype) for shape in state_shapes]
         + [jax.ShapeDtypeStruct((partial_rows, _PARTIALS), dtype)],
         interpret,
+        aliases={first_state + j: j for j in range(4)},
     )
     fold_call = _call(
         functools.partial(_fold_kernel, st, n_blocks),
@@ -538,6 +563,7 @@ def fused_infer(model: TiDHy, x, r2_prev, basis, config, mask, present) -> Fused
         _full((_STATUS,)),
         jax.ShapeDtypeStruct((_STATUS,), dtype),
         interpret,
+        aliases={1: 0},
     )
 
     def iteration(carry):
