@@ -290,11 +290,8 @@ def _per_window_kernel(st: _Static, *refs):
     (x_ref, m_ref, p_ref, r2_ref, basis_ref), rest = refs[:5], refs[5:]
     w_refs, out_refs = rest[: len(_Weights._fields)], rest[len(_Weights._fields) :]
     r_out, r2_out, step_out, conv_out, rel_out, fin_out = out_refs
-    w = _load_weights(w_refs)
-    x, f_mask, basis = x_ref[...], m_ref[...], basis_ref[...]
-    present = p_ref[...][:, None]
     r2 = r2_ref[...]
-    r = jnp.zeros((r2.shape[0], w.dec_t.shape[0]), r2.dtype)
+    r = jnp.zeros((r2.shape[0], r_out.shape[1]), r2.dtype)
     n = r2.shape[0]
     zeros_i = jnp.zeros((n,), jnp.int32)
     init = (
@@ -313,13 +310,17 @@ def _per_window_kernel(st: _Static, *refs):
     def body(carry):
         state, step, conv, fin, rel, it = carry
         on = active(carry)
+        # Loaded at every iteration rather than held across the loop: the weights
+        # and the block's basis would not fit a thread's registers beside the
+        # loop's state; these loads hit the cache.
+        present = p_ref[...][:, None]
         new = _step(
             st,
-            w,
+            _load_weights(w_refs),
             state,
-            x,
-            f_mask,
-            basis,
+            x_ref[...],
+            m_ref[...],
+            basis_ref[...],
             present,
             present,
             _neg_lr_r(st, it, r2.dtype),
