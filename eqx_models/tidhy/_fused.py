@@ -3,9 +3,9 @@
 Why: on a GPU the XLA loop runs about 28 small kernels per inner iteration, each
 around 2 µs however little it computes, and a paper-size epoch is some 20 000
 iterations. Here one iteration of a block of windows is one piece of kernel code:
-the energy's gradient written out by hand (decoder, mixture of the precomputed
-basis, hypernetwork with its LayerNorm), the Nesterov step, the soft thresholds and
-the relative-change test.
+the energy's gradient written out by hand (linear or MLP decoder, mixture of the
+precomputed basis and gated bias, hypernetwork with its LayerNorm), the Nesterov
+step, the soft thresholds and the relative-change test.
 
 - Per-window mode: every window stops on its own, so a program runs the whole loop
     for its block of windows: one kernel launch per time step.
@@ -49,34 +49,38 @@ def _padded(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
-def unsupported_reason(model: TiDHy) -> str | None:
-    """Why the kernels cannot run `model`, or `None` if they can."""
-    if model.nonlinear_decoder:
-        return "a nonlinear decoder (`nonlinear_decoder=True`)"
-    if model.dyn_bias:
-        return "the gated dynamics bias (`dyn_bias=True`)"
-    return None
+class _Linear(NamedTuple):
+    """A zero-padded linear layer in both orientations (a transpose inside a
+    kernel costs a shuffle): `t` `(in, out)` for the forward product, `w`
+    `(out, in)` for the backward one."""
+
+    t: jax.Array
+    w: jax.Array
+    b: jax.Array
+
+
+class _Norm(NamedTuple):
+    """A zero-padded LayerNorm and the mask of its real units."""
+
+    gamma: jax.Array
+    beta: jax.Array
+    mask: jax.Array
 
 
 class _Weights(NamedTuple):
-    """The model's parameters, zero-padded, in both orientations where a product
-    needs them (a transpose inside a kernel costs a shuffle)."""
+    """The model's parameters as the kernels use them (a pytree; the parts a
+    model does not have are `None`)."""
 
-    dec_t: jax.Array  # (R, D)
-    dec: jax.Array  # (D, R)
-    dec_b: jax.Array  # (D,)
-    in_t: jax.Array  # (R2, H)
-    in_: jax.Array  # (H, R2)
-    in_b: jax.Array  # (H,)
-    gamma: jax.Array  # (H,)
-    beta: jax.Array  # (H,)
-    hid_t: jax.Array  # (H, H)
-    hid: jax.Array  # (H, H)
-    hid_b: jax.Array  # (H,)
-    out_t: jax.Array  # (H, M)
-    out: jax.Array  # (M, H)
-    out_b: jax.Array  # (M,)
-    h_mask: jax.Array  # (H,) 1 on the real hidden units
+    dec_in: _Linear
+    dec_norm: _Norm | None
+    dec_hidden: _Linear | None
+    dec_out: _Linear | None
+    hyper_in: _Linear
+    hyper_norm: _Norm
+    hyper_hidden: _Linear
+    hyper_mix: _Linear  # the rows of the output layer that give the weights w
+    hyper_gain: _Linear | None  # and those that give the bias gains (`dyn_bias`)
+    temporal_bias: jax.Array | None
 
 
 class _Sizes(NamedTuple):
@@ -92,36 +96,42 @@ def _pad_to(a, shape):
 
 
 def _weights(model: TiDHy, s: _Sizes, dtype) -> _Weights:
-    hyper = model.hypernet
+    def linear(layer, n_out, n_in, rows=slice(None)):
+        w = _pad_to(layer.weight[rows].astype(dtype), (n_out, n_in))
+        bias = jnp.zeros((n_out,), dtype)
+        if layer.bias is not None:
+            bias = _pad_to(layer.bias[rows].astype(dtype), (n_out,))
+        return _Linear(t=w.T, w=w, b=bias)
 
-    def matrix(w, rows, cols):
-        w = _pad_to(w.astype(dtype), (rows, cols))
-        return w.T, w
+    def norm(layer, n):
+        return _Norm(
+            gamma=_pad_to(layer.weight.astype(dtype), (n,)),
+            beta=_pad_to(layer.bias.astype(dtype), (n,)),
+            mask=(jnp.arange(n) < layer.weight.shape[0]).astype(dtype),
+        )
 
-    def vector(v, n):
-        return _pad_to(v.astype(dtype), (n,))
-
-    dec_t, dec = matrix(model.decoder.linear_in.weight, s.D, s.R)
-    in_t, in_ = matrix(hyper.linear_in.weight, s.H, s.R2)
-    hid_t, hid = matrix(hyper.linear_hidden.weight, s.H, s.H)
-    out_t, out = matrix(hyper.linear_out.weight, s.M, s.H)
-    H = model.hyper_hid_dim
+    dec, hyper, M = model.decoder, model.hypernet, model.mix_dim
+    nonlinear = model.nonlinear_decoder
+    assert dec.norm is not None or not nonlinear
     return _Weights(
-        dec_t=dec_t,
-        dec=dec,
-        dec_b=vector(model.decoder.linear_in.bias, s.D),
-        in_t=in_t,
-        in_=in_,
-        in_b=vector(hyper.linear_in.bias, s.H),
-        gamma=vector(hyper.norm.weight, s.H),
-        beta=vector(hyper.norm.bias, s.H),
-        hid_t=hid_t,
-        hid=hid,
-        hid_b=vector(hyper.linear_hidden.bias, s.H),
-        out_t=out_t,
-        out=out,
-        out_b=vector(hyper.linear_out.bias, s.M),
-        h_mask=(jnp.arange(s.H) < H).astype(dtype),
+        dec_in=linear(dec.linear_in, s.H if nonlinear else s.D, s.R),
+        dec_norm=norm(dec.norm, s.H) if dec.norm is not None else None,
+        dec_hidden=(linear(dec.linear_hidden, s.H, s.H) if dec.linear_hidden else None),
+        dec_out=linear(dec.linear_out, s.D, s.H) if dec.linear_out else None,
+        hyper_in=linear(hyper.linear_in, s.H, s.R2),
+        hyper_norm=norm(hyper.norm, s.H),
+        hyper_hidden=linear(hyper.linear_hidden, s.H, s.H),
+        hyper_mix=linear(hyper.linear_out, s.M, s.H, slice(0, M)),
+        hyper_gain=(
+            linear(hyper.linear_out, s.R, s.H, slice(M, None))
+            if model.dyn_bias
+            else None
+        ),
+        temporal_bias=(
+            _pad_to(model.temporal_bias.astype(dtype), (s.R,))
+            if model.dyn_bias and model.temporal_bias is not None
+            else None
+        ),
     )
 
 
@@ -178,13 +188,50 @@ def _dot(a, b):
     )
 
 
+def _forward(layer: _Linear, a):
+    return _dot(a, layer.t) + layer.b[None, :]
+
+
+def _backward(layer: _Linear, d):
+    """The gradient with respect to a layer's input, from its output's."""
+    return _dot(d, layer.w)
+
+
+def _norm_elu(norm: _Norm, a, inv_n):
+    """`ELU(LayerNorm(a))` over the real units (the padding of `a` is 0 and stays
+    0), and what its backward pass needs."""
+    mean = jnp.sum(a, axis=1, keepdims=True) * inv_n
+    centred = (a - mean) * norm.mask[None, :]
+    var = jnp.sum(centred * centred, axis=1, keepdims=True) * inv_n
+    inv = jax.lax.rsqrt(var + _LN_EPS)
+    x_hat = centred * inv
+    y = x_hat * norm.gamma[None, :] + norm.beta[None, :]
+    return jnp.where(y > 0, y, jnp.expm1(y)), (x_hat, inv, y)
+
+
+def _norm_elu_backward(norm: _Norm, d_h, cache, inv_n):
+    """The gradient of `_norm_elu` with respect to `a` (ELU'(y) = e^y for y <= 0,
+    as JAX differentiates it)."""
+    x_hat, inv, y = cache
+    d_y = jnp.where(y > 0, d_h, d_h * jnp.exp(y))
+    d_xhat = d_y * norm.gamma[None, :]
+    m1 = jnp.sum(d_xhat, axis=1, keepdims=True) * inv_n
+    m2 = jnp.sum(d_xhat * x_hat, axis=1, keepdims=True) * inv_n
+    return inv * (d_xhat - m1 - x_hat * m2) * norm.mask[None, :]
+
+
 def _gradients(st: _Static, w: _Weights, r, r2, x, f_mask, basis, smooth, penalty):
     """The gradients of the energy `smooth · (spatial + tw · temporal) + penalty ·
     (L1 terms)` with respect to `r` `(n, R)` and `r2` `(n, R2)`, for a block of
     windows; `smooth` and `penalty` `(n, 1)` are the weights of each window's two
     parts (0 for a skipped window; `1/B` for the smooth part in the reference
     mode). `f_mask` `(n, D)` is 1 on the observed, real features."""
-    z = _dot(r, w.dec_t) + w.dec_b[None, :]
+    inv_h = 1.0 / st.hidden
+    # The decoder: W r + b, or out(hidden(ELU(LayerNorm(in(r))))).
+    z = _forward(w.dec_in, r)
+    if w.dec_norm is not None and w.dec_hidden is not None and w.dec_out is not None:
+        h, dec_cache = _norm_elu(w.dec_norm, z, inv_h)
+        z = _forward(w.dec_out, _forward(w.dec_hidden, h))
     if st.loss == "poisson":
         dz = jnp.exp(z) - x
     elif st.loss == "bce":
@@ -192,38 +239,37 @@ def _gradients(st: _Static, w: _Weights, r, r2, x, f_mask, basis, smooth, penalt
     else:
         dz = 2 * (z - x)
     dz = dz * f_mask * smooth
-    # The hypernetwork forward: w = ReLU(out(hidden(ELU(LayerNorm(in(r2)))))).
-    inv_h = 1.0 / st.hidden
-    a1 = _dot(r2, w.in_t) + w.in_b[None, :]
-    mean = jnp.sum(a1, axis=1, keepdims=True) * inv_h  # the padding is 0
-    centred = (a1 - mean) * w.h_mask[None, :]
-    inv = jax.lax.rsqrt(
-        jnp.sum(centred * centred, axis=1, keepdims=True) * inv_h + _LN_EPS
-    )
-    x_hat = centred * inv
-    y = x_hat * w.gamma[None, :] + w.beta[None, :]
-    h1 = jnp.where(y > 0, y, jnp.expm1(y))
-    h2 = _dot(h1, w.hid_t) + w.hid_b[None, :]
-    a3 = _dot(h2, w.out_t) + w.out_b[None, :]
-    mix = jnp.maximum(a3, 0)
+    if w.dec_norm is not None and w.dec_hidden is not None and w.dec_out is not None:
+        d_h = _backward(w.dec_hidden, _backward(w.dec_out, dz))
+        dz = _norm_elu_backward(w.dec_norm, d_h, dec_cache, inv_h)
+    g_r = _backward(w.dec_in, dz)
+    # The hypernetwork: w = ReLU(out(hidden(ELU(LayerNorm(in(r2)))))), and with
+    # `dyn_bias` the gains g from the output layer's last rows.
+    h, hyper_cache = _norm_elu(w.hyper_norm, _forward(w.hyper_in, r2), inv_h)
+    h2 = _forward(w.hyper_hidden, h)
+    a_mix = _forward(w.hyper_mix, h2)
+    mix = jnp.maximum(a_mix, 0)
     r_bar = jnp.sum(mix[:, :, None] * basis, axis=1)
-    # The temporal term tw · ||r - r̄||² and its pull on the mixture weights.
+    if w.hyper_gain is not None and w.temporal_bias is not None:
+        a_gain = _forward(w.hyper_gain, h2)
+        r_bar = r_bar + jnp.maximum(a_gain, 0) * w.temporal_bias[None, :]
+    # The temporal term tw · ||r - r̄||² and its pull on the hypernetwork's output.
     e = (2 * st.temp_weight) * (r - r_bar) * smooth
-    g_r = _dot(dz, w.dec) + e
+    g_r = g_r + e
     d_mix = -jnp.sum(e[:, None, :] * basis, axis=2)
     if st.l1_r:
         g_r = g_r + st.l1_r * jnp.sign(r) * penalty
     if st.l1_w:
         d_mix = d_mix + st.l1_w * jnp.sign(mix) * penalty
-    # The hypernetwork backward (ReLU' = 0 at 0, ELU'(y) = e^y for y <= 0, as JAX).
-    d_a3 = jnp.where(a3 > 0, d_mix, 0)
-    d_h1 = _dot(_dot(d_a3, w.out), w.hid)
-    d_y = jnp.where(y > 0, d_h1, d_h1 * jnp.exp(y))
-    d_xhat = d_y * w.gamma[None, :]
-    m1 = jnp.sum(d_xhat, axis=1, keepdims=True) * inv_h
-    m2 = jnp.sum(d_xhat * x_hat, axis=1, keepdims=True) * inv_h
-    d_a1 = inv * (d_xhat - m1 - x_hat * m2) * w.h_mask[None, :]
-    g_r2 = _dot(d_a1, w.in_)
+    # ReLU' = 0 at 0, as JAX differentiates it.
+    d_h2 = _backward(w.hyper_mix, jnp.where(a_mix > 0, d_mix, 0))
+    if w.hyper_gain is not None and w.temporal_bias is not None:
+        d_gain = -e * w.temporal_bias[None, :]
+        d_h2 = d_h2 + _backward(w.hyper_gain, jnp.where(a_gain > 0, d_gain, 0))
+    d_a = _norm_elu_backward(
+        w.hyper_norm, _backward(w.hyper_hidden, d_h2), hyper_cache, inv_h
+    )
+    g_r2 = _backward(w.hyper_in, d_a)
     if st.l1_r2:
         g_r2 = g_r2 + st.l1_r2 * jnp.sign(r2) * penalty
     return g_r, g_r2
@@ -282,13 +328,13 @@ def _finite_rows(*arrays):
     return functools.reduce(jnp.minimum, flags)
 
 
-def _load_weights(refs) -> _Weights:
-    return _Weights(*(ref[...] for ref in refs))
+def _load_weights(treedef, refs) -> _Weights:
+    return jax.tree.unflatten(treedef, [ref[...] for ref in refs])
 
 
-def _per_window_kernel(st: _Static, *refs):
+def _per_window_kernel(st: _Static, treedef, *refs):
     (x_ref, m_ref, p_ref, r2_ref, basis_ref), rest = refs[:5], refs[5:]
-    w_refs, out_refs = rest[: len(_Weights._fields)], rest[len(_Weights._fields) :]
+    w_refs, out_refs = rest[: treedef.num_leaves], rest[treedef.num_leaves :]
     r_out, r2_out, step_out, conv_out, rel_out, fin_out = out_refs
     r2 = r2_ref[...]
     r = jnp.zeros((r2.shape[0], r_out.shape[1]), r2.dtype)
@@ -316,7 +362,7 @@ def _per_window_kernel(st: _Static, *refs):
         present = p_ref[...][:, None]
         new = _step(
             st,
-            _load_weights(w_refs),
+            _load_weights(treedef, w_refs),
             state,
             x_ref[...],
             m_ref[...],
@@ -351,14 +397,14 @@ def _per_window_kernel(st: _Static, *refs):
     fin_out[...] = fin
 
 
-def _reference_step_kernel(st: _Static, *refs):
+def _reference_step_kernel(st: _Static, treedef, *refs):
     """One reference-mode iteration of one block, if the loop is still running.
 
     The state's outputs alias its inputs: once the loop has stopped, the kernel
     writes nothing and costs only its launch.
     """
     (x_ref, m_ref, p_ref, basis_ref, status_ref), rest = refs[:5], refs[5:]
-    n_w = len(_Weights._fields)
+    n_w = treedef.num_leaves
     w_refs, state_refs = rest[:n_w], rest[n_w : n_w + 4]
     out_refs, partial_ref = rest[n_w + 4 : n_w + 8], rest[n_w + 8]
     step, running = _running(st, status_ref)
@@ -369,7 +415,7 @@ def _reference_step_kernel(st: _Static, *refs):
         present = p_ref[...][:, None]
         new = _step(
             st,
-            _load_weights(w_refs),
+            _load_weights(treedef, w_refs),
             state,
             x_ref[...],
             m_ref[...],
@@ -501,7 +547,7 @@ def fused_infer(model: TiDHy, x, r2_prev, basis, config, mask, present) -> Fused
     )
     n_blocks = -(-B // BLOCK_WINDOWS)
     Bp = n_blocks * BLOCK_WINDOWS
-    weights = _weights(model, s, dtype)
+    weights, treedef = jax.tree.flatten(_weights(model, s, dtype))
     f_mask = jnp.ones((B, D), dtype) if mask is None else mask.astype(dtype)
     present = jnp.ones((B,), dtype) if present is None else present.astype(dtype)
     x_p = _pad_to(x.astype(dtype), (Bp, s.D))
@@ -524,7 +570,7 @@ def fused_infer(model: TiDHy, x, r2_prev, basis, config, mask, present) -> Fused
         ]
         out_specs = [_rows(block, s.R), _rows(block, s.R2)] + [_rows(block)] * 4
         r, r2, step, conv, rel, fin = _call(
-            functools.partial(_per_window_kernel, st),
+            functools.partial(_per_window_kernel, st, treedef),
             (n_blocks,),
             data_specs + [_rows(block, s.R2), _rows(block, s.M, s.R)] + w_specs,
             out_specs,
@@ -545,7 +591,7 @@ def fused_infer(model: TiDHy, x, r2_prev, basis, config, mask, present) -> Fused
     # Inputs: x, mask, present, basis, status, the weights, then the state.
     first_state = 5 + len(weights)
     step_call = _call(
-        functools.partial(_reference_step_kernel, st),
+        functools.partial(_reference_step_kernel, st, treedef),
         (n_blocks,),
         data_specs
         + [_rows(block, s.M, s.R), _full((_STATUS,))]

@@ -30,7 +30,7 @@ from transforms.validation import (
 )
 
 from ._functional import l1
-from ._fused import fused_infer, unsupported_reason
+from ._fused import fused_infer
 from ._model import TiDHy
 
 
@@ -108,8 +108,7 @@ class InferenceConfig(eqx.Module):
         Pallas' interpreter, correct but slow. The same iterates up to rounding
         (its products are in full float32, XLA's in the backend's default
         precision), so the same iteration counts but at near-ties of the
-        tolerance. Not for `nonlinear_decoder` or `dyn_bias` models (an error
-        says so).
+        tolerance.
 
     **Raises:**
 
@@ -367,14 +366,6 @@ def infer_impl(
 
 
 def _fused_impl(model: TiDHy, x, r2_prev, basis, config, mask, present):
-    reason = unsupported_reason(model)
-    if reason is not None:
-        raise fail(
-            "InferenceConfig",
-            "implementation",
-            "'xla' for a model with " + reason,
-            "'pallas'",
-        )
     out = fused_infer(model, x, r2_prev, basis, config, mask, present)
     latents = (out.r, out.r2)
     if config.batch_mode == "reference":

@@ -1,9 +1,8 @@
 """The inner loop as Pallas kernels (`InferenceConfig(implementation="pallas")`)
 against the XLA loop: the same iterates, iteration counts and diagnostics in
-float64 for every option the kernels implement, more windows than one block
-(padding rows), training losses and gradients; the kernels lower to Triton; models
-they do not implement are refused. The float64 NumPy equations check both loops in
-test_inference.py."""
+float64 for every option of the inference and of the model, more windows than one
+block (padding rows), training losses and gradients; the kernels lower to Triton.
+The float64 NumPy equations check both loops in test_inference.py."""
 
 import dataclasses
 
@@ -15,15 +14,20 @@ import numpy as np
 import pytest
 
 from eqx_models import tidhy
-from eqx_models.tidhy import _fused
 
 from .helpers import random_temporal
 
 
 def _model(key, **kwargs):
-    # Sizes that pad differently in every dimension (D 20 -> 32, r 10 -> 16,
-    # r2 5 -> 16, M 15 -> 16, H 50 -> 64).
-    return random_temporal(tidhy.TiDHy(20, key=key, **kwargs), key, scale=0.3)
+    """Sizes that pad differently in every dimension (D 20 -> 32, r 10 -> 16,
+    r2 5 -> 16, M 15 -> 16, H 50 -> 64), and every parameter moved off its
+    initial value (the LayerNorms start at weight 1 and bias 0)."""
+    model = random_temporal(tidhy.TiDHy(20, key=key, **kwargs), key, scale=0.3)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jr.split(jr.fold_in(key, 1), len(leaves))
+    leaves = [a + 0.1 * jr.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)]
+    return eqx.combine(jax.tree.unflatten(treedef, leaves), static)
 
 
 def _inputs(key, B, loss="mse", missing=False):
@@ -77,17 +81,40 @@ CASES = {
             l1_w=0.01,
             momentum=0.0,
             halve_lr_r=False,
-            max_iter=300,
+            max_iter=30,
         ),
         "cap",
+    ),
+    "per-window, MLP decoder, gated bias, low-rank dynamics": (
+        "per_window",
+        "mse",
+        True,
+        dict(l1_w=0.01),
+        "tol",
+        dict(nonlinear_decoder=True, dyn_bias=True, low_rank_temporal=True),
+    ),
+    "reference, MLP decoder, gated bias": (
+        "reference",
+        "poisson",
+        False,
+        dict(lr_r=2.0, lr_r2=2.0),
+        "tol",
+        dict(nonlinear_decoder=True, dyn_bias=True),
     ),
 }
 
 
+# Rounding differences (the sums of the gradient run in another order) grow over
+# the iterations where the energy is ill-conditioned: with the MLP decoder and the
+# gated bias by 1e-7 relative after some 40 iterations, while the gradients agree
+# to 1e-13 (checked before the loop, below).
+RTOL = {"per-window, MLP decoder, gated bias, low-rank dynamics": 2e-6}
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_pallas_loop_equals_the_xla_loop(x64, getkey, case):
-    mode, loss, missing, options, stops = CASES[case]
-    model = _model(getkey(), loss_type=loss)
+    mode, loss, missing, options, stops, *model_options = CASES[case]
+    model = _model(getkey(), loss_type=loss, **(model_options or [{}])[0])
     # 40 windows: two blocks of 32, the second one mostly padding.
     x, r_prev, r2_prev, mask, present = _inputs(getkey(), 40, loss, missing)
     xla = tidhy.InferenceConfig(batch_mode=mode, **options)
@@ -106,13 +133,63 @@ def test_pallas_loop_equals_the_xla_loop(x64, getkey, case):
     np.testing.assert_array_equal(stats_p.converged, stats.converged)
     np.testing.assert_array_equal(stats_p.finite, stats.finite)
     # The gradient differs from `jax.grad`'s in the order of its sums only.
-    np.testing.assert_allclose(r_p, r, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(r2_p, r2, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(stats_p.rel_change, stats.rel_change, rtol=1e-9)
-    np.testing.assert_allclose(stats_p.energy, stats.energy, rtol=1e-10)
+    rtol = RTOL.get(case, 1e-10)
+    np.testing.assert_allclose(r_p, r, rtol=rtol, atol=rtol / 100)
+    np.testing.assert_allclose(r2_p, r2, rtol=rtol, atol=rtol / 100)
+    np.testing.assert_allclose(stats_p.rel_change, stats.rel_change, rtol=10 * rtol)
+    np.testing.assert_allclose(stats_p.energy, stats.energy, rtol=rtol)
     if missing:
         # A window with nothing observed is skipped: its `r` stays at 0.
         np.testing.assert_array_equal(np.asarray(r_p)[~np.asarray(present)], 0)
+
+
+MODELS = {
+    "linear decoder": {},
+    "MLP decoder": dict(nonlinear_decoder=True),
+    "gated bias": dict(dyn_bias=True),
+    "low-rank dynamics": dict(low_rank_temporal=True),
+}
+
+
+@pytest.mark.parametrize("loss", ["mse", "poisson", "bce"])
+@pytest.mark.parametrize("model_case", list(MODELS))
+def test_the_written_out_gradient_equals_jax_grad(x64, getkey, model_case, loss):
+    from eqx_models.tidhy import _fused
+    from eqx_models.tidhy._inference import _per_window_energy
+
+    model = _model(getkey(), loss_type=loss, **MODELS[model_case])
+    B = 8
+    x, r_prev, _, mask, present = _inputs(getkey(), B, loss, missing=True)
+    r = jr.normal(getkey(), (B, 10))
+    r2 = jr.normal(getkey(), (B, 5))
+    basis = jax.vmap(model.basis_predictions)(r_prev)
+    config = tidhy.InferenceConfig(l1_r=0.1, l1_r2=0.2, l1_w=0.3)
+    expected = jax.vmap(
+        jax.grad(
+            lambda latents, x, b, m, p: _per_window_energy(
+                latents, model, x, b, config, m, p
+            )
+        )
+    )((r, r2), x, basis, mask, present)
+    s = _fused._Sizes(D=32, R=16, R2=16, M=16, H=64)
+    pad = _fused._pad_to
+    weight = present.astype(x.dtype)[:, None]
+    g_r, g_r2 = _fused._gradients(
+        _fused._static(model, config, B),
+        _fused._weights(model, s, x.dtype),
+        pad(r, (B, 16)),
+        pad(r2, (B, 16)),
+        pad(x, (B, 32)),
+        pad(mask.astype(x.dtype), (B, 32)),
+        pad(basis, (B, 16, 16)),
+        weight,
+        weight,
+    )
+    np.testing.assert_allclose(g_r[:, :10], expected[0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(g_r2[:, :5], expected[1], rtol=1e-12, atol=1e-12)
+    # The padding's gradient is 0, so the padding stays 0.
+    np.testing.assert_array_equal(g_r[:, 10:], 0)
+    np.testing.assert_array_equal(g_r2[:, 5:], 0)
 
 
 def test_training_loss_and_gradients_equal_the_xla_loop(x64, getkey):
@@ -142,14 +219,17 @@ def test_training_loss_and_gradients_equal_the_xla_loop(x64, getkey):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize(
+    "options", [{}, dict(nonlinear_decoder=True, dyn_bias=True)], ids=["plain", "MLP"]
+)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("mode", ["per_window", "reference"])
-def test_the_kernels_lower_to_triton(monkeypatch, getkey, mode, dtype):
+def test_the_kernels_lower_to_triton(monkeypatch, getkey, mode, dtype, options):
     # Lowering for CUDA needs no GPU: it checks what Triton accepts (block shapes,
     # operations), which Pallas' interpreter does not.
     with jax.enable_x64(dtype == "float64"):
         monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-        model = _model(getkey(), loss_type="poisson")
+        model = _model(getkey(), loss_type="poisson", **options)
         x, r_prev, r2_prev, mask, present = _inputs(getkey(), 40, "poisson", True)
         config = tidhy.InferenceConfig(
             batch_mode=mode,
@@ -170,24 +250,6 @@ def test_the_kernels_lower_to_triton(monkeypatch, getkey, mode, dtype):
     # Per window: one launch runs the loops; reference: two launches per
     # iteration, three iterations per test.
     assert calls == (1 if mode == "per_window" else 6)
-
-
-@pytest.mark.parametrize(
-    "option, phrase",
-    [
-        ("nonlinear_decoder", "a nonlinear decoder"),
-        ("dyn_bias", "the gated dynamics bias"),
-    ],
-)
-def test_models_the_kernels_do_not_implement_are_refused(getkey, option, phrase):
-    model = tidhy.TiDHy(6, key=getkey(), **{option: True})
-    x = jnp.zeros((2, 6))
-    config = tidhy.InferenceConfig(implementation="pallas")
-    with pytest.raises(
-        ValueError, match=f"`implementation` must be 'xla' for a model with {phrase}"
-    ):
-        tidhy.infer(model, x, jnp.zeros((2, 10)), jnp.zeros((2, 5)), config)
-    assert _fused.unsupported_reason(model) is not None
 
 
 def test_an_unknown_implementation_is_refused():
