@@ -39,6 +39,8 @@ from ._model import TiDHy
 BLOCK_WINDOWS = 32
 _NUM_WARPS = 4
 _LN_EPS = 1e-5  # the hypernetwork's LayerNorm (`eqx.nn.LayerNorm(H, eps=1e-5)`)
+# Iterations per trip of the reference mode's rolled inner loop (see `chunk`).
+_UNROLL = 4
 # Columns of the reference mode's per-block partial sums.
 _PARTIALS = 8
 # The reference mode's loop state: step, converged, finite, relative change.
@@ -622,12 +624,25 @@ def fused_infer(model: TiDHy, x, r2_prev, basis, config, mask, present) -> Fused
         status = carry[1]
         return (status[0] < st.max_iter) & (status[1] == 0) & (status[2] == 1)
 
-    def chunk(carry):
-        # Unrolled: nothing of XLA's sits between the kernels, so the iterates do
-        # not depend on how many run per test.
-        for _ in range(min(config.iterations_per_check, config.max_iter)):
+    def unrolled(carry, n):
+        for _ in range(n):
             carry = iteration(carry)
         return carry
+
+    def chunk(carry):
+        # Only kernels run between two tests, nothing of XLA's, so the iterates
+        # do not depend on how many run per test. Unrolled by `_UNROLL`: a trip of
+        # a rolled loop costs several microseconds on a GPU, while every unrolled
+        # copy is one more Triton kernel to compile.
+        n = min(config.iterations_per_check, config.max_iter)
+        trips, rest = divmod(n, _UNROLL)
+        if trips > 1:
+            carry = jax.lax.fori_loop(
+                0, trips, lambda _, c: unrolled(c, _UNROLL), carry
+            )
+        elif trips == 1:
+            carry = unrolled(carry, _UNROLL)
+        return unrolled(carry, rest)
 
     r0 = jnp.zeros((Bp, s.R), dtype)
     finite0 = jnp.all(jnp.isfinite(r2_prev))

@@ -248,8 +248,19 @@ def test_the_kernels_lower_to_triton(monkeypatch, getkey, mode, dtype, options):
         )
     calls = lowered.as_text().count("__gpu$xla.gpu.triton")
     # Per window: one launch runs the loops; reference: two launches per
-    # iteration, three iterations per test.
+    # iteration, three iterations per test (fewer than one rolled trip of four).
     assert calls == (1 if mode == "per_window" else 6)
+    if mode == "reference":
+        # Sixteen iterations per test: a rolled loop of four trips of four.
+        config = dataclasses.replace(config, check_every=16)
+        with jax.enable_x64(dtype == "float64"):
+            text = (
+                jax.jit(tidhy._inference.infer_impl, static_argnums=4)
+                .trace(model, x, r_prev, r2_prev, config, mask, present)
+                .lower(lowering_platforms=("cuda",))
+                .as_text()
+            )
+        assert text.count("__gpu$xla.gpu.triton") == 2 * 4
 
 
 def test_an_unknown_implementation_is_refused():
