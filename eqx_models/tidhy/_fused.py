@@ -34,11 +34,11 @@ from jax.experimental.pallas import triton as pltriton
 from ._model import TiDHy
 
 
-# Windows per program. 32 keeps the block of basis predictions (32 x 16 x 16) in
-# registers; the tuning on a GPU is still to be measured.
+# Windows per program and warps per program: first choices (a block of basis
+# predictions, 32 x 16 x 16, is 64 values per thread), to be tuned on a GPU.
 BLOCK_WINDOWS = 32
 _NUM_WARPS = 4
-_LN_EPS = 1e-5  # the hypernetwork's LayerNorm (`eqx.nn.LayerNorm(H, eps=1e-5)`)
+_LN_EPS = 1e-5  # both networks' LayerNorms (`eqx.nn.LayerNorm(H, eps=1e-5)`)
 # Iterations per trip of the reference mode's rolled inner loop (see `chunk`).
 _UNROLL = 4
 # Columns of the reference mode's per-block partial sums.
