@@ -335,6 +335,10 @@ def _load_weights(treedef, refs) -> _Weights:
 
 
 def _per_window_kernel(st: _Static, treedef, *refs):
+    """The whole per-window loop of one block of windows: every window stops on
+    its own (the later iterations leave it as it is, as under `vmap`), the block
+    when its last window has. A running window has run every iteration of the
+    block, so the block's iteration count is its step for the `lr_r` schedule."""
     (x_ref, m_ref, p_ref, r2_ref, basis_ref), rest = refs[:5], refs[5:]
     w_refs, out_refs = rest[: treedef.num_leaves], rest[treedef.num_leaves :]
     r_out, r2_out, step_out, conv_out, rel_out, fin_out = out_refs
