@@ -29,7 +29,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 from ._model import TiDHy
 
@@ -307,11 +306,32 @@ def _sgd(st: _Static, latent, trace, grad, neg_lr, threshold, shrink):
     return new, trace
 
 
-def _step(st: _Static, w, state, x, f_mask, basis, smooth, penalty, neg_lr_r):
-    """One update of a block: the new latents and traces."""
+def _step(st: _Static, treedef, refs, state, step, mean_over: int):
+    """One update of a block: the new latents and traces.
+
+    `refs`: the block's `x`, mask, `present` and basis, then the weights' leaves
+    (flattened by `treedef`), all loaded here, at every iteration rather than held
+    across a loop: beside the loop's state they would not fit a thread's
+    registers, and these loads hit the cache. `mean_over`: the number of windows
+    the smooth part of the energy is averaged over (1 per window, B in the
+    reference mode).
+    """
+    x_ref, m_ref, p_ref, basis_ref = refs[:4]
     r, r2, tr_r, tr_r2 = state
-    g_r, g_r2 = _gradients(st, w, r, r2, x, f_mask, basis, smooth, penalty)
+    present = p_ref[...][:, None]
+    g_r, g_r2 = _gradients(
+        st,
+        _load_weights(treedef, refs[4:]),
+        r,
+        r2,
+        x_ref[...],
+        m_ref[...],
+        basis_ref[...],
+        present / mean_over,
+        present,
+    )
     shrink = bool(st.lmda_r or st.lmda_r2)
+    neg_lr_r = _neg_lr_r(st, step, r.dtype)
     new_r, tr_r = _sgd(st, r, tr_r, g_r, neg_lr_r, st.lmda_r, shrink)
     new_r2, tr_r2 = _sgd(st, r2, tr_r2, g_r2, -st.lr_r2, st.lmda_r2, shrink)
     return new_r, new_r2, tr_r, tr_r2
@@ -339,8 +359,8 @@ def _per_window_kernel(st: _Static, treedef, *refs):
     its own (the later iterations leave it as it is, as under `vmap`), the block
     when its last window has. A running window has run every iteration of the
     block, so the block's iteration count is its step for the `lr_r` schedule."""
-    (x_ref, m_ref, p_ref, r2_ref, basis_ref), rest = refs[:5], refs[5:]
-    w_refs, out_refs = rest[: treedef.num_leaves], rest[treedef.num_leaves :]
+    n_in = 4 + treedef.num_leaves
+    in_refs, r2_ref, out_refs = refs[:n_in], refs[n_in], refs[n_in + 1 :]
     r_out, r2_out, step_out, conv_out, rel_out, fin_out = out_refs
     r2 = r2_ref[...]
     r = jnp.zeros((r2.shape[0], r_out.shape[1]), r2.dtype)
@@ -362,21 +382,7 @@ def _per_window_kernel(st: _Static, treedef, *refs):
     def body(carry):
         state, step, conv, fin, rel, it = carry
         on = active(carry)
-        # Loaded at every iteration rather than held across the loop: the weights
-        # and the block's basis would not fit a thread's registers beside the
-        # loop's state; these loads hit the cache.
-        present = p_ref[...][:, None]
-        new = _step(
-            st,
-            _load_weights(treedef, w_refs),
-            state,
-            x_ref[...],
-            m_ref[...],
-            basis_ref[...],
-            present,
-            present,
-            _neg_lr_r(st, it, r2.dtype),
-        )
+        new = _step(st, treedef, in_refs, state, it, mean_over=1)
         rel_r = _row_change(new[0], state[0], st.eps)
         rel_r2 = _row_change(new[1], state[1], st.eps)
         keep = on[:, None]
@@ -409,27 +415,16 @@ def _reference_step_kernel(st: _Static, treedef, *refs):
     The state's outputs alias its inputs: once the loop has stopped, the kernel
     writes nothing and costs only its launch.
     """
-    (x_ref, m_ref, p_ref, basis_ref, status_ref), rest = refs[:5], refs[5:]
-    n_w = treedef.num_leaves
-    w_refs, state_refs = rest[:n_w], rest[n_w : n_w + 4]
-    out_refs, partial_ref = rest[n_w + 4 : n_w + 8], rest[n_w + 8]
+    n_in = 4 + treedef.num_leaves
+    in_refs, status_ref = refs[:n_in], refs[n_in]
+    state_refs, out_refs = refs[n_in + 1 : n_in + 5], refs[n_in + 5 : n_in + 9]
+    partial_ref = refs[n_in + 9]
     step, running = _running(st, status_ref)
 
     @pl.when(running)
     def _():
         state = tuple(ref[...] for ref in state_refs)
-        present = p_ref[...][:, None]
-        new = _step(
-            st,
-            _load_weights(treedef, w_refs),
-            state,
-            x_ref[...],
-            m_ref[...],
-            basis_ref[...],
-            present / st.n_windows,
-            present,
-            _neg_lr_r(st, step, state[0].dtype),
-        )
+        new = _step(st, treedef, in_refs, state, step, mean_over=st.n_windows)
         r, r2 = state[0], state[1]
         if st.batch_converge:
             # Frobenius norms over the batch: partial sums of squares per block.
@@ -513,6 +508,10 @@ def _rows(block, *tail):
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, interpret, aliases=None):
+    # Imported here: the Triton options are the part of Pallas' API that moves
+    # between JAX versions, and only this path needs them.
+    from jax.experimental.pallas import triton as pltriton
+
     return pl.pallas_call(
         kernel,
         grid=grid,
@@ -563,9 +562,11 @@ def fused_infer(model: TiDHy, x, r2_prev, basis, config, mask, present) -> Fused
     basis_p = _pad_to(basis.astype(dtype), (Bp, s.M, s.R))
     st = _static(model, config, B)
     interpret = jax.default_backend() == "cpu"
-    w_specs = [_full(a.shape) for a in weights]
     block = BLOCK_WINDOWS
-    data_specs = [_rows(block, s.D), _rows(block, s.D), _rows(block)]
+    # Every kernel's first inputs (see `_step`): x, mask, present, basis, weights.
+    inputs = (x_p, m_p, p_p, basis_p, *weights)
+    in_specs = [_rows(block, s.D), _rows(block, s.D), _rows(block)]
+    in_specs += [_rows(block, s.M, s.R)] + [_full(a.shape) for a in weights]
     if config.batch_mode == "per_window":
         out_shape = [
             jax.ShapeDtypeStruct((Bp, s.R), dtype),
@@ -578,11 +579,11 @@ def fused_infer(model: TiDHy, x, r2_prev, basis, config, mask, present) -> Fused
         r, r2, step, conv, rel, fin = _call(
             functools.partial(_per_window_kernel, st, treedef),
             (n_blocks,),
-            data_specs + [_rows(block, s.R2), _rows(block, s.M, s.R)] + w_specs,
+            in_specs + [_rows(block, s.R2)],
             out_specs,
             out_shape,
             interpret,
-        )(x_p, m_p, p_p, r2_p, basis_p, *weights)
+        )(*inputs, r2_p)
         return FusedResult(
             r[:B, : model.r_dim],
             r2[:B, : model.r2_dim],
@@ -594,15 +595,12 @@ def fused_infer(model: TiDHy, x, r2_prev, basis, config, mask, present) -> Fused
     state_shapes = [(Bp, s.R), (Bp, s.R2), (Bp, s.R), (Bp, s.R2)]
     partial_rows = 1 << (n_blocks - 1).bit_length()
     state_specs = [_rows(block, *shape[1:]) for shape in state_shapes]
-    # Inputs: x, mask, present, basis, status, the weights, then the state.
-    first_state = 5 + len(weights)
+    # The state's inputs (after the common ones and the status) alias its outputs.
+    first_state = len(inputs) + 1
     step_call = _call(
         functools.partial(_reference_step_kernel, st, treedef),
         (n_blocks,),
-        data_specs
-        + [_rows(block, s.M, s.R), _full((_STATUS,))]
-        + w_specs
-        + state_specs,
+        in_specs + [_full((_STATUS,))] + state_specs,
         state_specs + [pl.BlockSpec((1, _PARTIALS), lambda i: (i, 0))],
         [jax.ShapeDtypeStruct(shape, dtype) for shape in state_shapes]
         + [jax.ShapeDtypeStruct((partial_rows, _PARTIALS), dtype)],
@@ -621,7 +619,7 @@ def fused_infer(model: TiDHy, x, r2_prev, basis, config, mask, present) -> Fused
 
     def iteration(carry):
         state, status = carry
-        *state, partials = step_call(x_p, m_p, p_p, basis_p, status, *weights, *state)
+        *state, partials = step_call(*inputs, status, *state)
         return tuple(state), fold_call(partials, status)
 
     def running(carry):
