@@ -766,6 +766,13 @@ def nonlinear_rows(args, results):
                     expert=expert,
                     **metrics,
                 )
+    if args.quality_only:
+        results.note(
+            f"nonlinear rows ({size}, quality only): {done} training steps in "
+            f"{train_s:.0f} s on a mixture of linear, MLP and RFF (heteroscedastic) "
+            "tasks."
+        )
+        return
     for d in cfg["big"][:1]:
         for name, extra in MECHANISM_CONFIGS.items():
             config = TaskConfig(n_vars=d, n_samples=cfg["samples"], **extra)
@@ -910,6 +917,12 @@ def main(argv=None):
     parser.add_argument("--nonlinear", action="store_true")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument(
+        "--quality-only",
+        action="store_true",
+        help="with --nonlinear: train and evaluate the quality per mechanism only "
+        "(no shortlist or design-loop timings; for a CPU)",
+    )
+    parser.add_argument(
         "--latency",
         action="store_true",
         help="only the compile time of each training bucket and the inference "
@@ -924,6 +937,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.profile and not args.latency:
         parser.error("--profile goes with --latency")
+    if args.quality_only and not args.nonlinear:
+        parser.error("--quality-only goes with --nonlinear")
     dump_dir = None
     if args.profile:
         import _profile
