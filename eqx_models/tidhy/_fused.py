@@ -561,7 +561,14 @@ def fused_infer(model: TiDHy, x, r2_prev, basis, config, mask, present) -> Fused
     r2_p = _pad_to(r2_prev, (Bp, s.R2))
     basis_p = _pad_to(basis.astype(dtype), (Bp, s.M, s.R))
     st = _static(model, config, B)
-    interpret = jax.default_backend() == "cpu"
+    backend = jax.default_backend()
+    if backend not in ("cpu", "gpu"):
+        raise ValueError(
+            "InferenceConfig: `implementation` must be 'xla' on backend "
+            f"{backend!r}: the Pallas kernels are written for GPUs (Triton) and run "
+            "interpreted on a CPU, got 'pallas'."
+        )
+    interpret = backend == "cpu"
     block = BLOCK_WINDOWS
     # Every kernel's first inputs (see `_step`): x, mask, present, basis, weights.
     inputs = (x_p, m_p, p_p, basis_p, *weights)

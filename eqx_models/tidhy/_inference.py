@@ -105,10 +105,10 @@ class InferenceConfig(eqx.Module):
         per-window mode one kernel launch runs the whole loop of a block of
         windows, in the reference mode an iteration is two launches, where XLA
         runs about 28 small kernels. For GPUs (Triton); on a CPU it runs in
-        Pallas' interpreter, correct but slow. The same iterates up to rounding
-        (its products are in full float32, XLA's in the backend's default
-        precision), so the same iteration counts but at near-ties of the
-        tolerance.
+        Pallas' interpreter, correct but slow (on a TPU it is refused). The
+        same iterates up to rounding (its products are in full float32, XLA's
+        in the backend's default precision), so the same iteration counts but at
+        near-ties of the tolerance.
 
     **Raises:**
 

@@ -263,6 +263,18 @@ def test_the_kernels_lower_to_triton(monkeypatch, getkey, mode, dtype, options):
         assert text.count("__gpu$xla.gpu.triton") == 2 * 4
 
 
+def test_the_kernels_are_refused_on_a_tpu(monkeypatch, getkey):
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    model = tidhy.TiDHy(6, key=getkey())
+    config = tidhy.InferenceConfig(implementation="pallas")
+    with pytest.raises(
+        ValueError, match="`implementation` must be 'xla' on backend 'tpu'"
+    ):
+        tidhy.infer(
+            model, jnp.zeros((2, 6)), jnp.zeros((2, 10)), jnp.zeros((2, 5)), config
+        )
+
+
 def test_an_unknown_implementation_is_refused():
     with pytest.raises(ValueError, match="`implementation`.*'triton'"):
         tidhy.InferenceConfig(implementation="triton")
