@@ -525,6 +525,9 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, interpret, aliases=None)
 
 
 class FusedResult(NamedTuple):
+    """The latents and, per window, `InferenceStats`' diagnostics but the energy
+    (which `infer_impl` computes from the latents, as for the XLA loop)."""
+
     r: jax.Array
     r2: jax.Array
     n_iter: jax.Array
