@@ -5,6 +5,11 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 
+# Added to the norm of the old iterate in the inner loop's relative change, as the
+# original does (both implementations of the loop).
+RELATIVE_CHANGE_EPS = 1e-16
+
+
 @jax.custom_jvp
 def torch_abs(x: Array) -> Array:
     """`|x|` with derivative `sign(x)`, i.e. 0 at 0 (as PyTorch defines it).

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from ._functional import RELATIVE_CHANGE_EPS
 from ._model import TiDHy
 
 
@@ -153,15 +154,12 @@ class _Static(NamedTuple):
     l1_w: float
     tol: float
     max_iter: int
-    eps: float
     n_windows: int  # B, the reference mode's mean
     batch_converge: bool
 
 
 def _static(model: TiDHy, config, n_windows: int) -> _Static:
     lr_r, lr_r2 = config.learning_rates
-    every = config.max_iter // 10
-    halvings = tuple(range(every, config.max_iter, every)) if config.halve_lr_r else ()
     return _Static(
         loss=model.loss_type,
         temp_weight=model.temp_weight,
@@ -169,7 +167,7 @@ def _static(model: TiDHy, config, n_windows: int) -> _Static:
         momentum=config.momentum,
         lr_r=lr_r,
         lr_r2=lr_r2,
-        halvings=halvings,
+        halvings=config.halvings,
         lmda_r=config.lmda_r,
         lmda_r2=config.lmda_r2,
         l1_r=config.l1_r,
@@ -177,7 +175,6 @@ def _static(model: TiDHy, config, n_windows: int) -> _Static:
         l1_w=config.l1_w,
         tol=config.tol,
         max_iter=config.max_iter,
-        eps=1e-16,
         n_windows=n_windows,
         batch_converge=config.batch_converge,
     )
@@ -337,10 +334,10 @@ def _step(st: _Static, treedef, refs, state, step, mean_over: int):
     return new_r, new_r2, tr_r, tr_r2
 
 
-def _row_change(new, old, eps):
+def _row_change(new, old):
     """Every window's relative change, `||new - old|| / (||old|| + eps)`."""
     return jnp.sqrt(jnp.sum((new - old) ** 2, axis=1)) / (
-        jnp.sqrt(jnp.sum(old**2, axis=1)) + eps
+        jnp.sqrt(jnp.sum(old**2, axis=1)) + RELATIVE_CHANGE_EPS
     )
 
 
@@ -383,8 +380,8 @@ def _per_window_kernel(st: _Static, treedef, *refs):
         state, step, conv, fin, rel, it = carry
         on = active(carry)
         new = _step(st, treedef, in_refs, state, it, mean_over=1)
-        rel_r = _row_change(new[0], state[0], st.eps)
-        rel_r2 = _row_change(new[1], state[1], st.eps)
+        rel_r = _row_change(new[0], state[0])
+        rel_r2 = _row_change(new[1], state[1])
         keep = on[:, None]
         state = tuple(jnp.where(keep, a, b) for a, b in zip(new, state))
         passed = ((rel_r < st.tol) & (rel_r2 < st.tol)).astype(jnp.int32)
@@ -439,9 +436,9 @@ def _reference_step_kernel(st: _Static, treedef, *refs):
             # of padding, which never move, give 0).
             zero = jnp.zeros((), r.dtype)
             sums = [
-                jnp.max(_row_change(new[0], r, st.eps)),
+                jnp.max(_row_change(new[0], r)),
                 zero,
-                jnp.max(_row_change(new[1], r2, st.eps)),
+                jnp.max(_row_change(new[1], r2)),
                 zero,
             ]
         finite = jnp.min(_finite_rows(new[0], new[1])).astype(r.dtype)
@@ -479,10 +476,10 @@ def _fold_kernel(st: _Static, n_blocks: int, partials_ref, status_ref, out_ref):
 
         if st.batch_converge:
             rel_r = jnp.sqrt(jnp.sum(column(0, 0))) / (
-                jnp.sqrt(jnp.sum(column(1, 0))) + st.eps
+                jnp.sqrt(jnp.sum(column(1, 0))) + RELATIVE_CHANGE_EPS
             )
             rel_r2 = jnp.sqrt(jnp.sum(column(2, 0))) / (
-                jnp.sqrt(jnp.sum(column(3, 0))) + st.eps
+                jnp.sqrt(jnp.sum(column(3, 0))) + RELATIVE_CHANGE_EPS
             )
         else:
             rel_r, rel_r2 = jnp.max(column(0, 0)), jnp.max(column(2, 0))

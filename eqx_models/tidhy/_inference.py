@@ -29,7 +29,7 @@ from transforms.validation import (
     typechecked,
 )
 
-from ._functional import l1
+from ._functional import l1, RELATIVE_CHANGE_EPS
 from ._fused import fused_infer
 from ._model import TiDHy
 
@@ -198,14 +198,21 @@ class InferenceConfig(eqx.Module):
         lr_r2 = default if self.lr_r2 is None else self.lr_r2
         return lr_r, lr_r2
 
+    @property
+    def halvings(self) -> tuple[int, ...]:
+        """The iterations at which the learning rate of `r` halves (none without
+        `halve_lr_r`)."""
+        if not self.halve_lr_r:
+            return ()
+        every = self.max_iter // 10
+        return tuple(range(every, self.max_iter, every))
+
     def lr_r_schedule(self) -> optax.Schedule:
         """The per-iteration learning rate of `r` (an optax schedule)."""
         lr_r = self.learning_rates[0]
         if not self.halve_lr_r:
             return optax.constant_schedule(lr_r)
-        every = self.max_iter // 10
-        milestones = range(every, self.max_iter, every)
-        return optax.piecewise_constant_schedule(lr_r, {m: 0.5 for m in milestones})
+        return optax.piecewise_constant_schedule(lr_r, {m: 0.5 for m in self.halvings})
 
 
 class InferenceStats(NamedTuple):
@@ -309,7 +316,7 @@ def _step_solver(config: InferenceConfig, objective, relative_change=None):
         tol=config.tol,
         prox=prox,
         relative_change=relative_change,
-        eps=1e-16,
+        eps=RELATIVE_CHANGE_EPS,
         check_every=config.iterations_per_check,
     )
 
@@ -410,7 +417,9 @@ def _first_batch_energy(r, model: TiDHy, x, mask=None, present=None):
 
 
 def _row_relative_change(new, old):
-    return jnp.linalg.norm(new - old, axis=-1) / (jnp.linalg.norm(old, axis=-1) + 1e-16)
+    return jnp.linalg.norm(new - old, axis=-1) / (
+        jnp.linalg.norm(old, axis=-1) + RELATIVE_CHANGE_EPS
+    )
 
 
 def infer_first_step_impl(
