@@ -34,7 +34,9 @@ batched, and the training throughput in tasks per second.
 
 `--nonlinear` runs the rows of issue 24 instead: a model trained (for `--minutes`,
 through `eqx_models.causal.train`) on a mixture of linear, MLP and RFF tasks at
-d ∈ {5, 10, 20}, evaluated per mechanism at d ∈ {5, 10, 20} against the exact
+d ∈ {5, 10, 20} (every bucket's step compiled and timed first; the learning-rate
+schedule and the curriculum, as the linear run's, laid out over the steps that fit
+the budget), evaluated per mechanism at d ∈ {5, 10, 20} against the exact
 expert, linear and additive cubic (`evaluate_by_mechanism`: MAP F1, edge AUROC,
 top-1 against the truth, ECE) and at d = 50 through the shortlist (model, linear and
 cubic expert on the shortlist, with the shortlist's recall of the true set); the
@@ -715,6 +717,44 @@ def _shortlist_quality(model, tasks, size):
     return rows
 
 
+# The learning rate's warmup of a nonlinear run on a budget: fixed in advance, as it
+# is static in the compiled step, which the calibration shares with the run.
+BUDGET_WARMUP = 100
+
+
+def _warmup_steps(cfg: dict) -> int:
+    return BUDGET_WARMUP if cfg["steps"] is None else max(1, cfg["steps"] // 20)
+
+
+def _budgeted_run_length(model, buckets, curriculum, budget_s: float):
+    """Compile and time the train step of every bucket (as `train` will run it,
+    so the run reuses the compilations), and return the number of steps whose
+    expected time under the curriculum's bucket mix fills the rest of the budget,
+    with the step time of each bucket."""
+    t0 = time.perf_counter()
+    loss = BehaviouralCloningLoss(weight_decay=1e-4)
+    optimizer = make_optimizer(10**6, warmup_steps=BUDGET_WARMUP)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    step = with_fallback(make_train_step(loss, optimizer, has_aux=True))
+    step_times = []
+    key = jr.key(0)
+    for config, batch_size in buckets:
+        times = []
+        for j in range(3):  # the first compiles
+            start = time.perf_counter()
+            # A step as `train` runs it: a batch drawn and labelled, then the step
+            # (with a key: a step without one is another program).
+            batch = sample_training_batch(jr.key(j), config, batch_size, K)
+            jax.block_until_ready(step(_copy(model), _copy(opt_state), batch, key))
+            times.append(time.perf_counter() - start)
+        step_times.append(min(times[1:]))
+    # Host overhead per step (metrics to floats, the batch's dispatch).
+    expected = _expected_step_time(curriculum, step_times) + 0.002
+    left = budget_s - (time.perf_counter() - t0)
+    # At least two warmups: a budget too short for them runs over it.
+    return max(2 * BUDGET_WARMUP, int(0.9 * left / expected)), step_times
+
+
 def nonlinear_rows(args, results):
     size = "tiny" if args.tiny else "full"
     cfg = NONLINEAR[size]
@@ -725,11 +765,34 @@ def nonlinear_rows(args, results):
         for d in cfg["dims"]
         for extra in MECHANISM_CONFIGS.values()
     ]
-    # Train in chunks of steps until the budget: the step count of a full run is
-    # not known in advance, so the schedule is laid out over a generous length.
-    n_steps = cfg["steps"] or 200_000
+    # The curriculum of the linear run: from the cheapest buckets to weights
+    # proportional to d (the large tasks are the hard ones) over the first quarter.
+    costs = [c.n_vars * c.n_samples for c, _ in buckets]
+    curriculum = Curriculum(
+        tuple(1.0 if c == min(costs) else 0.0 for c in costs),
+        tuple(float(c.n_vars) for c, _ in buckets),
+        ramp=0.25,
+    )
     t0 = time.perf_counter()
-    done, chunk = 0, cfg["steps"] or 500
+    if cfg["steps"] is None:
+        # A run on a wall-clock budget: the schedule and the curriculum must be
+        # laid out over the steps that fit in it (laid out over a guess, a short
+        # run would end still warming up, on the cheapest buckets alone).
+        n_steps, step_times = _budgeted_run_length(
+            model, buckets, curriculum, 60 * args.minutes
+        )
+        results.note(
+            "nonlinear training: every bucket's step compiled and timed first "
+            f"({time.perf_counter() - t0:.0f} s; steps of "
+            + ", ".join(f"{1e3 * s:.0f}" for s in step_times)
+            + f" ms), then {n_steps} steps laid out to fill the budget."
+        )
+    else:
+        n_steps = cfg["steps"]
+    optimizer = make_optimizer(n_steps, warmup_steps=_warmup_steps(cfg))
+    # Train in chunks, each ending with a checkpoint, and stop at the budget even
+    # if the estimate was off.
+    done, chunk = 0, max(20, n_steps // 10)
     checkpoint = os.path.join(tempfile.gettempdir(), f"causal-nonlinear-{size}.ckpt")
     while done < n_steps:
         fitted = train_surrogate(
@@ -737,17 +800,25 @@ def nonlinear_rows(args, results):
             buckets,
             n_steps=n_steps,
             key=jr.fold_in(key, 1),
-            stop_after=done + chunk,
+            curriculum=curriculum,
+            optimizer=optimizer,
+            stop_after=min(done + chunk, n_steps),
             checkpoint_path=checkpoint,
             checkpoint_every=chunk,
             resume=done > 0,
             progress=False,
         )
-        model, done = fitted.model, done + chunk
+        model, done = fitted.model, min(done + chunk, n_steps)
         if time.perf_counter() - t0 > 60 * args.minutes:
             break
     train_s = time.perf_counter() - t0
-    results.add(workload="nonlinear train", size=size, steps=done, seconds=train_s)
+    results.add(
+        workload="nonlinear train",
+        size=size,
+        steps=done,
+        planned_steps=n_steps,
+        seconds=train_s,
+    )
     for d in cfg["dims"]:
         tasks = {}
         for name, extra in MECHANISM_CONFIGS.items():
