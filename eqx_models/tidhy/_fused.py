@@ -21,9 +21,16 @@ shapes and matrix products); the padding provably stays zero (the padded rows an
 columns of every weight are zero) and the LayerNorm's statistics use the real width
 only. Products run in full float32 (`Precision.HIGHEST`). On a CPU the kernels run
 in Pallas' interpreter, for tests only: it is slow.
+
+JAX 0.11.2 deprecated Pallas' Triton backend in favour of Mosaic GPU, and warns at
+every lowering of these kernels. The warning is addressed to this module, not to its
+users (they cannot act on it), so it is ignored, by its exact text, once these
+kernels are built for a GPU; moving them to Mosaic GPU is the way out before JAX
+drops Triton.
 """
 
 import functools
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -35,7 +42,9 @@ from ._model import TiDHy
 
 
 # Windows per program and warps per program: first choices (a block of basis
-# predictions, 32 x 16 x 16, is 64 values per thread), to be tuned on a GPU.
+# predictions, 32 x 16 x 16, is 64 values per thread), to be tuned on a GPU. Half
+# the windows in float64: with 32, the MLP-decoder kernels asked an H100 for 240 kB
+# of shared memory (227 kB available).
 BLOCK_WINDOWS = 32
 _NUM_WARPS = 4
 _LN_EPS = 1e-5  # both networks' LayerNorms (`eqx.nn.LayerNorm(H, eps=1e-5)`)
@@ -45,6 +54,23 @@ _UNROLL = 4
 _PARTIALS = 8
 # The reference mode's loop state: step, converged, finite, relative change.
 _STATUS = 4
+
+
+_TRITON_DEPRECATION = "The Pallas Triton backend is deprecated"
+
+
+def _ignore_triton_deprecation() -> None:
+    # Issued when the enclosing jit lowers the kernels, after this module's code has
+    # returned, so a filter around the call would miss it: a filter for the
+    # process, installed on every build (pytest restores the filters after each
+    # test; `filterwarnings` replaces an equal filter instead of adding one).
+    warnings.filterwarnings(
+        "ignore", message=_TRITON_DEPRECATION, category=DeprecationWarning
+    )
+
+
+def _block_windows(dtype) -> int:
+    return BLOCK_WINDOWS if jnp.dtype(dtype).itemsize <= 4 else BLOCK_WINDOWS // 2
 
 
 def _padded(n: int) -> int:
@@ -550,8 +576,9 @@ def fused_infer(model: TiDHy, x, r2_prev, basis, config, mask, present) -> Fused
         M=_padded(model.mix_dim),
         H=_padded(model.hyper_hid_dim),
     )
-    n_blocks = -(-B // BLOCK_WINDOWS)
-    Bp = n_blocks * BLOCK_WINDOWS
+    block = _block_windows(dtype)
+    n_blocks = -(-B // block)
+    Bp = n_blocks * block
     weights, treedef = jax.tree.flatten(_weights(model, s, dtype))
     f_mask = jnp.ones((B, D), dtype) if mask is None else mask.astype(dtype)
     present = jnp.ones((B,), dtype) if present is None else present.astype(dtype)
@@ -569,7 +596,8 @@ def fused_infer(model: TiDHy, x, r2_prev, basis, config, mask, present) -> Fused
             "interpreted on a CPU, got 'pallas'."
         )
     interpret = backend == "cpu"
-    block = BLOCK_WINDOWS
+    if not interpret:
+        _ignore_triton_deprecation()
     # Every kernel's first inputs (see `_step`): x, mask, present, basis, weights.
     inputs = (x_p, m_p, p_p, basis_p, *weights)
     in_specs = [_rows(block, s.D), _rows(block, s.D), _rows(block)]
