@@ -153,6 +153,14 @@ def _copy(tree):
     return jax.tree.map(lambda x: x.copy() if eqx.is_array(x) else x, tree)
 
 
+def _size_curriculum(configs: list[TaskConfig]) -> Curriculum:
+    """From the cheapest buckets (`d·N`) to weights proportional to `d` (the large
+    tasks are the hard ones), over the first quarter of the run."""
+    costs = [c.n_vars * c.n_samples for c in configs]
+    start = tuple(1.0 if cost == min(costs) else 0.0 for cost in costs)
+    return Curriculum(start, tuple(float(c.n_vars) for c in configs), ramp=0.25)
+
+
 def _expected_step_time(
     curriculum: Curriculum, times: list[float], start: float = 0.0
 ) -> float:
@@ -172,10 +180,7 @@ def train(cfg, args, key):
         (TaskConfig(n_vars=d, n_samples=n), _batch_size(d, n, cfg["cells"], multiple))
         for d, n in shapes
     ]
-    costs = [d * n for d, n in shapes]
-    start = tuple(1.0 if c == min(costs) else 0.0 for c in costs)
-    end = tuple(float(d) for d, _ in shapes)
-    curriculum = Curriculum(start, end, ramp=0.25)
+    curriculum = _size_curriculum([config for config, _ in buckets])
     model = build_model(cfg, jr.fold_in(key, 0))
     optimizer = make_optimizer(
         10**6, peak_learning_rate=cfg["peak_lr"], warmup_steps=cfg["warmup"]
@@ -765,14 +770,7 @@ def nonlinear_rows(args, results):
         for d in cfg["dims"]
         for extra in MECHANISM_CONFIGS.values()
     ]
-    # The curriculum of the linear run: from the cheapest buckets to weights
-    # proportional to d (the large tasks are the hard ones) over the first quarter.
-    costs = [c.n_vars * c.n_samples for c, _ in buckets]
-    curriculum = Curriculum(
-        tuple(1.0 if c == min(costs) else 0.0 for c in costs),
-        tuple(float(c.n_vars) for c, _ in buckets),
-        ramp=0.25,
-    )
+    curriculum = _size_curriculum([config for config, _ in buckets])
     t0 = time.perf_counter()
     if cfg["steps"] is None:
         # A run on a wall-clock budget: the schedule and the curriculum must be
