@@ -47,6 +47,9 @@ from ._model import TiDHy
 # of shared memory (227 kB available).
 BLOCK_WINDOWS = 32
 _NUM_WARPS = 4
+# Full float32 products, as the tests' float64 comparisons assume; XLA's loop on a
+# GPU uses the platform's default (TF32 on recent NVIDIA GPUs).
+_PRECISION = jax.lax.Precision.HIGHEST
 _LN_EPS = 1e-5  # both networks' LayerNorms (`eqx.nn.LayerNorm(H, eps=1e-5)`)
 # Iterations per trip of the reference mode's rolled inner loop (see `chunk`).
 _UNROLL = 4
@@ -208,7 +211,7 @@ def _static(model: TiDHy, config, n_windows: int) -> _Static:
 
 def _dot(a, b):
     return jnp.dot(
-        a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=a.dtype
+        a, b, precision=_PRECISION, preferred_element_type=a.dtype
     )
 
 
