@@ -54,6 +54,7 @@ from _harness import Results, time_callable, time_jax
 
 from eqx_models import tidhy
 from eqx_models.tidhy._evaluate import _evaluate
+from eqx_models.tidhy._fused import default_on_this_device
 from eqx_models.tidhy._inference import (
     AUTO_CHECK_EVERY,
     frozen,
@@ -96,19 +97,22 @@ def _check_every_values(config: tidhy.InferenceConfig) -> list[int]:
     return [default] + [k for k in (1, AUTO_CHECK_EVERY) if k != default]
 
 
-def _impl(k: int, config: tidhy.InferenceConfig) -> str:
-    default = " (default)" if k == config.iterations_per_check else ""
+def _impl(k: int, config: tidhy.InferenceConfig, xla_default: bool = True) -> str:
+    default = " (default)" if xla_default and k == config.iterations_per_check else ""
     return f"eqx_models (while_loop, check_every={k}{default})"
 
 
-def _variants(base: tidhy.InferenceConfig) -> list[tuple[str, tidhy.InferenceConfig]]:
-    """The library's rows of a workload, `(label, config)`: the XLA loop at each
-    `check_every` (the default first), then, on an accelerator, the Pallas
-    kernels at their default (on a CPU they run in Pallas' interpreter, a test
-    path, not a fast one)."""
+def _variants(
+    base: tidhy.InferenceConfig, fused_default: bool = False
+) -> list[tuple[str, tidhy.InferenceConfig]]:
+    """The library's rows of a workload, `(label, config)`, the default first: the
+    XLA loop at each `check_every` and, on an accelerator, the Pallas kernels (on
+    a CPU they run in Pallas' interpreter, a test path, not a fast one).
+    `fused_default`: whether `implementation="auto"` picks the kernels here."""
+    xla = dataclasses.replace(base, implementation="xla")
     rows = [
-        (_impl(k, base), dataclasses.replace(base, check_every=k))
-        for k in _check_every_values(base)
+        (_impl(k, xla, not fused_default), dataclasses.replace(xla, check_every=k))
+        for k in _check_every_values(xla)
     ]
     if jax.default_backend() != "cpu":
         pallas = dataclasses.replace(base, implementation="pallas")
@@ -118,7 +122,9 @@ def _variants(base: tidhy.InferenceConfig) -> list[tuple[str, tidhy.InferenceCon
             if base.batch_mode == "per_window"
             else (f"two launches per iteration, check_every={k}")
         )
-        rows.append((f"eqx_models (Pallas kernels, {label})", pallas))
+        default = " (default)" if fused_default else ""
+        row = (f"eqx_models (Pallas kernels, {label}){default}", pallas)
+        rows = [row, *rows] if fused_default else [*rows, row]
     return rows
 
 
@@ -269,6 +275,7 @@ def main(argv=None):
     B, T, D = windows.shape
     k_torch = min(args.torch_steps or cfg["torch_steps"] or T - 1, T - 1)
     model = tidhy.TiDHy(D, key=jr.key(0))
+    fused_default = default_on_this_device(model, jnp.float32)
     sizes = dict(
         windows=B, steps=T, D=D, r=model.r_dim, r2=model.r2_dim, M=model.mix_dim
     )
@@ -303,7 +310,7 @@ def main(argv=None):
         ("200 fixed iterations", FIXED),
     ):
         workload = f"inference step, {name}"
-        for impl, config in _variants(base):
+        for impl, config in _variants(base, fused_default):
             k = config.iterations_per_check
             step = jax.jit(
                 lambda m, x, a, b, c=config: infer_impl(frozen(m), x, a, b, c)
@@ -349,9 +356,11 @@ def main(argv=None):
     # One training epoch: one full-batch step.
     optimizer = tidhy.make_optimizer(tidhy.Learner(model=model, gradnorm=None), TRAIN)
     jax_epochs = {}
-    epochs = [("", v) for v in _variants(REFERENCE)]
+    epochs = [("", v) for v in _variants(REFERENCE, fused_default)]
     # The library's default batching too (each window stops on its own).
-    epochs += [(", per-window inference", v) for v in _variants(PER_WINDOW)]
+    epochs += [
+        (", per-window inference", v) for v in _variants(PER_WINDOW, fused_default)
+    ]
     for mode, (impl, inference) in epochs:
         step = make_train_step(
             lambda learner, batch, key, inference=inference: tidhy.training_loss(
@@ -439,7 +448,7 @@ def main(argv=None):
         )
 
     # evaluate_record over the whole test set.
-    for impl, config in _variants(PER_WINDOW):
+    for impl, config in _variants(PER_WINDOW, fused_default):
         evaluate = jax.jit(lambda m, X, c=config: _evaluate(m, X, c))
         timing = time_jax(evaluate, model, test, repeats=3)
         record = evaluate(model, test)

@@ -16,12 +16,14 @@ def test_a_quick_run_writes_a_row_per_combination(tmp_path):
     assert (_fused.BLOCK_WINDOWS, _fused._NUM_WARPS, _fused._PRECISION) == defaults
     (path,) = tmp_path.glob("tidhy_pallas_tuning-*.json")
     rows = json.loads(path.read_text())["rows"]
-    assert len(rows) == 2 * 3
+    assert len(rows) == 2 * 4
     for row in rows:
         assert "error" not in row, row
         assert row["median_s"] > 0 and row["iterations"] > 0
-    baseline, full, tf32 = rows[:3]
-    assert baseline["max_abs_diff_from_xla"] is None
+    xla, highest, full, tf32 = rows[:4]
+    assert "max_abs_diff_from_xla" not in xla
     assert (full["block_windows"], full["num_warps"]) == (16, 4)
-    assert full["max_abs_diff_from_xla"] < 1e-4
+    for name in ("xla", "xla_highest"):
+        assert full[f"max_abs_diff_from_{name}"] < 1e-4
+        assert full[f"windows_n_iter_differs_from_{name}"] == 0
     assert tf32["precision"] == "TF32 (DEFAULT)"

@@ -41,11 +41,11 @@ from ._functional import RELATIVE_CHANGE_EPS
 from ._model import TiDHy
 
 
-# Windows per program and warps per program: first choices (a block of basis
-# predictions, 32 x 16 x 16, is 64 values per thread), to be tuned on a GPU. Half
-# the windows in float64: with 32, the MLP-decoder kernels asked an H100 for 240 kB
-# of shared memory (227 kB available).
-BLOCK_WINDOWS = 32
+# Windows and warps per program, tuned on an H100 at paper size
+# (benchmarks/tidhy_pallas_tuning.py): 16 windows and 4 warps were the fastest in
+# both modes (reference mode 36.5 us per iteration against 74.8 us with 32 windows;
+# 2 warps spill, 10-20x slower). 16 is the smallest block Triton's products take.
+BLOCK_WINDOWS = 16
 _NUM_WARPS = 4
 # Full float32 products, as the tests' float64 comparisons assume; XLA's loop on a
 # GPU uses the platform's default (TF32 on recent NVIDIA GPUs).
@@ -72,8 +72,79 @@ def _ignore_triton_deprecation() -> None:
     )
 
 
-def _block_windows(dtype) -> int:
-    return BLOCK_WINDOWS if jnp.dtype(dtype).itemsize <= 4 else BLOCK_WINDOWS // 2
+# The most shared memory one program (thread block) may use, in bytes, by CUDA
+# compute capability (NVIDIA's CUDA C++ Programming Guide, "Technical
+# Specifications per Compute Capability"). Triton keeps every weight matrix of the
+# kernels there for the whole loop: measured on an H100, a kernel asked for its
+# weights' bytes plus 2.4 kB, whatever the number of windows per program.
+_SHARED_MEMORY_BYTES = {
+    "7.0": 96 * 1024,
+    "7.2": 96 * 1024,
+    "7.5": 64 * 1024,
+    "8.0": 163 * 1024,
+    "8.6": 99 * 1024,
+    "8.7": 163 * 1024,
+    "8.9": 99 * 1024,
+    "9.0": 227 * 1024,
+    "10.0": 227 * 1024,
+    "10.3": 227 * 1024,
+    "12.0": 99 * 1024,
+}
+_SHARED_MEMORY_RESERVE = 8 * 1024
+
+
+def _compute_capability() -> str | None:
+    """The first device's CUDA compute capability (`"9.0"`), or `None` off CUDA."""
+    if jax.default_backend() != "gpu":
+        return None
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    return None if capability is None else str(capability)
+
+
+def weight_bytes(model: TiDHy, dtype) -> int:
+    """The bytes of the model's zero-padded weights as the kernels hold them."""
+    s = _sizes(model)
+    leaves = jax.tree.leaves(jax.eval_shape(lambda: _weights(model, s, dtype)))
+    return sum(leaf.size * jnp.dtype(dtype).itemsize for leaf in leaves)
+
+
+def shared_memory_shortfall(model: TiDHy, dtype) -> tuple[int, int] | None:
+    """`(needed, available)` bytes of shared memory per program where this GPU's
+    cannot hold the kernels' weights; `None` where it can or is not known."""
+    available = _SHARED_MEMORY_BYTES.get(_compute_capability() or "")
+    needed = weight_bytes(model, dtype) + _SHARED_MEMORY_RESERVE
+    if available is None or needed <= available:
+        return None
+    return needed, available
+
+
+def default_on_this_device(model: TiDHy, dtype) -> bool:
+    """Whether `implementation="auto"` runs these kernels: on one CUDA GPU of a
+    known compute capability whose shared memory holds the weights, with Pallas'
+    Triton backend present. XLA does not partition a Pallas kernel across
+    devices (it would run the whole batch on each), so with several devices
+    the XLA loop is the default."""
+    if jax.device_count() != 1:
+        return False
+    if _SHARED_MEMORY_BYTES.get(_compute_capability() or "") is None:
+        return False
+    if shared_memory_shortfall(model, dtype) is not None:
+        return False
+    try:
+        from jax.experimental.pallas import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _sizes(model: TiDHy) -> "_Sizes":
+    return _Sizes(
+        D=_padded(model.input_dim),
+        R=_padded(model.r_dim),
+        R2=_padded(model.r2_dim),
+        M=_padded(model.mix_dim),
+        H=_padded(model.hyper_hid_dim),
+    )
 
 
 def _padded(n: int) -> int:
@@ -210,9 +281,7 @@ def _static(model: TiDHy, config, n_windows: int) -> _Static:
 
 
 def _dot(a, b):
-    return jnp.dot(
-        a, b, precision=_PRECISION, preferred_element_type=a.dtype
-    )
+    return jnp.dot(a, b, precision=_PRECISION, preferred_element_type=a.dtype)
 
 
 def _forward(layer: _Linear, a):
@@ -572,14 +641,8 @@ def fused_infer(model: TiDHy, x, r2_prev, basis, config, mask, present) -> Fused
     x, r2_prev, basis, model = jax.lax.stop_gradient((x, r2_prev, basis, model))
     B, D = x.shape
     dtype = r2_prev.dtype
-    s = _Sizes(
-        D=_padded(D),
-        R=_padded(model.r_dim),
-        R2=_padded(model.r2_dim),
-        M=_padded(model.mix_dim),
-        H=_padded(model.hyper_hid_dim),
-    )
-    block = _block_windows(dtype)
+    s = _sizes(model)
+    block = BLOCK_WINDOWS
     n_blocks = -(-B // block)
     Bp = n_blocks * block
     weights, treedef = jax.tree.flatten(_weights(model, s, dtype))
@@ -594,12 +657,22 @@ def fused_infer(model: TiDHy, x, r2_prev, basis, config, mask, present) -> Fused
     backend = jax.default_backend()
     if backend not in ("cpu", "gpu"):
         raise ValueError(
-            "InferenceConfig: `implementation` must be 'xla' on backend "
+            "InferenceConfig: `implementation` must be 'auto' or 'xla' on backend "
             f"{backend!r}: the Pallas kernels are written for GPUs (Triton) and run "
             "interpreted on a CPU, got 'pallas'."
         )
     interpret = backend == "cpu"
     if not interpret:
+        shortfall = shared_memory_shortfall(model, dtype)
+        if shortfall is not None:
+            raise ValueError(
+                "InferenceConfig: `implementation='pallas'` keeps the model's weights "
+                "in one GPU program's shared memory: expected at most "
+                f"{shortfall[1]} bytes on this GPU (compute capability "
+                f"{_compute_capability()}), got {shortfall[0]} for its padded "
+                f"{jnp.dtype(dtype).name} weights; use implementation='auto' or "
+                "'xla' (or float32)."
+            )
         _ignore_triton_deprecation()
     # Every kernel's first inputs (see `_step`): x, mask, present, basis, weights.
     inputs = (x_p, m_p, p_p, basis_p, *weights)

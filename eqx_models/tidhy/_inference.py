@@ -7,6 +7,7 @@ original's batch-mean energy. The scans over windows, training and evaluation ca
 the unchecked `*_impl` functions.
 """
 
+import dataclasses
 from typing import Literal, NamedTuple
 
 import equinox as eqx
@@ -30,13 +31,13 @@ from transforms.validation import (
 )
 
 from ._functional import l1, RELATIVE_CHANGE_EPS
-from ._fused import fused_infer
+from ._fused import default_on_this_device, fused_infer
 from ._model import TiDHy
 
 
 BatchMode = Literal["per_window", "reference"]
 _BATCH_MODES = ("per_window", "reference")
-_IMPLEMENTATIONS = ("xla", "pallas")
+_IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
 # The inner loop's iterations per stopping test with `check_every="auto"` in the
 # per-window mode on an accelerator: at most 15 masked iterations wasted per loop
@@ -99,16 +100,22 @@ class InferenceConfig(eqx.Module):
         Pallas loop's cost nothing but their launches: 16 there too); decided by
         the default backend when the inference is traced. Not part of the
         configuration that training checkpoints compare on resume.
-    - `implementation`: `"xla"` (default): the loop as XLA compiles it from the
-        energy and `jax.grad`. `"pallas"`: the loop as Pallas kernels with the
-        energy's gradient written out (`eqx_models/tidhy/_fused.py`): in the
-        per-window mode one kernel launch runs the whole loop of a block of
-        windows, in the reference mode an iteration is two launches, where XLA
-        runs about 28 small kernels. For GPUs (Triton); on a CPU it runs in
-        Pallas' interpreter, correct but slow (on a TPU it is refused). The
-        same iterates up to rounding (its products are in full float32, XLA's
-        in the backend's default precision), so the same iteration counts but at
-        near-ties of the tolerance.
+    - `implementation`: how the loop is compiled. `"xla"`: as XLA compiles it
+        from the energy and `jax.grad`, about 28 small kernels per iteration on a
+        GPU. `"pallas"`: as Pallas kernels with the energy's gradient written out
+        (`eqx_models/tidhy/_fused.py`): in the per-window mode one kernel launch
+        runs the whole loop of a block of windows, in the reference mode an
+        iteration is two launches; for GPUs (Triton), on a CPU it runs in Pallas'
+        interpreter, correct but slow (on a TPU it is refused), and a GPU whose
+        shared memory per program cannot hold the model's weights is refused with
+        the sizes. `"auto"` (default): `"pallas"` on a single CUDA GPU whose
+        shared memory holds the weights (on an H100, 2-3x faster at paper size),
+        `"xla"` elsewhere (CPUs, TPUs, several devices, larger models); decided
+        when the inference is traced. The two agree up to rounding (the kernels'
+        products are in full float32, XLA's in the backend's default precision,
+        TF32 on recent NVIDIA GPUs), so with the same iteration counts but at
+        near-ties of the tolerance. Like `check_every`, not part of the
+        configuration that training checkpoints compare on resume.
 
     **Raises:**
 
@@ -135,7 +142,7 @@ class InferenceConfig(eqx.Module):
     first_step_weight_decay: float = eqx.field(default=0.01, static=True)
     check_every: int | str = eqx.field(default="auto", static=True)
     batch_converge: bool = eqx.field(default=True, static=True)
-    implementation: str = eqx.field(default="xla", static=True)
+    implementation: str = eqx.field(default="auto", static=True)
 
     def __check_init__(self):
         name = "InferenceConfig"
@@ -181,10 +188,13 @@ class InferenceConfig(eqx.Module):
     def iterations_per_check(self) -> int:
         """The `check_every` in use (`"auto"` resolved for the default backend)."""
         if isinstance(self.check_every, str):
-            xla_reference = (
-                self.batch_mode == "reference" and self.implementation == "xla"
+            # `"auto"` is the Pallas loop on a GPU (unless the model's weights do
+            # not fit: `infer_impl` resolves it first, so this is then exact).
+            xla = self.implementation == "xla" or (
+                self.implementation == "auto" and jax.default_backend() != "gpu"
             )
-            if jax.default_backend() == "cpu" or xla_reference:
+            reference_xla = self.batch_mode == "reference" and xla
+            if jax.default_backend() == "cpu" or reference_xla:
                 return 1
             return AUTO_CHECK_EVERY
         return int(self.check_every)
@@ -347,6 +357,10 @@ def infer_impl(
     is exactly the unmasked one.
     """
     basis = jax.vmap(model.basis_predictions)(r_prev)
+    if config.implementation == "auto":
+        fused = default_on_this_device(model, r2_prev.dtype)
+        implementation = "pallas" if fused else "xla"
+        config = dataclasses.replace(config, implementation=implementation)
     if config.implementation == "pallas":
         return _fused_impl(model, x, r2_prev, basis, config, mask, present)
     r0 = jnp.zeros_like(r_prev)

@@ -79,7 +79,8 @@ def train(
     hypernetwork groups have their own).
 
     The checkpoints record the whole configuration: the model's hyperparameters
-    (`model`), `inference` (all of it but `check_every`, which changes no result),
+    (`model`), `inference` (all of it but `check_every`, which changes no result,
+    and `implementation`, which changes results by rounding only),
     `train` (with the milestones resolved, so the schedule itself), the windows'
     shape, `batch_size` and `n_epochs`. A resumed run must match it field by field,
     unless `allow_config_change=True`. Two calls with equal
@@ -163,10 +164,12 @@ def train(
     # With the milestones made explicit the step no longer depends on `n_epochs`, so
     # runs of different lengths (a resumed run, say) share one compiled step.
     train = dataclasses.replace(train, milestones=resolved_milestones(train, n_epochs))
-    # `check_every` sets the inner loop's speed, never its results: a run resumed
-    # with another value (on another device, say) is the same run.
+    # `check_every` sets the inner loop's speed, never its results, and
+    # `implementation` changes them only by rounding: a run resumed with other
+    # values (on another device, say) is the same run.
     inference_fields = static_fields(inference)
     del inference_fields["check_every"]
+    del inference_fields["implementation"]
     # Recorded only when switched off, so that checkpoints written before the option
     # existed still resume.
     if inference_fields.get("batch_converge", True):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from eqx_models import tidhy
+from eqx_models.tidhy import _fused
 
 from .helpers import random_temporal
 
@@ -116,12 +117,18 @@ RTOL = {"per-window, MLP decoder, gated bias, low-rank dynamics": 2e-6}
 def test_pallas_loop_equals_the_xla_loop(x64, getkey, case):
     mode, loss, missing, options, stops, *model_options = CASES[case]
     model = _model(getkey(), loss_type=loss, **(model_options or [{}])[0])
-    # 40 windows: two blocks of 32, the second one mostly padding.
+    # 40 windows: three blocks of 16, the last one half padding.
     x, r_prev, r2_prev, mask, present = _inputs(getkey(), 40, loss, missing)
-    xla = tidhy.InferenceConfig(batch_mode=mode, **options)
+    xla = tidhy.InferenceConfig(batch_mode=mode, implementation="xla", **options)
     pallas = dataclasses.replace(xla, implementation="pallas")
     run = jax.jit(tidhy._inference.infer_impl, static_argnums=4)
     r, r2, stats = run(model, x, r_prev, r2_prev, xla, mask, present)
+    if _fused.shared_memory_shortfall(model, jnp.float64) is not None:
+        # On a GPU whose shared memory cannot hold the float64 weights of the MLP
+        # decoder (an H100's, measured), the kernels are refused before compiling.
+        with pytest.raises(ValueError, match="shared memory"):
+            run(model, x, r_prev, r2_prev, pallas, mask, present)
+        return
     r_p, r2_p, stats_p = run(model, x, r_prev, r2_prev, pallas, mask, present)
     # Each case stops its loops one way: on the tolerance (at different iterations
     # per window in the per-window mode) or at the cap.
@@ -155,7 +162,6 @@ MODELS = {
 @pytest.mark.parametrize("loss", ["mse", "poisson", "bce"])
 @pytest.mark.parametrize("model_case", list(MODELS))
 def test_the_written_out_gradient_equals_jax_grad(x64, getkey, model_case, loss):
-    from eqx_models.tidhy import _fused
     from eqx_models.tidhy._inference import _per_window_energy
 
     model = _model(getkey(), loss_type=loss, **MODELS[model_case])
@@ -290,7 +296,7 @@ def test_the_kernels_are_refused_on_a_tpu(monkeypatch, getkey):
     model = tidhy.TiDHy(6, key=getkey())
     config = tidhy.InferenceConfig(implementation="pallas")
     with pytest.raises(
-        ValueError, match="`implementation` must be 'xla' on backend 'tpu'"
+        ValueError, match="`implementation` must be 'auto' or 'xla' on backend 'tpu'"
     ):
         tidhy.infer(
             model, jnp.zeros((2, 6)), jnp.zeros((2, 10)), jnp.zeros((2, 5)), config
@@ -300,3 +306,74 @@ def test_the_kernels_are_refused_on_a_tpu(monkeypatch, getkey):
 def test_an_unknown_implementation_is_refused():
     with pytest.raises(ValueError, match="`implementation`.*'triton'"):
         tidhy.InferenceConfig(implementation="triton")
+
+
+def _gpu(monkeypatch, capability, devices=1):
+    """Stand in for `devices` CUDA GPUs of a compute capability (None: unknown)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(_fused, "_compute_capability", lambda: capability)
+    monkeypatch.setattr(jax, "device_count", lambda: devices)
+
+
+def test_the_shared_memory_rule_matches_what_an_h100_asked_for(x64, getkey):
+    # Measured (H100, JAX 0.11.2): the float64 kernels of the MLP decoder with the
+    # gated bias asked for 237 568 bytes of shared memory per program, with 16 or
+    # 32 windows per program, where 232 448 were available.
+    model = _model(getkey(), nonlinear_decoder=True, dyn_bias=True)
+    weights = _fused.weight_bytes(model, jnp.float64)
+    assert weights <= 237_568 <= weights + _fused._SHARED_MEMORY_RESERVE
+    assert _fused._SHARED_MEMORY_BYTES["9.0"] == 232_448
+
+
+def test_auto_runs_the_kernels_on_one_gpu_that_holds_the_weights(
+    x64, monkeypatch, getkey
+):
+    paper = tidhy.TiDHy(20, key=getkey())  # 54 720 bytes of float32 weights
+    mlp = tidhy.TiDHy(20, key=getkey(), nonlinear_decoder=True, dyn_bias=True)
+    _gpu(monkeypatch, "9.0")
+    assert _fused.default_on_this_device(paper, jnp.float32)
+    assert _fused.default_on_this_device(mlp, jnp.float32)  # 117 568 bytes
+    assert not _fused.default_on_this_device(mlp, jnp.float64)  # 235 136 bytes
+    _gpu(monkeypatch, "8.6")  # 99 kB per program
+    assert _fused.default_on_this_device(paper, jnp.float32)
+    assert not _fused.default_on_this_device(mlp, jnp.float32)
+    _gpu(monkeypatch, None)  # a GPU whose shared memory is not known
+    assert not _fused.default_on_this_device(paper, jnp.float32)
+    # XLA does not partition a Pallas kernel across devices.
+    _gpu(monkeypatch, "9.0", devices=2)
+    assert not _fused.default_on_this_device(paper, jnp.float32)
+
+
+def test_auto_is_the_xla_loop_off_a_gpu(getkey):
+    model = _model(getkey())
+    x, r_prev, r2_prev, mask, present = _inputs(getkey(), 5, "mse", True)
+    auto = tidhy.InferenceConfig()
+    assert auto.implementation == "auto"
+    xla = tidhy.InferenceConfig(implementation="xla")
+    run = jax.jit(tidhy._inference.infer_impl, static_argnums=4)
+    for a, b in zip(
+        jax.tree.leaves(run(model, x, r_prev, r2_prev, auto, mask, present)),
+        jax.tree.leaves(run(model, x, r_prev, r2_prev, xla, mask, present)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_weights_a_gpu_cannot_hold_are_refused_with_the_sizes(x64, monkeypatch, getkey):
+    _gpu(monkeypatch, "9.0")
+    model = _model(getkey(), nonlinear_decoder=True, dyn_bias=True)
+    x, r_prev, r2_prev, mask, present = _inputs(getkey(), 4, "mse", False)
+    config = tidhy.InferenceConfig(implementation="pallas")
+    with pytest.raises(
+        ValueError,
+        match=r"`implementation='pallas'`.*expected at most 232448 bytes.*"
+        r"compute capability 9\.0\), got 243328 for its padded float64 weights",
+    ):
+        jax.jit(tidhy._inference.infer_impl, static_argnums=4).trace(
+            model, x, r_prev, r2_prev, config, mask, present
+        )
+    # `"auto"` takes the XLA loop for this model instead (traced, not compiled).
+    auto = dataclasses.replace(config, implementation="auto")
+    jax.jit(tidhy._inference.infer_impl, static_argnums=4).trace(
+        model, x, r_prev, r2_prev, auto, mask, present
+    )

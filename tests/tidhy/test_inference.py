@@ -217,11 +217,14 @@ def test_check_every_auto_chunks_per_window_loops_on_accelerators(monkeypatch, b
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     per_window = tidhy.InferenceConfig().iterations_per_check
     assert per_window == (1 if backend == "cpu" else 16)
-    reference = tidhy.InferenceConfig(batch_mode="reference").iterations_per_check
-    assert reference == 1
-    # The Pallas reference loop: a stopped loop's launches write nothing.
+    reference = tidhy.InferenceConfig(batch_mode="reference", implementation="xla")
+    assert reference.iterations_per_check == 1
+    # The Pallas reference loop: a stopped loop's launches write nothing. `"auto"`
+    # is that loop on a GPU.
     pallas = tidhy.InferenceConfig(batch_mode="reference", implementation="pallas")
     assert pallas.iterations_per_check == (1 if backend == "cpu" else 16)
+    auto = tidhy.InferenceConfig(batch_mode="reference").iterations_per_check
+    assert auto == (16 if backend == "gpu" else 1)
     named = tidhy.InferenceConfig(check_every=4, batch_mode="reference")
     assert named.iterations_per_check == 4
 

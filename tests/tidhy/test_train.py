@@ -222,13 +222,15 @@ def test_resume_refuses_another_configuration(tiny_run):
             **common,
         )
     assert path.read_bytes() == before
-    # `check_every` changes no result, so a resume with another value is the same
-    # run (here already finished).
+    # `check_every` changes no result and `implementation` results by rounding
+    # only, so a resume with other values is the same run (here already finished).
+    other = {"check_every": 4, "implementation": "xla"}
+    assert all(getattr(TINY_INFERENCE, k) != v for k, v in other.items())
     resumed = tidhy.train(
         model,
         windows,
         n_epochs=5,
-        inference=dataclasses.replace(TINY_INFERENCE, check_every=4),
+        inference=dataclasses.replace(TINY_INFERENCE, **other),
         **common,
     )
     assert resumed.history == [] and path.read_bytes() == before
