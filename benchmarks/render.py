@@ -71,6 +71,7 @@ ORDER = [
     "chmm",
     "tidhy",
     "tidhy_pallas",
+    "tidhy_pallas_tuning",
     "causal",
     "causal_latency",
     "compile_options",

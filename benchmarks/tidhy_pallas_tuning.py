@@ -7,8 +7,8 @@ not by launches. This script times that iteration at the paper's size (9 991
 windows, D = 20, r = 10, r2 = 5, M = 15, 200 fixed iterations) and the per-window
 mode's inference step (one launch per time step) for combinations of:
 
-- windows per program (16, 32, 64): fewer windows give more programs and less
-  shared memory per program, so more of them fit on one SM to hide latency;
+- windows per program (16, 32, 64): fewer windows give more programs, each with
+  fewer registers, so more of them share an SM to hide latency;
 - warps per program (2, 4, 8);
 - the products' precision: full float32 (`HIGHEST`, the library's choice, which
   the tests' float64 comparisons assume), TF32 x3 (about float32's accuracy on the
@@ -116,7 +116,7 @@ def main(argv=None):
         "tidhy_pallas_tuning",
         "TiDHy: tuning the Pallas inner loop (windows and warps per program, "
         "precision of the products)",
-        (__doc__ or "").split("\n\n")[1],
+        "\n\n".join((__doc__ or "").split("\n\n")[1:-1]),
     )
     defaults = (_fused.BLOCK_WINDOWS, _fused._NUM_WARPS, _fused._PRECISION)
     for name, base in (
