@@ -101,6 +101,11 @@ def _compute_capability() -> str | None:
     return None if capability is None else str(capability)
 
 
+def _shared_memory_bytes() -> int | None:
+    """This GPU's shared memory per program, or `None` where it is not known."""
+    return _SHARED_MEMORY_BYTES.get(_compute_capability() or "")
+
+
 def weight_bytes(model: TiDHy, dtype) -> int:
     """The bytes of the model's zero-padded weights as the kernels hold them."""
     s = _sizes(model)
@@ -111,7 +116,7 @@ def weight_bytes(model: TiDHy, dtype) -> int:
 def shared_memory_shortfall(model: TiDHy, dtype) -> tuple[int, int] | None:
     """`(needed, available)` bytes of shared memory per program where this GPU's
     cannot hold the kernels' weights; `None` where it can or is not known."""
-    available = _SHARED_MEMORY_BYTES.get(_compute_capability() or "")
+    available = _shared_memory_bytes()
     needed = weight_bytes(model, dtype) + _SHARED_MEMORY_RESERVE
     if available is None or needed <= available:
         return None
@@ -124,9 +129,7 @@ def default_on_this_device(model: TiDHy, dtype) -> bool:
     Triton backend present. XLA does not partition a Pallas kernel across
     devices (it would run the whole batch on each), so with several devices
     the XLA loop is the default."""
-    if jax.device_count() != 1:
-        return False
-    if _SHARED_MEMORY_BYTES.get(_compute_capability() or "") is None:
+    if jax.device_count() != 1 or _shared_memory_bytes() is None:
         return False
     if shared_memory_shortfall(model, dtype) is not None:
         return False
