@@ -47,8 +47,8 @@ from ._model import TiDHy
 # 2 warps spill, 10-20x slower). 16 is the smallest block Triton's products take.
 BLOCK_WINDOWS = 16
 _NUM_WARPS = 4
-# Full float32 products, as the tests' float64 comparisons assume; XLA's loop on a
-# GPU uses the platform's default (TF32 on recent NVIDIA GPUs).
+# Full float32 products, as XLA's loop computes them (see `_inference.py`'s
+# `_in_full_float32`).
 _PRECISION = jax.lax.Precision.HIGHEST
 _LN_EPS = 1e-5  # both networks' LayerNorms (`eqx.nn.LayerNorm(H, eps=1e-5)`)
 # Iterations per trip of the reference mode's rolled inner loop (see `chunk`).

@@ -8,6 +8,7 @@ the unchecked `*_impl` functions.
 """
 
 import dataclasses
+import functools
 from typing import Literal, NamedTuple
 
 import equinox as eqx
@@ -111,10 +112,10 @@ class InferenceConfig(eqx.Module):
         the sizes. `"auto"` (default): `"pallas"` on a single CUDA GPU whose
         shared memory holds the weights (on an H100, 2-3x faster at paper size),
         `"xla"` elsewhere (CPUs, TPUs, several devices, larger models); decided
-        when the inference is traced. The two agree up to rounding (the kernels'
-        products are in full float32, XLA's in the backend's default precision,
-        TF32 on recent NVIDIA GPUs), so with the same iteration counts but at
-        near-ties of the tolerance. Like `check_every`, not part of the
+        when the inference is traced. The two agree up to rounding (both compute
+        their products in full float32, also on GPUs whose default is TF32: the
+        stopping rule amplifies rounding), so with the same iteration counts but
+        at near-ties of the tolerance. Like `check_every`, not part of the
         configuration that training checkpoints compare on resume.
 
     **Raises:**
@@ -341,6 +342,23 @@ def _broadcast_stats(stats, n: int) -> InferenceStats:
     )
 
 
+def _in_full_float32(fn):
+    """`fn` with its matrix products in full float32 on every backend (a GPU's
+    default is TF32). The inner loops' stopping rule amplifies rounding: at paper
+    size, on a CPU, XLA's per-window loop in float32 and in float64 differ by up
+    to 4e-3 (latents below 1, rounding near 6e-8), and on an H100 the loop in TF32
+    differed from the Pallas kernels' float32 by 0.41. The products are small:
+    what they cost is launches, not arithmetic."""
+
+    @functools.wraps(fn)
+    def in_full_float32(*args, **kwargs):
+        with jax.default_matmul_precision("highest"):
+            return fn(*args, **kwargs)
+
+    return in_full_float32
+
+
+@_in_full_float32
 def infer_impl(
     model: TiDHy,
     x,
@@ -436,10 +454,13 @@ def _row_relative_change(new, old):
     )
 
 
+@_in_full_float32
 def infer_first_step_impl(
     model: TiDHy, x, config: InferenceConfig, mask=None, present=None
 ):
     """`infer_first_step` without checks (`mask`, `present` as in `infer_impl`)."""
+    # An XLA loop whatever `implementation` says (its `check_every` follows).
+    config = dataclasses.replace(config, implementation="xla")
     optimizer = optax.adamw(
         config.learning_rates[0],
         b1=0.9,

@@ -333,3 +333,33 @@ def test_bad_config_raises(kwargs, match):
 
 def test_max_iter_without_halving_may_be_small():
     assert tidhy.InferenceConfig(max_iter=3, halve_lr_r=False).max_iter == 3
+
+
+@pytest.mark.parametrize("mode", ["per_window", "reference"])
+def test_the_xla_loops_multiply_in_full_float32(getkey, mode):
+    # Their stopping rule amplifies rounding (a GPU's TF32 default moved per-window
+    # latents by 0.41 at paper size), so every product of both inner loops is
+    # lowered with HIGHEST precision, whatever the caller's default.
+    from eqx_models.tidhy._inference import infer_first_step_impl, infer_impl
+
+    model = small_model(getkey())
+    x, r_prev, r2_prev = step_inputs(getkey(), B=3)
+    config = tidhy.InferenceConfig(batch_mode=mode, implementation="xla")
+    with jax.default_matmul_precision("default"):
+        texts = [
+            jax.jit(infer_impl, static_argnums=4)
+            .lower(model, x, r_prev, r2_prev, config)
+            .as_text(),
+            jax.jit(infer_first_step_impl, static_argnums=2)
+            .lower(model, x, config)
+            .as_text(),
+            jax.jit(jnp.dot).lower(x, x.T).as_text(),  # the default, for contrast
+        ]
+    *loops, plain = [
+        [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+        for text in texts
+    ]
+    for dots in loops:
+        assert len(dots) >= 3
+        assert all("precision = [HIGHEST, HIGHEST]" in line for line in dots), dots
+    assert plain and "HIGHEST" not in plain[0]
