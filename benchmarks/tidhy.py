@@ -18,22 +18,24 @@ same equations with the original's Python inner loop, on CUDA when available):
 - `evaluate_record` over the whole test set (50 000 steps as windows of 200, stride
   20; the library's default per-window batching).
 
-The library's rows come twice, with `check_every=1` (the stopping rule tested after
-every inner iteration) and with 16 iterations per test (the per-window mode's
-default on an accelerator), the platform's default for the workload's mode first:
-the results are the same, only the number of tests differs. On an accelerator a
-third row runs the loop as Pallas kernels
+XLA's loop comes twice, with `check_every=1` (the stopping rule tested after every
+inner iteration) and with 16 iterations per test (the per-window mode's default on
+an accelerator): the results are the same, only the number of tests differs. On an
+accelerator a third row runs the loop as Pallas kernels
 (`InferenceConfig(implementation="pallas")`: one launch per time step in the per-
-window mode, two per iteration in the reference mode). The training epoch is timed
-in the reference mode (the paper's semantics, the PyTorch peer's) and in the per-
-window mode (the library's default). On a GPU every test of a `lax.while_loop`
-predicate is a copy to the host and a wait, so the benchmark also states that floor:
-the time per trip of a `while_loop` whose body does almost nothing, per iteration
-when the body runs a chunk of such iterations (rolled, as `check_every` does, or
-unrolled), per iteration of a `scan` with a static trip count (no predicate at all),
-and per iteration of `scan_optimize` itself on a trivial objective. A profiler trace
-of the inference call gives its device kernels per inner iteration and the time they
-keep the device busy, to set against the wall time per iteration.
+window mode, two per iteration in the reference mode). The library's default for the
+device comes first and is marked: the kernels on one GPU that holds the model's
+weights (`implementation="auto"`), else XLA's loop at its `check_every`. The
+training epoch is timed in the reference mode (the paper's semantics, the PyTorch
+peer's) and in the per-window mode (the library's default). On a GPU every test of a
+`lax.while_loop` predicate is a copy to the host and a wait, so the benchmark also
+states that floor: the time per trip of a `while_loop` whose body does almost
+nothing, per iteration when the body runs a chunk of such iterations (rolled, as
+`check_every` does, or unrolled), per iteration of a `scan` with a static trip count
+(no predicate at all), and per iteration of `scan_optimize` itself on a trivial
+objective. A profiler trace of the inference call gives its device kernels per inner
+iteration and the time they keep the device busy, to set against the wall time per
+iteration.
 
 Both implementations start from the same parameters and see the same data.
 """
