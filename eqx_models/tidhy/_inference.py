@@ -189,10 +189,11 @@ class InferenceConfig(eqx.Module):
     def iterations_per_check(self) -> int:
         """The `check_every` in use (`"auto"` resolved for the default backend)."""
         if isinstance(self.check_every, str):
-            # `"auto"` is the Pallas loop on a GPU (unless the model's weights do
-            # not fit: `infer_impl` resolves it first, so this is then exact).
+            # `"auto"` is the Pallas loop on one GPU (unless the model's weights
+            # do not fit: `infer_impl` resolves it first, so this is then exact).
+            one_gpu = jax.default_backend() == "gpu" and jax.device_count() == 1
             xla = self.implementation == "xla" or (
-                self.implementation == "auto" and jax.default_backend() != "gpu"
+                self.implementation == "auto" and not one_gpu
             )
             reference_xla = self.batch_mode == "reference" and xla
             if jax.default_backend() == "cpu" or reference_xla:

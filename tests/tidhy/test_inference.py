@@ -227,6 +227,10 @@ def test_check_every_auto_chunks_per_window_loops_on_accelerators(monkeypatch, b
     assert auto == (16 if backend == "gpu" else 1)
     named = tidhy.InferenceConfig(check_every=4, batch_mode="reference")
     assert named.iterations_per_check == 4
+    # Several devices: `"auto"` is XLA's loop (a Pallas kernel is not partitioned).
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
+    several = tidhy.InferenceConfig(batch_mode="reference").iterations_per_check
+    assert several == 1
 
 
 def test_abs_has_pytorchs_zero_subgradient_at_zero():
