@@ -72,6 +72,7 @@ ORDER = [
     "tidhy",
     "tidhy_pallas",
     "tidhy_pallas_tuning",
+    "tidhy_stream",
     "causal",
     "causal_latency",
     "compile_options",
@@ -493,7 +494,8 @@ def row_notes(rows: list[dict]) -> list[str]:
     seen: dict[str, str] = {}
     for row in rows:
         if row.get("note"):
-            seen.setdefault(str(row["note"]), str(row.get("impl", "")))
+            name = row.get("impl") or row.get("workload", "")
+            seen.setdefault(str(row["note"]), str(name))
     return [f"Note on {impl}: {_cell(note)}" for note, impl in seen.items()]
 
 

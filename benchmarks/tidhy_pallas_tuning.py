@@ -102,13 +102,12 @@ def main(argv=None):
     )
     parser.add_argument("--results-dir", default=None)
     args = parser.parse_args(argv)
+    inputs = _inputs(600, 50, 25) if args.quick else _inputs(200_000, 200, 20)
     if args.quick:
-        inputs = _inputs(600, 50, 25)
         grid = [(16, 4, "float32 (HIGHEST)"), (32, 2, "TF32 (DEFAULT)")]
     elif args.defaults:
         grid = [(_fused.BLOCK_WINDOWS, _fused._NUM_WARPS, "float32 (HIGHEST)")]
     else:
-        inputs = _inputs(200_000, 200, 20)
         # Windows x warps in full float32, then the faster precisions at 4 warps.
         grid = list(itertools.product((16, 32, 64), (2, 4, 8), ["float32 (HIGHEST)"]))
         grid += itertools.product((16, 32), (4,), ["TF32 x3", "TF32 (DEFAULT)"])

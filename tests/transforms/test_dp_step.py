@@ -7,6 +7,7 @@ from `jax.random.split(key, L)[l]`, standard deviation `σC`), divided by the ex
 batch size. Every method must match it to float64 rounding.
 """
 
+import re
 import textwrap
 import warnings
 
@@ -27,7 +28,14 @@ from transforms import (
 from transforms._privacy._clipping import resolve_method
 
 from ..helpers import run_script
-from ._ghost_models import elementwise_batch, ElementwiseScale, make_case
+from ._ghost_models import (
+    elementwise_batch,
+    ElementwiseScale,
+    GPT,
+    lm_batch,
+    lm_loss,
+    make_case,
+)
 
 
 def _per_example_grads(model, loss, examples) -> list[np.ndarray]:
@@ -127,6 +135,36 @@ def test_per_layer_clipping_equals_clipping_one_by_one(name, x64):
         # The clipped gradient of every example stays within C.
         total = np.sqrt(sum(np.sum(g * g) for g in _leaves(grads)))
         assert total <= 4 * C * (1 + 1e-12)
+
+
+def test_one_pass_in_bfloat16_forms_its_weighted_products_in_bfloat16(x64):
+    # A bfloat16 model: the one-pass sum's products, the size of a weight gradient,
+    # take bfloat16 factors as a plain backward pass's do (float32 copies of them
+    # doubled the traffic and slowed the products), and the sum stays within
+    # bfloat16 rounding of clipping one by one in float64.
+    key = jr.key(0)
+    model = GPT(key, vocab=11, dim=8, length=6, tied=True, dtype=jnp.bfloat16)
+    (tokens,) = lm_batch(jr.key(1), 6, length=6, vocab=11)
+    C = 0.5 * _median_norm(model, lm_loss, (tokens,))
+    fn = eqx.filter_jit(clipped_grad_sum(lm_loss, clip_norm=C, method="one_pass"))
+    text = fn.lower(model, (tokens,)).as_text()
+    pattern = r"dot_general.*: \(tensor<([0-9x]*)f32>, tensor<([0-9x]*)f32>\) -> "
+    float32_products = re.findall(pattern + r"tensor<([0-9x]*)f32>", text)
+    assert float32_products, "the test no longer sees the float32 products it checks"
+    weights = {
+        "x".join(map(str, leaf.shape)) + "x"
+        for leaf in _leaves(model)
+        if leaf.ndim == 2 and leaf.shape != model.pos.weight.shape
+    }
+    assert {out for *_, out in float32_products}.isdisjoint(weights)
+    model64 = jax.tree.map(
+        lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, model
+    )
+    expected, _ = reference_clipped_sum(
+        model64, lm_loss, (tokens,), np.ones(6, bool), C
+    )
+    for got, want in zip(_leaves(fn(model, (tokens,)).grads), expected):
+        np.testing.assert_allclose(got, want, atol=2e-2 * np.abs(want).max())
 
 
 def _step_case(name, n=4):

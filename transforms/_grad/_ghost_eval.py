@@ -44,6 +44,7 @@ from ._ghost_plan import (
 )
 from ._ghost_rules import (
     AbstractRule,
+    clip_direction,
     cross_message,
     cross_value,
     moments,
@@ -73,7 +74,8 @@ def _z_shape(static: _TapStatic) -> tuple[int, ...]:
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _probe(rule: AbstractRule, acc, K, fwd, g):
     """Zero, with derivative `one_sided(rule, K, F, ġ)` along the direction `ġ` of
-    `g`: the product is never formed unless it is differentiated."""
+    `g` (as `clip_direction`): the product is never formed unless it is
+    differentiated."""
     del rule, K, fwd, g
     return jnp.zeros((), acc)
 
@@ -83,7 +85,7 @@ def _probe_jvp(rule, acc, primals, tangents):
     K, fwd, g = primals
     g_dot = tangents[2]
     del g
-    value = one_sided(rule, K, rule.F(fwd), g_dot).astype(acc)
+    value = clip_direction(rule, K, rule.F(fwd), g_dot, acc)
     return jnp.zeros((), acc), value
 
 

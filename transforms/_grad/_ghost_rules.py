@@ -425,6 +425,24 @@ def one_sided(rule: AbstractRule, K: jax.Array, F, g: jax.Array) -> jax.Array:
     return jnp.sum(K.astype(acc) * h)
 
 
+def clip_direction(rule: AbstractRule, K: jax.Array, F, g: jax.Array, acc) -> jax.Array:
+    """`one_sided(rule, K, F, g)`, written for its transpose.
+
+    The `"clip"` mode never evaluates it: it transposes it into `Σ_i w_i Σ_t K_t ⊗
+    F_t`, the weight gradient of a backward pass seeded with the clip factors. So
+    its dense products run in the factors' own dtype, as a plain backward pass's
+    do; `one_sided` asks for `acc` products, and their transpose would multiply
+    float32 copies of bfloat16 factors (twice the memory and traffic, and slower
+    products). An embedding-like use keeps `one_sided`: its transpose is a
+    scatter-add, which must not accumulate in bfloat16.
+    """
+    if isinstance(F, Index):
+        return one_sided(rule, K, F, g).astype(acc)
+    dtype = jnp.result_type(K.dtype, F.dtype)
+    h = jnp.einsum("tf,kf->tk", F.astype(dtype), rule.G(g).astype(dtype))
+    return jnp.sum(K.astype(dtype) * h, dtype=acc)
+
+
 def projected(K: jax.Array, F, P_K: jax.Array, P_F: jax.Array) -> jax.Array:
     """`Σ_t (P_K K_t)(P_F F_t)ᵀ`, the use's gradient projected on both sides to
     `[k_K, k_F]`, without forming its `Pk × Pf` gradient: each side is projected
