@@ -429,18 +429,27 @@ def clip_direction(rule: AbstractRule, K: jax.Array, F, g: jax.Array, acc) -> ja
     """`one_sided(rule, K, F, g)`, written for its transpose.
 
     The `"clip"` mode never evaluates it: it transposes it into `Σ_i w_i Σ_t K_t ⊗
-    F_t`, the weight gradient of a backward pass seeded with the clip factors. So
-    its dense products run in the factors' own dtype, as a plain backward pass's
-    do; `one_sided` asks for `acc` products, and their transpose would multiply
-    float32 copies of bfloat16 factors (twice the memory and traffic, and slower
-    products). An embedding-like use keeps `one_sided`: its transpose is a
-    scatter-add, which must not accumulate in bfloat16.
+    F_t`, the weight gradient of a backward pass seeded with the clip factors.
+    Written so, that transpose costs what a plain backward pass's weight gradient
+    does:
+
+    - its products run in the factors' own dtype (`one_sided` asks for `acc`
+      products, whose transpose would multiply float32 copies of bfloat16 factors:
+      twice the memory and traffic, and slower products);
+    - the clip factors scale the narrower of the two sides (`F`'s `[T, Pf]` for a
+      vocabulary-wide head, not its `[T, Pk]` output gradients): the product with
+      `g` is taken against the wider side, so the transpose scales the other.
+
+    An embedding-like use keeps `one_sided`: its transpose is a scatter-add, which
+    must not accumulate in bfloat16.
     """
     if isinstance(F, Index):
         return one_sided(rule, K, F, g).astype(acc)
     dtype = jnp.result_type(K.dtype, F.dtype)
-    h = jnp.einsum("tf,kf->tk", F.astype(dtype), rule.G(g).astype(dtype))
-    return jnp.sum(K.astype(dtype) * h, dtype=acc)
+    K, F, G = K.astype(dtype), F.astype(dtype), rule.G(g).astype(dtype)
+    if K.shape[-1] >= F.shape[-1]:
+        return jnp.sum(F * jnp.einsum("tk,kf->tf", K, G), dtype=acc)
+    return jnp.sum(K * jnp.einsum("tf,kf->tk", F, G), dtype=acc)
 
 
 def projected(K: jax.Array, F, P_K: jax.Array, P_F: jax.Array) -> jax.Array:
