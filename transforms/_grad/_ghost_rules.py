@@ -429,9 +429,9 @@ def clip_direction(rule: AbstractRule, K: jax.Array, F, g: jax.Array, acc) -> ja
     """`one_sided(rule, K, F, g)`, written for its transpose.
 
     The `"clip"` mode never evaluates it: it transposes it into `Σ_i w_i Σ_t K_t ⊗
-    F_t`, the weight gradient of a backward pass seeded with the clip factors.
-    Written so, that transpose costs what a plain backward pass's weight gradient
-    does:
+    F_t`, the weight gradient of a backward pass seeded with the clip factors, and
+    is written so that this transpose costs what a plain backward pass's weight
+    gradient does:
 
     - its products run in the factors' own dtype (`one_sided` asks for `acc`
       products, whose transpose would multiply float32 copies of bfloat16 factors:
