@@ -1,3 +1,5 @@
+import re
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -6,7 +8,15 @@ import numpy as np
 
 from transforms import grad_dot_products
 
-from ._ghost_models import make_case, mlp, regression_batch, regression_loss
+from ._ghost_models import (
+    GPT,
+    lm_batch,
+    lm_loss,
+    make_case,
+    mlp,
+    regression_batch,
+    regression_loss,
+)
 
 
 def test_jvp_identity_against_finite_differences(x64):
@@ -93,3 +103,22 @@ def test_dots_under_jit_vmap_and_grad():
     expected = grad(grad_dot_products(regression_loss, method="vmap"), model)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_vocabulary_wide_head_adds_no_float32_intermediate():
+    # `<g_i, G>` for the tied head multiplies G against the vocabulary-wide side
+    # first: the other order forms a float32 `[T, vocabulary]` array per example
+    # (6.6 GB for GPT-2 small at B = 256, T = 128). So the dots, in bfloat16, form
+    # no more float32 vocabulary-wide arrays than a plain backward pass does.
+    model = GPT(jr.key(0), vocab=11, dim=8, length=6, tied=True, dtype=jnp.bfloat16)
+    train = lm_batch(jr.key(1), 6, length=6, vocab=11)
+    val = lm_batch(jr.key(2), 3, length=6, vocab=11)
+    dots = eqx.filter_jit(grad_dot_products(lm_loss, method="ghost"))
+    plain = eqx.filter_jit(
+        eqx.filter_grad(lambda m, t: jnp.sum(jax.vmap(lm_loss, (None, 0))(m, t)))
+    )
+    wide = r"-> tensor<6x5x11xf32>"
+    in_dots = len(re.findall(wide, dots.lower(model, train, val).as_text()))
+    in_plain = len(re.findall(wide, plain.lower(model, *train).as_text()))
+    assert in_plain > 0, "the test no longer sees the arrays it counts"
+    assert in_dots == in_plain

@@ -421,8 +421,7 @@ def one_sided(rule: AbstractRule, K: jax.Array, F, g: jax.Array) -> jax.Array:
         rows = jnp.where(F.valid[:, None], rows, 0)
         return _einsum("tk,tk->", K, rows.astype(K.dtype), acc=acc)
     acc = acc_dtype(K.dtype, F.dtype)
-    h = _einsum("tf,kf->tk", F, gm.astype(F.dtype), acc=acc)
-    return jnp.sum(K.astype(acc) * h)
+    return _dense_one_sided(K, F, gm, products=acc, acc=acc)
 
 
 def clip_direction(rule: AbstractRule, K: jax.Array, F, g: jax.Array, acc) -> jax.Array:
@@ -431,14 +430,10 @@ def clip_direction(rule: AbstractRule, K: jax.Array, F, g: jax.Array, acc) -> ja
     The `"clip"` mode never evaluates it: it transposes it into `Σ_i w_i Σ_t K_t ⊗
     F_t`, the weight gradient of a backward pass seeded with the clip factors, and
     is written so that this transpose costs what a plain backward pass's weight
-    gradient does:
-
-    - its products run in the factors' own dtype (`one_sided` asks for `acc`
-      products, whose transpose would multiply float32 copies of bfloat16 factors:
-      twice the memory and traffic, and slower products);
-    - the clip factors scale the narrower of the two sides (`F`'s `[T, Pf]` for a
-      vocabulary-wide head, not its `[T, Pk]` output gradients): the product with
-      `g` is taken against the wider side, so the transpose scales the other.
+    gradient does: its products run in the factors' own dtype (`one_sided` asks
+    for `acc` products, whose transpose would multiply float32 copies of bfloat16
+    factors: twice the memory and traffic, and slower products), and the clip
+    factors scale the narrower side (see `_dense_one_sided`).
 
     An embedding-like use keeps `one_sided`: its transpose is a scatter-add, which
     must not accumulate in bfloat16.
@@ -446,10 +441,24 @@ def clip_direction(rule: AbstractRule, K: jax.Array, F, g: jax.Array, acc) -> ja
     if isinstance(F, Index):
         return one_sided(rule, K, F, g).astype(acc)
     dtype = jnp.result_type(K.dtype, F.dtype)
-    K, F, G = K.astype(dtype), F.astype(dtype), rule.G(g).astype(dtype)
+    G = rule.G(g).astype(dtype)
+    return _dense_one_sided(K.astype(dtype), F.astype(dtype), G, products=None, acc=acc)
+
+
+def _dense_one_sided(K, F, G, *, products, acc) -> jax.Array:
+    """`Σ_t K_tᵀ G F_t`, with `G` multiplied against the wider of the two sides.
+
+    The other order would form a `[T, wide]` intermediate (for a vocabulary-wide
+    head, `T × vocabulary` per example, in `products`' dtype) where this one forms
+    `[T, narrow]`, for the same multiply-adds; transposed (the `"clip"` mode), it
+    scales the narrow side by the clip factors. `products` is the products'
+    preferred dtype (`None`: the factors' own), `acc` the sum's.
+    """
     if K.shape[-1] >= F.shape[-1]:
-        return jnp.sum(F * jnp.einsum("tk,kf->tf", K, G), dtype=acc)
-    return jnp.sum(K * jnp.einsum("tf,kf->tk", F, G), dtype=acc)
+        narrow, h = F, _einsum("tk,kf->tf", K, G.astype(K.dtype), acc=products)
+    else:
+        narrow, h = K, _einsum("tf,kf->tk", F, G.astype(F.dtype), acc=products)
+    return jnp.sum(narrow.astype(h.dtype) * h, dtype=acc)
 
 
 def projected(K: jax.Array, F, P_K: jax.Array, P_F: jax.Array) -> jax.Array:
