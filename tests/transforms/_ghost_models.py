@@ -213,6 +213,33 @@ def elementwise_batch(key, n, dtype=jnp.float32):
     return jr.normal(kx, (n, 2, 3), dtype), jr.normal(ky, (n, 2), dtype)
 
 
+# A bfloat16 GPT with its head tied to a vocabulary of 11, and 6 sequences of 6
+# tokens: its vocabulary-wide arrays, `[6, 5, 11]` per batch, are easy to find in a
+# lowered program.
+WIDE_VOCAB, WIDE_BATCH, WIDE_LENGTH = 11, 6, 6
+
+
+def bfloat16_tied_gpt():
+    """`(model, (tokens,))`: the bfloat16 tied GPT above and one batch for it."""
+    model = GPT(
+        jr.key(0),
+        vocab=WIDE_VOCAB,
+        dim=8,
+        length=WIDE_LENGTH,
+        tied=True,
+        dtype=jnp.bfloat16,
+    )
+    batch = lm_batch(jr.key(1), WIDE_BATCH, length=WIDE_LENGTH, vocab=WIDE_VOCAB)
+    return model, batch
+
+
+def plain_backward_text(model, tokens) -> str:
+    """The lowered program of a plain backward pass of `lm_loss` summed over a
+    batch: what a ghost program's vocabulary-wide arrays are counted against."""
+    grad = eqx.filter_grad(lambda m, t: jnp.sum(jax.vmap(lm_loss, (None, 0))(m, t)))
+    return eqx.filter_jit(grad).lower(model, tokens).as_text()
+
+
 # name -> (model, loss, batch maker); every case is exact under all methods.
 def make_case(name: str, dtype=jnp.float64, n_train=3, n_val=2):
     """`(model, loss_fn, train_batch, val_batch)` for one of the shared test models."""

@@ -29,12 +29,15 @@ from transforms._privacy._clipping import resolve_method
 
 from ..helpers import run_script
 from ._ghost_models import (
+    bfloat16_tied_gpt,
     elementwise_batch,
     ElementwiseScale,
-    GPT,
-    lm_batch,
     lm_loss,
     make_case,
+    plain_backward_text,
+    WIDE_BATCH,
+    WIDE_LENGTH,
+    WIDE_VOCAB,
 )
 
 
@@ -142,9 +145,7 @@ def test_one_pass_in_bfloat16_costs_the_products_of_a_plain_backward_pass(x64):
     # take bfloat16 factors as a plain backward pass's do (float32 copies of them
     # doubled the traffic and slowed the products), and the sum stays within
     # bfloat16 rounding of clipping one by one in float64.
-    key = jr.key(0)
-    model = GPT(key, vocab=11, dim=8, length=6, tied=True, dtype=jnp.bfloat16)
-    (tokens,) = lm_batch(jr.key(1), 6, length=6, vocab=11)
+    model, (tokens,) = bfloat16_tied_gpt()
     C = 0.5 * _median_norm(model, lm_loss, (tokens,))
     fn = eqx.filter_jit(clipped_grad_sum(lm_loss, clip_norm=C, method="one_pass"))
     text = fn.lower(model, (tokens,)).as_text()
@@ -160,19 +161,17 @@ def test_one_pass_in_bfloat16_costs_the_products_of_a_plain_backward_pass(x64):
     # The clip factors scale the narrower side of the head (its inputs, not its
     # vocabulary-wide output gradients): no more vocabulary-wide products than in
     # a plain backward pass.
-    plain = eqx.filter_jit(
-        eqx.filter_grad(lambda m, t: jnp.sum(jax.vmap(lm_loss, (None, 0))(m, t)))
+    vocabulary_wide = (
+        rf"stablehlo.multiply[^\n]*tensor<{WIDE_BATCH}x{WIDE_LENGTH - 1}x{WIDE_VOCAB}x"
     )
-    plain_text = plain.lower(model, tokens).as_text()
-    vocabulary_wide = r"stablehlo.multiply[^\n]*tensor<6x5x11x"
     assert len(re.findall(vocabulary_wide, text)) == len(
-        re.findall(vocabulary_wide, plain_text)
+        re.findall(vocabulary_wide, plain_backward_text(model, tokens))
     )
     model64 = jax.tree.map(
         lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, model
     )
     expected, _ = reference_clipped_sum(
-        model64, lm_loss, (tokens,), np.ones(6, bool), C
+        model64, lm_loss, (tokens,), np.ones(WIDE_BATCH, bool), C
     )
     for got, want in zip(_leaves(fn(model, (tokens,)).grads), expected):
         np.testing.assert_allclose(got, want, atol=2e-2 * np.abs(want).max())

@@ -9,13 +9,17 @@ import numpy as np
 from transforms import grad_dot_products
 
 from ._ghost_models import (
-    GPT,
+    bfloat16_tied_gpt,
     lm_batch,
     lm_loss,
     make_case,
     mlp,
+    plain_backward_text,
     regression_batch,
     regression_loss,
+    WIDE_BATCH,
+    WIDE_LENGTH,
+    WIDE_VOCAB,
 )
 
 
@@ -110,15 +114,11 @@ def test_a_vocabulary_wide_head_adds_no_float32_intermediate():
     # first: the other order forms a float32 `[T, vocabulary]` array per example
     # (6.6 GB for GPT-2 small at B = 256, T = 128). So the dots, in bfloat16, form
     # no more float32 vocabulary-wide arrays than a plain backward pass does.
-    model = GPT(jr.key(0), vocab=11, dim=8, length=6, tied=True, dtype=jnp.bfloat16)
-    train = lm_batch(jr.key(1), 6, length=6, vocab=11)
-    val = lm_batch(jr.key(2), 3, length=6, vocab=11)
+    model, train = bfloat16_tied_gpt()
+    val = lm_batch(jr.key(2), 3, length=WIDE_LENGTH, vocab=WIDE_VOCAB)
     dots = eqx.filter_jit(grad_dot_products(lm_loss, method="ghost"))
-    plain = eqx.filter_jit(
-        eqx.filter_grad(lambda m, t: jnp.sum(jax.vmap(lm_loss, (None, 0))(m, t)))
-    )
-    wide = r"-> tensor<6x5x11xf32>"
+    wide = rf"-> tensor<{WIDE_BATCH}x{WIDE_LENGTH - 1}x{WIDE_VOCAB}xf32>"
     in_dots = len(re.findall(wide, dots.lower(model, train, val).as_text()))
-    in_plain = len(re.findall(wide, plain.lower(model, *train).as_text()))
+    in_plain = len(re.findall(wide, plain_backward_text(model, *train)))
     assert in_plain > 0, "the test no longer sees the arrays it counts"
     assert in_dots == in_plain
