@@ -175,18 +175,14 @@ def footprint(compiled) -> dict[str, Any]:
     return out
 
 
-def measure(fn: Callable, *args, repeats: int, keep: bool = False):
-    """Compile `fn` once, read its footprint, then time the compiled executable.
-
-    **Returns:**
-
-    The row (`compile_s`, the `footprint` and the timing), and the output of the last
-    timed call when `keep` (else None).
-    """
+def _compile(fn: Callable, *args):
+    """`fn` compiled for `args`, and its row so far: `compile_s` and the footprint."""
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
-    compile_s = time.perf_counter() - t0
-    row = {"compile_s": compile_s, **footprint(compiled)}
+    return compiled, {"compile_s": time.perf_counter() - t0, **footprint(compiled)}
+
+
+def _time_compiled(compiled, args, row: dict, repeats: int, keep: bool):
     last = {}
 
     def call():
@@ -195,9 +191,30 @@ def measure(fn: Callable, *args, repeats: int, keep: bool = False):
             last["out"] = out
         return out
 
-    row.update(time_callable(call, warmup=1, repeats=repeats))
+    row = dict(row, **time_callable(call, warmup=1, repeats=repeats))
     row.pop("first_call_s")
     return row, last.get("out")
+
+
+def measure(fn: Callable, *args, repeats: int, keep: bool = False):
+    """Compile `fn` once, read its footprint, then time the compiled executable.
+
+    **Returns:**
+
+    The row (`compile_s`, the `footprint` and the timing), and the output of the last
+    timed call when `keep` (else None).
+    """
+    compiled, row = _compile(fn, *args)
+    return _time_compiled(compiled, args, row, repeats, keep)
+
+
+def out_of_memory_row(error: RuntimeError) -> dict[str, str]:
+    """The row of a program that did not fit: the first line of XLA's message. Any
+    other error is raised again."""
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
+        raise error
+    return {"error": (text.strip().splitlines() or [""])[0][:200]}
 
 
 def measure_unless_out_of_memory(fn: Callable, *args, repeats: int, keep: bool = False):
@@ -207,10 +224,41 @@ def measure_unless_out_of_memory(fn: Callable, *args, repeats: int, keep: bool =
     try:
         return measure(fn, *args, repeats=repeats, keep=keep)
     except RuntimeError as error:  # XLA's out-of-memory error is one
-        text = str(error)
-        if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
-            raise
-        return {"error": (text.strip().splitlines() or [""])[0][:200]}, None
+        return out_of_memory_row(error), None
+
+
+def measure_largest_first(
+    programs: dict[str, tuple[Callable, tuple]],
+    *,
+    repeats: int,
+    keep: tuple[str, ...] = (),
+) -> dict[str, tuple[dict[str, Any], Any]]:
+    """`measure_unless_out_of_memory` of each `name: (fn, args)`, all compiled first
+    and then run in decreasing order of their temporary memory.
+
+    Without preallocation (the benchmarks leave the GPU to the PyTorch peers' child
+    processes) JAX's pool grows by regions that are never merged: a large program run
+    after smaller ones can fail although it fits in the device's memory (on an H100
+    the plain GPT-2 step at B = 256, T = 128 did, after the B = 128 programs). Run
+    first, the largest program grows the pool once and the others reuse that region.
+
+    **Returns:**
+
+    `name: (row, output)` in the order of `programs`; the output of the last timed
+    call for the names in `keep`, else None.
+    """
+    compiled = {name: _compile(fn, *args) for name, (fn, args) in programs.items()}
+    order = sorted(programs, key=lambda n: -compiled[n][1].get("temp_bytes", 0))
+    out = {}
+    for name in order:
+        executable, row = compiled[name]
+        try:
+            out[name] = _time_compiled(
+                executable, programs[name][1], row, repeats, name in keep
+            )
+        except RuntimeError as error:
+            out[name] = (dict(row, **out_of_memory_row(error)), None)
+    return {name: out[name] for name in programs}
 
 
 def run_worker(

@@ -26,10 +26,11 @@ most 1.25x the time and 1.1x the memory of (a), and at most 1.1x its time where 
 one-pass method applies; (b) faster than (e).
 
 With `--sweep-batch`, (a) to (d) at each batch size at one length (workloads `batch
-sweep/...`); a size that runs out of memory is recorded and not tried larger for
-that row. Runs merge into the result file as `ghost.py`'s do (by regime and swept
-point). Memory is XLA's compiled footprint (arguments + outputs + temporaries -
-aliased) for JAX, the CUDA allocator's peak during one call for PyTorch.
+sweep/...`), largest first; a size that runs out of memory is recorded, and smaller
+ones are still tried. JAX's programs run largest first, as in `ghost.py`. Runs merge
+into the result file as `ghost.py`'s do (by regime and swept point). Memory is XLA's
+compiled footprint (arguments + outputs + temporaries - aliased) for JAX, the CUDA
+allocator's peak during one call for PyTorch.
 """
 
 import argparse
@@ -51,7 +52,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _gpt import COMPUTE, DTYPES, GPT, make_loss, SIZES, torch_state  # noqa: E402
 from _harness import (  # noqa: E402
-    measure_unless_out_of_memory,
+    measure_largest_first,
     not_installed,
     positive_int,
     Results,
@@ -205,14 +206,19 @@ def main(argv=None):
             repeats,
             args.torch_timeout,
         )
-    rows = {}
-    for label, fn in candidates.items():
-        measured, _ = measure_unless_out_of_memory(
-            fn, params, opt_state, (tokens,), key, repeats=repeats
+    measured = measure_largest_first(
+        {
+            label: (fn, (params, opt_state, (tokens,), key))
+            for label, fn in candidates.items()
+        },
+        repeats=repeats,
+    )
+    rows = {
+        label[:3]: results.add(
+            workload="train step", impl=label, sizes=point, **measured[label][0]
         )
-        rows[label[:3]] = results.add(
-            workload="train step", impl=label, sizes=point, **measured
-        )
+        for label in candidates
+    }
     if peer is not None:
         rows["(e)"] = results.add(
             workload="train step", impl=OPACUS, sizes=point, **peer

@@ -53,8 +53,12 @@ kind (`benchmarks/_profile.py`, which reads the trace against XLA's optimised HL
 With `--sweep-batch 16 32 64 128 256 512 --sweep-length 128`, the script measures only
 a batch-size sweep at one length (default: `--length`, else the size's): the plain
 step (a), ghost per-sample norms (c) and `vmap(grad)` norms (d) at each batch size
-given (workloads `batch sweep/...`). A batch size that does not fit in memory is
-recorded as a failure, and larger ones are not tried for that implementation.
+given (workloads `batch sweep/...`), largest batch first. A batch size that does not
+fit in memory is recorded as a failure, and smaller ones are still tried.
+
+JAX's programs are all compiled before any runs, and run largest first (in temporary
+memory): without preallocation JAX's memory pool grows by regions it never merges, and
+a large program run after smaller ones can fail although it fits on the device.
 
 Every row records its batch and length (`sizes`), and each run is merged into the
 result file already there: it replaces the rows of what it measured (a regime (B, T),
@@ -90,8 +94,9 @@ import numpy as np
 import optax
 from _gpt import COMPUTE, DTYPES, GPT, make_loss, SIZES, torch_state
 from _harness import (
-    measure_unless_out_of_memory,
+    measure_largest_first,
     not_installed,
+    out_of_memory_row,
     positive_int,
     Results,
     RESULTS_DIR,
@@ -295,7 +300,9 @@ def _peer_row(result: dict, reference) -> dict:
 
 
 def _ratio(x, y, key="median_s") -> str:
-    if x is None or y is None or not x.get(key) or not y.get(key):
+    if x is None or y is None or "error" in x or "error" in y:
+        return "n/a"
+    if not x.get(key) or not y.get(key):
         return "n/a"
     return f"{x[key] / y[key]:.3f}"
 
@@ -335,7 +342,15 @@ def profile_regime(results, fns, params, opt_state, tokens, sizes, dump_dir):
     }
     for label, (fn, args) in calls.items():
         compiled = jax.jit(fn)
-        jax.block_until_ready(compiled(*args))
+        try:
+            jax.block_until_ready(compiled(*args))
+        except RuntimeError as error:  # a program that does not fit: a note, go on
+            failure = out_of_memory_row(error)["error"]
+            results.note(
+                f"B = {B}, T = {sizes['length']}: {label} not profiled: {failure}; "
+                f"{_provenance(results.environment)}."
+            )
+            continue
         out = _profile.add_rows(
             results,
             label,
@@ -356,40 +371,44 @@ def run_regime(results, fns, params, opt_state, tokens, sizes, repeats, jvp, pee
     """Every row of one regime: `tokens` holds the training then validation batch."""
     B, T = sizes["batch"], sizes["length"]
     train, val, both = (tokens[:B],), (tokens[B:],), (tokens,)
-    rows = {}
-
-    def add(key, label, workload, fn, *args, keep=False):
-        measured, out = measure_unless_out_of_memory(
-            fn, *args, repeats=repeats, keep=keep
-        )
-        rows[key] = results.add(workload=workload, impl=label, sizes=sizes, **measured)
-        return out
-
     plain, attribution, norms = fns["plain"], fns["attribution"], fns["norms"]
-    add("a", "(a) plain step, B", "train step", plain, params, opt_state, train)
-    add("a2", "(a) plain step, 2B", "train step", plain, params, opt_state, both)
     step, state = "train step + dots", (params, opt_state, train, val)
-    add("b", "(b) attribution step, ghost", step, attribution["ghost"], *state)
-    reference = add(
-        "c",
-        "(c) per-sample norms, ghost",
-        "per-sample norms",
-        norms["ghost"],
-        params,
-        train,
-        keep=True,
-    )
-    add("d_step", "(d) attribution step, vmap(grad)", step, attribution["vmap"], *state)
+    # key: (label, workload, fn, args)
+    programs = {
+        "a": ("(a) plain step, B", "train step", plain, (params, opt_state, train)),
+        "a2": ("(a) plain step, 2B", "train step", plain, (params, opt_state, both)),
+        "b": ("(b) attribution step, ghost", step, attribution["ghost"], state),
+        "c": (
+            "(c) per-sample norms, ghost",
+            "per-sample norms",
+            norms["ghost"],
+            (params, train),
+        ),
+        "d_step": (
+            "(d) attribution step, vmap(grad)",
+            step,
+            attribution["vmap"],
+            state,
+        ),
+    }
     if jvp:
-        add("jvp", "attribution step, jvp", step, attribution["jvp"], *state)
-    add(
-        "d_norms",
+        programs["jvp"] = ("attribution step, jvp", step, attribution["jvp"], state)
+    programs["d_norms"] = (
         "(d) per-sample norms, vmap(grad)",
         "per-sample norms",
         norms["vmap"],
-        params,
-        train,
+        (params, train),
     )
+    measured = measure_largest_first(
+        {key: (fn, args) for key, (_, _, fn, args) in programs.items()},
+        repeats=repeats,
+        keep=("c",),
+    )
+    rows = {
+        key: results.add(workload=workload, impl=label, sizes=sizes, **measured[key][0])
+        for key, (label, workload, _, _) in programs.items()
+    }
+    reference = measured["c"][1]
     for peer, result in peers.items():
         rows[peer] = results.add(
             workload="per-sample norms",
@@ -429,21 +448,23 @@ def batch_sweep(results, candidates, cfg, sizes, batches, length, repeats):
     `fn(*args, batch)` with the batch `(tokens,)` of `B` sequences of `length` tokens.
     """
     failed = {}
-    for B in sorted(set(batches)):
+    # Largest batch first, each batch's programs largest first: see
+    # `measure_largest_first`. A program that does not fit is still tried smaller.
+    for B in sorted(set(batches), reverse=True):
         tokens = jr.randint(jr.key(2), (B, length + 1), 0, cfg["vocab"])
-        for impl, (workload, fn, args) in candidates.items():
-            if impl in failed:
-                continue
-            measured, _ = measure_unless_out_of_memory(
-                fn, *args, (tokens,), repeats=repeats
-            )
-            if "error" in measured:
-                failed[impl] = B
+        programs = {
+            impl: (fn, (*args, (tokens,))) for impl, (_, fn, args) in candidates.items()
+        }
+        measured = measure_largest_first(programs, repeats=repeats)
+        for impl, (workload, _, _) in candidates.items():
+            row = measured[impl][0]
+            if "error" in row:
+                failed.setdefault(impl, []).append(B)
             results.add(
                 workload=f"batch sweep/{workload}",
                 impl=impl,
                 sizes=dict(sizes, batch=B, length=length),
-                **measured,
+                **row,
             )
     note = (
         f"Batch-size sweep, T = {length}: B = "
@@ -452,8 +473,9 @@ def batch_sweep(results, candidates, cfg, sizes, batches, length, repeats):
         f"{_provenance(results.environment)}."
     )
     if failed:
-        note += " Out of memory, larger batches not tried: " + ", ".join(
-            f"{impl} at B = {B}" for impl, B in failed.items()
+        note += " Out of memory: " + "; ".join(
+            f"{impl} at B = {', '.join(map(str, sorted(Bs)))}"
+            for impl, Bs in failed.items()
         )
         note += "."
     results.note(note)

@@ -41,6 +41,20 @@ def test_a_run_writes_one_row_per_workload_and_variant(bench, tmp_path):
         assert "error" not in row, row
         assert row["compile_s"] > 0 and row["median_s"] > 0
     assert json.loads(rows[1]["compiler_options"]) == {"xla_gpu_autotune_level": 0}
+    # A later run of one variant replaces its row and keeps the other's.
+    first_default = rows[0]["median_s"]
+    bench.main(
+        ["--tiny", "--workloads", "chmm large forward", "--variants", "default"]
+        + ["--repeats", "1", "--results-dir", str(tmp_path)]
+    )
+    again = json.loads(path.read_text())
+    assert [(r["workload"], r["impl"]) for r in again["rows"]] == [
+        ("chmm large forward", "autotune level 0"),
+        ("chmm large forward", "default"),
+    ]
+    assert again["rows"][0] == rows[1]
+    assert again["rows"][1]["median_s"] != first_default
+    assert len(again["notes"]) == 1
 
 
 def test_the_timed_programs_compute_the_library_results(bench):

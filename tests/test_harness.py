@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from .helpers import load_benchmark
 
 
@@ -37,3 +39,58 @@ def test_a_merge_into_another_devices_file_replaces_it(tmp_path):
     merged = _run("GPU B", [{"x": 2, "t": 5.0}], tmp_path)
     assert merged["rows"] == [{"x": 2, "t": 5.0}]
     assert merged["environment"]["device"] == "GPU B"
+
+
+def _fake_programs(monkeypatch, temp_bytes, fail=None):
+    """Programs whose compile reports `temp_bytes[name]` and whose run records the
+    order of the runs (and raises `fail[name]`, where given)."""
+    ran = []
+
+    def compile_(fn, *args):
+        return fn, {"temp_bytes": temp_bytes[fn]}
+
+    def time_compiled(compiled, args, row, repeats, keep):
+        ran.append(compiled)
+        if fail and compiled in fail:
+            raise fail[compiled]
+        return dict(row, median_s=1.0), (compiled if keep else None)
+
+    monkeypatch.setattr(_harness, "_compile", compile_)
+    monkeypatch.setattr(_harness, "_time_compiled", time_compiled)
+    return {name: (name, ()) for name in temp_bytes}, ran
+
+
+def test_programs_run_largest_first_and_come_back_in_order(monkeypatch):
+    programs, ran = _fake_programs(monkeypatch, {"a": 10, "b": 30, "c": 20})
+    out = _harness.measure_largest_first(programs, repeats=1, keep=("c",))
+    assert ran == ["b", "c", "a"]
+    assert list(out) == ["a", "b", "c"]
+    assert out["c"] == ({"temp_bytes": 20, "median_s": 1.0}, "c")
+    assert out["a"][1] is None
+
+
+def test_a_program_out_of_memory_is_a_row_and_the_others_run(monkeypatch):
+    oom = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+    programs, ran = _fake_programs(monkeypatch, {"a": 1, "b": 2}, fail={"b": oom})
+    out = _harness.measure_largest_first(programs, repeats=1)
+    assert ran == ["b", "a"]
+    assert out["b"][0]["temp_bytes"] == 2
+    assert out["b"][0]["error"].startswith("RESOURCE_EXHAUSTED")
+    assert "median_s" not in out["b"][0]
+    assert out["a"][0]["median_s"] == 1.0
+
+
+def test_another_runtime_error_is_raised(monkeypatch):
+    programs, _ = _fake_programs(
+        monkeypatch, {"a": 1}, fail={"a": RuntimeError("INVALID_ARGUMENT: shapes")}
+    )
+    with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
+        _harness.measure_largest_first(programs, repeats=1)
+
+
+def test_measure_times_a_real_program():
+    import jax.numpy as jnp
+
+    row, out = _harness.measure(lambda x: x * 2, jnp.ones(3), repeats=2, keep=True)
+    assert {"compile_s", "median_s"} <= set(row) and "first_call_s" not in row
+    assert out.tolist() == [2.0, 2.0, 2.0]
