@@ -1,7 +1,7 @@
 """DP-SGD steps on a GPT: each clipping method against a plain step and Opacus.
 
 Usage: `python benchmarks/dp.py [--size tiny|gpt2] [--batch B] [--length T]
-[--no-torch] [--repeats N] [--results-dir DIR]`, or for the batch-size sweep
+[--no-torch] [--repeats N] [--profile] [--results-dir DIR]`, or for the batch-size sweep
 `python benchmarks/dp.py [--size ...] --sweep-batch B [B ...] [--length T]`. The
 model is `benchmarks/_gpt.py`'s: GPT-2 small (124M parameters, head tied to the
 token embedding, scan over layers, bfloat16 compute with float32 master weights) by
@@ -24,6 +24,11 @@ Every DP step clips to C = 1 with noise multiplier 1, the whole batch counting (
 Poisson batch padded to B costs the same). The issue's targets, at B = 256: (b) at
 most 1.25x the time and 1.1x the memory of (a), and at most 1.1x its time where the
 one-pass method applies; (b) faster than (e).
+
+With `--profile`, (a), (b) and (c) are also traced, and rows (workload `profile`)
+give the kernel time per call of each part: the ghost engine's contractions, the DP
+clipping and noise, the model, the optimiser, and cuBLAS and cuDNN kernels by kind
+(as `ghost.py --profile` does).
 
 With `--sweep-batch`, (a) to (d) at each batch size at one length (workloads `batch
 sweep/...`), largest first; a size that runs out of memory is recorded, and smaller
@@ -57,7 +62,16 @@ from _harness import (  # noqa: E402
     positive_int,
     Results,
 )
-from ghost import _provenance, _ratio, _spawn, batch_sweep, save  # noqa: E402
+from ghost import (  # noqa: E402
+    _provenance,
+    _ratio,
+    _spawn,
+    ask_for_profile,
+    batch_sweep,
+    PARTS,
+    profile_calls,
+    save,
+)
 
 from transforms import make_dp_train_step, MaskedBatch  # noqa: E402
 
@@ -65,6 +79,8 @@ from transforms import make_dp_train_step, MaskedBatch  # noqa: E402
 REGIME = {"tiny": (8, 16), "gpt2": (256, 128)}
 CLIP_NORM, NOISE = 1.0, 1.0
 METHODS = {"one_pass": "(b)", "two_pass": "(c)", "vmap": "(d)"}
+# `--profile`'s parts beyond the ghost benchmark's: the clipping and the noise.
+DP_PARTS = [("DP clipping", "transforms/_privacy/", None)]
 OPACUS = "(e) Opacus ghost clipping, DP step"
 
 
@@ -79,11 +95,19 @@ def parse(argv, platform: str) -> argparse.Namespace:
     parser.add_argument("--no-torch", action="store_true", help="skip Opacus (e)")
     parser.add_argument("--repeats", type=positive_int, default=None)
     parser.add_argument("--torch-timeout", type=positive_int, default=600, metavar="S")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also trace (a), (b) and (c) and report where their device time goes "
+        "(benchmarks/_profile.py)",
+    )
     parser.add_argument("--results-dir", default=None)
     args = parser.parse_args(argv)
     args.size = args.size or ("tiny" if platform == "cpu" else "gpt2")
     if args.sweep_batch and args.batch:
         parser.error("--sweep-batch runs the sweep alone: leave out --batch")
+    if args.sweep_batch and args.profile:
+        parser.error("--profile traces the B = --batch steps: leave out --sweep-batch")
     context = SIZES[args.size]["context"]
     if args.length is not None and args.length > context:
         parser.error(f"--length {args.length} is longer than the context {context}")
@@ -153,6 +177,7 @@ def _batch_last(step):
 
 
 def main(argv=None):
+    dump_dir = ask_for_profile(argv)  # before the backend starts
     platform = jax.devices()[0].platform
     args = parse(argv, platform)
     cfg = SIZES[args.size]
@@ -206,12 +231,9 @@ def main(argv=None):
             repeats,
             args.torch_timeout,
         )
+    state = (params, opt_state, (tokens,), key)
     measured = measure_largest_first(
-        {
-            label: (fn, (params, opt_state, (tokens,), key))
-            for label, fn in candidates.items()
-        },
-        repeats=repeats,
+        {label: (fn, state) for label, fn in candidates.items()}, repeats=repeats
     )
     rows = {
         label[:3]: results.add(
@@ -239,6 +261,10 @@ def main(argv=None):
         f"{text} {n_params / 1e6:.3g}M parameters, {COMPUTE[args.size]} compute; "
         f"{_provenance(results.environment)}."
     )
+    if dump_dir is not None:
+        traced = [label for label in candidates if label[:3] in ("(a)", "(b)", "(c)")]
+        calls = {label: (candidates[label], state) for label in traced}
+        profile_calls(results, calls, point, dump_dir, PARTS + DP_PARTS)
     save(results, args.results_dir, default)
 
 

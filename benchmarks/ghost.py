@@ -325,11 +325,55 @@ PARTS = [
 PROFILED_STEPS = 3
 
 
-def profile_regime(results, fns, params, opt_state, tokens, sizes, dump_dir):
-    """Trace (a, B), (b) and (c) and add a row per part of each: the time per call
-    and its share of the call's kernel time."""
+def ask_for_profile(argv) -> str | None:
+    """With `--profile` in `argv` (else the command line): a fresh directory for
+    XLA's optimised HLO, asked for in `XLA_FLAGS`; else None. XLA reads its flags
+    when the backend starts (the first `jax.devices()`): call this before."""
+    if "--profile" not in (sys.argv[1:] if argv is None else argv):
+        return None
     import _profile
 
+    dump_dir = tempfile.mkdtemp(prefix="ghost-hlo-")
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} {_profile.dump_flags(dump_dir)}".strip()
+    return dump_dir
+
+
+def profile_calls(results, calls, sizes, dump_dir, parts=PARTS):
+    """Trace each `label: (fn, args)` of `calls` and add a row per part of it (the
+    `(part name, source path, functions)` of `parts`): the time per call and its
+    share of the call's kernel time. A call that does not fit is a note."""
+    import _profile
+
+    where = f"B = {sizes['batch']}, T = {sizes['length']}"
+    for label, (fn, args) in calls.items():
+        compiled = jax.jit(fn)
+        try:
+            jax.block_until_ready(compiled(*args))
+        except RuntimeError as error:  # a program that does not fit: a note, go on
+            failure = out_of_memory_row(error)["error"]
+            results.note(
+                f"{where}: {label} not profiled: {failure}; "
+                f"{_provenance(results.environment)}."
+            )
+            continue
+        out = _profile.add_rows(
+            results,
+            label,
+            lambda: compiled(*args),
+            dump_dir,
+            parts,
+            steps=PROFILED_STEPS,
+            sizes=sizes,
+        )
+        results.note(
+            f"{where}: {label} spends {out['kernel_ms_per_step']:.2f} ms per call in "
+            f"kernels; {_provenance(results.environment)}."
+        )
+
+
+def profile_regime(results, fns, params, opt_state, tokens, sizes, dump_dir):
+    """Trace (a, B), (b) and (c) of one regime (`profile_calls`)."""
     B = sizes["batch"]
     train, val = (tokens[:B],), (tokens[B:],)
     calls = {
@@ -340,31 +384,7 @@ def profile_regime(results, fns, params, opt_state, tokens, sizes, dump_dir):
         ),
         "(c) per-sample norms, ghost": (fns["norms"]["ghost"], (params, train)),
     }
-    for label, (fn, args) in calls.items():
-        compiled = jax.jit(fn)
-        try:
-            jax.block_until_ready(compiled(*args))
-        except RuntimeError as error:  # a program that does not fit: a note, go on
-            failure = out_of_memory_row(error)["error"]
-            results.note(
-                f"B = {B}, T = {sizes['length']}: {label} not profiled: {failure}; "
-                f"{_provenance(results.environment)}."
-            )
-            continue
-        out = _profile.add_rows(
-            results,
-            label,
-            lambda: compiled(*args),
-            dump_dir,
-            PARTS,
-            steps=PROFILED_STEPS,
-            sizes=sizes,
-        )
-        results.note(
-            f"B = {B}, T = {sizes['length']}: {label} spends "
-            f"{out['kernel_ms_per_step']:.2f} ms per call in kernels; "
-            f"{_provenance(results.environment)}."
-        )
+    profile_calls(results, calls, sizes, dump_dir)
 
 
 def run_regime(results, fns, params, opt_state, tokens, sizes, repeats, jvp, peers):
@@ -484,13 +504,7 @@ def batch_sweep(results, candidates, cfg, sizes, batches, length, repeats):
 def main(argv=None):
     # XLA reads its flags when the backend starts (the first `jax.devices()`): the
     # profile's HLO dump must be asked for before that.
-    dump_dir = None
-    if "--profile" in (sys.argv[1:] if argv is None else argv):
-        import _profile
-
-        dump_dir = tempfile.mkdtemp(prefix="ghost-hlo-")
-        flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} {_profile.dump_flags(dump_dir)}".strip()
+    dump_dir = ask_for_profile(argv)
     platform = jax.devices()[0].platform
     args = parse(argv, platform)
     size = args.size

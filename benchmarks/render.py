@@ -1129,7 +1129,7 @@ def _summary_dp(result: dict) -> list[Comparison]:
     device, out = _device(result), []
     regimes: dict[tuple, dict[str, dict]] = {}
     for row in result["rows"]:
-        if _is_sweep(row):
+        if _is_sweep(row) or row.get("workload") == "profile":
             continue
         s = row.get("sizes", {})
         regimes.setdefault((s.get("batch"), s.get("length")), {})[row["impl"][:3]] = row

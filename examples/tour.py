@@ -1,18 +1,25 @@
 """Run every part's example and print one line per example.
 
-Usage: `python examples/tour.py [--smoke] [--list]`. Each example runs in its own
-process on the CPU (or whatever JAX finds), writes its figures to `examples/out/` and a
-summary that this script collects. `--smoke` passes `--smoke` on (a run of seconds
-each). An example whose optional extras are not installed is skipped, and its line
-names the command that installs them; `--list` prints that plan and runs nothing.
+Usage: `python examples/tour.py [--smoke] [--list] [--jobs N]`. Each example runs in
+its own process on the CPU (or whatever JAX finds), writes its figures to
+`examples/out/` and a summary that this script collects. `--smoke` passes `--smoke`
+on (a run of seconds each). An example whose optional extras are not installed is
+skipped, and its line names the command that installs them; `--list` prints that
+plan and runs nothing.
 
 Each example ends with one line: part, script, status, seconds and its headline
 numbers. On a terminal the examples' own output (progress bars included) shows as it
 runs; otherwise (a log file, a pipe, CI) it goes to `examples/out/<script>.log` and
 only the tour's lines are printed, with the end of the log of an example that fails.
+
+`--jobs N` runs up to N examples at a time (their output then always goes to the
+logs); the lines still come in the order below. The multi-host example runs alone,
+after the others: its processes meet at a rendezvous that XLA times out after 40 s,
+which a busy machine can miss.
 """
 
 import argparse
+import concurrent.futures
 import importlib.util
 import json
 import os
@@ -40,6 +47,9 @@ EXAMPLES = [
     ("multi-host training (two processes)", "multihost_train.py", ()),
     ("torch interop (hybrid CHMM)", "hybrid_chmm.py", ("examples", "torch")),
 ]
+
+# Examples that run alone under `--jobs` (see the module docstring).
+ALONE = {"multihost_train.py"}
 
 # extra: (the module that shows it is installed, what to know before installing it).
 EXTRAS = {
@@ -117,18 +127,46 @@ def main(argv=None) -> int:
         action="store_true",
         help="say what would run or be skipped; run nothing",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run up to N examples at a time (default 1)",
+    )
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     # Widths fixed up front, so that lines printed as the examples finish line up.
     widths = [max(len(e[i]) for e in EXAMPLES) for i in (0, 1)] + [9, 8]
-    stream = sys.stdout.isatty()
+    stream = sys.stdout.isatty() and args.jobs == 1
 
     def line(part, script, status, seconds, note):
         cells = [part, script, status, seconds]
         text = "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
         return (text + "  " + note).rstrip()
 
+    def runnable(script, extras) -> bool:
+        return (
+            not args.list
+            and os.path.exists(os.path.join(HERE, script))
+            and not missing_extras(extras)
+        )
+
+    def run(script):
+        if stream:
+            print(f"== {script}", flush=True)
+        return run_example(script, args.smoke, stream)
+
     rows, failed, skipped = [], [], []
     t_start = time.perf_counter()
+    pool = concurrent.futures.ThreadPoolExecutor(args.jobs)
+    # Submitted up front, collected in order; an ALONE example waits for all of them.
+    shared = {
+        script: pool.submit(run, script)
+        for _, script, extras in EXAMPLES
+        if script not in ALONE and runnable(script, extras)
+    }
     for part, script, extras in EXAMPLES:
         if not os.path.exists(os.path.join(HERE, script)):
             row = (part, script, "missing", "", "not written yet")
@@ -139,15 +177,18 @@ def main(argv=None) -> int:
         elif args.list:
             row = (part, script, "would run", "", "")
         else:
-            if stream:
-                print(f"== {part}: {script}", flush=True)
-            status, elapsed, note = run_example(script, args.smoke, stream)
+            if script in shared:
+                status, elapsed, note = shared[script].result()
+            else:
+                concurrent.futures.wait(shared.values())
+                status, elapsed, note = run(script)
             if status == "FAILED":
                 failed.append(script)
             row = (part, script, status, f"{elapsed:6.1f} s", note)
         rows.append(row)
         if not args.list:
             print(line(*row), flush=True)
+    pool.shutdown()
     if args.list:
         print("Plan (--list: nothing run)")
         for row in rows:

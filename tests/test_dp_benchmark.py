@@ -22,6 +22,7 @@ def test_command_line(dp, capsys):
         (["--sweep-batch", "8", "--batch", "4"], "--sweep-batch runs the sweep alone"),
         (["--length", "300"], "--length 300 is longer than the context 256"),
         (["--batch", "0"], "must be a positive integer"),
+        (["--sweep-batch", "8", "--profile"], "--profile traces the B = --batch"),
     ]:
         with pytest.raises(SystemExit):
             dp.parse(argv, "cpu")
