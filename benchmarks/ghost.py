@@ -300,9 +300,7 @@ def _peer_row(result: dict, reference) -> dict:
 
 
 def _ratio(x, y, key="median_s") -> str:
-    if x is None or y is None or "error" in x or "error" in y:
-        return "n/a"
-    if not x.get(key) or not y.get(key):
+    if any(r is None or "error" in r or not r.get(key) for r in (x, y)):
         return "n/a"
     return f"{x[key] / y[key]:.3f}"
 
