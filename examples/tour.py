@@ -146,12 +146,18 @@ def main(argv=None) -> int:
         text = "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
         return (text + "  " + note).rstrip()
 
-    def runnable(script, extras) -> bool:
-        return (
-            not args.list
-            and os.path.exists(os.path.join(HERE, script))
-            and not missing_extras(extras)
-        )
+    def not_run(part, script, extras):
+        """The row of an example that does not run (missing, skipped, `--list`),
+        else None."""
+        if not os.path.exists(os.path.join(HERE, script)):
+            return (part, script, "missing", "", "not written yet")
+        if missing := missing_extras(extras):
+            skipped.extend(e for e in missing if e not in skipped)
+            note = f"needs {' and '.join(missing)}: {install_command(missing)}"
+            return (part, script, "SKIPPED", "", note)
+        if args.list:
+            return (part, script, "would run", "", "")
+        return None
 
     def run(script):
         if stream:
@@ -160,23 +166,19 @@ def main(argv=None) -> int:
 
     rows, failed, skipped = [], [], []
     t_start = time.perf_counter()
+    plan = [
+        (part, script, not_run(part, script, extras))
+        for part, script, extras in EXAMPLES
+    ]
     pool = concurrent.futures.ThreadPoolExecutor(args.jobs)
     # Submitted up front, collected in order; an ALONE example waits for all of them.
     shared = {
         script: pool.submit(run, script)
-        for _, script, extras in EXAMPLES
-        if script not in ALONE and runnable(script, extras)
+        for _, script, row in plan
+        if row is None and script not in ALONE
     }
-    for part, script, extras in EXAMPLES:
-        if not os.path.exists(os.path.join(HERE, script)):
-            row = (part, script, "missing", "", "not written yet")
-        elif missing := missing_extras(extras):
-            skipped += [e for e in missing if e not in skipped]
-            note = f"needs {' and '.join(missing)}: {install_command(missing)}"
-            row = (part, script, "SKIPPED", "", note)
-        elif args.list:
-            row = (part, script, "would run", "", "")
-        else:
+    for part, script, row in plan:
+        if row is None:
             if script in shared:
                 status, elapsed, note = shared[script].result()
             else:
