@@ -175,6 +175,12 @@ def footprint(compiled) -> dict[str, Any]:
     return out
 
 
+def device_memory_limit() -> int | None:
+    """The bytes the first device's allocator may use, where the backend says."""
+    stats = jax.devices()[0].memory_stats()
+    return None if stats is None else stats.get("bytes_limit")
+
+
 def _compile(fn: Callable, *args):
     """`fn` compiled for `args`, and its row so far: `compile_s` and the footprint."""
     t0 = time.perf_counter()
@@ -234,7 +240,8 @@ def measure_largest_first(
     keep: tuple[str, ...] = (),
 ) -> dict[str, tuple[dict[str, Any], Any]]:
     """`measure_unless_out_of_memory` of each `name: (fn, args)`, all compiled first
-    and then run in decreasing order of their temporary memory.
+    and then run in decreasing order of their temporary memory; a program whose
+    `peak_bytes` exceed the device's memory is an out-of-memory row without a run.
 
     Without preallocation (the benchmarks leave the GPU to the PyTorch peers' child
     processes) JAX's pool grows by regions that are never merged: a large program run
@@ -249,9 +256,21 @@ def measure_largest_first(
     """
     compiled = {name: _compile(fn, *args) for name, (fn, args) in programs.items()}
     order = sorted(programs, key=lambda n: -compiled[n][1].get("temp_bytes", 0))
+    limit = device_memory_limit()
     out = {}
     for name in order:
         executable, row = compiled[name]
+        needs = row.get("peak_bytes", 0)
+        if limit is not None and needs > limit:
+            # Not tried: a failed allocation this large leaves the pool unable to
+            # serve the smaller programs after it (seen on an H100: every DP step
+            # failed after vmap(grad)'s 83 GB request).
+            error = (
+                f"out of memory (not run): XLA's memory analysis needs "
+                f"{needs / 1e9:.1f} GB, the device holds {limit / 1e9:.1f} GB"
+            )
+            out[name] = (dict(row, error=error), None)
+            continue
         try:
             out[name] = _time_compiled(
                 executable, programs[name][1], row, repeats, name in keep
@@ -326,8 +345,9 @@ class Results:
 
     def add(self, **row: Any) -> dict[str, Any]:
         self.rows.append(row)
-        shown = {k: v for k, v in row.items() if not isinstance(v, dict)}
-        print(json.dumps(shown, default=str), flush=True)
+        # The whole row, so a run cut short (a device call's time limit) leaves
+        # every row it measured in its log.
+        print(json.dumps(row, default=str), flush=True)
         return row
 
     def note(self, text: str) -> None:

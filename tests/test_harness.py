@@ -41,13 +41,14 @@ def test_a_merge_into_another_devices_file_replaces_it(tmp_path):
     assert merged["environment"]["device"] == "GPU B"
 
 
-def _fake_programs(monkeypatch, temp_bytes, fail=None):
-    """Programs whose compile reports `temp_bytes[name]` and whose run records the
-    order of the runs (and raises `fail[name]`, where given)."""
+def _fake_programs(monkeypatch, temp_bytes, fail=None, limit=None):
+    """Programs whose compile reports `temp_bytes[name]` (and as much peak memory)
+    and whose run records the order of the runs (and raises `fail[name]`, where
+    given), on a device of `limit` bytes (None: the backend does not say)."""
     ran = []
 
     def compile_(fn, *args):
-        return fn, {"temp_bytes": temp_bytes[fn]}
+        return fn, {"temp_bytes": temp_bytes[fn], "peak_bytes": temp_bytes[fn]}
 
     def time_compiled(compiled, args, row, repeats, keep):
         ran.append(compiled)
@@ -57,6 +58,7 @@ def _fake_programs(monkeypatch, temp_bytes, fail=None):
 
     monkeypatch.setattr(_harness, "_compile", compile_)
     monkeypatch.setattr(_harness, "_time_compiled", time_compiled)
+    monkeypatch.setattr(_harness, "device_memory_limit", lambda: limit)
     return {name: (name, ()) for name in temp_bytes}, ran
 
 
@@ -65,7 +67,7 @@ def test_programs_run_largest_first_and_come_back_in_order(monkeypatch):
     out = _harness.measure_largest_first(programs, repeats=1, keep=("c",))
     assert ran == ["b", "c", "a"]
     assert list(out) == ["a", "b", "c"]
-    assert out["c"] == ({"temp_bytes": 20, "median_s": 1.0}, "c")
+    assert out["c"] == ({"temp_bytes": 20, "peak_bytes": 20, "median_s": 1.0}, "c")
     assert out["a"][1] is None
 
 
@@ -78,6 +80,18 @@ def test_a_program_out_of_memory_is_a_row_and_the_others_run(monkeypatch):
     assert out["b"][0]["error"].startswith("RESOURCE_EXHAUSTED")
     assert "median_s" not in out["b"][0]
     assert out["a"][0]["median_s"] == 1.0
+
+
+def test_a_program_larger_than_the_device_is_not_run(monkeypatch):
+    programs, ran = _fake_programs(monkeypatch, {"a": 1, "b": 3e9, "c": 2}, limit=2e9)
+    out = _harness.measure_largest_first(programs, repeats=1)
+    assert ran == ["c", "a"]
+    assert out["b"][0]["error"] == (
+        "out of memory (not run): XLA's memory analysis needs 3.0 GB, "
+        "the device holds 2.0 GB"
+    )
+    assert "median_s" not in out["b"][0]
+    assert out["a"][0]["median_s"] == out["c"][0]["median_s"] == 1.0
 
 
 def test_another_runtime_error_is_raised(monkeypatch):
