@@ -99,10 +99,65 @@ def _tables(text: str) -> dict[int, tuple[str, str, int] | None]:
     }
 
 
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_PARAMETER = re.compile(r"\bparameter\((\d+)\)")
+# Instructions that read only their result's worth of their first operand, and
+# those that write only their update (their second operand) into it in place.
+_READS_A_PIECE = frozenset({"dynamic-slice", "slice", "gather"})
+_UPDATES_IN_PLACE = frozenset({"dynamic-update-slice", "scatter"})
+
+
+def _traffic(inst: dict, instructions: dict, computations: dict) -> int:
+    """Bytes an instruction reads and writes: its result and its operands', except
+    that a slice reads only its piece and an in-place update reads and writes only
+    the update, also inside a fusion. A scanned layer stack's loop body slices and
+    updates buffers stacked over the layers; counting those whole overstated the
+    traffic by the depth of the stack."""
+
+    def size(name: str) -> int:
+        return instructions[name]["size"] if name in instructions else 0
+
+    opcode, operands = inst["opcode"], inst["operands"]
+    if opcode in _READS_A_PIECE:
+        return 2 * inst["size"]
+    if opcode in _UPDATES_IN_PLACE and len(operands) > 1:
+        return 2 * size(operands[1])
+    fused = computations.get(inst["calls"] or "")
+    if opcode != "fusion" or fused is None:
+        return inst["size"] + sum(size(o) for o in operands)
+    inner = fused["instructions"]
+    users = collections.defaultdict(list)
+    for i in inner.values():
+        for o in i["operands"]:
+            users[o].append(i)
+    read = 0
+    for parameter, index in fused["parameters"].items():
+        whole = size(operands[index]) if index < len(operands) else 0
+        piece = 0
+        for user in users[parameter]:
+            first = user["operands"][:1] == [parameter]
+            if first and user["opcode"] in _READS_A_PIECE:
+                piece += user["size"]
+            elif not (first and user["opcode"] in _UPDATES_IN_PLACE):
+                piece = whole
+                break
+        read += min(piece, whole)
+    root = inner.get(fused["root"])
+    if root is None:
+        return read + inst["size"]
+    outputs = [inner[o] for o in root["operands"] if o in inner]
+    written = 0
+    for out in outputs if root["opcode"] == "tuple" else [root]:
+        update = out["operands"][1] if len(out["operands"]) > 1 else None
+        in_place = out["opcode"] in _UPDATES_IN_PLACE and update in inner
+        written += inner[update]["size"] if in_place else out["size"]
+    return read + written
+
+
 def _instructions(dump_dir: str) -> dict[tuple[str, str], dict]:
     """`(module, instruction) -> {kind, bytes, file, function}` from the dumped
     optimised HLO (every computation: a scanned layer's kernels live in a loop
-    body). `bytes` counts the result and the operands' results."""
+    body). `bytes` counts what the instruction reads and writes (`_traffic`)."""
     table = {}
     for path in glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")):
         with open(path) as file:
@@ -112,9 +167,17 @@ def _instructions(dump_dir: str) -> dict[tuple[str, str], dict]:
             continue
         name = module.group(1)
         frames = _tables(text)
-        results: dict[str, int] = {}
-        parsed = []
+        # Every instruction of the module by name, and every computation (its
+        # instructions, parameters and root), so a fusion can be read inside.
+        instructions: dict[str, dict] = {}
+        computations: dict[str, dict] = {}
+        here = None
         for line in text.splitlines():
+            header = _COMPUTATION.match(line)
+            if header is not None and "=" not in line.split("{")[0]:
+                here = {"instructions": {}, "parameters": {}, "root": ""}
+                computations[header.group(1)] = here
+                continue
             match = _INSTRUCTION.match(line)
             if match is None:
                 continue
@@ -124,12 +187,14 @@ def _instructions(dump_dir: str) -> dict[tuple[str, str], dict]:
             # `(bf16[2]{0}, f32[2]{0}) fusion(...)`: the opcode is the word
             # before the operand list.
             call = re.search(r"\s([a-z][\w\-]*)\((?=%|\)|\w+\[)", " " + head)
-            opcode = call.group(1) if call else "?"
-            result = (" " + head)[: call.start()] if call else head
-            results[op] = _bytes(result)
-            operands = re.findall(
-                r"%([\w.\-]+)", head[call.end() - 1 :] if call else ""
-            )
+            parameter = _PARAMETER.search(head)
+            if call is not None:
+                opcode, result = call.group(1), (" " + head)[: call.start()]
+                listed = head[call.end() - 1 :].split("),")[0]
+            else:
+                opcode = "parameter" if parameter else "?"
+                result, listed = head.split(" parameter(")[0], ""
+            calls = re.search(r"calls=%([\w.\-]+)", rest)
             if "custom_call_target=" in rest:
                 target = re.search(r'custom_call_target="([^"]+)"', rest)
                 kind = target.group(1) if target else "custom-call"
@@ -149,15 +214,29 @@ def _instructions(dump_dir: str) -> dict[tuple[str, str], dict]:
                 function = _function(file, int(source.group(2)))
             else:
                 file = function = None
-            op_name = scope.group(1) if scope else ""
-            parsed.append((op, kind, result, operands, file, function, op_name))
-        for op, kind, result, operands, file, function, op_name in parsed:
-            table[(name, op)] = {
+            instructions[op] = {
+                "opcode": opcode,
+                "operands": re.findall(r"%([\w.\-]+)", listed),
+                "size": _bytes(result),
+                "calls": calls.group(1) if calls else None,
                 "kind": kind,
-                "bytes": _bytes(result) + sum(results.get(o, 0) for o in operands),
                 "file": file,
                 "function": function,
-                "op_name": op_name,
+                "op_name": scope.group(1) if scope else "",
+            }
+            if here is not None:
+                here["instructions"][op] = instructions[op]
+                if line.lstrip().startswith("ROOT"):
+                    here["root"] = op
+                if opcode == "parameter" and parameter is not None:
+                    here["parameters"][op] = int(parameter.group(1))
+        for op, inst in instructions.items():
+            table[(name, op)] = {
+                "kind": inst["kind"],
+                "bytes": _traffic(inst, instructions, computations),
+                "file": inst["file"],
+                "function": inst["function"],
+                "op_name": inst["op_name"],
             }
     return table
 

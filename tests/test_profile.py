@@ -72,6 +72,52 @@ def test_instructions_read_tuple_results_and_operands(tmp_path):
     assert table[("jit_f", "g")]["bytes"] == 8 + 24
 
 
+def test_slices_and_in_place_updates_count_only_their_piece(tmp_path):
+    # A scanned loop's body reads one layer of a buffer stacked over 12 layers and
+    # writes one layer back in place: 1 KiB each way, not the 12 KiB buffer.
+    text = "\n".join(
+        [
+            "HloModule jit_g, entry_computation_layout={()->f32[12,256]}",
+            "",
+            "%sliced (p0: f32[12,256], p1: s32[]) -> f32[1,256] {",
+            "  %p0 = f32[12,256]{1,0} parameter(0)",
+            "  %p1 = s32[] parameter(1)",
+            "  %z = s32[] constant(0)",
+            "  %ds = f32[1,256]{1,0} dynamic-slice(%p0, %p1, %z), "
+            "dynamic_slice_sizes={1,256}",
+            "  ROOT %neg = f32[1,256]{1,0} negate(%ds)",
+            "}",
+            "",
+            "%updated (q0: f32[12,256], q1: f32[1,256], q2: s32[]) -> f32[12,256] {",
+            "  %q0 = f32[12,256]{1,0} parameter(0)",
+            "  %q1 = f32[1,256]{1,0} parameter(1)",
+            "  %q2 = s32[] parameter(2)",
+            "  %z2 = s32[] constant(0)",
+            "  %e = f32[1,256]{1,0} exponential(%q1)",
+            "  ROOT %dus = f32[12,256]{1,0} dynamic-update-slice(%q0, %e, %q2, %z2)",
+            "}",
+            "",
+            "ENTRY %main (a: f32[12,256], i: s32[]) -> f32[12,256] {",
+            "  %a = f32[12,256]{1,0} parameter(0)",
+            "  %i = s32[] parameter(1)",
+            "  %s = f32[1,256]{1,0} fusion(%a, %i), kind=kLoop, calls=%sliced",
+            "  ROOT %u = f32[12,256]{1,0} fusion(%a, %s, %i), kind=kLoop, "
+            "calls=%updated",
+            "  %d = f32[1,256]{1,0} dynamic-slice(%a, %i, %i), "
+            "dynamic_slice_sizes={1,256}",
+            "}",
+        ]
+    )
+    (tmp_path / "m.after_optimizations.txt").write_text(text)
+    table = _profile._instructions(str(tmp_path))
+    layer, index = 256 * 4, 4
+    # Reads one layer and the index, writes one layer.
+    assert table[("jit_g", "s")]["bytes"] == layer + index + layer
+    # Reads the update's input and the index; writes the update in place.
+    assert table[("jit_g", "u")]["bytes"] == layer + index + layer
+    assert table[("jit_g", "d")]["bytes"] == 2 * layer
+
+
 def test_a_rule_names_a_file_or_a_folder():
     assert _profile._in("/x/site-packages/optax/_src/alias.py", "optax/")
     assert not _profile._in("/x/site-packages/myoptax/alias.py", "optax/")
