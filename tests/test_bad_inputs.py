@@ -2320,7 +2320,7 @@ def test_the_library_names_the_argument_without_the_import_hook():
     env = {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
     code = (
         "from tests.test_bad_inputs import problems_without_the_hook as run\n"
-        "problems = run(3)\n"
+        "problems = run(2)\n"
         "print(*problems, sep='\\n')\n"
         "raise SystemExit(1 if problems else 0)\n"
     )

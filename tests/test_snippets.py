@@ -93,6 +93,9 @@ SMALLER = {
         ("jr.split(jr.key(2), 128)", "jr.split(jr.key(2), 8)"),
         ("n_samples=200, mechanism", "n_samples=30, mechanism"),
         ("n_steps=10_000, key=jr.key(0))", "n_steps=2, key=jr.key(0))"),
+        # Each (d, N) bucket compiles a step; d = 4 enumerates 8 parent sets a node.
+        ("n_vars=10,", "n_vars=4,"),
+        ("rounds=5,", "rounds=2,"),
     ],
     "docs/chmm.md": [
         ("room_walk(room, 20_000,", "room_walk(room, 300,"),
