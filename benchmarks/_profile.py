@@ -107,6 +107,15 @@ _READS_A_PIECE = frozenset({"dynamic-slice", "slice", "gather"})
 _UPDATES_IN_PLACE = frozenset({"dynamic-update-slice", "scatter"})
 
 
+def _update(inst: dict) -> str | None:
+    """The operand an in-place update writes: `dynamic-update-slice(buffer, update,
+    indices...)`, `scatter(buffer, indices, updates)`."""
+    operands = inst["operands"]
+    if inst["opcode"] not in _UPDATES_IN_PLACE or len(operands) < 2:
+        return None
+    return operands[1] if inst["opcode"] == "dynamic-update-slice" else operands[-1]
+
+
 def _traffic(inst: dict, instructions: dict, computations: dict) -> int:
     """Bytes an instruction reads and writes: its result and its operands', except
     that a slice reads only its piece and an in-place update reads and writes only
@@ -120,8 +129,9 @@ def _traffic(inst: dict, instructions: dict, computations: dict) -> int:
     opcode, operands = inst["opcode"], inst["operands"]
     if opcode in _READS_A_PIECE:
         return 2 * inst["size"]
-    if opcode in _UPDATES_IN_PLACE and len(operands) > 1:
-        return 2 * size(operands[1])
+    update = _update(inst)
+    if update is not None:
+        return 2 * size(update)
     fused = computations.get(inst["calls"] or "")
     if opcode != "fusion" or fused is None:
         return inst["size"] + sum(size(o) for o in operands)
@@ -148,9 +158,8 @@ def _traffic(inst: dict, instructions: dict, computations: dict) -> int:
     outputs = [inner[o] for o in root["operands"] if o in inner]
     written = 0
     for out in outputs if root["opcode"] == "tuple" else [root]:
-        update = out["operands"][1] if len(out["operands"]) > 1 else None
-        in_place = out["opcode"] in _UPDATES_IN_PLACE and update in inner
-        written += inner[update]["size"] if in_place else out["size"]
+        update = _update(out)
+        written += inner[update]["size"] if update in inner else out["size"]
     return read + written
 
 

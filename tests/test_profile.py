@@ -105,6 +105,9 @@ def test_slices_and_in_place_updates_count_only_their_piece(tmp_path):
             "calls=%updated",
             "  %d = f32[1,256]{1,0} dynamic-slice(%a, %i, %i), "
             "dynamic_slice_sizes={1,256}",
+            "  %r = s32[1,1]{1,0} reshape(%i)",
+            "  %sc = f32[12,256]{1,0} scatter(%a, %r, %s), update_window_dims={1}, "
+            "to_apply=%add",
             "}",
         ]
     )
@@ -116,6 +119,7 @@ def test_slices_and_in_place_updates_count_only_their_piece(tmp_path):
     # Reads the update's input and the index; writes the update in place.
     assert table[("jit_g", "u")]["bytes"] == layer + index + layer
     assert table[("jit_g", "d")]["bytes"] == 2 * layer
+    assert table[("jit_g", "sc")]["bytes"] == 2 * layer
 
 
 def test_a_rule_names_a_file_or_a_folder():
