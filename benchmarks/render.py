@@ -287,6 +287,16 @@ def _value(key: str, value: Any) -> Any:
     return int(value) if integral and quantity(key).kind == "plain" else value
 
 
+def _literal_brackets(text: str) -> str:
+    """`text` with its square brackets outside code spans escaped: in a message such
+    as XLA's `[executable_name='f'] [tf-allocator-allocation-error='']` Markdown
+    reads `[a] [b]` as a reference link (and `mkdocs --strict` fails on it)."""
+    pieces = text.split("`")
+    for i in range(0, len(pieces), 2):
+        pieces[i] = pieces[i].replace("[", "\\[").replace("]", "\\]")
+    return "`".join(pieces)
+
+
 def _cell(value: Any, divisor: float = 1.0, limit: int | None = None) -> str:
     if value is None or value == "":
         return ""
@@ -297,10 +307,11 @@ def _cell(value: Any, divisor: float = 1.0, limit: int | None = None) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k} = {_cell(v)}" for k, v in value.items())
     text = str(value).replace("|", "\\|").replace("\n", " ")
-    if limit is None or len(text) <= limit:
-        return text
-    # A long message (an error): its start is enough here; the JSON keeps the rest.
-    return text[: limit - 1].rstrip() + "…"
+    if limit is not None and len(text) > limit:
+        # A long message (an error): its start is enough here; the JSON keeps the
+        # rest.
+        text = text[: limit - 1].rstrip() + "…"
+    return _literal_brackets(text)
 
 
 # ---------------------------------------------------------------------------------
@@ -1944,7 +1955,7 @@ def _section(title: str, results: list[dict], plots: list[Plot], page_dir: str) 
         for line in failures(result["rows"]) + row_notes(result["rows"]):
             parts.append(line + "\n")
         for note in result.get("notes", []):
-            parts.append(f"- {_plain_numbers(note)}")
+            parts.append(f"- {_literal_brackets(_plain_numbers(note))}")
         if result.get("notes"):
             parts.append("")
     return "\n".join(parts)

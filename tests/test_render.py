@@ -633,3 +633,12 @@ def test_sweeps_are_in_the_details_not_the_summaries(page):
         "Failed: per-sample norms, vmap(grad) (batch sweep/per-sample norms, B = 4, "
         "T = 64)"
     ) in page.read_text()
+
+
+def test_square_brackets_of_messages_are_literal_outside_code(render):
+    # XLA's `... [executable_name='f'] [tf-allocator-allocation-error='']` read as
+    # Markdown is a reference link, which `mkdocs build --strict` refuses.
+    message = "OOM [executable_name='f'] [error=''] in `x[t]`"
+    expected = "OOM \\[executable_name='f'\\] \\[error=''\\] in `x[t]`"
+    assert render._literal_brackets(message) == expected
+    assert render._cell(message) == expected
