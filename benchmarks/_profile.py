@@ -182,8 +182,10 @@ def _instructions(dump_dir: str) -> dict[tuple[str, str], dict]:
         computations: dict[str, dict] = {}
         here = None
         for line in text.splitlines():
+            # A computation's header (`%name (p: f32[2]) -> f32[2] {`, possibly
+            # with `execution_thread="..."`) is a line no instruction matches.
             header = _COMPUTATION.match(line)
-            if header is not None and "=" not in line.split("{")[0]:
+            if header is not None and _INSTRUCTION.match(line) is None:
                 here = {"instructions": {}, "parameters": {}, "root": ""}
                 computations[header.group(1)] = here
                 continue

@@ -88,7 +88,8 @@ def test_slices_and_in_place_updates_count_only_their_piece(tmp_path):
             "  ROOT %neg = f32[1,256]{1,0} negate(%ds)",
             "}",
             "",
-            "%updated (q0: f32[12,256], q1: f32[1,256], q2: s32[]) -> f32[12,256] {",
+            "%updated (q0: f32[12,256], q1: f32[1,256], q2: s32[]) -> f32[12,256], "
+            'execution_thread="main" {',
             "  %q0 = f32[12,256]{1,0} parameter(0)",
             "  %q1 = f32[1,256]{1,0} parameter(1)",
             "  %q2 = s32[] parameter(2)",
