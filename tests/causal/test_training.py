@@ -291,14 +291,15 @@ def test_training_lowers_kl_and_resumes(tmp_path):
 
 
 def test_with_fallback_runs_an_uncompilable_loss(batch):
+    # Eagerly, every operation compiles on its own: a loss of a few operations
+    # keeps this test about the wiring (`transforms.with_fallback` is tested on
+    # its own), not about compiling the whole model operation by operation.
     def python_branching(model, batch, key):
-        loss, aux = BehaviouralCloningLoss()(model, batch, key)
+        loss = jnp.mean(model.size_embedding**2)
         if loss > 1e9:  # a Python branch on a traced value
             loss = loss * 0.0
-        return loss, aux
+        return loss, {"kl": loss}
 
-    # No blocks and plain SGD: the eager step dispatches (and compiles) every
-    # operation of the forward pass, the backward pass and the update on its own.
     model = _model(n_layers=0)
     with pytest.warns(RuntimeWarning, match="with_fallback"):
         result = train(
