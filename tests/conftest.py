@@ -1,6 +1,4 @@
 import gc
-import importlib.metadata
-import importlib.util
 import os
 
 import jax
@@ -8,62 +6,13 @@ import jax.random as jr
 import pytest
 from hypothesis import settings
 
+from .cpu_test_flags import cpu_test_flags
 from .helpers import import_optional
 
 
-def _cpu_only() -> bool:
-    """Whether JAX will run on the CPU alone here: `JAX_PLATFORMS=cpu`, or no
-    accelerator plugin installed (JAX finds them as `jax_plugins` entry points or
-    modules, and TPUs through `libtpu`)."""
-    if os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
-        return True
-    return not (
-        importlib.metadata.entry_points(group="jax_plugins")
-        or importlib.util.find_spec("jax_plugins")
-        or importlib.util.find_spec("libtpu")
-    )
-
-
-def _jaxlib_version() -> tuple[int, ...]:
-    release = importlib.metadata.version("jaxlib").split("+")[0]
-    return tuple(int(part) for part in release.split(".")[:2] if part.isdigit())
-
-
-# Most of the suite's time on a CPU is XLA compiling hundreds of small programs
-# that then run for milliseconds (every operation run eagerly is a program of its
-# own), so two settings that make compiling cheaper save most of its time:
-#
-# - LLVM's optimisation level 1 instead of XLA's default 2: most of a compilation
-#   is LLVM optimising the machine code. (Level 0 is no faster, and there the
-#   causal model's max-pool gets NaN gradients: JAX's gradient of `jnp.max`
-#   divides by the number of elements equal to the maximum, and at level 0 the
-#   fusion that compares them rounds differently from the one that reduced.)
-# - XLA's older emitter for fused elementwise code instead of the MLIR fusion
-#   emitters: it compiles a small program in about two thirds of the time
-#   (measured: 60 against 90 ms for one eager operation; 55 against 75 s for
-#   the README's causal example).
-#
-# XLA's own optimisations (fusion decisions, layouts, buffer assignment: what the
-# memory analyses read) are the same; results can differ from the defaults' in the
-# last bits, far inside the float32 tolerances here. XLA reads the flags when the
-# backend starts, before any test creates an array; subprocesses inherit them. On
-# a machine with an accelerator the suite compiles as users do, and a flag the
-# caller already set is kept.
-_CPU_TEST_FLAGS = {"xla_backend_optimization_level": "1"}
-# jaxlib 0.11's XLA has only the MLIR emitters, and XLA aborts on a flag it does
-# not know.
-if _jaxlib_version() < (0, 11):
-    _CPU_TEST_FLAGS["xla_cpu_use_fusion_emitters"] = "false"
-if _cpu_only():
-    _flags = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = " ".join(
-        [_flags.strip()]
-        + [
-            f"--{name}={value}"
-            for name, value in _CPU_TEST_FLAGS.items()
-            if name not in _flags
-        ]
-    ).strip()
+# XLA reads its flags when the backend starts, before any test creates an array;
+# subprocesses inherit them.
+os.environ["XLA_FLAGS"] = cpu_test_flags()
 
 
 # JAX compiles on the first example of each shape, so per-example deadlines would
