@@ -95,7 +95,8 @@ def test_loss_against_direct_computation(batch, scale):
     bad = TrainingBatch(batch.data, labels, batch.valid.at[2].set(False))
     loss_fn = BehaviouralCloningLoss(uncertainty_scale=scale, weight_decay=0.1)
     loss, aux = eqx.filter_jit(loss_fn)(model, bad, None)
-    log_q = np.asarray(jax.nn.log_softmax(jax.vmap(model)(batch.data)), np.float64)
+    log_q = jax.nn.log_softmax(eqx.filter_jit(jax.vmap(model))(batch.data))
+    log_q = np.asarray(log_q, np.float64)
     log_p = np.asarray(batch.expert_log_probs, np.float64)
     keep = np.arange(6) != 2
     p = np.exp(log_p)
@@ -387,7 +388,7 @@ _SHARDED = textwrap.dedent(
         if x.size > 1:
             np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
         assert y.sharding.is_fully_replicated and len(y.sharding.device_set) == 8
-    out = lambda m: jax.nn.log_softmax(jax.vmap(m)(batch.data))
+    out = eqx.filter_jit(lambda m: jax.nn.log_softmax(jax.vmap(m)(batch.data)))
     np.testing.assert_allclose(out(m1), out(m8), rtol=1e-4, atol=1e-4)
     from eqx_models.causal import train
     try:
