@@ -7,13 +7,14 @@ example tour: `XLA_FLAGS="$(python tests/cpu_test_flags.py)"`.
 import importlib.metadata
 import importlib.util
 import os
+from collections.abc import Mapping
 
 
-def _cpu_only() -> bool:
+def _cpu_only(environ: Mapping[str, str]) -> bool:
     """Whether JAX will run on the CPU alone here: `JAX_PLATFORMS=cpu`, or no
     accelerator plugin installed (JAX finds them as `jax_plugins` entry points or
     modules, and TPUs through `libtpu`)."""
-    if os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
+    if environ.get("JAX_PLATFORMS", "").strip() == "cpu":
         return True
     return not (
         importlib.metadata.entry_points(group="jax_plugins")
@@ -27,8 +28,10 @@ def _jaxlib_version() -> tuple[int, ...]:
     return tuple(int(part) for part in release.split(".")[:2] if part.isdigit())
 
 
-def cpu_test_flags() -> str:
-    """`XLA_FLAGS` with the suite's CPU settings added to the caller's.
+def cpu_test_flags(environ: Mapping[str, str] = os.environ) -> str:
+    """`XLA_FLAGS` of `environ` with the suite's CPU settings added, for a process
+    with that environment (a subprocess with `JAX_PLATFORMS=cpu` gets them also on
+    a machine with an accelerator).
 
     Most of the suite's time on a CPU is XLA compiling hundreds of small programs
     that then run for milliseconds (every operation run eagerly is a program of its
@@ -51,8 +54,8 @@ def cpu_test_flags() -> str:
     an accelerator nothing is added (the suite compiles as users do), and a flag
     the caller already set is kept.
     """
-    current = os.environ.get("XLA_FLAGS", "").strip()
-    if not _cpu_only():
+    current = environ.get("XLA_FLAGS", "").strip()
+    if not _cpu_only(environ):
         return current
     flags = {"xla_backend_optimization_level": "1"}
     if _jaxlib_version() < (0, 11):

@@ -12,6 +12,8 @@ import jax
 import numpy as np
 import pytest
 
+from .cpu_test_flags import cpu_test_flags
+
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
@@ -111,18 +113,18 @@ def run_script(
 
     A fresh process because JAX fixes its devices at start-up: `devices` fake CPU
     devices (XLA's host device count), also on a machine with a GPU, which JAX would
-    pick first. The repository is on the path; XLA's other flags (the suite's
-    optimisation level among them) are kept.
+    pick first. The repository is on the path; XLA's other flags are kept, and the
+    suite's CPU compile settings added (`cpu_test_flags`).
     """
-    flags = [os.environ.get("XLA_FLAGS", "")]
-    if devices is not None:
-        flags.append(f"--xla_force_host_platform_device_count={devices}")
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=" ".join(f for f in flags if f),
         PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     )
+    flags = [cpu_test_flags(env)]
+    if devices is not None:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env["XLA_FLAGS"] = " ".join(f for f in flags if f)
     done = subprocess.run(
         [sys.executable, "-c", script, *args],
         capture_output=True,
