@@ -124,6 +124,33 @@ def matmul_ceiling(dtype, sizes: tuple[int, ...] | None = None) -> dict[str, Any
     return best
 
 
+def bandwidth_ceiling(sizes: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """The best measured memory throughput of the first device over a few sizes:
+    `bytes_per_sec` of an elementwise float32 update (each element read and written
+    once, so `2 * nbytes` moved per call), with its element count `n`. The ceiling
+    that traffic floors (XLA's `accessed_bytes` over this rate) are quoted against
+    in the same run."""
+    import jax.numpy as jnp
+
+    if sizes is None:
+        gpu = jax.devices()[0].platform == "gpu"
+        sizes = (1 << 26, 1 << 28) if gpu else (1 << 22, 1 << 24)
+    update = jax.jit(lambda x: x * 0.5 + 1.0)
+    best: dict[str, Any] = {"bytes_per_sec": 0.0}
+    for n in sizes:
+        x = jnp.ones((n,), jnp.float32)
+        jax.block_until_ready(update(x))
+        times = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            jax.block_until_ready(update(x))
+            times.append(time.perf_counter() - t0)
+        rate = 2 * x.nbytes / statistics.median(times)
+        if rate > best["bytes_per_sec"]:
+            best = {"bytes_per_sec": rate, "n": n}
+    return best
+
+
 def time_callable(
     fn: Callable[[], Any],
     *,

@@ -49,7 +49,9 @@ cores, mostly compilation; the numbers check the pipeline only).
 `--latency` measures only what issue 19 asks of the surrogate's speed: the compile
 time of each training bucket (sampler and train step, one after another, split into
 tracing, lowering and XLA compilation) and the inference time per task in float32
-and bfloat16 with the model's FLOPs and roofline time, on an untrained model.
+and bfloat16 with the model's FLOPs and roofline time, and its traffic floor (the
+bytes XLA's cost analysis says the compiled program moves, at the bandwidth measured
+in the same run), on an untrained model.
 
 `--latency --profile` also traces the inference of the first timing size (float32
 and bfloat16) and the train step of the largest bucket, and adds rows (workload
@@ -77,7 +79,9 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 from _harness import (
+    bandwidth_ceiling,
     matmul_ceiling,
+    measure,
     measure_unless_out_of_memory,
     Results,
     RESULTS_DIR,
@@ -431,11 +435,16 @@ def time_inference(model, cfg, key, results):
     """Per-task inference time at d = 20 and 50 (K = 3) of the model in float32
     and in bfloat16 (cast copy; on a GPU its attention over the samples is cuDNN's
     fused kernel) and of the exact expert, with the model's FLOPs per task and its
-    roofline time against the matmul ceiling of that dtype measured in this run."""
+    roofline time against the matmul ceiling of that dtype measured in this run,
+    and its traffic floor: the bytes the compiled program moves (XLA's cost
+    analysis) at the memory bandwidth measured in this run. Where the time follows
+    the traffic floor and not the roofline, fewer bytes (fusion), not faster
+    arithmetic, is what would make the model faster."""
     ceilings = {
         dtype: matmul_ceiling(dtype)["flops_per_sec"]
         for dtype in (jnp.float32, jnp.bfloat16)
     }
+    bandwidth = bandwidth_ceiling()["bytes_per_sec"]
     for d, n, batch in cfg["timing"]:
         config = TaskConfig(n_vars=d, n_samples=n, target="any")
         tasks = jax.jit(jax.vmap(lambda k: sample_task(k, config)))(
@@ -458,9 +467,17 @@ def time_inference(model, cfg, key, results):
 
             runs.append((f"model {jnp.dtype(dtype).name}", model_fn, params, dtype))
         for impl, fn, params, dtype in runs:
-            timing = time_jax(fn, params, tasks.data, repeats=10)
+            timing, _ = measure(fn, params, tasks.data, repeats=10)
             per_task = timing["median_s"] / batch
             roofline = flops / ceilings[dtype]
+            traffic = {}
+            if "accessed_bytes" in timing:
+                floor = timing.pop("accessed_bytes") / batch / bandwidth
+                traffic = dict(
+                    traffic_floor_per_task_s=floor,
+                    fraction_of_traffic_floor=floor / per_task,
+                    bandwidth_gb_per_s=bandwidth / 1e9,
+                )
             results.add(
                 workload="inference",
                 impl=impl,
@@ -470,7 +487,8 @@ def time_inference(model, cfg, key, results):
                 roofline_per_task_s=roofline,
                 fraction_of_roofline=roofline / per_task,
                 matmul_ceiling_tflops=ceilings[dtype] / 1e12,
-                **timing,
+                **traffic,
+                **{k: v for k, v in timing.items() if k != "flops"},
             )
         timing = time_jax(expert_fn, tasks.data, repeats=10)
         results.add(
@@ -1026,8 +1044,8 @@ def main(argv=None):
             "and the train step's first calls, split into JAX tracing, lowering and "
             "XLA compilation. Per task: the forward pass of a (untrained) "
             "`ParentSetPredictionModel` in float32 and in bfloat16 against its "
-            "roofline at the matmul ceiling measured in the same run, and the exact "
-            "expert.",
+            "roofline at the matmul ceiling and its traffic floor at the memory "
+            "bandwidth, both measured in the same run, and the exact expert.",
         )
         compile_buckets(cfg, results)
         model = build_model(cfg, jr.key(0))

@@ -1292,12 +1292,14 @@ def _summary_causal_latency(result: dict) -> list[Comparison]:
                 f"≤ {time_text(_CAUSAL_PER_TASK_LIMIT)}: "
                 f"{_met(per_task <= _CAUSAL_PER_TASK_LIMIT)}"
             )
+        floors = f"roofline {time_text(row['roofline_per_task_s'])}"
+        if "traffic_floor_per_task_s" in row:
+            floors += f", traffic floor {time_text(row['traffic_floor_per_task_s'])}"
         out.append(
             Comparison(
                 device,
                 f"inference per task, d = {sizes.get('d')}, N = {sizes.get('N')}",
-                f"{time_text(per_task)} ({row['impl']}, roofline "
-                f"{time_text(row['roofline_per_task_s'])})",
+                f"{time_text(per_task)} ({row['impl']}, {floors})",
                 "–"
                 if expert is None
                 else f"exact expert: {time_text(expert['per_task_s'])}",
