@@ -878,7 +878,8 @@ def run_generation(args, size_name: str, seqs, tag):
                 f"L={seq}: cached greedy decoding {cached['tokens_per_sec']:,.0f} "
                 f"tokens/s, {speedup:.1f}x the loop without a cache."
             )
-    results.save()
+    # Lengths run in calls of their own are folded into one file.
+    results.save(merge_key=lambda row: (row["impl"], row["sizes"]["seq"]))
 
 
 def _add(results, impl, sizes, tokens, out, peak, spec, args):
