@@ -108,3 +108,13 @@ def test_measure_times_a_real_program():
     row, out = _harness.measure(lambda x: x * 2, jnp.ones(3), repeats=2, keep=True)
     assert {"compile_s", "median_s"} <= set(row) and "first_call_s" not in row
     assert out.tolist() == [2.0, 2.0, 2.0]
+
+
+def test_the_bandwidth_ceiling_counts_a_read_and_a_write_per_element(monkeypatch):
+    # A clock that advances 1 ms per reading: every timed call takes 1 ms, so the
+    # rate is the bytes moved per call over 1 ms, and the larger size wins.
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(_harness.time, "perf_counter", lambda: next(ticks) * 1e-3)
+    best = _harness.bandwidth_ceiling(sizes=(1 << 10, 1 << 12))
+    assert best["n"] == 1 << 12
+    assert best["bytes_per_sec"] == pytest.approx(2 * 4 * (1 << 12) / 1e-3)
