@@ -99,6 +99,24 @@ def time_jax(
     return {"compile_s": compile_s, **_summary(times), **memory}
 
 
+def _best_rate(program, sizes, make_args, work) -> tuple[float, int | None]:
+    """The best `work(n) / median time` of `program(*make_args(n))` over `sizes`
+    (ten timed calls each, after a first that compiles), with its `n`."""
+    best, best_n = 0.0, None
+    for n in sizes:
+        args = make_args(n)
+        jax.block_until_ready(program(*args))
+        times = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            jax.block_until_ready(program(*args))
+            times.append(time.perf_counter() - t0)
+        rate = work(n) / statistics.median(times)
+        if rate > best:
+            best, best_n = rate, n
+    return best, best_n
+
+
 def matmul_ceiling(dtype, sizes: tuple[int, ...] | None = None) -> dict[str, Any]:
     """The best measured throughput of a square matmul in `dtype` on the first
     device over a few sizes (`flops_per_sec`, with its `n` and `dtype`): the
@@ -108,20 +126,13 @@ def matmul_ceiling(dtype, sizes: tuple[int, ...] | None = None) -> dict[str, Any
     if sizes is None:
         gpu = jax.devices()[0].platform == "gpu"
         sizes = (4096, 8192, 16384) if gpu else (512, 1024)
-    matmul = jax.jit(lambda x, y: x @ y)
-    best: dict[str, Any] = {"flops_per_sec": 0.0}
-    for n in sizes:
-        a = jnp.ones((n, n), dtype)
-        jax.block_until_ready(matmul(a, a))
-        times = []
-        for _ in range(10):
-            t0 = time.perf_counter()
-            jax.block_until_ready(matmul(a, a))
-            times.append(time.perf_counter() - t0)
-        flops = 2 * n**3 / statistics.median(times)
-        if flops > best["flops_per_sec"]:
-            best = {"flops_per_sec": flops, "n": n, "dtype": jnp.dtype(dtype).name}
-    return best
+    rate, n = _best_rate(
+        jax.jit(lambda x, y: x @ y),
+        sizes,
+        lambda n: (jnp.ones((n, n), dtype),) * 2,
+        lambda n: 2 * n**3,
+    )
+    return {"flops_per_sec": rate, "n": n, "dtype": jnp.dtype(dtype).name}
 
 
 def bandwidth_ceiling(sizes: tuple[int, ...] | None = None) -> dict[str, Any]:
@@ -135,20 +146,13 @@ def bandwidth_ceiling(sizes: tuple[int, ...] | None = None) -> dict[str, Any]:
     if sizes is None:
         gpu = jax.devices()[0].platform == "gpu"
         sizes = (1 << 26, 1 << 28) if gpu else (1 << 22, 1 << 24)
-    update = jax.jit(lambda x: x * 0.5 + 1.0)
-    best: dict[str, Any] = {"bytes_per_sec": 0.0}
-    for n in sizes:
-        x = jnp.ones((n,), jnp.float32)
-        jax.block_until_ready(update(x))
-        times = []
-        for _ in range(10):
-            t0 = time.perf_counter()
-            jax.block_until_ready(update(x))
-            times.append(time.perf_counter() - t0)
-        rate = 2 * x.nbytes / statistics.median(times)
-        if rate > best["bytes_per_sec"]:
-            best = {"bytes_per_sec": rate, "n": n}
-    return best
+    rate, n = _best_rate(
+        jax.jit(lambda x: x * 0.5 + 1.0),
+        sizes,
+        lambda n: (jnp.ones((n,), jnp.float32),),
+        lambda n: 2 * 4 * n,
+    )
+    return {"bytes_per_sec": rate, "n": n}
 
 
 def time_callable(

@@ -118,3 +118,11 @@ def test_the_bandwidth_ceiling_counts_a_read_and_a_write_per_element(monkeypatch
     best = _harness.bandwidth_ceiling(sizes=(1 << 10, 1 << 12))
     assert best["n"] == 1 << 12
     assert best["bytes_per_sec"] == pytest.approx(2 * 4 * (1 << 12) / 1e-3)
+
+
+def test_the_matmul_ceiling_counts_two_flops_per_multiply_add(monkeypatch):
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(_harness.time, "perf_counter", lambda: next(ticks) * 1e-3)
+    best = _harness.matmul_ceiling("float32", sizes=(8, 16))
+    assert (best["n"], best["dtype"]) == (16, "float32")
+    assert best["flops_per_sec"] == pytest.approx(2 * 16**3 / 1e-3)
