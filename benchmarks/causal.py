@@ -488,6 +488,8 @@ def time_inference(model, cfg, key, results):
                 fraction_of_roofline=roofline / per_task,
                 matmul_ceiling_tflops=ceilings[dtype] / 1e12,
                 **traffic,
+                # One FLOP count per row: the count from the shapes, which the
+                # roofline uses (XLA's own count is left out).
                 **{k: v for k, v in timing.items() if k != "flops"},
             )
         timing = time_jax(expert_fn, tasks.data, repeats=10)
