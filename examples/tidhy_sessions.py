@@ -219,7 +219,15 @@ def main(argv=None):
             },
             "session_lengths": list(sessions.lengths),
             "epochs": cfg["epochs"],
+            # A resumed run trains only the steps after its checkpoint (at the paper's
+            # size a step is a full-batch epoch).
+            "steps_this_run": len(result.history),
             "train_time_s": round(train_time, 1),
+            "loss_every_50_steps": [
+                [entry["step"], round(entry["loss"], 4)]
+                for entry in result.history
+                if entry["step"] % 50 == 0 or entry is result.history[-1]
+            ],
             "size": size,
         },
     )
