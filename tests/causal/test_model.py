@@ -256,3 +256,23 @@ def test_errors(model, task):
         # Called eagerly on concrete data: the library's plain `ValueError`.
         with pytest.raises(ValueError, match=message):
             model(bad)
+
+
+def test_a_new_shape_compiles_the_initialisers_as_one_program():
+    # Run eagerly, each random array and scaling of the constructor compiled on its
+    # own: 65 programs for a new shape, seconds before the model existed.
+    compiled = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(duration)
+
+    key = jr.key(7)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        model = ParentSetPredictionModel(1, width=6, n_layers=3, n_heads=3, key=key)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert len(compiled) <= 2, len(compiled)
+    assert model.blocks.w_qkv.shape == (3, 2, 6, 18)
+    assert model.size_embedding.shape == (2, 6)
