@@ -273,6 +273,8 @@ def test_a_new_shape_compiles_the_initialisers_as_one_program():
         model = ParentSetPredictionModel(1, width=6, n_layers=3, n_heads=3, key=key)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    assert len(compiled) <= 2, len(compiled)
+    # At least one: the listener must see the compilation (a shape no other test
+    # builds), else this check could not fail.
+    assert 1 <= len(compiled) <= 2, len(compiled)
     assert model.blocks.w_qkv.shape == (3, 2, 6, 18)
     assert model.size_embedding.shape == (2, 6)
