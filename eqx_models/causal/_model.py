@@ -160,19 +160,21 @@ def _initial_parameters(
     # identity.
     residual_gain = 1.0 / math.sqrt(max(4 * n_layers, 1))
     make = lambda k: _Block(width, hidden, n_heads, residual_gain, key=k)
-    return (
-        _normal(keys[0], (n_features, width), n_features),
-        jnp.zeros((width,)),
-        eqx.filter_vmap(make)(jr.split(keys[1], max(n_layers, 1))),
-        jnp.ones((width,)),
-        jnp.zeros((width,)),
-        _normal(keys[7], (width, stats), width),
-        _normal(keys[8], (width, stats), width),
-        _MLP(2 * width + stats, 2 * width, width, key=keys[2]),
-        _MLP(3 * width + stats, 2 * width, width, key=keys[3]),
-        _normal(keys[4], (width, width), width),
-        0.1 * jr.normal(keys[5], (max_parents + 1, width)),
-        _MLP(width, 2 * width, 1, key=keys[6]),
+    # Keyed by field name: a positional tuple could swap two arrays of one shape
+    # (the two statistics maps, the final gain and bias) without an error.
+    return dict(
+        w_embed=_normal(keys[0], (n_features, width), n_features),
+        b_embed=jnp.zeros((width,)),
+        blocks=eqx.filter_vmap(make)(jr.split(keys[1], max(n_layers, 1))),
+        final_gain=jnp.ones((width,)),
+        final_bias=jnp.zeros((width,)),
+        w_stat_a=_normal(keys[7], (width, stats), width),
+        w_stat_b=_normal(keys[8], (width, stats), width),
+        member=_MLP(2 * width + stats, 2 * width, width, key=keys[2]),
+        pair=_MLP(3 * width + stats, 2 * width, width, key=keys[3]),
+        w_target=_normal(keys[4], (width, width), width),
+        size_embedding=0.1 * jr.normal(keys[5], (max_parents + 1, width)),
+        score=_MLP(width, 2 * width, 1, key=keys[6]),
     )
 
 
@@ -317,20 +319,7 @@ class ParentSetPredictionModel(eqx.Module):
         self.target_context = target_context
         self.pair_statistics = pair_statistics
         self.attention = attention
-        (
-            self.w_embed,
-            self.b_embed,
-            self.blocks,
-            self.final_gain,
-            self.final_bias,
-            self.w_stat_a,
-            self.w_stat_b,
-            self.member,
-            self.pair,
-            self.w_target,
-            self.size_embedding,
-            self.score,
-        ) = _initial_parameters(
+        parameters = _initial_parameters(
             key,
             n_features=6 if target_context else 3,
             width=width,
@@ -340,6 +329,8 @@ class ParentSetPredictionModel(eqx.Module):
             stats=width // 2 if pair_statistics else 0,
             max_parents=max_parents,
         )
+        for name, value in parameters.items():
+            setattr(self, name, value)
 
     def embed_variables(
         self,
