@@ -238,13 +238,17 @@ def _plot(sessions, trajectories, samples, train_part, mean, std, note):
     imputed missing frames."""
     fig, axes = plt.subplots(len(trajectories), 1, figsize=(8, 6))
     channel = 0
+    # At most this many frames per panel: at the paper's size a held-out part is
+    # tens of thousands of frames, too many to see the missing ones.
+    max_frames = 600
     for s, (ax, trajectory) in enumerate(zip(axes, trajectories)):
         n_train = train_part.lengths[s]
+        shown = slice(n_train, min(n_train + max_frames, sessions.lengths[s]))
         truth = (np.asarray(samples[s].observations) - mean[s]) / std[s]
-        steps = np.arange(sessions.lengths[s])[n_train:]
-        truth = truth[n_train:]
-        trajectory = trajectory._replace(x_hat=trajectory.x_hat[n_train:])
-        missing = ~sessions.mask[s][n_train:, 0]
+        steps = np.arange(sessions.lengths[s])[shown]
+        truth = truth[shown]
+        trajectory = trajectory._replace(x_hat=trajectory.x_hat[shown])
+        missing = ~sessions.mask[s][shown, 0]
         ax.plot(steps, truth[:, channel], "k", lw=0.8, label="data (all frames)")
         ax.plot(steps, trajectory.x_hat[:, channel], "C0", lw=0.8, label="x̂")
         ax.plot(
@@ -256,7 +260,7 @@ def _plot(sessions, trajectories, samples, train_part, mean, std, note):
         )
         ax.set_ylabel(f"{sessions.names[s]}\nchannel {channel}", fontsize=8)
     axes[0].legend(fontsize=7, ncol=3, loc="upper right")
-    axes[-1].set_xlabel("frame (held-out part of each session)")
+    axes[-1].set_xlabel("frame (start of the held-out part of each session)")
     fig.suptitle(f"Held-out parts of three sessions, 10 % frames missing{note}")
     fig.tight_layout()
     fig.savefig(out_path("tidhy_sessions_reconstruction.png"), dpi=120)
