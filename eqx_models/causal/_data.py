@@ -8,12 +8,11 @@ read it. Naming the channels and checking shapes (at trace time) and values (wit
 import enum
 from typing import Any
 
-import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from transforms.validation import fail, is_concrete
+from transforms.validation import Checks, fail, is_concrete
 
 
 class Channel(enum.IntEnum):
@@ -77,9 +76,9 @@ def check_values(
 ) -> tuple[Float[Array, "N d 3"], Int[Array, ""]]:
     """Value checks of AVICI data; returns the data and the target index.
 
-    Concrete arrays are checked at once (a `ValueError`); traced ones by
-    `eqx.error_if`s that the returned data is threaded through (they run inside
-    `jit`)."""
+    Concrete arrays are checked at once (a `ValueError`); traced ones by one
+    `eqx.branched_error_if` that the returned data is threaded through (it runs
+    inside `jit` and names the first problem found)."""
     concrete = is_concrete(data, sample_mask, variable_mask)
     xp: Any = np if concrete else jnp
     arrays: Any = data
@@ -115,12 +114,14 @@ def check_values(
             "rows marking different variables",
         ),
     )
-    for bad, expected, got in problems:
-        if concrete:
+    if concrete:
+        for bad, expected, got in problems:
             if bad:
                 raise fail(name, "data", expected, got)
-        else:
-            data = eqx.error_if(
-                data, bad, f"{name}: `data` must be {expected}, got {got}."
-            )
-    return data, jnp.asarray(target)
+        return data, jnp.asarray(target)
+    # One run-time check for the four: each would be a conditional of its own in
+    # the compiled program (a device-to-host synchronisation on a GPU).
+    checks = Checks()
+    for bad, expected, got in problems:
+        checks.add(bad, f"{name}: `data` must be {expected}, got {got}.")
+    return checks.guard(data), jnp.asarray(target)

@@ -246,16 +246,24 @@ def test_errors(model, task):
     with pytest.raises(ValueError, match=rf"{name}: \(d, K\) = \(60, 4\) has"):
         ParentSetPredictionModel(4, width=8, n_layers=2, n_heads=2, key=jr.key(0))(wide)
     data = task.data
+    other = (int(jnp.argmax(data[0, :, 2])) + 1) % data.shape[1]  # not the target
     for bad, message in [
         (data.at[0, 1, 0].set(jnp.inf), "non-finite values"),
         (data.at[2, 0, 1].set(2.0), "must be 0 or 1"),
         (data.at[:, :, 2].set(0.0), "exactly one variable in every row"),
+        (
+            data.at[0, :, 2].set(0.0).at[0, other, 2].set(1.0),
+            "the same variable in every row, got rows marking different",
+        ),
     ]:
         with pytest.raises(Exception, match=message):
             jax.block_until_ready(_logits(model, bad))
         # Called eagerly on concrete data: the library's plain `ValueError`.
         with pytest.raises(ValueError, match=message):
             model(bad)
+    # The four value checks share one conditional (each is a device-to-host
+    # synchronisation on a GPU).
+    assert str(jax.make_jaxpr(lambda x: model(x))(data)).count("cond[") == 1
 
 
 def test_a_new_shape_compiles_the_initialisers_as_one_program():

@@ -177,6 +177,19 @@ def test_errors():
         uncertainty_weighted(3.0)  # pyright: ignore[reportArgumentType]
 
 
+def test_compiled_checks_name_the_argument_and_share_one_conditional():
+    good = jnp.log(jnp.array([0.5, 0.5]))
+    bad = jnp.log(jnp.array([1.0, 1.0]))
+    compiled = jax.jit(kl_divergence)
+    for log_p, log_q, arg in ((bad, good, "log_p"), (good, bad, "log_q")):
+        with pytest.raises(Exception, match=f"`{arg}` must be log-probabilities"):
+            jax.block_until_ready(compiled(log_p, log_q))
+    # Each conditional is a device-to-host synchronisation on a GPU: the checks of
+    # both arguments share one.
+    for fn in (kl_divergence, total_variation):
+        assert str(jax.make_jaxpr(fn)(good, good)).count("cond[") == 1
+
+
 _probs = hnp.arrays(
     np.float64,
     st.integers(1, 6),

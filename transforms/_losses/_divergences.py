@@ -17,6 +17,7 @@ from .._validation import (
     check_in_range,
     check_probabilities,
     check_type,
+    Checks,
     fail,
     typechecked,
 )
@@ -32,14 +33,20 @@ def _check_pair(name: str, log_p, log_q, axis: int) -> tuple[Array, Array]:
             f"of the shape of `log_p` {log_p.shape} (aligned distributions)",
             f"shape {log_q.shape}",
         )
-    log_p = _check_log_probabilities(name, "log_p", log_p, axis)
-    return log_p, _check_log_probabilities(name, "log_q", log_q, axis)
+    # Traced, both checks share one conditional (one device-to-host
+    # synchronisation on a GPU, not two).
+    checks = Checks()
+    log_p = _check_log_probabilities(name, "log_p", log_p, axis, checks)
+    log_q = _check_log_probabilities(name, "log_q", log_q, axis, checks)
+    return checks.guard((log_p, log_q))
 
 
-def _check_log_probabilities(name: str, arg: str, x: Array, axis: int) -> Array:
+def _check_log_probabilities(
+    name: str, arg: str, x: Array, axis: int, checks: Checks | None = None
+) -> Array:
     if x.ndim == 0 or not -x.ndim <= axis < x.ndim:
         raise fail(name, "axis", f"an axis of `{arg}` (shape {x.shape})", f"{axis}")
-    return check_probabilities(name, arg, x, axis=axis, log=True)
+    return check_probabilities(name, arg, x, axis=axis, log=True, checks=checks)
 
 
 def _where_positive(p: Array, x: Array) -> Array:
