@@ -223,8 +223,14 @@ def main(argv=None):
             # size a step is a full-batch epoch).
             "steps_this_run": len(result.history),
             "train_time_s": round(train_time, 1),
-            "loss_every_50_steps": [
-                [entry["step"], round(entry["loss"], 4)]
+            # With the mean inner-loop iterations per time step, which set the
+            # epoch time.
+            "loss_and_inference_iterations_every_50_steps": [
+                [
+                    entry["step"],
+                    round(entry["loss"], 4),
+                    round(entry["inference_iters_mean"], 1),
+                ]
                 for entry in result.history
                 if entry["step"] % 50 == 0 or entry is result.history[-1]
             ],
