@@ -119,8 +119,7 @@ def check_values(
             if bad:
                 raise fail(name, "data", expected, got)
         return data, jnp.asarray(target)
-    # One run-time check for the four: each would be a conditional of its own in
-    # the compiled program (a device-to-host synchronisation on a GPU).
+    # One conditional for the four checks, not one each (`Checks` says why).
     checks = Checks()
     for bad, expected, got in problems:
         checks.add(bad, f"{name}: `data` must be {expected}, got {got}.")

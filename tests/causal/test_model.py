@@ -263,7 +263,7 @@ def test_errors(model, task):
             model(bad)
     # The four value checks share one conditional (each is a device-to-host
     # synchronisation on a GPU).
-    assert str(jax.make_jaxpr(lambda x: model(x))(data)).count("cond[") == 1
+    assert str(jax.make_jaxpr(model)(data)).count("cond[") == 1
 
 
 def test_a_new_shape_compiles_the_initialisers_as_one_program():

@@ -33,8 +33,7 @@ def _check_pair(name: str, log_p, log_q, axis: int) -> tuple[Array, Array]:
             f"of the shape of `log_p` {log_p.shape} (aligned distributions)",
             f"shape {log_q.shape}",
         )
-    # Traced, both checks share one conditional (one device-to-host
-    # synchronisation on a GPU, not two).
+    # Traced, both checks share one conditional (`Checks` says why).
     checks = Checks()
     log_p = _check_log_probabilities(name, "log_p", log_p, axis, checks)
     log_q = _check_log_probabilities(name, "log_q", log_q, axis, checks)
