@@ -103,6 +103,8 @@ PARTS = [
 PROFILED_STEPS = 3
 # Datasheet dense bf16 peak (H100/H200 SXM); the measured ceiling is the reference.
 SPEC_PEAK = {"H100": 989.4e12, "H200": 989.4e12}
+# The JAX step's learning-rate schedule (the PyTorch peer runs at 3e-4 throughout).
+WARMUP_STEPS = 100
 
 
 def _layout(size):
@@ -344,7 +346,9 @@ def worker_jax(args) -> dict:
         compute_dtype="bfloat16" if gpu else "float32",
         ce_chunk_size=8192,
     )
-    config = MultimodalTrainConfig(n_steps=10_000, learning_rate=3e-4, warmup_steps=100)
+    config = MultimodalTrainConfig(
+        n_steps=10_000, learning_rate=3e-4, warmup_steps=WARMUP_STEPS
+    )
     optimizer = make_optimizer(config, model)
     mesh = None
     if args.devices > 1:
@@ -742,6 +746,14 @@ def main(argv=None):
                 results.note("The PyTorch peer ran on one device.")
             single = dict(sizes, devices=1)
             _add(results, "torch.compile", single, batch * seq, out, peak, spec, args)
+    steps = 1 + args.warmup + args.repeats
+    results.note(
+        f"The loss column is the last of {steps} steps on one batch. The JAX "
+        f"optimiser warms its learning rate up over {WARMUP_STEPS} steps (at "
+        f"{steps}/{WARMUP_STEPS} of its peak by then), the PyTorch peer runs at the "
+        "peak from the first step, so its loss falls faster; the work of a step "
+        "does not depend on the learning rate."
+    )
     _compare(results)
     results.save()
 
@@ -976,7 +988,8 @@ def _compare(results):
         if not ours:
             continue
         best = max(ours, key=lambda r: r["tokens_per_sec"])
-        default = [r for r in ours if r["impl"] == "jax default"]
+        # The default's line only where another variant beat it.
+        default = [r for r in ours if r["impl"] == "jax default" and r is not best]
         for label, r in [("best JAX", best)] + [("the default", r) for r in default]:
             line = f"L={seq}: {label} ({r['impl']}) {r['tokens_per_sec']:,.0f} tokens/s"
             if "mfu" in r:
