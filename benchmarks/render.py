@@ -1105,14 +1105,18 @@ def _summary_causal(result: dict) -> list[Comparison]:
                 f"KL ≤ 0.25, top-1 ≥ 0.85, F1 ≥ 0.9: {_met(ok)}",
             )
         )
-    models = [r for r in rows if r["workload"] == "inference" and r["impl"] == "model"]
-    for model in models:
+
+    # "model" in older files, "model float32" and "model bfloat16" since.
+    def is_model(r):
+        return r["workload"] == "inference" and r["impl"].split()[0] == "model"
+
+    for model in filter(is_model, rows):
         expert = next(
             (
                 r
                 for r in rows
                 if r["workload"] == "inference"
-                and r["impl"] != "model"
+                and not is_model(r)
                 and r.get("sizes") == model.get("sizes")
             ),
             None,
@@ -1125,7 +1129,8 @@ def _summary_causal(result: dict) -> list[Comparison]:
                 device,
                 f"inference per task (d = {s.get('d')}, N = {s.get('N')}, "
                 f"K = {s.get('K')})",
-                f"{time_text(model['per_task_s'])} (surrogate)",
+                f"{time_text(model['per_task_s'])} "
+                f"(surrogate{model['impl'].removeprefix('model')})",
                 f"{expert['impl']} (its teacher): {time_text(expert['per_task_s'])}",
                 faster(model["per_task_s"], expert["per_task_s"]),
             )
