@@ -642,3 +642,28 @@ def test_square_brackets_of_messages_are_literal_outside_code(render):
     expected = "OOM \\[executable_name='f'\\] \\[error=''\\] in `x[t]`"
     assert render._literal_brackets(message) == expected
     assert render._cell(message) == expected
+
+
+def test_causal_inference_rows_of_either_naming_are_summarised(render):
+    def inference(impl, seconds, d):
+        sizes = {"d": d, "K": 3, "N": 100}
+        return {"workload": "inference", "impl": impl, "sizes": sizes,
+                "per_task_s": seconds}  # fmt: skip
+
+    old = _result("causal", "Causal", "gpu", [
+        inference("model", 6e-4, 20), inference("exact expert", 6e-6, 20),
+    ])  # fmt: skip
+    new = _result("causal", "Causal", "cpu", [
+        inference("model float32", 2e-2, 20), inference("model bfloat16", 3e-2, 20),
+        inference("exact expert", 2e-4, 20), inference("exact expert", 1e-3, 50),
+    ])  # fmt: skip
+    rows = [(c.ours, c.peer, c.ratio) for c in render._summary_causal(old)]
+    assert rows == [
+        ("600 µs (surrogate)", "exact expert (its teacher): 6.00 µs", "100× slower")
+    ]
+    rows = [(c.ours, c.ratio) for c in render._summary_causal(new)]
+    # Each precision against the expert of its own sizes; d = 50 has no model row.
+    assert rows == [
+        ("20.0 ms (surrogate float32)", "100× slower"),
+        ("30.0 ms (surrogate bfloat16)", "150× slower"),
+    ]
