@@ -746,14 +746,15 @@ def main(argv=None):
                 results.note("The PyTorch peer ran on one device.")
             single = dict(sizes, devices=1)
             _add(results, "torch.compile", single, batch * seq, out, peak, spec, args)
-    steps = 1 + args.warmup + args.repeats
-    results.note(
-        f"The loss column is the last of {steps} steps on one batch. The JAX "
-        f"optimiser warms its learning rate up over {WARMUP_STEPS} steps (at "
-        f"{steps}/{WARMUP_STEPS} of its peak by then), the PyTorch peer runs at the "
-        "peak from the first step, so its loss falls faster; the work of a step "
-        "does not depend on the learning rate."
-    )
+    if not args.no_torch:
+        steps = 1 + args.warmup + args.repeats
+        results.note(
+            f"The loss column is the last of {steps} steps on one batch. The JAX "
+            f"optimiser warms its learning rate up over {WARMUP_STEPS} steps (at "
+            f"{min(steps, WARMUP_STEPS)}/{WARMUP_STEPS} of its peak by then), the "
+            "PyTorch peer runs at the peak from the first step, so its loss falls "
+            "faster; the work of a step does not depend on the learning rate."
+        )
     _compare(results)
     results.save()
 
