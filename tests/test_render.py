@@ -667,3 +667,45 @@ def test_causal_inference_rows_of_either_naming_are_summarised(render):
         ("20.0 ms (surrogate float32)", "100× slower"),
         ("30.0 ms (surrogate bfloat16)", "150× slower"),
     ]
+
+
+def test_ghost_targets_are_issue_18s_for_many_short_examples(render):
+    def regime(batch, length):
+        return {
+            "(a) plain step, B": _ghost_row(
+                "train step", "(a) plain step, B", batch, length, 0.1, 2e9
+            ),
+            "(a) plain step, 2B": _ghost_row(
+                "train step", "(a) plain step, 2B", batch, length, 0.2, 4e9
+            ),
+            "(c) per-sample norms, ghost": _ghost_row(
+                "per-sample norms", "(c) per-sample norms, ghost", batch, length,
+                0.08, 2e9,
+            ),
+            "(d) per-sample norms, vmap(grad)": _ghost_row(
+                "per-sample norms", "(d) per-sample norms, vmap(grad)", batch, length,
+                0.1, 3e9,
+            ),
+            "(b) attribution step, ghost": _ghost_row(
+                "train step + dots", "(b) attribution step, ghost", batch, length,
+                0.226, 4e9,
+            ),
+        }  # fmt: skip
+
+    def targets(batch, length):
+        rows = render._summary_ghost_regime("cpu", regime(batch, length))
+        return [c.target for c in rows if c.target != "–"]
+
+    # Attribution 1.13x the 2B step, norms 0.8x the B step, memory 1x the step's
+    # and 0.67x vmap(grad)'s: within the first limits, outside issue 18's.
+    assert targets(16, 64) == [
+        "≤ 1.3× the plain step: met",
+        "≤ 1.2× the plain step: met",
+        "≤ 1.15× the plain 2B step: met",
+    ]
+    assert targets(256, 128) == [
+        "≤ 0.75× the plain step: **missed**",
+        "≤ 1.2× the plain step: met",
+        "≤ 0.5× vmap(grad)'s: **missed**",
+        "≤ 1.1× the plain 2B step: **missed**",
+    ]
