@@ -545,6 +545,18 @@ def test_rows_without_sizes_join_the_first_regime(render):
     assert "plain step" not in regimes[16, 64]  # sweeps are apart
 
 
+def test_profile_rows_do_not_hide_the_measured_rows(render):
+    # A profile row carries the label of the program it breaks down and no time.
+    profile = {
+        "workload": "profile",
+        "impl": "(a) plain step, B",
+        "sizes": {"batch": 16, "length": 64},
+        "part": "model",
+    }
+    regimes = render.ghost_regimes({"rows": [*GHOST_REGIMES, profile]})
+    assert regimes[16, 64]["(a) plain step, B"] is GHOST_REGIMES[0]
+
+
 def test_peer_notes_and_skips_are_listed_once(page):
     text = page.read_text()
     assert text.count(f"Note on (f) Opacus ghost clipping: {OPACUS_NOTE}") == 1
