@@ -63,8 +63,9 @@ a large program run after smaller ones can fail although it fits on the device.
 Every row records its batch and length (`sizes`), and each run is merged into the
 result file already there: it replaces the rows of what it measured (a regime (B, T),
 or the swept (B, T) points) and the notes on them, and keeps the rest, so the
-regimes and sweeps at several lengths live in one file. The file's environment is the
-last run's; each note says when, where and with which jax its numbers were measured.
+regimes and sweeps at several lengths live in one file. A file measured on another
+device is replaced whole (the page names one device per file). The file's environment
+is the last run's; each note says when and with which jax its numbers were measured.
 
 Memory for the JAX rows is the compiled executable's footprint from XLA's memory
 analysis (arguments + outputs + temporaries − aliased); for the PyTorch rows it is
@@ -218,13 +219,24 @@ def _row_key(row: dict, default: tuple[int, int]) -> tuple:
 
 def _note_key(note: str, default: tuple[int, int]) -> tuple:
     """What a note is about: a regime (`B = 16, T = 1024: ...`) or a sweep's length
-    (`Batch-size sweep, T = 128: ...`); older free-form notes were about the default
-    regime."""
+    and batch sizes (`Batch-size sweep, T = 128: B = 16, 32; ...`); older free-form
+    notes were about the default regime."""
     if match := re.match(r"Batch-size sweep\b.*?\bT = (\d+)", note):
-        return "sweep", int(match[1])
+        batches = re.search(r"\bB = (\d+(?:, \d+)*)", note)
+        swept = frozenset(map(int, batches[1].split(", "))) if batches else frozenset()
+        return "sweep", int(match[1]), swept
     if match := re.match(r"B = (\d+), T = (\d+):", note):
         return "regime", int(match[1]), int(match[2])
     return "regime", *default
+
+
+def _replaces(new: tuple, old: tuple) -> bool:
+    """Whether a note with key `new` replaces one with key `old`: the same regime, or
+    a sweep at the same length through any of the same batch sizes (a sweep run in
+    parts, to stay within a time limit, keeps each part's note)."""
+    if new[0] == old[0] == "sweep":
+        return new[1] == old[1] and bool(new[2] & old[2])
+    return new == old
 
 
 def _is_sweep(row: dict) -> bool:
@@ -235,21 +247,31 @@ def save(results: Results, directory: str | None, default: tuple[int, int]) -> s
     """Write `results`, merged into the result file already in `directory`.
 
     This run's rows replace the file's rows of the same regime or swept point, its
-    notes those about the same regime or swept length; the rest is kept, regimes
-    before sweeps. `default` is the `(B, T)` that rows and notes without sizes had.
+    notes those about the same regime or swept points (`_replaces`); the rest is
+    kept, regimes before sweeps. `default` is the `(B, T)` that rows and notes
+    without sizes had. A file measured on another device is replaced.
     """
     directory = directory or RESULTS_DIR
     name = f"{results.name}-{results.environment['platform']}.json"
     path = os.path.join(directory, name)
+    old = None
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
+        # As in `Results.save`: the page names one device per file, so rows of two
+        # devices cannot share one.
+        if old["environment"].get("device") != results.environment["device"]:
+            print(f"{path} was measured on another device: replaced")
+            old = None
+    if old is not None:
         rows = {_row_key(row, default) for row in results.rows}
-        notes = {_note_key(note, default) for note in results.notes}
+        notes = [_note_key(note, default) for note in results.notes]
         kept = [r for r in old.get("rows", []) if _row_key(r, default) not in rows]
         results.rows = sorted(kept + results.rows, key=_is_sweep)
         results.notes = [
-            n for n in old.get("notes", []) if _note_key(n, default) not in notes
+            n
+            for n in old.get("notes", [])
+            if not any(_replaces(new, _note_key(n, default)) for new in notes)
         ] + results.notes
     return results.save(directory)
 

@@ -110,6 +110,13 @@ def test_runs_merge_by_regime_and_sweep(ghost, tmp_path):
         ghost, [_row("ghost", 8, 128, 0.4, sweep)], ["Batch-size sweep, T = 128: B = 8"]
     )
     ghost.save(fifth, str(tmp_path), default)
+    # A sweep run in parts: the part at other batch sizes keeps the first's note.
+    sixth = _run(
+        ghost,
+        [_row("ghost", 16, 128, 0.5, sweep)],
+        ["Batch-size sweep, T = 128: B = 16; Out of memory: none"],
+    )
+    ghost.save(sixth, str(tmp_path), default)
 
     with open(path) as f:
         saved = json.load(f)
@@ -131,13 +138,29 @@ def test_runs_merge_by_regime_and_sweep(ghost, tmp_path):
         (sweep, "ghost", 4, 1024, 0.1),
         (sweep, "ghost", 4, 128, 0.2),
         (sweep, "ghost", 8, 128, 0.4),
+        (sweep, "ghost", 16, 128, 0.5),
     ]
     assert saved["notes"] == [
         "Batch-size sweep (B = 4; T = 1024, ...): measured",
         "B = 256, T = 128: x",
         "B = 16, T = 1024: y",
         "Batch-size sweep, T = 128: B = 8",
+        "Batch-size sweep, T = 128: B = 16; Out of memory: none",
     ]
+
+
+def test_a_run_on_another_device_replaces_the_file(ghost, tmp_path):
+    first = _run(ghost, [_row("(c) ghost", 16, 1024, 1.0)], ["B = 16, T = 1024: x"])
+    first.environment = dict(first.environment, device="GPU one")
+    path = ghost.save(first, str(tmp_path), (16, 1024))
+    second = _run(ghost, [_row("(c) ghost", 256, 128, 2.0)], ["B = 256, T = 128: y"])
+    second.environment = dict(second.environment, device="GPU two")
+    ghost.save(second, str(tmp_path), (16, 1024))
+    with open(path) as f:
+        saved = json.load(f)
+    assert saved["environment"]["device"] == "GPU two"
+    assert [r["sizes"]["batch"] for r in saved["rows"]] == [256]
+    assert saved["notes"] == ["B = 256, T = 128: y"]
 
 
 @pytest.mark.torch
