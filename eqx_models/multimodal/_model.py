@@ -311,8 +311,10 @@ def _layers_per_iteration(choice: int | str, n_layers: int) -> int:
     if choice != "auto":
         return int(choice)
     # On an accelerator the unrolled stack is the faster step (XLA schedules across
-    # layers and saves activations without stacking them); on a CPU the scan
-    # compiles faster at the same speed.
+    # layers and saves activations without stacking them). On a CPU neither wins
+    # by much (measured on 2 cores, d_model 128 to 256, 2 to 12 layers: unrolled
+    # 0.84x to 1.25x the scan's speed, faster only for the shallowest models) and
+    # the scan compiles up to 2x faster, so the CPU keeps the scan.
     return 1 if jax.default_backend() == "cpu" else n_layers
 
 
