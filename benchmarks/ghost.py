@@ -267,6 +267,15 @@ def save(results: Results, directory: str | None, default: tuple[int, int]) -> s
         rows = {_row_key(row, default) for row in results.rows}
         notes = [_note_key(note, default) for note in results.notes]
         kept = [r for r in old.get("rows", []) if _row_key(r, default) not in rows]
+        # A regime measured again without a row it had (a peer left out with
+        # --no-torch) loses that row: say so, as the page's comparison goes with it.
+        ours = {(_row_key(r, default), r.get("impl")) for r in results.rows}
+        for r in old.get("rows", []):
+            key = _row_key(r, default)
+            if key in rows and (key, r.get("impl")) not in ours:
+                print(
+                    f"{path}: {r.get('impl')} at {key} was not measured again: dropped"
+                )
         results.rows = sorted(kept + results.rows, key=_is_sweep)
         results.notes = [
             n

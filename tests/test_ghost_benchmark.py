@@ -70,7 +70,7 @@ def _run(ghost, rows, notes):
     return results
 
 
-def test_runs_merge_by_regime_and_sweep(ghost, tmp_path):
+def test_runs_merge_by_regime_and_sweep(ghost, tmp_path, capsys):
     default = (16, 1024)
     sweep = "batch sweep/per-sample norms"
     # A file written before rows carried their sizes: a row without them and
@@ -98,7 +98,14 @@ def test_runs_merge_by_regime_and_sweep(ghost, tmp_path):
         ],
         ["B = 16, T = 1024: y"],
     )
+    capsys.readouterr()
     ghost.save(third, str(tmp_path), default)
+    # The legacy row was not measured again: the run says it drops it.
+    dropped = [
+        line for line in capsys.readouterr().out.splitlines() if "dropped" in line
+    ]
+    assert len(dropped) == 1
+    assert "(e) torch.func at ('regime', 16, 1024) was not measured again" in dropped[0]
     # A sweep at another length adds rows; at a swept point again, replaces them.
     fourth = _run(
         ghost,
