@@ -384,6 +384,19 @@ class Results:
     def note(self, text: str) -> None:
         self.notes.append(text)
 
+    def previous(self, path: str) -> dict[str, Any] | None:
+        """The result file at `path` to fold this run into, or `None` where there is
+        none or it was measured on another device (a file names one device: its rows
+        cannot be set beside this run's, and this run replaces it)."""
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            old = json.load(f)
+        if old["environment"].get("device") != self.environment["device"]:
+            print(f"{path} was measured on another device: replaced")
+            return None
+        return old
+
     def save(
         self,
         directory: str | None = None,
@@ -412,13 +425,7 @@ class Results:
             "rows": self.rows,
             "notes": self.notes,
         }
-        old = None
-        if merge_key is not None and os.path.exists(path):
-            with open(path) as f:
-                old = json.load(f)
-            if old["environment"].get("device") != self.environment["device"]:
-                print(f"{path} was measured on another device: replaced")
-                old = None
+        old = self.previous(path) if merge_key is not None else None
         if merge_key is not None and old is not None:
             measured = {merge_key(row) for row in self.rows}
             kept = [row for row in old["rows"] if merge_key(row) not in measured]

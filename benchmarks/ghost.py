@@ -75,7 +75,6 @@ analysis.
 """
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -254,15 +253,7 @@ def save(results: Results, directory: str | None, default: tuple[int, int]) -> s
     directory = directory or RESULTS_DIR
     name = f"{results.name}-{results.environment['platform']}.json"
     path = os.path.join(directory, name)
-    old = None
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        # As in `Results.save`: the page names one device per file, so rows of two
-        # devices cannot share one.
-        if old["environment"].get("device") != results.environment["device"]:
-            print(f"{path} was measured on another device: replaced")
-            old = None
+    old = results.previous(path)
     if old is not None:
         rows = {_row_key(row, default) for row in results.rows}
         notes = [_note_key(note, default) for note in results.notes]
