@@ -847,6 +847,10 @@ class _GhostTargets(NamedTuple):
     norms_vs_vmap_memory: float | None  # peak memory, the norms / vmap(grad)'s
 
 
+# Many short examples (B sequences of T tokens), where issues 18 (ghost engines) and
+# 20 (DP steps) set their targets.
+_TARGET_REGIME = (256, 128)
+
 # The ghost engines' first issue set limits for every regime; issue 18 set tighter
 # ones for many short examples (B = 256, T = 128), where the engines matter most.
 _GHOST_TARGETS = _GhostTargets(1.15, 1.3, 1.2, None)
@@ -855,7 +859,7 @@ _GHOST_TARGETS_MANY_SHORT = _GhostTargets(1.10, 0.75, 1.2, 0.5)
 
 def _ghost_targets(row: dict) -> _GhostTargets:
     sizes = row.get("sizes", {})
-    many_short = (sizes.get("batch"), sizes.get("length")) == (256, 128)
+    many_short = (sizes.get("batch"), sizes.get("length")) == _TARGET_REGIME
     return _GHOST_TARGETS_MANY_SHORT if many_short else _GHOST_TARGETS
 
 
@@ -1171,15 +1175,14 @@ def _summary_causal(result: dict) -> list[Comparison]:
 
 def _summary_dp(result: dict) -> list[Comparison]:
     """`dp.py`: each DP step against the plain step of its regime (time and memory,
-    with the issue's targets, which it set for B = 256), and the one-pass step
+    with the issue's targets, which it set for B = 256, T = 128), and the one-pass step
     against Opacus."""
     device, out = _device(result), []
-    regimes: dict[tuple, dict[str, dict]] = {}
-    for row in result["rows"]:
-        if _is_sweep(row) or row.get("workload") == "profile":
-            continue
-        s = row.get("sizes", {})
-        regimes.setdefault((s.get("batch"), s.get("length")), {})[row["impl"][:3]] = row
+    # The same grouping as the ghost benchmark's (dp.py saves through it), by tag.
+    regimes = {
+        regime: {impl[:3]: row for impl, row in by.items()}
+        for regime, by in ghost_regimes(result).items()
+    }
     for (B, T), by in regimes.items():
         plain = by.get("(a)")
         if plain is None or "median_s" not in plain:
@@ -1203,7 +1206,7 @@ def _summary_dp(result: dict) -> list[Comparison]:
                     time_text(ours["median_s"]),
                     f"plain step: {time_text(plain['median_s'])}",
                     text,
-                    target if B == 256 else "–",
+                    target if (B, T) == _TARGET_REGIME else "–",
                 )
             )
         one, peer = by.get("(b)"), by.get("(e)")

@@ -721,3 +721,50 @@ def test_ghost_targets_are_issue_18s_for_many_short_examples(render):
         "≤ 0.5× vmap(grad)'s: **missed**",
         "≤ 1.1× the plain 2B step: **missed**",
     ]
+
+
+def test_dp_summary_sets_targets_at_issue_20s_regime_only(render):
+    def step(impl, batch, median, peak):
+        return _ghost_row("train step", impl, batch, 128, median, peak)
+
+    rows = []
+    for batch in (256, 64):
+        rows += [
+            step("(a) plain step", batch, 0.10, 1e9),
+            step("(b) DP step, one_pass", batch, 0.105, 1.05e9),
+            step("(c) DP step, two_pass", batch, 0.13, 1.2e9),
+        ]
+    rows += [
+        step("(e) Opacus ghost clipping, DP step", 256, 0.21, 0.9e9),
+        # A profile row names the program it breaks down and has no time of its own.
+        {"workload": "profile", "impl": "(a) plain step", "part": "model",
+         "sizes": {"batch": 256, "length": 128}},
+        {**step("(a) plain step", 512, 0.2, 2e9), "workload": "batch sweep/train step"},
+    ]  # fmt: skip
+    got = [
+        (c.workload, c.ratio, c.target)
+        for c in render._summary_dp(_result("dp", "DP", "gpu", rows))
+    ]
+    assert got == [
+        (
+            "DP step, one pass (B = 256, T = 128)",
+            "1.05× the time, 1.05× the memory",
+            "time <= 1.1× (met), memory <= 1.1× (met)",
+        ),
+        (
+            "DP step, two passes (B = 256, T = 128)",
+            "1.30× the time, 1.20× the memory",
+            "time <= 1.25× (**missed**), memory <= 1.1× (**missed**)",
+        ),
+        ("DP step (B = 256, T = 128)", "2.00× faster", "faster (met)"),
+        (
+            "DP step, one pass (B = 64, T = 128)",
+            "1.05× the time, 1.05× the memory",
+            "–",
+        ),
+        (
+            "DP step, two passes (B = 64, T = 128)",
+            "1.30× the time, 1.20× the memory",
+            "–",
+        ),
+    ]
