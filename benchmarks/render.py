@@ -1601,7 +1601,9 @@ def _plot_ghost_sweep(groups, img_dir: str, length: int) -> Plot:
         "per-sample norms, vmap(grad)": (COLOURS["eqx2"], "^", "vmap(grad) norms"),
     }
     dashes = ["-", "--", ":"]
-    batches, failed, sizes = set(), [], {}
+    batches, sizes = set(), {}
+    # device -> curve name -> batch sizes that ran out of memory
+    failed: dict[str, dict[str, list[int]]] = {}
     for result, ls in zip(results, dashes):
         device = _device(result)
         for impl, (colour, marker, name) in styles.items():
@@ -1611,7 +1613,7 @@ def _plot_ghost_sweep(groups, img_dir: str, length: int) -> Plot:
                 batch = row["sizes"]["batch"]
                 sizes.setdefault(device, row["sizes"])
                 if "error" in row:
-                    failed.append(f"{name} at B = {batch} on {device}")
+                    failed.setdefault(device, {}).setdefault(name, []).append(batch)
                     continue
                 points[batch] = row
             if not points:
@@ -1662,8 +1664,12 @@ def _plot_ghost_sweep(groups, img_dir: str, length: int) -> Plot:
         f"size at T = {length} ({described}); time per call and the compiled "
         "executable's memory footprint, both on log scales."
     )
-    if failed:
-        caption += " Out of memory: " + ", ".join(failed) + "."
+    for device, names in failed.items():
+        caption += f" Out of memory on {device}: " + "; ".join(
+            f"{name} at B = {', '.join(map(str, sorted(bs)))}"
+            for name, bs in names.items()
+        )
+        caption += "."
     return Plot(path, caption)
 
 

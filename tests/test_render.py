@@ -620,7 +620,7 @@ def test_captions_say_what_was_swept(page, page_without_sweeps):
     # The GPU file has a sweep over T, the CPU file none.
     assert "No sweep over T at a fixed model" not in text
     assert "No sweep over T has been measured on CPU (2 cores)" in text
-    assert "Out of memory: vmap(grad) norms at B = 4 on NVIDIA H200" in text
+    assert "Out of memory on NVIDIA H200: vmap(grad) norms at B = 4." in text
 
 
 def test_sweeps_are_in_the_details_not_the_summaries(page):
