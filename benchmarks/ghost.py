@@ -58,7 +58,10 @@ fit in memory is recorded as a failure, and smaller ones are still tried.
 
 JAX's programs are all compiled before any runs, and run largest first (in temporary
 memory): without preallocation JAX's memory pool grows by regions it never merges, and
-a large program run after smaller ones can fail although it fits on the device.
+a large program run after smaller ones can fail although it fits on the device. Even
+so, on an 80 GB H100 a program that XLA's analysis sizes within the device can fail in
+a growing pool (B = 512 at T = 128 did); `XLA_PYTHON_CLIENT_PREALLOCATE=true` takes the
+pool whole at the start (no PyTorch peer is run in a sweep). Each note names the pool.
 
 Every row records its batch and length (`sizes`), and each run is merged into the
 result file already there: it replaces the rows of what it measured (a regime (B, T),
@@ -328,9 +331,17 @@ def _ratio(x, y, key="median_s") -> str:
 
 
 def _provenance(env: dict) -> str:
-    return (
+    text = (
         f"measured {env['date']} on {env['device']}, jax {env['versions'].get('jax')}"
     )
+    if env["platform"] == "gpu":
+        # Which programs fit depends on it (see the module's docstring).
+        fraction = os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"]
+        if os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"].lower() in ("false", "0"):
+            text += f", memory pool grown on demand up to {fraction} of the device"
+        else:
+            text += f", memory pool of {fraction} of the device taken at the start"
+    return text
 
 
 # Parts of a step for `--profile`: the source file and function each kernel's HLO
