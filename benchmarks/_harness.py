@@ -245,13 +245,25 @@ def measure(fn: Callable, *args, repeats: int, keep: bool = False):
     return _time_compiled(compiled, args, row, repeats, keep)
 
 
-def out_of_memory_row(error: RuntimeError) -> dict[str, str]:
-    """The row of a program that did not fit: the first line of XLA's message. Any
-    other error is raised again."""
-    text = str(error)
-    if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
+def out_of_memory_row(error: RuntimeError, stage: str = "") -> dict[str, str]:
+    """The row of a program that did not fit: the first line of XLA's message that
+    says so, after `stage` (where it failed) if given. Any other error is raised
+    again.
+
+    A failure while compiling comes from the autotuner, which runs candidate kernels
+    on buffers of the instruction's size: XLA's message then begins with a line on
+    the autotuner ("NOT_FOUND: Failed to get configs ...") and names the failed
+    allocation further down.
+    """
+    lines = str(error).strip().splitlines()
+    says = [
+        line.strip()
+        for line in lines
+        if "RESOURCE_EXHAUSTED" in line or "out of memory" in line.lower()
+    ]
+    if not says:
         raise error
-    return {"error": (text.strip().splitlines() or [""])[0][:200]}
+    return {"error": (stage + says[0])[:200]}
 
 
 def measure_unless_out_of_memory(fn: Callable, *args, repeats: int, keep: bool = False):
@@ -271,8 +283,9 @@ def measure_largest_first(
     keep: tuple[str, ...] = (),
 ) -> dict[str, tuple[dict[str, Any], Any]]:
     """`measure_unless_out_of_memory` of each `name: (fn, args)`, all compiled first
-    and then run in decreasing order of their temporary memory; a program whose
-    `peak_bytes` exceed the device's memory is an out-of-memory row without a run.
+    and then run in decreasing order of their temporary memory; a program that runs
+    out of memory while compiling, or whose `peak_bytes` exceed the device's memory,
+    is an out-of-memory row without a run.
 
     Without preallocation (the benchmarks leave the GPU to the PyTorch peers' child
     processes) JAX's pool grows by regions that are never merged: a large program run
@@ -285,10 +298,16 @@ def measure_largest_first(
     `name: (row, output)` in the order of `programs`; the output of the last timed
     call for the names in `keep`, else None.
     """
-    compiled = {name: _compile(fn, *args) for name, (fn, args) in programs.items()}
-    order = sorted(programs, key=lambda n: -compiled[n][1].get("temp_bytes", 0))
+    compiled, out = {}, {}
+    for name, (fn, args) in programs.items():
+        try:
+            compiled[name] = _compile(fn, *args)
+        except RuntimeError as error:
+            # On an H100, the DP step by vmap(grad) at B = 512, T = 128.
+            row = out_of_memory_row(error, "out of memory while compiling: ")
+            out[name] = (row, None)
+    order = sorted(compiled, key=lambda n: -compiled[n][1].get("temp_bytes", 0))
     limit = device_memory_limit()
-    out = {}
     for name in order:
         executable, row = compiled[name]
         needs = row.get("peak_bytes", 0)

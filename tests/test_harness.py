@@ -94,6 +94,49 @@ def test_a_program_larger_than_the_device_is_not_run(monkeypatch):
     assert out["a"][0]["median_s"] == out["c"][0]["median_s"] == 1.0
 
 
+def test_a_program_out_of_memory_while_compiling_is_a_row_and_the_others_run(
+    monkeypatch,
+):
+    programs, ran = _fake_programs(monkeypatch, {"a": 1, "b": 2})
+    compile_ = _harness._compile
+
+    def compile_or_fail(fn, *args):
+        if fn == "b":
+            # XLA's message when the autotuner's trial buffers do not fit.
+            raise RuntimeError(
+                "NOT_FOUND: Failed to get configs for: 2 out of 226 instructions.\n"
+                "All configs failed during profiling.\n"
+                "EXECUTION FAILED: RESOURCE_EXHAUSTED: Out of memory while trying "
+                "to allocate 54.02GiB with allocator GPU_0_bfc on device 0."
+            )
+        return compile_(fn, *args)
+
+    monkeypatch.setattr(_harness, "_compile", compile_or_fail)
+    out = _harness.measure_largest_first(programs, repeats=1)
+    assert ran == ["a"]
+    assert list(out) == ["a", "b"]
+    assert out["b"] == (
+        {
+            "error": "out of memory while compiling: EXECUTION FAILED: "
+            "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 54.02GiB "
+            "with allocator GPU_0_bfc on device 0."
+        },
+        None,
+    )
+    assert out["a"][0]["median_s"] == 1.0
+
+
+def test_another_compile_error_is_raised(monkeypatch):
+    programs, _ = _fake_programs(monkeypatch, {"a": 1})
+
+    def compile_(fn, *args):
+        raise RuntimeError("INVALID_ARGUMENT: shapes")
+
+    monkeypatch.setattr(_harness, "_compile", compile_)
+    with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
+        _harness.measure_largest_first(programs, repeats=1)
+
+
 def test_another_runtime_error_is_raised(monkeypatch):
     programs, _ = _fake_programs(
         monkeypatch, {"a": 1}, fail={"a": RuntimeError("INVALID_ARGUMENT: shapes")}
