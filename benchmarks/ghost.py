@@ -245,13 +245,21 @@ def _is_sweep(row: dict) -> bool:
     return str(row.get("workload", "")).startswith("batch sweep/")
 
 
+def _file_order(row: dict) -> tuple:
+    """Regimes first, in the order measured; then sweeps by length and, as a sweep
+    runs, largest batch first (however many runs measured them)."""
+    if not _is_sweep(row):
+        return (False, 0, 0)
+    return (True, row["sizes"]["length"], -row["sizes"]["batch"])
+
+
 def save(results: Results, directory: str | None, default: tuple[int, int]) -> str:
     """Write `results`, merged into the result file already in `directory`.
 
     This run's rows replace the file's rows of the same regime or swept point, its
     notes those about the same regime or swept points (`_replaces`); the rest is
-    kept, regimes before sweeps. `default` is the `(B, T)` that rows and notes
-    without sizes had. A file measured on another device is replaced.
+    kept, regimes before sweeps (`_file_order`). `default` is the `(B, T)` that rows
+    and notes without sizes had. A file measured on another device is replaced.
     """
     directory = directory or RESULTS_DIR
     name = f"{results.name}-{results.environment['platform']}.json"
@@ -270,7 +278,7 @@ def save(results: Results, directory: str | None, default: tuple[int, int]) -> s
                 print(
                     f"{path}: {r.get('impl')} at {key} was not measured again: dropped"
                 )
-        results.rows = sorted(kept + results.rows, key=_is_sweep)
+        results.rows = sorted(kept + results.rows, key=_file_order)
         results.notes = [
             n
             for n in old.get("notes", [])

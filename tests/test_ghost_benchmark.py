@@ -137,15 +137,17 @@ def test_runs_merge_by_regime_and_sweep(ghost, tmp_path, capsys):
         )
         for r in saved["rows"]
     ]
-    # Regimes first, then sweeps; each (kind, B, T) once, with its latest figure.
+    # Regimes first, in the order measured, then sweeps by length and largest batch
+    # first (as one run goes), whichever run measured them; each (kind, B, T) once,
+    # with its latest figure.
     assert got == [
         ("per-sample norms", "(c) ghost", 256, 128, 2.0),
         ("per-sample norms", "(c) ghost", 16, 1024, 3.0),
         ("per-sample norms", "(e) torch.func vmap(grad)", 16, 1024, 4),
-        (sweep, "ghost", 4, 1024, 0.1),
-        (sweep, "ghost", 4, 128, 0.2),
-        (sweep, "ghost", 8, 128, 0.4),
         (sweep, "ghost", 16, 128, 0.5),
+        (sweep, "ghost", 8, 128, 0.4),
+        (sweep, "ghost", 4, 128, 0.2),
+        (sweep, "ghost", 4, 1024, 0.1),
     ]
     assert saved["notes"] == [
         "Batch-size sweep (B = 4; T = 1024, ...): measured",
