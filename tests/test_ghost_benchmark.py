@@ -228,3 +228,23 @@ def test_without_torch_the_peers_say_so(ghost, small, monkeypatch):
     assert results == {
         (3, 8): {peer: {"skipped": "torch is not installed"} for peer in ghost.PEERS}
     }
+
+
+@pytest.mark.parametrize(
+    "preallocate, says",
+    [
+        ("false", "memory pool grown on demand up to 0.95 of the device"),
+        ("true", "memory pool of 0.95 of the device taken at the start"),
+    ],
+)
+def test_a_gpu_note_names_the_memory_pool(ghost, monkeypatch, preallocate, says):
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", preallocate)
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+    env = {"date": "2026-12-07", "device": "H", "versions": {"jax": "0.11.2"}}
+    assert ghost._provenance(dict(env, platform="gpu")) == (
+        f"measured 2026-12-07 on H, jax 0.11.2, {says}"
+    )
+    # On a CPU there is no such pool.
+    assert ghost._provenance(dict(env, platform="cpu")) == (
+        "measured 2026-12-07 on H, jax 0.11.2"
+    )
