@@ -20,7 +20,9 @@ before JAX starts: see `dump_flags`) and sums kernel time per part of the model:
 - per part: milliseconds per step, share of the step's kernel time, and achieved
   bandwidth (bytes read and written over time) for the parts that are not matmuls
   or attention, to set against the memory roofline; the matmul parts' achieved
-  FLOP/s come from the caller, who knows the model's FLOPs.
+  FLOP/s come from the caller, who knows the model's FLOPs. A bandwidth no memory
+  reaches (`IMPOSSIBLE_GB_PER_S`) is left out of `add_rows`' rows, and a note names
+  the instructions charged the most bytes, so that the count can be mended.
 
 Kernels whose instruction cannot be found in the dump (XLA's own copies, cuBLAS
 workspace set-up) go to `"other"` with their kernel names kept in the summary.
@@ -348,7 +350,13 @@ def breakdown(
     """Kernel time per part of the step (see the module docstring)."""
     table = _instructions(dump_dir)
     totals: dict[str, dict] = collections.defaultdict(
-        lambda: {"ms": 0.0, "bytes": 0, "kernels": 0, "where": collections.Counter()}
+        lambda: {
+            "ms": 0.0,
+            "bytes": 0,
+            "kernels": 0,
+            "where": collections.Counter(),
+            "bytes_where": collections.Counter(),
+        }
     )
     unmatched: collections.Counter = collections.Counter()
     kernel_ms = 0.0
@@ -399,6 +407,8 @@ def breakdown(
         if info is not None:
             where = f"{os.path.basename(info['file'] or '?')}:{info['function']}"
             row["where"][f"{where} ({info['kind']})"] += ms
+            op = args.get("hlo_op") or event["name"]
+            row["bytes_where"][f"{op} ({info['kind']})"] += info["bytes"]
     out = {}
     for part, row in sorted(totals.items(), key=lambda kv: -kv[1]["ms"]):
         seconds = row["ms"] / 1e3
@@ -410,12 +420,19 @@ def breakdown(
             if seconds and row["bytes"]
             else None,
             "top": {k: v / steps for k, v in row["where"].most_common(4)},
+            "top_bytes": {k: v / steps for k, v in row["bytes_where"].most_common(3)},
         }
     return {
         "kernel_ms_per_step": kernel_ms / steps,
         "parts": out,
         "unmatched_ms_per_step": {k: v / steps for k, v in unmatched.most_common(10)},
     }
+
+
+# Above what any GPU's global memory moves, L2 hits included (an H100's HBM moves
+# 3.35 TB/s, its L2 a few times that): a part that seems to move more was charged
+# wrong bytes (seen on an H100: several parts at tens to hundreds of TB/s).
+IMPOSSIBLE_GB_PER_S = 30_000
 
 
 def add_rows(
@@ -435,6 +452,18 @@ def add_rows(
         capture(run, steps, trace_dir)
         out = breakdown(trace_dir, dump_dir, steps, parts)
     for part, v in out["parts"].items():
+        if v["gb_per_s"] is not None and v["gb_per_s"] > IMPOSSIBLE_GB_PER_S:
+            # The bytes charged to some instruction are wrong: say which, and
+            # store no bandwidth rather than a false one.
+            charged = "; ".join(
+                f"{name}: {b / 1e9:.3g} GB" for name, b in v["top_bytes"].items()
+            )
+            results.note(
+                f"{label}, {part}: achieved bandwidth left out; the bytes charged "
+                f"to its kernels give {v['gb_per_s'] / 1e3:.3g} TB/s, more than "
+                f"any device's memory moves. Most bytes per call: {charged}."
+            )
+            v = dict(v, gb_per_s=None)
         results.add(
             workload="profile",
             impl=label,

@@ -162,3 +162,28 @@ def test_a_scope_rule_matches_whole_names_under_transformations():
     assert _profile._matches(info, "scope:first_pass", None)
     assert not _profile._matches(info, "scope:first", None)
     assert not _profile._matches(info, "scope:pass", None)
+
+
+def test_an_impossible_bandwidth_is_left_out_and_its_bytes_named(monkeypatch):
+    harness = load_benchmark("_harness")
+    part = {"ms_per_step": 1.0, "share": 0.5, "kernels_per_step": 2.0}
+    out = {
+        "parts": {
+            "model": dict(
+                part, gb_per_s=3e5, top_bytes={"fusion.3 (fusion:kLoop)": 3e11}
+            ),
+            "optimizer": dict(part, gb_per_s=900.0, top_bytes={}),
+        }
+    }
+    monkeypatch.setattr(_profile, "capture", lambda run, steps, trace_dir: None)
+    monkeypatch.setattr(_profile, "breakdown", lambda *args: out)
+    results = harness.Results("t", "T")
+    _profile.add_rows(results, "(a) step", lambda: None, "dump", [])
+    rows = {r["part"]: r for r in results.rows}
+    assert rows["model"]["gb_per_s"] is None
+    assert rows["optimizer"]["gb_per_s"] == 900.0
+    assert results.notes == [
+        "(a) step, model: achieved bandwidth left out; the bytes charged to its "
+        "kernels give 300 TB/s, more than any device's memory moves. Most bytes per "
+        "call: fusion.3 (fusion:kLoop): 300 GB."
+    ]
