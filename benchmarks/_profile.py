@@ -245,6 +245,7 @@ def _instructions(dump_dir: str) -> dict[tuple[str, str], dict]:
                     here["parameters"][op] = int(parameter.group(1))
         for op, inst in instructions.items():
             table[(name, op)] = {
+                "op": op,
                 "kind": inst["kind"],
                 "bytes": _traffic(inst, instructions, computations),
                 "file": inst["file"],
@@ -407,8 +408,7 @@ def breakdown(
         if info is not None:
             where = f"{os.path.basename(info['file'] or '?')}:{info['function']}"
             row["where"][f"{where} ({info['kind']})"] += ms
-            op = args.get("hlo_op") or event["name"]
-            row["bytes_where"][f"{op} ({info['kind']})"] += info["bytes"]
+            row["bytes_where"][f"{info['op']} ({info['kind']})"] += info["bytes"]
     out = {}
     for part, row in sorted(totals.items(), key=lambda kv: -kv[1]["ms"]):
         seconds = row["ms"] / 1e3

@@ -48,6 +48,11 @@ def test_breakdown_names_the_functions_that_spent_the_time(tmp_path):
     total = sum(v["ms_per_step"] for v in out["parts"].values())
     assert abs(total - out["kernel_ms_per_step"]) < 1e-9
     assert all(0 <= v["share"] <= 1 for v in out["parts"].values())
+    # The instructions charged the most bytes are named, by the dump's names.
+    named = [k for v in out["parts"].values() for k in v["top_bytes"]]
+    assert named
+    text = compiled.as_text()
+    assert all(f"%{k.split(' ')[0]} = " in text for k in named), named
 
 
 def test_instructions_read_tuple_results_and_operands(tmp_path):
