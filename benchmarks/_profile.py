@@ -25,7 +25,10 @@ before JAX starts: see `dump_flags`) and sums kernel time per part of the model:
   the instructions charged the most bytes, so that the count can be mended.
 
 Kernels whose instruction cannot be found in the dump (XLA's own copies, cuBLAS
-workspace set-up) go to `"other"` with their kernel names kept in the summary.
+workspace set-up) go to `"other"` with their kernel names kept in the summary. A
+kernel names its module only by name, so a program to profile is jitted through
+`named`, which gives it a module name of its own; the kernels of a module name that
+several dumped modules bear go to `"other"` too, and the breakdown lists that name.
 """
 
 import ast
@@ -33,12 +36,29 @@ import collections
 import functools
 import glob
 import gzip
+import itertools
 import json
 import os
 import re
 import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
+
+
+def named(fn: Callable, label: str) -> Callable:
+    """`fn` under a name no other program of this process has, for `jax.jit`: its
+    module in the HLO dump is then the only one of its name, and its kernels can be
+    read against it (`_instructions`). Jitted, it compiles anew."""
+
+    def program(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    words = re.sub(r"\W+", "_", label).strip("_")
+    program.__name__ = program.__qualname__ = f"profiled_{next(_PROGRAMS)}_{words}"
+    return program
+
+
+_PROGRAMS = itertools.count()
 
 
 def dump_flags(dump_dir: str) -> str:
@@ -165,11 +185,20 @@ def _traffic(inst: dict, instructions: dict, computations: dict) -> int:
     return read + written
 
 
-def _instructions(dump_dir: str) -> dict[tuple[str, str], dict]:
-    """`(module, instruction) -> {kind, bytes, file, function}` from the dumped
+def _instructions(dump_dir: str) -> tuple[dict[tuple[str, str], dict], set[str]]:
+    """`(module, instruction) -> {op, kind, bytes, file, function}` from the dumped
     optimised HLO (every computation: a scanned layer's kernels live in a loop
-    body). `bytes` counts what the instruction reads and writes (`_traffic`)."""
+    body), and the names of the modules left out because several dumped modules
+    bear them. `bytes` counts what the instruction reads and writes (`_traffic`).
+
+    A kernel names its module only by name, and programs compiled from functions of
+    the same name (two lambdas, one step at two batch sizes) dump modules of that
+    name with instructions of the same names but other shapes and sources: reading
+    one for the other charged kernels the bytes of another program (seen on an H100:
+    hundreds of TB/s). Such names cannot be told apart, so they are left out (see
+    `named`)."""
     table = {}
+    paths = collections.defaultdict(list)
     for path in glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")):
         with open(path) as file:
             text = file.read()
@@ -177,6 +206,7 @@ def _instructions(dump_dir: str) -> dict[tuple[str, str], dict]:
         if module is None:
             continue
         name = module.group(1)
+        paths[name].append(path)
         frames = _tables(text)
         # Every instruction of the module by name, and every computation (its
         # instructions, parameters and root), so a fusion can be read inside.
@@ -252,7 +282,9 @@ def _instructions(dump_dir: str) -> dict[tuple[str, str], dict]:
                 "function": inst["function"],
                 "op_name": inst["op_name"],
             }
-    return table
+    ambiguous = {name for name, found in paths.items() if len(found) > 1}
+    table = {key: info for key, info in table.items() if key[0] not in ambiguous}
+    return table, ambiguous
 
 
 @functools.cache
@@ -349,7 +381,7 @@ def breakdown(
     parts: Sequence[tuple[str, str, Sequence[str] | None]],
 ) -> dict:
     """Kernel time per part of the step (see the module docstring)."""
-    table = _instructions(dump_dir)
+    table, ambiguous = _instructions(dump_dir)
     totals: dict[str, dict] = collections.defaultdict(
         lambda: {
             "ms": 0.0,
@@ -367,7 +399,8 @@ def breakdown(
     by_kernel_name = {
         (m, op.replace(".", "_")): info for (m, op), info in table.items()
     }
-    for event in _kernels(trace_dir):
+    kernels = _kernels(trace_dir)
+    for event in kernels:
         args = event.get("args", {})
         ms = event["dur"] / 1e3
         module = args.get("hlo_module", "")
@@ -425,6 +458,11 @@ def breakdown(
     return {
         "kernel_ms_per_step": kernel_ms / steps,
         "parts": out,
+        # Modules whose kernels went to "other": several dumped modules bear their
+        # names (`_instructions`).
+        "ambiguous_modules": sorted(
+            ambiguous & {e.get("args", {}).get("hlo_module", "") for e in kernels}
+        ),
         "unmatched_ms_per_step": {k: v / steps for k, v in unmatched.most_common(10)},
     }
 
@@ -473,5 +511,11 @@ def add_rows(
             share=v["share"],
             kernels_per_call=v["kernels_per_step"],
             gb_per_s=v["gb_per_s"],
+        )
+    if out["ambiguous_modules"]:
+        results.note(
+            f"{label}: the kernels of {', '.join(out['ambiguous_modules'])} are under "
+            "'other': several programs of the process compiled to modules of that "
+            "name, and a kernel names its module only by name."
         )
     return out

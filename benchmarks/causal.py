@@ -532,12 +532,16 @@ def profile_latency(model, cfg, results, dump_dir):
     calls = {}
     for dtype in (jnp.float32, jnp.bfloat16):
         params, static = eqx.partition(cast_floating(model, dtype), eqx.is_array)
+        label = f"inference, {jnp.dtype(dtype).name} (d = {d}, N = {n}, B = {batch})"
+        # A name of its own, for its kernels to be read against its own HLO.
         forward = jax.jit(
-            lambda params, data, static=static: jax.vmap(eqx.combine(params, static))(
-                data
+            _profile.named(
+                lambda params, data, static=static: jax.vmap(
+                    eqx.combine(params, static)
+                )(data),
+                label,
             )
         )
-        label = f"inference, {jnp.dtype(dtype).name} (d = {d}, N = {n}, B = {batch})"
         calls[label] = (forward, (params, tasks.data))
     d, n = cfg["dims"][-1], cfg["samples"][-1]
     batch_size = _batch_size(d, n, cfg["cells"], 1)

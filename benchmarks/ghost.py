@@ -386,7 +386,8 @@ def profile_calls(results, calls, sizes, dump_dir, parts=PARTS):
 
     where = f"B = {sizes['batch']}, T = {sizes['length']}"
     for label, (fn, args) in calls.items():
-        compiled = jax.jit(fn)
+        # A name of its own, for its kernels to be read against its own HLO.
+        compiled = jax.jit(_profile.named(fn, f"{label}, {where}"))
         try:
             jax.block_until_ready(compiled(*args))
         except RuntimeError as error:  # a program that does not fit: a note, go on

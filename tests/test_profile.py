@@ -1,6 +1,7 @@
 """benchmarks/_profile.py: kernel time attributed to the functions that produced it."""
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +70,7 @@ def test_instructions_read_tuple_results_and_operands(tmp_path):
         ]
     )
     (tmp_path / "m.after_optimizations.txt").write_text(text)
-    table = _profile._instructions(str(tmp_path))
+    table, _ = _profile._instructions(str(tmp_path))
     # The tuple's 8 + 8 bytes, plus its operands' 24 + 8.
     assert table[("jit_f", "t")]["kind"] == "fusion:"
     assert table[("jit_f", "t")]["bytes"] == 8 + 8 + 24 + 8
@@ -118,7 +119,7 @@ def test_slices_and_in_place_updates_count_only_their_piece(tmp_path):
         ]
     )
     (tmp_path / "m.after_optimizations.txt").write_text(text)
-    table = _profile._instructions(str(tmp_path))
+    table, _ = _profile._instructions(str(tmp_path))
     layer, index = 256 * 4, 4
     # Reads one layer and the index, writes one layer.
     assert table[("jit_g", "s")]["bytes"] == layer + index + layer
@@ -178,7 +179,8 @@ def test_an_impossible_bandwidth_is_left_out_and_its_bytes_named(monkeypatch):
                 part, gb_per_s=3e5, top_bytes={"fusion.3 (fusion:kLoop)": 3e11}
             ),
             "optimizer": dict(part, gb_per_s=900.0, top_bytes={}),
-        }
+        },
+        "ambiguous_modules": ["jit__lambda"],
     }
     monkeypatch.setattr(_profile, "capture", lambda run, steps, trace_dir: None)
     monkeypatch.setattr(_profile, "breakdown", lambda *args: out)
@@ -190,5 +192,42 @@ def test_an_impossible_bandwidth_is_left_out_and_its_bytes_named(monkeypatch):
     assert results.notes == [
         "(a) step, model: achieved bandwidth left out; the bytes charged to its "
         "kernels give 300 TB/s, more than any device's memory moves. Most bytes per "
-        "call: fusion.3 (fusion:kLoop): 300 GB."
+        "call: fusion.3 (fusion:kLoop): 300 GB.",
+        "(a) step: the kernels of jit__lambda are under 'other': several programs "
+        "of the process compiled to modules of that name, and a kernel names its "
+        "module only by name.",
     ]
+
+
+def test_modules_of_one_name_are_left_out_and_named_programs_are_not(tmp_path):
+    # Two programs from functions of one name (here: lambdas), as ghost.py's norms
+    # by two routes were: their modules cannot be told apart by a kernel's
+    # `hlo_module`, so their kernels go to "other" and the breakdown says why.
+    x, w = jnp.ones((64, 32)), jnp.ones((32, 32))
+    first = jax.jit(lambda x, w: _step(x, w))
+    second = jax.jit(lambda x, w: _project(x, w).sum())
+    mine = jax.jit(_profile.named(_step, "(a) step, B = 64"))
+    dump = tmp_path / "hlo"
+    dump.mkdir()
+    names = []
+    for i, fn in enumerate((first, second, mine)):
+        compiled = fn.lower(x, w).compile()
+        name = re.search(r"^HloModule\s+([\w.\-]+)", compiled.as_text(), re.M)[1]
+        names.append(name)
+        (dump / f"module_{i:04d}.{name}.cpu_after_optimizations.txt").write_text(
+            compiled.as_text()
+        )
+    assert names[0] == names[1] == "jit__lambda"
+    assert names[2].startswith("jit_profiled_") and names[2].endswith("_a_step_B_64")
+    table, ambiguous = _profile._instructions(str(dump))
+    assert ambiguous == {"jit__lambda"}
+    assert {module for module, _ in table} == {names[2]}
+
+    for fn in (first, mine):
+        jax.block_until_ready(fn(x, w))
+    _profile.capture(lambda: (first(x, w), mine(x, w)), 2, str(tmp_path / "trace"))
+    here = os.path.basename(__file__)
+    parts = [("step", here, ("_step", "_project", "_normalise"))]
+    out = _profile.breakdown(str(tmp_path / "trace"), str(dump), 2, parts)
+    assert out["ambiguous_modules"] == ["jit__lambda"]
+    assert any(p.startswith("step") for p in out["parts"]), out["parts"]
