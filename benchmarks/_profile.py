@@ -141,9 +141,10 @@ def _update(inst: dict) -> str | None:
 def _traffic(inst: dict, instructions: dict, computations: dict) -> int:
     """Bytes an instruction reads and writes: its result and its operands', except
     that a slice reads only its piece and an in-place update reads and writes only
-    the update, also inside a fusion. A scanned layer stack's loop body slices and
-    updates buffers stacked over the layers; counting those whole overstated the
-    traffic by the depth of the stack."""
+    the update, also inside a fusion, where an element taken from a tuple counts
+    alone. A scanned layer stack's loop body slices and updates buffers stacked over
+    the layers; counting those whole overstated the traffic by the depth of the
+    stack."""
 
     def size(name: str) -> int:
         return instructions[name]["size"] if name in instructions else 0
@@ -162,18 +163,24 @@ def _traffic(inst: dict, instructions: dict, computations: dict) -> int:
     for i in inner.values():
         for o in i["operands"]:
             users[o].append(i)
+
+    def piece(value: str, whole: int) -> int:
+        """What the fusion reads of `value` (a parameter, or an element of one)."""
+        total = 0
+        for user in users[value]:
+            first = user["operands"][:1] == [value]
+            if first and user["opcode"] in _READS_A_PIECE:
+                total += user["size"]
+            elif user["opcode"] == "get-tuple-element":
+                # One element of a tuple (a loop's whole state, on a GPU).
+                total += piece(user["name"], user["size"])
+            elif not (first and user["opcode"] in _UPDATES_IN_PLACE):
+                return whole
+        return min(total, whole)
+
     read = 0
     for parameter, index in fused["parameters"].items():
-        whole = size(operands[index]) if index < len(operands) else 0
-        piece = 0
-        for user in users[parameter]:
-            first = user["operands"][:1] == [parameter]
-            if first and user["opcode"] in _READS_A_PIECE:
-                piece += user["size"]
-            elif not (first and user["opcode"] in _UPDATES_IN_PLACE):
-                piece = whole
-                break
-        read += min(piece, whole)
+        read += piece(parameter, size(operands[index]) if index < len(operands) else 0)
     root = inner.get(fused["root"])
     if root is None:
         return read + inst["size"]
@@ -258,6 +265,7 @@ def _instructions(dump_dir: str) -> tuple[dict[tuple[str, str], dict], set[str]]
             else:
                 file = function = None
             instructions[op] = {
+                "name": op,
                 "opcode": opcode,
                 "operands": re.findall(r"%([\w.\-]+)", listed),
                 "size": _bytes(result),

@@ -129,6 +129,37 @@ def test_slices_and_in_place_updates_count_only_their_piece(tmp_path):
     assert table[("jit_g", "sc")]["bytes"] == 2 * layer
 
 
+def test_an_element_of_a_tuple_counts_alone_inside_a_fusion(tmp_path):
+    # A fusion in a loop's body given the loop's whole state (a tuple) reads the
+    # one element it takes, and of that only the layer it slices: 1 KiB, not the
+    # 12 KiB buffer or the 4 MB of the state's other element.
+    text = "\n".join(
+        [
+            "HloModule jit_h, entry_computation_layout={()->f32[1,256]}",
+            "",
+            "%taken (t: (f32[12,256], f32[1000,1000]), i: s32[]) -> f32[1,256] {",
+            "  %t = (f32[12,256]{1,0}, f32[1000,1000]{1,0}) parameter(0)",
+            "  %i = s32[] parameter(1)",
+            "  %g = f32[12,256]{1,0} get-tuple-element(%t), index=0",
+            "  %z = s32[] constant(0)",
+            "  %ds = f32[1,256]{1,0} dynamic-slice(%g, %i, %z), "
+            "dynamic_slice_sizes={1,256}",
+            "  ROOT %neg = f32[1,256]{1,0} negate(%ds)",
+            "}",
+            "",
+            "ENTRY %main (s: (f32[12,256], f32[1000,1000]), i: s32[]) -> f32[1,256] {",
+            "  %s = (f32[12,256]{1,0}, f32[1000,1000]{1,0}) parameter(0)",
+            "  %i = s32[] parameter(1)",
+            "  ROOT %f = f32[1,256]{1,0} fusion(%s, %i), kind=kLoop, calls=%taken",
+            "}",
+        ]
+    )
+    (tmp_path / "m.after_optimizations.txt").write_text(text)
+    table, _ = _profile._instructions(str(tmp_path))
+    layer, index = 256 * 4, 4
+    assert table[("jit_h", "f")]["bytes"] == layer + index + layer
+
+
 def test_a_rule_names_a_file_or_a_folder():
     assert _profile._in("/x/site-packages/optax/_src/alias.py", "optax/")
     assert not _profile._in("/x/site-packages/myoptax/alias.py", "optax/")
