@@ -195,8 +195,9 @@ def _traffic(inst: dict, instructions: dict, computations: dict) -> int:
 def _instructions(dump_dir: str) -> tuple[dict[tuple[str, str], dict], set[str]]:
     """`(module, instruction) -> {op, kind, bytes, file, function}` from the dumped
     optimised HLO (every computation: a scanned layer's kernels live in a loop
-    body), and the names of the modules left out because several dumped modules
-    bear them. `bytes` counts what the instruction reads and writes (`_traffic`).
+    body), and the names of the modules left out because several different dumped
+    modules bear them. `bytes` counts what the instruction reads and writes
+    (`_traffic`).
 
     A kernel names its module only by name, and programs compiled from functions of
     the same name (two lambdas, one step at two batch sizes) dump modules of that
@@ -205,7 +206,7 @@ def _instructions(dump_dir: str) -> tuple[dict[tuple[str, str], dict], set[str]]
     hundreds of TB/s). Such names cannot be told apart, so they are left out (see
     `named`)."""
     table = {}
-    paths = collections.defaultdict(list)
+    texts = collections.defaultdict(set)
     for path in glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")):
         with open(path) as file:
             text = file.read()
@@ -213,7 +214,7 @@ def _instructions(dump_dir: str) -> tuple[dict[tuple[str, str], dict], set[str]]
         if module is None:
             continue
         name = module.group(1)
-        paths[name].append(path)
+        texts[name].add(text)
         frames = _tables(text)
         # Every instruction of the module by name, and every computation (its
         # instructions, parameters and root), so a fusion can be read inside.
@@ -290,7 +291,8 @@ def _instructions(dump_dir: str) -> tuple[dict[tuple[str, str], dict], set[str]]
                 "function": inst["function"],
                 "op_name": inst["op_name"],
             }
-    ambiguous = {name for name, found in paths.items() if len(found) > 1}
+    # The same program compiled twice dumps the same text twice: no doubt there.
+    ambiguous = {name for name, found in texts.items() if len(found) > 1}
     table = {key: info for key, info in table.items() if key[0] not in ambiguous}
     return table, ambiguous
 

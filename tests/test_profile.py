@@ -241,7 +241,8 @@ def test_modules_of_one_name_are_left_out_and_named_programs_are_not(tmp_path):
     dump = tmp_path / "hlo"
     dump.mkdir()
     names = []
-    for i, fn in enumerate((first, second, mine)):
+    # `mine` twice: the same program compiled again dumps the same text.
+    for i, fn in enumerate((first, second, mine, mine)):
         compiled = fn.lower(x, w).compile()
         name = re.search(r"^HloModule\s+([\w.\-]+)", compiled.as_text(), re.M)[1]
         names.append(name)
@@ -249,6 +250,7 @@ def test_modules_of_one_name_are_left_out_and_named_programs_are_not(tmp_path):
             compiled.as_text()
         )
     assert names[0] == names[1] == "jit__lambda"
+    assert names[2] == names[3]
     assert names[2].startswith("jit_profiled_") and names[2].endswith("_a_step_B_64")
     table, ambiguous = _profile._instructions(str(dump))
     assert ambiguous == {"jit__lambda"}
