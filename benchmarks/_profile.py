@@ -202,9 +202,9 @@ def _instructions(dump_dir: str) -> tuple[dict[tuple[str, str], dict], set[str]]
     A kernel names its module only by name, and programs compiled from functions of
     the same name (two lambdas, one step at two batch sizes) dump modules of that
     name with instructions of the same names but other shapes and sources: reading
-    one for the other charged kernels the bytes of another program (seen on an H100:
-    hundreds of TB/s). Such names cannot be told apart, so they are left out (see
-    `named`)."""
+    one for the other charges kernels another program's bytes and parts (a likely
+    cause of the hundreds of TB/s that an H100 profile showed). Such names cannot be
+    told apart, so they are left out (see `named`)."""
     table = {}
     texts = collections.defaultdict(set)
     for path in glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")):
