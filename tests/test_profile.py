@@ -12,6 +12,13 @@ from .helpers import load_benchmark
 _profile = load_benchmark("_profile")
 
 
+def _table(tmp_path, lines):
+    """`_instructions` of one dumped module of these lines."""
+    (tmp_path / "m.after_optimizations.txt").write_text("\n".join(lines))
+    table, _ = _profile._instructions(str(tmp_path))
+    return table
+
+
 def _normalise(x):
     return (x - x.mean(axis=-1, keepdims=True)) * jax.lax.rsqrt(
         x.var(axis=-1, keepdims=True) + 1e-5
@@ -57,7 +64,8 @@ def test_breakdown_names_the_functions_that_spent_the_time(tmp_path):
 
 
 def test_instructions_read_tuple_results_and_operands(tmp_path):
-    text = "\n".join(
+    table = _table(
+        tmp_path,
         [
             "HloModule jit_f, entry_computation_layout={()->f32[2]}",
             "",
@@ -67,10 +75,8 @@ def test_instructions_read_tuple_results_and_operands(tmp_path):
             "  %t = (f32[2]{0}, bf16[4]{0}) fusion(%a, %b), kind=kInput, calls=%c",
             '  ROOT %g = f32[2]{0} custom-call(%a), custom_call_target="__cublas$gemm"',
             "}",
-        ]
+        ],
     )
-    (tmp_path / "m.after_optimizations.txt").write_text(text)
-    table, _ = _profile._instructions(str(tmp_path))
     # The tuple's 8 + 8 bytes, plus its operands' 24 + 8.
     assert table[("jit_f", "t")]["kind"] == "fusion:"
     assert table[("jit_f", "t")]["bytes"] == 8 + 8 + 24 + 8
@@ -81,7 +87,8 @@ def test_instructions_read_tuple_results_and_operands(tmp_path):
 def test_slices_and_in_place_updates_count_only_their_piece(tmp_path):
     # A scanned loop's body reads one layer of a buffer stacked over 12 layers and
     # writes one layer back in place: 1 KiB each way, not the 12 KiB buffer.
-    text = "\n".join(
+    table = _table(
+        tmp_path,
         [
             "HloModule jit_g, entry_computation_layout={()->f32[12,256]}",
             "",
@@ -116,10 +123,8 @@ def test_slices_and_in_place_updates_count_only_their_piece(tmp_path):
             "  %sc = f32[12,256]{1,0} scatter(%a, %r, %s), update_window_dims={1}, "
             "to_apply=%add",
             "}",
-        ]
+        ],
     )
-    (tmp_path / "m.after_optimizations.txt").write_text(text)
-    table, _ = _profile._instructions(str(tmp_path))
     layer, index = 256 * 4, 4
     # Reads one layer and the index, writes one layer.
     assert table[("jit_g", "s")]["bytes"] == layer + index + layer
@@ -133,7 +138,8 @@ def test_an_element_of_a_tuple_counts_alone_inside_a_fusion(tmp_path):
     # A fusion in a loop's body given the loop's whole state (a tuple) reads the
     # one element it takes, and of that only the layer it slices: 1 KiB, not the
     # 12 KiB buffer or the 4 MB of the state's other element.
-    text = "\n".join(
+    table = _table(
+        tmp_path,
         [
             "HloModule jit_h, entry_computation_layout={()->f32[1,256]}",
             "",
@@ -152,10 +158,8 @@ def test_an_element_of_a_tuple_counts_alone_inside_a_fusion(tmp_path):
             "  %i = s32[] parameter(1)",
             "  ROOT %f = f32[1,256]{1,0} fusion(%s, %i), kind=kLoop, calls=%taken",
             "}",
-        ]
+        ],
     )
-    (tmp_path / "m.after_optimizations.txt").write_text(text)
-    table, _ = _profile._instructions(str(tmp_path))
     layer, index = 256 * 4, 4
     assert table[("jit_h", "f")]["bytes"] == layer + index + layer
 
