@@ -129,6 +129,24 @@ _READS_A_PIECE = frozenset({"dynamic-slice", "slice", "gather"})
 _UPDATES_IN_PLACE = frozenset({"dynamic-update-slice", "scatter"})
 
 
+def _elements(result: str) -> list[str]:
+    """The top-level elements of a tuple's result text (`(s32[], (f32[2], ...))`),
+    or `[result]` for an array."""
+    text = result.strip()
+    if not text.startswith("("):
+        return [text]
+    elements, depth, start = [], 0, 1
+    for i, char in enumerate(text):
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        if (char == "," and depth == 1) or (char == ")" and depth == 0):
+            elements.append(text[start:i])
+            start = i + 1
+    return [e for e in elements if e.strip()]
+
+
 def _update(inst: dict) -> str | None:
     """The operand an in-place update writes: `dynamic-update-slice(buffer, update,
     indices...)`, `scatter(buffer, indices, updates)`."""
@@ -146,8 +164,20 @@ def _traffic(inst: dict, instructions: dict, computations: dict) -> int:
     the layers; counting those whole overstated the traffic by the depth of the
     stack."""
 
-    def size(name: str) -> int:
-        return instructions[name]["size"] if name in instructions else 0
+    def size(ref: str) -> int:
+        """Bytes of `name`, or of its element `name#i` (`name#i#j`: nested)."""
+        name, *indices = ref.split("#")
+        if name not in instructions:
+            return 0
+        if not indices:
+            return instructions[name]["size"]
+        result = instructions[name]["result"]
+        for i in indices:
+            elements = _elements(result)
+            if int(i) >= len(elements):
+                return 0
+            result = elements[int(i)]
+        return _bytes(result)
 
     opcode, operands = inst["opcode"], inst["operands"]
     if opcode in _READS_A_PIECE:
@@ -160,9 +190,12 @@ def _traffic(inst: dict, instructions: dict, computations: dict) -> int:
         return inst["size"] + sum(size(o) for o in operands)
     inner = fused["instructions"]
     users = collections.defaultdict(list)
+    elements_used = collections.defaultdict(set)
     for i in inner.values():
         for o in i["operands"]:
             users[o].append(i)
+            if "#" in o:
+                elements_used[o.rsplit("#", 1)[0]].add(o)
 
     def piece(value: str, whole: int) -> int:
         """What the fusion reads of `value` (a parameter, or an element of one)."""
@@ -171,11 +204,15 @@ def _traffic(inst: dict, instructions: dict, computations: dict) -> int:
             first = user["operands"][:1] == [value]
             if first and user["opcode"] in _READS_A_PIECE:
                 total += user["size"]
-            elif user["opcode"] == "get-tuple-element":
-                # One element of a tuple (a loop's whole state, on a GPU).
+            elif user["opcode"] in ("get-tuple-element", "bitcast"):
+                # One element of a tuple (a loop's whole state, on a GPU), or the
+                # same bytes seen in another shape: what is read of that.
                 total += piece(user["name"], user["size"])
             elif not (first and user["opcode"] in _UPDATES_IN_PLACE):
                 return whole
+        # `value#i`: an element of a tuple, named without a get-tuple-element.
+        for ref in elements_used.get(value, ()):
+            total += piece(ref, size(ref))
         return min(total, whole)
 
     read = 0
@@ -187,8 +224,13 @@ def _traffic(inst: dict, instructions: dict, computations: dict) -> int:
     outputs = [inner[o] for o in root["operands"] if o in inner]
     written = 0
     for out in outputs if root["opcode"] == "tuple" else [root]:
-        update = _update(out)
-        written += inner[update]["size"] if update in inner else out["size"]
+        # An update in place may reach the result through bitcasts (a GPU's
+        # `bitcast(dynamic-update-slice(bitcast(buffer), ...))`).
+        updated = out
+        while updated["opcode"] == "bitcast" and updated["operands"][0] in inner:
+            updated = inner[updated["operands"][0]]
+        update = _update(updated)
+        written += size(update) if update is not None else out["size"]
     return read + written
 
 
@@ -202,9 +244,8 @@ def _instructions(dump_dir: str) -> tuple[dict[tuple[str, str], dict], set[str]]
     A kernel names its module only by name, and programs compiled from functions of
     the same name (two lambdas, one step at two batch sizes) dump modules of that
     name with instructions of the same names but other shapes and sources: reading
-    one for the other charges kernels another program's bytes and parts (a likely
-    cause of the hundreds of TB/s that an H100 profile showed). Such names cannot be
-    told apart, so they are left out (see `named`)."""
+    one for the other charges kernels another program's bytes and parts. Such names
+    cannot be told apart, so they are left out (see `named`)."""
     table = {}
     texts = collections.defaultdict(set)
     for path in glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")):
@@ -268,7 +309,10 @@ def _instructions(dump_dir: str) -> tuple[dict[tuple[str, str], dict], set[str]]
             instructions[op] = {
                 "name": op,
                 "opcode": opcode,
-                "operands": re.findall(r"%([\w.\-]+)", listed),
+                # `%name`, or `%name#i` for element i of a tuple (newer XLA
+                # writes that for a get-tuple-element).
+                "operands": re.findall(r"%([\w.\-]+(?:#\d+)*)", listed),
+                "result": result,
                 "size": _bytes(result),
                 "calls": calls.group(1) if calls else None,
                 "kind": kind,
@@ -477,10 +521,11 @@ def breakdown(
     }
 
 
-# Above what any GPU's global memory moves, L2 hits included (an H100's HBM moves
-# 3.35 TB/s, its L2 a few times that): a part that seems to move more was charged
-# wrong bytes (seen on an H100: several parts at tens to hundreds of TB/s).
-IMPOSSIBLE_GB_PER_S = 30_000
+# Twice what the fastest GPU's memory moves (an H200's HBM: 4.8 TB/s). L2 hits can
+# lift a part above its device's HBM rate, but a part that seems to move more than
+# this was charged wrong bytes: an H100 profile read with XLA's `%tuple#i` operands
+# taken for whole tuples showed parts at 3.8 to 430 TB/s.
+IMPOSSIBLE_GB_PER_S = 10_000
 
 
 def add_rows(

@@ -164,6 +164,55 @@ def test_an_element_of_a_tuple_counts_alone_inside_a_fusion(tmp_path):
     assert table[("jit_h", "f")]["bytes"] == layer + index + layer
 
 
+def test_tuple_elements_named_by_index_and_bitcast_updates_count_alone(tmp_path):
+    # Newer XLA (a GPU's dump) names element i of a tuple `%t#i` instead of through
+    # a get-tuple-element, and updates a stacked buffer in place through bitcasts:
+    # the fusion reads the 1 KiB it writes into element 1 and the index, and writes
+    # 1 KiB, not the 12 KiB buffer or the 4 MB of element 2.
+    table = _table(
+        tmp_path,
+        [
+            "HloModule jit_k, entry_computation_layout={()->f32[12,256]}",
+            "",
+            "%into (p0: s32[], p1: f32[12,256], p2: f32[1,256]) -> f32[12,1,256] {",
+            "  %p1 = f32[12,256]{1,0} parameter(1)",
+            "  %b1 = f32[12,1,256]{2,1,0} bitcast(%p1)",
+            "  %p2 = f32[1,256]{1,0} parameter(2)",
+            "  %e = f32[1,256]{1,0} exponential(%p2)",
+            "  %b2 = f32[1,1,256]{2,1,0} bitcast(%e)",
+            "  %p0 = s32[] parameter(0)",
+            "  %z = s32[] constant(0)",
+            "  %dus = f32[12,1,256]{2,1,0} dynamic-update-slice(%b1, %b2, %p0, %z, %z)",
+            "  ROOT %out = f32[12,256]{1,0} bitcast(%dus)",
+            "}",
+            "",
+            "ENTRY %main (t: (s32[], f32[12,256], f32[1000,1000]), u: f32[1,256]) -> "
+            "f32[12,256] {",
+            "  %t = (s32[], f32[12,256]{1,0}, /*index=2*/f32[1000,1000]{1,0}) "
+            "parameter(0)",
+            "  %u = f32[1,256]{1,0} parameter(1)",
+            "  ROOT %f = f32[12,256]{1,0} fusion(%t#0, %t#1, %u), kind=kLoop, "
+            "calls=%into",
+            "  %n = f32[1000,1000]{1,0} negate(%t#2)",
+            "}",
+        ],
+    )
+    layer, index, big = 256 * 4, 4, 1000 * 1000 * 4
+    assert table[("jit_k", "f")]["bytes"] == index + layer + layer
+    # An element named by index counts alone outside a fusion too.
+    assert table[("jit_k", "n")]["bytes"] == 2 * big
+
+
+def test_elements_splits_a_tuple_at_its_top_level():
+    assert _profile._elements("f32[2,3]{1,0}") == ["f32[2,3]{1,0}"]
+    elements = _profile._elements("(s32[], (f32[2]{0}, bf16[4]{0}), /*index=2*/u8[3])")
+    assert [e.strip() for e in elements] == [
+        "s32[]",
+        "(f32[2]{0}, bf16[4]{0})",
+        "/*index=2*/u8[3]",
+    ]
+
+
 def test_a_rule_names_a_file_or_a_folder():
     assert _profile._in("/x/site-packages/optax/_src/alias.py", "optax/")
     assert not _profile._in("/x/site-packages/myoptax/alias.py", "optax/")
