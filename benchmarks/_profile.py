@@ -159,10 +159,10 @@ def _update(inst: dict) -> str | None:
 def _traffic(inst: dict, instructions: dict, computations: dict) -> int:
     """Bytes an instruction reads and writes: its result and its operands', except
     that a slice reads only its piece and an in-place update reads and writes only
-    the update, also inside a fusion, where an element taken from a tuple counts
-    alone. A scanned layer stack's loop body slices and updates buffers stacked over
-    the layers; counting those whole overstated the traffic by the depth of the
-    stack."""
+    the update, also inside a fusion, where an element taken from a tuple (by a
+    get-tuple-element, or written `%t#i`) counts alone and a bitcast moves nothing.
+    A scanned layer stack's loop body slices and updates buffers stacked over the
+    layers; counting those whole overstated the traffic by the depth of the stack."""
 
     def size(ref: str) -> int:
         """Bytes of `name`, or of its element `name#i` (`name#i#j`: nested)."""
@@ -194,8 +194,10 @@ def _traffic(inst: dict, instructions: dict, computations: dict) -> int:
     for i in inner.values():
         for o in i["operands"]:
             users[o].append(i)
-            if "#" in o:
-                elements_used[o.rsplit("#", 1)[0]].add(o)
+            # `t#i#j` is element j of `t#i`, which is element i of `t`.
+            parts = o.split("#")
+            for n in range(1, len(parts)):
+                elements_used["#".join(parts[:n])].add("#".join(parts[: n + 1]))
 
     def piece(value: str, whole: int) -> int:
         """What the fusion reads of `value` (a parameter, or an element of one)."""

@@ -194,13 +194,16 @@ def test_tuple_elements_named_by_index_and_bitcast_updates_count_alone(tmp_path)
             "  ROOT %f = f32[12,256]{1,0} fusion(%t#0, %t#1, %u), kind=kLoop, "
             "calls=%into",
             "  %n = f32[1000,1000]{1,0} negate(%t#2)",
+            "  %w = (s32[], (f32[256]{0}, f32[1000,1000]{1,0})) parameter(2)",
+            "  %m = f32[256]{0} negate(%w#1#0)",
             "}",
         ],
     )
     layer, index, big = 256 * 4, 4, 1000 * 1000 * 4
     assert table[("jit_k", "f")]["bytes"] == index + layer + layer
-    # An element named by index counts alone outside a fusion too.
+    # An element named by index counts alone outside a fusion too, nested or not.
     assert table[("jit_k", "n")]["bytes"] == 2 * big
+    assert table[("jit_k", "m")]["bytes"] == 2 * layer
 
 
 def test_elements_splits_a_tuple_at_its_top_level():
