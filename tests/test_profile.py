@@ -186,6 +186,15 @@ def test_tuple_elements_named_by_index_and_bitcast_updates_count_alone(tmp_path)
             "  ROOT %out = f32[12,256]{1,0} bitcast(%dus)",
             "}",
             "",
+            "%nested (q: (s32[], (f32[12,256], f32[1000,1000])), i: s32[]) -> "
+            "f32[1,256] {",
+            "  %q = (s32[], (f32[12,256]{1,0}, f32[1000,1000]{1,0})) parameter(0)",
+            "  %i = s32[] parameter(1)",
+            "  %z3 = s32[] constant(0)",
+            "  ROOT %ds = f32[1,256]{1,0} dynamic-slice(%q#1#0, %i, %z3), "
+            "dynamic_slice_sizes={1,256}",
+            "}",
+            "",
             "ENTRY %main (t: (s32[], f32[12,256], f32[1000,1000]), u: f32[1,256]) -> "
             "f32[12,256] {",
             "  %t = (s32[], f32[12,256]{1,0}, /*index=2*/f32[1000,1000]{1,0}) "
@@ -196,6 +205,9 @@ def test_tuple_elements_named_by_index_and_bitcast_updates_count_alone(tmp_path)
             "  %n = f32[1000,1000]{1,0} negate(%t#2)",
             "  %w = (s32[], (f32[256]{0}, f32[1000,1000]{1,0})) parameter(2)",
             "  %m = f32[256]{0} negate(%w#1#0)",
+            "  %j = s32[] parameter(3)",
+            "  %v = (s32[], (f32[12,256]{1,0}, f32[1000,1000]{1,0})) parameter(4)",
+            "  %g = f32[1,256]{1,0} fusion(%v, %j), kind=kLoop, calls=%nested",
             "}",
         ],
     )
@@ -204,6 +216,8 @@ def test_tuple_elements_named_by_index_and_bitcast_updates_count_alone(tmp_path)
     # An element named by index counts alone outside a fusion too, nested or not.
     assert table[("jit_k", "n")]["bytes"] == 2 * big
     assert table[("jit_k", "m")]["bytes"] == 2 * layer
+    # Inside a fusion, a nested element of a tuple parameter: the layer it slices.
+    assert table[("jit_k", "g")]["bytes"] == layer + index + layer
 
 
 def test_elements_splits_a_tuple_at_its_top_level():
