@@ -939,8 +939,9 @@ def _add_profile(results, impl, sizes, tokens, row, profile, peak, args):
     """One row per part of the step (`benchmarks/_profile.py`): its time and share,
     and for the matmuls and attention the achieved FLOP/s (from the model's FLOP
     count) against the measured matmul ceiling. The memory-bound parts' byte
-    floors are worked out in docs/multimodal.md: the HLO's operand sizes overcount
-    fusions that read slices."""
+    floors are worked out from the model in docs/multimodal.md, not taken from the
+    profile's byte count (`gb_per_s`), which was first checked against a GPU's dump
+    after the profile quoted there was measured."""
     seq, d = sizes["seq"], sizes["d_model"]
     # Attention's matmuls (scores and values, causal half, forward and backward)
     # against everything else the FLOP count holds.
