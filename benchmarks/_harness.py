@@ -292,6 +292,10 @@ def measure_largest_first(
     after smaller ones can fail although it fits in the device's memory (on an H100
     the plain GPT-2 step at B = 256, T = 128 did, after the B = 128 programs). Run
     first, the largest program grows the pool once and the others reuse that region.
+    The autotuner's trial buffers, allocated while compiling, grow it too: on an
+    H100 the DP steps at B = 256 (39.5 to 43.5 GB by XLA's analysis) once all failed
+    at their first run after a program too large to run had been compiled. Only
+    `XLA_PYTHON_CLIENT_PREALLOCATE=true` rules this out.
 
     **Returns:**
 

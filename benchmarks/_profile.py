@@ -249,7 +249,7 @@ def _instructions(dump_dir: str) -> tuple[dict[tuple[str, str], dict], set[str]]
     one for the other charges kernels another program's bytes and parts. Such names
     cannot be told apart, so they are left out (see `named`)."""
     table = {}
-    texts = collections.defaultdict(set)
+    versions = collections.defaultdict(set)  # module name -> hashes of its texts
     for path in glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")):
         with open(path) as file:
             text = file.read()
@@ -257,7 +257,7 @@ def _instructions(dump_dir: str) -> tuple[dict[tuple[str, str], dict], set[str]]
         if module is None:
             continue
         name = module.group(1)
-        texts[name].add(text)
+        versions[name].add(hash(text))
         frames = _tables(text)
         # Every instruction of the module by name, and every computation (its
         # instructions, parameters and root), so a fusion can be read inside.
@@ -338,7 +338,7 @@ def _instructions(dump_dir: str) -> tuple[dict[tuple[str, str], dict], set[str]]
                 "op_name": inst["op_name"],
             }
     # The same program compiled twice dumps the same text twice: no doubt there.
-    ambiguous = {name for name, found in texts.items() if len(found) > 1}
+    ambiguous = {name for name, found in versions.items() if len(found) > 1}
     table = {key: info for key, info in table.items() if key[0] not in ambiguous}
     return table, ambiguous
 
