@@ -121,16 +121,25 @@ def test_saved_on_eight_devices_restores_on_four_and_on_one(tmp_path):
 
 
 _KILLED = """
-import os, signal, sys
+import os, signal, sys, time
 import jax.numpy as jnp, numpy as np
 from transforms import ShardedCheckpoints
 checkpoints = ShardedCheckpoints(sys.argv[1])
 checkpoints.save(1, model={"w": jnp.full((4,), 1.0)})
 checkpoints.wait()
-# Large enough that writing it takes a while; killed once `save` returned (the
-# arrays are off the device, the files being written in the background).
+# Large enough that writing it takes a while; killed while its files are being
+# written in the background, once its temporary directory exists: orbax creates
+# that in the background too (`create_directories_asynchronously`), so on a loaded
+# machine a kill right after `save` returned could come before it (seen in CI).
 checkpoints.save(2, model={"w": jnp.full((64 * 2**20,), 2.0)})
-os.kill(os.getpid(), signal.SIGKILL)
+deadline = time.monotonic() + 120
+while True:
+    names = os.listdir(sys.argv[1])
+    if any(n.startswith("2") and n != "2" for n in names):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if "2" in names or time.monotonic() > deadline:
+        sys.exit(f"step 2 was not seen being written: {names}")
+    time.sleep(0.001)
 """
 
 
