@@ -530,6 +530,23 @@ def breakdown(
 IMPOSSIBLE_GB_PER_S = 10_000
 
 
+def summary(label: str, out: dict) -> str:
+    """The `breakdown` `out` of `label` in lines of text for a log: per part, its
+    time per call and the sources (file:function, instruction kind) that take the
+    most of it, and the kernels found in no dump. The rows keep only the totals;
+    this says where in the code to look."""
+    lines = [f"profile of {label}: {out['kernel_ms_per_step']:.2f} ms per call"]
+    for part, v in out["parts"].items():
+        top = "; ".join(f"{where} {ms:.2f}" for where, ms in v["top"].items())
+        lines.append(f"  {part}: {v['ms_per_step']:.2f} ms ({top})")
+    if out["unmatched_ms_per_step"]:
+        named = "; ".join(
+            f"{name} {ms:.2f}" for name, ms in out["unmatched_ms_per_step"].items()
+        )
+        lines.append(f"  in no dump: {named}")
+    return "\n".join(lines)
+
+
 def add_rows(
     results: Any,
     label: str,
@@ -569,6 +586,7 @@ def add_rows(
             kernels_per_call=v["kernels_per_step"],
             gb_per_s=v["gb_per_s"],
         )
+    print(summary(label, out), flush=True)
     if out["ambiguous_modules"]:
         results.note(
             f"{label}: the kernels of {', '.join(out['ambiguous_modules'])} are under "

@@ -61,6 +61,16 @@ def test_breakdown_names_the_functions_that_spent_the_time(tmp_path):
     assert named
     text = compiled.as_text()
     assert all(f"%{k.split(' ')[0]} = " in text for k in named), named
+    # The log's summary names the functions that took each part's time.
+    summary = _profile.summary("(a) step", out).splitlines()
+    assert (
+        summary[0]
+        == f"profile of (a) step: {out['kernel_ms_per_step']:.2f} ms per call"
+    )
+    for part, function in (("projection", "_project"), ("normalisation", "_normalise")):
+        # The part itself and its ": matmul" share (on a CPU, dots are apart).
+        lines = [x for x in summary if x.split(":")[0] == f"  {part}"]
+        assert any(f"{here}:{function} (" in x for x in lines), summary
 
 
 def test_instructions_read_tuple_results_and_operands(tmp_path):
@@ -273,8 +283,10 @@ def test_a_scope_rule_matches_whole_names_under_transformations():
 
 def test_an_impossible_bandwidth_is_left_out_and_its_bytes_named(monkeypatch):
     harness = load_benchmark("_harness")
-    part = {"ms_per_step": 1.0, "share": 0.5, "kernels_per_step": 2.0}
+    part = {"ms_per_step": 1.0, "share": 0.5, "kernels_per_step": 2.0, "top": {}}
     out = {
+        "kernel_ms_per_step": 2.0,
+        "unmatched_ms_per_step": {},
         "parts": {
             "model": dict(
                 part, gb_per_s=3e5, top_bytes={"fusion.3 (fusion:kLoop)": 3e11}
