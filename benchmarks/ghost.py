@@ -358,6 +358,8 @@ def _provenance(env: dict) -> str:
 PARTS = [
     ("ghost engine", "transforms/_grad/", None),
     ("model", "benchmarks/_gpt.py", None),
+    # The loss (softmax cross-entropy) is optax's, under optax/ like AdamW.
+    ("model", "optax/losses/", None),
     ("optimizer", "optax/", None),
     ("optimizer", "transforms/_train/", None),
 ]

@@ -248,3 +248,33 @@ def test_a_gpu_note_names_the_memory_pool(ghost, monkeypatch, preallocate, says)
     assert ghost._provenance(dict(env, platform="cpu")) == (
         "measured 2026-12-07 on H, jax 0.11.2"
     )
+
+
+@pytest.mark.parametrize(
+    "file, function, part",
+    [
+        # The GPT's loss is optax's softmax cross-entropy: the model's, though
+        # its file lies under optax/ as AdamW's do.
+        (
+            "/venv/optax/losses/_classification.py",
+            "softmax_cross_entropy_with_integer_labels",
+            "model",
+        ),
+        ("/venv/optax/_src/update.py", "apply_updates", "optimizer"),
+        ("/repo/transforms/_train/_train_step.py", "keep_if_finite", "optimizer"),
+        ("/repo/transforms/_grad/_ghost_eval.py", "bind", "ghost engine"),
+        ("/repo/benchmarks/_gpt.py", "Block.__call__", "model"),
+    ],
+)
+def test_profile_parts_charge_the_loss_to_the_model(ghost, file, function, part):
+    _profile = load_benchmark("_profile")
+    info = {"file": file, "function": function, "op_name": ""}
+    charged = next(
+        (
+            name
+            for name, where, fns in ghost.PARTS
+            if _profile._matches(info, where, fns)
+        ),
+        "other",
+    )
+    assert charged == part
