@@ -358,7 +358,9 @@ def _provenance(env: dict) -> str:
 PARTS = [
     ("ghost engine", "transforms/_grad/", None),
     ("model", "benchmarks/_gpt.py", None),
-    # The loss (softmax cross-entropy) is optax's, under optax/ like AdamW.
+    # The GPT's layers and loss come from Equinox and optax (its softmax
+    # cross-entropy lies under optax/ with AdamW).
+    ("model", "equinox/nn/", None),
     ("model", "optax/losses/", None),
     ("optimizer", "optax/", None),
     ("optimizer", "transforms/_train/", None),

@@ -264,9 +264,13 @@ def test_a_gpu_note_names_the_memory_pool(ghost, monkeypatch, preallocate, says)
         ("/repo/transforms/_train/_train_step.py", "keep_if_finite", "optimizer"),
         ("/repo/transforms/_grad/_ghost_eval.py", "bind", "ghost engine"),
         ("/repo/benchmarks/_gpt.py", "Block.__call__", "model"),
+        ("/venv/equinox/nn/_linear.py", "Linear.__call__", "model"),
+        ("/venv/equinox/nn/_normalisation.py", "LayerNorm.__call__", "model"),
     ],
 )
-def test_profile_parts_charge_the_loss_to_the_model(ghost, file, function, part):
+def test_profile_parts_charge_the_layers_and_loss_to_the_model(
+    ghost, file, function, part
+):
     _profile = load_benchmark("_profile")
     info = {"file": file, "function": function, "op_name": ""}
     charged = next(
