@@ -558,8 +558,8 @@ def add_rows(
     **fields: Any,
 ) -> dict:
     """Trace `steps` calls of `run` (already compiled and run once), add a row per
-    part to `results` (workload `profile`, impl `label`, and `fields`) and return
-    the `breakdown`."""
+    part to `results` (workload `profile`, impl `label`, and `fields`), print its
+    `summary` to the log and return the `breakdown`."""
     with tempfile.TemporaryDirectory() as trace_dir:
         capture(run, steps, trace_dir)
         out = breakdown(trace_dir, dump_dir, steps, parts)
