@@ -236,6 +236,29 @@ def _traffic(inst: dict, instructions: dict, computations: dict) -> int:
     return read + written
 
 
+# Instructions that say nothing of what a fused kernel computes ("?": a line
+# `_instructions` reads no opcode from, such as `constant(0)`).
+_PLUMBING = frozenset(
+    {"parameter", "bitcast", "constant", "tuple", "get-tuple-element", "?"}
+)
+
+
+def _body(computation: dict | None) -> str:
+    """What a fusion computes, as the opcodes of its body by how often they occur
+    (`"broadcast×2, select, add"`); "" for an instruction that calls nothing. A
+    fusion takes its source line from its root, so its name and source can hide
+    the work fused into it: a zero-fill that scatters into the zeros is named a
+    broadcast of the caller's frame."""
+    if computation is None:
+        return ""
+    counts = collections.Counter(
+        i["opcode"]
+        for i in computation["instructions"].values()
+        if i["opcode"] not in _PLUMBING
+    )
+    return ", ".join(f"{op}×{n}" if n > 1 else op for op, n in counts.most_common(6))
+
+
 def _instructions(dump_dir: str) -> tuple[dict[tuple[str, str], dict], set[str]]:
     """`(module, instruction) -> {op, kind, bytes, file, function}` from the dumped
     optimised HLO (every computation: a scanned layer's kernels live in a loop
@@ -336,6 +359,8 @@ def _instructions(dump_dir: str) -> tuple[dict[tuple[str, str], dict], set[str]]
                 "file": inst["file"],
                 "function": inst["function"],
                 "op_name": inst["op_name"],
+                "result": re.sub(r"\{[^{}]*\}", "", inst["result"]).strip(),
+                "body": _body(computations.get(inst["calls"] or "")),
             }
     # The same program compiled twice dumps the same text twice: no doubt there.
     ambiguous = {name for name, found in versions.items() if len(found) > 1}
@@ -429,6 +454,9 @@ def _library_part(kernel: str) -> str:
 # Instructions whose events enclose those of the computations they run.
 _CONTROL_FLOW = frozenset({"while", "conditional", "call", "async-start", "async-done"})
 
+# How many instructions `breakdown` names as the heaviest of a call.
+HEAVIEST = 8
+
 
 def breakdown(
     trace_dir: str,
@@ -448,6 +476,9 @@ def breakdown(
         }
     )
     unmatched: collections.Counter = collections.Counter()
+    # Time per instruction, to name the heaviest kernels and what they fuse.
+    per_instruction: collections.Counter = collections.Counter()
+    found: dict[tuple[str, str], tuple[str, dict]] = {}
     kernel_ms = 0.0
     # Inside a command buffer (a CUDA graph) a kernel's `hlo_op` names the buffer,
     # not the instruction; a fusion's kernel is named after its instruction
@@ -498,6 +529,8 @@ def breakdown(
             where = f"{os.path.basename(info['file'] or '?')}:{info['function']}"
             row["where"][f"{where} ({info['kind']})"] += ms
             row["bytes_where"][f"{info['op']} ({info['kind']})"] += info["bytes"]
+            per_instruction[module, info["op"]] += ms
+            found[module, info["op"]] = (part, info)
     out = {}
     for part, row in sorted(totals.items(), key=lambda kv: -kv[1]["ms"]):
         seconds = row["ms"] / 1e3
@@ -520,6 +553,18 @@ def breakdown(
             ambiguous & {e.get("args", {}).get("hlo_module", "") for e in kernels}
         ),
         "unmatched_ms_per_step": {k: v / steps for k, v in unmatched.most_common(10)},
+        "heaviest": [
+            {
+                "instruction": op,
+                "ms_per_step": ms / steps,
+                "part": found[module, op][0],
+                "where": f"{os.path.basename(found[module, op][1]['file'] or '?')}:"
+                f"{found[module, op][1]['function']}",
+                "result": found[module, op][1]["result"],
+                "body": found[module, op][1]["body"],
+            }
+            for (module, op), ms in per_instruction.most_common(HEAVIEST)
+        ],
     }
 
 
@@ -533,12 +578,20 @@ IMPOSSIBLE_GB_PER_S = 10_000
 def summary(label: str, out: dict) -> str:
     """The `breakdown` `out` of `label` in lines of text for a log: per part, its
     time per call and the sources (file:function, instruction kind) that take the
-    most of it, and the kernels found in no dump. The rows keep only the totals;
-    this says where in the code to look."""
+    most of it; the heaviest instructions, with their result and what their fused
+    body computes; and the kernels found in no dump. The rows keep only the
+    totals; this says where in the code to look."""
     lines = [f"profile of {label}: {out['kernel_ms_per_step']:.2f} ms per call"]
     for part, v in out["parts"].items():
         top = "; ".join(f"{where} {ms:.2f}" for where, ms in v["top"].items())
         lines.append(f"  {part}: {v['ms_per_step']:.2f} ms ({top})")
+    lines.append("  heaviest instructions:")
+    for k in out["heaviest"]:
+        body = f" fusing {k['body']}" if k["body"] else ""
+        lines.append(
+            f"    {k['instruction']} {k['ms_per_step']:.2f} ms, {k['part']}, "
+            f"from {k['where']}: {k['result']}{body}"
+        )
     if out["unmatched_ms_per_step"]:
         named = "; ".join(
             f"{name} {ms:.2f}" for name, ms in out["unmatched_ms_per_step"].items()

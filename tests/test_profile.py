@@ -71,6 +71,27 @@ def test_breakdown_names_the_functions_that_spent_the_time(tmp_path):
         # The part itself and its ": matmul" share (on a CPU, dots are apart).
         lines = [x for x in summary if x.split(":")[0] == f"  {part}"]
         assert any(f"{here}:{function} (" in x for x in lines), summary
+    # The heaviest instructions, by their dump names, heaviest first, with what
+    # each fusion computes as read from its body in the dump.
+    heaviest = out["heaviest"]
+    assert 0 < len(heaviest) <= _profile.HEAVIEST
+    times = [k["ms_per_step"] for k in heaviest]
+    assert times == sorted(times, reverse=True)
+    assert sum(times) <= out["kernel_ms_per_step"] + 1e-9
+    for k in heaviest:
+        assert f"%{k['instruction']} = " in text
+        assert k["part"] in out["parts"]
+    fusions = [k for k in heaviest if k["body"]]
+    assert fusions, heaviest
+    for k in fusions:
+        called = re.search(
+            rf"%{re.escape(k['instruction'])} = .*calls=%([\w.\-]+)", text
+        ).group(1)
+        body = text.split(f"%{called} ")[1].split("\n}")[0]
+        for opcode in re.findall(r"([a-z][\w\-]*)(?:×\d+)?(?:, |$)", k["body"]):
+            assert f" {opcode}(" in body, (opcode, body)
+    assert summary.index("  heaviest instructions:") > 0
+    assert any(f"    {heaviest[0]['instruction']} " in x for x in summary)
 
 
 def test_instructions_read_tuple_results_and_operands(tmp_path):
@@ -287,6 +308,7 @@ def test_an_impossible_bandwidth_is_left_out_and_its_bytes_named(monkeypatch):
     out = {
         "kernel_ms_per_step": 2.0,
         "unmatched_ms_per_step": {},
+        "heaviest": [],
         "parts": {
             "model": dict(
                 part, gb_per_s=3e5, top_bytes={"fusion.3 (fusion:kLoop)": 3e11}
