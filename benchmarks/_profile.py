@@ -260,11 +260,12 @@ def _body(computation: dict | None) -> str:
 
 
 def _instructions(dump_dir: str) -> tuple[dict[tuple[str, str], dict], set[str]]:
-    """`(module, instruction) -> {op, kind, bytes, file, function}` from the dumped
-    optimised HLO (every computation: a scanned layer's kernels live in a loop
-    body), and the names of the modules left out because several different dumped
-    modules bear them. `bytes` counts what the instruction reads and writes
-    (`_traffic`).
+    """`(module, instruction) -> {op, kind, bytes, file, function, op_name, result,
+    body}` from the dumped optimised HLO (every computation: a scanned layer's
+    kernels live in a loop body), and the names of the modules left out because
+    several different dumped modules bear them. `bytes` counts what the instruction
+    reads and writes (`_traffic`); `result` is its shape without layouts, `body`
+    what its fused computation does (`_body`).
 
     A kernel names its module only by name, and programs compiled from functions of
     the same name (two lambdas, one step at two batch sizes) dump modules of that
@@ -478,7 +479,7 @@ def breakdown(
     unmatched: collections.Counter = collections.Counter()
     # Time per instruction, to name the heaviest kernels and what they fuse.
     per_instruction: collections.Counter = collections.Counter()
-    found: dict[tuple[str, str], tuple[str, dict]] = {}
+    found: dict[tuple[str, str], tuple[str, str, dict]] = {}
     kernel_ms = 0.0
     # Inside a command buffer (a CUDA graph) a kernel's `hlo_op` names the buffer,
     # not the instruction; a fusion's kernel is named after its instruction
@@ -530,7 +531,7 @@ def breakdown(
             row["where"][f"{where} ({info['kind']})"] += ms
             row["bytes_where"][f"{info['op']} ({info['kind']})"] += info["bytes"]
             per_instruction[module, info["op"]] += ms
-            found[module, info["op"]] = (part, info)
+            found[module, info["op"]] = (part, where, info)
     out = {}
     for part, row in sorted(totals.items(), key=lambda kv: -kv[1]["ms"]):
         seconds = row["ms"] / 1e3
@@ -557,13 +558,13 @@ def breakdown(
             {
                 "instruction": op,
                 "ms_per_step": ms / steps,
-                "part": found[module, op][0],
-                "where": f"{os.path.basename(found[module, op][1]['file'] or '?')}:"
-                f"{found[module, op][1]['function']}",
-                "result": found[module, op][1]["result"],
-                "body": found[module, op][1]["body"],
+                "part": part,
+                "where": where,
+                "result": info["result"],
+                "body": info["body"],
             }
             for (module, op), ms in per_instruction.most_common(HEAVIEST)
+            for part, where, info in [found[module, op]]
         ],
     }
 
