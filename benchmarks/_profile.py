@@ -440,6 +440,14 @@ def _matches(info: dict, where: str, functions: Sequence[str] | None) -> bool:
     return functions is None or bool(names & set(functions))
 
 
+def part_of(info: dict, parts: Sequence[tuple[str, str, Sequence[str] | None]]) -> str:
+    """The first of `parts` (`(name, where, functions)` rules) whose rule an
+    instruction's `info` falls under, else "other"."""
+    return next(
+        (name for name, where, fns in parts if _matches(info, where, fns)), "other"
+    )
+
+
 def _library_part(kernel: str) -> str:
     """The part of a kernel that no HLO instruction is named after, by its name."""
     lowered = kernel.lower()
@@ -515,10 +523,7 @@ def breakdown(
                 )
                 part = f"{next(scoped, 'attention')} (cuDNN)"
             else:
-                part = next(
-                    (name for name, where, fns in parts if _matches(info, where, fns)),
-                    "other",
-                )
+                part = part_of(info, parts)
                 # cuBLAS calls, Triton GEMM fusions; on a CPU dots and XNNPACK.
                 if kind == "dot" or any(m in kind for m in ("gemm", "matmul", "ynn")):
                     part += ": matmul"

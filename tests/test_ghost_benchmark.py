@@ -273,12 +273,4 @@ def test_profile_parts_charge_the_layers_and_loss_to_the_model(
 ):
     _profile = load_benchmark("_profile")
     info = {"file": file, "function": function, "op_name": ""}
-    charged = next(
-        (
-            name
-            for name, where, fns in ghost.PARTS
-            if _profile._matches(info, where, fns)
-        ),
-        "other",
-    )
-    assert charged == part
+    assert _profile.part_of(info, ghost.PARTS) == part
