@@ -68,6 +68,7 @@ ORDER = [
     "ghost",
     "attribution",
     "dp",
+    "layer_stack",
     "chmm",
     "tidhy",
     "tidhy_pallas",
@@ -1374,6 +1375,44 @@ def _summary_compile_options(result: dict) -> list[Comparison]:
     return out
 
 
+def _summary_layer_stack(result: dict) -> list[Comparison]:
+    """`layer_stack.py`: each ghost pass unrolled against the same pass rolled (time,
+    memory and compile time), per size."""
+    device, out = _device(result), []
+    by = {
+        (row["workload"], row["impl"], _size_label(row["sizes"])): row
+        for row in result["rows"]
+        if "median_s" in row
+    }
+    for (workload, impl, size), row in by.items():
+        rolled = by.get((workload, "rolled", size))
+        if impl != "unrolled" or rolled is None:
+            continue
+        text = (
+            f"time {faster(row['median_s'], rolled['median_s'])}, compile "
+            f"{faster(row['compile_s'], rolled['compile_s'])}"
+        )
+        if row.get("peak_bytes") and rolled.get("peak_bytes"):
+            text += f", {lighter(row['peak_bytes'], rolled['peak_bytes'])}"
+        out.append(
+            Comparison(
+                device,
+                f"{workload} ({size})",
+                f"unrolled: {time_text(row['median_s'])}",
+                f"rolled: {time_text(rolled['median_s'])}",
+                text,
+            )
+        )
+    return out
+
+
+def _size_label(sizes: dict) -> str:
+    return (
+        f"{sizes['layers']} layers, d = {sizes['dim']}, B = {sizes['batch']}, "
+        f"T = {sizes['length']}"
+    )
+
+
 SUMMARIES: dict[str, Callable[[dict], list[Comparison]]] = {
     "causal_latency": _summary_causal_latency,
     "compile_options": _summary_compile_options,
@@ -1389,6 +1428,7 @@ SUMMARIES: dict[str, Callable[[dict], list[Comparison]]] = {
     "determinism": _summary_determinism,
     "causal": _summary_causal,
     "dp": _summary_dp,
+    "layer_stack": _summary_layer_stack,
 }
 
 

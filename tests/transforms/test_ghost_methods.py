@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from transforms import grad_dot_products, per_sample_grad_norms
+from transforms import clipped_grad_sum, grad_dot_products, per_sample_grad_norms
 
 from ._ghost_models import CASES, make_case
 from ._reference import Reference
@@ -83,3 +83,63 @@ def test_vmap_methods_and_sum_reduction(x64):
             jax.tree.leaves(out[method + "_per_leaf"]), ref.leaf_dots()
         ):
             _close(got, expected)
+
+
+def _scans(jaxpr):
+    """The `scan` equations of `jaxpr` and of every jaxpr inside its equations."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _scans(inner)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_the_passes_unroll_a_stack_of_layers_on_an_accelerator(
+    backend, monkeypatch, x64
+):
+    """On a GPU or TPU every pass unrolls the scan over the model's stacked layers
+    (on a CPU it keeps the loss's rolled scan), with the same results."""
+    from .test_dp_step import reference_clipped_sum
+
+    model, loss, train, val = make_case("gpt_tied_scan")
+    ref = Reference(model, loss, train, val)
+    C = float(np.median(ref.norms()))
+    expected_sum, _ = reference_clipped_sum(model, loss, train, np.ones(3, bool), C)
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+
+    mask = jax.numpy.ones(3, bool)
+    passes = {
+        "norms": lambda m, t, v: per_sample_grad_norms(loss, method="ghost")(m, t),
+        "dots": lambda m, t, v: grad_dot_products(loss, method="ghost")(m, t, v),
+        "clip": lambda m, t, v: clipped_grad_sum(loss, clip_norm=C, method="one_pass")(
+            m, t, mask
+        ),
+    }
+    n_layers = 2
+    for name, fn in passes.items():
+        closed = eqx.filter_make_jaxpr(fn)(model, train, val)[0]
+        unroll = [e.params["unroll"] for e in _scans(closed.jaxpr)]
+        assert all(e.params["length"] == n_layers for e in _scans(closed.jaxpr))
+        # A forward and a backward scan per pass (the clip pass's derivative along
+        # its directions has two more); the dot products' validation gradient is a
+        # plain gradient of the loss, whose own rolled scans it keeps.
+        ghost = len(unroll) - (2 if name == "dots" else 0)
+        assert ghost >= 2
+        expected = n_layers if backend == "gpu" else 1
+        assert sorted(unroll).count(expected) >= ghost, (name, unroll)
+        if backend == "cpu":
+            assert set(unroll) == {1}, (name, unroll)
+
+    def everything(model, train, val):
+        return tuple(fn(model, train, val) for fn in passes.values())
+
+    norms, dots, (clipped, _, _) = eqx.filter_jit(everything)(model, train, val)
+    _close(norms, ref.norms())
+    _close(dots, ref.dots())
+    got = jax.tree.leaves(eqx.filter(clipped, eqx.is_inexact_array))
+    for g, want in zip(got, expected_sum):
+        _close(g, want)

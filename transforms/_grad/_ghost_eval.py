@@ -321,9 +321,27 @@ def _scan(run: _Run, eqn, invals, in_shadows) -> list:
         (list(xs), scanned, stepped),
         length=p["length"],
         reverse=p["reverse"],
-        unroll=p["unroll"],
+        unroll=_unroll(run, eqn),
     )
     return [*carry, *ys]
+
+
+def _unroll(run: _Run, eqn) -> int | bool:
+    """How many iterations of the loss's `lax.scan` `eqn` the pass unrolls.
+
+    A scan that steps through a leaf with ghost uses is a stack of layers, and on a
+    GPU or TPU the pass unrolls it fully, as the multimodal LM's `unroll="auto"`
+    does: XLA then keeps each layer's saved values as buffers of their own, where a
+    rolled scan stacks them into arrays that it first fills with zeros, and
+    schedules across layers (`benchmarks/layer_stack.py` measures both).
+    Other scans (over time steps, possibly long) and every scan on a CPU, where the
+    rolled loop compiles faster, keep the loss's own setting.
+    """
+    if jax.default_backend() == "cpu" or not any(
+        id(eqn) in site.slicers for site in run.analysis.sites.values()
+    ):
+        return eqn.params["unroll"]
+    return True
 
 
 def _peeled(run: _Run, x_slots: dict) -> Analysis:

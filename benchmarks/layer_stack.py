@@ -1,0 +1,192 @@
+"""The ghost passes over a scanned stack of layers, rolled and unrolled.
+
+Usage: `python benchmarks/layer_stack.py [--size tiny|small|deep|gpt2] [--batch B]
+[--length T] [--repeats N] [--results-dir DIR]`.
+
+When a loss runs its layers with `lax.scan` over stacked parameters, every ghost pass
+runs that scan again with its taps inside, unrolled on a GPU or TPU and rolled (as the
+loss wrote it) on a CPU (`transforms/_grad/_ghost_eval.py`, `_unroll`). The library
+has no switch for it, so this script substitutes that choice for each setting and
+measures both on the current backend: the ghost per-sample norms, the attribution
+step and the one-pass DP step, each in time, peak memory and compile time, beside a
+plain AdamW step on B and on 2B examples of the loss as written (its scan rolled).
+
+The model is `benchmarks/_gpt.py`'s GPT (tied head, scan over layers). Sizes
+(`SIZES`): `tiny` and `gpt2` as in the ghost benchmark, `small` (4 layers, d = 128)
+and `deep` (12 layers, d = 64) for a CPU. Rows are merged into
+`results/layer_stack-<platform>.json` by (workload, setting, sizes).
+"""
+
+import argparse
+import sys
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import optax
+from _gpt import COMPUTE, DTYPES, GPT, make_loss, SIZES
+from _harness import measure, positive_int, Results, RESULTS_DIR
+
+from transforms import (
+    make_attribution_step,
+    make_dp_train_step,
+    MaskedBatch,
+    per_sample_grad_norms,
+)
+from transforms._grad import _ghost_eval
+
+
+SIZES = dict(
+    SIZES,
+    small=dict(
+        vocab=2048, dim=128, heads=4, layers=4, context=256, length=64, batch=32
+    ),
+    deep=dict(vocab=512, dim=64, heads=2, layers=12, context=256, length=32, batch=16),
+)
+COMPUTE = dict(COMPUTE, small="f32", deep="f32")
+# The library's choice, and the two it chooses between.
+LIBRARY_CHOICE = _ghost_eval._unroll
+SETTINGS = {
+    "rolled": lambda run, eqn: eqn.params["unroll"],
+    "unrolled": lambda run, eqn: True,
+}
+
+
+def programs(loss_fn, optimizer, static, params, opt_state, train, val):
+    """`name: (fn, args)` of the ghost passes, traced when first compiled."""
+    att = make_attribution_step(loss_fn, optimizer, method="ghost", donate=False)
+    dp = make_dp_train_step(
+        loss_fn,
+        optimizer,
+        clip_norm=1.0,
+        noise_multiplier=1.0,
+        method="one_pass",
+        donate=False,
+    )
+    norms = per_sample_grad_norms(loss_fn, method="ghost")
+    B = train[0].shape[0]
+    full = MaskedBatch(train, jnp.ones(B, bool), jnp.asarray(B, jnp.float32))
+
+    def attribution(params, opt_state, train, val):
+        model, opt_state, metrics, dots = att(
+            eqx.combine(params, static), opt_state, train, val
+        )
+        return eqx.filter(model, eqx.is_array), opt_state, metrics, dots
+
+    def one_pass(params, opt_state, key):
+        model = eqx.combine(params, static)
+        model, opt_state, metrics = dp(model, opt_state, full, key)
+        return eqx.filter(model, eqx.is_array), opt_state, metrics["loss"]
+
+    return {
+        "per-sample norms, ghost": (
+            lambda params, train: norms(eqx.combine(params, static), train),
+            (params, train),
+        ),
+        "attribution step, ghost": (
+            attribution,
+            (params, opt_state, train, val),
+        ),
+        "DP step, one_pass": (one_pass, (params, opt_state, jr.key(1))),
+    }
+
+
+WORKLOADS = (
+    "DP step, one_pass",
+    "per-sample norms, ghost",
+    "attribution step, ghost",
+)
+
+
+def plain_step(loss_fn, optimizer, static):
+    def step(params, opt_state, batch):
+        def mean_loss(params):
+            model = eqx.combine(params, static)
+            return jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0))(model, *batch))
+
+        value, grads = jax.value_and_grad(mean_loss)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    return step
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", choices=list(SIZES), default=None)
+    parser.add_argument("--batch", type=positive_int, metavar="B")
+    parser.add_argument("--length", type=positive_int, metavar="T")
+    parser.add_argument("--repeats", type=positive_int, default=None)
+    parser.add_argument("--results-dir", default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    platform = jax.devices()[0].platform
+    size = args.size or ("small" if platform == "cpu" else "gpt2")
+    cfg = SIZES[size]
+    B, T = args.batch or cfg["batch"], args.length or cfg["length"]
+    repeats = args.repeats or (5 if size == "gpt2" else 10)
+    model = GPT(
+        cfg["vocab"], cfg["dim"], cfg["heads"], cfg["layers"], cfg["context"], jr.key(0)
+    )
+    loss_fn = make_loss(DTYPES[COMPUTE[size]])
+    params, static = eqx.partition(model, eqx.is_array)
+    optimizer = optax.adamw(3e-4)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    tokens = jr.randint(jr.key(2), (2 * B, T + 1), 0, cfg["vocab"])
+    train, val, both = (tokens[:B],), (tokens[B:],), (tokens,)
+    sizes = dict(cfg, batch=B, length=T, compute=COMPUTE[size])
+    sizes["params"] = sum(x.size for x in jax.tree.leaves(params))
+    results = Results(
+        "layer_stack",
+        "Ghost passes over a scanned stack of layers, rolled and unrolled",
+        "The ghost benchmark's GPT (tied head, scan over layers). Each ghost pass "
+        "runs the loss's layer scan again with its taps inside: rolled, as the loss "
+        "wrote it, or unrolled (the library's choice on a GPU or TPU; a CPU keeps "
+        "the rolled scan). Per-sample norms, the attribution step (B training and B "
+        "validation examples) and the one-pass "
+        "DP step both ways, beside a plain AdamW step on B and 2B examples of the "
+        "loss as written.",
+    )
+    chosen = "rolled" if platform == "cpu" else "unrolled"
+    results.note(
+        f"{size}: {cfg['layers']} layers, d = {cfg['dim']}, B = {B}, T = {T}. The "
+        f"library's choice on this backend: {chosen}."
+    )
+
+    def add(**row):
+        # Saved after every row: a run cut short (a device call's time limit) keeps
+        # what it measured.
+        results.add(**row)
+        results.save(
+            args.results_dir,
+            merge_key=lambda row: (
+                row["workload"],
+                row["impl"],
+                tuple(sorted(row["sizes"].items())),
+            ),
+        )
+
+    plain = plain_step(loss_fn, optimizer, static)
+    for label, batch in (("plain step, B", train), ("plain step, 2B", both)):
+        row, _ = measure(plain, params, opt_state, batch, repeats=repeats)
+        add(workload=label, impl="the loss's scan", sizes=sizes, **row)
+    try:
+        # Pass by pass, both settings: a run cut short keeps whole pairs.
+        for workload in WORKLOADS:
+            for setting, choice in SETTINGS.items():
+                _ghost_eval._unroll = choice
+                # Compiled programs are cached by their arguments: trace anew.
+                jax.clear_caches()
+                fn, fn_args = programs(
+                    loss_fn, optimizer, static, params, opt_state, train, val
+                )[workload]
+                row, _ = measure(fn, *fn_args, repeats=repeats)
+                add(workload=workload, impl=setting, sizes=sizes, **row)
+    finally:
+        _ghost_eval._unroll = LIBRARY_CHOICE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
