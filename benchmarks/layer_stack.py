@@ -1,7 +1,7 @@
 """The ghost passes over a scanned stack of layers, rolled and unrolled.
 
 Usage: `python benchmarks/layer_stack.py [--size tiny|small|deep|gpt2] [--batch B]
-[--length T] [--repeats N] [--results-dir DIR]`.
+[--length T] [--passes NAME ...] [--repeats N] [--results-dir DIR]`.
 
 When a loss runs its layers with `lax.scan` over stacked parameters, every ghost pass
 runs that scan again with its taps inside, unrolled on a GPU or TPU and rolled (as the
@@ -92,11 +92,12 @@ def programs(loss_fn, optimizer, static, params, opt_state, train, val):
     }
 
 
-WORKLOADS = (
-    "DP step, one_pass",
-    "per-sample norms, ghost",
-    "attribution step, ghost",
-)
+# `--passes` name: row label.
+WORKLOADS = {
+    "one_pass": "DP step, one_pass",
+    "norms": "per-sample norms, ghost",
+    "attribution": "attribution step, ghost",
+}
 
 
 def plain_step(loss_fn, optimizer, static):
@@ -120,6 +121,9 @@ def main(argv=None):
     parser.add_argument("--batch", type=positive_int, metavar="B")
     parser.add_argument("--length", type=positive_int, metavar="T")
     parser.add_argument("--repeats", type=positive_int, default=None)
+    parser.add_argument(
+        "--passes", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS)
+    )
     parser.add_argument("--results-dir", default=RESULTS_DIR)
     args = parser.parse_args(argv)
     platform = jax.devices()[0].platform
@@ -169,12 +173,16 @@ def main(argv=None):
         )
 
     plain = plain_step(loss_fn, optimizer, static)
-    for label, batch in (("plain step, B", train), ("plain step, 2B", both)):
+    # The attribution step is set beside a plain step on its 2B examples.
+    plain_batches = [("plain step, B", train)]
+    if "attribution" in args.passes:
+        plain_batches.append(("plain step, 2B", both))
+    for label, batch in plain_batches:
         row, _ = measure(plain, params, opt_state, batch, repeats=repeats)
         add(workload=label, impl="the loss's scan", sizes=sizes, **row)
     try:
         # Pass by pass, both settings: a run cut short keeps whole pairs.
-        for workload in WORKLOADS:
+        for workload in [WORKLOADS[name] for name in args.passes]:
             for setting, choice in SETTINGS.items():
                 _ghost_eval._unroll = choice
                 # Compiled programs are cached by their arguments: trace anew.

@@ -27,7 +27,9 @@ def test_a_run_measures_every_pass_both_ways(bench, tmp_path):
         ("plain step, B", "the loss's scan"),
         ("plain step, 2B", "the loss's scan"),
     }
-    expected |= {(w, s) for w in bench.WORKLOADS for s in ("rolled", "unrolled")}
+    expected |= {
+        (w, s) for w in bench.WORKLOADS.values() for s in ("rolled", "unrolled")
+    }
     assert set(rows) == expected
     for row in rows.values():
         assert "error" not in row, row
@@ -42,7 +44,22 @@ def test_a_run_measures_every_pass_both_ways(bench, tmp_path):
     )
 
     summary = load_benchmark("render")._summary_layer_stack(result)
-    assert [c.workload.split(" (")[0] for c in summary] == list(bench.WORKLOADS)
+    assert [c.workload.split(" (")[0] for c in summary] == list(
+        bench.WORKLOADS.values()
+    )
     for c in summary:
         assert c.ours.startswith("unrolled: ") and c.peer.startswith("rolled: ")
         assert "faster" in c.ratio or "slower" in c.ratio
+
+
+def test_passes_chooses_the_rows(bench, tmp_path):
+    argv = ["--size", "tiny", "--batch", "2", "--length", "8", "--repeats", "1"]
+    bench.main(argv + ["--passes", "norms", "--results-dir", str(tmp_path)])
+    (path,) = tmp_path.glob("layer_stack-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    # The plain step on 2B examples is measured for the attribution step only.
+    assert [(r["workload"], r["impl"]) for r in rows] == [
+        ("plain step, B", "the loss's scan"),
+        ("per-sample norms, ghost", "rolled"),
+        ("per-sample norms, ghost", "unrolled"),
+    ]
