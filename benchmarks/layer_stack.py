@@ -20,20 +20,15 @@ and `deep` (12 layers, d = 64) for a CPU. Rows are merged into
 import argparse
 import sys
 
+import dp
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import jax.random as jr
 import optax
 from _gpt import COMPUTE, DTYPES, GPT, make_loss, SIZES
 from _harness import measure, positive_int, Results, RESULTS_DIR
 
-from transforms import (
-    make_attribution_step,
-    make_dp_train_step,
-    MaskedBatch,
-    per_sample_grad_norms,
-)
+from transforms import make_attribution_step, per_sample_grad_norms
 from transforms._grad import _ghost_eval
 
 
@@ -56,17 +51,7 @@ SETTINGS = {
 def programs(loss_fn, optimizer, static, params, opt_state, train, val):
     """`name: (fn, args)` of the ghost passes, traced when first compiled."""
     att = make_attribution_step(loss_fn, optimizer, method="ghost", donate=False)
-    dp = make_dp_train_step(
-        loss_fn,
-        optimizer,
-        clip_norm=1.0,
-        noise_multiplier=1.0,
-        method="one_pass",
-        donate=False,
-    )
     norms = per_sample_grad_norms(loss_fn, method="ghost")
-    B = train[0].shape[0]
-    full = MaskedBatch(train, jnp.ones(B, bool), jnp.asarray(B, jnp.float32))
 
     def attribution(params, opt_state, train, val):
         model, opt_state, metrics, dots = att(
@@ -74,21 +59,17 @@ def programs(loss_fn, optimizer, static, params, opt_state, train, val):
         )
         return eqx.filter(model, eqx.is_array), opt_state, metrics, dots
 
-    def one_pass(params, opt_state, key):
-        model = eqx.combine(params, static)
-        model, opt_state, metrics = dp(model, opt_state, full, key)
-        return eqx.filter(model, eqx.is_array), opt_state, metrics["loss"]
-
     return {
         "per-sample norms, ghost": (
             lambda params, train: norms(eqx.combine(params, static), train),
             (params, train),
         ),
-        "attribution step, ghost": (
-            attribution,
-            (params, opt_state, train, val),
+        "attribution step, ghost": (attribution, (params, opt_state, train, val)),
+        # The DP benchmark's step: clip norm 1, noise multiplier 1, the whole batch.
+        "DP step, one_pass": (
+            dp.steps(loss_fn, optimizer, static)["(b) DP step, one_pass"],
+            (params, opt_state, train, jr.key(1)),
         ),
-        "DP step, one_pass": (one_pass, (params, opt_state, jr.key(1))),
     }
 
 
@@ -98,19 +79,6 @@ WORKLOADS = {
     "norms": "per-sample norms, ghost",
     "attribution": "attribution step, ghost",
 }
-
-
-def plain_step(loss_fn, optimizer, static):
-    def step(params, opt_state, batch):
-        def mean_loss(params):
-            model = eqx.combine(params, static)
-            return jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0))(model, *batch))
-
-        value, grads = jax.value_and_grad(mean_loss)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
-
-    return step
 
 
 def main(argv=None):
@@ -172,13 +140,13 @@ def main(argv=None):
             ),
         )
 
-    plain = plain_step(loss_fn, optimizer, static)
+    plain = dp.steps(loss_fn, optimizer, static)["(a) plain step"]
     # The attribution step is set beside a plain step on its 2B examples.
     plain_batches = [("plain step, B", train)]
     if "attribution" in args.passes:
         plain_batches.append(("plain step, 2B", both))
     for label, batch in plain_batches:
-        row, _ = measure(plain, params, opt_state, batch, repeats=repeats)
+        row, _ = measure(plain, params, opt_state, batch, jr.key(1), repeats=repeats)
         add(workload=label, impl="the loss's scan", sizes=sizes, **row)
     try:
         # Pass by pass, both settings: a run cut short keeps whole pairs.
