@@ -70,8 +70,12 @@ class GPT(eqx.Module):
     wpe: eqx.nn.Embedding
     blocks: Block
     ln_f: eqx.nn.LayerNorm
+    # `lax.scan`'s `unroll` over the layers: 1 (rolled, the default) or True.
+    unroll: int | bool = eqx.field(static=True)
 
-    def __init__(self, vocab, dim, heads, layers, context, key, attention=None):
+    def __init__(
+        self, vocab, dim, heads, layers, context, key, attention=None, unroll=1
+    ):
         k1, k2, k3 = jr.split(key, 3)
         self.wte = eqx.nn.Embedding(vocab, dim, key=k1)
         self.wpe = eqx.nn.Embedding(context, dim, key=k2)
@@ -79,12 +83,18 @@ class GPT(eqx.Module):
             jr.split(k3, layers)
         )
         self.ln_f = eqx.nn.LayerNorm(dim)
+        self.unroll = unroll
 
     def __call__(self, tokens):
         T = tokens.shape[0]
         h = jax.vmap(self.wte)(tokens) + jax.vmap(self.wpe)(jnp.arange(T))
         params, static = eqx.partition(self.blocks, eqx.is_array)
-        h, _ = jax.lax.scan(lambda h, p: (eqx.combine(p, static)(h), None), h, params)
+        h, _ = jax.lax.scan(
+            lambda h, p: (eqx.combine(p, static)(h), None),
+            h,
+            params,
+            unroll=self.unroll,
+        )
         return jax.vmap(self.ln_f)(h) @ self.wte.weight.T
 
 

@@ -1376,8 +1376,9 @@ def _summary_compile_options(result: dict) -> list[Comparison]:
 
 
 def _summary_layer_stack(result: dict) -> list[Comparison]:
-    """`layer_stack.py`: each ghost pass unrolled against the same pass rolled (time,
-    memory and compile time), per size."""
+    """`layer_stack.py`: each step unrolled against the same step rolled (time, memory
+    and compile time), then each ghost pass against the plain step on its examples
+    (B, or 2B for the attribution step) with the scan set the same way, per size."""
     device, out = _device(result), []
     by = {
         (row["workload"], row["impl"], _size_label(row["sizes"])): row
@@ -1400,6 +1401,26 @@ def _summary_layer_stack(result: dict) -> list[Comparison]:
                 f"{workload} ({size})",
                 f"unrolled: {time_text(row['median_s'])}",
                 f"rolled: {time_text(rolled['median_s'])}",
+                text,
+            )
+        )
+    for (workload, impl, size), row in by.items():
+        if workload.startswith("plain step"):
+            continue
+        examples = "2B" if workload.startswith("attribution") else "B"
+        plain = by.get((f"plain step, {examples}", impl, size))
+        if plain is None:
+            continue
+        text = f"{row['median_s'] / plain['median_s']:.2f}× the plain step's time"
+        if row.get("peak_bytes") and plain.get("peak_bytes"):
+            ratio = row["peak_bytes"] / plain["peak_bytes"]
+            text += f", {ratio:.2f}× its peak memory"
+        out.append(
+            Comparison(
+                device,
+                f"{workload} vs plain step on {examples}, both {impl} ({size})",
+                f"{workload}: {time_text(row['median_s'])}",
+                f"plain step: {time_text(plain['median_s'])}",
                 text,
             )
         )

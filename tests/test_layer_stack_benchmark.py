@@ -23,13 +23,8 @@ def test_a_run_measures_every_pass_both_ways(bench, tmp_path):
     (path,) = tmp_path.glob("layer_stack-*.json")
     result = json.loads(path.read_text())
     rows = {(r["workload"], r["impl"]): r for r in result["rows"]}
-    expected = {
-        ("plain step, B", "the loss's scan"),
-        ("plain step, 2B", "the loss's scan"),
-    }
-    expected |= {
-        (w, s) for w in bench.WORKLOADS.values() for s in ("rolled", "unrolled")
-    }
+    workloads = ["plain step, B", "plain step, 2B", *bench.WORKLOADS.values()]
+    expected = {(w, s) for w in workloads for s in ("rolled", "unrolled")}
     assert set(rows) == expected
     for row in rows.values():
         assert "error" not in row, row
@@ -44,12 +39,23 @@ def test_a_run_measures_every_pass_both_ways(bench, tmp_path):
     )
 
     summary = load_benchmark("render")._summary_layer_stack(result)
-    assert [c.workload.split(" (")[0] for c in summary] == list(
-        bench.WORKLOADS.values()
-    )
-    for c in summary:
+    settings, against_plain = summary[: len(workloads)], summary[len(workloads) :]
+    assert [c.workload.split(" (")[0] for c in settings] == workloads
+    for c in settings:
         assert c.ours.startswith("unrolled: ") and c.peer.startswith("rolled: ")
         assert "faster" in c.ratio or "slower" in c.ratio
+    # Each pass both ways against the plain step set the same way, on its examples.
+    assert len(against_plain) == 2 * len(bench.WORKLOADS)
+    for c in against_plain:
+        workload, rest = c.workload.split(" vs plain step on ")
+        impl = rest.split(" (")[0].removeprefix("B, both ").removeprefix("2B, both ")
+        examples = "2B" if workload.startswith("attribution") else "B"
+        assert rest.startswith(f"{examples}, both {impl}")
+        expected_ratio = (
+            rows[workload, impl]["median_s"]
+            / rows[f"plain step, {examples}", impl]["median_s"]
+        )
+        assert c.ratio.startswith(f"{expected_ratio:.2f}× the plain step's time")
 
 
 def test_passes_chooses_the_rows(bench, tmp_path):
@@ -57,9 +63,32 @@ def test_passes_chooses_the_rows(bench, tmp_path):
     bench.main(argv + ["--passes", "norms", "--results-dir", str(tmp_path)])
     (path,) = tmp_path.glob("layer_stack-*.json")
     rows = json.loads(path.read_text())["rows"]
-    # The plain step on 2B examples is measured for the attribution step only.
     assert [(r["workload"], r["impl"]) for r in rows] == [
-        ("plain step, B", "the loss's scan"),
+        ("plain step, B", "rolled"),
+        ("plain step, 2B", "rolled"),
+        ("plain step, B", "unrolled"),
+        ("plain step, 2B", "unrolled"),
         ("per-sample norms, ghost", "rolled"),
         ("per-sample norms, ghost", "unrolled"),
     ]
+
+
+def test_passes_may_be_left_empty_to_measure_the_plain_steps(bench, tmp_path):
+    argv = ["--size", "tiny", "--batch", "2", "--length", "8", "--repeats", "1"]
+    bench.main(argv + ["--passes", "--results-dir", str(tmp_path)])
+    (path,) = tmp_path.glob("layer_stack-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert {r["workload"] for r in rows} == {"plain step, B", "plain step, 2B"}
+
+
+@pytest.mark.parametrize("unroll", [1, True])
+def test_the_plain_steps_scan_is_set_by_the_model(unroll):
+    """The plain step's two settings come from the GPT's own `unroll`."""
+    import jax
+    import jax.random as jr
+
+    gpt = load_benchmark("_gpt")
+    model = gpt.GPT(64, 16, 2, 3, 16, jr.key(0), unroll=unroll)
+    jaxpr = jax.make_jaxpr(model)(jax.numpy.zeros(8, int))
+    (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    assert scan.params["unroll"] == (3 if unroll is True else 1)
