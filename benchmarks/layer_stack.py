@@ -1,16 +1,20 @@
 """The ghost passes over a scanned stack of layers, rolled and unrolled.
 
 Usage: `python benchmarks/layer_stack.py [--size tiny|small|deep|gpt2] [--batch B]
-[--length T] [--passes NAME ...] [--repeats N] [--results-dir DIR]`.
+[--length T] [--passes NAME ...] [--settings NAME ...] [--repeats N]
+[--results-dir DIR]`.
 
 When a loss runs its layers with `lax.scan` over stacked parameters, every ghost pass
-runs that scan again with its taps inside, unrolled on a GPU or TPU and rolled (as the
-loss wrote it) on a CPU (`transforms/_grad/_ghost_eval.py`, `_unroll`). The library
-has no switch for it, so this script substitutes that choice for each setting and
-measures both on the current backend: the ghost per-sample norms, the attribution
-step and the one-pass DP step, each in time, peak memory and compile time, beside a
-plain AdamW step on B and on 2B examples, with the loss's scan rolled (as written)
-and unrolled.
+runs that scan again with its taps inside, unrolled on a GPU or TPU and as the loss
+wrote it on a CPU (`transforms/_grad/_ghost_eval.py`, `_unroll`). The library has no
+switch for it, so this script substitutes that choice. Settings (`SETTINGS`):
+`rolled` and `unrolled` run the passes both ways over a loss that scans rolled;
+`loss unrolled` is a loss that unrolls its own scan, so that a step's plain passes
+(the attribution step's gradients, which the library takes of the loss as written)
+are unrolled too. Each is measured on the current backend (time, peak memory and
+compile time) for the ghost per-sample norms, the attribution step and the one-pass DP
+step, beside a plain AdamW step on B and on 2B examples of each loss the chosen
+settings run. `--passes` with no name measures only the plain steps.
 
 The model is `benchmarks/_gpt.py`'s GPT (tied head, scan over layers). Sizes
 (`SIZES`): `tiny` and `gpt2` as in the ghost benchmark, `small` (4 layers, d = 128)
@@ -43,10 +47,17 @@ SIZES = dict(
 COMPUTE = dict(COMPUTE, small="f32", deep="f32")
 # The library's choice, and the two it chooses between.
 LIBRARY_CHOICE = _ghost_eval._unroll
+# Setting: (the loss's own `unroll`, the passes' choice). "unrolled" is what the
+# library gives a rolled loss on a GPU; "loss unrolled" is a loss that unrolls its own
+# stack, so that the plain passes of a step (the attribution step's gradients) are
+# unrolled too.
 SETTINGS = {
-    "rolled": lambda run, eqn: eqn.params["unroll"],
-    "unrolled": lambda run, eqn: True,
+    "rolled": ("rolled", lambda run, eqn: eqn.params["unroll"]),
+    "unrolled": ("rolled", lambda run, eqn: True),
+    "loss unrolled": ("unrolled", LIBRARY_CHOICE),
 }
+# The loss's setting: its scan's `unroll` (a plain step's row is named by it).
+LOSS_UNROLL = {"rolled": 1, "unrolled": True}
 
 
 def programs(loss_fn, optimizer, static, params, opt_state, train, val):
@@ -74,6 +85,14 @@ def programs(loss_fn, optimizer, static, params, opt_state, train, val):
     }
 
 
+def plain_inputs(layout, optimizer, unroll):
+    """`(params, static, opt_state)` of the benchmark's GPT whose layer scan has
+    `unroll`; the parameters are the same for every `unroll` (one key)."""
+    model = GPT(*layout, jr.key(0), unroll=unroll)
+    params, static = eqx.partition(model, eqx.is_array)
+    return params, static, optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+
+
 # `--passes` name: row label.
 WORKLOADS = {
     "one_pass": "DP step, one_pass",
@@ -93,6 +112,9 @@ def main(argv=None):
     parser.add_argument(
         "--passes", nargs="*", choices=list(WORKLOADS), default=list(WORKLOADS)
     )
+    parser.add_argument(
+        "--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS)
+    )
     parser.add_argument("--results-dir", default=RESULTS_DIR)
     args = parser.parse_args(argv)
     platform = jax.devices()[0].platform
@@ -101,11 +123,9 @@ def main(argv=None):
     B, T = args.batch or cfg["batch"], args.length or cfg["length"]
     repeats = args.repeats or (5 if size == "gpt2" else 10)
     layout = [cfg[k] for k in ("vocab", "dim", "heads", "layers", "context")]
-    model = GPT(*layout, jr.key(0))
     loss_fn = make_loss(DTYPES[COMPUTE[size]])
-    params, static = eqx.partition(model, eqx.is_array)
     optimizer = optax.adamw(3e-4)
-    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    params, _, _ = plain_inputs(layout, optimizer, 1)
     tokens = jr.randint(jr.key(2), (2 * B, T + 1), 0, cfg["vocab"])
     train, val, both = (tokens[:B],), (tokens[B:],), (tokens,)
     sizes = dict(cfg, batch=B, length=T, compute=COMPUTE[size])
@@ -116,10 +136,11 @@ def main(argv=None):
         "The ghost benchmark's GPT (tied head, scan over layers). Each ghost pass "
         "runs the loss's layer scan again with its taps inside: rolled, as the loss "
         "wrote it, or unrolled (the library's choice on a GPU or TPU; a CPU keeps "
-        "the rolled scan). Per-sample norms, the attribution step (B training and B "
-        "validation examples) and the one-pass "
-        "DP step both ways, beside a plain AdamW step on B and 2B examples with the "
-        "loss's scan rolled and unrolled.",
+        "the loss's setting). 'loss unrolled': the loss unrolls its own scan, so a "
+        "step's plain passes are unrolled too. Per-sample norms, the attribution "
+        "step (B training and B validation examples) and the one-pass DP step in "
+        "each setting, beside a plain AdamW step on B and 2B examples of the loss "
+        "rolled and unrolled.",
     )
     chosen = "rolled" if platform == "cpu" else "unrolled"
     results.note(
@@ -140,27 +161,31 @@ def main(argv=None):
             ),
         )
 
+    settings = {name: SETTINGS[name] for name in args.settings}
     # The plain step with the loss's scan as written and unrolled: the baseline a
-    # user who unrolls their own stack compares with.
-    _, unrolled_static = eqx.partition(
-        GPT(*layout, jr.key(0), unroll=True), eqx.is_array
-    )
-    # The attribution step is set beside a plain step on its 2B examples.
-    plain_batches = [("plain step, B", train), ("plain step, 2B", both)]
-    for setting, plain_static in (("rolled", static), ("unrolled", unrolled_static)):
+    # user who unrolls their own stack compares with. `unroll` is a static field of
+    # the model, so each setting has its own parameter and optimiser-state trees.
+    for loss in dict.fromkeys(loss for loss, _ in settings.values()):
+        plain_params, plain_static, plain_opt_state = plain_inputs(
+            layout, optimizer, LOSS_UNROLL[loss]
+        )
         plain = dp.steps(loss_fn, optimizer, plain_static)["(a) plain step"]
-        for label, batch in plain_batches:
+        # The attribution step is set beside a plain step on its 2B examples.
+        for label, batch in (("plain step, B", train), ("plain step, 2B", both)):
             row, _ = measure(
-                plain, params, opt_state, batch, jr.key(1), repeats=repeats
+                plain, plain_params, plain_opt_state, batch, jr.key(1), repeats=repeats
             )
-            add(workload=label, impl=setting, sizes=sizes, **row)
+            add(workload=label, impl=loss, sizes=sizes, **row)
     try:
-        # Pass by pass, both settings: a run cut short keeps whole pairs.
+        # Pass by pass, every setting: a run cut short keeps whole sets.
         for workload in [WORKLOADS[name] for name in args.passes]:
-            for setting, choice in SETTINGS.items():
+            for setting, (loss, choice) in settings.items():
                 _ghost_eval._unroll = choice
                 # Compiled programs are cached by their arguments: trace anew.
                 jax.clear_caches()
+                params, static, opt_state = plain_inputs(
+                    layout, optimizer, LOSS_UNROLL[loss]
+                )
                 fn, fn_args = programs(
                     loss_fn, optimizer, static, params, opt_state, train, val
                 )[workload]

@@ -1375,10 +1375,18 @@ def _summary_compile_options(result: dict) -> list[Comparison]:
     return out
 
 
+# `layer_stack.py`'s settings of a ghost pass: the loss's own scan in each.
+_LAYER_STACK_LOSS = {
+    "rolled": "rolled",
+    "unrolled": "rolled",
+    "loss unrolled": "unrolled",
+}
+
+
 def _summary_layer_stack(result: dict) -> list[Comparison]:
     """`layer_stack.py`: each step unrolled against the same step rolled (time, memory
-    and compile time), then each ghost pass against the plain step on its examples
-    (B, or 2B for the attribution step) with the scan set the same way, per size."""
+    and compile time), then each ghost pass against the plain step of the same loss
+    on its examples (B, or 2B for the attribution step), per size."""
     device, out = _device(result), []
     by = {
         (row["workload"], row["impl"], _size_label(row["sizes"])): row
@@ -1408,7 +1416,8 @@ def _summary_layer_stack(result: dict) -> list[Comparison]:
         if workload.startswith("plain step"):
             continue
         examples = "2B" if workload.startswith("attribution") else "B"
-        plain = by.get((f"plain step, {examples}", impl, size))
+        loss = _LAYER_STACK_LOSS[impl]
+        plain = by.get((f"plain step, {examples}", loss, size))
         if plain is None:
             continue
         text = f"{row['median_s'] / plain['median_s']:.2f}× the plain step's time"
@@ -1418,8 +1427,9 @@ def _summary_layer_stack(result: dict) -> list[Comparison]:
         out.append(
             Comparison(
                 device,
-                f"{workload} vs plain step on {examples}, both {impl} ({size})",
-                f"{workload}: {time_text(row['median_s'])}",
+                f"{workload} [{impl}] vs plain step on {examples} [loss {loss}] "
+                f"({size})",
+                f"{impl}: {time_text(row['median_s'])}",
                 f"plain step: {time_text(plain['median_s'])}",
                 text,
             )

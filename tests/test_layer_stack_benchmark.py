@@ -2,6 +2,7 @@
 the library's own choice restored afterwards, and the summary's comparison."""
 
 import json
+import re
 
 import pytest
 
@@ -25,7 +26,7 @@ def test_a_run_measures_every_pass_both_ways(bench, tmp_path):
     rows = {(r["workload"], r["impl"]): r for r in result["rows"]}
     workloads = ["plain step, B", "plain step, 2B", *bench.WORKLOADS.values()]
     expected = {(w, s) for w in workloads for s in ("rolled", "unrolled")}
-    assert set(rows) == expected
+    expected |= {(w, "loss unrolled") for w in bench.WORKLOADS.values()}
     for row in rows.values():
         assert "error" not in row, row
         assert row["compile_s"] > 0 and row["median_s"] > 0
@@ -44,16 +45,18 @@ def test_a_run_measures_every_pass_both_ways(bench, tmp_path):
     for c in settings:
         assert c.ours.startswith("unrolled: ") and c.peer.startswith("rolled: ")
         assert "faster" in c.ratio or "slower" in c.ratio
-    # Each pass both ways against the plain step set the same way, on its examples.
-    assert len(against_plain) == 2 * len(bench.WORKLOADS)
+    # Each pass in each setting against the plain step of the same loss.
+    assert len(against_plain) == len(bench.SETTINGS) * len(bench.WORKLOADS)
     for c in against_plain:
-        workload, rest = c.workload.split(" vs plain step on ")
-        impl = rest.split(" (")[0].removeprefix("B, both ").removeprefix("2B, both ")
+        workload, impl, rest = re.fullmatch(
+            r"(.*) \[(.*)\] (vs .*)", c.workload
+        ).groups()
         examples = "2B" if workload.startswith("attribution") else "B"
-        assert rest.startswith(f"{examples}, both {impl}")
+        loss, _ = bench.SETTINGS[impl]
+        assert rest.startswith(f"vs plain step on {examples} [loss {loss}] (")
         expected_ratio = (
             rows[workload, impl]["median_s"]
-            / rows[f"plain step, {examples}", impl]["median_s"]
+            / rows[f"plain step, {examples}", loss]["median_s"]
         )
         assert c.ratio.startswith(f"{expected_ratio:.2f}× the plain step's time")
 
@@ -70,6 +73,21 @@ def test_passes_chooses_the_rows(bench, tmp_path):
         ("plain step, 2B", "unrolled"),
         ("per-sample norms, ghost", "rolled"),
         ("per-sample norms, ghost", "unrolled"),
+        ("per-sample norms, ghost", "loss unrolled"),
+    ]
+
+
+def test_settings_choose_the_plain_steps_too(bench, tmp_path):
+    argv = ["--size", "tiny", "--batch", "2", "--length", "8", "--repeats", "1"]
+    argv += ["--passes", "norms", "--settings", "loss unrolled"]
+    bench.main(argv + ["--results-dir", str(tmp_path)])
+    (path,) = tmp_path.glob("layer_stack-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    # Only the plain steps of the loss that setting runs.
+    assert [(r["workload"], r["impl"]) for r in rows] == [
+        ("plain step, B", "unrolled"),
+        ("plain step, 2B", "unrolled"),
+        ("per-sample norms, ghost", "loss unrolled"),
     ]
 
 
@@ -77,18 +95,23 @@ def test_passes_may_be_left_empty_to_measure_the_plain_steps(bench, tmp_path):
     argv = ["--size", "tiny", "--batch", "2", "--length", "8", "--repeats", "1"]
     bench.main(argv + ["--passes", "--results-dir", str(tmp_path)])
     (path,) = tmp_path.glob("layer_stack-*.json")
-    rows = json.loads(path.read_text())["rows"]
-    assert {r["workload"] for r in rows} == {"plain step, B", "plain step, 2B"}
+    rows = {(r["workload"], r["impl"]): r for r in json.loads(path.read_text())["rows"]}
+    assert {w for w, _ in rows} == {"plain step, B", "plain step, 2B"}
+    # The two settings compile different programs (the same program would say the
+    # model's `unroll` never reached the step).
+    for workload in ("plain step, B", "plain step, 2B"):
+        rolled, unrolled = rows[workload, "rolled"], rows[workload, "unrolled"]
+        assert rolled["temp_bytes"] != unrolled["temp_bytes"]
 
 
 @pytest.mark.parametrize("unroll", [1, True])
-def test_the_plain_steps_scan_is_set_by_the_model(unroll):
-    """The plain step's two settings come from the GPT's own `unroll`."""
+def test_the_plain_steps_scan_is_set_by_the_model(bench, unroll):
+    """The plain step's two settings trace the GPT's layer scan with its `unroll`."""
     import jax
-    import jax.random as jr
 
-    gpt = load_benchmark("_gpt")
-    model = gpt.GPT(64, 16, 2, 3, 16, jr.key(0), unroll=unroll)
+    layout = [64, 16, 2, 3, 16]
+    params, static, _ = bench.plain_inputs(layout, bench.optax.adamw(1e-3), unroll)
+    model = bench.eqx.combine(params, static)
     jaxpr = jax.make_jaxpr(model)(jax.numpy.zeros(8, int))
     (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
     assert scan.params["unroll"] == (3 if unroll is True else 1)
