@@ -5,16 +5,17 @@ Usage: `python benchmarks/layer_stack.py [--size tiny|small|deep|gpt2] [--batch 
 [--results-dir DIR]`.
 
 When a loss runs its layers with `lax.scan` over stacked parameters, every ghost pass
-runs that scan again with its taps inside, unrolled on a GPU or TPU and as the loss
-wrote it on a CPU (`transforms/_grad/_ghost_eval.py`, `_unroll`). The library has no
-switch for it, so this script substitutes that choice. Settings (`SETTINGS`):
-`rolled` and `unrolled` run the passes both ways over a loss that scans rolled;
-`loss unrolled` is a loss that unrolls its own scan, so that a step's plain passes
-(the attribution step's gradients, which the library takes of the loss as written)
-are unrolled too. Each is measured on the current backend (time, peak memory and
-compile time) for the ghost per-sample norms, the attribution step and the one-pass DP
-step, beside a plain AdamW step on B and on 2B examples of each loss the chosen
-settings run. `--passes` with no name measures only the plain steps.
+runs that scan again with its taps inside, and the plain gradients a step takes beside
+its ghost pass (the attribution step's validation gradient) evaluate the loss the same
+way: unrolled on a GPU or TPU and as the loss wrote it on a CPU
+(`transforms/_grad/_ghost_eval.py`, `_unroll` and `unrolls_a_stack`). The library has
+no switch for it, so this script substitutes that choice. Settings (`SETTINGS`):
+`rolled` and `unrolled` run a step both ways over a loss that scans rolled;
+`loss unrolled` is a loss that unrolls its own scan, with the library's choice. Each
+is measured on the current backend (time, peak memory and compile time) for the
+ghost per-sample norms, the attribution step and the one-pass DP step, beside a
+plain AdamW step on B and on 2B examples of each loss the chosen settings run.
+`--passes` with no name measures only the plain steps.
 
 The model is `benchmarks/_gpt.py`'s GPT (tied head, scan over layers). Sizes
 (`SIZES`): `tiny` and `gpt2` as in the ghost benchmark, `small` (4 layers, d = 128)
@@ -47,14 +48,15 @@ SIZES = dict(
 COMPUTE = dict(COMPUTE, small="f32", deep="f32")
 # The library's choice, and the two it chooses between.
 LIBRARY_CHOICE = _ghost_eval._unroll
-# Setting: (the loss's own `unroll`, the passes' choice). "unrolled" is what the
+LIBRARY_STACK_CHOICE = _ghost_eval.unrolls_a_stack
+# Setting: (the loss's own scan, the passes' `unroll` for a scan, whether a step's
+# plain gradients beside a ghost pass unroll the stack too). "unrolled" is what the
 # library gives a rolled loss on a GPU; "loss unrolled" is a loss that unrolls its own
-# stack, so that the plain passes of a step (the attribution step's gradients) are
-# unrolled too.
+# stack, every pass then unrolled by the loss itself.
 SETTINGS = {
-    "rolled": ("rolled", lambda run, eqn: eqn.params["unroll"]),
-    "unrolled": ("rolled", lambda run, eqn: True),
-    "loss unrolled": ("unrolled", LIBRARY_CHOICE),
+    "rolled": ("rolled", lambda run, eqn: eqn.params["unroll"], lambda analysis: False),
+    "unrolled": ("rolled", lambda run, eqn: True, lambda analysis: True),
+    "loss unrolled": ("unrolled", LIBRARY_CHOICE, LIBRARY_STACK_CHOICE),
 }
 # The loss's setting: its scan's `unroll` (a plain step's row is named by it).
 LOSS_UNROLL = {"rolled": 1, "unrolled": True}
@@ -165,7 +167,7 @@ def main(argv=None):
     # The plain step with the loss's scan as written and unrolled: the baseline a
     # user who unrolls their own stack compares with. `unroll` is a static field of
     # the model, so each setting has its own parameter and optimiser-state trees.
-    for loss in dict.fromkeys(loss for loss, _ in settings.values()):
+    for loss in dict.fromkeys(loss for loss, *_ in settings.values()):
         plain_params, plain_static, plain_opt_state = plain_inputs(
             layout, optimizer, LOSS_UNROLL[loss]
         )
@@ -179,8 +181,9 @@ def main(argv=None):
     try:
         # Pass by pass, every setting: a run cut short keeps whole sets.
         for workload in [WORKLOADS[name] for name in args.passes]:
-            for setting, (loss, choice) in settings.items():
+            for setting, (loss, choice, stack_choice) in settings.items():
                 _ghost_eval._unroll = choice
+                _ghost_eval.unrolls_a_stack = stack_choice
                 # Compiled programs are cached by their arguments: trace anew.
                 jax.clear_caches()
                 params, static, opt_state = plain_inputs(
@@ -193,6 +196,7 @@ def main(argv=None):
                 add(workload=workload, impl=setting, sizes=sizes, **row)
     finally:
         _ghost_eval._unroll = LIBRARY_CHOICE
+        _ghost_eval.unrolls_a_stack = LIBRARY_STACK_CHOICE
 
 
 if __name__ == "__main__":

@@ -5,9 +5,15 @@ import warnings
 import equinox as eqx
 import jax
 import numpy as np
+import optax
 import pytest
 
-from transforms import clipped_grad_sum, grad_dot_products, per_sample_grad_norms
+from transforms import (
+    clipped_grad_sum,
+    grad_dot_products,
+    make_attribution_step,
+    per_sample_grad_norms,
+)
 
 from ._ghost_models import CASES, make_case
 from ._reference import Reference
@@ -101,8 +107,9 @@ def _scans(jaxpr):
 def test_the_passes_unroll_a_stack_of_layers_on_an_accelerator(
     backend, monkeypatch, x64
 ):
-    """On a GPU or TPU every pass unrolls the scan over the model's stacked layers
-    (on a CPU it keeps the loss's rolled scan), with the same results."""
+    """On a GPU or TPU every pass unrolls the scan over the model's stacked layers,
+    the plain gradients a step takes beside its ghost pass included (on a CPU they
+    keep the loss's rolled scan), with the same results."""
     from .test_dp_step import reference_clipped_sum
 
     model, loss, train, val = make_case("gpt_tied_scan")
@@ -112,32 +119,44 @@ def test_the_passes_unroll_a_stack_of_layers_on_an_accelerator(
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
 
     mask = jax.numpy.ones(3, bool)
+    optimizer = optax.sgd(0.0)
+    attribution = make_attribution_step(loss, optimizer, method="ghost", donate=False)
     passes = {
         "norms": lambda m, t, v: per_sample_grad_norms(loss, method="ghost")(m, t),
         "dots": lambda m, t, v: grad_dot_products(loss, method="ghost")(m, t, v),
+        "matrix": lambda m, t, v: grad_dot_products(
+            loss, method="ghost", full_matrix=True
+        )(m, t, v),
         "clip": lambda m, t, v: clipped_grad_sum(loss, clip_norm=C, method="one_pass")(
             m, t, mask
         ),
+        "attribution": lambda m, t, v: attribution(
+            m, optimizer.init(eqx.filter(m, eqx.is_inexact_array)), t, v
+        )[3],
     }
     n_layers = 2
+    # A forward and a backward scan per ghost pass, two more in the clip pass (its
+    # derivative along the clip directions) and in the steps that take a plain
+    # validation gradient beside their ghost pass (dot products, the attribution step).
+    counts = {"norms": 2, "dots": 4, "matrix": 4, "clip": 4, "attribution": 4}
     for name, fn in passes.items():
         closed = eqx.filter_make_jaxpr(fn)(model, train, val)[0]
-        unroll = [e.params["unroll"] for e in _scans(closed.jaxpr)]
-        assert all(e.params["length"] == n_layers for e in _scans(closed.jaxpr))
-        # A forward and a backward scan per pass, two more in the clip pass (its
-        # derivative along the clip directions); the dot products' validation
-        # gradient is a plain gradient of the loss and keeps the loss's two scans.
-        ghost = {"norms": 2, "dots": 2, "clip": 4}[name]
-        kept = len(unroll) - ghost
-        expected = [n_layers if backend == "gpu" else 1] * ghost + [1] * kept
-        assert sorted(unroll, reverse=True) == expected, (name, unroll)
+        scans = list(_scans(closed.jaxpr))
+        assert all(e.params["length"] == n_layers for e in scans)
+        unroll = [e.params["unroll"] for e in scans]
+        expected = [n_layers if backend == "gpu" else 1] * counts[name]
+        assert unroll == expected, (name, unroll)
 
     def everything(model, train, val):
         return tuple(fn(model, train, val) for fn in passes.values())
 
-    norms, dots, (clipped, _, _) = eqx.filter_jit(everything)(model, train, val)
+    norms, dots, matrix, (clipped, _, _), attributed = eqx.filter_jit(everything)(
+        model, train, val
+    )
     _close(norms, ref.norms())
     _close(dots, ref.dots())
+    _close(matrix, ref.matrix())
+    _close(attributed, ref.dots())
     got = jax.tree.leaves(eqx.filter(clipped, eqx.is_inexact_array))
     for g, want in zip(got, expected_sum):
         _close(g, want)

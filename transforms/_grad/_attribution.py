@@ -50,17 +50,22 @@ def _step(static, model, opt_state):
     s = setup(_NAME, step.loss_fn, model, train, arg="train_batch")
     val = s.check_val("val_batch", val)
     leaves, n = s.leaves, len(s.leaves)
+    method = "ghost" if step.method == "auto" else step.method
+    analysis = s.analyse("dots") if method == "ghost" else None
+    # Beside a ghost pass, the validation gradient unrolls a stack of layers as the
+    # pass does (on a GPU or TPU).
+    s_val = s if analysis is None else s.with_stack_unrolled(analysis)
 
     def validation(leaves):
-        losses = s.losses(leaves, val)
+        losses = s_val.losses(leaves, val)
         reduced = jnp.mean(losses) if step.val_reduction == "mean" else jnp.sum(losses)
         return reduced, jnp.mean(losses)
 
     (_, val_loss), g = jax.value_and_grad(validation, has_aux=True)(leaves)
-    method = "ghost" if step.method == "auto" else step.method
-    if method == "ghost":
+    if analysis is not None:
         parts, out = ghost_dots(
             s,
+            analysis,
             leaves,
             s.batch,
             g,

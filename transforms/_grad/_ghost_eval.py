@@ -25,6 +25,10 @@ contracts it with its output gradient.
 The `"moments"` mode serves the calibration of PCA projections: the slot of each use
 is a pair receiving the use's second moments `Σ_t K_tᵀK_t` (output gradients) and
 `Σ_t F_tᵀF_t` (inputs), from the factors every other mode contracts.
+
+The `"plain"` mode has no taps: it evaluates the loss as traced, with its scans over
+stacked layers set as in the other modes (`plain_loss`), for the plain gradients a
+step takes beside its ghost pass.
 """
 
 import dataclasses
@@ -210,7 +214,7 @@ def _evaluate(run: _Run, jaxpr, consts, args, shadows, scope: _Scope) -> list:
         invals = [read(v) for v in eqn.invars]
         key = id(eqn)
         site = sites.get(key)
-        if site is not None:
+        if site is not None and run.mode != "plain":
             g = None
             if run.mode == "project":
                 g = run.projections[site.uid]
@@ -337,11 +341,19 @@ def _unroll(run: _Run, eqn) -> int | bool:
     Other scans (over time steps, possibly long) and every scan on a CPU, where the
     rolled loop compiles faster, keep the loss's own setting.
     """
-    if jax.default_backend() == "cpu" or not any(
+    if unrolls_a_stack(run.analysis) and any(
         id(eqn) in site.slicers for site in run.analysis.sites.values()
     ):
-        return eqn.params["unroll"]
-    return True
+        return True
+    return eqn.params["unroll"]
+
+
+def unrolls_a_stack(analysis: Analysis) -> bool:
+    """Whether the passes unroll a scan of the loss here: on a GPU or TPU, where
+    the loss scans over a leaf with ghost uses (see `_unroll`)."""
+    return jax.default_backend() != "cpu" and any(
+        site.slicers for site in analysis.sites.values()
+    )
 
 
 def _peeled(run: _Run, x_slots: dict) -> Analysis:
@@ -569,6 +581,28 @@ def ghost_vjp(
         }
 
     return losses, backward
+
+
+def plain_loss(analysis: Analysis, acc: Any) -> Callable:
+    """The loss `per_example(leaves, *example)` traced in `analysis`, evaluated again
+    equation by equation without taps, its scans over stacked layers set as the
+    ghost passes set them (`_unroll`).
+
+    A step's plain passes (the attribution step's validation gradient) take it so
+    that on a GPU they unroll the stack as its ghost pass does; their values are the
+    loss's own.
+    """
+    closed = analysis.closed
+
+    def per_example(leaves, *example):
+        run = _Run(analysis=analysis, mode="plain", slots={}, acc=acc, lead=0, rules={})
+        args = [*leaves, *example]
+        (loss,) = _evaluate(
+            run, closed.jaxpr, closed.consts, args, [None] * len(args), _Scope()
+        )
+        return loss
+
+    return per_example
 
 
 def leaf_contributions(

@@ -16,7 +16,7 @@ from jaxtyping import Array, Float, PyTree
 
 from .._validation import check_callable, check_choice, typechecked
 from ._ghost_eval import ghost_pass, leaf_contributions
-from ._ghost_plan import GhostPlan
+from ._ghost_plan import Analysis, GhostPlan
 from ._per_sample import (
     per_example_dot,
     report_fallback,
@@ -60,6 +60,7 @@ def _jvp_parts(s: Setup, leaves, batch, g: list, idx: list[int], per_leaf: bool)
 
 def ghost_dots(
     s: Setup,
+    analysis: Analysis,
     leaves: list,
     batch: tuple,
     g: list,
@@ -69,12 +70,13 @@ def ghost_dots(
     per_leaf: bool,
     param_grads: bool = False,
 ) -> tuple[dict, dict]:
-    """Dot products with one validation gradient `g` by the layer rules.
+    """Dot products with one validation gradient `g` by the layer rules, for
+    `analysis = s.analyse("dots")` (the caller takes `g` from the same analysis, see
+    `Setup.with_stack_unrolled`).
 
     Returns `(parts, out)`: `parts` maps leaf index -> `[B]` contribution (fallback
     leaves folded into one entry unless `per_leaf`); `out` is `ghost_pass`'s output.
     """
-    analysis = s.analyse("dots")
     report_fallback(s.name, analysis.plan, method, fallback)
     out = ghost_pass(
         analysis,
@@ -118,9 +120,9 @@ def _matrix(s: Setup, method: str, val: tuple, per_leaf: bool, fallback: bool) -
 
         columns = jax.lax.map(column, val)
         return [jnp.transpose(c) for c in columns]
-    gv = s.per_example_grads(leaves, val)
     analysis = s.analyse("dots")
     report_fallback(s.name, analysis.plan, method, fallback)
+    gv = s.with_stack_unrolled(analysis).per_example_grads(leaves, val)
     out = ghost_pass(
         analysis, leaves, train, mode="matrix", acc=acc, views=gv, n_val=n_val
     )
@@ -192,16 +194,15 @@ class GradDotProducts(eqx.Module):
 
     def _aggregate(self, s: Setup, method: str, val: tuple) -> list:
         leaves, train, acc = s.leaves, s.batch, s.acc
-        g = s.reduced_grad(leaves, val, self.val_reduction)
         n = len(leaves)
-        if method == "vmap":
-            gt = s.per_example_grads(leaves, train)
-            return [per_example_dot(a, b, acc) for a, b in zip(gt, g)]
-        if method == "jvp":
-            parts = _jvp_parts(s, leaves, train, g, list(range(n)), self.per_leaf)
-        else:
+        if method == "ghost":
+            analysis = s.analyse("dots")
+            g = s.with_stack_unrolled(analysis).reduced_grad(
+                leaves, val, self.val_reduction
+            )
             parts, _ = ghost_dots(
                 s,
+                analysis,
                 leaves,
                 train,
                 g,
@@ -209,6 +210,12 @@ class GradDotProducts(eqx.Module):
                 fallback=self.fallback,
                 per_leaf=self.per_leaf,
             )
+            return [parts.get(i, jnp.zeros(s.size, acc)) for i in range(n)]
+        g = s.reduced_grad(leaves, val, self.val_reduction)
+        if method == "vmap":
+            gt = s.per_example_grads(leaves, train)
+            return [per_example_dot(a, b, acc) for a, b in zip(gt, g)]
+        parts = _jvp_parts(s, leaves, train, g, list(range(n)), self.per_leaf)
         return [parts.get(i, jnp.zeros(s.size, acc)) for i in range(n)]
 
     def plan(self, model: Any, train_batch: Any) -> GhostPlan:

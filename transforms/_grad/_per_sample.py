@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jaxtyping import PyTree
 
 from .._validation import check_callable, describe, fail, typechecked
+from . import _ghost_eval
 from ._ghost_plan import analyse, Analysis, GhostPlan, Mode
 from ._ghost_rules import acc_dtype
 
@@ -124,6 +125,16 @@ class Setup:
     def analyse(self, mode: Mode) -> Analysis:
         return analyse(
             self.per_example, self.leaves, self.example(), mode=mode, paths=self.paths
+        )
+
+    def with_stack_unrolled(self, analysis: Analysis) -> "Setup":
+        """This setup, its loss evaluated from `analysis` with a scanned stack of
+        layers unrolled where the ghost passes unroll it (on a GPU or TPU), so that a
+        step's plain gradients cost what its ghost pass's do; itself elsewhere."""
+        if not _ghost_eval.unrolls_a_stack(analysis):
+            return self
+        return dataclasses.replace(
+            self, per_example=_ghost_eval.plain_loss(analysis, self.acc)
         )
 
     def check_val(self, arg: str, val) -> tuple:
