@@ -87,10 +87,13 @@ def programs(loss_fn, optimizer, static, params, opt_state, train, val):
     }
 
 
-def plain_inputs(layout, optimizer, unroll):
-    """`(params, static, opt_state)` of the benchmark's GPT whose layer scan has
-    `unroll`; the parameters are the same for every `unroll` (one key)."""
-    model = GPT(*layout, jr.key(0), unroll=unroll)
+def plain_inputs(cfg, optimizer, unroll):
+    """`(params, static, opt_state)` of the benchmark's GPT of size `cfg` whose layer
+    scan has `unroll`; the parameters are the same for every `unroll` (one key)."""
+    vocab, dim, heads = cfg["vocab"], cfg["dim"], cfg["heads"]
+    model = GPT(
+        vocab, dim, heads, cfg["layers"], cfg["context"], jr.key(0), unroll=unroll
+    )
     params, static = eqx.partition(model, eqx.is_array)
     return params, static, optimizer.init(eqx.filter(model, eqx.is_inexact_array))
 
@@ -124,10 +127,9 @@ def main(argv=None):
     cfg = SIZES[size]
     B, T = args.batch or cfg["batch"], args.length or cfg["length"]
     repeats = args.repeats or (5 if size == "gpt2" else 10)
-    layout = [cfg[k] for k in ("vocab", "dim", "heads", "layers", "context")]
     loss_fn = make_loss(DTYPES[COMPUTE[size]])
     optimizer = optax.adamw(3e-4)
-    params, _, _ = plain_inputs(layout, optimizer, 1)
+    params, _, _ = plain_inputs(cfg, optimizer, 1)
     tokens = jr.randint(jr.key(2), (2 * B, T + 1), 0, cfg["vocab"])
     train, val, both = (tokens[:B],), (tokens[B:],), (tokens,)
     sizes = dict(cfg, batch=B, length=T, compute=COMPUTE[size])
@@ -169,7 +171,7 @@ def main(argv=None):
     # the model, so each setting has its own parameter and optimiser-state trees.
     for loss in dict.fromkeys(loss for loss, *_ in settings.values()):
         plain_params, plain_static, plain_opt_state = plain_inputs(
-            layout, optimizer, LOSS_UNROLL[loss]
+            cfg, optimizer, LOSS_UNROLL[loss]
         )
         plain = dp.steps(loss_fn, optimizer, plain_static)["(a) plain step"]
         # The attribution step is set beside a plain step on its 2B examples.
@@ -187,7 +189,7 @@ def main(argv=None):
                 # Compiled programs are cached by their arguments: trace anew.
                 jax.clear_caches()
                 params, static, opt_state = plain_inputs(
-                    layout, optimizer, LOSS_UNROLL[loss]
+                    cfg, optimizer, LOSS_UNROLL[loss]
                 )
                 fn, fn_args = programs(
                     loss_fn, optimizer, static, params, opt_state, train, val

@@ -109,8 +109,8 @@ def test_the_plain_steps_scan_is_set_by_the_model(bench, unroll):
     """The plain step's two settings trace the GPT's layer scan with its `unroll`."""
     import jax
 
-    layout = [64, 16, 2, 3, 16]
-    params, static, _ = bench.plain_inputs(layout, bench.optax.adamw(1e-3), unroll)
+    cfg = dict(vocab=64, dim=16, heads=2, layers=3, context=16)
+    params, static, _ = bench.plain_inputs(cfg, bench.optax.adamw(1e-3), unroll)
     model = bench.eqx.combine(params, static)
     jaxpr = jax.make_jaxpr(model)(jax.numpy.zeros(8, int))
     (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
