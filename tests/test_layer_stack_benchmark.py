@@ -16,7 +16,7 @@ def bench():
     return load_benchmark("layer_stack")
 
 
-def test_a_run_measures_every_pass_both_ways(bench, tmp_path):
+def test_a_run_measures_every_pass_in_every_setting(bench, tmp_path):
     library_choice = _ghost_eval._unroll, _ghost_eval.unrolls_a_stack
     argv = ["--size", "tiny", "--batch", "2", "--length", "8", "--repeats", "1"]
     bench.main(argv + ["--results-dir", str(tmp_path)])
@@ -27,6 +27,7 @@ def test_a_run_measures_every_pass_both_ways(bench, tmp_path):
     workloads = ["plain step, B", "plain step, 2B", *bench.WORKLOADS.values()]
     expected = {(w, s) for w in workloads for s in ("rolled", "unrolled")}
     expected |= {(w, "loss unrolled") for w in bench.WORKLOADS.values()}
+    assert set(rows) == expected
     for row in rows.values():
         assert "error" not in row, row
         assert row["compile_s"] > 0 and row["median_s"] > 0
@@ -38,6 +39,11 @@ def test_a_run_measures_every_pass_both_ways(bench, tmp_path):
         rows[one_pass, "unrolled"]["temp_bytes"]
         < rows[one_pass, "rolled"]["temp_bytes"]
     )
+    # So do the plain steps of the two losses (the same program would say the
+    # model's `unroll` never reached the step).
+    for workload in ("plain step, B", "plain step, 2B"):
+        rolled, unrolled = rows[workload, "rolled"], rows[workload, "unrolled"]
+        assert rolled["temp_bytes"] != unrolled["temp_bytes"]
 
     summary = load_benchmark("render")._summary_layer_stack(result)
     settings, against_plain = summary[: len(workloads)], summary[len(workloads) :]
@@ -61,47 +67,34 @@ def test_a_run_measures_every_pass_both_ways(bench, tmp_path):
         assert c.ratio.startswith(f"{expected_ratio:.2f}× the plain step's time")
 
 
-def test_passes_chooses_the_rows(bench, tmp_path):
+def test_passes_and_settings_choose_the_rows(bench, tmp_path):
     argv = ["--size", "tiny", "--batch", "2", "--length", "8", "--repeats", "1"]
-    bench.main(argv + ["--passes", "norms", "--results-dir", str(tmp_path)])
+    argv += ["--passes", "norms", "--settings", "rolled", "loss unrolled"]
+    bench.main(argv + ["--results-dir", str(tmp_path)])
     (path,) = tmp_path.glob("layer_stack-*.json")
     rows = json.loads(path.read_text())["rows"]
+    # The plain steps of the losses the chosen settings run, then the chosen pass.
     assert [(r["workload"], r["impl"]) for r in rows] == [
         ("plain step, B", "rolled"),
         ("plain step, 2B", "rolled"),
         ("plain step, B", "unrolled"),
         ("plain step, 2B", "unrolled"),
         ("per-sample norms, ghost", "rolled"),
-        ("per-sample norms, ghost", "unrolled"),
-        ("per-sample norms, ghost", "loss unrolled"),
-    ]
-
-
-def test_settings_choose_the_plain_steps_too(bench, tmp_path):
-    argv = ["--size", "tiny", "--batch", "2", "--length", "8", "--repeats", "1"]
-    argv += ["--passes", "norms", "--settings", "loss unrolled"]
-    bench.main(argv + ["--results-dir", str(tmp_path)])
-    (path,) = tmp_path.glob("layer_stack-*.json")
-    rows = json.loads(path.read_text())["rows"]
-    # Only the plain steps of the loss that setting runs.
-    assert [(r["workload"], r["impl"]) for r in rows] == [
-        ("plain step, B", "unrolled"),
-        ("plain step, 2B", "unrolled"),
         ("per-sample norms, ghost", "loss unrolled"),
     ]
 
 
 def test_passes_may_be_left_empty_to_measure_the_plain_steps(bench, tmp_path):
     argv = ["--size", "tiny", "--batch", "2", "--length", "8", "--repeats", "1"]
-    bench.main(argv + ["--passes", "--results-dir", str(tmp_path)])
+    bench.main(
+        argv + ["--passes", "--settings", "rolled", "--results-dir", str(tmp_path)]
+    )
     (path,) = tmp_path.glob("layer_stack-*.json")
-    rows = {(r["workload"], r["impl"]): r for r in json.loads(path.read_text())["rows"]}
-    assert {w for w, _ in rows} == {"plain step, B", "plain step, 2B"}
-    # The two settings compile different programs (the same program would say the
-    # model's `unroll` never reached the step).
-    for workload in ("plain step, B", "plain step, 2B"):
-        rolled, unrolled = rows[workload, "rolled"], rows[workload, "unrolled"]
-        assert rolled["temp_bytes"] != unrolled["temp_bytes"]
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["workload"], r["impl"]) for r in rows] == [
+        ("plain step, B", "rolled"),
+        ("plain step, 2B", "rolled"),
+    ]
 
 
 @pytest.mark.parametrize("unroll", [1, True])
