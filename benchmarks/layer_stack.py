@@ -179,7 +179,7 @@ def main(argv=None):
             row, _ = measure(
                 plain, plain_params, plain_opt_state, batch, jr.key(1), repeats=repeats
             )
-            add(workload=label, impl=loss, sizes=sizes, **row)
+            add(workload=label, impl=loss, loss=loss, sizes=sizes, **row)
     try:
         # Pass by pass, every setting: a run cut short keeps whole sets.
         for workload in [WORKLOADS[name] for name in args.passes]:
@@ -195,7 +195,7 @@ def main(argv=None):
                     loss_fn, optimizer, static, params, opt_state, train, val
                 )[workload]
                 row, _ = measure(fn, *fn_args, repeats=repeats)
-                add(workload=workload, impl=setting, sizes=sizes, **row)
+                add(workload=workload, impl=setting, loss=loss, sizes=sizes, **row)
     finally:
         _ghost_eval._unroll = LIBRARY_CHOICE
         _ghost_eval.unrolls_a_stack = LIBRARY_STACK_CHOICE

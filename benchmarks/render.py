@@ -1375,14 +1375,6 @@ def _summary_compile_options(result: dict) -> list[Comparison]:
     return out
 
 
-# `layer_stack.py`'s settings of a ghost pass: the loss's own scan in each.
-_LAYER_STACK_LOSS = {
-    "rolled": "rolled",
-    "unrolled": "rolled",
-    "loss unrolled": "unrolled",
-}
-
-
 def _summary_layer_stack(result: dict) -> list[Comparison]:
     """`layer_stack.py`: each step unrolled against the same step rolled (time, memory
     and compile time), then each ghost pass against the plain step of the same loss
@@ -1416,7 +1408,8 @@ def _summary_layer_stack(result: dict) -> list[Comparison]:
         if workload.startswith("plain step"):
             continue
         examples = "2B" if workload.startswith("attribution") else "B"
-        loss = _LAYER_STACK_LOSS[impl]
+        # Each row names its loss's own scan (`layer_stack.SETTINGS`).
+        loss = row["loss"]
         plain = by.get((f"plain step, {examples}", loss, size))
         if plain is None:
             continue
