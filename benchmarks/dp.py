@@ -130,8 +130,9 @@ def opacus_peer(model, heads, compute, platform, tokens, repeats, timeout) -> di
         return _spawn(argv, timeout)
 
 
-def steps(loss_fn, optimizer, static):
-    """The plain step and the DP step of each method, as functions of arrays."""
+def steps(loss_fn, optimizer, static, unroll_layers="auto"):
+    """The plain step and the DP step of each method, as functions of arrays;
+    `unroll_layers` is the DP steps' (see `make_dp_train_step`)."""
 
     def plain(params, opt_state, batch, key):
         del key
@@ -152,6 +153,7 @@ def steps(loss_fn, optimizer, static):
             noise_multiplier=NOISE,
             method=method,
             donate=False,
+            unroll_layers=unroll_layers,
         )
 
         def run(params, opt_state, batch, key):

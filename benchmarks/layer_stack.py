@@ -7,11 +7,10 @@ Usage: `python benchmarks/layer_stack.py [--size tiny|small|deep|gpt2] [--batch 
 When a loss runs its layers with `lax.scan` over stacked parameters, every ghost pass
 runs that scan again with its taps inside, and the plain gradients a step takes beside
 its ghost pass (the attribution step's validation gradient) evaluate the loss the same
-way: unrolled on a GPU or TPU and as the loss wrote it on a CPU
-(`transforms/_grad/_ghost_eval.py`, `_unroll` and `unrolls_a_stack`). The library has
-no switch for it, so this script substitutes that choice. Settings (`SETTINGS`):
-`rolled` and `unrolled` run a step both ways over a loss that scans rolled;
-`loss unrolled` is a loss that unrolls its own scan, with the library's choice. Each
+way. The builders' `unroll_layers` chooses: unrolled (`True`), as the loss wrote it
+(`False`), or by default (`"auto"`) unrolled on a GPU or TPU only. Settings
+(`SETTINGS`): `rolled` and `unrolled` run a step both ways over a loss that scans
+rolled; `loss unrolled` is a loss that unrolls its own scan, with the default. Each
 is measured on the current backend (time, peak memory and compile time) for the
 ghost per-sample norms, the attribution step and the one-pass DP step, beside a
 plain AdamW step on B and on 2B examples of each loss the chosen settings run.
@@ -35,7 +34,6 @@ from _gpt import COMPUTE, DTYPES, GPT, make_loss, SIZES
 from _harness import measure, positive_int, Results, RESULTS_DIR
 
 from transforms import make_attribution_step, per_sample_grad_norms
-from transforms._grad import _ghost_eval
 
 
 SIZES = dict(
@@ -46,26 +44,25 @@ SIZES = dict(
     deep=dict(vocab=512, dim=64, heads=2, layers=12, context=256, length=32, batch=16),
 )
 COMPUTE = dict(COMPUTE, small="f32", deep="f32")
-# The library's choice, and the two it chooses between.
-LIBRARY_CHOICE = _ghost_eval._unroll
-LIBRARY_STACK_CHOICE = _ghost_eval.unrolls_a_stack
-# Setting: (the loss's own scan, the passes' `unroll` for a scan, whether a step's
-# plain gradients beside a ghost pass unroll the stack too). "unrolled" is what the
-# library gives a rolled loss on a GPU; "loss unrolled" is a loss that unrolls its own
-# stack, every pass then unrolled by the loss itself.
+# Setting: (the loss's own scan, the builders' `unroll_layers`). "unrolled" is what
+# the library gives a rolled loss on a GPU by default; "loss unrolled" is a loss that
+# unrolls its own stack, every pass then unrolled by the loss itself.
 SETTINGS = {
-    "rolled": ("rolled", lambda run, eqn: eqn.params["unroll"], lambda analysis: False),
-    "unrolled": ("rolled", lambda run, eqn: True, lambda analysis: True),
-    "loss unrolled": ("unrolled", LIBRARY_CHOICE, LIBRARY_STACK_CHOICE),
+    "rolled": ("rolled", False),
+    "unrolled": ("rolled", True),
+    "loss unrolled": ("unrolled", "auto"),
 }
 # The loss's setting: its scan's `unroll` (a plain step's row is named by it).
 LOSS_UNROLL = {"rolled": 1, "unrolled": True}
 
 
-def programs(loss_fn, optimizer, static, params, opt_state, train, val):
+def programs(loss_fn, optimizer, static, params, opt_state, train, val, unroll_layers):
     """`name: (fn, args)` of the ghost passes, traced when first compiled."""
-    att = make_attribution_step(loss_fn, optimizer, method="ghost", donate=False)
-    norms = per_sample_grad_norms(loss_fn, method="ghost")
+    switch = dict(unroll_layers=unroll_layers)
+    att = make_attribution_step(
+        loss_fn, optimizer, method="ghost", donate=False, **switch
+    )
+    norms = per_sample_grad_norms(loss_fn, method="ghost", **switch)
 
     def attribution(params, opt_state, train, val):
         model, opt_state, metrics, dots = att(
@@ -81,7 +78,7 @@ def programs(loss_fn, optimizer, static, params, opt_state, train, val):
         "attribution step, ghost": (attribution, (params, opt_state, train, val)),
         # The DP benchmark's step: clip norm 1, noise multiplier 1, the whole batch.
         "DP step, one_pass": (
-            dp.steps(loss_fn, optimizer, static)["(b) DP step, one_pass"],
+            dp.steps(loss_fn, optimizer, static, **switch)["(b) DP step, one_pass"],
             (params, opt_state, train, jr.key(1)),
         ),
     }
@@ -180,25 +177,15 @@ def main(argv=None):
                 plain, plain_params, plain_opt_state, batch, jr.key(1), repeats=repeats
             )
             add(workload=label, impl=loss, loss=loss, sizes=sizes, **row)
-    try:
-        # Pass by pass, every setting: a run cut short keeps whole sets.
-        for workload in [WORKLOADS[name] for name in args.passes]:
-            for setting, (loss, choice, stack_choice) in settings.items():
-                _ghost_eval._unroll = choice
-                _ghost_eval.unrolls_a_stack = stack_choice
-                # Compiled programs are cached by their arguments: trace anew.
-                jax.clear_caches()
-                params, static, opt_state = plain_inputs(
-                    cfg, optimizer, LOSS_UNROLL[loss]
-                )
-                fn, fn_args = programs(
-                    loss_fn, optimizer, static, params, opt_state, train, val
-                )[workload]
-                row, _ = measure(fn, *fn_args, repeats=repeats)
-                add(workload=workload, impl=setting, loss=loss, sizes=sizes, **row)
-    finally:
-        _ghost_eval._unroll = LIBRARY_CHOICE
-        _ghost_eval.unrolls_a_stack = LIBRARY_STACK_CHOICE
+    # Pass by pass, every setting: a run cut short keeps whole sets.
+    for workload in [WORKLOADS[name] for name in args.passes]:
+        for setting, (loss, unroll_layers) in settings.items():
+            params, static, opt_state = plain_inputs(cfg, optimizer, LOSS_UNROLL[loss])
+            fn, fn_args = programs(
+                loss_fn, optimizer, static, params, opt_state, train, val, unroll_layers
+            )[workload]
+            row, _ = measure(fn, *fn_args, repeats=repeats)
+            add(workload=workload, impl=setting, loss=loss, sizes=sizes, **row)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ from transforms import (
     clipped_grad_sum,
     grad_dot_products,
     make_attribution_step,
+    make_dp_train_step,
     per_sample_grad_norms,
+    projected_grads,
 )
 
 from ._ghost_models import CASES, make_case
@@ -103,52 +105,80 @@ def _scans(jaxpr):
                     yield from _scans(inner)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "gpu"])
-def test_the_passes_unroll_a_stack_of_layers_on_an_accelerator(
-    backend, monkeypatch, x64
+@pytest.mark.parametrize(
+    "backend, unroll_layers, unrolled",
+    [
+        ("cpu", "auto", False),
+        ("gpu", "auto", True),
+        ("cpu", True, True),
+        ("gpu", False, False),
+    ],
+)
+def test_unroll_layers_sets_the_scan_over_a_stack_of_layers(
+    backend, unroll_layers, unrolled, monkeypatch, x64
 ):
-    """On a GPU or TPU every pass unrolls the scan over the model's stacked layers,
-    the plain gradients a step takes beside its ghost pass included (on a CPU they
-    keep the loss's rolled scan), with the same results."""
+    """Every pass unrolls the scan over the model's stacked layers, the plain
+    gradients a step takes beside its ghost pass included, where `unroll_layers`
+    says so (`"auto"`: on a GPU or TPU); otherwise it keeps the loss's rolled scan.
+    The results are the same either way."""
     from .test_dp_step import reference_clipped_sum
 
     model, loss, train, val = make_case("gpt_tied_scan")
     ref = Reference(model, loss, train, val)
     C = float(np.median(ref.norms()))
-    expected_sum, _ = reference_clipped_sum(model, loss, train, np.ones(3, bool), C)
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
 
     mask = jax.numpy.ones(3, bool)
     optimizer = optax.sgd(0.0)
-    attribution = make_attribution_step(loss, optimizer, method="ghost", donate=False)
+    switch = dict(unroll_layers=unroll_layers)
+    attribution = make_attribution_step(
+        loss, optimizer, method="ghost", donate=False, **switch
+    )
+    dp_step = make_dp_train_step(
+        loss, optimizer, clip_norm=C, noise_multiplier=0.0, donate=False, **switch
+    )
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     passes = {
-        "norms": lambda m, t, v: per_sample_grad_norms(loss, method="ghost")(m, t),
-        "dots": lambda m, t, v: grad_dot_products(loss, method="ghost")(m, t, v),
-        "matrix": lambda m, t, v: grad_dot_products(
-            loss, method="ghost", full_matrix=True
-        )(m, t, v),
-        "clip": lambda m, t, v: clipped_grad_sum(loss, clip_norm=C, method="one_pass")(
-            m, t, mask
+        "norms": lambda m, t, v: per_sample_grad_norms(loss, method="ghost", **switch)(
+            m, t
         ),
-        "attribution": lambda m, t, v: attribution(
-            m, optimizer.init(eqx.filter(m, eqx.is_inexact_array)), t, v
-        )[3],
+        "dots": lambda m, t, v: grad_dot_products(loss, method="ghost", **switch)(
+            m, t, v
+        ),
+        "matrix": lambda m, t, v: grad_dot_products(
+            loss, method="ghost", full_matrix=True, **switch
+        )(m, t, v),
+        "clip": lambda m, t, v: clipped_grad_sum(
+            loss, clip_norm=C, method="one_pass", **switch
+        )(m, t, mask),
+        "attribution": lambda m, t, v: attribution(m, opt_state, t, v)[3],
+        "dp step": lambda m, t, v: dp_step(m, opt_state, t, jax.random.key(0))[2],
+        "projection": lambda m, t, v: projected_grads(loss, k_out=2, k_in=2, **switch)(
+            m, t
+        ),
     }
     n_layers = 2
-    # A forward and a backward scan per ghost pass, two more in the clip pass (its
+    # A forward and a backward scan per ghost pass, two more in the clip passes (their
     # derivative along the clip directions) and in the steps that take a plain
     # validation gradient beside their ghost pass (dot products, the attribution step).
-    counts = {"norms": 2, "dots": 4, "matrix": 4, "clip": 4, "attribution": 4}
+    counts = dict(norms=2, dots=4, matrix=4, clip=4, attribution=4, projection=2)
+    counts["dp step"] = 4
     for name, fn in passes.items():
         closed = eqx.filter_make_jaxpr(fn)(model, train, val)[0]
         scans = list(_scans(closed.jaxpr))
         assert all(e.params["length"] == n_layers for e in scans)
         unroll = [e.params["unroll"] for e in scans]
-        expected = [n_layers if backend == "gpu" else 1] * counts[name]
+        expected = [n_layers if unrolled else 1] * counts[name]
         assert unroll == expected, (name, unroll)
+    if unroll_layers != "auto":
+        return  # the values of both settings are checked by the "auto" cases
+
+    expected_sum, _ = reference_clipped_sum(model, loss, train, np.ones(3, bool), C)
+    # The DP step and the projection share the clip and ghost passes checked here.
+    checked = ("norms", "dots", "matrix", "clip", "attribution")
 
     def everything(model, train, val):
-        return tuple(fn(model, train, val) for fn in passes.values())
+        return tuple(passes[name](model, train, val) for name in checked)
 
     norms, dots, matrix, (clipped, _, _), attributed = eqx.filter_jit(everything)(
         model, train, val

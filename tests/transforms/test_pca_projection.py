@@ -153,13 +153,19 @@ def test_full_rank_pca_gives_exact_tracin(x64, tmp_path):
 
 def test_store_round_trip_and_refusals(x64, tmp_path):
     model, loss, train, val = make_case("mlp", n_train=6, n_val=3)
-    project = calibrate_projection(loss, model, train, k_out=2, k_in=2)
+    project = calibrate_projection(
+        loss, model, train, k_out=2, k_in=2, unroll_layers=False
+    )
+    assert project.unroll_layers is False
     kw = dict(batch_size=2, chunk_size=4, progress=False)
     build_gradient_store(tmp_path / "pca", project, model, train, **kw)
     store = open_gradient_store(tmp_path / "pca")
     assert sorted(os.listdir(tmp_path / "pca"))[-1] == "projection.npz"
     reopened = store.projector(loss)
     assert reopened.config == project.config
+    # How the passes run a layer scan does not change the rows: not configuration.
+    unrolled = store.projector(loss, unroll_layers=True)
+    assert unrolled.unroll_layers is True and unrolled.config == project.config
     scores = tracin_scores(store, reopened, model, val)
     rows, queries = project(model, train), project(model, val)
     ref = np.asarray(queries, np.float64) @ np.asarray(rows, np.float64).T

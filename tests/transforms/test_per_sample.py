@@ -3,9 +3,19 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import optax
 import pytest
 
-from transforms import grad_dot_products, per_sample_grad_norms, per_sample_grads
+from transforms import (
+    calibrate_projection,
+    clipped_grad_sum,
+    grad_dot_products,
+    make_attribution_step,
+    make_dp_train_step,
+    per_sample_grad_norms,
+    per_sample_grads,
+    projected_grads,
+)
 
 from ..helpers import assert_tree_allclose
 from ._ghost_models import make_case, mlp, regression_batch, regression_loss
@@ -139,6 +149,39 @@ def test_bad_options_raise():
         grad_dot_products(regression_loss, val_reduction="max")
     with pytest.raises(TypeError, match="loss_fn"):
         per_sample_grads(3)  # pyright: ignore
+
+
+_GHOST_BUILDERS = {
+    "per_sample_grad_norms": lambda **kw: per_sample_grad_norms(regression_loss, **kw),
+    "grad_dot_products": lambda **kw: grad_dot_products(regression_loss, **kw),
+    "make_attribution_step": lambda **kw: make_attribution_step(
+        regression_loss, optax.sgd(0.1), **kw
+    ),
+    "projected_grads": lambda **kw: projected_grads(regression_loss, **kw),
+    "calibrate_projection": lambda **kw: calibrate_projection(
+        regression_loss, mlp(jr.key(0)), regression_batch(jr.key(1), 4), **kw
+    ),
+    "clipped_grad_sum": lambda **kw: clipped_grad_sum(
+        regression_loss, clip_norm=1.0, **kw
+    ),
+    "make_dp_train_step": lambda **kw: make_dp_train_step(
+        regression_loss, optax.sgd(0.1), clip_norm=1.0, noise_multiplier=1.0, **kw
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_GHOST_BUILDERS))
+@pytest.mark.parametrize(
+    "value, error, expected",
+    [
+        ("yes", ValueError, r"one of \('auto', True, False\), got 'yes'"),
+        (1, TypeError, r"bool \| str, got 1"),
+        (None, TypeError, r"bool \| str, got None"),
+    ],
+)
+def test_every_ghost_builder_checks_unroll_layers(name, value, error, expected):
+    with pytest.raises(error, match=rf"{name}: `unroll_layers` must be {expected}"):
+        _GHOST_BUILDERS[name](unroll_layers=value)
 
 
 def test_validation_batch_must_match_the_training_examples():

@@ -219,7 +219,12 @@ class GradientStore:
             )
 
     def projector(
-        self, loss_fn: Callable, *, method: str = "auto", fallback: bool = True
+        self,
+        loss_fn: Callable,
+        *,
+        method: str = "auto",
+        fallback: bool = True,
+        unroll_layers: bool | str = "auto",
     ) -> ProjectedGrads:
         """The projector the store was built with, for queries in a new process:
         from its seed, or with the `"pca"` matrices read from the store.
@@ -227,7 +232,8 @@ class GradientStore:
         **Arguments:**
 
         - `loss_fn`: the loss of one example, as given to the store's projector.
-        - `method`, `fallback`: as for [`transforms.projected_grads`][].
+        - `method`, `fallback`, `unroll_layers`: as for
+            [`transforms.projected_grads`][].
 
         **Returns:**
 
@@ -238,17 +244,13 @@ class GradientStore:
         As [`transforms.projected_grads`][].
         """
         config = self.metadata["projection"]
-        sizes = {key: config[key] for key in ("k_out", "k_in", "k_vector", "fit")}
+        options = {key: config[key] for key in ("k_out", "k_in", "k_vector", "fit")}
+        options.update(method=method, fallback=fallback, unroll_layers=unroll_layers)
         if config["kind"] != "pca":
             return projected_grads(
-                loss_fn,
-                kind=config["kind"],
-                seed=config["seed"],
-                method=method,
-                fallback=fallback,
-                **sizes,
+                loss_fn, kind=config["kind"], seed=config["seed"], **options
             )
-        base = projected_grads(loss_fn, method=method, fallback=fallback, **sizes)
+        base = projected_grads(loss_fn, **options)
         assert self.matrices is not None  # read in `__init__` for a "pca" store
         return with_matrices(base, self.matrices)
 

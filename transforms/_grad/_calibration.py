@@ -41,7 +41,7 @@ from .._validation import (
 from ._ghost_eval import ghost_pass
 from ._ghost_plan import leaf_side
 from ._ghost_rules import rule_for
-from ._per_sample import as_batch, report_fallback, setup
+from ._per_sample import as_batch, report_fallback, setup, UNROLL_LAYERS
 from ._projection import (
     _blocks,
     _matrices,
@@ -134,6 +134,7 @@ def calibrate_projection(
     method: str = "auto",
     fallback: bool = True,
     fit: bool = False,
+    unroll_layers: bool | str = "auto",
 ) -> ProjectedGrads:
     """A projector whose matrices are the top eigenvectors of each layer's input and
     output-gradient second moments on calibration data (PCA-initialised, as LoGra).
@@ -162,8 +163,9 @@ def calibrate_projection(
     - `model`: the model (e.g. the checkpoint whose gradients will be stored).
     - `data`: the calibration examples, a tuple of arrays sharing a leading axis
         (NumPy arrays are read one batch at a time).
-    - `k_out`, `k_in`, `k_vector`, `method`, `fallback`, `fit`: as for
-        [`transforms.projected_grads`][].
+    - `k_out`, `k_in`, `k_vector`, `method`, `fallback`, `fit`, `unroll_layers`: as
+        for [`transforms.projected_grads`][] (`unroll_layers` for the calibration
+        pass too).
     - `batch_size`: examples per compiled calibration call.
     - `max_side`: the longest side calibrated (default 4096).
     - `seed`: the seed of the Gaussian matrices of longer sides.
@@ -198,9 +200,11 @@ def calibrate_projection(
     check_choice(_NAME, "method", method, _METHODS)
     check_bool(_NAME, "fallback", fallback)
     check_bool(_NAME, "fit", fit)
+    check_choice(_NAME, "unroll_layers", unroll_layers, UNROLL_LAYERS)
     data = as_batch(_NAME, "data", data, to_device=False)
     n = data[0].shape[0]
-    s = setup(_NAME, loss_fn, model, tuple(jnp.asarray(x[:batch_size]) for x in data))
+    first = tuple(jnp.asarray(x[:batch_size]) for x in data)
+    s = setup(_NAME, loss_fn, model, first, unroll_layers=unroll_layers)
     analysis = s.analyse("project")
     # The calibration reads the taps whatever `method` the projector will use; only
     # a ghost path asked for by name warns about parameters it does not cover.
@@ -251,7 +255,13 @@ def calibrate_projection(
             )
         )
     sizes = dict(k_out=k_out, k_in=k_in, k_vector=k_vector, fit=fit)
-    base = projected_grads(loss_fn, method=method, fallback=fallback, **sizes)
+    base = projected_grads(
+        loss_fn,
+        method=method,
+        fallback=fallback,
+        unroll_layers=unroll_layers,
+        **sizes,
+    )
     return with_matrices(base, matrices)
 
 

@@ -333,13 +333,12 @@ def _scan(run: _Run, eqn, invals, in_shadows) -> list:
 def _unroll(run: _Run, eqn) -> int | bool:
     """How many iterations of the loss's `lax.scan` `eqn` the pass unrolls.
 
-    A scan that steps through a leaf with ghost uses is a stack of layers, and on a
-    GPU or TPU the pass unrolls it fully, as the multimodal LM's `unroll="auto"`
-    does: XLA then keeps each layer's saved values as buffers of their own, where a
+    A scan that steps through a leaf with ghost uses is a stack of layers; with the
+    transform's `unroll_layers` (by default on a GPU or TPU) the pass unrolls it
+    fully. XLA then keeps each layer's saved values as buffers of their own, where a
     rolled scan stacks them into arrays that it first fills with zeros, and
-    schedules across layers (`benchmarks/layer_stack.py` measures both).
-    Other scans (over time steps, possibly long) and every scan on a CPU, where the
-    rolled loop compiles faster, keep the loss's own setting.
+    schedules across layers. Other scans (over time steps, possibly long) keep the
+    loss's own setting.
     """
     if unrolls_a_stack(run.analysis) and any(
         id(eqn) in site.slicers for site in run.analysis.sites.values()
@@ -349,9 +348,9 @@ def _unroll(run: _Run, eqn) -> int | bool:
 
 
 def unrolls_a_stack(analysis: Analysis) -> bool:
-    """Whether the passes unroll a scan of the loss here: on a GPU or TPU, where
-    the loss scans over a leaf with ghost uses (see `_unroll`)."""
-    return jax.default_backend() != "cpu" and any(
+    """Whether the passes unroll a scan of the loss: `unroll_layers` is on and the
+    loss scans over a leaf with ghost uses (see `_unroll`)."""
+    return analysis.unroll_layers and any(
         site.slicers for site in analysis.sites.values()
     )
 

@@ -343,6 +343,9 @@ class Analysis:
     live_containers: set[int]
     relabel_eqns: set[int]
     plan: GhostPlan
+    # Whether the passes unroll a scan that steps through leaves with ghost uses (a
+    # stack of layers); see `_ghost_eval._unroll`.
+    unroll_layers: bool = False
 
 
 def analyse(
@@ -352,6 +355,7 @@ def analyse(
     *,
     mode: Mode,
     paths: Sequence[str],
+    unroll_layers: bool = False,
 ) -> Analysis:
     """Trace `per_example(leaves, *example)` and decide how each leaf is handled.
 
@@ -436,6 +440,7 @@ def analyse(
         live_containers=live_containers,
         relabel_eqns=walker.relabel_eqns,
         plan=plan,
+        unroll_layers=unroll_layers,
     )
 
 

@@ -22,6 +22,7 @@ from ._per_sample import (
     report_fallback,
     Setup,
     setup,
+    UNROLL_LAYERS,
 )
 
 
@@ -150,6 +151,7 @@ class GradDotProducts(eqx.Module):
     per_leaf: bool = eqx.field(static=True)
     full_matrix: bool = eqx.field(static=True)
     fallback: bool = eqx.field(static=True)
+    unroll_layers: bool | str = eqx.field(static=True, default="auto")
 
     @typechecked
     def __call__(
@@ -178,7 +180,14 @@ class GradDotProducts(eqx.Module):
         `ValueError`/`TypeError` for bad inputs, or if `fallback=False` and a
         parameter is outside the layer rules.
         """
-        s = setup(_NAME, self.loss_fn, model, train_batch, arg="train_batch")
+        s = setup(
+            _NAME,
+            self.loss_fn,
+            model,
+            train_batch,
+            arg="train_batch",
+            unroll_layers=self.unroll_layers,
+        )
         val = s.check_val("val_batch", val_batch)
         method = self.method
         if method == "auto":
@@ -238,6 +247,7 @@ def grad_dot_products(
     per_leaf: bool = False,
     full_matrix: bool = False,
     fallback: bool = True,
+    unroll_layers: bool | str = "auto",
 ) -> GradDotProducts:
     """Dot products `<∇θ l_i, ḡ_val>` of per-example training gradients with the
     validation gradient, without materialising per-example gradients.
@@ -265,6 +275,12 @@ def grad_dot_products(
         examples' gradients are formed (V copies of the parameters); the training
         examples' are not, except by `"vmap"`.
     - `fallback`: with `False`, raise instead of falling back.
+    - `unroll_layers`: how the ghost passes (and the validation gradients beside
+        them) run a `lax.scan` of the loss over stacked layers: `True` unrolls it
+        fully, `False` keeps the loss's own `unroll`, `"auto"` (default) unrolls it
+        on a GPU or TPU only. The results are the same; unrolled runs faster in less
+        memory on a GPU and compiles slower ([a scanned stack of
+        layers][a-scanned-stack-of-layers]).
 
     **Returns:**
 
@@ -294,6 +310,7 @@ def grad_dot_products(
     check_callable(_NAME, "loss_fn", loss_fn)
     check_choice(_NAME, "method", method, _METHODS)
     check_choice(_NAME, "val_reduction", val_reduction, _REDUCTIONS)
+    check_choice(_NAME, "unroll_layers", unroll_layers, UNROLL_LAYERS)
     return GradDotProducts(
         loss_fn=loss_fn,
         method=method,
@@ -301,4 +318,5 @@ def grad_dot_products(
         per_leaf=per_leaf,
         full_matrix=full_matrix,
         fallback=fallback,
+        unroll_layers=unroll_layers,
     )

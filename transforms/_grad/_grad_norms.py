@@ -20,6 +20,7 @@ from ._per_sample import (
     report_fallback,
     setup,
     sum_squares,
+    UNROLL_LAYERS,
 )
 
 
@@ -34,6 +35,7 @@ class PerSampleGradNorms(eqx.Module):
     method: str = eqx.field(static=True)
     per_leaf: bool = eqx.field(static=True)
     fallback: bool = eqx.field(static=True)
+    unroll_layers: bool | str = eqx.field(static=True, default="auto")
 
     @typechecked
     def __call__(
@@ -58,7 +60,7 @@ class PerSampleGradNorms(eqx.Module):
         `ValueError`/`TypeError` for bad inputs (see [`transforms.per_sample_grads`][]);
         `ValueError` if `fallback=False` and a parameter is outside the layer rules.
         """
-        s = setup(_NAME, self.loss_fn, model, batch)
+        s = setup(_NAME, self.loss_fn, model, batch, unroll_layers=self.unroll_layers)
         acc = s.acc
         if self.method == "vmap":
             grads = s.per_example_grads(s.leaves, s.batch)
@@ -97,6 +99,7 @@ def per_sample_grad_norms(
     method: str = "auto",
     per_leaf: bool = False,
     fallback: bool = True,
+    unroll_layers: bool | str = "auto",
 ) -> PerSampleGradNorms:
     """Per-example gradient L2 norms without materialising per-example gradients.
 
@@ -117,6 +120,11 @@ def per_sample_grad_norms(
         - `"auto"` (default): `"ghost"`, without the warning.
     - `per_leaf`: also return the norm of each parameter leaf.
     - `fallback`: with `False`, raise instead of falling back.
+    - `unroll_layers`: how the ghost passes run a `lax.scan` of the loss
+        over stacked layers: `True` unrolls it fully, `False` keeps the loss's own
+        `unroll`, `"auto"` (default) unrolls it on a GPU or TPU only. The results
+        are the same; unrolled runs faster in less memory on a GPU and compiles
+        slower ([a scanned stack of layers][a-scanned-stack-of-layers]).
 
     **Returns:**
 
@@ -142,6 +150,11 @@ def per_sample_grad_norms(
     """
     check_callable(_NAME, "loss_fn", loss_fn)
     check_choice(_NAME, "method", method, _METHODS)
+    check_choice(_NAME, "unroll_layers", unroll_layers, UNROLL_LAYERS)
     return PerSampleGradNorms(
-        loss_fn=loss_fn, method=method, per_leaf=per_leaf, fallback=fallback
+        loss_fn=loss_fn,
+        method=method,
+        per_leaf=per_leaf,
+        fallback=fallback,
+        unroll_layers=unroll_layers,
     )

@@ -94,6 +94,8 @@ class Setup:
     per_example: Callable
     batch: tuple
     acc: Any
+    # The transform's `unroll_layers`: True, False or "auto" (see `unrolls_layers`).
+    unroll_layers: bool | str = "auto"
 
     @property
     def size(self) -> int:
@@ -124,13 +126,18 @@ class Setup:
 
     def analyse(self, mode: Mode) -> Analysis:
         return analyse(
-            self.per_example, self.leaves, self.example(), mode=mode, paths=self.paths
+            self.per_example,
+            self.leaves,
+            self.example(),
+            mode=mode,
+            paths=self.paths,
+            unroll_layers=unrolls_layers(self.unroll_layers),
         )
 
     def with_stack_unrolled(self, analysis: Analysis) -> "Setup":
         """This setup, its loss evaluated from `analysis` with a scanned stack of
-        layers unrolled where the ghost passes unroll it (on a GPU or TPU), so that a
-        step's plain gradients cost what its ghost pass's do; itself elsewhere."""
+        layers unrolled where the ghost passes unroll it, so that a step's plain
+        gradients cost what its ghost pass's do; itself elsewhere."""
         if not _ghost_eval.unrolls_a_stack(analysis):
             return self
         return dataclasses.replace(
@@ -152,8 +159,34 @@ class Setup:
         return val
 
 
-def setup(name: str, loss_fn: Callable, model: Any, batch: Any, arg="batch") -> Setup:
-    """Check the inputs of a per-example transform and flatten the model."""
+# The values of the ghost transforms' `unroll_layers`.
+UNROLL_LAYERS = ("auto", True, False)
+
+
+def unrolls_layers(unroll_layers: bool | str) -> bool:
+    """Whether the ghost passes unroll a loss's scanned stack of layers.
+
+    `"auto"` unrolls on a GPU or TPU, as the multimodal LM's `unroll="auto"` does:
+    there the unrolled passes run faster in less memory (`benchmarks/layer_stack.py`
+    measures both). A CPU keeps the loss's own setting: unrolled, a deep stack
+    compiles several times slower there and does not run faster.
+    """
+    if unroll_layers == "auto":
+        return jax.default_backend() != "cpu"
+    return bool(unroll_layers)
+
+
+def setup(
+    name: str,
+    loss_fn: Callable,
+    model: Any,
+    batch: Any,
+    arg="batch",
+    *,
+    unroll_layers: bool | str = "auto",
+) -> Setup:
+    """Check the inputs of a per-example transform and flatten the model;
+    `unroll_layers` is the transform's (checked by its builder)."""
     check_callable(name, "loss_fn", loss_fn)
     params, static = eqx.partition(model, eqx.is_inexact_array)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -208,6 +241,7 @@ def setup(name: str, loss_fn: Callable, model: Any, batch: Any, arg="batch") -> 
         per_example=per_example,
         batch=batch,
         acc=acc,
+        unroll_layers=unroll_layers,
     )
 
 

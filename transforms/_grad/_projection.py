@@ -46,7 +46,7 @@ from .._validation import (
 )
 from ._ghost_eval import ghost_pass
 from ._ghost_plan import Analysis, GhostPlan, leaf_side, vector_like
-from ._per_sample import report_fallback, Setup, setup
+from ._per_sample import report_fallback, Setup, setup, UNROLL_LAYERS
 
 
 _NAME = "projected_grads"
@@ -238,6 +238,7 @@ class ProjectedGrads(eqx.Module):
     method: str = eqx.field(static=True)
     fallback: bool = eqx.field(static=True)
     fit: bool = eqx.field(static=True)
+    unroll_layers: bool | str = eqx.field(static=True, default="auto")
     # kind "pca": the calibrated matrices (as `.matrices` returns them) and their
     # SHA-256, computed once rather than at every query's configuration check.
     pca: list | None = None
@@ -261,7 +262,7 @@ class ProjectedGrads(eqx.Module):
         return config
 
     def _setup(self, model, batch) -> tuple[Setup, Analysis, tuple]:
-        s = setup(_NAME, self.loss_fn, model, batch)
+        s = setup(_NAME, self.loss_fn, model, batch, unroll_layers=self.unroll_layers)
         analysis = s.analyse("project")
         blocks = _blocks(
             _NAME,
@@ -413,6 +414,7 @@ def projected_grads(
     method: str = "auto",
     fallback: bool = True,
     fit: bool = False,
+    unroll_layers: bool | str = "auto",
 ) -> ProjectedGrads:
     """Per-example gradients projected to a low dimension, layer by layer, without
     forming them.
@@ -444,6 +446,11 @@ def projected_grads(
         then the same projections: the reference).
     - `fallback`: with `False`, raise instead of falling back.
     - `fit`: cap `k_out`/`k_in` at each matrix's sizes instead of raising.
+    - `unroll_layers`: how the ghost passes run a `lax.scan` of the loss
+        over stacked layers: `True` unrolls it fully, `False` keeps the loss's own
+        `unroll`, `"auto"` (default) unrolls it on a GPU or TPU only. The results
+        are the same; unrolled runs faster in less memory on a GPU and compiles
+        slower ([a scanned stack of layers][a-scanned-stack-of-layers]).
 
     **Returns:**
 
@@ -474,6 +481,7 @@ def projected_grads(
     check_choice(_NAME, "method", method, _METHODS)
     check_bool(_NAME, "fallback", fallback)
     check_bool(_NAME, "fit", fit)
+    check_choice(_NAME, "unroll_layers", unroll_layers, UNROLL_LAYERS)
     return ProjectedGrads(
         loss_fn=loss_fn,
         k_out=k_out,
@@ -484,4 +492,5 @@ def projected_grads(
         method=method,
         fallback=fallback,
         fit=fit,
+        unroll_layers=unroll_layers,
     )
