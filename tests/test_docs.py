@@ -75,6 +75,47 @@ def test_api_entries_name_existing_objects(module_name):
         assert hasattr(module, attr), f"docs/api names {name}, which does not exist"
 
 
+def _docstrings(package: str):
+    """`(path, docstring)` of every module, class and function in `package`'s files
+    (parsed, not imported)."""
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, kinds) and (doc := ast.get_docstring(node)):
+                yield path.relative_to(ROOT).as_posix(), doc
+
+
+# A cross-reference as the API docs write it: [`transforms.GhostPlan`][] or
+# [text][transforms.GhostPlan]. mkdocs leaves a reference it cannot resolve in the
+# page as plain brackets, even under --strict.
+_REFERENCE = re.compile(r"\[(`[\w.]+`|[^\]\n]+)\]\[([\w.-]*)\]")
+
+
+def _resolves(target: str, documented: set[str]) -> bool:
+    """Whether `target` is an API entry or a member of one (rendered with it)."""
+    if target in documented:
+        return True
+    owner, _, member = target.rpartition(".")
+    if owner not in documented:
+        return False
+    module, _, name = owner.rpartition(".")
+    return hasattr(getattr(importlib.import_module(module), name), member)
+
+
+def test_docstring_cross_references_resolve():
+    documented = _documented()
+    unresolved = []
+    for package in ("eqx_models", "transforms"):
+        for path, doc in _docstrings(package):
+            for text, target in _REFERENCE.findall(doc):
+                if not target and not text.startswith("`"):
+                    continue  # indexing in an example, such as x[:, None][None, :]
+                target = target or text.strip("`")
+                if not _resolves(target, documented):
+                    unresolved.append(f"{path}: [{text}][{target}]")
+    assert not unresolved, f"cross-references to no API entry: {unresolved}"
+
+
 def test_site_assets_are_served_locally():
     # Equations must render without a network connection: MathJax comes from the
     # site (docs/_hooks/mathjax.py), fonts from the system, nothing from a CDN.

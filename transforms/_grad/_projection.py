@@ -450,7 +450,7 @@ def projected_grads(
         over stacked layers: `True` unrolls it fully, `False` keeps the loss's own
         `unroll`, `"auto"` (default) unrolls it on a GPU or TPU only. The results
         are the same; unrolled runs faster in less memory on a GPU and compiles
-        slower ([a scanned stack of layers][a-scanned-stack-of-layers]).
+        slower (the ghost engines' guide, "A scanned stack of layers").
 
     **Returns:**
 
