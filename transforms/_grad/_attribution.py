@@ -228,12 +228,8 @@ def make_attribution_step(
         (instead of computing its share by the jvp path).
     - `deterministic`: compile for run-to-run determinism on a GPU, as in
         [`transforms.make_train_step`][].
-    - `unroll_layers`: how the ghost passes (and the validation gradient beside
-        them) run a `lax.scan` of the loss over stacked layers: `True` unrolls it
-        fully, `False` keeps the loss's own `unroll`, `"auto"` (default) unrolls it
-        on a GPU or TPU only. The results are the same; unrolled runs faster in less
-        memory on a GPU and compiles slower (the ghost engines' guide, "A scanned
-        stack of layers").
+    - `unroll_layers`: as for [`transforms.grad_dot_products`][]: how the ghost pass
+        and the validation gradient run a `lax.scan` of the loss over stacked layers.
 
     **Returns:**
 
@@ -244,11 +240,11 @@ def make_attribution_step(
     **Raises:**
 
     `TypeError` if `loss_fn` is not callable, `optimizer` not an optax optimiser,
-    `mesh` not a `Mesh` or a flag not a bool; `ValueError` for an unknown `method`
-    or `val_reduction`, a non-positive constant `learning_rate`, or a `data_axis`
-    that is not an axis of `mesh`. The step
-    raises as [`transforms.grad_dot_products`][] for bad batches or a `loss_fn`
-    that fails on, or does not return a scalar for, one example.
+    `mesh` not a `Mesh` or a flag not a bool; `ValueError` for an unknown `method`,
+    `val_reduction` or `unroll_layers`, a non-positive constant `learning_rate`,
+    or a `data_axis` that is not an axis of `mesh`. The step raises as
+    [`transforms.grad_dot_products`][] for bad batches or a `loss_fn` that fails
+    on, or does not return a scalar for, one example.
 
     !!! example
 

@@ -178,7 +178,8 @@ def calibrate_projection(
     **Raises:**
 
     `TypeError`/`ValueError` if `loss_fn` is not callable, `data` is empty or
-    ragged, a size is not a positive integer or `method` is unknown; `ValueError`
+    ragged, a size is not a positive integer or `method` or `unroll_layers` is
+    unknown; `ValueError`
     if `k_out`/`k_in` exceeds a matrix parameter's size (without `fit`), if
     `fallback=False` and a parameter is off the ghost path, or if the taps are not
     finite on `data` (naming the parameter).

@@ -292,8 +292,9 @@ def grad_dot_products(
 
     **Raises:**
 
-    `TypeError` if `loss_fn` is not callable; `ValueError` for an unknown `method`
-    or `val_reduction`. The returned function raises as
+    `TypeError` if `loss_fn` is not callable or `unroll_layers` not a bool or
+    string; `ValueError` for an unknown `method`, `val_reduction` or
+    `unroll_layers`. The returned function raises as
     [`transforms.per_sample_grads`][]'s, and if the validation examples do not
     have the structure of the training examples.
 

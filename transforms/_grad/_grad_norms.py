@@ -135,7 +135,8 @@ def per_sample_grad_norms(
 
     **Raises:**
 
-    `TypeError` if `loss_fn` is not callable; `ValueError` for an unknown `method`.
+    `TypeError` if `loss_fn` is not callable or `unroll_layers` not a bool or
+    string; `ValueError` for an unknown `method` or `unroll_layers`.
     The returned function raises as [`transforms.per_sample_grads`][]'s.
 
     !!! example

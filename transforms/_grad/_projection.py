@@ -461,7 +461,8 @@ def projected_grads(
     **Raises:**
 
     `TypeError` if `loss_fn` is not callable or a size is not an integer;
-    `ValueError` for a size below 1 or an unknown `kind` or `method`. The returned
+    `ValueError` for a size below 1 or an unknown `kind`, `method` or
+    `unroll_layers`. The returned
     function raises as [`transforms.per_sample_grads`][]'s, and if a size exceeds a
     matrix parameter's (without `fit`).
 

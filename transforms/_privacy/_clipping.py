@@ -324,7 +324,8 @@ def clipped_grad_sum(
     **Raises:**
 
     `TypeError` if `loss_fn` is not callable or a flag not a bool; `ValueError` if
-    `clip_norm` is not a positive finite number, `method` unknown, or
+    `clip_norm` is not a positive finite number, `method` or `unroll_layers`
+    unknown, or
     `per_layer=True` with `method="two_pass"`.
 
     !!! example

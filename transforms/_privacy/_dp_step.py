@@ -322,11 +322,8 @@ def make_dp_train_step(
         the ghost engines' guide).
     - `donate`, `deterministic`: as in [`transforms.make_train_step`][].
     - `fallback`: with `False`, raise if a parameter is outside the ghost rules.
-    - `unroll_layers`: how the ghost passes run a `lax.scan` of the loss
-        over stacked layers: `True` unrolls it fully, `False` keeps the loss's own
-        `unroll`, `"auto"` (default) unrolls it on a GPU or TPU only. The results
-        are the same; unrolled runs faster in less memory on a GPU and compiles
-        slower (the ghost engines' guide, "A scanned stack of layers").
+    - `unroll_layers`: as for [`transforms.clipped_grad_sum`][]: how the ghost
+        passes run a `lax.scan` of the loss over stacked layers.
 
     **Returns:**
 
@@ -336,9 +333,9 @@ def make_dp_train_step(
 
     `TypeError` if `loss_fn` is not callable, `optimizer` not an optax optimiser,
     `mesh` not a `Mesh` or a flag not a bool; `ValueError` if `clip_norm` is not a
-    positive finite number, `noise_multiplier` negative or not finite, `method`
-    unknown, `per_layer` with `"two_pass"`, `accumulation_steps` not a positive
-    integer, or `data_axis` not an axis of `mesh`.
+    positive finite number, `noise_multiplier` negative or not finite, `method` or
+    `unroll_layers` unknown, `per_layer` with `"two_pass"`, `accumulation_steps`
+    not a positive integer, or `data_axis` not an axis of `mesh`.
 
     !!! example
 
