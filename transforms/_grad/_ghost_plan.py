@@ -345,7 +345,7 @@ class Analysis:
     plan: GhostPlan
     # Whether the passes unroll a scan that steps through leaves with ghost uses (a
     # stack of layers); see `_ghost_eval._unroll`.
-    unroll_layers: bool = False
+    unroll_layers: bool
 
 
 def analyse(
@@ -355,14 +355,15 @@ def analyse(
     *,
     mode: Mode,
     paths: Sequence[str],
-    unroll_layers: bool = False,
+    unroll_layers: bool,
 ) -> Analysis:
     """Trace `per_example(leaves, *example)` and decide how each leaf is handled.
 
     `mode="dots"` needs only that every use of a leaf has a rule (contributions of
     separate uses add). `mode="norms"` also needs the cross terms between uses, which
     are formed only for uses in one context (not across scan iterations) whose axes
-    split the leaf the same way.
+    split the leaf the same way. `unroll_layers` is recorded for the passes: whether
+    they unroll a scan over stacked layers (resolved by the caller, not `"auto"`).
     """
     avals = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in leaves]
     ex_avals = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in example]
