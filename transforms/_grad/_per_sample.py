@@ -94,7 +94,8 @@ class Setup:
     per_example: Callable
     batch: tuple
     acc: Any
-    # The transform's `unroll_layers`: True, False or "auto" (see `unrolls_layers`).
+    # The transform's `unroll_layers`: True, False or "auto" (resolved by
+    # `_resolve_unroll_layers` when the loss is analysed).
     unroll_layers: bool | str = "auto"
 
     @property
@@ -131,7 +132,7 @@ class Setup:
             self.example(),
             mode=mode,
             paths=self.paths,
-            unroll_layers=unrolls_layers(self.unroll_layers),
+            unroll_layers=_resolve_unroll_layers(self.unroll_layers),
         )
 
     def with_stack_unrolled(self, analysis: Analysis) -> "Setup":
@@ -163,7 +164,7 @@ class Setup:
 UNROLL_LAYERS = ("auto", True, False)
 
 
-def unrolls_layers(unroll_layers: bool | str) -> bool:
+def _resolve_unroll_layers(unroll_layers: bool | str) -> bool:
     """Whether the ghost passes unroll a loss's scanned stack of layers.
 
     `"auto"` unrolls on a GPU or TPU, as the multimodal LM's `unroll="auto"` does:
